@@ -1,0 +1,74 @@
+"""`bitserve serve | chat | generate | bench`: the command line.
+
+Each command lives in its own module, which provides ``add_arguments(parser)`` and
+``run(args) -> int``. Only the chosen command's module is imported, so ``bitserve chat``
+never loads numpy or the engine, and ``bitserve generate`` never loads the web stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# command → (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("bitserve.api.serve", "run the HTTP server (OpenAI, llama.cpp and conversation API)"),
+    "chat": ("bitserve.client.cli", "interactive chat with a running bitserve server"),
+    "generate": ("bitserve.engine.generate_cli", "generate text from a prompt, streamed"),
+    "bench": ("bitserve.bench", "measure prompt/generation speed against memory bandwidth"),
+}
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bitserve",
+        description="A fast, CPU-first chat server for BitNet b1.58 (ternary) models.",
+    )
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def _command_name(argv: list[str]) -> str | None:
+    """The first word that is neither an option nor the value of ``--log-level``."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--log-level":
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_name(argv)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The terminal chat client (speaks HTTP only, never imports the engine)."""

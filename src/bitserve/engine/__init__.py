@@ -1,0 +1,1 @@
+"""Requests, sampling, generation and the engine loop."""

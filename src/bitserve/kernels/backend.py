@@ -1,0 +1,94 @@
+"""The kernel interface the forward pass calls, and its numpy implementation (the oracle).
+
+A backend computes the heavy operations of the forward pass; everything else (norms, RoPE,
+residuals) is cheap numpy in ``bitserve.model``. Weights arrive exactly as they are on disk:
+I2_S bytes straight from the memory map, the head as the file's F16/F32 embedding.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bitserve.gguf.quants import unpack_i2s_codes
+from bitserve.kernels import reference
+
+
+@dataclass(eq=False, slots=True)
+class TernaryWeight:
+    """A BitLinear weight ``[n_out, n_in]`` in I2_S layout: ``raw`` is ``n_out*n_in/4 + 32``
+    bytes (usually a zero-copy view of the GGUF memory map), ``scale`` its per-tensor scale."""
+
+    raw: np.ndarray
+    n_out: int
+    n_in: int
+    scale: float
+    _ternary_f32: np.ndarray | None = field(default=None, repr=False)
+
+    def ternary_f32(self) -> np.ndarray:
+        """The weights -1/0/+1 as float32 ``[n_out, n_in]``, unpacked once (numpy path only)."""
+        if self._ternary_f32 is None:
+            codes = unpack_i2s_codes(self.raw, self.n_out, self.n_in)
+            self._ternary_f32 = codes.astype(np.float32)
+        return self._ternary_f32
+
+
+class Backend(ABC):
+    """Heavy operations of the forward pass. Inputs are float32 and C-contiguous."""
+
+    name: str
+
+    @abstractmethod
+    def bitlinear(self, x: np.ndarray, w: TernaryWeight) -> np.ndarray:
+        """``x [T, n_in]`` → ``[T, n_out]``: int8 activation quantization, exact integer
+        ternary matmul, then ``acc / s * w.scale`` (spec §4)."""
+
+    @abstractmethod
+    def head(self, x: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+        """Tied LM head: ``x [T, dim] @ embedding [vocab, dim]ᵀ`` → ``[T, vocab]`` float32.
+        No activation quantization; ``embedding`` is float16 or float32."""
+
+    @abstractmethod
+    def attention(
+        self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int
+    ) -> np.ndarray:
+        """Causal GQA attention for ``T`` new tokens at positions ``start_pos..start_pos+T-1``.
+
+        ``q [T, H, D]``; ``k_cache``/``v_cache [S, KVH, D]`` hold positions ``0..S-1`` with
+        ``S = start_pos + T`` (the new tokens included). Query head ``h`` reads KV head
+        ``h // (H // KVH)``; scores are scaled by ``1/sqrt(D)``. Returns ``[T, H, D]``.
+        """
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+
+    def bitlinear(self, x: np.ndarray, w: TernaryWeight) -> np.ndarray:
+        q, s = reference.quantize_activations(x)
+        acc = q.astype(np.float32) @ w.ternary_f32().T  # exact: |sums| < 2**24
+        return (acc / s[:, None] * np.float32(w.scale)).astype(np.float32)
+
+    def head(self, x: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+        out = np.empty((x.shape[0], embedding.shape[0]), dtype=np.float32)
+        step = 16384  # widen the F16 head in slices: never a full f32 copy of it
+        for lo in range(0, embedding.shape[0], step):
+            out[:, lo : lo + step] = x @ embedding[lo : lo + step].astype(np.float32).T
+        return out
+
+    def attention(
+        self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int
+    ) -> np.ndarray:
+        t, n_heads, head_dim = q.shape
+        s, n_kv, _ = k_cache.shape
+        group = n_heads // n_kv
+        k = np.repeat(k_cache.astype(np.float32), group, axis=1)  # [S, H, D]
+        v = np.repeat(v_cache.astype(np.float32), group, axis=1)
+        scores = np.einsum("thd,shd->hts", q, k) / np.float32(np.sqrt(head_dim))  # [H, T, S]
+        future = np.arange(s)[None, :] > (start_pos + np.arange(t))[:, None]  # [T, S]
+        scores[:, future] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        p = np.exp(scores)
+        p /= p.sum(axis=-1, keepdims=True)
+        return np.einsum("hts,shd->thd", p, v).astype(np.float32)

@@ -1,0 +1,43 @@
+"""The numpy oracle for every kernel (spec §4). Simple and obviously right, not fast.
+
+The C kernels in ``bitserve.kernels`` must equal these bit for bit on integer results.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bitserve.gguf.quants import unpack_i2s_codes
+
+ACT_QMAX = 127.0
+ACT_EPS = 1e-5
+
+
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token absmax int8 quantization: ``(q int8 [T, K], s f32 [T])``.
+
+    ``s = 127 / max(max|x|, 1e-5)``; ``q = clamp(round_half_even(x * s), -128, 127)``,
+    with ``x * s`` computed in float32.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    absmax = np.maximum(np.abs(x).max(axis=-1), np.float32(ACT_EPS))
+    s = (np.float32(ACT_QMAX) / absmax).astype(np.float32)
+    q = np.clip(np.rint(x * s[..., None]), -128, 127).astype(np.int8)
+    return q, s
+
+
+def ternary_matmul_int(q: np.ndarray, ternary: np.ndarray) -> np.ndarray:
+    """Exact int32 ``q [T, K] @ ternary [N, K]ᵀ`` → ``[T, N]``."""
+    return q.astype(np.int32) @ ternary.astype(np.int32).T
+
+
+def bitlinear(x: np.ndarray, ternary: np.ndarray, w_scale: float) -> np.ndarray:
+    """``y = (quant(x) @ Wᵀ) / s * w_scale`` in float32, ``x [T, K]``, ``ternary [N, K]``."""
+    q, s = quantize_activations(x)
+    acc = q.astype(np.float32) @ ternary.astype(np.float32).T  # exact: |sums| < 2**24
+    return (acc / s[:, None] * np.float32(w_scale)).astype(np.float32)
+
+
+def bitlinear_i2s(x: np.ndarray, raw: np.ndarray, n_out: int, n_in: int, w_scale: float) -> np.ndarray:
+    """:func:`bitlinear` with the weight given as raw I2_S bytes (on-disk layout)."""
+    return bitlinear(x, unpack_i2s_codes(raw, n_out, n_in), w_scale)

@@ -1,0 +1,1 @@
+"""Model config, weights and the BitNet b1.58 forward pass."""

@@ -1,0 +1,1 @@
+"""Conversation storage: SQLite by default, PostgreSQL for several replicas."""

@@ -1,0 +1,1 @@
+"""BPE tokenizer from GGUF metadata, incremental detokenizer, chat templates."""
