@@ -1,0 +1,19 @@
+"""The top-level command line: dispatch and help."""
+
+from __future__ import annotations
+
+import pytest
+
+from bitserve import cli
+
+
+def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == 2
+    out = capsys.readouterr().out
+    for name in cli.COMMANDS:
+        assert name in out
+
+
+def test_command_name_skips_option_values() -> None:
+    assert cli._command_name(["--log-level", "INFO", "generate", "-p", "x"]) == "generate"
+    assert cli._command_name(["--log-level", "INFO"]) is None
