@@ -21,7 +21,7 @@ def pack_i2s(ternary: np.ndarray, scale: float) -> np.ndarray:
     t = np.asarray(ternary)
     if t.ndim == 1:
         t = t[None, :]
-    rows, cols = t.shape
+    _rows, cols = t.shape
     if cols % I2S_BLOCK:
         raise ValueError(f"I2_S row length {cols} is not a multiple of {I2S_BLOCK}")
     if t.size and (t.min() < -1 or t.max() > 1):

@@ -7,7 +7,10 @@ nothing here trusts a count or an offset before checking it against the file's s
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,7 @@ from bitserve.gguf.constants import (
 
 SUPPORTED_VERSIONS = (2, 3)
 MAX_DIMS = 4
+MAX_ARRAY_NESTING = 8  # real files nest at most once; deeper nesting only exhausts the stack
 
 # numpy dtypes of the numeric value types, for reading whole arrays at once
 _ARRAY_DTYPES: dict[GGUFValueType, str] = {
@@ -91,8 +95,17 @@ class _Cursor:
         self.path = path
 
     def need(self, n: int, what: str) -> None:
+        """Fail unless ``n`` more bytes exist; sizes beyond the whole file are called absurd."""
+        if n > len(self.buf):
+            raise GGUFError(
+                self.path,
+                f"absurd size: {what} at byte {self.pos} claims {n} bytes, "
+                f"more than the whole file ({len(self.buf)} bytes)",
+            )
         if n < 0 or self.pos + n > len(self.buf):
-            raise GGUFError(self.path, f"truncated file: {what} at byte {self.pos} runs past the end")
+            raise GGUFError(
+                self.path, f"truncated file: {what} at byte {self.pos} runs past the end"
+            )
 
     def scalar(self, vtype: GGUFValueType, what: str) -> Any:
         fmt = SCALAR_FORMATS[vtype]
@@ -125,14 +138,24 @@ class _Cursor:
         except ValueError:
             raise GGUFError(self.path, f"{what}: unknown metadata value type {raw}") from None
 
-    def value(self, vtype: GGUFValueType, what: str) -> Any:
+    def value(self, vtype: GGUFValueType, what: str, depth: int = 0) -> Any:
         if vtype == GGUFValueType.STRING:
             return self.string(what)
         if vtype == GGUFValueType.ARRAY:
-            return self.array(what)
+            return self.array(what, depth)
         return self.scalar(vtype, what)
 
-    def array(self, what: str) -> list[Any]:
+    def array_head(self, what: str) -> tuple[GGUFValueType, int]:
+        """Element type and count of the array starting at the cursor (cursor not moved)."""
+        start = self.pos
+        etype = self.value_type(f"{what} element type")
+        count = self.u64(f"{what} element count")
+        self.pos = start
+        return etype, count
+
+    def array(self, what: str, depth: int = 0) -> list[Any]:
+        if depth >= MAX_ARRAY_NESTING:
+            raise GGUFError(self.path, f"{what}: arrays nested deeper than {MAX_ARRAY_NESTING}")
         etype = self.value_type(f"{what} element type")
         count = self.u64(f"{what} element count")
         if etype in _ARRAY_DTYPES:
@@ -148,7 +171,7 @@ class _Cursor:
             self.need(count * 8, what)
             return [self.string(f"{what}[{i}]") for i in range(count)]
         self.need(count * 12, what)  # nested arrays: at least a type and a count each
-        return [self.value(etype, f"{what}[{i}]") for i in range(count)]
+        return [self.value(etype, f"{what}[{i}]", depth + 1) for i in range(count)]
 
 
 class GGUFFile:
@@ -163,11 +186,11 @@ class GGUFFile:
         try:
             self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for the mmap's lifetime
         except OSError as e:
-            raise GGUFError(self.path, f"cannot open: {e.strerror}") from e
+            raise GGUFError(self.path, f"cannot open: {e.strerror or e}") from e
         try:
-            size = self.path.stat().st_size
-            if size < 24:
-                raise GGUFError(self.path, f"truncated file: {size} bytes is smaller than a header")
+            size = os.fstat(self._file.fileno()).st_size
+            if size == 0:
+                raise GGUFError(self.path, "empty file (0 bytes), not a GGUF file")
             self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
             self._buf = memoryview(self._mmap)
             self._parse()
@@ -179,23 +202,12 @@ class GGUFFile:
 
     def _parse(self) -> None:
         cur = _Cursor(self._buf, self.path)
-        magic = bytes(self._buf[:4])
-        if magic != GGUF_MAGIC:
-            raise GGUFError(self.path, f"not a GGUF file (magic {magic!r}, expected b'GGUF')")
-        cur.pos = 4
-        self.version = cur.u32("version")
-        if self.version not in SUPPORTED_VERSIONS:
-            raise GGUFError(self.path, f"unsupported GGUF version {self.version}")
-        n_tensors = cur.u64("tensor count")
-        n_kv = cur.u64("metadata count")
-
+        n_tensors, n_kv = self._parse_header(cur)
         self.metadata: dict[str, Any] = {}
         self.metadata_types: dict[str, GGUFValueType] = {}
+        self.metadata_array_types: dict[str, GGUFValueType] = {}
         for i in range(n_kv):
-            key = cur.string(f"metadata key #{i}")
-            vtype = cur.value_type(f"metadata {key!r}")
-            self.metadata[key] = cur.value(vtype, f"metadata {key!r}")
-            self.metadata_types[key] = vtype
+            self._parse_kv(cur, i)
 
         alignment = self.metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
@@ -206,14 +218,54 @@ class GGUFFile:
         self.data_offset = -(-cur.pos // alignment) * alignment
         self.tensors: dict[str, TensorInfo] = {}
         for name, dims, gtype, rel_offset in entries:
-            info = self._check_tensor(name, dims, gtype, rel_offset)
             if name in self.tensors:
-                raise GGUFError(self.path, f"tensor {name!r} appears twice")
-            self.tensors[name] = info
+                raise GGUFError(self.path, f"duplicate tensor name: {name!r} appears twice")
+            self.tensors[name] = self._check_tensor(name, dims, gtype, rel_offset)
+        self._check_overlaps()
 
-    def _read_tensor_info(
-        self, cur: _Cursor, i: int
-    ) -> tuple[str, tuple[int, ...], int, int]:
+    def _parse_header(self, cur: _Cursor) -> tuple[int, int]:
+        """Check magic and version; return ``(tensor count, metadata count)``."""
+        magic = bytes(self._buf[:4])
+        if magic != GGUF_MAGIC:
+            raise GGUFError(self.path, f"not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        cur.pos = 4
+        self.version = cur.u32("version in header")
+        if self.version not in SUPPORTED_VERSIONS:
+            swapped = int.from_bytes(self.version.to_bytes(4, "little"), "big")
+            hint = " (a big-endian file?)" if swapped in SUPPORTED_VERSIONS else ""
+            raise GGUFError(
+                self.path,
+                f"unsupported GGUF version {self.version}{hint}; supported: {SUPPORTED_VERSIONS}",
+            )
+        n_tensors = cur.u64("tensor count in header")
+        n_kv = cur.u64("metadata count in header")
+        # smallest entries: a metadata key/value takes 13 bytes, a tensor-table entry 32
+        for count, min_bytes, what in ((n_kv, 13, "metadata"), (n_tensors, 32, "tensor")):
+            if count * min_bytes > len(self._buf):
+                raise GGUFError(
+                    self.path,
+                    f"absurd {what} count {count} in header for a file of {len(self._buf)} bytes",
+                )
+        return n_tensors, n_kv
+
+    def _parse_kv(self, cur: _Cursor, i: int) -> None:
+        key = cur.string(f"metadata key #{i}")
+        if key in self.metadata:
+            raise GGUFError(self.path, f"duplicate metadata key {key!r}")
+        vtype = cur.value_type(f"metadata {key!r}")
+        if vtype == GGUFValueType.ARRAY:
+            self.metadata_array_types[key] = cur.array_head(f"metadata {key!r}")[0]
+        self.metadata[key] = cur.value(vtype, f"metadata {key!r}")
+        self.metadata_types[key] = vtype
+
+    def _check_overlaps(self) -> None:
+        """Tensor byte ranges must not overlap (each is a separate array in the writer)."""
+        spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in self.tensors.values())
+        for (_, end, name), (start, _, nxt) in itertools.pairwise(spans):
+            if start < end:
+                raise GGUFError(self.path, f"tensors {name!r} and {nxt!r} overlap in the file")
+
+    def _read_tensor_info(self, cur: _Cursor, i: int) -> tuple[str, tuple[int, ...], int, int]:
         name = cur.string(f"tensor #{i} name")
         n_dims = cur.u32(f"tensor {name!r} n_dims")
         if not 1 <= n_dims <= MAX_DIMS:
@@ -298,17 +350,15 @@ class GGUFFile:
     def close(self) -> None:
         buf = getattr(self, "_buf", None)
         if buf is not None:
-            try:
+            # numpy views still alive: the buffer is released when they are collected
+            with contextlib.suppress(BufferError):
                 buf.release()
-            except BufferError:
-                pass  # numpy views still alive: released when they are collected
             self._buf = None  # type: ignore[assignment]
         mm = getattr(self, "_mmap", None)
         if mm is not None:
-            try:
+            # numpy views still alive: the map is closed when they are collected
+            with contextlib.suppress(BufferError):
                 mm.close()
-            except BufferError:
-                pass  # numpy views still alive: the map is closed when they are collected
             self._mmap = None  # type: ignore[assignment]
         f = getattr(self, "_file", None)
         if f is not None:

@@ -126,7 +126,10 @@ class GGUFWriter:
         offset = 0
         for t in self._tensors:
             parts += [_encode_string(t.name), struct.pack("<I", len(t.dims))]
-            parts += [struct.pack(f"<{len(t.dims)}Q", *t.dims), struct.pack("<IQ", t.ggml_type, offset)]
+            parts += [
+                struct.pack(f"<{len(t.dims)}Q", *t.dims),
+                struct.pack("<IQ", t.ggml_type, offset),
+            ]
             offset += len(t.data) + self._pad(len(t.data))
         header = b"".join(parts)
         tmp = Path(f"{path}.tmp")
