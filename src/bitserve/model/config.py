@@ -49,10 +49,8 @@ class ModelConfig:
         """Read the config; ``activation`` overrides what the file says (tests use it)."""
         arch = gguf.get("general.architecture")
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise GGUFError(
-                gguf.path,
-                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
-            )
+            supported = ", ".join(SUPPORTED_ARCHITECTURES)
+            raise GGUFError(gguf.path, f"unsupported architecture {arch!r}; supported: {supported}")
 
         def key(name: str, default: Any = None) -> Any:
             value = gguf.get(f"{arch}.{name}", default)
@@ -64,7 +62,9 @@ class ModelConfig:
         n_heads = int(key("attention.head_count"))
         vocab_size = _vocab_size(gguf, arch)
         if dim % n_heads:
-            raise GGUFError(gguf.path, f"embedding_length {dim} is not divisible by {n_heads} heads")
+            raise GGUFError(
+                gguf.path, f"embedding_length {dim} is not divisible by {n_heads} heads"
+            )
         n_kv_heads = int(key("attention.head_count_kv", n_heads))
         if n_heads % n_kv_heads:
             raise GGUFError(gguf.path, f"{n_heads} heads do not group over {n_kv_heads} KV heads")

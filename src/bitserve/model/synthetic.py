@@ -97,7 +97,11 @@ def write_synthetic_model(
         for proj, (n_out, n_in) in layer_projections(shape).items():
             ternary = rng.integers(-1, 2, size=(n_out, n_in), dtype=np.int8)
             scale = float(rng.uniform(0.5, 2.0))
-            w.add_tensor(f"blk.{layer}.{proj}.weight", pack_i2s(ternary, scale), GGMLType.I2_S, (n_in, n_out))
-    w.add_array("output_norm.weight", (1.0 + 0.1 * rng.standard_normal(shape.dim)).astype(np.float32))
+            w.add_tensor(
+                f"blk.{layer}.{proj}.weight", pack_i2s(ternary, scale), GGMLType.I2_S, (n_in, n_out)
+            )
+    w.add_array(
+        "output_norm.weight", (1.0 + 0.1 * rng.standard_normal(shape.dim)).astype(np.float32)
+    )
     w.write(path)
     return Path(path)

@@ -1,0 +1,188 @@
+"""The BitNet b1.58 forward pass (spec §4): norms, RoPE and residuals in numpy, the heavy
+operations (ternary matmuls, attention, LM head) through a :class:`~bitserve.kernels.Backend`.
+
+With the numpy backend this is the oracle the C kernels are tested against, so it is kept
+plain: one function per step of the spec, shapes in the comments. Numeric choices:
+RMSNorm accumulates the mean of squares in float64 and returns float32; RoPE tables are
+computed in float64 once and stored as float32; everything else runs in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from bitserve.gguf.reader import GGUFFile, read_gguf
+from bitserve.kernels import Backend, get_backend
+from bitserve.model.config import ModelConfig
+from bitserve.model.kv_cache import ContextFullError, KVCache
+from bitserve.model.weights import LayerWeights, ModelWeights
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """``x / sqrt(mean(x²) + eps) * weight`` per row: ``x [T, n]``, ``weight [n]`` → float32
+    ``[T, n]``; the mean of squares is accumulated in float64."""
+    mean_sq = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)  # [T, 1]
+    out: np.ndarray = (x / np.sqrt(mean_sq + eps)).astype(np.float32) * weight
+    return out
+
+
+def rope_tables(n_positions: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """``cos, sin``: float32 ``[n_positions, head_dim/2]``, angle ``pos · theta^(-2i/head_dim)``."""
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [D/2]
+    angles = np.outer(np.arange(n_positions, dtype=np.float64), inv_freq)  # [P, D/2]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rope_neox(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """NEOX ("rotate-half") RoPE: rotate pairs ``(i, i + D/2)`` of ``x [T, H, D]`` by the
+    angles of its positions, ``cos``/``sin [T, D/2]``. Returns a new ``[T, H, D]`` array."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]  # [T, H, D/2] each
+    c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, D/2]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def relu_squared(x: np.ndarray) -> np.ndarray:
+    """``max(x, 0)²`` (BitNet b1.58's FFN activation)."""
+    out: np.ndarray = np.square(np.maximum(x, np.float32(0)))
+    return out
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """``x · sigmoid(x)``, written with tanh so that no input overflows ``exp``."""
+    out: np.ndarray = x * (np.float32(0.5) * (np.float32(1) + np.tanh(np.float32(0.5) * x)))
+    return out
+
+
+ACTIVATION_FUNCTIONS = {"relu2": relu_squared, "silu": silu}
+
+
+class BitNetModel:
+    """A loaded model: ``config``, ``weights`` (views of ``gguf``, which stays open until
+    :meth:`close`), ``backend``. :meth:`forward` is the only compute entry point."""
+
+    def __init__(
+        self, gguf: GGUFFile, config: ModelConfig, weights: ModelWeights, backend: Backend
+    ) -> None:
+        self.gguf = gguf
+        self.config = config
+        self.weights = weights
+        self.backend = backend
+        self.activation = ACTIVATION_FUNCTIONS[config.activation]
+        # cos/sin: [context_length, head_dim/2], shared by every layer and every cache
+        self.rope_cos, self.rope_sin = rope_tables(
+            config.context_length, config.head_dim, config.rope_theta
+        )
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        backend: Backend | str | None = None,
+        activation: str | None = None,
+    ) -> BitNetModel:
+        """Open ``path`` and check every tensor; ``backend`` is an instance or a kernel name
+        (``None``: ``get_backend()``); ``activation`` overrides the file's FFN activation."""
+        gguf = read_gguf(path)
+        try:
+            config = ModelConfig.from_gguf(gguf, activation)
+            weights = ModelWeights.from_gguf(gguf, config)
+        except BaseException:
+            gguf.close()
+            raise
+        if backend is None or isinstance(backend, str):
+            backend = get_backend(backend)
+        return cls(gguf, config, weights, backend)
+
+    def close(self) -> None:
+        """Close the file; the model must not be used afterwards."""
+        self.gguf.close()
+
+    def __enter__(self) -> BitNetModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def new_cache(self, max_seq: int | None = None) -> KVCache:
+        """An empty cache for up to ``max_seq`` tokens (default and maximum: context_length)."""
+        if max_seq is not None and max_seq > self.config.context_length:
+            raise ValueError(
+                f"max_seq {max_seq} exceeds the model's context length {self.config.context_length}"
+            )
+        return KVCache(self.config, max_seq)
+
+    def forward(
+        self, tokens: Sequence[int] | np.ndarray, cache: KVCache, all_logits: bool = False
+    ) -> np.ndarray:
+        """Run ``tokens`` (``T >= 1``) at positions ``cache.length..cache.length+T-1``, causally,
+        and append their keys/values to ``cache``. Returns float32 logits of the last token
+        ``[vocab]``, or of every new token ``[T, vocab]`` with ``all_logits``.
+
+        Raises :class:`ContextFullError` (cache untouched) when the tokens do not fit.
+        """
+        ids = self._check_tokens(tokens)  # [T]
+        n_new, start = len(ids), cache.length
+        self._check_cache(cache, n_new)
+        x = self.weights.token_embd[ids].astype(np.float32)  # x: [T, dim]
+        for i, layer in enumerate(self.weights.layers):
+            x = x + self._attention(i, layer, x, cache, start)
+            x = x + self._feed_forward(layer, x)
+        cache.advance(n_new)
+        if not all_logits:
+            x = x[-1:]  # only the last position needs the (large) head
+        h = rmsnorm(x, self.weights.output_norm, self.config.norm_eps)  # [T or 1, dim]
+        logits = self.backend.head(h, self.weights.head)  # [T or 1, vocab]
+        return logits if all_logits else logits[0]
+
+    def _attention(
+        self, i: int, layer: LayerWeights, x: np.ndarray, cache: KVCache, start: int
+    ) -> np.ndarray:
+        """Block ``i``'s attention branch for ``x [T, dim]`` → ``[T, dim]`` (before the residual);
+        writes this block's keys/values for positions ``start..start+T-1`` into ``cache``."""
+        c, n_new = self.config, x.shape[0]
+        h = rmsnorm(x, layer.attn_norm, c.norm_eps)  # [T, dim]
+        q = self.backend.bitlinear(h, layer.attn_q).reshape(n_new, c.n_heads, c.head_dim)
+        k = self.backend.bitlinear(h, layer.attn_k).reshape(n_new, c.n_kv_heads, c.head_dim)
+        v = self.backend.bitlinear(h, layer.attn_v).reshape(n_new, c.n_kv_heads, c.head_dim)
+        cos = self.rope_cos[start : start + n_new]  # [T, D/2]
+        sin = self.rope_sin[start : start + n_new]
+        q, k = rope_neox(q, cos, sin), rope_neox(k, cos, sin)  # q: [T, H, D], k: [T, KVH, D]
+        cache.write(i, start, k, v)
+        k_all, v_all = cache.view(i, start + n_new)  # [S, KVH, D], S = start + T
+        a = self.backend.attention(q, k_all, v_all, start)  # [T, H, D]
+        a = rmsnorm(a.reshape(n_new, c.dim), layer.attn_sub_norm, c.norm_eps)  # sub-norm first
+        return self.backend.bitlinear(a, layer.attn_output)  # [T, dim]
+
+    def _feed_forward(self, layer: LayerWeights, x: np.ndarray) -> np.ndarray:
+        """The FFN branch: ``act(gate) * up``, sub-norm, down projection. ``[T, dim]`` → same."""
+        h = rmsnorm(x, layer.ffn_norm, self.config.norm_eps)  # [T, dim]
+        gate = self.backend.bitlinear(h, layer.ffn_gate)  # [T, ffn_dim]
+        up = self.backend.bitlinear(h, layer.ffn_up)  # [T, ffn_dim]
+        f = rmsnorm(self.activation(gate) * up, layer.ffn_sub_norm, self.config.norm_eps)
+        return self.backend.bitlinear(f, layer.ffn_down)  # [T, dim]
+
+    def _check_tokens(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        ids = np.asarray(tokens)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError(f"forward needs a non-empty 1-D token sequence, got shape {ids.shape}")
+        if ids.dtype.kind not in "iu":
+            raise ValueError(f"token ids must be integers, got {ids.dtype}")
+        bad = (ids < 0) | (ids >= self.config.vocab_size)
+        if bad.any():
+            last = self.config.vocab_size - 1
+            raise ValueError(f"token id {int(ids[bad][0])} is outside the vocabulary (0..{last})")
+        return ids.astype(np.int64)
+
+    def _check_cache(self, cache: KVCache, n_new: int) -> None:
+        c = self.config
+        expected = (c.n_layers, c.n_kv_heads, c.head_dim)
+        n_layers, _, n_kv, head_dim = cache.k.shape
+        if (n_layers, n_kv, head_dim) != expected:
+            raise ValueError(f"cache of shape {cache.k.shape} does not fit this model {expected}")
+        cache.check_room(n_new)
+        if cache.length + n_new > c.context_length:
+            raise ContextFullError(cache.length, n_new, c.context_length)
