@@ -1,1 +1,23 @@
 """Conversation storage: SQLite by default, PostgreSQL for several replicas."""
+
+from bitserve.store.base import (
+    Conversation,
+    ConversationNotFoundError,
+    ConversationPage,
+    ConversationStore,
+    NewMessage,
+    StoredMessage,
+    StoreError,
+)
+from bitserve.store.sqlite import SQLiteStore
+
+__all__ = [
+    "Conversation",
+    "ConversationNotFoundError",
+    "ConversationPage",
+    "ConversationStore",
+    "NewMessage",
+    "SQLiteStore",
+    "StoreError",
+    "StoredMessage",
+]

@@ -1,0 +1,141 @@
+"""The conversation store interface: what the API needs from a database, nothing more.
+
+A conversation is an id, an owner, a creation time, string metadata and an ordered list of
+messages. Messages are only ever appended, a whole turn at a time (the user message(s) and
+the assistant reply in one transaction), so a crash can lose the reply being generated but
+never half a turn. ``SQLiteStore`` is the default; a PostgreSQL implementation fills the
+same ABC for several replicas.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+# Metadata follows OpenAI's Conversations API: at most 16 string pairs.
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
+
+
+class StoreError(Exception):
+    """Base class of store errors."""
+
+
+class ConversationNotFoundError(StoreError, LookupError):
+    """No conversation with this id belongs to this owner (other owners' ones look absent)."""
+
+    def __init__(self, conversation_id: str) -> None:
+        super().__init__(f"conversation {conversation_id!r} not found")
+        self.conversation_id = conversation_id
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to append. ``tokens`` is the token count of ``content`` alone;
+    ``prompt_tokens``/``completion_tokens`` are set on assistant replies (usage of the turn)."""
+
+    role: str
+    content: str
+    tokens: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A message as stored: ``index`` counts from 0 within its conversation."""
+
+    index: int
+    role: str
+    content: str
+    created_at: float  # unix seconds
+    tokens: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    finish_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """A conversation row (without its messages). ``seq`` orders conversations by creation."""
+
+    id: str
+    owner: str
+    created_at: float  # unix seconds
+    metadata: dict[str, str] = field(default_factory=dict)
+    seq: int = 0
+    num_messages: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationPage:
+    """One page of a newest-first listing; ``has_more`` says whether older ones remain."""
+
+    conversations: list[Conversation]
+    has_more: bool
+
+
+def new_conversation_id(unix_ms: int, number: int) -> str:
+    """``conv_<unix-ms>_<n>``: the creation time and a number never reused by the store."""
+    return f"conv_{unix_ms}_{number}"
+
+
+def now() -> float:
+    return time.time()
+
+
+class ConversationStore(ABC):
+    """Conversations and their messages, scoped by ``owner`` (an API-key fingerprint, or
+    ``""`` when the server has no keys). Every method that takes an id raises
+    ``ConversationNotFoundError`` when the id does not exist *for that owner*.
+
+    Implementations must be safe to call from several threads at once and must make every
+    method atomic: a reader never sees half a turn.
+    """
+
+    @abstractmethod
+    def create(
+        self,
+        owner: str,
+        metadata: dict[str, str] | None = None,
+        messages: Sequence[NewMessage] = (),
+    ) -> Conversation:
+        """Create a conversation (optionally with initial messages) and return it."""
+
+    @abstractmethod
+    def get(self, owner: str, conversation_id: str) -> Conversation:
+        """The conversation row."""
+
+    @abstractmethod
+    def messages(self, owner: str, conversation_id: str) -> list[StoredMessage]:
+        """Every message, oldest first."""
+
+    @abstractmethod
+    def list_conversations(
+        self, owner: str, limit: int = 20, after: str | None = None
+    ) -> ConversationPage:
+        """Newest first, at most ``limit``; ``after`` is the last id of the previous page."""
+
+    @abstractmethod
+    def update_metadata(
+        self, owner: str, conversation_id: str, metadata: dict[str, str]
+    ) -> Conversation:
+        """Replace the metadata (OpenAI semantics: the new dict replaces the old one)."""
+
+    @abstractmethod
+    def delete(self, owner: str, conversation_id: str) -> None:
+        """Delete the conversation and its messages."""
+
+    @abstractmethod
+    def append_turn(
+        self, owner: str, conversation_id: str, messages: Sequence[NewMessage]
+    ) -> list[StoredMessage]:
+        """Append ``messages`` (one turn) in a single transaction; all or nothing."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections. The store is unusable afterwards."""

@@ -1,0 +1,142 @@
+"""SQLiteStore: ids, ownership, paging, atomic turns, persistence and the schema version."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bitserve.store import ConversationNotFoundError, NewMessage, SQLiteStore, StoreError
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    s = SQLiteStore(tmp_path / "conv.db")
+    yield s
+    s.close()
+
+
+def test_ids_have_the_guide_form_and_are_unique(store: SQLiteStore) -> None:
+    ids = [store.create("").id for _ in range(5)]
+    assert all(re.fullmatch(r"conv_\d{13}_\d+", i) for i in ids)
+    assert len(set(ids)) == 5
+    assert ids[0].endswith("_0")
+
+
+def test_numbers_are_never_reused_after_delete(store: SQLiteStore) -> None:
+    a = store.create("")
+    store.delete("", a.id)
+    b = store.create("")
+    assert a.id.rsplit("_", 1)[1] != b.id.rsplit("_", 1)[1]
+
+
+def test_initial_messages_and_turns_are_ordered(store: SQLiteStore) -> None:
+    conv = store.create("k", {"title": "t"}, [NewMessage("system", "be brief", tokens=3)])
+    assert conv.metadata == {"title": "t"} and conv.num_messages == 1
+    store.append_turn(
+        "k",
+        conv.id,
+        [NewMessage("user", "hi", 1), NewMessage("assistant", "hello", 2, 10, 2, "stop")],
+    )
+    msgs = store.messages("k", conv.id)
+    assert [(m.index, m.role, m.content) for m in msgs] == [
+        (0, "system", "be brief"),
+        (1, "user", "hi"),
+        (2, "assistant", "hello"),
+    ]
+    assert msgs[2].prompt_tokens == 10 and msgs[2].finish_reason == "stop"
+    assert store.get("k", conv.id).num_messages == 3
+
+
+def test_other_owners_see_nothing(store: SQLiteStore) -> None:
+    conv = store.create("alice")
+    for call in (
+        lambda: store.get("bob", conv.id),
+        lambda: store.messages("bob", conv.id),
+        lambda: store.append_turn("bob", conv.id, [NewMessage("user", "x")]),
+        lambda: store.update_metadata("bob", conv.id, {}),
+        lambda: store.delete("bob", conv.id),
+    ):
+        with pytest.raises(ConversationNotFoundError):
+            call()
+    assert store.list_conversations("bob").conversations == []
+    assert store.get("alice", conv.id).id == conv.id
+
+
+def test_listing_is_newest_first_and_paged(store: SQLiteStore) -> None:
+    ids = [store.create("").id for _ in range(5)]
+    first = store.list_conversations("", limit=2)
+    assert [c.id for c in first.conversations] == ids[::-1][:2] and first.has_more
+    rest = store.list_conversations("", limit=10, after=first.conversations[-1].id)
+    assert [c.id for c in rest.conversations] == ids[::-1][2:] and not rest.has_more
+
+
+def test_metadata_update_replaces(store: SQLiteStore) -> None:
+    conv = store.create("", {"a": "1"})
+    assert store.update_metadata("", conv.id, {"title": "x"}).metadata == {"title": "x"}
+
+
+def test_delete_removes_messages(store: SQLiteStore, tmp_path: Path) -> None:
+    conv = store.create("", None, [NewMessage("user", "hi")])
+    store.delete("", conv.id)
+    with pytest.raises(ConversationNotFoundError):
+        store.get("", conv.id)
+    rows = sqlite3.connect(tmp_path / "conv.db").execute("SELECT COUNT(*) FROM messages")
+    assert rows.fetchone()[0] == 0
+
+
+def test_a_failing_turn_writes_nothing(store: SQLiteStore) -> None:
+    conv = store.create("")
+    bad = NewMessage("user", None)  # type: ignore[arg-type]  # NOT NULL violation
+    with pytest.raises(sqlite3.IntegrityError):
+        store.append_turn("", conv.id, [NewMessage("user", "kept?"), bad])
+    assert store.messages("", conv.id) == []
+
+
+def test_persists_across_reopen_with_wal_and_schema_version(tmp_path: Path) -> None:
+    path = tmp_path / "p.db"
+    s = SQLiteStore(path)
+    conv = s.create("", {"title": "keep"}, [NewMessage("user", "remember me")])
+    s.close()
+    s2 = SQLiteStore(path)
+    assert s2.get("", conv.id).metadata == {"title": "keep"}
+    assert s2.messages("", conv.id)[0].content == "remember me"
+    assert s2.schema_version() == 1
+    s2.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "n.db"
+    SQLiteStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(StoreError, match="newer"):
+        SQLiteStore(path)
+
+
+def test_concurrent_turns_from_threads_are_all_kept(store: SQLiteStore) -> None:
+    conv = store.create("")
+
+    def worker(n: int) -> None:
+        for i in range(10):
+            store.append_turn(
+                "", conv.id, [NewMessage("user", f"{n}-{i}"), NewMessage("assistant", "ok")]
+            )
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    msgs = store.messages("", conv.id)
+    assert len(msgs) == 80
+    assert [m.index for m in msgs] == list(range(80))
+    # turns never interleave: every user message is followed by its reply
+    assert all(msgs[i].role == "user" and msgs[i + 1].role == "assistant" for i in range(0, 80, 2))
