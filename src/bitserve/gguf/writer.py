@@ -94,7 +94,8 @@ class GGUFWriter:
         elem_type: GGUFValueType | None = None,
     ) -> None:
         """Add one metadata key; ``vtype``/``elem_type`` override the inferred types."""
-        self._kv.append((key, value, vtype or infer_value_type(value), elem_type))
+        vtype = infer_value_type(value) if vtype is None else vtype  # UINT8 is 0: falsy
+        self._kv.append((key, value, vtype, elem_type))
 
     def add_tensor(
         self, name: str, data: bytes | np.ndarray, ggml_type: GGMLType, dims: tuple[int, ...]
