@@ -1,0 +1,187 @@
+"""The chat loop in-process: commands, streaming output, Ctrl-C, and errors that the session
+survives (on a terminal) or stops at (piped)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import pytest
+from client_fakes import FakeServer, content_chunk, sse
+
+from bitserve.client.api_client import ConversationAPI
+from bitserve.client.cli import url_problem
+from bitserve.client.errors import ConversationNotFound
+from bitserve.client.session import PROMPT, REPLY_PREFIX, ChatSession, parse_command
+
+CTRL_C = object()  # in a script: the user presses Ctrl-C at the prompt
+
+
+class ScriptedInput:
+    """Lines typed by a user (``interactive=True``) or piped in, in order; records prompts."""
+
+    def __init__(self, lines: list[object], interactive: bool) -> None:
+        self.lines = list(lines)
+        self.interactive = interactive
+        self.prompts: list[str] = []
+
+    def read(self, prompt: str) -> str | None:
+        self.prompts.append(prompt)
+        if not self.lines:
+            return None
+        line = self.lines.pop(0)
+        if line is CTRL_C:
+            raise KeyboardInterrupt
+        assert isinstance(line, str)
+        return line
+
+    def close(self) -> None:
+        return None
+
+
+def run_session(
+    api: ConversationAPI, lines: list[object], interactive: bool = False
+) -> tuple[int, str, str, ScriptedInput]:
+    script = ScriptedInput(lines, interactive)
+    out, err = io.StringIO(), io.StringIO()
+    session = ChatSession(api, script, out, err)
+    session.start()
+    status = session.run()
+    return status, out.getvalue(), err.getvalue(), script
+
+
+@pytest.mark.parametrize(
+    ("line", "command"),
+    [
+        ("help", "help"),
+        ("  HISTORY ", "history"),
+        ("/new", "new"),
+        ("quit", "exit"),
+        ("/exit", "exit"),
+        ("?", "help"),
+        ("history please", None),
+        ("hello", None),
+    ],
+)
+def test_parse_command(line: str, command: str | None) -> None:
+    assert parse_command(line) == command
+
+
+def test_piped_output_holds_only_replies_and_history(api: ConversationAPI) -> None:
+    status, out, err, script = run_session(api, ["hello", "", "second", "history"])
+    assert status == 0
+    assert out == (
+        "echo: hello\necho: second\n"
+        "you: hello\nassistant: echo: hello\nyou: second\nassistant: echo: second\n"
+    )
+    assert "conv_" in err  # status lines go to stderr when piped
+    assert set(script.prompts) == {""}
+
+
+def test_terminal_shows_prompts_and_labels_replies(api: ConversationAPI) -> None:
+    status, out, _, script = run_session(api, ["hello", "exit", "never read"], interactive=True)
+    assert status == 0
+    assert f"{REPLY_PREFIX}echo: hello\n" in out
+    assert "new conversation conv_" in out
+    assert script.prompts == [PROMPT, PROMPT]
+    assert script.lines == ["never read"]
+
+
+def test_new_starts_an_empty_conversation(api: ConversationAPI, fake_server: FakeServer) -> None:
+    _, out, err, _ = run_session(api, ["hello", "new", "history"])
+    assert out.endswith("(no messages yet)\n")
+    assert len(fake_server.conversations) == 2
+    assert "Started new conversation conv_1700000000000_1." in err
+
+
+def test_help_lists_every_command(api: ConversationAPI) -> None:
+    _, out, _, _ = run_session(api, ["help"], interactive=True)
+    for name in ("help", "history", "new", "exit"):
+        assert f"  {name} " in out
+
+
+def test_ctrl_c_at_the_prompt_drops_the_line(api: ConversationAPI) -> None:
+    status, out, _, script = run_session(api, [CTRL_C, "hello"], interactive=True)
+    assert status == 0
+    assert "echo: hello" in out
+    assert script.prompts.count(PROMPT) == 3  # after Ctrl-C, after hello, then Ctrl-D
+
+
+def interrupted_stream() -> Iterator[bytes]:
+    yield sse(content_chunk("partial "))[0]
+    raise KeyboardInterrupt  # what SIGINT does to a blocked socket read
+
+
+def test_ctrl_c_during_a_reply_stops_it_and_the_session_goes_on(
+    api: ConversationAPI, fake_server: FakeServer
+) -> None:
+    fake_server.reply_stream = interrupted_stream()
+    script = ScriptedInput(["hello", "again"], interactive=True)
+    out = io.StringIO()
+    session = ChatSession(api, script, out, io.StringIO())
+    session.start()
+    session.handle("hello")
+    assert fake_server.closed_streams == 1  # the response was closed: the server can stop
+    assert out.getvalue().endswith(f"{REPLY_PREFIX}partial \n[reply stopped]\n")
+    fake_server.reply_stream = None
+    session.handle("again")
+    assert out.getvalue().endswith("echo: again\n")
+
+
+def test_piped_ctrl_c_during_a_reply_ends_the_client(
+    api: ConversationAPI, fake_server: FakeServer
+) -> None:
+    fake_server.reply_stream = interrupted_stream()
+    with pytest.raises(KeyboardInterrupt):
+        run_session(api, ["hello"])
+
+
+def test_errors_on_a_terminal_are_reported_and_survived(
+    api: ConversationAPI, fake_server: FakeServer
+) -> None:
+    script = ScriptedInput(["history", "new", "hello"], interactive=True)
+    out, err = io.StringIO(), io.StringIO()
+    session = ChatSession(api, script, out, err)
+    session.start()
+    fake_server.conversations.clear()  # deleted behind the client's back
+    assert session.run() == 0
+    assert err.getvalue() == "Conversation conv_1700000000000_0 was not found on the server.\n"
+    assert "echo: hello" in out.getvalue()
+
+
+def test_errors_on_a_pipe_end_the_run(api: ConversationAPI, fake_server: FakeServer) -> None:
+    script = ScriptedInput(["hello", "again"], interactive=False)
+    err = io.StringIO()
+    session = ChatSession(api, script, io.StringIO(), err)
+    session.start()
+    fake_server.conversations.clear()
+    assert session.run() == 1
+    assert err.getvalue().endswith("was not found on the server.\n")
+    assert script.lines == ["again"]
+
+
+def test_resume_counts_messages_and_unknown_ids_fail(
+    api: ConversationAPI, fake_server: FakeServer
+) -> None:
+    conversation_id = api.create_conversation("sys")
+    out = io.StringIO()
+    session = ChatSession(api, ScriptedInput([], True), out, io.StringIO())
+    session.start(conversation_id)
+    assert session.conversation_id == conversation_id
+    assert f"resumed conversation {conversation_id} (1 message so far)" in out.getvalue()
+    with pytest.raises(ConversationNotFound):
+        session.start("conv_missing")
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("http://127.0.0.1:8081", True),
+        ("https://example.org/base", True),
+        ("127.0.0.1:8081", False),
+        ("ftp://host", False),
+        ("http://host:99999999", False),
+    ],
+)
+def test_url_problem(url: str, ok: bool) -> None:
+    assert (url_problem(url) is None) == ok
