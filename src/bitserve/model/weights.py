@@ -3,7 +3,7 @@
 Every tensor is checked for presence, type and shape against the :class:`ModelConfig`
 before any is used, so a bad file fails at load with the tensor's name, never later in a
 matmul. Ternary projections stay in I2_S layout (``TernaryWeight``); TQ1_0/TQ2_0 tensors
-are repacked to I2_S at load by ``bitserve.gguf.quants.repack_to_i2s``.
+are repacked to I2_S at load (a copy) by ``bitserve.gguf.quants.repack_to_i2s``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bitserve.gguf.constants import GGMLType
-from bitserve.gguf.quants import i2s_scale
+from bitserve.gguf.quants import i2s_scale, repack_to_i2s
 from bitserve.gguf.reader import GGUFError, GGUFFile
 from bitserve.kernels.backend import TernaryWeight
 from bitserve.model.config import ModelConfig
@@ -133,19 +133,5 @@ def _ternary(gguf: GGUFFile, name: str, n_out: int, n_in: int) -> TernaryWeight:
     raw = gguf.raw(name)
     if ggml_type == GGMLType.I2_S:
         return TernaryWeight(raw, n_out, n_in, i2s_scale(raw, n_out, n_in))
-    from bitserve.gguf import quants
-
-    repack = getattr(quants, "repack_to_i2s", None)
-    if repack is None:
-        raise GGUFError(
-            gguf.path,
-            f"tensor {name!r} is {ggml_type.name}; this build cannot repack it to I2_S "
-            "(bitserve.gguf.quants.repack_to_i2s is missing)",
-        )
-    try:
-        i2s_raw, scale = repack(raw, ggml_type, n_out, n_in)
-    except ValueError as e:
-        if isinstance(e, GGUFError):
-            raise
-        raise GGUFError(gguf.path, f"tensor {name!r}: cannot repack to I2_S: {e}") from e
-    return TernaryWeight(np.asarray(i2s_raw, dtype=np.uint8), n_out, n_in, float(scale))
+    i2s_raw, scale = repack_to_i2s(raw, ggml_type, n_out, n_in, path=gguf.path, name=name)
+    return TernaryWeight(i2s_raw, n_out, n_in, scale)
