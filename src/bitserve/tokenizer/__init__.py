@@ -1,1 +1,7 @@
 """BPE tokenizer from GGUF metadata, incremental detokenizer, chat templates."""
+
+from bitserve.tokenizer.bpe import Tokenizer
+from bitserve.tokenizer.chat import ChatFormatter
+from bitserve.tokenizer.detokenizer import IncrementalDetokenizer
+
+__all__ = ["ChatFormatter", "IncrementalDetokenizer", "Tokenizer"]

@@ -1,0 +1,1 @@
+"""Package data: the small English corpus the demo model's tokenizer is trained on."""
