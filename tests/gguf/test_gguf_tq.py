@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from bitserve.gguf import GGMLType, GGUFError
@@ -16,7 +17,6 @@ from bitserve.gguf.quants import (
     unpack_tq1_0,
     unpack_tq2_0,
 )
-from gguf import GGMLQuantizationType
 
 Unpack = Callable[[np.ndarray, int, int], tuple[np.ndarray, np.ndarray]]
 TQ_TYPES: list[tuple[GGMLType, GGMLQuantizationType, Unpack]] = [
