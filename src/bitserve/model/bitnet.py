@@ -86,6 +86,8 @@ class BitNetModel:
     ) -> BitNetModel:
         """Open ``path`` and check every tensor; ``backend`` is an instance or a kernel name
         (``None``: ``get_backend()``); ``activation`` overrides the file's FFN activation."""
+        if backend is None or isinstance(backend, str):
+            backend = get_backend(backend)
         gguf = read_gguf(path)
         try:
             config = ModelConfig.from_gguf(gguf, activation)
@@ -93,8 +95,6 @@ class BitNetModel:
         except BaseException:
             gguf.close()
             raise
-        if backend is None or isinstance(backend, str):
-            backend = get_backend(backend)
         return cls(gguf, config, weights, backend)
 
     def close(self) -> None:
