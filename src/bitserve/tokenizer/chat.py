@@ -14,11 +14,14 @@ Two formats:
   variables Hugging Face provides (``messages``, ``bos_token``, ``eos_token``,
   ``add_generation_prompt``, ``raise_exception``).
 
-Injection safety: :meth:`ChatFormatter.encode` renders the template with opaque markers
-in place of message contents. Only the template's own text is searched for control
-tokens; the contents are spliced back in as ordinary text. So a user who writes
+Injection safety: :meth:`ChatFormatter.encode` renders the template twice, with the
+real contents and with opaque markers in their place, and lines the two up. Only the
+template's own text is searched for control tokens; the contents (as the template left
+them, e.g. trimmed) are spliced back in as ordinary text. So a user who writes
 ``<|eot_id|>`` gets the tokens of that text, never the control token, while the ids are
 otherwise exactly those of encoding the rendered prompt with special tokens allowed.
+A template that rewrites contents beyond trimming is accepted only if its output has the
+same control tokens as its output without contents.
 """
 
 from __future__ import annotations
@@ -180,41 +183,58 @@ class ChatFormatter:
         """Token ids of the prompt; message contents can never become control tokens."""
         checked = validate_messages(messages)
         contents = self._contents(checked)
+        real = self._render(checked, contents, add_generation_prompt)
         markers = [f"{_MARK_OPEN}{i}{_MARK_CLOSE}" for i in range(len(checked))]
-        rendered = self._render(checked, markers, add_generation_prompt)
-        segments = self._segments(rendered, contents)
-        if segments is None:  # the template altered the markers: check contents instead
-            segments = self._segments_unmarked(checked, contents, add_generation_prompt)
+        marked = self._render(checked, markers, add_generation_prompt)
+        segments = self._align(real, marked, contents)
+        if segments is None:
+            segments = self._segments_unaligned(real, marked)
         ids = self._encode_segments(segments)
         bos = self.tokenizer.bos_id
         if self.tokenizer.add_bos and bos is not None and (not ids or ids[0] != bos):
             ids.insert(0, bos)
         return ids
 
-    def _segments(self, rendered: str, contents: list[str]) -> list[str | int] | None:
-        """Template text split at its control tokens, with contents spliced in as text;
-        None if a marker was mangled by the template."""
-        pieces = _MARKER_RE.split(rendered)
-        segments: list[str | int] = []
-        for i, piece in enumerate(pieces):
-            if i % 2:
-                segments.append(contents[int(piece)])
-            elif _MARK_OPEN in piece or _MARK_CLOSE in piece:
-                return None
-            else:
-                segments.extend(self.tokenizer.split_special(piece))
-        return segments
+    def _align(self, real: str, marked: str, contents: list[str]) -> list[str | int] | None:
+        """Split ``real`` into the template's own text (searched for control tokens) and
+        the contents (kept as text), using ``marked`` to tell them apart.
 
-    def _segments_unmarked(
-        self, messages: list[ChatMessage], contents: list[str], add_generation_prompt: bool
-    ) -> list[str | int]:
-        for i, content in enumerate(contents):
-            if any(isinstance(part, int) for part in self.tokenizer.split_special(content)):
-                raise ValueError(
-                    f"message {i} contains control-token text and this chat template "
-                    "rewrites message contents, so it cannot be encoded safely"
-                )
-        return self.tokenizer.split_special(self._render(messages, contents, add_generation_prompt))
+        A template may trim contents, so each content may appear stripped; None when
+        ``real`` cannot be rebuilt exactly that way (the template rewrote a content).
+        """
+        pieces = _MARKER_RE.split(marked)  # template text, index, template text, ...
+        segments: list[str | int] = []
+        pos = 0
+        for k, piece in enumerate(pieces):
+            if k % 2 == 0:
+                if _MARK_OPEN in piece or _MARK_CLOSE in piece or not real.startswith(piece, pos):
+                    return None
+                segments.extend(self.tokenizer.split_special(piece))
+                pos += len(piece)
+                continue
+            content = contents[int(piece)]
+            after = pieces[k + 1]
+            for candidate in (content, content.strip(), content.lstrip(), content.rstrip()):
+                end = pos + len(candidate)
+                if real.startswith(candidate, pos) and real.startswith(after, end):
+                    break
+            else:
+                return None
+            segments.append(candidate)
+            pos = end
+        return segments if pos == len(real) else None
+
+    def _segments_unaligned(self, real: str, marked: str) -> list[str | int]:
+        """For templates that rewrite contents: accept the rendered prompt only if it has
+        the same control tokens as the template with contents left out."""
+        segments = self.tokenizer.split_special(real)
+        own = [p for p in self.tokenizer.split_special(marked) if isinstance(p, int)]
+        if [p for p in segments if isinstance(p, int)] != own:
+            raise ValueError(
+                "a message contains control-token text and this chat template rewrites "
+                "message contents, so the prompt cannot be encoded safely"
+            )
+        return segments
 
     def _encode_segments(self, segments: list[str | int]) -> list[int]:
         """Encode runs of text as ordinary text (allow_special=False) between control ids."""
