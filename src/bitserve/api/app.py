@@ -1,0 +1,68 @@
+"""``create_app(settings, served, store)``: the FastAPI application.
+
+All state lives on ``app.state``, built here and in the lifespan (which starts the engine
+loop and, on shutdown, stops it and closes the store); there are no module globals, so
+tests build as many apps as they like.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from bitserve import __version__
+from bitserve.api import system
+from bitserve.api.auth import KeyChecker
+from bitserve.api.chat import routes as chat_routes
+from bitserve.api.conversations import routes as conversation_routes
+from bitserve.api.conversations.serving import ConversationService
+from bitserve.api.errors import install_error_handlers
+from bitserve.api.sampling import THREADS_DOC
+from bitserve.api.served import ServedModel
+from bitserve.api.settings import ServerSettings
+from bitserve.store import ConversationStore
+
+DESCRIPTION = f"""
+A CPU-first server for BitNet b1.58 models: OpenAI chat and legacy completions,
+llama.cpp's `/completion`, durable conversations (`/v1/conversations`) and
+BitMind-compatible oracle routes. Errors are always
+`{{"error": {{"message", "type", "param", "code"}}}}`.
+
+**Auth**: when the server has API keys, every route but `/health` needs
+`Authorization: Bearer <key>`.
+
+**threads**: {THREADS_DOC}
+"""
+
+
+def create_app(settings: ServerSettings, served: ServedModel, store: ConversationStore) -> FastAPI:
+    """The app serving ``served`` with conversations in ``store``. The lifespan owns both:
+    it starts ``served.engine`` and, at shutdown, stops it and closes ``store``."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        served.engine.start()
+        try:
+            yield
+        finally:
+            served.engine.stop()
+            store.close()
+
+    app = FastAPI(title="bitserve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.served = served
+    app.state.store = store
+    app.state.keys = KeyChecker(settings.api_keys)
+    app.state.conversations = ConversationService(store, served)
+    app.state.registry = system.make_registry(served)
+    install_error_handlers(app)
+    for router in (
+        system.health_router,
+        system.router,
+        chat_routes.router,
+        conversation_routes.router,
+    ):
+        app.include_router(router)
+    return app

@@ -1,0 +1,162 @@
+"""Wire types of ``POST /v1/chat/completions`` (OpenAI's schema names), shared by the
+conversation and oracle routes."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from bitserve.api.sampling import SamplingFields
+
+DEFAULT_MAX_TOKENS = 100
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+class TextPart(BaseModel):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One message. ``content`` may be a string or a list of text parts (joined)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Role
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(False, description="Send a last chunk with `usage`.")
+
+
+class ChatCompletionRequest(SamplingFields):
+    """Body of ``POST /v1/chat/completions``. Defaults follow the BitNet API guide."""
+
+    model: str = Field(description="A name from GET /v1/models (or a configured alias).")
+    messages: list[ChatMessage] = Field(description="The conversation so far, oldest first.")
+    max_tokens: int | None = Field(
+        None, description=f"Tokens to generate at most (default {DEFAULT_MAX_TOKENS})."
+    )
+    max_completion_tokens: int | None = Field(None, description="Same as max_tokens (wins).")
+    n: int = Field(1, description="Choices to generate (1-8), one after another.")
+    stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
+    stream: bool = Field(False, description="Answer with server-sent events.")
+    stream_options: StreamOptions | None = None
+    logprobs: bool = Field(False, description="Return each generated token's logprob.")
+    top_logprobs: int | None = Field(
+        None, description="0-20 alternatives per token (needs logprobs: true)."
+    )
+    user: str | None = None
+
+    def max_new_tokens(self) -> int:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
+
+
+# ---- responses -----------------------------------------------------------------------------
+
+
+class TopLogprobEntry(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class LogprobEntry(TopLogprobEntry):
+    top_logprobs: list[TopLogprobEntry] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[LogprobEntry] | None
+    refusal: None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: None = None
+
+
+class OracleAssistantMessage(AssistantMessage):
+    """The oracle routes' message: BitMind clients read these keys."""
+
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage | OracleAssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    completion_tokens_details: CompletionTokensDetails = Field(
+        default_factory=CompletionTokensDetails
+    )
+
+
+class ChatCompletion(BaseModel):
+    """The ``chat.completion`` object. Conversation chats add ``conversation_id`` and
+    ``truncated_messages`` (history messages left out to fit the context)."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str
+    service_tier: str | None = None
+
+
+class ConversationChatCompletion(ChatCompletion):
+    conversation_id: str
+    truncated_messages: int = 0
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One ``chat.completion.chunk`` SSE event (for the OpenAPI description)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None

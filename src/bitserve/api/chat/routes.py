@@ -1,0 +1,26 @@
+"""``POST /v1/chat/completions`` (thin: the logic is in ``serving.py``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from bitserve.api.auth import require_key
+from bitserve.api.chat.protocol import ChatCompletion, ChatCompletionRequest
+from bitserve.api.chat.serving import plan_chat, respond_chat, wire_messages
+from bitserve.api.conversations.routes import SSE_DOC
+from bitserve.api.served import ServedModel
+from bitserve.api.streaming import RequestGuard
+
+router = APIRouter(tags=["openai"], dependencies=[Depends(require_key)])
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=SSE_DOC)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    """OpenAI chat completions, stateless: send the whole conversation in `messages`.
+    `stream: true` answers with `chat.completion.chunk` events (role chunk, content
+    chunks, finish chunk, a usage chunk with `stream_options.include_usage`, `[DONE]`)."""
+    served: ServedModel = request.app.state.served
+    model = served.resolve(body.model)
+    plan = plan_chat(served, body, wire_messages(body.messages), model)
+    return await respond_chat(served, plan, RequestGuard(request), body.stream)

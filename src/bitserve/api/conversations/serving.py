@@ -1,0 +1,194 @@
+"""Conversation logic: the store behind the routes, history in front of each chat turn.
+
+A chat turn holds the conversation's lock from reading the history until the reply is
+stored (or abandoned), so concurrent chats to one conversation run one after another and
+never interleave. The user message(s) and the reply are appended in one store transaction
+after the reply is complete; a reply that is cancelled or fails stores nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from bitserve.api.chat.serving import (
+    ChoiceResult,
+    encode_chat,
+    plan_chat,
+    respond_chat,
+    wire_messages,
+)
+from bitserve.api.conversations.protocol import (
+    ConversationChatRequest,
+    ConversationMessage,
+    ConversationObject,
+)
+from bitserve.api.errors import InvalidParameterError
+from bitserve.api.served import ServedModel
+from bitserve.api.streaming import RequestGuard
+from bitserve.store import Conversation, ConversationStore, NewMessage, StoredMessage
+from bitserve.store.base import (
+    MAX_METADATA_KEY_CHARS,
+    MAX_METADATA_PAIRS,
+    MAX_METADATA_VALUE_CHARS,
+)
+
+MAX_LIST_LIMIT = 100
+
+
+class ConversationLocks:
+    """One ``asyncio.Lock`` per conversation id, dropped when nobody holds or waits."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    async def acquire(self, key: str) -> Callable[[], None]:
+        """Wait for ``key``'s lock; returns an idempotent release function."""
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            await lock.acquire()
+        except BaseException:
+            self._forget(key)
+            raise
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                lock.release()
+                self._forget(key)
+
+        return release
+
+    def _forget(self, key: str) -> None:
+        lock, users = self._locks[key]
+        if users <= 1:
+            del self._locks[key]
+        else:
+            self._locks[key] = (lock, users - 1)
+
+
+def check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
+    metadata = metadata or {}
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise InvalidParameterError(
+            f"metadata: at most {MAX_METADATA_PAIRS} pairs, got {len(metadata)}", "metadata"
+        )
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY_CHARS or len(value) > MAX_METADATA_VALUE_CHARS:
+            raise InvalidParameterError(
+                f"metadata: keys are at most {MAX_METADATA_KEY_CHARS} characters and values "
+                f"at most {MAX_METADATA_VALUE_CHARS} (key {key[:20]!r})",
+                "metadata",
+            )
+    return metadata
+
+
+def conversation_object(conv: Conversation) -> dict[str, Any]:
+    return ConversationObject(
+        id=conv.id, conversation_id=conv.id, created_at=int(conv.created_at), metadata=conv.metadata
+    ).model_dump(mode="json")
+
+
+def message_object(m: StoredMessage) -> dict[str, Any]:
+    return ConversationMessage(
+        role=m.role,
+        content=m.content,
+        created_at=int(m.created_at),
+        tokens=m.tokens,
+        prompt_tokens=m.prompt_tokens,
+        completion_tokens=m.completion_tokens,
+        finish_reason=m.finish_reason,
+    ).model_dump(mode="json")
+
+
+def _droppable_prefix(messages: list[dict[str, str]], start: int) -> int:
+    """How many messages from ``start`` make up the oldest droppable turn: one message,
+    plus the assistant replies that follow it (history never starts with an orphan reply)."""
+    end = start + 1
+    while end < len(messages) and messages[end]["role"] == "assistant":
+        end += 1
+    return end - start
+
+
+def fit_history(
+    served: ServedModel,
+    history: list[dict[str, str]],
+    new: list[dict[str, str]],
+    max_tokens: int,
+) -> tuple[list[dict[str, str]], int]:
+    """``history + new``, dropping the oldest non-system history turns until the prompt
+    leaves room for ``max_tokens`` (or nothing droppable is left). Returns the messages
+    and how many were dropped. System messages and the new messages are never dropped."""
+    history = list(history)
+    dropped = 0
+    while True:
+        messages = history + new
+        n_prompt = len(encode_chat(served, messages, "messages"))
+        if n_prompt + max_tokens <= served.ctx_size:
+            return messages, dropped
+        first = next((i for i, m in enumerate(history) if m["role"] != "system"), None)
+        if first is None:
+            return messages, dropped
+        count = _droppable_prefix(history, first)
+        del history[first : first + count]
+        dropped += count
+
+
+class ConversationService:
+    """The conversation routes' logic for one app: ``store`` + the served model."""
+
+    def __init__(self, store: ConversationStore, served: ServedModel) -> None:
+        self.store = store
+        self.served = served
+        self.locks = ConversationLocks()
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.served.loaded.tokenizer.encode(text))
+
+    def new_messages(self, messages: list[dict[str, str]]) -> list[NewMessage]:
+        return [
+            NewMessage(m["role"], m["content"], self.count_tokens(m["content"])) for m in messages
+        ]
+
+    async def history(self, owner: str, conversation_id: str) -> list[dict[str, str]]:
+        stored = await run_in_threadpool(self.store.messages, owner, conversation_id)
+        return [{"role": m.role, "content": m.content} for m in stored]
+
+    async def chat(
+        self, owner: str, conversation_id: str, body: ConversationChatRequest, guard: RequestGuard
+    ) -> Response:
+        """One turn: lock, history + new messages (fitted), generate, store the turn."""
+        model = self.served.resolve(body.model)
+        if body.n != 1:
+            raise InvalidParameterError("n: conversation chats generate one reply (n=1)", "n")
+        await run_in_threadpool(self.store.get, owner, conversation_id)  # 404 before waiting
+        guard.add(await self.locks.acquire(conversation_id))
+        try:
+            new = wire_messages(body.messages)
+            if not new:
+                raise InvalidParameterError("messages: must contain the new message", "messages")
+            history = await self.history(owner, conversation_id)
+            messages, dropped = fit_history(self.served, history, new, body.max_new_tokens())
+            plan = plan_chat(self.served, body, messages, model)
+            plan.extra = {"conversation_id": conversation_id, "truncated_messages": dropped}
+
+            async def store_turn(results: list[ChoiceResult]) -> None:
+                reply = results[0]
+                turn = [
+                    *self.new_messages(new),
+                    NewMessage("assistant", reply.text, self.count_tokens(reply.text),
+                               plan.prompt_tokens, len(reply.events), reply.finish_reason),
+                ]  # fmt: skip
+                await run_in_threadpool(self.store.append_turn, owner, conversation_id, turn)
+
+            return await respond_chat(self.served, plan, guard, body.stream, store_turn)
+        except BaseException:
+            guard.close()
+            raise

@@ -1,0 +1,179 @@
+"""Every error the API can answer with, and the ONE table that maps them to HTTP.
+
+The body is always OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+Client mistakes are 4xx, never 500: ill-typed or missing fields and malformed JSON are 422
+(as the BitNet API guide documents), out-of-range values 400 with ``param``, unknown
+conversations/models 404, a missing or wrong key 401, a full queue 503 + ``Retry-After``.
+A stream that fails mid-way sends the same body as an SSE ``data:`` event and closes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bitserve.engine.generate import ContextLengthError
+from bitserve.engine.loop import EngineStoppedError, QueueFullError
+from bitserve.engine.sampling import SamplingParamError
+from bitserve.store import ConversationNotFoundError
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error raised by the API layer itself; the table below gives its status."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class InvalidParameterError(APIError):
+    """A well-typed value outside its allowed range, or an unsupported combination."""
+
+
+class ContextLengthExceededError(APIError):
+    """The prompt leaves no room for a single generated token."""
+
+    def __init__(self, prompt_tokens: int, context_length: int, param: str = "messages") -> None:
+        super().__init__(
+            f"This model's maximum context length is {context_length} tokens. However, your "
+            f"prompt resulted in {prompt_tokens} tokens.",
+            param=param,
+            code="context_length_exceeded",
+        )
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
+
+
+class ModelNotFoundError(APIError):
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model `{model}` does not exist; GET /v1/models lists the served ones.",
+            param="model",
+            code="model_not_found",
+        )
+
+
+class RouteNotFoundError(APIError):
+    """An oracle route name that the route config does not define."""
+
+
+class AuthenticationError(APIError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="invalid_api_key")
+
+
+class GenerationCancelledError(APIError):
+    """The engine cancelled a generation the client did not cancel (server shutting down)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorKind:
+    status: int
+    type: str
+    code: str | None = None
+
+
+# The one table: exception class → HTTP status, OpenAI error type, default code.
+# Looked up along the MRO, so subclasses inherit their parent's row.
+ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
+    InvalidParameterError: ErrorKind(400, "invalid_request_error"),
+    SamplingParamError: ErrorKind(400, "invalid_request_error"),
+    ContextLengthExceededError: ErrorKind(400, "invalid_request_error", "context_length_exceeded"),
+    ContextLengthError: ErrorKind(400, "invalid_request_error", "context_length_exceeded"),
+    AuthenticationError: ErrorKind(401, "invalid_request_error", "invalid_api_key"),
+    ModelNotFoundError: ErrorKind(404, "invalid_request_error", "model_not_found"),
+    RouteNotFoundError: ErrorKind(404, "invalid_request_error", "route_not_found"),
+    ConversationNotFoundError: ErrorKind(404, "invalid_request_error", "conversation_not_found"),
+    RequestValidationError: ErrorKind(422, "invalid_request_error", "invalid_value"),
+    QueueFullError: ErrorKind(503, "server_error", "queue_full"),
+    EngineStoppedError: ErrorKind(503, "server_error", "unavailable"),
+    GenerationCancelledError: ErrorKind(503, "server_error", "cancelled"),
+}
+_INTERNAL = ErrorKind(500, "server_error", "internal_error")
+
+
+def error_kind(exc: BaseException) -> ErrorKind:
+    if isinstance(exc, StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return ErrorKind(exc.status_code, kind, None)
+    for cls in type(exc).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]
+    return _INTERNAL
+
+
+def _location(loc: Sequence[Any]) -> str:
+    """``("body", "messages", 0, "role")`` → ``messages[0].role``."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] in ("body", "query", "path") else loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        return f"the request body is not valid JSON: {detail}".rstrip(": "), None
+    param = _location(first.get("loc", ())) or None
+    problems = "; ".join(f"{_location(e.get('loc', ())) or 'body'}: {e['msg']}" for e in errors)
+    return problems, param
+
+
+def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """(status, OpenAI-shaped body) for any exception."""
+    kind = error_kind(exc)
+    param: str | None = None
+    code = kind.code
+    if isinstance(exc, RequestValidationError):
+        message, param = _validation_message(exc)
+    elif isinstance(exc, StarletteHTTPException):
+        message = str(exc.detail)
+    elif isinstance(exc, APIError):
+        message, param, code = exc.message, exc.param, exc.code or code
+    elif isinstance(exc, SamplingParamError):
+        message, param = f"{exc.param}: {exc.message}", exc.param
+    elif kind is _INTERNAL:
+        message = "internal server error (see the server log)"
+    else:
+        message = str(exc)
+    body = {"error": {"message": message, "type": kind.type, "param": param, "code": code}}
+    return kind.status, body
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    status, body = error_body(exc)
+    headers = {}
+    if isinstance(exc, QueueFullError):
+        headers["Retry-After"] = str(exc.retry_after)
+    if isinstance(exc, AuthenticationError):
+        headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, StarletteHTTPException) and exc.headers:
+        headers.update(exc.headers)
+    if status >= 500 and not isinstance(exc, QueueFullError | EngineStoppedError):
+        log.error("request failed", exc_info=exc)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every exception through ``error_response``."""
+
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)
+
+    for cls in (*ERROR_TABLE, StarletteHTTPException, Exception):
+        app.add_exception_handler(cls, handle)

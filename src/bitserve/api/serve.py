@@ -1,0 +1,110 @@
+"""``bitserve serve``: load the model, open the store, run the app under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from bitserve.api.oracle.config import OracleConfig, OracleConfigError
+from bitserve.api.settings import (
+    DEFAULT_ALIASES,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_PORT,
+    ServerSettings,
+    default_db_path,
+    read_keys_file,
+)
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from bitserve.engine.generate_cli import physical_cores
+
+    p.add_argument("-m", "--model", help="GGUF model file (default: the built-in demo model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+    p.add_argument(
+        "-t", "--threads", type=int, default=physical_cores(), help="CPU threads (physical cores)"
+    )
+    p.add_argument("--kernel", help="kernel: numpy, scalar or avx2 (default: best available)")
+    p.add_argument(
+        "-c", "--ctx-size", type=int, help="context size in tokens (default: the model's)"
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="waiting requests before 503"
+    )
+    p.add_argument("--db", type=Path, default=default_db_path(), help="SQLite conversation store")
+    p.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable)")
+    p.add_argument("--api-keys-file", type=Path, help="file with one API key per line")
+    p.add_argument(
+        "--alias",
+        action="append",
+        default=list(DEFAULT_ALIASES),
+        help="extra model name the model answers to (repeatable)",
+    )
+    p.add_argument("--oracle-config", type=Path, help="oracle route config (JSON)")
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    keys = list(args.api_key)
+    if args.api_keys_file is not None:
+        keys += read_keys_file(args.api_keys_file)
+    return ServerSettings(
+        host=args.host,
+        port=args.port,
+        model_path=args.model,
+        threads=args.threads,
+        kernel=args.kernel,
+        ctx_size=args.ctx_size,
+        max_queue=args.max_queue,
+        db_path=args.db,
+        api_keys=tuple(keys),
+        aliases=tuple(dict.fromkeys(args.alias)),
+        oracle=OracleConfig.load(args.oracle_config),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from bitserve.api.app import create_app
+    from bitserve.api.served import ServedModel
+    from bitserve.engine.loader import load_model
+    from bitserve.store import SQLiteStore
+
+    try:
+        settings = settings_from_args(args)
+    except (OSError, OracleConfigError) as exc:
+        print(f"bitserve serve: {exc}", file=sys.stderr)
+        return 2
+    if settings.max_queue < 1 or (settings.threads is not None and settings.threads < 1):
+        print("bitserve serve: --max-queue and --threads must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        loaded = load_model(settings.model_path, settings.threads, settings.kernel)
+    except (OSError, ValueError) as exc:
+        print(f"bitserve serve: {exc}", file=sys.stderr)
+        return 1
+    if loaded.is_demo:
+        from bitserve.model.demo import DEMO_NOTICE
+
+        print(f"bitserve serve: {DEMO_NOTICE}", file=sys.stderr)
+    served = ServedModel.create(
+        loaded, settings.max_queue, settings.ctx_size, settings.aliases, int(time.time())
+    )
+    store = SQLiteStore(settings.db_path)
+    app = create_app(settings, served, store)
+    print(
+        f"bitserve serve: {loaded.name} ({served.ctx_size} ctx) on "
+        f"http://{settings.host}:{settings.port}, conversations in {settings.db_path}",
+        file=sys.stderr,
+    )
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=level, timeout_graceful_shutdown=5
+    )
+    return 0

@@ -1,0 +1,102 @@
+"""``ServedModel``: the one model the server answers with, as the API layer sees it.
+
+It bundles the loaded model (tokenizer and chat format for the HTTP edge), the
+``EngineLoop`` that owns the model's thread, the effective context size and the names the
+model answers to. ``create_app`` receives one; its lifespan starts and stops the loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from bitserve import __version__
+from bitserve.api.errors import ContextLengthExceededError, ModelNotFoundError
+from bitserve.engine.generate import Generator
+from bitserve.engine.loader import LoadedModel
+from bitserve.engine.loop import EngineLoop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ServedModel:
+    """``ctx_size`` ≤ the model's context length; ``aliases`` are extra accepted names."""
+
+    loaded: LoadedModel
+    engine: EngineLoop[Generator]
+    ctx_size: int
+    aliases: tuple[str, ...] = ()
+    created: int = 0  # unix seconds, for /v1/models
+    fingerprint: str = field(default="", init=False)
+
+    def __post_init__(self) -> None:
+        digest = hashlib.sha256(f"{self.loaded.path}|{__version__}".encode()).hexdigest()
+        self.fingerprint = f"fp_{digest[:10]}"
+
+    @classmethod
+    def create(
+        cls,
+        loaded: LoadedModel,
+        max_queue: int,
+        ctx_size: int | None = None,
+        aliases: tuple[str, ...] = (),
+        created: int = 0,
+    ) -> ServedModel:
+        """Wrap ``loaded`` with a (not yet started) engine loop."""
+        model_ctx = int(loaded.model.config.context_length)
+        if ctx_size is not None and ctx_size > model_ctx:
+            log.warning(
+                "--ctx-size %d exceeds the model's %d; using %d", ctx_size, model_ctx, model_ctx
+            )
+        effective = min(ctx_size or model_ctx, model_ctx)
+        engine = EngineLoop(Generator(loaded.model, loaded.tokenizer), max_queue=max_queue)
+        return cls(loaded, engine, effective, aliases, created)
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name accepted in a request's ``model`` field, the model id first."""
+        return (self.name, *(a for a in self.aliases if a != self.name))
+
+    def resolve(self, requested: str | None, extra: tuple[str, ...] = ()) -> str:
+        """The model id answering ``requested`` (None: the default); 404 for unknown names."""
+        if requested is None or requested in self.names or requested in extra:
+            return self.name
+        raise ModelNotFoundError(requested)
+
+    @property
+    def generator(self) -> Generator:
+        return self.engine.generator
+
+    @property
+    def stop_token_ids(self) -> set[int]:
+        return set(self.loaded.tokenizer.stop_ids)
+
+    def check_fits(self, prompt_tokens: int, param: str) -> int:
+        """Room left for generation; 400 ``context_length_exceeded`` if there is none."""
+        room = self.ctx_size - prompt_tokens
+        if room < 1:
+            raise ContextLengthExceededError(prompt_tokens, self.ctx_size, param)
+        return room
+
+    def token_piece(self, token_id: int) -> tuple[str, list[int]]:
+        """A token's text for logprobs (control tokens by name) and its raw bytes."""
+        raw = self.loaded.tokenizer.token_bytes(token_id)
+        return self.generator.token_text(token_id), list(raw)
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.loaded.model.config
+        return {
+            "n_ctx": self.ctx_size,
+            "n_ctx_train": int(cfg.context_length),
+            "n_vocab": int(cfg.vocab_size),
+            "n_params_layers": int(cfg.n_layers),
+            "demo": self.loaded.is_demo,
+            "path": str(self.loaded.path),
+        }

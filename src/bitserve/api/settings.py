@@ -1,0 +1,47 @@
+"""Server settings: everything ``bitserve serve`` can be told, as one frozen dataclass."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bitserve.api.oracle.config import OracleConfig
+
+DEFAULT_PORT = 8081
+DEFAULT_MAX_QUEUE = 16
+DEFAULT_ALIASES = ("bitnet",)
+
+
+def default_db_path() -> Path:
+    """``$XDG_DATA_HOME/bitserve/conversations.db`` (``~/.local/share`` by default)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(base) / "bitserve" / "conversations.db"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """``api_keys`` empty means no authentication. ``ctx_size`` None means the model's
+    context length. ``aliases`` are extra ``model`` names the local model answers to."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    model_path: str | None = None
+    threads: int | None = None
+    kernel: str | None = None
+    ctx_size: int | None = None
+    max_queue: int = DEFAULT_MAX_QUEUE
+    db_path: Path = field(default_factory=default_db_path)
+    api_keys: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = DEFAULT_ALIASES
+    oracle: OracleConfig = field(default_factory=OracleConfig.builtin)
+
+
+def read_keys_file(path: str | Path) -> list[str]:
+    """One key per line; blank lines and ``#`` comments ignored."""
+    keys = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keys.append(line)
+    return keys

@@ -1,0 +1,125 @@
+"""Running submitted generations for one HTTP request: SSE framing, collecting events,
+and cancelling the generation when the client goes away.
+
+Every generating request gets a ``RequestGuard``: a set of clean-up callbacks (cancel the
+engine handle, release a conversation lock) run exactly once, plus a task that polls for
+the client's disconnect every ``POLL_S`` seconds and runs them early. The guard is closed
+from the streaming generator's ``finally``, from the response's background task and on
+disconnect, whichever comes first, so an abandoned request never keeps the engine busy for
+more than about one token after the poll notices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request
+from starlette.background import BackgroundTask
+from starlette.responses import StreamingResponse
+
+from bitserve.api.errors import GenerationCancelledError, error_body
+from bitserve.engine.loop import RequestHandle
+from bitserve.engine.types import TokenEvent
+
+POLL_S = 0.1
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse(data: Any) -> str:
+    """One server-sent event carrying ``data`` as compact JSON (or a raw string)."""
+    text = (
+        data
+        if isinstance(data, str)
+        else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    )
+    return f"data: {text}\n\n"
+
+
+def sse_error(exc: BaseException) -> str:
+    """The OpenAI-shaped error body as an SSE event (a stream failing mid-way)."""
+    return sse(error_body(exc)[1])
+
+
+class RequestGuard:
+    """Clean-ups for one request, run once; a watcher runs them if the client leaves."""
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+        self._callbacks: list[Callable[[], None]] = []
+        self._closed = False
+        self.disconnected = False
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    def add(self, callback: Callable[[], None]) -> None:
+        if self._closed:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def track(self, handle: RequestHandle) -> RequestHandle:
+        self.add(handle.cancel)
+        return handle
+
+    async def _watch(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(POLL_S)
+            if await self._request.is_disconnected():
+                self.disconnected = True
+                self.close()
+                return
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self._watcher.done() and self._watcher is not asyncio.current_task():
+            self._watcher.cancel()
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in reversed(callbacks):
+            callback()
+
+    async def aclose(self) -> None:
+        self.close()
+
+
+async def collect(handle: RequestHandle) -> list[TokenEvent]:
+    """All events of a generation. A cancel the client did not ask for (server shutting
+    down) raises ``GenerationCancelledError``."""
+    events = [event async for event in handle]
+    if events and events[-1].finish_reason == "cancelled":
+        raise GenerationCancelledError("the generation was cancelled (the server is stopping)")
+    return events
+
+
+async def guarded_stream(
+    body: AsyncIterator[str], guard: RequestGuard, on_error: Callable[[BaseException], str]
+) -> AsyncIterator[str]:
+    """``body``'s events; an exception becomes one error event, then the stream closes."""
+    try:
+        async for chunk in body:
+            yield chunk
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        yield on_error(exc)
+    finally:
+        guard.close()
+        with contextlib.suppress(Exception):
+            await body.aclose()  # type: ignore[attr-defined]
+
+
+def sse_response(
+    body: AsyncIterator[str],
+    guard: RequestGuard,
+    on_error: Callable[[BaseException], str] = sse_error,
+) -> StreamingResponse:
+    return StreamingResponse(
+        guarded_stream(body, guard, on_error),
+        media_type="text/event-stream",
+        headers=SSE_HEADERS,
+        background=BackgroundTask(guard.aclose),
+    )
