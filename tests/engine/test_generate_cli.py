@@ -248,3 +248,17 @@ def test_physical_cores_counts_distinct_cores(tmp_path: Path) -> None:
 
 def test_physical_cores_falls_back_to_cpu_count(tmp_path: Path) -> None:
     assert physical_cores(tmp_path) == (os.cpu_count() or 1)
+
+
+def test_prompt_longer_than_the_context_is_a_clean_error(
+    tiny: LoadedModel, tiny_model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    long_prompt = " ".join(f"word{i}" for i in range(200))
+    n_prompt = len(tiny.tokenizer.encode(long_prompt, add_bos=True))
+    assert n_prompt > tiny.model.config.context_length
+    code, out, err = run_cli(capsys, "-m", str(tiny_model_path), "-p", long_prompt)
+    assert (code, out) == (2, "")
+    assert err.strip().splitlines() == [
+        f"bitserve generate: error: the prompt has {n_prompt} tokens, more than the model's "
+        f"context length of {tiny.model.config.context_length}"
+    ]

@@ -15,9 +15,12 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from bitserve.engine.types import GenerationRequest, SamplingParams, TokenEvent
+
+if TYPE_CHECKING:
+    from bitserve.engine.loader import LoadedModel
 
 EXIT_USAGE = 2
 KERNELS = ("auto", "numpy", "scalar", "avx2")
@@ -158,46 +161,23 @@ def _fail(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Validate, load, encode, stream, summarise. Returns the exit code."""
-    from bitserve.engine.generate import ContextLengthError, Generator
-    from bitserve.engine.loader import load_model
-    from bitserve.engine.sampling import SamplingParamError, validate_params
-    from bitserve.gguf.reader import GGUFError
+    from bitserve.engine.generate import Generator
 
-    sampling = sampling_from_args(args)
     try:
-        validate_params(sampling)
-        if args.max_tokens < 0:
-            raise SamplingParamError("max_tokens", f"must be 0 or more, got {args.max_tokens}")
-        if args.threads < 1:
-            raise SamplingParamError("threads", f"must be 1 or more, got {args.threads}")
-        kernel = None if args.kernel == "auto" else args.kernel
-        loaded = load_model(args.model, threads=args.threads, kernel=kernel)
-    except (FileNotFoundError, GGUFError, SamplingParamError, ValueError) as e:
+        sampling = _checked_sampling(args)
+        loaded = _load(args)
+    except (ValueError, FileNotFoundError) as e:  # GGUFError and SamplingParamError included
         return _fail(str(e))
     try:
         if loaded.is_demo:
             from bitserve.model.demo import DEMO_NOTICE
 
             print(DEMO_NOTICE, file=sys.stderr, flush=True)
-        text = _read_prompt(args.prompt)
-        if args.chat or args.system is not None:
-            messages = [{"role": "system", "content": args.system}] if args.system else []
-            prompt = loaded.chat.encode([*messages, {"role": "user", "content": text}])
-        else:
-            tok = loaded.tokenizer
-            prompt = tok.encode(text, add_bos=tok.add_bos)
-        req = GenerationRequest(
-            prompt_tokens=prompt,
-            sampling=sampling,
-            max_tokens=args.max_tokens,
-            stop=list(args.stop),
-            stop_token_ids=set(loaded.tokenizer.stop_ids),
-        )
-        generator = Generator(loaded.model, loaded.tokenizer)
-        stats = StreamStats(prompt_tokens=len(prompt), start=time.perf_counter())
         try:
-            events = generator.generate(req)
-        except (ContextLengthError, SamplingParamError) as e:
+            req = _build_request(loaded, args, sampling)
+            stats = StreamStats(len(req.prompt_tokens), start=time.perf_counter())
+            events = Generator(loaded.model, loaded.tokenizer).generate(req)
+        except ValueError as e:  # ContextLengthError, SamplingParamError, bad chat messages
             return _fail(str(e))
         _configure_stdout()
         stream(events, sys.stdout, stats)
@@ -205,6 +185,46 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         loaded.close()
+
+
+def _checked_sampling(args: argparse.Namespace) -> SamplingParams:
+    """The sampling settings, range-checked before the (slow) model load."""
+    from bitserve.engine.sampling import SamplingParamError, validate_params
+
+    sampling = sampling_from_args(args)
+    validate_params(sampling)
+    if args.max_tokens < 0:
+        raise SamplingParamError("max_tokens", f"must be 0 or more, got {args.max_tokens}")
+    if args.threads < 1:
+        raise SamplingParamError("threads", f"must be 1 or more, got {args.threads}")
+    return sampling
+
+
+def _load(args: argparse.Namespace) -> LoadedModel:
+    from bitserve.engine.loader import load_model
+
+    kernel = None if args.kernel == "auto" else args.kernel
+    return load_model(args.model, threads=args.threads, kernel=kernel)
+
+
+def _build_request(
+    loaded: LoadedModel, args: argparse.Namespace, sampling: SamplingParams
+) -> GenerationRequest:
+    """Encode the prompt (raw text with BOS, or as a chat turn) into a request."""
+    text = _read_prompt(args.prompt)
+    if args.chat or args.system is not None:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        prompt = loaded.chat.encode([*messages, {"role": "user", "content": text}])
+    else:
+        tok = loaded.tokenizer
+        prompt = tok.encode(text, add_bos=tok.add_bos)
+    return GenerationRequest(
+        prompt_tokens=prompt,
+        sampling=sampling,
+        max_tokens=args.max_tokens,
+        stop=list(args.stop),
+        stop_token_ids=set(loaded.tokenizer.stop_ids),
+    )
 
 
 def _configure_stdout() -> None:
