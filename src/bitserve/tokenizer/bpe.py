@@ -173,7 +173,8 @@ class Tokenizer:
         user = [
             p for p, t in zip(self._pieces, self._types, strict=True) if t == TOKEN_USER_DEFINED
         ]
-        hf.add_tokens([AddedToken(p, special=False, normalized=False) for p in user])
+        if user:  # add_tokens rebuilds the matcher over all added tokens, even for none
+            hf.add_tokens([AddedToken(p, special=False, normalized=False) for p in user])
         return hf
 
     # -- construction from GGUF --------------------------------------------------------
