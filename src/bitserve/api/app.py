@@ -16,9 +16,11 @@ from bitserve import __version__
 from bitserve.api import system
 from bitserve.api.auth import KeyChecker
 from bitserve.api.chat import routes as chat_routes
+from bitserve.api.completions import routes as completion_routes
 from bitserve.api.conversations import routes as conversation_routes
 from bitserve.api.conversations.serving import ConversationService
 from bitserve.api.errors import install_error_handlers
+from bitserve.api.oracle import routes as oracle_routes
 from bitserve.api.sampling import THREADS_DOC
 from bitserve.api.served import ServedModel
 from bitserve.api.settings import ServerSettings
@@ -63,6 +65,8 @@ def create_app(settings: ServerSettings, served: ServedModel, store: Conversatio
         system.router,
         chat_routes.router,
         conversation_routes.router,
+        completion_routes.router,
+        oracle_routes.router,
     ):
         app.include_router(router)
     return app

@@ -47,21 +47,27 @@ class SamplingFields(BaseModel):
     repeat_last_n: int = Field(64, description="Tokens the penalties look back over (-1: all).")
     presence_penalty: float = Field(0.0, description="-2 to 2.")
     frequency_penalty: float = Field(0.0, description="-2 to 2.")
-    logit_bias: dict[str, float] | None = Field(
+    logit_bias: dict[str, float] | list[list[float]] | None = Field(
         None, description="Token id (as a string) → bias added to its logit, -100 to 100."
     )
     seed: int | None = Field(None, description="Makes sampling reproducible.")
     threads: int | None = Field(None, description=THREADS_DOC)
 
 
-def parse_logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+def parse_logit_bias(bias: dict[str, float] | list[list[float]] | None) -> dict[int, float]:
+    """OpenAI's ``{"id": bias}`` or llama.cpp's ``[[id, bias], ...]`` as ``{id: bias}``."""
+    pairs = list(bias.items()) if isinstance(bias, dict) else [tuple(p) for p in bias or []]
     out = {}
-    for key, value in (bias or {}).items():
+    for pair in pairs:
         try:
-            out[int(key)] = float(value)
-        except ValueError:
+            key, value = pair
+            token = int(key)
+            if isinstance(key, float) and key != token:
+                raise ValueError(key)
+            out[token] = float(value)
+        except (TypeError, ValueError):
             raise InvalidParameterError(
-                f"logit_bias: key {key!r} is not a token id", param="logit_bias"
+                f"logit_bias: {pair!r} is not a (token id, bias) pair", param="logit_bias"
             ) from None
     return out
 

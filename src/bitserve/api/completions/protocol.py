@@ -1,0 +1,60 @@
+"""Wire types of the text-completion routes: llama.cpp's ``/completion``, ``/tokenize``,
+``/detokenize`` and OpenAI's legacy ``/v1/completions``."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from bitserve.api.chat.protocol import DEFAULT_MAX_TOKENS, StreamOptions
+from bitserve.api.sampling import SamplingFields
+
+
+class LlamaCompletionRequest(SamplingFields):
+    """Body of ``POST /completion`` (llama.cpp server names and defaults, except
+    ``n_predict`` whose default is the guide's 100)."""
+
+    prompt: str | list[int] = Field(description="Text (BOS added) or token ids (used as-is).")
+    n_predict: int = Field(
+        DEFAULT_MAX_TOKENS, description="Tokens to generate; -1 = until the context is full."
+    )
+    seed: int | None = Field(None, description="-1 or absent: random.")
+    stop: list[str] = Field(default_factory=list, description="Up to 4 stop strings.")
+    stream: bool = Field(False, description="Stream llama.cpp's objects as SSE `data:` lines.")
+    n_probs: int = Field(0, description="0-20: top alternatives per token in "
+                         "`completion_probabilities`.")  # fmt: skip
+    return_tokens: bool = Field(False, description="Include generated token ids in `tokens`.")
+    cache_prompt: bool = Field(
+        True, description="Accepted for compatibility; bitserve has no prompt cache yet."
+    )
+    ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence tokens.")
+
+
+class CompletionRequest(SamplingFields):
+    """Body of ``POST /v1/completions`` (OpenAI legacy completions)."""
+
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text, token ids, or a batch of either (one choice set per prompt)."
+    )
+    max_tokens: int = Field(
+        DEFAULT_MAX_TOKENS, description="0 with echo + logprobs scores the prompt only."
+    )
+    n: int = Field(1, description="Choices per prompt (1-8).")
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, description="0-20 alternatives per token (null: none).")
+    echo: bool = Field(False, description="Prepend the prompt (and its logprobs) to the text.")
+    suffix: str | None = Field(None, description="Not supported (must be null).")
+    best_of: int | None = Field(None, description="Only null or equal to n is supported.")
+    user: str | None = None
+
+
+class TokenizeRequest(BaseModel):
+    content: str
+    add_special: bool = Field(False, description="Prepend BOS as the model expects.")
+    with_pieces: bool = Field(False, description="Return {id, piece} objects.")
+
+
+class DetokenizeRequest(BaseModel):
+    tokens: list[int]

@@ -1,0 +1,68 @@
+"""BitMind-compatible oracle routes: ``POST /oracle/v1/{route}/chat`` and
+``/oracle/v1/{route}/chat/completions``. A bearer key is required whenever the server has
+keys (like every route). Each route's config defaults fill the fields the client left out,
+``model`` may be any alias from the config, and replies carry ``reasoning_content`` and
+``tool_calls`` keys."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.responses import Response
+
+from bitserve.api.auth import require_key
+from bitserve.api.chat.protocol import ChatCompletion, ChatCompletionRequest
+from bitserve.api.chat.serving import plan_chat, respond_chat, wire_messages
+from bitserve.api.conversations.routes import SSE_DOC
+from bitserve.api.errors import RouteNotFoundError
+from bitserve.api.oracle.config import OracleConfig
+from bitserve.api.served import ServedModel
+from bitserve.api.streaming import RequestGuard
+
+router = APIRouter(tags=["oracle"], dependencies=[Depends(require_key)])
+
+
+async def _oracle_chat(route: str, raw: dict[str, Any], request: Request) -> Response:
+    config: OracleConfig = request.app.state.settings.oracle
+    spec = config.routes.get(route)
+    if spec is None:
+        known = ", ".join(sorted(config.routes)) or "none"
+        raise RouteNotFoundError(f"oracle route {route!r} is not configured (known: {known})")
+    try:
+        body = ChatCompletionRequest.model_validate({**spec.defaults, **raw})
+    except ValidationError as exc:  # the same 422 as a typed route's
+        raise RequestValidationError(exc.errors()) from exc
+    served: ServedModel = request.app.state.served
+    served.resolve(body.model, (*config.aliases, *spec.aliases))
+    plan = plan_chat(served, body, wire_messages(body.messages), body.model)
+    plan.oracle = True
+    return await respond_chat(served, plan, RequestGuard(request), body.stream)
+
+
+@router.post("/oracle/v1/{route}/chat", response_model=ChatCompletion, responses=SSE_DOC)
+async def oracle_chat(
+    route: str,
+    request: Request,
+    body: dict[str, Any] = Body(  # noqa: B008
+        description="A chat completion request; the route's defaults fill missing fields."
+    ),
+) -> Response:
+    """Oracle chat (BitMind API). Route defaults: see the oracle config."""
+    return await _oracle_chat(route, body, request)
+
+
+@router.post(
+    "/oracle/v1/{route}/chat/completions", response_model=ChatCompletion, responses=SSE_DOC
+)
+async def oracle_chat_completions(
+    route: str,
+    request: Request,
+    body: dict[str, Any] = Body(  # noqa: B008
+        description="A chat completion request; the route's defaults fill missing fields."
+    ),
+) -> Response:
+    """Same as `/oracle/v1/{route}/chat`."""
+    return await _oracle_chat(route, body, request)
