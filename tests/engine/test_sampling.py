@@ -22,6 +22,7 @@ from bitserve.engine.sampling import (
     top_k_filter,
     top_logprobs,
     top_p_filter,
+    truncated_candidates,
     validate_params,
     validate_top_logprobs,
 )
@@ -150,16 +151,16 @@ def test_min_p_is_relative_to_the_top_probability() -> None:
 
 def test_filters_restrict_what_the_sampler_draws() -> None:
     logits = np.log(np.array([0.4, 0.3, 0.2, 0.1])).astype(np.float32)
-    assert set(draw(SamplingParams(temperature=1.0, top_k=2, top_p=1.0, seed=0), logits, 300)) == {
-        0,
-        1,
-    }
-    assert set(draw(SamplingParams(temperature=1.0, top_k=0, top_p=0.65, seed=0), logits, 300)) == {
-        0,
-        1,
-    }
-    min_p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.5, seed=0)
-    assert set(draw(min_p, logits, 300)) == {0, 1, 2}
+    off = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": 0}
+    for cut, expected in (
+        ({"top_k": 2}, {0, 1}),
+        ({"top_p": 0.65}, {0, 1}),
+        ({"min_p": 0.45}, {0, 1, 2}),  # keeps p >= 0.18
+        ({"top_k": 3, "top_p": 0.42}, {0}),  # top-p sees the top 3 renormalised: 0.4 → 0.44
+        ({}, {0, 1, 2, 3}),
+    ):
+        params = SamplingParams(**{**off, **cut})  # type: ignore[arg-type]
+        assert set(draw(params, logits, 300)) == expected, cut
 
 
 # ---- bias and penalties --------------------------------------------------------------------
@@ -278,3 +279,18 @@ def test_top_logprobs_limit() -> None:
     validate_top_logprobs(20)
     with pytest.raises(SamplingParamError, match="top_logprobs"):
         validate_top_logprobs(21)
+
+
+@pytest.mark.parametrize("top_k", [0, 50])
+@pytest.mark.parametrize("top_p", [1.0, 0.3, 0.9, 0.999])
+@pytest.mark.parametrize("min_p", [0.0, 0.01, 0.3])
+def test_fast_truncation_equals_the_whole_vector_filter_chain(
+    top_k: int, top_p: float, min_p: float
+) -> None:
+    rng = np.random.default_rng(top_k + int(top_p * 1000) + int(min_p * 100))
+    for scale in (0.5, 3.0, 8.0):  # flat to peaked: nucleus from thousands of tokens to a few
+        logits = (rng.standard_normal(20000) * scale).astype(np.float32)
+        reference = min_p_filter(top_p_filter(top_k_filter(logits, top_k), top_p), min_p)
+        ids, values = truncated_candidates(logits, top_k, top_p, min_p)
+        assert sorted(ids.tolist()) == kept(reference)
+        assert (np.diff(values) <= 0).all()

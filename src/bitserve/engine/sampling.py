@@ -140,12 +140,12 @@ def apply_penalties(
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """``log p`` of ``logits [..., vocab]`` in float32, computed stably (max subtracted)."""
-    x = np.asarray(logits, dtype=np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    shifted = x - m
-    lse = np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    out: np.ndarray = (shifted - lse).astype(np.float32)
+    """``log p`` of ``logits [..., vocab]`` in float32, computed stably (max subtracted,
+    the normalising sum accumulated in float64)."""
+    x = np.asarray(logits, dtype=np.float32)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    total = np.exp(shifted).sum(axis=-1, keepdims=True, dtype=np.float64)
+    out: np.ndarray = (shifted - np.log(total)).astype(np.float32)
     return out
 
 
@@ -179,57 +179,137 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
-    """Keep the ``k`` largest logits (``k <= 0``: all), set the rest to ``-inf``.
-    Ties at the k-th value are all kept, so the result never depends on sort order."""
-    out = np.array(logits, dtype=np.float32, copy=True)
-    if k <= 0 or k >= out.shape[0]:
-        return out
-    kth = np.partition(out, out.shape[0] - k)[out.shape[0] - k]
-    out[out < kth] = -np.inf
+def sorted_candidates(logits: np.ndarray, k: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, values)`` of the finite logits, most likely first, ties by lower id.
+
+    With ``0 < k < vocab`` only the ``k`` largest are kept (all ties at the k-th value
+    too, so the set never depends on sort order). ``values`` is float64. This is the
+    candidate list the truncation cuts work on: top-k costs one partition of the
+    vocabulary, and the sort then touches only ``k`` entries.
+    """
+    x = np.asarray(logits, dtype=np.float32)
+    n = x.shape[0]
+    if 0 < k < n:
+        kth = np.partition(x, n - k)[n - k]
+        ids = np.flatnonzero(x >= kth)
+    else:
+        ids = np.flatnonzero(np.isfinite(x))
+    order = np.argsort(-x[ids], kind="stable")  # ids ascending: stable keeps ties by id
+    ids = ids[order]
+    return ids, x[ids].astype(np.float64)
+
+
+def logsumexp(values: np.ndarray) -> float:
+    x = np.asarray(values, dtype=np.float64)
+    m = float(x.max())
+    return m + math.log(float(np.exp(x - m).sum()))
+
+
+def top_p_keep(values: np.ndarray, top_p: float, log_norm: float | None = None) -> int:
+    """How many of the sorted ``values`` the nucleus keeps: the shortest prefix whose
+    probability reaches ``top_p`` (at least 1; ``top_p >= 1``: all).
+
+    Probabilities are ``exp(values - log_norm)``; ``None`` normalises over ``values``
+    themselves (top-p after top-k sees the renormalised top k). With the whole
+    vocabulary's ``log_norm``, ``values`` may be just a prefix holding the nucleus.
+    """
+    if top_p >= 1.0:
+        return int(values.shape[0])
+    p = np.exp(values - (logsumexp(values) if log_norm is None else log_norm))
+    before = np.cumsum(p) - p  # mass of the tokens strictly more likely than each one
+    return max(1, int(np.count_nonzero(before < top_p)))
+
+
+def min_p_keep(values: np.ndarray, min_p: float) -> int:
+    """How many of the sorted ``values`` have probability ``>= min_p *`` the top one
+    (``min_p <= 0``: all). On logits: ``log p_i - log p_max = l_i - l_max``."""
+    if min_p <= 0.0:
+        return int(values.shape[0])
+    return int(np.count_nonzero(values >= values[0] + math.log(min_p)))
+
+
+def _keep_only(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    out = np.full(np.shape(logits), -np.inf, dtype=np.float32)
+    out[ids] = np.asarray(logits, dtype=np.float32)[ids]
     return out
 
 
-def _probs_desc(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(order, p)``: token ids by descending logit (ties by id) and their softmax."""
-    finite = np.flatnonzero(np.isfinite(logits))
-    order = finite[np.lexsort((finite, -logits[finite]))]
-    p = np.exp(logits[order].astype(np.float64) - float(logits[order[0]]))
-    return order, p / p.sum()
+def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
+    """Keep the ``k`` largest logits (``k <= 0``: all, ties at the cut kept), rest ``-inf``."""
+    return _keep_only(logits, sorted_candidates(logits, k)[0])
 
 
 def top_p_filter(logits: np.ndarray, top_p: float) -> np.ndarray:
-    """Nucleus: keep the most likely tokens until their probability reaches ``top_p``
-    (``top_p >= 1``: all; at least one token is always kept). The rest become ``-inf``."""
-    out = np.array(logits, dtype=np.float32, copy=True)
-    if top_p >= 1.0:
-        return out
-    order, p = _probs_desc(out)
-    before = np.cumsum(p) - p  # mass of the tokens strictly more likely than each one
-    drop = order[before >= top_p]
-    drop = drop[drop != order[0]]
-    out[drop] = -np.inf
-    return out
+    """Nucleus filter over the whole vector (see :func:`top_p_keep`); the rest ``-inf``."""
+    ids, values = sorted_candidates(logits)
+    return _keep_only(logits, ids[: top_p_keep(values, top_p)])
 
 
 def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
-    """Keep tokens whose probability is at least ``min_p *`` the top token's
-    (``min_p <= 0``: all). Works on logits: ``log p_i - log p_max = l_i - l_max``."""
-    out = np.array(logits, dtype=np.float32, copy=True)
-    if min_p <= 0.0:
-        return out
-    threshold = float(out.max()) + math.log(min_p)
-    out[out < threshold] = -np.inf
-    return out
+    """Min-p filter over the whole vector (see :func:`min_p_keep`); the rest ``-inf``."""
+    ids, values = sorted_candidates(logits)
+    return _keep_only(logits, ids[: min_p_keep(values, min_p)])
+
+
+def draw_index(values: np.ndarray, rng: np.random.Generator) -> int:
+    """Index drawn from ``softmax(values)`` with one ``rng.random()`` (inverse CDF).
+    ``-inf`` entries have probability 0 and are never drawn."""
+    x = np.asarray(values, dtype=np.float64)
+    cdf = np.cumsum(np.exp(x - x.max()))
+    u = rng.random() * cdf[-1]
+    return int(min(np.searchsorted(cdf, u, side="right"), x.shape[0] - 1))
 
 
 def sample_from(logits: np.ndarray, rng: np.random.Generator) -> int:
-    """Draw a token from ``softmax(logits)`` with one ``rng.random()`` (inverse CDF)."""
-    x = np.asarray(logits, dtype=np.float64)
-    p = np.exp(x - x.max())
-    cdf = np.cumsum(p)
-    u = rng.random() * cdf[-1]
-    return int(min(np.searchsorted(cdf, u, side="right"), x.shape[0] - 1))
+    """A token id drawn from ``softmax(logits)`` over the whole vector."""
+    return draw_index(logits, rng)
+
+
+def truncated_candidates(
+    logits: np.ndarray, top_k: int, top_p: float, min_p: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, values)`` that survive top-k, then top-p on the renormalised rest, then
+    min-p; most likely first. Equal to chaining the whole-vector filters, but without
+    sorting the whole vocabulary when a prefix is known to hold the result."""
+    x = np.asarray(logits, dtype=np.float32)
+    if 0 < top_k < x.shape[0]:
+        ids, values = sorted_candidates(x, top_k)
+        log_norm = None  # renormalised over the top k
+    else:
+        ids, values, log_norm = _vocabulary_candidates(x, top_p, min_p)
+    n = min(top_p_keep(values, top_p, log_norm), min_p_keep(values, min_p))
+    return ids[:n], values[:n]
+
+
+def sample_truncated(
+    logits: np.ndarray, rng: np.random.Generator, top_k: int, top_p: float, min_p: float
+) -> int:
+    """Draw from what :func:`truncated_candidates` keeps."""
+    if top_k <= 0 and top_p >= 1.0 and min_p <= 0.0:
+        return sample_from(logits, rng)  # nothing to cut: no sort needed
+    ids, values = truncated_candidates(logits, top_k, top_p, min_p)
+    return int(ids[draw_index(values, rng)])
+
+
+NUCLEUS_SEARCH = (256, 4096)  # prefix sizes tried before sorting the whole vocabulary
+
+
+def _vocabulary_candidates(
+    x: np.ndarray, top_p: float, min_p: float
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Without top-k: ``(ids, values, log_norm)``, a sorted prefix of the vocabulary that
+    holds every token top-p and min-p can keep, and the log-normaliser of the whole.
+    Sorting 128k logits costs ~15 ms a token; the prefix is usually far smaller."""
+    log_norm = logsumexp(x)
+    if min_p > 0.0:  # min-p survivors are few and bound the result on their own
+        ids = np.flatnonzero(x >= float(x.max()) + math.log(min_p))
+        ids = ids[np.argsort(-x[ids], kind="stable")]
+        return ids, x[ids].astype(np.float64), log_norm
+    for k in NUCLEUS_SEARCH:
+        ids, values = sorted_candidates(x, k)
+        if logsumexp(values) - log_norm >= math.log(top_p):
+            return ids, values, log_norm
+    return (*sorted_candidates(x), log_norm)
 
 
 # ---- one step -----------------------------------------------------------------------------
@@ -275,10 +355,7 @@ class Sampler:
         if p.temperature == 0:
             return greedy(adjusted)
         x = apply_temperature(adjusted, p.temperature)
-        x = top_k_filter(x, p.top_k)
-        x = top_p_filter(x, p.top_p)
-        x = min_p_filter(x, p.min_p)
-        return sample_from(x, self.rng)
+        return sample_truncated(x, self.rng, p.top_k, p.top_p, p.min_p)
 
     def step(self, logits: np.ndarray, context: Sequence[int], want_logprobs: bool) -> SampleResult:
         adjusted = self.adjust(logits, context)
