@@ -1,0 +1,130 @@
+"""Every error case of issue 4 point 7, in-process: OpenAI's error shape, 422 for malformed
+or ill-typed input naming the field, 400 + param for out-of-range values, 404, 401."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from api_helpers import AppFactory, chat_body
+from fastapi.testclient import TestClient
+
+
+def error_of(r: Any, status: int) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    return err  # type: ignore[no-any-return]
+
+
+def test_malformed_json_is_422(client: TestClient) -> None:
+    r = client.post(
+        "/v1/chat/completions",
+        content=b'{"model": "bitnet", "messages": [',
+        headers={"content-type": "application/json"},
+    )
+    err = error_of(r, 422)
+    assert "JSON" in err["message"]
+
+
+@pytest.mark.parametrize(
+    ("patch", "param"),
+    [
+        ({"messages": None}, "messages"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"max_tokens": "many"}, "max_tokens"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"stream": "perhaps"}, "stream"),
+    ],
+)
+def test_missing_or_ill_typed_fields_are_422_naming_the_field(
+    client: TestClient, patch: dict[str, Any], param: str
+) -> None:
+    body = {k: v for k, v in {**chat_body(), **patch}.items() if v is not None}
+    err = error_of(client.post("/v1/chat/completions", json=body), 422)
+    assert err["param"] == param and param in err["message"]
+
+
+def test_missing_model_is_422(client: TestClient) -> None:
+    body = chat_body()
+    del body["model"]
+    assert error_of(client.post("/v1/chat/completions", json=body), 422)["param"] == "model"
+
+
+@pytest.mark.parametrize(
+    ("patch", "param"),
+    [
+        ({"temperature": 5}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"repeat_penalty": 0}, "repeat_penalty"),
+        ({"min_p": 2}, "min_p"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 0}, "n"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 500}}, "logit_bias"),
+        ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+        ({"messages": []}, "messages"),
+    ],
+)
+def test_out_of_range_values_are_400_with_param(
+    client: TestClient, patch: dict[str, Any], param: str
+) -> None:
+    err = error_of(client.post("/v1/chat/completions", json=chat_body(**patch)), 400)
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+
+
+def test_prompt_longer_than_context_is_400_with_numbers(make_client: AppFactory) -> None:
+    with make_client(ctx_size=64) as client:
+        body = chat_body("word " * 200)
+        err = error_of(client.post("/v1/chat/completions", json=body), 400)
+        assert err["code"] == "context_length_exceeded"
+        assert "64" in err["message"]
+        r = client.post("/completion", json={"prompt": "word " * 200})
+        assert error_of(r, 400)["code"] == "context_length_exceeded"
+        r = client.post("/v1/completions", json={"model": "bitnet", "prompt": "word " * 200})
+        assert error_of(r, 400)["code"] == "context_length_exceeded"
+
+
+def test_unknown_model_and_conversation_and_route_are_404(client: TestClient) -> None:
+    err = error_of(client.post("/v1/chat/completions", json=chat_body(model="gpt-9")), 404)
+    assert err["code"] == "model_not_found" and err["param"] == "model"
+    err = error_of(client.get("/v1/conversations/conv_1_999"), 404)
+    assert err["code"] == "conversation_not_found"
+    error_of(client.post("/v1/conversations/conv_1_999/chat", json=chat_body()), 404)
+    error_of(client.get("/no/such/route"), 404)
+    error_of(client.post("/oracle/v1/99/chat", json=chat_body()), 404)
+
+
+def test_missing_or_bad_key_is_401_everywhere_but_health(make_client: AppFactory) -> None:
+    with make_client(api_keys=("secret",)) as client:
+        assert client.get("/health").status_code == 200
+        for method, path in [
+            ("POST", "/v1/chat/completions"),
+            ("GET", "/v1/models"),
+            ("POST", "/v1/conversations"),
+            ("GET", "/v1/conversations"),
+            ("POST", "/completion"),
+            ("POST", "/v1/completions"),
+            ("POST", "/tokenize"),
+            ("POST", "/oracle/v1/1/chat"),
+            ("GET", "/metrics"),
+        ]:
+            err = error_of(client.request(method, path, json=chat_body()), 401)
+            assert err["code"] == "invalid_api_key"
+            bad = {"Authorization": "Bearer wrong"}
+            error_of(client.request(method, path, json=chat_body(), headers=bad), 401)
+        ok = {"Authorization": "Bearer secret"}
+        assert client.get("/v1/models", headers=ok).status_code == 200
+        assert (
+            client.get("/v1/models", headers={"Authorization": "Basic secret"}).status_code == 401
+        )
+
+
+def test_wrong_method_is_an_openai_shaped_405(client: TestClient) -> None:
+    error_of(client.get("/v1/chat/completions"), 405)
