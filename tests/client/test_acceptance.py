@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from bitserve.client.session import PROMPT, REPLY_PREFIX
 
 REPLY_ARGS = ("--max-tokens", "8", "--temperature", "0")
 CONV_ID = r"(conv_\d+_\d+)"
+LONG_REPLY_TOKENS = "1000"  # long enough to press Ctrl-C in the middle
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +103,8 @@ def test_ctrl_c_at_the_prompt_and_ctrl_d_to_leave(server: ServerProcess, home: P
     child = spawn(server.url, home, *REPLY_ARGS)
     child.expect_exact(PROMPT)
     child.send("half a line")
+    child.expect_exact("half a line")  # readline has taken the keys and waits for more
+    time.sleep(0.2)  # (CPython's readline only notices SIGINT while it waits for a key)
     child.sendintr()
     child.expect_exact(PROMPT)
     child.sendline("help")
@@ -115,19 +119,21 @@ def test_ctrl_c_at_the_prompt_and_ctrl_d_to_leave(server: ServerProcess, home: P
 def test_ctrl_c_during_a_reply_stops_it_and_keeps_the_client(
     server: ServerProcess, home: Path
 ) -> None:
-    child = spawn(server.url, home, "--max-tokens", "100000", "--temperature", "1")
+    child = spawn(server.url, home, "--max-tokens", LONG_REPLY_TOKENS, "--temperature", "1")
     child.expect(f"new conversation {CONV_ID}")
     child.expect_exact(PROMPT)
     child.sendline("Tell me a very long story.")
-    child.expect_exact(REPLY_PREFIX)
+    child.expect(re.escape(REPLY_PREFIX) + ".")  # the reply has started streaming
     child.sendintr()
     child.expect_exact("[reply stopped]")
     child.expect_exact(PROMPT)
-    child.sendline("history")
-    child.expect_exact("you: Tell me a very long story.")
+    child.sendline("help")  # still running, still reading commands
+    child.expect_exact("history")
     child.expect_exact(PROMPT)
     child.sendline("exit")
     child.expect(pexpect.EOF)
+    child.wait()
+    assert child.exitstatus == 0
 
 
 def test_resume_a_conversation(server: ServerProcess, home: Path) -> None:
