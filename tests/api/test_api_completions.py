@@ -1,0 +1,117 @@
+"""``/completion`` (llama.cpp), ``/v1/completions`` (OpenAI legacy, echo + logprobs
+scoring), ``/tokenize`` and ``/detokenize`` in-process."""
+
+from __future__ import annotations
+
+import math
+
+from api_helpers import sse_events
+from fastapi.testclient import TestClient
+
+
+def test_llama_completion_text_prompt(client: TestClient) -> None:
+    body = {"prompt": "What is artificial intelligence?", "temperature": 0.7, "n_predict": 8}
+    r = client.post("/completion", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert isinstance(data["content"], str) and data["stop"] is True
+    assert 1 <= data["tokens_predicted"] <= 8 and data["tokens_evaluated"] > 0
+    assert data["stop_type"] in ("eos", "word", "limit")
+    assert data["generation_settings"]["temperature"] == 0.7
+    assert "completion_probabilities" not in data
+
+
+def test_llama_completion_token_prompt_probs_and_tokens(client: TestClient) -> None:
+    ids = client.post("/tokenize", json={"content": "Hello world", "add_special": True}).json()
+    body = {"prompt": ids["tokens"], "n_predict": 4, "n_probs": 3, "return_tokens": True,
+            "temperature": 0}  # fmt: skip
+    data = client.post("/completion", json=body).json()
+    probs = data["completion_probabilities"]
+    assert len(probs) == len(data["tokens"]) == data["tokens_predicted"]
+    for entry, token_id in zip(probs, data["tokens"], strict=True):
+        assert entry["id"] == token_id and entry["logprob"] <= 0
+        assert len(entry["top_logprobs"]) == 3 and entry["top_logprobs"][0]["id"] == token_id
+        assert set(entry) == {"id", "token", "bytes", "logprob", "top_logprobs"}
+    assert data["tokens_evaluated"] == len(ids["tokens"])
+
+
+def test_llama_completion_stream(client: TestClient) -> None:
+    body = {"prompt": "Once upon a time", "n_predict": 5, "stream": True, "temperature": 0}
+    events = sse_events(client.post("/completion", json=body).text)
+    assert "[DONE]" not in events  # llama.cpp's /completion stream has no [DONE]
+    assert all(e["stop"] is False for e in events[:-1]) and events[-1]["stop"] is True
+    whole = client.post("/completion", json={**body, "stream": False}).json()
+    assert "".join(e["content"] for e in events) == whole["content"]
+
+
+def test_llama_errors(client: TestClient) -> None:
+    r = client.post("/completion", json={"prompt": [10**9]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = client.post("/completion", json={"prompt": "x", "n_probs": 50})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n_probs"
+    r = client.post("/completion", json={"n_predict": 3})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "prompt"
+
+
+def test_openai_legacy_completion(client: TestClient) -> None:
+    body = {"model": "bitnet", "prompt": ["Hi", "Bye"], "max_tokens": 4, "n": 2}
+    data = client.post("/v1/completions", json=body).json()
+    assert data["id"].startswith("cmpl-") and data["object"] == "text_completion"
+    assert [c["index"] for c in data["choices"]] == [0, 1, 2, 3]
+    assert all(c["logprobs"] is None for c in data["choices"])
+    assert data["usage"]["completion_tokens"] >= 4
+
+
+def test_echo_logprobs_with_zero_max_tokens_scores_the_prompt(client: TestClient) -> None:
+    ids = client.post("/tokenize", json={"content": "The cat sat on the mat"}).json()["tokens"]
+    body = {"model": "bitnet", "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 2}
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(ids) and lp["token_logprobs"][0] is None
+    assert all(v <= 0 for v in lp["token_logprobs"][1:])
+    assert "".join(lp["tokens"]) == choice["text"]
+    assert lp["text_offset"][1] == len(lp["tokens"][0])
+    assert all(len(t) <= 2 for t in lp["top_logprobs"][1:])
+    # the score of the last token equals its logprob when generated greedily after the rest
+    prefix = ids[:-1]
+    gen = client.post(
+        "/v1/completions",
+        json={
+            "model": "bitnet",
+            "prompt": prefix,
+            "max_tokens": 1,
+            "logprobs": 5,
+            "temperature": 0,
+        },
+    ).json()["choices"][0]["logprobs"]
+    top = gen["top_logprobs"][0]
+    last_token_text = lp["tokens"][-1]
+    if last_token_text in top:
+        assert math.isclose(top[last_token_text], lp["token_logprobs"][-1], abs_tol=1e-3)
+
+
+def test_legacy_streaming(client: TestClient) -> None:
+    body = {"model": "bitnet", "prompt": "Hello", "max_tokens": 4, "stream": True,
+            "echo": True, "temperature": 0}  # fmt: skip
+    events = sse_events(client.post("/v1/completions", json=body).text)
+    assert events[-1] == "[DONE]"
+    text = "".join(e["choices"][0]["text"] for e in events[:-1])
+    whole = client.post("/v1/completions", json={**body, "stream": False}).json()
+    assert text == whole["choices"][0]["text"] and text.startswith("Hello")
+    assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_legacy_refuses_suffix(client: TestClient) -> None:
+    r = client.post("/v1/completions", json={"model": "bitnet", "prompt": "a", "suffix": "b"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
+
+
+def test_tokenize_detokenize_round_trip(client: TestClient) -> None:
+    text = "Hello, world! 12345"
+    tokens = client.post("/tokenize", json={"content": text}).json()["tokens"]
+    assert client.post("/detokenize", json={"tokens": tokens}).json()["content"] == text
+    pieces = client.post("/tokenize", json={"content": text, "with_pieces": True}).json()
+    assert [p["id"] for p in pieces["tokens"]] == tokens
+    assert "".join(p["piece"] for p in pieces["tokens"]) == text
+    r = client.post("/detokenize", json={"tokens": [-1]})
+    assert r.status_code == 400

@@ -1,0 +1,107 @@
+"""Oracle routes (route defaults, aliases, reply keys), /v1/models, /health, /metrics and
+the OpenAPI description of every route."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from api_helpers import AppFactory, chat_body, sse_events
+from fastapi.testclient import TestClient
+
+from bitserve.api.oracle.config import OracleConfig, OracleConfigError
+
+NEMOTRON = "nvidia/Llama-3.1-Nemotron-70B-Instruct-HF"
+
+
+def test_oracle_route_1_streams_by_default(client: TestClient) -> None:
+    body = {"model": "llama-3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    r = client.post("/oracle/v1/1/chat", json=body)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]" and events[0]["model"] == "llama-3"
+    assert events[0]["choices"][0]["delta"]["reasoning_content"] is None
+
+
+def test_oracle_reply_keys_and_aliases(client: TestClient) -> None:
+    for path in ("/oracle/v1/4/chat", "/oracle/v1/4/chat/completions"):
+        r = client.post(path, json=chat_body(model=NEMOTRON, stream=False))
+        assert r.status_code == 200, r.text
+        data = r.json()
+        message = data["choices"][0]["message"]
+        assert message["reasoning_content"] is None and message["tool_calls"] is None
+        assert data["usage"]["total_tokens"] > 0 and data["system_fingerprint"]
+        assert data["choices"][0]["logprobs"] is None
+
+
+def test_oracle_route_defaults_apply(client: TestClient) -> None:
+    # route 1's temperature 0.1 is used unless the client sends one: out of range → 400
+    body = chat_body(model="llama-3", stream=False)
+    del body["temperature"]
+    assert client.post("/oracle/v1/1/chat", json=body).status_code == 200
+    r = client.post("/oracle/v1/1/chat", json={**body, "temperature": 7})
+    assert r.status_code == 400
+    r = client.post("/oracle/v1/1/chat", json={**body, "model": "unknown-model"})
+    assert r.status_code == 404
+    r = client.post("/oracle/v1/1/chat", json={"model": "llama-3", "messages": "nope"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "messages"
+
+
+def test_oracle_config_file(make_client: AppFactory, tmp_path: Path) -> None:
+    path = tmp_path / "oracle.json"
+    path.write_text(json.dumps({"routes": {"fast": {"defaults": {"max_tokens": 2, "stream": False},
+                                                    "aliases": ["tiny"]}}}))  # fmt: skip
+    config = OracleConfig.load(path)
+    assert config.routes["fast"].defaults == {"max_tokens": 2, "stream": False}
+    with make_client(oracle=config) as client:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+        data = client.post("/oracle/v1/fast/chat", json=body).json()
+        assert data["usage"]["completion_tokens"] <= 2
+        assert client.post("/oracle/v1/1/chat", json=body).status_code == 404
+    path.write_text('{"routes": {"x": {"defualts": {}}}}')
+    with pytest.raises(OracleConfigError, match="defualts"):
+        OracleConfig.load(path)
+
+
+def test_models_health_metrics(client: TestClient) -> None:
+    models = client.get("/v1/models").json()
+    ids = [m["id"] for m in models["data"]]
+    assert ids[0] == "demo-v1" and "bitnet" in ids and "llama-3" in ids
+    assert models["data"][0]["meta"]["demo"] is True
+    assert client.get("/health").json()["status"] == "ok"
+    client.post("/v1/chat/completions", json=chat_body(max_tokens=3))
+    metrics = client.get("/metrics").text
+    assert "bitserve_tokens_generated_total" in metrics
+    assert "bitserve_queue_depth" in metrics
+
+
+def route_paths(routes: list[Any]) -> set[str]:
+    """Every path served, walking into included routers."""
+    paths = set()
+    for route in routes:
+        if hasattr(route, "original_router"):
+            paths |= route_paths(route.original_router.routes)
+        elif getattr(route, "include_in_schema", False):
+            paths.add(route.path)
+    return paths
+
+
+def test_openapi_lists_every_route_with_fields_and_defaults(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    app_paths = route_paths(client.app.routes)  # type: ignore[attr-defined]
+    assert len(app_paths) == 14 and app_paths == set(spec["paths"])
+    for path in (
+        "/v1/chat/completions",
+        "/v1/conversations/{conversation_id}/chat",
+        "/completion",
+        "/v1/completions",
+        "/oracle/v1/{route}/chat",
+        "/health",
+    ):
+        assert path in spec["paths"]
+    props = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert props["temperature"]["default"] == 0.7 and props["top_p"]["default"] == 0.95
+    assert props["top_k"]["default"] == 40 and "ignored" in props["threads"]["description"].lower()
+    assert client.get("/docs").status_code == 200
