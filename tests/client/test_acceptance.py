@@ -198,6 +198,7 @@ def test_wrong_url_is_one_sentence(server: ServerProcess, home: Path) -> None:
     assert "check --url" in result.stderr
 
 
+@pytest.mark.slow  # starts a second server
 def test_bad_and_missing_keys_are_one_sentence(
     tmp_path_factory: pytest.TempPathFactory, home: Path
 ) -> None:

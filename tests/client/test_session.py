@@ -74,7 +74,8 @@ def test_piped_output_holds_only_replies_and_history(api: ConversationAPI) -> No
         "echo: hello\necho: second\n"
         "you: hello\nassistant: echo: hello\nyou: second\nassistant: echo: second\n"
     )
-    assert "conv_" in err  # status lines go to stderr when piped
+    # the one status line goes to stderr when piped; no hints, no prompts
+    assert err == "Connected to http://bitserve.test; new conversation conv_1700000000000_0.\n"
     assert set(script.prompts) == {""}
 
 

@@ -84,7 +84,8 @@ class ChatSession:
                 f"Connected to {self.api.base_url}; resumed conversation {conversation_id}"
                 f" ({count} message{'s' if count != 1 else ''} so far)."
             )
-        self.info("Type a message, or 'help' for commands.")
+        if self.lines.interactive:
+            self.info("Type a message, or 'help' for commands.")
 
     def run(self) -> int:
         """Read lines until exit; returns the process exit status (0, or 1 after an error
