@@ -89,15 +89,16 @@ def client_args(url: str, *extra: str) -> list[str]:
 
 
 def run_piped(
-    url: str, stdin: str, home: Path, *extra: str, timeout: float = 120
+    url: str, stdin: str, home: Path, *extra: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python chat_client.py`` with ``stdin`` piped in; captures stdout and stderr."""
+    """Run ``python chat_client.py`` with ``stdin`` piped in; captures stdout and stderr.
+    ``env`` adds variables to the client's environment."""
     return subprocess.run(
         [sys.executable, *client_args(url, *extra)],
         input=stdin,
         capture_output=True,
         text=True,
-        env=client_env(home),
-        timeout=timeout,
+        env={**client_env(home), **(env or {})},
+        timeout=120,
         check=False,
     )

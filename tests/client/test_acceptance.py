@@ -207,6 +207,9 @@ def test_bad_and_missing_keys_are_one_sentence(
         missing = run_piped(server.url, "hi\n", home)
         wrong = run_piped(server.url, "hi\n", home, "--api-key", "wrong-key")
         right = run_piped(server.url, "hi\n", home, "--api-key", "right-key", *REPLY_ARGS)
+        from_env = run_piped(
+            server.url, "hi\n", home, *REPLY_ARGS, env={"BITSERVE_API_KEY": "right-key"}
+        )
     finally:
         server.stop()
     assert (missing.returncode, missing.stderr) == (
@@ -218,3 +221,4 @@ def test_bad_and_missing_keys_are_one_sentence(
         "The server rejected the API key; check --api-key or BITSERVE_API_KEY.\n",
     )
     assert right.returncode == 0, right.stderr
+    assert from_env.returncode == 0, from_env.stderr

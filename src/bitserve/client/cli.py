@@ -23,26 +23,32 @@ DEFAULT_URL = "http://127.0.0.1:8081"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The chat options. Unset options are left out of ``args`` (``SUPPRESS``) so help shows
+    no "(default: None)" and never prints the key from the environment."""
     parser.add_argument(
         "--url",
         default=os.environ.get("BITSERVE_URL", DEFAULT_URL),
         help="server address (env BITSERVE_URL)",
     )
+    unset = argparse.SUPPRESS
     parser.add_argument(
-        "--api-key",
-        default=os.environ.get("BITSERVE_API_KEY"),
-        help="API key sent as a Bearer token (env BITSERVE_API_KEY)",
+        "--api-key", default=unset, help="API key sent as a Bearer token (env BITSERVE_API_KEY)"
     )
     parser.add_argument(
-        "--conversation", metavar="ID", help="resume this conversation instead of starting one"
+        "--conversation",
+        metavar="ID",
+        default=unset,
+        help="resume this conversation instead of starting one",
     )
     parser.add_argument(
-        "--temperature", type=float, help="sampling temperature (default: the server's)"
+        "--temperature", type=float, default=unset, help="sampling temperature (server default)"
     )
     parser.add_argument(
-        "--max-tokens", type=int, help="longest reply in tokens (default: the server's)"
+        "--max-tokens", type=int, default=unset, help="longest reply in tokens (server default)"
     )
-    parser.add_argument("--system", help="system prompt for conversations this client starts")
+    parser.add_argument(
+        "--system", default=unset, help="system prompt for conversations this client starts"
+    )
 
 
 def url_problem(url: str) -> str | None:
@@ -68,14 +74,16 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         print(problem, file=sys.stderr)
         return 1
-    options = ReplyOptions(temperature=args.temperature, max_tokens=args.max_tokens)
-    api = ConversationAPI(args.url, api_key=args.api_key or None)
+    options = ReplyOptions(vars(args).get("temperature"), vars(args).get("max_tokens"))
+    api_key = vars(args).get("api_key") or os.environ.get("BITSERVE_API_KEY") or None
+    api = ConversationAPI(args.url, api_key=api_key)
+    system, conversation = vars(args).get("system"), vars(args).get("conversation")
     lines = _line_input()
-    session = ChatSession(api, lines, sys.stdout, sys.stderr, options, system=args.system)
+    session = ChatSession(api, lines, sys.stdout, sys.stderr, options, system=system)
     try:
-        if args.conversation and args.system:
+        if conversation and system:
             session.info("Note: --system applies only to new conversations, not the resumed one.")
-        session.start(args.conversation)
+        session.start(conversation)
         return session.run()
     except ChatClientError as error:
         session.error(str(error))
