@@ -97,6 +97,7 @@ def test_interactive_chat_history_new_exit(server: ServerProcess, home: Path) ->
     assert child.exitstatus == 0
     history_file = home / "state" / "bitserve" / "chat_history"
     assert "Hello there" in history_file.read_text()  # readline history kept for next time
+    assert history_file.stat().st_mode & 0o077 == 0  # and private to the user
 
 
 def test_ctrl_c_at_the_prompt_and_ctrl_d_to_leave(server: ServerProcess, home: Path) -> None:

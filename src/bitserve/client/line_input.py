@@ -69,6 +69,7 @@ class TerminalInput:
         try:
             self.history_file.parent.mkdir(parents=True, exist_ok=True)
             self._readline.write_history_file(self.history_file)
+            self.history_file.chmod(0o600)  # what you typed is nobody else's business
         except OSError:
             pass  # history is a convenience; never fail the session over it
 
