@@ -21,8 +21,8 @@ from bitserve.engine.types import GenerationRequest, GenerationResult, SamplingP
 from bitserve.model.demo import DEMO_NOTICE
 
 SUMMARY = re.compile(
-    r"^prompt: (\d+) tokens, [\d.]+ tok/s \| generated: (\d+) tokens, [\d.]+ tok/s "
-    r"\| finish: (\w+)$"
+    r"^load: [\d.]+ s \| prompt: (\d+) tokens, [\d.]+ tok/s \| "
+    r"generated: (\d+) tokens, [\d.]+ tok/s \| finish: (\w+) \| peak RSS: \d+ MB$"
 )
 
 

@@ -106,6 +106,7 @@ class StreamStats:
 
     prompt_tokens: int
     start: float
+    load_s: float = 0.0
     first_token: float | None = None
     end: float | None = None
     generated: int = 0
@@ -117,10 +118,17 @@ class StreamStats:
         prompt_rate = _rate(self.prompt_tokens, first - self.start)
         gen_rate = _rate(self.generated - 1, end - first) if self.generated > 1 else 0.0
         return (
+            f"load: {self.load_s:.2f} s | "
             f"prompt: {self.prompt_tokens} tokens, {prompt_rate:.1f} tok/s | "
             f"generated: {self.generated} tokens, {gen_rate:.1f} tok/s | "
-            f"finish: {self.finish_reason}"
+            f"finish: {self.finish_reason} | peak RSS: {_peak_rss_mb():.0f} MB"
         )
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _rate(n: int, seconds: float) -> float:
@@ -175,7 +183,9 @@ def run(args: argparse.Namespace) -> int:
             print(DEMO_NOTICE, file=sys.stderr, flush=True)
         try:
             req = _build_request(loaded, args, sampling)
-            stats = StreamStats(len(req.prompt_tokens), start=time.perf_counter())
+            stats = StreamStats(
+                len(req.prompt_tokens), start=time.perf_counter(), load_s=loaded.load_s
+            )
             events = Generator(loaded.model, loaded.tokenizer).generate(req)
         except ValueError as e:  # ContextLengthError, SamplingParamError, bad chat messages
             return _fail(str(e))
