@@ -20,7 +20,7 @@ if SOURCES:
         Extension(
             "bitserve.kernels._native",
             sources=SOURCES,
-            extra_compile_args=["-O3", "-std=c11", "-fno-strict-aliasing", "-pthread"],
+            extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-Wno-missing-field-initializers", "-fno-strict-aliasing", "-pthread"],
             extra_link_args=["-pthread"],
         )
     )

@@ -1,0 +1,390 @@
+/* Python bindings of the native kernels: bitserve.kernels._native.
+ *
+ * One type, Pool(threads): it owns the worker threads and the scratch buffers, and every
+ * kernel is a method of it. Each method takes arrays through the buffer protocol, checks
+ * dtypes, shapes, contiguity and sizes BEFORE any kernel runs (a bad call raises, it never
+ * reads out of bounds), writes into caller-allocated outputs, and releases the GIL while
+ * the kernel runs. The last argument `impl` picks the path: 0 scalar, 1 AVX2.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "native.h"
+
+#define MAX_VIEWS 6
+
+/* ---------------------------------------------------------------- buffer checks ---- */
+
+/* The views a call holds, released together whatever happens. */
+typedef struct {
+    Py_buffer views[MAX_VIEWS];
+    int n;
+} Views;
+
+static void release_views(Views *v) {
+    for (int i = 0; i < v->n; i++) PyBuffer_Release(&v->views[i]);
+    v->n = 0;
+}
+
+static char format_code(const Py_buffer *b) {
+    const char *f = b->format ? b->format : "B";
+    while (*f == '<' || *f == '=' || *f == '@') f++;
+    return f[0] && !f[1] ? f[0] : '?';
+}
+
+/* A C-contiguous array with one of `codes` as its dtype and `ndim` dimensions (-1: any). */
+static Py_buffer *take(Views *v, PyObject *obj, const char *name, const char *codes, int ndim,
+                       int writable) {
+    Py_buffer *b = &v->views[v->n];
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, b, flags) < 0) return NULL;
+    v->n++;
+    char code = format_code(b);
+    static const struct { char code; Py_ssize_t size; } sizes[] = {
+        {'f', 4}, {'e', 2}, {'b', 1}, {'B', 1}, {'i', 4}};
+    Py_ssize_t want = 0;
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++)
+        if (sizes[i].code == code) want = sizes[i].size;
+    if (!strchr(codes, code) || b->itemsize != want) {
+        PyErr_Format(PyExc_TypeError, "%s: dtype code '%c' is not one of '%s'", name, code, codes);
+        return NULL;
+    }
+    if (ndim >= 0 && b->ndim != ndim) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %d dimensions, got %d", name, ndim, b->ndim);
+        return NULL;
+    }
+    return b;
+}
+
+static int check_dim(const char *name, int axis, Py_ssize_t got, Py_ssize_t want) {
+    if (got == want) return 0;
+    PyErr_Format(PyExc_ValueError, "%s: axis %d is %zd, expected %zd", name, axis, got, want);
+    return -1;
+}
+
+static int check_impl(int impl) {
+    if (impl == IMPL_SCALAR || (impl == IMPL_AVX2 && cpu_has_avx2())) return 0;
+    PyErr_Format(PyExc_ValueError, "kernel impl %d is not available on this CPU", impl);
+    return -1;
+}
+
+/* ---------------------------------------------------------------- Pool type ---- */
+
+typedef struct {
+    PyObject_HEAD Pool pool;
+    int ready;
+} PoolObject;
+
+static int pool_object_init(PoolObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"threads", NULL};
+    int threads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|i", kwlist, &threads)) return -1;
+    if (self->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "Pool is already initialised");
+        return -1;
+    }
+    if (threads < 1 || threads > 256) {
+        PyErr_Format(PyExc_ValueError, "threads must be 1..256, got %d", threads);
+        return -1;
+    }
+    if (pool_init(&self->pool, threads)) {
+        pool_free(&self->pool);
+        PyErr_SetString(PyExc_OSError, "cannot start the kernel threads");
+        return -1;
+    }
+    self->ready = 1;
+    return 0;
+}
+
+static void pool_object_dealloc(PoolObject *self) {
+    if (self->ready) {
+        Py_BEGIN_ALLOW_THREADS pool_free(&self->pool);
+        Py_END_ALLOW_THREADS
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int ready(PoolObject *self) {
+    if (self->ready) return 0;
+    PyErr_SetString(PyExc_RuntimeError, "Pool is not initialised");
+    return -1;
+}
+
+static PyObject *no_memory(Views *v) {
+    release_views(v);
+    return PyErr_NoMemory();
+}
+
+/* ---------------------------------------------------------------- methods ---- */
+
+static PyObject *py_quantize(PoolObject *self, PyObject *args) {
+    PyObject *ox, *oq, *os, *osum;
+    int impl;
+    if (!PyArg_ParseTuple(args, "OOOOi", &ox, &oq, &os, &osum, &impl) || ready(self) ||
+        check_impl(impl))
+        return NULL;
+    Views v = {.n = 0};
+    Py_buffer *x = take(&v, ox, "x", "f", 2, 0), *q = x ? take(&v, oq, "q", "b", 2, 1) : NULL;
+    Py_buffer *s = q ? take(&v, os, "scale", "f", 1, 1) : NULL;
+    Py_buffer *sum = s ? take(&v, osum, "sum", "i", 1, 1) : NULL;
+    if (!sum || check_dim("q", 0, q->shape[0], x->shape[0]) ||
+        check_dim("q", 1, q->shape[1], x->shape[1]) || check_dim("scale", 0, s->shape[0], x->shape[0]) ||
+        check_dim("sum", 0, sum->shape[0], x->shape[0])) {
+        release_views(&v);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
+    quantize_rows(&self->pool, (KernelImpl)impl, x->buf, (size_t)x->shape[0], (size_t)x->shape[1],
+                  q->buf, s->buf, sum->buf);
+    pool_unlock(&self->pool);
+    Py_END_ALLOW_THREADS release_views(&v);
+    Py_RETURN_NONE;
+}
+
+/* The I2_S codes of an [n_out, n_in] weight: n_in a multiple of 128, enough bytes. */
+static Py_buffer *take_codes(Views *v, PyObject *obj, Py_ssize_t n_out, Py_ssize_t n_in) {
+    Py_buffer *raw = take(v, obj, "raw", "Bb", -1, 0);
+    if (!raw) return NULL;
+    if (n_out < 1 || n_in < 128 || n_in % 128) {
+        PyErr_Format(PyExc_ValueError, "I2_S weight [%zd, %zd]: n_in must be a positive multiple of 128", n_out, n_in);
+        return NULL;
+    }
+    if (raw->len < n_out * (n_in / 4)) {
+        PyErr_Format(PyExc_ValueError, "raw: %zd bytes, an I2_S [%zd, %zd] weight needs %zd", raw->len,
+                     n_out, n_in, n_out * (n_in / 4));
+        return NULL;
+    }
+    return raw;
+}
+
+static PyObject *py_ternary_int(PoolObject *self, PyObject *args) {
+    PyObject *oq, *osum, *oraw, *oacc;
+    Py_ssize_t n_out;
+    int impl;
+    if (!PyArg_ParseTuple(args, "OOOnOi", &oq, &osum, &oraw, &n_out, &oacc, &impl) || ready(self) ||
+        check_impl(impl))
+        return NULL;
+    Views v = {.n = 0};
+    Py_buffer *q = take(&v, oq, "q", "b", 2, 0), *sum = q ? take(&v, osum, "sum", "i", 1, 0) : NULL;
+    Py_buffer *raw = sum ? take_codes(&v, oraw, n_out, q->shape[1]) : NULL;
+    Py_buffer *acc = raw ? take(&v, oacc, "acc", "i", 2, 1) : NULL;
+    if (!acc || check_dim("sum", 0, sum->shape[0], q->shape[0]) ||
+        check_dim("acc", 0, acc->shape[0], q->shape[0]) || check_dim("acc", 1, acc->shape[1], n_out)) {
+        release_views(&v);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
+    ternary_matmul_int(&self->pool, (KernelImpl)impl, raw->buf, (size_t)n_out, (size_t)q->shape[1],
+                       q->buf, sum->buf, (size_t)q->shape[0], acc->buf);
+    pool_unlock(&self->pool);
+    Py_END_ALLOW_THREADS release_views(&v);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_bitlinear(PoolObject *self, PyObject *args) {
+    PyObject *ox, *oraw, *oy;
+    Py_ssize_t n_out;
+    float w_scale;
+    int impl, err = 0;
+    if (!PyArg_ParseTuple(args, "OOnfOi", &ox, &oraw, &n_out, &w_scale, &oy, &impl) || ready(self) ||
+        check_impl(impl))
+        return NULL;
+    Views v = {.n = 0};
+    Py_buffer *x = take(&v, ox, "x", "f", 2, 0), *raw = x ? take_codes(&v, oraw, n_out, x->shape[1]) : NULL;
+    Py_buffer *y = raw ? take(&v, oy, "out", "f", 2, 1) : NULL;
+    if (!y || check_dim("out", 0, y->shape[0], x->shape[0]) || check_dim("out", 1, y->shape[1], n_out)) {
+        release_views(&v);
+        return NULL;
+    }
+    size_t t = (size_t)x->shape[0], k = (size_t)x->shape[1];
+    Py_BEGIN_ALLOW_THREADS Pool *pool = &self->pool;
+    pool_lock(pool);
+    err = pool_reserve_act(pool, t, k);
+    if (!err) {
+        quantize_rows(pool, (KernelImpl)impl, x->buf, t, k, pool->q, pool->act_scale, pool->act_sum);
+        ternary_matmul(pool, (KernelImpl)impl, raw->buf, (size_t)n_out, k, w_scale, pool->q,
+                       pool->act_scale, pool->act_sum, t, y->buf);
+    }
+    pool_unlock(pool);
+    Py_END_ALLOW_THREADS if (err) return no_memory(&v);
+    release_views(&v);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_head(PoolObject *self, PyObject *args) {
+    PyObject *ox, *oemb, *oscale, *oout;
+    int impl;
+    if (!PyArg_ParseTuple(args, "OOOOi", &ox, &oemb, &oscale, &oout, &impl) || ready(self) ||
+        check_impl(impl))
+        return NULL;
+    Views v = {.n = 0};
+    Py_buffer *x = take(&v, ox, "x", "f", 2, 0), *emb = x ? take(&v, oemb, "embedding", "feb", 2, 0) : NULL;
+    Py_buffer *scale = NULL, *out = NULL;
+    int is_i8 = emb && format_code(emb) == 'b';
+    if (emb && (oscale != Py_None || is_i8)) scale = take(&v, oscale, "row_scale", "f", 1, 0);
+    if (emb && (scale || !is_i8)) out = take(&v, oout, "out", "f", 2, 1);
+    if (!out || check_dim("embedding", 1, emb->shape[1], x->shape[1]) ||
+        (scale && check_dim("row_scale", 0, scale->shape[0], emb->shape[0])) ||
+        check_dim("out", 0, out->shape[0], x->shape[0]) || check_dim("out", 1, out->shape[1], emb->shape[0])) {
+        release_views(&v);
+        return NULL;
+    }
+    EmbKind kind = is_i8 ? EMB_I8 : format_code(emb) == 'e' ? EMB_F16 : EMB_F32;
+    Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
+    lm_head(&self->pool, (KernelImpl)impl, x->buf, (size_t)x->shape[0], (size_t)x->shape[1], emb->buf,
+            kind, scale ? scale->buf : NULL, (size_t)emb->shape[0], out->buf);
+    pool_unlock(&self->pool);
+    Py_END_ALLOW_THREADS release_views(&v);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_quantize_f16_rows(PoolObject *self, PyObject *args) {
+    PyObject *oemb, *oq, *oscale;
+    int impl;
+    if (!PyArg_ParseTuple(args, "OOOi", &oemb, &oq, &oscale, &impl) || ready(self) || check_impl(impl))
+        return NULL;
+    Views v = {.n = 0};
+    Py_buffer *emb = take(&v, oemb, "embedding", "e", 2, 0), *q = emb ? take(&v, oq, "q", "b", 2, 1) : NULL;
+    Py_buffer *scale = q ? take(&v, oscale, "row_scale", "f", 1, 1) : NULL;
+    if (!scale || check_dim("q", 0, q->shape[0], emb->shape[0]) || check_dim("q", 1, q->shape[1], emb->shape[1]) ||
+        check_dim("row_scale", 0, scale->shape[0], emb->shape[0])) {
+        release_views(&v);
+        return NULL;
+    }
+    if (emb->shape[1] > 65536) {
+        release_views(&v);
+        return PyErr_Format(PyExc_ValueError, "embedding width %zd is too large", emb->shape[1]);
+    }
+    Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
+    quantize_f16_rows(&self->pool, (KernelImpl)impl, emb->buf, (size_t)emb->shape[0], (size_t)emb->shape[1],
+                      q->buf, scale->buf);
+    pool_unlock(&self->pool);
+    Py_END_ALLOW_THREADS release_views(&v);
+    Py_RETURN_NONE;
+}
+
+static int check_attention(const Py_buffer *q, const Py_buffer *k, const Py_buffer *vv, const Py_buffer *out,
+                           Py_ssize_t start_pos) {
+    if (check_dim("k_cache", 0, k->shape[0], start_pos + q->shape[0]) ||
+        check_dim("k_cache", 2, k->shape[2], q->shape[2]) || check_dim("v_cache", 0, vv->shape[0], k->shape[0]) ||
+        check_dim("v_cache", 1, vv->shape[1], k->shape[1]) || check_dim("v_cache", 2, vv->shape[2], k->shape[2]) ||
+        check_dim("out", 0, out->shape[0], q->shape[0]) || check_dim("out", 1, out->shape[1], q->shape[1]) ||
+        check_dim("out", 2, out->shape[2], q->shape[2]))
+        return -1;
+    if (format_code(k) != format_code(vv)) {
+        PyErr_SetString(PyExc_TypeError, "k_cache and v_cache must have the same dtype");
+        return -1;
+    }
+    if (k->shape[1] < 1 || q->shape[1] % k->shape[1]) {
+        PyErr_Format(PyExc_ValueError, "%zd query heads do not group over %zd KV heads", q->shape[1], k->shape[1]);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_attention(PoolObject *self, PyObject *args) {
+    PyObject *oq, *ok, *ov, *oout;
+    Py_ssize_t start_pos;
+    int impl, err = 0;
+    if (!PyArg_ParseTuple(args, "OOOnOi", &oq, &ok, &ov, &start_pos, &oout, &impl) || ready(self) ||
+        check_impl(impl))
+        return NULL;
+    Views v = {.n = 0};
+    Py_buffer *q = take(&v, oq, "q", "f", 3, 0), *k = q ? take(&v, ok, "k_cache", "fe", 3, 0) : NULL;
+    Py_buffer *vv = k ? take(&v, ov, "v_cache", "fe", 3, 0) : NULL;
+    Py_buffer *out = vv ? take(&v, oout, "out", "f", 3, 1) : NULL;
+    if (!out || start_pos < 0 || check_attention(q, k, vv, out, start_pos)) {
+        if (out && start_pos < 0) PyErr_SetString(PyExc_ValueError, "start_pos must be >= 0");
+        release_views(&v);
+        return NULL;
+    }
+    AttentionArgs a = {q->buf, k->buf, vv->buf, format_code(k) == 'e', (size_t)q->shape[0], (size_t)q->shape[1],
+                       (size_t)k->shape[1], (size_t)q->shape[2], (size_t)start_pos, out->buf};
+    Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
+    err = pool_reserve_scores(&self->pool, a.start_pos + a.n_tokens);
+    if (!err) attention(&self->pool, (KernelImpl)impl, &a);
+    pool_unlock(&self->pool);
+    Py_END_ALLOW_THREADS if (err) return no_memory(&v);
+    release_views(&v);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_read_memory(PoolObject *self, PyObject *args) {
+    PyObject *obuf;
+    int impl;
+    if (!PyArg_ParseTuple(args, "Oi", &obuf, &impl) || ready(self) || check_impl(impl)) return NULL;
+    Views v = {.n = 0};
+    Py_buffer *b = take(&v, obuf, "buffer", "Bb", -1, 0);
+    if (!b) {
+        release_views(&v);
+        return NULL;
+    }
+    uint64_t checksum;
+    Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
+    checksum = read_memory(&self->pool, (KernelImpl)impl, b->buf, (size_t)b->len);
+    pool_unlock(&self->pool);
+    Py_END_ALLOW_THREADS release_views(&v);
+    return PyLong_FromUnsignedLongLong(checksum);
+}
+
+static PyObject *py_threads(PoolObject *self, void *closure) {
+    (void)closure;
+    return PyLong_FromLong(self->ready ? self->pool.n_threads : 0);
+}
+
+static PyMethodDef pool_methods[] = {
+    {"quantize", (PyCFunction)py_quantize, METH_VARARGS, "quantize(x, q, scale, sum, impl)"},
+    {"ternary_int", (PyCFunction)py_ternary_int, METH_VARARGS, "ternary_int(q, sum, raw, n_out, acc, impl)"},
+    {"bitlinear", (PyCFunction)py_bitlinear, METH_VARARGS, "bitlinear(x, raw, n_out, w_scale, out, impl)"},
+    {"head", (PyCFunction)py_head, METH_VARARGS, "head(x, embedding, row_scale|None, out, impl)"},
+    {"quantize_f16_rows", (PyCFunction)py_quantize_f16_rows, METH_VARARGS,
+     "quantize_f16_rows(embedding, q, row_scale, impl)"},
+    {"attention", (PyCFunction)py_attention, METH_VARARGS, "attention(q, k_cache, v_cache, start_pos, out, impl)"},
+    {"read_memory", (PyCFunction)py_read_memory, METH_VARARGS, "read_memory(buffer, impl) -> checksum"},
+    {NULL, NULL, 0, NULL}};
+
+static PyGetSetDef pool_getset[] = {{"threads", (getter)py_threads, NULL, "threads (caller included)", NULL},
+                                    {NULL, NULL, NULL, NULL, NULL}};
+
+static PyTypeObject PoolType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "bitserve.kernels._native.Pool",
+    .tp_basicsize = sizeof(PoolObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Pool(threads): the kernel thread pool; every kernel is a method.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)pool_object_init,
+    .tp_dealloc = (destructor)pool_object_dealloc,
+    .tp_methods = pool_methods,
+    .tp_getset = pool_getset,
+};
+
+/* ---------------------------------------------------------------- module ---- */
+
+static PyObject *py_cpu_has_avx2(PyObject *mod, PyObject *unused) {
+    (void)mod;
+    (void)unused;
+    return PyBool_FromLong(cpu_has_avx2());
+}
+
+static PyMethodDef module_methods[] = {
+    {"cpu_has_avx2", py_cpu_has_avx2, METH_NOARGS, "True when the AVX2/FMA/F16C path can run here."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef native_module = {PyModuleDef_HEAD_INIT, "_native",
+                                           "bitserve native kernels (see csrc/native.h).", -1,
+                                           module_methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&PoolType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&native_module);
+    if (!m) return NULL;
+    Py_INCREF(&PoolType);
+    if (PyModule_AddObject(m, "Pool", (PyObject *)&PoolType) < 0) {
+        Py_DECREF(&PoolType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddIntConstant(m, "IMPL_SCALAR", IMPL_SCALAR);
+    PyModule_AddIntConstant(m, "IMPL_AVX2", IMPL_AVX2);
+    return m;
+}

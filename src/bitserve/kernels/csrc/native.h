@@ -1,0 +1,118 @@
+/* bitserve native kernels: shared declarations.
+ *
+ * One extension module (bitserve.kernels._native) built from the .c files in this folder:
+ *   pool.c       the thread pool every kernel runs on, and its scratch buffers
+ *   ternary.c    int8 activation quantization + ternary (I2_S) GEMV/GEMM, scalar and AVX2
+ *   head.c       the tied LM head (F16/F32 and int8 embeddings) and the memory-read probe
+ *   attention.c  causal GQA attention over the KV cache
+ *   module.c     the Python bindings: buffer checks, GIL release, dispatch
+ *
+ * Every kernel has a portable scalar path and an AVX2/FMA/F16C path compiled with target
+ * attributes (never -march=native), so one build runs on any x86-64 (and non-x86) machine;
+ * the caller picks the path per call (KernelImpl).
+ */
+#ifndef BITSERVE_NATIVE_H
+#define BITSERVE_NATIVE_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define BITSERVE_X86 1
+#define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define BITSERVE_X86 0
+#endif
+
+typedef enum { IMPL_SCALAR = 0, IMPL_AVX2 = 1 } KernelImpl;
+
+/* ---------------------------------------------------------------- thread pool ---- */
+
+/* A task is split into n_chunks independent chunks; fn(ctx, chunk, thread) runs one. */
+typedef void (*TaskFn)(void *ctx, int chunk, int thread);
+
+typedef struct {
+    int n_threads; /* including the calling thread */
+    pthread_t *workers;
+    pthread_mutex_t mutex; /* guards the sleep/wake handshake */
+    pthread_cond_t wake;
+    pthread_mutex_t dispatch_lock; /* one task (and one user of the scratch) at a time */
+    atomic_uint generation;        /* bumped once per task: workers wait for a change */
+    atomic_int next_chunk;
+    atomic_int busy_workers;
+    atomic_int stop;
+    TaskFn fn;
+    void *ctx;
+    int n_chunks;
+    /* scratch, grown on demand and reused across calls (guarded by dispatch_lock) */
+    int8_t *q;        /* quantized activations [T, K] */
+    size_t q_cap;
+    float *act_scale; /* [T] */
+    int32_t *act_sum; /* [T]: sum of q over the row, for the code-1 offset */
+    size_t tok_cap;
+    float *scores; /* attention scores, [n_threads, S] */
+    size_t scores_cap;
+} Pool;
+
+int pool_init(Pool *pool, int n_threads);
+void pool_free(Pool *pool);
+/* Run fn over chunks 0..n_chunks-1 on all threads; returns when every chunk is done.
+ * The caller must hold dispatch_lock (pool_lock) and must not hold the GIL. */
+void pool_run(Pool *pool, TaskFn fn, void *ctx, int n_chunks);
+void pool_lock(Pool *pool);
+void pool_unlock(Pool *pool);
+/* Make sure scratch holds T tokens of K bytes / S scores per thread; 0 on success. */
+int pool_reserve_act(Pool *pool, size_t n_tokens, size_t k);
+int pool_reserve_scores(Pool *pool, size_t s);
+int cpu_has_avx2(void);
+
+/* ---------------------------------------------------------------- kernels ---- */
+
+/* x [T, K] f32 → q [T, K] int8, scale [T], sum [T] (per-token absmax, round-half-even). */
+void quantize_rows(Pool *pool, KernelImpl impl, const float *x, size_t n_tokens, size_t k,
+                   int8_t *q, float *scale, int32_t *sum);
+
+/* one row of quantize_rows, on the calling thread */
+void quantize_one(KernelImpl impl, const float *x, size_t k, int8_t *q, float *scale,
+                  int32_t *sum);
+
+/* y [T, N] = (q [T, K] · ternary [N, K]ᵀ) / scale * w_scale; codes in I2_S layout. */
+void ternary_matmul(Pool *pool, KernelImpl impl, const uint8_t *codes, size_t n_out,
+                    size_t n_in, float w_scale, const int8_t *q, const float *scale,
+                    const int32_t *sum, size_t n_tokens, float *y);
+
+/* Integer dot products only: acc [T, N] int32 (tests check them against the oracle). */
+void ternary_matmul_int(Pool *pool, KernelImpl impl, const uint8_t *codes, size_t n_out,
+                        size_t n_in, const int8_t *q, const int32_t *sum, size_t n_tokens,
+                        int32_t *acc);
+
+typedef enum { EMB_F32 = 0, EMB_F16 = 1, EMB_I8 = 2 } EmbKind;
+
+/* out [T, V] = x [T, D] · emb [V, D]ᵀ (emb F32/F16; EMB_I8 rows are divided by row_scale). */
+void lm_head(Pool *pool, KernelImpl impl, const float *x, size_t n_tokens, size_t dim,
+             const void *emb, EmbKind kind, const float *row_scale, size_t vocab, float *out);
+
+/* F16 rows [V, D] → int8 rows + per-row scale (the activation quantizer, row by row). */
+void quantize_f16_rows(Pool *pool, KernelImpl impl, const uint16_t *emb, size_t vocab,
+                       size_t dim, int8_t *q, float *row_scale);
+
+/* Read n bytes with all threads; returns a checksum so the reads cannot be elided. */
+uint64_t read_memory(Pool *pool, KernelImpl impl, const uint8_t *buf, size_t n);
+
+typedef struct {
+    const float *q;   /* [T, H, D] */
+    const void *k;    /* [S, KVH, D] f32 or f16 */
+    const void *v;
+    int kv_f16;
+    size_t n_tokens, n_heads, n_kv_heads, head_dim, start_pos;
+    float *out; /* [T, H, D] */
+} AttentionArgs;
+
+void attention(Pool *pool, KernelImpl impl, const AttentionArgs *args);
+
+/* portable half → float (IEEE binary16), used by the scalar paths */
+float half_to_float(uint16_t h);
+
+#endif

@@ -1,0 +1,182 @@
+/* The thread pool every kernel runs on, and the scratch buffers it owns.
+ *
+ * Generation calls ~8 kernels per layer, 240 per token, so a dispatch must cost
+ * microseconds: workers spin briefly on the task generation counter (a new task usually
+ * follows within a few µs) and only then sleep on a condition variable, so an idle server
+ * does not burn its cores. The calling thread works too, as thread 0.
+ */
+#include <errno.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "native.h"
+
+/* ~50 µs of polling before a worker sleeps: covers the gap between kernels of one token */
+#define SPIN_ITERATIONS 4000
+#define ALIGNMENT 64
+
+static inline void cpu_relax(void) {
+#if BITSERVE_X86
+    __builtin_ia32_pause();
+#endif
+}
+
+int cpu_has_avx2(void) {
+#if BITSERVE_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+/* ---------------------------------------------------------------- workers ---- */
+
+typedef struct {
+    Pool *pool;
+    int thread;
+} WorkerArg;
+
+/* Take chunks from the shared counter until none are left (dynamic split: a core that
+ * another process steals time from simply does fewer chunks). */
+static void run_chunks(Pool *pool, int thread) {
+    for (;;) {
+        int chunk = atomic_fetch_add(&pool->next_chunk, 1);
+        if (chunk >= pool->n_chunks) return;
+        pool->fn(pool->ctx, chunk, thread);
+    }
+}
+
+static unsigned wait_for_task(Pool *pool, unsigned seen) {
+    for (int i = 0; i < SPIN_ITERATIONS; i++) {
+        unsigned gen = atomic_load(&pool->generation);
+        if (gen != seen || atomic_load(&pool->stop)) return gen;
+        cpu_relax();
+    }
+    pthread_mutex_lock(&pool->mutex);
+    unsigned gen;
+    while ((gen = atomic_load(&pool->generation)) == seen && !atomic_load(&pool->stop))
+        pthread_cond_wait(&pool->wake, &pool->mutex);
+    pthread_mutex_unlock(&pool->mutex);
+    return gen;
+}
+
+static void *worker_main(void *arg) {
+    WorkerArg *wa = arg;
+    Pool *pool = wa->pool;
+    int thread = wa->thread;
+    free(wa);
+    /* generation is 0 when the pool starts: reading it here instead could miss a task
+     * dispatched before this thread got scheduled */
+    unsigned seen = 0;
+    for (;;) {
+        seen = wait_for_task(pool, seen);
+        if (atomic_load(&pool->stop)) return NULL;
+        run_chunks(pool, thread);
+        atomic_fetch_sub(&pool->busy_workers, 1);
+    }
+}
+
+/* ---------------------------------------------------------------- pool ---- */
+
+int pool_init(Pool *pool, int n_threads) {
+    memset(pool, 0, sizeof(*pool));
+    pool->n_threads = n_threads < 1 ? 1 : n_threads;
+    pthread_mutex_init(&pool->mutex, NULL);
+    pthread_cond_init(&pool->wake, NULL);
+    pthread_mutex_init(&pool->dispatch_lock, NULL);
+    atomic_init(&pool->generation, 0);
+    atomic_init(&pool->next_chunk, 0);
+    atomic_init(&pool->busy_workers, 0);
+    atomic_init(&pool->stop, 0);
+    pool->workers = calloc((size_t)pool->n_threads, sizeof(pthread_t));
+    if (!pool->workers) return ENOMEM;
+    for (int t = 1; t < pool->n_threads; t++) {
+        WorkerArg *wa = malloc(sizeof(*wa));
+        if (!wa) return ENOMEM;
+        wa->pool = pool;
+        wa->thread = t;
+        int err = pthread_create(&pool->workers[t], NULL, worker_main, wa);
+        if (err) {
+            free(wa);
+            pool->n_threads = t; /* pool_free joins the ones that started */
+            return err;
+        }
+    }
+    return 0;
+}
+
+void pool_free(Pool *pool) {
+    pthread_mutex_lock(&pool->mutex);
+    atomic_store(&pool->stop, 1);
+    pthread_cond_broadcast(&pool->wake);
+    pthread_mutex_unlock(&pool->mutex);
+    for (int t = 1; t < pool->n_threads; t++) pthread_join(pool->workers[t], NULL);
+    free(pool->workers);
+    free(pool->q);
+    free(pool->act_scale);
+    free(pool->act_sum);
+    free(pool->scores);
+    pthread_mutex_destroy(&pool->mutex);
+    pthread_cond_destroy(&pool->wake);
+    pthread_mutex_destroy(&pool->dispatch_lock);
+    memset(pool, 0, sizeof(*pool));
+}
+
+void pool_lock(Pool *pool) { pthread_mutex_lock(&pool->dispatch_lock); }
+void pool_unlock(Pool *pool) { pthread_mutex_unlock(&pool->dispatch_lock); }
+
+void pool_run(Pool *pool, TaskFn fn, void *ctx, int n_chunks) {
+    if (n_chunks <= 0) return;
+    pool->fn = fn;
+    pool->ctx = ctx;
+    pool->n_chunks = n_chunks;
+    atomic_store(&pool->next_chunk, 0);
+    int helpers = pool->n_threads - 1;
+    if (n_chunks == 1) helpers = 0; /* nothing to share: skip the wake-up */
+    if (helpers > 0) {
+        atomic_store(&pool->busy_workers, helpers);
+        pthread_mutex_lock(&pool->mutex);
+        atomic_fetch_add(&pool->generation, 1);
+        pthread_cond_broadcast(&pool->wake);
+        pthread_mutex_unlock(&pool->mutex);
+    }
+    run_chunks(pool, 0);
+    /* workers still finishing their last chunk: poll, then yield the core to them */
+    for (int i = 0; atomic_load(&pool->busy_workers) > 0; i++) {
+        if (i < SPIN_ITERATIONS)
+            cpu_relax();
+        else
+            sched_yield();
+    }
+}
+
+/* ---------------------------------------------------------------- scratch ---- */
+
+static int grow(void **buf, size_t *cap, size_t need) {
+    if (need <= *cap) return 0;
+    size_t bytes = (need + ALIGNMENT - 1) / ALIGNMENT * ALIGNMENT;
+    void *fresh = aligned_alloc(ALIGNMENT, bytes);
+    if (!fresh) return ENOMEM;
+    free(*buf);
+    *buf = fresh;
+    *cap = bytes;
+    return 0;
+}
+
+int pool_reserve_act(Pool *pool, size_t n_tokens, size_t k) {
+    if (grow((void **)&pool->q, &pool->q_cap, n_tokens * k)) return ENOMEM;
+    size_t tok_cap = pool->tok_cap;
+    if (grow((void **)&pool->act_scale, &tok_cap, n_tokens * sizeof(float))) return ENOMEM;
+    tok_cap = pool->tok_cap;
+    if (grow((void **)&pool->act_sum, &tok_cap, n_tokens * sizeof(int32_t))) return ENOMEM;
+    pool->tok_cap = tok_cap;
+    return 0;
+}
+
+int pool_reserve_scores(Pool *pool, size_t s) {
+    return grow((void **)&pool->scores, &pool->scores_cap,
+                s * sizeof(float) * (size_t)pool->n_threads);
+}

@@ -1,0 +1,271 @@
+/* int8 activation quantization and the ternary matmul over I2_S weights (spec §2, §4).
+ *
+ * I2_S is read in its on-disk layout, straight from the memory map: blocks of 128 weights
+ * in 32 bytes, byte j holding weights j, 32+j, 64+j, 96+j in bits 7-6, 5-4, 3-2, 1-0.
+ * So one 32-byte load, four shift+mask steps, gives four vectors of 32 codes that line up
+ * with four consecutive 32-byte runs of the activations: no repacking is ever needed.
+ *
+ * Codes c are 0/1/2 for ternary -1/0/+1, so  Σ (c-1)·q = Σ c·q − Σ q : the unsigned codes
+ * feed vpmaddubsw (u8 × i8) directly and Σ q is computed once per token by the quantizer.
+ * Everything stays integer until the end, so the result equals the numpy oracle exactly;
+ * y = (float)acc / s * w_scale is then evaluated in float32 in the oracle's order.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "native.h"
+
+#if BITSERVE_X86
+#include <immintrin.h>
+#endif
+
+#define BLOCK 128
+#define BLOCK_BYTES 32
+#define TOKEN_TILE 8     /* tokens sharing one unpacked weight block (GEMM) */
+#define INT16_BLOCKS 16  /* |Σ of 16 blocks of maddubs| <= 16·4·512 = 32768: fits int16 */
+#define ROWS_PER_CHUNK 32
+
+/* ---------------------------------------------------------------- quantization ---- */
+
+static void quantize_row_scalar(const float *x, size_t k, int8_t *q, float *scale,
+                                int32_t *sum) {
+    float absmax = 0.0f;
+    for (size_t i = 0; i < k; i++) absmax = fmaxf(absmax, fabsf(x[i]));
+    float s = 127.0f / fmaxf(absmax, 1e-5f);
+    int32_t total = 0;
+    for (size_t i = 0; i < k; i++) {
+        float r = nearbyintf(x[i] * s); /* default rounding mode: half to even */
+        r = fminf(fmaxf(r, -128.0f), 127.0f);
+        q[i] = (int8_t)r;
+        total += q[i];
+    }
+    *scale = s;
+    *sum = total;
+}
+
+#if BITSERVE_X86
+TARGET_AVX2 static float hmax_ps(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+
+TARGET_AVX2 static int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+TARGET_AVX2 static void quantize_row_avx2(const float *x, size_t k, int8_t *q, float *scale,
+                                          int32_t *sum) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 vmax = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 8 <= k; i += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+    float absmax = hmax_ps(vmax);
+    for (; i < k; i++) absmax = fmaxf(absmax, fabsf(x[i]));
+    float s = 127.0f / fmaxf(absmax, 1e-5f);
+    const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i vsum = _mm256_setzero_si256();
+    for (i = 0; i + 32 <= k; i += 32) {
+        __m256i w[4];
+        for (int j = 0; j < 4; j++) {
+            __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * j), vs),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            w[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+            vsum = _mm256_add_epi32(vsum, w[j]);
+        }
+        /* packs work per 128-bit lane: the permute restores element order */
+        __m256i a = _mm256_packs_epi32(w[0], w[1]), b = _mm256_packs_epi32(w[2], w[3]);
+        __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order);
+        _mm256_storeu_si256((__m256i *)(q + i), bytes);
+    }
+    int32_t total = hsum_epi32(vsum);
+    for (; i < k; i++) {
+        float r = fminf(fmaxf(nearbyintf(x[i] * s), -128.0f), 127.0f);
+        q[i] = (int8_t)r;
+        total += q[i];
+    }
+    *scale = s;
+    *sum = total;
+}
+#endif
+
+typedef struct {
+    KernelImpl impl;
+    const float *x;
+    size_t n_tokens, k;
+    int8_t *q;
+    float *scale;
+    int32_t *sum;
+} QuantTask;
+
+void quantize_one(KernelImpl impl, const float *x, size_t k, int8_t *q, float *scale,
+                  int32_t *sum) {
+#if BITSERVE_X86
+    if (impl == IMPL_AVX2) {
+        quantize_row_avx2(x, k, q, scale, sum);
+        return;
+    }
+#endif
+    quantize_row_scalar(x, k, q, scale, sum);
+}
+
+static void quantize_chunk(void *ctx, int chunk, int thread) {
+    (void)thread;
+    QuantTask *t = ctx;
+    size_t row = (size_t)chunk;
+    quantize_one(t->impl, t->x + row * t->k, t->k, t->q + row * t->k, t->scale + row, t->sum + row);
+}
+
+void quantize_rows(Pool *pool, KernelImpl impl, const float *x, size_t n_tokens, size_t k,
+                   int8_t *q, float *scale, int32_t *sum) {
+    QuantTask task = {impl, x, n_tokens, k, q, scale, sum};
+    if (n_tokens == 1) { /* one row: not worth waking the workers */
+        quantize_chunk(&task, 0, 0);
+        return;
+    }
+    pool_run(pool, quantize_chunk, &task, (int)n_tokens);
+}
+
+/* ---------------------------------------------------------------- ternary dot products ---- */
+
+/* Σ_k c[r,k]·q[t,k] for one row and one token, scalar: the portable reference path. */
+static int32_t row_dot_scalar(const uint8_t *codes, const int8_t *q, size_t n_blocks) {
+    int32_t acc = 0;
+    for (size_t b = 0; b < n_blocks; b++) {
+        const uint8_t *c = codes + b * BLOCK_BYTES;
+        const int8_t *qb = q + b * BLOCK;
+        for (int j = 0; j < BLOCK_BYTES; j++) {
+            acc += ((c[j] >> 6) & 3) * qb[j] + ((c[j] >> 4) & 3) * qb[32 + j] +
+                   ((c[j] >> 2) & 3) * qb[64 + j] + (c[j] & 3) * qb[96 + j];
+        }
+    }
+    return acc;
+}
+
+#if BITSERVE_X86
+/* One row against TT tokens: each block is unpacked once and used TT times. maddubs sums
+ * pairs of u8×i8 products into int16 (|pair| <= 512); sums of up to INT16_BLOCKS blocks
+ * stay in int16 and are widened with madd(·, 1) into int32. always_inline + a constant
+ * TT lets the compiler keep the accumulator arrays in registers. */
+TARGET_AVX2 static inline __attribute__((always_inline)) void row_dots_avx2(
+    const uint8_t *codes, const int8_t *q, size_t q_stride, size_t n_blocks, const int tt,
+    int32_t *dots) {
+    const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    __m256i acc32[TOKEN_TILE], acc16[TOKEN_TILE];
+    for (int t = 0; t < tt; t++) acc32[t] = _mm256_setzero_si256();
+    for (size_t b0 = 0; b0 < n_blocks; b0 += INT16_BLOCKS) {
+        size_t b1 = b0 + INT16_BLOCKS < n_blocks ? b0 + INT16_BLOCKS : n_blocks;
+        for (int t = 0; t < tt; t++) acc16[t] = _mm256_setzero_si256();
+        for (size_t b = b0; b < b1; b++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(codes + b * BLOCK_BYTES));
+            __m256i c0 = _mm256_and_si256(_mm256_srli_epi16(raw, 6), mask);
+            __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+            __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(raw, 2), mask);
+            __m256i c3 = _mm256_and_si256(raw, mask);
+            for (int t = 0; t < tt; t++) {
+                const __m256i *qb = (const __m256i *)(q + (size_t)t * q_stride + b * BLOCK);
+                __m256i p0 = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(qb));
+                __m256i p1 = _mm256_maddubs_epi16(c1, _mm256_loadu_si256(qb + 1));
+                __m256i p2 = _mm256_maddubs_epi16(c2, _mm256_loadu_si256(qb + 2));
+                __m256i p3 = _mm256_maddubs_epi16(c3, _mm256_loadu_si256(qb + 3));
+                acc16[t] = _mm256_add_epi16(
+                    acc16[t], _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3)));
+            }
+        }
+        for (int t = 0; t < tt; t++)
+            acc32[t] = _mm256_add_epi32(acc32[t], _mm256_madd_epi16(acc16[t], ones));
+    }
+    for (int t = 0; t < tt; t++) dots[t] = hsum_epi32(acc32[t]);
+}
+
+TARGET_AVX2 static void row_dots_avx2_any(const uint8_t *codes, const int8_t *q,
+                                          size_t q_stride, size_t n_blocks, int tt,
+                                          int32_t *dots) {
+    switch (tt) { /* one specialization per tile width, so accumulators stay in registers */
+    case 8: row_dots_avx2(codes, q, q_stride, n_blocks, 8, dots); break;
+    case 7: row_dots_avx2(codes, q, q_stride, n_blocks, 7, dots); break;
+    case 6: row_dots_avx2(codes, q, q_stride, n_blocks, 6, dots); break;
+    case 5: row_dots_avx2(codes, q, q_stride, n_blocks, 5, dots); break;
+    case 4: row_dots_avx2(codes, q, q_stride, n_blocks, 4, dots); break;
+    case 3: row_dots_avx2(codes, q, q_stride, n_blocks, 3, dots); break;
+    case 2: row_dots_avx2(codes, q, q_stride, n_blocks, 2, dots); break;
+    default: row_dots_avx2(codes, q, q_stride, n_blocks, 1, dots); break;
+    }
+}
+#endif
+
+/* ---------------------------------------------------------------- matmul task ---- */
+
+typedef struct {
+    KernelImpl impl;
+    const uint8_t *codes;
+    size_t n_out, n_in;
+    float w_scale;
+    const int8_t *q;
+    const float *scale; /* NULL: store the int32 dot products in acc instead of y */
+    const int32_t *sum;
+    size_t n_tokens;
+    float *y;
+    int32_t *acc;
+} MatmulTask;
+
+static void store_dots(const MatmulTask *m, size_t row, size_t t0, int tt, const int32_t *dots) {
+    for (int t = 0; t < tt; t++) {
+        size_t tok = t0 + (size_t)t;
+        int32_t dot = dots[t] - m->sum[tok];
+        if (m->scale)
+            m->y[tok * m->n_out + row] = (float)dot / m->scale[tok] * m->w_scale;
+        else
+            m->acc[tok * m->n_out + row] = dot;
+    }
+}
+
+/* Rows [chunk·ROWS_PER_CHUNK, +ROWS_PER_CHUNK) against every token, in token tiles. */
+static void matmul_chunk(void *ctx, int chunk, int thread) {
+    (void)thread;
+    const MatmulTask *m = ctx;
+    size_t r0 = (size_t)chunk * ROWS_PER_CHUNK;
+    size_t r1 = r0 + ROWS_PER_CHUNK < m->n_out ? r0 + ROWS_PER_CHUNK : m->n_out;
+    size_t n_blocks = m->n_in / BLOCK, row_bytes = m->n_in / 4;
+    int32_t dots[TOKEN_TILE];
+    for (size_t t0 = 0; t0 < m->n_tokens; t0 += TOKEN_TILE) {
+        int tt = (int)(m->n_tokens - t0 < TOKEN_TILE ? m->n_tokens - t0 : TOKEN_TILE);
+        const int8_t *q = m->q + t0 * m->n_in;
+        for (size_t r = r0; r < r1; r++) {
+            const uint8_t *codes = m->codes + r * row_bytes;
+#if BITSERVE_X86
+            if (m->impl == IMPL_AVX2) {
+                row_dots_avx2_any(codes, q, m->n_in, n_blocks, tt, dots);
+                store_dots(m, r, t0, tt, dots);
+                continue;
+            }
+#endif
+            for (int t = 0; t < tt; t++) dots[t] = row_dot_scalar(codes, q + (size_t)t * m->n_in, n_blocks);
+            store_dots(m, r, t0, tt, dots);
+        }
+    }
+}
+
+static void run_matmul(Pool *pool, const MatmulTask *task) {
+    int n_chunks = (int)((task->n_out + ROWS_PER_CHUNK - 1) / ROWS_PER_CHUNK);
+    pool_run(pool, matmul_chunk, (void *)task, n_chunks);
+}
+
+void ternary_matmul(Pool *pool, KernelImpl impl, const uint8_t *codes, size_t n_out,
+                    size_t n_in, float w_scale, const int8_t *q, const float *scale,
+                    const int32_t *sum, size_t n_tokens, float *y) {
+    MatmulTask task = {impl, codes, n_out, n_in, w_scale, q, scale, sum, n_tokens, y, NULL};
+    run_matmul(pool, &task);
+}
+
+void ternary_matmul_int(Pool *pool, KernelImpl impl, const uint8_t *codes, size_t n_out,
+                        size_t n_in, const int8_t *q, const int32_t *sum, size_t n_tokens,
+                        int32_t *acc) {
+    MatmulTask task = {impl, codes, n_out, n_in, 0.0f, q, NULL, sum, n_tokens, NULL, acc};
+    run_matmul(pool, &task);
+}
