@@ -68,7 +68,8 @@ class NumpyBackend(Backend):
     def bitlinear(self, x: np.ndarray, w: TernaryWeight) -> np.ndarray:
         q, s = reference.quantize_activations(x)
         acc = q.astype(np.float32) @ w.ternary_f32().T  # exact: |sums| < 2**24
-        return (acc / s[:, None] * np.float32(w.scale)).astype(np.float32)
+        y: np.ndarray = (acc / s[:, None] * np.float32(w.scale)).astype(np.float32)
+        return y
 
     def head(self, x: np.ndarray, embedding: np.ndarray) -> np.ndarray:
         out = np.empty((x.shape[0], embedding.shape[0]), dtype=np.float32)
@@ -91,4 +92,5 @@ class NumpyBackend(Backend):
         scores -= scores.max(axis=-1, keepdims=True)
         p = np.exp(scores)
         p /= p.sum(axis=-1, keepdims=True)
-        return np.einsum("hts,shd->thd", p, v).astype(np.float32)
+        out: np.ndarray = np.einsum("hts,shd->thd", p, v).astype(np.float32)
+        return out

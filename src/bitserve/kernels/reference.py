@@ -28,16 +28,32 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def ternary_matmul_int(q: np.ndarray, ternary: np.ndarray) -> np.ndarray:
     """Exact int32 ``q [T, K] @ ternary [N, K]ᵀ`` → ``[T, N]``."""
-    return q.astype(np.int32) @ ternary.astype(np.int32).T
+    acc: np.ndarray = q.astype(np.int32) @ ternary.astype(np.int32).T
+    return acc
 
 
 def bitlinear(x: np.ndarray, ternary: np.ndarray, w_scale: float) -> np.ndarray:
     """``y = (quant(x) @ Wᵀ) / s * w_scale`` in float32, ``x [T, K]``, ``ternary [N, K]``."""
     q, s = quantize_activations(x)
     acc = q.astype(np.float32) @ ternary.astype(np.float32).T  # exact: |sums| < 2**24
-    return (acc / s[:, None] * np.float32(w_scale)).astype(np.float32)
+    y: np.ndarray = (acc / s[:, None] * np.float32(w_scale)).astype(np.float32)
+    return y
 
 
-def bitlinear_i2s(x: np.ndarray, raw: np.ndarray, n_out: int, n_in: int, w_scale: float) -> np.ndarray:
+def bitlinear_i2s(
+    x: np.ndarray, raw: np.ndarray, n_out: int, n_in: int, w_scale: float
+) -> np.ndarray:
     """:func:`bitlinear` with the weight given as raw I2_S bytes (on-disk layout)."""
     return bitlinear(x, unpack_i2s_codes(raw, n_out, n_in), w_scale)
+
+
+def quantize_head_rows(embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 head: each row of ``embedding [vocab, dim]`` quantized like an activation,
+    ``(q int8 [vocab, dim], s f32 [vocab])`` with ``row ≈ q / s``."""
+    return quantize_activations(np.asarray(embedding, dtype=np.float32))
+
+
+def head_int8(x: np.ndarray, q: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``x [T, dim] @ (q / s)ᵀ`` → ``[T, vocab]`` float32: dot products first, then ``/ s``."""
+    logits: np.ndarray = (x.astype(np.float32) @ q.astype(np.float32).T) / s[None, :]
+    return logits.astype(np.float32)

@@ -1,0 +1,152 @@
+"""The C kernels (``bitserve.kernels._native``) behind the :class:`Backend` interface.
+
+``NativeBackend("avx2" | "scalar", threads, head="f16" | "int8")`` owns one thread pool
+(created once, shared by every kernel) and writes into freshly allocated numpy outputs.
+``bitlinear`` equals :class:`NumpyBackend` bit for bit on both paths; the head and the
+attention equal it to float tolerance (different summation order).
+
+``head="int8"`` quantizes the (F16) embedding once per row (the activation quantizer's
+rule, per-row absmax) and reads 1 byte per weight instead of 2 for every generated token:
+the head is the largest single read of a token. It changes logits slightly (top-1 agrees
+almost always; see ``bitserve bench`` and tests/kernels/test_head_int8.py).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from bitserve.kernels.backend import Backend, TernaryWeight
+
+try:
+    from bitserve.kernels import _native  # type: ignore[attr-defined]
+except ImportError:  # not built: only the numpy backend is available
+    _native = None
+
+IMPLS = {"scalar": 0, "avx2": 1}
+HEAD_MODES = ("f16", "int8")
+
+
+def native_available() -> bool:
+    """True when the C extension is built and importable."""
+    return _native is not None
+
+
+def available_kernels() -> list[str]:
+    """Native paths that can run on this machine, fastest first."""
+    if _native is None:
+        return []
+    return (["avx2"] if _native.cpu_has_avx2() else []) + ["scalar"]
+
+
+def default_threads() -> int:
+    """Physical cores available to this process (one thread per core: the kernels are
+    memory- or SIMD-bound, so SMT siblings add contention, not speed)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpus or 1
+    try:
+        with open("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list") as f:
+            siblings = _count_cpus(f.read())
+    except OSError:
+        siblings = 1
+    return max(1, cpus // max(1, siblings))
+
+
+def _count_cpus(cpu_list: str) -> int:
+    """Number of CPUs in a Linux cpu list such as ``"0,4"`` or ``"0-1"``."""
+    count = 0
+    for part in cpu_list.strip().split(","):
+        lo, _, hi = part.partition("-")
+        count += int(hi) - int(lo) + 1 if hi else 1
+    return count
+
+
+class NativeBackend(Backend):
+    """The C kernels on one path (``kernel``) with one thread pool of ``threads`` threads."""
+
+    def __init__(self, kernel: str = "avx2", threads: int | None = None, head: str = "f16") -> None:
+        if _native is None:
+            raise RuntimeError("the native kernels are not built (pip install -e . builds them)")
+        if kernel not in IMPLS:
+            raise ValueError(f"unknown native kernel {kernel!r}; expected one of {sorted(IMPLS)}")
+        if kernel not in available_kernels():
+            raise ValueError(f"kernel {kernel!r} cannot run on this CPU")
+        if head not in HEAD_MODES:
+            raise ValueError(f"head must be one of {HEAD_MODES}, got {head!r}")
+        self.name = kernel
+        self.head_mode = head
+        self._impl = IMPLS[kernel]
+        self._pool: Any = _native.Pool(threads or default_threads())
+        # int8 head: the source embedding (kept alive so identity stays meaningful) → (q, s)
+        self._head_source: np.ndarray | None = None
+        self._head_int8: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def threads(self) -> int:
+        return int(self._pool.threads)
+
+    def bitlinear(self, x: np.ndarray, w: TernaryWeight) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty((x.shape[0], w.n_out), dtype=np.float32)
+        self._pool.bitlinear(x, w.raw, w.n_out, w.scale, out, self._impl)
+        return out
+
+    def head(self, x: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty((x.shape[0], embedding.shape[0]), dtype=np.float32)
+        if self.head_mode == "int8" and embedding.dtype == np.float16:
+            q, scale = self.prepare_head(embedding)
+            self._pool.head(x, q, scale, out, self._impl)
+        else:
+            dtype = np.float16 if embedding.dtype == np.float16 else np.float32
+            emb = np.ascontiguousarray(embedding, dtype=dtype)  # a view unless BF16-widened
+            self._pool.head(x, emb, None, out, self._impl)
+        return out
+
+    def prepare_head(self, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The int8 head of an F16 ``embedding [vocab, dim]``: ``(q int8 [vocab, dim],
+        row scale f32 [vocab])`` with ``row ≈ q / scale``. Computed once per embedding (call
+        it at load time to keep the ~1 s it takes for 2B-4T out of the first token)."""
+        if self._head_int8 is None or self._head_source is not embedding:
+            emb = np.ascontiguousarray(embedding, dtype=np.float16)
+            q = np.empty(emb.shape, dtype=np.int8)
+            scale = np.empty(emb.shape[0], dtype=np.float32)
+            self._pool.quantize_f16_rows(emb, q, scale, self._impl)
+            self._head_source, self._head_int8 = embedding, (q, scale)
+        return self._head_int8
+
+    def attention(
+        self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int
+    ) -> np.ndarray:
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        kv_dtype = np.float16 if k_cache.dtype == np.float16 else np.float32
+        k = np.ascontiguousarray(k_cache, dtype=kv_dtype)
+        v = np.ascontiguousarray(v_cache, dtype=kv_dtype)
+        out = np.empty(q.shape, dtype=np.float32)
+        self._pool.attention(q, k, v, start_pos, out, self._impl)
+        return out
+
+    # --- kernels exposed for tests and the bench -----------------------------------
+
+    def quantize(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(q int8 [T, K], scale f32 [T], Σq int32 [T])`` of ``x [T, K]``."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        q = np.empty(x.shape, dtype=np.int8)
+        scale = np.empty(x.shape[0], dtype=np.float32)
+        total = np.empty(x.shape[0], dtype=np.int32)
+        self._pool.quantize(x, q, scale, total, self._impl)
+        return q, scale, total
+
+    def ternary_int(self, q: np.ndarray, w: TernaryWeight) -> np.ndarray:
+        """Exact int32 ``q [T, K] @ ternaryᵀ`` → ``[T, n_out]`` (the matmul before scaling)."""
+        q = np.ascontiguousarray(q, dtype=np.int8)
+        total = q.astype(np.int32).sum(axis=1, dtype=np.int32)
+        acc = np.empty((q.shape[0], w.n_out), dtype=np.int32)
+        self._pool.ternary_int(q, total, w.raw, w.n_out, acc, self._impl)
+        return acc
+
+    def read_memory(self, buffer: np.ndarray) -> int:
+        """Read every cache line of ``buffer`` with all threads (bandwidth probe)."""
+        return int(self._pool.read_memory(buffer, self._impl))
