@@ -1,0 +1,258 @@
+"""End-to-end: the real server process on the demo model, driven by the official
+``openai`` package and by plain HTTP (every command of the BitNet API guide), plus
+disconnect cancellation, a full queue, restarts and ``kill -9`` with the store intact."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import requests
+from api_server import REPO, Server, metric, start
+from openai.types.chat import ChatCompletion
+
+from bitserve.model.demo import DEMO_NOTICE
+
+# the demo tokenizer's stop tokens (<|end_of_text|>, <|eot_id|>) suppressed: long replies
+NO_STOP = {"2001": -100, "2009": -100}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = start(tmp_path_factory.mktemp("e2e"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def sdk(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_demo_model_says_so(server: Server) -> None:
+    assert DEMO_NOTICE in server.log()
+    assert requests.get(f"{server.url}/health", timeout=10).json()["demo"] is True
+
+
+def test_every_command_of_the_guide(server: Server) -> None:
+    url = server.url
+    conv_id = requests.post(f"{url}/v1/conversations", timeout=10).json()["conversation_id"]
+    for content in ("Hello, how are you?", "What did I just ask you?"):
+        body = {"model": "bitnet", "messages": [{"role": "user", "content": content}],
+                "temperature": 0.7, "max_tokens": 100}  # fmt: skip
+        r = requests.post(f"{url}/v1/conversations/{conv_id}/chat", json=body, timeout=60)
+        assert isinstance(r.json()["choices"][0]["message"]["content"], str)
+    conv = requests.get(f"{url}/v1/conversations/{conv_id}", timeout=10).json()
+    assert [m["role"] for m in conv["messages"]] == ["user", "assistant"] * 2
+    r = requests.post(
+        f"{url}/completion",
+        json={"prompt": "What is artificial intelligence?", "temperature": 0.7, "n_predict": 100},
+        timeout=60,
+    )
+    assert isinstance(r.json()["content"], str)
+    messages = [
+        {"role": "system", "content": "You are a helpful AI assistant."},
+        {"role": "user", "content": "What is artificial intelligence?"},
+    ]
+    body = {"model": "bitnet", "messages": messages, "temperature": 0.7, "max_tokens": 150}
+    r = requests.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+
+
+def test_openai_sdk_chat_non_streaming(sdk: openai.OpenAI) -> None:
+    reply = sdk.chat.completions.create(
+        model="bitnet",
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=8,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    assert reply.id.startswith("chatcmpl-") and reply.object == "chat.completion"
+    assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
+    assert reply.choices[0].logprobs is not None and reply.choices[0].logprobs.content
+
+
+def test_openai_sdk_chat_streaming_with_logprobs(sdk: openai.OpenAI) -> None:
+    stream = sdk.chat.completions.create(
+        model="bitnet",
+        messages=[{"role": "user", "content": "Tell me a story"}],
+        max_tokens=10,
+        stream=True,
+        logprobs=True,
+        top_logprobs=3,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    entries = [
+        e for c in chunks if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content or []
+    ]  # fmt: skip
+    assert entries and all(len(e.top_logprobs) == 3 for e in entries)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+
+
+def test_openai_sdk_conversation(sdk: openai.OpenAI) -> None:
+    conv = sdk.conversations.create(metadata={"title": "sdk"})
+    assert conv.id.startswith("conv_") and conv.metadata == {"title": "sdk"}
+    body = {"messages": [{"role": "user", "content": "Remember 42"}], "max_tokens": 5}
+    first = sdk.post(f"/conversations/{conv.id}/chat", cast_to=ChatCompletion, body=body)
+    second = sdk.post(f"/conversations/{conv.id}/chat", cast_to=ChatCompletion, body=body)
+    assert first.usage is not None and second.usage is not None
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+    assert sdk.conversations.retrieve(conv.id).id == conv.id
+
+
+def test_openai_sdk_typed_errors(sdk: openai.OpenAI) -> None:
+    messages: Any = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.NotFoundError):
+        sdk.chat.completions.create(model="gpt-9", messages=messages)
+    with pytest.raises(openai.NotFoundError):
+        sdk.conversations.retrieve("conv_1_999")
+    with pytest.raises(openai.BadRequestError) as bad:
+        sdk.chat.completions.create(model="bitnet", messages=messages, temperature=5)
+    assert bad.value.param == "temperature"  # type: ignore[attr-defined]
+    with pytest.raises(openai.UnprocessableEntityError):
+        sdk.chat.completions.create(model="bitnet", messages=messages, temperature="hot")  # type: ignore[arg-type]
+
+
+def test_openai_sdk_authentication_error(tmp_path: Path) -> None:
+    keyed = start(tmp_path, "--api-key", "right")
+    try:
+        wrong = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        right = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="right", max_retries=0)
+        assert right.models.list().data[0].id == "demo-v1"
+    finally:
+        keyed.stop()
+
+
+def long_stream_request(url: str, conv: str | None = None) -> tuple[str, dict[str, Any]]:
+    path = f"/v1/conversations/{conv}/chat" if conv else "/v1/chat/completions"
+    body = {"model": "bitnet", "messages": [{"role": "user", "content": "Talk forever."}],
+            "max_tokens": 1800, "stream": True, "logit_bias": NO_STOP}  # fmt: skip
+    return url + path, body
+
+
+def read_chunks(response: httpx.Response, n: int) -> Iterator[str]:
+    """Read ``n`` SSE events; returns the line iterator, which the caller must keep: closing
+    it (or breaking out of a for loop over it) closes the connection, i.e. disconnects."""
+    lines = response.iter_lines()
+    seen = 0
+    while seen < n:
+        if next(lines).startswith("data: "):
+            seen += 1
+    return lines
+
+
+def test_client_disconnect_cancels_generation(server: Server) -> None:
+    cancelled = metric(server.url, "bitserve_requests_cancelled_total")
+    url, body = long_stream_request(server.url)
+    with httpx.Client(timeout=60) as client, client.stream("POST", url, json=body) as r:
+        read_chunks(r, 5).close()  # the client goes away mid-reply
+    deadline = time.monotonic() + 10
+    while metric(server.url, "bitserve_requests_cancelled_total") == cancelled:
+        assert time.monotonic() < deadline, "generation was not cancelled"
+        time.sleep(0.05)
+    generated = metric(server.url, "bitserve_tokens_generated_total")
+    time.sleep(0.5)
+    assert metric(server.url, "bitserve_tokens_generated_total") == generated  # it stopped
+    assert metric(server.url, "bitserve_busy") == 0
+    started = time.monotonic()
+    r2 = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                    json={"model": "bitnet", "messages": [{"role": "user", "content": "hi"}],
+                          "max_tokens": 2})  # fmt: skip
+    assert r2.status_code == 200 and time.monotonic() - started < 10
+
+
+def test_concurrent_chats_to_one_conversation_never_interleave(server: Server) -> None:
+    conv = httpx.post(f"{server.url}/v1/conversations", timeout=10).json()["id"]
+    statuses: list[int] = []
+
+    def chat(i: int) -> None:
+        body = {"messages": [{"role": "user", "content": f"message {i}"}], "max_tokens": 4}
+        r = httpx.post(f"{server.url}/v1/conversations/{conv}/chat", json=body, timeout=120)
+        statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=chat, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == [200] * 4
+    messages = httpx.get(f"{server.url}/v1/conversations/{conv}", timeout=10).json()["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 4
+    # each reply's prompt holds every earlier turn: prompts grow strictly
+    prompts = [m["prompt_tokens"] for m in messages if m["role"] == "assistant"]
+    assert prompts == sorted(prompts) and len(set(prompts)) == 4
+
+
+def test_full_queue_is_503_with_retry_after(tmp_path: Path) -> None:
+    s = start(tmp_path, "--max-queue", "1")
+    try:
+        url, body = long_stream_request(s.url)
+        with (
+            httpx.Client(timeout=60) as client,
+            client.stream("POST", url, json=body) as running,
+        ):
+            kept = read_chunks(running, 2)  # A is generating
+            with client.stream("POST", url, json=body) as waiting:  # B waits in the queue
+                assert waiting.status_code == 200
+                r = client.post(url, json={**body, "stream": False})
+                assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
+                assert r.json()["error"]["code"] == "queue_full"
+            assert metric(s.url, "bitserve_requests_cancelled_total") == 0
+            kept.close()
+    finally:
+        s.stop()
+
+
+def test_restart_and_kill_9_keep_every_stored_turn(tmp_path: Path) -> None:
+    db = tmp_path / "keep.db"
+    first = start(tmp_path / "a", db=db)
+    try:
+        conv = httpx.post(f"{first.url}/v1/conversations", json={"metadata": {"title": "k"}},
+                          timeout=10).json()["id"]  # fmt: skip
+        for text in ("first turn", "second turn"):
+            body = {"messages": [{"role": "user", "content": text}], "max_tokens": 4}
+            assert httpx.post(f"{first.url}/v1/conversations/{conv}/chat", json=body,
+                              timeout=60).status_code == 200  # fmt: skip
+    finally:
+        first.stop()
+    # a clean restart (through the guide's launcher) keeps everything
+    launcher = [sys.executable, str(REPO / "bitnet_fast.py")]
+    second = start(tmp_path / "b", db=db, launcher=launcher)
+    before = httpx.get(f"{second.url}/v1/conversations/{conv}", timeout=10).json()
+    assert before["metadata"] == {"title": "k"} and len(before["messages"]) == 4
+    # kill -9 in the middle of a reply
+    url, body = long_stream_request(second.url, conv)
+    with httpx.Client(timeout=60) as client, client.stream("POST", url, json=body) as r:
+        kept = read_chunks(r, 5)
+        assert metric(second.url, "bitserve_busy") == 1  # still generating when killed
+        second.kill9()
+        kept.close()
+    with sqlite3.connect(db) as check:
+        assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    third = start(tmp_path / "c", db=db)
+    try:
+        after = httpx.get(f"{third.url}/v1/conversations/{conv}", timeout=10).json()
+        assert after["messages"] == before["messages"]  # the reply in progress is all we lost
+        body = {"messages": [{"role": "user", "content": "third turn"}], "max_tokens": 4}
+        r2 = httpx.post(f"{third.url}/v1/conversations/{conv}/chat", json=body, timeout=60)
+        assert r2.status_code == 200
+        assert (
+            len(httpx.get(f"{third.url}/v1/conversations/{conv}", timeout=10).json()["messages"])
+            == 6
+        )
+    finally:
+        third.stop()
