@@ -1,0 +1,158 @@
+"""`bitserve bench`: prompt and generation speed, against the machine's memory bandwidth.
+
+Generation is memory-bound: every token reads all ternary weights plus the LM head, so the
+ceiling is ``bandwidth / bytes_per_token``; ``limit_fraction`` says how close we get. By
+default the model is a synthetic one with BitNet-b1.58-2B-4T's shapes (random weights,
+same bytes and arithmetic), written once to ``$BITSERVE_CACHE`` (or ``~/.cache/bitserve``).
+Prints ONE JSON line; ``baseline`` gives the ratios to bitnet.cpp's figures on a 2-core
+AVX2 EPYC (spec §7). Never meant to gate CI on absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitserve.kernels import get_backend
+from bitserve.kernels.native import NativeBackend, available_kernels, default_threads
+from bitserve.model.bitnet import BitNetModel
+from bitserve.model.synthetic import SHAPE_2B4T, write_synthetic_model
+
+BASELINE_GEN_TOK_S = 15.5  # bitnet.cpp, 2-core AVX2 EPYC, 2B-4T shapes (spec §7)
+BASELINE_PROMPT_TOK_S = 68.8
+SYNTHETIC_NAME = "synthetic-2b4t-i2s-seed0.gguf"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", help="GGUF model (default: cached synthetic 2B-4T)")
+    parser.add_argument("--threads", type=int, default=None, help="kernel threads (default: cores)")
+    parser.add_argument("--kernel", default=None, help="numpy | scalar | avx2 (default: best)")
+    parser.add_argument("--head", choices=("f16", "int8"), default="f16", help="LM head weights")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--bandwidth-mb", type=int, default=1024, help="bandwidth probe size")
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    load_s: float
+    prompt_tok_s: float
+    gen_tok_s: float
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BITSERVE_CACHE") or Path.home() / ".cache" / "bitserve")
+
+
+def synthetic_model() -> Path:
+    """The cached synthetic 2B-4T model, written on first use (the writer renames
+    atomically, so an interrupted run never leaves a half file under the final name)."""
+    path = cache_dir() / SYNTHETIC_NAME
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"bench: writing {path} (2B-4T shapes, ~1.2 GB, about a minute)", file=sys.stderr)
+        start = time.perf_counter()
+        write_synthetic_model(path, SHAPE_2B4T, seed=0)
+        print(f"bench: written in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return path
+
+
+def measure_bandwidth(backend: NativeBackend, megabytes: int) -> float:
+    """Read bandwidth in GB/s: best of 5 passes over a buffer far larger than the caches."""
+    buf = np.ones(megabytes << 20, dtype=np.uint8)  # ones: every page really allocated
+    backend.read_memory(buf)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        backend.read_memory(buf)
+        best = min(best, time.perf_counter() - start)
+    return buf.nbytes / best / 1e9
+
+
+def bytes_per_token(model: BitNetModel, backend: Any) -> int:
+    """Bytes one generated token reads: every ternary code plus the head's weights."""
+    codes = sum(
+        w.n_out * w.n_in // 4
+        for layer in model.weights.layers
+        for w in (layer.attn_q, layer.attn_k, layer.attn_v, layer.attn_output)
+    ) + sum(
+        w.n_out * w.n_in // 4
+        for layer in model.weights.layers
+        for w in (layer.ffn_gate, layer.ffn_up, layer.ffn_down)
+    )
+    head = model.weights.head
+    if getattr(backend, "head_mode", "f16") == "int8" and head.dtype == np.float16:
+        return int(codes + head.size + 4 * head.shape[0])
+    return int(codes + head.nbytes)
+
+
+def time_model(path: Path, backend: Any, n_prompt: int, n_gen: int) -> tuple[BitNetModel, Timings]:
+    """Load (to the first token), then a prompt of ``n_prompt`` and ``n_gen`` greedy steps."""
+    start = time.perf_counter()
+    model = BitNetModel.load(path, backend=backend)
+    if isinstance(backend, NativeBackend) and backend.head_mode == "int8":
+        backend.prepare_head(model.weights.head)
+    model.forward([0], model.new_cache(max_seq=8))  # first token: weights paged in
+    load_s = time.perf_counter() - start
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, model.config.vocab_size, size=n_prompt)
+    cache = model.new_cache(max_seq=n_prompt + n_gen + 1)
+    start = time.perf_counter()
+    logits = model.forward(prompt, cache)
+    prompt_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(n_gen):
+        logits = model.forward([int(np.argmax(logits))], cache)
+    gen_s = time.perf_counter() - start
+    return model, Timings(load_s, n_prompt / prompt_s, n_gen / gen_s)
+
+
+def run(args: argparse.Namespace) -> int:
+    path = Path(args.model) if args.model else synthetic_model()
+    threads = args.threads or default_threads()
+    backend = get_backend(args.kernel, threads=threads, head=args.head)
+    probe = backend if isinstance(backend, NativeBackend) else _probe_backend(threads)
+    bandwidth = measure_bandwidth(probe, args.bandwidth_mb) if probe else float("nan")
+    model, t = time_model(path, backend, args.prompt_tokens, args.gen_tokens)
+    per_token = bytes_per_token(model, backend)
+    model.close()
+    ceiling = bandwidth * 1e9 / per_token
+    result = {
+        "prompt_tok_s": round(t.prompt_tok_s, 2),
+        "gen_tok_s": round(t.gen_tok_s, 2),
+        "bandwidth_gb_s": round(bandwidth, 2),
+        "bytes_per_token": per_token,
+        "gen_ceiling_tok_s": round(ceiling, 2),
+        "limit_fraction": round(t.gen_tok_s / ceiling, 3),
+        "load_s": round(t.load_s, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "threads": threads,
+        "kernel": backend.name,
+        "head": args.head,
+        "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+        "model": str(path),
+        "baseline": {
+            "gen": round(t.gen_tok_s / BASELINE_GEN_TOK_S, 3),
+            "prompt": round(t.prompt_tok_s / BASELINE_PROMPT_TOK_S, 3),
+        },
+        "machine": {"cpu": platform.processor() or platform.machine(), "load": os.getloadavg()},
+    }
+    print(json.dumps(result))
+    return 0
+
+
+def _probe_backend(threads: int) -> NativeBackend | None:
+    """The numpy backend has no bandwidth probe: borrow the native one when it is built."""
+    native = available_kernels()
+    return NativeBackend(native[0], threads=threads) if native else None

@@ -1,0 +1,54 @@
+"""`bitserve bench` on a tiny model: one JSON line with the documented keys (never speeds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bitserve.cli import main
+from bitserve.model.synthetic import ModelShape, write_synthetic_model
+
+KEYS = {
+    "prompt_tok_s",
+    "gen_tok_s",
+    "bandwidth_gb_s",
+    "bytes_per_token",
+    "limit_fraction",
+    "load_s",
+    "peak_rss_mb",
+    "threads",
+    "kernel",
+    "head",
+    "baseline",
+}
+SHAPE = ModelShape(
+    n_layers=2, dim=256, ffn_dim=384, n_heads=4, n_kv_heads=2, vocab_size=500, context_length=64
+)
+
+
+@pytest.mark.parametrize("head", ["f16", "int8"])
+def test_bench_prints_one_json_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], head: str
+) -> None:
+    model = write_synthetic_model(tmp_path / "tiny.gguf", SHAPE, seed=0)
+    argv = ["bench", "-m", str(model), "--threads", "2", "--head", head, "--bandwidth-mb", "16"]
+    assert main([*argv, "--prompt-tokens", "12", "--gen-tokens", "4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result.keys() >= KEYS
+    assert result["head"] == head and result["threads"] == 2
+    codes = 2 * (2 * 256 * 256 + 2 * 128 * 256 + 3 * 384 * 256) // 4  # 2 layers, 7 projections
+    head_bytes = 500 * 256 * (2 if head == "f16" else 1) + (0 if head == "f16" else 4 * 500)
+    assert result["bytes_per_token"] == codes + head_bytes
+    assert result["prompt_tok_s"] > 0 and result["gen_tok_s"] > 0
+    assert set(result["baseline"]) == {"gen", "prompt"}
+
+
+def test_bench_numpy_kernel(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = write_synthetic_model(tmp_path / "tiny.gguf", SHAPE, seed=0)
+    argv = ["bench", "-m", str(model), "--kernel", "numpy", "--bandwidth-mb", "16"]
+    assert main([*argv, "--prompt-tokens", "4", "--gen-tokens", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["kernel"] == "numpy"
