@@ -111,7 +111,7 @@ def test_seed_makes_sampling_reproducible_and_n_gives_choices(client: TestClient
 
 
 def test_max_completion_tokens_and_default_max_tokens(client: TestClient) -> None:
-    body = chat_body(max_completion_tokens=3, logit_bias={"2009": -100})
+    body = chat_body(max_completion_tokens=3)
     body.pop("max_tokens")
     assert client.post("/v1/chat/completions", json=body).json()["usage"]["completion_tokens"] <= 3
     eos = client.app.state.served.stop_token_ids  # type: ignore[attr-defined]

@@ -19,10 +19,14 @@ import requests
 from api_server import REPO, Server, metric, start
 from openai.types.chat import ChatCompletion
 
+from bitserve.engine.loader import LoadedModel
 from bitserve.model.demo import DEMO_NOTICE
 
-# the demo tokenizer's stop tokens (<|end_of_text|>, <|eot_id|>) suppressed: long replies
-NO_STOP = {"2001": -100, "2009": -100}
+
+@pytest.fixture(scope="module")
+def no_stop(loaded: LoadedModel) -> dict[str, float]:
+    """``logit_bias`` suppressing the demo tokenizer's stop tokens: replies run long."""
+    return {str(t): -100.0 for t in loaded.tokenizer.stop_ids}
 
 
 @pytest.fixture(scope="module")
@@ -137,10 +141,12 @@ def test_openai_sdk_authentication_error(tmp_path: Path) -> None:
         keyed.stop()
 
 
-def long_stream_request(url: str, conv: str | None = None) -> tuple[str, dict[str, Any]]:
+def long_stream_request(
+    url: str, no_stop: dict[str, float], conv: str | None = None
+) -> tuple[str, dict[str, Any]]:
     path = f"/v1/conversations/{conv}/chat" if conv else "/v1/chat/completions"
     body = {"model": "bitnet", "messages": [{"role": "user", "content": "Talk forever."}],
-            "max_tokens": 1800, "stream": True, "logit_bias": NO_STOP}  # fmt: skip
+            "max_tokens": 1800, "stream": True, "logit_bias": no_stop}  # fmt: skip
     return url + path, body
 
 
@@ -155,9 +161,9 @@ def read_chunks(response: httpx.Response, n: int) -> Iterator[str]:
     return lines
 
 
-def test_client_disconnect_cancels_generation(server: Server) -> None:
+def test_client_disconnect_cancels_generation(server: Server, no_stop: dict[str, float]) -> None:
     cancelled = metric(server.url, "bitserve_requests_cancelled_total")
-    url, body = long_stream_request(server.url)
+    url, body = long_stream_request(server.url, no_stop)
     with httpx.Client(timeout=60) as client, client.stream("POST", url, json=body) as r:
         read_chunks(r, 5).close()  # the client goes away mid-reply
     deadline = time.monotonic() + 10
@@ -197,10 +203,10 @@ def test_concurrent_chats_to_one_conversation_never_interleave(server: Server) -
     assert prompts == sorted(prompts) and len(set(prompts)) == 4
 
 
-def test_full_queue_is_503_with_retry_after(tmp_path: Path) -> None:
+def test_full_queue_is_503_with_retry_after(tmp_path: Path, no_stop: dict[str, float]) -> None:
     s = start(tmp_path, "--max-queue", "1")
     try:
-        url, body = long_stream_request(s.url)
+        url, body = long_stream_request(s.url, no_stop)
         with (
             httpx.Client(timeout=60) as client,
             client.stream("POST", url, json=body) as running,
@@ -217,7 +223,9 @@ def test_full_queue_is_503_with_retry_after(tmp_path: Path) -> None:
         s.stop()
 
 
-def test_restart_and_kill_9_keep_every_stored_turn(tmp_path: Path) -> None:
+def test_restart_and_kill_9_keep_every_stored_turn(
+    tmp_path: Path, no_stop: dict[str, float]
+) -> None:
     db = tmp_path / "keep.db"
     first = start(tmp_path / "a", db=db)
     try:
@@ -235,7 +243,7 @@ def test_restart_and_kill_9_keep_every_stored_turn(tmp_path: Path) -> None:
     before = httpx.get(f"{second.url}/v1/conversations/{conv}", timeout=10).json()
     assert before["metadata"] == {"title": "k"} and len(before["messages"]) == 4
     # kill -9 in the middle of a reply
-    url, body = long_stream_request(second.url, conv)
+    url, body = long_stream_request(second.url, no_stop, conv)
     with httpx.Client(timeout=60) as client, client.stream("POST", url, json=body) as r:
         kept = read_chunks(r, 5)
         assert metric(second.url, "bitserve_busy") == 1  # still generating when killed
