@@ -23,7 +23,12 @@
 #define BLOCK_BYTES 32
 #define TOKEN_TILE 8     /* tokens sharing one unpacked weight block (GEMM) */
 #define INT16_BLOCKS 16  /* |Σ of 16 blocks of maddubs| <= 16·4·512 = 32768: fits int16 */
-#define ROWS_PER_CHUNK 32
+#define MIN_ROWS_PER_CHUNK 32
+#define CHUNKS_PER_THREAD 4 /* long sequential runs for the prefetchers, some balancing */
+/* bytes ahead of the current block to prefetch: the matmul does ~16 µops per 32 bytes, so
+ * the out-of-order window alone keeps too few cache misses in flight to fill the memory
+ * bus; an explicit prefetch this far ahead does (measured on the 2B-4T shapes) */
+#define PREFETCH_BYTES 2048
 
 /* ---------------------------------------------------------------- quantization ---- */
 
@@ -162,6 +167,7 @@ TARGET_AVX2 static inline __attribute__((always_inline)) void row_dots_avx2(
         size_t b1 = b0 + INT16_BLOCKS < n_blocks ? b0 + INT16_BLOCKS : n_blocks;
         for (int t = 0; t < tt; t++) acc16[t] = _mm256_setzero_si256();
         for (size_t b = b0; b < b1; b++) {
+            _mm_prefetch((const char *)(codes + b * BLOCK_BYTES + PREFETCH_BYTES), _MM_HINT_T0);
             __m256i raw = _mm256_loadu_si256((const __m256i *)(codes + b * BLOCK_BYTES));
             __m256i c0 = _mm256_and_si256(_mm256_srli_epi16(raw, 6), mask);
             __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
@@ -212,6 +218,7 @@ typedef struct {
     size_t n_tokens;
     float *y;
     int32_t *acc;
+    size_t rows_per_chunk; /* set by run_matmul from the thread count */
 } MatmulTask;
 
 static void store_dots(const MatmulTask *m, size_t row, size_t t0, int tt, const int32_t *dots) {
@@ -225,12 +232,12 @@ static void store_dots(const MatmulTask *m, size_t row, size_t t0, int tt, const
     }
 }
 
-/* Rows [chunk·ROWS_PER_CHUNK, +ROWS_PER_CHUNK) against every token, in token tiles. */
+/* Rows [chunk·rows_per_chunk, +rows_per_chunk) against every token, in token tiles. */
 static void matmul_chunk(void *ctx, int chunk, int thread) {
     (void)thread;
     const MatmulTask *m = ctx;
-    size_t r0 = (size_t)chunk * ROWS_PER_CHUNK;
-    size_t r1 = r0 + ROWS_PER_CHUNK < m->n_out ? r0 + ROWS_PER_CHUNK : m->n_out;
+    size_t r0 = (size_t)chunk * m->rows_per_chunk;
+    size_t r1 = r0 + m->rows_per_chunk < m->n_out ? r0 + m->rows_per_chunk : m->n_out;
     size_t n_blocks = m->n_in / BLOCK, row_bytes = m->n_in / 4;
     int32_t dots[TOKEN_TILE];
     for (size_t t0 = 0; t0 < m->n_tokens; t0 += TOKEN_TILE) {
@@ -251,21 +258,24 @@ static void matmul_chunk(void *ctx, int chunk, int thread) {
     }
 }
 
-static void run_matmul(Pool *pool, const MatmulTask *task) {
-    int n_chunks = (int)((task->n_out + ROWS_PER_CHUNK - 1) / ROWS_PER_CHUNK);
-    pool_run(pool, matmul_chunk, (void *)task, n_chunks);
+static void run_matmul(Pool *pool, MatmulTask *task) {
+    size_t parts = (size_t)pool->n_threads * CHUNKS_PER_THREAD;
+    size_t rows = (task->n_out + parts - 1) / parts;
+    task->rows_per_chunk = rows < MIN_ROWS_PER_CHUNK ? MIN_ROWS_PER_CHUNK : rows;
+    int n_chunks = (int)((task->n_out + task->rows_per_chunk - 1) / task->rows_per_chunk);
+    pool_run(pool, matmul_chunk, task, n_chunks);
 }
 
 void ternary_matmul(Pool *pool, KernelImpl impl, const uint8_t *codes, size_t n_out,
                     size_t n_in, float w_scale, const int8_t *q, const float *scale,
                     const int32_t *sum, size_t n_tokens, float *y) {
-    MatmulTask task = {impl, codes, n_out, n_in, w_scale, q, scale, sum, n_tokens, y, NULL};
+    MatmulTask task = {impl, codes, n_out, n_in, w_scale, q, scale, sum, n_tokens, y, NULL, 0};
     run_matmul(pool, &task);
 }
 
 void ternary_matmul_int(Pool *pool, KernelImpl impl, const uint8_t *codes, size_t n_out,
                         size_t n_in, const int8_t *q, const int32_t *sum, size_t n_tokens,
                         int32_t *acc) {
-    MatmulTask task = {impl, codes, n_out, n_in, 0.0f, q, NULL, sum, n_tokens, NULL, acc};
+    MatmulTask task = {impl, codes, n_out, n_in, 0.0f, q, NULL, sum, n_tokens, NULL, acc, 0};
     run_matmul(pool, &task);
 }
