@@ -98,7 +98,13 @@ def test_unknown_model_and_conversation_and_route_are_404(client: TestClient) ->
     assert err["code"] == "conversation_not_found"
     error_of(client.post("/v1/conversations/conv_1_999/chat", json=chat_body()), 404)
     error_of(client.get("/no/such/route"), 404)
-    error_of(client.post("/oracle/v1/99/chat", json=chat_body()), 404)
+
+
+def test_unknown_oracle_route_is_404(make_client: AppFactory) -> None:
+    with make_client(api_keys=("k",)) as client:
+        headers = {"Authorization": "Bearer k"}
+        err = error_of(client.post("/oracle/v1/99/chat", json=chat_body(), headers=headers), 404)
+        assert err["code"] == "route_not_found"
 
 
 def test_missing_or_bad_key_is_401_everywhere_but_health(make_client: AppFactory) -> None:

@@ -4,6 +4,7 @@ the OpenAPI description of every route."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +15,46 @@ from fastapi.testclient import TestClient
 from bitserve.api.oracle.config import OracleConfig, OracleConfigError
 
 NEMOTRON = "nvidia/Llama-3.1-Nemotron-70B-Instruct-HF"
+ORACLE_KEY = "oracle-key"
 
 
-def test_oracle_route_1_streams_by_default(client: TestClient) -> None:
+@pytest.fixture
+def oracle(make_client: AppFactory) -> Iterator[TestClient]:
+    """A client of a server with a key, sending it: the oracle routes always need one."""
+    with make_client(api_keys=(ORACLE_KEY,)) as c:
+        c.headers["Authorization"] = f"Bearer {ORACLE_KEY}"
+        yield c
+
+
+def test_oracle_routes_need_a_key_even_on_an_open_server(client: TestClient) -> None:
+    body = chat_body(model="llama-3", stream=False)
+    for path in ("/oracle/v1/1/chat", "/oracle/v1/1/chat/completions"):
+        r = client.post(path, json=body)
+        assert r.status_code == 401
+        assert "--api-key" in r.json()["error"]["message"]
+    assert client.post("/v1/chat/completions", json=chat_body(stream=False)).status_code == 200
+
+
+def test_oracle_routes_refuse_a_wrong_key(oracle: TestClient) -> None:
+    body = chat_body(model="llama-3", stream=False)
+    r = oracle.post("/oracle/v1/1/chat", json=body, headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401
+    r = oracle.post("/oracle/v1/1/chat", json=body, headers={"Authorization": ""})
+    assert r.status_code == 401
+
+
+def test_oracle_route_1_streams_by_default(oracle: TestClient) -> None:
     body = {"model": "llama-3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    r = client.post("/oracle/v1/1/chat", json=body)
+    r = oracle.post("/oracle/v1/1/chat", json=body)
     assert r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r.text)
     assert events[-1] == "[DONE]" and events[0]["model"] == "llama-3"
     assert events[0]["choices"][0]["delta"]["reasoning_content"] is None
 
 
-def test_oracle_reply_keys_and_aliases(client: TestClient) -> None:
+def test_oracle_reply_keys_and_aliases(oracle: TestClient) -> None:
     for path in ("/oracle/v1/4/chat", "/oracle/v1/4/chat/completions"):
-        r = client.post(path, json=chat_body(model=NEMOTRON, stream=False))
+        r = oracle.post(path, json=chat_body(model=NEMOTRON, stream=False))
         assert r.status_code == 200, r.text
         data = r.json()
         message = data["choices"][0]["message"]
@@ -36,16 +63,16 @@ def test_oracle_reply_keys_and_aliases(client: TestClient) -> None:
         assert data["choices"][0]["logprobs"] is None
 
 
-def test_oracle_route_defaults_apply(client: TestClient) -> None:
+def test_oracle_route_defaults_apply(oracle: TestClient) -> None:
     # route 1's temperature 0.1 is used unless the client sends one: out of range → 400
     body = chat_body(model="llama-3", stream=False)
     del body["temperature"]
-    assert client.post("/oracle/v1/1/chat", json=body).status_code == 200
-    r = client.post("/oracle/v1/1/chat", json={**body, "temperature": 7})
+    assert oracle.post("/oracle/v1/1/chat", json=body).status_code == 200
+    r = oracle.post("/oracle/v1/1/chat", json={**body, "temperature": 7})
     assert r.status_code == 400
-    r = client.post("/oracle/v1/1/chat", json={**body, "model": "unknown-model"})
+    r = oracle.post("/oracle/v1/1/chat", json={**body, "model": "unknown-model"})
     assert r.status_code == 404
-    r = client.post("/oracle/v1/1/chat", json={"model": "llama-3", "messages": "nope"})
+    r = oracle.post("/oracle/v1/1/chat", json={"model": "llama-3", "messages": "nope"})
     assert r.status_code == 422 and r.json()["error"]["param"] == "messages"
 
 
@@ -55,7 +82,8 @@ def test_oracle_config_file(make_client: AppFactory, tmp_path: Path) -> None:
                                                     "aliases": ["tiny"]}}}))  # fmt: skip
     config = OracleConfig.load(path)
     assert config.routes["fast"].defaults == {"max_tokens": 2, "stream": False}
-    with make_client(oracle=config) as client:
+    with make_client(oracle=config, api_keys=(ORACLE_KEY,)) as client:
+        client.headers["Authorization"] = f"Bearer {ORACLE_KEY}"
         body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
         data = client.post("/oracle/v1/fast/chat", json=body).json()
         assert data["usage"]["completion_tokens"] <= 2

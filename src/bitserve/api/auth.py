@@ -57,3 +57,16 @@ def require_key(request: Request) -> Principal:
     """FastAPI dependency: the caller's ``Principal`` (401 without a valid key)."""
     checker: KeyChecker = request.app.state.keys
     return checker.check(request.headers.get("authorization"))
+
+
+def require_configured_key(request: Request) -> Principal:
+    """Like :func:`require_key`, but a server without keys refuses too: the BitMind oracle
+    API is defined as Bearer-authenticated, and an open oracle route would hand any
+    client on the network a model its operator meant to put behind keys."""
+    checker: KeyChecker = request.app.state.keys
+    if not checker.enabled:
+        raise AuthenticationError(
+            "The oracle routes need an API key, and this server has none configured: "
+            "start it with --api-key KEY (or --api-keys-file FILE)."
+        )
+    return checker.check(request.headers.get("authorization"))

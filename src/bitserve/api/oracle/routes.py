@@ -1,8 +1,8 @@
 """BitMind-compatible oracle routes: ``POST /oracle/v1/{route}/chat`` and
-``/oracle/v1/{route}/chat/completions``. A bearer key is required whenever the server has
-keys (like every route). Each route's config defaults fill the fields the client left out,
-``model`` may be any alias from the config, and replies carry ``reasoning_content`` and
-``tool_calls`` keys."""
+``/oracle/v1/{route}/chat/completions``. A bearer key is always required: a server started
+without keys answers these routes with 401. Each route's config defaults fill the fields the
+client left out, ``model`` may be any alias from the config, and replies carry
+``reasoning_content`` and ``tool_calls`` keys."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from bitserve.api.auth import require_key
+from bitserve.api.auth import require_configured_key
 from bitserve.api.chat.protocol import ChatCompletion, ChatCompletionRequest
 from bitserve.api.chat.serving import plan_chat, respond_chat, wire_messages
 from bitserve.api.conversations.routes import SSE_DOC
@@ -22,7 +22,7 @@ from bitserve.api.oracle.config import OracleConfig
 from bitserve.api.served import ServedModel
 from bitserve.api.streaming import RequestGuard
 
-router = APIRouter(tags=["oracle"], dependencies=[Depends(require_key)])
+router = APIRouter(tags=["oracle"], dependencies=[Depends(require_configured_key)])
 
 
 async def _oracle_chat(route: str, raw: dict[str, Any], request: Request) -> Response:
