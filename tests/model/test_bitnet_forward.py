@@ -105,7 +105,7 @@ def test_a_cache_of_another_shape_is_rejected(model_gqa4: Path, model_gqa2: Path
 
 
 def test_unknown_backend_name_is_an_error(model_gqa2: Path) -> None:
-    with pytest.raises(ValueError, match="unknown kernel"):
+    with pytest.raises(ValueError, match="unknown or unavailable kernel"):
         BitNetModel.load(model_gqa2, backend="no-such-kernel")
 
 
