@@ -22,6 +22,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to every option's help unless the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if "default" in help_text.lower() or action.default in (None, argparse.SUPPRESS):
+            return help_text
+        return super()._get_help_string(action)
+
+
 def build_parser(command: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bitserve",
@@ -34,7 +44,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
             name,
             help=help_text,
             description=help_text,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=_DefaultsFormatter,
         )
         if name == command:
             importlib.import_module(module).add_arguments(p)
