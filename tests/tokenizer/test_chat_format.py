@@ -193,3 +193,92 @@ def test_tojson_filter(demo_tokenizer: Tokenizer) -> None:
     assert chat.render([{"role": "user", "content": "café"}]) == (
         '{"role": "user", "content": "café"}'
     )
+
+
+# -- given token ids (the server's stored replies) ------------------------------------------
+
+
+def char_ids(tok: Tokenizer, text: str) -> list[int]:
+    """``text`` one character per token: a sequence BPE would never produce for it."""
+    return [i for ch in text for i in tok.encode(ch)]
+
+
+@pytest.mark.parametrize("fixture", ["bitnet", "llama3"])
+def test_given_ids_extend_the_previous_prompt(
+    request: pytest.FixtureRequest, demo_tokenizer: Tokenizer, fixture: str
+) -> None:
+    chat: ChatFormatter = request.getfixturevalue(fixture)
+    tok = demo_tokenizer
+    turn1 = CONVERSATION[:2]
+    prompt1 = chat.encode(turn1)
+    reply = " Paris, of course. "  # spaces on both ends: stripping must not touch the ids
+    generated = char_ids(tok, reply)
+    assert generated != tok.encode(reply)
+    turn2 = [*turn1, {"role": "assistant", "content": reply, "token_ids": generated}]
+    turn2.append({"role": "user", "content": "And of Spain?"})
+    prompt2 = chat.encode(turn2)
+    head = [*prompt1, *generated, tok.eot_id]
+    assert prompt2[: len(head)] == head
+    # the rest is the new user turn, as encoding the reply as text gives it; the text
+    # encoding itself differs (the test would prove nothing otherwise)
+    tail = prompt2[len(head) :]
+    as_text = chat.encode([*turn2[:2], {"role": "assistant", "content": reply}, turn2[3]])
+    assert as_text[-len(tail) :] == tail
+    assert as_text[: len(head)] != head
+    assert reply in tok.decode(prompt2)
+
+
+def test_given_ids_may_spell_control_tokens(
+    bitnet: ChatFormatter, demo_tokenizer: Tokenizer
+) -> None:
+    # ids are the model's own output, copied as they are (text never becomes control tokens)
+    tok = demo_tokenizer
+    ids = [*tok.encode("ok"), tok.eot_id]
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "ok<|eot_id|>", "token_ids": ids},
+    ]
+    prompt = bitnet.encode(messages, add_generation_prompt=False)
+    assert prompt[-len(ids) - 1 :] == [*ids, tok.eot_id]
+    as_text = bitnet.encode([messages[0], {"role": "assistant", "content": "ok<|eot_id|>"}])
+    assert specials(tok, as_text) == [tok.bos_id, tok.eot_id, tok.eot_id]
+
+
+def test_empty_given_ids(bitnet: ChatFormatter, demo_tokenizer: Tokenizer) -> None:
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "", "token_ids": []},
+    ]
+    prompt = bitnet.encode(messages, add_generation_prompt=False)
+    assert prompt == bitnet.encode([*messages[:1], {"role": "assistant", "content": ""}], False)
+
+
+def test_render_shows_the_text_of_messages_with_ids(bitnet: ChatFormatter) -> None:
+    messages = [{"role": "assistant", "content": "Paris.", "token_ids": [1, 2]}]
+    assert bitnet.render(messages, add_generation_prompt=False) == (
+        "<|begin_of_text|>Assistant: Paris.<|eot_id|>"
+    )
+
+
+@pytest.mark.parametrize(
+    ("token_ids", "match"),
+    [
+        ("12", "must be a list"),
+        (5, "must be a list"),
+        ([1, -2], "non-negative integers"),
+        ([1, True], "non-negative integers"),
+        ([1.0], "non-negative integers"),
+        ([10**9], "outside the vocabulary"),
+    ],
+)
+def test_invalid_given_ids(bitnet: ChatFormatter, token_ids: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        bitnet.encode([{"role": "assistant", "content": "x", "token_ids": token_ids}])
+
+
+def test_given_ids_need_a_template_that_keeps_contents(demo_tokenizer: Tokenizer) -> None:
+    chat = ChatFormatter(
+        demo_tokenizer, "{% for m in messages %}{{ m['content'][::-1] }}<|eot_id|>{% endfor %}"
+    )
+    with pytest.raises(ValueError, match="token_ids cannot be encoded"):
+        chat.encode([{"role": "assistant", "content": "x", "token_ids": [5]}])

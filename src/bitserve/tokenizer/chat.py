@@ -22,6 +22,14 @@ them, e.g. trimmed) are spliced back in as ordinary text. So a user who writes
 otherwise exactly those of encoding the rendered prompt with special tokens allowed.
 A template that rewrites contents beyond trimming is accepted only if its output has the
 same control tokens as its output without contents.
+
+Given token ids: a message may carry ``token_ids`` (the server's own stored replies: the
+ids the model generated). They stand for that message's content verbatim, with no
+stripping and no re-encoding, so the next turn's prompt starts with exactly the tokens the
+model processed in the last one and the prefix cache can reuse them (BPE re-encoding of
+generated text is often a different token sequence). The template renders an opaque
+marker in that content's place and the ids are spliced in where the marker lands. Only
+the server sets them: the HTTP layer never passes a client's ``token_ids`` on.
 """
 
 from __future__ import annotations
@@ -50,13 +58,33 @@ BROKEN_TEMPLATE_MARK = "BITNETAssistant:"
 _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
 _MARKER_RE = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
 
+# a prompt piece: template/content text, one control token id, or given ids (verbatim)
+Segment = str | int | tuple[int, ...]
+
+
+def _marker(i: int) -> str:
+    return f"{_MARK_OPEN}{i}{_MARK_CLOSE}"
+
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
-    """A validated message: ``role`` is one of :data:`ROLES`."""
+    """A validated message: ``role`` is one of :data:`ROLES`; ``token_ids`` (optional)
+    are used verbatim for the content when encoding."""
 
     role: str
     content: str
+    token_ids: tuple[int, ...] | None = None
+
+
+def _token_ids(i: int, message: Mapping[str, Any]) -> tuple[int, ...] | None:
+    ids = message.get("token_ids")
+    if ids is None:
+        return None
+    if isinstance(ids, str | bytes) or not isinstance(ids, Sequence):
+        raise ValueError(f"message {i}: token_ids must be a list of token ids")
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise ValueError(f"message {i}: token_ids must be non-negative integers")
+    return tuple(ids)
 
 
 def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[ChatMessage]:
@@ -73,7 +101,7 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[ChatMessage
         content = message.get("content")
         if not isinstance(content, str):
             raise ValueError(f"message {i}: content must be a string")
-        out.append(ChatMessage(role, content))
+        out.append(ChatMessage(role, content, _token_ids(i, message)))
     return out
 
 
@@ -168,6 +196,15 @@ class ChatFormatter:
             return [m.content.strip() for m in messages]
         return [m.content for m in messages]
 
+    def _encoding_contents(self, messages: list[ChatMessage]) -> list[str]:
+        """Contents for :meth:`encode`: a message with ``token_ids`` keeps its marker in
+        the real rendering too, so its ids can be spliced in where the marker lands."""
+        contents = self._contents(messages)
+        return [
+            _marker(i) if m.token_ids is not None else c
+            for i, (m, c) in enumerate(zip(messages, contents, strict=True))
+        ]
+
     def render(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
     ) -> str:
@@ -180,14 +217,23 @@ class ChatFormatter:
     def encode(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
     ) -> list[int]:
-        """Token ids of the prompt; message contents can never become control tokens."""
+        """Token ids of the prompt; message contents can never become control tokens.
+
+        A message's ``token_ids`` replace its content's encoding verbatim (see the module
+        docstring); ids outside the vocabulary are a ValueError."""
         checked = validate_messages(messages)
-        contents = self._contents(checked)
+        self._check_ids(checked)
+        contents = self._encoding_contents(checked)
         real = self._render(checked, contents, add_generation_prompt)
-        markers = [f"{_MARK_OPEN}{i}{_MARK_CLOSE}" for i in range(len(checked))]
+        markers = [_marker(i) for i in range(len(checked))]
         marked = self._render(checked, markers, add_generation_prompt)
-        segments = self._align(real, marked, contents)
+        segments = self._align(real, marked, contents, checked)
         if segments is None:
+            if any(m.token_ids is not None for m in checked):
+                raise ValueError(
+                    "this chat template rewrites message contents, so messages with "
+                    "token_ids cannot be encoded"
+                )
             segments = self._segments_unaligned(real, marked)
         ids = self._encode_segments(segments)
         bos = self.tokenizer.bos_id
@@ -195,15 +241,24 @@ class ChatFormatter:
             ids.insert(0, bos)
         return ids
 
-    def _align(self, real: str, marked: str, contents: list[str]) -> list[str | int] | None:
+    def _check_ids(self, messages: list[ChatMessage]) -> None:
+        vocab = self.tokenizer.vocab_size
+        for i, m in enumerate(messages):
+            if m.token_ids is not None and any(t >= vocab for t in m.token_ids):
+                raise ValueError(f"message {i}: token_ids outside the vocabulary ({vocab})")
+
+    def _align(
+        self, real: str, marked: str, contents: list[str], messages: list[ChatMessage]
+    ) -> list[Segment] | None:
         """Split ``real`` into the template's own text (searched for control tokens) and
-        the contents (kept as text), using ``marked`` to tell them apart.
+        the contents (kept as text, or a message's given ids), using ``marked`` to tell
+        them apart.
 
         A template may trim contents, so each content may appear stripped; None when
         ``real`` cannot be rebuilt exactly that way (the template rewrote a content).
         """
         pieces = _MARKER_RE.split(marked)  # template text, index, template text, ...
-        segments: list[str | int] = []
+        segments: list[Segment] = []
         pos = 0
         for k, piece in enumerate(pieces):
             if k % 2 == 0:
@@ -220,14 +275,17 @@ class ChatFormatter:
                     break
             else:
                 return None
-            segments.append(candidate)
+            given = messages[int(piece)].token_ids
+            if given is not None and candidate != content:
+                return None  # the template rewrote the marker standing for given ids
+            segments.append(candidate if given is None else given)
             pos = end
         return segments if pos == len(real) else None
 
-    def _segments_unaligned(self, real: str, marked: str) -> list[str | int]:
+    def _segments_unaligned(self, real: str, marked: str) -> list[Segment]:
         """For templates that rewrite contents: accept the rendered prompt only if it has
         the same control tokens as the template with contents left out."""
-        segments = self.tokenizer.split_special(real)
+        segments: list[Segment] = list(self.tokenizer.split_special(real))
         own = [p for p in self.tokenizer.split_special(marked) if isinstance(p, int)]
         if [p for p in segments if isinstance(p, int)] != own:
             raise ValueError(
@@ -236,17 +294,20 @@ class ChatFormatter:
             )
         return segments
 
-    def _encode_segments(self, segments: list[str | int]) -> list[int]:
-        """Encode runs of text as ordinary text (allow_special=False) between control ids."""
+    def _encode_segments(self, segments: list[Segment]) -> list[int]:
+        """Encode runs of text as ordinary text (allow_special=False) between control ids
+        and given id sequences (both copied as they are)."""
         ids: list[int] = []
         text: list[str] = []
-        for segment in [*segments, -1]:
+        for segment in [*segments, ()]:
             if isinstance(segment, str):
                 text.append(segment)
                 continue
             if text:
                 ids += self.tokenizer.encode("".join(text), allow_special=False)
                 text = []
-            if segment >= 0:
+            if isinstance(segment, int):
                 ids.append(segment)
+            else:
+                ids.extend(segment)
         return ids
