@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bitserve.store import ConversationNotFoundError, NewMessage, SQLiteStore, StoreError
+from bitserve.store.sqlite import SCHEMA_V1, SCHEMA_VERSION
 
 
 @pytest.fixture
@@ -105,7 +106,7 @@ def test_persists_across_reopen_with_wal_and_schema_version(tmp_path: Path) -> N
     s2 = SQLiteStore(path)
     assert s2.get("", conv.id).metadata == {"title": "keep"}
     assert s2.messages("", conv.id)[0].content == "remember me"
-    assert s2.schema_version() == 1
+    assert s2.schema_version() == SCHEMA_VERSION == 2
     s2.close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -140,3 +141,59 @@ def test_concurrent_turns_from_threads_are_all_kept(store: SQLiteStore) -> None:
     assert [m.index for m in msgs] == list(range(80))
     # turns never interleave: every user message is followed by its reply
     assert all(msgs[i].role == "user" and msgs[i + 1].role == "assistant" for i in range(0, 80, 2))
+
+
+def test_reply_token_ids_round_trip(store: SQLiteStore, tmp_path: Path) -> None:
+    conv = store.create("", messages=[NewMessage("system", "be brief")])
+    ids = (0, 7, 128009, 2**32 - 1)
+    appended = store.append_turn(
+        "", conv.id, [NewMessage("user", "hi"), NewMessage("assistant", "yo", token_ids=ids)]
+    )
+    assert [m.token_ids for m in appended] == [None, ids]
+    store.append_turn("", conv.id, [NewMessage("assistant", "", token_ids=())])
+    assert [m.token_ids for m in store.messages("", conv.id)] == [None, None, ids, ()]
+
+
+def write_v1_database(path: Path) -> None:
+    """A file as bitserve 0.x (schema 1) left it: one conversation with a turn."""
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA_V1)
+    db.execute("INSERT INTO schema_version (version) VALUES (1)")
+    db.execute("INSERT INTO conversations VALUES (1, 'conv_1700000000000_0', 'k', 1.0, '{}')")
+    db.execute("INSERT INTO messages VALUES (1, 0, 'user', 'old q', 2.0, 2, NULL, NULL, NULL)")
+    db.execute("INSERT INTO messages VALUES (1, 1, 'assistant', 'old a', 3.0, 2, 9, 2, 'stop')")
+    db.commit()
+    db.close()
+
+
+def test_migrates_a_version_1_database(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    write_v1_database(path)
+    store = SQLiteStore(path)
+    assert store.schema_version() == SCHEMA_VERSION
+    old = store.messages("k", "conv_1700000000000_0")
+    assert [(m.content, m.token_ids, m.finish_reason) for m in old] == [
+        ("old q", None, None),
+        ("old a", None, "stop"),
+    ]
+    store.append_turn(
+        "k", "conv_1700000000000_0", [NewMessage("assistant", "new", token_ids=(5, 6))]
+    )
+    store.close()
+    reopened = SQLiteStore(path)  # migrating again is a no-op
+    assert reopened.schema_version() == SCHEMA_VERSION
+    assert [m.token_ids for m in reopened.messages("k", "conv_1700000000000_0")] == [
+        None,
+        None,
+        (5, 6),
+    ]
+    reopened.close()
+    fresh = tmp_path / "fresh.db"
+    SQLiteStore(fresh).close()
+    assert table_sql(fresh) == table_sql(path)  # a migrated file is a fresh one
+
+
+def table_sql(path: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
+    return [(str(name), str(sql)) for name, sql in rows]

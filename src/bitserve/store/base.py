@@ -35,7 +35,9 @@ class ConversationNotFoundError(StoreError, LookupError):
 @dataclass(frozen=True, slots=True)
 class NewMessage:
     """A message to append. ``tokens`` is the token count of ``content`` alone;
-    ``prompt_tokens``/``completion_tokens`` are set on assistant replies (usage of the turn)."""
+    ``prompt_tokens``/``completion_tokens`` are set on assistant replies (usage of the turn).
+    ``token_ids`` (assistant replies) are the ids the model generated for ``content``,
+    without the stop token; the next turn's prompt reuses them verbatim."""
 
     role: str
     content: str
@@ -43,6 +45,7 @@ class NewMessage:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     finish_reason: str | None = None
+    token_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,7 @@ class StoredMessage:
     prompt_tokens: int | None
     completion_tokens: int | None
     finish_reason: str | None
+    token_ids: tuple[int, ...] | None = None  # generated ids of an assistant reply
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,16 +11,23 @@ Durability choices:
 
 One connection, guarded by a lock, serves every thread: SQLite serialises writers anyway
 and each call is a few small statements.
+
+Schema versions: a new file gets :data:`SCHEMA_V1` and then every migration in order, the
+same path an old file takes, so both end up identical. Version 2 adds
+``messages.token_ids`` (the generated ids of an assistant reply, little-endian uint32;
+NULL for messages stored before it and for user/system messages).
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import struct
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from bitserve.store.base import (
     Conversation,
@@ -34,9 +41,9 @@ from bitserve.store.base import (
     now,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-_SCHEMA_V1 = """
+SCHEMA_V1 = """
 CREATE TABLE schema_version (version INTEGER NOT NULL);
 CREATE TABLE conversations (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -59,6 +66,30 @@ CREATE TABLE messages (
     PRIMARY KEY (conversation_seq, idx)
 ) WITHOUT ROWID;
 """
+
+# version → the statements that bring the previous version to it
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE messages ADD COLUMN token_ids BLOB",),
+}
+
+_MESSAGE_COLUMNS = (
+    "idx, role, content, created_at, tokens, prompt_tokens, completion_tokens, finish_reason, "
+    "token_ids"
+)
+
+
+def pack_token_ids(ids: tuple[int, ...] | None) -> bytes | None:
+    """Token ids → the ``token_ids`` column (little-endian uint32); None stays NULL."""
+    return None if ids is None else struct.pack(f"<{len(ids)}I", *ids)
+
+
+def unpack_token_ids(blob: bytes | None) -> tuple[int, ...] | None:
+    if blob is None:
+        return None
+    if len(blob) % 4:
+        raise StoreError(f"corrupt token_ids column ({len(blob)} bytes)")
+    return struct.unpack(f"<{len(blob) // 4}I", blob)
+
 
 _CONVERSATION_COLUMNS = (
     "c.seq, c.id, c.owner, c.created_at, c.metadata, "
@@ -97,22 +128,27 @@ class SQLiteStore(ConversationStore):
             self._db.execute("COMMIT")
 
     def _migrate(self) -> None:
+        """Create the schema or bring an older one up to :data:`SCHEMA_VERSION`, in one
+        transaction (a failed migration leaves the file as it was)."""
         with self._transaction() as db:
             exists = db.execute(
                 "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'"
             ).fetchone()
             if not exists:
-                for statement in _SCHEMA_V1.split(";"):
+                for statement in SCHEMA_V1.split(";"):
                     if statement.strip():
                         db.execute(statement)
-                db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-                return
+                db.execute("INSERT INTO schema_version (version) VALUES (1)")
             (version,) = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
             if version > SCHEMA_VERSION:
                 raise StoreError(
                     f"{self.path}: schema version {version} is newer than this bitserve "
                     f"understands ({SCHEMA_VERSION})"
                 )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[target]:
+                    db.execute(statement)
+                db.execute("INSERT INTO schema_version (version) VALUES (?)", (target,))
 
     def schema_version(self) -> int:
         with self._lock:
@@ -131,6 +167,15 @@ class SQLiteStore(ConversationStore):
             num_messages=int(count),  # type: ignore[call-overload]
         )
 
+    @staticmethod
+    def _message(row: tuple[Any, ...]) -> StoredMessage:
+        """A row of ``_MESSAGE_COLUMNS`` → ``StoredMessage``."""
+        idx, role, content, created_at, tokens, prompt, completion, finish, ids = row
+        return StoredMessage(
+            idx, role, content, created_at, tokens, prompt, completion, finish,
+            unpack_token_ids(ids),
+        )  # fmt: skip
+
     def _row(self, db: sqlite3.Connection, owner: str, conversation_id: str) -> Conversation:
         row = db.execute(
             f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c WHERE c.id = ? AND c.owner = ?",
@@ -148,14 +193,15 @@ class SQLiteStore(ConversationStore):
         created_at = now()
         for i, m in enumerate(messages, start=first_index):
             db.execute(
-                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO messages (conversation_seq, {_MESSAGE_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (seq, i, m.role, m.content, created_at, m.tokens, m.prompt_tokens,
-                 m.completion_tokens, m.finish_reason),
+                 m.completion_tokens, m.finish_reason, pack_token_ids(m.token_ids)),
             )  # fmt: skip
             stored.append(
                 StoredMessage(
                     i, m.role, m.content, created_at, m.tokens, m.prompt_tokens,
-                    m.completion_tokens, m.finish_reason,
+                    m.completion_tokens, m.finish_reason, m.token_ids,
                 )
             )  # fmt: skip
         return stored
@@ -190,12 +236,10 @@ class SQLiteStore(ConversationStore):
         with self._lock:
             conv = self._row(self._db, owner, conversation_id)
             rows = self._db.execute(
-                "SELECT idx, role, content, created_at, tokens, prompt_tokens, "
-                "completion_tokens, finish_reason FROM messages "
-                "WHERE conversation_seq = ? ORDER BY idx",
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_seq = ? ORDER BY idx",
                 (conv.seq,),
             ).fetchall()
-        return [StoredMessage(*row) for row in rows]
+        return [self._message(row) for row in rows]
 
     def list_conversations(
         self, owner: str, limit: int = 20, after: str | None = None
