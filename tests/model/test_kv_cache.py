@@ -1,11 +1,14 @@
-"""KVCache: layout, bounds, truncation."""
+"""KVCache: layout, growth on demand, bounds, truncation, memory accounting."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 
 from bitserve.model import ContextFullError, KVCache, ModelConfig
+from bitserve.model.kv_cache import MIN_CAPACITY, KVMemory
 
 CONFIG = ModelConfig(
     arch="bitnet-b1.58",
@@ -27,14 +30,46 @@ def kv(n: int, value: float) -> np.ndarray:
     return np.full((n, CONFIG.n_kv_heads, CONFIG.head_dim), value, np.float32)
 
 
-def test_layout_defaults_to_the_context_length() -> None:
+def test_starts_empty_and_max_seq_defaults_to_the_context_length() -> None:
     cache = KVCache(CONFIG)
-    assert cache.k.shape == cache.v.shape == (3, 16, 2, 16)
+    assert cache.k.shape == cache.v.shape == (3, 0, 2, 16)
     assert cache.k.dtype == cache.v.dtype == np.float32
-    assert (cache.length, cache.max_seq, cache.free) == (0, 16, 16)
-    assert KVCache(CONFIG, max_seq=5).k.shape == (3, 5, 2, 16)
+    assert (cache.length, cache.max_seq, cache.free, cache.nbytes) == (0, 16, 16, 0)
+    assert KVCache(CONFIG, max_seq=5).max_seq == 5
     with pytest.raises(ValueError, match="positive"):
         KVCache(CONFIG, max_seq=0)
+    with pytest.raises(ValueError, match="dtype"):
+        KVCache(CONFIG, dtype=np.int8)
+
+
+def test_capacity_doubles_up_to_max_seq_and_keeps_the_valid_positions() -> None:
+    config = dataclasses.replace(CONFIG, context_length=100)
+    memory = KVMemory()
+    cache = KVCache(config, dtype=np.float16, memory=memory)
+    capacities = []
+    for pos in range(100):
+        cache.write(0, pos, kv(1, pos), kv(1, -pos))
+        cache.advance(1)
+        capacities.append(cache.capacity)
+    assert capacities[0] == MIN_CAPACITY
+    assert sorted(set(capacities)) == [16, 32, 64, 100]
+    k, v = cache.view(0, 100)
+    np.testing.assert_array_equal(k[:, 0, 0], np.arange(100, dtype=np.float16))
+    np.testing.assert_array_equal(v[:, 1, 3], -np.arange(100, dtype=np.float16))
+    assert k.flags.c_contiguous and k.dtype == np.float16
+    assert memory.allocated_bytes == cache.nbytes == 2 * 3 * 100 * 2 * 16 * 2
+    cache.truncate(40)
+    cache.shrink_to_fit()
+    assert cache.capacity == 40 and memory.allocated_bytes == cache.nbytes
+    np.testing.assert_array_equal(cache.view(0, 40)[0][:, 0, 0], np.arange(40))
+    copy = cache.copy(10)
+    assert (copy.length, copy.capacity) == (10, 10)
+    assert memory.allocated_bytes == cache.nbytes + copy.nbytes
+    np.testing.assert_array_equal(copy.view(0, 10)[1], cache.view(0, 10)[1])
+    cache.release()
+    copy.release()
+    assert memory.allocated_bytes == 0 and memory.peak_bytes > 0
+    assert (cache.length, cache.capacity) == (0, 0)
 
 
 def test_write_view_advance() -> None:

@@ -10,6 +10,7 @@ computed in float64 once and stored as float32; everything else runs in float32.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import numpy as np
 from bitserve.gguf.reader import GGUFFile, read_gguf
 from bitserve.kernels import Backend, get_backend
 from bitserve.model.config import ModelConfig
-from bitserve.model.kv_cache import ContextFullError, KVCache
+from bitserve.model.kv_cache import ContextFullError, KVCache, KVMemory
 from bitserve.model.weights import LayerWeights, ModelWeights
 
 
@@ -58,6 +59,48 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 ACTIVATION_FUNCTIONS = {"relu2": relu_squared, "silu": silu}
+
+
+@dataclass(slots=True)
+class BatchItem:
+    """One sequence's share of a batched step: ``tokens`` (``T >= 1`` new ids) to append at
+    positions ``cache.length..``; ``want_logits``: return the last token's logits."""
+
+    tokens: Sequence[int] | np.ndarray
+    cache: KVCache
+    want_logits: bool = True
+
+
+@dataclass(slots=True)
+class _Step:
+    """The layout of one batched step: item ``j`` owns rows ``los[j]:his[j]`` of the
+    ``[ΣT, ...]`` activations; ``ids [ΣT]`` and the RoPE angles ``cos``/``sin [ΣT, D/2]``
+    of every row's own position, gathered once for all layers."""
+
+    items: Sequence[BatchItem]
+    ids: np.ndarray
+    los: list[int]
+    his: list[int]
+    cos: np.ndarray
+    sin: np.ndarray
+
+    @classmethod
+    def build(
+        cls,
+        items: Sequence[BatchItem],
+        ids: list[np.ndarray],
+        rope_cos: np.ndarray,
+        rope_sin: np.ndarray,
+    ) -> _Step:
+        his = np.cumsum([len(i) for i in ids]).tolist()
+        los = [0, *his[:-1]]
+        if len(items) == 1:  # one sequence: contiguous positions, table views, no copies
+            start = items[0].cache.length
+            end = start + len(ids[0])
+            return cls(items, ids[0], los, his, rope_cos[start:end], rope_sin[start:end])
+        pairs = zip(items, ids, strict=True)
+        positions = np.concatenate([np.arange(len(i)) + it.cache.length for it, i in pairs])
+        return cls(items, np.concatenate(ids), los, his, rope_cos[positions], rope_sin[positions])
 
 
 class BitNetModel:
@@ -107,13 +150,19 @@ class BitNetModel:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def new_cache(self, max_seq: int | None = None) -> KVCache:
-        """An empty cache for up to ``max_seq`` tokens (default and maximum: context_length)."""
+    def new_cache(
+        self,
+        max_seq: int | None = None,
+        dtype: np.dtype | type = np.float32,
+        memory: KVMemory | None = None,
+    ) -> KVCache:
+        """An empty cache for up to ``max_seq`` tokens (default and maximum: context_length);
+        storage grows on demand. ``dtype`` float32 or float16; ``memory`` counts its bytes."""
         if max_seq is not None and max_seq > self.config.context_length:
             raise ValueError(
                 f"max_seq {max_seq} exceeds the model's context length {self.config.context_length}"
             )
-        return KVCache(self.config, max_seq)
+        return KVCache(self.config, max_seq, dtype, memory)
 
     def forward(
         self, tokens: Sequence[int] | np.ndarray, cache: KVCache, all_logits: bool = False
@@ -124,38 +173,83 @@ class BitNetModel:
 
         Raises :class:`ContextFullError` (cache untouched) when the tokens do not fit.
         """
-        ids = self._check_tokens(tokens)  # [T]
-        n_new, start = len(ids), cache.length
-        self._check_cache(cache, n_new)
-        x = self.weights.token_embd[ids].astype(np.float32)  # x: [T, dim]
-        for i, layer in enumerate(self.weights.layers):
-            x = x + self._attention(i, layer, x, cache, start)
-            x = x + self._feed_forward(layer, x)
-        cache.advance(n_new)
+        x, _ = self._hidden([BatchItem(tokens, cache)])  # [T, dim]
         if not all_logits:
             x = x[-1:]  # only the last position needs the (large) head
-        h = rmsnorm(x, self.weights.output_norm, self.config.norm_eps)  # [T or 1, dim]
-        logits = self.backend.head(h, self.weights.head)  # [T or 1, vocab]
+        logits = self._head(x)  # [T or 1, vocab]
         return logits if all_logits else logits[0]
 
-    def _attention(
-        self, i: int, layer: LayerWeights, x: np.ndarray, cache: KVCache, start: int
+    def forward_batch(self, items: Sequence[BatchItem]) -> list[np.ndarray | None]:
+        """One step for several sequences: every item's ``tokens`` are appended to its own
+        cache (at its own positions) and all of them go through each bitlinear as one
+        ``[ΣT, dim]`` activation, so the weights are read once per step for the batch.
+
+        Returns, in item order, the float32 logits ``[vocab]`` of each item's last token
+        when ``item.want_logits``, else ``None``. A token's values do not depend on what
+        else is in the batch (every operation is per row; attention per sequence).
+        Raises :class:`ContextFullError` (no cache touched) when an item does not fit.
+        """
+        if not items:
+            return []
+        x, step = self._hidden(items)  # [ΣT, dim]
+        rows = [hi - 1 for hi, it in zip(step.his, items, strict=True) if it.want_logits]
+        out: list[np.ndarray | None] = [None] * len(items)
+        if rows:
+            logits = self._head(x[rows])  # [n_rows, vocab]
+            wanted = (i for i, it in enumerate(items) if it.want_logits)
+            for i, row in zip(wanted, logits, strict=True):
+                out[i] = row
+        return out
+
+    def _hidden(self, items: Sequence[BatchItem]) -> tuple[np.ndarray, _Step]:
+        """The residual stream after the last block for all new tokens, ``[ΣT, dim]``,
+        and the step's layout; every item's cache advanced by its ``T``. Everything is
+        checked before any cache is written."""
+        ids = [self._check_tokens(it.tokens) for it in items]
+        for it, item_ids in zip(items, ids, strict=True):
+            self._check_cache(it.cache, len(item_ids))
+        if len({id(it.cache) for it in items}) != len(items):
+            raise ValueError("each item of a batch needs its own cache")
+        step = _Step.build(items, ids, self.rope_cos, self.rope_sin)
+        x = self.weights.token_embd[step.ids].astype(np.float32)  # x: [ΣT, dim]
+        for i, layer in enumerate(self.weights.layers):
+            x += self._attention(i, layer, x, step)
+            x += self._feed_forward(layer, x)
+        for it, lo, hi in zip(items, step.los, step.his, strict=True):
+            it.cache.advance(hi - lo)
+        return x, step
+
+    def _head(self, x: np.ndarray) -> np.ndarray:
+        h = rmsnorm(x, self.weights.output_norm, self.config.norm_eps)  # [N, dim]
+        return self.backend.head(h, self.weights.head)  # [N, vocab]
+
+    def _attention(self, i: int, layer: LayerWeights, x: np.ndarray, step: _Step) -> np.ndarray:
+        """Block ``i``'s attention branch for ``x [ΣT, dim]`` → ``[ΣT, dim]`` (before the
+        residual); writes this block's keys/values of every item into its cache."""
+        c, n_rows = self.config, x.shape[0]
+        h = rmsnorm(x, layer.attn_norm, c.norm_eps)  # [ΣT, dim]
+        q = self.backend.bitlinear(h, layer.attn_q).reshape(n_rows, c.n_heads, c.head_dim)
+        k = self.backend.bitlinear(h, layer.attn_k).reshape(n_rows, c.n_kv_heads, c.head_dim)
+        v = self.backend.bitlinear(h, layer.attn_v).reshape(n_rows, c.n_kv_heads, c.head_dim)
+        q, k = rope_neox(q, step.cos, step.sin), rope_neox(k, step.cos, step.sin)
+        if len(step.items) == 1:  # the common single-sequence case: no gather/scatter
+            a = self._attend(i, step.items[0], q, k, v)
+        else:
+            a = np.empty_like(q)  # [ΣT, H, D]
+            for it, lo, hi in zip(step.items, step.los, step.his, strict=True):
+                a[lo:hi] = self._attend(i, it, q[lo:hi], k[lo:hi], v[lo:hi])
+        a = rmsnorm(a.reshape(n_rows, c.dim), layer.attn_sub_norm, c.norm_eps)  # sub-norm first
+        return self.backend.bitlinear(a, layer.attn_output)  # [ΣT, dim]
+
+    def _attend(
+        self, i: int, item: BatchItem, q: np.ndarray, k: np.ndarray, v: np.ndarray
     ) -> np.ndarray:
-        """Block ``i``'s attention branch for ``x [T, dim]`` → ``[T, dim]`` (before the residual);
-        writes this block's keys/values for positions ``start..start+T-1`` into ``cache``."""
-        c, n_new = self.config, x.shape[0]
-        h = rmsnorm(x, layer.attn_norm, c.norm_eps)  # [T, dim]
-        q = self.backend.bitlinear(h, layer.attn_q).reshape(n_new, c.n_heads, c.head_dim)
-        k = self.backend.bitlinear(h, layer.attn_k).reshape(n_new, c.n_kv_heads, c.head_dim)
-        v = self.backend.bitlinear(h, layer.attn_v).reshape(n_new, c.n_kv_heads, c.head_dim)
-        cos = self.rope_cos[start : start + n_new]  # [T, D/2]
-        sin = self.rope_sin[start : start + n_new]
-        q, k = rope_neox(q, cos, sin), rope_neox(k, cos, sin)  # q: [T, H, D], k: [T, KVH, D]
-        cache.write(i, start, k, v)
-        k_all, v_all = cache.view(i, start + n_new)  # [S, KVH, D], S = start + T
-        a = self.backend.attention(q, k_all, v_all, start)  # [T, H, D]
-        a = rmsnorm(a.reshape(n_new, c.dim), layer.attn_sub_norm, c.norm_eps)  # sub-norm first
-        return self.backend.bitlinear(a, layer.attn_output)  # [T, dim]
+        """One sequence's attention in block ``i``: store ``k``/``v [T, KVH, D]`` at its
+        positions, attend ``q [T, H, D]`` over its cache → ``[T, H, D]``."""
+        start = item.cache.length
+        item.cache.write(i, start, k, v)
+        k_all, v_all = item.cache.view(i, start + q.shape[0])  # [S, KVH, D]
+        return self.backend.attention(q, k_all, v_all, start)
 
     def _feed_forward(self, layer: LayerWeights, x: np.ndarray) -> np.ndarray:
         """The FFN branch: ``act(gate) * up``, sub-norm, down projection. ``[T, dim]`` → same."""
@@ -180,9 +274,8 @@ class BitNetModel:
     def _check_cache(self, cache: KVCache, n_new: int) -> None:
         c = self.config
         expected = (c.n_layers, c.n_kv_heads, c.head_dim)
-        n_layers, _, n_kv, head_dim = cache.k.shape
-        if (n_layers, n_kv, head_dim) != expected:
-            raise ValueError(f"cache of shape {cache.k.shape} does not fit this model {expected}")
+        if cache.layout != expected:
+            raise ValueError(f"cache of layout {cache.layout} does not fit this model {expected}")
         cache.check_room(n_new)
         if cache.length + n_new > c.context_length:
             raise ContextFullError(cache.length, n_new, c.context_length)
