@@ -8,7 +8,7 @@ import pytest
 
 from bitserve.kernels.native import NativeBackend, available_kernels
 
-PATHS = [(kernel, threads) for kernel in ("scalar", "avx2") for threads in (1, 2)]
+PATHS = [(kernel, threads) for kernel in ("scalar", "avx2", "avx512") for threads in (1, 2)]
 
 
 @pytest.fixture(params=PATHS, ids=[f"{k}-{t}t" for k, t in PATHS])

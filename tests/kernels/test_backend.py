@@ -18,7 +18,7 @@ def test_default_is_the_best_native_path(monkeypatch: pytest.MonkeyPatch) -> Non
         assert isinstance(backend, NumpyBackend)
 
 
-@pytest.mark.parametrize("name", ["numpy", "scalar", "avx2"])
+@pytest.mark.parametrize("name", ["numpy", "scalar", "avx2", "avx512"])
 def test_env_forces_a_path(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     if name != "numpy" and name not in available_kernels():
         pytest.skip(f"{name} not available")

@@ -31,7 +31,7 @@ def _logits(path: Path, backend: str | NativeBackend, tokens: np.ndarray) -> np.
 
 
 @pytest.mark.parametrize(
-    ("kernel", "threads"), [("scalar", 1), ("scalar", 2), ("avx2", 1), ("avx2", 2)]
+    ("kernel", "threads"), [(k, t) for k in ("scalar", "avx2", "avx512") for t in (1, 2)]
 )
 def test_native_logits_match_numpy(model_path: Path, kernel: str, threads: int) -> None:
     if kernel not in available_kernels():

@@ -1,8 +1,8 @@
 """Kernels of the forward pass: the numpy oracle and the native C paths.
 
-``get_backend()`` picks the fastest available path (AVX2 when the CPU has it, else the
-portable scalar C, else numpy when the extension is not built); ``BITSERVE_KERNEL=
-numpy|scalar|avx2`` forces one, and so does the ``name`` argument.
+``get_backend()`` picks the fastest available path (AVX-512 VNNI, else AVX2 when the CPU
+has it, else the portable scalar C, else numpy when the extension is not built);
+``BITSERVE_KERNEL=numpy|scalar|avx2|avx512`` forces one, and so does the ``name`` argument.
 """
 
 from __future__ import annotations

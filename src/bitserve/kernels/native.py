@@ -1,8 +1,8 @@
 """The C kernels (``bitserve.kernels._native``) behind the :class:`Backend` interface.
 
-``NativeBackend("avx2" | "scalar", threads, head="f16" | "int8")`` owns one thread pool
+``NativeBackend("avx512" | "avx2" | "scalar", threads, head="f16" | "int8")`` owns one thread pool
 (created once, shared by every kernel) and writes into freshly allocated numpy outputs.
-``bitlinear`` equals :class:`NumpyBackend` bit for bit on both paths; the head and the
+``bitlinear`` equals :class:`NumpyBackend` bit for bit on every path (``avx512`` is AVX2 plus an AVX-512 VNNI ternary matmul); the head and the
 attention equal it to float tolerance (different summation order).
 
 ``head="int8"`` quantizes the (F16) embedding once per row (the activation quantizer's
@@ -25,7 +25,7 @@ try:
 except ImportError:  # not built: only the numpy backend is available
     _native = None
 
-IMPLS = {"scalar": 0, "avx2": 1}
+IMPLS = {"scalar": 0, "avx2": 1, "avx512": 2}
 HEAD_MODES = ("f16", "int8")
 
 
@@ -38,7 +38,8 @@ def available_kernels() -> list[str]:
     """Native paths that can run on this machine, fastest first."""
     if _native is None:
         return []
-    return (["avx2"] if _native.cpu_has_avx2() else []) + ["scalar"]
+    fast = [("avx512", _native.cpu_has_avx512()), ("avx2", _native.cpu_has_avx2())]
+    return [name for name, ok in fast if ok] + ["scalar"]
 
 
 def default_threads() -> int:

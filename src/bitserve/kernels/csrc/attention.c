@@ -73,7 +73,7 @@ static void attention_chunk(void *ctx, int chunk, int thread) {
     size_t n_pos = a->start_pos + t + 1, pos_stride = a->n_kv_heads * d;
     const float *q = a->q + (t * a->n_heads + h) * d;
     float *out = a->out + (t * a->n_heads + h) * d, *scores = task->scores + (size_t)thread * task->scores_stride;
-    int avx2 = BITSERVE_X86 && task->impl == IMPL_AVX2;
+    int avx2 = BITSERVE_X86 && task->impl >= IMPL_AVX2;
     float inv_sqrt_d = 1.0f / sqrtf((float)d), max_score = -INFINITY, total = 0.0f;
     for (size_t p = 0; p < n_pos; p++) {
         size_t off = p * pos_stride + kvh * d;

@@ -123,7 +123,7 @@ static void head_chunk(void *ctx, int chunk, int thread) {
             const float *x = h->x + t * h->dim;
             float dot;
 #if BITSERVE_X86
-            if (h->impl == IMPL_AVX2)
+            if (h->impl >= IMPL_AVX2)
                 dot = dot_avx2_any(x, row, h->kind, h->dim);
             else
 #endif
@@ -210,7 +210,7 @@ static void read_chunk(void *ctx, int chunk, int thread) {
     size_t n = r->n - lo < READ_CHUNK_BYTES ? r->n - lo : READ_CHUNK_BYTES;
     uint64_t sum;
 #if BITSERVE_X86
-    if (r->impl == IMPL_AVX2)
+    if (r->impl >= IMPL_AVX2)
         sum = read_avx2(r->buf + lo, n);
     else
 #endif

@@ -4,7 +4,7 @@
  * kernel is a method of it. Each method takes arrays through the buffer protocol, checks
  * dtypes, shapes, contiguity and sizes BEFORE any kernel runs (a bad call raises, it never
  * reads out of bounds), writes into caller-allocated outputs, and releases the GIL while
- * the kernel runs. The last argument `impl` picks the path: 0 scalar, 1 AVX2.
+ * the kernel runs. The last argument `impl` picks the path: 0 scalar, 1 AVX2, 2 AVX-512.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -63,7 +63,9 @@ static int check_dim(const char *name, int axis, Py_ssize_t got, Py_ssize_t want
 }
 
 static int check_impl(int impl) {
-    if (impl == IMPL_SCALAR || (impl == IMPL_AVX2 && cpu_has_avx2())) return 0;
+    if (impl == IMPL_SCALAR || (impl == IMPL_AVX2 && cpu_has_avx2()) ||
+        (impl == IMPL_AVX512 && cpu_has_avx512()))
+        return 0;
     PyErr_Format(PyExc_ValueError, "kernel impl %d is not available on this CPU", impl);
     return -1;
 }
@@ -366,8 +368,15 @@ static PyObject *py_cpu_has_avx2(PyObject *mod, PyObject *unused) {
     return PyBool_FromLong(cpu_has_avx2());
 }
 
+static PyObject *py_cpu_has_avx512(PyObject *mod, PyObject *unused) {
+    (void)mod;
+    (void)unused;
+    return PyBool_FromLong(cpu_has_avx512());
+}
+
 static PyMethodDef module_methods[] = {
     {"cpu_has_avx2", py_cpu_has_avx2, METH_NOARGS, "True when the AVX2/FMA/F16C path can run here."},
+    {"cpu_has_avx512", py_cpu_has_avx512, METH_NOARGS, "True when the AVX-512 VNNI path can run here."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef native_module = {PyModuleDef_HEAD_INIT, "_native",
@@ -386,5 +395,6 @@ PyMODINIT_FUNC PyInit__native(void) {
     }
     PyModule_AddIntConstant(m, "IMPL_SCALAR", IMPL_SCALAR);
     PyModule_AddIntConstant(m, "IMPL_AVX2", IMPL_AVX2);
+    PyModule_AddIntConstant(m, "IMPL_AVX512", IMPL_AVX512);
     return m;
 }

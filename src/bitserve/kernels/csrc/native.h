@@ -3,6 +3,7 @@
  * One extension module (bitserve.kernels._native) built from the .c files in this folder:
  *   pool.c       the thread pool every kernel runs on, and its scratch buffers
  *   ternary.c    int8 activation quantization + ternary (I2_S) GEMV/GEMM, scalar and AVX2
+ *   ternary_avx512.c  the ternary register tile on AVX-512 VNNI (vpdpbusd)
  *   head.c       the tied LM head (F16/F32 and int8 embeddings) and the memory-read probe
  *   attention.c  causal GQA attention over the KV cache
  *   module.c     the Python bindings: buffer checks, GIL release, dispatch
@@ -22,11 +23,15 @@
 #if defined(__x86_64__) || defined(__i386__)
 #define BITSERVE_X86 1
 #define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TARGET_AVX512 \
+    __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #else
 #define BITSERVE_X86 0
 #endif
 
-typedef enum { IMPL_SCALAR = 0, IMPL_AVX2 = 1 } KernelImpl;
+/* Ordered: every path >= IMPL_AVX2 may use the AVX2 code (AVX512 implies it); kernels
+ * without an AVX-512 variant run their AVX2 code on IMPL_AVX512. */
+typedef enum { IMPL_SCALAR = 0, IMPL_AVX2 = 1, IMPL_AVX512 = 2 } KernelImpl;
 
 /* ---------------------------------------------------------------- thread pool ---- */
 
@@ -67,6 +72,7 @@ void pool_unlock(Pool *pool);
 int pool_reserve_act(Pool *pool, size_t n_tokens, size_t k);
 int pool_reserve_scores(Pool *pool, size_t s);
 int cpu_has_avx2(void);
+int cpu_has_avx512(void); /* AVX512 F/BW/VL/VNNI, plus everything cpu_has_avx2 needs */
 
 /* ---------------------------------------------------------------- kernels ---- */
 
@@ -87,6 +93,12 @@ void ternary_matmul(Pool *pool, KernelImpl impl, const uint8_t *codes, size_t n_
 void ternary_matmul_int(Pool *pool, KernelImpl impl, const uint8_t *codes, size_t n_out,
                         size_t n_in, const int8_t *q, const int32_t *sum, size_t n_tokens,
                         int32_t *acc);
+
+#define AVX512_TOKEN_TILE 8
+/* dots[r][t] = Σ_k code[rows[r], k] · q[t, k] for 4 rows (pointers to their I2_S codes) and
+ * tt <= AVX512_TOKEN_TILE tokens; only called when cpu_has_avx512(). */
+void tile_dots_avx512(const uint8_t *const rows[4], const int8_t *q, size_t q_stride,
+                      size_t n_blocks, int tt, int32_t dots[4][AVX512_TOKEN_TILE]);
 
 typedef enum { EMB_F32 = 0, EMB_F16 = 1, EMB_I8 = 2 } EmbKind;
 

@@ -36,6 +36,17 @@ int cpu_has_avx2(void) {
 #endif
 }
 
+int cpu_has_avx512(void) {
+#if BITSERVE_X86
+    __builtin_cpu_init(); /* libgcc also checks that the OS saves the zmm state */
+    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
+
 /* ---------------------------------------------------------------- workers ---- */
 
 typedef struct {

@@ -21,7 +21,7 @@
 
 #define BLOCK 128
 #define BLOCK_BYTES 32
-#define TOKEN_TILE 8     /* tokens sharing one unpacked weight block (GEMM) */
+#define TOKEN_TILE 8 /* tokens sharing one unpacked weight block (GEMM); = AVX512_TOKEN_TILE */
 #define INT16_BLOCKS 16  /* |Σ of 16 blocks of maddubs| <= 16·4·512 = 32768: fits int16 */
 #define MIN_ROWS_PER_CHUNK 32
 #define CHUNKS_PER_THREAD 4 /* long sequential runs for the prefetchers, some balancing */
@@ -111,7 +111,7 @@ typedef struct {
 void quantize_one(KernelImpl impl, const float *x, size_t k, int8_t *q, float *scale,
                   int32_t *sum) {
 #if BITSERVE_X86
-    if (impl == IMPL_AVX2) {
+    if (impl >= IMPL_AVX2) {
         quantize_row_avx2(x, k, q, scale, sum);
         return;
     }
@@ -232,29 +232,57 @@ static void store_dots(const MatmulTask *m, size_t row, size_t t0, int tt, const
     }
 }
 
-/* Rows [chunk·rows_per_chunk, +rows_per_chunk) against every token, in token tiles. */
+#if BITSERVE_X86
+/* Rows [r0, r1) against tokens [t0, t0+tt) on AVX-512, four rows per register tile. */
+static void rows_avx512(const MatmulTask *m, size_t r0, size_t r1, size_t t0, int tt) {
+    size_t n_blocks = m->n_in / BLOCK, row_bytes = m->n_in / 4;
+    int32_t dots[4][AVX512_TOKEN_TILE];
+    for (size_t r = r0; r < r1; r += 4) {
+        const uint8_t *rows[4];
+        size_t n = r1 - r < 4 ? r1 - r : 4;
+        for (size_t i = 0; i < 4; i++) rows[i] = m->codes + (r + (i < n ? i : 0)) * row_bytes;
+        tile_dots_avx512(rows, m->q + t0 * m->n_in, m->n_in, n_blocks, tt, dots);
+        for (size_t i = 0; i < n; i++) store_dots(m, r + i, t0, tt, dots[i]);
+    }
+}
+#endif
+
+/* Rows [r0, r1) against tokens [t0, t0+tt), one row at a time (scalar and AVX2). */
+static void rows_one_by_one(const MatmulTask *m, size_t r0, size_t r1, size_t t0, int tt) {
+    size_t n_blocks = m->n_in / BLOCK, row_bytes = m->n_in / 4;
+    const int8_t *q = m->q + t0 * m->n_in;
+    int32_t dots[TOKEN_TILE];
+    for (size_t r = r0; r < r1; r++) {
+        const uint8_t *codes = m->codes + r * row_bytes;
+#if BITSERVE_X86
+        if (m->impl == IMPL_AVX2) {
+            row_dots_avx2_any(codes, q, m->n_in, n_blocks, tt, dots);
+            store_dots(m, r, t0, tt, dots);
+            continue;
+        }
+#endif
+        for (int t = 0; t < tt; t++) dots[t] = row_dot_scalar(codes, q + (size_t)t * m->n_in, n_blocks);
+        store_dots(m, r, t0, tt, dots);
+    }
+}
+
+/* Rows [chunk·rows_per_chunk, +rows_per_chunk) against every token, in token tiles. Every
+ * dot product is an exact integer, so the result does not depend on the tiling, on T or on
+ * the thread count (batch invariance holds bit for bit). */
 static void matmul_chunk(void *ctx, int chunk, int thread) {
     (void)thread;
     const MatmulTask *m = ctx;
     size_t r0 = (size_t)chunk * m->rows_per_chunk;
     size_t r1 = r0 + m->rows_per_chunk < m->n_out ? r0 + m->rows_per_chunk : m->n_out;
-    size_t n_blocks = m->n_in / BLOCK, row_bytes = m->n_in / 4;
-    int32_t dots[TOKEN_TILE];
     for (size_t t0 = 0; t0 < m->n_tokens; t0 += TOKEN_TILE) {
         int tt = (int)(m->n_tokens - t0 < TOKEN_TILE ? m->n_tokens - t0 : TOKEN_TILE);
-        const int8_t *q = m->q + t0 * m->n_in;
-        for (size_t r = r0; r < r1; r++) {
-            const uint8_t *codes = m->codes + r * row_bytes;
 #if BITSERVE_X86
-            if (m->impl == IMPL_AVX2) {
-                row_dots_avx2_any(codes, q, m->n_in, n_blocks, tt, dots);
-                store_dots(m, r, t0, tt, dots);
-                continue;
-            }
-#endif
-            for (int t = 0; t < tt; t++) dots[t] = row_dot_scalar(codes, q + (size_t)t * m->n_in, n_blocks);
-            store_dots(m, r, t0, tt, dots);
+        if (m->impl == IMPL_AVX512) {
+            rows_avx512(m, r0, r1, t0, tt);
+            continue;
         }
+#endif
+        rows_one_by_one(m, r0, r1, t0, tt);
     }
 }
 
