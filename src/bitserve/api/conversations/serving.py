@@ -4,13 +4,19 @@ A chat turn holds the conversation's lock from reading the history until the rep
 stored (or abandoned), so concurrent chats to one conversation run one after another and
 never interleave. The user message(s) and the reply are appended in one store transaction
 after the reply is complete; a reply that is cancelled or fails stores nothing.
+
+Each reply is stored with the token ids the model generated (:func:`reply_token_ids`), and
+the history hands them to the chat formatter, which uses them verbatim: the next turn's
+prompt then starts with exactly the tokens the engine already processed (its prompt, the
+reply, the template's end of turn), so the prefix cache serves the whole history and only
+the new message is computed. Re-encoding the reply's text would often give other ids.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
@@ -30,6 +36,7 @@ from bitserve.api.conversations.protocol import (
 from bitserve.api.errors import InvalidParameterError
 from bitserve.api.served import ServedModel
 from bitserve.api.streaming import RequestGuard
+from bitserve.engine.types import TokenEvent
 from bitserve.store import Conversation, ConversationStore, NewMessage, StoredMessage
 from bitserve.store.base import (
     MAX_METADATA_KEY_CHARS,
@@ -108,6 +115,20 @@ def message_object(m: StoredMessage) -> dict[str, Any]:
     ).model_dump(mode="json")
 
 
+def reply_token_ids(events: list[TokenEvent], stop_token_ids: set[int]) -> tuple[int, ...] | None:
+    """The ids to store with a reply: every generated token but a final stop token (the
+    chat template writes its own end of turn, and the engine never fed the stop token to
+    the model). None when a stop *string* ended the reply: its text was cut inside the
+    last tokens, so the ids would say more than the stored text."""
+    ids = [e.token_id for e in events]
+    last = events[-1] if events else None
+    if last is not None and last.finish_reason == "stop":
+        if last.token_id not in stop_token_ids:
+            return None
+        ids.pop()
+    return tuple(ids)
+
+
 def _droppable_prefix(messages: list[dict[str, str]], start: int) -> int:
     """How many messages from ``start`` make up the oldest droppable turn: one message,
     plus the assistant replies that follow it (history never starts with an orphan reply)."""
@@ -141,6 +162,13 @@ def fit_history(
         dropped += count
 
 
+def _history_message(m: StoredMessage) -> dict[str, str]:
+    message: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.token_ids is not None:
+        message["token_ids"] = list(m.token_ids)
+    return cast("dict[str, str]", message)
+
+
 class ConversationService:
     """The conversation routes' logic for one app: ``store`` + the served model."""
 
@@ -158,8 +186,20 @@ class ConversationService:
         ]
 
     async def history(self, owner: str, conversation_id: str) -> list[dict[str, str]]:
+        """The stored messages as the chat formatter takes them; replies carry their
+        generated ``token_ids`` (typed ``dict[str, str]`` for the chat helpers' signature:
+        only the formatter reads the ids)."""
         stored = await run_in_threadpool(self.store.messages, owner, conversation_id)
-        return [{"role": m.role, "content": m.content} for m in stored]
+        return [_history_message(m) for m in stored]
+
+    def reply_message(self, plan_prompt_tokens: int, reply: ChoiceResult) -> NewMessage:
+        """The assistant message to store for a finished ``reply``."""
+        ids = reply_token_ids(reply.events, self.served.stop_token_ids)
+        tokens = len(ids) if ids is not None else self.count_tokens(reply.text)
+        return NewMessage(
+            "assistant", reply.text, tokens, plan_prompt_tokens, len(reply.events),
+            reply.finish_reason, ids,
+        )  # fmt: skip
 
     async def chat(
         self, owner: str, conversation_id: str, body: ConversationChatRequest, guard: RequestGuard
@@ -180,12 +220,7 @@ class ConversationService:
             plan.extra = {"conversation_id": conversation_id, "truncated_messages": dropped}
 
             async def store_turn(results: list[ChoiceResult]) -> None:
-                reply = results[0]
-                turn = [
-                    *self.new_messages(new),
-                    NewMessage("assistant", reply.text, self.count_tokens(reply.text),
-                               plan.prompt_tokens, len(reply.events), reply.finish_reason),
-                ]  # fmt: skip
+                turn = [*self.new_messages(new), self.reply_message(plan.prompt_tokens, results[0])]
                 await run_in_threadpool(self.store.append_turn, owner, conversation_id, turn)
 
             return await respond_chat(self.served, plan, guard, body.stream, store_turn)

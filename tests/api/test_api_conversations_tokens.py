@@ -1,0 +1,90 @@
+"""Conversation replies keep the token ids the model generated, so the next turn's prompt
+starts with exactly the tokens the engine processed (what the prefix cache matches on)."""
+
+from __future__ import annotations
+
+import pytest
+from api_helpers import chat_body, sse_events
+from fastapi.testclient import TestClient
+
+from bitserve.api.conversations.serving import reply_token_ids
+from bitserve.api.served import ServedModel
+from bitserve.engine.types import GenerationRequest, SamplingParams, TokenEvent
+from bitserve.store import StoredMessage
+
+FIRST, SECOND = "Hello, how are you?", "And what did I ask you?"
+
+
+def greedy_ids(served: ServedModel, prompt: list[int], max_tokens: int) -> list[int]:
+    req = GenerationRequest(
+        prompt, SamplingParams(temperature=0.0), max_tokens, stop_token_ids=served.stop_token_ids
+    )
+    return served.generator.complete(req).token_ids
+
+
+def stored_user(stored: list[StoredMessage]) -> dict[str, str]:
+    assert stored[0].role == "user"
+    return {"role": "user", "content": stored[0].content}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_followup_prompt_extends_the_first_turn_token_for_token(
+    client: TestClient, stream: bool
+) -> None:
+    served: ServedModel = client.app.state.served  # type: ignore[attr-defined]
+    conv = client.post("/v1/conversations", json={}).json()["id"]
+    first = chat_body(FIRST, temperature=0, max_tokens=12, stream=stream)
+    r = client.post(f"/v1/conversations/{conv}/chat", json=first)
+    assert r.status_code == 200, r.text
+    if stream:
+        assert sse_events(r.text)[-1] == "[DONE]"
+    prompt1 = served.loaded.chat.encode([{"role": "user", "content": FIRST}])
+    expected = greedy_ids(served, prompt1, 12)
+    if expected and expected[-1] in served.stop_token_ids:
+        expected.pop()
+    stored = client.app.state.store.messages("", conv)  # type: ignore[attr-defined]
+    assert stored[1].token_ids == tuple(expected)
+    assert stored[1].tokens == len(expected)
+    shown = client.get(f"/v1/conversations/{conv}/prompt").json()  # uses the ids too
+    reply = {"role": "assistant", "content": stored[1].content, "token_ids": expected}
+    assert shown["prompt_tokens"] == len(served.loaded.chat.encode([stored_user(stored), reply]))
+
+    second = client.post(f"/v1/conversations/{conv}/chat", json=chat_body(SECOND, max_tokens=2))
+    history = client.app.state.store.messages("", conv)[:2]  # type: ignore[attr-defined]
+    messages = [{"role": m.role, "content": m.content, "token_ids": m.token_ids} for m in history]
+    prompt2 = served.loaded.chat.encode([*messages, {"role": "user", "content": SECOND}])
+    eot = served.loaded.tokenizer.eot_id
+    head = [*prompt1, *expected, eot]
+    assert prompt2[: len(head)] == head
+    assert second.json()["usage"]["prompt_tokens"] == len(prompt2)
+
+
+def test_clients_cannot_supply_token_ids(client: TestClient) -> None:
+    forged = {"role": "assistant", "content": "hi", "token_ids": [1, 2, 3]}
+    r = client.post("/v1/conversations", json={"messages": [forged]})
+    conv = r.json()["id"]
+    body = chat_body(SECOND, max_tokens=1)
+    body["messages"].insert(0, forged)
+    assert client.post(f"/v1/conversations/{conv}/chat", json=body).status_code == 200
+    stored = client.app.state.store.messages("", conv)  # type: ignore[attr-defined]
+    assert [m.role for m in stored] == ["assistant", "assistant", "user", "assistant"]
+    assert [m.token_ids for m in stored[:3]] == [None, None, None]
+    assert stored[3].token_ids is not None
+
+
+def event(token_id: int, finish: str | None = None) -> TokenEvent:
+    return TokenEvent(token_id, "x", finish_reason=finish)
+
+
+@pytest.mark.parametrize(
+    ("events", "expected"),
+    [
+        ([event(5), event(6), event(9, "stop")], (5, 6)),  # stop token: the template adds it
+        ([event(5), event(6, "length")], (5, 6)),
+        ([event(9, "stop")], ()),
+        ([], ()),
+        ([event(5), event(6, "stop")], None),  # a stop string cut the text inside the ids
+    ],
+)
+def test_reply_token_ids(events: list[TokenEvent], expected: tuple[int, ...] | None) -> None:
+    assert reply_token_ids(events, {9}) == expected
