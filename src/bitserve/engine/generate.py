@@ -10,11 +10,9 @@ held back until it cannot be (or generation ends).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from collections.abc import Sequence as SequenceOf
 from typing import TYPE_CHECKING, NamedTuple
-
-import numpy as np
 
 from bitserve.engine.sampling import (
     Sampler,
@@ -23,12 +21,21 @@ from bitserve.engine.sampling import (
     top_logprobs,
     validate_top_logprobs,
 )
+from bitserve.engine.sequence import Sequence, StopStringMatcher, TextState, token_text
 from bitserve.engine.types import GenerationRequest, GenerationResult, TokenEvent, TopLogprob
-from bitserve.tokenizer import IncrementalDetokenizer
 
 if TYPE_CHECKING:
     from bitserve.model.bitnet import BitNetModel
     from bitserve.tokenizer import Tokenizer
+
+__all__ = [
+    "ContextLengthError",
+    "Generator",
+    "PromptLogprob",
+    "Sequence",
+    "StopStringMatcher",
+    "TextState",
+]
 
 PROMPT_LOGPROBS_CHUNK = 256  # tokens per forward in prompt_logprobs: bounds the [T, vocab] logits
 
@@ -51,64 +58,6 @@ class PromptLogprob(NamedTuple):
     token_id: int
     logprob: float | None
     top: list[TopLogprob]
-
-
-@dataclass(slots=True)
-class StopStringMatcher:
-    """Cuts generated text at the first stop string, holding back possible beginnings.
-
-    Invariant: ``held`` is the longest suffix of the text fed so far that is a proper
-    prefix of some stop string; everything before it has been returned by :meth:`feed`.
-    Hence no stop string can begin inside text already returned.
-    """
-
-    stops: Sequence[str]
-    held: str = ""
-    _stops: list[str] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self._stops = [s for s in self.stops if s]
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """``(text safe to emit, stopped)``; once stopped, the rest must be discarded."""
-        buf = self.held + text
-        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
-        if hits:
-            self.held = ""
-            return buf[: min(hits)], True
-        keep = self._longest_partial(buf)
-        self.held = buf[len(buf) - keep :]
-        return buf[: len(buf) - keep], False
-
-    def flush(self) -> str:
-        """Generation ended without a stop string: release the held text."""
-        text, self.held = self.held, ""
-        return text
-
-    def _longest_partial(self, buf: str) -> int:
-        best = 0
-        for stop in self._stops:
-            for k in range(min(len(stop) - 1, len(buf)), best, -1):
-                if buf.endswith(stop[:k]):
-                    best = k
-                    break
-        return best
-
-
-@dataclass(slots=True)
-class _TextState:
-    """Bytes → text → stop-string cut for one generation."""
-
-    detok: IncrementalDetokenizer
-    stops: StopStringMatcher
-
-    def push(self, token_id: int) -> tuple[str, bool]:
-        return self.stops.feed(self.detok.push(token_id))
-
-    def finish(self) -> tuple[str, bool]:
-        """Generation ends here: flush partial characters and held text."""
-        text, stopped = self.stops.feed(self.detok.flush())
-        return (text, True) if stopped else (text + self.stops.flush(), False)
 
 
 class Generator:
@@ -149,12 +98,17 @@ class Generator:
         events. ``cancel`` is checked after every sampled token: that token's event is the
         last one, with finish_reason "cancelled".
         """
-        sampler = self.check_request(req)
-        return self._run(req, sampler, cancel)
+        return self._run(self.start_sequence(req, cancel))
 
-    def _run(
-        self, req: GenerationRequest, sampler: Sampler, cancel: threading.Event | None
-    ) -> Iterator[TokenEvent]:
+    def start_sequence(
+        self, req: GenerationRequest, cancel: threading.Event | None = None
+    ) -> Sequence:
+        """Validate ``req`` and return its :class:`Sequence` (no model work yet)."""
+        sampler = self.check_request(req)
+        return Sequence.create(req, sampler, self.tokenizer, self.context_length, cancel)
+
+    def _run(self, seq: Sequence) -> Iterator[TokenEvent]:
+        req = seq.request
         if req.max_tokens == 0:
             return
         n_prompt = len(req.prompt_tokens)
@@ -162,74 +116,18 @@ class Generator:
             max(n_prompt, min(self.context_length, n_prompt + req.max_tokens - 1))
         )
         logits = self.model.forward(req.prompt_tokens, cache)
-        context = list(req.prompt_tokens)
-        text = _TextState(IncrementalDetokenizer(self.tokenizer), StopStringMatcher(req.stop))
-        want_logprobs = req.logprobs or req.top_logprobs > 0
-        n_generated = 0
+        seq.num_computed_tokens = n_prompt
         while True:
-            step = sampler.step(logits, context, want_logprobs)
-            context.append(step.token_id)
-            n_generated += 1
-            event = self._event(req, step.token_id, step.logprobs, text, n_generated, cancel)
+            event = seq.on_logits(logits)
             yield event
             if event.finish_reason is not None:
                 return
-            logits = self.model.forward([step.token_id], cache)
-
-    def _event(
-        self,
-        req: GenerationRequest,
-        token_id: int,
-        logprobs: np.ndarray | None,
-        text: _TextState,
-        n_generated: int,
-        cancel: threading.Event | None,
-    ) -> TokenEvent:
-        finish = self._finish_reason(req, token_id, n_generated, cancel)
-        if finish == "stop":  # a stop token: its own text is never shown
-            piece, _ = text.finish()
-        else:
-            piece, stopped = text.push(token_id)
-            if stopped:
-                finish = "stop"
-            elif finish is not None:
-                tail, stopped = text.finish()
-                piece += tail
-                finish = "stop" if stopped else finish
-        lp, tops = self._logprobs(token_id, logprobs, req.top_logprobs)
-        return TokenEvent(token_id, piece, lp, tops, finish)
-
-    def _finish_reason(
-        self,
-        req: GenerationRequest,
-        token_id: int,
-        n_generated: int,
-        cancel: threading.Event | None,
-    ) -> str | None:
-        if token_id in req.stop_token_ids and not req.ignore_eos:
-            return "stop"
-        if (
-            n_generated >= req.max_tokens
-            or len(req.prompt_tokens) + n_generated >= self.context_length
-        ):
-            return "length"
-        if cancel is not None and cancel.is_set():
-            return "cancelled"
-        return None
-
-    def _logprobs(
-        self, token_id: int, logprobs: np.ndarray | None, top_n: int
-    ) -> tuple[float | None, tuple[TopLogprob, ...]]:
-        if logprobs is None:
-            return None, ()
-        tops = tuple(
-            TopLogprob(tid, self.token_text(tid), lp) for tid, lp in top_logprobs(logprobs, top_n)
-        )
-        return float(logprobs[token_id]), tops
+            logits = self.model.forward([event.token_id], cache)
+            seq.num_computed_tokens += 1
 
     def token_text(self, token_id: int) -> str:
         """One token's text as shown in logprobs (control tokens by name)."""
-        return self.tokenizer.decode([token_id], skip_special=False)
+        return token_text(self.tokenizer, token_id)
 
     def complete(
         self, req: GenerationRequest, cancel: threading.Event | None = None
@@ -246,7 +144,7 @@ class Generator:
             events=events,
         )
 
-    def prompt_logprobs(self, tokens: Sequence[int], top_n: int = 0) -> list[PromptLogprob]:
+    def prompt_logprobs(self, tokens: SequenceOf[int], top_n: int = 0) -> list[PromptLogprob]:
         """Logprob of each prompt token under the model given the tokens before it, with the
         ``top_n`` most likely alternatives at that position (no bias, no penalties).
         The first token has logprob ``None`` and no alternatives."""

@@ -1,0 +1,203 @@
+"""``Sequence``: the state of one request between forward passes.
+
+Everything a generation keeps from token to token lives here, so that one loop
+(``Generator``, the CLI path) or a scheduler stepping many sequences at once (the server)
+can drive it the same way: feed it the logits of its last computed token with
+:meth:`Sequence.on_logits` and get the next :class:`TokenEvent`.
+
+Token bookkeeping (nano-vllm's): ``tokens`` is the prompt followed by every sampled token;
+``num_computed_tokens`` of them have keys/values in the sequence's cache (of which
+``num_cached_tokens`` came from the prefix cache instead of a forward pass). The tokens
+still to run are ``tokens[num_computed_tokens:]``: the rest of the prompt while prefilling,
+then exactly one (the last sampled) while decoding.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from bitserve.engine.sampling import Sampler, top_logprobs
+from bitserve.engine.types import GenerationRequest, TokenEvent, TopLogprob
+from bitserve.tokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    from bitserve.model.kv_cache import KVCache
+    from bitserve.tokenizer import Tokenizer
+
+
+@dataclass(slots=True)
+class StopStringMatcher:
+    """Cuts generated text at the first stop string, holding back possible beginnings.
+
+    Invariant: ``held`` is the longest suffix of the text fed so far that is a proper
+    prefix of some stop string; everything before it has been returned by :meth:`feed`.
+    Hence no stop string can begin inside text already returned.
+    """
+
+    stops: SequenceOf[str]
+    held: str = ""
+    _stops: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._stops = [s for s in self.stops if s]
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """``(text safe to emit, stopped)``; once stopped, the rest must be discarded."""
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[: min(hits)], True
+        keep = self._longest_partial(buf)
+        self.held = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        """Generation ended without a stop string: release the held text."""
+        text, self.held = self.held, ""
+        return text
+
+    def _longest_partial(self, buf: str) -> int:
+        best = 0
+        for stop in self._stops:
+            for k in range(min(len(stop) - 1, len(buf)), best, -1):
+                if buf.endswith(stop[:k]):
+                    best = k
+                    break
+        return best
+
+
+@dataclass(slots=True)
+class TextState:
+    """Bytes → text → stop-string cut for one generation."""
+
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        return self.stops.feed(self.detok.push(token_id))
+
+    def finish(self) -> tuple[str, bool]:
+        """Generation ends here: flush partial characters and held text."""
+        text, stopped = self.stops.feed(self.detok.flush())
+        return (text, True) if stopped else (text + self.stops.flush(), False)
+
+
+def token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    """One token's text as shown in logprobs (control tokens by name)."""
+    return tokenizer.decode([token_id], skip_special=False)
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """One request being generated. Build it with :meth:`create` (the request must have
+    been validated: ``Generator.check_request``)."""
+
+    request: GenerationRequest
+    sampler: Sampler
+    tokenizer: Tokenizer
+    context_length: int
+    cancel: threading.Event | None = None
+    tokens: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_generated: int = 0
+    finish_reason: str | None = None
+    cache: KVCache | None = None  # owned by whoever runs the forward passes
+    text: TextState = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.request.prompt_tokens)
+        stops = StopStringMatcher(self.request.stop)
+        self.text = TextState(IncrementalDetokenizer(self.tokenizer), stops)
+
+    @classmethod
+    def create(
+        cls,
+        req: GenerationRequest,
+        sampler: Sampler,
+        tokenizer: Tokenizer,
+        context_length: int,
+        cancel: threading.Event | None = None,
+    ) -> Sequence:
+        return cls(req, sampler, tokenizer, context_length, cancel)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_tokens)
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens still to run through the model before the next logits."""
+        return len(self.tokens) - self.num_computed_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        """True while prompt tokens remain to be computed."""
+        return self.num_computed_tokens < self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+    def on_logits(self, logits: np.ndarray) -> TokenEvent:
+        """Sample the next token from the logits ``[vocab]`` of the last token of
+        ``tokens`` (all of them computed) and return its event; the last event of the
+        sequence carries ``finish_reason`` (also stored on ``self``)."""
+        if self.num_pending_tokens != 0:
+            raise RuntimeError(f"{self.num_pending_tokens} tokens are not computed yet")
+        want_logprobs = self.request.logprobs or self.request.top_logprobs > 0
+        step = self.sampler.step(logits, self.tokens, want_logprobs)
+        self.tokens.append(step.token_id)
+        self.num_generated += 1
+        event = self._event(step.token_id, step.logprobs)
+        self.finish_reason = event.finish_reason
+        return event
+
+    def _event(self, token_id: int, logprobs: np.ndarray | None) -> TokenEvent:
+        finish = self._finish_reason(token_id)
+        if finish == "stop":  # a stop token: its own text is never shown
+            piece, _ = self.text.finish()
+        else:
+            piece, stopped = self.text.push(token_id)
+            if stopped:
+                finish = "stop"
+            elif finish is not None:
+                tail, stopped = self.text.finish()
+                piece += tail
+                finish = "stop" if stopped else finish
+        lp, tops = self._logprobs(token_id, logprobs)
+        return TokenEvent(token_id, piece, lp, tops, finish)
+
+    def _finish_reason(self, token_id: int) -> str | None:
+        req = self.request
+        if token_id in req.stop_token_ids and not req.ignore_eos:
+            return "stop"
+        if (
+            self.num_generated >= req.max_tokens
+            or self.num_prompt_tokens + self.num_generated >= self.context_length
+        ):
+            return "length"
+        if self.cancelled:
+            return "cancelled"
+        return None
+
+    def _logprobs(
+        self, token_id: int, logprobs: np.ndarray | None
+    ) -> tuple[float | None, tuple[TopLogprob, ...]]:
+        if logprobs is None:
+            return None, ()
+        tops = tuple(
+            TopLogprob(tid, token_text(self.tokenizer, tid), lp)
+            for tid, lp in top_logprobs(logprobs, self.request.top_logprobs)
+        )
+        return float(logprobs[token_id]), tops
