@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from starlette.responses import Response
 
 from bitserve.api.auth import require_key
+from bitserve.api.metrics import install_metrics, make_registry
 from bitserve.api.served import ServedModel
+
+__all__ = ["health_router", "install_metrics", "make_registry", "router"]
 
 health_router = APIRouter(tags=["system"])
 router = APIRouter(tags=["system"], dependencies=[Depends(require_key)])
@@ -38,37 +39,13 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-class EngineCollector(Collector):
-    """Reads the engine loop's counters at scrape time."""
-
-    def __init__(self, served: ServedModel) -> None:
-        self.served = served
-
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        stats = self.served.engine.stats
-        for name, value, doc in (
-            ("requests_started", stats.requests_started, "generations started"),
-            ("requests_finished", stats.requests_finished, "generations finished"),
-            ("requests_cancelled", stats.requests_cancelled, "generations cancelled"),
-            ("requests_failed", stats.requests_failed, "generations that raised"),
-            ("tokens_generated", stats.tokens_generated, "tokens generated"),
-        ):
-            yield CounterMetricFamily(f"bitserve_{name}", doc, value=value)
-        yield GaugeMetricFamily(
-            "bitserve_queue_depth", "requests waiting", self.served.engine.queue_depth
-        )
-        yield GaugeMetricFamily("bitserve_busy", "1 while generating", int(stats.running))
-
-
-def make_registry(served: ServedModel) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(EngineCollector(served))
-    return registry
-
-
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    """Prometheus metrics: engine counters (`bitserve_tokens_generated_total`,
-    `bitserve_requests_cancelled_total`, ...) and the queue depth."""
+    """Prometheus text: engine counters (`bitserve_prompt_tokens_total`,
+    `bitserve_cached_tokens_total`, `bitserve_tokens_generated_total`, requests started/
+    finished/cancelled/failed), `bitserve_cache_hit_rate`, `bitserve_queue_depth`,
+    `bitserve_running_sequences`, and from the HTTP edge `bitserve_http_requests_total`
+    {route, status} with the `bitserve_time_to_first_token_seconds` and
+    `bitserve_inter_token_latency_seconds` histograms (streamed responses)."""
     body = generate_latest(request.app.state.registry)
-    return Response(body, media_type="text/plain; version=0.0.4")
+    return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)  # generate_latest's format

@@ -1,0 +1,125 @@
+"""``/metrics``: Prometheus text that parses, engine counters and HTTP-edge metrics (by
+route and status, time to first token, inter-token latency) that move with requests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from api_helpers import chat_body, sse_events
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from bitserve.api.app import create_app
+from bitserve.api.metrics import count_text_events, install_metrics
+from bitserve.api.served import ServedModel
+from bitserve.api.settings import ServerSettings
+from bitserve.engine.loader import LoadedModel
+from bitserve.store import SQLiteStore
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@pytest.fixture
+def client(loaded: LoadedModel, tmp_path: Path) -> Iterator[TestClient]:
+    settings = ServerSettings(db_path=tmp_path / "m.db")
+    served = ServedModel.create(loaded, settings.max_queue, None, settings.aliases, 0)
+    app = create_app(settings, served, SQLiteStore(settings.db_path))
+    install_metrics(app, served)  # a no-op once create_app installs them itself
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def scrape(client: TestClient) -> Samples:
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_exposition_parses_and_names_every_metric(client: TestClient) -> None:
+    samples = scrape(client)
+    names = {name for name, _ in samples}
+    for name in (
+        "bitserve_requests_started_total",
+        "bitserve_requests_finished_total",
+        "bitserve_requests_cancelled_total",
+        "bitserve_prompt_tokens_total",
+        "bitserve_cached_tokens_total",
+        "bitserve_tokens_generated_total",
+        "bitserve_cache_hit_rate",
+        "bitserve_queue_depth",
+        "bitserve_running_sequences",
+        "bitserve_waiting_sequences",
+        "bitserve_kv_cache_bytes",
+        "bitserve_prefix_cache_hits_total",
+        "bitserve_busy",
+        "bitserve_time_to_first_token_seconds_count",
+        "bitserve_inter_token_latency_seconds_bucket",
+    ):
+        assert name in names, name
+    assert value(samples, "bitserve_running_sequences") == 0
+    assert value(samples, "bitserve_cache_hit_rate") == 0
+
+
+def test_a_streamed_chat_moves_the_counters(client: TestClient) -> None:
+    before = scrape(client)
+    start = time.perf_counter()
+    r = client.post("/v1/chat/completions", json=chat_body(stream=True, max_tokens=6, seed=1))
+    elapsed = time.perf_counter() - start
+    events = sse_events(r.text)
+    chunks = [e for e in events if isinstance(e, dict) and e["choices"][0]["delta"].get("content")]
+    assert chunks, "the reply streamed no text"
+    after = scrape(client)
+    route = {"route": "/v1/chat/completions", "status": "200"}
+    assert value(after, "bitserve_http_requests_total", **route) == 1
+    assert value(after, "bitserve_requests_finished_total") == 1 + value(
+        before, "bitserve_requests_finished_total"
+    )
+    generated = value(after, "bitserve_tokens_generated_total")
+    assert generated - value(before, "bitserve_tokens_generated_total") >= len(chunks)
+    assert value(after, "bitserve_time_to_first_token_seconds_count") == 1
+    assert 0 < value(after, "bitserve_time_to_first_token_seconds_sum") <= elapsed
+    assert value(after, "bitserve_inter_token_latency_seconds_count") == len(chunks) - 1
+    assert 0 <= value(after, "bitserve_cache_hit_rate") <= 1
+    # the scrapes themselves are requests too
+    assert value(after, "bitserve_http_requests_total", route="/metrics", status="200") >= 1
+
+
+def test_errors_are_counted_by_route_template_and_status(client: TestClient) -> None:
+    assert client.post("/v1/chat/completions", json=chat_body(max_tokens=0)).status_code == 400
+    assert client.get("/v1/conversations/conv_1_1").status_code == 404
+    assert client.get("/no/such/route").status_code == 404
+    after = scrape(client)
+    assert (
+        value(after, "bitserve_http_requests_total", route="/v1/chat/completions", status="400")
+        == 1
+    )
+    conversation = {"route": "/v1/conversations/{conversation_id}", "status": "404"}
+    assert value(after, "bitserve_http_requests_total", **conversation) == 1
+    assert value(after, "bitserve_http_requests_total", route="unmatched", status="404") == 1
+    assert value(after, "bitserve_time_to_first_token_seconds_count") == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n', 1),
+        (b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n', 0),
+        (b'data: {"choices":[{"text":"a"}]}\n\ndata: {"choices":[{"text":"b"}]}\n\n', 2),
+        (b'data: {"content":"x","stop":false}\n\ndata: {"content":"","stop":true}\n\n', 1),
+        (b"data: [DONE]\n\n", 0),
+        (b"data: {not json\n\n: comment\n\n", 0),
+    ],
+)
+def test_count_text_events(body: bytes, expected: int) -> None:
+    assert count_text_events(body) == expected
