@@ -11,6 +11,8 @@ from pathlib import Path
 from bitserve.api.oracle.config import OracleConfig, OracleConfigError
 from bitserve.api.settings import (
     DEFAULT_ALIASES,
+    DEFAULT_CACHE_RAM_MB,
+    DEFAULT_MAX_BATCH,
     DEFAULT_MAX_QUEUE,
     DEFAULT_PORT,
     ServerSettings,
@@ -37,6 +39,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="waiting requests before 503"
     )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        help="sequences generated together (continuous batching)",
+    )
+    p.add_argument(
+        "--cache-ram",
+        type=int,
+        default=DEFAULT_CACHE_RAM_MB,
+        help="MB of KV kept for prefix reuse across requests (0: off)",
+    )
     p.add_argument("--db", type=Path, default=default_db_path(), help="SQLite conversation store")
     p.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable)")
     p.add_argument("--api-keys-file", type=Path, help="file with one API key per line")
@@ -61,6 +75,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         kernel=args.kernel,
         ctx_size=args.ctx_size,
         max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        cache_ram_mb=args.cache_ram,
         db_path=args.db,
         api_keys=tuple(keys),
         aliases=tuple(dict.fromkeys(args.alias)),
@@ -84,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
     if settings.max_queue < 1 or (settings.threads is not None and settings.threads < 1):
         print("bitserve serve: --max-queue and --threads must be at least 1", file=sys.stderr)
         return 2
+    if settings.max_batch < 1 or settings.cache_ram_mb < 0:
+        print("bitserve serve: --max-batch must be >= 1 and --cache-ram >= 0", file=sys.stderr)
+        return 2
     try:
         loaded = load_model(settings.model_path, settings.threads, settings.kernel)
     except (OSError, ValueError) as exc:
@@ -94,7 +113,13 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"bitserve serve: {DEMO_NOTICE}", file=sys.stderr)
     served = ServedModel.create(
-        loaded, settings.max_queue, settings.ctx_size, settings.aliases, int(time.time())
+        loaded,
+        settings.max_queue,
+        settings.ctx_size,
+        settings.aliases,
+        int(time.time()),
+        max_batch=settings.max_batch,
+        cache_ram_mb=settings.cache_ram_mb,
     )
     store = SQLiteStore(settings.db_path)
     app = create_app(settings, served, store)

@@ -14,9 +14,17 @@ from typing import Any
 
 from bitserve import __version__
 from bitserve.api.errors import ContextLengthExceededError, ModelNotFoundError
+from bitserve.api.settings import DEFAULT_CACHE_RAM_MB
 from bitserve.engine.generate import Generator
 from bitserve.engine.loader import LoadedModel
 from bitserve.engine.loop import EngineLoop
+from bitserve.engine.prefix_cache import PrefixCache
+from bitserve.engine.scheduler import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_BATCH_TOKENS,
+    Scheduler,
+    SchedulerConfig,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +52,22 @@ class ServedModel:
         ctx_size: int | None = None,
         aliases: tuple[str, ...] = (),
         created: int = 0,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        cache_ram_mb: int = DEFAULT_CACHE_RAM_MB,
     ) -> ServedModel:
-        """Wrap ``loaded`` with a (not yet started) engine loop."""
+        """Wrap ``loaded`` with a (not yet started) engine loop that batches up to
+        ``max_batch`` sequences and keeps up to ``cache_ram_mb`` MB of prefix KV."""
         model_ctx = int(loaded.model.config.context_length)
         if ctx_size is not None and ctx_size > model_ctx:
             log.warning(
                 "--ctx-size %d exceeds the model's %d; using %d", ctx_size, model_ctx, model_ctx
             )
         effective = min(ctx_size or model_ctx, model_ctx)
-        engine = EngineLoop(Generator(loaded.model, loaded.tokenizer), max_queue=max_queue)
+        config = SchedulerConfig(max_batch, max(max_batch, DEFAULT_MAX_BATCH_TOKENS))
+        prefix = PrefixCache(cache_ram_mb * 2**20) if cache_ram_mb > 0 else None
+        scheduler = Scheduler(loaded.model, config, prefix)
+        generator = Generator(loaded.model, loaded.tokenizer)
+        engine = EngineLoop(generator, max_queue=max_queue, scheduler=scheduler)
         return cls(loaded, engine, effective, aliases, created)
 
     @property

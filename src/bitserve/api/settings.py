@@ -10,6 +10,8 @@ from bitserve.api.oracle.config import OracleConfig
 
 DEFAULT_PORT = 8081
 DEFAULT_MAX_QUEUE = 16
+DEFAULT_MAX_BATCH = 16  # sequences decoded together in one step
+DEFAULT_CACHE_RAM_MB = 2048  # prefix (KV) cache budget; 0 turns it off
 DEFAULT_ALIASES = ("bitnet",)
 
 
@@ -22,7 +24,8 @@ def default_db_path() -> Path:
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     """``api_keys`` empty means no authentication. ``ctx_size`` None means the model's
-    context length. ``aliases`` are extra ``model`` names the local model answers to."""
+    context length. ``aliases`` are extra ``model`` names the local model answers to.
+    ``max_batch`` sequences run together; ``cache_ram_mb`` bounds the prefix KV cache."""
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
@@ -31,6 +34,8 @@ class ServerSettings:
     kernel: str | None = None
     ctx_size: int | None = None
     max_queue: int = DEFAULT_MAX_QUEUE
+    max_batch: int = DEFAULT_MAX_BATCH
+    cache_ram_mb: int = DEFAULT_CACHE_RAM_MB
     db_path: Path = field(default_factory=default_db_path)
     api_keys: tuple[str, ...] = ()
     aliases: tuple[str, ...] = DEFAULT_ALIASES

@@ -1,16 +1,21 @@
-"""``EngineLoop``: one thread owns the model and runs generations one at a time.
+"""``EngineLoop``: one thread owns the model; requests reach it through a bounded queue.
 
 The async web server never touches the model. A route calls ``submit(request)`` and gets a
 ``RequestHandle``: an async iterator of ``TokenEvent``s that the engine thread feeds through
 ``loop.call_soon_threadsafe`` into an ``asyncio.Queue``. ``handle.cancel()`` (a client went
-away) sets the ``threading.Event`` given to ``Generator.generate``, which stops within one
-token; a request cancelled while still queued never starts.
+away) sets a ``threading.Event`` the engine checks after every token, so a generation stops
+within one token; a request cancelled while still waiting never starts.
 
-The queue is bounded (``max_queue`` waiting requests, the running one not counted): a full
+Two ways to run, same contract:
+
+- with a :class:`~bitserve.engine.scheduler.Scheduler` (the server): every waiting request
+  becomes a ``Sequence`` and the thread runs scheduler steps, each one batched forward pass
+  for all running sequences (continuous batching, chunked prompts, prefix cache);
+- without one: ``generator.generate()`` for one request at a time (tests use this with
+  stand-in generators).
+
+The queue is bounded: ``max_queue`` requests waiting (running ones not counted); a full
 queue raises ``QueueFullError`` at once, which the API turns into 503 + ``Retry-After``.
-
-Batching (a later issue) replaces the one-at-a-time ``_run_generation`` with a scheduler
-that steps several sequences; ``submit(GenerationRequest) -> RequestHandle`` stays the seam.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
+from bitserve.engine.scheduler import Scheduler
+from bitserve.engine.sequence import Sequence
 from bitserve.engine.types import GenerationRequest, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -59,13 +66,38 @@ class EngineStoppedError(RuntimeError):
 
 @dataclass(slots=True)
 class EngineStats:
-    """Counters written only by the engine thread (plain int reads are safe elsewhere)."""
+    """Counters written only by the engine thread (plain int reads are safe elsewhere).
+
+    - ``requests_started`` / ``_finished`` / ``_cancelled`` (before or during generation) /
+      ``_failed``: requests, cumulative.
+    - ``tokens_generated``: tokens sampled (events sent), cumulative.
+    - ``prompt_tokens``: prompt tokens run through the model; ``cached_tokens``: prompt
+      tokens reused from the prefix cache instead (both cumulative, batched mode).
+    - ``cache_lookups`` / ``cache_hits``: prefix-cache lookups and those that reused
+      at least one token (hit rate = hits / lookups), cumulative.
+    - ``running_sequences``: sequences in the running batch now (gauge);
+      ``waiting_sequences``: admitted to the scheduler but not yet running (gauge; the
+      queue depth is ``EngineLoop.queue_depth``).
+    - ``kv_bytes``: bytes of KV cache allocated now (running sequences and prefix cache);
+      ``prefix_cache_bytes``: the prefix cache's share (gauges).
+    - ``steps``: batched forward passes; ``busy_seconds``: time spent in steps or jobs.
+    - ``running``: True while the engine thread is working.
+    """
 
     requests_started: int = 0
     requests_finished: int = 0
-    requests_cancelled: int = 0  # cancelled before or during generation
+    requests_cancelled: int = 0
     requests_failed: int = 0
     tokens_generated: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    cache_lookups: int = 0
+    cache_hits: int = 0
+    running_sequences: int = 0
+    waiting_sequences: int = 0
+    kv_bytes: int = 0
+    prefix_cache_bytes: int = 0
+    steps: int = 0
     busy_seconds: float = 0.0
     running: bool = False
 
@@ -84,6 +116,7 @@ class RequestHandle:
 
     def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
         self.request = request
+        self.cached_tokens = 0  # prompt tokens reused from the prefix cache (set by the engine)
         self.cancel_event = threading.Event()
         self._loop = loop
         self._events: asyncio.Queue[object] = asyncio.Queue()
@@ -130,29 +163,36 @@ class _Call:
 class EngineLoop(Generic[G]):
     """Owns ``generator`` (and through it the model) on one thread named ``bitserve-engine``.
 
-    ``start()`` before use, ``stop()`` to finish the running job and join the thread.
+    With ``scheduler`` the thread runs batched steps (``generator.start_sequence`` makes
+    each request's ``Sequence``); without, ``generator.generate`` one request at a time.
+    ``start()`` before use, ``stop()`` to cancel everything and join the thread.
     """
 
-    def __init__(self, generator: G, max_queue: int = 16) -> None:
+    def __init__(self, generator: G, max_queue: int = 16, scheduler: Scheduler | None = None):
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.generator = generator
         self.max_queue = max_queue
+        self.scheduler = scheduler
         self.stats = EngineStats()
-        self._jobs: queue.Queue[_Generation | _Call | None] = queue.Queue(maxsize=max_queue)
+        self._jobs: queue.Queue[_Generation | _Call | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._current: RequestHandle | None = None
+        self._active: dict[Sequence, RequestHandle] = {}  # batched mode: running handles
+        self._lock = threading.Lock()  # guards _active against stop() from another thread
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("engine loop already started")
-        self._thread = threading.Thread(target=self._run, name="bitserve-engine", daemon=True)
+        target = self._run if self.scheduler is None else self._run_batched
+        self._thread = threading.Thread(target=target, name="bitserve-engine", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel everything queued, let the running job notice, join the thread."""
+        """Cancel everything queued and running, let running sequences send their last
+        ("cancelled") event, join the thread."""
         thread, self._thread = self._thread, None
         if thread is None:
             return
@@ -160,13 +200,17 @@ class EngineLoop(Generic[G]):
         current = self._current
         if current is not None:
             current.cancel()
-        self._jobs.put(None)  # blocks only while the running job finishes a token
+        with self._lock:
+            for handle in self._active.values():
+                handle.cancel()
+        self._jobs.put(None)
         thread.join(timeout)
 
     @property
     def queue_depth(self) -> int:
-        """Requests waiting (the running one not counted)."""
-        return self._jobs.qsize()
+        """Requests waiting (running ones not counted)."""
+        waiting = len(self.scheduler.waiting) if self.scheduler is not None else 0
+        return self._jobs.qsize() + waiting
 
     # -- the async side ---------------------------------------------------------------------
 
@@ -177,8 +221,8 @@ class EngineLoop(Generic[G]):
         return handle
 
     async def call(self, fn: Callable[[G], T]) -> T:
-        """Run ``fn(generator)`` on the engine thread (in queue order) and await its result:
-        for work that needs the model but is not a generation (prompt logprobs)."""
+        """Run ``fn(generator)`` on the engine thread (in queue order, between steps) and
+        await its result: for work that needs the model but is not a generation."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._enqueue(_Call(fn, future))
         return await asyncio.wrap_future(future)
@@ -186,12 +230,11 @@ class EngineLoop(Generic[G]):
     def _enqueue(self, job: _Generation | _Call) -> None:
         if self._thread is None:
             raise EngineStoppedError("the engine loop is not running")
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
+        if self.queue_depth >= self.max_queue:
             waiting = self.queue_depth + 1
             retry = math.ceil(self.stats.mean_request_seconds() * waiting)
-            raise QueueFullError(self.max_queue, max(1, min(retry, 60))) from None
+            raise QueueFullError(self.max_queue, max(1, min(retry, 60)))
+        self._jobs.put_nowait(job)
 
     def _drain_queue(self) -> None:
         while True:
@@ -205,7 +248,7 @@ class EngineLoop(Generic[G]):
             elif isinstance(job, _Call):
                 job.future.set_exception(EngineStoppedError("the server is shutting down"))
 
-    # -- the engine thread ------------------------------------------------------------------
+    # -- the engine thread: one request at a time ---------------------------------------------
 
     def _run(self) -> None:
         while True:
@@ -255,3 +298,102 @@ class EngineLoop(Generic[G]):
             self.stats.requests_cancelled += 1
         self.stats.requests_finished += 1
         handle._push(_END)
+
+    # -- the engine thread: batched steps -------------------------------------------------
+
+    def _run_batched(self) -> None:
+        assert self.scheduler is not None
+        sched, stopping = self.scheduler, False
+        while not (stopping and not sched.has_work):
+            for job in self._take_jobs(block=not sched.has_work and not stopping):
+                if job is None:
+                    stopping = True
+                elif isinstance(job, _Call):
+                    self._run_call(job)
+                else:
+                    self._admit(job.handle)
+            if stopping:
+                with self._lock:
+                    for handle in self._active.values():
+                        handle.cancel()
+            if sched.has_work:
+                self._step(sched)
+
+    def _take_jobs(self, block: bool) -> list[_Generation | _Call | None]:
+        """Every queued job; waits for the first one when ``block``."""
+        jobs = [self._jobs.get()] if block else []
+        while True:
+            try:
+                jobs.append(self._jobs.get_nowait())
+            except queue.Empty:
+                return jobs
+
+    def _admit(self, handle: RequestHandle) -> None:
+        """A submitted request becomes a waiting sequence (or ends here: cancelled,
+        invalid, or ``max_tokens == 0``)."""
+        if handle.cancelled:
+            self.stats.requests_cancelled += 1
+            handle._push(_END)
+            return
+        start_sequence: Callable[..., Sequence] = self.generator.start_sequence  # type: ignore[attr-defined]
+        try:
+            seq = start_sequence(handle.request, handle.cancel_event)
+        except Exception as exc:
+            self.stats.requests_failed += 1
+            handle._push(exc)
+            return
+        self.stats.requests_started += 1
+        if handle.request.max_tokens == 0:
+            self.stats.requests_finished += 1
+            handle._push(_END)
+            return
+        with self._lock:
+            self._active[seq] = handle
+        assert self.scheduler is not None
+        self.scheduler.add(seq)
+        self.stats.waiting_sequences = len(self.scheduler.waiting)
+
+    def _step(self, sched: Scheduler) -> None:
+        started = time.perf_counter()
+        self.stats.running = True
+        try:
+            out = sched.step()
+        finally:
+            self.stats.running = False
+            self.stats.busy_seconds += time.perf_counter() - started
+        for seq, event in out.events:
+            handle = self._active[seq]
+            handle.cached_tokens = seq.num_cached_tokens
+            self.stats.tokens_generated += 1
+            handle._push(event)
+        for seq in out.finished:
+            self._end(seq, _END)
+        for seq, exc in out.failed:
+            log.error("generation failed", exc_info=exc)
+            self._end(seq, exc)
+        self._sync_stats(sched)
+
+    def _end(self, seq: Sequence, last: object) -> None:
+        with self._lock:
+            handle = self._active.pop(seq)
+        if isinstance(last, BaseException):
+            self.stats.requests_failed += 1
+        else:
+            if seq.cancelled or seq.finish_reason is None:
+                self.stats.requests_cancelled += 1
+            self.stats.requests_finished += 1
+        handle.cached_tokens = seq.num_cached_tokens
+        handle._push(last)
+
+    def _sync_stats(self, sched: Scheduler) -> None:
+        s = self.stats
+        s.running_sequences = len(sched.running)
+        s.waiting_sequences = len(sched.waiting)
+        s.prompt_tokens = sched.stats.prompt_tokens
+        s.cached_tokens = sched.stats.cached_tokens
+        s.steps = sched.stats.steps
+        s.kv_bytes = sched.memory.allocated_bytes
+        cache = sched.prefix_cache
+        if cache is not None:
+            s.cache_lookups, s.cache_hits = cache.stats.lookups, cache.stats.hits
+            s.prefix_cache_bytes = cache.nbytes

@@ -22,6 +22,7 @@ from bitserve.api.chat.protocol import (
     ChoiceLogprobs,
     LogprobEntry,
     OracleAssistantMessage,
+    PromptTokensDetails,
     TopLogprobEntry,
     Usage,
 )
@@ -36,10 +37,12 @@ from bitserve.engine.types import GenerationRequest, TokenEvent, TopLogprob
 
 @dataclass(slots=True)
 class ChoiceResult:
-    """One finished choice: its events (the stop token's included) and text."""
+    """One finished choice: its events (the stop token's included) and text;
+    ``cached_tokens``: prompt tokens the engine reused from its prefix cache."""
 
     index: int
     events: list[TokenEvent]
+    cached_tokens: int = 0
 
     @property
     def text(self) -> str:
@@ -155,12 +158,20 @@ def logprob_entries(served: ServedModel, events: list[TokenEvent]) -> list[Logpr
     return entries
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
+    """OpenAI's usage object; ``cached_tokens`` goes to ``prompt_tokens_details``."""
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
     )
+
+
+def cached_tokens(results: list[ChoiceResult]) -> int:
+    """Prompt tokens served from the prefix cache (the prompt is counted once: the most
+    any choice reused)."""
+    return max((r.cached_tokens for r in results), default=0)
 
 
 def _message(plan: ChatPlan, content: str) -> AssistantMessage:
@@ -193,7 +204,9 @@ def completion_body(
         "created": plan.created,
         "model": plan.model,
         "choices": choices,
-        "usage": usage(plan.prompt_tokens, completion_tokens).model_dump(mode="json"),
+        "usage": usage(plan.prompt_tokens, completion_tokens, cached_tokens(results)).model_dump(
+            mode="json"
+        ),
         "system_fingerprint": served.fingerprint,
         "service_tier": None,
         **plan.extra,
@@ -205,7 +218,8 @@ async def run_chat(served: ServedModel, plan: ChatPlan, guard: RequestGuard) -> 
     results = []
     for index, req in enumerate(plan.requests):
         handle = guard.track(served.engine.submit(req))
-        results.append(ChoiceResult(index, await collect(handle)))
+        events = await collect(handle)
+        results.append(ChoiceResult(index, events, handle.cached_tokens))
     return results
 
 
@@ -279,7 +293,7 @@ async def stream_chat(
             chunk = writer.content(index, event)
             if chunk:
                 yield chunk
-        result = ChoiceResult(index, events)
+        result = ChoiceResult(index, events, handle.cached_tokens)
         if events and events[-1].finish_reason == "cancelled":
             raise GenerationCancelledError("the generation was cancelled (the server is stopping)")
         results.append(result)
@@ -288,7 +302,7 @@ async def stream_chat(
         await on_complete(results)
     if plan.include_usage:
         total = sum(len(r.events) for r in results)
-        yield writer.chunk([], usage(plan.prompt_tokens, total))
+        yield writer.chunk([], usage(plan.prompt_tokens, total, cached_tokens(results)))
     yield sse("[DONE]")
 
 

@@ -351,11 +351,13 @@ class LegacyCompletion:
         }
 
     async def run(self, guard: RequestGuard) -> dict[str, Any]:
-        out, completion_tokens = [], 0
+        out, completion_tokens, cached = [], 0, 0
         for choice in self.choices:
             events = []
             if choice.request is not None:
-                events = await collect(guard.track(self.served.engine.submit(choice.request)))
+                handle = guard.track(self.served.engine.submit(choice.request))
+                events = await collect(handle)
+                cached = max(cached, handle.cached_tokens)
             echoed = (
                 await self.echo_logprobs(choice)
                 if self.body.echo and self.body.logprobs is not None
@@ -366,19 +368,20 @@ class LegacyCompletion:
         prompt_tokens = sum(len(c.prompt.tokens) for c in self.choices[:: self.body.n])
         return {
             **self.envelope(out),
-            "usage": usage(prompt_tokens, completion_tokens).model_dump(mode="json"),
+            "usage": usage(prompt_tokens, completion_tokens, cached).model_dump(mode="json"),
         }
 
     async def stream(self, guard: RequestGuard) -> AsyncIterator[str]:
         """Per choice: the echoed prompt (if asked), one chunk per token, a finish chunk;
         a usage chunk with ``stream_options.include_usage``; then ``[DONE]``."""
-        completion_tokens = 0
+        completion_tokens, cached = 0, 0
         for choice in self.choices:
             if self.body.echo:
                 yield sse(self.envelope([self.chunk(choice, choice.prompt_text, None)]))
             events: list[TokenEvent] = []
             if choice.request is not None:
-                async for event in guard.track(self.served.engine.submit(choice.request)):
+                handle = guard.track(self.served.engine.submit(choice.request))
+                async for event in handle:
                     events.append(event)
                     lp = None
                     if self.body.logprobs is not None and self.shown([event]):
@@ -388,12 +391,13 @@ class LegacyCompletion:
                     if event.text or lp:
                         yield sse(self.envelope([self.chunk(choice, event.text, None, lp)]))
                 await collect_check(events)
+                cached = max(cached, handle.cached_tokens)
             completion_tokens += len(events)
             finish = "stop" if events and events[-1].finish_reason == "stop" else "length"
             yield sse(self.envelope([self.chunk(choice, "", finish)]))
         if self.body.stream_options and self.body.stream_options.include_usage:
             prompt_tokens = sum(len(c.prompt.tokens) for c in self.choices[:: self.body.n])
-            use = usage(prompt_tokens, completion_tokens).model_dump(mode="json")
+            use = usage(prompt_tokens, completion_tokens, cached).model_dump(mode="json")
             yield sse({**self.envelope([]), "usage": use})
         yield sse("[DONE]")
 

@@ -1,0 +1,127 @@
+"""``PrefixCache``: keys/values of finished sequences, reused by later requests.
+
+When a sequence finishes, its cache (the KV of prompt + generated tokens that went through
+the model) is put here with its tokens. A new request takes the entry sharing the longest
+common token prefix with its prompt: the entry's cache is handed over (truncated to the
+common prefix, no copy) and the request computes only the rest. The entry leaves the
+prefix cache while in use and comes back, longer, when that request finishes — so a
+conversation's next turn finds its whole history. A second request wanting an entry that
+is in use finds nothing (it computes from scratch); entries are never shared.
+
+Memory: the entries together hold at most ``budget_bytes``; the least recently used are
+evicted (their caches released at once) to make room. Reuse never changes outputs: every
+operation of the forward pass is per token, so a token's keys/values are the same whether
+they were computed with the rest of the prompt or in an earlier request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bitserve.model.kv_cache import KVCache
+
+
+@dataclass(slots=True, eq=False)
+class PrefixEntry:
+    """``tokens [n]`` (int64) whose keys/values are in ``cache`` (``cache.length == n``)."""
+
+    tokens: np.ndarray
+    cache: KVCache
+    last_used: int
+
+
+@dataclass(slots=True)
+class PrefixCacheStats:
+    """Counters since start: ``lookups`` (requests that asked), ``hits`` (got tokens),
+    ``cached_tokens`` (tokens reused in total), ``evictions`` (entries dropped for room)."""
+
+    lookups: int = 0
+    hits: int = 0
+    cached_tokens: int = 0
+    evictions: int = 0
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two 1-D int arrays."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else n
+
+
+@dataclass(slots=True)
+class PrefixCache:
+    """LRU store of KV caches keyed by their tokens, within ``budget_bytes`` (0: off).
+
+    Invariant: ``nbytes == sum(e.cache.nbytes for e in entries) <= budget_bytes``.
+    Only the engine thread uses it.
+    """
+
+    budget_bytes: int
+    entries: list[PrefixEntry] = field(default_factory=list)
+    stats: PrefixCacheStats = field(default_factory=PrefixCacheStats)
+    _clock: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.cache.nbytes for e in self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def take(self, tokens: list[int] | np.ndarray) -> KVCache | None:
+        """The cache of the entry sharing the longest prefix with ``tokens``, removed from
+        the store and truncated to that prefix — at most ``len(tokens) - 1`` positions, so
+        the last token is always computed (its logits are needed). ``None`` on a miss."""
+        self.stats.lookups += 1
+        ids = np.asarray(tokens, dtype=np.int64)
+        best, best_len = None, 0
+        for entry in self.entries:
+            n = common_prefix(entry.tokens, ids)
+            if n > best_len:
+                best, best_len = entry, n
+        best_len = min(best_len, len(ids) - 1)
+        if best is None or best_len <= 0:
+            return None
+        self.entries.remove(best)
+        best.cache.truncate(best_len)
+        self.stats.hits += 1
+        self.stats.cached_tokens += best_len
+        return best.cache
+
+    def put(self, tokens: list[int] | np.ndarray, cache: KVCache) -> None:
+        """Keep ``cache`` holding the KV of ``tokens[:cache.length]``; entries that are a
+        prefix of it are dropped (it supersedes them), then the LRU ones until everything
+        fits. A cache that cannot fit on its own is released at once."""
+        ids = np.asarray(tokens, dtype=np.int64)[: cache.length]
+        if cache.length == 0 or self.budget_bytes <= 0:
+            cache.release()
+            return
+        if cache.capacity > cache.length + cache.length // 4:
+            cache.shrink_to_fit()  # do not keep doubling slack in a long-lived entry
+        if cache.nbytes > self.budget_bytes:
+            cache.release()
+            return
+        for entry in [e for e in self.entries if common_prefix(e.tokens, ids) == len(e.tokens)]:
+            self._drop(entry)
+        self._clock += 1
+        self.entries.append(PrefixEntry(ids, cache, self._clock))
+        self._evict(self.budget_bytes)
+
+    def _evict(self, budget: int) -> None:
+        total = self.nbytes
+        while total > budget and self.entries:
+            oldest = min(self.entries, key=lambda e: e.last_used)
+            total -= oldest.cache.nbytes
+            self._drop(oldest)
+            self.stats.evictions += 1
+
+    def _drop(self, entry: PrefixEntry) -> None:
+        self.entries.remove(entry)
+        entry.cache.release()
+
+    def clear(self) -> None:
+        """Release every entry."""
+        for entry in list(self.entries):
+            self._drop(entry)

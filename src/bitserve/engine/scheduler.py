@@ -1,0 +1,232 @@
+"""``Scheduler``: continuous batching of many sequences through one model (nano-vllm style).
+
+Two queues: ``waiting`` (FCFS, not started) and ``running`` (at most ``max_batch``, each
+with a KV cache). Every :meth:`Scheduler.step`:
+
+1. drops cancelled sequences that have no token in flight (waiting ones, and running ones
+   still in their prompt), freeing their KV at once (to the prefix cache if it has one);
+2. admits waiting sequences in arrival order while there is room, each starting from the
+   longest cached prefix of its prompt (``PrefixCache.take``) or an empty cache;
+3. plans a batch within ``max_batch_tokens``: one token for every decoding sequence, then
+   prompt chunks for prefilling ones in admission order — a long prompt is split over
+   several steps and never stalls the streams already decoding;
+4. runs the batch as one ``model.forward_batch`` and feeds each sequence whose last token
+   was computed its logits (``Sequence.on_logits``); finished ones leave at once.
+
+Because every sequence gets its token each step and admission is FCFS, no request starves.
+A sequence's tokens do not depend on the batch it ran in (``forward_batch`` is per row).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from bitserve.engine.prefix_cache import PrefixCache
+from bitserve.engine.sequence import Sequence
+from bitserve.engine.types import TokenEvent
+from bitserve.model.bitnet import BatchItem
+from bitserve.model.kv_cache import KVCache, KVMemory
+
+DEFAULT_MAX_BATCH = 16
+DEFAULT_MAX_BATCH_TOKENS = 256
+
+
+class BatchModel(Protocol):
+    """What the scheduler needs from ``BitNetModel``."""
+
+    def new_cache(
+        self,
+        max_seq: int | None = None,
+        dtype: np.dtype | type = np.float32,
+        memory: KVMemory | None = None,
+    ) -> KVCache: ...
+
+    def forward_batch(self, items: list[BatchItem]) -> list[np.ndarray | None]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """``max_batch`` sequences run at once; a step computes at most ``max_batch_tokens``
+    tokens (``>= max_batch``, so every decode fits); KV caches hold ``kv_dtype``."""
+
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    kv_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_batch_tokens < self.max_batch:
+            raise ValueError(
+                f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_batch "
+                f"({self.max_batch})"
+            )
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    """Counters since start: ``steps`` (forward passes), ``prompt_tokens`` (prompt tokens
+    computed, cached ones excluded), ``cached_tokens`` (prompt tokens reused from the
+    prefix cache), ``decode_tokens`` (generated tokens fed back), ``last_batch_size`` and
+    ``last_batch_tokens`` (sequences and tokens of the latest step)."""
+
+    steps: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    decode_tokens: int = 0
+    last_batch_size: int = 0
+    last_batch_tokens: int = 0
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """One step's results: ``events`` in batch order; ``finished`` sequences (done,
+    cancelled or dropped: all have left and freed their KV); ``failed`` ones with the
+    exception of their forward pass."""
+
+    events: list[tuple[Sequence, TokenEvent]] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)
+    failed: list[tuple[Sequence, Exception]] = field(default_factory=list)
+
+
+class Scheduler:
+    """Steps the sequences given to :meth:`add` through ``model``; single-threaded."""
+
+    def __init__(
+        self,
+        model: BatchModel,
+        config: SchedulerConfig | None = None,
+        prefix_cache: PrefixCache | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config or SchedulerConfig()
+        self.prefix_cache = prefix_cache
+        self.memory = KVMemory()  # every cache this scheduler made (prefix cache included)
+        self.stats = SchedulerStats()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._kv_dtype = np.dtype(self.config.kv_dtype)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue ``seq`` (validated, ``max_tokens >= 1``) behind the waiting ones."""
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> StepOutput:
+        """Admit, run one batched forward pass, sample; see the module docstring."""
+        out = StepOutput(finished=self._drop_cancelled())
+        out.finished += self._admit()
+        plan = self._plan()
+        if not plan:
+            return out
+        items = [self._item(seq, n) for seq, n in plan]
+        try:
+            logits = self.model.forward_batch(items)
+        except Exception as exc:  # the batch's state is unknown: fail its sequences
+            for seq, _ in plan:
+                self._leave(seq, keep_kv=False)
+                out.failed.append((seq, exc))
+            return out
+        self._record(plan)
+        for (seq, n), row in zip(plan, logits, strict=True):
+            seq.num_computed_tokens += n
+            if row is None:
+                continue
+            out.events.append((seq, seq.on_logits(row)))
+            if seq.is_finished:
+                self._leave(seq)
+                out.finished.append(seq)
+        return out
+
+    def abort_all(self) -> list[Sequence]:
+        """Remove every sequence at once (shutdown), freeing their KV."""
+        gone = list(self.waiting) + self.running
+        self.waiting.clear()
+        for seq in list(self.running):
+            self._leave(seq)
+        return gone
+
+    # -- the parts of a step -----------------------------------------------------------------
+
+    def _drop_cancelled(self) -> list[Sequence]:
+        """Cancelled running sequences with no token in flight (still in their prompt)
+        leave now, freeing their KV; decoding ones stay for this step: their next event
+        carries finish_reason "cancelled". Cancelled waiting ones (no KV yet) leave when
+        their turn to be admitted comes."""
+        dropped = []
+        while self.waiting and self.waiting[0].cancelled:
+            dropped.append(self.waiting.popleft())
+        for seq in [s for s in self.running if s.cancelled and s.is_prefill]:
+            self._leave(seq)
+            dropped.append(seq)
+        return dropped
+
+    def _admit(self) -> list[Sequence]:
+        """Waiting sequences start (FCFS) while there is room; returns cancelled ones
+        met on the way (they leave without starting)."""
+        dropped = []
+        while self.waiting and len(self.running) < self.config.max_batch:
+            seq = self.waiting.popleft()
+            if seq.cancelled:
+                dropped.append(seq)
+                continue
+            cache = None
+            if self.prefix_cache is not None:
+                cache = self.prefix_cache.take(seq.tokens)
+            if cache is None:
+                cache = self.model.new_cache(None, self._kv_dtype, self.memory)
+            seq.cache = cache
+            seq.num_computed_tokens = seq.num_cached_tokens = cache.length
+            self.stats.cached_tokens += cache.length
+            self.running.append(seq)
+        return dropped
+
+    def _plan(self) -> list[tuple[Sequence, int]]:
+        """``(sequence, tokens to compute)`` pairs: decodes first, then prompt chunks."""
+        budget = self.config.max_batch_tokens
+        plan = [(s, 1) for s in self.running if not s.is_prefill]
+        budget -= len(plan)
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if seq.is_prefill:
+                n = min(seq.num_pending_tokens, budget)
+                plan.append((seq, n))
+                budget -= n
+        return plan
+
+    @staticmethod
+    def _item(seq: Sequence, n: int) -> BatchItem:
+        start = seq.num_computed_tokens
+        assert seq.cache is not None and seq.cache.length == start
+        want_logits = start + n == len(seq.tokens)
+        return BatchItem(seq.tokens[start : start + n], seq.cache, want_logits)
+
+    def _record(self, plan: list[tuple[Sequence, int]]) -> None:
+        self.stats.steps += 1
+        self.stats.last_batch_size = len(plan)
+        self.stats.last_batch_tokens = sum(n for _, n in plan)
+        for seq, n in plan:
+            if seq.is_prefill:
+                self.stats.prompt_tokens += n
+            else:
+                self.stats.decode_tokens += n
+
+    def _leave(self, seq: Sequence, keep_kv: bool = True) -> None:
+        """``seq`` leaves the running set; its KV goes to the prefix cache or is freed."""
+        self.running.remove(seq)
+        cache, seq.cache = seq.cache, None
+        if cache is None:
+            return
+        if keep_kv and self.prefix_cache is not None:
+            cache.truncate(min(cache.length, seq.num_computed_tokens))
+            self.prefix_cache.put(seq.tokens, cache)
+        else:
+            cache.release()
