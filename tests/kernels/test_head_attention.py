@@ -51,7 +51,14 @@ def test_int8_head_matches_its_oracle_and_agrees_with_f16(native: NativeBackend)
 
 @pytest.mark.parametrize(
     ("t", "start", "heads", "kv_heads", "dim"),
-    [(1, 0, 4, 4, 16), (1, 37, 20, 5, 128), (5, 0, 8, 2, 64), (7, 9, 6, 3, 20)],
+    [
+        (1, 0, 4, 4, 16),
+        (1, 37, 20, 5, 128),
+        (5, 0, 8, 2, 64),
+        (7, 9, 6, 3, 20),
+        (2, 11, 12, 4, 32),  # 3 query heads per KV head
+        (3, 5, 12, 2, 48),  # 6 per KV head: a run of 4 heads and one of 2
+    ],
 )
 @pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
 def test_attention_matches_oracle(

@@ -303,7 +303,7 @@ static PyObject *py_attention(PoolObject *self, PyObject *args) {
     AttentionArgs a = {q->buf, k->buf, vv->buf, format_code(k) == 'e', (size_t)q->shape[0], (size_t)q->shape[1],
                        (size_t)k->shape[1], (size_t)q->shape[2], (size_t)start_pos, out->buf};
     Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
-    err = pool_reserve_scores(&self->pool, a.start_pos + a.n_tokens);
+    err = pool_reserve_scores(&self->pool, ATTENTION_GROUP * (a.start_pos + a.n_tokens));
     if (!err) attention(&self->pool, (KernelImpl)impl, &a);
     pool_unlock(&self->pool);
     Py_END_ALLOW_THREADS if (err) return no_memory(&v);

@@ -57,7 +57,7 @@ typedef struct {
     float *act_scale; /* [T] */
     int32_t *act_sum; /* [T]: sum of q over the row, for the code-1 offset */
     size_t tok_cap;
-    float *scores; /* attention scores, [n_threads, S] */
+    float *scores; /* attention scores, [n_threads, ATTENTION_GROUP · S] */
     size_t scores_cap;
 } Pool;
 
@@ -122,6 +122,8 @@ typedef struct {
     float *out; /* [T, H, D] */
 } AttentionArgs;
 
+/* Needs pool_reserve_scores(pool, ATTENTION_GROUP · (start_pos + T)) first. */
+#define ATTENTION_GROUP 4
 void attention(Pool *pool, KernelImpl impl, const AttentionArgs *args);
 
 /* portable half → float (IEEE binary16), used by the scalar paths */
