@@ -1,0 +1,331 @@
+"""`bitserve bench --scenario conversation|concurrent`: the serving goals, measured against
+the REAL server process over loopback HTTP.
+
+- ``conversation``: a conversation with ~``--history-tokens`` of history, one turn, then a
+  ~20-token follow-up; its time to first token against the same-sized message in a fresh
+  conversation (a different message each repeat, so the fresh one is never cached). Goal:
+  ``ttft_ratio`` ≤ 1.5 (a follow-up costs only the new message).
+- ``concurrent``: one stream's tokens/s, then ``--streams`` at once (goal: ``speedup`` ≥
+  2.5), then ``--clients`` at once (all served, per-client tok/s spread).
+
+The model defaults to a synthetic one with BitNet-b1.58-2B-4T's shapes and a LLaMA-3-shaped
+tokenizer (the plain bench model has no tokenizer, and the server needs one), cached next
+to it. Prints ONE JSON line. The server is always killed, whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bitserve.bench import cache_dir
+
+CHAT_MODEL_NAME = "synthetic-2b4t-chat-seed0.gguf"
+HEALTH_TIMEOUT_S = 300.0
+REQUEST_TIMEOUT_S = 900.0
+FILLER = (
+    "The river ran past the old mill where the miller kept his ledgers of grain and salt, "
+    "and every spring the water rose over the lower field until the geese came back. "
+)
+
+
+def add_scenario_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scenario options (``--scenario`` itself is bench's dispatch)."""
+    g = parser.add_argument_group("serving scenarios")
+    g.add_argument("--history-tokens", type=int, default=1500, help="conversation history size")
+    g.add_argument("--followup-tokens", type=int, default=20, help="follow-up message size")
+    g.add_argument("--repeats", type=int, default=3, help="timed repeats (medians reported)")
+    g.add_argument("--streams", type=int, default=4, help="concurrent streams for the speedup")
+    g.add_argument("--clients", type=int, default=16, help="concurrent clients that must be served")
+    g.add_argument("--stream-tokens", type=int, default=32, help="tokens each stream generates")
+
+
+def chat_model() -> Path:
+    """The cached 2B-4T-shaped model with a tokenizer (written once, atomically)."""
+    path = cache_dir() / CHAT_MODEL_NAME
+    if not path.exists():
+        from bitserve.model.demo import llama3_tokenizer_metadata
+        from bitserve.model.synthetic import SHAPE_2B4T, write_synthetic_model
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"bench: writing {path} (2B-4T shapes + tokenizer, ~1.2 GB)", file=sys.stderr)
+        write_synthetic_model(
+            path, SHAPE_2B4T, seed=0, tokenizer_metadata=llama3_tokenizer_metadata()
+        )
+    return path
+
+
+# -- the server process -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def server(model: Path, threads: int | None, workdir: Path) -> Iterator[str]:
+    """``bitserve serve`` on a free loopback port; yields its URL once /health answers.
+    The process is terminated (then killed) on the way out, whatever happened."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "bitserve.cli", "serve", "-m", str(model), "--port", str(port)]
+    cmd += ["--db", str(workdir / "bench.db"), "--max-queue", "256"]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    log = (workdir / "server.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, workdir / "server.log")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + HEALTH_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode}): {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the server did not answer /health within {HEALTH_TIMEOUT_S:.0f} s")
+
+
+# -- HTTP helpers -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StreamResult:
+    ttft_s: float  # request sent → first chunk of a generated token (or the finish)
+    total_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+def post(client: httpx.Client, path: str, body: dict[str, Any]) -> Any:
+    r = client.post(path, json=body)
+    r.raise_for_status()
+    return r.json()
+
+
+def _is_token_chunk(data: dict[str, Any]) -> bool:
+    """A chunk sent for a generated token: not the role chunk, not the usage chunk. With
+    ``logprobs`` on, every token but a stop token gets one, even with empty text."""
+    return any("role" not in choice.get("delta", {}) for choice in data.get("choices") or ())
+
+
+def stream_chat(client: httpx.Client, path: str, body: dict[str, Any]) -> StreamResult:
+    """POST a streaming chat (usage and logprobs switched on) and time its chunks."""
+    body = {**body, "stream": True, "logprobs": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first: float | None = None
+    usage: dict[str, Any] = {}
+    with client.stream("POST", path, json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if first is None and _is_token_chunk(data):
+                first = time.perf_counter()
+            usage = data.get("usage") or usage
+    end = time.perf_counter()
+    details = usage.get("prompt_tokens_details") or {}
+    return StreamResult(
+        ttft_s=(first or end) - start,
+        total_s=end - start,
+        prompt_tokens=int(usage.get("prompt_tokens", 0)),
+        completion_tokens=int(usage.get("completion_tokens", 0)),
+        cached_tokens=int(details.get("cached_tokens", 0)),
+    )
+
+
+def message_of(client: httpx.Client, text: str, n_tokens: int) -> str:
+    """The first ``n_tokens`` tokens of ``text`` (repeated as needed), as text."""
+    ids = post(client, "/tokenize", {"content": text})["tokens"]
+    while len(ids) < n_tokens:
+        ids = ids + ids
+    return str(post(client, "/detokenize", {"tokens": ids[:n_tokens]})["content"])
+
+
+# -- conversation -----------------------------------------------------------------------------
+
+
+def history_messages(client: httpx.Client, n_tokens: int) -> list[dict[str, str]]:
+    """A system prompt and user/assistant pairs of about ``n_tokens`` tokens in all."""
+    per_message = max(1, min(120, n_tokens // 4))
+    messages = [{"role": "system", "content": "You are a patient assistant who remembers."}]
+    total = 0
+    while total < n_tokens:
+        role = "user" if len(messages) % 2 else "assistant"
+        size = min(per_message, max(1, n_tokens - total))
+        text = message_of(client, f"Note {len(messages)}. {FILLER}", size)
+        messages.append({"role": role, "content": text})
+        total += size
+    if messages[-1]["role"] == "user":
+        messages.append({"role": "assistant", "content": "Noted."})
+    return messages
+
+
+def conversation_turn(client: httpx.Client, conv: str, text: str, max_tokens: int) -> StreamResult:
+    body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens}
+    return stream_chat(client, f"/v1/conversations/{conv}/chat", {**body, "temperature": 0})
+
+
+def conversation_repeat(
+    client: httpx.Client, history: list[dict[str, str]], followup: str
+) -> tuple[StreamResult, StreamResult, int]:
+    """One repeat: (follow-up after a turn on the long history, the same message fresh,
+    history tokens before the follow-up)."""
+    conv = post(client, "/v1/conversations", {"messages": history})["id"]
+    conversation_turn(client, conv, "Please remember all of that.", 8)
+    history_tokens = int(client.get(f"/v1/conversations/{conv}/prompt").json()["prompt_tokens"])
+    late = conversation_turn(client, conv, followup, 4)
+    fresh_conv = post(client, "/v1/conversations", {})["id"]
+    fresh = conversation_turn(client, fresh_conv, followup, 4)
+    return late, fresh, history_tokens
+
+
+def run_conversation(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as client:
+        history = history_messages(client, args.history_tokens)
+        runs = []
+        for r in range(max(1, args.repeats)):
+            followup = message_of(client, f"Question {r}: what did the miller keep? " * 4, 20)
+            runs.append(conversation_repeat(client, history, followup))
+    late = statistics.median(run[0].ttft_s for run in runs)
+    fresh = statistics.median(run[1].ttft_s for run in runs)
+    return {
+        "scenario": "conversation",
+        "fresh_ttft_s": round(fresh, 4),
+        "followup_ttft_s": round(late, 4),
+        "ttft_ratio": round(late / fresh, 3) if fresh > 0 else None,
+        "history_tokens": runs[-1][2],
+        "followup_prompt_tokens": runs[-1][0].prompt_tokens,
+        "cached_tokens": runs[-1][0].cached_tokens,
+        "repeats": len(runs),
+    }
+
+
+# -- concurrent -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRun:
+    ok: bool
+    tokens: int
+    seconds: float
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def completion(url: str, prompt: str, max_tokens: int) -> ClientRun:
+    """One non-streamed completion of exactly ``max_tokens`` tokens (EOS ignored)."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    start = time.perf_counter()
+    try:
+        with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as client:
+            r = client.post("/v1/completions", json={"model": "bitnet", **body})
+        tokens = int(r.json()["usage"]["completion_tokens"]) if r.status_code == 200 else 0
+    except (httpx.HTTPError, ValueError, KeyError):
+        return ClientRun(False, 0, time.perf_counter() - start)
+    return ClientRun(r.status_code == 200 and tokens > 0, tokens, time.perf_counter() - start)
+
+
+def run_clients(url: str, n: int, max_tokens: int, tag: str) -> tuple[list[ClientRun], float]:
+    """``n`` clients at once (distinct prompts); their runs and the wall time of all."""
+    runs: list[ClientRun | None] = [None] * n
+    jobs: list[Callable[[], None]] = []
+    for i in range(n):
+
+        def job(i: int = i) -> None:
+            runs[i] = completion(url, f"{tag} client {i}: tell me about the river.", max_tokens)
+
+        jobs.append(job)
+    threads = [threading.Thread(target=job) for job in jobs]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(REQUEST_TIMEOUT_S)
+    wall = time.perf_counter() - start
+    return [r or ClientRun(False, 0, wall) for r in runs], wall
+
+
+def run_concurrent(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    n_tokens = args.stream_tokens
+    completion(url, "warm-up", 2)
+    single, single_wall = run_clients(url, 1, n_tokens, "single")
+    many, many_wall = run_clients(url, args.streams, n_tokens, "streams")
+    crowd, _ = run_clients(url, args.clients, max(4, n_tokens // 2), "crowd")
+    single_tok_s = single[0].tokens / single_wall
+    aggregate = sum(r.tokens for r in many) / many_wall
+    served = [r for r in crowd if r.ok]
+    return {
+        "scenario": "concurrent",
+        "single_tok_s": round(single_tok_s, 2),
+        "aggregate_tok_s": round(aggregate, 2),
+        "speedup": round(aggregate / single_tok_s, 3) if single_tok_s > 0 else None,
+        "streams": args.streams,
+        "streams_served": sum(r.ok for r in many),
+        "clients": args.clients,
+        "clients_served": len(served),
+        "client_min_tok_s": round(min((r.tok_s for r in served), default=0.0), 2),
+        "client_max_tok_s": round(max((r.tok_s for r in served), default=0.0), 2),
+    }
+
+
+SCENARIOS: dict[str, Callable[[str, argparse.Namespace], dict[str, Any]]] = {
+    "conversation": run_conversation,
+    "concurrent": run_concurrent,
+}
+
+
+def run_scenario(args: argparse.Namespace) -> int:
+    """Start the server on ``args.model`` (default: the cached chat model), run
+    ``args.scenario``, print one JSON line. 0 on success, 1 if the run failed."""
+    scenario = SCENARIOS.get(args.scenario)
+    if scenario is None:
+        print(f"bench: unknown scenario {args.scenario!r}", file=sys.stderr)
+        return 2
+    model = Path(args.model) if args.model else chat_model()
+    with tempfile.TemporaryDirectory(prefix="bitserve-bench-") as tmp:
+        try:
+            with server(model, args.threads, Path(tmp)) as url:
+                result = scenario(url, args)
+        except (RuntimeError, httpx.HTTPError) as exc:
+            print(f"bench: {args.scenario} scenario failed: {exc}", file=sys.stderr)
+            return 1
+    result.update(model=str(model), threads=args.threads, load=os.getloadavg())
+    print(json.dumps(result))
+    return 0
