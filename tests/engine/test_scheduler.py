@@ -1,0 +1,252 @@
+"""Scheduler and prefix cache with a fake model (no weights): admission, chunking, max
+batch, eviction under the RAM budget, no KV leak under random requests and cancellations.
+
+``FakeModel.forward_batch`` writes each token id into its cache's keys and returns logits
+derived from every token the cache holds, so a sequence whose cached prefix were wrong (or
+lost) would generate different tokens.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from bitserve.engine.prefix_cache import PrefixCache
+from bitserve.engine.sampling import Sampler
+from bitserve.engine.scheduler import Scheduler, SchedulerConfig
+from bitserve.engine.sequence import Sequence
+from bitserve.engine.types import GenerationRequest, SamplingParams
+from bitserve.model.bitnet import BatchItem
+from bitserve.model.config import ModelConfig
+from bitserve.model.kv_cache import KVCache, KVMemory
+from bitserve.tokenizer import Tokenizer
+
+VOCAB = 64
+CONFIG = ModelConfig(
+    arch="bitnet-b1.58",
+    n_layers=1,
+    dim=8,
+    ffn_dim=16,
+    n_heads=1,
+    n_kv_heads=1,
+    vocab_size=VOCAB,
+    context_length=4096,
+    rope_dim=8,
+    rope_theta=10000.0,
+    norm_eps=1e-5,
+    activation="relu2",
+)
+
+
+@dataclass
+class FakeModel:
+    """Greedy next token = a hash of all tokens in the cache; records each step's items."""
+
+    config: ModelConfig = CONFIG
+    steps: list[list[tuple[int, bool]]] = field(default_factory=list)  # (T, want_logits)
+
+    def new_cache(
+        self, max_seq: int | None = None, dtype: np.dtype | type = np.float32, memory=None
+    ) -> KVCache:
+        return KVCache(self.config, max_seq, dtype, memory)
+
+    def forward_batch(self, items: list[BatchItem]) -> list[np.ndarray | None]:
+        self.steps.append([(len(it.tokens), it.want_logits) for it in items])
+        out: list[np.ndarray | None] = []
+        for it in items:
+            start, ids = it.cache.length, np.asarray(it.tokens)
+            kv = np.zeros((len(ids), 1, CONFIG.head_dim), np.float32)
+            kv[:, 0, 0] = ids
+            it.cache.write(0, start, kv, kv)
+            it.cache.advance(len(ids))
+            held = it.cache.view(0, it.cache.length)[0][:, 0, 0].astype(np.int64)
+            logits = np.zeros(VOCAB, np.float32)
+            logits[int((held * np.arange(1, len(held) + 1)).sum() % VOCAB)] = 1.0
+            out.append(logits if it.want_logits else None)
+        return out
+
+
+def make_sequence(
+    tokenizer: Tokenizer,
+    prompt: list[int],
+    max_tokens: int = 4,
+    cancel: threading.Event | None = None,
+) -> Sequence:
+    req = GenerationRequest(prompt, SamplingParams(temperature=0), max_tokens=max_tokens)
+    sampler = Sampler.create(req.sampling, VOCAB)
+    return Sequence.create(req, sampler, tokenizer, CONFIG.context_length, cancel)
+
+
+def make_requests(
+    tokenizer: Tokenizer, n: int, prompt_len: int = 5, seed: int = 0
+) -> list[Sequence]:
+    rng = random.Random(seed)
+    return [
+        make_sequence(tokenizer, [rng.randrange(VOCAB) for _ in range(prompt_len)])
+        for _ in range(n)
+    ]
+
+
+def run_to_end(sched: Scheduler) -> dict[Sequence, list[int]]:
+    tokens: dict[Sequence, list[int]] = {}
+    while sched.has_work:
+        out = sched.step()
+        for seq, event in out.events:
+            tokens.setdefault(seq, []).append(event.token_id)
+    return tokens
+
+
+def test_admission_is_fcfs_and_bounded_by_max_batch(tokenizer: Tokenizer) -> None:
+    model = FakeModel()
+    sched = Scheduler(model, SchedulerConfig(max_batch=3, max_batch_tokens=64))
+    seqs = make_requests(tokenizer, 7)
+    for seq in seqs:
+        sched.add(seq)
+    sched.step()
+    assert sched.running == seqs[:3] and list(sched.waiting) == seqs[3:]
+    finished_order: list[Sequence] = []
+    while sched.has_work:
+        assert len(sched.running) <= 3
+        finished_order += sched.step().finished
+    assert finished_order == seqs  # same length: first in, first out
+    assert max(len(step) for step in model.steps) == 3
+    assert sched.memory.allocated_bytes == 0  # no prefix cache: every KV freed
+
+
+def test_long_prompt_is_chunked_and_decodes_keep_running(tokenizer: Tokenizer) -> None:
+    model = FakeModel()
+    sched = Scheduler(model, SchedulerConfig(max_batch=4, max_batch_tokens=16))
+    short = make_sequence(tokenizer, [1, 2, 3], max_tokens=30)
+    sched.add(short)
+    sched.step()  # short's prompt; it decodes from now on
+    long = make_sequence(tokenizer, list(range(50)), max_tokens=2)
+    sched.add(long)
+    model.steps.clear()
+    events = [sched.step() for _ in range(4)]
+    # every step: short decodes one token, long gets the rest of the 16-token budget
+    assert [step for step in model.steps] == [[(1, True), (15, False)]] * 3 + [
+        [(1, True), (5, True)]
+    ]
+    assert all(any(s is short for s, _ in out.events) for out in events)
+    assert long.num_computed_tokens == 50 and long.num_generated == 1
+
+
+def test_chunked_or_batched_results_equal_one_at_a_time(tokenizer: Tokenizer) -> None:
+    prompts = [list(range(i, i + 3 + 7 * i)) for i in range(8)]
+
+    def run(max_batch: int, budget: int) -> list[list[int]]:
+        sched = Scheduler(FakeModel(), SchedulerConfig(max_batch, budget))
+        seqs = [make_sequence(tokenizer, p, max_tokens=6) for p in prompts]
+        for seq in seqs:
+            sched.add(seq)
+        tokens = run_to_end(sched)
+        return [tokens[s] for s in seqs]
+
+    alone = run(1, 4096)
+    assert run(8, 8) == alone and run(3, 20) == alone
+
+
+def test_prefix_cache_reuse_reports_cached_tokens_and_keeps_outputs(tokenizer: Tokenizer) -> None:
+    prefix = PrefixCache(budget_bytes=1 << 20)
+    sched = Scheduler(FakeModel(), SchedulerConfig(4, 64), prefix)
+    first = make_sequence(tokenizer, list(range(20)), max_tokens=5)
+    sched.add(first)
+    cold = run_to_end(sched)[first]
+    assert len(prefix) == 1 and prefix.entries[0].cache.length == 24  # 20 + 5 - 1
+    again = make_sequence(tokenizer, list(range(20)), max_tokens=5)
+    sched.add(again)
+    assert run_to_end(sched)[again] == cold
+    assert again.num_cached_tokens == 19  # the last prompt token is always computed
+    follow = make_sequence(tokenizer, [*range(20), *cold, 7, 8], max_tokens=3)
+    sched.add(follow)
+    warm_follow = run_to_end(sched)[follow]
+    assert follow.num_cached_tokens == 24
+    cold_sched = Scheduler(FakeModel(), SchedulerConfig(4, 64))
+    fresh = make_sequence(tokenizer, [*range(20), *cold, 7, 8], max_tokens=3)
+    cold_sched.add(fresh)
+    assert run_to_end(cold_sched)[fresh] == warm_follow
+    assert prefix.stats.lookups == 3 and prefix.stats.hits == 2
+
+
+def test_eviction_keeps_the_budget_and_drops_the_least_recently_used() -> None:
+    memory = KVMemory()
+
+    def cache_of(n: int) -> KVCache:
+        cache = KVCache(CONFIG, dtype=np.float32, memory=memory)
+        cache.reserve(n)
+        cache.advance(n)
+        return cache
+
+    per_token = 2 * CONFIG.n_layers * CONFIG.kv_dim * 4
+    prefix = PrefixCache(budget_bytes=100 * per_token)
+    prefix.put([1] * 40, cache_of(40))
+    prefix.put([2] * 40, cache_of(40))
+    taken = prefix.take([1] * 10 + [5])  # the 1s are used (taken) ...
+    assert taken is not None and taken.length == 10
+    taken.release()
+    prefix.put([1] * 40, cache_of(40))  # ... and put back: now the most recent
+    prefix.put([3] * 40, cache_of(40))  # over budget: the 2s go
+    assert [int(e.tokens[0]) for e in prefix.entries] == [1, 3]
+    assert prefix.nbytes <= prefix.budget_bytes and prefix.stats.evictions == 1
+    prefix.put([4] * 200, cache_of(200))  # larger than the whole budget: released at once
+    assert [int(e.tokens[0]) for e in prefix.entries] == [1, 3]
+    prefix.put([1] * 45, cache_of(45))  # supersedes the entry it extends
+    assert sorted(len(e.tokens) for e in prefix.entries) == [40, 45]
+    assert memory.allocated_bytes == prefix.nbytes  # evicted and superseded caches released
+
+
+def test_no_kv_leak_after_thousands_of_random_requests_and_cancellations(
+    tokenizer: Tokenizer,
+) -> None:
+    rng = random.Random(7)
+    prefix = PrefixCache(budget_bytes=64 * 2 * CONFIG.kv_dim * 4 * 8)
+    sched = Scheduler(FakeModel(), SchedulerConfig(max_batch=8, max_batch_tokens=24), prefix)
+    cancels: list[threading.Event] = []
+    for i in range(3000):
+        cancel = threading.Event()
+        prompt = [rng.randrange(4)] * rng.randrange(1, 4) + [rng.randrange(VOCAB)] * rng.randrange(
+            1, 40
+        )
+        sched.add(make_sequence(tokenizer, prompt, rng.randrange(1, 6), cancel))
+        cancels.append(cancel)
+        if rng.random() < 0.3:
+            rng.choice(cancels[-20:]).set()
+        if i % 3 == 0:
+            sched.step()
+            assert sched.memory.allocated_bytes == prefix.nbytes + sum(
+                s.cache.nbytes for s in sched.running if s.cache is not None
+            )
+    run_to_end(sched)
+    assert not sched.running and not sched.waiting
+    assert sched.memory.allocated_bytes == prefix.nbytes <= prefix.budget_bytes
+    assert prefix.stats.hits > 0
+    prefix.clear()
+    assert sched.memory.allocated_bytes == 0
+
+
+def test_cancelled_sequences_leave_at_once_or_after_one_token(tokenizer: Tokenizer) -> None:
+    sched = Scheduler(FakeModel(), SchedulerConfig(max_batch=2, max_batch_tokens=4))
+    prefilling, decoding = threading.Event(), threading.Event()
+    a = make_sequence(tokenizer, [1, 2], max_tokens=100, cancel=decoding)
+    b = make_sequence(tokenizer, list(range(30)), max_tokens=100, cancel=prefilling)
+    sched.add(a)
+    sched.add(b)
+    sched.step()  # a: prompt done, decoding; b: 2 of 30 prompt tokens
+    decoding.set()
+    prefilling.set()
+    out = sched.step()
+    assert b in out.finished and b.cache is None  # dropped before the step
+    assert [(s, e.finish_reason) for s, e in out.events] == [(a, "cancelled")]
+    assert a in out.finished and not sched.has_work
+    assert sched.memory.allocated_bytes == 0
+
+
+def test_config_checks() -> None:
+    with pytest.raises(ValueError, match="max_batch must"):
+        SchedulerConfig(0, 10)
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        SchedulerConfig(4, 2)
