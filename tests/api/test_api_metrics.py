@@ -90,9 +90,28 @@ def test_a_streamed_chat_moves_the_counters(client: TestClient) -> None:
     assert value(after, "bitserve_time_to_first_token_seconds_count") == 1
     assert 0 < value(after, "bitserve_time_to_first_token_seconds_sum") <= elapsed
     assert value(after, "bitserve_inter_token_latency_seconds_count") == len(chunks) - 1
-    assert 0 <= value(after, "bitserve_cache_hit_rate") <= 1
+    prompt = value(after, "bitserve_prompt_tokens_total")
+    assert prompt - value(before, "bitserve_prompt_tokens_total") > 5
     # the scrapes themselves are requests too
     assert value(after, "bitserve_http_requests_total", route="/metrics", status="200") >= 1
+
+
+def test_the_same_prompt_twice_raises_the_cache_hit_rate(client: TestClient) -> None:
+    body = chat_body("Tell me about the river and the mill.", max_tokens=2, temperature=0)
+    first = client.post("/v1/chat/completions", json=body).json()["usage"]
+    middle = scrape(client)
+    second = client.post("/v1/chat/completions", json=body).json()["usage"]
+    after = scrape(client)
+    cached = second["prompt_tokens_details"]["cached_tokens"]
+    assert cached > 0 and first["prompt_tokens"] == second["prompt_tokens"]
+    moved = value(after, "bitserve_cached_tokens_total") - value(
+        middle, "bitserve_cached_tokens_total"
+    )
+    assert moved == cached
+    total = value(after, "bitserve_prompt_tokens_total")
+    rate = value(after, "bitserve_cache_hit_rate")
+    assert rate == pytest.approx(value(after, "bitserve_cached_tokens_total") / total)
+    assert 0 < rate < 1
 
 
 def test_errors_are_counted_by_route_template_and_status(client: TestClient) -> None:
