@@ -19,7 +19,10 @@
 #include <immintrin.h>
 
 #define ROW_PAIRS 2 /* 4 rows per tile: 2·TT accumulators + 8 code vectors fit 32 zmm */
-#define AVX512_PREFETCH_BYTES 2048
+/* The 4 rows of a tile are contiguous (4·K/4 bytes) and are read as 4 interleaved streams,
+ * which the hardware prefetchers follow poorly: prefetch the tile's bytes as ONE linear
+ * stream instead, 2 cache lines per block (4 rows × 32 bytes), this far ahead. */
+#define AVX512_PREFETCH_BYTES 8192
 
 TARGET_AVX512 static inline int32_t hsum256(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -47,14 +50,14 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void unpack_pair(
 TARGET_AVX512 static inline __attribute__((always_inline)) void tile_dots(
     const uint8_t *const rows[4], const int8_t *q, size_t q_stride, size_t n_blocks, const int tt,
     int32_t dots[4][AVX512_TOKEN_TILE]) {
+    const char *ahead = (const char *)rows[0] + AVX512_PREFETCH_BYTES;
     __m512i acc[ROW_PAIRS][AVX512_TOKEN_TILE];
     for (int p = 0; p < ROW_PAIRS; p++)
         for (int t = 0; t < tt; t++) acc[p][t] = _mm512_setzero_si512();
     for (size_t b = 0; b < n_blocks; b++) {
         size_t off = b * 32;
-        if ((b & 1) == 0)
-            for (int r = 0; r < 2 * ROW_PAIRS; r++)
-                _mm_prefetch((const char *)(rows[r] + off + AVX512_PREFETCH_BYTES), _MM_HINT_T0);
+        _mm_prefetch(ahead + 4 * off, _MM_HINT_T0);
+        _mm_prefetch(ahead + 4 * off + 64, _MM_HINT_T0);
         __m512i c[ROW_PAIRS][4];
         for (int p = 0; p < ROW_PAIRS; p++) unpack_pair(rows[2 * p] + off, rows[2 * p + 1] + off, c[p]);
         for (int t = 0; t < tt; t++) {
