@@ -1,0 +1,74 @@
+"""Batch invariance: a token's result is the same bits alone, in a batch of T, on 1 or 2
+threads. Batched decode (several sequences through one call) relies on it to give the same
+greedy tokens as decoding each sequence alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bitserve.gguf.quants import pack_i2s
+from bitserve.kernels import TernaryWeight
+from bitserve.kernels.native import NativeBackend
+
+T = 11  # more than one 8-token tile, not a multiple of it
+
+
+def _rows_alone(fn: object, x: np.ndarray) -> np.ndarray:
+    """``fn`` applied to each row of ``x`` on its own, stacked back."""
+    assert callable(fn)
+    return np.concatenate([fn(x[i : i + 1]) for i in range(x.shape[0])])
+
+
+def _other_threads(native: NativeBackend, head: str = "f16") -> NativeBackend:
+    return NativeBackend(native.name, threads=3 - native.threads, head=head)
+
+
+@pytest.mark.parametrize(("n_in", "n_out"), [(256, 37), (2560, 301)])
+def test_bitlinear_is_batch_invariant(native: NativeBackend, n_in: int, n_out: int) -> None:
+    rng = np.random.default_rng(n_in + n_out)
+    ternary = rng.integers(-1, 2, size=(n_out, n_in), dtype=np.int8)
+    w = TernaryWeight(pack_i2s(ternary, 0.7), n_out, n_in, 0.7)
+    x = rng.standard_normal((T, n_in), dtype=np.float32)
+    batch = native.bitlinear(x, w)
+    np.testing.assert_array_equal(batch, _rows_alone(lambda r: native.bitlinear(r, w), x))
+    np.testing.assert_array_equal(batch, _other_threads(native).bitlinear(x, w))
+
+
+@pytest.mark.parametrize("head", ["f16", "int8"])
+@pytest.mark.parametrize(("dim", "vocab"), [(64, 300), (2560, 777)])
+def test_head_is_batch_invariant(native: NativeBackend, head: str, dim: int, vocab: int) -> None:
+    rng = np.random.default_rng(dim + vocab)
+    emb = rng.standard_normal((vocab, dim), dtype=np.float32).astype(np.float16)
+    x = rng.standard_normal((T, dim), dtype=np.float32)
+    backend = NativeBackend(native.name, threads=native.threads, head=head)
+    batch = backend.head(x, emb)
+    np.testing.assert_array_equal(batch, _rows_alone(lambda r: backend.head(r, emb), x))
+    np.testing.assert_array_equal(batch, _other_threads(native, head).head(x, emb))
+
+
+def test_f32_head_is_batch_invariant(native: NativeBackend) -> None:
+    rng = np.random.default_rng(5)
+    emb = rng.standard_normal((500, 200), dtype=np.float32)  # 200: a scalar tail too
+    x = rng.standard_normal((T, 200), dtype=np.float32)
+    batch = native.head(x, emb)
+    np.testing.assert_array_equal(batch, _rows_alone(lambda r: native.head(r, emb), x))
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(20, 5, 128), (6, 3, 20), (12, 2, 48)])
+@pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
+def test_attention_is_batch_invariant(
+    native: NativeBackend, heads: int, kv_heads: int, dim: int, kv_dtype: type
+) -> None:
+    """T new tokens at once equal each token decoded alone over the same cache prefix."""
+    rng = np.random.default_rng(heads + dim)
+    start = 13
+    q = rng.standard_normal((T, heads, dim), dtype=np.float32)
+    k = rng.standard_normal((start + T, kv_heads, dim), dtype=np.float32).astype(kv_dtype)
+    v = rng.standard_normal((start + T, kv_heads, dim), dtype=np.float32).astype(kv_dtype)
+    batch = native.attention(q, k, v, start)
+    for i in range(T):
+        end = start + i + 1
+        alone = native.attention(q[i : i + 1], k[:end], v[:end], start + i)
+        np.testing.assert_array_equal(batch[i], alone[0])
+    np.testing.assert_array_equal(batch, _other_threads(native).attention(q, k, v, start))
