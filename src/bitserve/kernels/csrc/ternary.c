@@ -22,7 +22,12 @@
 #define BLOCK 128
 #define BLOCK_BYTES 32
 #define TOKEN_TILE 8 /* tokens sharing one unpacked weight block (GEMM); = AVX512_TOKEN_TILE */
-#define INT16_BLOCKS 16  /* |Σ of 16 blocks of maddubs| <= 16·4·512 = 32768: fits int16 */
+/* Blocks summed in int16 before widening (AVX2). Bound: a maddubs lane is c0·q0 + c1·q1 with
+ * c in {0,1,2}, q in [-128,127], so it lies in [-512, 508] and never saturates; one block
+ * adds 4 such lanes: [-2048, 2032]; 16 blocks: [-32768, 32512], inside int16. add_epi16
+ * wraps mod 2^16, so the result is exact whenever the true total is in range, whatever the
+ * order of the partial sums. madd(acc16, 1) then widens pairs into int32 once per group. */
+#define INT16_BLOCKS 16
 #define MIN_ROWS_PER_CHUNK 32
 #define CHUNKS_PER_THREAD 4 /* long sequential runs for the prefetchers, some balancing */
 /* bytes ahead of the current block to prefetch: the matmul does ~16 µops per 32 bytes, so
