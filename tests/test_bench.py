@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,8 @@ def test_bench_prints_one_json_line(
     assert result["bytes_per_token"] == codes + head_bytes
     assert result["prompt_tok_s"] > 0 and result["gen_tok_s"] > 0
     assert set(result["baseline"]) == {"gen", "prompt"}
+    low, high = result["bandwidth_range_gb_s"]
+    assert low <= result["bandwidth_gb_s"] <= high  # the median of the passes
 
 
 def test_bench_numpy_kernel(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -52,3 +55,21 @@ def test_bench_numpy_kernel(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     argv = ["bench", "-m", str(model), "--kernel", "numpy", "--bandwidth-mb", "16"]
     assert main([*argv, "--prompt-tokens", "4", "--gen-tokens", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["kernel"] == "numpy"
+
+
+def test_scenario_defaults_to_kernels() -> None:
+    from bitserve.cli import build_parser
+
+    args = build_parser("bench").parse_args(["bench"])
+    assert args.scenario == "kernels"
+    with pytest.raises(SystemExit):
+        build_parser("bench").parse_args(["bench", "--scenario", "nope"])
+
+
+def test_serving_scenario_without_its_module(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A build without bitserve.bench_serving: a clear error and exit status 2."""
+    monkeypatch.setitem(sys.modules, "bitserve.bench_serving", None)  # import now fails
+    assert main(["bench", "--scenario", "concurrent"]) == 2
+    assert "bitserve.bench_serving" in capsys.readouterr().err

@@ -6,11 +6,15 @@ default the model is a synthetic one with BitNet-b1.58-2B-4T's shapes (random we
 same bytes and arithmetic), written once to ``$BITSERVE_CACHE`` (or ``~/.cache/bitserve``).
 Prints ONE JSON line; ``baseline`` gives the ratios to bitnet.cpp's figures on a 2-core
 AVX2 EPYC (spec §7). Never meant to gate CI on absolute numbers.
+
+``--scenario conversation|concurrent`` measures the server instead (``bitserve.bench_serving``,
+imported only then); the default ``kernels`` is the measurement above.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -19,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -31,16 +36,40 @@ from bitserve.model.synthetic import SHAPE_2B4T, write_synthetic_model
 BASELINE_GEN_TOK_S = 15.5  # bitnet.cpp, 2-core AVX2 EPYC, 2B-4T shapes (spec §7)
 BASELINE_PROMPT_TOK_S = 68.8
 SYNTHETIC_NAME = "synthetic-2b4t-i2s-seed0.gguf"
+SCENARIOS = ("kernels", "conversation", "concurrent")
+BANDWIDTH_PASSES = 9
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-m", "--model", help="GGUF model (default: cached synthetic 2B-4T)")
     parser.add_argument("--threads", type=int, default=None, help="kernel threads (default: cores)")
-    parser.add_argument("--kernel", default=None, help="numpy | scalar | avx2 (default: best)")
+    parser.add_argument(
+        "--kernel", default=None, help="numpy | scalar | avx2 | avx512 (default: best)"
+    )
     parser.add_argument("--head", choices=("f16", "int8"), default="f16", help="LM head weights")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--bandwidth-mb", type=int, default=1024, help="bandwidth probe size")
+    parser.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default="kernels",
+        help="kernels: this process's prompt/generation speed; conversation, concurrent: "
+        "the serving goals against the real server (default: kernels)",
+    )
+    serving = _serving_module()
+    if serving is not None:
+        serving.add_scenario_arguments(parser)
+
+
+def _serving_module() -> ModuleType | None:
+    """``bitserve.bench_serving`` (the server scenarios), or None when it is not there."""
+    try:
+        return importlib.import_module("bitserve.bench_serving")
+    except ModuleNotFoundError as exc:
+        if exc.name != "bitserve.bench_serving":
+            raise  # a dependency of the module is missing: say so, do not hide it
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,16 +96,18 @@ def synthetic_model() -> Path:
     return path
 
 
-def measure_bandwidth(backend: NativeBackend, megabytes: int) -> float:
-    """Read bandwidth in GB/s: best of 5 passes over a buffer far larger than the caches."""
+def measure_bandwidth(backend: NativeBackend, megabytes: int) -> tuple[float, float, float]:
+    """Read bandwidth in GB/s over a buffer far larger than the caches: ``(median, min, max)``
+    of several passes. One pass can read far above or below the rest (another process's
+    traffic, a lucky turbo state), so the median is what ``limit_fraction`` uses."""
     buf = np.ones(megabytes << 20, dtype=np.uint8)  # ones: every page really allocated
     backend.read_memory(buf)
-    best = float("inf")
-    for _ in range(5):
+    rates = []
+    for _ in range(BANDWIDTH_PASSES):
         start = time.perf_counter()
         backend.read_memory(buf)
-        best = min(best, time.perf_counter() - start)
-    return buf.nbytes / best / 1e9
+        rates.append(buf.nbytes / (time.perf_counter() - start) / 1e9)
+    return float(np.median(rates)), min(rates), max(rates)
 
 
 def bytes_per_token(model: BitNetModel, backend: Any) -> int:
@@ -118,11 +149,27 @@ def time_model(path: Path, backend: Any, n_prompt: int, n_gen: int) -> tuple[Bit
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.scenario != "kernels":
+        serving = _serving_module()
+        if serving is None:
+            print(
+                f"bench: scenario {args.scenario!r} needs bitserve.bench_serving, "
+                "which is not installed in this build",
+                file=sys.stderr,
+            )
+            return 2
+        return int(serving.run_scenario(args))
+    return run_kernels(args)
+
+
+def run_kernels(args: argparse.Namespace) -> int:
+    """The default scenario: load, prompt and generation speed in this process."""
     path = Path(args.model) if args.model else synthetic_model()
     threads = args.threads or default_threads()
     backend = get_backend(args.kernel, threads=threads, head=args.head)
     probe = backend if isinstance(backend, NativeBackend) else _probe_backend(threads)
-    bandwidth = measure_bandwidth(probe, args.bandwidth_mb) if probe else float("nan")
+    nan = float("nan")
+    bandwidth, bw_min, bw_max = measure_bandwidth(probe, args.bandwidth_mb) if probe else (nan,) * 3
     model, t = time_model(path, backend, args.prompt_tokens, args.gen_tokens)
     per_token = bytes_per_token(model, backend)
     model.close()
@@ -131,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         "prompt_tok_s": round(t.prompt_tok_s, 2),
         "gen_tok_s": round(t.gen_tok_s, 2),
         "bandwidth_gb_s": round(bandwidth, 2),
+        "bandwidth_range_gb_s": [round(bw_min, 2), round(bw_max, 2)],
         "bytes_per_token": per_token,
         "gen_ceiling_tok_s": round(ceiling, 2),
         "limit_fraction": round(t.gen_tok_s / ceiling, 3),
