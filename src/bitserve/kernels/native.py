@@ -1,14 +1,16 @@
 """The C kernels (``bitserve.kernels._native``) behind the :class:`Backend` interface.
 
-``NativeBackend("avx512" | "avx2" | "scalar", threads, head="f16" | "int8")`` owns one thread pool
-(created once, shared by every kernel) and writes into freshly allocated numpy outputs.
-``bitlinear`` equals :class:`NumpyBackend` bit for bit on every path (``avx512`` is AVX2 plus an AVX-512 VNNI ternary matmul); the head and the
-attention equal it to float tolerance (different summation order).
+``NativeBackend("avx512" | "avx2" | "scalar", threads, head="f16" | "int8")`` owns one
+thread pool (created once, shared by every kernel) and writes into freshly allocated numpy
+outputs. ``avx512`` is the AVX2 path with an AVX-512 VNNI ternary matmul. ``bitlinear``
+equals :class:`NumpyBackend` bit for bit on every path; the head and the attention equal it
+to float tolerance (different summation order). Every kernel is batch invariant: a token's
+result is the same bits whatever T (tokens in the call) and the thread count.
 
 ``head="int8"`` quantizes the (F16) embedding once per row (the activation quantizer's
 rule, per-row absmax) and reads 1 byte per weight instead of 2 for every generated token:
 the head is the largest single read of a token. It changes logits slightly (top-1 agrees
-almost always; see ``bitserve bench`` and tests/kernels/test_head_int8.py).
+almost always; see tests/kernels/test_head_attention.py).
 """
 
 from __future__ import annotations
