@@ -36,6 +36,7 @@ typedef enum { IMPL_SCALAR = 0, IMPL_AVX2 = 1, IMPL_AVX512 = 2 } KernelImpl;
 /* ---------------------------------------------------------------- thread pool ---- */
 
 /* A task is split into n_chunks independent chunks; fn(ctx, chunk, thread) runs one. */
+#define POOL_MAX_CHUNKS ((1 << 20) - 1)
 typedef void (*TaskFn)(void *ctx, int chunk, int thread);
 
 typedef struct {
@@ -44,13 +45,14 @@ typedef struct {
     pthread_mutex_t mutex; /* guards the sleep/wake handshake */
     pthread_cond_t wake;
     pthread_mutex_t dispatch_lock; /* one task (and one user of the scratch) at a time */
-    atomic_uint generation;        /* bumped once per task: workers wait for a change */
-    atomic_int next_chunk;
-    atomic_int busy_workers;
+    /* the current task: generation (24 bits) | chunk count (20) | next chunk (20), one word
+     * so a worker claims a chunk with one CAS that fails once the task is over */
+    atomic_ullong cursor;
+    atomic_int done; /* chunks of the current task finished */
     atomic_int stop;
-    TaskFn fn;
+    TaskFn fn;      /* fn, ctx, chunk_base: written before the cursor is published */
     void *ctx;
-    int n_chunks;
+    int chunk_base; /* tasks above POOL_MAX_CHUNKS run in rounds */
     /* scratch, grown on demand and reused across calls (guarded by dispatch_lock) */
     int8_t *q;        /* quantized activations [T, K] */
     size_t q_cap;

@@ -54,13 +54,27 @@ typedef struct {
     int thread;
 } WorkerArg;
 
-/* Take chunks from the shared counter until none are left (dynamic split: a core that
- * another process steals time from simply does fewer chunks). */
-static void run_chunks(Pool *pool, int thread) {
+#define GEN_SHIFT 40
+#define COUNT_SHIFT 20
+#define FIELD_MASK ((1ull << 20) - 1)
+
+static inline unsigned cursor_gen(uint64_t cur) { return (unsigned)(cur >> GEN_SHIFT); }
+
+/* Take chunks of task `gen` until none are left (dynamic split: a core that another process
+ * steals time from simply does fewer chunks). The CAS only succeeds while the cursor still
+ * belongs to `gen`, so a worker that wakes late can never claim a chunk of a later task, and
+ * the caller never has to wait for workers that got no chunk (under load a descheduled
+ * worker used to hold up every kernel for a whole time slice). */
+static void run_chunks(Pool *pool, int thread, unsigned gen) {
     for (;;) {
-        int chunk = atomic_fetch_add(&pool->next_chunk, 1);
-        if (chunk >= pool->n_chunks) return;
-        pool->fn(pool->ctx, chunk, thread);
+        uint64_t cur = atomic_load(&pool->cursor);
+        do {
+            if (cursor_gen(cur) != gen || (cur & FIELD_MASK) >= ((cur >> COUNT_SHIFT) & FIELD_MASK))
+                return;
+        } while (!atomic_compare_exchange_weak(&pool->cursor, &cur, cur + 1));
+        /* chunk claimed: the task cannot finish (nor fn/ctx change) before we report it */
+        pool->fn(pool->ctx, pool->chunk_base + (int)(cur & FIELD_MASK), thread);
+        atomic_fetch_add(&pool->done, 1);
     }
 }
 
@@ -73,14 +87,14 @@ static long now_ns(void) {
 static unsigned wait_for_task(Pool *pool, unsigned seen) {
     long deadline = now_ns() + SPIN_NS;
     for (int i = 1;; i++) {
-        unsigned gen = atomic_load(&pool->generation);
+        unsigned gen = cursor_gen(atomic_load(&pool->cursor));
         if (gen != seen || atomic_load(&pool->stop)) return gen;
         cpu_relax();
         if (i % 256 == 0 && now_ns() > deadline) break;
     }
     pthread_mutex_lock(&pool->mutex);
     unsigned gen;
-    while ((gen = atomic_load(&pool->generation)) == seen && !atomic_load(&pool->stop))
+    while ((gen = cursor_gen(atomic_load(&pool->cursor))) == seen && !atomic_load(&pool->stop))
         pthread_cond_wait(&pool->wake, &pool->mutex);
     pthread_mutex_unlock(&pool->mutex);
     return gen;
@@ -97,8 +111,7 @@ static void *worker_main(void *arg) {
     for (;;) {
         seen = wait_for_task(pool, seen);
         if (atomic_load(&pool->stop)) return NULL;
-        run_chunks(pool, thread);
-        atomic_fetch_sub(&pool->busy_workers, 1);
+        run_chunks(pool, thread, seen);
     }
 }
 
@@ -110,9 +123,8 @@ int pool_init(Pool *pool, int n_threads) {
     pthread_mutex_init(&pool->mutex, NULL);
     pthread_cond_init(&pool->wake, NULL);
     pthread_mutex_init(&pool->dispatch_lock, NULL);
-    atomic_init(&pool->generation, 0);
-    atomic_init(&pool->next_chunk, 0);
-    atomic_init(&pool->busy_workers, 0);
+    atomic_init(&pool->cursor, 0);
+    atomic_init(&pool->done, 0);
     atomic_init(&pool->stop, 0);
     pool->workers = calloc((size_t)pool->n_threads, sizeof(pthread_t));
     if (!pool->workers) return ENOMEM;
@@ -151,29 +163,36 @@ void pool_free(Pool *pool) {
 void pool_lock(Pool *pool) { pthread_mutex_lock(&pool->dispatch_lock); }
 void pool_unlock(Pool *pool) { pthread_mutex_unlock(&pool->dispatch_lock); }
 
-void pool_run(Pool *pool, TaskFn fn, void *ctx, int n_chunks) {
-    if (n_chunks <= 0) return;
-    pool->fn = fn;
-    pool->ctx = ctx;
-    pool->n_chunks = n_chunks;
-    atomic_store(&pool->next_chunk, 0);
-    int helpers = pool->n_threads - 1;
-    if (n_chunks == 1) helpers = 0; /* nothing to share: skip the wake-up */
-    if (helpers > 0) {
-        atomic_store(&pool->busy_workers, helpers);
-        pthread_mutex_lock(&pool->mutex);
-        atomic_fetch_add(&pool->generation, 1);
-        pthread_cond_broadcast(&pool->wake);
-        pthread_mutex_unlock(&pool->mutex);
-    }
-    run_chunks(pool, 0);
-    /* workers still finishing their last chunk: poll, then yield the core to them */
-    for (int i = 0; atomic_load(&pool->busy_workers) > 0; i++) {
+/* One round of at most POOL_MAX_CHUNKS chunks, numbered from base. */
+static void run_round(Pool *pool, int base, int n_chunks) {
+    pool->chunk_base = base;
+    atomic_store(&pool->done, 0);
+    uint64_t old = atomic_load(&pool->cursor);
+    unsigned gen = (cursor_gen(old) + 1) & ((1u << 24) - 1);
+    atomic_store(&pool->cursor, ((uint64_t)gen << GEN_SHIFT) | ((uint64_t)n_chunks << COUNT_SHIFT));
+    pthread_mutex_lock(&pool->mutex); /* wake the workers that went to sleep */
+    pthread_cond_broadcast(&pool->wake);
+    pthread_mutex_unlock(&pool->mutex);
+    run_chunks(pool, 0, gen);
+    /* chunks still running on workers: poll, then yield the core to them */
+    for (int i = 0; atomic_load(&pool->done) < n_chunks; i++) {
         if (i < SPIN_ITERATIONS)
             cpu_relax();
         else
             sched_yield();
     }
+}
+
+void pool_run(Pool *pool, TaskFn fn, void *ctx, int n_chunks) {
+    if (n_chunks <= 0) return;
+    if (n_chunks == 1 || pool->n_threads == 1) { /* nothing to share: skip the wake-up */
+        for (int c = 0; c < n_chunks; c++) fn(ctx, c, 0);
+        return;
+    }
+    pool->fn = fn;
+    pool->ctx = ctx;
+    for (int base = 0; base < n_chunks; base += POOL_MAX_CHUNKS)
+        run_round(pool, base, n_chunks - base < POOL_MAX_CHUNKS ? n_chunks - base : POOL_MAX_CHUNKS);
 }
 
 /* ---------------------------------------------------------------- scratch ---- */
