@@ -204,7 +204,8 @@ def test_concurrent_chats_to_one_conversation_never_interleave(server: Server) -
 
 
 def test_full_queue_is_503_with_retry_after(tmp_path: Path, no_stop: dict[str, float]) -> None:
-    s = start(tmp_path, "--max-queue", "1")
+    # one running sequence, so B really waits in the queue (with batching it would join A)
+    s = start(tmp_path, "--max-queue", "1", "--max-batch", "1")
     try:
         url, body = long_stream_request(s.url, no_stop)
         with (
@@ -217,7 +218,9 @@ def test_full_queue_is_503_with_retry_after(tmp_path: Path, no_stop: dict[str, f
                 r = client.post(url, json={**body, "stream": False})
                 assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
                 assert r.json()["error"]["code"] == "queue_full"
-            assert metric(s.url, "bitserve_requests_cancelled_total") == 0
+                # the refused request never entered the engine: nothing was cancelled
+                # (checked while B still waits: closing B's stream would cancel B)
+                assert metric(s.url, "bitserve_requests_cancelled_total") == 0
             kept.close()
     finally:
         s.stop()
