@@ -51,9 +51,14 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void tile_dots(
     const uint8_t *const rows[4], const int8_t *q, size_t q_stride, size_t n_blocks, const int tt,
     int32_t dots[4][AVX512_TOKEN_TILE]) {
     const char *ahead = (const char *)rows[0] + AVX512_PREFETCH_BYTES;
-    __m512i acc[ROW_PAIRS][AVX512_TOKEN_TILE];
+    /* GEMV (tt of 1-2) would chain 4 dependent vpdpbusd per block into one accumulator and
+     * stall on their latency: split the 4 code vectors over `ns` accumulators instead
+     * (integers: any split sums to the same bits) */
+    const int ns = tt == 1 ? 4 : tt == 2 ? 2 : 1;
+    __m512i acc[ROW_PAIRS][AVX512_TOKEN_TILE][4];
     for (int p = 0; p < ROW_PAIRS; p++)
-        for (int t = 0; t < tt; t++) acc[p][t] = _mm512_setzero_si512();
+        for (int t = 0; t < tt; t++)
+            for (int i = 0; i < ns; i++) acc[p][t][i] = _mm512_setzero_si512();
     for (size_t b = 0; b < n_blocks; b++) {
         size_t off = b * 32;
         _mm_prefetch(ahead + 4 * off, _MM_HINT_T0);
@@ -64,14 +69,17 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void tile_dots(
             const int8_t *qb = q + (size_t)t * q_stride + b * 128;
             for (int j = 0; j < 4; j++) {
                 __m512i qv = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qb + 32 * j)));
-                for (int p = 0; p < ROW_PAIRS; p++) acc[p][t] = _mm512_dpbusd_epi32(acc[p][t], c[p][j], qv);
+                for (int p = 0; p < ROW_PAIRS; p++)
+                    acc[p][t][j % ns] = _mm512_dpbusd_epi32(acc[p][t][j % ns], c[p][j], qv);
             }
         }
     }
     for (int p = 0; p < ROW_PAIRS; p++)
         for (int t = 0; t < tt; t++) {
-            dots[2 * p][t] = hsum256(_mm512_castsi512_si256(acc[p][t]));
-            dots[2 * p + 1][t] = hsum256(_mm512_extracti64x4_epi64(acc[p][t], 1));
+            __m512i sum = acc[p][t][0];
+            for (int i = 1; i < ns; i++) sum = _mm512_add_epi32(sum, acc[p][t][i]);
+            dots[2 * p][t] = hsum256(_mm512_castsi512_si256(sum));
+            dots[2 * p + 1][t] = hsum256(_mm512_extracti64x4_epi64(sum, 1));
         }
 }
 
