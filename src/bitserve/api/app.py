@@ -58,7 +58,7 @@ def create_app(settings: ServerSettings, served: ServedModel, store: Conversatio
     app.state.store = store
     app.state.keys = KeyChecker(settings.api_keys)
     app.state.conversations = ConversationService(store, served)
-    app.state.registry = system.make_registry(served)
+    system.install_metrics(app, served)  # app.state.registry + the HTTP-edge middleware
     install_error_handlers(app)
     for router in (
         system.health_router,
