@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,7 +93,9 @@ def _top_logprobs(body: ChatCompletionRequest) -> int:
     return body.top_logprobs
 
 
-def encode_chat(served: ServedModel, messages: list[dict[str, str]], param: str) -> list[int]:
+def encode_chat(
+    served: ServedModel, messages: Sequence[Mapping[str, Any]], param: str
+) -> list[int]:
     """The chat-formatted prompt's token ids (a message the format rejects is a 400)."""
     try:
         return served.loaded.chat.encode(messages)
@@ -104,7 +106,7 @@ def encode_chat(served: ServedModel, messages: list[dict[str, str]], param: str)
 def plan_chat(
     served: ServedModel,
     body: ChatCompletionRequest,
-    messages: list[dict[str, str]],
+    messages: Sequence[Mapping[str, Any]],
     model: str,
     param: str = "messages",
 ) -> ChatPlan:

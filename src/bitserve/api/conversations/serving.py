@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
@@ -162,11 +162,11 @@ def fit_history(
         dropped += count
 
 
-def _history_message(m: StoredMessage) -> dict[str, str]:
+def _history_message(m: StoredMessage) -> dict[str, Any]:
     message: dict[str, Any] = {"role": m.role, "content": m.content}
     if m.token_ids is not None:
         message["token_ids"] = list(m.token_ids)
-    return cast("dict[str, str]", message)
+    return message
 
 
 class ConversationService:
