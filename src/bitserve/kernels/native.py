@@ -131,6 +131,22 @@ class NativeBackend(Backend):
         self._pool.attention(q, k, v, start_pos, out, self._impl)
         return out
 
+    def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        rows = x.reshape(-1, x.shape[-1])
+        out = np.empty(rows.shape, dtype=np.float32)
+        weight = np.ascontiguousarray(weight, dtype=np.float32)
+        self._pool.rmsnorm(rows, weight, float(eps), out, self._impl)
+        return out.reshape(x.shape)
+
+    def relu2_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        gate = np.ascontiguousarray(gate, dtype=np.float32)
+        up = np.ascontiguousarray(up, dtype=np.float32)
+        rows = gate.reshape(-1, gate.shape[-1])
+        out = np.empty(rows.shape, dtype=np.float32)
+        self._pool.relu2_mul(rows, up.reshape(rows.shape), out, self._impl)
+        return out.reshape(gate.shape)
+
     # --- kernels exposed for tests and the bench -----------------------------------
 
     def quantize(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -57,3 +57,18 @@ def head_int8(x: np.ndarray, q: np.ndarray, s: np.ndarray) -> np.ndarray:
     """``x [T, dim] @ (q / s)ᵀ`` → ``[T, vocab]`` float32: dot products first, then ``/ s``."""
     logits: np.ndarray = (x.astype(np.float32) @ q.astype(np.float32).T) / s[None, :]
     return logits.astype(np.float32)
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """``x / sqrt(mean(x²) + eps) * weight`` per row of ``x [..., n]`` (``weight [n]``) →
+    float32; the mean of squares in float64, the division in float64 then rounded to float32
+    (exactly ``bitserve.model.bitnet.rmsnorm``)."""
+    mean_sq = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
+    out: np.ndarray = (x / np.sqrt(mean_sq + eps)).astype(np.float32) * weight
+    return out
+
+
+def relu2_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """BitNet's FFN gate: ``max(gate, 0)² * up`` in float32, elementwise."""
+    out: np.ndarray = np.square(np.maximum(gate, np.float32(0))) * up
+    return out

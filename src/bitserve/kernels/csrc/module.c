@@ -329,6 +329,46 @@ static PyObject *py_read_memory(PoolObject *self, PyObject *args) {
     return PyLong_FromUnsignedLongLong(checksum);
 }
 
+static PyObject *py_rmsnorm(PoolObject *self, PyObject *args) {
+    PyObject *ox, *ow, *oout;
+    double eps;
+    int impl;
+    if (!PyArg_ParseTuple(args, "OOdOi", &ox, &ow, &eps, &oout, &impl) || ready(self) || check_impl(impl))
+        return NULL;
+    Views v = {.n = 0};
+    Py_buffer *x = take(&v, ox, "x", "f", 2, 0), *w = x ? take(&v, ow, "weight", "f", 1, 0) : NULL;
+    Py_buffer *out = w ? take(&v, oout, "out", "f", 2, 1) : NULL;
+    if (!out || check_dim("weight", 0, w->shape[0], x->shape[1]) || check_dim("out", 0, out->shape[0], x->shape[0]) ||
+        check_dim("out", 1, out->shape[1], x->shape[1])) {
+        release_views(&v);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
+    rmsnorm_rows(&self->pool, (KernelImpl)impl, x->buf, (size_t)x->shape[0], (size_t)x->shape[1], w->buf, eps, out->buf);
+    pool_unlock(&self->pool);
+    Py_END_ALLOW_THREADS release_views(&v);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_relu2_mul(PoolObject *self, PyObject *args) {
+    PyObject *og, *ou, *oout;
+    int impl;
+    if (!PyArg_ParseTuple(args, "OOOi", &og, &ou, &oout, &impl) || ready(self) || check_impl(impl)) return NULL;
+    Views v = {.n = 0};
+    Py_buffer *g = take(&v, og, "gate", "f", 2, 0), *u = g ? take(&v, ou, "up", "f", 2, 0) : NULL;
+    Py_buffer *out = u ? take(&v, oout, "out", "f", 2, 1) : NULL;
+    if (!out || check_dim("up", 0, u->shape[0], g->shape[0]) || check_dim("up", 1, u->shape[1], g->shape[1]) ||
+        check_dim("out", 0, out->shape[0], g->shape[0]) || check_dim("out", 1, out->shape[1], g->shape[1])) {
+        release_views(&v);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
+    relu2_mul(&self->pool, (KernelImpl)impl, g->buf, u->buf, (size_t)g->shape[0], (size_t)g->shape[1], out->buf);
+    pool_unlock(&self->pool);
+    Py_END_ALLOW_THREADS release_views(&v);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_threads(PoolObject *self, void *closure) {
     (void)closure;
     return PyLong_FromLong(self->ready ? self->pool.n_threads : 0);
@@ -343,6 +383,8 @@ static PyMethodDef pool_methods[] = {
      "quantize_f16_rows(embedding, q, row_scale, impl)"},
     {"attention", (PyCFunction)py_attention, METH_VARARGS, "attention(q, k_cache, v_cache, start_pos, out, impl)"},
     {"read_memory", (PyCFunction)py_read_memory, METH_VARARGS, "read_memory(buffer, impl) -> checksum"},
+    {"rmsnorm", (PyCFunction)py_rmsnorm, METH_VARARGS, "rmsnorm(x, weight, eps, out, impl)"},
+    {"relu2_mul", (PyCFunction)py_relu2_mul, METH_VARARGS, "relu2_mul(gate, up, out, impl)"},
     {NULL, NULL, 0, NULL}};
 
 static PyGetSetDef pool_getset[] = {{"threads", (getter)py_threads, NULL, "threads (caller included)", NULL},

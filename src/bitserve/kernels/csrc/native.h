@@ -6,6 +6,7 @@
  *   ternary_avx512.c  the ternary register tile on AVX-512 VNNI (vpdpbusd)
  *   head.c       the tied LM head (F16/F32 and int8 embeddings) and the memory-read probe
  *   attention.c  causal GQA attention over the KV cache
+ *   elementwise.c  RMSNorm and the squared-ReLU gate, row by row
  *   module.c     the Python bindings: buffer checks, GIL release, dispatch
  *
  * Every kernel has a portable scalar path and an AVX2/FMA/F16C path compiled with target
@@ -127,6 +128,13 @@ typedef struct {
 /* Needs pool_reserve_scores(pool, ATTENTION_GROUP · (start_pos + T)) first. */
 #define ATTENTION_GROUP 4
 void attention(Pool *pool, KernelImpl impl, const AttentionArgs *args);
+
+/* out [T, n] = x / sqrt(mean(x²) + eps) · weight per row (mean in float64) */
+void rmsnorm_rows(Pool *pool, KernelImpl impl, const float *x, size_t n_rows, size_t n,
+                  const float *weight, double eps, float *out);
+/* out [T, n] = max(gate, 0)² · up, float32, bit-exact with numpy */
+void relu2_mul(Pool *pool, KernelImpl impl, const float *gate, const float *up, size_t n_rows,
+               size_t n, float *out);
 
 /* portable half → float (IEEE binary16), used by the scalar paths */
 float half_to_float(uint16_t h);

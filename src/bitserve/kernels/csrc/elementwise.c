@@ -1,0 +1,96 @@
+/* Row-wise glue of the forward pass in C: RMSNorm and the squared-ReLU gate.
+ *
+ * In numpy these cost more than the kernels around them for a 128-token prompt (temporaries
+ * of [T, 6912] floats, one pass each) and ~15 µs of call overhead per row at decode. Here
+ * each row is one pass on one thread, and the arithmetic follows the numpy oracle
+ * (bitserve.kernels.reference.rmsnorm / relu2_mul) operation by operation:
+ *   rmsnorm: mean of squares accumulated in float64, x / sqrt(mean + eps) in float64,
+ *            rounded to float32, times the weight in float32 (only the summation order of
+ *            the mean differs from numpy's, so a rare last-bit difference);
+ *   relu2_mul: m = max(g, 0); (m · m) · up in float32 — bit-exact (separate multiplies,
+ *            never an FMA; -std=c11 compiles with -ffp-contract=off).
+ * A row's result never depends on T or the thread count: batch invariant.
+ */
+#include <math.h>
+
+#include "native.h"
+
+#if BITSERVE_X86
+#include <immintrin.h>
+#endif
+
+#define ELEMENTWISE_ROWS_PER_CHUNK 4
+
+typedef struct {
+    KernelImpl impl;
+    const float *x;
+    const float *other; /* rmsnorm: weight [n]; relu2_mul: up [T, n] */
+    float *out;
+    size_t n_rows, n;
+    double eps;
+} RowTask;
+
+static void rmsnorm_row(const float *x, const float *weight, size_t n, double eps, float *out) {
+    double acc[4] = {0.0, 0.0, 0.0, 0.0}; /* fixed order: lane i sums elements i mod 4 */
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int j = 0; j < 4; j++) acc[j] += (double)x[i + (size_t)j] * (double)x[i + (size_t)j];
+    for (; i < n; i++) acc[0] += (double)x[i] * (double)x[i];
+    double root = sqrt(((acc[0] + acc[1]) + (acc[2] + acc[3])) / (double)n + eps);
+    for (i = 0; i < n; i++) out[i] = (float)((double)x[i] / root) * weight[i];
+}
+
+static void rmsnorm_chunk(void *ctx, int chunk, int thread) {
+    (void)thread;
+    const RowTask *t = ctx;
+    size_t r0 = (size_t)chunk * ELEMENTWISE_ROWS_PER_CHUNK;
+    size_t r1 = r0 + ELEMENTWISE_ROWS_PER_CHUNK < t->n_rows ? r0 + ELEMENTWISE_ROWS_PER_CHUNK : t->n_rows;
+    for (size_t r = r0; r < r1; r++) rmsnorm_row(t->x + r * t->n, t->other, t->n, t->eps, t->out + r * t->n);
+}
+
+#if BITSERVE_X86
+/* max_ps(0, g) returns g when g is NaN (its second operand), as np.maximum does */
+TARGET_AVX2 static size_t relu2_mul_avx2(const float *gate, const float *up, size_t n, float *out) {
+    const __m256 zero = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 m = _mm256_max_ps(zero, _mm256_loadu_ps(gate + i));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(m, m), _mm256_loadu_ps(up + i)));
+    }
+    return i;
+}
+#endif
+
+static void relu2_mul_chunk(void *ctx, int chunk, int thread) {
+    (void)thread;
+    const RowTask *t = ctx;
+    size_t r0 = (size_t)chunk * ELEMENTWISE_ROWS_PER_CHUNK;
+    size_t r1 = r0 + ELEMENTWISE_ROWS_PER_CHUNK < t->n_rows ? r0 + ELEMENTWISE_ROWS_PER_CHUNK : t->n_rows;
+    const float *gate = t->x + r0 * t->n, *up = t->other + r0 * t->n;
+    float *out = t->out + r0 * t->n;
+    size_t i = 0, n = (r1 - r0) * t->n;
+#if BITSERVE_X86
+    if (t->impl >= IMPL_AVX2) i = relu2_mul_avx2(gate, up, n, out);
+#endif
+    for (; i < n; i++) {
+        float m = gate[i] < 0.0f ? 0.0f : gate[i]; /* NaN stays NaN, as np.maximum */
+        float sq = m * m;
+        out[i] = sq * up[i];
+    }
+}
+
+static int row_chunks(size_t n_rows) {
+    return (int)((n_rows + ELEMENTWISE_ROWS_PER_CHUNK - 1) / ELEMENTWISE_ROWS_PER_CHUNK);
+}
+
+void rmsnorm_rows(Pool *pool, KernelImpl impl, const float *x, size_t n_rows, size_t n,
+                  const float *weight, double eps, float *out) {
+    RowTask task = {impl, x, weight, out, n_rows, n, eps};
+    pool_run(pool, rmsnorm_chunk, &task, row_chunks(n_rows));
+}
+
+void relu2_mul(Pool *pool, KernelImpl impl, const float *gate, const float *up, size_t n_rows,
+               size_t n, float *out) {
+    RowTask task = {impl, gate, up, out, n_rows, n, 0.0};
+    pool_run(pool, relu2_mul_chunk, &task, row_chunks(n_rows));
+}

@@ -1,0 +1,65 @@
+"""RMSNorm and the squared-ReLU gate in C against the numpy oracle (and the model's own
+functions), batch invariant."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bitserve.kernels import NumpyBackend, reference
+from bitserve.kernels.native import NativeBackend
+from bitserve.model.bitnet import relu_squared, rmsnorm
+
+
+@pytest.mark.parametrize(("t", "n"), [(1, 2560), (5, 6912), (9, 130), (3, 7)])
+def test_rmsnorm_matches_oracle(native: NativeBackend, t: int, n: int) -> None:
+    rng = np.random.default_rng(t * n)
+    x = rng.standard_normal((t, n), dtype=np.float32) * np.float32(rng.uniform(0.01, 30))
+    w = rng.standard_normal(n, dtype=np.float32)
+    got = native.rmsnorm(x, w, 1e-5)
+    want = reference.rmsnorm(x, w, 1e-5)
+    assert got.dtype == np.float32 and got.shape == (t, n)
+    np.testing.assert_array_equal(want, rmsnorm(x, w, 1e-5))  # the oracle is the model's
+    # only the float64 summation order differs: at most a last-bit difference, rarely
+    np.testing.assert_allclose(got, want, rtol=2e-7, atol=0)
+    assert (got == want).mean() > 0.99
+
+
+def test_rmsnorm_of_zeros_and_3d(native: NativeBackend) -> None:
+    x = np.zeros((2, 3, 64), np.float32)
+    x[1, 2] = np.arange(64, dtype=np.float32)
+    w = np.full(64, 2.0, np.float32)
+    got = native.rmsnorm(x, w, 1e-6)
+    assert got.shape == x.shape
+    np.testing.assert_allclose(got, reference.rmsnorm(x, w, 1e-6), rtol=2e-7, atol=0)
+    assert not got[0].any()  # zero rows stay zero: eps keeps the root positive
+
+
+@pytest.mark.parametrize(("t", "n"), [(1, 6912), (7, 640), (2, 5)])
+def test_relu2_mul_is_bit_exact(native: NativeBackend, t: int, n: int) -> None:
+    rng = np.random.default_rng(t + n)
+    gate = rng.standard_normal((t, n), dtype=np.float32) * np.float32(4)
+    up = rng.standard_normal((t, n), dtype=np.float32)
+    gate[0, :3] = [0.0, -0.0, np.nan]  # signed zeros; NaN propagates like np.maximum
+    got = native.relu2_mul(gate, up)
+    np.testing.assert_array_equal(got, reference.relu2_mul(gate, up))
+    np.testing.assert_array_equal(got, relu_squared(gate) * up)
+    np.testing.assert_array_equal(got, NumpyBackend().relu2_mul(gate, up))
+
+
+def test_row_glue_is_batch_invariant(native: NativeBackend) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((11, 2560), dtype=np.float32)
+    up = rng.standard_normal((11, 2560), dtype=np.float32)
+    w = rng.standard_normal(2560, dtype=np.float32)
+    norm, gated = native.rmsnorm(x, w, 1e-5), native.relu2_mul(x, up)
+    for i in range(11):
+        np.testing.assert_array_equal(norm[i], native.rmsnorm(x[i : i + 1], w, 1e-5)[0])
+        np.testing.assert_array_equal(gated[i], native.relu2_mul(x[i : i + 1], up[i : i + 1])[0])
+
+
+def test_shape_errors(native: NativeBackend) -> None:
+    with pytest.raises(ValueError, match="weight"):
+        native.rmsnorm(np.zeros((2, 8), np.float32), np.ones(7, np.float32), 1e-5)
+    with pytest.raises(ValueError):
+        native.relu2_mul(np.zeros((2, 8), np.float32), np.zeros((2, 9), np.float32))
