@@ -13,6 +13,7 @@ from bitserve.model.synthetic import ModelShape, write_synthetic_model
 
 KEYS = {
     "prompt_tok_s",
+    "prompt_first_tok_s",
     "gen_tok_s",
     "bandwidth_gb_s",
     "bytes_per_token",
