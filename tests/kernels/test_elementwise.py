@@ -8,7 +8,7 @@ import pytest
 
 from bitserve.kernels import NumpyBackend, reference
 from bitserve.kernels.native import NativeBackend
-from bitserve.model.bitnet import relu_squared, rmsnorm
+from bitserve.model.bitnet import relu_squared
 
 
 @pytest.mark.parametrize(("t", "n"), [(1, 2560), (5, 6912), (9, 130), (3, 7)])
@@ -19,7 +19,6 @@ def test_rmsnorm_matches_oracle(native: NativeBackend, t: int, n: int) -> None:
     got = native.rmsnorm(x, w, 1e-5)
     want = reference.rmsnorm(x, w, 1e-5)
     assert got.dtype == np.float32 and got.shape == (t, n)
-    np.testing.assert_array_equal(want, rmsnorm(x, w, 1e-5))  # the oracle is the model's
     # only the float64 summation order differs: at most a last-bit difference, rarely
     np.testing.assert_allclose(got, want, rtol=2e-7, atol=0)
     assert (got == want).mean() > 0.99

@@ -62,7 +62,7 @@ def head_int8(x: np.ndarray, q: np.ndarray, s: np.ndarray) -> np.ndarray:
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """``x / sqrt(mean(x²) + eps) * weight`` per row of ``x [..., n]`` (``weight [n]``) →
     float32; the mean of squares in float64, the division in float64 then rounded to float32
-    (exactly ``bitserve.model.bitnet.rmsnorm``)."""
+    (the numpy backend's and the oracle for the C kernel)."""
     mean_sq = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
     out: np.ndarray = (x / np.sqrt(mean_sq + eps)).astype(np.float32) * weight
     return out

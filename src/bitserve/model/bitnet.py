@@ -22,14 +22,6 @@ from bitserve.model.kv_cache import ContextFullError, KVCache, KVMemory
 from bitserve.model.weights import LayerWeights, ModelWeights
 
 
-def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """``x / sqrt(mean(x²) + eps) * weight`` per row: ``x [T, n]``, ``weight [n]`` → float32
-    ``[T, n]``; the mean of squares is accumulated in float64."""
-    mean_sq = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)  # [T, 1]
-    out: np.ndarray = (x / np.sqrt(mean_sq + eps)).astype(np.float32) * weight
-    return out
-
-
 def rope_tables(n_positions: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
     """``cos, sin``: float32 ``[n_positions, head_dim/2]``, angle ``pos · theta^(-2i/head_dim)``."""
     inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [D/2]
@@ -220,14 +212,14 @@ class BitNetModel:
         return x, step
 
     def _head(self, x: np.ndarray) -> np.ndarray:
-        h = rmsnorm(x, self.weights.output_norm, self.config.norm_eps)  # [N, dim]
+        h = self.backend.rmsnorm(x, self.weights.output_norm, self.config.norm_eps)  # [N, dim]
         return self.backend.head(h, self.weights.head)  # [N, vocab]
 
     def _attention(self, i: int, layer: LayerWeights, x: np.ndarray, step: _Step) -> np.ndarray:
         """Block ``i``'s attention branch for ``x [ΣT, dim]`` → ``[ΣT, dim]`` (before the
         residual); writes this block's keys/values of every item into its cache."""
         c, n_rows = self.config, x.shape[0]
-        h = rmsnorm(x, layer.attn_norm, c.norm_eps)  # [ΣT, dim]
+        h = self.backend.rmsnorm(x, layer.attn_norm, c.norm_eps)  # [ΣT, dim]
         q = self.backend.bitlinear(h, layer.attn_q).reshape(n_rows, c.n_heads, c.head_dim)
         k = self.backend.bitlinear(h, layer.attn_k).reshape(n_rows, c.n_kv_heads, c.head_dim)
         v = self.backend.bitlinear(h, layer.attn_v).reshape(n_rows, c.n_kv_heads, c.head_dim)
@@ -238,7 +230,8 @@ class BitNetModel:
             a = np.empty_like(q)  # [ΣT, H, D]
             for it, lo, hi in zip(step.items, step.los, step.his, strict=True):
                 a[lo:hi] = self._attend(i, it, q[lo:hi], k[lo:hi], v[lo:hi])
-        a = rmsnorm(a.reshape(n_rows, c.dim), layer.attn_sub_norm, c.norm_eps)  # sub-norm first
+        a = a.reshape(n_rows, c.dim)
+        a = self.backend.rmsnorm(a, layer.attn_sub_norm, c.norm_eps)  # sub-norm BEFORE o_proj
         return self.backend.bitlinear(a, layer.attn_output)  # [ΣT, dim]
 
     def _attend(
@@ -253,10 +246,15 @@ class BitNetModel:
 
     def _feed_forward(self, layer: LayerWeights, x: np.ndarray) -> np.ndarray:
         """The FFN branch: ``act(gate) * up``, sub-norm, down projection. ``[T, dim]`` → same."""
-        h = rmsnorm(x, layer.ffn_norm, self.config.norm_eps)  # [T, dim]
+        eps = self.config.norm_eps
+        h = self.backend.rmsnorm(x, layer.ffn_norm, eps)  # [T, dim]
         gate = self.backend.bitlinear(h, layer.ffn_gate)  # [T, ffn_dim]
         up = self.backend.bitlinear(h, layer.ffn_up)  # [T, ffn_dim]
-        f = rmsnorm(self.activation(gate) * up, layer.ffn_sub_norm, self.config.norm_eps)
+        if self.config.activation == "relu2":
+            f = self.backend.relu2_mul(gate, up)  # relu(gate)² * up, fused in C
+        else:
+            f = self.activation(gate) * up
+        f = self.backend.rmsnorm(f, layer.ffn_sub_norm, eps)  # sub-norm BEFORE down_proj
         return self.backend.bitlinear(f, layer.ffn_down)  # [T, dim]
 
     def _check_tokens(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
