@@ -73,6 +73,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         model_path=args.model,
         threads=args.threads,
         kernel=args.kernel,
+        head=args.head,
         ctx_size=args.ctx_size,
         max_queue=args.max_queue,
         max_batch=args.max_batch,
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         print("bitserve serve: --max-batch must be >= 1 and --cache-ram >= 0", file=sys.stderr)
         return 2
     try:
-        loaded = load_model(settings.model_path, settings.threads, settings.kernel)
+        loaded = load_model(settings.model_path, settings.threads, settings.kernel, settings.head)
     except (OSError, ValueError) as exc:
         print(f"bitserve serve: {exc}", file=sys.stderr)
         return 1

@@ -32,6 +32,7 @@ class ServerSettings:
     model_path: str | None = None
     threads: int | None = None
     kernel: str | None = None
+    head: str = "f16"  # LM head: "f16" (the file's) or "int8" (made at load)
     ctx_size: int | None = None
     max_queue: int = DEFAULT_MAX_QUEUE
     max_batch: int = DEFAULT_MAX_BATCH

@@ -85,6 +85,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=physical_cores(), help="kernel threads (physical cores)"
     )
     p.add_argument("--kernel", choices=KERNELS, default="auto", help="matmul kernel")
+    p.add_argument(
+        "--head",
+        choices=("f16", "int8"),
+        default="f16",
+        help="LM head: the file's F16 weights, or int8 made at load (faster, logits differ)",
+    )
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
@@ -214,7 +220,7 @@ def _load(args: argparse.Namespace) -> LoadedModel:
     from bitserve.engine.loader import load_model
 
     kernel = None if args.kernel == "auto" else args.kernel
-    return load_model(args.model, threads=args.threads, kernel=kernel)
+    return load_model(args.model, threads=args.threads, kernel=kernel, head=args.head)
 
 
 def _build_request(

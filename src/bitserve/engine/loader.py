@@ -7,8 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bitserve.kernels import get_backend
+from bitserve.kernels.native import NativeBackend
 from bitserve.model.bitnet import BitNetModel
 from bitserve.tokenizer import ChatFormatter, Tokenizer
+
+HEADS = ("f16", "int8")  # LM head weights: as in the file, or int8 made at load
 
 
 class ModelFileNotFoundError(FileNotFoundError):
@@ -52,19 +55,28 @@ def resolve_model_path(path: str | Path | None) -> tuple[Path, bool]:
 
 
 def load_model(
-    path: str | Path | None, threads: int | None = None, kernel: str | None = None
+    path: str | Path | None,
+    threads: int | None = None,
+    kernel: str | None = None,
+    head: str = "f16",
 ) -> LoadedModel:
     """Open ``path`` (``None``: the demo model) on the kernel ``kernel`` with ``threads``
-    threads (``None``: the defaults of ``bitserve.kernels.get_backend``).
+    threads (``None``: the defaults of ``bitserve.kernels.get_backend``). ``head="int8"``
+    quantizes the tied head at load (half its memory traffic per token; native kernels
+    only, slightly different logits), so the first token does not pay for it.
 
     Raises :class:`ModelFileNotFoundError` for a missing file, ``GGUFError`` (a
     ``ValueError``) for a malformed one, ``ValueError`` for an unknown kernel.
     """
     start = time.perf_counter()
     resolved, is_demo = resolve_model_path(path)
-    backend = get_backend(kernel, threads)
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    backend = get_backend(kernel, threads, head)
     model = BitNetModel.load(resolved, backend=backend)
     try:
+        if head == "int8" and isinstance(backend, NativeBackend):
+            backend.prepare_head(model.weights.head)
         tokenizer = Tokenizer.from_gguf(model.gguf)
         chat = ChatFormatter.from_gguf(model.gguf, tokenizer)
     except BaseException:
