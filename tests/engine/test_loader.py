@@ -12,7 +12,7 @@ from bitserve.kernels.native import available_kernels
 
 
 def test_missing_file_and_unknown_head_are_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(ModelFileNotFoundError, match="nope.gguf"):
+    with pytest.raises(ModelFileNotFoundError, match=r"nope\.gguf"):
         load_model(tmp_path / "nope.gguf")
     with pytest.raises(ValueError, match="unknown head 'int4'"):
         load_model(None, head="int4")
