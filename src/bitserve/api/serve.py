@@ -32,7 +32,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-t", "--threads", type=int, default=physical_cores(), help="CPU threads (physical cores)"
     )
-    p.add_argument("--kernel", help="kernel: numpy, scalar or avx2 (default: best available)")
+    p.add_argument(
+        "--kernel", help="kernel: numpy, scalar, avx2 or avx512 (default: the best available)"
+    )
+    p.add_argument(
+        "--head",
+        choices=("f16", "int8"),
+        default="f16",
+        help="LM head: the file's F16 weights, or int8 made at load (faster, logits differ)",
+    )
     p.add_argument(
         "-c", "--ctx-size", type=int, help="context size in tokens (default: the model's)"
     )
