@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from bitserve.engine.scheduler import DEFAULT_MAX_BATCH_TOKENS
 from bitserve.kernels import get_backend
 from bitserve.kernels.native import NativeBackend, available_kernels, default_threads
 from bitserve.model.bitnet import BitNetModel
@@ -41,6 +42,9 @@ SYNTHETIC_NAME = "synthetic-2b4t-i2s-seed0.gguf"
 SCENARIOS = ("kernels", "conversation", "concurrent")
 BANDWIDTH_PASSES = 9
 PROMPT_RUNS = 3
+# measure what the server runs: its scheduler's prompt chunk and KV dtype
+PROMPT_CHUNK = DEFAULT_MAX_BATCH_TOKENS
+KV_DTYPE = np.float16
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,9 +149,10 @@ def time_model(path: Path, backend: Any, n_prompt: int, n_gen: int) -> tuple[Bit
     prompt = rng.integers(0, model.config.vocab_size, size=n_prompt)
     prompt_s = []
     for _ in range(PROMPT_RUNS):
-        cache = model.new_cache(max_seq=n_prompt + n_gen + 1)
+        cache = model.new_cache(max_seq=n_prompt + n_gen + 1, dtype=KV_DTYPE)
         start = time.perf_counter()
-        logits = model.forward(prompt, cache)
+        for lo in range(0, n_prompt, PROMPT_CHUNK):  # chunked as the server does
+            logits = model.forward(prompt[lo : lo + PROMPT_CHUNK], cache)
         prompt_s.append(time.perf_counter() - start)
     start = time.perf_counter()
     for _ in range(n_gen):
@@ -198,6 +203,8 @@ def run_kernels(args: argparse.Namespace) -> int:
         "kernel": backend.name,
         "head": args.head,
         "prompt_tokens": args.prompt_tokens,
+        "context_tokens": args.prompt_tokens + args.gen_tokens,
+        "kv_dtype": np.dtype(KV_DTYPE).name,
         "gen_tokens": args.gen_tokens,
         "model": str(path),
         "baseline": {
