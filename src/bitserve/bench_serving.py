@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,6 +31,7 @@ from typing import Any
 
 import httpx
 
+from bitserve.api.process import start_server
 from bitserve.bench import cache_dir
 
 CHAT_MODEL_NAME = "synthetic-2b4t-chat-seed0.gguf"
@@ -73,49 +72,15 @@ def chat_model() -> Path:
 # -- the server process -----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def server(model: Path, threads: int | None, workdir: Path) -> Iterator[str]:
     """``bitserve serve`` on a free loopback port; yields its URL once /health answers.
     The process is terminated (then killed) on the way out, whatever happened."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "bitserve.cli", "serve", "-m", str(model), "--port", str(port)]
-    cmd += ["--db", str(workdir / "bench.db"), "--max-queue", "256"]
+    args = ["-m", str(model), "--db", str(workdir / "bench.db"), "--max-queue", "256"]
     if threads:
-        cmd += ["--threads", str(threads)]
-    log = (workdir / "server.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc, workdir / "server.log")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + HEALTH_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited ({proc.returncode}): {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the server did not answer /health within {HEALTH_TIMEOUT_S:.0f} s")
+        args += ["--threads", str(threads)]
+    with start_server(args, workdir, timeout_s=HEALTH_TIMEOUT_S) as proc:
+        yield proc.url
 
 
 # -- HTTP helpers -----------------------------------------------------------------------------

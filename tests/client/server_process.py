@@ -4,47 +4,18 @@ and run the real chat client against it (as a subprocess or through a pseudo-ter
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+from bitserve.api import process
+from bitserve.api.process import ServerProcess
+from bitserve.api.process import free_port as free_port  # for test_cancellation
 
 REPO = Path(__file__).resolve().parents[2]
 CHAT_CLIENT = REPO / "chat_client.py"
 STARTUP_TIMEOUT_S = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-@dataclass
-class ServerProcess:
-    """A running server: ``url``, its process, and the file its output goes to."""
-
-    url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 def start_server(workdir: Path, extra_args: Sequence[str] = ()) -> ServerProcess:
@@ -52,28 +23,9 @@ def start_server(workdir: Path, extra_args: Sequence[str] = ()) -> ServerProcess
 
     Fails (never skips) with the server's output if it exits or never becomes healthy.
     """
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log_path = workdir / "server.log"
-    args = [sys.executable, "-m", "bitserve.cli", "serve", "--port", str(port)]
-    args += ["--db", str(workdir / "conversations.db"), *extra_args]
-    env = {**os.environ, "BITSERVE_CACHE": os.environ.get("BITSERVE_CACHE", str(workdir))}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
-    server = ServerProcess(f"http://127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            code = process.returncode
-            raise AssertionError(f"the server exited with {code}:\n{server.log_tail()}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise AssertionError(f"the server did not become healthy:\n{server.log_tail()}")
+    env = {"BITSERVE_CACHE": os.environ.get("BITSERVE_CACHE", str(workdir))}
+    args = ["--db", str(workdir / "conversations.db"), *extra_args]
+    return process.start_server(args, workdir, env=env, timeout_s=STARTUP_TIMEOUT_S)
 
 
 def client_env(home: Path) -> dict[str, str]:
