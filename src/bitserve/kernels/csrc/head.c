@@ -1,8 +1,10 @@
 /* The tied LM head and the memory-read probe.
  *
  * For one generated token the head reads the whole embedding (0.66 GB as F16 for
- * 2B-4T), more than all ternary weights together, so it is purely memory bound: each row
- * is streamed once and converted in registers (F16C), accumulating in f32 with FMA. The
+ * 2B-4T), more than all ternary weights together, so it is memory bound: each row is
+ * streamed once and converted in registers (F16C), accumulating in f32 with FMA. A batch
+ * of T tokens still reads each row from memory once and converts it once per token pair
+ * (register blocks of 4 rows × 2 tokens), so small batches stay near memory bound. The
  * int8 variant halves the bytes: rows quantized once at load (per-row absmax, the
  * activation quantizer's rule), dot products in f32, divided by the row scale at the end.
  */
@@ -39,23 +41,52 @@ float half_to_float(uint16_t h) {
 
 /* ---------------------------------------------------------------- row dot products ---- */
 
-static float dot_scalar(const float *x, const void *row, EmbKind kind, size_t dim) {
-    float acc = 0.0f;
-    if (kind == EMB_F16) {
-        const uint16_t *e = row;
-        for (size_t k = 0; k < dim; k++) acc += x[k] * half_to_float(e[k]);
-    } else if (kind == EMB_I8) {
-        const int8_t *e = row;
-        for (size_t k = 0; k < dim; k++) acc += x[k] * (float)e[k];
-    } else {
-        const float *e = row;
-        for (size_t k = 0; k < dim; k++) acc += x[k] * e[k];
-    }
+/* Every (row, token) dot product has one summation order on every path, whatever T, the
+ * row/token blocking and the thread count (batch invariance): 8 lanes, lane j summing
+ * x[k+j]·e[k+j] sequentially over k = 0, 8, 16, ... (one FMA chain per lane on AVX2), then
+ * the fixed pairwise lane sum of lane_sum() / hsum_ps(), then the tail k >= dim & ~7 added
+ * in order. The scalar path rounds each product separately (no FMA): it agrees with AVX2 to
+ * float tolerance, not bit for bit. */
+
+#define LANES 8
+/* A register block is 4 rows × 2 tokens (8 FMA chains, each row slice converted once for
+ * both tokens), or 4 rows × 1 token (T = 1, 4 chains: enough to stay memory bound; 8 rows
+ * were measured slower, more streams than the prefetchers keep up with). */
+#define HEAD_ROWS 4
+#define HEAD_TOKENS 2
+#define HEAD_PREFETCH_AHEAD 1024 /* bytes ahead within the rows being read, into L1 */
+
+static size_t emb_size(EmbKind kind) { return kind == EMB_F16 ? 2 : kind == EMB_I8 ? 1 : 4; }
+
+static float emb_value(const void *row, size_t k, EmbKind kind) {
+    if (kind == EMB_F16) return half_to_float(((const uint16_t *)row)[k]);
+    if (kind == EMB_I8) return (float)((const int8_t *)row)[k];
+    return ((const float *)row)[k];
+}
+
+/* lanes 0..7 → ((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7)), the order of hsum_ps */
+static float lane_sum(const float *l) {
+    float a0 = l[0] + l[4], a1 = l[1] + l[5], a2 = l[2] + l[6], a3 = l[3] + l[7];
+    return (a0 + a2) + (a1 + a3);
+}
+
+/* acc + the tail k in [k0, dim), in order (every path, so the tails agree bit for bit) */
+static float dot_tail(float acc, const float *x, const void *row, EmbKind kind, size_t k0,
+                      size_t dim) {
+    for (size_t k = k0; k < dim; k++) acc += x[k] * emb_value(row, k, kind);
     return acc;
 }
 
+static float dot_scalar(const float *x, const void *row, EmbKind kind, size_t dim) {
+    float lane[LANES] = {0};
+    size_t k = 0;
+    for (; k + LANES <= dim; k += LANES)
+        for (size_t j = 0; j < LANES; j++) lane[j] += x[k + j] * emb_value(row, k + j, kind);
+    return dot_tail(lane_sum(lane), x, row, kind, k, dim);
+}
+
 #if BITSERVE_X86
-TARGET_AVX2 static float hsum_ps(__m256 v) {
+TARGET_AVX2 static inline float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
@@ -73,28 +104,79 @@ TARGET_AVX2 static inline __attribute__((always_inline)) __m256 load8(const void
     return _mm256_loadu_ps((const float *)row + k);
 }
 
-/* four independent accumulators hide the FMA latency */
-TARGET_AVX2 static inline __attribute__((always_inline)) float dot_avx2(
-    const float *x, const void *row, const EmbKind kind, size_t dim) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    size_t k = 0;
-    for (; k + 32 <= dim; k += 32) {
-        a0 = _mm256_fmadd_ps(load8(row, k, kind), _mm256_loadu_ps(x + k), a0);
-        a1 = _mm256_fmadd_ps(load8(row, k + 8, kind), _mm256_loadu_ps(x + k + 8), a1);
-        a2 = _mm256_fmadd_ps(load8(row, k + 16, kind), _mm256_loadu_ps(x + k + 16), a2);
-        a3 = _mm256_fmadd_ps(load8(row, k + 24, kind), _mm256_loadu_ps(x + k + 24), a3);
+/* acc[r][t] += row_r[k, k+8) · x_t[k, k+8): each row slice converted once for all tokens */
+TARGET_AVX2 static inline __attribute__((always_inline)) void block_step(
+    __m256 acc[HEAD_ROWS][HEAD_TOKENS], const float *x, size_t dim, const char *rows,
+    size_t row_bytes, EmbKind kind, int R, int TB, size_t k) {
+    __m256 xv[HEAD_TOKENS];
+    for (int t = 0; t < TB; t++) xv[t] = _mm256_loadu_ps(x + (size_t)t * dim + k);
+    for (int r = 0; r < R; r++) {
+        __m256 e = load8(rows + (size_t)r * row_bytes, k, kind);
+        for (int t = 0; t < TB; t++) acc[r][t] = _mm256_fmadd_ps(e, xv[t], acc[r][t]);
     }
-    for (; k + 8 <= dim; k += 8) a0 = _mm256_fmadd_ps(load8(row, k, kind), _mm256_loadu_ps(x + k), a0);
-    float acc = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    size_t size = kind == EMB_F16 ? 2 : kind == EMB_I8 ? 1 : 4;
-    if (k < dim) acc += dot_scalar(x + k, (const char *)row + k * size, kind, dim - k);
-    return acc;
 }
 
-TARGET_AVX2 static float dot_avx2_any(const float *x, const void *row, EmbKind kind, size_t dim) {
-    if (kind == EMB_F16) return dot_avx2(x, row, EMB_F16, dim);
-    if (kind == EMB_I8) return dot_avx2(x, row, EMB_I8, dim);
-    return dot_avx2(x, row, EMB_F32, dim);
+/* One register block: R rows (`rows`, row_bytes apart) × TB tokens (x, dim apart) →
+ * out[t·out_stride + r]. R, TB and kind are compile-time constants at each call site, so
+ * acc[][] lives in R·TB ymm registers. Per 64-byte line of each row it prefetches one line
+ * of the `next` block (if not NULL) into L2, keeping one block ahead, and the current rows
+ * HEAD_PREFETCH_AHEAD bytes on into L1: R rows are R streams, which the hardware
+ * prefetchers alone follow well below memory speed (measured: T = 1 ~2x slower without
+ * the L2 prefetch). Prefetches never fault, so running past the embedding's end is
+ * harmless. */
+TARGET_AVX2 static inline __attribute__((always_inline)) void block_avx2(
+    const float *x, size_t dim, const char *rows, size_t row_bytes, const char *next,
+    EmbKind kind, int R, int TB, float *out, size_t out_stride) {
+    const size_t size = kind == EMB_F16 ? 2 : kind == EMB_I8 ? 1 : 4, line = 64 / size;
+    __m256 acc[HEAD_ROWS][HEAD_TOKENS];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < TB; t++) acc[r][t] = _mm256_setzero_ps();
+    size_t k = 0;
+    for (; k + line <= dim; k += line) {
+        for (int r = 0; next && r < R; r++)
+            _mm_prefetch(next + (k * (size_t)R + (size_t)r * line) * size, _MM_HINT_T1);
+        for (int r = 0; r < R; r++)
+            _mm_prefetch(rows + (size_t)r * row_bytes + k * size + HEAD_PREFETCH_AHEAD,
+                         _MM_HINT_T0);
+        for (size_t j = 0; j < line; j += LANES)
+            block_step(acc, x, dim, rows, row_bytes, kind, R, TB, k + j);
+    }
+    for (; k + LANES <= dim; k += LANES) block_step(acc, x, dim, rows, row_bytes, kind, R, TB, k);
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < TB; t++)
+            out[(size_t)t * out_stride + (size_t)r] =
+                dot_tail(hsum_ps(acc[r][t]), x + (size_t)t * dim, rows + (size_t)r * row_bytes,
+                         kind, k, dim);
+}
+
+typedef void (*BlockFn)(const float *x, size_t dim, const char *rows, size_t row_bytes,
+                        const char *next, float *out, size_t out_stride);
+
+/* The block shapes, one compiled copy per (kind, R, TB). */
+#define HEAD_BLOCK(name, KIND, R, TB)                                                        \
+    TARGET_AVX2 static void name(const float *x, size_t dim, const char *rows,              \
+                                 size_t row_bytes, const char *next, float *out,            \
+                                 size_t out_stride) {                                       \
+        block_avx2(x, dim, rows, row_bytes, next, KIND, R, TB, out, out_stride);            \
+    }
+#define HEAD_BLOCKS(kind_name, KIND)                                                         \
+    HEAD_BLOCK(kind_name##_pair, KIND, HEAD_ROWS, HEAD_TOKENS)                               \
+    HEAD_BLOCK(kind_name##_single, KIND, HEAD_ROWS, 1)                                       \
+    HEAD_BLOCK(kind_name##_row, KIND, 1, 1)
+HEAD_BLOCKS(f16, EMB_F16)
+HEAD_BLOCKS(i8, EMB_I8)
+HEAD_BLOCKS(f32, EMB_F32)
+
+typedef struct {
+    BlockFn pair;   /* HEAD_ROWS rows × HEAD_TOKENS tokens */
+    BlockFn single; /* HEAD_ROWS rows × 1 token: T = 1, or the last token of an odd T */
+    BlockFn row;    /* 1 row × 1 token: the last rows of the vocabulary */
+} BlockSet;
+
+static BlockSet block_set(EmbKind kind) {
+    if (kind == EMB_F16) return (BlockSet){f16_pair, f16_single, f16_row};
+    if (kind == EMB_I8) return (BlockSet){i8_pair, i8_single, i8_row};
+    return (BlockSet){f32_pair, f32_single, f32_row};
 }
 #endif
 
@@ -112,35 +194,57 @@ typedef struct {
     float *out;
 } HeadTask;
 
-/* Rows [256·chunk, +256) against every token. Each (row, token) dot product is computed by
- * the same code in the same order whatever T and the thread count: batch invariant. (An
- * AVX-512 variant was measured slower: vcvtph2ps on zmm costs more than two on ymm.) */
+#if BITSERVE_X86
+/* Rows [v, end) against every token, a row block at a time. The token pairs walk over the
+ * same block, so its rows come from DRAM once (the first pair, which also prefetches the
+ * next block) and from cache for the rest: one read, ceil(T/2) conversions per row. */
+static void rows_avx2(const HeadTask *h, size_t v, size_t end) {
+    BlockSet b = block_set(h->kind);
+    size_t T = h->n_tokens, dim = h->dim, rb = h->row_bytes, vocab = h->vocab;
+    const size_t R = HEAD_ROWS;
+    for (; v + R <= end; v += R) {
+        const char *rows = h->emb + v * rb, *next = v + 2 * R <= end ? rows + R * rb : NULL;
+        float *out = h->out + v;
+        size_t t = 0;
+        for (; t + HEAD_TOKENS <= T; t += HEAD_TOKENS, next = NULL)
+            b.pair(h->x + t * dim, dim, rows, rb, next, out + t * vocab, vocab);
+        for (; t < T; t++, next = NULL)
+            b.single(h->x + t * dim, dim, rows, rb, next, out + t * vocab, vocab);
+    }
+    for (; v < end; v++) /* fewer than R rows left: the end of the vocabulary */
+        for (size_t t = 0; t < T; t++)
+            b.row(h->x + t * dim, dim, h->emb + v * rb, rb, NULL, h->out + t * vocab + v, vocab);
+}
+#endif
+
+static void rows_scalar(const HeadTask *h, size_t v0, size_t v1) {
+    for (size_t v = v0; v < v1; v++) {
+        const void *row = h->emb + v * h->row_bytes;
+        for (size_t t = 0; t < h->n_tokens; t++)
+            h->out[t * h->vocab + v] = dot_scalar(h->x + t * h->dim, row, h->kind, h->dim);
+    }
+}
+
+/* Rows [256·chunk, +256) against every token, then divided by the int8 row scales. */
 static void head_chunk(void *ctx, int chunk, int thread) {
     (void)thread;
     const HeadTask *h = ctx;
     size_t v0 = (size_t)chunk * HEAD_ROWS_PER_CHUNK;
     size_t v1 = v0 + HEAD_ROWS_PER_CHUNK < h->vocab ? v0 + HEAD_ROWS_PER_CHUNK : h->vocab;
-    for (size_t v = v0; v < v1; v++) {
-        const void *row = h->emb + v * h->row_bytes;
-        for (size_t t = 0; t < h->n_tokens; t++) {
-            const float *x = h->x + t * h->dim;
-            float dot;
 #if BITSERVE_X86
-            if (h->impl >= IMPL_AVX2)
-                dot = dot_avx2_any(x, row, h->kind, h->dim);
-            else
+    if (h->impl >= IMPL_AVX2)
+        rows_avx2(h, v0, v1);
+    else
 #endif
-                dot = dot_scalar(x, row, h->kind, h->dim);
-            if (h->row_scale) dot /= h->row_scale[v];
-            h->out[t * h->vocab + v] = dot;
-        }
-    }
+        rows_scalar(h, v0, v1);
+    if (h->row_scale)
+        for (size_t t = 0; t < h->n_tokens; t++)
+            for (size_t v = v0; v < v1; v++) h->out[t * h->vocab + v] /= h->row_scale[v];
 }
 
 void lm_head(Pool *pool, KernelImpl impl, const float *x, size_t n_tokens, size_t dim,
              const void *emb, EmbKind kind, const float *row_scale, size_t vocab, float *out) {
-    size_t size = kind == EMB_F16 ? 2 : kind == EMB_I8 ? 1 : 4;
-    HeadTask task = {impl, x, n_tokens, dim, emb, kind, dim * size, row_scale, vocab, out};
+    HeadTask task = {impl, x, n_tokens, dim, emb, kind, dim * emb_size(kind), row_scale, vocab, out};
     pool_run(pool, head_chunk, &task, (int)((vocab + HEAD_ROWS_PER_CHUNK - 1) / HEAD_ROWS_PER_CHUNK));
 }
 
