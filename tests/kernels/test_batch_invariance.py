@@ -72,3 +72,57 @@ def test_attention_is_batch_invariant(
         alone = native.attention(q[i : i + 1], k[:end], v[:end], start + i)
         np.testing.assert_array_equal(batch[i], alone[0])
     np.testing.assert_array_equal(batch, _other_threads(native).attention(q, k, v, start))
+
+
+def _mode(head: str) -> str:
+    """The backend's head mode for an embedding kind: F32 embeddings run under "f16"."""
+    return "int8" if head == "int8" else "f16"
+
+
+def _embedding(rng: np.random.Generator, head: str, vocab: int, dim: int) -> np.ndarray:
+    emb = rng.standard_normal((vocab, dim), dtype=np.float32)
+    return emb if head == "f32" else emb.astype(np.float16)
+
+
+@pytest.mark.parametrize("head", ["f16", "int8", "f32"])
+@pytest.mark.parametrize("dim", [37, 203, 1029])  # tails past the 8-lane steps and 64-byte lines
+def test_head_is_batch_invariant_for_every_t(native: NativeBackend, head: str, dim: int) -> None:
+    """Every T from 1 to 11 (odd and even, several register blocks of tokens) gives each
+    token the bits it gets alone; 263 rows = a full 256-row chunk, a 4-row block and 3
+    single rows."""
+    rng = np.random.default_rng(dim)
+    emb = _embedding(rng, head, 263, dim)
+    x = rng.standard_normal((T, dim), dtype=np.float32)
+    backend = NativeBackend(native.name, threads=native.threads, head=_mode(head))
+    alone = _rows_alone(lambda r: backend.head(r, emb), x)
+    for t in range(1, T + 1):
+        np.testing.assert_array_equal(backend.head(x[:t], emb), alone[:t], err_msg=f"T={t}")
+    other = _other_threads(native, _mode(head))
+    np.testing.assert_array_equal(other.head(x, emb), alone)
+
+
+@pytest.mark.parametrize("head", ["f16", "int8", "f32"])
+def test_scalar_head_sums_in_the_documented_order(head: str) -> None:
+    """The scalar head is, bit for bit, 8 float32 lanes summed over k in steps of 8, the
+    lanes added as ((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7)), then the tail in order (the
+    order the AVX2 path follows with FMA): the order head.c documents."""
+    rng = np.random.default_rng(7)
+    dim, vocab = 203, 40
+    emb = _embedding(rng, head, vocab, dim)
+    x = rng.standard_normal((3, dim), dtype=np.float32)
+    backend = NativeBackend("scalar", threads=1, head=_mode(head))
+    e = emb.astype(np.float32)
+    if head == "int8":
+        q, scale = backend.prepare_head(emb)
+        e = q.astype(np.float32)
+    lanes = np.zeros((x.shape[0], vocab, 8), dtype=np.float32)
+    main = dim - dim % 8
+    for k in range(0, main, 8):
+        lanes += x[:, None, k : k + 8] * e[None, :, k : k + 8]
+    a = lanes[..., :4] + lanes[..., 4:]
+    want = (a[..., 0] + a[..., 2]) + (a[..., 1] + a[..., 3])
+    for k in range(main, dim):
+        want += x[:, None, k] * e[None, :, k]
+    if head == "int8":
+        want /= scale[None, :]
+    np.testing.assert_array_equal(backend.head(x, emb), want)
