@@ -9,7 +9,7 @@ import pytest
 
 from bitserve.gguf.quants import pack_i2s
 from bitserve.kernels import TernaryWeight
-from bitserve.kernels.native import NativeBackend
+from bitserve.kernels.native import NativeBackend, available_kernels
 
 T = 11  # more than one 8-token tile, not a multiple of it
 
@@ -126,3 +126,21 @@ def test_scalar_head_sums_in_the_documented_order(head: str) -> None:
     if head == "int8":
         want /= scale[None, :]
     np.testing.assert_array_equal(backend.head(x, emb), want)
+
+
+@pytest.mark.parametrize("head", ["f16", "int8", "f32"])
+def test_avx512_head_blocks_equal_the_avx2_ones(head: str) -> None:
+    """The AVX-512VL register blocks (4 rows by 4 or 3 tokens) only regroup the dot products:
+    every T gives the AVX2 path's bits (which the per-T test above ties to T = 1)."""
+    kernels = available_kernels()
+    if "avx512" not in kernels or "avx2" not in kernels:
+        pytest.skip("needs both the AVX2 and the AVX-512 paths")
+    rng = np.random.default_rng(31)
+    emb = _embedding(rng, head, 263, 203)
+    x = rng.standard_normal((T, 203), dtype=np.float32)
+    wide = NativeBackend("avx512", threads=2, head=_mode(head))
+    narrow = NativeBackend("avx2", threads=1, head=_mode(head))
+    for t in (3, 4, 5, 7, 8, T):
+        np.testing.assert_array_equal(
+            wide.head(x[:t], emb), narrow.head(x[:t], emb), err_msg=f"T={t}"
+        )
