@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from bitserve.engine.prefix_cache import PrefixCache
+from bitserve.engine.prefix_cache import FOLLOWUP_SLACK, PrefixCache
 from bitserve.engine.sampling import Sampler
 from bitserve.engine.scheduler import Scheduler, SchedulerConfig
 from bitserve.engine.sequence import Sequence
@@ -182,7 +182,8 @@ def test_eviction_keeps_the_budget_and_drops_the_least_recently_used() -> None:
         return cache
 
     per_token = 2 * CONFIG.n_layers * CONFIG.kv_dim * 4
-    prefix = PrefixCache(budget_bytes=100 * per_token)
+    # an entry holds its tokens plus FOLLOWUP_SLACK free positions: two 40-token ones fit
+    prefix = PrefixCache(budget_bytes=(2 * (40 + FOLLOWUP_SLACK) + 100) * per_token)
     prefix.put([1] * 40, cache_of(40))
     prefix.put([2] * 40, cache_of(40))
     taken = prefix.take([1] * 10 + [5])  # the 1s are used (taken) ...
@@ -192,7 +193,7 @@ def test_eviction_keeps_the_budget_and_drops_the_least_recently_used() -> None:
     prefix.put([3] * 40, cache_of(40))  # over budget: the 2s go
     assert [int(e.tokens[0]) for e in prefix.entries] == [1, 3]
     assert prefix.nbytes <= prefix.budget_bytes and prefix.stats.evictions == 1
-    prefix.put([4] * 200, cache_of(200))  # larger than the whole budget: released at once
+    prefix.put([4] * 500, cache_of(500))  # larger than the whole budget: released at once
     assert [int(e.tokens[0]) for e in prefix.entries] == [1, 3]
     prefix.put([1] * 45, cache_of(45))  # supersedes the entry it extends
     assert sorted(len(e.tokens) for e in prefix.entries) == [40, 45]
@@ -250,3 +251,20 @@ def test_config_checks() -> None:
         SchedulerConfig(0, 10)
     with pytest.raises(ValueError, match="max_batch_tokens"):
         SchedulerConfig(4, 2)
+
+
+def test_a_cached_entry_keeps_room_for_the_next_turn() -> None:
+    """A conversation's follow-up (message + reply within FOLLOWUP_SLACK) reuses the entry's
+    storage as is: a resize would copy the whole KV on every turn."""
+    cache = KVCache(CONFIG, dtype=np.float16)
+    cache.reserve(400)
+    cache.reserve(600)  # grown by doubling to 800: less room than a next turn may need
+    cache.advance(600)
+    prefix = PrefixCache(budget_bytes=10**9)
+    prefix.put(list(range(600)), cache)
+    assert FOLLOWUP_SLACK <= cache.capacity - cache.length < FOLLOWUP_SLACK + 600 // 4
+    taken = prefix.take([*range(600), 7, 8, 9])
+    assert taken is cache and taken.length == 600
+    storage = taken.k
+    taken.reserve(600 + 3 + FOLLOWUP_SLACK - 3)  # the follow-up's prompt and reply
+    assert taken.k is storage  # no resize, no copy

@@ -59,6 +59,11 @@ def test_capacity_doubles_up_to_max_seq_and_keeps_the_valid_positions() -> None:
     assert k.flags.c_contiguous and k.dtype == np.float16
     assert memory.allocated_bytes == cache.nbytes == 2 * 3 * 100 * 2 * 16 * 2
     cache.truncate(40)
+    cache.set_slack(20)
+    assert cache.capacity == 60 and memory.allocated_bytes == cache.nbytes
+    cache.set_slack(30)  # grows too
+    assert cache.capacity == 70 and memory.allocated_bytes == cache.nbytes
+    np.testing.assert_array_equal(cache.view(0, 40)[0][:, 0, 0], np.arange(40))
     cache.shrink_to_fit()
     assert cache.capacity == 40 and memory.allocated_bytes == cache.nbytes
     np.testing.assert_array_equal(cache.view(0, 40)[0][:, 0, 0], np.arange(40))

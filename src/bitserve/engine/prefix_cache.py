@@ -22,6 +22,9 @@ import numpy as np
 
 from bitserve.model.kv_cache import KVCache
 
+# positions kept free in a cached entry: a conversation's next message and reply usually fit
+FOLLOWUP_SLACK = 256
+
 
 @dataclass(slots=True, eq=False)
 class PrefixEntry:
@@ -98,8 +101,13 @@ class PrefixCache:
         if cache.length == 0 or self.budget_bytes <= 0:
             cache.release()
             return
-        if cache.capacity > cache.length + cache.length // 4:
-            cache.shrink_to_fit()  # do not keep doubling slack in a long-lived entry
+        room = cache.capacity - cache.length
+        if not FOLLOWUP_SLACK <= room <= FOLLOWUP_SLACK + cache.length // 4:
+            # a long-lived entry keeps room for a typical next turn and no more: the
+            # follow-up then needs no resize (one copies the whole KV, on its first token's
+            # time), and doubling slack is not kept for hours. This copy happens now, while
+            # the user reads the reply.
+            cache.set_slack(FOLLOWUP_SLACK)
         if cache.nbytes > self.budget_bytes:
             cache.release()
             return

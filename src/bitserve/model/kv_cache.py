@@ -125,6 +125,13 @@ class KVCache:
         if self.capacity > self.length:
             self._resize(self.length)
 
+    def set_slack(self, slack: int) -> None:
+        """Make the capacity ``length + slack`` (at most ``max_seq``), growing or shrinking
+        with one copy of the valid positions; nothing happens if it already is."""
+        target = min(self.length + slack, self.max_seq)
+        if self.capacity != target:
+            self._resize(target)
+
     def release(self) -> None:
         """Give all memory back at once; the cache is empty (and reusable) afterwards."""
         if self.memory is not None:
