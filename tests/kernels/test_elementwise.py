@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bitserve.kernels import NumpyBackend, reference
-from bitserve.kernels.native import NativeBackend
+from bitserve.kernels.native import NativeBackend, available_kernels
 from bitserve.model.bitnet import relu_squared
 
 
@@ -62,3 +62,17 @@ def test_shape_errors(native: NativeBackend) -> None:
         native.rmsnorm(np.zeros((2, 8), np.float32), np.ones(7, np.float32), 1e-5)
     with pytest.raises(ValueError):
         native.relu2_mul(np.zeros((2, 8), np.float32), np.zeros((2, 9), np.float32))
+
+
+@pytest.mark.parametrize(("t", "n"), [(1, 2560), (4, 6912), (3, 7), (2, 130)])
+def test_rmsnorm_simd_equals_scalar_bit_for_bit(t: int, n: int) -> None:
+    """The AVX2 RMSNorm (4 float64 lanes) sums and divides in the scalar path's order."""
+    if "avx2" not in available_kernels():
+        pytest.skip("needs the AVX2 path")
+    rng = np.random.default_rng(n + t)
+    x = rng.standard_normal((t, n), dtype=np.float32) * np.float32(rng.uniform(0.01, 30))
+    w = rng.standard_normal(n, dtype=np.float32)
+    want = NativeBackend("scalar", threads=1).rmsnorm(x, w, 1e-5)
+    for kernel in available_kernels():
+        got = NativeBackend(kernel, threads=2).rmsnorm(x, w, 1e-5)
+        np.testing.assert_array_equal(got, want, err_msg=kernel)

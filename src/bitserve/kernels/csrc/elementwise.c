@@ -28,24 +28,65 @@ typedef struct {
     float *out;
     size_t n_rows, n;
     double eps;
+    size_t rows_per_chunk; /* set by run_rows */
 } RowTask;
 
-static void rmsnorm_row(const float *x, const float *weight, size_t n, double eps, float *out) {
+/* sqrt(mean + eps) from the 4 lane sums, in one fixed order */
+static double rmsnorm_root(const double acc[4], size_t n, double eps) {
+    return sqrt(((acc[0] + acc[1]) + (acc[2] + acc[3])) / (double)n + eps);
+}
+
+#if BITSERVE_X86
+/* rmsnorm_row on 4 double lanes: lane j sums x[i+j]² over i = 0, 4, 8, ... exactly as the
+ * scalar acc[j] (separate multiply and add), the tail goes to lane 0, and each output is
+ * the same IEEE double division rounded to float, times the weight in float. */
+TARGET_AVX2 static void rmsnorm_row_avx2(const float *x, const float *weight, size_t n,
+                                         double eps, float *out) {
+    __m256d acc4 = _mm256_setzero_pd();
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        __m256d xd = _mm256_cvtps_pd(_mm_loadu_ps(x + i));
+        acc4 = _mm256_add_pd(acc4, _mm256_mul_pd(xd, xd));
+    }
+    double acc[4];
+    _mm256_storeu_pd(acc, acc4);
+    for (; i < n; i++) acc[0] += (double)x[i] * (double)x[i];
+    double root = rmsnorm_root(acc, n, eps);
+    const __m256d vroot = _mm256_set1_pd(root);
+    for (i = 0; i + 4 <= n; i += 4) {
+        __m128 q = _mm256_cvtpd_ps(_mm256_div_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + i)), vroot));
+        _mm_storeu_ps(out + i, _mm_mul_ps(q, _mm_loadu_ps(weight + i)));
+    }
+    for (; i < n; i++) out[i] = (float)((double)x[i] / root) * weight[i];
+}
+#endif
+
+/* One row: Σ x² in lanes acc[j] (elements i ≡ j mod 4), then x / root · weight; the AVX2
+ * path above is the same arithmetic on 4 double lanes, bit for bit. */
+static void rmsnorm_row(KernelImpl impl, const float *x, const float *weight, size_t n, double eps,
+                        float *out) {
+#if BITSERVE_X86
+    if (impl >= IMPL_AVX2) {
+        rmsnorm_row_avx2(x, weight, n, eps, out);
+        return;
+    }
+#endif
+    (void)impl;
     double acc[4] = {0.0, 0.0, 0.0, 0.0}; /* fixed order: lane i sums elements i mod 4 */
     size_t i = 0;
     for (; i + 4 <= n; i += 4)
         for (int j = 0; j < 4; j++) acc[j] += (double)x[i + (size_t)j] * (double)x[i + (size_t)j];
     for (; i < n; i++) acc[0] += (double)x[i] * (double)x[i];
-    double root = sqrt(((acc[0] + acc[1]) + (acc[2] + acc[3])) / (double)n + eps);
+    double root = rmsnorm_root(acc, n, eps);
     for (i = 0; i < n; i++) out[i] = (float)((double)x[i] / root) * weight[i];
 }
 
 static void rmsnorm_chunk(void *ctx, int chunk, int thread) {
     (void)thread;
     const RowTask *t = ctx;
-    size_t r0 = (size_t)chunk * ELEMENTWISE_ROWS_PER_CHUNK;
-    size_t r1 = r0 + ELEMENTWISE_ROWS_PER_CHUNK < t->n_rows ? r0 + ELEMENTWISE_ROWS_PER_CHUNK : t->n_rows;
-    for (size_t r = r0; r < r1; r++) rmsnorm_row(t->x + r * t->n, t->other, t->n, t->eps, t->out + r * t->n);
+    size_t r0 = (size_t)chunk * t->rows_per_chunk;
+    size_t r1 = r0 + t->rows_per_chunk < t->n_rows ? r0 + t->rows_per_chunk : t->n_rows;
+    for (size_t r = r0; r < r1; r++) rmsnorm_row(t->impl, t->x + r * t->n, t->other, t->n, t->eps, t->out + r * t->n);
 }
 
 #if BITSERVE_X86
@@ -64,8 +105,8 @@ TARGET_AVX2 static size_t relu2_mul_avx2(const float *gate, const float *up, siz
 static void relu2_mul_chunk(void *ctx, int chunk, int thread) {
     (void)thread;
     const RowTask *t = ctx;
-    size_t r0 = (size_t)chunk * ELEMENTWISE_ROWS_PER_CHUNK;
-    size_t r1 = r0 + ELEMENTWISE_ROWS_PER_CHUNK < t->n_rows ? r0 + ELEMENTWISE_ROWS_PER_CHUNK : t->n_rows;
+    size_t r0 = (size_t)chunk * t->rows_per_chunk;
+    size_t r1 = r0 + t->rows_per_chunk < t->n_rows ? r0 + t->rows_per_chunk : t->n_rows;
     const float *gate = t->x + r0 * t->n, *up = t->other + r0 * t->n;
     float *out = t->out + r0 * t->n;
     size_t i = 0, n = (r1 - r0) * t->n;
@@ -79,18 +120,30 @@ static void relu2_mul_chunk(void *ctx, int chunk, int thread) {
     }
 }
 
-static int row_chunks(size_t n_rows) {
-    return (int)((n_rows + ELEMENTWISE_ROWS_PER_CHUNK - 1) / ELEMENTWISE_ROWS_PER_CHUNK);
+/* Rows per chunk. Small calls (decode: a few rows) are one chunk, run on the calling
+ * thread without waking the pool (pool_run inlines a single chunk): below
+ * ELEMENTWISE_INLINE_ELEMS a dispatch costs more than it saves. Larger calls are split row
+ * by row when there are few rows (4 decode rows of 6912: 2 per thread), 4 rows per chunk
+ * when there are many (prompts). Each row is computed alone either way: batch invariant. */
+#define ELEMENTWISE_INLINE_ELEMS 4096
+static size_t rows_per_chunk(const Pool *pool, size_t n_rows, size_t n) {
+    if (n_rows * n <= ELEMENTWISE_INLINE_ELEMS) return n_rows ? n_rows : 1;
+    return n_rows >= (size_t)pool->n_threads * 16 ? ELEMENTWISE_ROWS_PER_CHUNK : 1;
+}
+
+static void run_rows(Pool *pool, TaskFn fn, RowTask *task) {
+    task->rows_per_chunk = rows_per_chunk(pool, task->n_rows, task->n);
+    pool_run(pool, fn, task, (int)((task->n_rows + task->rows_per_chunk - 1) / task->rows_per_chunk));
 }
 
 void rmsnorm_rows(Pool *pool, KernelImpl impl, const float *x, size_t n_rows, size_t n,
                   const float *weight, double eps, float *out) {
-    RowTask task = {impl, x, weight, out, n_rows, n, eps};
-    pool_run(pool, rmsnorm_chunk, &task, row_chunks(n_rows));
+    RowTask task = {impl, x, weight, out, n_rows, n, eps, 0};
+    run_rows(pool, rmsnorm_chunk, &task);
 }
 
 void relu2_mul(Pool *pool, KernelImpl impl, const float *gate, const float *up, size_t n_rows,
                size_t n, float *out) {
-    RowTask task = {impl, gate, up, out, n_rows, n, 0.0};
-    pool_run(pool, relu2_mul_chunk, &task, row_chunks(n_rows));
+    RowTask task = {impl, gate, up, out, n_rows, n, 0.0, 0};
+    run_rows(pool, relu2_mul_chunk, &task);
 }
