@@ -127,15 +127,19 @@ class NativeBackend(Backend):
         kv_dtype = np.float16 if k_cache.dtype == np.float16 else np.float32
         k = np.ascontiguousarray(k_cache, dtype=kv_dtype)
         v = np.ascontiguousarray(v_cache, dtype=kv_dtype)
-        out = np.empty(q.shape, dtype=np.float32)
+        out = np.empty_like(q)
         self._pool.attention(q, k, v, start_pos, out, self._impl)
         return out
 
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
+        weight = np.ascontiguousarray(weight, dtype=np.float32)
+        if x.ndim == 2:  # the per-layer decode case: no reshapes (~0.5 µs of 1.6 per call)
+            out = np.empty_like(x)
+            self._pool.rmsnorm(x, weight, float(eps), out, self._impl)
+            return out
         rows = x.reshape(-1, x.shape[-1])
         out = np.empty(rows.shape, dtype=np.float32)
-        weight = np.ascontiguousarray(weight, dtype=np.float32)
         self._pool.rmsnorm(rows, weight, float(eps), out, self._impl)
         return out.reshape(x.shape)
 
