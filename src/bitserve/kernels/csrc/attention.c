@@ -202,6 +202,198 @@ TARGET_AVX2 static void group_avx2_any(const float *q, const void *k, const void
     default: group_avx2(q, k, v, f16, 1, off0, stride, n_pos, d, scores, out); break;
     }
 }
+
+/* ------------------------------------ blocked path: T > 1 new tokens (prefill) ---- */
+
+/* A block is one KV head's query heads × a run of consecutive new tokens: up to
+ * ATTENTION_GROUP query rows that share every K/V row they read. Register tiles of W rows
+ * (4 on AVX2, 8 on AVX-512VL's 32 ymm registers) load each K/V slice once (converting f16
+ * once) for all W rows, over ATT_TILE positions at a time so the K/V tile stays in L1.
+ * Per row the arithmetic is group_avx2's, operation for operation: each score is one
+ * 8-lane FMA chain over d, hsum8, × scale; the same max and softmax_numerators; each
+ * output float sums w·v over positions in order (the running sum parks in `out` between
+ * tiles, an exact f32 store) and is multiplied by 1/total last. So a token's output is
+ * the same bits as T = 1 decode's, whatever the block, tile or thread count. */
+#define ATT_TILE 64 /* positions per pass: 64 K or V rows of 128 f16 are 16 KB */
+#define QK_POS 3    /* positions per QK register tile */
+#define ROWS_WIDE 8 /* W on AVX-512VL; AVX2 uses 4 */
+
+typedef struct {
+    const float *q[ATTENTION_GROUP]; /* row r's query [D] */
+    float *out[ATTENTION_GROUP];     /* row r's output [D] */
+    size_t n_pos[ATTENTION_GROUP];   /* positions row r sees; nondecreasing in r */
+    float inv_total[ATTENTION_GROUP];
+    size_t n_rows;
+    float *scores;   /* [n_rows, stride]: row r's scores at scores + r·stride */
+    size_t stride;   /* n_pos of the last row */
+    size_t kv_off;   /* the KV head's first element in a K/V row: kvh · D */
+} RowBlock;
+
+/* scores[r·s_stride + j] = (q_r · k_{p+j}) · scale for R rows × PB positions; `off` is
+ * position p's K row (element offset), the next position `stride` further. */
+TARGET_AVX2 static inline __attribute__((always_inline)) void qk_tile(
+    const float *const *q, const void *k, const int f16, const int R, const int PB, size_t off,
+    size_t stride, size_t d, float *scores, size_t s_stride) {
+    const float scale = 1.0f / sqrtf((float)d);
+    __m256 acc[ROWS_WIDE][QK_POS];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < PB; j++) acc[r][j] = _mm256_setzero_ps();
+    for (size_t i = 0; i < d; i += 8) {
+        __m256 kv[QK_POS];
+        for (int j = 0; j < PB; j++) kv[j] = kv8(k, f16, off + (size_t)j * stride + i);
+        for (int r = 0; r < R; r++) {
+            __m256 qv = _mm256_loadu_ps(q[r] + i);
+            for (int j = 0; j < PB; j++) acc[r][j] = _mm256_fmadd_ps(qv, kv[j], acc[r][j]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < PB; j++) scores[(size_t)r * s_stride + (size_t)j] = hsum8(acc[r][j]) * scale;
+}
+
+/* Scores of rows r0..r0+R-1 at positions [p0, p1). */
+TARGET_AVX2 static inline __attribute__((always_inline)) void qk_rows(
+    const RowBlock *b, size_t r0, const int R, const void *k, const int f16, size_t kv_stride,
+    size_t d, size_t p0, size_t p1) {
+    size_t off0 = b->kv_off;
+    float *scores = b->scores + r0 * b->stride;
+    size_t p = p0;
+    for (; p + QK_POS <= p1; p += QK_POS)
+        qk_tile(b->q + r0, k, f16, R, QK_POS, off0 + p * kv_stride, kv_stride, d, scores + p, b->stride);
+    for (; p < p1; p++) qk_tile(b->q + r0, k, f16, R, 1, off0 + p * kv_stride, kv_stride, d, scores + p, b->stride);
+}
+
+/* acc[r] += w[r, p] · v_p (16 floats at off) for R rows; with `masked`, only rows whose
+ * n_pos exceeds p (the last positions of a tile of rows from several tokens). */
+TARGET_AVX2 static inline __attribute__((always_inline)) void pv_step(
+    __m256 acc[ROWS_WIDE][2], const float *w, size_t w_stride, const size_t *n_pos, const int R,
+    const void *v, const int f16, size_t off, size_t p, const int masked) {
+    __m256 v0 = kv8(v, f16, off), v1 = kv8(v, f16, off + 8);
+    for (int r = 0; r < R; r++) {
+        if (masked && p >= n_pos[r]) continue;
+        __m256 wr = _mm256_broadcast_ss(w + (size_t)r * w_stride + p);
+        acc[r][0] = _mm256_fmadd_ps(wr, v0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(wr, v1, acc[r][1]);
+    }
+}
+
+/* One output slice [d0, d0+16) of R rows over positions [p0, p1); the running sums come
+ * from and go back to out. */
+TARGET_AVX2 static inline __attribute__((always_inline)) void pv_tile(
+    const RowBlock *b, size_t r0, const int R, const void *v, const int f16, size_t kv_stride,
+    size_t p0, size_t p1, size_t d0) {
+    const size_t *n_pos = b->n_pos + r0;
+    const float *w = b->scores + r0 * b->stride;
+    float *const *out = b->out + r0;
+    __m256 acc[ROWS_WIDE][2];
+    for (int r = 0; r < R; r++) {
+        acc[r][0] = _mm256_loadu_ps(out[r] + d0);
+        acc[r][1] = _mm256_loadu_ps(out[r] + d0 + 8);
+    }
+    size_t p = p0, p_all = p1 < n_pos[0] ? p1 : n_pos[0], off = b->kv_off + d0;
+    for (; p < p_all; p++) pv_step(acc, w, b->stride, n_pos, R, v, f16, off + p * kv_stride, p, 0);
+    for (; p < p1; p++) pv_step(acc, w, b->stride, n_pos, R, v, f16, off + p * kv_stride, p, 1);
+    for (int r = 0; r < R; r++) {
+        _mm256_storeu_ps(out[r] + d0, acc[r][0]);
+        _mm256_storeu_ps(out[r] + d0 + 8, acc[r][1]);
+    }
+}
+
+TARGET_AVX2 static inline __attribute__((always_inline)) void pv_rows(
+    const RowBlock *b, size_t r0, const int R, const void *v, const int f16,
+    size_t kv_stride, size_t d, size_t p0, size_t p1) {
+    for (size_t d0 = 0; d0 < d; d0 += 16) pv_tile(b, r0, R, v, f16, kv_stride, p0, p1, d0);
+}
+
+/* Request rows [p0, p0 + ATT_TILE) (below n_pos) into L2 while the tile before them is
+ * computed: the strided K/V rows come from L3 or DRAM, and the hardware prefetchers
+ * alone leave most of that latency exposed. */
+TARGET_AVX2 static inline void prefetch_tile(const void *kv, int f16, size_t kv_off, size_t kv_stride,
+                                             size_t d, size_t p0, size_t n_pos) {
+    size_t elt = f16 ? 2 : 4, end = p0 + ATT_TILE < n_pos ? p0 + ATT_TILE : n_pos;
+    for (size_t p = p0; p < end; p++) {
+        const char *row = (const char *)kv + (kv_off + p * kv_stride) * elt;
+        for (size_t byte = 0; byte < d * elt; byte += 64) _mm_prefetch(row + byte, _MM_HINT_T1);
+    }
+}
+
+/* Both passes over the rows in register tiles of W, then 4, 2, 1 for the last rows;
+ * pass 0 computes scores, pass 1 accumulates values. */
+TARGET_AVX2 static inline __attribute__((always_inline)) void block_pass(
+    const RowBlock *b, const AttentionArgs *a, const int f16, const int W, const int values) {
+    size_t d = a->head_dim, kv_stride = a->n_kv_heads * d;
+    const void *kv = values ? a->v : a->k;
+    for (size_t p0 = 0; p0 < b->stride; p0 += ATT_TILE) {
+        prefetch_tile(kv, a->kv_f16, b->kv_off, kv_stride, d, p0 + ATT_TILE, b->stride);
+        for (size_t r0 = 0; r0 < b->n_rows;) {
+            size_t left = b->n_rows - r0;
+            int R = left >= (size_t)W ? W : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+            size_t end = b->n_pos[r0 + (size_t)R - 1], p1 = p0 + ATT_TILE < end ? p0 + ATT_TILE : end;
+            if (p1 > p0) {
+#define ROWS_CASE(N)                                                                 \
+    case N:                                                                          \
+        if (values)                                                                  \
+            pv_rows(b, r0, N, kv, f16, kv_stride, d, p0, p1);                  \
+        else                                                                         \
+            qk_rows(b, r0, N, kv, f16, kv_stride, d, p0, p1);                  \
+        break;
+                switch (R) {
+                    ROWS_CASE(1)
+                    ROWS_CASE(2)
+                    ROWS_CASE(4)
+                default:
+                    if (W == ROWS_WIDE) {
+                        if (values)
+                            pv_rows(b, r0, ROWS_WIDE, kv, f16, kv_stride, d, p0, p1);
+                        else
+                            qk_rows(b, r0, ROWS_WIDE, kv, f16, kv_stride, d, p0, p1);
+                    }
+                    break;
+                }
+#undef ROWS_CASE
+            }
+            r0 += (size_t)R;
+        }
+    }
+}
+
+/* The largest of scores[0..n), as group_scores' fmaxf chain finds it: max_ps(x, m) keeps m
+ * when x is NaN, as fmaxf does, and m never is NaN; the max of the rest is exact in any
+ * order (a ±0 tie changes no score - max). */
+TARGET_AVX2 static float row_max(const float *scores, size_t n) {
+    __m256 m8 = _mm256_set1_ps(-INFINITY);
+    size_t p = 0;
+    for (; p + 8 <= n; p += 8) m8 = _mm256_max_ps(_mm256_loadu_ps(scores + p), m8);
+    float lanes[8], m = -INFINITY;
+    _mm256_storeu_ps(lanes, m8);
+    for (int i = 0; i < 8; i++) m = fmaxf(m, lanes[i]);
+    for (; p < n; p++) m = fmaxf(m, scores[p]);
+    return m;
+}
+
+/* The whole block: scores, per-row softmax, weighted values, then out · 1/total. */
+TARGET_AVX2 static inline __attribute__((always_inline)) void block_run(RowBlock *b, const AttentionArgs *a,
+                                                                        const int f16, const int W) {
+    size_t d = a->head_dim;
+    block_pass(b, a, f16, W, 0);
+    for (size_t r = 0; r < b->n_rows; r++) {
+        float *row = b->scores + r * b->stride;
+        b->inv_total[r] = 1.0f / softmax_numerators(row, b->n_pos[r], row_max(row, b->n_pos[r]));
+        memset(b->out[r], 0, d * sizeof(float));
+    }
+    block_pass(b, a, f16, W, 1);
+    for (size_t r = 0; r < b->n_rows; r++)
+        for (size_t i = 0; i < d; i++) b->out[r][i] *= b->inv_total[r];
+}
+
+typedef void (*BlockFn)(RowBlock *b, const AttentionArgs *a);
+#define BLOCK_FN(name, TARGET, F16, W) \
+    TARGET static void name(RowBlock *b, const AttentionArgs *a) { block_run(b, a, F16, W); }
+BLOCK_FN(block_f16_avx2, TARGET_AVX2, 1, 4)
+BLOCK_FN(block_f32_avx2, TARGET_AVX2, 0, 4)
+/* EVEX-encoded ymm FMAs round exactly as VEX ones: the same bits as the AVX2 blocks */
+BLOCK_FN(block_f16_avx512, TARGET_AVX512, 1, ROWS_WIDE)
+BLOCK_FN(block_f32_avx512, TARGET_AVX512, 0, ROWS_WIDE)
+
 #endif
 
 /* Chunk = (token t, KV head, run of heads_per_chunk query heads of that KV group). */
@@ -226,7 +418,55 @@ static void attention_chunk(void *ctx, int chunk, int thread) {
         head_scalar(q + g * d, a->k, a->v, a->kv_f16, kvh * d, stride, n_pos, d, scores, out + g * d);
 }
 
+typedef struct {
+    const AttentionArgs *a;
+    BlockFn fn;
+    float *scores;        /* [n_threads][scores_stride] */
+    size_t scores_stride; /* ATTENTION_GROUP · S floats */
+    size_t n_blocks;      /* token blocks: block b is tokens [b·T/n_blocks, (b+1)·T/n_blocks) */
+} BlockTask;
+
+/* Chunk = (token block, KV head): rows (token t, query head g of the group), t-major. */
+static void block_chunk(void *ctx, int chunk, int thread) {
+    const BlockTask *task = ctx;
+    const AttentionArgs *a = task->a;
+    size_t kvh = (size_t)chunk % a->n_kv_heads, blk = (size_t)chunk / a->n_kv_heads;
+    size_t t0 = blk * a->n_tokens / task->n_blocks, t1 = (blk + 1) * a->n_tokens / task->n_blocks;
+    size_t group = a->n_heads / a->n_kv_heads, d = a->head_dim;
+    RowBlock b = {.n_rows = (t1 - t0) * group, .kv_off = kvh * d, .stride = a->start_pos + t1};
+    b.scores = task->scores + (size_t)thread * task->scores_stride;
+    for (size_t r = 0; r < b.n_rows; r++) {
+        size_t t = t0 + r / group, row = t * a->n_heads + kvh * group + r % group;
+        b.q[r] = a->q + row * d;
+        b.out[r] = a->out + row * d;
+        b.n_pos[r] = a->start_pos + t + 1;
+    }
+    task->fn(&b, a);
+}
+
+/* The blocked path if it applies (T > 1, AVX2, D a multiple of 16, a group's heads fit a
+ * block); 0 if not. Blocks of up to ATTENTION_GROUP / group tokens, and at least two
+ * chunks per thread while there are tokens to split. */
+static int attention_blocked(Pool *pool, KernelImpl impl, const AttentionArgs *a) {
+#if BITSERVE_X86
+    size_t group = a->n_heads / a->n_kv_heads, max_tokens = ATTENTION_GROUP / group;
+    if (a->n_tokens < 2 || impl < IMPL_AVX2 || a->head_dim % 16 || max_tokens == 0) return 0;
+    size_t n_blocks = (a->n_tokens + max_tokens - 1) / max_tokens;
+    size_t want = (2 * (size_t)pool->n_threads + a->n_kv_heads - 1) / a->n_kv_heads;
+    if (n_blocks < want) n_blocks = want < a->n_tokens ? want : a->n_tokens;
+    BlockFn fn = impl >= IMPL_AVX512 ? (a->kv_f16 ? block_f16_avx512 : block_f32_avx512)
+                                     : (a->kv_f16 ? block_f16_avx2 : block_f32_avx2);
+    BlockTask task = {a, fn, pool->scores, (a->start_pos + a->n_tokens) * ATTENTION_GROUP, n_blocks};
+    pool_run(pool, block_chunk, &task, (int)(n_blocks * a->n_kv_heads));
+    return 1;
+#else
+    (void)pool, (void)impl, (void)a;
+    return 0;
+#endif
+}
+
 void attention(Pool *pool, KernelImpl impl, const AttentionArgs *args) {
+    if (attention_blocked(pool, impl, args)) return;
     size_t group = args->n_heads / args->n_kv_heads, per_chunk = group < 4 ? group : 4;
     /* fewer heads per chunk only when there would be fewer than 2 chunks per thread: reading
      * K/V twice costs more than a 3:2 split of 5 chunks (2B-4T decode on 2 threads) */

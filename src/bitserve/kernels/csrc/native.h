@@ -126,7 +126,7 @@ typedef struct {
 } AttentionArgs;
 
 /* Needs pool_reserve_scores(pool, ATTENTION_GROUP · (start_pos + T)) first. */
-#define ATTENTION_GROUP 4
+#define ATTENTION_GROUP 32
 void attention(Pool *pool, KernelImpl impl, const AttentionArgs *args);
 
 /* out [T, n] = x / sqrt(mean(x²) + eps) · weight per row (mean in float64) */
