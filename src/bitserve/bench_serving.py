@@ -51,7 +51,7 @@ def add_scenario_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--repeats", type=int, default=3, help="timed repeats (medians reported)")
     g.add_argument("--streams", type=int, default=4, help="concurrent streams for the speedup")
     g.add_argument("--clients", type=int, default=16, help="concurrent clients that must be served")
-    g.add_argument("--stream-tokens", type=int, default=32, help="tokens each stream generates")
+    g.add_argument("--stream-tokens", type=int, default=128, help="tokens each stream generates")
 
 
 def chat_model() -> Path:
