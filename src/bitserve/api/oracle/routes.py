@@ -25,7 +25,18 @@ from bitserve.api.streaming import RequestGuard
 router = APIRouter(tags=["oracle"], dependencies=[Depends(require_configured_key)])
 
 
-async def _oracle_chat(route: str, raw: dict[str, Any], request: Request) -> Response:
+@router.post("/oracle/v1/{route}/chat", response_model=ChatCompletion, responses=SSE_DOC)
+@router.post(
+    "/oracle/v1/{route}/chat/completions", response_model=ChatCompletion, responses=SSE_DOC
+)
+async def oracle_chat(
+    route: str,
+    request: Request,
+    raw: dict[str, Any] = Body(  # noqa: B008
+        description="A chat completion request; the route's defaults fill missing fields."
+    ),
+) -> Response:
+    """Oracle chat (BitMind API), at both paths. Route defaults: see the oracle config."""
     config: OracleConfig = request.app.state.settings.oracle
     spec = config.routes.get(route)
     if spec is None:
@@ -40,29 +51,3 @@ async def _oracle_chat(route: str, raw: dict[str, Any], request: Request) -> Res
     plan = plan_chat(served, body, wire_messages(body.messages), body.model)
     plan.oracle = True
     return await respond_chat(served, plan, RequestGuard(request), body.stream)
-
-
-@router.post("/oracle/v1/{route}/chat", response_model=ChatCompletion, responses=SSE_DOC)
-async def oracle_chat(
-    route: str,
-    request: Request,
-    body: dict[str, Any] = Body(  # noqa: B008
-        description="A chat completion request; the route's defaults fill missing fields."
-    ),
-) -> Response:
-    """Oracle chat (BitMind API). Route defaults: see the oracle config."""
-    return await _oracle_chat(route, body, request)
-
-
-@router.post(
-    "/oracle/v1/{route}/chat/completions", response_model=ChatCompletion, responses=SSE_DOC
-)
-async def oracle_chat_completions(
-    route: str,
-    request: Request,
-    body: dict[str, Any] = Body(  # noqa: B008
-        description="A chat completion request; the route's defaults fill missing fields."
-    ),
-) -> Response:
-    """Same as `/oracle/v1/{route}/chat`."""
-    return await _oracle_chat(route, body, request)
