@@ -10,6 +10,7 @@
  * the thread count: batch invariant. Scores live in per-thread scratch rows [4, S].
  */
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "native.h"
@@ -224,8 +225,9 @@ typedef struct {
     size_t n_pos[ATTENTION_GROUP];   /* positions row r sees; nondecreasing in r */
     float inv_total[ATTENTION_GROUP];
     size_t n_rows;
-    float *scores;   /* [n_rows, stride]: row r's scores at scores + r·stride */
+    float *scores;   /* [stride, rs], position-major: row r's score at p is scores[p·rs + r] */
     size_t stride;   /* n_pos of the last row */
+    size_t rs;       /* n_rows rounded up to 8: a position's 8-row groups are one vector */
     size_t kv_off;   /* the KV head's first element in a K/V row: kvh · D */
 } RowBlock;
 
@@ -244,7 +246,7 @@ TARGET_AVX2 static inline __attribute__((always_inline)) __m256 hsum8_rows(__m25
     return _mm256_add_ps(_mm256_shuffle_ps(pair[0], pair[1], 0x88), _mm256_shuffle_ps(pair[0], pair[1], 0xDD));
 }
 
-/* scores[r·s_stride + j] = (q_r · k_{p+j}) · scale for R rows × PB positions; `off` is
+/* scores[j·s_stride + r] = (q_r · k_{p+j}) · scale for R rows × PB positions; `off` is
  * position p's K row (element offset), the next position `stride` further. */
 TARGET_AVX2 static inline __attribute__((always_inline)) void qk_tile(
     const float *const *q, const void *k, const int f16, const int R, const int PB, size_t off,
@@ -262,15 +264,12 @@ TARGET_AVX2 static inline __attribute__((always_inline)) void qk_tile(
         }
     }
     if (R == ROWS_WIDE) { /* 8 rows' sums in one vector per position: far fewer shuffles */
-        for (int j = 0; j < PB; j++) {
-            float sum[ROWS_WIDE];
-            _mm256_storeu_ps(sum, _mm256_mul_ps(hsum8_rows(acc, j), _mm256_set1_ps(scale)));
-            for (int r = 0; r < R; r++) scores[(size_t)r * s_stride + (size_t)j] = sum[r];
-        }
+        for (int j = 0; j < PB; j++)
+            _mm256_storeu_ps(scores + (size_t)j * s_stride, _mm256_mul_ps(hsum8_rows(acc, j), _mm256_set1_ps(scale)));
         return;
     }
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < PB; j++) scores[(size_t)r * s_stride + (size_t)j] = hsum8(acc[r][j]) * scale;
+        for (int j = 0; j < PB; j++) scores[(size_t)j * s_stride + (size_t)r] = hsum8(acc[r][j]) * scale;
 }
 
 /* Scores of rows r0..r0+R-1 at positions [p0, p1). */
@@ -278,14 +277,14 @@ TARGET_AVX2 static inline __attribute__((always_inline)) void qk_rows(
     const RowBlock *b, size_t r0, const int R, const void *k, const int f16, size_t kv_stride,
     size_t d, size_t p0, size_t p1) {
     size_t off0 = b->kv_off;
-    float *scores = b->scores + r0 * b->stride;
+    float *scores = b->scores + r0;
     size_t p = p0;
     for (; p + QK_POS <= p1; p += QK_POS)
-        qk_tile(b->q + r0, k, f16, R, QK_POS, off0 + p * kv_stride, kv_stride, d, scores + p, b->stride);
-    for (; p < p1; p++) qk_tile(b->q + r0, k, f16, R, 1, off0 + p * kv_stride, kv_stride, d, scores + p, b->stride);
+        qk_tile(b->q + r0, k, f16, R, QK_POS, off0 + p * kv_stride, kv_stride, d, scores + p * b->rs, b->rs);
+    for (; p < p1; p++) qk_tile(b->q + r0, k, f16, R, 1, off0 + p * kv_stride, kv_stride, d, scores + p * b->rs, b->rs);
 }
 
-/* acc[r] += w[r, p] · v_p (16 floats at off) for R rows; with `masked`, only rows whose
+/* acc[r] += w[p, r] · v_p (16 floats at off) for R rows; with `masked`, only rows whose
  * n_pos exceeds p (the last positions of a tile of rows from several tokens). */
 TARGET_AVX2 static inline __attribute__((always_inline)) void pv_step(
     __m256 acc[ROWS_WIDE][2], const float *w, size_t w_stride, const size_t *n_pos, const int R,
@@ -293,7 +292,7 @@ TARGET_AVX2 static inline __attribute__((always_inline)) void pv_step(
     __m256 v0 = kv8(v, f16, off), v1 = kv8(v, f16, off + 8);
     for (int r = 0; r < R; r++) {
         if (masked && p >= n_pos[r]) continue;
-        __m256 wr = _mm256_broadcast_ss(w + (size_t)r * w_stride + p);
+        __m256 wr = _mm256_broadcast_ss(w + p * w_stride + (size_t)r);
         acc[r][0] = _mm256_fmadd_ps(wr, v0, acc[r][0]);
         acc[r][1] = _mm256_fmadd_ps(wr, v1, acc[r][1]);
     }
@@ -305,7 +304,7 @@ TARGET_AVX2 static inline __attribute__((always_inline)) void pv_tile(
     const RowBlock *b, size_t r0, const int R, const void *v, const int f16, size_t kv_stride,
     size_t p0, size_t p1, size_t d0) {
     const size_t *n_pos = b->n_pos + r0;
-    const float *w = b->scores + r0 * b->stride;
+    const float *w = b->scores + r0;
     float *const *out = b->out + r0;
     __m256 acc[ROWS_WIDE][2];
     for (int r = 0; r < R; r++) {
@@ -313,8 +312,8 @@ TARGET_AVX2 static inline __attribute__((always_inline)) void pv_tile(
         acc[r][1] = _mm256_loadu_ps(out[r] + d0 + 8);
     }
     size_t p = p0, p_all = p1 < n_pos[0] ? p1 : n_pos[0], off = b->kv_off + d0;
-    for (; p < p_all; p++) pv_step(acc, w, b->stride, n_pos, R, v, f16, off + p * kv_stride, p, 0);
-    for (; p < p1; p++) pv_step(acc, w, b->stride, n_pos, R, v, f16, off + p * kv_stride, p, 1);
+    for (; p < p_all; p++) pv_step(acc, w, b->rs, n_pos, R, v, f16, off + p * kv_stride, p, 0);
+    for (; p < p1; p++) pv_step(acc, w, b->rs, n_pos, R, v, f16, off + p * kv_stride, p, 1);
     for (int r = 0; r < R; r++) {
         _mm256_storeu_ps(out[r] + d0, acc[r][0]);
         _mm256_storeu_ps(out[r] + d0 + 8, acc[r][1]);
@@ -337,7 +336,7 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void pv_wide_step(
                     : _mm512_loadu_ps((const float *)v + off + 16 * s);
     for (int r = 0; r < ROWS_WIDE; r++) {
         if (masked && p >= n_pos[r]) continue;
-        __m512 wr = _mm512_set1_ps(w[(size_t)r * w_stride + p]);
+        __m512 wr = _mm512_set1_ps(w[p * w_stride + (size_t)r]);
         for (int s = 0; s < S; s++) acc[r][s] = _mm512_fmadd_ps(wr, vs[s], acc[r][s]);
     }
 }
@@ -349,14 +348,14 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void pv_wide(
     const RowBlock *b, size_t r0, const void *v, const int f16, size_t kv_stride, size_t p0,
     size_t p1, size_t d0, const int S) {
     const size_t *n_pos = b->n_pos + r0;
-    const float *w = b->scores + r0 * b->stride;
+    const float *w = b->scores + r0;
     float *const *out = b->out + r0;
     __m512 acc[ROWS_WIDE][2];
     for (int r = 0; r < ROWS_WIDE; r++)
         for (int s = 0; s < S; s++) acc[r][s] = _mm512_loadu_ps(out[r] + d0 + 16 * s);
     size_t p = p0, p_all = p1 < n_pos[0] ? p1 : n_pos[0];
-    for (; p < p_all; p++) pv_wide_step(acc, w, b->stride, n_pos, v, f16, b->kv_off + p * kv_stride + d0, p, S, 0);
-    for (; p < p1; p++) pv_wide_step(acc, w, b->stride, n_pos, v, f16, b->kv_off + p * kv_stride + d0, p, S, 1);
+    for (; p < p_all; p++) pv_wide_step(acc, w, b->rs, n_pos, v, f16, b->kv_off + p * kv_stride + d0, p, S, 0);
+    for (; p < p1; p++) pv_wide_step(acc, w, b->rs, n_pos, v, f16, b->kv_off + p * kv_stride + d0, p, S, 1);
     for (int r = 0; r < ROWS_WIDE; r++)
         for (int s = 0; s < S; s++) _mm512_storeu_ps(out[r] + d0 + 16 * s, acc[r][s]);
 }
@@ -425,18 +424,62 @@ TARGET_AVX2 static inline __attribute__((always_inline)) void block_pass(
     }
 }
 
-/* The largest of scores[0..n), as group_scores' fmaxf chain finds it: max_ps(x, m) keeps m
- * when x is NaN, as fmaxf does, and m never is NaN; the max of the rest is exact in any
- * order (a ±0 tie changes no score - max). */
-TARGET_AVX2 static float row_max(const float *scores, size_t n) {
-    __m256 m8 = _mm256_set1_ps(-INFINITY);
+/* Lane mask of the rows (lane i: n[i] positions) that see position p. */
+TARGET_AVX2 static inline __m256 rows8_seen(__m256i n, size_t p) {
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(n, _mm256_set1_epi32((int)p)));
+}
+
+/* Each lane's largest score over the positions it sees (all 8 see [0, n_lo); lane i sees
+ * n[i] <= n_hi), as group_scores' fmaxf chain finds it: max_ps(x, m) keeps m when x is
+ * NaN, as fmaxf does, and m never is NaN; the max of the rest is exact in any order (a
+ * ±0 tie changes no score - max). */
+TARGET_AVX2 static inline __m256 rows8_max(const float *s, size_t rs, __m256i n, size_t n_lo, size_t n_hi) {
+    __m256 m[4], ninf = _mm256_set1_ps(-INFINITY);
+    for (int i = 0; i < 4; i++) m[i] = ninf;
     size_t p = 0;
-    for (; p + 8 <= n; p += 8) m8 = _mm256_max_ps(_mm256_loadu_ps(scores + p), m8);
-    float lanes[8], m = -INFINITY;
-    _mm256_storeu_ps(lanes, m8);
-    for (int i = 0; i < 8; i++) m = fmaxf(m, lanes[i]);
-    for (; p < n; p++) m = fmaxf(m, scores[p]);
-    return m;
+    for (; p + 4 <= n_lo; p += 4)
+        for (int i = 0; i < 4; i++) m[i] = _mm256_max_ps(_mm256_loadu_ps(s + (p + (size_t)i) * rs), m[i]);
+    for (; p < n_hi; p++)
+        m[0] = _mm256_max_ps(_mm256_blendv_ps(ninf, _mm256_loadu_ps(s + p * rs), rows8_seen(n, p)), m[0]);
+    return _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3]));
+}
+
+/* s[p] = exp(s[p] - m) in place (0 in the lanes past their n), added to sum */
+TARGET_AVX2 static inline __attribute__((always_inline)) void rows8_exp(float *s, __m256 m, __m256i n,
+                                                                        size_t p, int masked, __m256 *sum) {
+    __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s), m));
+    if (masked) e = _mm256_and_ps(rows8_seen(n, p), e);
+    _mm256_storeu_ps(s, e);
+    *sum = _mm256_add_ps(*sum, e);
+}
+
+/* softmax_numerators of 8 rows at once on position-major scores (row r0 + i in lane i),
+ * in place, and their 1/total into inv_total. Per row the same bits as row by row: the
+ * same exp8 per score, and lane l of softmax_numerators' total (the positions p ≡ l mod
+ * 8, in order) is sums[l] here, hsum8's pairing done vertically; a row's positions past
+ * its n_pos add +0, as the padded tail lanes do there. Rows past n_rows see nothing. */
+TARGET_AVX2 static void softmax_rows8(RowBlock *b, size_t r0) {
+    int32_t n_lane[8];
+    size_t n_lo = SIZE_MAX, n_hi = 0, rs = b->rs;
+    for (size_t i = 0; i < 8; i++) {
+        size_t n = r0 + i < b->n_rows ? b->n_pos[r0 + i] : 0;
+        n_lane[i] = (int32_t)n;
+        n_lo = n < n_lo ? n : n_lo;
+        n_hi = n > n_hi ? n : n_hi;
+    }
+    __m256i n = _mm256_loadu_si256((const __m256i *)n_lane);
+    float *s = b->scores + r0;
+    __m256 m = rows8_max(s, rs, n, n_lo, n_hi), sums[8];
+    for (int l = 0; l < 8; l++) sums[l] = _mm256_setzero_ps();
+    size_t p0 = 0;
+    for (; p0 + 8 <= n_lo; p0 += 8)
+        for (int l = 0; l < 8; l++) rows8_exp(s + (p0 + (size_t)l) * rs, m, n, p0 + (size_t)l, 0, &sums[l]);
+    for (; p0 < n_hi; p0 += 8)
+        for (int l = 0; l < 8 && p0 + (size_t)l < n_hi; l++)
+            rows8_exp(s + (p0 + (size_t)l) * rs, m, n, p0 + (size_t)l, 1, &sums[l]);
+    __m256 total = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(sums[0], sums[4]), _mm256_add_ps(sums[2], sums[6])),
+                                 _mm256_add_ps(_mm256_add_ps(sums[1], sums[5]), _mm256_add_ps(sums[3], sums[7])));
+    _mm256_storeu_ps(b->inv_total + r0, _mm256_div_ps(_mm256_set1_ps(1.0f), total));
 }
 
 /* The whole block: scores, per-row softmax, weighted values, then out · 1/total. */
@@ -444,11 +487,8 @@ TARGET_AVX2 static inline __attribute__((always_inline)) void block_run(RowBlock
                                                                         const int f16, const int W) {
     size_t d = a->head_dim;
     block_pass(b, a, f16, W, 0);
-    for (size_t r = 0; r < b->n_rows; r++) {
-        float *row = b->scores + r * b->stride;
-        b->inv_total[r] = 1.0f / softmax_numerators(row, b->n_pos[r], row_max(row, b->n_pos[r]));
-        memset(b->out[r], 0, d * sizeof(float));
-    }
+    for (size_t r0 = 0; r0 < b->n_rows; r0 += 8) softmax_rows8(b, r0);
+    for (size_t r = 0; r < b->n_rows; r++) memset(b->out[r], 0, d * sizeof(float));
     block_pass(b, a, f16, W, 1);
     for (size_t r = 0; r < b->n_rows; r++)
         for (size_t i = 0; i < d; i++) b->out[r][i] *= b->inv_total[r];
@@ -499,10 +539,11 @@ typedef struct {
 static void block_chunk(void *ctx, int chunk, int thread) {
     const BlockTask *task = ctx;
     const AttentionArgs *a = task->a;
-    size_t kvh = (size_t)chunk % a->n_kv_heads, blk = (size_t)chunk / a->n_kv_heads;
+    size_t kvh = (size_t)chunk / task->n_blocks, blk = (size_t)chunk % task->n_blocks;
     size_t t0 = blk * a->n_tokens / task->n_blocks, t1 = (blk + 1) * a->n_tokens / task->n_blocks;
     size_t group = a->n_heads / a->n_kv_heads, d = a->head_dim;
     RowBlock b = {.n_rows = (t1 - t0) * group, .kv_off = kvh * d, .stride = a->start_pos + t1};
+    b.rs = (b.n_rows + 7) / 8 * 8;
     b.scores = task->scores + (size_t)thread * task->scores_stride;
     for (size_t r = 0; r < b.n_rows; r++) {
         size_t t = t0 + r / group, row = t * a->n_heads + kvh * group + r % group;
