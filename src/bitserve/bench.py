@@ -30,9 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from bitserve.engine.loader import add_runtime_arguments, runtime_options
 from bitserve.engine.scheduler import DEFAULT_MAX_BATCH_TOKENS
 from bitserve.kernels import get_backend
-from bitserve.kernels.native import NativeBackend, available_kernels, default_threads
+from bitserve.kernels.native import NativeBackend, available_kernels
 from bitserve.model.bitnet import BitNetModel
 from bitserve.model.synthetic import SHAPE_2B4T, write_synthetic_model
 
@@ -49,11 +50,7 @@ KV_DTYPE = np.float16
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-m", "--model", help="GGUF model (default: cached synthetic 2B-4T)")
-    parser.add_argument("--threads", type=int, default=None, help="kernel threads (default: cores)")
-    parser.add_argument(
-        "--kernel", default=None, help="numpy | scalar | avx2 | avx512 (default: best)"
-    )
-    parser.add_argument("--head", choices=("f16", "int8"), default="f16", help="LM head weights")
+    add_runtime_arguments(parser)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--bandwidth-mb", type=int, default=1024, help="bandwidth probe size")
@@ -180,8 +177,9 @@ def run(args: argparse.Namespace) -> int:
 def run_kernels(args: argparse.Namespace) -> int:
     """The default scenario: load, prompt and generation speed in this process."""
     path = Path(args.model) if args.model else synthetic_model()
-    threads = args.threads or default_threads()
-    backend = get_backend(args.kernel, threads=threads, head=args.head)
+    options = runtime_options(args)
+    threads = options["threads"]
+    backend = get_backend(options["kernel"], threads=threads, head=options["head"])
     probe = backend if isinstance(backend, NativeBackend) else _probe_backend(threads)
     nan = float("nan")
     bandwidth, bw_min, bw_max = measure_bandwidth(probe, args.bandwidth_mb) if probe else (nan,) * 3

@@ -15,9 +15,10 @@ import pytest
 
 from bitserve import cli
 from bitserve.engine.generate import Generator
-from bitserve.engine.generate_cli import StreamStats, physical_cores, stream
+from bitserve.engine.generate_cli import StreamStats, stream
 from bitserve.engine.loader import LoadedModel, load_model
 from bitserve.engine.types import GenerationRequest, GenerationResult, SamplingParams, TokenEvent
+from bitserve.kernels.native import default_threads
 from bitserve.model.demo import DEMO_NOTICE
 
 SUMMARY = re.compile(
@@ -204,7 +205,7 @@ def test_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
     for shown in (
         "(default: 100)", "(default: 0.7)", "(default: 40)", "(default: 0.95)",
         "(default: 0.0)", "(default: 1.0)", "(default: auto)", "demo model",
-        f"(default: {physical_cores()})",
+        f"physical cores available, {default_threads()} here",
     ):  # fmt: skip
         assert shown in out
     assert "None" not in out
@@ -226,28 +227,6 @@ def test_stream_writes_each_piece_as_it_comes() -> None:
 
 
 # ---- physical cores -------------------------------------------------------------------------
-
-
-def fake_sysfs(root: Path, cpus: list[tuple[int, int]]) -> Path:
-    """A sysfs cpu directory with ``(package, core)`` for cpu0, cpu1, ..."""
-    for i, (package, core) in enumerate(cpus):
-        topology = root / f"cpu{i}" / "topology"
-        topology.mkdir(parents=True)
-        (topology / "core_id").write_text(f"{core}\n")
-        (topology / "physical_package_id").write_text(f"{package}\n")
-    (root / "cpufreq").mkdir()  # not a cpu directory
-    return root
-
-
-def test_physical_cores_counts_distinct_cores(tmp_path: Path) -> None:
-    hyperthreaded = fake_sysfs(tmp_path / "a", [(0, 0), (0, 1), (0, 0), (0, 1)])
-    assert physical_cores(hyperthreaded) == 2
-    two_sockets = fake_sysfs(tmp_path / "b", [(0, 0), (1, 0), (0, 1), (1, 1)])
-    assert physical_cores(two_sockets) == 4
-
-
-def test_physical_cores_falls_back_to_cpu_count(tmp_path: Path) -> None:
-    assert physical_cores(tmp_path) == (os.cpu_count() or 1)
 
 
 def test_prompt_longer_than_the_context_is_a_clean_error(

@@ -24,23 +24,12 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from bitserve.engine.generate_cli import physical_cores
+    from bitserve.engine.loader import add_runtime_arguments
 
     p.add_argument("-m", "--model", help="GGUF model file (default: the built-in demo model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
-    p.add_argument(
-        "-t", "--threads", type=int, default=physical_cores(), help="CPU threads (physical cores)"
-    )
-    p.add_argument(
-        "--kernel", help="kernel: numpy, scalar, avx2 or avx512 (default: the best available)"
-    )
-    p.add_argument(
-        "--head",
-        choices=("f16", "int8"),
-        default="f16",
-        help="LM head: the file's F16 weights, or int8 made at load (faster, logits differ)",
-    )
+    add_runtime_arguments(p)
     p.add_argument(
         "-c", "--ctx-size", type=int, help="context size in tokens (default: the model's)"
     )
@@ -80,7 +69,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         port=args.port,
         model_path=args.model,
         threads=args.threads,
-        kernel=args.kernel,
+        kernel=None if args.kernel == "auto" else args.kernel,
         head=args.head,
         ctx_size=args.ctx_size,
         max_queue=args.max_queue,

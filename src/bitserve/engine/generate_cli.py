@@ -8,41 +8,19 @@ piped. Bad input (missing model, out-of-range setting) is one error line and exi
 from __future__ import annotations
 
 import argparse
-import glob
-import os
 import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from bitserve.engine.loader import add_runtime_arguments
 from bitserve.engine.types import GenerationRequest, SamplingParams, TokenEvent
 
 if TYPE_CHECKING:
     from bitserve.engine.loader import LoadedModel
 
 EXIT_USAGE = 2
-KERNELS = ("auto", "numpy", "scalar", "avx2")
-
-
-def physical_cores(sysfs: str | Path = "/sys/devices/system/cpu") -> int:
-    """Physical cores: distinct (package, core) pairs in sysfs; else ``os.cpu_count()``.
-
-    Hyper-threads share one core's execution units, so the matmul kernels gain nothing
-    from more threads than cores.
-    """
-    cores: set[tuple[str, str]] = set()
-    for core_file in glob.glob(os.path.join(str(sysfs), "cpu[0-9]*", "topology", "core_id")):
-        topology = Path(core_file).parent
-        try:
-            core = (topology / "core_id").read_text().strip()
-            package_file = topology / "physical_package_id"
-            package = package_file.read_text().strip() if package_file.exists() else "0"
-        except OSError:
-            continue
-        cores.add((package, core))
-    return len(cores) or os.cpu_count() or 1
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,16 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         help="stop string, not printed; repeatable (default: none)%(default).0s",
     )
-    p.add_argument(
-        "--threads", type=int, default=physical_cores(), help="kernel threads (physical cores)"
-    )
-    p.add_argument("--kernel", choices=KERNELS, default="auto", help="matmul kernel")
-    p.add_argument(
-        "--head",
-        choices=("f16", "int8"),
-        default="f16",
-        help="LM head: the file's F16 weights, or int8 made at load (faster, logits differ)",
-    )
+    add_runtime_arguments(p)
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
@@ -217,10 +186,9 @@ def _checked_sampling(args: argparse.Namespace) -> SamplingParams:
 
 
 def _load(args: argparse.Namespace) -> LoadedModel:
-    from bitserve.engine.loader import load_model
+    from bitserve.engine.loader import load_model, runtime_options
 
-    kernel = None if args.kernel == "auto" else args.kernel
-    return load_model(args.model, threads=args.threads, kernel=kernel, head=args.head)
+    return load_model(args.model, **runtime_options(args))
 
 
 def _build_request(

@@ -2,16 +2,52 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bitserve.kernels import get_backend
-from bitserve.kernels.native import NativeBackend
+from bitserve.kernels.native import NativeBackend, default_threads
 from bitserve.model.bitnet import BitNetModel
 from bitserve.tokenizer import ChatFormatter, Tokenizer
 
 HEADS = ("f16", "int8")  # LM head weights: as in the file, or int8 made at load
+KERNEL_CHOICES = ("auto", "numpy", "scalar", "avx2", "avx512")
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """``-t/--threads``, ``--kernel``, ``--head``: how a command runs the model (the same
+    for generate, serve and bench). :func:`runtime_options` turns them into arguments of
+    :func:`load_model`."""
+    p.add_argument(
+        "-t",
+        "--threads",
+        type=int,
+        default=default_threads(),
+        help="kernel threads (default: the physical cores available, %(default)s here)",
+    )
+    p.add_argument(
+        "--kernel",
+        choices=KERNEL_CHOICES,
+        default="auto",
+        help="matmul kernels; auto: the best this CPU has (default: %(default)s)",
+    )
+    p.add_argument(
+        "--head",
+        choices=HEADS,
+        default="f16",
+        help="LM head: the file's F16 weights, or int8 made at load (faster, logits differ)",
+    )
+
+
+def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``threads``, ``kernel`` (``None`` for auto) and ``head`` for :func:`load_model`."""
+    if args.threads < 1:
+        raise ValueError(f"--threads must be 1 or more, got {args.threads}")
+    kernel = None if args.kernel == "auto" else args.kernel
+    return {"threads": args.threads, "kernel": kernel, "head": args.head}
 
 
 class ModelFileNotFoundError(FileNotFoundError):
