@@ -17,3 +17,13 @@ def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) ->
 def test_command_name_skips_option_values() -> None:
     assert cli._command_name(["--log-level", "INFO", "generate", "-p", "x"]) == "generate"
     assert cli._command_name(["--log-level", "INFO"]) is None
+
+
+@pytest.mark.parametrize("command", ["serve", "bench", "generate"])
+def test_bad_thread_count_is_one_line_and_exit_2(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = ["-p", "hi"] if command == "generate" else []
+    assert cli.main([command, "--threads", "0", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("threads: must be 1 or more, got 0")

@@ -161,6 +161,11 @@ def time_model(path: Path, backend: Any, n_prompt: int, n_gen: int) -> tuple[Bit
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        options = runtime_options(args)  # checked before any (slow) work
+    except ValueError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
     if args.scenario != "kernels":
         serving = _serving_module()
         if serving is None:
@@ -171,13 +176,12 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
         return int(serving.run_scenario(args))
-    return run_kernels(args)
+    return run_kernels(args, options)
 
 
-def run_kernels(args: argparse.Namespace) -> int:
+def run_kernels(args: argparse.Namespace, options: dict[str, Any]) -> int:
     """The default scenario: load, prompt and generation speed in this process."""
     path = Path(args.model) if args.model else synthetic_model()
-    options = runtime_options(args)
     threads = options["threads"]
     backend = get_backend(options["kernel"], threads=threads, head=options["head"])
     probe = backend if isinstance(backend, NativeBackend) else _probe_backend(threads)

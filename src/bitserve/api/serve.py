@@ -61,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    from bitserve.engine.loader import runtime_options
+
     keys = list(args.api_key)
     if args.api_keys_file is not None:
         keys += read_keys_file(args.api_keys_file)
@@ -68,9 +70,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         host=args.host,
         port=args.port,
         model_path=args.model,
-        threads=args.threads,
-        kernel=None if args.kernel == "auto" else args.kernel,
-        head=args.head,
+        **runtime_options(args),
         ctx_size=args.ctx_size,
         max_queue=args.max_queue,
         max_batch=args.max_batch,
@@ -92,11 +92,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         settings = settings_from_args(args)
-    except (OSError, OracleConfigError) as exc:
+    except (OSError, ValueError, OracleConfigError) as exc:  # ValueError: bad --threads
         print(f"bitserve serve: {exc}", file=sys.stderr)
         return 2
-    if settings.max_queue < 1 or (settings.threads is not None and settings.threads < 1):
-        print("bitserve serve: --max-queue and --threads must be at least 1", file=sys.stderr)
+    if settings.max_queue < 1:
+        print("bitserve serve: --max-queue must be at least 1", file=sys.stderr)
         return 2
     if settings.max_batch < 1 or settings.cache_ram_mb < 0:
         print("bitserve serve: --max-batch must be >= 1 and --cache-ram >= 0", file=sys.stderr)

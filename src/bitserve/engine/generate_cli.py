@@ -180,8 +180,6 @@ def _checked_sampling(args: argparse.Namespace) -> SamplingParams:
     validate_params(sampling)
     if args.max_tokens < 0:
         raise SamplingParamError("max_tokens", f"must be 0 or more, got {args.max_tokens}")
-    if args.threads < 1:
-        raise SamplingParamError("threads", f"must be 1 or more, got {args.threads}")
     return sampling
 
 

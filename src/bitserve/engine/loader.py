@@ -45,7 +45,7 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
 def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
     """``threads``, ``kernel`` (``None`` for auto) and ``head`` for :func:`load_model`."""
     if args.threads < 1:
-        raise ValueError(f"--threads must be 1 or more, got {args.threads}")
+        raise ValueError(f"threads: must be 1 or more, got {args.threads}")
     kernel = None if args.kernel == "auto" else args.kernel
     return {"threads": args.threads, "kernel": kernel, "head": args.head}
 
