@@ -243,15 +243,18 @@ def test_restart_and_kill_9_keep_every_stored_turn(
     # a clean restart (through the guide's launcher) keeps everything
     launcher = [sys.executable, str(REPO / "bitnet_fast.py")]
     second = start(tmp_path / "b", db=db, launcher=launcher)
-    before = httpx.get(f"{second.url}/v1/conversations/{conv}", timeout=10).json()
-    assert before["metadata"] == {"title": "k"} and len(before["messages"]) == 4
-    # kill -9 in the middle of a reply
-    url, body = long_stream_request(second.url, no_stop, conv)
-    with httpx.Client(timeout=60) as client, client.stream("POST", url, json=body) as r:
-        kept = read_chunks(r, 5)
-        assert metric(second.url, "bitserve_busy") == 1  # still generating when killed
-        second.kill9()
-        kept.close()
+    try:
+        before = httpx.get(f"{second.url}/v1/conversations/{conv}", timeout=10).json()
+        assert before["metadata"] == {"title": "k"} and len(before["messages"]) == 4
+        # kill -9 in the middle of a reply
+        url, body = long_stream_request(second.url, no_stop, conv)
+        with httpx.Client(timeout=60) as client, client.stream("POST", url, json=body) as r:
+            kept = read_chunks(r, 5)
+            assert metric(second.url, "bitserve_busy") == 1  # still generating when killed
+            second.kill9()
+            kept.close()
+    finally:
+        second.stop()  # a no-op after the kill; never leaves a server behind on failure
     with sqlite3.connect(db) as check:
         assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     third = start(tmp_path / "c", db=db)

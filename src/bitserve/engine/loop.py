@@ -81,7 +81,8 @@ class EngineStats:
     - ``kv_bytes``: bytes of KV cache allocated now (running sequences and prefix cache);
       ``prefix_cache_bytes``: the prefix cache's share (gauges).
     - ``steps``: batched forward passes; ``busy_seconds``: time spent in steps or jobs.
-    - ``running``: True while the engine thread is working.
+    - ``running``: True while the engine has a generation under way (batched mode: from
+      the first step until no sequence is waiting or running).
     """
 
     requests_started: int = 0
@@ -355,11 +356,10 @@ class EngineLoop(Generic[G]):
 
     def _step(self, sched: Scheduler) -> None:
         started = time.perf_counter()
-        self.stats.running = True
+        self.stats.running = True  # a generation is under way until the scheduler is idle
         try:
             out = sched.step()
         finally:
-            self.stats.running = False
             self.stats.busy_seconds += time.perf_counter() - started
         for seq, event in out.events:
             handle = self._active[seq]
@@ -387,6 +387,7 @@ class EngineLoop(Generic[G]):
 
     def _sync_stats(self, sched: Scheduler) -> None:
         s = self.stats
+        s.running = sched.has_work  # between steps too: not only inside the forward pass
         s.running_sequences = len(sched.running)
         s.waiting_sequences = len(sched.waiting)
         s.prompt_tokens = sched.stats.prompt_tokens
