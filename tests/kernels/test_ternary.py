@@ -9,9 +9,14 @@ from bitserve.gguf.quants import pack_i2s
 from bitserve.kernels import NumpyBackend, TernaryWeight, reference
 from bitserve.kernels.native import NativeBackend
 
-# (T, K, N): K multiples of 128 but not of 256/512, N not a multiple of the 32-row chunk or
-# of the thread split, T around and across the 8-token tile
+# (T, K, N): K multiples of 128, most an odd number of blocks (the AVX-512 path pairs
+# blocks), N not a multiple of the 32-row chunk, of the 4-row tile or of the thread split, T
+# around and across the 4-token and 8-token tiles
 SHAPES = [
+    (2, 256, 6),
+    (4, 2560, 45),
+    (5, 512, 130),
+    (6, 6912, 7),
     (1, 128, 1),
     (1, 384, 37),
     (1, 2432, 70),

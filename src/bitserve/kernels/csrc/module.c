@@ -175,11 +175,15 @@ static PyObject *py_ternary_int(PoolObject *self, PyObject *args) {
         release_views(&v);
         return NULL;
     }
+    int err = 0;
     Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
-    ternary_matmul_int(&self->pool, (KernelImpl)impl, raw->buf, (size_t)n_out, (size_t)q->shape[1],
-                       q->buf, sum->buf, (size_t)q->shape[0], acc->buf);
+    err = pool_reserve_act(&self->pool, (size_t)q->shape[0], (size_t)q->shape[1]);
+    if (!err)
+        ternary_matmul_int(&self->pool, (KernelImpl)impl, raw->buf, (size_t)n_out, (size_t)q->shape[1],
+                           q->buf, sum->buf, (size_t)q->shape[0], acc->buf);
     pool_unlock(&self->pool);
-    Py_END_ALLOW_THREADS release_views(&v);
+    Py_END_ALLOW_THREADS if (err) return no_memory(&v);
+    release_views(&v);
     Py_RETURN_NONE;
 }
 

@@ -57,6 +57,8 @@ typedef struct {
     /* scratch, grown on demand and reused across calls (guarded by dispatch_lock) */
     int8_t *q;        /* quantized activations [T, K] */
     size_t q_cap;
+    int8_t *qp; /* the same in pair order (permute_pairs), [T, 256·⌈K/256⌉] */
+    size_t qp_cap;
     float *act_scale; /* [T] */
     int32_t *act_sum; /* [T]: sum of q over the row, for the code-1 offset */
     size_t tok_cap;
@@ -97,11 +99,15 @@ void ternary_matmul_int(Pool *pool, KernelImpl impl, const uint8_t *codes, size_
                         size_t n_in, const int8_t *q, const int32_t *sum, size_t n_tokens,
                         int32_t *acc);
 
-#define AVX512_TOKEN_TILE 8
-/* dots[r][t] = Σ_k code[rows[r], k] · q[t, k] for 4 rows (pointers to their I2_S codes) and
- * tt <= AVX512_TOKEN_TILE tokens; only called when cpu_has_avx512(). */
-void tile_dots_avx512(const uint8_t *const rows[4], const int8_t *q, size_t q_stride,
-                      size_t n_blocks, int tt, int32_t dots[4][AVX512_TOKEN_TILE]);
+/* AVX-512 pair tiles (ternary_avx512.c): q [T, K] → qp [T, 256·⌈K/256⌉] in pair order, then
+ * dots[r][t] = Σ_k code[rows[r], k] · q[t, k] for PAIR_TILE_ROWS rows and
+ * tt <= PAIR_TILE_TOKENS tokens; only called when cpu_has_avx512(). */
+#define PAIR_TILE_ROWS 4
+#define PAIR_TILE_TOKENS 4
+void permute_pairs(const int8_t *q, size_t n_blocks, int8_t *qp);
+void pair_dots_avx512(const uint8_t *const rows[PAIR_TILE_ROWS], const int8_t *qp,
+                      size_t qp_stride, size_t n_blocks, int tt,
+                      int32_t dots[PAIR_TILE_ROWS][PAIR_TILE_TOKENS]);
 
 typedef enum { EMB_F32 = 0, EMB_F16 = 1, EMB_I8 = 2 } EmbKind;
 

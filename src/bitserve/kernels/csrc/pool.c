@@ -151,6 +151,7 @@ void pool_free(Pool *pool) {
     for (int t = 1; t < pool->n_threads; t++) pthread_join(pool->workers[t], NULL);
     free(pool->workers);
     free(pool->q);
+    free(pool->qp);
     free(pool->act_scale);
     free(pool->act_sum);
     free(pool->scores);
@@ -210,6 +211,7 @@ static int grow(void **buf, size_t *cap, size_t need) {
 
 int pool_reserve_act(Pool *pool, size_t n_tokens, size_t k) {
     if (grow((void **)&pool->q, &pool->q_cap, n_tokens * k)) return ENOMEM;
+    if (grow((void **)&pool->qp, &pool->qp_cap, n_tokens * ((k + 255) / 256 * 256))) return ENOMEM;
     size_t tok_cap = pool->tok_cap;
     if (grow((void **)&pool->act_scale, &tok_cap, n_tokens * sizeof(float))) return ENOMEM;
     tok_cap = pool->tok_cap;

@@ -21,7 +21,7 @@
 
 #define BLOCK 128
 #define BLOCK_BYTES 32
-#define TOKEN_TILE 8 /* tokens sharing one unpacked weight block (GEMM); = AVX512_TOKEN_TILE */
+#define TOKEN_TILE 8 /* tokens sharing one unpacked weight block (GEMM) */
 /* Blocks summed in int16 before widening (AVX2). Bound: a maddubs lane is c0·q0 + c1·q1 with
  * c in {0,1,2}, q in [-128,127], so it lies in [-512, 508] and never saturates; one block
  * adds 4 such lanes: [-2048, 2032]; 16 blocks: [-32768, 32512], inside int16. add_epi16
@@ -224,6 +224,8 @@ typedef struct {
     float *y;
     int32_t *acc;
     size_t rows_per_chunk; /* set by run_matmul from the thread count */
+    const int8_t *qp;      /* AVX-512: q in pair order (permute_pairs) */
+    size_t qp_stride;
 } MatmulTask;
 
 static void store_dots(const MatmulTask *m, size_t row, size_t t0, int tt, const int32_t *dots) {
@@ -238,16 +240,21 @@ static void store_dots(const MatmulTask *m, size_t row, size_t t0, int tt, const
 }
 
 #if BITSERVE_X86
-/* Rows [r0, r1) against tokens [t0, t0+tt) on AVX-512, four rows per register tile. */
+/* Rows [r0, r1) against tokens [t0, t0+tt) on AVX-512: tiles of 4 rows, each against
+ * the tokens PAIR_TILE_TOKENS at a time (the rows' codes stay in L1 between them). */
 static void rows_avx512(const MatmulTask *m, size_t r0, size_t r1, size_t t0, int tt) {
-    size_t n_blocks = m->n_in / BLOCK, row_bytes = m->n_in / 4;
-    int32_t dots[4][AVX512_TOKEN_TILE];
-    for (size_t r = r0; r < r1; r += 4) {
-        const uint8_t *rows[4];
-        size_t n = r1 - r < 4 ? r1 - r : 4;
-        for (size_t i = 0; i < 4; i++) rows[i] = m->codes + (r + (i < n ? i : 0)) * row_bytes;
-        tile_dots_avx512(rows, m->q + t0 * m->n_in, m->n_in, n_blocks, tt, dots);
-        for (size_t i = 0; i < n; i++) store_dots(m, r + i, t0, tt, dots[i]);
+    size_t n_blocks = m->n_in / BLOCK, row_bytes = m->n_in / 4, nr = PAIR_TILE_ROWS;
+    int32_t dots[PAIR_TILE_ROWS][PAIR_TILE_TOKENS];
+    for (size_t r = r0; r < r1; r += nr) {
+        const uint8_t *rows[PAIR_TILE_ROWS];
+        size_t n = r1 - r < nr ? r1 - r : nr;
+        for (size_t i = 0; i < nr; i++) rows[i] = m->codes + (r + (i < n ? i : 0)) * row_bytes;
+        for (int u = 0; u < tt; u += PAIR_TILE_TOKENS) {
+            int ut = tt - u < PAIR_TILE_TOKENS ? tt - u : PAIR_TILE_TOKENS;
+            size_t tok = t0 + (size_t)u;
+            pair_dots_avx512(rows, m->qp + tok * m->qp_stride, m->qp_stride, n_blocks, ut, dots);
+            for (size_t i = 0; i < n; i++) store_dots(m, r + i, tok, ut, dots[i]);
+        }
     }
 }
 #endif
@@ -292,6 +299,13 @@ static void matmul_chunk(void *ctx, int chunk, int thread) {
 }
 
 static void run_matmul(Pool *pool, MatmulTask *task) {
+    if (task->impl == IMPL_AVX512) { /* the pair order of q; pool_reserve_act sized qp */
+        size_t n_blocks = task->n_in / BLOCK;
+        task->qp_stride = (n_blocks + 1) / 2 * 256;
+        for (size_t t = 0; t < task->n_tokens; t++)
+            permute_pairs(task->q + t * task->n_in, n_blocks, pool->qp + t * task->qp_stride);
+        task->qp = pool->qp;
+    }
     size_t parts = (size_t)pool->n_threads * CHUNKS_PER_THREAD;
     size_t rows = (task->n_out + parts - 1) / parts;
     task->rows_per_chunk = rows < MIN_ROWS_PER_CHUNK ? MIN_ROWS_PER_CHUNK : rows;
@@ -302,13 +316,13 @@ static void run_matmul(Pool *pool, MatmulTask *task) {
 void ternary_matmul(Pool *pool, KernelImpl impl, const uint8_t *codes, size_t n_out,
                     size_t n_in, float w_scale, const int8_t *q, const float *scale,
                     const int32_t *sum, size_t n_tokens, float *y) {
-    MatmulTask task = {impl, codes, n_out, n_in, w_scale, q, scale, sum, n_tokens, y, NULL, 0};
+    MatmulTask task = {impl, codes, n_out, n_in, w_scale, q, scale, sum, n_tokens, y, NULL, 0, NULL, 0};
     run_matmul(pool, &task);
 }
 
 void ternary_matmul_int(Pool *pool, KernelImpl impl, const uint8_t *codes, size_t n_out,
                         size_t n_in, const int8_t *q, const int32_t *sum, size_t n_tokens,
                         int32_t *acc) {
-    MatmulTask task = {impl, codes, n_out, n_in, 0.0f, q, NULL, sum, n_tokens, NULL, acc, 0};
+    MatmulTask task = {impl, codes, n_out, n_in, 0.0f, q, NULL, sum, n_tokens, NULL, acc, 0, NULL, 0};
     run_matmul(pool, &task);
 }
