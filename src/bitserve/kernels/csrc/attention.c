@@ -19,7 +19,7 @@
 #include <immintrin.h>
 #endif
 
-#define KV_PREFETCH 8 /* positions ahead to prefetch K rows (decode reads them from DRAM) */
+#define KV_PREFETCH 32 /* positions ahead to prefetch K rows (decode reads them from DRAM) */
 
 typedef struct {
     KernelImpl impl;

@@ -239,12 +239,24 @@ static void store_dots(const MatmulTask *m, size_t row, size_t t0, int tt, const
     }
 }
 
+/* store_dots for one token and rows [row, row + n) */
+static void store_run(const MatmulTask *m, size_t tok, size_t row, size_t n, const int32_t *dots) {
+    float scale = m->scale ? m->scale[tok] : 0.0f;
+    for (size_t i = 0; i < n; i++) {
+        int32_t dot = dots[i] - m->sum[tok];
+        if (m->scale)
+            m->y[tok * m->n_out + row + i] = (float)dot / scale * m->w_scale;
+        else
+            m->acc[tok * m->n_out + row + i] = dot;
+    }
+}
+
 #if BITSERVE_X86
 /* Rows [r0, r1) against tokens [t0, t0+tt) on AVX-512: tiles of 4 rows, each against
  * the tokens PAIR_TILE_TOKENS at a time (the rows' codes stay in L1 between them). */
 static void rows_avx512(const MatmulTask *m, size_t r0, size_t r1, size_t t0, int tt) {
     size_t n_blocks = m->n_in / BLOCK, row_bytes = m->n_in / 4, nr = PAIR_TILE_ROWS;
-    int32_t dots[PAIR_TILE_ROWS][PAIR_TILE_TOKENS];
+    int32_t dots[PAIR_TILE_TOKENS][PAIR_TILE_ROWS];
     for (size_t r = r0; r < r1; r += nr) {
         const uint8_t *rows[PAIR_TILE_ROWS];
         size_t n = r1 - r < nr ? r1 - r : nr;
@@ -253,7 +265,7 @@ static void rows_avx512(const MatmulTask *m, size_t r0, size_t r1, size_t t0, in
             int ut = tt - u < PAIR_TILE_TOKENS ? tt - u : PAIR_TILE_TOKENS;
             size_t tok = t0 + (size_t)u;
             pair_dots_avx512(rows, m->qp + tok * m->qp_stride, m->qp_stride, n_blocks, ut, dots);
-            for (size_t i = 0; i < n; i++) store_dots(m, r + i, tok, ut, dots[i]);
+            for (int t = 0; t < ut; t++) store_run(m, tok + (size_t)t, r, n, dots[t]);
         }
     }
 }
