@@ -57,6 +57,7 @@ def test_scenario_prints_one_json_line(scenario: str, capsys: pytest.CaptureFixt
         assert result["history_tokens"] >= 120
     else:
         assert result["streams"] == 2 and result["clients_served"] == 3
+        assert result["streams_served"] == 2 and result["repeats"] == 1
 
 
 def test_unknown_scenario(capsys: pytest.CaptureFixture[str]) -> None:
