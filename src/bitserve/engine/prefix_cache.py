@@ -9,18 +9,27 @@ conversation's next turn finds its whole history. A second request wanting an en
 is in use finds nothing (it computes from scratch); entries are never shared.
 
 Memory: the entries together hold at most ``budget_bytes``; the least recently used are
-evicted (their caches released at once) to make room. Reuse never changes outputs: every
-operation of the forward pass is per token, so a token's keys/values are the same whether
-they were computed with the rest of the prompt or in an earlier request.
+evicted (their caches released at once) to make room. With a ``spill``
+(:class:`~bitserve.engine.kv_spill.KVSpill`) an entry evicted for room is written to disk
+instead, and :meth:`PrefixCache.take` also considers the entries on disk: the longer
+common prefix wins (RAM on a tie), a disk entry is read back into a cache from
+``make_cache``. Reuse never changes outputs: every operation of the forward pass is per
+token, so a token's keys/values are the same whether they were computed with the rest of
+the prompt, in an earlier request, or read back from disk (bit for bit).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bitserve.model.kv_cache import KVCache
+
+if TYPE_CHECKING:  # kv_spill imports this module
+    from bitserve.engine.kv_spill import KVSpill
 
 # positions kept free in a cached entry: a conversation's next message and reply usually fit
 FOLLOWUP_SLACK = 256
@@ -38,12 +47,16 @@ class PrefixEntry:
 @dataclass(slots=True)
 class PrefixCacheStats:
     """Counters since start: ``lookups`` (requests that asked), ``hits`` (got tokens),
-    ``cached_tokens`` (tokens reused in total), ``evictions`` (entries dropped for room)."""
+    ``cached_tokens`` (tokens reused in total), ``evictions`` (entries evicted for room),
+    ``spilled`` (of those, the ones written to disk), ``disk_hits`` (hits read from disk,
+    counted in ``hits`` too)."""
 
     lookups: int = 0
     hits: int = 0
     cached_tokens: int = 0
     evictions: int = 0
+    spilled: int = 0
+    disk_hits: int = 0
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -58,10 +71,14 @@ class PrefixCache:
     """LRU store of KV caches keyed by their tokens, within ``budget_bytes`` (0: off).
 
     Invariant: ``nbytes == sum(e.cache.nbytes for e in entries) <= budget_bytes``.
+    ``spill`` (optional) takes the entries evicted for room; ``make_cache()`` makes the
+    empty caches disk entries are read into (without it, disk entries are not used).
     Only the engine thread uses it.
     """
 
     budget_bytes: int
+    spill: KVSpill | None = None
+    make_cache: Callable[[], KVCache] | None = None
     entries: list[PrefixEntry] = field(default_factory=list)
     stats: PrefixCacheStats = field(default_factory=PrefixCacheStats)
     _clock: int = 0
@@ -74,31 +91,50 @@ class PrefixCache:
         return len(self.entries)
 
     def take(self, tokens: list[int] | np.ndarray) -> KVCache | None:
-        """The cache of the entry sharing the longest prefix with ``tokens``, removed from
-        the store and truncated to that prefix — at most ``len(tokens) - 1`` positions, so
-        the last token is always computed (its logits are needed). ``None`` on a miss."""
+        """The cache of the entry (in RAM or on disk) sharing the longest prefix with
+        ``tokens``, removed from the store and truncated to that prefix — at most
+        ``len(tokens) - 1`` positions, so the last token is always computed (its logits are
+        needed). RAM wins ties. ``None`` on a miss."""
         self.stats.lookups += 1
         ids = np.asarray(tokens, dtype=np.int64)
+        limit = len(ids) - 1
         best, best_len = None, 0
         for entry in self.entries:
             n = common_prefix(entry.tokens, ids)
             if n > best_len:
                 best, best_len = entry, n
-        best_len = min(best_len, len(ids) - 1)
-        if best is None or best_len <= 0:
+        best_len = min(best_len, limit)
+        cache = self._take_from_disk(ids, best_len, limit)
+        if cache is not None:
+            self.stats.disk_hits += 1
+        elif best is not None and best_len > 0:
+            self.entries.remove(best)
+            best.cache.truncate(best_len)
+            cache = best.cache
+        else:
             return None
-        self.entries.remove(best)
-        best.cache.truncate(best_len)
         self.stats.hits += 1
-        self.stats.cached_tokens += best_len
-        return best.cache
+        self.stats.cached_tokens += cache.length
+        return cache
+
+    def _take_from_disk(self, ids: np.ndarray, ram_len: int, limit: int) -> KVCache | None:
+        """The disk entry's cache if it shares more than ``ram_len`` tokens (at most
+        ``limit``) with ``ids``; None otherwise or if its file proves unreadable."""
+        if self.spill is None or self.make_cache is None:
+            return None
+        entry, n = self.spill.best(ids)
+        n = min(n, limit)
+        if entry is None or n <= ram_len:
+            return None
+        return self.spill.load(entry, n, self.make_cache)
 
     def put(self, tokens: list[int] | np.ndarray, cache: KVCache) -> None:
         """Keep ``cache`` holding the KV of ``tokens[:cache.length]``; entries that are a
-        prefix of it are dropped (it supersedes them), then the LRU ones until everything
-        fits. A cache that cannot fit on its own is released at once."""
+        prefix of it are dropped (it supersedes them), then the LRU ones go (to the spill,
+        if any) until everything fits. A cache that cannot fit on its own goes straight to
+        the spill, or is released at once."""
         ids = np.asarray(tokens, dtype=np.int64)[: cache.length]
-        if cache.length == 0 or self.budget_bytes <= 0:
+        if cache.length == 0 or (self.budget_bytes <= 0 and self.spill is None):
             cache.release()
             return
         room = cache.capacity - cache.length
@@ -109,10 +145,12 @@ class PrefixCache:
             # the user reads the reply.
             cache.set_slack(FOLLOWUP_SLACK)
         if cache.nbytes > self.budget_bytes:
-            cache.release()
+            self._spill_or_release(ids, cache)
             return
         for entry in [e for e in self.entries if common_prefix(e.tokens, ids) == len(e.tokens)]:
             self._drop(entry)
+        if self.spill is not None:
+            self.spill.discard_prefixes_of(ids)
         self._clock += 1
         self.entries.append(PrefixEntry(ids, cache, self._clock))
         self._evict(self.budget_bytes)
@@ -122,12 +160,29 @@ class PrefixCache:
         while total > budget and self.entries:
             oldest = min(self.entries, key=lambda e: e.last_used)
             total -= oldest.cache.nbytes
-            self._drop(oldest)
+            self.entries.remove(oldest)
+            self._spill_or_release(oldest.tokens, oldest.cache)
             self.stats.evictions += 1
+
+    def _spill_or_release(self, ids: np.ndarray, cache: KVCache) -> None:
+        """Hand ``cache`` to the spill (which releases it once written) or release it."""
+        if self.spill is not None and self.spill.save(ids, cache):
+            self.stats.spilled += 1
+        elif self.spill is None:
+            cache.release()
 
     def _drop(self, entry: PrefixEntry) -> None:
         self.entries.remove(entry)
         entry.cache.release()
+
+    def spill_all(self) -> None:
+        """Move every RAM entry to the spill, oldest first (so that the spill's budget
+        keeps the newest), and wait for the files; without a spill, release them."""
+        for entry in sorted(self.entries, key=lambda e: e.last_used):
+            self.entries.remove(entry)
+            self._spill_or_release(entry.tokens, entry.cache)
+        if self.spill is not None:
+            self.spill.flush()
 
     def clear(self) -> None:
         """Release every entry."""
