@@ -11,11 +11,13 @@ from pathlib import Path
 from bitserve.api.oracle.config import OracleConfig, OracleConfigError
 from bitserve.api.settings import (
     DEFAULT_ALIASES,
+    DEFAULT_CACHE_DISK_MB,
     DEFAULT_CACHE_RAM_MB,
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_QUEUE,
     DEFAULT_PORT,
     ServerSettings,
+    default_cache_dir,
     default_db_path,
     read_keys_file,
 )
@@ -48,6 +50,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_CACHE_RAM_MB,
         help="MB of KV kept for prefix reuse across requests (0: off)",
     )
+    p.add_argument(
+        "--cache-disk",
+        type=int,
+        default=DEFAULT_CACHE_DISK_MB,
+        help="MB of prefix KV spilled to disk when evicted from RAM, and kept across "
+        "restarts (0: off)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=default_cache_dir(),
+        help="folder of the spilled KV files (a subfolder per model file)",
+    )
     p.add_argument("--db", type=Path, default=default_db_path(), help="SQLite conversation store")
     p.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable)")
     p.add_argument("--api-keys-file", type=Path, help="file with one API key per line")
@@ -75,6 +90,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_queue=args.max_queue,
         max_batch=args.max_batch,
         cache_ram_mb=args.cache_ram,
+        cache_disk_mb=args.cache_disk,
+        cache_dir=args.cache_dir,
         db_path=args.db,
         api_keys=tuple(keys),
         aliases=tuple(dict.fromkeys(args.alias)),
@@ -98,8 +115,11 @@ def run(args: argparse.Namespace) -> int:
     if settings.max_queue < 1:
         print("bitserve serve: --max-queue must be at least 1", file=sys.stderr)
         return 2
-    if settings.max_batch < 1 or settings.cache_ram_mb < 0:
-        print("bitserve serve: --max-batch must be >= 1 and --cache-ram >= 0", file=sys.stderr)
+    if settings.max_batch < 1 or settings.cache_ram_mb < 0 or settings.cache_disk_mb < 0:
+        print(
+            "bitserve serve: --max-batch must be >= 1, --cache-ram and --cache-disk >= 0",
+            file=sys.stderr,
+        )
         return 2
     try:
         loaded = load_model(settings.model_path, settings.threads, settings.kernel, settings.head)
@@ -110,15 +130,21 @@ def run(args: argparse.Namespace) -> int:
         from bitserve.model.demo import DEMO_NOTICE
 
         print(f"bitserve serve: {DEMO_NOTICE}", file=sys.stderr)
-    served = ServedModel.create(
-        loaded,
-        settings.max_queue,
-        settings.ctx_size,
-        settings.aliases,
-        int(time.time()),
-        max_batch=settings.max_batch,
-        cache_ram_mb=settings.cache_ram_mb,
-    )
+    try:
+        served = ServedModel.create(
+            loaded,
+            settings.max_queue,
+            settings.ctx_size,
+            settings.aliases,
+            int(time.time()),
+            max_batch=settings.max_batch,
+            cache_ram_mb=settings.cache_ram_mb,
+            cache_disk_mb=settings.cache_disk_mb,
+            cache_dir=settings.cache_dir,
+        )
+    except OSError as exc:  # --cache-dir cannot be created
+        print(f"bitserve serve: {exc}", file=sys.stderr)
+        return 1
     store = SQLiteStore(settings.db_path)
     app = create_app(settings, served, store)
     print(
@@ -130,4 +156,5 @@ def run(args: argparse.Namespace) -> int:
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_level=level, timeout_graceful_shutdown=5
     )
+    served.close()  # the engine has stopped: the prefix cache's RAM entries go to disk
     return 0

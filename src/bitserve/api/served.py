@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bitserve import __version__
 from bitserve.api.errors import ContextLengthExceededError, ModelNotFoundError
-from bitserve.api.settings import DEFAULT_CACHE_RAM_MB
+from bitserve.api.settings import DEFAULT_CACHE_DISK_MB, DEFAULT_CACHE_RAM_MB, default_cache_dir
 from bitserve.engine.generate import Generator
+from bitserve.engine.kv_spill import KVSpill, spill_key
 from bitserve.engine.loader import LoadedModel
 from bitserve.engine.loop import EngineLoop
 from bitserve.engine.prefix_cache import PrefixCache
@@ -54,9 +59,13 @@ class ServedModel:
         created: int = 0,
         max_batch: int = DEFAULT_MAX_BATCH,
         cache_ram_mb: int = DEFAULT_CACHE_RAM_MB,
+        cache_disk_mb: int = DEFAULT_CACHE_DISK_MB,
+        cache_dir: Path | None = None,
     ) -> ServedModel:
         """Wrap ``loaded`` with a (not yet started) engine loop that batches up to
-        ``max_batch`` sequences and keeps up to ``cache_ram_mb`` MB of prefix KV."""
+        ``max_batch`` sequences and keeps up to ``cache_ram_mb`` MB of prefix KV in RAM and
+        ``cache_disk_mb`` MB on disk under ``cache_dir`` (default: ``default_cache_dir()``;
+        raises ``OSError`` if it cannot be created)."""
         model_ctx = int(loaded.model.config.context_length)
         if ctx_size is not None and ctx_size > model_ctx:
             log.warning(
@@ -64,11 +73,38 @@ class ServedModel:
             )
         effective = min(ctx_size or model_ctx, model_ctx)
         config = SchedulerConfig(max_batch, max(max_batch, DEFAULT_MAX_BATCH_TOKENS))
-        prefix = PrefixCache(cache_ram_mb * 2**20) if cache_ram_mb > 0 else None
+        spill = None
+        if cache_disk_mb > 0:
+            spill = _open_spill(loaded, config, cache_dir or default_cache_dir(), cache_disk_mb)
+        prefix = None
+        if cache_ram_mb > 0 or spill is not None:
+            prefix = PrefixCache(cache_ram_mb * 2**20, spill)
         scheduler = Scheduler(loaded.model, config, prefix)
+        if prefix is not None:
+            dtype, memory, model = np.dtype(config.kv_dtype), scheduler.memory, loaded.model
+            prefix.make_cache = lambda: model.new_cache(None, dtype, memory)
         generator = Generator(loaded.model, loaded.tokenizer)
         engine = EngineLoop(generator, max_queue=max_queue, scheduler=scheduler)
         return cls(loaded, engine, effective, aliases, created)
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        scheduler = self.engine.scheduler
+        return scheduler.prefix_cache if scheduler is not None else None
+
+    def close(self) -> None:
+        """After the engine stopped: move the prefix cache's RAM entries to disk (if it
+        spills), so that conversations still hit after a restart, and stop the writer."""
+        prefix = self.prefix_cache
+        if prefix is None or prefix.spill is None:
+            return
+        if any(t.name == "bitserve-engine" and t.is_alive() for t in threading.enumerate()):
+            log.warning("the engine is still running: prefix cache not written to disk")
+            return
+        if prefix.entries:
+            log.info("writing %.0f MB of prefix cache to disk", prefix.nbytes / 2**20)
+        prefix.spill_all()
+        prefix.spill.close()
 
     @property
     def name(self) -> str:
@@ -115,3 +151,19 @@ class ServedModel:
             "demo": self.loaded.is_demo,
             "path": str(self.loaded.path),
         }
+
+
+def _open_spill(loaded: LoadedModel, config: SchedulerConfig, directory: Path, mb: int) -> KVSpill:
+    """The spill for ``loaded``'s KV files: a subfolder named by the model file and layout."""
+    cfg = loaded.model.config
+    layout = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
+    key = spill_key(loaded.path, config.kv_dtype, layout)
+    spill = KVSpill(directory, mb * 2**20, key)
+    if len(spill):
+        log.info(
+            "%d spilled KV entries (%.0f MB) in %s",
+            len(spill),
+            spill.nbytes / 2**20,
+            spill.directory,
+        )
+    return spill

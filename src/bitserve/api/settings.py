@@ -12,6 +12,7 @@ DEFAULT_PORT = 8081
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_MAX_BATCH = 16  # sequences decoded together in one step
 DEFAULT_CACHE_RAM_MB = 2048  # prefix (KV) cache budget; 0 turns it off
+DEFAULT_CACHE_DISK_MB = 0  # prefix cache entries spilled to disk; 0 (the default) turns it off
 DEFAULT_ALIASES = ("bitnet",)
 
 
@@ -21,11 +22,17 @@ def default_db_path() -> Path:
     return Path(base) / "bitserve" / "conversations.db"
 
 
+def default_cache_dir() -> Path:
+    """``kv`` next to the default conversation store: where spilled KV caches go."""
+    return default_db_path().parent / "kv"
+
+
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     """``api_keys`` empty means no authentication. ``ctx_size`` None means the model's
     context length. ``aliases`` are extra ``model`` names the local model answers to.
-    ``max_batch`` sequences run together; ``cache_ram_mb`` bounds the prefix KV cache."""
+    ``max_batch`` sequences run together; ``cache_ram_mb`` bounds the prefix KV cache in
+    RAM, ``cache_disk_mb`` its entries spilled to files under ``cache_dir`` (0: none)."""
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
@@ -37,6 +44,8 @@ class ServerSettings:
     max_queue: int = DEFAULT_MAX_QUEUE
     max_batch: int = DEFAULT_MAX_BATCH
     cache_ram_mb: int = DEFAULT_CACHE_RAM_MB
+    cache_disk_mb: int = DEFAULT_CACHE_DISK_MB
+    cache_dir: Path = field(default_factory=default_cache_dir)
     db_path: Path = field(default_factory=default_db_path)
     api_keys: tuple[str, ...] = ()
     aliases: tuple[str, ...] = DEFAULT_ALIASES
