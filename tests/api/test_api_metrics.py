@@ -62,6 +62,9 @@ def test_exposition_parses_and_names_every_metric(client: TestClient) -> None:
         "bitserve_waiting_sequences",
         "bitserve_kv_cache_bytes",
         "bitserve_prefix_cache_hits_total",
+        "bitserve_prefix_cache_spilled_total",
+        "bitserve_prefix_cache_disk_hits_total",
+        "bitserve_prefix_cache_disk_bytes",
         "bitserve_busy",
         "bitserve_time_to_first_token_seconds_count",
         "bitserve_inter_token_latency_seconds_bucket",
@@ -127,6 +130,35 @@ def test_errors_are_counted_by_route_template_and_status(client: TestClient) -> 
     assert value(after, "bitserve_http_requests_total", **conversation) == 1
     assert value(after, "bitserve_http_requests_total", route="unmatched", status="404") == 1
     assert value(after, "bitserve_time_to_first_token_seconds_count") == 0
+
+
+def test_prefix_cache_disk_tier_counters(loaded: LoadedModel, tmp_path: Path) -> None:
+    settings = ServerSettings(db_path=tmp_path / "d.db", cache_ram_mb=0, cache_disk_mb=64)
+    served = ServedModel.create(
+        loaded,
+        4,
+        None,
+        settings.aliases,
+        0,
+        cache_ram_mb=0,
+        cache_disk_mb=64,
+        cache_dir=tmp_path / "kv",
+    )  # no RAM: every finished sequence's KV goes to disk
+    app = create_app(settings, served, SQLiteStore(settings.db_path))
+    body = chat_body("Tell me about the river and the mill.", max_tokens=2, temperature=0)
+    with TestClient(app) as c:
+        assert value(scrape(c), "bitserve_prefix_cache_disk_bytes") == 0
+        c.post("/v1/chat/completions", json=body)
+        first = scrape(c)
+        second = c.post("/v1/chat/completions", json=body).json()["usage"]
+        after = scrape(c)
+    served.close()
+    assert value(first, "bitserve_prefix_cache_spilled_total") == 1
+    assert value(first, "bitserve_prefix_cache_disk_bytes") > 0
+    assert value(first, "bitserve_prefix_cache_disk_hits_total") == 0
+    assert second["prompt_tokens_details"]["cached_tokens"] == second["prompt_tokens"] - 1
+    assert value(after, "bitserve_prefix_cache_disk_hits_total") == 1
+    assert value(after, "bitserve_prefix_cache_hits_total") == 1
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,11 @@ ENGINE_COUNTERS = (
     ("prefix_cache_lookups", "prefix cache lookups", ("cache_lookups",)),
     ("prefix_cache_hits", "prefix cache lookups that reused a token", ("cache_hits",)),
 )
+# prefix cache counters read from ``PrefixCacheStats`` (the engine's stats do not carry them)
+PREFIX_CACHE_COUNTERS = (
+    ("prefix_cache_spilled", "prefix cache entries evicted from RAM to disk", "spilled"),
+    ("prefix_cache_disk_hits", "prefix cache hits read back from disk", "disk_hits"),
+)
 ENGINE_GAUGES = (
     ("waiting_sequences", "sequences admitted but not running yet", "waiting_sequences"),
     ("kv_cache_bytes", "KV cache bytes allocated (sequences and prefix cache)", "kv_bytes"),
@@ -91,6 +96,19 @@ class EngineCollector(Collector):
         for name, doc, attr in ENGINE_GAUGES:
             yield GaugeMetricFamily(f"bitserve_{name}", doc, _stat(stats, attr))
         yield GaugeMetricFamily("bitserve_busy", "1 while the engine works", int(stats.running))
+        yield from self._prefix_cache()
+
+    def _prefix_cache(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """Disk-tier counters and the bytes on disk (plain ints written by the engine)."""
+        prefix = self.served.prefix_cache
+        for name, doc, attr in PREFIX_CACHE_COUNTERS:
+            value = _stat(prefix.stats, attr) if prefix is not None else 0.0
+            yield CounterMetricFamily(f"bitserve_{name}", doc, value=value)
+        spill = prefix.spill if prefix is not None else None
+        disk = float(spill.nbytes) if spill is not None else 0.0
+        yield GaugeMetricFamily(
+            "bitserve_prefix_cache_disk_bytes", "bytes of prefix KV in spill files", disk
+        )
 
 
 @dataclass(slots=True)

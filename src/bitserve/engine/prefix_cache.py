@@ -48,7 +48,7 @@ class PrefixEntry:
 class PrefixCacheStats:
     """Counters since start: ``lookups`` (requests that asked), ``hits`` (got tokens),
     ``cached_tokens`` (tokens reused in total), ``evictions`` (entries evicted for room),
-    ``spilled`` (of those, the ones written to disk), ``disk_hits`` (hits read from disk,
+    ``spilled`` (entries handed to the disk spill: evicted, or too big for RAM), ``disk_hits`` (hits read from disk,
     counted in ``hits`` too)."""
 
     lookups: int = 0
