@@ -15,7 +15,7 @@ import pytest
 from bitserve.engine.generate import Generator
 from bitserve.engine.kv_spill import SUFFIX, KVSpill, SpillHeader, spill_key
 from bitserve.engine.loader import LoadedModel, load_model
-from bitserve.engine.prefix_cache import FOLLOWUP_SLACK, PrefixCache
+from bitserve.engine.prefix_cache import FOLLOWUP_SLACK, MIN_DISK_TOKENS, PrefixCache
 from bitserve.engine.scheduler import Scheduler, SchedulerConfig
 from bitserve.engine.sequence import Sequence
 from bitserve.engine.types import GenerationRequest, SamplingParams
@@ -254,4 +254,36 @@ def test_a_prefix_back_from_disk_never_changes_outputs(loaded: LoadedModel, tmp_
     restarted.prefix_cache.make_cache = lambda: model.new_cache(None, np.float16, restarted.memory)
     seq, again = greedy(loaded, restarted, continued)
     assert again == cold_tokens and seq.num_cached_tokens == len(continued) - 1
+    spill.close()
+
+
+@pytest.mark.parametrize("where", ["ram", "disk"])
+def test_a_shared_header_is_copied_and_the_entry_stays_for_its_owner(
+    tmp_path: Path, where: str
+) -> None:
+    spill = KVSpill(tmp_path, 1 << 30, KEY)
+    budget = 1 if where == "disk" else 1 << 30  # 1 byte: every entry goes to disk
+    prefix = PrefixCache(budget, spill, lambda: KVCache(CONFIG, dtype=np.float16))
+    owner = np.arange(200)
+    original = filled_cache(200, seed=6)
+    want = original.k[:, :40].copy()
+    prefix.put(owner, original)
+    spill.flush()
+    other = prefix.take([*range(40), 999, 998])  # shares 40 of its 200 tokens
+    assert other is not None and other.length == 40 and same_bits(other.k[:, :40], want)
+    assert len(prefix) + len(spill) == 1  # the owner's entry is still there ...
+    mine = prefix.take([*range(200), 5])
+    assert mine is not None and mine.length == 200  # ... whole
+    assert prefix.stats.disk_hits == (2 if where == "disk" else 0)
+    assert len(prefix) + len(spill) == 0
+    spill.close()
+
+
+def test_a_few_shared_tokens_are_not_read_from_disk(tmp_path: Path) -> None:
+    spill = KVSpill(tmp_path, 1 << 30, KEY)
+    prefix = PrefixCache(1, spill, lambda: KVCache(CONFIG, dtype=np.float16))
+    prefix.put(np.arange(200), filled_cache(200))
+    assert prefix.take([*range(MIN_DISK_TOKENS - 1), 999]) is None
+    assert prefix.take([*range(MIN_DISK_TOKENS), 999]) is not None
+    assert len(spill) == 1 and prefix.stats.hits == 1
     spill.close()

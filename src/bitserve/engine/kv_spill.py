@@ -304,25 +304,29 @@ class KVSpill:
                 best, best_len = entry, n
         return best, best_len
 
-    def load(self, entry: SpillEntry, n: int, make_cache: Callable[[], KVCache]) -> KVCache | None:
+    def load(
+        self, entry: SpillEntry, n: int, make_cache: Callable[[], KVCache], keep: bool = False
+    ) -> KVCache | None:
         """``entry``'s KV in a fresh cache from ``make_cache()`` (capacity for the entry and
-        ``n + FOLLOWUP_SLACK``), truncated to ``n``; the entry leaves the index and its file
-        is deleted. None (with a warning) if the file proves unreadable."""
+        ``n + FOLLOWUP_SLACK``), truncated to ``n``. The entry leaves the index and its
+        file is deleted, unless ``keep`` (a copy of a few shared positions: the entry stays
+        for its own conversation). None (with a warning) if the file proves unreadable."""
         if entry.write is not None:
             entry.write.done.wait()
             self._reap()
         if entry not in self.entries:  # its write failed
             return None
-        self._remove(entry, delete=False)
         cache = make_cache()
         try:
             cache.reserve(min(cache.max_seq, max(len(entry.tokens), n + FOLLOWUP_SLACK)))
             read_into(entry.path, cache, entry.tokens)
         except (OSError, SpillFileError) as exc:
             cache.release()
+            self._remove(entry, delete=False)
             self._discard(entry.path, exc)
             return None
-        entry.path.unlink(missing_ok=True)
+        if not keep:
+            self._remove(entry)
         cache.truncate(min(n, cache.length))
         return cache
 

@@ -6,7 +6,10 @@ common token prefix with its prompt: the entry's cache is handed over (truncated
 common prefix, no copy) and the request computes only the rest. The entry leaves the
 prefix cache while in use and comes back, longer, when that request finishes — so a
 conversation's next turn finds its whole history. A second request wanting an entry that
-is in use finds nothing (it computes from scratch); entries are never shared.
+is in use finds nothing (it computes from scratch); entries are never shared. A request
+that shares less than half of an entry (another conversation with the same chat-template
+header, say) gets a copy of the common positions instead: the entry stays for the
+conversation it belongs to.
 
 Memory: the entries together hold at most ``budget_bytes``; the least recently used are
 evicted (their caches released at once) to make room. With a ``spill``
@@ -33,6 +36,8 @@ if TYPE_CHECKING:  # kv_spill imports this module
 
 # positions kept free in a cached entry: a conversation's next message and reply usually fit
 FOLLOWUP_SLACK = 256
+# a disk entry is read only for at least this many tokens: fewer cost less to recompute
+MIN_DISK_TOKENS = 32
 
 
 @dataclass(slots=True, eq=False)
@@ -48,8 +53,8 @@ class PrefixEntry:
 class PrefixCacheStats:
     """Counters since start: ``lookups`` (requests that asked), ``hits`` (got tokens),
     ``cached_tokens`` (tokens reused in total), ``evictions`` (entries evicted for room),
-    ``spilled`` (entries handed to the disk spill: evicted, or too big for RAM), ``disk_hits`` (hits read from disk,
-    counted in ``hits`` too)."""
+    ``spilled`` (entries handed to the disk spill: evicted, or too big for RAM),
+    ``disk_hits`` (hits read from disk, counted in ``hits`` too)."""
 
     lookups: int = 0
     hits: int = 0
@@ -107,6 +112,8 @@ class PrefixCache:
         cache = self._take_from_disk(ids, best_len, limit)
         if cache is not None:
             self.stats.disk_hits += 1
+        elif best is not None and best_len > 0 and 2 * best_len < len(best.tokens):
+            cache = best.cache.copy(best_len)  # a shared header: the entry stays for its owner
         elif best is not None and best_len > 0:
             self.entries.remove(best)
             best.cache.truncate(best_len)
@@ -124,9 +131,9 @@ class PrefixCache:
             return None
         entry, n = self.spill.best(ids)
         n = min(n, limit)
-        if entry is None or n <= ram_len:
+        if entry is None or n <= ram_len or n < MIN_DISK_TOKENS:
             return None
-        return self.spill.load(entry, n, self.make_cache)
+        return self.spill.load(entry, n, self.make_cache, keep=2 * n < len(entry.tokens))
 
     def put(self, tokens: list[int] | np.ndarray, cache: KVCache) -> None:
         """Keep ``cache`` holding the KV of ``tokens[:cache.length]``; entries that are a
