@@ -145,7 +145,8 @@ def test_prefix_cache_disk_tier_counters(loaded: LoadedModel, tmp_path: Path) ->
         cache_dir=tmp_path / "kv",
     )  # no RAM: every finished sequence's KV goes to disk
     app = create_app(settings, served, SQLiteStore(settings.db_path))
-    body = chat_body("Tell me about the river and the mill.", max_tokens=2, temperature=0)
+    text = "Tell me about the river and the mill, the miller and the wheel. " * 4
+    body = chat_body(text, max_tokens=2, temperature=0)  # over MIN_DISK_TOKENS
     with TestClient(app) as c:
         assert value(scrape(c), "bitserve_prefix_cache_disk_bytes") == 0
         c.post("/v1/chat/completions", json=body)
