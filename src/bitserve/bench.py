@@ -147,7 +147,6 @@ def time_model(path: Path, backend: Any, n_prompt: int, n_gen: int) -> tuple[Bit
     prompt_s = []
     for _ in range(PROMPT_RUNS):
         cache = model.new_cache(max_seq=n_prompt + n_gen + 1, dtype=KV_DTYPE)
-        cache.reserve(cache.max_seq)  # as the server does: the request's room up front
         start = time.perf_counter()
         for lo in range(0, n_prompt, PROMPT_CHUNK):  # chunked as the server does
             logits = model.forward(prompt[lo : lo + PROMPT_CHUNK], cache)

@@ -15,7 +15,7 @@ import pytest
 from bitserve.engine.generate import Generator
 from bitserve.engine.kv_spill import SUFFIX, KVSpill, SpillHeader, spill_key
 from bitserve.engine.loader import LoadedModel, load_model
-from bitserve.engine.prefix_cache import FOLLOWUP_SLACK, MIN_DISK_TOKENS, PrefixCache
+from bitserve.engine.prefix_cache import MIN_DISK_TOKENS, PrefixCache
 from bitserve.engine.scheduler import Scheduler, SchedulerConfig
 from bitserve.engine.sequence import Sequence
 from bitserve.engine.types import GenerationRequest, SamplingParams
@@ -44,13 +44,12 @@ KEY = "model-a"
 def filled_cache(
     n: int, dtype: type = np.float16, seed: int = 0, memory: KVMemory | None = None
 ) -> KVCache:
-    """A cache of ``n`` valid positions of random values (and some slack after them)."""
+    """A cache of ``n`` valid positions of random values (and stale ones after them)."""
     cache = KVCache(CONFIG, dtype=dtype, memory=memory)
-    cache.reserve(n + 5)
     rng = np.random.default_rng(seed)
-    cache.k[:] = rng.standard_normal(cache.k.shape).astype(dtype)
-    cache.v[:] = rng.standard_normal(cache.v.shape).astype(dtype)
-    cache.length = n
+    cache.k[:, : n + 5] = rng.standard_normal(cache.k[:, : n + 5].shape).astype(dtype)
+    cache.v[:, : n + 5] = rng.standard_normal(cache.v[:, : n + 5].shape).astype(dtype)
+    cache.advance(n)
     return cache
 
 
@@ -76,13 +75,13 @@ def test_round_trip_is_bit_identical(tmp_path: Path, dtype: type, background: bo
     want_k, want_v = original.k[:, :37].copy(), original.v[:, :37].copy()
     assert spill.save(tokens, original)
     spill.flush()
-    assert original.length == 0 and original.capacity == 0  # released once written
+    assert original.length == 0 and original.nbytes == 0  # released once written
     entry, n = spill.best([*range(100, 130), 5, 6])
     assert entry is not None and n == 30
     cache = spill.load(entry, 29, lambda: KVCache(CONFIG, dtype=dtype))
     assert cache is not None and cache.length == 29 and cache.dtype == np.dtype(dtype)
-    assert cache.capacity >= 29 + FOLLOWUP_SLACK
-    assert same_bits(cache.k[:, :37], want_k) and same_bits(cache.v[:, :37], want_v)
+    assert cache.nbytes == 29 * 2 * CONFIG.n_layers * CONFIG.kv_dim * np.dtype(dtype).itemsize
+    assert same_bits(cache.k[:, :29], want_k[:, :29]) and same_bits(cache.v[:, :29], want_v[:, :29])
     assert spill_files(spill) == [] and len(spill) == 0 and spill.nbytes == 0
     spill.close()
 
@@ -177,9 +176,7 @@ def test_spill_key_names_the_model_file_and_layout(tmp_path: Path) -> None:
 def test_eviction_spills_and_a_longer_prompt_hits_from_disk(tmp_path: Path) -> None:
     memory = KVMemory()
     spill = KVSpill(tmp_path, 1 << 30, KEY)
-    one_entry = KVCache(CONFIG).nbytes + 2 * CONFIG.n_layers * CONFIG.kv_dim * 2 * (
-        40 + FOLLOWUP_SLACK
-    )
+    one_entry = 2 * CONFIG.n_layers * CONFIG.kv_dim * 2 * 40  # f16 K and V of 40 positions
     prefix = PrefixCache(one_entry, spill, lambda: KVCache(CONFIG, dtype=np.float16, memory=memory))
     a = filled_cache(40, seed=4, memory=memory)
     want = a.k[:, :40].copy()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from bitserve.engine.prefix_cache import FOLLOWUP_SLACK, PrefixCache
+from bitserve.engine.prefix_cache import PrefixCache
 from bitserve.engine.sampling import Sampler
 from bitserve.engine.scheduler import Scheduler, SchedulerConfig
 from bitserve.engine.sequence import Sequence
@@ -177,13 +177,12 @@ def test_eviction_keeps_the_budget_and_drops_the_least_recently_used() -> None:
 
     def cache_of(n: int) -> KVCache:
         cache = KVCache(CONFIG, dtype=np.float32, memory=memory)
-        cache.reserve(n)
         cache.advance(n)
         return cache
 
     per_token = 2 * CONFIG.n_layers * CONFIG.kv_dim * 4
-    # an entry holds its tokens plus FOLLOWUP_SLACK free positions: two 40-token ones fit
-    prefix = PrefixCache(budget_bytes=(2 * (40 + FOLLOWUP_SLACK) + 100) * per_token)
+    # an entry holds its tokens' positions: two 40-token ones fit, three do not
+    prefix = PrefixCache(budget_bytes=100 * per_token)
     prefix.put([1] * 40, cache_of(40))
     prefix.put([2] * 40, cache_of(40))
     taken = prefix.take([1] * 10 + [5])  # the 1s are used (taken) ...
@@ -253,18 +252,18 @@ def test_config_checks() -> None:
         SchedulerConfig(4, 2)
 
 
-def test_a_cached_entry_keeps_room_for_the_next_turn() -> None:
-    """A conversation's follow-up (message + reply within FOLLOWUP_SLACK) reuses the entry's
-    storage as is: a resize would copy the whole KV on every turn."""
+def test_a_conversations_next_turn_appends_to_its_entry_in_place() -> None:
+    """A follow-up takes the entry's cache as is and writes after it: no copy of the KV on
+    any turn (a copy of a long conversation's KV would cost its first token's time)."""
     cache = KVCache(CONFIG, dtype=np.float16)
-    cache.reserve(400)
-    cache.reserve(600)  # grown by doubling to 800: less room than a next turn may need
     cache.advance(600)
     prefix = PrefixCache(budget_bytes=10**9)
     prefix.put(list(range(600)), cache)
-    assert FOLLOWUP_SLACK <= cache.capacity - cache.length < FOLLOWUP_SLACK + 600 // 4
     taken = prefix.take([*range(600), 7, 8, 9])
     assert taken is cache and taken.length == 600
-    storage = taken.k
-    taken.reserve(600 + 3 + FOLLOWUP_SLACK - 3)  # the follow-up's prompt and reply
-    assert taken.k is storage  # no resize, no copy
+    address = taken.k.__array_interface__["data"][0]
+    rows = np.ones((3, CONFIG.n_kv_heads, CONFIG.head_dim), np.float16)
+    for layer in range(CONFIG.n_layers):
+        taken.write(layer, 600, rows, rows)
+    taken.advance(3)
+    assert taken.length == 603 and taken.k.__array_interface__["data"][0] == address

@@ -1,14 +1,16 @@
-"""KVCache: layout, growth on demand, bounds, truncation, memory accounting."""
+"""KVCache: layout, in-place writes over the whole context, bounds, truncation, memory
+accounting (and that untouched or trimmed positions really cost no memory)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
 
 from bitserve.model import ContextFullError, KVCache, ModelConfig
-from bitserve.model.kv_cache import MIN_CAPACITY, KVMemory
+from bitserve.model.kv_cache import KVMemory
 
 CONFIG = ModelConfig(
     arch="bitnet-b1.58",
@@ -32,7 +34,7 @@ def kv(n: int, value: float) -> np.ndarray:
 
 def test_starts_empty_and_max_seq_defaults_to_the_context_length() -> None:
     cache = KVCache(CONFIG)
-    assert cache.k.shape == cache.v.shape == (3, 0, 2, 16)
+    assert cache.k.shape == cache.v.shape == (3, 16, 2, 16)
     assert cache.k.dtype == cache.v.dtype == np.float32
     assert (cache.length, cache.max_seq, cache.free, cache.nbytes) == (0, 16, 16, 0)
     assert KVCache(CONFIG, max_seq=5).max_seq == 5
@@ -42,39 +44,63 @@ def test_starts_empty_and_max_seq_defaults_to_the_context_length() -> None:
         KVCache(CONFIG, dtype=np.int8)
 
 
-def test_capacity_doubles_up_to_max_seq_and_keeps_the_valid_positions() -> None:
+def test_writes_in_place_and_counts_the_written_positions() -> None:
     config = dataclasses.replace(CONFIG, context_length=100)
     memory = KVMemory()
     cache = KVCache(config, dtype=np.float16, memory=memory)
-    capacities = []
+    address = cache.k.__array_interface__["data"][0]
+    per_position = 2 * 3 * 2 * 16 * 2  # k and v, 3 layers, 2 KV heads of 16, f16
     for pos in range(100):
         cache.write(0, pos, kv(1, pos), kv(1, -pos))
         cache.advance(1)
-        capacities.append(cache.capacity)
-    assert capacities[0] == MIN_CAPACITY
-    assert sorted(set(capacities)) == [16, 32, 64, 100]
+        assert cache.nbytes == memory.allocated_bytes == (pos + 1) * per_position
+    assert cache.k.__array_interface__["data"][0] == address  # never moved, never copied
     k, v = cache.view(0, 100)
     np.testing.assert_array_equal(k[:, 0, 0], np.arange(100, dtype=np.float16))
     np.testing.assert_array_equal(v[:, 1, 3], -np.arange(100, dtype=np.float16))
     assert k.flags.c_contiguous and k.dtype == np.float16
-    assert memory.allocated_bytes == cache.nbytes == 2 * 3 * 100 * 2 * 16 * 2
     cache.truncate(40)
-    cache.set_slack(20)
-    assert cache.capacity == 60 and memory.allocated_bytes == cache.nbytes
-    cache.set_slack(30)  # grows too
-    assert cache.capacity == 70 and memory.allocated_bytes == cache.nbytes
-    np.testing.assert_array_equal(cache.view(0, 40)[0][:, 0, 0], np.arange(40))
-    cache.shrink_to_fit()
-    assert cache.capacity == 40 and memory.allocated_bytes == cache.nbytes
+    assert cache.nbytes == 100 * per_position  # until trimmed
+    cache.trim()
+    assert cache.nbytes == memory.allocated_bytes == 40 * per_position
     np.testing.assert_array_equal(cache.view(0, 40)[0][:, 0, 0], np.arange(40))
     copy = cache.copy(10)
-    assert (copy.length, copy.capacity) == (10, 10)
+    assert (copy.length, copy.max_seq, copy.nbytes) == (10, 100, 10 * per_position)
     assert memory.allocated_bytes == cache.nbytes + copy.nbytes
     np.testing.assert_array_equal(copy.view(0, 10)[1], cache.view(0, 10)[1])
     cache.release()
     copy.release()
-    assert memory.allocated_bytes == 0 and memory.peak_bytes > 0
-    assert (cache.length, cache.capacity) == (0, 0)
+    assert memory.allocated_bytes == 0 and memory.peak_bytes == 100 * per_position
+    assert (cache.length, cache.nbytes) == (0, 0)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_only_written_positions_take_memory() -> None:
+    """A 2B-4T-sized cache (30 layers, 5 KV heads of 128, f16, 4096 positions: 315 MB of
+    address space): memory follows the written positions, and trim/release give it back."""
+    config = dataclasses.replace(
+        CONFIG, n_layers=30, dim=2560, n_heads=20, n_kv_heads=5, context_length=4096
+    )
+    before = _rss_bytes()
+    cache = KVCache(config, dtype=np.float16)
+    assert _rss_bytes() - before < 4 * 2**20  # nothing committed yet
+    rows = np.ones((1000, 5, 128), np.float16)
+    for layer in range(30):
+        cache.write(layer, 0, rows, rows)
+    cache.advance(1000)
+    grown = _rss_bytes() - before
+    assert cache.nbytes == 1000 * 76800  # 76.8 KB per position
+    assert 0.9 * cache.nbytes < grown < 1.1 * cache.nbytes + 4 * 2**20
+    cache.truncate(100)
+    cache.trim()
+    assert _rss_bytes() - before < 0.15 * grown
+    cache.release()
+    assert _rss_bytes() - before < 4 * 2**20
 
 
 def test_write_view_advance() -> None:

@@ -46,7 +46,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from bitserve.engine.prefix_cache import FOLLOWUP_SLACK, common_prefix
+from bitserve.engine.prefix_cache import common_prefix
 from bitserve.model.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def read_into(path: Path, cache: KVCache, expect_tokens: np.ndarray) -> None:
             raise SpillFileError(f"holds {head.dtype} {head.layout}, not the model's KV")
         if not np.array_equal(tokens, expect_tokens):
             raise SpillFileError("tokens changed since the index was read")
-        cache.reserve(head.length)
+        cache.check_room(head.length)
         crc = 0
         for part in _layer_slices(cache, head.length):
             view = part.data.cast("B")
@@ -162,7 +162,7 @@ def read_into(path: Path, cache: KVCache, expect_tokens: np.ndarray) -> None:
             crc = zlib.crc32(view, crc)
         if crc != head.payload_crc:
             raise SpillFileError("payload checksum mismatch")
-    cache.length = head.length
+    cache.advance(head.length)
 
 
 @dataclass(slots=True, eq=False)
@@ -307,8 +307,8 @@ class KVSpill:
     def load(
         self, entry: SpillEntry, n: int, make_cache: Callable[[], KVCache], keep: bool = False
     ) -> KVCache | None:
-        """``entry``'s KV in a fresh cache from ``make_cache()`` (capacity for the entry and
-        ``n + FOLLOWUP_SLACK``), truncated to ``n``. The entry leaves the index and its
+        """``entry``'s KV in a fresh cache from ``make_cache()``, truncated (and trimmed)
+        to ``n``. The entry leaves the index and its
         file is deleted, unless ``keep`` (a copy of a few shared positions: the entry stays
         for its own conversation). None (with a warning) if the file proves unreadable."""
         if entry.write is not None:
@@ -318,7 +318,6 @@ class KVSpill:
             return None
         cache = make_cache()
         try:
-            cache.reserve(min(cache.max_seq, max(len(entry.tokens), n + FOLLOWUP_SLACK)))
             read_into(entry.path, cache, entry.tokens)
         except (OSError, SpillFileError) as exc:
             cache.release()
@@ -328,6 +327,7 @@ class KVSpill:
         if not keep:
             self._remove(entry)
         cache.truncate(min(n, cache.length))
+        cache.trim()
         return cache
 
     def flush(self) -> None:

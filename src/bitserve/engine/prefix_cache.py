@@ -11,8 +11,10 @@ that shares less than half of an entry (another conversation with the same chat-
 header, say) gets a copy of the common positions instead: the entry stays for the
 conversation it belongs to.
 
-Memory: the entries together hold at most ``budget_bytes``; the least recently used are
-evicted (their caches released at once) to make room. With a ``spill``
+Memory: a cache holds memory only for the positions it has written (see
+:class:`~bitserve.model.kv_cache.KVCache`), so a next turn appends to an entry in place,
+never copying it. The entries together hold at most ``budget_bytes``; the least recently
+used are evicted (their caches released at once) to make room. With a ``spill``
 (:class:`~bitserve.engine.kv_spill.KVSpill`) an entry evicted for room is written to disk
 instead, and :meth:`PrefixCache.take` also considers the entries on disk: the longer
 common prefix wins (RAM on a tie), a disk entry is read back into a cache from
@@ -34,8 +36,6 @@ from bitserve.model.kv_cache import KVCache
 if TYPE_CHECKING:  # kv_spill imports this module
     from bitserve.engine.kv_spill import KVSpill
 
-# positions kept free in a cached entry: a conversation's next message and reply usually fit
-FOLLOWUP_SLACK = 256
 # a disk entry is read only for at least this many tokens: fewer cost less to recompute
 MIN_DISK_TOKENS = 32
 
@@ -144,13 +144,7 @@ class PrefixCache:
         if cache.length == 0 or (self.budget_bytes <= 0 and self.spill is None):
             cache.release()
             return
-        room = cache.capacity - cache.length
-        if not FOLLOWUP_SLACK <= room <= FOLLOWUP_SLACK + cache.length // 4:
-            # a long-lived entry keeps room for a typical next turn and no more: the
-            # follow-up then needs no resize (one copies the whole KV, on its first token's
-            # time), and doubling slack is not kept for hours. This copy happens now, while
-            # the user reads the reply.
-            cache.set_slack(FOLLOWUP_SLACK)
+        cache.trim()  # positions written past its tokens (a stop string) hold memory
         if cache.nbytes > self.budget_bytes:
             self._spill_or_release(ids, cache)
             return

@@ -182,9 +182,6 @@ class Scheduler:
                 cache = self.prefix_cache.take(seq.tokens)
             if cache is None:
                 cache = self.model.new_cache(None, self._kv_dtype, self.memory)
-            # room for the whole request now: growing later copies the KV (and briefly holds
-            # old and new), while untouched capacity costs address space, not memory
-            cache.reserve(min(cache.max_seq, len(seq.tokens) + seq.request.max_tokens))
             seq.cache = cache
             seq.num_computed_tokens = seq.num_cached_tokens = cache.length
             self.stats.cached_tokens += cache.length

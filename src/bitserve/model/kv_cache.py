@@ -1,25 +1,30 @@
-"""The key/value cache of one sequence: every layer in one pair of arrays that grow on demand.
+"""The key/value cache of one sequence: every layer in one pair of arrays over the whole
+context, in memory the kernel commits page by page as positions are first written.
 
 Positions ``0..length-1`` hold valid keys and values; everything after ``length`` is stale
-and is overwritten by the next :meth:`KVCache.write`. Storage starts small and doubles
-(capped at ``max_seq``) when a write needs more room, so a sequence pays only for the
-positions it uses instead of the whole context. Writing past ``max_seq`` raises
-:class:`ContextFullError` before anything is modified; the caller decides what to do.
+and is overwritten by the next :meth:`KVCache.write`. ``k`` and ``v`` span ``max_seq``
+positions from the start, but they are views of one private anonymous memory map, so a
+position costs memory only once written: a cache never grows, never copies itself, and a
+conversation's next turn appends to it in place. :meth:`KVCache.trim` gives the memory of
+the positions past ``length`` back to the system (``madvise``), :meth:`KVCache.release` all
+of it. Writing past ``max_seq`` raises :class:`ContextFullError` before anything is
+modified; the caller decides what to do.
 
-A :class:`KVMemory` shared by several caches counts the bytes they hold, so an engine can
-show (and tests can check) that finished and cancelled sequences gave their memory back:
-:meth:`KVCache.release` returns a cache's bytes at once.
+A :class:`KVMemory` shared by several caches counts the bytes they hold (the positions ever
+written and not trimmed), so an engine can show (and tests can check) that finished and
+cancelled sequences gave their memory back.
 """
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
 
 from bitserve.model.config import ModelConfig
 
-MIN_CAPACITY = 16  # positions allocated by the first write
 KV_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
@@ -49,12 +54,11 @@ class KVMemory:
 
 
 class KVCache:
-    """``k``, ``v``: ``[n_layers, capacity, n_kv_heads, head_dim]`` float32 or float16.
+    """``k``, ``v``: ``[n_layers, max_seq, n_kv_heads, head_dim]`` float32 or float16.
 
-    Invariants: ``0 <= length <= capacity <= max_seq``; positions ``< length`` are valid in
-    every layer; ``memory`` (if any) counts exactly ``nbytes`` for this cache until
-    :meth:`release`. ``capacity`` grows by doubling; it never shrinks except by
-    :meth:`shrink_to_fit` and :meth:`release`.
+    Invariants: ``0 <= length <= max_seq``; positions ``< length`` are valid in every layer;
+    ``nbytes`` is the memory of positions ``< resident`` (written since the last trim, at
+    least ``length``), and ``memory`` (if any) counts exactly ``nbytes`` for this cache.
     """
 
     def __init__(
@@ -70,26 +74,29 @@ class KVCache:
         self.dtype = np.dtype(dtype)
         if self.dtype not in KV_DTYPES:
             raise ValueError(f"KV cache dtype must be float32 or float16, got {self.dtype}")
+        self.config = config
         self.layout = (config.n_layers, config.n_kv_heads, config.head_dim)
         self.max_seq = max_seq
         self.length = 0
+        self.resident = 0
         self.memory = memory
-        self.k, self.v = self._allocate(0)
-
-    def _allocate(self, capacity: int) -> tuple[np.ndarray, np.ndarray]:
-        n_layers, n_kv, head_dim = self.layout
-        shape = (n_layers, capacity, n_kv, head_dim)
-        return np.empty(shape, self.dtype), np.empty(shape, self.dtype)
+        shape = (2, config.n_layers, max_seq, config.n_kv_heads, config.head_dim)
+        self._map = mmap.mmap(-1, math.prod(shape) * self.dtype.itemsize, flags=mmap.MAP_PRIVATE)
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):  # 4 KB commits: a 2 MB page per layer run is
+            self._map.madvise(mmap.MADV_NOHUGEPAGE)  # 120 MB for a one-token sequence
+        kv = np.frombuffer(self._map, self.dtype).reshape(shape)
+        self.k, self.v = kv[0], kv[1]
 
     @property
-    def capacity(self) -> int:
-        """Positions allocated now (``<= max_seq``)."""
-        return int(self.k.shape[1])
+    def position_bytes(self) -> int:
+        """Bytes of one position: keys and values of every layer."""
+        n_layers, n_kv, head_dim = self.layout
+        return 2 * n_layers * n_kv * head_dim * self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by ``k`` and ``v``."""
-        return int(self.k.nbytes + self.v.nbytes)
+        """Memory held: the positions written since the last trim."""
+        return self.resident * self.position_bytes
 
     @property
     def free(self) -> int:
@@ -101,51 +108,40 @@ class KVCache:
         if n_new > self.free:
             raise ContextFullError(self.length, n_new, self.max_seq)
 
-    def reserve(self, n_positions: int) -> None:
-        """Make room for positions ``0..n_positions-1`` (``<= max_seq``), doubling the
-        capacity as needed; the valid positions are kept."""
-        if n_positions > self.max_seq:
-            raise ContextFullError(self.length, n_positions - self.length, self.max_seq)
-        if n_positions <= self.capacity:
-            return
-        grown = max(n_positions, 2 * self.capacity, MIN_CAPACITY)
-        self._resize(min(grown, self.max_seq))
-
-    def _resize(self, capacity: int) -> None:
-        old_bytes, keep = self.nbytes, min(self.capacity, capacity)
-        k, v = self._allocate(capacity)
-        k[:, :keep] = self.k[:, :keep]
-        v[:, :keep] = self.v[:, :keep]
-        self.k, self.v = k, v
+    def _set_resident(self, n: int) -> None:
         if self.memory is not None:
-            self.memory.add(self.nbytes - old_bytes)
+            self.memory.add((n - self.resident) * self.position_bytes)
+        self.resident = n
 
-    def shrink_to_fit(self) -> None:
-        """Drop the unused capacity beyond ``length`` (one copy of the valid positions)."""
-        if self.capacity > self.length:
-            self._resize(self.length)
-
-    def set_slack(self, slack: int) -> None:
-        """Make the capacity ``length + slack`` (at most ``max_seq``), growing or shrinking
-        with one copy of the valid positions; nothing happens if it already is."""
-        target = min(self.length + slack, self.max_seq)
-        if self.capacity != target:
-            self._resize(target)
+    def trim(self) -> None:
+        """Give back the memory of the positions past ``length``: the whole pages of each
+        layer's K and V runs between ``length`` and ``resident`` (a page shared with a
+        valid position, or with the next run, stays)."""
+        if self.resident <= self.length:
+            return
+        page = mmap.PAGESIZE
+        row = self.position_bytes // (2 * self.layout[0])  # one position of one layer
+        for run in range(2 * self.layout[0]):  # k then v, layer by layer
+            base = run * self.max_seq * row
+            start = -(-(base + self.length * row) // page) * page  # rounded up
+            end = (base + self.resident * row) // page * page  # rounded down
+            if end > start:
+                self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+        self._set_resident(self.length)
 
     def release(self) -> None:
         """Give all memory back at once; the cache is empty (and reusable) afterwards."""
-        if self.memory is not None:
-            self.memory.add(-self.nbytes)
-        self.k, self.v = self._allocate(0)
         self.length = 0
+        self.trim()
 
     def write(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
         """Store ``k``, ``v`` ``[T, n_kv_heads, head_dim]`` at positions ``start..start+T-1``
-        (converted to the cache's dtype), growing the storage if needed."""
+        (converted to the cache's dtype)."""
         end = start + k.shape[0]
         if start < 0 or end > self.max_seq:
             raise ContextFullError(start, k.shape[0], self.max_seq)
-        self.reserve(end)
+        if end > self.resident:
+            self._set_resident(end)
         self.k[layer, start:end] = k
         self.v[layer, start:end] = v
 
@@ -157,34 +153,32 @@ class KVCache:
     def advance(self, n_new: int) -> None:
         """Mark ``n_new`` more positions valid (after every layer wrote them)."""
         self.check_room(n_new)
-        self.reserve(self.length + n_new)
         self.length += n_new
+        if self.length > self.resident:
+            self._set_resident(self.length)
 
     def truncate(self, n: int) -> None:
-        """Keep only the first ``n`` positions (``0 <= n <= length``)."""
+        """Keep only the first ``n`` positions (``0 <= n <= length``); their memory stays
+        until :meth:`trim`."""
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
         self.length = n
 
     def copy(self, n: int | None = None) -> KVCache:
-        """A new cache (same ``memory`` counter) holding the first ``n`` positions
-        (default: all ``length``), sized exactly to them."""
+        """A new cache (same ``memory`` counter and ``max_seq``) holding the first ``n``
+        positions (default: all ``length``)."""
         n = self.length if n is None else n
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot copy {n} positions of a cache of {self.length}")
-        other = KVCache.__new__(KVCache)
-        other.dtype, other.layout, other.max_seq = self.dtype, self.layout, self.max_seq
-        other.memory, other.length = self.memory, 0
-        other.k, other.v = self._allocate(0)
-        other._resize(n)
+        other = KVCache(self.config, self.max_seq, self.dtype, self.memory)
         other.k[:, :n] = self.k[:, :n]
         other.v[:, :n] = self.v[:, :n]
-        other.length = n
+        other.advance(n)
         return other
 
     def __repr__(self) -> str:
         n_layers, n_kv, head_dim = self.layout
         return (
-            f"KVCache(length={self.length}, capacity={self.capacity}, max_seq={self.max_seq}, "
+            f"KVCache(length={self.length}, resident={self.resident}, max_seq={self.max_seq}, "
             f"layers={n_layers}, kv_heads={n_kv}, head_dim={head_dim}, dtype={self.dtype})"
         )
