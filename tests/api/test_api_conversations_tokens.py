@@ -7,10 +7,10 @@ import pytest
 from api_helpers import chat_body, sse_events
 from fastapi.testclient import TestClient
 
-from bitserve.api.conversations.serving import reply_token_ids
+from bitserve.api.conversations.serving import next_turn_prefix, reply_token_ids
 from bitserve.api.served import ServedModel
 from bitserve.engine.types import TokenEvent
-from bitserve.store import StoredMessage
+from bitserve.store import NewMessage, StoredMessage
 
 FIRST, SECOND = "Hello, how are you?", "And what did I ask you?"
 
@@ -56,8 +56,14 @@ def test_followup_prompt_extends_the_first_turn_token_for_token(
     assert prompt2[: len(head)] == head
     usage = second.json()["usage"]
     assert usage["prompt_tokens"] == len(prompt2)
-    # the prefix cache served turn 1 (its last token may never have been fed to the model)
-    assert usage["prompt_tokens_details"]["cached_tokens"] >= len(prompt1) + len(ids) - 1
+    # the prefix cache served turn 1, and the engine computed the start of turn 2 (up to
+    # the new message's text) while the client read the reply
+    user = stored_user(stored)
+    ahead = next_turn_prefix(
+        served, [user], NewMessage("assistant", reply["content"], 0, token_ids=ids)
+    )
+    assert ahead is not None and ahead[: len(head)] == head and prompt2[: len(ahead)] == ahead
+    assert usage["prompt_tokens_details"]["cached_tokens"] == len(ahead)
 
 
 def test_clients_cannot_supply_token_ids(client: TestClient) -> None:

@@ -108,6 +108,39 @@ def test_warm_and_cold_prefix_cache_give_the_same_greedy_tokens(loaded: LoadedMo
     assert greedy(loaded, warm, [continued])[0] == cold_tokens  # the same prompt again
 
 
+def test_prefill_ahead_computes_the_next_turns_start_and_changes_no_token(
+    loaded: LoadedModel,
+) -> None:
+    history, follow_up = prompts(2, seed=9)
+    template = [5, 6, 7]  # what a chat template puts before the next message
+    warm = Scheduler(loaded.model, SchedulerConfig(4, 32), PrefixCache(64 << 20))
+    first = greedy(loaded, warm, [history])[0]
+    ahead = [*history, *first, *template]
+    assert warm.extend_cached(ahead, 16) == 1 + len(template)  # last reply token + template
+    assert warm.stats.prefilled_ahead == 1 + len(template)
+    assert warm.prefix_cache is not None and warm.prefix_cache.stats.lookups == 1  # first's own
+    continued = [*ahead, *follow_up]
+    before = warm.stats.cached_tokens
+    warm_tokens = greedy(loaded, warm, [continued])[0]
+    assert warm.stats.cached_tokens - before == len(ahead)
+    cold_tokens = greedy(loaded, Scheduler(loaded.model, SchedulerConfig(4, 256)), [continued])[0]
+    assert warm_tokens == cold_tokens
+
+
+def test_prefill_ahead_does_only_a_few_cached_tokens_worth(loaded: LoadedModel) -> None:
+    history, other = prompts(2, seed=9)
+    prefix = PrefixCache(64 << 20)
+    sched = Scheduler(loaded.model, SchedulerConfig(4, 32), prefix)
+    greedy(loaded, sched, [history], n=1)
+    assert sched.extend_cached(other, 16) == 0  # not this entry's continuation: nothing
+    assert sched.extend_cached([*history, *range(17)], 16) == 0  # more than max_new new
+    assert sched.extend_cached(history[:-3], 16) == 0  # nothing new
+    assert len(prefix) == 1 and prefix.entries[0].cache.length == len(history)
+    assert sched.stats.prefilled_ahead == 0
+    no_cache = Scheduler(loaded.model, SchedulerConfig(4, 32))
+    assert no_cache.extend_cached([*history, 1], 16) == 0
+
+
 def test_cached_tokens_reported_in_usage(loaded: LoadedModel, tmp_path: Path) -> None:
     settings = ServerSettings(db_path=tmp_path / "c.db")
     served = ServedModel.create(loaded, 4, None, (), int(time.time()), max_batch=4, cache_ram_mb=64)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import math
 import queue
@@ -227,6 +228,24 @@ class EngineLoop(Generic[G]):
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._enqueue(_Call(fn, future))
         return await asyncio.wrap_future(future)
+
+    def prefill_ahead(self, tokens: list[int], max_new: int) -> None:
+        """Queue :meth:`Scheduler.extend_cached` of ``tokens`` (batched mode; skipped when
+        the queue is full: it only saves the next request some time). Requests queued
+        after it find its work done."""
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+
+        def extend(_: G) -> int:
+            try:
+                return scheduler.extend_cached(tokens, max_new)
+            except Exception:
+                log.exception("prefill ahead failed")
+                return 0
+
+        with contextlib.suppress(QueueFullError, EngineStoppedError):
+            self._enqueue(_Call(extend, concurrent.futures.Future()))
 
     def _enqueue(self, job: _Generation | _Call) -> None:
         if self._thread is None:

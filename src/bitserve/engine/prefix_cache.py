@@ -95,12 +95,19 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def take(self, tokens: list[int] | np.ndarray) -> KVCache | None:
+    def cached_length(self, tokens: list[int] | np.ndarray) -> int:
+        """The longest common prefix of ``tokens`` with an entry in RAM (nothing moves)."""
+        ids = np.asarray(tokens, dtype=np.int64)
+        return max((common_prefix(e.tokens, ids) for e in self.entries), default=0)
+
+    def take(self, tokens: list[int] | np.ndarray, record: bool = True) -> KVCache | None:
         """The cache of the entry (in RAM or on disk) sharing the longest prefix with
         ``tokens``, removed from the store and truncated to that prefix — at most
         ``len(tokens) - 1`` positions, so the last token is always computed (its logits are
-        needed). RAM wins ties. ``None`` on a miss."""
-        self.stats.lookups += 1
+        needed). RAM wins ties. ``None`` on a miss. ``record``: count it in ``stats``
+        (requests' lookups; not the engine's own prefill ahead)."""
+        stats = self.stats if record else PrefixCacheStats()
+        stats.lookups += 1
         ids = np.asarray(tokens, dtype=np.int64)
         limit = len(ids) - 1
         best, best_len = None, 0
@@ -111,7 +118,7 @@ class PrefixCache:
         best_len = min(best_len, limit)
         cache = self._take_from_disk(ids, best_len, limit)
         if cache is not None:
-            self.stats.disk_hits += 1
+            stats.disk_hits += 1
         elif best is not None and best_len > 0 and 2 * best_len < len(best.tokens):
             cache = best.cache.copy(best_len)  # a shared header: the entry stays for its owner
         elif best is not None and best_len > 0:
@@ -120,8 +127,8 @@ class PrefixCache:
             cache = best.cache
         else:
             return None
-        self.stats.hits += 1
-        self.stats.cached_tokens += cache.length
+        stats.hits += 1
+        stats.cached_tokens += cache.length
         return cache
 
     def _take_from_disk(self, ids: np.ndarray, ram_len: int, limit: int) -> KVCache | None:

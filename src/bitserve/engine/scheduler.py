@@ -72,7 +72,8 @@ class SchedulerStats:
     """Counters since start: ``steps`` (forward passes), ``prompt_tokens`` (prompt tokens
     computed, cached ones excluded), ``cached_tokens`` (prompt tokens reused from the
     prefix cache), ``decode_tokens`` (generated tokens fed back), ``last_batch_size`` and
-    ``last_batch_tokens`` (sequences and tokens of the latest step)."""
+    ``last_batch_tokens`` (sequences and tokens of the latest step), ``prefilled_ahead``
+    (tokens computed by :meth:`Scheduler.extend_cached`)."""
 
     steps: int = 0
     prompt_tokens: int = 0
@@ -80,6 +81,7 @@ class SchedulerStats:
     decode_tokens: int = 0
     last_batch_size: int = 0
     last_batch_tokens: int = 0
+    prefilled_ahead: int = 0
 
 
 @dataclass(slots=True)
@@ -144,6 +146,32 @@ class Scheduler:
                 self._leave(seq)
                 out.finished.append(seq)
         return out
+
+    def extend_cached(self, tokens: list[int], max_new: int) -> int:
+        """Prefill ahead: when all but 1..``max_new`` of ``tokens`` are cached (a
+        conversation's reply has just finished, and ``tokens`` add the chat template's
+        start of its next turn), compute the rest into that prefix-cache entry now, so the
+        next turn's first token does not wait for them. The keys/values are those the next
+        request would compute (every token's are independent of the batch and of T).
+        Returns the tokens computed (0: nothing to do, or not worth it)."""
+        if self.prefix_cache is None:
+            return 0
+        cached = self.prefix_cache.cached_length(tokens)
+        if not 1 <= len(tokens) - cached <= max_new:
+            return 0
+        cache = self.prefix_cache.take(tokens, record=False)  # the entry, whole
+        if cache is None or cache.length != cached:  # (a shared header would be a copy)
+            if cache is not None:
+                cache.release()
+            return 0
+        try:
+            self.model.forward_batch([BatchItem(np.asarray(tokens[cached:]), cache, False)])
+        except Exception:
+            cache.release()
+            raise
+        self.stats.prefilled_ahead += len(tokens) - cached
+        self.prefix_cache.put(tokens, cache)
+        return len(tokens) - cached
 
     def abort_all(self) -> list[Sequence]:
         """Remove every sequence at once (shutdown), freeing their KV."""

@@ -10,6 +10,12 @@ the history hands them to the chat formatter, which uses them verbatim: the next
 prompt then starts with exactly the tokens the engine already processed (its prompt, the
 reply, the template's end of turn), so the prefix cache serves the whole history and only
 the new message is computed. Re-encoding the reply's text would often give other ids.
+
+Once a turn is stored, the template's start of the next turn (the reply's last token, its
+end of turn, the user header: every token before the next message's text) is queued for
+the engine to compute into the conversation's cache entry while the user reads the reply
+(:func:`next_turn_prefix`, ``EngineLoop.prefill_ahead``), so a follow-up's first token
+waits only for the message itself.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from bitserve.store.base import (
 )
 
 MAX_LIST_LIMIT = 100
+PREFILL_AHEAD_MAX_TOKENS = 16  # the template's start of a turn is ~6 tokens (LLaMA 3)
 
 
 class ConversationLocks:
@@ -127,6 +134,25 @@ def reply_token_ids(events: list[TokenEvent], stop_token_ids: set[int]) -> tuple
             return None
         ids.pop()
     return tuple(ids)
+
+
+def next_turn_prefix(
+    served: ServedModel, messages: list[dict[str, Any]], reply: NewMessage
+) -> list[int] | None:
+    """The token ids every next turn's prompt starts with, after ``messages`` (this turn's
+    prompt) and ``reply``: the prompts of a next message "x" and "y" agree up to the
+    message's text, which the formatter encodes apart from the template. None if the
+    format rejects it."""
+    said: dict[str, Any] = {"role": "assistant", "content": reply.content}
+    if reply.token_ids is not None:
+        said["token_ids"] = list(reply.token_ids)
+    try:
+        a = served.loaded.chat.encode([*messages, said, {"role": "user", "content": "x"}])
+        b = served.loaded.chat.encode([*messages, said, {"role": "user", "content": "y"}])
+    except ValueError:
+        return None
+    n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return a[:n]
 
 
 def _droppable_prefix(messages: list[dict[str, str]], start: int) -> int:
@@ -220,8 +246,13 @@ class ConversationService:
             plan.extra = {"conversation_id": conversation_id, "truncated_messages": dropped}
 
             async def store_turn(results: list[ChoiceResult]) -> None:
-                turn = [*self.new_messages(new), self.reply_message(plan.prompt_tokens, results[0])]
-                await run_in_threadpool(self.store.append_turn, owner, conversation_id, turn)
+                reply = self.reply_message(plan.prompt_tokens, results[0])
+                await run_in_threadpool(
+                    self.store.append_turn, owner, conversation_id, [*self.new_messages(new), reply]
+                )
+                ahead = next_turn_prefix(self.served, messages, reply)
+                if ahead is not None:
+                    self.served.engine.prefill_ahead(ahead, PREFILL_AHEAD_MAX_TOKENS)
 
             return await respond_chat(self.served, plan, guard, body.stream, store_turn)
         except BaseException:
