@@ -8,6 +8,7 @@ I2_S bytes straight from the memory map, the head as the file's F16/F32 embeddin
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,6 +61,17 @@ class Backend(ABC):
         ``S = start_pos + T`` (the new tokens included). Query head ``h`` reads KV head
         ``h // (H // KVH)``; scores are scaled by ``1/sqrt(D)``. Returns ``[T, H, D]``.
         """
+
+    def attention_decode(
+        self, q: np.ndarray, caches: Sequence[tuple[np.ndarray, np.ndarray]]
+    ) -> np.ndarray:
+        """One new token for each of ``B`` sequences: ``q [B, H, D]``; ``caches[b]`` is
+        sequence ``b``'s ``(k, v) [S_b, KVH, D]``, its new token at position ``S_b - 1``.
+        Returns ``[B, H, D]``: row ``b`` is :meth:`attention` of that sequence alone."""
+        rows = [
+            self.attention(q[b : b + 1], k, v, k.shape[0] - 1) for b, (k, v) in enumerate(caches)
+        ]
+        return np.concatenate(rows) if rows else np.empty_like(q)
 
     # Row-wise glue with a numpy default (the oracle); native backends run it in C, which
     # saves the temporaries and per-call overhead that dominate it in numpy.

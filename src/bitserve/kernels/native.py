@@ -16,6 +16,7 @@ almost always; see tests/kernels/test_head_attention.py).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -129,6 +130,18 @@ class NativeBackend(Backend):
         v = np.ascontiguousarray(v_cache, dtype=kv_dtype)
         out = np.empty_like(q)
         self._pool.attention(q, k, v, start_pos, out, self._impl)
+        return out
+
+    def attention_decode(
+        self, q: np.ndarray, caches: Sequence[tuple[np.ndarray, np.ndarray]]
+    ) -> np.ndarray:
+        """All the sequences in one task (their chunks shared by the threads)."""
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        kv_dtype = np.float16 if caches and caches[0][0].dtype == np.float16 else np.float32
+        ks = tuple(np.ascontiguousarray(k, dtype=kv_dtype) for k, _ in caches)
+        vs = tuple(np.ascontiguousarray(v, dtype=kv_dtype) for _, v in caches)
+        out = np.empty_like(q)
+        self._pool.attention_decode(q, ks, vs, out, self._impl)
         return out
 
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

@@ -227,9 +227,7 @@ class BitNetModel:
         if len(step.items) == 1:  # the common single-sequence case: no gather/scatter
             a = self._attend(i, step.items[0], q, k, v)
         else:
-            a = np.empty_like(q)  # [ΣT, H, D]
-            for it, lo, hi in zip(step.items, step.los, step.his, strict=True):
-                a[lo:hi] = self._attend(i, it, q[lo:hi], k[lo:hi], v[lo:hi])
+            a = self._attend_batch(i, step, q, k, v)
         a = a.reshape(n_rows, c.dim)
         a = self.backend.rmsnorm(a, layer.attn_sub_norm, c.norm_eps)  # sub-norm BEFORE o_proj
         return self.backend.bitlinear(a, layer.attn_output)  # [ΣT, dim]
@@ -243,6 +241,29 @@ class BitNetModel:
         item.cache.write(i, start, k, v)
         k_all, v_all = item.cache.view(i, start + q.shape[0])  # [S, KVH, D]
         return self.backend.attention(q, k_all, v_all, start)
+
+    def _attend_batch(
+        self, i: int, step: _Step, q: np.ndarray, k: np.ndarray, v: np.ndarray
+    ) -> np.ndarray:
+        """:meth:`_attend` for every item of ``step``; the items with one new token (the
+        decoding sequences) in one backend call, which shares their work among the
+        threads, the others one by one. ``q [ΣT, H, D]`` → ``[ΣT, H, D]``."""
+        a = np.empty_like(q)
+        rows, caches = [], []
+        for it, lo, hi in zip(step.items, step.los, step.his, strict=True):
+            if hi - lo > 1:
+                a[lo:hi] = self._attend(i, it, q[lo:hi], k[lo:hi], v[lo:hi])
+                continue
+            start = it.cache.length
+            it.cache.write(i, start, k[lo:hi], v[lo:hi])
+            rows.append(lo)
+            caches.append(it.cache.view(i, start + 1))
+        if len(rows) == 1:
+            k_all, v_all = caches[0]
+            a[rows] = self.backend.attention(q[rows], k_all, v_all, k_all.shape[0] - 1)
+        elif rows:
+            a[rows] = self.backend.attention_decode(q[rows], caches)
+        return a
 
     def _feed_forward(self, layer: LayerWeights, x: np.ndarray) -> np.ndarray:
         """The FFN branch: ``act(gate) * up``, sub-norm, down projection. ``[T, dim]`` → same."""

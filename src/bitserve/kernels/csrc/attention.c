@@ -27,6 +27,8 @@ typedef struct {
     float *scores;        /* [n_threads][scores_stride] */
     size_t scores_stride; /* ATTENTION_GROUP · S floats */
     size_t heads_per_chunk;
+    const AttentionArgs *items; /* attention_decode: its items (one token each) */
+    size_t chunks_per_item;
 } AttentionTask;
 
 static inline float kv_at(const void *cache, int f16, size_t i) {
@@ -505,10 +507,8 @@ BLOCK_FN(block_f32_avx512, TARGET_AVX512, 0, ROWS_WIDE)
 
 #endif
 
-/* Chunk = (token t, KV head, run of heads_per_chunk query heads of that KV group). */
-static void attention_chunk(void *ctx, int chunk, int thread) {
-    const AttentionTask *task = ctx;
-    const AttentionArgs *a = task->a;
+/* Chunk = (token t, KV head, run of heads_per_chunk query heads of that KV group) of a. */
+static void attend_chunk(const AttentionTask *task, const AttentionArgs *a, int chunk, int thread) {
     size_t group = a->n_heads / a->n_kv_heads, runs = (group + task->heads_per_chunk - 1) / task->heads_per_chunk;
     size_t t = (size_t)chunk / (a->n_kv_heads * runs), rest = (size_t)chunk % (a->n_kv_heads * runs);
     size_t kvh = rest / runs, h0 = kvh * group + rest % runs * task->heads_per_chunk;
@@ -525,6 +525,18 @@ static void attention_chunk(void *ctx, int chunk, int thread) {
 #endif
     for (size_t g = 0; g < n_heads; g++)
         head_scalar(q + g * d, a->k, a->v, a->kv_f16, kvh * d, stride, n_pos, d, scores, out + g * d);
+}
+
+static void attention_chunk(void *ctx, int chunk, int thread) {
+    const AttentionTask *task = ctx;
+    attend_chunk(task, task->a, chunk, thread);
+}
+
+/* attention_decode's chunks: item chunk / per_item, then its own chunk (its task->a unused) */
+static void decode_batch_chunk(void *ctx, int chunk, int thread) {
+    const AttentionTask *task = ctx;
+    size_t item = (size_t)chunk / task->chunks_per_item;
+    attend_chunk(task, &task->items[item], (int)((size_t)chunk % task->chunks_per_item), thread);
 }
 
 typedef struct {
@@ -584,6 +596,18 @@ void attention(Pool *pool, KernelImpl impl, const AttentionArgs *args) {
            args->n_tokens * args->n_kv_heads * ((group + per_chunk - 1) / per_chunk) < 2 * (size_t)pool->n_threads)
         per_chunk = (per_chunk + 1) / 2;
     size_t runs = (group + per_chunk - 1) / per_chunk;
-    AttentionTask task = {impl, args, pool->scores, (args->start_pos + args->n_tokens) * ATTENTION_GROUP, per_chunk};
+    AttentionTask task = {impl, args, pool->scores, (args->start_pos + args->n_tokens) * ATTENTION_GROUP,
+                          per_chunk, NULL, 0};
     pool_run(pool, attention_chunk, &task, (int)(args->n_tokens * args->n_kv_heads * runs));
+}
+
+void attention_decode(Pool *pool, KernelImpl impl, const AttentionArgs *items, size_t n_items) {
+    if (n_items == 0) return;
+    size_t group = items[0].n_heads / items[0].n_kv_heads, per_chunk = group < 4 ? group : 4;
+    size_t max_s = 0, runs = (group + per_chunk - 1) / per_chunk;
+    for (size_t i = 0; i < n_items; i++)
+        max_s = items[i].start_pos + 1 > max_s ? items[i].start_pos + 1 : max_s;
+    size_t per_item = items[0].n_kv_heads * runs;
+    AttentionTask task = {impl, NULL, pool->scores, max_s * ATTENTION_GROUP, per_chunk, items, per_item};
+    pool_run(pool, decode_batch_chunk, &task, (int)(n_items * per_item));
 }

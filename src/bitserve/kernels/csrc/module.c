@@ -315,6 +315,85 @@ static PyObject *py_attention(PoolObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* The K/V caches of attention_decode: buffers[2i], buffers[2i+1] = ks[i], vs[i] ([S_i, KVH, D],
+ * one dtype), checked against q [B, H, D]; fills items (but q/out). 0, or -1 with an error. */
+static int take_decode_caches(PyObject *ks, PyObject *vs, const Py_buffer *q, Py_buffer *buffers,
+                              Py_ssize_t *n_taken, AttentionArgs *items) {
+    Py_ssize_t b = q->shape[0];
+    for (Py_ssize_t i = 0; i < b; i++) {
+        Py_buffer *k = &buffers[2 * i], *v = &buffers[2 * i + 1];
+        int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(ks, i), k, flags) < 0) return -1;
+        (*n_taken)++;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(vs, i), v, flags) < 0) return -1;
+        (*n_taken)++;
+        char code = format_code(k);
+        if ((code != 'f' && code != 'e') || format_code(v) != code || k->ndim != 3 || v->ndim != 3) {
+            PyErr_SetString(PyExc_TypeError, "k/v caches: 3-D float32 or float16 arrays, one dtype");
+            return -1;
+        }
+        if (k->shape[0] < 1 || check_dim("v_cache", 0, v->shape[0], k->shape[0]) ||
+            check_dim("k_cache", 1, k->shape[1], buffers[0].shape[1]) ||
+            check_dim("v_cache", 1, v->shape[1], k->shape[1]) || check_dim("k_cache", 2, k->shape[2], q->shape[2]) ||
+            check_dim("v_cache", 2, v->shape[2], q->shape[2])) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "k_cache: no positions");
+            return -1;
+        }
+        if (k->shape[1] < 1 || q->shape[1] % k->shape[1]) {
+            PyErr_Format(PyExc_ValueError, "%zd query heads do not group over %zd KV heads", q->shape[1], k->shape[1]);
+            return -1;
+        }
+        items[i] = (AttentionArgs){NULL, k->buf, v->buf, code == 'e', 1, (size_t)q->shape[1], (size_t)k->shape[1],
+                                   (size_t)q->shape[2], (size_t)(k->shape[0] - 1), NULL};
+    }
+    return 0;
+}
+
+static PyObject *py_attention_decode(PoolObject *self, PyObject *args) {
+    PyObject *oq, *ks, *vs, *oout;
+    int impl, err = 0;
+    if (!PyArg_ParseTuple(args, "OO!O!Oi", &oq, &PyTuple_Type, &ks, &PyTuple_Type, &vs, &oout, &impl) ||
+        ready(self) || check_impl(impl))
+        return NULL;
+    Views v = {.n = 0};
+    Py_buffer *q = take(&v, oq, "q", "f", 3, 0), *out = q ? take(&v, oout, "out", "f", 3, 1) : NULL;
+    if (!out || check_dim("out", 0, out->shape[0], q->shape[0]) || check_dim("out", 1, out->shape[1], q->shape[1]) ||
+        check_dim("out", 2, out->shape[2], q->shape[2])) {
+        release_views(&v);
+        return NULL;
+    }
+    Py_ssize_t b = q->shape[0], taken = 0;
+    if (PyTuple_GET_SIZE(ks) != b || PyTuple_GET_SIZE(vs) != b) {
+        release_views(&v);
+        return PyErr_Format(PyExc_ValueError, "need one k and one v cache per row of q (%zd)", b);
+    }
+    Py_buffer *buffers = PyMem_Calloc((size_t)(2 * b + 2), sizeof(Py_buffer));
+    AttentionArgs *items = PyMem_Calloc((size_t)b + 1, sizeof(AttentionArgs));
+    int ok = buffers && items && !take_decode_caches(ks, vs, q, buffers, &taken, items);
+    size_t max_s = 0;
+    for (Py_ssize_t i = 0; ok && i < b; i++) {
+        size_t d = (size_t)q->shape[2], h = (size_t)q->shape[1];
+        items[i].q = (const float *)q->buf + (size_t)i * h * d;
+        items[i].out = (float *)out->buf + (size_t)i * h * d;
+        max_s = items[i].start_pos + 1 > max_s ? items[i].start_pos + 1 : max_s;
+    }
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
+        err = pool_reserve_scores(&self->pool, ATTENTION_GROUP * max_s);
+        if (!err) attention_decode(&self->pool, (KernelImpl)impl, items, (size_t)b);
+        pool_unlock(&self->pool);
+        Py_END_ALLOW_THREADS
+    }
+    for (Py_ssize_t i = 0; i < taken; i++) PyBuffer_Release(&buffers[i]);
+    PyMem_Free(buffers);
+    PyMem_Free(items);
+    if (ok && err) return no_memory(&v);
+    if (!ok && !PyErr_Occurred()) PyErr_NoMemory();
+    release_views(&v);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_read_memory(PoolObject *self, PyObject *args) {
     PyObject *obuf;
     int impl;
@@ -386,6 +465,8 @@ static PyMethodDef pool_methods[] = {
     {"quantize_f16_rows", (PyCFunction)py_quantize_f16_rows, METH_VARARGS,
      "quantize_f16_rows(embedding, q, row_scale, impl)"},
     {"attention", (PyCFunction)py_attention, METH_VARARGS, "attention(q, k_cache, v_cache, start_pos, out, impl)"},
+    {"attention_decode", (PyCFunction)py_attention_decode, METH_VARARGS,
+     "attention_decode(q, k_caches, v_caches, out, impl): one new token per sequence"},
     {"read_memory", (PyCFunction)py_read_memory, METH_VARARGS, "read_memory(buffer, impl) -> checksum"},
     {"rmsnorm", (PyCFunction)py_rmsnorm, METH_VARARGS, "rmsnorm(x, weight, eps, out, impl)"},
     {"relu2_mul", (PyCFunction)py_relu2_mul, METH_VARARGS, "relu2_mul(gate, up, out, impl)"},

@@ -134,6 +134,10 @@ typedef struct {
 /* Needs pool_reserve_scores(pool, ATTENTION_GROUP · (start_pos + T)) first. */
 #define ATTENTION_GROUP 32
 void attention(Pool *pool, KernelImpl impl, const AttentionArgs *args);
+/* One new token (n_tokens = 1) for each of n_items sequences of the same head layout, in
+ * one task: each item's result is that of attention() on it alone, bit for bit. Needs
+ * pool_reserve_scores(pool, ATTENTION_GROUP · max(start_pos + 1)) first. */
+void attention_decode(Pool *pool, KernelImpl impl, const AttentionArgs *items, size_t n_items);
 
 /* out [T, n] = x / sqrt(mean(x²) + eps) · weight per row (mean in float64) */
 void rmsnorm_rows(Pool *pool, KernelImpl impl, const float *x, size_t n_rows, size_t n,
