@@ -53,11 +53,24 @@ def test_initial_messages_and_turns_are_ordered(store: SQLiteStore) -> None:
     assert store.get("k", conv.id).num_messages == 3
 
 
+def test_read_gives_the_row_and_its_messages(store: SQLiteStore) -> None:
+    conv = store.create("k", None, [NewMessage("system", "s")])
+    store.append_turn("k", conv.id, [NewMessage("user", "u"), NewMessage("assistant", "a")])
+    row, msgs = store.read("k", conv.id)
+    assert row.id == conv.id and row.num_messages == 3
+    assert (
+        [m.content for m in msgs]
+        == ["s", "u", "a"]
+        == [m.content for m in store.messages("k", conv.id)]
+    )
+
+
 def test_other_owners_see_nothing(store: SQLiteStore) -> None:
     conv = store.create("alice")
     for call in (
         lambda: store.get("bob", conv.id),
         lambda: store.messages("bob", conv.id),
+        lambda: store.read("bob", conv.id),
         lambda: store.append_turn("bob", conv.id, [NewMessage("user", "x")]),
         lambda: store.update_metadata("bob", conv.id, {}),
         lambda: store.delete("bob", conv.id),

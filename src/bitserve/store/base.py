@@ -119,6 +119,11 @@ class ConversationStore(ABC):
         """Every message, oldest first."""
 
     @abstractmethod
+    def read(self, owner: str, conversation_id: str) -> tuple[Conversation, list[StoredMessage]]:
+        """The conversation row and every message, oldest first, read at one moment (a
+        concurrent turn or delete is either wholly in it or not at all)."""
+
+    @abstractmethod
     def list_conversations(
         self, owner: str, limit: int = 20, after: str | None = None
     ) -> ConversationPage:

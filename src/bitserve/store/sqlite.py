@@ -233,13 +233,16 @@ class SQLiteStore(ConversationStore):
             return self._row(self._db, owner, conversation_id)
 
     def messages(self, owner: str, conversation_id: str) -> list[StoredMessage]:
-        with self._lock:
+        return self.read(owner, conversation_id)[1]
+
+    def read(self, owner: str, conversation_id: str) -> tuple[Conversation, list[StoredMessage]]:
+        with self._lock:  # one connection: nothing else runs between the two reads
             conv = self._row(self._db, owner, conversation_id)
             rows = self._db.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_seq = ? ORDER BY idx",
                 (conv.seq,),
             ).fetchall()
-        return [self._message(row) for row in rows]
+        return conv, [self._message(row) for row in rows]
 
     def list_conversations(
         self, owner: str, limit: int = 20, after: str | None = None

@@ -94,8 +94,7 @@ async def get_conversation(
 ) -> dict[str, Any]:
     """The conversation with every stored message, oldest first."""
     store = service(request).store
-    conv = await run_in_threadpool(store.get, who.owner, conversation_id)
-    messages = await run_in_threadpool(store.messages, who.owner, conversation_id)
+    conv, messages = await run_in_threadpool(store.read, who.owner, conversation_id)
     return {**conversation_object(conv), "messages": [message_object(m) for m in messages]}
 
 
