@@ -31,6 +31,25 @@ def test_create_with_metadata_and_system_prompt(client: TestClient) -> None:
     assert got["messages"][0]["tokens"] > 0
 
 
+def test_create_with_openai_items(client: TestClient) -> None:
+    items = [
+        {"type": "message", "role": "developer", "content": "Be brief."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "Hello"}]},
+    ]
+    conv = client.post("/v1/conversations", json={"items": items}).json()["id"]
+    got = client.get(f"/v1/conversations/{conv}").json()
+    assert [(m["role"], m["content"]) for m in got["messages"]] == [
+        ("system", "Be brief."),
+        ("user", "Hi"),
+        ("assistant", "Hello"),
+    ]
+    both = client.post("/v1/conversations", json={"items": items, "messages": items[:1]})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "items"
+    call = {"type": "function_call", "name": "f", "arguments": "{}", "call_id": "c"}
+    assert client.post("/v1/conversations", json={"items": [call]}).status_code == 422
+
+
 def test_history_reaches_the_model(client: TestClient) -> None:
     conv = new_conversation(client)
     first = client.post(f"/v1/conversations/{conv}/chat", json=chat_body("Hello, how are you?"))

@@ -114,6 +114,18 @@ def test_openai_sdk_conversation(sdk: openai.OpenAI) -> None:
     assert first.usage is not None and second.usage is not None
     assert second.usage.prompt_tokens > first.usage.prompt_tokens
     assert sdk.conversations.retrieve(conv.id).id == conv.id
+    # initial items as the SDK sends them (Conversations API message items)
+    seeded = sdk.conversations.create(
+        items=[
+            {"type": "message", "role": "system", "content": "Be brief."},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+        ]
+    )
+    stored = sdk.get(f"/conversations/{seeded.id}", cast_to=dict[str, Any])
+    assert [(m["role"], m["content"]) for m in stored["messages"]] == [
+        ("system", "Be brief."),
+        ("user", "Hi"),
+    ]
 
 
 def test_openai_sdk_typed_errors(sdk: openai.OpenAI) -> None:

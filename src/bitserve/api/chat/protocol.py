@@ -15,7 +15,10 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
 class TextPart(BaseModel):
-    type: Literal["text"] = "text"
+    """A text part; ``input_text``/``output_text`` are the Responses/Conversations API's
+    names for the same thing."""
+
+    type: Literal["text", "input_text", "output_text"] = "text"
     text: str
 
 

@@ -7,8 +7,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from bitserve.api.chat.protocol import ChatCompletionRequest, ChatMessage
+from bitserve.api.errors import InvalidParameterError
 
 METADATA_DOC = "Up to 16 string pairs (keys <= 64 chars, values <= 512), e.g. a title."
+
+
+class ConversationItem(ChatMessage):
+    """An OpenAI Conversations API input item; only ``message`` items are stored."""
+
+    type: Literal["message"] = "message"
 
 
 class CreateConversationRequest(BaseModel):
@@ -20,6 +27,17 @@ class CreateConversationRequest(BaseModel):
     messages: list[ChatMessage] | None = Field(
         None, description="Initial messages, e.g. a system prompt, stored before any turn."
     )
+    items: list[ConversationItem] | None = Field(
+        None,
+        description="The same as OpenAI Conversations API items (what `client.conversations."
+        "create(items=...)` sends): message items only; not together with `messages`.",
+    )
+
+    def initial_messages(self) -> list[ChatMessage]:
+        """``messages`` or ``items`` (a 400 naming ``items`` if both are given)."""
+        if self.messages is not None and self.items is not None:
+            raise InvalidParameterError("items: give initial messages or items, not both", "items")
+        return list(self.messages or self.items or [])
 
 
 class UpdateConversationRequest(BaseModel):

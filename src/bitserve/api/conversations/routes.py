@@ -58,7 +58,7 @@ async def create_conversation(
     svc = service(request)
     body = body or CreateConversationRequest.model_validate({})
     metadata = check_metadata(body.metadata)
-    initial = svc.new_messages(wire_messages(body.messages or []))
+    initial = svc.new_messages(wire_messages(body.initial_messages()))
     conv = await run_in_threadpool(svc.store.create, who.owner, metadata, initial)
     return conversation_object(conv)
 
