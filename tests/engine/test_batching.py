@@ -137,6 +137,9 @@ def test_prefill_ahead_does_only_a_few_cached_tokens_worth(loaded: LoadedModel) 
     assert sched.extend_cached(history[:-3], 16) == 0  # nothing new
     assert len(prefix) == 1 and prefix.entries[0].cache.length == len(history)
     assert sched.stats.prefilled_ahead == 0
+    full = [*history, *range(256 - len(history) + 1)]  # one past the context (256)
+    assert sched.extend_cached(full, 300) == 0  # no room: the entry stays
+    assert len(prefix) == 1 and prefix.entries[0].cache.length == len(history)
     no_cache = Scheduler(loaded.model, SchedulerConfig(4, 32))
     assert no_cache.extend_cached([*history, 1], 16) == 0
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import random
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bitserve.engine.kv_spill import KVSpill
 from bitserve.engine.prefix_cache import PrefixCache
 from bitserve.engine.sampling import Sampler
 from bitserve.engine.scheduler import Scheduler, SchedulerConfig
@@ -115,6 +117,53 @@ def test_admission_is_fcfs_and_bounded_by_max_batch(tokenizer: Tokenizer) -> Non
     assert finished_order == seqs  # same length: first in, first out
     assert max(len(step) for step in model.steps) == 3
     assert sched.memory.allocated_bytes == 0  # no prefix cache: every KV freed
+
+
+@dataclass
+class NoRoomModel(FakeModel):
+    """Its second cache cannot be had (address space or memory exhausted)."""
+
+    made: int = 0
+
+    def new_cache(
+        self, max_seq: int | None = None, dtype: np.dtype | type = np.float32, memory=None
+    ) -> KVCache:
+        self.made += 1
+        if self.made == 2:
+            raise OSError(12, "Cannot allocate memory")
+        return super().new_cache(max_seq, dtype, memory)
+
+
+def test_a_cache_that_cannot_be_had_fails_only_its_request(tokenizer: Tokenizer) -> None:
+    sched = Scheduler(NoRoomModel(), SchedulerConfig(max_batch=4, max_batch_tokens=64))
+    seqs = make_requests(tokenizer, 3)
+    for seq in seqs:
+        sched.add(seq)
+    out = sched.step()
+    assert [(seq, type(exc)) for seq, exc in out.failed] == [(seqs[1], OSError)]
+    assert sched.running == [seqs[0], seqs[2]]
+    assert set(run_to_end(sched)) == {seqs[0], seqs[2]}
+
+
+def test_prefill_ahead_extends_the_ram_entry_and_leaves_the_disk_alone(tmp_path: Path) -> None:
+    """A longer entry on disk is not read (and its file not consumed) by extend_cached."""
+    spill = KVSpill(tmp_path, 1 << 30, "k", background=False)
+
+    def cache_of(n: int) -> KVCache:
+        cache = KVCache(CONFIG, dtype=np.float16)
+        cache.advance(n)
+        return cache
+
+    per_token = cache_of(1).position_bytes
+    prefix = PrefixCache(110 * per_token, spill, lambda: KVCache(CONFIG, dtype=np.float16))
+    other = list(range(110))  # a conversation that went further: evicted to disk below
+    prefix.put(other, cache_of(110))
+    prefix.put(other[:100], cache_of(100))
+    assert [len(e.tokens) for e in prefix.entries] == [100] and len(spill) == 1
+    sched = Scheduler(FakeModel(), SchedulerConfig(), prefix)
+    assert sched.extend_cached(other[:105], 16) == 5
+    assert [len(e.tokens) for e in prefix.entries] == [105] and len(spill) == 1
+    spill.close()
 
 
 def test_long_prompt_is_chunked_and_decodes_keep_running(tokenizer: Tokenizer) -> None:

@@ -65,6 +65,11 @@ def test_bad_inputs_raise(native: NativeBackend) -> None:
         pool.attention_decode(
             q, wrong_heads, (kv[0][1], np.zeros((6, 3, D), np.float16)), out, impl
         )
+    no_heads = np.zeros((2, 0, D), np.float32)
+    with pytest.raises(ValueError, match="query heads"):
+        pool.attention_decode(no_heads, (kv[0][0], kv[1][0]), (kv[0][1], kv[1][1]), no_heads, impl)
+    with pytest.raises(ValueError, match="query heads"):
+        pool.attention(no_heads[:1], kv[0][0], kv[0][1], 3, no_heads[:1], impl)
     empty = np.zeros((0, KVH, D), np.float16)
     with pytest.raises(ValueError, match="no positions"):
         pool.attention_decode(q, (kv[0][0], empty), (kv[0][1], empty), out, impl)

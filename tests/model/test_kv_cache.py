@@ -103,6 +103,25 @@ def test_only_written_positions_take_memory() -> None:
     assert _rss_bytes() - before < 4 * 2**20
 
 
+def _committed_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        line = next(line for line in f if line.startswith("Committed_AS:"))
+    return int(line.split()[1]) * 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="needs Linux /proc")
+def test_the_context_is_not_charged_up_front() -> None:
+    """Four 2B-4T-sized caches (1.2 GB of address space) add no commit charge: under
+    strict overcommit or an address-space limit a server still gets its caches."""
+    config = dataclasses.replace(
+        CONFIG, n_layers=30, dim=2560, n_heads=20, n_kv_heads=5, context_length=4096
+    )
+    before = _committed_bytes()
+    caches = [KVCache(config, dtype=np.float16) for _ in range(4)]
+    assert _committed_bytes() - before < 256 * 2**20
+    assert sum(c.nbytes for c in caches) == 0
+
+
 def test_write_view_advance() -> None:
     cache = KVCache(CONFIG, max_seq=8)
     for layer in range(CONFIG.n_layers):

@@ -230,11 +230,11 @@ class EngineLoop(Generic[G]):
         return await asyncio.wrap_future(future)
 
     def prefill_ahead(self, tokens: list[int], max_new: int) -> None:
-        """Queue :meth:`Scheduler.extend_cached` of ``tokens`` (batched mode; skipped when
-        the queue is full: it only saves the next request some time). Requests queued
-        after it find its work done."""
+        """Queue :meth:`Scheduler.extend_cached` of ``tokens`` (batched mode; skipped while
+        requests wait: it only saves a later request some time, and must not take a queue
+        slot from one). Requests queued after it find its work done."""
         scheduler = self.scheduler
-        if scheduler is None:
+        if scheduler is None or self.queue_depth > 0:
             return
 
         def extend(_: G) -> int:

@@ -100,12 +100,15 @@ class PrefixCache:
         ids = np.asarray(tokens, dtype=np.int64)
         return max((common_prefix(e.tokens, ids) for e in self.entries), default=0)
 
-    def take(self, tokens: list[int] | np.ndarray, record: bool = True) -> KVCache | None:
+    def take(
+        self, tokens: list[int] | np.ndarray, record: bool = True, ram_only: bool = False
+    ) -> KVCache | None:
         """The cache of the entry (in RAM or on disk) sharing the longest prefix with
         ``tokens``, removed from the store and truncated to that prefix — at most
         ``len(tokens) - 1`` positions, so the last token is always computed (its logits are
         needed). RAM wins ties. ``None`` on a miss. ``record``: count it in ``stats``
-        (requests' lookups; not the engine's own prefill ahead)."""
+        (requests' lookups; not the engine's own prefill ahead); ``ram_only``: never read
+        the disk."""
         stats = self.stats if record else PrefixCacheStats()
         stats.lookups += 1
         ids = np.asarray(tokens, dtype=np.int64)
@@ -116,7 +119,7 @@ class PrefixCache:
             if n > best_len:
                 best, best_len = entry, n
         best_len = min(best_len, limit)
-        cache = self._take_from_disk(ids, best_len, limit)
+        cache = None if ram_only else self._take_from_disk(ids, best_len, limit)
         if cache is not None:
             stats.disk_hits += 1
         elif best is not None and best_len > 0 and 2 * best_len < len(best.tokens):

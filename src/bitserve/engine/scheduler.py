@@ -124,7 +124,7 @@ class Scheduler:
     def step(self) -> StepOutput:
         """Admit, run one batched forward pass, sample; see the module docstring."""
         out = StepOutput(finished=self._drop_cancelled())
-        out.finished += self._admit()
+        self._admit(out)
         plan = self._plan()
         if not plan:
             return out
@@ -159,10 +159,10 @@ class Scheduler:
         cached = self.prefix_cache.cached_length(tokens)
         if not 1 <= len(tokens) - cached <= max_new:
             return 0
-        cache = self.prefix_cache.take(tokens, record=False)  # the entry, whole
-        if cache is None or cache.length != cached:  # (a shared header would be a copy)
-            if cache is not None:
-                cache.release()
+        cache = self.prefix_cache.take(tokens, record=False, ram_only=True)
+        if cache is None or cache.length != cached or cache.free < len(tokens) - cached:
+            if cache is not None:  # (a copy of a shared header, or no room left: put back)
+                self.prefix_cache.put(tokens[: cache.length], cache)
             return 0
         try:
             self.model.forward_batch([BatchItem(np.asarray(tokens[cached:]), cache, False)])
@@ -196,25 +196,26 @@ class Scheduler:
             dropped.append(seq)
         return dropped
 
-    def _admit(self) -> list[Sequence]:
-        """Waiting sequences start (FCFS) while there is room; returns cancelled ones
-        met on the way (they leave without starting)."""
-        dropped = []
+    def _admit(self, out: StepOutput) -> None:
+        """Waiting sequences start (FCFS) while there is room; cancelled ones met on the
+        way leave without starting (``out.finished``), and one whose cache cannot be had
+        (out of memory or address space, an unreadable spill) fails alone (``out.failed``)."""
         while self.waiting and len(self.running) < self.config.max_batch:
             seq = self.waiting.popleft()
             if seq.cancelled:
-                dropped.append(seq)
+                out.finished.append(seq)
                 continue
-            cache = None
-            if self.prefix_cache is not None:
-                cache = self.prefix_cache.take(seq.tokens)
-            if cache is None:
-                cache = self.model.new_cache(None, self._kv_dtype, self.memory)
+            try:
+                cache = None if self.prefix_cache is None else self.prefix_cache.take(seq.tokens)
+                if cache is None:
+                    cache = self.model.new_cache(None, self._kv_dtype, self.memory)
+            except Exception as exc:
+                out.failed.append((seq, exc))
+                continue
             seq.cache = cache
             seq.num_computed_tokens = seq.num_cached_tokens = cache.length
             self.stats.cached_tokens += cache.length
             self.running.append(seq)
-        return dropped
 
     def _plan(self) -> list[tuple[Sequence, int]]:
         """``(sequence, tokens to compute)`` pairs: decodes first, then prompt chunks."""

@@ -149,7 +149,8 @@ class BitNetModel:
         memory: KVMemory | None = None,
     ) -> KVCache:
         """An empty cache for up to ``max_seq`` tokens (default and maximum: context_length);
-        storage grows on demand. ``dtype`` float32 or float16; ``memory`` counts its bytes."""
+        memory is taken as positions are written. ``dtype`` float32 or float16; ``memory``
+        counts its bytes."""
         if max_seq is not None and max_seq > self.config.context_length:
             raise ValueError(
                 f"max_seq {max_seq} exceeds the model's context length {self.config.context_length}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,8 @@ import numpy as np
 from bitserve.model.config import ModelConfig
 
 KV_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+# no commit charge for the whole context up front (Linux's value; Python < 3.13 lacks it)
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
 
 
 class ContextFullError(ValueError):
@@ -81,7 +84,8 @@ class KVCache:
         self.resident = 0
         self.memory = memory
         shape = (2, config.n_layers, max_seq, config.n_kv_heads, config.head_dim)
-        self._map = mmap.mmap(-1, math.prod(shape) * self.dtype.itemsize, flags=mmap.MAP_PRIVATE)
+        size = math.prod(shape) * self.dtype.itemsize
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | MAP_NORESERVE)
         if hasattr(mmap, "MADV_NOHUGEPAGE"):  # 4 KB commits: a 2 MB page per layer run is
             self._map.madvise(mmap.MADV_NOHUGEPAGE)  # 120 MB for a one-token sequence
         kv = np.frombuffer(self._map, self.dtype).reshape(shape)

@@ -281,7 +281,7 @@ static int check_attention(const Py_buffer *q, const Py_buffer *k, const Py_buff
         PyErr_SetString(PyExc_TypeError, "k_cache and v_cache must have the same dtype");
         return -1;
     }
-    if (k->shape[1] < 1 || q->shape[1] % k->shape[1]) {
+    if (k->shape[1] < 1 || q->shape[1] < 1 || q->shape[1] % k->shape[1]) {
         PyErr_Format(PyExc_ValueError, "%zd query heads do not group over %zd KV heads", q->shape[1], k->shape[1]);
         return -1;
     }
@@ -339,7 +339,7 @@ static int take_decode_caches(PyObject *ks, PyObject *vs, const Py_buffer *q, Py
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "k_cache: no positions");
             return -1;
         }
-        if (k->shape[1] < 1 || q->shape[1] % k->shape[1]) {
+        if (k->shape[1] < 1 || q->shape[1] < 1 || q->shape[1] % k->shape[1]) {
             PyErr_Format(PyExc_ValueError, "%zd query heads do not group over %zd KV heads", q->shape[1], k->shape[1]);
             return -1;
         }
