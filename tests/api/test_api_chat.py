@@ -110,6 +110,33 @@ def test_seed_makes_sampling_reproducible_and_n_gives_choices(client: TestClient
     assert 2 <= a["usage"]["completion_tokens"] <= 24
 
 
+def test_n_choices_are_generated_together_and_streamed_interleaved(client: TestClient) -> None:
+    """The choices join the batch at once: their chunks interleave (each with its index),
+    and each choice streams the text the non-streamed answer gives it."""
+    body = chat_body(temperature=0.9, seed=7, max_tokens=10, n=3, logprobs=True)
+    plain = client.post("/v1/chat/completions", json=body).json()
+    events = sse_events(client.post("/v1/chat/completions", json={**body, "stream": True}).text)
+    chunks = [e for e in events if e != "[DONE]"]
+    assert [c["choices"][0]["delta"].get("role") for c in chunks[:3]] == ["assistant"] * 3
+    indices = [
+        c["choices"][0]["index"] for c in chunks[3:] if c["choices"][0]["finish_reason"] is None
+    ]
+    assert indices != sorted(indices)  # interleaved, not one choice after another
+    finished = {
+        c["choices"][0]["index"]: c["choices"][0]["finish_reason"]
+        for c in chunks
+        if c["choices"][0]["finish_reason"]
+    }
+    for choice in plain["choices"]:
+        i = choice["index"]
+        text = "".join(
+            c["choices"][0]["delta"].get("content") or ""
+            for c in chunks[3:]
+            if c["choices"][0]["index"] == i
+        )
+        assert text == choice["message"]["content"] and finished[i] == choice["finish_reason"]
+
+
 def test_max_completion_tokens_and_default_max_tokens(client: TestClient) -> None:
     body = chat_body(max_completion_tokens=3)
     body.pop("max_tokens")

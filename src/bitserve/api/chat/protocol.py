@@ -50,7 +50,7 @@ class ChatCompletionRequest(SamplingFields):
         None, description=f"Tokens to generate at most (default {DEFAULT_MAX_TOKENS})."
     )
     max_completion_tokens: int | None = Field(None, description="Same as max_tokens (wins).")
-    n: int = Field(1, description="Choices to generate (1-8), one after another.")
+    n: int = Field(1, description="Choices to generate (1-8), together in the batch.")
     stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
     stream: bool = Field(False, description="Answer with server-sent events.")
     stream_options: StreamOptions | None = None

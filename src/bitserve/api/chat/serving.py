@@ -6,6 +6,7 @@ they differ only in where the messages come from and a few extra response fields
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -215,14 +216,51 @@ def completion_body(
     }
 
 
-async def run_chat(served: ServedModel, plan: ChatPlan, guard: RequestGuard) -> list[ChoiceResult]:
-    """Generate every choice (one after another) and return them."""
-    results = []
-    for index, req in enumerate(plan.requests):
-        handle = guard.track(served.engine.submit(req))
-        events = await collect(handle)
-        results.append(ChoiceResult(index, events, handle.cached_tokens))
-    return results
+def submit_all(served: ServedModel, plan: ChatPlan, guard: RequestGuard) -> list[RequestHandle]:
+    """Every choice's request, submitted at once: they join the running batch together.
+    A full queue raises (a 503) before anything is sent."""
+    return [guard.track(served.engine.submit(req)) for req in plan.requests]
+
+
+async def run_chat(
+    served: ServedModel, plan: ChatPlan, guard: RequestGuard, handles: list[RequestHandle]
+) -> list[ChoiceResult]:
+    """Wait for every choice (generated together) and return them in index order."""
+    events = await asyncio.gather(*(collect(handle) for handle in handles))
+    return [
+        ChoiceResult(index, choice_events, handle.cached_tokens)
+        for index, (choice_events, handle) in enumerate(zip(events, handles, strict=True))
+    ]
+
+
+async def merged_events(
+    handles: list[RequestHandle],
+) -> AsyncIterator[tuple[int, TokenEvent | None]]:
+    """``(choice index, event)`` as the choices' events arrive, then ``(index, None)`` when
+    a choice has ended; a choice's failure is raised."""
+    queue: asyncio.Queue[tuple[int, TokenEvent | Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int, handle: RequestHandle) -> None:
+        try:
+            async for event in handle:
+                queue.put_nowait((index, event))
+            queue.put_nowait((index, None))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        for _ in range(len(handles)):
+            while True:
+                index, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield index, item
+                if item is None:
+                    break
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 class ChunkWriter:
@@ -276,30 +314,32 @@ class ChunkWriter:
 async def stream_chat(
     served: ServedModel,
     plan: ChatPlan,
-    guard: RequestGuard,
-    first: RequestHandle | None = None,
+    handles: list[RequestHandle],
     on_complete: Callable[[list[ChoiceResult]], Awaitable[None]] | None = None,
 ) -> AsyncIterator[str]:
-    """The SSE events: per choice a role chunk, content chunks, a finish chunk; then the
-    usage chunk (``stream_options.include_usage``) and ``[DONE]``. ``on_complete`` runs
-    before ``[DONE]`` (conversations store the turn there). ``first`` is the first choice's
-    handle when the route submitted it already (so a full queue is a 503, not an event)."""
+    """The SSE events: a role chunk per choice, the choices' content chunks as their tokens
+    come (interleaved when ``n > 1``, each with its ``index``), a finish chunk when a choice
+    ends; then the usage chunk (``stream_options.include_usage``) and ``[DONE]``.
+    ``on_complete`` runs before ``[DONE]`` (conversations store the turn there). The
+    ``handles`` were submitted by the route (so a full queue is a 503, not an event)."""
     writer = ChunkWriter(served, plan)
-    results = []
-    for index, req in enumerate(plan.requests):
-        handle = first if index == 0 and first else guard.track(served.engine.submit(req))
+    events: list[list[TokenEvent]] = [[] for _ in handles]
+    for index in range(len(handles)):
         yield writer.role(index)
-        events = []
-        async for event in handle:
-            events.append(event)
+    async for index, event in merged_events(handles):
+        if event is not None:
+            events[index].append(event)
             chunk = writer.content(index, event)
             if chunk:
                 yield chunk
-        result = ChoiceResult(index, events, handle.cached_tokens)
-        if events and events[-1].finish_reason == "cancelled":
+            continue
+        if events[index] and events[index][-1].finish_reason == "cancelled":
             raise GenerationCancelledError("the generation was cancelled (the server is stopping)")
-        results.append(result)
-        yield writer.finish(index, result.finish_reason)
+        yield writer.finish(index, ChoiceResult(index, events[index]).finish_reason)
+    results = [
+        ChoiceResult(i, choice_events, handle.cached_tokens)
+        for i, (choice_events, handle) in enumerate(zip(events, handles, strict=True))
+    ]
     if on_complete is not None:
         await on_complete(results)
     if plan.include_usage:
@@ -327,10 +367,10 @@ async def respond_chat(
     """Answer a planned chat: SSE when ``stream``, else one JSON ``chat.completion``.
     The guard is closed when the answer is done (or abandoned)."""
     try:
+        handles = submit_all(served, plan, guard)
         if stream:
-            first = guard.track(served.engine.submit(plan.requests[0]))
-            return sse_response(stream_chat(served, plan, guard, first, on_complete), guard)
-        results = await run_chat(served, plan, guard)
+            return sse_response(stream_chat(served, plan, handles, on_complete), guard)
+        results = await run_chat(served, plan, guard, handles)
         if on_complete is not None:
             await on_complete(results)
         return JSONResponse(completion_body(served, plan, results))
