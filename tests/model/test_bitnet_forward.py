@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitserve.kernels.reference import rmsnorm
+from bitserve.kernels.reference import rmsnorm, rope_neox
 from bitserve.model import BitNetModel, ContextFullError
-from bitserve.model.bitnet import relu_squared, rope_neox, rope_tables, silu
+from bitserve.model.bitnet import relu_squared, rope_tables, silu
 
 # incremental and full passes differ only by float32 summation order in attention/head
 INCREMENTAL_REL_L2 = 1e-5

@@ -85,6 +85,10 @@ class Backend(ABC):
         """``max(gate, 0)² * up`` for ``gate``, ``up [T, n]`` float32 → ``[T, n]``."""
         return reference.relu2_mul(gate, up)
 
+    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """NEOX RoPE of ``x [T, H, D]`` float32 by ``cos``/``sin [T, D/2]`` → ``[T, H, D]``."""
+        return reference.rope_neox(x, cos, sin)
+
 
 class NumpyBackend(Backend):
     name = "numpy"

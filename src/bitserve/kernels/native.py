@@ -164,6 +164,17 @@ class NativeBackend(Backend):
         self._pool.relu2_mul(rows, up.reshape(rows.shape), out, self._impl)
         return out.reshape(gate.shape)
 
+    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(x)
+        self._pool.rope(
+            x,
+            np.ascontiguousarray(cos, dtype=np.float32),
+            np.ascontiguousarray(sin, dtype=np.float32),
+            out,
+        )
+        return out
+
     # --- kernels exposed for tests and the bench -----------------------------------
 
     def quantize(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -72,3 +72,12 @@ def relu2_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """BitNet's FFN gate: ``max(gate, 0)² * up`` in float32, elementwise."""
     out: np.ndarray = np.square(np.maximum(gate, np.float32(0))) * up
     return out
+
+
+def rope_neox(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """NEOX ("rotate-half") RoPE: rotate pairs ``(i, i + D/2)`` of ``x [T, H, D]`` by the
+    angles of its positions, ``cos``/``sin [T, D/2]``. Returns a new ``[T, H, D]`` array."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]  # [T, H, D/2] each
+    c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, D/2]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)

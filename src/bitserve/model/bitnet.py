@@ -29,15 +29,6 @@ def rope_tables(n_positions: int, head_dim: int, theta: float) -> tuple[np.ndarr
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def rope_neox(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """NEOX ("rotate-half") RoPE: rotate pairs ``(i, i + D/2)`` of ``x [T, H, D]`` by the
-    angles of its positions, ``cos``/``sin [T, D/2]``. Returns a new ``[T, H, D]`` array."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]  # [T, H, D/2] each
-    c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, D/2]
-    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
-
-
 def relu_squared(x: np.ndarray) -> np.ndarray:
     """``max(x, 0)²`` (BitNet b1.58's FFN activation)."""
     out: np.ndarray = np.square(np.maximum(x, np.float32(0)))
@@ -224,7 +215,7 @@ class BitNetModel:
         q = self.backend.bitlinear(h, layer.attn_q).reshape(n_rows, c.n_heads, c.head_dim)
         k = self.backend.bitlinear(h, layer.attn_k).reshape(n_rows, c.n_kv_heads, c.head_dim)
         v = self.backend.bitlinear(h, layer.attn_v).reshape(n_rows, c.n_kv_heads, c.head_dim)
-        q, k = rope_neox(q, step.cos, step.sin), rope_neox(k, step.cos, step.sin)
+        q, k = self.backend.rope(q, step.cos, step.sin), self.backend.rope(k, step.cos, step.sin)
         if len(step.items) == 1:  # the common single-sequence case: no gather/scatter
             a = self._attend(i, step.items[0], q, k, v)
         else:

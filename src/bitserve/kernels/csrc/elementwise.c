@@ -147,3 +147,23 @@ void relu2_mul(Pool *pool, KernelImpl impl, const float *gate, const float *up, 
     RowTask task = {impl, gate, up, out, n_rows, n, 0.0, 0};
     run_rows(pool, relu2_mul_chunk, &task);
 }
+
+/* NEOX RoPE: for each token t and head, out[i] = x[i]·c − x[i+h]·s and
+ * out[i+h] = x[i+h]·c + x[i]·s (h = D/2; c, s of t's angle i): each product rounded, then
+ * the sum (no FMA: -std=c11 is -ffp-contract=off), as numpy's x1 * c - x2 * s. */
+void rope_rows(const float *x, size_t n_tokens, size_t n_heads, size_t head_dim, const float *cos_t,
+               const float *sin_t, float *out) {
+    size_t half = head_dim / 2;
+    for (size_t t = 0; t < n_tokens; t++) {
+        const float *c = cos_t + t * half, *s = sin_t + t * half;
+        for (size_t h = 0; h < n_heads; h++) {
+            const float *x1 = x + (t * n_heads + h) * head_dim, *x2 = x1 + half;
+            float *o1 = out + (t * n_heads + h) * head_dim, *o2 = o1 + half;
+            for (size_t i = 0; i < half; i++) {
+                float a = x1[i] * c[i], b = x2[i] * s[i], d = x2[i] * c[i], e = x1[i] * s[i];
+                o1[i] = a - b;
+                o2[i] = d + e;
+            }
+        }
+    }
+}

@@ -452,6 +452,27 @@ static PyObject *py_relu2_mul(PoolObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_rope(PoolObject *self, PyObject *args) {
+    PyObject *ox, *oc, *os, *oout;
+    if (!PyArg_ParseTuple(args, "OOOO", &ox, &oc, &os, &oout) || ready(self)) return NULL;
+    Views v = {.n = 0};
+    Py_buffer *x = take(&v, ox, "x", "f", 3, 0), *c = x ? take(&v, oc, "cos", "f", 2, 0) : NULL;
+    Py_buffer *s = c ? take(&v, os, "sin", "f", 2, 0) : NULL;
+    Py_buffer *out = s ? take(&v, oout, "out", "f", 3, 1) : NULL;
+    if (!out || x->shape[2] % 2 || check_dim("cos", 0, c->shape[0], x->shape[0]) ||
+        check_dim("cos", 1, c->shape[1], x->shape[2] / 2) || check_dim("sin", 0, s->shape[0], x->shape[0]) ||
+        check_dim("sin", 1, s->shape[1], x->shape[2] / 2) || check_dim("out", 0, out->shape[0], x->shape[0]) ||
+        check_dim("out", 1, out->shape[1], x->shape[1]) || check_dim("out", 2, out->shape[2], x->shape[2])) {
+        if (out && !PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "x: head_dim must be even");
+        release_views(&v);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS rope_rows(x->buf, (size_t)x->shape[0], (size_t)x->shape[1], (size_t)x->shape[2], c->buf,
+                                     s->buf, out->buf);
+    Py_END_ALLOW_THREADS release_views(&v);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_threads(PoolObject *self, void *closure) {
     (void)closure;
     return PyLong_FromLong(self->ready ? self->pool.n_threads : 0);
@@ -470,6 +491,7 @@ static PyMethodDef pool_methods[] = {
     {"read_memory", (PyCFunction)py_read_memory, METH_VARARGS, "read_memory(buffer, impl) -> checksum"},
     {"rmsnorm", (PyCFunction)py_rmsnorm, METH_VARARGS, "rmsnorm(x, weight, eps, out, impl)"},
     {"relu2_mul", (PyCFunction)py_relu2_mul, METH_VARARGS, "relu2_mul(gate, up, out, impl)"},
+    {"rope", (PyCFunction)py_rope, METH_VARARGS, "rope(x, cos, sin, out): NEOX RoPE"},
     {NULL, NULL, 0, NULL}};
 
 static PyGetSetDef pool_getset[] = {{"threads", (getter)py_threads, NULL, "threads (caller included)", NULL},

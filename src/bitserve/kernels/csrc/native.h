@@ -146,6 +146,11 @@ void rmsnorm_rows(Pool *pool, KernelImpl impl, const float *x, size_t n_rows, si
 void relu2_mul(Pool *pool, KernelImpl impl, const float *gate, const float *up, size_t n_rows,
                size_t n, float *out);
 
+/* out [T, H, D] = NEOX RoPE of x [T, H, D] by cos/sin [T, D/2], bit-exact with numpy; on the
+ * calling thread (a few µs at decode) */
+void rope_rows(const float *x, size_t n_tokens, size_t n_heads, size_t head_dim, const float *cos_t,
+               const float *sin_t, float *out);
+
 /* portable half → float (IEEE binary16), used by the scalar paths */
 float half_to_float(uint16_t h);
 
