@@ -62,6 +62,18 @@ def test_openai_legacy_completion(client: TestClient) -> None:
     assert data["usage"]["completion_tokens"] >= 4
 
 
+def test_legacy_choices_decode_together(client: TestClient) -> None:
+    """2 prompts x n=2, 8 tokens each: one after another would take >= 32 engine steps."""
+    engine = client.app.state.served.engine  # type: ignore[attr-defined]
+    body = {"model": "bitnet", "prompt": ["Hi", "Bye"], "max_tokens": 8, "n": 2, "seed": 3}
+    before = engine.stats.steps
+    data = client.post("/v1/completions", json={**body, "ignore_eos": True}).json()
+    assert data["usage"]["completion_tokens"] == 32
+    assert engine.stats.steps - before <= 12
+    alone = client.post("/v1/completions", json={**body, "prompt": "Bye", "ignore_eos": True}).json()
+    assert [c["text"] for c in alone["choices"]] == [c["text"] for c in data["choices"][2:]]
+
+
 def test_echo_logprobs_with_zero_max_tokens_scores_the_prompt(client: TestClient) -> None:
     ids = client.post("/tokenize", json={"content": "The cat sat on the mat"}).json()["tokens"]
     body = {"model": "bitnet", "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 2}

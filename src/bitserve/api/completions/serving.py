@@ -6,6 +6,7 @@ build one engine request per choice and shape the events two ways.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -215,6 +216,11 @@ class LlamaCompletion:
         yield sse(self.final(events, ""))
 
 
+async def no_events() -> list[TokenEvent]:
+    """The events of a choice that generates nothing (``max_tokens: 0`` scoring)."""
+    return []
+
+
 async def collect_check(events: list[TokenEvent]) -> None:
     from bitserve.api.errors import GenerationCancelledError
 
@@ -351,13 +357,16 @@ class LegacyCompletion:
         }
 
     async def run(self, guard: RequestGuard) -> dict[str, Any]:
-        out, completion_tokens, cached = [], 0, 0
-        for choice in self.choices:
-            events = []
-            if choice.request is not None:
-                handle = guard.track(self.served.engine.submit(choice.request))
-                events = await collect(handle)
-                cached = max(cached, handle.cached_tokens)
+        """Every choice (``n`` per prompt) submitted at once, so they decode together in
+        the running batch; a full queue is a 503 before anything is generated."""
+        handles = [
+            guard.track(self.served.engine.submit(c.request)) if c.request is not None else None
+            for c in self.choices
+        ]
+        all_events = await asyncio.gather(*(collect(h) if h else no_events() for h in handles))
+        out, completion_tokens = [], 0
+        cached = max((h.cached_tokens for h in handles if h is not None), default=0)
+        for choice, events in zip(self.choices, all_events, strict=True):
             echoed = (
                 await self.echo_logprobs(choice)
                 if self.body.echo and self.body.logprobs is not None
