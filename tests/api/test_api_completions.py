@@ -70,7 +70,8 @@ def test_legacy_choices_decode_together(client: TestClient) -> None:
     data = client.post("/v1/completions", json={**body, "ignore_eos": True}).json()
     assert data["usage"]["completion_tokens"] == 32
     assert engine.stats.steps - before <= 12
-    alone = client.post("/v1/completions", json={**body, "prompt": "Bye", "ignore_eos": True}).json()
+    bye = {**body, "prompt": "Bye", "ignore_eos": True}
+    alone = client.post("/v1/completions", json=bye).json()
     assert [c["text"] for c in alone["choices"]] == [c["text"] for c in data["choices"][2:]]
 
 
