@@ -7,10 +7,10 @@
  * code vector j (bits 7-6, 5-4, 3-2, 1-0, one shift and one and) then lines up with
  * activations 128b+32j..+31 in its low half and 128(b+1)+32j..+31 in its high half. The
  * activations are permuted once per call into that pair order (permute_pairs), so each
- * multiply takes one plain 64-byte load of them: no broadcast, no lane insert. With vpdpbusd
- * on two of the four vector pipes, the unpack (one shift + one and per code vector) fits in
- * the other two, and a tile of 4 rows × 4 tokens runs close to the vpdpbusd bound (measured
- * on Zen 4: 20 % faster at T=4 than the earlier row-pair tile with broadcast activations).
+ * multiply takes one plain 64-byte load of them: no broadcast, no lane insert, and the
+ * unpack (one shift + one and per code vector) is small next to the 4·tt vpdpbusd it feeds.
+ * A tile of 4 rows × 4 tokens then runs close to the vpdpbusd bound (measured on Zen 4: 20%
+ * faster at T=4 than the earlier row-pair tile with broadcast activations).
  *
  * Register tile: 4 rows × up to 4 tokens, i.e. 16 accumulators + 4 raw and 4 code vectors +
  * one activation vector of the 32 zmm. Wider token tiles run as several tiles of 4 over the
