@@ -73,6 +73,16 @@ def test_legacy_choices_decode_together(client: TestClient) -> None:
     bye = {**body, "prompt": "Bye", "ignore_eos": True}
     alone = client.post("/v1/completions", json=bye).json()
     assert [c["text"] for c in alone["choices"]] == [c["text"] for c in data["choices"][2:]]
+    # streamed: the same texts, the choices' chunks interleaved, one finish chunk each
+    streamed = {**body, "ignore_eos": True, "stream": True, "logprobs": 0}
+    events = sse_events(client.post("/v1/completions", json=streamed).text)
+    chunks = [c["choices"][0] for c in events[:-1]]
+    indices = [c["index"] for c in chunks if c["finish_reason"] is None]
+    assert indices != sorted(indices)
+    assert sorted(c["index"] for c in chunks if c["finish_reason"]) == [0, 1, 2, 3]
+    for choice in data["choices"]:
+        text = "".join(c["text"] for c in chunks if c["index"] == choice["index"])
+        assert text == choice["text"]
 
 
 def test_echo_logprobs_with_zero_max_tokens_scores_the_prompt(client: TestClient) -> None:

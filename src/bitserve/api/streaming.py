@@ -123,3 +123,33 @@ def sse_response(
         headers=SSE_HEADERS,
         background=BackgroundTask(guard.aclose),
     )
+
+
+async def merged_events(
+    handles: list[RequestHandle],
+) -> AsyncIterator[tuple[int, TokenEvent | None]]:
+    """``(choice index, event)`` as the choices' events arrive, then ``(index, None)`` when
+    a choice has ended; a choice's failure is raised."""
+    queue: asyncio.Queue[tuple[int, TokenEvent | Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int, handle: RequestHandle) -> None:
+        try:
+            async for event in handle:
+                queue.put_nowait((index, event))
+            queue.put_nowait((index, None))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        for _ in range(len(handles)):
+            while True:
+                index, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield index, item
+                if item is None:
+                    break
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -30,7 +30,7 @@ from bitserve.api.chat.protocol import (
 from bitserve.api.errors import GenerationCancelledError, InvalidParameterError
 from bitserve.api.sampling import check_n, normalize_stop, to_sampling_params, wire_names
 from bitserve.api.served import ServedModel
-from bitserve.api.streaming import RequestGuard, collect, sse, sse_response
+from bitserve.api.streaming import RequestGuard, collect, merged_events, sse, sse_response
 from bitserve.engine.loop import RequestHandle
 from bitserve.engine.sampling import validate_top_logprobs
 from bitserve.engine.types import GenerationRequest, TokenEvent, TopLogprob
@@ -231,36 +231,6 @@ async def run_chat(
         ChoiceResult(index, choice_events, handle.cached_tokens)
         for index, (choice_events, handle) in enumerate(zip(events, handles, strict=True))
     ]
-
-
-async def merged_events(
-    handles: list[RequestHandle],
-) -> AsyncIterator[tuple[int, TokenEvent | None]]:
-    """``(choice index, event)`` as the choices' events arrive, then ``(index, None)`` when
-    a choice has ended; a choice's failure is raised."""
-    queue: asyncio.Queue[tuple[int, TokenEvent | Exception | None]] = asyncio.Queue()
-
-    async def pump(index: int, handle: RequestHandle) -> None:
-        try:
-            async for event in handle:
-                queue.put_nowait((index, event))
-            queue.put_nowait((index, None))
-        except Exception as exc:
-            queue.put_nowait((index, exc))
-
-    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
-    try:
-        for _ in range(len(handles)):
-            while True:
-                index, item = await queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                yield index, item
-                if item is None:
-                    break
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 class ChunkWriter:

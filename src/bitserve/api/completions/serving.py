@@ -24,8 +24,9 @@ from bitserve.api.sampling import (
     wire_names,
 )
 from bitserve.api.served import ServedModel
-from bitserve.api.streaming import RequestGuard, collect, sse
+from bitserve.api.streaming import RequestGuard, collect, merged_events, sse
 from bitserve.engine.generate import PromptLogprob
+from bitserve.engine.loop import RequestHandle
 from bitserve.engine.types import GenerationRequest, TokenEvent, TopLogprob
 
 
@@ -261,6 +262,7 @@ class LegacyCompletion:
     model: str
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
+    handles: list[RequestHandle | None] | None = None  # set by submit()
 
     @classmethod
     def plan(cls, served: ServedModel, body: CompletionRequest) -> LegacyCompletion:
@@ -356,13 +358,19 @@ class LegacyCompletion:
             "choices": choices,
         }
 
-    async def run(self, guard: RequestGuard) -> dict[str, Any]:
+    def submit(self, guard: RequestGuard) -> list[RequestHandle | None]:
         """Every choice (``n`` per prompt) submitted at once, so they decode together in
-        the running batch; a full queue is a 503 before anything is generated."""
-        handles = [
-            guard.track(self.served.engine.submit(c.request)) if c.request is not None else None
-            for c in self.choices
-        ]
+        the running batch; a full queue raises (a 503) before anything is sent. ``None``
+        for a choice that generates nothing (``max_tokens: 0``)."""
+        if self.handles is None:
+            self.handles = [
+                guard.track(self.served.engine.submit(c.request)) if c.request else None
+                for c in self.choices
+            ]
+        return self.handles
+
+    async def run(self, guard: RequestGuard) -> dict[str, Any]:
+        handles = self.submit(guard)
         all_events = await asyncio.gather(*(collect(h) if h else no_events() for h in handles))
         out, completion_tokens = [], 0
         cached = max((h.cached_tokens for h in handles if h is not None), default=0)
@@ -381,31 +389,39 @@ class LegacyCompletion:
         }
 
     async def stream(self, guard: RequestGuard) -> AsyncIterator[str]:
-        """Per choice: the echoed prompt (if asked), one chunk per token, a finish chunk;
-        a usage chunk with ``stream_options.include_usage``; then ``[DONE]``."""
-        completion_tokens, cached = 0, 0
-        for choice in self.choices:
-            if self.body.echo:
+        """The echoed prompts (if asked), then every choice's token chunks as they come
+        (interleaved, each with its ``index``) and its finish chunk when it ends; a usage
+        chunk with ``stream_options.include_usage``; then ``[DONE]``."""
+        handles = self.submit(guard)
+        if self.body.echo:
+            for choice in self.choices:
                 yield sse(self.envelope([self.chunk(choice, choice.prompt_text, None)]))
-            events: list[TokenEvent] = []
-            if choice.request is not None:
-                handle = guard.track(self.served.engine.submit(choice.request))
-                async for event in handle:
-                    events.append(event)
-                    lp = None
-                    if self.body.logprobs is not None and self.shown([event]):
-                        lp = self.logprobs_object(
-                            [(event.token_id, event.logprob, event.top_logprobs)], 0
-                        )
-                    if event.text or lp:
-                        yield sse(self.envelope([self.chunk(choice, event.text, None, lp)]))
-                await collect_check(events)
-                cached = max(cached, handle.cached_tokens)
-            completion_tokens += len(events)
-            finish = "stop" if events and events[-1].finish_reason == "stop" else "length"
-            yield sse(self.envelope([self.chunk(choice, "", finish)]))
+        running = [i for i, h in enumerate(handles) if h is not None]
+        events: list[list[TokenEvent]] = [[] for _ in self.choices]
+        for i in (i for i, h in enumerate(handles) if h is None):  # max_tokens 0: done
+            yield sse(self.envelope([self.chunk(self.choices[i], "", "length")]))
+        live = [h for h in handles if h is not None]
+        async for k, event in merged_events(live):
+            choice_events, choice = events[running[k]], self.choices[running[k]]
+            if event is None:
+                await collect_check(choice_events)
+                finish = (
+                    "stop"
+                    if choice_events and choice_events[-1].finish_reason == "stop"
+                    else "length"
+                )
+                yield sse(self.envelope([self.chunk(choice, "", finish)]))
+                continue
+            choice_events.append(event)
+            lp = None
+            if self.body.logprobs is not None and self.shown([event]):
+                lp = self.logprobs_object([(event.token_id, event.logprob, event.top_logprobs)], 0)
+            if event.text or lp:
+                yield sse(self.envelope([self.chunk(choice, event.text, None, lp)]))
         if self.body.stream_options and self.body.stream_options.include_usage:
             prompt_tokens = sum(len(c.prompt.tokens) for c in self.choices[:: self.body.n])
+            completion_tokens = sum(len(e) for e in events)
+            cached = max((h.cached_tokens for h in live), default=0)
             use = usage(prompt_tokens, completion_tokens, cached).model_dump(mode="json")
             yield sse({**self.envelope([]), "usage": use})
         yield sse("[DONE]")
