@@ -228,27 +228,23 @@ typedef struct {
     size_t qp_stride;
 } MatmulTask;
 
-static void store_dots(const MatmulTask *m, size_t row, size_t t0, int tt, const int32_t *dots) {
-    for (int t = 0; t < tt; t++) {
-        size_t tok = t0 + (size_t)t;
-        int32_t dot = dots[t] - m->sum[tok];
-        if (m->scale)
-            m->y[tok * m->n_out + row] = (float)dot / m->scale[tok] * m->w_scale;
-        else
-            m->acc[tok * m->n_out + row] = dot;
-    }
+/* Token tok's dot product with row `row` (Σ c·q) → y (or acc): Σ (c-1)·q scaled. */
+static inline void store_one(const MatmulTask *m, size_t tok, size_t row, int32_t dot_cq) {
+    int32_t dot = dot_cq - m->sum[tok];
+    if (m->scale)
+        m->y[tok * m->n_out + row] = (float)dot / m->scale[tok] * m->w_scale;
+    else
+        m->acc[tok * m->n_out + row] = dot;
 }
 
-/* store_dots for one token and rows [row, row + n) */
+/* one row against tokens [t0, t0+tt) */
+static void store_dots(const MatmulTask *m, size_t row, size_t t0, int tt, const int32_t *dots) {
+    for (int t = 0; t < tt; t++) store_one(m, t0 + (size_t)t, row, dots[t]);
+}
+
+/* one token against rows [row, row + n) */
 static void store_run(const MatmulTask *m, size_t tok, size_t row, size_t n, const int32_t *dots) {
-    float scale = m->scale ? m->scale[tok] : 0.0f;
-    for (size_t i = 0; i < n; i++) {
-        int32_t dot = dots[i] - m->sum[tok];
-        if (m->scale)
-            m->y[tok * m->n_out + row + i] = (float)dot / scale * m->w_scale;
-        else
-            m->acc[tok * m->n_out + row + i] = dot;
-    }
+    for (size_t i = 0; i < n; i++) store_one(m, tok, row + i, dots[i]);
 }
 
 #if BITSERVE_X86
