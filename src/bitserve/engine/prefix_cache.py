@@ -95,10 +95,19 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def _best(self, ids: np.ndarray) -> tuple[PrefixEntry | None, int]:
+        """The RAM entry with the longest common prefix with ``ids``, and its length
+        (the first such entry on a tie; ``(None, 0)`` if none shares a token)."""
+        best, best_len = None, 0
+        for entry in self.entries:
+            n = common_prefix(entry.tokens, ids)
+            if n > best_len:
+                best, best_len = entry, n
+        return best, best_len
+
     def cached_length(self, tokens: list[int] | np.ndarray) -> int:
         """The longest common prefix of ``tokens`` with an entry in RAM (nothing moves)."""
-        ids = np.asarray(tokens, dtype=np.int64)
-        return max((common_prefix(e.tokens, ids) for e in self.entries), default=0)
+        return self._best(np.asarray(tokens, dtype=np.int64))[1]
 
     def take(
         self, tokens: list[int] | np.ndarray, record: bool = True, ram_only: bool = False
@@ -113,11 +122,7 @@ class PrefixCache:
         stats.lookups += 1
         ids = np.asarray(tokens, dtype=np.int64)
         limit = len(ids) - 1
-        best, best_len = None, 0
-        for entry in self.entries:
-            n = common_prefix(entry.tokens, ids)
-            if n > best_len:
-                best, best_len = entry, n
+        best, best_len = self._best(ids)
         best_len = min(best_len, limit)
         cache = None if ram_only else self._take_from_disk(ids, best_len, limit)
         if cache is not None:

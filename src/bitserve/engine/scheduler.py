@@ -159,10 +159,13 @@ class Scheduler:
         cached = self.prefix_cache.cached_length(tokens)
         if not 1 <= len(tokens) - cached <= max_new:
             return 0
+        # the entry (or a copy of its first `cached` positions when they are a shared
+        # header): either way `cached` positions, as RAM holds them
         cache = self.prefix_cache.take(tokens, record=False, ram_only=True)
-        if cache is None or cache.length != cached or cache.free < len(tokens) - cached:
-            if cache is not None:  # (a copy of a shared header, or no room left: put back)
-                self.prefix_cache.put(tokens[: cache.length], cache)
+        if cache is None:
+            return 0
+        if cache.free < len(tokens) - cached:  # past the context: put it back untouched
+            self.prefix_cache.put(tokens[:cached], cache)
             return 0
         try:
             self.model.forward_batch([BatchItem(np.asarray(tokens[cached:]), cache, False)])
