@@ -86,6 +86,12 @@ class RequestGuard:
         self.close()
 
 
+def wire_finish_reason(events: list[TokenEvent]) -> str:
+    """A choice's OpenAI ``finish_reason``: "stop" when its last event stopped it (EOS or
+    a stop string), else "length" (max_tokens, context full, or nothing generated)."""
+    return "stop" if events and events[-1].finish_reason == "stop" else "length"
+
+
 async def collect(handle: RequestHandle) -> list[TokenEvent]:
     """All events of a generation. A cancel the client did not ask for (server shutting
     down) raises ``GenerationCancelledError``."""

@@ -30,7 +30,14 @@ from bitserve.api.chat.protocol import (
 from bitserve.api.errors import GenerationCancelledError, InvalidParameterError
 from bitserve.api.sampling import check_n, normalize_stop, to_sampling_params, wire_names
 from bitserve.api.served import ServedModel
-from bitserve.api.streaming import RequestGuard, collect, merged_events, sse, sse_response
+from bitserve.api.streaming import (
+    RequestGuard,
+    collect,
+    merged_events,
+    sse,
+    sse_response,
+    wire_finish_reason,
+)
 from bitserve.engine.loop import RequestHandle
 from bitserve.engine.sampling import validate_top_logprobs
 from bitserve.engine.types import GenerationRequest, TokenEvent, TopLogprob
@@ -51,8 +58,7 @@ class ChoiceResult:
 
     @property
     def finish_reason(self) -> str:
-        last = self.events[-1].finish_reason if self.events else None
-        return "stop" if last == "stop" else "length"
+        return wire_finish_reason(self.events)
 
 
 @dataclass(slots=True)
@@ -305,7 +311,7 @@ async def stream_chat(
             continue
         if events[index] and events[index][-1].finish_reason == "cancelled":
             raise GenerationCancelledError("the generation was cancelled (the server is stopping)")
-        yield writer.finish(index, ChoiceResult(index, events[index]).finish_reason)
+        yield writer.finish(index, wire_finish_reason(events[index]))
     results = [
         ChoiceResult(i, choice_events, handle.cached_tokens)
         for i, (choice_events, handle) in enumerate(zip(events, handles, strict=True))

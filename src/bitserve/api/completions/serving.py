@@ -24,7 +24,13 @@ from bitserve.api.sampling import (
     wire_names,
 )
 from bitserve.api.served import ServedModel
-from bitserve.api.streaming import RequestGuard, collect, merged_events, sse
+from bitserve.api.streaming import (
+    RequestGuard,
+    collect,
+    merged_events,
+    sse,
+    wire_finish_reason,
+)
 from bitserve.engine.generate import PromptLogprob
 from bitserve.engine.loop import RequestHandle
 from bitserve.engine.types import GenerationRequest, TokenEvent, TopLogprob
@@ -335,12 +341,11 @@ class LegacyCompletion:
             items: list[LogprobItem] = [(p.token_id, p.logprob, p.top) for p in echoed or []]
             items += [(e.token_id, e.logprob, e.top_logprobs) for e in self.shown(events)]
             logprobs = self.logprobs_object(items, 0)
-        finish = events[-1].finish_reason if events else "length"
         return {
             "text": prefix + text,
             "index": choice.index,
             "logprobs": logprobs,
-            "finish_reason": "stop" if finish == "stop" else "length",
+            "finish_reason": wire_finish_reason(events),
         }
 
     def shown(self, events: list[TokenEvent]) -> list[TokenEvent]:
@@ -396,21 +401,17 @@ class LegacyCompletion:
         if self.body.echo:
             for choice in self.choices:
                 yield sse(self.envelope([self.chunk(choice, choice.prompt_text, None)]))
-        running = [i for i, h in enumerate(handles) if h is not None]
         events: list[list[TokenEvent]] = [[] for _ in self.choices]
         for i in (i for i, h in enumerate(handles) if h is None):  # max_tokens 0: done
             yield sse(self.envelope([self.chunk(self.choices[i], "", "length")]))
-        live = [h for h in handles if h is not None]
-        async for k, event in merged_events(live):
-            choice_events, choice = events[running[k]], self.choices[running[k]]
+        live = [(i, h) for i, h in enumerate(handles) if h is not None]
+        async for k, event in merged_events([h for _, h in live]):
+            choice_events, choice = events[live[k][0]], self.choices[live[k][0]]
             if event is None:
                 await collect_check(choice_events)
-                finish = (
-                    "stop"
-                    if choice_events and choice_events[-1].finish_reason == "stop"
-                    else "length"
+                yield sse(
+                    self.envelope([self.chunk(choice, "", wire_finish_reason(choice_events))])
                 )
-                yield sse(self.envelope([self.chunk(choice, "", finish)]))
                 continue
             choice_events.append(event)
             lp = None
@@ -421,7 +422,7 @@ class LegacyCompletion:
         if self.body.stream_options and self.body.stream_options.include_usage:
             prompt_tokens = sum(len(c.prompt.tokens) for c in self.choices[:: self.body.n])
             completion_tokens = sum(len(e) for e in events)
-            cached = max((h.cached_tokens for h in live), default=0)
+            cached = max((h.cached_tokens for _, h in live), default=0)
             use = usage(prompt_tokens, completion_tokens, cached).model_dump(mode="json")
             yield sse({**self.envelope([]), "usage": use})
         yield sse("[DONE]")
