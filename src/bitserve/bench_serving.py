@@ -147,6 +147,16 @@ def message_of(client: httpx.Client, text: str, n_tokens: int) -> str:
     return str(post(client, "/detokenize", {"tokens": ids[:n_tokens]})["content"])
 
 
+def paired_ratio(name: str, ratios: list[float]) -> dict[str, Any]:
+    """``{name: median, name_range: [min, max]}`` of per-repeat ratios (None if none)."""
+    if not ratios:
+        return {name: None, f"{name}_range": None}
+    return {
+        name: round(statistics.median(ratios), 3),
+        f"{name}_range": [round(min(ratios), 3), round(max(ratios), 3)],
+    }
+
+
 # -- conversation -----------------------------------------------------------------------------
 
 
@@ -205,8 +215,7 @@ def run_conversation(url: str, args: argparse.Namespace) -> dict[str, Any]:
         "scenario": "conversation",
         "fresh_ttft_s": round(fresh, 4),
         "followup_ttft_s": round(late, 4),
-        "ttft_ratio": round(statistics.median(ratios), 3) if ratios else None,
-        "ttft_ratio_range": [round(min(ratios), 3), round(max(ratios), 3)] if ratios else None,
+        **paired_ratio("ttft_ratio", ratios),
         "history_tokens": runs[-1][2],
         "followup_prompt_tokens": runs[-1][0].prompt_tokens,
         "cached_tokens": runs[-1][0].cached_tokens,
@@ -286,8 +295,7 @@ def run_concurrent(url: str, args: argparse.Namespace) -> dict[str, Any]:
         "scenario": "concurrent",
         "single_tok_s": round(statistics.median(singles), 2),
         "aggregate_tok_s": round(statistics.median(aggregates), 2),
-        "speedup": round(statistics.median(speedups), 3) if speedups else None,
-        "speedup_range": [round(min(speedups), 3), round(max(speedups), 3)] if speedups else None,
+        **paired_ratio("speedup", speedups),
         "repeats": len(singles),
         "streams": args.streams,
         "streams_served": streams_served,
