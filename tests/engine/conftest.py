@@ -137,3 +137,20 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     path = tmp_path_factory.mktemp("engine-models") / "tiny-chat.gguf"
     return write_synthetic_model(path, shape, seed=5, tokenizer_metadata=metadata)
+
+
+@pytest.fixture(scope="session")
+def gqa_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two layers, GQA 2:1, 256 positions, the demo tokenizer: every part of the forward
+    pass on the native kernels, in milliseconds (batching and prefix-cache tests)."""
+    from bitserve.model.demo import demo_tokenizer_metadata
+    from bitserve.model.synthetic import ModelShape, write_synthetic_model
+
+    metadata = demo_tokenizer_metadata()
+    vocab = len(metadata["tokenizer.ggml.tokens"])
+    shape = ModelShape(
+        n_layers=2, dim=128, ffn_dim=256, n_heads=4, n_kv_heads=2, vocab_size=vocab,
+        context_length=256,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("engine-models") / "tiny.gguf"  # served as "tiny"
+    return write_synthetic_model(path, shape, seed=11, tokenizer_metadata=metadata)

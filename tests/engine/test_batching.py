@@ -23,27 +23,12 @@ from bitserve.engine.scheduler import Scheduler, SchedulerConfig
 from bitserve.engine.sequence import Sequence
 from bitserve.engine.types import GenerationRequest, SamplingParams
 from bitserve.model.bitnet import BatchItem, BitNetModel
-from bitserve.model.demo import demo_tokenizer_metadata
-from bitserve.model.synthetic import ModelShape, write_synthetic_model
 from bitserve.store import SQLiteStore
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two layers, GQA 2:1, 256 positions: small but with every part of the forward pass."""
-    metadata = demo_tokenizer_metadata()
-    vocab = len(metadata["tokenizer.ggml.tokens"])
-    shape = ModelShape(
-        n_layers=2, dim=128, ffn_dim=256, n_heads=4, n_kv_heads=2, vocab_size=vocab,
-        context_length=256,
-    )  # fmt: skip
-    path = tmp_path_factory.mktemp("batching") / "tiny.gguf"
-    return write_synthetic_model(path, shape, seed=11, tokenizer_metadata=metadata)
-
-
-@pytest.fixture(scope="module")
-def loaded(model_path: Path) -> Iterator[LoadedModel]:
-    model = load_model(model_path)
+def loaded(gqa_model_path: Path) -> Iterator[LoadedModel]:
+    model = load_model(gqa_model_path)
     yield model
     model.close()
 

@@ -20,9 +20,7 @@ from bitserve.engine.scheduler import Scheduler, SchedulerConfig
 from bitserve.engine.sequence import Sequence
 from bitserve.engine.types import GenerationRequest, SamplingParams
 from bitserve.model.config import ModelConfig
-from bitserve.model.demo import demo_tokenizer_metadata
 from bitserve.model.kv_cache import KVCache, KVMemory
-from bitserve.model.synthetic import ModelShape, write_synthetic_model
 
 CONFIG = ModelConfig(
     arch="bitnet-b1.58",
@@ -199,16 +197,8 @@ def test_eviction_spills_and_a_longer_prompt_hits_from_disk(tmp_path: Path) -> N
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadedModel]:
-    """Two layers, GQA 2:1, 256 positions: every part of the forward pass, in milliseconds."""
-    metadata = demo_tokenizer_metadata()
-    vocab = len(metadata["tokenizer.ggml.tokens"])
-    shape = ModelShape(
-        n_layers=2, dim=128, ffn_dim=256, n_heads=4, n_kv_heads=2, vocab_size=vocab,
-        context_length=256,
-    )  # fmt: skip
-    path = tmp_path_factory.mktemp("spill") / "tiny.gguf"
-    model = load_model(write_synthetic_model(path, shape, seed=13, tokenizer_metadata=metadata))
+def loaded(gqa_model_path: Path) -> Iterator[LoadedModel]:
+    model = load_model(gqa_model_path)
     yield model
     model.close()
 
