@@ -269,6 +269,13 @@ static PyObject *py_quantize_f16_rows(PoolObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* n_heads query heads share n_kv_heads KV heads evenly (both at least 1) */
+static int check_groups(Py_ssize_t n_heads, Py_ssize_t n_kv_heads) {
+    if (n_kv_heads >= 1 && n_heads >= 1 && n_heads % n_kv_heads == 0) return 0;
+    PyErr_Format(PyExc_ValueError, "%zd query heads do not group over %zd KV heads", n_heads, n_kv_heads);
+    return -1;
+}
+
 static int check_attention(const Py_buffer *q, const Py_buffer *k, const Py_buffer *vv, const Py_buffer *out,
                            Py_ssize_t start_pos) {
     if (check_dim("k_cache", 0, k->shape[0], start_pos + q->shape[0]) ||
@@ -281,11 +288,7 @@ static int check_attention(const Py_buffer *q, const Py_buffer *k, const Py_buff
         PyErr_SetString(PyExc_TypeError, "k_cache and v_cache must have the same dtype");
         return -1;
     }
-    if (k->shape[1] < 1 || q->shape[1] < 1 || q->shape[1] % k->shape[1]) {
-        PyErr_Format(PyExc_ValueError, "%zd query heads do not group over %zd KV heads", q->shape[1], k->shape[1]);
-        return -1;
-    }
-    return 0;
+    return check_groups(q->shape[1], k->shape[1]);
 }
 
 static PyObject *py_attention(PoolObject *self, PyObject *args) {
@@ -339,10 +342,7 @@ static int take_decode_caches(PyObject *ks, PyObject *vs, const Py_buffer *q, Py
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "k_cache: no positions");
             return -1;
         }
-        if (k->shape[1] < 1 || q->shape[1] < 1 || q->shape[1] % k->shape[1]) {
-            PyErr_Format(PyExc_ValueError, "%zd query heads do not group over %zd KV heads", q->shape[1], k->shape[1]);
-            return -1;
-        }
+        if (check_groups(q->shape[1], k->shape[1])) return -1;
         items[i] = (AttentionArgs){NULL, k->buf, v->buf, code == 'e', 1, (size_t)q->shape[1], (size_t)k->shape[1],
                                    (size_t)q->shape[2], (size_t)(k->shape[0] - 1), NULL};
     }
