@@ -53,24 +53,43 @@ class Backend(ABC):
 
     @abstractmethod
     def attention(
-        self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int
+        self,
+        q: np.ndarray,
+        k_cache: np.ndarray,
+        v_cache: np.ndarray,
+        start_pos: int,
+        k_new: np.ndarray | None = None,
+        v_new: np.ndarray | None = None,
     ) -> np.ndarray:
         """Causal GQA attention for ``T`` new tokens at positions ``start_pos..start_pos+T-1``.
 
         ``q [T, H, D]``; ``k_cache``/``v_cache [S, KVH, D]`` hold positions ``0..S-1`` with
         ``S = start_pos + T`` (the new tokens included). Query head ``h`` reads KV head
         ``h // (H // KVH)``; scores are scaled by ``1/sqrt(D)``. Returns ``[T, H, D]``.
+        With ``k_new``/``v_new [T, KVH, D]`` float32, the new tokens' keys and values are
+        first stored at their positions: the caches must then be the (writable, contiguous)
+        cache memory itself, float32 or float16 (rounded as numpy's ``astype``).
         """
 
     def attention_decode(
-        self, q: np.ndarray, caches: Sequence[tuple[np.ndarray, np.ndarray]]
+        self,
+        q: np.ndarray,
+        caches: Sequence[tuple[np.ndarray, np.ndarray]],
+        k_new: np.ndarray | None = None,
+        v_new: np.ndarray | None = None,
     ) -> np.ndarray:
         """One new token for each of ``B`` sequences: ``q [B, H, D]``; ``caches[b]`` is
-        sequence ``b``'s ``(k, v) [S_b, KVH, D]``, its new token at position ``S_b - 1``.
+        sequence ``b``'s ``(k, v) [S_b, KVH, D]``, its new token at position ``S_b - 1``
+        (stored there first from ``k_new``/``v_new [B, KVH, D]``, as :meth:`attention`).
         Returns ``[B, H, D]``: row ``b`` is :meth:`attention` of that sequence alone."""
-        rows = [
-            self.attention(q[b : b + 1], k, v, k.shape[0] - 1) for b, (k, v) in enumerate(caches)
-        ]
+        rows = []
+        for b, (k, v) in enumerate(caches):
+            new = (
+                (None, None)
+                if k_new is None or v_new is None
+                else (k_new[b : b + 1], v_new[b : b + 1])
+            )
+            rows.append(self.attention(q[b : b + 1], k, v, k.shape[0] - 1, *new))
         return np.concatenate(rows) if rows else np.empty_like(q)
 
     # Row-wise glue with a numpy default (the oracle); native backends run it in C, which
@@ -107,8 +126,17 @@ class NumpyBackend(Backend):
         return out
 
     def attention(
-        self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int
+        self,
+        q: np.ndarray,
+        k_cache: np.ndarray,
+        v_cache: np.ndarray,
+        start_pos: int,
+        k_new: np.ndarray | None = None,
+        v_new: np.ndarray | None = None,
     ) -> np.ndarray:
+        if k_new is not None and v_new is not None:
+            k_cache[start_pos:] = k_new
+            v_cache[start_pos:] = v_new
         t, n_heads, head_dim = q.shape
         s, n_kv, _ = k_cache.shape
         group = n_heads // n_kv

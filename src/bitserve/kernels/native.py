@@ -32,6 +32,12 @@ IMPLS = {"scalar": 0, "avx2": 1, "avx512": 2}
 HEAD_MODES = ("f16", "int8")
 
 
+def _kv_inputs(k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """K/V caches as the kernels read them: contiguous float16 if they are, else float32."""
+    dtype = np.float16 if k.dtype == np.float16 else np.float32
+    return np.ascontiguousarray(k, dtype=dtype), np.ascontiguousarray(v, dtype=dtype)
+
+
 def native_available() -> bool:
     """True when the C extension is built and importable."""
     return _native is not None
@@ -122,26 +128,42 @@ class NativeBackend(Backend):
         return self._head_int8
 
     def attention(
-        self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int
+        self,
+        q: np.ndarray,
+        k_cache: np.ndarray,
+        v_cache: np.ndarray,
+        start_pos: int,
+        k_new: np.ndarray | None = None,
+        v_new: np.ndarray | None = None,
     ) -> np.ndarray:
         q = np.ascontiguousarray(q, dtype=np.float32)
-        kv_dtype = np.float16 if k_cache.dtype == np.float16 else np.float32
-        k = np.ascontiguousarray(k_cache, dtype=kv_dtype)
-        v = np.ascontiguousarray(v_cache, dtype=kv_dtype)
         out = np.empty_like(q)
-        self._pool.attention(q, k, v, start_pos, out, self._impl)
+        if k_new is None or v_new is None:
+            k, v = _kv_inputs(k_cache, v_cache)
+            self._pool.attention(q, k, v, start_pos, out, self._impl)
+        else:  # stored into the caches themselves: never a converted copy of them
+            new = np.ascontiguousarray(k_new, np.float32), np.ascontiguousarray(v_new, np.float32)
+            self._pool.attention(q, k_cache, v_cache, start_pos, out, self._impl, *new)
         return out
 
     def attention_decode(
-        self, q: np.ndarray, caches: Sequence[tuple[np.ndarray, np.ndarray]]
+        self,
+        q: np.ndarray,
+        caches: Sequence[tuple[np.ndarray, np.ndarray]],
+        k_new: np.ndarray | None = None,
+        v_new: np.ndarray | None = None,
     ) -> np.ndarray:
         """All the sequences in one task (their chunks shared by the threads)."""
         q = np.ascontiguousarray(q, dtype=np.float32)
-        kv_dtype = np.float16 if caches and caches[0][0].dtype == np.float16 else np.float32
-        ks = tuple(np.ascontiguousarray(k, dtype=kv_dtype) for k, _ in caches)
-        vs = tuple(np.ascontiguousarray(v, dtype=kv_dtype) for _, v in caches)
         out = np.empty_like(q)
-        self._pool.attention_decode(q, ks, vs, out, self._impl)
+        if k_new is None or v_new is None:
+            pairs = [_kv_inputs(k, v) for k, v in caches]
+            ks, vs = tuple(k for k, _ in pairs), tuple(v for _, v in pairs)
+            self._pool.attention_decode(q, ks, vs, out, self._impl)
+        else:
+            ks, vs = tuple(k for k, _ in caches), tuple(v for _, v in caches)
+            new = np.ascontiguousarray(k_new, np.float32), np.ascontiguousarray(v_new, np.float32)
+            self._pool.attention_decode(q, ks, vs, out, self._impl, *new)
         return out
 
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

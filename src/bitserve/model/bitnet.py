@@ -10,7 +10,7 @@ computed in float64 once and stored as float32; everything else runs in float32.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,8 @@ class BatchItem:
 class _Step:
     """The layout of one batched step: item ``j`` owns rows ``los[j]:his[j]`` of the
     ``[ΣT, ...]`` activations; ``ids [ΣT]`` and the RoPE angles ``cos``/``sin [ΣT, D/2]``
-    of every row's own position, gathered once for all layers."""
+    of every row's own position, gathered once for all layers; ``decoding``: the items with
+    one new token, whose rows are ``decode_rows``."""
 
     items: Sequence[BatchItem]
     ids: np.ndarray
@@ -66,6 +67,8 @@ class _Step:
     his: list[int]
     cos: np.ndarray
     sin: np.ndarray
+    decoding: list[BatchItem] = field(default_factory=list)
+    decode_rows: list[int] = field(default_factory=list)
 
     @classmethod
     def build(
@@ -83,7 +86,11 @@ class _Step:
             return cls(items, ids[0], los, his, rope_cos[start:end], rope_sin[start:end])
         pairs = zip(items, ids, strict=True)
         positions = np.concatenate([np.arange(len(i)) + it.cache.length for it, i in pairs])
-        return cls(items, np.concatenate(ids), los, his, rope_cos[positions], rope_sin[positions])
+        decoding = [(it, lo) for it, lo, hi in zip(items, los, his, strict=True) if hi - lo == 1]
+        return cls(
+            items, np.concatenate(ids), los, his, rope_cos[positions], rope_sin[positions],
+            [it for it, _ in decoding], [lo for _, lo in decoding],
+        )  # fmt: skip
 
 
 class BitNetModel:
@@ -195,6 +202,8 @@ class BitNetModel:
         if len({id(it.cache) for it in items}) != len(items):
             raise ValueError("each item of a batch needs its own cache")
         step = _Step.build(items, ids, self.rope_cos, self.rope_sin)
+        for it, lo, hi in zip(items, step.los, step.his, strict=True):
+            it.cache.reserve(it.cache.length + hi - lo)  # the attention kernels write them
         x = self.weights.token_embd[step.ids].astype(np.float32)  # x: [ΣT, dim]
         for i, layer in enumerate(self.weights.layers):
             x += self._attention(i, layer, x, step)
@@ -230,9 +239,8 @@ class BitNetModel:
         """One sequence's attention in block ``i``: store ``k``/``v [T, KVH, D]`` at its
         positions, attend ``q [T, H, D]`` over its cache → ``[T, H, D]``."""
         start = item.cache.length
-        item.cache.write(i, start, k, v)
         k_all, v_all = item.cache.view(i, start + q.shape[0])  # [S, KVH, D]
-        return self.backend.attention(q, k_all, v_all, start)
+        return self.backend.attention(q, k_all, v_all, start, k, v)
 
     def _attend_batch(
         self, i: int, step: _Step, q: np.ndarray, k: np.ndarray, v: np.ndarray
@@ -240,21 +248,16 @@ class BitNetModel:
         """:meth:`_attend` for every item of ``step``; the items with one new token (the
         decoding sequences) in one backend call, which shares their work among the
         threads, the others one by one. ``q [ΣT, H, D]`` → ``[ΣT, H, D]``."""
+        dec = step.decode_rows
+        caches = [it.cache.view(i, it.cache.length + 1) for it in step.decoding]
+        if len(dec) == len(step.items):  # all decoding (the steady state): no gather/scatter
+            return self.backend.attention_decode(q, caches, k, v)
         a = np.empty_like(q)
-        rows, caches = [], []
         for it, lo, hi in zip(step.items, step.los, step.his, strict=True):
             if hi - lo > 1:
                 a[lo:hi] = self._attend(i, it, q[lo:hi], k[lo:hi], v[lo:hi])
-                continue
-            start = it.cache.length
-            it.cache.write(i, start, k[lo:hi], v[lo:hi])
-            rows.append(lo)
-            caches.append(it.cache.view(i, start + 1))
-        if len(rows) == 1:
-            k_all, v_all = caches[0]
-            a[rows] = self.backend.attention(q[rows], k_all, v_all, k_all.shape[0] - 1)
-        elif rows:
-            a[rows] = self.backend.attention_decode(q[rows], caches)
+        if dec:
+            a[dec] = self.backend.attention_decode(q[dec], caches, k[dec], v[dec])
         return a
 
     def _feed_forward(self, layer: LayerWeights, x: np.ndarray) -> np.ndarray:

@@ -138,14 +138,21 @@ class KVCache:
         self.length = 0
         self.trim()
 
+    def reserve(self, end: int) -> None:
+        """Count the memory of positions up to ``end`` before they are written (by
+        :meth:`write`, or by the attention kernels straight into :meth:`view`)."""
+        if end > self.max_seq:
+            raise ContextFullError(self.length, end - self.length, self.max_seq)
+        if end > self.resident:
+            self._set_resident(end)
+
     def write(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
         """Store ``k``, ``v`` ``[T, n_kv_heads, head_dim]`` at positions ``start..start+T-1``
         (converted to the cache's dtype)."""
+        if start < 0:
+            raise ValueError(f"write at position {start}")
         end = start + k.shape[0]
-        if start < 0 or end > self.max_seq:
-            raise ContextFullError(start, k.shape[0], self.max_seq)
-        if end > self.resident:
-            self._set_resident(end)
+        self.reserve(end)
         self.k[layer, start:end] = k
         self.v[layer, start:end] = v
 

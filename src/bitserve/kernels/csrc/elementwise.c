@@ -12,6 +12,7 @@
  * A row's result never depends on T or the thread count: batch invariant.
  */
 #include <math.h>
+#include <string.h>
 
 #include "native.h"
 
@@ -166,4 +167,53 @@ void rope_rows(const float *x, size_t n_tokens, size_t n_heads, size_t head_dim,
             }
         }
     }
+}
+
+/* ------------------------------------------------------------ KV rows into the cache ---- */
+
+/* IEEE binary16 of f, rounded to nearest even, as numpy's astype(float16): overflow to ±inf,
+ * subnormals kept, NaN stays NaN (quiet, sign kept). */
+static uint16_t float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u, abs = x & 0x7fffffffu;
+    if (abs >= 0x7f800000u) /* inf or nan */
+        return (uint16_t)(sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u | ((abs >> 13) & 0x3ffu) : 0));
+    if (abs >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds past 65504 */
+    if (abs < 0x38800000u) { /* below 2^-14: a subnormal half (or zero), m · 2^-24 */
+        if (abs < 0x33000000u) return (uint16_t)sign; /* at most 2^-25: rounds to zero */
+        uint32_t e = abs >> 23, m = (abs & 0x7fffffu) | 0x800000u, shift = 126 - e; /* 14..24 */
+        uint32_t h = m >> shift, rest = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+        h += rest > half || (rest == half && (h & 1));
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = ((abs - 0x38000000u) >> 13), rest = abs & 0x1fffu; /* rebias 127 -> 15 */
+    h += rest > 0x1000u || (rest == 0x1000u && (h & 1));
+    return (uint16_t)(sign | h); /* a mantissa carry rolls into the exponent, as it should */
+}
+
+#if BITSERVE_X86
+/* 8 floats at a time with F16C (the same rounding); returns how many were stored */
+TARGET_AVX2 static size_t store_half_avx2(uint16_t *out, const float *src, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(out + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return i;
+}
+#endif
+
+void store_kv_rows(KernelImpl impl, void *dst, int f16, const float *src, size_t n) {
+    if (!f16) {
+        memcpy(dst, src, n * sizeof(float));
+        return;
+    }
+    uint16_t *out = dst;
+    size_t i = 0;
+#if BITSERVE_X86
+    if (impl >= IMPL_AVX2) i = store_half_avx2(out, src, n);
+#else
+    (void)impl;
+#endif
+    for (; i < n; i++) out[i] = float_to_half(src[i]);
 }

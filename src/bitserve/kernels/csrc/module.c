@@ -291,25 +291,51 @@ static int check_attention(const Py_buffer *q, const Py_buffer *k, const Py_buff
     return check_groups(q->shape[1], k->shape[1]);
 }
 
+/* k_new/v_new (None, or f32 [n, KVH, D] with the cache's KVH and D): the rows to store; 0 when
+ * absent or fitting, -1 with an error. */
+static Py_buffer *take_new_rows(Views *v, PyObject *obj, const char *name, const Py_buffer *cache, Py_ssize_t n) {
+    Py_buffer *b = take(v, obj, name, "f", 3, 0);
+    if (b && (check_dim(name, 0, b->shape[0], n) || check_dim(name, 1, b->shape[1], cache->shape[1]) ||
+              check_dim(name, 2, b->shape[2], cache->shape[2])))
+        return NULL;
+    return b;
+}
+
 static PyObject *py_attention(PoolObject *self, PyObject *args) {
-    PyObject *oq, *ok, *ov, *oout;
+    PyObject *oq, *ok, *ov, *oout, *okn = Py_None, *ovn = Py_None;
     Py_ssize_t start_pos;
     int impl, err = 0;
-    if (!PyArg_ParseTuple(args, "OOOnOi", &oq, &ok, &ov, &start_pos, &oout, &impl) || ready(self) ||
+    if (!PyArg_ParseTuple(args, "OOOnOi|OO", &oq, &ok, &ov, &start_pos, &oout, &impl, &okn, &ovn) || ready(self) ||
         check_impl(impl))
         return NULL;
+    int store = okn != Py_None;
+    if (store != (ovn != Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "k_new and v_new go together");
+        return NULL;
+    }
     Views v = {.n = 0};
-    Py_buffer *q = take(&v, oq, "q", "f", 3, 0), *k = q ? take(&v, ok, "k_cache", "fe", 3, 0) : NULL;
-    Py_buffer *vv = k ? take(&v, ov, "v_cache", "fe", 3, 0) : NULL;
+    Py_buffer *q = take(&v, oq, "q", "f", 3, 0), *k = q ? take(&v, ok, "k_cache", "fe", 3, store) : NULL;
+    Py_buffer *vv = k ? take(&v, ov, "v_cache", "fe", 3, store) : NULL;
     Py_buffer *out = vv ? take(&v, oout, "out", "f", 3, 1) : NULL;
     if (!out || start_pos < 0 || check_attention(q, k, vv, out, start_pos)) {
         if (out && start_pos < 0) PyErr_SetString(PyExc_ValueError, "start_pos must be >= 0");
         release_views(&v);
         return NULL;
     }
+    Py_buffer *kn = NULL, *vn = NULL;
+    if (store && (!(kn = take_new_rows(&v, okn, "k_new", k, q->shape[0])) ||
+                  !(vn = take_new_rows(&v, ovn, "v_new", k, q->shape[0])))) {
+        release_views(&v);
+        return NULL;
+    }
     AttentionArgs a = {q->buf, k->buf, vv->buf, format_code(k) == 'e', (size_t)q->shape[0], (size_t)q->shape[1],
                        (size_t)k->shape[1], (size_t)q->shape[2], (size_t)start_pos, out->buf};
+    size_t row = a.n_kv_heads * a.head_dim, elt = a.kv_f16 ? 2 : 4;
     Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
+    if (store) { /* the new tokens' keys and values first: they attend to themselves */
+        store_kv_rows((KernelImpl)impl, (char *)k->buf + a.start_pos * row * elt, a.kv_f16, kn->buf, a.n_tokens * row);
+        store_kv_rows((KernelImpl)impl, (char *)vv->buf + a.start_pos * row * elt, a.kv_f16, vn->buf, a.n_tokens * row);
+    }
     err = pool_reserve_scores(&self->pool, ATTENTION_GROUP * (a.start_pos + a.n_tokens));
     if (!err) attention(&self->pool, (KernelImpl)impl, &a);
     pool_unlock(&self->pool);
@@ -321,11 +347,11 @@ static PyObject *py_attention(PoolObject *self, PyObject *args) {
 /* The K/V caches of attention_decode: buffers[2i], buffers[2i+1] = ks[i], vs[i] ([S_i, KVH, D],
  * one dtype), checked against q [B, H, D]; fills items (but q/out). 0, or -1 with an error. */
 static int take_decode_caches(PyObject *ks, PyObject *vs, const Py_buffer *q, Py_buffer *buffers,
-                              Py_ssize_t *n_taken, AttentionArgs *items) {
+                              Py_ssize_t *n_taken, AttentionArgs *items, int writable) {
     Py_ssize_t b = q->shape[0];
     for (Py_ssize_t i = 0; i < b; i++) {
         Py_buffer *k = &buffers[2 * i], *v = &buffers[2 * i + 1];
-        int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT;
+        int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
         if (PyObject_GetBuffer(PyTuple_GET_ITEM(ks, i), k, flags) < 0) return -1;
         (*n_taken)++;
         if (PyObject_GetBuffer(PyTuple_GET_ITEM(vs, i), v, flags) < 0) return -1;
@@ -350,11 +376,17 @@ static int take_decode_caches(PyObject *ks, PyObject *vs, const Py_buffer *q, Py
 }
 
 static PyObject *py_attention_decode(PoolObject *self, PyObject *args) {
-    PyObject *oq, *ks, *vs, *oout;
+    PyObject *oq, *ks, *vs, *oout, *okn = Py_None, *ovn = Py_None;
     int impl, err = 0;
-    if (!PyArg_ParseTuple(args, "OO!O!Oi", &oq, &PyTuple_Type, &ks, &PyTuple_Type, &vs, &oout, &impl) ||
+    if (!PyArg_ParseTuple(args, "OO!O!Oi|OO", &oq, &PyTuple_Type, &ks, &PyTuple_Type, &vs, &oout, &impl, &okn,
+                          &ovn) ||
         ready(self) || check_impl(impl))
         return NULL;
+    int store = okn != Py_None;
+    if (store != (ovn != Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "k_new and v_new go together");
+        return NULL;
+    }
     Views v = {.n = 0};
     Py_buffer *q = take(&v, oq, "q", "f", 3, 0), *out = q ? take(&v, oout, "out", "f", 3, 1) : NULL;
     if (!out || check_dim("out", 0, out->shape[0], q->shape[0]) || check_dim("out", 1, out->shape[1], q->shape[1]) ||
@@ -369,7 +401,10 @@ static PyObject *py_attention_decode(PoolObject *self, PyObject *args) {
     }
     Py_buffer *buffers = PyMem_Calloc((size_t)(2 * b + 2), sizeof(Py_buffer));
     AttentionArgs *items = PyMem_Calloc((size_t)b + 1, sizeof(AttentionArgs));
-    int ok = buffers && items && !take_decode_caches(ks, vs, q, buffers, &taken, items);
+    int ok = buffers && items && !take_decode_caches(ks, vs, q, buffers, &taken, items, store);
+    Py_buffer *kn = NULL, *vn = NULL;
+    if (ok && store && b > 0)
+        ok = (kn = take_new_rows(&v, okn, "k_new", &buffers[0], b)) && (vn = take_new_rows(&v, ovn, "v_new", &buffers[0], b));
     size_t max_s = 0;
     for (Py_ssize_t i = 0; ok && i < b; i++) {
         size_t d = (size_t)q->shape[2], h = (size_t)q->shape[1];
@@ -379,6 +414,12 @@ static PyObject *py_attention_decode(PoolObject *self, PyObject *args) {
     }
     if (ok) {
         Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
+        for (Py_ssize_t i = 0; kn && i < b; i++) { /* each new token's key and value at its position */
+            const AttentionArgs *it = &items[i];
+            size_t row = it->n_kv_heads * it->head_dim, at = it->start_pos * row * (it->kv_f16 ? 2 : 4);
+            store_kv_rows((KernelImpl)impl, (char *)buffers[2 * i].buf + at, it->kv_f16, (const float *)kn->buf + i * row, row);
+            store_kv_rows((KernelImpl)impl, (char *)buffers[2 * i + 1].buf + at, it->kv_f16, (const float *)vn->buf + i * row, row);
+        }
         err = pool_reserve_scores(&self->pool, ATTENTION_GROUP * max_s);
         if (!err) attention_decode(&self->pool, (KernelImpl)impl, items, (size_t)b);
         pool_unlock(&self->pool);
@@ -485,9 +526,9 @@ static PyMethodDef pool_methods[] = {
     {"head", (PyCFunction)py_head, METH_VARARGS, "head(x, embedding, row_scale|None, out, impl)"},
     {"quantize_f16_rows", (PyCFunction)py_quantize_f16_rows, METH_VARARGS,
      "quantize_f16_rows(embedding, q, row_scale, impl)"},
-    {"attention", (PyCFunction)py_attention, METH_VARARGS, "attention(q, k_cache, v_cache, start_pos, out, impl)"},
+    {"attention", (PyCFunction)py_attention, METH_VARARGS, "attention(q, k_cache, v_cache, start_pos, out, impl[, k_new, v_new]): k_new/v_new stored first"},
     {"attention_decode", (PyCFunction)py_attention_decode, METH_VARARGS,
-     "attention_decode(q, k_caches, v_caches, out, impl): one new token per sequence"},
+     "attention_decode(q, k_caches, v_caches, out, impl[, k_new, v_new]): one new token per sequence"},
     {"read_memory", (PyCFunction)py_read_memory, METH_VARARGS, "read_memory(buffer, impl) -> checksum"},
     {"rmsnorm", (PyCFunction)py_rmsnorm, METH_VARARGS, "rmsnorm(x, weight, eps, out, impl)"},
     {"relu2_mul", (PyCFunction)py_relu2_mul, METH_VARARGS, "relu2_mul(gate, up, out, impl)"},

@@ -1,0 +1,125 @@
+"""The attention kernels store the new tokens' keys and values into the cache themselves
+(``k_new``/``v_new``): the cache then holds exactly what numpy's assignment would (float16
+rounded as ``astype``), and the result is that of storing first, then attending."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bitserve.kernels import NumpyBackend
+from bitserve.kernels.native import NativeBackend
+
+H, KVH, D = 8, 2, 32
+
+
+def edge_values(n: int, seed: int) -> np.ndarray:
+    """float32s around every float16 rounding case: ties, subnormals, overflow, zeros."""
+    rng = np.random.default_rng(seed)
+    halves = rng.integers(0, 0x7C00, n, dtype=np.uint16).view(np.float16).astype(np.float32)
+    below = np.nextafter(halves, np.float32(0))
+    ulp = np.abs(np.spacing(halves.astype(np.float16)).astype(np.float32))
+    ties = halves + ulp / 2  # exactly halfway up: rounds to the even neighbour
+    special = np.array(
+        [0.0, -0.0, 65504.0, 65519.99, 65520.0, 1e6, 2.0**-24, 2.0**-25, 2.0**-25 * 1.0001,
+         3 * 2.0**-26, 2.0**-14 - 2.0**-26, 6.1e-5, np.inf],
+        dtype=np.float32,
+    )  # fmt: skip
+    values = np.concatenate(
+        [halves, below, ties, special, rng.standard_normal(n).astype(np.float32)]
+    )
+    signs = np.where(rng.random(values.size) < 0.5, -1, 1).astype(np.float32)
+    return values * signs
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_stored_rows_are_numpys_assignment(native: NativeBackend, dtype: type) -> None:
+    values = edge_values(4000, seed=1)
+    t = values.size // (KVH * D) // 4
+    rows = values[: 4 * t * KVH * D].reshape(4, t, KVH, D)
+    start = 3
+    s = start + t
+    q = np.random.default_rng(2).standard_normal((t, H, D), dtype=np.float32)
+    k, v = np.zeros((s, KVH, D), dtype), np.zeros((s, KVH, D), dtype)
+    with np.errstate(over="ignore"):
+        native.attention(q, k, v, start, rows[0], rows[1])
+        want_k, want_v = rows[0].astype(dtype), rows[1].astype(dtype)
+    np.testing.assert_array_equal(k[start:].view(np.uint8), want_k.view(np.uint8))
+    np.testing.assert_array_equal(v[start:].view(np.uint8), want_v.view(np.uint8))
+    assert not k[:start].any() and not v[:start].any()  # nothing else written
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_store_then_attend_equals_attend_on_a_written_cache(
+    native: NativeBackend, dtype: type
+) -> None:
+    rng = np.random.default_rng(3)
+    start, t = 37, 5
+    q = rng.standard_normal((t, H, D), dtype=np.float32)
+    k = rng.standard_normal((start + t, KVH, D), dtype=np.float32).astype(dtype)
+    v = rng.standard_normal((start + t, KVH, D), dtype=np.float32).astype(dtype)
+    k_new = rng.standard_normal((t, KVH, D), dtype=np.float32)
+    v_new = rng.standard_normal((t, KVH, D), dtype=np.float32)
+    written_k, written_v = k.copy(), v.copy()
+    written_k[start:], written_v[start:] = k_new, v_new
+    want = native.attention(q, written_k, written_v, start)
+    got = native.attention(q, k, v, start, k_new, v_new)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(k, written_k)
+    np.testing.assert_array_equal(v, written_v)
+    oracle_k, oracle_v = np.zeros_like(k), np.zeros_like(v)
+    oracle_k[:start], oracle_v[:start] = k[:start], v[:start]
+    oracle = NumpyBackend().attention(q, oracle_k, oracle_v, start, k_new, v_new)
+    np.testing.assert_allclose(got, oracle, rtol=2e-5, atol=2e-6)
+    np.testing.assert_array_equal(oracle_k, written_k)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_decode_stores_each_sequences_row_at_its_own_position(
+    native: NativeBackend, dtype: type
+) -> None:
+    rng = np.random.default_rng(4)
+    lengths = [1, 9, 130]
+    q = rng.standard_normal((len(lengths), H, D), dtype=np.float32)
+    kv = [
+        tuple(rng.standard_normal((s, KVH, D), dtype=np.float32).astype(dtype) for _ in "kv")
+        for s in lengths
+    ]
+    k_new = rng.standard_normal((len(lengths), KVH, D), dtype=np.float32)
+    v_new = rng.standard_normal((len(lengths), KVH, D), dtype=np.float32)
+    written = [(k.copy(), v.copy()) for k, v in kv]
+    for b, (k, v) in enumerate(written):
+        k[-1], v[-1] = k_new[b], v_new[b]
+    want = native.attention_decode(q, written)
+    got = native.attention_decode(q, kv, k_new, v_new)
+    np.testing.assert_array_equal(got, want)
+    for (k, v), (wk, wv) in zip(kv, written, strict=True):
+        np.testing.assert_array_equal(k, wk)
+        np.testing.assert_array_equal(v, wv)
+    oracle_kv = [(k.copy(), v.copy()) for k, v in kv]
+    oracle = NumpyBackend().attention_decode(q, oracle_kv, k_new, v_new)
+    np.testing.assert_allclose(got, oracle, rtol=2e-5, atol=2e-6)
+
+
+def test_store_refuses_what_it_cannot_write(native: NativeBackend) -> None:
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((2, H, D), dtype=np.float32)
+    k = np.zeros((6, KVH, D), np.float16)
+    new = rng.standard_normal((2, KVH, D), dtype=np.float32)
+    out = np.empty_like(q)
+    pool, impl = native._pool, native._impl
+    read_only = k.copy()
+    read_only.flags.writeable = False
+    with pytest.raises((BufferError, ValueError)):
+        pool.attention(q, read_only, k, 4, out, impl, new, new)
+    with pytest.raises(ValueError, match="together"):
+        pool.attention(q, k, k.copy(), 4, out, impl, new, None)
+    with pytest.raises(ValueError, match="k_new"):
+        pool.attention(q, k, k.copy(), 4, out, impl, new[:1], new[:1])
+    strided = np.zeros((6, KVH, 2 * D), np.float16)[:, :, ::2]
+    with pytest.raises((BufferError, ValueError)):
+        native.attention(q, strided, strided.copy(), 4, new, new)  # never a silent copy
+    with pytest.raises(ValueError, match="k_new"):
+        pool.attention_decode(
+            q, (k, k.copy()), (k.copy(), k.copy()), out, impl, new[:, :1].copy(), new
+        )
