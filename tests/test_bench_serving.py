@@ -18,6 +18,8 @@ KEYS = {
         "ttft_ratio",
         "history_tokens",
         "cached_tokens",
+        "followup_new_tokens",
+        "fresh_new_tokens",
     },
     "concurrent": {
         "single_tok_s",
@@ -55,6 +57,8 @@ def test_scenario_prints_one_json_line(scenario: str, capsys: pytest.CaptureFixt
     assert result["scenario"] == scenario
     if scenario == "conversation":
         assert result["history_tokens"] >= 120
+        # the same message and template computed on both sides: only the history differs
+        assert result["followup_new_tokens"] == result["fresh_new_tokens"]
     else:
         assert result["streams"] == 2 and result["clients_served"] == 3
         assert result["streams_served"] == 2 and result["repeats"] == 1
