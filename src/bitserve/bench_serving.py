@@ -41,8 +41,7 @@ CHAT_MODEL_NAME = "synthetic-2b4t-chat-seed0.gguf"
 HEALTH_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 900.0
 READ_PAUSE_S = 0.5  # between a reply and the next timed request of the conversation scenario
-# the first word of each repeat's follow-up: distinct first tokens (an earlier repeat's
-# fresh conversation shares nothing of the message with a later one)
+# candidate first words of the repeats' follow-ups (see openings())
 OPENINGS = (
     "Alpha", "Bravo", "Charlie", "Delta", "Echo", "Foxtrot", "Golf", "Hotel", "India", "Juliet",
     "Kilo", "Lima", "Mike", "November", "Oscar", "Papa", "Quebec", "Romeo", "Sierra", "Tango",
@@ -162,6 +161,25 @@ def message_of(client: httpx.Client, text: str, n_tokens: int) -> str:
     return str(post(client, "/detokenize", {"tokens": ids[:n_tokens]})["content"])
 
 
+def openings(client: httpx.Client, n: int) -> list[str]:
+    """``n`` words for the follow-ups to open with, each starting with its own token after a
+    space (as the message does after the template's role name), so that no fresh request
+    finds an earlier one's message in the cache. Cycles if the tokenizer offers fewer."""
+    words, firsts = [], set()
+    for word in OPENINGS:
+        ids = post(client, "/tokenize", {"content": f" {word}"})["tokens"]
+        first = ids[0] if ids else None
+        if (
+            first is not None
+            and first not in firsts
+            and post(client, "/detokenize", {"tokens": [first]})["content"].strip()
+        ):
+            words.append(word)
+            firsts.add(first)
+    words = words or list(OPENINGS)
+    return [words[i % len(words)] for i in range(n)]
+
+
 def paired_ratio(name: str, ratios: list[float]) -> dict[str, Any]:
     """``{name: median, name_range: [min, max]}`` of per-repeat ratios (None if none)."""
     if not ratios:
@@ -222,8 +240,7 @@ def run_conversation(url: str, args: argparse.Namespace) -> dict[str, Any]:
         warm = post(client, "/v1/conversations", {})["id"]
         conversation_turn(client, warm, message_of(client, "Warm-up: hello there. " * 4, 20), 1)
         runs = []
-        for r in range(max(1, args.repeats)):
-            opening = OPENINGS[r % len(OPENINGS)]
+        for opening in openings(client, max(1, args.repeats)):
             followup = message_of(client, f"{opening}: what did the miller keep? " * 4, 20)
             runs.append(conversation_repeat(client, history, followup))
     late = statistics.median(run[0].ttft_s for run in runs)
