@@ -116,15 +116,18 @@ def plan_chat(
     messages: Sequence[Mapping[str, Any]],
     model: str,
     param: str = "messages",
+    prompt: list[int] | None = None,
 ) -> ChatPlan:
-    """Validate ``body`` and tokenize ``messages`` (the full history) into engine requests.
-    Raises 400s naming the field; the prompt must leave room for one token."""
+    """Validate ``body`` and tokenize ``messages`` (the full history) into engine requests
+    (``prompt``: their token ids, when the caller has them already). Raises 400s naming
+    the field; the prompt must leave room for one token."""
     check_n(body.n)
     if not messages:
         raise InvalidParameterError(f"{param}: must contain at least one message", param)
     stop = normalize_stop(body.stop)
     max_tokens, top_n = _max_tokens(body), _top_logprobs(body)
-    prompt = encode_chat(served, messages, param)
+    if prompt is None:
+        prompt = encode_chat(served, messages, param)
     max_tokens = min(max_tokens, served.check_fits(len(prompt), param))
     vocab = served.loaded.tokenizer.vocab_size
     requests = []

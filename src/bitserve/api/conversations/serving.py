@@ -169,20 +169,21 @@ def fit_history(
     history: list[dict[str, str]],
     new: list[dict[str, str]],
     max_tokens: int,
-) -> tuple[list[dict[str, str]], int]:
+) -> tuple[list[dict[str, str]], int, list[int]]:
     """``history + new``, dropping the oldest non-system history turns until the prompt
-    leaves room for ``max_tokens`` (or nothing droppable is left). Returns the messages
-    and how many were dropped. System messages and the new messages are never dropped."""
+    leaves room for ``max_tokens`` (or nothing droppable is left). Returns the messages,
+    how many were dropped, and their prompt's token ids. System messages and the new
+    messages are never dropped."""
     history = list(history)
     dropped = 0
     while True:
         messages = history + new
-        n_prompt = len(encode_chat(served, messages, "messages"))
-        if n_prompt + max_tokens <= served.ctx_size:
-            return messages, dropped
+        prompt = encode_chat(served, messages, "messages")
+        if len(prompt) + max_tokens <= served.ctx_size:
+            return messages, dropped, prompt
         first = next((i for i, m in enumerate(history) if m["role"] != "system"), None)
         if first is None:
-            return messages, dropped
+            return messages, dropped, prompt
         count = _droppable_prefix(history, first)
         del history[first : first + count]
         dropped += count
@@ -241,8 +242,9 @@ class ConversationService:
             if not new:
                 raise InvalidParameterError("messages: must contain the new message", "messages")
             history = await self.history(owner, conversation_id)
-            messages, dropped = fit_history(self.served, history, new, body.max_new_tokens())
-            plan = plan_chat(self.served, body, messages, model)
+            fitted = fit_history(self.served, history, new, body.max_new_tokens())
+            messages, dropped, prompt = fitted
+            plan = plan_chat(self.served, body, messages, model, prompt=prompt)
             plan.extra = {"conversation_id": conversation_id, "truncated_messages": dropped}
 
             async def store_turn(results: list[ChoiceResult]) -> None:
