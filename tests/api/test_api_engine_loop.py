@@ -146,3 +146,31 @@ def test_submit_before_start_and_stop_cancels_the_running_request() -> None:
     started = time.monotonic()
     assert asyncio.run(main()) == "cancelled"
     assert time.monotonic() - started < 5
+
+
+def test_push_all_wakes_each_loop_once_in_order_and_cancels_on_a_closed_loop() -> None:
+    from bitserve.engine.loop import RequestHandle, push_all
+
+    class RecordingLoop:
+        def __init__(self, closed: bool = False) -> None:
+            self.calls: list[tuple[object, ...]] = []
+            self.closed = closed
+
+        def call_soon_threadsafe(self, fn: object, *args: object) -> None:
+            if self.closed:
+                raise RuntimeError("Event loop is closed")
+            self.calls.append((fn, *args))
+
+    live, gone = RecordingLoop(), RecordingLoop(closed=True)
+    req = GenerationRequest([1], max_tokens=2)
+    a, b = RequestHandle(req, live), RequestHandle(req, live)  # type: ignore[arg-type]
+    c = RequestHandle(req, gone)  # type: ignore[arg-type]
+    events = [TokenEvent(i, str(i)) for i in range(4)]
+    push_all([(a, events[0]), (b, events[1]), (c, events[2]), (a, events[3])])
+    assert len(live.calls) == 1  # one wake-up for the whole step
+    fn, batch = live.calls[0]
+    assert batch == [(a, events[0]), (b, events[1]), (a, events[3])]
+    assert c.cancelled and not a.cancelled and not b.cancelled
+    fn(batch)  # what the loop then runs: each handle gets its events, in order
+    assert [a._events.get_nowait(), a._events.get_nowait()] == [events[0], events[3]]
+    assert b._events.get_nowait() == events[1]

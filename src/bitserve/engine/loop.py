@@ -132,10 +132,7 @@ class RequestHandle:
 
     def _push(self, item: object) -> None:
         """Called on the engine thread. If the event loop is gone, cancel instead."""
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, item)
-        except RuntimeError:  # event loop closed: nobody is listening any more
-            self.cancel_event.set()
+        push_all([(self, item)])
 
     def __aiter__(self) -> AsyncIterator[TokenEvent]:
         return self._iterate()
@@ -149,6 +146,26 @@ class RequestHandle:
                 raise item
             assert isinstance(item, TokenEvent)
             yield item
+
+
+def _deliver(items: list[tuple[RequestHandle, object]]) -> None:
+    for handle, item in items:
+        handle._events.put_nowait(item)
+
+
+def push_all(items: list[tuple[RequestHandle, object]]) -> None:
+    """Hand ``(handle, event)`` pairs to their event loops, in order: one wake-up of each
+    loop for all of them (a batched step's events), not one per event. A handle whose
+    loop is closed (nobody listens any more) is cancelled instead."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, object]]] = {}
+    for handle, item in items:
+        by_loop.setdefault(handle._loop, []).append((handle, item))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, batch)
+        except RuntimeError:  # event loop closed
+            for handle, _ in batch:
+                handle.cancel_event.set()
 
 
 @dataclass(slots=True)
@@ -380,19 +397,22 @@ class EngineLoop(Generic[G]):
             out = sched.step()
         finally:
             self.stats.busy_seconds += time.perf_counter() - started
+        pushes: list[tuple[RequestHandle, object]] = []
         for seq, event in out.events:
             handle = self._active[seq]
             handle.cached_tokens = seq.num_cached_tokens
             self.stats.tokens_generated += 1
-            handle._push(event)
+            pushes.append((handle, event))
         for seq in out.finished:
-            self._end(seq, _END)
+            pushes.append(self._end(seq, _END))
         for seq, exc in out.failed:
             log.error("generation failed", exc_info=exc)
-            self._end(seq, exc)
+            pushes.append(self._end(seq, exc))
+        push_all(pushes)
         self._sync_stats(sched)
 
-    def _end(self, seq: Sequence, last: object) -> None:
+    def _end(self, seq: Sequence, last: object) -> tuple[RequestHandle, object]:
+        """Retire ``seq``; returns its handle and ``last`` (its final item) to push."""
         with self._lock:
             handle = self._active.pop(seq)
         if isinstance(last, BaseException):
@@ -402,7 +422,7 @@ class EngineLoop(Generic[G]):
                 self.stats.requests_cancelled += 1
             self.stats.requests_finished += 1
         handle.cached_tokens = seq.num_cached_tokens
-        handle._push(last)
+        return handle, last
 
     def _sync_stats(self, sched: Scheduler) -> None:
         s = self.stats
