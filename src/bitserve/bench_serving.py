@@ -161,14 +161,21 @@ def message_of(client: httpx.Client, text: str, n_tokens: int) -> str:
     return str(post(client, "/detokenize", {"tokens": ids[:n_tokens]})["content"])
 
 
-def openings(client: httpx.Client, n: int) -> list[str]:
+def first_token(client: httpx.Client, text: str) -> int | None:
+    """The first token of ``text`` after a space (as a message after the role name)."""
+    ids = post(client, "/tokenize", {"content": f" {text}"})["tokens"]
+    return int(ids[0]) if ids else None
+
+
+def openings(client: httpx.Client, n: int, taken: set[int]) -> list[str]:
     """``n`` words for the follow-ups to open with, each starting with its own token after a
-    space (as the message does after the template's role name), so that no fresh request
-    finds an earlier one's message in the cache. Cycles if the tokenizer offers fewer."""
-    words, firsts = [], set()
+    space (none of ``taken``, the first tokens already sent), so that no fresh request
+    finds an earlier one's message in the cache. Past the tokenizer's distinct words they
+    repeat, with a warning: those fresh requests then find cached message tokens (which
+    ``fresh_new_tokens`` shows)."""
+    words, firsts = [], set(taken)
     for word in OPENINGS:
-        ids = post(client, "/tokenize", {"content": f" {word}"})["tokens"]
-        first = ids[0] if ids else None
+        first = first_token(client, word)
         if (
             first is not None
             and first not in firsts
@@ -177,6 +184,10 @@ def openings(client: httpx.Client, n: int) -> list[str]:
             words.append(word)
             firsts.add(first)
     words = words or list(OPENINGS)
+    if n > len(words):
+        print(
+            f"bench: only {len(words)} distinct follow-ups; {n} repeats reuse some", file=sys.stderr
+        )
     return [words[i % len(words)] for i in range(n)]
 
 
@@ -237,10 +248,12 @@ def run_conversation(url: str, args: argparse.Namespace) -> dict[str, Any]:
         history = history_messages(client, args.history_tokens)
         # a first fresh conversation caches the template's start, as any running server has
         # it: every fresh request below then computes exactly what its follow-up computes
-        warm = post(client, "/v1/conversations", {})["id"]
-        conversation_turn(client, warm, message_of(client, "Warm-up: hello there. " * 4, 20), 1)
+        warm, warm_text = post(client, "/v1/conversations", {})["id"], "Warm-up: hello there. "
+        conversation_turn(client, warm, message_of(client, warm_text * 4, 20), 1)
+        warm_first = first_token(client, warm_text)
+        taken = set() if warm_first is None else {warm_first}
         runs = []
-        for opening in openings(client, max(1, args.repeats)):
+        for opening in openings(client, max(1, args.repeats), taken):
             followup = message_of(client, f"{opening}: what did the miller keep? " * 4, 20)
             runs.append(conversation_repeat(client, history, followup))
     late = statistics.median(run[0].ttft_s for run in runs)

@@ -123,3 +123,14 @@ def test_store_refuses_what_it_cannot_write(native: NativeBackend) -> None:
         pool.attention_decode(
             q, (k, k.copy()), (k.copy(), k.copy()), out, impl, new[:, :1].copy(), new
         )
+
+
+def test_one_of_k_new_v_new_alone_is_refused() -> None:
+    q = np.zeros((1, H, D), np.float32)
+    k = np.zeros((1, KVH, D), np.float32)
+    new = np.zeros((1, KVH, D), np.float32)
+    for backend in (NumpyBackend(), NativeBackend("scalar", threads=1)):
+        with pytest.raises(ValueError, match="together"):
+            backend.attention(q, k, k.copy(), 0, new, None)
+        with pytest.raises(ValueError, match="together"):
+            backend.attention_decode(q, [(k, k.copy())], None, new)

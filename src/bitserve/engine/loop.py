@@ -398,17 +398,19 @@ class EngineLoop(Generic[G]):
         finally:
             self.stats.busy_seconds += time.perf_counter() - started
         pushes: list[tuple[RequestHandle, object]] = []
-        for seq, event in out.events:
-            handle = self._active[seq]
-            handle.cached_tokens = seq.num_cached_tokens
-            self.stats.tokens_generated += 1
-            pushes.append((handle, event))
-        for seq in out.finished:
-            pushes.append(self._end(seq, _END))
-        for seq, exc in out.failed:
-            log.error("generation failed", exc_info=exc)
-            pushes.append(self._end(seq, exc))
-        push_all(pushes)
+        try:
+            for seq, event in out.events:
+                handle = self._active[seq]
+                handle.cached_tokens = seq.num_cached_tokens
+                self.stats.tokens_generated += 1
+                pushes.append((handle, event))
+            for seq in out.finished:
+                pushes.append(self._end(seq, _END))
+            for seq, exc in out.failed:
+                log.error("generation failed", exc_info=exc)
+                pushes.append(self._end(seq, exc))
+        finally:  # whatever went wrong, what is ready still reaches its requests
+            push_all(pushes)
         self._sync_stats(sched)
 
     def _end(self, seq: Sequence, last: object) -> tuple[RequestHandle, object]:

@@ -36,6 +36,13 @@ class TernaryWeight:
         return self._ternary_f32
 
 
+def storing(k_new: np.ndarray | None, v_new: np.ndarray | None) -> bool:
+    """Whether an attention call stores new keys/values (both given) or not (neither)."""
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new go together")
+    return k_new is not None
+
+
 class Backend(ABC):
     """Heavy operations of the forward pass. Inputs are float32 and C-contiguous."""
 
@@ -82,13 +89,9 @@ class Backend(ABC):
         sequence ``b``'s ``(k, v) [S_b, KVH, D]``, its new token at position ``S_b - 1``
         (stored there first from ``k_new``/``v_new [B, KVH, D]``, as :meth:`attention`).
         Returns ``[B, H, D]``: row ``b`` is :meth:`attention` of that sequence alone."""
-        rows = []
+        rows, store = [], storing(k_new, v_new)
         for b, (k, v) in enumerate(caches):
-            new = (
-                (None, None)
-                if k_new is None or v_new is None
-                else (k_new[b : b + 1], v_new[b : b + 1])
-            )
+            new = (k_new[b : b + 1], v_new[b : b + 1]) if store else (None, None)  # type: ignore[index]
             rows.append(self.attention(q[b : b + 1], k, v, k.shape[0] - 1, *new))
         return np.concatenate(rows) if rows else np.empty_like(q)
 
@@ -134,7 +137,7 @@ class NumpyBackend(Backend):
         k_new: np.ndarray | None = None,
         v_new: np.ndarray | None = None,
     ) -> np.ndarray:
-        if k_new is not None and v_new is not None:
+        if storing(k_new, v_new):
             k_cache[start_pos:] = k_new
             v_cache[start_pos:] = v_new
         t, n_heads, head_dim = q.shape

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bitserve.kernels.backend import Backend, TernaryWeight
+from bitserve.kernels.backend import Backend, TernaryWeight, storing
 
 try:
     from bitserve.kernels import _native  # type: ignore[attr-defined]
@@ -138,7 +138,7 @@ class NativeBackend(Backend):
     ) -> np.ndarray:
         q = np.ascontiguousarray(q, dtype=np.float32)
         out = np.empty_like(q)
-        if k_new is None or v_new is None:
+        if not storing(k_new, v_new):
             k, v = _kv_inputs(k_cache, v_cache)
             self._pool.attention(q, k, v, start_pos, out, self._impl)
         else:  # stored into the caches themselves: never a converted copy of them
@@ -156,7 +156,7 @@ class NativeBackend(Backend):
         """All the sequences in one task (their chunks shared by the threads)."""
         q = np.ascontiguousarray(q, dtype=np.float32)
         out = np.empty_like(q)
-        if k_new is None or v_new is None:
+        if not storing(k_new, v_new):
             pairs = [_kv_inputs(k, v) for k, v in caches]
             ks, vs = tuple(k for k, _ in pairs), tuple(v for _, v in pairs)
             self._pool.attention_decode(q, ks, vs, out, self._impl)

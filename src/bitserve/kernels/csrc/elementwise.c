@@ -172,7 +172,8 @@ void rope_rows(const float *x, size_t n_tokens, size_t n_heads, size_t head_dim,
 /* ------------------------------------------------------------ KV rows into the cache ---- */
 
 /* IEEE binary16 of f, rounded to nearest even, as numpy's astype(float16): overflow to ±inf,
- * subnormals kept, NaN stays NaN (quiet, sign kept). */
+ * subnormals kept, NaN stays NaN (made quiet, as F16C does: a signalling NaN's payload
+ * differs from numpy's, which arithmetic never produces). */
 static uint16_t float_to_half(float f) {
     uint32_t x;
     memcpy(&x, &f, 4);

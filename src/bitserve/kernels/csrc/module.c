@@ -291,8 +291,8 @@ static int check_attention(const Py_buffer *q, const Py_buffer *k, const Py_buff
     return check_groups(q->shape[1], k->shape[1]);
 }
 
-/* k_new/v_new (None, or f32 [n, KVH, D] with the cache's KVH and D): the rows to store; 0 when
- * absent or fitting, -1 with an error. */
+/* k_new/v_new: f32 [n, KVH, D] with the cache's KVH and D, the rows to store; the buffer, or
+ * NULL with an error. */
 static Py_buffer *take_new_rows(Views *v, PyObject *obj, const char *name, const Py_buffer *cache, Py_ssize_t n) {
     Py_buffer *b = take(v, obj, name, "f", 3, 0);
     if (b && (check_dim(name, 0, b->shape[0], n) || check_dim(name, 1, b->shape[1], cache->shape[1]) ||

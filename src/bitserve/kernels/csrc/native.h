@@ -152,7 +152,7 @@ void rope_rows(const float *x, size_t n_tokens, size_t n_heads, size_t head_dim,
                const float *sin_t, float *out);
 
 /* Store n floats at dst, a KV cache's f32 or (f16) IEEE binary16 rows, the latter rounded to
- * nearest even exactly as numpy's astype(float16) */
+ * nearest even exactly as numpy's astype(float16) (signalling NaNs aside: made quiet) */
 void store_kv_rows(KernelImpl impl, void *dst, int f16, const float *src, size_t n);
 
 /* portable half → float (IEEE binary16), used by the scalar paths */
