@@ -89,10 +89,12 @@ class Backend(ABC):
         sequence ``b``'s ``(k, v) [S_b, KVH, D]``, its new token at position ``S_b - 1``
         (stored there first from ``k_new``/``v_new [B, KVH, D]``, as :meth:`attention`).
         Returns ``[B, H, D]``: row ``b`` is :meth:`attention` of that sequence alone."""
-        rows, store = [], storing(k_new, v_new)
+        storing(k_new, v_new)
+        rows = []
         for b, (k, v) in enumerate(caches):
-            new = (k_new[b : b + 1], v_new[b : b + 1]) if store else (None, None)  # type: ignore[index]
-            rows.append(self.attention(q[b : b + 1], k, v, k.shape[0] - 1, *new))
+            k_b = None if k_new is None else k_new[b : b + 1]
+            v_b = None if v_new is None else v_new[b : b + 1]
+            rows.append(self.attention(q[b : b + 1], k, v, k.shape[0] - 1, k_b, v_b))
         return np.concatenate(rows) if rows else np.empty_like(q)
 
     # Row-wise glue with a numpy default (the oracle); native backends run it in C, which

@@ -38,6 +38,10 @@ def _kv_inputs(k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(k, dtype=dtype), np.ascontiguousarray(v, dtype=dtype)
 
 
+def _f32(x: np.ndarray | None) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
 def native_available() -> bool:
     """True when the C extension is built and importable."""
     return _native is not None
@@ -142,7 +146,7 @@ class NativeBackend(Backend):
             k, v = _kv_inputs(k_cache, v_cache)
             self._pool.attention(q, k, v, start_pos, out, self._impl)
         else:  # stored into the caches themselves: never a converted copy of them
-            new = np.ascontiguousarray(k_new, np.float32), np.ascontiguousarray(v_new, np.float32)
+            new = _f32(k_new), _f32(v_new)
             self._pool.attention(q, k_cache, v_cache, start_pos, out, self._impl, *new)
         return out
 
@@ -162,7 +166,7 @@ class NativeBackend(Backend):
             self._pool.attention_decode(q, ks, vs, out, self._impl)
         else:
             ks, vs = tuple(k for k, _ in caches), tuple(v for _, v in caches)
-            new = np.ascontiguousarray(k_new, np.float32), np.ascontiguousarray(v_new, np.float32)
+            new = _f32(k_new), _f32(v_new)
             self._pool.attention_decode(q, ks, vs, out, self._impl, *new)
         return out
 
