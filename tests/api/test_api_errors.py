@@ -134,3 +134,47 @@ def test_missing_or_bad_key_is_401_everywhere_but_health(make_client: AppFactory
 
 def test_wrong_method_is_an_openai_shaped_405(client: TestClient) -> None:
     error_of(client.get("/v1/chat/completions"), 405)
+
+
+TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(
+    ("patch", "param"),
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+        ({"tools": [TOOL]}, "tools"),
+        ({"functions": [TOOL["function"]]}, "functions"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "weather"}}}, "tool_choice"),
+        ({"function_call": {"name": "weather"}}, "function_call"),
+    ],
+)
+def test_unsupported_features_are_400_not_silently_plain_text(
+    client: TestClient, patch: dict[str, Any], param: str
+) -> None:
+    err = error_of(client.post("/v1/chat/completions", json=chat_body(**patch)), 400)
+    assert err["param"] == param and "not support" in err["message"]
+    conv = client.post("/v1/conversations").json()["id"]
+    err = error_of(client.post(f"/v1/conversations/{conv}/chat", json=chat_body(**patch)), 400)
+    assert err["param"] == param
+    assert client.get(f"/v1/conversations/{conv}").json()["messages"] == []  # nothing stored
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        {"response_format": {"type": "text"}},
+        {"tools": []},
+        {"tool_choice": "none"},
+        {"tool_choice": "auto"},
+        {"function_call": "none"},
+    ],
+)
+def test_what_asks_for_nothing_unsupported_is_answered(
+    client: TestClient, patch: dict[str, Any]
+) -> None:
+    r = client.post("/v1/chat/completions", json=chat_body(**patch))
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] is not None

@@ -59,6 +59,23 @@ class ChatCompletionRequest(SamplingFields):
         None, description="0-20 alternatives per token (needs logprobs: true)."
     )
     user: str | None = None
+    # OpenAI features this server cannot honour: a request that asks for them is a 400
+    # (check_supported), not silently answered with plain text
+    response_format: dict[str, Any] | None = Field(
+        None, description='Only `{"type": "text"}`: output is never constrained to JSON.'
+    )
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="Not supported (no function calling): must be absent or empty."
+    )
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description='Only "none" or "auto" (with no tools).'
+    )
+    functions: list[dict[str, Any]] | None = Field(
+        None, description="Deprecated form of tools; not supported either."
+    )
+    function_call: str | dict[str, Any] | None = Field(
+        None, description='Only "none" or "auto" (with no functions).'
+    )
 
     def max_new_tokens(self) -> int:
         if self.max_completion_tokens is not None:

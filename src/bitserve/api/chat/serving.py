@@ -110,6 +110,31 @@ def encode_chat(
         raise InvalidParameterError(f"{param}: {exc}", param) from exc
 
 
+def check_supported(body: ChatCompletionRequest) -> None:
+    """400 for what the request asks and this server cannot do (function calling, output
+    constrained to JSON): answering with plain text would look like the model's choice."""
+    fmt = (body.response_format or {}).get("type", "text")
+    if fmt != "text":
+        raise InvalidParameterError(
+            f"response_format: type {fmt!r} is not supported, only 'text' "
+            "(this server does not constrain its output)",
+            "response_format",
+        )
+    for param in ("tools", "functions"):
+        if getattr(body, param):
+            raise InvalidParameterError(
+                f"{param}: function calling is not supported by this server", param
+            )
+    for param in ("tool_choice", "function_call"):
+        choice = getattr(body, param)
+        if choice not in (None, "none", "auto"):
+            raise InvalidParameterError(
+                f"{param}: {choice!r} needs function calling, which this server does not "
+                "support (only 'none' or 'auto')",
+                param,
+            )
+
+
 def plan_chat(
     served: ServedModel,
     body: ChatCompletionRequest,

@@ -29,6 +29,7 @@ from starlette.responses import Response
 
 from bitserve.api.chat.serving import (
     ChoiceResult,
+    check_supported,
     encode_chat,
     plan_chat,
     respond_chat,
@@ -235,6 +236,7 @@ class ConversationService:
         model = self.served.resolve(body.model)
         if body.n != 1:
             raise InvalidParameterError("n: conversation chats generate one reply (n=1)", "n")
+        check_supported(body)
         await run_in_threadpool(self.store.get, owner, conversation_id)  # 404 before waiting
         guard.add(await self.locks.acquire(conversation_id))
         try:
