@@ -174,3 +174,22 @@ def test_push_all_wakes_each_loop_once_in_order_and_cancels_on_a_closed_loop() -
     fn(batch)  # what the loop then runs: each handle gets its events, in order
     assert [a._events.get_nowait(), a._events.get_nowait()] == [events[0], events[3]]
     assert b._events.get_nowait() == events[1]
+
+
+def test_merged_events_come_out_round_robin_when_the_reader_is_behind() -> None:
+    """All choices' events already queued (the engine got ahead of a slow reader): the
+    merged stream still alternates between the choices instead of draining one first."""
+    from bitserve.api.streaming import merged_events
+    from bitserve.engine.loop import _END, RequestHandle
+
+    async def main() -> list[int | None]:
+        loop = asyncio.get_running_loop()
+        handles = [RequestHandle(GenerationRequest([1], max_tokens=3), loop) for _ in range(3)]
+        for h in handles:
+            for i in range(3):
+                h._events.put_nowait(TokenEvent(i, str(i)))
+            h._events.put_nowait(_END)
+        return [index for index, event in [x async for x in merged_events(handles)] if event]
+
+    order = asyncio.run(main())
+    assert order == [0, 1, 2] * 3

@@ -134,14 +134,18 @@ def sse_response(
 async def merged_events(
     handles: list[RequestHandle],
 ) -> AsyncIterator[tuple[int, TokenEvent | None]]:
-    """``(choice index, event)`` as the choices' events arrive, then ``(index, None)`` when
-    a choice has ended; a choice's failure is raised."""
+    """``(choice index, event)`` as the choices' events arrive (round-robin when several
+    are waiting), then ``(index, None)`` when a choice has ended; a choice's failure is
+    raised."""
     queue: asyncio.Queue[tuple[int, TokenEvent | Exception | None]] = asyncio.Queue()
 
     async def pump(index: int, handle: RequestHandle) -> None:
         try:
             async for event in handle:
                 queue.put_nowait((index, event))
+                # let the other choices' pumps take their turn: events the engine got ahead
+                # with (a slow reader) still come out round-robin, not one choice at a time
+                await asyncio.sleep(0)
             queue.put_nowait((index, None))
         except Exception as exc:
             queue.put_nowait((index, exc))
