@@ -46,7 +46,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from bitserve.engine.prefix_cache import common_prefix
+from bitserve.engine.prefix_cache import common_prefix, longest_prefix
 from bitserve.model.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -296,13 +296,7 @@ class KVSpill:
         """The entry sharing the longest prefix with ``tokens`` and that length
         (``(None, 0)`` if none shares a token)."""
         self._reap()
-        ids = np.asarray(tokens, dtype=np.int64)
-        best, best_len = None, 0
-        for entry in self.entries:
-            n = common_prefix(entry.tokens, ids)
-            if n > best_len:
-                best, best_len = entry, n
-        return best, best_len
+        return longest_prefix(self.entries, np.asarray(tokens, dtype=np.int64))
 
     def load(
         self, entry: SpillEntry, n: int, make_cache: Callable[[], KVCache], keep: bool = False

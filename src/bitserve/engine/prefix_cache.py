@@ -25,9 +25,9 @@ the prompt, in an earlier request, or read back from disk (bit for bit).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 
@@ -71,6 +71,25 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if diff.size else n
 
 
+class _HasTokens(Protocol):
+    @property
+    def tokens(self) -> np.ndarray: ...
+
+
+E = TypeVar("E", bound=_HasTokens)
+
+
+def longest_prefix(entries: Iterable[E], ids: np.ndarray) -> tuple[E | None, int]:
+    """The entry whose ``tokens`` share the longest prefix with ``ids``, and its length (the
+    first such entry on a tie; ``(None, 0)`` if none shares a token)."""
+    best, best_len = None, 0
+    for entry in entries:
+        n = common_prefix(entry.tokens, ids)
+        if n > best_len:
+            best, best_len = entry, n
+    return best, best_len
+
+
 @dataclass(slots=True)
 class PrefixCache:
     """LRU store of KV caches keyed by their tokens, within ``budget_bytes`` (0: off).
@@ -98,12 +117,7 @@ class PrefixCache:
     def _best(self, ids: np.ndarray) -> tuple[PrefixEntry | None, int]:
         """The RAM entry with the longest common prefix with ``ids``, and its length
         (the first such entry on a tie; ``(None, 0)`` if none shares a token)."""
-        best, best_len = None, 0
-        for entry in self.entries:
-            n = common_prefix(entry.tokens, ids)
-            if n > best_len:
-                best, best_len = entry, n
-        return best, best_len
+        return longest_prefix(self.entries, ids)
 
     def cached_length(self, tokens: list[int] | np.ndarray) -> int:
         """The longest common prefix of ``tokens`` with an entry in RAM (nothing moves)."""
