@@ -256,15 +256,19 @@ def submit_all(served: ServedModel, plan: ChatPlan, guard: RequestGuard) -> list
     return [guard.track(served.engine.submit(req)) for req in plan.requests]
 
 
-async def run_chat(
-    served: ServedModel, plan: ChatPlan, guard: RequestGuard, handles: list[RequestHandle]
+def choice_results(
+    events: Sequence[list[TokenEvent]], handles: list[RequestHandle]
 ) -> list[ChoiceResult]:
-    """Wait for every choice (generated together) and return them in index order."""
-    events = await asyncio.gather(*(collect(handle) for handle in handles))
+    """The choices' results in index order, from each one's events and handle."""
     return [
         ChoiceResult(index, choice_events, handle.cached_tokens)
         for index, (choice_events, handle) in enumerate(zip(events, handles, strict=True))
     ]
+
+
+async def run_chat(handles: list[RequestHandle]) -> list[ChoiceResult]:
+    """Wait for every choice (generated together) and return them in index order."""
+    return choice_results(await asyncio.gather(*(collect(h) for h in handles)), handles)
 
 
 class ChunkWriter:
@@ -340,10 +344,7 @@ async def stream_chat(
         if events[index] and events[index][-1].finish_reason == "cancelled":
             raise GenerationCancelledError("the generation was cancelled (the server is stopping)")
         yield writer.finish(index, wire_finish_reason(events[index]))
-    results = [
-        ChoiceResult(i, choice_events, handle.cached_tokens)
-        for i, (choice_events, handle) in enumerate(zip(events, handles, strict=True))
-    ]
+    results = choice_results(events, handles)
     if on_complete is not None:
         await on_complete(results)
     if plan.include_usage:
@@ -374,7 +375,7 @@ async def respond_chat(
         handles = submit_all(served, plan, guard)
         if stream:
             return sse_response(stream_chat(served, plan, handles, on_complete), guard)
-        results = await run_chat(served, plan, guard, handles)
+        results = await run_chat(handles)
         if on_complete is not None:
             await on_complete(results)
         return JSONResponse(completion_body(served, plan, results))
