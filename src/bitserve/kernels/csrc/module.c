@@ -291,6 +291,14 @@ static int check_attention(const Py_buffer *q, const Py_buffer *k, const Py_buff
     return check_groups(q->shape[1], k->shape[1]);
 }
 
+/* 1 when the new rows k_new/v_new are given, 0 when neither is, -1 (an error) for one alone */
+static int storing(PyObject *k_new, PyObject *v_new) {
+    int store = k_new != Py_None;
+    if (store == (v_new != Py_None)) return store;
+    PyErr_SetString(PyExc_ValueError, "k_new and v_new go together");
+    return -1;
+}
+
 /* k_new/v_new: f32 [n, KVH, D] with the cache's KVH and D, the rows to store; the buffer, or
  * NULL with an error. */
 static Py_buffer *take_new_rows(Views *v, PyObject *obj, const char *name, const Py_buffer *cache, Py_ssize_t n) {
@@ -308,11 +316,8 @@ static PyObject *py_attention(PoolObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOOnOi|OO", &oq, &ok, &ov, &start_pos, &oout, &impl, &okn, &ovn) || ready(self) ||
         check_impl(impl))
         return NULL;
-    int store = okn != Py_None;
-    if (store != (ovn != Py_None)) {
-        PyErr_SetString(PyExc_ValueError, "k_new and v_new go together");
-        return NULL;
-    }
+    int store = storing(okn, ovn);
+    if (store < 0) return NULL;
     Views v = {.n = 0};
     Py_buffer *q = take(&v, oq, "q", "f", 3, 0), *k = q ? take(&v, ok, "k_cache", "fe", 3, store) : NULL;
     Py_buffer *vv = k ? take(&v, ov, "v_cache", "fe", 3, store) : NULL;
@@ -382,11 +387,8 @@ static PyObject *py_attention_decode(PoolObject *self, PyObject *args) {
                           &ovn) ||
         ready(self) || check_impl(impl))
         return NULL;
-    int store = okn != Py_None;
-    if (store != (ovn != Py_None)) {
-        PyErr_SetString(PyExc_ValueError, "k_new and v_new go together");
-        return NULL;
-    }
+    int store = storing(okn, ovn);
+    if (store < 0) return NULL;
     Views v = {.n = 0};
     Py_buffer *q = take(&v, oq, "q", "f", 3, 0), *out = q ? take(&v, oout, "out", "f", 3, 1) : NULL;
     if (!out || check_dim("out", 0, out->shape[0], q->shape[0]) || check_dim("out", 1, out->shape[1], q->shape[1]) ||
