@@ -108,6 +108,12 @@ void permute_pairs(const int8_t *q, size_t n_blocks, int8_t *qp);
 void pair_dots_avx512(const uint8_t *const rows[PAIR_TILE_ROWS], const int8_t *qp,
                       size_t qp_stride, size_t n_blocks, int tt,
                       int32_t dots[PAIR_TILE_TOKENS][PAIR_TILE_ROWS]);
+/* ...and its n <= PAIR_TILE_ROWS rows stored for tt tokens: y[t·stride + i] =
+ * (float)(dots[t][i] − sum[t]) / scale[t] · w_scale, or with scale NULL the int32
+ * difference into acc[t·stride + i]; the same float32 operations as the scalar store. */
+void store_tile_avx512(const int32_t dots[PAIR_TILE_TOKENS][PAIR_TILE_ROWS], int tt, size_t n,
+                       const int32_t *sum, const float *scale, float w_scale, float *y,
+                       int32_t *acc, size_t stride);
 
 typedef enum { EMB_F32 = 0, EMB_F16 = 1, EMB_I8 = 2 } EmbKind;
 

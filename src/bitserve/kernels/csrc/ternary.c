@@ -242,11 +242,6 @@ static void store_dots(const MatmulTask *m, size_t row, size_t t0, int tt, const
     for (int t = 0; t < tt; t++) store_one(m, t0 + (size_t)t, row, dots[t]);
 }
 
-/* one token against rows [row, row + n) */
-static void store_run(const MatmulTask *m, size_t tok, size_t row, size_t n, const int32_t *dots) {
-    for (size_t i = 0; i < n; i++) store_one(m, tok, row + i, dots[i]);
-}
-
 #if BITSERVE_X86
 /* Rows [r0, r1) against tokens [t0, t0+tt) on AVX-512: tiles of 4 rows, each against
  * the tokens PAIR_TILE_TOKENS at a time (the rows' codes stay in L1 between them). */
@@ -261,7 +256,10 @@ static void rows_avx512(const MatmulTask *m, size_t r0, size_t r1, size_t t0, in
             int ut = tt - u < PAIR_TILE_TOKENS ? tt - u : PAIR_TILE_TOKENS;
             size_t tok = t0 + (size_t)u;
             pair_dots_avx512(rows, m->qp + tok * m->qp_stride, m->qp_stride, n_blocks, ut, dots);
-            for (int t = 0; t < ut; t++) store_run(m, tok + (size_t)t, r, n, dots[t]);
+            size_t at = tok * m->n_out + r;
+            store_tile_avx512(dots, ut, n, m->sum + tok, m->scale ? m->scale + tok : NULL,
+                              m->w_scale, m->y ? m->y + at : NULL, m->acc ? m->acc + at : NULL,
+                              m->n_out);
         }
     }
 }
