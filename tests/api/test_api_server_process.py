@@ -193,6 +193,21 @@ def test_client_disconnect_cancels_generation(server: Server, no_stop: dict[str,
     assert r2.status_code == 200 and time.monotonic() - started < 10
 
 
+def test_client_disconnect_cancels_a_non_streamed_generation(
+    server: Server, no_stop: dict[str, float]
+) -> None:
+    """No response stream to fail on: the guard's watcher alone sees the client leave."""
+    cancelled = metric(server.url, "bitserve_requests_cancelled_total")
+    url, body = long_stream_request(server.url, no_stop)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(url, json={**body, "stream": False}, timeout=httpx.Timeout(10, read=0.3))
+    deadline = time.monotonic() + 10
+    while metric(server.url, "bitserve_requests_cancelled_total") == cancelled:
+        assert time.monotonic() < deadline, "generation was not cancelled"
+        time.sleep(0.05)
+    assert metric(server.url, "bitserve_busy") == 0
+
+
 def test_concurrent_chats_to_one_conversation_never_interleave(server: Server) -> None:
     conv = httpx.post(f"{server.url}/v1/conversations", timeout=10).json()["id"]
     statuses: list[int] = []
