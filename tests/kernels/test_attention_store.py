@@ -134,3 +134,63 @@ def test_one_of_k_new_v_new_alone_is_refused() -> None:
             backend.attention(q, k, k.copy(), 0, new, None)
         with pytest.raises(ValueError, match="together"):
             backend.attention_decode(q, [(k, k.copy())], None, new)
+
+
+def head_major(a: np.ndarray, capacity: int) -> np.ndarray:
+    """``a [S, KVH, D]`` copied into head-major memory ``[KVH, capacity, D]`` (a KVCache's
+    layout) and returned as the ``[S, KVH, D]`` view of it the model passes the kernels."""
+    s, kvh, d = a.shape
+    view = np.zeros((kvh, capacity, d), a.dtype).transpose(1, 0, 2)[:s]
+    view[...] = a
+    return view
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("t", [1, 9])  # the per-head path and the blocked (prefill) path
+def test_head_major_caches_are_read_and_written_in_place(
+    native: NativeBackend, dtype: type, t: int
+) -> None:
+    rng = np.random.default_rng(11)
+    start = 45
+    q = rng.standard_normal((t, H, D), dtype=np.float32)
+    k = rng.standard_normal((start + t, KVH, D), dtype=np.float32).astype(dtype)
+    v = rng.standard_normal((start + t, KVH, D), dtype=np.float32).astype(dtype)
+    new_k, new_v = rng.standard_normal((2, t, KVH, D), dtype=np.float32)
+    want = native.attention(q, k, v, start, new_k, new_v)
+    k_head, v_head = head_major(np.zeros_like(k), 64), head_major(np.zeros_like(v), 64)
+    k_head[:start], v_head[:start] = k[:start], v[:start]
+    got = native.attention(q, k_head, v_head, start, new_k, new_v)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    # the new rows landed in the head-major memory itself: no copy was stored into
+    np.testing.assert_array_equal(k_head.view(np.uint8), k.view(np.uint8))
+    np.testing.assert_array_equal(v_head.view(np.uint8), v.view(np.uint8))
+    again = native.attention(q, k_head, v_head, start)  # reading only
+    np.testing.assert_array_equal(again.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_head_major_decode_equals_position_major(native: NativeBackend, dtype: type) -> None:
+    rng = np.random.default_rng(12)
+    lengths = [5, 30, 46]
+    q = rng.standard_normal((len(lengths), H, D), dtype=np.float32)
+    new_k, new_v = rng.standard_normal((2, len(lengths), KVH, D), dtype=np.float32)
+    flat = [
+        tuple(rng.standard_normal((n, KVH, D), dtype=np.float32).astype(dtype) for _ in "kv")
+        for n in lengths
+    ]
+    heads = [(head_major(k, 48), head_major(v, 48)) for k, v in flat]
+    want = native.attention_decode(q, flat, new_k, new_v)
+    got = native.attention_decode(q, heads, new_k, new_v)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    for (k, v), (kh, vh) in zip(flat, heads, strict=True):
+        np.testing.assert_array_equal(kh.view(np.uint8), k.view(np.uint8))
+        np.testing.assert_array_equal(vh.view(np.uint8), v.view(np.uint8))
+
+
+def test_k_and_v_must_share_a_layout(native: NativeBackend) -> None:
+    q = np.zeros((1, H, D), np.float32)
+    k = head_major(np.zeros((4, KVH, D), np.float32), 8)
+    with pytest.raises(ValueError, match="same strides"):
+        native._pool.attention(q, k, np.zeros((4, KVH, D), np.float32), 3, np.empty_like(q),
+                               native._impl, np.zeros((1, KVH, D), np.float32),
+                               np.zeros((1, KVH, D), np.float32))  # fmt: skip

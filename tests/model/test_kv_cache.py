@@ -58,7 +58,8 @@ def test_writes_in_place_and_counts_the_written_positions() -> None:
     k, v = cache.view(0, 100)
     np.testing.assert_array_equal(k[:, 0, 0], np.arange(100, dtype=np.float16))
     np.testing.assert_array_equal(v[:, 1, 3], -np.arange(100, dtype=np.float16))
-    assert k.flags.c_contiguous and k.dtype == np.float16
+    assert k.dtype == np.float16 and all(k[:, h].flags.c_contiguous for h in range(2))
+    assert k.strides == (16 * 2, 100 * 16 * 2, 2)  # head-major: each head's rows one run
     cache.truncate(40)
     assert cache.nbytes == 100 * per_position  # until trimmed
     cache.trim()

@@ -12,7 +12,8 @@ File layout (little endian), ``n = length``::
     header   HEADER: magic, format version, dtype code, n_layers, n_kv_heads, head_dim,
              n, crc32 of the payload, crc32 of the header fields + token bytes
     tokens   int64 [n]
-    payload  K [n_layers, n, n_kv_heads, head_dim], then V (same shape, the cache's dtype)
+    payload  K [n_layers, n_kv_heads, n, head_dim], then V (same shape, the cache's dtype):
+             the cache's head-major runs, each written and read without a copy
 
 A file is written to a temporary name, fsync'ed and renamed (``os.replace``), so a crash
 leaves either the whole file or a temporary one (deleted at the next start). A file whose
@@ -52,7 +53,7 @@ from bitserve.model.kv_cache import KVCache
 log = logging.getLogger(__name__)
 
 MAGIC = b"BSKVSPIL"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: head-major payload
 HEADER = struct.Struct("<8sIIIIIQII")  # magic, version, dtype, layout x3, n, crc x2
 DTYPE_CODES: dict[np.dtype, int] = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
 SUFFIX = ".kv"
@@ -117,10 +118,11 @@ def read_header(f: BinaryIO, file_size: int) -> tuple[SpillHeader, np.ndarray]:
 
 
 def _layer_slices(cache: KVCache, n: int) -> Iterator[np.ndarray]:
-    """K of every layer, then V: contiguous ``[n, n_kv_heads, head_dim]`` views."""
+    """K of every layer, head by head, then V: contiguous ``[n, head_dim]`` views."""
     for arr in (cache.k, cache.v):
         for layer in range(arr.shape[0]):
-            yield arr[layer, :n]
+            for head in range(arr.shape[2]):
+                yield arr[layer, :n, head]
 
 
 def write_file(path: Path, tokens: np.ndarray, cache: KVCache) -> Path:

@@ -33,8 +33,13 @@ HEAD_MODES = ("f16", "int8")
 
 
 def _kv_inputs(k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """K/V caches as the kernels read them: contiguous float16 if they are, else float32."""
+    """K/V caches as the kernels read them: float16 if they are, else float32. Arrays the
+    kernels take as they are (one dtype, one layout, each head's values contiguous, any
+    nonnegative position/head strides: a head-major KVCache view) are never copied."""
     dtype = np.float16 if k.dtype == np.float16 else np.float32
+    as_is = k.dtype == dtype and v.dtype == dtype and k.strides == v.strides
+    if as_is and k.ndim == 3 and k.strides[2] == k.itemsize and min(k.strides) >= 0:
+        return k, v
     return np.ascontiguousarray(k, dtype=dtype), np.ascontiguousarray(v, dtype=dtype)
 
 

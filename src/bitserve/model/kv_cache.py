@@ -57,7 +57,8 @@ class KVMemory:
 
 
 class KVCache:
-    """``k``, ``v``: ``[n_layers, max_seq, n_kv_heads, head_dim]`` float32 or float16.
+    """``k``, ``v``: ``[n_layers, max_seq, n_kv_heads, head_dim]`` float32 or float16, views
+    of head-major memory (``[n_layers, n_kv_heads, max_seq, head_dim]``).
 
     Invariants: ``0 <= length <= max_seq``; positions ``< length`` are valid in every layer;
     ``nbytes`` is the memory of positions ``< resident`` (written since the last trim, at
@@ -83,12 +84,15 @@ class KVCache:
         self.length = 0
         self.resident = 0
         self.memory = memory
-        shape = (2, config.n_layers, max_seq, config.n_kv_heads, config.head_dim)
+        # head-major memory: one run of max_seq rows per (k/v, layer, KV head), so attention,
+        # which reads one KV head's rows at a time, streams them (2B-4T decode at 1,600
+        # positions: 11.1 -> 7.9 ms for 30 layers' attention, against rows 5 heads apart)
+        shape = (2, config.n_layers, config.n_kv_heads, max_seq, config.head_dim)
         size = math.prod(shape) * self.dtype.itemsize
         self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | MAP_NORESERVE)
-        if hasattr(mmap, "MADV_NOHUGEPAGE"):  # 4 KB commits: a 2 MB page per layer run is
-            self._map.madvise(mmap.MADV_NOHUGEPAGE)  # 120 MB for a one-token sequence
-        kv = np.frombuffer(self._map, self.dtype).reshape(shape)
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):  # 4 KB commits: a 2 MB page per head run is
+            self._map.madvise(mmap.MADV_NOHUGEPAGE)  # 600 MB for a one-token sequence
+        kv = np.frombuffer(self._map, self.dtype).reshape(shape).transpose(0, 1, 3, 2, 4)
         self.k, self.v = kv[0], kv[1]
 
     @property
@@ -119,13 +123,14 @@ class KVCache:
 
     def trim(self) -> None:
         """Give back the memory of the positions past ``length``: the whole pages of each
-        layer's K and V runs between ``length`` and ``resident`` (a page shared with a
-        valid position, or with the next run, stays)."""
+        head run (k/v, layer, KV head) between ``length`` and ``resident`` (a page shared
+        with a valid position, or with the next run, stays)."""
         if self.resident <= self.length:
             return
         page = mmap.PAGESIZE
-        row = self.position_bytes // (2 * self.layout[0])  # one position of one layer
-        for run in range(2 * self.layout[0]):  # k then v, layer by layer
+        n_layers, n_kv, head_dim = self.layout
+        row = head_dim * self.dtype.itemsize  # one position of one head run
+        for run in range(2 * n_layers * n_kv):  # k then v, layer by layer, head by head
             base = run * self.max_seq * row
             start = -(-(base + self.length * row) // page) * page  # rounded up
             end = (base + self.resident * row) // page * page  # rounded down
@@ -157,8 +162,8 @@ class KVCache:
         self.v[layer, start:end] = v
 
     def view(self, layer: int, end: int) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and values of positions ``0..end-1`` of ``layer``: contiguous
-        ``[end, KVH, D]`` views."""
+        """Keys and values of positions ``0..end-1`` of ``layer``: ``[end, KVH, D]`` views,
+        each head's rows contiguous (the native kernels take them as they are)."""
         return self.k[layer, :end], self.v[layer, :end]
 
     def advance(self, n_new: int) -> None:

@@ -231,7 +231,7 @@ typedef struct {
     float *scores;   /* [stride, rs], position-major: row r's score at p is scores[p·rs + r] */
     size_t stride;   /* n_pos of the last row */
     size_t rs;       /* n_rows rounded up to 8: a position's 8-row groups are one vector */
-    size_t kv_off;   /* the KV head's first element in a K/V row: kvh · D */
+    size_t kv_off;   /* the KV head's first element in K/V: kvh · head_stride */
 } RowBlock;
 
 /* Lane r = hsum8(acc[r][j]) for the 8 rows, with hsum8's exact pairing: for each row
@@ -391,7 +391,7 @@ TARGET_AVX2 static inline void prefetch_tile(const void *kv, int f16, size_t kv_
  * pass 0 computes scores, pass 1 accumulates values. */
 TARGET_AVX2 static inline __attribute__((always_inline)) void block_pass(
     const RowBlock *b, const AttentionArgs *a, const int f16, const int W, const int values) {
-    size_t d = a->head_dim, kv_stride = a->n_kv_heads * d;
+    size_t d = a->head_dim, kv_stride = a->pos_stride;
     const void *kv = values ? a->v : a->k;
     for (size_t p0 = 0; p0 < b->stride; p0 += ATT_TILE) {
         prefetch_tile(kv, a->kv_f16, b->kv_off, kv_stride, d, p0 + ATT_TILE, b->stride);
@@ -516,18 +516,18 @@ static void attend_chunk(const AttentionTask *task, const AttentionArgs *a, int 
     size_t t = (size_t)chunk / (a->n_kv_heads * runs), rest = (size_t)chunk % (a->n_kv_heads * runs);
     size_t kvh = rest / runs, h0 = kvh * group + rest % runs * task->heads_per_chunk;
     size_t n_heads = group - (h0 - kvh * group) < task->heads_per_chunk ? group - (h0 - kvh * group) : task->heads_per_chunk;
-    size_t d = a->head_dim, n_pos = a->start_pos + t + 1, stride = a->n_kv_heads * d;
+    size_t d = a->head_dim, n_pos = a->start_pos + t + 1, stride = a->pos_stride, off0 = kvh * a->head_stride;
     const float *q = a->q + (t * a->n_heads + h0) * d;
     float *out = a->out + (t * a->n_heads + h0) * d;
     float *scores = task->scores + (size_t)thread * task->scores_stride;
 #if BITSERVE_X86
     if (task->impl >= IMPL_AVX2 && d % 16 == 0) {
-        group_avx2_any(q, a->k, a->v, a->kv_f16, (int)n_heads, kvh * d, stride, n_pos, d, scores, out);
+        group_avx2_any(q, a->k, a->v, a->kv_f16, (int)n_heads, off0, stride, n_pos, d, scores, out);
         return;
     }
 #endif
     for (size_t g = 0; g < n_heads; g++)
-        head_scalar(q + g * d, a->k, a->v, a->kv_f16, kvh * d, stride, n_pos, d, scores, out + g * d);
+        head_scalar(q + g * d, a->k, a->v, a->kv_f16, off0, stride, n_pos, d, scores, out + g * d);
 }
 
 static void attention_chunk(void *ctx, int chunk, int thread) {
@@ -557,7 +557,7 @@ static void block_chunk(void *ctx, int chunk, int thread) {
     size_t kvh = (size_t)chunk / task->n_blocks, blk = (size_t)chunk % task->n_blocks;
     size_t t0 = blk * a->n_tokens / task->n_blocks, t1 = (blk + 1) * a->n_tokens / task->n_blocks;
     size_t group = a->n_heads / a->n_kv_heads, d = a->head_dim;
-    RowBlock b = {.n_rows = (t1 - t0) * group, .kv_off = kvh * d, .stride = a->start_pos + t1};
+    RowBlock b = {.n_rows = (t1 - t0) * group, .kv_off = kvh * a->head_stride, .stride = a->start_pos + t1};
     b.rs = (b.n_rows + 7) / 8 * 8;
     b.scores = task->scores + (size_t)thread * task->scores_stride;
     for (size_t r = 0; r < b.n_rows; r++) {

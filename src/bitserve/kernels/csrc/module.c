@@ -299,6 +299,55 @@ static int storing(PyObject *k_new, PyObject *v_new) {
     return -1;
 }
 
+/* A K or V cache [S, KVH, D], float32 or float16, each head's D values contiguous and its
+ * positions and heads at any nonnegative strides (a KVCache view is head-major in memory):
+ * strides[0] (positions) and strides[1] (heads) in elements. 0, or -1 with an error. */
+static int cache_strides(const Py_buffer *b, const char *name, size_t strides[2]) {
+    char code = format_code(b);
+    if ((code != 'f' && code != 'e') || b->ndim != 3) {
+        PyErr_Format(PyExc_TypeError, "%s: a 3-D float32 or float16 array is needed", name);
+        return -1;
+    }
+    Py_ssize_t elt = b->itemsize;
+    for (int axis = 0; axis < 2; axis++) {
+        Py_ssize_t step = b->shape[axis] > 1 ? b->strides[axis] : 0; /* unused when 1 long */
+        if (step < 0 || step % elt) {
+            PyErr_Format(PyExc_ValueError, "%s: axis %d has stride %zd bytes", name, axis, step);
+            return -1;
+        }
+        strides[axis] = (size_t)(step / elt);
+    }
+    if (b->shape[2] > 1 && b->strides[2] != elt) {
+        PyErr_Format(PyExc_ValueError, "%s: each head's values must be contiguous", name);
+        return -1;
+    }
+    return 0;
+}
+
+/* k and v of one attention: both laid out alike (the kernels take one pair of strides) */
+static int same_strides(const size_t k[2], const size_t v[2]) {
+    if (k[0] == v[0] && k[1] == v[1]) return 0;
+    PyErr_SetString(PyExc_ValueError, "k_cache and v_cache must have the same strides");
+    return -1;
+}
+
+static Py_buffer *take_cache(Views *v, PyObject *obj, const char *name, int writable, size_t strides[2]) {
+    Py_buffer *b = &v->views[v->n];
+    if (PyObject_GetBuffer(obj, b, PyBUF_STRIDES | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0) return NULL;
+    v->n++;
+    return cache_strides(b, name, strides) ? NULL : b;
+}
+
+/* src [n, KVH, D] f32 → positions start..start+n-1 of the cache `dst` laid out as in a */
+static void store_new_rows(KernelImpl impl, void *dst, const AttentionArgs *a, const float *src,
+                           size_t start, size_t n) {
+    size_t elt = a->kv_f16 ? 2 : 4, d = a->head_dim;
+    for (size_t t = 0; t < n; t++)
+        for (size_t h = 0; h < a->n_kv_heads; h++)
+            store_kv_rows(impl, (char *)dst + ((start + t) * a->pos_stride + h * a->head_stride) * elt,
+                          a->kv_f16, src + (t * a->n_kv_heads + h) * d, d);
+}
+
 /* k_new/v_new: f32 [n, KVH, D] with the cache's KVH and D, the rows to store; the buffer, or
  * NULL with an error. */
 static Py_buffer *take_new_rows(Views *v, PyObject *obj, const char *name, const Py_buffer *cache, Py_ssize_t n) {
@@ -319,10 +368,11 @@ static PyObject *py_attention(PoolObject *self, PyObject *args) {
     int store = storing(okn, ovn);
     if (store < 0) return NULL;
     Views v = {.n = 0};
-    Py_buffer *q = take(&v, oq, "q", "f", 3, 0), *k = q ? take(&v, ok, "k_cache", "fe", 3, store) : NULL;
-    Py_buffer *vv = k ? take(&v, ov, "v_cache", "fe", 3, store) : NULL;
+    size_t ks[2], vs[2];
+    Py_buffer *q = take(&v, oq, "q", "f", 3, 0), *k = q ? take_cache(&v, ok, "k_cache", store, ks) : NULL;
+    Py_buffer *vv = k ? take_cache(&v, ov, "v_cache", store, vs) : NULL;
     Py_buffer *out = vv ? take(&v, oout, "out", "f", 3, 1) : NULL;
-    if (!out || start_pos < 0 || check_attention(q, k, vv, out, start_pos)) {
+    if (!out || start_pos < 0 || check_attention(q, k, vv, out, start_pos) || same_strides(ks, vs)) {
         if (out && start_pos < 0) PyErr_SetString(PyExc_ValueError, "start_pos must be >= 0");
         release_views(&v);
         return NULL;
@@ -333,13 +383,14 @@ static PyObject *py_attention(PoolObject *self, PyObject *args) {
         release_views(&v);
         return NULL;
     }
-    AttentionArgs a = {q->buf, k->buf, vv->buf, format_code(k) == 'e', (size_t)q->shape[0], (size_t)q->shape[1],
-                       (size_t)k->shape[1], (size_t)q->shape[2], (size_t)start_pos, out->buf};
-    size_t row = a.n_kv_heads * a.head_dim, elt = a.kv_f16 ? 2 : 4;
+    AttentionArgs a = {.q = q->buf, .k = k->buf, .v = vv->buf, .kv_f16 = format_code(k) == 'e',
+                       .n_tokens = (size_t)q->shape[0], .n_heads = (size_t)q->shape[1],
+                       .n_kv_heads = (size_t)k->shape[1], .head_dim = (size_t)q->shape[2],
+                       .start_pos = (size_t)start_pos, .out = out->buf, .pos_stride = ks[0], .head_stride = ks[1]};
     Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
     if (store) { /* the new tokens' keys and values first: they attend to themselves */
-        store_kv_rows((KernelImpl)impl, (char *)k->buf + a.start_pos * row * elt, a.kv_f16, kn->buf, a.n_tokens * row);
-        store_kv_rows((KernelImpl)impl, (char *)vv->buf + a.start_pos * row * elt, a.kv_f16, vn->buf, a.n_tokens * row);
+        store_new_rows((KernelImpl)impl, k->buf, &a, kn->buf, a.start_pos, a.n_tokens);
+        store_new_rows((KernelImpl)impl, vv->buf, &a, vn->buf, a.start_pos, a.n_tokens);
     }
     err = pool_reserve_scores(&self->pool, ATTENTION_GROUP * (a.start_pos + a.n_tokens));
     if (!err) attention(&self->pool, (KernelImpl)impl, &a);
@@ -356,16 +407,19 @@ static int take_decode_caches(PyObject *ks, PyObject *vs, const Py_buffer *q, Py
     Py_ssize_t b = q->shape[0];
     for (Py_ssize_t i = 0; i < b; i++) {
         Py_buffer *k = &buffers[2 * i], *v = &buffers[2 * i + 1];
-        int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+        int flags = PyBUF_STRIDES | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
         if (PyObject_GetBuffer(PyTuple_GET_ITEM(ks, i), k, flags) < 0) return -1;
         (*n_taken)++;
         if (PyObject_GetBuffer(PyTuple_GET_ITEM(vs, i), v, flags) < 0) return -1;
         (*n_taken)++;
         char code = format_code(k);
-        if ((code != 'f' && code != 'e') || format_code(v) != code || k->ndim != 3 || v->ndim != 3) {
+        size_t ks[2], vs[2];
+        if (cache_strides(k, "k_cache", ks) || cache_strides(v, "v_cache", vs)) return -1;
+        if (format_code(v) != code) {
             PyErr_SetString(PyExc_TypeError, "k/v caches: 3-D float32 or float16 arrays, one dtype");
             return -1;
         }
+        if (same_strides(ks, vs)) return -1;
         if (k->shape[0] < 1 || check_dim("v_cache", 0, v->shape[0], k->shape[0]) ||
             check_dim("k_cache", 1, k->shape[1], buffers[0].shape[1]) ||
             check_dim("v_cache", 1, v->shape[1], k->shape[1]) || check_dim("k_cache", 2, k->shape[2], q->shape[2]) ||
@@ -374,8 +428,10 @@ static int take_decode_caches(PyObject *ks, PyObject *vs, const Py_buffer *q, Py
             return -1;
         }
         if (check_groups(q->shape[1], k->shape[1])) return -1;
-        items[i] = (AttentionArgs){NULL, k->buf, v->buf, code == 'e', 1, (size_t)q->shape[1], (size_t)k->shape[1],
-                                   (size_t)q->shape[2], (size_t)(k->shape[0] - 1), NULL};
+        items[i] = (AttentionArgs){.k = k->buf, .v = v->buf, .kv_f16 = code == 'e', .n_tokens = 1,
+                                   .n_heads = (size_t)q->shape[1], .n_kv_heads = (size_t)k->shape[1],
+                                   .head_dim = (size_t)q->shape[2], .start_pos = (size_t)(k->shape[0] - 1),
+                                   .pos_stride = ks[0], .head_stride = ks[1]};
     }
     return 0;
 }
@@ -418,9 +474,9 @@ static PyObject *py_attention_decode(PoolObject *self, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
         for (Py_ssize_t i = 0; kn && i < b; i++) { /* each new token's key and value at its position */
             const AttentionArgs *it = &items[i];
-            size_t row = it->n_kv_heads * it->head_dim, at = it->start_pos * row * (it->kv_f16 ? 2 : 4);
-            store_kv_rows((KernelImpl)impl, (char *)buffers[2 * i].buf + at, it->kv_f16, (const float *)kn->buf + i * row, row);
-            store_kv_rows((KernelImpl)impl, (char *)buffers[2 * i + 1].buf + at, it->kv_f16, (const float *)vn->buf + i * row, row);
+            size_t row = it->n_kv_heads * it->head_dim;
+            store_new_rows((KernelImpl)impl, buffers[2 * i].buf, it, (const float *)kn->buf + i * row, it->start_pos, 1);
+            store_new_rows((KernelImpl)impl, buffers[2 * i + 1].buf, it, (const float *)vn->buf + i * row, it->start_pos, 1);
         }
         err = pool_reserve_scores(&self->pool, ATTENTION_GROUP * max_s);
         if (!err) attention_decode(&self->pool, (KernelImpl)impl, items, (size_t)b);

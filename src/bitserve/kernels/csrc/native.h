@@ -130,11 +130,14 @@ uint64_t read_memory(Pool *pool, KernelImpl impl, const uint8_t *buf, size_t n);
 
 typedef struct {
     const float *q;   /* [T, H, D] */
-    const void *k;    /* [S, KVH, D] f32 or f16 */
-    const void *v;
+    const void *k;    /* [S, KVH, D] f32 or f16, each head's D values contiguous */
+    const void *v;    /* the same layout as k */
     int kv_f16;
     size_t n_tokens, n_heads, n_kv_heads, head_dim, start_pos;
     float *out; /* [T, H, D] */
+    /* elements from one position to the next and from one KV head to the next, in k and v:
+     * KVH·D and D for a position-major cache, D and S_max·D for a head-major one */
+    size_t pos_stride, head_stride;
 } AttentionArgs;
 
 /* Needs pool_reserve_scores(pool, ATTENTION_GROUP · (start_pos + T)) first. */
