@@ -117,7 +117,7 @@ def read_header(f: BinaryIO, file_size: int) -> tuple[SpillHeader, np.ndarray]:
     return head, tokens
 
 
-def _layer_slices(cache: KVCache, n: int) -> Iterator[np.ndarray]:
+def _head_runs(cache: KVCache, n: int) -> Iterator[np.ndarray]:
     """K of every layer, head by head, then V: contiguous ``[n, head_dim]`` views."""
     for arr in (cache.k, cache.v):
         for layer in range(arr.shape[0]):
@@ -135,7 +135,7 @@ def write_file(path: Path, tokens: np.ndarray, cache: KVCache) -> Path:
         f.seek(HEADER.size)
         f.write(toks.tobytes())
         crc = 0
-        for part in _layer_slices(cache, n):
+        for part in _head_runs(cache, n):
             crc = zlib.crc32(part.data, crc)
             f.write(part.data)
         layout = (cache.layout[0], cache.layout[1], cache.layout[2])
@@ -157,7 +157,7 @@ def read_into(path: Path, cache: KVCache, expect_tokens: np.ndarray) -> None:
             raise SpillFileError("tokens changed since the index was read")
         cache.check_room(head.length)
         crc = 0
-        for part in _layer_slices(cache, head.length):
+        for part in _head_runs(cache, head.length):
             view = part.data.cast("B")
             if f.readinto(view) != len(view):
                 raise SpillFileError("truncated payload")
