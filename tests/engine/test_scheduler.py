@@ -154,8 +154,8 @@ def test_prefill_ahead_extends_the_ram_entry_and_leaves_the_disk_alone(tmp_path:
         cache.advance(n)
         return cache
 
-    per_token = cache_of(1).position_bytes
-    prefix = PrefixCache(110 * per_token, spill, lambda: KVCache(CONFIG, dtype=np.float16))
+    budget = cache_of(110).nbytes  # room for one of the two entries below
+    prefix = PrefixCache(budget, spill, lambda: KVCache(CONFIG, dtype=np.float16))
     other = list(range(110))  # a conversation that went further: evicted to disk below
     prefix.put(other, cache_of(110))
     prefix.put(other[:100], cache_of(100))
@@ -229,9 +229,8 @@ def test_eviction_keeps_the_budget_and_drops_the_least_recently_used() -> None:
         cache.advance(n)
         return cache
 
-    per_token = 2 * CONFIG.n_layers * CONFIG.kv_dim * 4
-    # an entry holds its tokens' positions: two 40-token ones fit, three do not
-    prefix = PrefixCache(budget_bytes=100 * per_token)
+    # an entry holds its tokens' pages: two 40-token ones fit, three do not
+    prefix = PrefixCache(budget_bytes=5 * KVCache(CONFIG, dtype=np.float32).bytes_for(40) // 2)
     prefix.put([1] * 40, cache_of(40))
     prefix.put([2] * 40, cache_of(40))
     taken = prefix.take([1] * 10 + [5])  # the 1s are used (taken) ...

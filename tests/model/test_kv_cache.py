@@ -4,6 +4,7 @@ accounting (and that untouched or trimmed positions really cost no memory)."""
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
 
 import numpy as np
@@ -49,29 +50,35 @@ def test_writes_in_place_and_counts_the_written_positions() -> None:
     memory = KVMemory()
     cache = KVCache(config, dtype=np.float16, memory=memory)
     address = cache.k.__array_interface__["data"][0]
-    per_position = 2 * 3 * 2 * 16 * 2  # k and v, 3 layers, 2 KV heads of 16, f16
+    page, runs = mmap.PAGESIZE, 2 * 3 * 2  # k and v, 3 layers, 2 KV heads (f16)
+    rows_per_page = page // (CONFIG.head_dim * 2)
+    assert cache.bytes_for(0) == 0
+    assert cache.bytes_for(1) == cache.bytes_for(rows_per_page) == runs * page
+    assert cache.bytes_for(rows_per_page + 1) == 2 * runs * page
     for pos in range(100):
         cache.write(0, pos, kv(1, pos), kv(1, -pos))
         cache.advance(1)
-        assert cache.nbytes == memory.allocated_bytes == (pos + 1) * per_position
+        assert cache.nbytes == memory.allocated_bytes == cache.bytes_for(pos + 1)
     assert cache.k.__array_interface__["data"][0] == address  # never moved, never copied
     k, v = cache.view(0, 100)
     np.testing.assert_array_equal(k[:, 0, 0], np.arange(100, dtype=np.float16))
     np.testing.assert_array_equal(v[:, 1, 3], -np.arange(100, dtype=np.float16))
     assert k.dtype == np.float16 and all(k[:, h].flags.c_contiguous for h in range(2))
-    assert k.strides == (16 * 2, 100 * 16 * 2, 2)  # head-major: each head's rows one run
+    d = CONFIG.head_dim
+    assert k.strides == (d * 2, 100 * d * 2, 2)  # head-major: each head's rows one run
     cache.truncate(40)
-    assert cache.nbytes == 100 * per_position  # until trimmed
+    assert cache.nbytes == cache.bytes_for(100)  # until trimmed
     cache.trim()
-    assert cache.nbytes == memory.allocated_bytes == 40 * per_position
+    assert cache.nbytes == memory.allocated_bytes == cache.bytes_for(40)
     np.testing.assert_array_equal(cache.view(0, 40)[0][:, 0, 0], np.arange(40))
     copy = cache.copy(10)
-    assert (copy.length, copy.max_seq, copy.nbytes) == (10, 100, 10 * per_position)
+    assert (copy.length, copy.max_seq, copy.nbytes) == (10, 100, cache.bytes_for(10))
     assert memory.allocated_bytes == cache.nbytes + copy.nbytes
     np.testing.assert_array_equal(copy.view(0, 10)[1], cache.view(0, 10)[1])
     cache.release()
     copy.release()
-    assert memory.allocated_bytes == 0 and memory.peak_bytes == 100 * per_position
+    peak = max(cache.bytes_for(100), cache.bytes_for(40) + cache.bytes_for(10))
+    assert memory.allocated_bytes == 0 and memory.peak_bytes == peak
     assert (cache.length, cache.nbytes) == (0, 0)
 
 
@@ -95,7 +102,8 @@ def test_only_written_positions_take_memory() -> None:
         cache.write(layer, 0, rows, rows)
     cache.advance(1000)
     grown = _rss_bytes() - before
-    assert cache.nbytes == 1000 * 76800  # 76.8 KB per position
+    page = mmap.PAGESIZE  # 300 head runs of 1000 rows of 256 B each, in whole pages
+    assert cache.nbytes == 300 * -(-256_000 // page) * page
     assert 0.9 * cache.nbytes < grown < 1.1 * cache.nbytes + 4 * 2**20
     cache.truncate(100)
     cache.trim()

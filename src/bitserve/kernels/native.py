@@ -37,8 +37,9 @@ def _kv_inputs(k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     kernels take as they are (one dtype, one layout, each head's values contiguous, any
     nonnegative position/head strides: a head-major KVCache view) are never copied."""
     dtype = np.float16 if k.dtype == np.float16 else np.float32
-    as_is = k.dtype == dtype and v.dtype == dtype and k.strides == v.strides
-    if as_is and k.ndim == 3 and k.strides[2] == k.itemsize and min(k.strides) >= 0:
+    as_is = k.dtype == dtype and v.dtype == dtype and k.strides == v.strides and k.ndim == 3
+    whole = all(s >= 0 and s % k.itemsize == 0 for s in k.strides)  # in elements, forward
+    if as_is and whole and k.strides[2] == k.itemsize:
         return k, v
     return np.ascontiguousarray(k, dtype=dtype), np.ascontiguousarray(v, dtype=dtype)
 

@@ -304,7 +304,7 @@ static int storing(PyObject *k_new, PyObject *v_new) {
  * strides[0] (positions) and strides[1] (heads) in elements. 0, or -1 with an error. */
 static int cache_strides(const Py_buffer *b, const char *name, size_t strides[2]) {
     char code = format_code(b);
-    if ((code != 'f' && code != 'e') || b->ndim != 3) {
+    if ((code != 'f' && code != 'e') || b->itemsize != (code == 'e' ? 2 : 4) || b->ndim != 3) {
         PyErr_Format(PyExc_TypeError, "%s: a 3-D float32 or float16 array is needed", name);
         return -1;
     }
