@@ -19,7 +19,6 @@
 #include <immintrin.h>
 #endif
 
-#define KV_PREFETCH 32 /* positions ahead to prefetch K rows (decode reads them from DRAM) */
 
 typedef struct {
     KernelImpl impl;
@@ -127,15 +126,12 @@ TARGET_AVX2 static inline __attribute__((always_inline)) void group_scores(
     size_t elt = f16 ? 2 : 4, row_bytes = d * elt;
     for (int g = 0; g < G; g++) max_score[g] = -INFINITY;
     for (size_t p = 0; p < n_pos; p++) {
-        /* decode finds this layer's cache in DRAM (a token's weights evicted it): a K row
-         * KV_PREFETCH positions ahead and this position's V row are requested now, so the
-         * strided rows arrive in parallel instead of one latency at a time */
-        const char *k_ahead = (const char *)k + (off0 + (p + KV_PREFETCH) * stride) * elt;
+        /* decode finds this layer's cache in DRAM (a token's weights evicted it). The K rows
+         * are read in order, one stream the hardware prefetchers follow (a software prefetch
+         * 32 rows ahead made 30 layers at 1,600 positions 13-15% slower); the V rows, read
+         * only after the softmax, are requested now into L2 */
         const char *v_row = (const char *)v + (off0 + p * stride) * elt;
-        for (size_t b = 0; b < row_bytes; b += 64) {
-            if (p + KV_PREFETCH < n_pos) _mm_prefetch(k_ahead + b, _MM_HINT_T0);
-            _mm_prefetch(v_row + b, _MM_HINT_T1);
-        }
+        for (size_t b = 0; b < row_bytes; b += 64) _mm_prefetch(v_row + b, _MM_HINT_T1);
         __m256 acc[4];
         for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
         size_t off = off0 + p * stride;
