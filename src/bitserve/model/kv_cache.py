@@ -61,7 +61,7 @@ class KVCache:
     of head-major memory (``[n_layers, n_kv_heads, max_seq, head_dim]``).
 
     Invariants: ``0 <= length <= max_seq``; positions ``< length`` are valid in every layer;
-    ``nbytes`` is the memory of positions ``< resident`` (written since the last trim, at
+    ``nbytes`` is the memory (pages) of positions ``< resident`` (written since the last trim, at
     least ``length``), and ``memory`` (if any) counts exactly ``nbytes`` for this cache.
     """
 
@@ -94,16 +94,16 @@ class KVCache:
             self._map.madvise(mmap.MADV_NOHUGEPAGE)  # 600 MB for a one-token sequence
         kv = np.frombuffer(self._map, self.dtype).reshape(shape).transpose(0, 1, 3, 2, 4)
         self.k, self.v = kv[0], kv[1]
+        self._runs = 2 * config.n_layers * config.n_kv_heads  # k then v, layer, head
+        self._row_bytes = config.head_dim * self.dtype.itemsize  # one position of a run
 
     def bytes_for(self, n: int) -> int:
         """Memory that ``n`` written positions take: the whole pages of each head run (k/v,
         layer, KV head) they touch, as the kernel commits them. Exact when every run starts
         on a page (any real model's ``max_seq``), an upper bound when runs share pages. A
         one-token 2B-4T cache is 300 pages (1.2 MB), not 77 KB."""
-        n_layers, n_kv, head_dim = self.layout
         page = mmap.PAGESIZE
-        per_run = -(-n * head_dim * self.dtype.itemsize // page) * page
-        return 2 * n_layers * n_kv * per_run
+        return self._runs * (-(-n * self._row_bytes // page) * page)
 
     @property
     def nbytes(self) -> int:
@@ -131,10 +131,8 @@ class KVCache:
         with a valid position, or with the next run, stays)."""
         if self.resident <= self.length:
             return
-        page = mmap.PAGESIZE
-        n_layers, n_kv, head_dim = self.layout
-        row = head_dim * self.dtype.itemsize  # one position of one head run
-        for run in range(2 * n_layers * n_kv):  # k then v, layer by layer, head by head
+        page, row = mmap.PAGESIZE, self._row_bytes
+        for run in range(self._runs):
             base = run * self.max_seq * row
             start = -(-(base + self.length * row) // page) * page  # rounded up
             end = (base + self.resident * row) // page * page  # rounded down

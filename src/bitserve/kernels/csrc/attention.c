@@ -19,7 +19,6 @@
 #include <immintrin.h>
 #endif
 
-
 typedef struct {
     KernelImpl impl;
     const AttentionArgs *a;

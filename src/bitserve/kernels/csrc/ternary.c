@@ -228,18 +228,17 @@ typedef struct {
     size_t qp_stride;
 } MatmulTask;
 
-/* Token tok's dot product with row `row` (Σ c·q) → y (or acc): Σ (c-1)·q scaled. */
-static inline void store_one(const MatmulTask *m, size_t tok, size_t row, int32_t dot_cq) {
-    int32_t dot = dot_cq - m->sum[tok];
-    if (m->scale)
-        m->y[tok * m->n_out + row] = (float)dot / m->scale[tok] * m->w_scale;
-    else
-        m->acc[tok * m->n_out + row] = dot;
-}
-
-/* one row against tokens [t0, t0+tt) */
+/* One row's dot products (Σ c·q) with tokens [t0, t0+tt) → y (or acc): Σ (c-1)·q scaled.
+ * The AVX-512 tiles store theirs with store_tile_avx512, the same float32 operations. */
 static void store_dots(const MatmulTask *m, size_t row, size_t t0, int tt, const int32_t *dots) {
-    for (int t = 0; t < tt; t++) store_one(m, t0 + (size_t)t, row, dots[t]);
+    for (int t = 0; t < tt; t++) {
+        size_t tok = t0 + (size_t)t;
+        int32_t dot = dots[t] - m->sum[tok];
+        if (m->scale)
+            m->y[tok * m->n_out + row] = (float)dot / m->scale[tok] * m->w_scale;
+        else
+            m->acc[tok * m->n_out + row] = dot;
+    }
 }
 
 #if BITSERVE_X86

@@ -88,8 +88,8 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void pair_tile(
     /* into L1 unless the tile's activations need it: prefetched codes would evict them */
     const int to_l1 = (size_t)tt * n_blocks * 128 <= PREFETCH_L1_MAX_ACT_BYTES;
     __m512i acc[PAIR_TILE_ROWS][PAIR_TILE_TOKENS];
-    for (int r = 0; r < nr; r++)
-        for (int t = 0; t < tt; t++) acc[r][t] = _mm512_setzero_si512();
+    for (int r = 0; r < nr; r++) /* all 4 tokens: reduce_tile sums the whole tile */
+        for (int t = 0; t < PAIR_TILE_TOKENS; t++) acc[r][t] = _mm512_setzero_si512();
     size_t n_pairs = n_blocks / 2;
     for (size_t p = 0; p <= n_pairs; p++) {
         __m512i raw[PAIR_TILE_ROWS];
@@ -120,8 +120,6 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void pair_tile(
             }
         }
     }
-    for (int t = tt; t < PAIR_TILE_TOKENS; t++)
-        for (int r = 0; r < nr; r++) acc[r][t] = _mm512_setzero_si512();
     _mm512_storeu_si512((void *)dots, reduce_tile(acc));
 }
 
