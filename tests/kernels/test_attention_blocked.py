@@ -17,6 +17,7 @@ SHAPES = [
     (2, 0, 4, 4, 16),  # group 1: 2 rows, the first token sees one position
     (9, 61, 8, 4, 32),  # group 2: blocks straddle the first 64-position tile
     (29, 130, 20, 5, 128),  # 2B-4T's heads: a follow-up turn over a cached history
+    (24, 130, 20, 5, 128),  # ...whose 3 blocks x 5 KV heads 2 threads split as 4 x 5
     (13, 3, 12, 2, 48),  # group 6: 30-row blocks, tails of 4 and 2 rows
     (40, 0, 8, 2, 64),  # a fresh prompt: causal from position 0, several blocks
 ]

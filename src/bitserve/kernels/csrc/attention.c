@@ -620,8 +620,8 @@ static void block_chunk(void *ctx, int chunk, int thread) {
 }
 
 /* The blocked path if it applies (T > 1, AVX2, D a multiple of 16, a group's heads fit a
- * block); 0 if not. Blocks of up to ATTENTION_GROUP / group tokens, and at least two
- * chunks per thread while there are tokens to split. */
+ * block); 0 if not. Blocks of up to ATTENTION_GROUP / group tokens, at least two chunks
+ * per thread while there are tokens to split, and a chunk count the threads divide. */
 static int attention_blocked(Pool *pool, KernelImpl impl, const AttentionArgs *a) {
 #if BITSERVE_X86
     size_t group = a->n_heads / a->n_kv_heads, max_tokens = ATTENTION_GROUP / group;
@@ -629,6 +629,10 @@ static int attention_blocked(Pool *pool, KernelImpl impl, const AttentionArgs *a
     size_t n_blocks = (a->n_tokens + max_tokens - 1) / max_tokens;
     size_t want = (2 * (size_t)pool->n_threads + a->n_kv_heads - 1) / a->n_kv_heads;
     if (n_blocks < want) n_blocks = want < a->n_tokens ? want : a->n_tokens;
+    /* the chunks cost about the same and are claimed as threads free up: a count the
+     * threads divide keeps all of them busy to the end (a 24-token follow-up, 5 KV heads,
+     * 2 threads: 15 chunks left one thread idle for the last; 20 do not) */
+    while (n_blocks < a->n_tokens && n_blocks * a->n_kv_heads % (size_t)pool->n_threads) n_blocks++;
     BlockFn fn = impl >= IMPL_AVX512 ? (a->kv_f16 ? block_f16_avx512 : block_f32_avx512)
                                      : (a->kv_f16 ? block_f16_avx2 : block_f32_avx2);
     BlockTask task = {a, fn, pool->scores, (a->start_pos + a->n_tokens) * ATTENTION_GROUP, n_blocks};
