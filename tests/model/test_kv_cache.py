@@ -144,6 +144,13 @@ def test_write_view_advance() -> None:
     assert cache.length == 3  # writing alone does not make positions valid
 
 
+def test_writing_at_a_negative_position_is_refused_as_such() -> None:
+    cache = KVCache(CONFIG, max_seq=4)
+    with pytest.raises(ValueError, match="write at position -1") as e:
+        cache.write(0, -1, kv(2, 1.0), kv(2, 1.0))
+    assert not isinstance(e.value, ContextFullError)  # not a "context full" message
+
+
 def test_writing_past_max_seq_raises_before_changing_anything() -> None:
     cache = KVCache(CONFIG, max_seq=4)
     cache.write(0, 0, kv(3, 1.0), kv(3, 1.0))

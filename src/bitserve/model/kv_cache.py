@@ -156,8 +156,10 @@ class KVCache:
     def write(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
         """Store ``k``, ``v`` ``[T, n_kv_heads, head_dim]`` at positions ``start..start+T-1``
         (converted to the cache's dtype)."""
+        if start < 0:
+            raise ValueError(f"write at position {start}")
         end = start + k.shape[0]
-        if start < 0 or end > self.max_seq:
+        if end > self.max_seq:  # reported as this write's start and size, not the length's
             raise ContextFullError(start, k.shape[0], self.max_seq)
         self.reserve(end)
         self.k[layer, start:end] = k
