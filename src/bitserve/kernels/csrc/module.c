@@ -331,9 +331,14 @@ static int same_strides(const size_t k[2], const size_t v[2]) {
     return -1;
 }
 
+/* A cache's buffer as cache_strides checks it: strided, typed, writable when stored into */
+static int get_cache_buffer(PyObject *obj, Py_buffer *b, int writable) {
+    return PyObject_GetBuffer(obj, b, PyBUF_STRIDES | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0));
+}
+
 static Py_buffer *take_cache(Views *v, PyObject *obj, const char *name, int writable, size_t strides[2]) {
     Py_buffer *b = &v->views[v->n];
-    if (PyObject_GetBuffer(obj, b, PyBUF_STRIDES | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0) return NULL;
+    if (get_cache_buffer(obj, b, writable) < 0) return NULL;
     v->n++;
     return cache_strides(b, name, strides) ? NULL : b;
 }
@@ -407,10 +412,9 @@ static int take_decode_caches(PyObject *ks, PyObject *vs, const Py_buffer *q, Py
     Py_ssize_t b = q->shape[0];
     for (Py_ssize_t i = 0; i < b; i++) {
         Py_buffer *k = &buffers[2 * i], *v = &buffers[2 * i + 1];
-        int flags = PyBUF_STRIDES | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
-        if (PyObject_GetBuffer(PyTuple_GET_ITEM(ks, i), k, flags) < 0) return -1;
+        if (get_cache_buffer(PyTuple_GET_ITEM(ks, i), k, writable) < 0) return -1;
         (*n_taken)++;
-        if (PyObject_GetBuffer(PyTuple_GET_ITEM(vs, i), v, flags) < 0) return -1;
+        if (get_cache_buffer(PyTuple_GET_ITEM(vs, i), v, writable) < 0) return -1;
         (*n_taken)++;
         char code = format_code(k);
         size_t ks[2], vs[2];
