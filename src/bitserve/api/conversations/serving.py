@@ -244,8 +244,9 @@ class ConversationService:
             if not new:
                 raise InvalidParameterError("messages: must contain the new message", "messages")
             history = await self.history(owner, conversation_id)
-            fitted = fit_history(self.served, history, new, body.max_new_tokens())
-            messages, dropped, prompt = fitted
+            messages, dropped, prompt = fit_history(
+                self.served, history, new, body.max_new_tokens()
+            )
             plan = plan_chat(self.served, body, messages, model, prompt=prompt)
             plan.extra = {"conversation_id": conversation_id, "truncated_messages": dropped}
 
