@@ -21,7 +21,12 @@
 
 #define BLOCK 128
 #define BLOCK_BYTES 32
-#define TOKEN_TILE 8 /* tokens sharing one unpacked weight block (GEMM) */
+/* Tokens sharing one unpacked weight block (GEMM). AVX2 has 16 ymm registers: 8 tokens'
+ * int16 and int32 accumulators spilled (18 stack moves per 32 maddubs in the loop), 4
+ * tokens' hardly (4 per 16), and the ternary pass ran ~9% faster at T = 8, 24 and 32
+ * (2B-4T shapes, Zen 4) though each block is unpacked twice as often. AVX-512 tiles tokens
+ * by 4 anyway (PAIR_TILE_TOKENS). */
+#define TOKEN_TILE 4
 /* Blocks summed in int16 before widening (AVX2). Bound: a maddubs lane is c0·q0 + c1·q1 with
  * c in {0,1,2}, q in [-128,127], so it lies in [-512, 508] and never saturates; one block
  * adds 4 such lanes: [-2048, 2032]; 16 blocks: [-32768, 32512], inside int16. add_epi16
@@ -198,10 +203,6 @@ TARGET_AVX2 static void row_dots_avx2_any(const uint8_t *codes, const int8_t *q,
                                           size_t q_stride, size_t n_blocks, int tt,
                                           int32_t *dots) {
     switch (tt) { /* one specialization per tile width, so accumulators stay in registers */
-    case 8: row_dots_avx2(codes, q, q_stride, n_blocks, 8, dots); break;
-    case 7: row_dots_avx2(codes, q, q_stride, n_blocks, 7, dots); break;
-    case 6: row_dots_avx2(codes, q, q_stride, n_blocks, 6, dots); break;
-    case 5: row_dots_avx2(codes, q, q_stride, n_blocks, 5, dots); break;
     case 4: row_dots_avx2(codes, q, q_stride, n_blocks, 4, dots); break;
     case 3: row_dots_avx2(codes, q, q_stride, n_blocks, 3, dots); break;
     case 2: row_dots_avx2(codes, q, q_stride, n_blocks, 2, dots); break;

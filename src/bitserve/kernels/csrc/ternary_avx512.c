@@ -13,8 +13,8 @@
  * faster at T=4 than the earlier row-pair tile with broadcast activations).
  *
  * Register tile: 4 rows × up to 4 tokens, i.e. 16 accumulators + 4 raw, 4 code and 4 activation
- * vectors of the 32 zmm. Wider token tiles run as several tiles of 4 over the
- * same rows, whose codes then come from L1. Measured alternatives, both slower: 2 rows × 8
+ * vectors of the 32 zmm. More tokens run as groups of 4 over a chunk's rows (TOKEN_TILE),
+ * whose codes then come from L2. Measured alternatives, both slower: 2 rows × 8
  * tokens (twice the activation bytes per product, from L2) and 8 rows for T=1 (generation
  * fell from ~22 to ~19.5 tok/s).
  */
