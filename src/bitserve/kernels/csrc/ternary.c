@@ -243,8 +243,9 @@ static void store_dots(const MatmulTask *m, size_t row, size_t t0, int tt, const
 }
 
 #if BITSERVE_X86
-/* Rows [r0, r1) against tokens [t0, t0+tt) on AVX-512: tiles of 4 rows, each against
- * the tokens PAIR_TILE_TOKENS at a time (the rows' codes stay in L1 between them). */
+/* Rows [r0, r1) against tokens [t0, t0+tt) on AVX-512: tiles of 4 rows, each against all
+ * tt <= TOKEN_TILE tokens at once. */
+_Static_assert(TOKEN_TILE <= PAIR_TILE_TOKENS, "a token tile must fit one AVX-512 register tile");
 static void rows_avx512(const MatmulTask *m, size_t r0, size_t r1, size_t t0, int tt) {
     size_t n_blocks = m->n_in / BLOCK, row_bytes = m->n_in / 4, nr = PAIR_TILE_ROWS;
     int32_t dots[PAIR_TILE_TOKENS][PAIR_TILE_ROWS];
@@ -252,15 +253,10 @@ static void rows_avx512(const MatmulTask *m, size_t r0, size_t r1, size_t t0, in
         const uint8_t *rows[PAIR_TILE_ROWS];
         size_t n = r1 - r < nr ? r1 - r : nr;
         for (size_t i = 0; i < nr; i++) rows[i] = m->codes + (r + (i < n ? i : 0)) * row_bytes;
-        for (int u = 0; u < tt; u += PAIR_TILE_TOKENS) {
-            int ut = tt - u < PAIR_TILE_TOKENS ? tt - u : PAIR_TILE_TOKENS;
-            size_t tok = t0 + (size_t)u;
-            pair_dots_avx512(rows, m->qp + tok * m->qp_stride, m->qp_stride, n_blocks, ut, dots);
-            size_t at = tok * m->n_out + r;
-            store_tile_avx512(dots, ut, n, m->sum + tok, m->scale ? m->scale + tok : NULL,
-                              m->w_scale, m->y ? m->y + at : NULL, m->acc ? m->acc + at : NULL,
-                              m->n_out);
-        }
+        pair_dots_avx512(rows, m->qp + t0 * m->qp_stride, m->qp_stride, n_blocks, tt, dots);
+        size_t at = t0 * m->n_out + r;
+        store_tile_avx512(dots, tt, n, m->sum + t0, m->scale ? m->scale + t0 : NULL, m->w_scale,
+                          m->y ? m->y + at : NULL, m->acc ? m->acc + at : NULL, m->n_out);
     }
 }
 #endif
