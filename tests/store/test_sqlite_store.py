@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bitserve.store import ConversationNotFoundError, NewMessage, SQLiteStore, StoreError
-from bitserve.store.sqlite import SCHEMA_V1, SCHEMA_VERSION
+from bitserve.store.schema import SCHEMA_VERSION, schema_statements
 
 
 @pytest.fixture
@@ -170,7 +170,8 @@ def test_reply_token_ids_round_trip(store: SQLiteStore, tmp_path: Path) -> None:
 def write_v1_database(path: Path) -> None:
     """A file as bitserve 0.x (schema 1) left it: one conversation with a turn."""
     db = sqlite3.connect(path)
-    db.executescript(SCHEMA_V1)
+    for statement in schema_statements("sqlite"):
+        db.execute(statement)
     db.execute("INSERT INTO schema_version (version) VALUES (1)")
     db.execute("INSERT INTO conversations VALUES (1, 'conv_1700000000000_0', 'k', 1.0, '{}')")
     db.execute("INSERT INTO messages VALUES (1, 0, 'user', 'old q', 2.0, 2, NULL, NULL, NULL)")
