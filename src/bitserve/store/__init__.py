@@ -8,6 +8,8 @@ from bitserve.store.base import (
     NewMessage,
     StoredMessage,
     StoreError,
+    StoreUnavailableError,
+    Turn,
 )
 from bitserve.store.sqlite import SQLiteStore
 
@@ -19,5 +21,7 @@ __all__ = [
     "NewMessage",
     "SQLiteStore",
     "StoreError",
+    "StoreUnavailableError",
     "StoredMessage",
+    "Turn",
 ]
