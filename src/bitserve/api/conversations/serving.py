@@ -2,8 +2,11 @@
 
 A chat turn holds the conversation's lock from reading the history until the reply is
 stored (or abandoned), so concurrent chats to one conversation run one after another and
-never interleave. The user message(s) and the reply are appended in one store transaction
-after the reply is complete; a reply that is cancelled or fails stores nothing.
+never interleave: an ``asyncio`` lock within this process, and the store's
+:meth:`~bitserve.store.ConversationStore.begin_turn` across processes (PostgreSQL holds
+the conversation's row lock for the turn). The user message(s) and the reply are appended
+in one store transaction after the reply is complete; a reply that is cancelled or fails
+stores nothing.
 
 Each reply is stored with the token ids the model generated (:func:`reply_token_ids`), and
 the history hands them to the chat formatter, which uses them verbatim: the next turn's
@@ -243,7 +246,9 @@ class ConversationService:
             new = wire_messages(body.messages)
             if not new:
                 raise InvalidParameterError("messages: must contain the new message", "messages")
-            history = await self.history(owner, conversation_id)
+            turn = await run_in_threadpool(self.store.begin_turn, owner, conversation_id)
+            guard.add(turn.abandon)  # added before any await: a cancelled request runs it
+            history = [_history_message(m) for m in turn.messages]
             messages, dropped, prompt = fit_history(
                 self.served, history, new, body.max_new_tokens()
             )
@@ -252,9 +257,7 @@ class ConversationService:
 
             async def store_turn(results: list[ChoiceResult]) -> None:
                 reply = self.reply_message(plan.prompt_tokens, results[0])
-                await run_in_threadpool(
-                    self.store.append_turn, owner, conversation_id, [*self.new_messages(new), reply]
-                )
+                await run_in_threadpool(turn.commit, [*self.new_messages(new), reply])
                 ahead = next_turn_prefix(self.served, messages, reply)
                 if ahead is not None:
                     self.served.engine.prefill_ahead(ahead, PREFILL_AHEAD_MAX_TOKENS)
