@@ -59,6 +59,7 @@ def create_app(settings: ServerSettings, served: ServedModel, store: Conversatio
     app.state.keys = KeyChecker(settings.api_keys)
     app.state.conversations = ConversationService(store, served)
     system.install_metrics(app, served)  # app.state.registry + the HTTP-edge middleware
+    app.add_middleware(system.ReplicaHeader, name=settings.replica_name)
     install_error_handlers(app)
     for router in (
         system.health_router,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,10 @@ class ServerSettings:
     """``api_keys`` empty means no authentication. ``ctx_size`` None means the model's
     context length. ``aliases`` are extra ``model`` names the local model answers to.
     ``max_batch`` sequences run together; ``cache_ram_mb`` bounds the prefix KV cache in
-    RAM, ``cache_disk_mb`` its entries spilled to files under ``cache_dir`` (0: none)."""
+    RAM, ``cache_disk_mb`` its entries spilled to files under ``cache_dir`` (0: none).
+    ``db_path`` is an SQLite file or a ``postgresql://`` URL (several replicas share one
+    database). ``replica`` names this process in the ``X-Bitserve-Replica`` header of
+    every response ("" means ``<hostname>:<port>``)."""
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
@@ -46,10 +50,15 @@ class ServerSettings:
     cache_ram_mb: int = DEFAULT_CACHE_RAM_MB
     cache_disk_mb: int = DEFAULT_CACHE_DISK_MB
     cache_dir: Path = field(default_factory=default_cache_dir)
-    db_path: Path = field(default_factory=default_db_path)
+    db_path: Path | str = field(default_factory=default_db_path)
     api_keys: tuple[str, ...] = ()
     aliases: tuple[str, ...] = DEFAULT_ALIASES
     oracle: OracleConfig = field(default_factory=OracleConfig.builtin)
+    replica: str = ""
+
+    @property
+    def replica_name(self) -> str:
+        return self.replica or f"{socket.gethostname()}:{self.port}"
 
 
 def read_keys_file(path: str | Path) -> list[str]:
