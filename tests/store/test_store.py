@@ -227,6 +227,15 @@ def test_reply_token_ids_round_trip(store: ConversationStore, tmp_path: Path) ->
     assert [m.token_ids for m in store.messages("", conv.id)] == [None, None, ids, ()]
 
 
+def test_any_text_round_trips(store: ConversationStore) -> None:
+    """What people and models write, NUL included (a model can generate one; PostgreSQL's
+    TEXT cannot hold it)."""
+    texts = ["a\x00b", "\x00", "", "naïve 日本語 🙂", "back\\slash \\x00 '; DROP TABLE x; --"]
+    conv = store.create("", None, [NewMessage("system", texts[0])])
+    store.append_turn("", conv.id, [NewMessage("user", t) for t in texts[1:]])
+    assert [m.content for m in store.messages("", conv.id)] == texts
+
+
 def execute(database: str, *statements: str) -> None:
     """Run ``statements`` in one transaction, behind the store's back."""
     if database.startswith("postgresql"):

@@ -115,7 +115,10 @@ def _insert_messages(
     conn: psycopg.Connection[Any], seq: int, first_index: int, messages: Sequence[NewMessage]
 ) -> list[StoredMessage]:
     created_at = now()
-    rows = [message_values(seq, i, m, created_at) for i, m in enumerate(messages, first_index)]
+    rows = [
+        message_values(seq, i, m, created_at, "postgresql")
+        for i, m in enumerate(messages, first_index)
+    ]
     if rows:
         with conn.cursor() as cur:
             cur.executemany(_INSERT_MESSAGE, rows)

@@ -37,7 +37,7 @@ CREATE TABLE messages (
     conversation_seq  $SEQ NOT NULL REFERENCES conversations (seq) ON DELETE CASCADE,
     idx               INTEGER NOT NULL,
     role              TEXT NOT NULL,
-    content           TEXT NOT NULL,
+    content           $FREE_TEXT NOT NULL,
     created_at        $REAL NOT NULL,
     tokens            INTEGER NOT NULL,
     prompt_tokens     INTEGER,
@@ -53,12 +53,15 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 }
 
 # What differs between the databases. PostgreSQL's REAL is 4 bytes: unix times need 8.
+# FREE_TEXT holds what people and models write: PostgreSQL's TEXT cannot hold a NUL
+# character (a model can generate one), so there it is UTF-8 in a BYTEA.
 DIALECTS: dict[str, dict[str, str]] = {
     "sqlite": {
         "SEQ_KEY": "INTEGER PRIMARY KEY AUTOINCREMENT",
         "SEQ": "INTEGER",
         "REAL": "REAL",
         "BLOB": "BLOB",
+        "FREE_TEXT": "TEXT",
         "WITHOUT_ROWID": " WITHOUT ROWID",
     },
     "postgresql": {
@@ -66,6 +69,7 @@ DIALECTS: dict[str, dict[str, str]] = {
         "SEQ": "BIGINT",
         "REAL": "DOUBLE PRECISION",
         "BLOB": "BYTEA",
+        "FREE_TEXT": "BYTEA",
         "WITHOUT_ROWID": "",
     },
 }
@@ -134,18 +138,28 @@ def conversation_from_row(row: Sequence[Any]) -> Conversation:
     )
 
 
+def free_text(value: str | bytes | memoryview) -> str:
+    """A ``FREE_TEXT`` column's value as text (PostgreSQL hands back UTF-8 bytes)."""
+    return value if isinstance(value, str) else bytes(value).decode("utf-8")
+
+
 def message_from_row(row: Sequence[Any]) -> StoredMessage:
     """A row of :data:`MESSAGE_COLUMNS` → ``StoredMessage``."""
     idx, role, content, created_at, tokens, prompt, completion, finish, ids = row
     return StoredMessage(
-        idx, role, content, created_at, tokens, prompt, completion, finish,
+        idx, role, free_text(content), created_at, tokens, prompt, completion, finish,
         unpack_token_ids(ids),
     )  # fmt: skip
 
 
-def message_values(seq: int, index: int, m: NewMessage, created_at: float) -> tuple[Any, ...]:
+def message_values(
+    seq: int, index: int, m: NewMessage, created_at: float, dialect: str
+) -> tuple[Any, ...]:
     """The values of ``conversation_seq`` and :data:`MESSAGE_COLUMNS` for one new message."""
-    return (seq, index, m.role, m.content, created_at, m.tokens, m.prompt_tokens,
+    content: str | bytes = m.content
+    if DIALECTS[dialect]["FREE_TEXT"] == "BYTEA" and isinstance(content, str):
+        content = content.encode("utf-8")
+    return (seq, index, m.role, content, created_at, m.tokens, m.prompt_tokens,
             m.completion_tokens, m.finish_reason, pack_token_ids(m.token_ids))  # fmt: skip
 
 

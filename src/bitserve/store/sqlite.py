@@ -122,7 +122,10 @@ class SQLiteStore(ConversationStore):
         db: sqlite3.Connection, seq: int, first_index: int, messages: Sequence[NewMessage]
     ) -> list[StoredMessage]:
         created_at = now()
-        rows = [message_values(seq, i, m, created_at) for i, m in enumerate(messages, first_index)]
+        rows = [
+            message_values(seq, i, m, created_at, "sqlite")
+            for i, m in enumerate(messages, first_index)
+        ]
         db.executemany(_INSERT_MESSAGE, rows)
         return [stored_message(i, m, created_at) for i, m in enumerate(messages, first_index)]
 
