@@ -138,3 +138,65 @@ def test_from_gguf_errors(
             TernaryWeight.from_gguf(g, "a", 8, 512, row_order=np.zeros(8, dtype=np.int64))
         with pytest.raises(GGUFError, match="'f': I2_S holds one f32 scale"):
             TernaryWeight.from_gguf(g, "f", 8, 512, act_quant=ActQuant.BLOCK32)
+
+
+def _repack_cases(tmp_path: Path) -> list[tuple[Path, str, int, int]]:
+    """Files of every repack path: (path, tensor, rows, cols)."""
+    rng = np.random.default_rng(11)
+    rows = 12
+
+    def values(cols: int) -> np.ndarray:
+        return rng.integers(-1, 2, size=(rows, cols), dtype=np.int8)
+
+    one = np.full((rows, 3), 0.375, dtype=np.float32)
+    zero_block = one.copy()
+    zero_block[2, 1] = 0  # a zero scale inside a one-scale tensor: its weights are zero
+    g64 = _file(
+        tmp_path / "g64.gguf",
+        {
+            "tq2_one": (pack_tq2_0(values(768), zero_block), GGMLType.TQ2_0, (rows, 768)),
+            "tq1_one": (pack_tq1_0(values(768), one), GGMLType.TQ1_0, (rows, 768)),
+            "tq2_blk": (
+                pack_tq2_0(values(768), _scales(rng, rows, 3)),
+                GGMLType.TQ2_0,
+                (rows, 768),
+            ),
+            "tq1_blk": (
+                pack_tq1_0(values(768), _scales(rng, rows, 3)),
+                GGMLType.TQ1_0,
+                (rows, 768),
+            ),
+            "q2_64": (pack_q2_0(values(448), _scales(rng, rows, 7)), GGMLType.Q2_0, (rows, 448)),
+        },
+    )
+    w = GGUFWriter()
+    w.add_tensor(
+        "q2_128",
+        pack_q2_0(values(2688), _scales(rng, rows, 21), 128),
+        GGMLType.Q2_0,
+        (2688, rows),
+        128,
+    )
+    w.write(tmp_path / "g128.gguf")
+    names = ["tq2_one", "tq1_one", "tq2_blk", "tq1_blk", "q2_64"]
+    cols = {"tq2_one": 768, "tq1_one": 768, "tq2_blk": 768, "tq1_blk": 768, "q2_64": 448}
+    return [(g64, n, rows, cols[n]) for n in names] + [
+        (tmp_path / "g128.gguf", "q2_128", rows, 2688)
+    ]
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_native_repack_equals_numpy(tmp_path: Path, ordered: bool) -> None:
+    order = np.random.default_rng(2).permutation(12) if ordered else None
+    for path, name, rows, cols in _repack_cases(tmp_path):
+        with read_gguf(path) as g:
+            info = g.tensors[name]
+            w = TernaryWeight.from_gguf(g, name, rows, cols, row_order=order)
+            ref = TernaryWeight._from_raw_numpy(
+                g.raw(name), info.ggml_type, rows, cols, g.q2_0_block, order, w.act_quant
+            )
+            assert w.blocked == ref.blocked == name.endswith(("blk", "64", "128")), name
+            np.testing.assert_array_equal(w.raw, ref.raw, err_msg=name)
+            assert w.scale == ref.scale and w.group == ref.group, name
+            if w.blocked:
+                np.testing.assert_array_equal(w.scales, ref.scales, err_msg=name)

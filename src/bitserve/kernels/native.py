@@ -23,7 +23,7 @@ import numpy as np
 
 from bitserve.kernels import reference
 from bitserve.kernels.backend import Backend, HeadInput, NumpyBackend, as_matrix, storing
-from bitserve.kernels.tensors import TernaryWeight
+from bitserve.kernels.tensors import ActQuant, TernaryWeight
 
 try:
     from bitserve.kernels import _native  # type: ignore[attr-defined]
@@ -111,10 +111,13 @@ class NativeBackend(Backend):
 
     def bitlinear(self, x: np.ndarray, w: TernaryWeight) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if w.blocked:  # numpy until the native blocked kernel lands
-            return NumpyBackend().bitlinear(x, w)
         out = np.empty((x.shape[0], w.n_out), dtype=np.float32)
-        self._pool.bitlinear(x, w.raw, w.n_out, w.scale, out, self._impl)
+        if w.blocked:
+            gps = 256 // w.group
+            block32 = w.act_quant == ActQuant.BLOCK32
+            self._pool.bitlinear_blocked(x, w.raw, w.scales, w.n_out, gps, block32, out, self._impl)
+        else:
+            self._pool.bitlinear(x, w.raw, w.n_out, w.scale, out, self._impl)
         return out
 
     def head(self, x: np.ndarray, embedding: HeadInput) -> np.ndarray:

@@ -28,10 +28,15 @@ from enum import Enum
 
 import numpy as np
 
-from bitserve.gguf.constants import TERNARY_TYPES, GGMLType
+from bitserve.gguf.constants import I2S_SCALE_PAD, TERNARY_TYPES, GGMLType
 from bitserve.gguf.dense_quants import unpack_int8_blocks
 from bitserve.gguf.quants import i2s_scale, pack_i2s, unpack_i2s_codes, unpack_ternary
 from bitserve.gguf.reader import GGUFError, GGUFFile
+
+try:  # the C repacking: seconds for an 8B model where numpy takes over a minute
+    from bitserve.kernels import _native  # type: ignore[attr-defined]
+except ImportError:  # not built: the numpy definitions below do the same, slowly
+    _native = None
 
 SUPER_BLOCK = 256  # weights per super-block of the blocked layout
 SUPER_BYTES = 64
@@ -137,7 +142,38 @@ class TernaryWeight:
                 codes = raw[: n_out * n_in // 4].reshape(n_out, n_in // 4)[order]
                 raw = np.concatenate([codes.reshape(-1), raw[n_out * n_in // 4 :]])
             return cls(raw, n_out, n_in, scale, source=gtype)
-        values, scales = unpack_ternary(raw, gtype, n_out, n_in, gguf.q2_0_block)
+        if _native is None:
+            return cls._from_raw_numpy(raw, gtype, n_out, n_in, gguf.q2_0_block, order, act)
+        if gtype != GGMLType.Q2_0 and act == ActQuant.PER_TOKEN:
+            one, bits = _native.ternary_scan(raw, int(gtype), n_out, n_in)
+            if one:  # BitNet conversions: the I2_S path
+                scale = float(np.array(bits, dtype=np.uint16).view(np.float16))
+                out = np.empty(n_out * n_in // 4 + I2S_SCALE_PAD, dtype=np.uint8)
+                _native.repack_tq_i2s(raw, int(gtype), n_out, n_in, order, out[: n_out * n_in // 4])
+                out[n_out * n_in // 4 :] = pack_i2s(np.zeros((1, 128), np.int8), scale)[
+                    -I2S_SCALE_PAD:
+                ]
+                return cls(out, n_out, n_in, scale, source=gtype)
+        block = gguf.q2_0_block if gtype == GGMLType.Q2_0 else 256
+        n_super = -(-n_in // SUPER_BLOCK)
+        codes = np.empty((n_out, n_super * SUPER_BYTES), dtype=np.uint8)
+        scales = np.empty((n_out, n_super * SUPER_BLOCK // block), dtype=np.float16)
+        _native.repack_blocked(raw, int(gtype), block, n_out, n_in, order, codes, scales)
+        return cls(codes, n_out, n_in, 1.0, scales, block, act, gtype)
+
+    @classmethod
+    def _from_raw_numpy(
+        cls,
+        raw: np.ndarray,
+        gtype: GGMLType,
+        n_out: int,
+        n_in: int,
+        q2_0_block: int,
+        order: np.ndarray | None,
+        act: ActQuant,
+    ) -> TernaryWeight:
+        """:meth:`from_gguf` without the C extension (the definition the C repacking meets)."""
+        values, scales = unpack_ternary(raw, gtype, n_out, n_in, q2_0_block)
         values[np.repeat(scales == 0, n_in // scales.shape[1], axis=1)] = 0  # d = 0: all zero
         if order is not None:
             values, scales = values[order], scales[order]
