@@ -4,17 +4,13 @@ PostgreSQL server, started once when a test asks for it."""
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Iterator
 
-import psycopg
 import pytest
-from psycopg import sql
 
 from bitserve.cluster.postgres import PostgresServer, start_postgres
-
-_DATABASE_NUMBERS = itertools.count()
+from postgres_databases import new_postgres_database
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,14 +31,6 @@ def postgres() -> Iterator[PostgresServer]:
     server = start_postgres(durable=False)
     yield server
     server.remove()
-
-
-def new_postgres_database(server: PostgresServer) -> str:
-    """The URL of a new, empty database on ``server``."""
-    name = f"test_{next(_DATABASE_NUMBERS)}"
-    with psycopg.connect(server.url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return server.url.rsplit("/", 1)[0] + "/" + name
 
 
 @pytest.fixture

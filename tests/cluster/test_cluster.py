@@ -91,6 +91,16 @@ def test_streams_pass_through_nginx_unbuffered(
     assert arrivals[0] < 0.3 * arrivals[-1], (arrivals[0], arrivals[-1])
 
 
+def test_large_request_bodies_pass_through_nginx(cluster: LocalCluster) -> None:
+    """Past nginx's default in-memory body buffer (16 KB): a long history uploaded at once."""
+    pairs = [[{"role": "user", "content": f"{i}: " + "history " * 300},
+              {"role": "assistant", "content": "noted"}] for i in range(20)]  # fmt: skip
+    messages = [m for pair in pairs for m in pair]
+    r = httpx.post(f"{cluster.url}/v1/conversations", json={"messages": messages}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    assert len(stored(cluster.url, r.json()["id"])) == 40
+
+
 def test_two_replicas_writing_one_conversation_are_serialized(
     cluster: LocalCluster, no_stop: dict[str, float]
 ) -> None:

@@ -24,7 +24,7 @@ from bitserve.store import (
 )
 from bitserve.store.postgres import PostgresStore
 from bitserve.store.schema import SCHEMA_VERSION, schema_statements
-from conftest import new_postgres_database
+from postgres_databases import new_postgres_database
 
 Opener = Callable[[], ConversationStore]
 

@@ -67,7 +67,9 @@ def render_config(
 
 def main_config(directory: Path, include: Path) -> str:
     """A whole nginx.conf around ``include``, everything in ``directory``, in the
-    foreground (``daemon off``), so the process we start is nginx itself."""
+    foreground (``daemon off``), so the process we start is nginx itself. Request bodies
+    stay in memory (up to the site's 16 MB limit): started by root, the workers run as
+    ``nobody``, who may not reach a temporary folder inside root's own."""
     temp = directory / "temp"
     return f"""daemon off;
 worker_processes 1;
@@ -75,6 +77,7 @@ pid {directory}/nginx.pid;
 error_log {directory}/error.log notice;
 events {{ worker_connections 1024; }}
 http {{
+    client_body_buffer_size 16m;
     client_body_temp_path {temp}/body;
     proxy_temp_path {temp}/proxy;
     fastcgi_temp_path {temp}/fastcgi;

@@ -159,7 +159,10 @@ def start_postgres(port: int | None = None, durable: bool = True) -> PostgresSer
     remove` (or ``with``) stops it and deletes its files."""
     bindir = find_bindir()
     run_as = _run_as()
-    directory = Path(tempfile.mkdtemp(prefix="bitserve-postgres-"))
+    parent = Path(tempfile.gettempdir())
+    if run_as and not parent.stat().st_mode & 0o001:
+        parent = Path("/tmp")  # $TMPDIR is root's alone: the server user could not enter it
+    directory = Path(tempfile.mkdtemp(prefix="bitserve-postgres-", dir=parent))
     if run_as:
         user = pwd.getpwnam(SERVICE_USER)
         os.chown(directory, user.pw_uid, user.pw_gid)
