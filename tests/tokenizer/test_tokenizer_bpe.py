@@ -89,7 +89,7 @@ def test_optional_keys(make_byte_metadata: Callable[..., dict[str, Any]]) -> Non
     )
     tok = Tokenizer.from_metadata(meta)
     assert tok.stop_ids == {256, 257, 258}
-    assert tok.eot_id is None  # no token spelled <|eot_id|>
+    assert tok.eot_id == 258  # the file's end of turn, though not spelled <|eot_id|>
     assert tok.bos_id is None and not tok.add_bos
     assert tok.encode("a", add_bos=True) == tok.encode("a")
 
@@ -141,9 +141,11 @@ def test_out_of_range_ids(demo_tokenizer: Tokenizer) -> None:
 
 
 def test_unsupported_metadata(make_byte_metadata: Callable[..., dict[str, Any]]) -> None:
-    with pytest.raises(ValueError, match=r"supported: .*llama-bpe"):
-        Tokenizer.from_metadata(make_byte_metadata(pre="qwen2"))
-    with pytest.raises(ValueError, match="only 'gpt2'"):
+    with pytest.raises(ValueError, match=r"'tekken'.*supported: .*llama-bpe.*qwen2"):
+        Tokenizer.from_metadata(make_byte_metadata(pre="tekken"))
+    with pytest.raises(ValueError, match=r"'bert'; supported: gpt2 .*llama"):
+        Tokenizer.from_metadata({**make_byte_metadata(), "tokenizer.ggml.model": "bert"})
+    with pytest.raises(ValueError, match=r"needs tokenizer\.ggml\.scores"):
         Tokenizer.from_metadata({**make_byte_metadata(), "tokenizer.ggml.model": "llama"})
     with pytest.raises(ValueError, match="merge 0"):
         Tokenizer.from_metadata(make_byte_metadata(merges=["nospace"]))
