@@ -57,12 +57,23 @@ def test_merges_applied_in_rank_order(
     assert [tok.id_to_piece(i) for i in tok.encode(" the")] == pieces
 
 
-@pytest.mark.parametrize(("pre", "whole"), [("llama-bpe", True), (None, True), ("gpt-2", False)])
+@pytest.mark.parametrize(
+    ("pre", "whole"),
+    [
+        ("llama-bpe", True),
+        (None, True),
+        ("falcon3", True),
+        ("falcon_e", True),
+        ("gpt-2", False),
+        ("qwen2", False),
+        ("default", False),
+    ],
+)
 def test_llama3_takes_whole_words_from_the_vocabulary(
     make_byte_metadata: Callable[..., dict[str, Any]], pre: str | None, whole: bool
 ) -> None:
     # "Ġcat" is in the vocabulary but no merge builds it: LLaMA-3 (like tiktoken and
-    # llama.cpp) still uses it; plain GPT-2 BPE cannot reach it
+    # llama.cpp) still uses it; plain GPT-2 BPE (and Qwen2's) cannot reach it
     keys = {} if pre is None else {"pre": pre}
     tok = Tokenizer.from_metadata(make_byte_metadata([("Ġcat", 1)], [], **keys))
     pieces = [tok.id_to_piece(i) for i in tok.encode(" cat")]
