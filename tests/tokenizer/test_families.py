@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import gguf
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -284,11 +285,20 @@ def test_from_gguf_file(tmp_path: Path, family: str) -> None:
     for key, value in metadata.items():
         writer.add(key, value)
     writer.write(tmp_path / "vocab.gguf")
-    with read_gguf(tmp_path / "vocab.gguf") as gguf:
-        tok = Tokenizer.from_gguf(gguf)
+    with read_gguf(tmp_path / "vocab.gguf") as file:
+        tok = Tokenizer.from_gguf(file)
     direct = Tokenizer.from_metadata(metadata)
     assert tok.encode(ROUND_TRIP, add_bos=True) == direct.encode(ROUND_TRIP, add_bos=True)
     assert tok.stop_ids == direct.stop_ids and tok.add_bos == direct.add_bos
+    # typed as llama.cpp's converter writes them (llama.cpp refuses other types)
+    fields = gguf.GGUFReader(tmp_path / "vocab.gguf").fields
+    V = gguf.GGUFValueType
+    assert fields["tokenizer.ggml.token_type"].types == [V.ARRAY, V.INT32]
+    assert fields["tokenizer.ggml.tokens"].types == [V.ARRAY, V.STRING]
+    if family == "llama-spm":
+        assert fields["tokenizer.ggml.scores"].types == [V.ARRAY, V.FLOAT32]
+    else:
+        assert fields["tokenizer.ggml.merges"].types == [V.ARRAY, V.STRING]
 
 
 def test_unknown_family() -> None:

@@ -113,6 +113,15 @@ def _split_merges(merges: Iterable[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _byte_level_bytes(piece: str, token_type: int) -> bytes:
+    """The raw bytes a byte-level token stands for (llama.cpp's ``token_to_piece``)."""
+    if token_type in (TOKEN_NORMAL, TOKEN_BYTE):
+        return piece_to_bytes(piece)
+    if token_type == TOKEN_UNUSED:
+        return b""  # a [PADn] filler stands for nothing
+    return piece.encode("utf-8")  # control, user-defined, unknown: their text
+
+
 def _byte_level_model(
     pieces: Sequence[str], merges: Iterable[str], ignore_merges: bool
 ) -> models.BPE:
@@ -176,8 +185,7 @@ class Tokenizer:
             self._hf.pre_tokenizer, self._hf.normalizer = spec.build()
             self._hf.decoder = decoders.ByteLevel()
             self._bytes = tuple(
-                piece_to_bytes(p) if t in (TOKEN_NORMAL, TOKEN_BYTE) else p.encode("utf-8")
-                for p, t in zip(self._pieces, self._types, strict=True)
+                _byte_level_bytes(p, t) for p, t in zip(self._pieces, self._types, strict=True)
             )
             default_add_bos = spec.add_bos
         else:

@@ -48,6 +48,36 @@ from bitserve.tokenizer.vocab import (
 
 TRAINED_VOCAB = 1000  # learned tokens (and SentencePiece pieces) per family
 
+# strings tokenizers get wrong: whitespace runs, digits, contractions, scripts without
+# spaces, emoji sequences, characters outside every fixture vocabulary (byte fallback),
+# special-token text, non-NFC text, code, long repeats
+ADVERSARIAL_TEXTS = (
+    "",
+    " ",
+    "   ",
+    "a   b",
+    "\n\n\n",
+    " \n \n",
+    "\t\t x",
+    "trailing   ",
+    "\r\n\r\nCRLF\r\n",
+    "\u00a0nbsp\u3000ideographic\u2028line separator",
+    "12345678 3.14159 1,000,000 x2y22z222 ٣٤٥ ①②",
+    "I'm you're WE'LL it's don't O'Neil's ''s 'S",
+    "你好世界\uff0cこんにちは。안녕하세요",
+    "😀🎉👍🏽 👨‍👩‍👧‍👦 🦙🇫🇷",
+    "ǅ ᴥ \U0001d518\U0001d52b\U0001d526\U0001d520\U0001d52c\U0001d521\U0001d522 \x00\x01\x7f ☃",
+    "<|im_end|> <|eot_id|>hi <s>x</s> <unk>",
+    "<think>reason</think> >>TITLE<< <|endoftext|><|endoftext|>",
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",
+    "e\u0301 cafe\u0301 A\u030a",
+    "def f(x):\n    return x**2  # comment\n\n\n    pass",
+    "a" * 300,
+    "ab" * 200,
+    " " * 50 + "x",
+    "The morning was quiet, and the lake held the color of the sky.",
+)
+
 C, U = TOKEN_CONTROL, TOKEN_USER_DEFINED
 
 

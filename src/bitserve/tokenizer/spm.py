@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from tokenizers import models, normalizers
 
-from bitserve.tokenizer.vocab import TOKEN_BYTE, TOKEN_NORMAL, TOKEN_UNKNOWN
+from bitserve.tokenizer.vocab import TOKEN_BYTE, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_UNUSED
 
 SPACE_PIECE = "\u2581"  # ▁
 
@@ -38,7 +38,9 @@ def piece_bytes(piece: str, token_type: int) -> bytes:
         return bytes([int(piece[3:5], 16)])
     if token_type == TOKEN_NORMAL:
         return piece.replace(SPACE_PIECE, " ").encode("utf-8")
-    return piece.encode("utf-8")  # control, user-defined, unknown, unused: their text
+    if token_type == TOKEN_UNUSED:
+        return b""  # a [PADn] filler stands for nothing, as in llama.cpp
+    return piece.encode("utf-8")  # control, user-defined, unknown: their text
 
 
 def merges_from_scores(
