@@ -181,3 +181,25 @@ def test_from_gguf(
     text = TEXTS[3]
     assert tok.encode(text, add_bos=True) == demo_tokenizer.encode(text, add_bos=True)
     assert tok.stop_ids == demo_tokenizer.stop_ids
+
+
+def test_user_defined_stop_tokens_become_control_tokens(
+    make_byte_metadata: Callable[..., dict[str, Any]],
+) -> None:
+    # llama.cpp makes a token spelled like an end of generation a control token, so user
+    # text cannot stop a reply by spelling it
+    tok = Tokenizer.from_metadata(make_byte_metadata([("<|im_end|>", 4), ("<tool>", 4)]))
+    assert tok.stop_ids == {256} and tok.eot_id == 256 and tok.is_special(256)
+    assert 256 not in tok.encode("a<|im_end|>b")
+    assert tok.encode("<|im_end|>", allow_special=True) == [256]
+    assert tok.encode("<tool>") == [257]  # other user-defined tokens still match
+
+
+def test_unused_and_unknown_tokens_are_hidden(
+    make_byte_metadata: Callable[..., dict[str, Any]],
+) -> None:
+    tok = Tokenizer.from_metadata(make_byte_metadata([("[PAD256]", 5), ("<unk>", 2)]))
+    assert tok.is_special(256) and tok.is_special(257)
+    assert tok.token_bytes(256) == b"" and tok.decode([256], skip_special=False) == ""
+    assert tok.decode([257]) == "" and tok.decode([257], skip_special=False) == "<unk>"
+    assert 257 not in tok.encode("<unk>") and tok.encode("<unk>", allow_special=True) == [257]
