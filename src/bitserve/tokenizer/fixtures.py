@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -129,6 +130,29 @@ _QWEN3_SPECIALS = [
     ("<think>", U),
     ("</think>", U),
 ]
+
+
+# characters random strings are drawn from: letters of several scripts, digits of several
+# systems, punctuation, every kind of space and line break, apostrophes, marks, emoji
+_POOL = (
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    "\u00e9\u00c5\u00df\u00e7\u00f1\u00f8\u0142\u03a9\u03c0\u0436\u042f"
+    "\u4f60\u597d\u4e16\u754c\u3053\u3093\u306b\u3061\u306f\uc548\ub155\ud55c"
+    "\u0663\u0664\u0665\u0966\u0967\u0968\u2460\u216b\u00bd"
+    "'\"`~!@#$%^&*()-_=+[]{}|;:,.<>/?\\\u2014\u2013\u2026\u00ab\u00bb\u201c\u201d\u2018\u2019\u00bf\u00a1"
+    " \t\n\r\u00a0\u2009\u3000\u200b\u0085\u2028\u000b\u000c"
+    "\u0301\u0308\u200d\ufe0f\U0001f600\U0001f999\U0001f44d\U0001f3fd\U0001f1eb\U0001f1f7"
+)
+_WORDS = ("'s", "'LL", " the", "  ", "\r\n", "123456", "<|", "|>")
+
+
+def random_texts(count: int, seed: int = 14) -> list[str]:
+    """``count`` random strings of :data:`_POOL` characters and tricky fragments."""
+    rng = random.Random(seed)
+    return [
+        "".join(rng.choices(_POOL, k=rng.randint(1, 40))) + "".join(rng.choices(_WORDS, k=3))
+        for _ in range(count)
+    ]
 
 
 @dataclass(frozen=True, slots=True)
