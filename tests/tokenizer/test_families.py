@@ -304,3 +304,13 @@ def test_from_gguf_file(tmp_path: Path, family: str) -> None:
 def test_unknown_family() -> None:
     with pytest.raises(ValueError, match="unknown tokenizer family 'gpt-j'; known: llama-bpe"):
         tokenizer_metadata("gpt-j")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_special(family: str) -> None:
+    tok = Tokenizer.from_metadata(tokenizer_metadata(family))
+    eos = tok.eos_id
+    assert eos is not None
+    end = tok.id_to_piece(eos)
+    text = f"cafe\u0301 {end} <think>x</think>\n{end}"  # not NFC; qwen2 normalizes
+    assert tok.split_special(text) == ["cafe\u0301 ", eos, " <think>x</think>\n", eos]
