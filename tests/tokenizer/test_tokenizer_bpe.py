@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bitserve.gguf import GGUFWriter, read_gguf
+from bitserve.gguf import GGUFError, GGUFWriter, read_gguf
 from bitserve.tokenizer.bpe import Tokenizer, bytes_to_piece, piece_to_bytes
 
 TEXTS = [
@@ -203,3 +203,25 @@ def test_unused_and_unknown_tokens_are_hidden(
     assert tok.token_bytes(256) == b"" and tok.decode([256], skip_special=False) == ""
     assert tok.decode([257]) == "" and tok.decode([257], skip_special=False) == "<unk>"
     assert 257 not in tok.encode("<unk>") and tok.encode("<unk>", allow_special=True) == [257]
+
+
+def test_file_problems_name_the_file(
+    tmp_path: Path, make_byte_metadata: Callable[..., dict[str, Any]]
+) -> None:
+    writer = GGUFWriter()
+    writer.add("general.architecture", "llama")
+    for key, value in make_byte_metadata(pre="tekken", padding_token_id=999).items():
+        writer.add(key, value)
+    writer.write(tmp_path / "odd.gguf")
+    with read_gguf(tmp_path / "odd.gguf") as gguf, pytest.raises(GGUFError) as caught:
+        Tokenizer.from_gguf(gguf)
+    assert str(caught.value).startswith(str(tmp_path / "odd.gguf"))
+    assert "unsupported tokenizer.ggml.pre 'tekken'" in str(caught.value)
+
+
+def test_padding_id_past_the_vocabulary_is_ignored(
+    make_byte_metadata: Callable[..., dict[str, Any]],
+) -> None:
+    # files in the wild carry one; llama.cpp ignores it and nothing here uses it
+    tok = Tokenizer.from_metadata(make_byte_metadata(padding_token_id=999))
+    assert tok.encode("a") == [ord("a")]

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from tokenizers import AddedToken, decoders, models
 from tokenizers import Tokenizer as HFTokenizer
 
+from bitserve.gguf.reader import GGUFError
 from bitserve.tokenizer import spm
 from bitserve.tokenizer.pretokenizers import LLAMA3_SPLIT_PATTERN, pre_tokenizer_spec
 from bitserve.tokenizer.vocab import (
@@ -36,6 +37,7 @@ from bitserve.tokenizer.vocab import (
     TOKEN_UNUSED,
     TOKEN_USER_DEFINED,
     SpecialIds,
+    check_id,
     control_types,
     eog_ids,
     find_eot,
@@ -177,7 +179,8 @@ class Tokenizer:
             raise ValueError(f"{len(tokens)} tokens but {len(token_types)} token types")
         self._pieces = tuple(tokens)
         self._types = control_types(self._pieces, token_types)
-        SpecialIds(bos_id, eos_id, eot_id).check(len(self._pieces))
+        for name, tid in (("bos", bos_id), ("eos", eos_id), ("eot", eot_id)):
+            check_id(name, tid, len(self._pieces))
         self.model = model
         if model == "gpt2":
             spec = pre_tokenizer_spec(pre)
@@ -249,7 +252,14 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> Tokenizer:
-        return cls.from_metadata(gguf.metadata)
+        """:meth:`from_metadata` on the file's keys; a problem is a ``GGUFError`` naming
+        the file."""
+        try:
+            return cls.from_metadata(gguf.metadata)
+        except GGUFError:
+            raise
+        except ValueError as e:
+            raise GGUFError(gguf.path, str(e)) from e
 
     # -- vocabulary ----------------------------------------------------------------------
 

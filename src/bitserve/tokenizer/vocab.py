@@ -46,33 +46,32 @@ def _token_id(metadata: Mapping[str, Any], name: str, n_tokens: int) -> int | No
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"tokenizer.ggml.{name}_token_id is {value!r}, not a token id")
-    if not 0 <= value < n_tokens:
-        raise ValueError(f"{name} token id {value} outside the vocabulary of {n_tokens}")
+    check_id(name, value, n_tokens)
     return value
+
+
+def check_id(name: str, token_id: int | None, n_tokens: int) -> None:
+    if token_id is not None and not 0 <= token_id < n_tokens:
+        raise ValueError(f"{name} token id {token_id} outside the vocabulary of {n_tokens}")
 
 
 @dataclass(frozen=True, slots=True)
 class SpecialIds:
-    """The special ids a file names (None where it names none)."""
+    """The special ids a file names and the server uses (None where it names none).
+    Unknown and padding ids are not read: nothing uses them, and files in the wild
+    carry a padding id past their vocabulary, which llama.cpp ignores too."""
 
     bos: int | None = None
     eos: int | None = None
     eot: int | None = None
     eom: int | None = None
-    unk: int | None = None
-    pad: int | None = None
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any], n_tokens: int) -> SpecialIds:
-        names = ("bos", "eos", "eot", "eom", "unknown", "padding")
-        bos, eos, eot, eom, unk, pad = (_token_id(metadata, n, n_tokens) for n in names)
-        return cls(bos, eos, eot, eom, unk, pad)
-
-    def check(self, n_tokens: int) -> None:
-        for name in ("bos", "eos", "eot", "eom", "unk", "pad"):
-            tid = getattr(self, name)
-            if tid is not None and not 0 <= tid < n_tokens:
-                raise ValueError(f"{name} token id {tid} outside the vocabulary of {n_tokens}")
+        bos, eos, eot, eom = (
+            _token_id(metadata, n, n_tokens) for n in ("bos", "eos", "eot", "eom")
+        )
+        return cls(bos, eos, eot, eom)
 
 
 def control_types(pieces: Sequence[str], types: Sequence[int]) -> tuple[int, ...]:
