@@ -1,21 +1,25 @@
 """SentencePiece-style vocabularies (``tokenizer.ggml.model`` = ``llama``, LLaMA-2's).
 
-Two references: the ``sentencepiece`` library itself, on a model trained here with
+Three references: the ``sentencepiece`` library itself, on a model trained here with
 LLaMA-2's trainer settings and converted to GGUF keys the way llama.cpp's converter
-does; and a plain transcription of llama.cpp's SPM algorithm (score-ranked merges of
-adjacent symbols, leftmost first on ties, byte fallback for what no piece holds).
+does; HF ``tokenizers`` with LLaMA-2's published tokenizer.json (merges listed from the
+scores as transformers' converter lists them); and a plain transcription of llama.cpp's
+SPM algorithm (score-ranked merges of adjacent symbols, leftmost first on ties, byte
+fallback for what no piece holds).
 """
 
 from __future__ import annotations
 
 import heapq
 import io
+import json
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
 import pytest
 import sentencepiece
+from tokenizers import Tokenizer as HFTokenizer
 
 from bitserve.tokenizer import IncrementalDetokenizer, Tokenizer
 from bitserve.tokenizer.fixtures import tokenizer_metadata
@@ -136,6 +140,95 @@ def llama_cpp_spm(metadata: dict[str, Any], text: str, add_space_prefix: bool = 
             out += [ids[f"<0x{b:02X}>"] for b in symbol.encode()]
         i = nxt[i]
     return out
+
+
+def hf_llama2_reference(sp: sentencepiece.SentencePieceProcessor) -> HFTokenizer:
+    """HF's tokenizer for ``sp`` as meta-llama/Llama-2-7b-hf's tokenizer.json is built:
+    BPE with byte fallback, every two-piece split of each piece as a merge ranked by the
+    piece's score, the ``▁`` normalizer and decoder."""
+    n = sp.get_piece_size()
+    vocab = {sp.id_to_piece(i): i for i in range(n)}
+    scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(n)}
+    merges = []
+    for piece in vocab:
+        local = [
+            (piece[:k], piece[k:])
+            for k in range(1, len(piece))
+            if piece[:k] in vocab and piece[k:] in vocab
+        ]
+        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges.sort(key=lambda m: scores[m[0] + m[1]], reverse=True)  # stable
+    special = [sp.id_to_piece(i) for i in (sp.unk_id(), sp.bos_id(), sp.eos_id())]
+    config = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": vocab[p],
+                "content": p,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for p in special
+        ],
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": "\u2581"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+            ],
+        },
+        "pre_tokenizer": None,
+        "post_processor": None,
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+            ],
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": "<unk>",
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [list(m) for m in merges],
+        },
+    }
+    return HFTokenizer.from_str(json.dumps(config))
+
+
+def test_encodes_and_decodes_like_hf(
+    sp: sentencepiece.SentencePieceProcessor, adversarial_texts: tuple[str, ...]
+) -> None:
+    tok = Tokenizer.from_metadata(converted_metadata(sp))
+    hf = hf_llama2_reference(sp)
+    wrong = []
+    for text in (*adversarial_texts, "<s>Hi</s> there", " </s>x"):
+        hf.encode_special_tokens = True
+        plain = hf.encode(text, add_special_tokens=False).ids
+        hf.encode_special_tokens = False
+        parsed = hf.encode(text, add_special_tokens=False).ids
+        if tok.encode(text) != plain or tok.encode(text, allow_special=True) != parsed:
+            wrong.append(text)
+            continue
+        # HF's decoder strips one leading space of the whole text (the one the encoder
+        # put in front); llama.cpp keeps it with the first token
+        ours = tok.decode(parsed, skip_special=False)
+        if ours.removeprefix(" ") != hf.decode(parsed, skip_special_tokens=False):
+            wrong.append(text)
+    assert not wrong
 
 
 def test_converter_layout(sp: sentencepiece.SentencePieceProcessor) -> None:
