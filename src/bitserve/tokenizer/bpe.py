@@ -136,6 +136,35 @@ def _byte_level_model(
         raise ValueError(f"invalid BPE vocabulary or merges: {e}") from e
 
 
+# what a vocabulary kind builds: the HF tokenizer, each token's bytes, llama.cpp's add_bos
+_Parts = tuple[HFTokenizer, tuple[bytes, ...], bool]
+
+
+def _byte_level(
+    pieces: Sequence[str], types: Sequence[int], merges: Iterable[str], pre: str | None
+) -> _Parts:
+    spec = pre_tokenizer_spec(pre)
+    hf = HFTokenizer(_byte_level_model(pieces, merges, spec.ignore_merges))
+    hf.pre_tokenizer, hf.normalizer = spec.build()
+    hf.decoder = decoders.ByteLevel()
+    token_bytes = tuple(_byte_level_bytes(p, t) for p, t in zip(pieces, types, strict=True))
+    return hf, token_bytes, spec.add_bos
+
+
+def _sentencepiece(
+    pieces: Sequence[str],
+    types: Sequence[int],
+    scores: Sequence[float] | None,
+    add_space_prefix: bool,
+) -> _Parts:
+    if scores is None:
+        raise ValueError("a SentencePiece vocabulary needs tokenizer.ggml.scores")
+    hf = HFTokenizer(spm.sentencepiece_model(pieces, types, scores))
+    hf.normalizer = spm.sentencepiece_normalizer(add_space_prefix)
+    token_bytes = tuple(spm.piece_bytes(p, t) for p, t in zip(pieces, types, strict=True))
+    return hf, token_bytes, True
+
+
 def _check_model(model: object) -> str:
     if not isinstance(model, str) or model not in TOKENIZER_MODELS:
         supported = ", ".join(f"{k} ({v})" for k, v in TOKENIZER_MODELS.items())
@@ -183,23 +212,13 @@ class Tokenizer:
             check_id(name, tid, len(self._pieces))
         self.model = model
         if model == "gpt2":
-            spec = pre_tokenizer_spec(pre)
-            self._hf = HFTokenizer(_byte_level_model(self._pieces, merges, spec.ignore_merges))
-            self._hf.pre_tokenizer, self._hf.normalizer = spec.build()
-            self._hf.decoder = decoders.ByteLevel()
-            self._bytes = tuple(
-                _byte_level_bytes(p, t) for p, t in zip(self._pieces, self._types, strict=True)
+            self._hf, self._bytes, default_add_bos = _byte_level(
+                self._pieces, self._types, merges, pre
             )
-            default_add_bos = spec.add_bos
         else:
-            if scores is None:
-                raise ValueError("a SentencePiece vocabulary needs tokenizer.ggml.scores")
-            self._hf = HFTokenizer(spm.sentencepiece_model(self._pieces, self._types, scores))
-            self._hf.normalizer = spm.sentencepiece_normalizer(add_space_prefix)
-            self._bytes = tuple(
-                spm.piece_bytes(p, t) for p, t in zip(self._pieces, self._types, strict=True)
+            self._hf, self._bytes, default_add_bos = _sentencepiece(
+                self._pieces, self._types, scores, add_space_prefix
             )
-            default_add_bos = True
         self._add_added_tokens()
         self._lock = threading.Lock()  # guards the encode_special_tokens switch
         self.bos_id = bos_id
