@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bitserve.engine.generate import ContextLengthError
-from bitserve.engine.loop import EngineStoppedError, QueueFullError
+from bitserve.engine.loop import EngineStoppedError, GenerationFailedError, QueueFullError
 from bitserve.engine.sampling import SamplingParamError
 from bitserve.store import ConversationNotFoundError
 
@@ -99,6 +99,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     QueueFullError: ErrorKind(503, "server_error", "queue_full"),
     EngineStoppedError: ErrorKind(503, "server_error", "unavailable"),
     GenerationCancelledError: ErrorKind(503, "server_error", "cancelled"),
+    GenerationFailedError: ErrorKind(500, "server_error", "generation_failed"),
 }
 _INTERNAL = ErrorKind(500, "server_error", "internal_error")
 
@@ -164,7 +165,9 @@ def error_response(exc: BaseException) -> JSONResponse:
         headers["WWW-Authenticate"] = "Bearer"
     if isinstance(exc, StarletteHTTPException) and exc.headers:
         headers.update(exc.headers)
-    if status >= 500 and not isinstance(exc, QueueFullError | EngineStoppedError):
+    # the engine logs a failed generation's traceback itself
+    quiet = QueueFullError | EngineStoppedError | GenerationFailedError
+    if status >= 500 and not isinstance(exc, quiet):
         log.error("request failed", exc_info=exc)
     return JSONResponse(body, status_code=status, headers=headers)
 

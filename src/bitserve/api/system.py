@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from bitserve.api.auth import require_key
 from bitserve.api.metrics import install_metrics, make_registry
@@ -19,11 +19,28 @@ health_router = APIRouter(tags=["system"])
 router = APIRouter(tags=["system"], dependencies=[Depends(require_key)])
 
 
-@health_router.get("/health")
-async def health(request: Request) -> dict[str, Any]:
-    """Liveness (never needs a key): `{"status": "ok", "model", "demo"}`."""
+HEALTH_DOC: dict[int | str, dict[str, Any]] = {
+    503: {
+        "description": 'The engine cannot run requests: `{"status": "error", "model", '
+        '"demo", "error"}` says why (its thread stopped, or its last steps all failed).'
+    }
+}
+
+
+@health_router.get("/health", responses=HEALTH_DOC)
+async def health(request: Request) -> JSONResponse:
+    """Whether the server can generate (never needs a key): `{"status": "ok", "model",
+    "demo"}`, or 503 with `"status": "error"` and the reason."""
     served: ServedModel = request.app.state.served
-    return {"status": "ok", "model": served.name, "demo": served.loaded.is_demo}
+    state = served.engine.health()
+    body: dict[str, Any] = {
+        "status": "ok" if state.ok else "error",
+        "model": served.name,
+        "demo": served.loaded.is_demo,
+    }
+    if not state.ok:
+        body["error"] = state.reason
+    return JSONResponse(body, status_code=200 if state.ok else 503)
 
 
 @router.get("/v1/models")
