@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bitserve.engine.generate import ContextLengthError
 from bitserve.engine.loop import EngineStoppedError, GenerationFailedError, QueueFullError
 from bitserve.engine.sampling import SamplingParamError
-from bitserve.store import ConversationNotFoundError
+from bitserve.store import ConversationNotFoundError, InvalidTextError, StorageFullError
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,13 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     ModelNotFoundError: ErrorKind(404, "invalid_request_error", "model_not_found"),
     RouteNotFoundError: ErrorKind(404, "invalid_request_error", "route_not_found"),
     ConversationNotFoundError: ErrorKind(404, "invalid_request_error", "conversation_not_found"),
+    InvalidTextError: ErrorKind(400, "invalid_request_error", "invalid_value"),
     RequestValidationError: ErrorKind(422, "invalid_request_error", "invalid_value"),
     QueueFullError: ErrorKind(503, "server_error", "queue_full"),
     EngineStoppedError: ErrorKind(503, "server_error", "unavailable"),
     GenerationCancelledError: ErrorKind(503, "server_error", "cancelled"),
     GenerationFailedError: ErrorKind(500, "server_error", "generation_failed"),
+    StorageFullError: ErrorKind(507, "server_error", "storage_full"),
 }
 _INTERNAL = ErrorKind(500, "server_error", "internal_error")
 
@@ -148,6 +150,8 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
         message, param, code = exc.message, exc.param, exc.code or code
     elif isinstance(exc, SamplingParamError):
         message, param = f"{exc.param}: {exc.message}", exc.param
+    elif isinstance(exc, InvalidTextError):
+        message, param = str(exc), exc.where
     elif kind is _INTERNAL:
         message = "internal server error (see the server log)"
     else:
