@@ -178,3 +178,26 @@ def test_what_asks_for_nothing_unsupported_is_answered(
     r = client.post("/v1/chat/completions", json=chat_body(**patch))
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] is not None
+
+
+def test_cors_headers_only_for_configured_origins(make_client: AppFactory) -> None:
+    preflight = {
+        "Origin": "https://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    with make_client(cors_origins=("https://app.example",), api_keys=("k",)) as client:
+        answer = client.options("/v1/chat/completions", headers=preflight)
+        assert answer.status_code == 200  # the preflight needs no key
+        assert answer.headers["access-control-allow-origin"] == "https://app.example"
+        got = client.get(
+            "/v1/models", headers={"Origin": "https://app.example", "Authorization": "Bearer k"}
+        )
+        assert got.headers["access-control-allow-origin"] == "https://app.example"
+        other = client.get(
+            "/v1/models", headers={"Origin": "https://evil.example", "Authorization": "Bearer k"}
+        )
+        assert "access-control-allow-origin" not in other.headers
+    with make_client() as client:
+        answer = client.options("/v1/chat/completions", headers=preflight)
+        assert "access-control-allow-origin" not in answer.headers

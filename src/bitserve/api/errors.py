@@ -55,6 +55,39 @@ class ContextLengthExceededError(APIError):
         self.context_length = context_length
 
 
+class InputTooLongError(APIError):
+    """More text than the server accepts in one request, refused before tokenizing it."""
+
+    def __init__(self, chars: int, limit: int, param: str) -> None:
+        super().__init__(
+            f"{param}: {chars} characters of text is more than this server accepts in one "
+            f"request ({limit}: more than its context could hold, or --max-input-chars)",
+            param=param,
+            code="input_too_long",
+        )
+
+
+class BodyTooLargeError(APIError):
+    """A request body over the server's limit (``--max-body-mb``); refused unread."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the request body is larger than this server accepts ({limit} bytes; --max-body-mb)",
+            code="request_too_large",
+        )
+
+
+class InvalidHostError(APIError):
+    """A ``Host`` header naming a host this server does not answer to."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__(
+            f"this server does not answer to the host {host[:100]!r}; start it with "
+            "--allowed-host NAME to accept that name",
+            code="invalid_host",
+        )
+
+
 class ModelNotFoundError(APIError):
     def __init__(self, model: str) -> None:
         super().__init__(
@@ -91,11 +124,14 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     SamplingParamError: ErrorKind(400, "invalid_request_error"),
     ContextLengthExceededError: ErrorKind(400, "invalid_request_error", "context_length_exceeded"),
     ContextLengthError: ErrorKind(400, "invalid_request_error", "context_length_exceeded"),
+    InputTooLongError: ErrorKind(400, "invalid_request_error", "input_too_long"),
+    InvalidHostError: ErrorKind(400, "invalid_request_error", "invalid_host"),
     AuthenticationError: ErrorKind(401, "invalid_request_error", "invalid_api_key"),
     ModelNotFoundError: ErrorKind(404, "invalid_request_error", "model_not_found"),
     RouteNotFoundError: ErrorKind(404, "invalid_request_error", "route_not_found"),
     ConversationNotFoundError: ErrorKind(404, "invalid_request_error", "conversation_not_found"),
     InvalidTextError: ErrorKind(400, "invalid_request_error", "invalid_value"),
+    BodyTooLargeError: ErrorKind(413, "invalid_request_error", "request_too_large"),
     RequestValidationError: ErrorKind(422, "invalid_request_error", "invalid_value"),
     QueueFullError: ErrorKind(503, "server_error", "queue_full"),
     EngineStoppedError: ErrorKind(503, "server_error", "unavailable"),

@@ -53,6 +53,7 @@ def tokenize_prompt(served: ServedModel, prompt: str | list[int], param: str = "
                 f"{param}: token id {bad[0]} is not in the vocabulary", param
             )
         return Prompt(list(prompt))
+    served.check_input_chars(len(prompt), param)
     tok = served.loaded.tokenizer
     tokens = tok.encode(prompt, add_bos=tok.add_bos)
     return Prompt(tokens, int(bool(tokens) and tokens[0] == tok.bos_id and tok.add_bos))

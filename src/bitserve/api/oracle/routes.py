@@ -11,18 +11,22 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from bitserve.api.auth import require_configured_key
 from bitserve.api.chat.protocol import ChatCompletion, ChatCompletionRequest
 from bitserve.api.chat.serving import plan_chat, respond_chat, wire_messages
 from bitserve.api.conversations.routes import SSE_DOC
+from bitserve.api.edge import KeyFirstRoute
 from bitserve.api.errors import RouteNotFoundError
 from bitserve.api.oracle.config import OracleConfig
 from bitserve.api.served import ServedModel
 from bitserve.api.streaming import RequestGuard
 
-router = APIRouter(tags=["oracle"], dependencies=[Depends(require_configured_key)])
+router = APIRouter(
+    tags=["oracle"], dependencies=[Depends(require_configured_key)], route_class=KeyFirstRoute
+)
 
 
 @router.post("/oracle/v1/{route}/chat", response_model=ChatCompletion, responses=SSE_DOC)
@@ -48,6 +52,8 @@ async def oracle_chat(
         raise RequestValidationError(exc.errors()) from exc
     served: ServedModel = request.app.state.served
     served.resolve(body.model, (*config.aliases, *spec.aliases))
-    plan = plan_chat(served, body, wire_messages(body.messages), body.model)
+    messages = wire_messages(body.messages)
+    served.check_input_chars(sum(len(m["content"]) for m in messages), "messages")
+    plan = await run_in_threadpool(plan_chat, served, body, messages, body.model)  # tokenizes
     plan.oracle = True
     return await respond_chat(served, plan, RequestGuard(request), body.stream)
