@@ -110,13 +110,19 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 def is_valid_text(text: object) -> bool:
     """False for a string that cannot be encoded as UTF-8 (it holds a lone surrogate);
     anything else is the database's to judge."""
-    return not isinstance(text, str) or _SURROGATE.search(text) is None
+    if not isinstance(text, str) or text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def repaired_text(text: str) -> str:
     """``text`` with any lone surrogate replaced by U+FFFD (rows written before the store
     refused them stay readable)."""
-    return _SURROGATE.sub("\ufffd", text)
+    return text if is_valid_text(text) else _SURROGATE.sub("\ufffd", text)
 
 
 def check_texts(metadata: dict[str, str] | None, messages: Iterable[NewMessage] = ()) -> None:

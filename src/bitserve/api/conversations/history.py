@@ -70,8 +70,12 @@ def _cut(dropped_costs: list[int], need: int, grid: int) -> int:
 def _costs(
     served: ServedModel, messages: Sequence[dict[str, Any]], tokens: Sequence[int]
 ) -> list[int]:
-    """Each message's estimated share of the prompt: its content and its template."""
-    return [n + served.message_overhead(m["role"]) for m, n in zip(messages, tokens, strict=True)]
+    """Each message's estimated share of the prompt: its content, its template, and one
+    token of slack (text encoded after the template's can merge or split differently),
+    so that the first encoding nearly always fits."""
+    return [
+        n + served.message_overhead(m["role"]) + 1 for m, n in zip(messages, tokens, strict=True)
+    ]
 
 
 def fit_history(
@@ -91,7 +95,9 @@ def fit_history(
     turns = droppable_turns(history)
     dropped = [0, *accumulate(sum(costs[i] for i in turn) for turn in turns)]  # by k turns
     estimate = sum(costs) + sum(_costs(served, new, new_tokens)) + served.message_overhead(None)
-    k = _cut(dropped, estimate - budget, max(1, served.ctx_size // CUT_GRID_FRACTION))
+    grid = max(1, served.ctx_size // CUT_GRID_FRACTION)
+    need = estimate - budget
+    k = _cut(dropped, need, grid)
     while True:
         left_out = {i for turn in turns[:k] for i in turn}
         messages = [m for i, m in enumerate(history) if i not in left_out] + list(new)
@@ -99,6 +105,7 @@ def fit_history(
         excess = len(prompt) - budget
         if excess <= 0 or k == len(turns):
             return FittedPrompt(messages, len(left_out), prompt)
-        # the estimate fell short: drop what covers the measured excess, at least a turn
-        more = range(k + 1, len(turns) + 1)
-        k = next((j for j in more if dropped[j] - dropped[k] >= excess), len(turns))
+        # the estimate fell short: cover the measured excess too, on the same grid, and
+        # drop at least one more turn
+        need = max(need, dropped[k]) + excess
+        k = max(k + 1, _cut(dropped, need, grid))

@@ -183,6 +183,7 @@ class ConversationService:
         self.store = store
         self.served = served
         self.locks = ConversationLocks()
+        self._background: set[asyncio.Task[None]] = set()
 
     def count_tokens(self, text: str) -> int:
         return len(self.served.loaded.tokenizer.encode(text))
@@ -253,11 +254,10 @@ class ConversationService:
             )
 
             async def store_turn(results: list[ChoiceResult]) -> None:
-                ahead = await run_in_threadpool(
+                reply = await run_in_threadpool(
                     self.store_turn, owner, conversation_id, turn, results[0]
                 )
-                if ahead is not None:
-                    self.served.engine.prefill_ahead(ahead, PREFILL_AHEAD_MAX_TOKENS)
+                self.prefill_ahead_later(turn.messages, reply)
 
             return await respond_chat(self.served, turn.plan, guard, body.stream, store_turn)
         except BaseException:
@@ -290,9 +290,23 @@ class ConversationService:
 
     def store_turn(
         self, owner: str, conversation_id: str, turn: Turn, result: ChoiceResult
-    ) -> list[int] | None:
+    ) -> NewMessage:
         """(worker thread) Append the new messages and the reply in one transaction;
-        returns the next turn's prompt start to compute ahead (:func:`next_turn_prefix`)."""
+        returns the reply as stored."""
         reply = self.reply_message(turn.plan.prompt_tokens, result)
         self.store.append_turn(owner, conversation_id, [*turn.new, reply])
-        return next_turn_prefix(self.served, turn.messages, reply)
+        return reply
+
+    def prefill_ahead_later(self, messages: list[dict[str, Any]], reply: NewMessage) -> None:
+        """Queue the next turn's prompt start (:func:`next_turn_prefix`) for the engine to
+        compute ahead, once a worker thread has encoded it: after the answer, not in
+        its way (encoding a long history takes a while)."""
+
+        async def queue_it() -> None:
+            ahead = await run_in_threadpool(next_turn_prefix, self.served, messages, reply)
+            if ahead is not None:
+                self.served.engine.prefill_ahead(ahead, PREFILL_AHEAD_MAX_TOKENS)
+
+        task = asyncio.get_running_loop().create_task(queue_it())
+        self._background.add(task)  # a reference until it is done (asyncio keeps weak ones)
+        task.add_done_callback(self._background.discard)
