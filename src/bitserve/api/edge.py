@@ -6,9 +6,12 @@ that will be refused never makes the server read (and hold) its body.
   rebinding: a web page on another name must not reach a keyless server's conversations
   through the browser); a ``Content-Length`` over the limit is a 413 at once, and a body
   without one (chunked) is counted as the app reads it and cut with a 413 there.
-- :class:`KeyFirstRoute`: the route class of the routers that need a key; it checks the
+- :class:`GuardedRoute`: the route class of the routers that need a key; it checks the
   ``Authorization`` header before FastAPI reads the body (FastAPI itself reads the body
-  first and solves dependencies after).
+  first and solves dependencies after), then refuses a JSON body holding text that is
+  not Unicode (a lone surrogate such as ``"\\ud800"``: legal JSON, but not encodable as
+  UTF-8, so it could be neither tokenized nor stored and sent back) with a 400 naming
+  where it is.
 
 Both answer in the API's one error shape (``errors.error_response``), which is why these
 are a few lines here rather than Starlette's ``TrustedHostMiddleware`` and FastAPI's
@@ -28,7 +31,13 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bitserve.api.auth import require_configured_key, require_key
-from bitserve.api.errors import BodyTooLargeError, InvalidHostError, error_response
+from bitserve.api.errors import (
+    BodyTooLargeError,
+    InvalidHostError,
+    InvalidParameterError,
+    error_response,
+)
+from bitserve.store.base import is_valid_text
 
 ANY_HOST = "*"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -139,7 +148,7 @@ def _content_length(headers: Headers) -> int:
 _KEY_CHECKS = (require_key, require_configured_key)
 
 
-class KeyFirstRoute(APIRoute):
+class GuardedRoute(APIRoute):
     """An ``APIRoute`` whose key dependency (``require_key`` or ``require_configured_key``
     among its dependencies) also runs before the body is read: a missing or wrong key is
     a 401 without reading a byte of it."""
@@ -151,6 +160,46 @@ class KeyFirstRoute(APIRoute):
         async def checked(request: Request) -> Response:
             for check in checks:
                 check(request)
+            await check_body_text(request)
             return await handler(request)
 
         return checked
+
+
+async def check_body_text(request: Request) -> None:
+    """400 if the JSON body holds a string (or key) that is not valid Unicode. The parsed
+    body is cached on the request, so the route does not parse it again; a body that is
+    not JSON is left to the route (its 422)."""
+    if "json" not in request.headers.get("content-type", "json"):
+        return
+    try:
+        body = await request.json()
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep
+        return
+    where = invalid_text_at(body)
+    if where is not None:
+        raise InvalidParameterError(
+            f"{where or 'body'}: text must be valid Unicode (a lone surrogate such as "
+            "\\ud800 is not)",
+            where or None,
+        )
+
+
+def invalid_text_at(value: Any) -> str | None:
+    """The path (``messages[0].content``; ``""`` for the body itself) of the first string
+    or key in ``value`` that is not valid Unicode, or None. Iterative: JSON may nest as
+    deep as the parser allows."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if not is_valid_text(item):
+                return path
+        elif isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                if not is_valid_text(key):
+                    return path
+                stack.append((child, f"{path}.{key}" if path else str(key)))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}[{i}]") for i, child in reversed(list(enumerate(item))))
+    return None

@@ -10,14 +10,14 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from starlette.responses import JSONResponse, Response
 
 from bitserve.api.auth import require_key
-from bitserve.api.edge import KeyFirstRoute
+from bitserve.api.edge import GuardedRoute
 from bitserve.api.metrics import install_metrics, make_registry
 from bitserve.api.served import ServedModel
 
 __all__ = ["health_router", "install_metrics", "make_registry", "router"]
 
 health_router = APIRouter(tags=["system"])
-router = APIRouter(tags=["system"], dependencies=[Depends(require_key)], route_class=KeyFirstRoute)
+router = APIRouter(tags=["system"], dependencies=[Depends(require_key)], route_class=GuardedRoute)
 
 
 HEALTH_DOC: dict[int | str, dict[str, Any]] = {

@@ -17,13 +17,13 @@ from bitserve.api.completions.protocol import (
     TokenizeRequest,
 )
 from bitserve.api.completions.serving import LegacyCompletion, LlamaCompletion
-from bitserve.api.edge import KeyFirstRoute
+from bitserve.api.edge import GuardedRoute
 from bitserve.api.errors import InvalidParameterError
 from bitserve.api.served import ServedModel
 from bitserve.api.streaming import RequestGuard, sse_response
 
 router = APIRouter(
-    tags=["completions"], dependencies=[Depends(require_key)], route_class=KeyFirstRoute
+    tags=["completions"], dependencies=[Depends(require_key)], route_class=GuardedRoute
 )
 
 STREAM_DOC: dict[int | str, dict[str, Any]] = {

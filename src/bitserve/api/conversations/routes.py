@@ -28,12 +28,12 @@ from bitserve.api.conversations.serving import (
     conversation_object,
     message_object,
 )
-from bitserve.api.edge import KeyFirstRoute
+from bitserve.api.edge import GuardedRoute
 from bitserve.api.errors import InvalidParameterError
 from bitserve.api.streaming import RequestGuard
 
 router = APIRouter(
-    tags=["conversations"], dependencies=[Depends(require_key)], route_class=KeyFirstRoute
+    tags=["conversations"], dependencies=[Depends(require_key)], route_class=GuardedRoute
 )
 
 SSE_DOC: dict[int | str, dict[str, Any]] = {

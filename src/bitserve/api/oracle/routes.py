@@ -18,14 +18,14 @@ from bitserve.api.auth import require_configured_key
 from bitserve.api.chat.protocol import ChatCompletion, ChatCompletionRequest
 from bitserve.api.chat.serving import plan_chat, respond_chat, wire_messages
 from bitserve.api.conversations.routes import SSE_DOC
-from bitserve.api.edge import KeyFirstRoute
+from bitserve.api.edge import GuardedRoute
 from bitserve.api.errors import RouteNotFoundError
 from bitserve.api.oracle.config import OracleConfig
 from bitserve.api.served import ServedModel
 from bitserve.api.streaming import RequestGuard
 
 router = APIRouter(
-    tags=["oracle"], dependencies=[Depends(require_configured_key)], route_class=KeyFirstRoute
+    tags=["oracle"], dependencies=[Depends(require_configured_key)], route_class=GuardedRoute
 )
 
 
