@@ -47,7 +47,9 @@ async def oracle_chat(
         known = ", ".join(sorted(config.routes)) or "none"
         raise RouteNotFoundError(f"oracle route {route!r} is not configured (known: {known})")
     try:
-        body = ChatCompletionRequest.model_validate({**spec.defaults, **raw})
+        # null means absent (RequestModel): the route's default, not the model's
+        given = {key: value for key, value in raw.items() if value is not None}
+        body = ChatCompletionRequest.model_validate({**spec.defaults, **given})
     except ValidationError as exc:  # the same 422 as a typed route's
         raise RequestValidationError(exc.errors()) from exc
     served: ServedModel = request.app.state.served
