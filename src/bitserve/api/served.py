@@ -178,8 +178,7 @@ class ServedModel:
             "n_vocab": int(cfg.vocab_size),
             "n_params_layers": int(cfg.n_layers),
             "demo": self.loaded.is_demo,
-            "path": str(self.loaded.path),
-        }
+        }  # never the file's path: clients have no business knowing the server's disk
 
 
 def context_chars(loaded: LoadedModel, ctx_size: int) -> int:

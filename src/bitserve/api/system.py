@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 
 from bitserve.api.auth import require_key
 from bitserve.api.edge import GuardedRoute
+from bitserve.api.errors import ModelNotFoundError
 from bitserve.api.metrics import install_metrics, make_registry
 from bitserve.api.served import ServedModel
 
@@ -20,6 +21,7 @@ health_router = APIRouter(tags=["system"])
 router = APIRouter(tags=["system"], dependencies=[Depends(require_key)], route_class=GuardedRoute)
 
 
+NOT_FOUND_DOC: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown model."}}
 HEALTH_DOC: dict[int | str, dict[str, Any]] = {
     503: {
         "description": 'The engine cannot run requests: `{"status": "error", "model", '
@@ -44,17 +46,34 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if state.ok else 503)
 
 
+def model_object(served: ServedModel, name: str) -> dict[str, Any]:
+    """OpenAI's model object; the model id's carries ``meta`` (context, vocabulary)."""
+    model: dict[str, Any] = {
+        "id": name,
+        "object": "model",
+        "created": served.created,
+        "owned_by": "bitserve",
+    }
+    if name == served.name:
+        model["meta"] = served.describe()
+    return model
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    """The served model and every alias it answers to (OpenAI's model list)."""
+    """The served model and every alias it answers to on every route (OpenAI's model
+    list). Oracle aliases, which only the oracle routes accept, are not listed."""
     served: ServedModel = request.app.state.served
-    names = (*served.names, *request.app.state.settings.oracle.aliases)
-    data = [
-        {"id": name, "object": "model", "created": served.created, "owned_by": "bitserve"}
-        for name in dict.fromkeys(names)
-    ]
-    data[0]["meta"] = served.describe()
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [model_object(served, n) for n in served.names]}
+
+
+@router.get("/v1/models/{model}", responses=NOT_FOUND_DOC)
+async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
+    """One model of the list (OpenAI's retrieve); 404 `model_not_found` for another name."""
+    served: ServedModel = request.app.state.served
+    if model not in served.names:
+        raise ModelNotFoundError(model)
+    return model_object(served, model)
 
 
 @router.get("/metrics", response_class=Response)
