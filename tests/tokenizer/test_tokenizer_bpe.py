@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -225,3 +227,30 @@ def test_padding_id_past_the_vocabulary_is_ignored(
     # files in the wild carry one; llama.cpp ignores it and nothing here uses it
     tok = Tokenizer.from_metadata(make_byte_metadata(padding_token_id=999))
     assert tok.encode("a") == [ord("a")]
+
+
+def test_encoding_a_long_text_lets_other_threads_run(demo_tokenizer: Tokenizer) -> None:
+    """The server encodes prompts on worker threads; its event loop must keep running
+    meanwhile, so encoding must not hold the GIL for its whole length."""
+    text = "hello world, this is a test of things. " * 25_000  # ~1 MB
+    ticks = 0
+    done = threading.Event()
+
+    def tick() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            time.sleep(0.001)
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    try:
+        start = time.perf_counter()
+        demo_tokenizer.encode(text)
+        took = time.perf_counter() - start
+    finally:
+        done.set()
+        ticker.join()
+    # a held GIL lets the ticker run a handful of times (at the 5 ms switch interval at
+    # best); a released one, about once per millisecond of encoding
+    assert ticks >= 0.25 * took * 1000, (ticks, took)

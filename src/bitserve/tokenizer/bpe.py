@@ -322,7 +322,9 @@ class Tokenizer:
         """Token ids of ``text``; control-token text becomes control ids only if allowed."""
         with self._lock:
             self._hf.encode_special_tokens = not allow_special
-            ids: list[int] = self._hf.encode(text, add_special_tokens=False).ids
+            # encode_batch releases the GIL (encode does not): a long text encoded on a
+            # worker thread then never stalls the server's event loop
+            ids: list[int] = self._hf.encode_batch([text], add_special_tokens=False)[0].ids
         if add_bos and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         if add_eos and self.eos_id is not None:
