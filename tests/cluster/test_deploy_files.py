@@ -55,7 +55,7 @@ def test_the_deployment_reads_the_database_from_the_secret_and_is_ready_on_healt
     assert probe["path"] == "/health" and probe["port"] == container["ports"][0]["name"]
     settings = serve_settings(container["args"])
     assert settings.port == container["ports"][0]["containerPort"]
-    assert settings.host == "0.0.0.0"
+    assert settings.host == "0.0.0.0" and "*" in settings.allowed_hosts
     for service in ("service.yaml:Service/bitserve", "service.yaml:Service/bitserve-headless"):
         selector = docs[service]["spec"]["selector"]
         assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
@@ -79,7 +79,8 @@ def test_the_systemd_unit_verifies_and_its_command_parses(tmp_path: Path) -> Non
     parser.read_string(unit)
     command = shlex.split(parser["Service"]["ExecStart"].replace("\\\n", " "))
     assert command[0] == "/opt/bitserve/bin/bitserve"
-    assert serve_settings(command[1:]).port == 8081
+    settings = serve_settings(command[1:])
+    assert settings.port == 8081 and "chat.example.com" in settings.allowed_hosts
     # systemd checks the executable exists: point it at this environment's bitserve
     bitserve = Path(subprocess.check_output(["which", "bitserve"], text=True).strip())
     local = tmp_path / "bitserve.service"

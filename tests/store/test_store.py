@@ -18,8 +18,10 @@ from bitserve.cluster.postgres import PostgresServer
 from bitserve.store import (
     ConversationNotFoundError,
     ConversationStore,
+    InvalidTextError,
     NewMessage,
     SQLiteStore,
+    StorageFullError,
     StoreError,
 )
 from bitserve.store.postgres import PostgresStore
@@ -234,6 +236,63 @@ def test_any_text_round_trips(store: ConversationStore) -> None:
     conv = store.create("", None, [NewMessage("system", texts[0])])
     store.append_turn("", conv.id, [NewMessage("user", t) for t in texts[1:]])
     assert [m.content for m in store.messages("", conv.id)] == texts
+
+
+def fill_to_the_limit(store: SQLiteStore) -> None:
+    """Cap the file at its current size (SQLite's own "database or disk is full", the
+    error a full disk gives), so the next write that needs a page fails."""
+    with store._lock:
+        (pages,) = store._db.execute("PRAGMA page_count").fetchone()
+        store._db.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def test_a_full_sqlite_store_refuses_writes_whole_and_keeps_serving_reads(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(tmp_path / "full.db")
+    conv = store.create("k", {"title": "kept"}, [NewMessage("system", "be brief", 2)])
+    store.append_turn("k", conv.id, [NewMessage("user", "hi"), NewMessage("assistant", "hey")])
+    fill_to_the_limit(store)
+    big = "x" * 200_000
+    with pytest.raises(StorageFullError, match="full"):
+        store.append_turn("k", conv.id, [NewMessage("user", big), NewMessage("assistant", "a")])
+    with pytest.raises(StorageFullError):
+        store.create("k", None, [NewMessage("system", big)])
+    # nothing half-written, nothing lost, reads work, and the store still writes once
+    # there is room again
+    assert [m.content for m in store.messages("k", conv.id)] == ["be brief", "hi", "hey"]
+    assert [c.id for c in store.list_conversations("k").conversations] == [conv.id]
+    with store._lock:
+        store._db.execute("PRAGMA max_page_count = 1073741823")
+    store.append_turn("k", conv.id, [NewMessage("user", big), NewMessage("assistant", "a")])
+    assert store.get("k", conv.id).num_messages == 5
+    store.close()
+
+
+def test_text_that_is_not_unicode_is_refused_and_old_rows_stay_readable(
+    store: ConversationStore, database: str
+) -> None:
+    for call in (
+        lambda: store.create("k", {"title": "\ud800"}),
+        lambda: store.create("k", {"\udfff": "v"}),
+        lambda: store.create("k", None, [NewMessage("system", "a\ud800b")]),
+    ):
+        with pytest.raises(InvalidTextError):
+            call()
+    conv = store.create("k")
+    with pytest.raises(InvalidTextError, match=r"messages\[1\]"):
+        store.append_turn(
+            "k", conv.id, [NewMessage("user", "ok"), NewMessage("assistant", "\udc80")]
+        )
+    with pytest.raises(InvalidTextError, match=r"messages\[0\]"):
+        store.begin_turn("k", conv.id).commit([NewMessage("user", "\ud800")])
+    with pytest.raises(InvalidTextError, match="metadata"):
+        store.update_metadata("k", conv.id, {"t": "\ud83d"})
+    assert store.get("k", conv.id).num_messages == 0
+    # a row written before the stores refused such text (json.dumps escapes it as \ud800)
+    old = '{"title": "a\\ud800b"}'
+    execute(database, f"UPDATE conversations SET metadata = '{old}' WHERE id = '{conv.id}'")
+    assert store.list_conversations("k").conversations[0].metadata == {"title": "a\ufffdb"}
 
 
 def execute(database: str, *statements: str) -> None:

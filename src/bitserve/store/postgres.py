@@ -12,10 +12,12 @@ conversation, from any replica, waits until the first one is stored (or abandone
 then reads a history that holds it. Turns never interleave and none is lost. Reads never
 wait: they see the last committed turn.
 
-Failures: a lost connection, a database that is down or restarting, or a pool with no
-free connection within :data:`POOL_TIMEOUT_S` raise ``StoreUnavailableError`` (the API's
-503 + ``Retry-After``). PostgreSQL rolls back whatever the broken transaction held, so
-nothing half-written remains, and the pool reconnects by itself once the database is back.
+Failures: text that is not valid Unicode is refused before any write (``check_texts``, as
+SQLite does); a full disk is ``StorageFullError``. A lost connection, a database that is
+down or restarting, or a pool with no free connection within :data:`POOL_TIMEOUT_S`
+raise ``StoreUnavailableError`` (the API's 503 + ``Retry-After``). PostgreSQL rolls back
+whatever the broken transaction held, so nothing half-written remains, and the pool
+reconnects by itself once the database is back.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ from bitserve.store.base import (
     ConversationPage,
     ConversationStore,
     NewMessage,
+    StorageFullError,
     StoredMessage,
     StoreUnavailableError,
     Turn,
+    check_texts,
     new_conversation_id,
     now,
 )
@@ -84,6 +88,8 @@ def _available() -> Iterator[None]:
     lock timeout and a database shutting down) → ``StoreUnavailableError``."""
     try:
         yield
+    except psycopg.errors.DiskFull as exc:
+        raise StorageFullError(str(exc).strip()) from exc
     except PoolTimeout as exc:
         raise StoreUnavailableError("no database connection", RETRY_AFTER_S) from exc
     except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
@@ -141,10 +147,12 @@ class PostgresTurn(Turn):
                 raise
 
     def commit(self, messages: Sequence[NewMessage]) -> list[StoredMessage]:
+        """Append and commit; any failure ends the turn (closed, nothing stored)."""
         conn = self._conn
         if conn is None:
             raise RuntimeError("this turn has already ended")
         try:
+            check_texts(None, messages)
             with _available():
                 first = self.conversation.num_messages
                 stored = _insert_messages(conn, self.conversation.seq, first, messages)
@@ -261,6 +269,7 @@ class PostgresStore(ConversationStore):
         metadata: dict[str, str] | None = None,
         messages: Sequence[NewMessage] = (),
     ) -> Conversation:
+        check_texts(metadata, messages)
         created_at = now()
         with self._transaction() as conn:
             next_seq = "SELECT nextval(pg_get_serial_sequence('conversations', 'seq'))"
@@ -306,6 +315,7 @@ class PostgresStore(ConversationStore):
     def update_metadata(
         self, owner: str, conversation_id: str, metadata: dict[str, str]
     ) -> Conversation:
+        check_texts(metadata)
         with self._transaction() as conn:
             conv = _row(conn, owner, conversation_id, lock=True)
             conn.execute(
@@ -323,6 +333,7 @@ class PostgresStore(ConversationStore):
     def append_turn(
         self, owner: str, conversation_id: str, messages: Sequence[NewMessage]
     ) -> list[StoredMessage]:
+        check_texts(None, messages)
         with self._transaction() as conn:
             conv = _row(conn, owner, conversation_id, lock=True)
             return _insert_messages(conn, conv.seq, conv.num_messages, messages)

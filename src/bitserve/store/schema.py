@@ -19,7 +19,13 @@ from collections.abc import Sequence
 from string import Template
 from typing import Any
 
-from bitserve.store.base import Conversation, NewMessage, StoredMessage, StoreError
+from bitserve.store.base import (
+    Conversation,
+    NewMessage,
+    StoredMessage,
+    StoreError,
+    repaired_text,
+)
 
 SCHEMA_VERSION = 2
 
@@ -132,15 +138,16 @@ def conversation_from_row(row: Sequence[Any]) -> Conversation:
         id=str(cid),
         owner=str(owner),
         created_at=float(created_at),
-        metadata=json.loads(str(metadata)),
+        metadata={repaired_text(k): repaired_text(v) for k, v in json.loads(str(metadata)).items()},
         seq=int(seq),
         num_messages=int(count),
     )
 
 
 def free_text(value: str | bytes | memoryview) -> str:
-    """A ``FREE_TEXT`` column's value as text (PostgreSQL hands back UTF-8 bytes)."""
-    return value if isinstance(value, str) else bytes(value).decode("utf-8")
+    """A ``FREE_TEXT`` column's value as text (PostgreSQL hands back UTF-8 bytes); a lone
+    surrogate stored before the stores refused them reads back as U+FFFD."""
+    return repaired_text(value if isinstance(value, str) else bytes(value).decode("utf-8"))
 
 
 def message_from_row(row: Sequence[Any]) -> StoredMessage:

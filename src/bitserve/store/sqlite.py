@@ -18,6 +18,7 @@ The schema, its migrations and the row helpers are shared with the PostgreSQL st
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import threading
@@ -31,7 +32,9 @@ from bitserve.store.base import (
     ConversationPage,
     ConversationStore,
     NewMessage,
+    StorageFullError,
     StoredMessage,
+    check_texts,
     new_conversation_id,
     now,
 )
@@ -52,6 +55,19 @@ _INSERT_MESSAGE = (
     f"INSERT INTO messages (conversation_seq, {MESSAGE_COLUMNS}) "
     f"VALUES (?{', ?' * NUM_MESSAGE_COLUMNS})"
 )
+
+SQLITE_FULL = 13  # "database or disk is full": the disk, or PRAGMA max_page_count
+
+
+def _is_full(exc: BaseException) -> bool:
+    """True for SQLite's "disk full" (by code where Python exposes it, by message before
+    3.11) and for an ``OSError`` ENOSPC."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (int(code) & 0xFF) == SQLITE_FULL
+    return "database or disk is full" in str(exc)
 
 
 class SQLiteStore(ConversationStore):
@@ -74,15 +90,22 @@ class SQLiteStore(ConversationStore):
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT`` under the lock; rolls back on any exception."""
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` under the lock; rolls back on any exception
+        (a failed COMMIT included). A full disk is a ``StorageFullError``."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except (sqlite3.Error, OSError) as exc:
+                if _is_full(exc):
+                    raise StorageFullError(str(exc)) from exc
                 raise
-            self._db.execute("COMMIT")
 
     def _migrate(self) -> None:
         """Create the schema or bring an older one up to ``SCHEMA_VERSION``, in one
@@ -137,6 +160,7 @@ class SQLiteStore(ConversationStore):
         metadata: dict[str, str] | None = None,
         messages: Sequence[NewMessage] = (),
     ) -> Conversation:
+        check_texts(metadata, messages)
         created_at = now()
         with self._transaction() as db:
             row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='conversations'")
@@ -183,6 +207,7 @@ class SQLiteStore(ConversationStore):
     def update_metadata(
         self, owner: str, conversation_id: str, metadata: dict[str, str]
     ) -> Conversation:
+        check_texts(metadata)
         with self._transaction() as db:
             conv = self._row(db, owner, conversation_id)
             db.execute(
@@ -200,6 +225,7 @@ class SQLiteStore(ConversationStore):
     def append_turn(
         self, owner: str, conversation_id: str, messages: Sequence[NewMessage]
     ) -> list[StoredMessage]:
+        check_texts(None, messages)
         with self._transaction() as db:
             conv = self._row(db, owner, conversation_id)
             return self._insert_messages(db, conv.seq, conv.num_messages, messages)
