@@ -153,3 +153,21 @@ def test_no_database_at_start_is_unavailable(own_server: PostgresServer) -> None
     with pytest.raises(StoreUnavailableError):
         PostgresStore(own_server.url, connect_timeout_s=1)
     assert time.monotonic() - started < 10
+
+
+def test_a_turn_ends_once_and_returns_its_connection_once(postgres_url: str) -> None:
+    store = PostgresStore(postgres_url, max_connections=2)
+    conv = store.create("k")
+    committed = store.begin_turn("k", conv.id)
+    committed.commit(turn("a"))
+    committed.abandon()  # the guard's clean-up after a stored turn: nothing to do
+    abandoned = store.begin_turn("k", conv.id)
+    abandoned.abandon()
+    with pytest.raises(RuntimeError, match="ended"):
+        abandoned.commit(turn("b"))
+    # both connections are back: two turns can be held at once, then stored
+    t1, t2 = store.begin_turn("k", conv.id), store.begin_turn("k", store.create("k").id)
+    t2.commit(turn("c"))
+    t1.commit(turn("d"))
+    assert [m.content for m in store.messages("k", conv.id)] == ["a", "re: a", "d", "re: d"]
+    store.close()

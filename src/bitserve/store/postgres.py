@@ -23,6 +23,7 @@ reconnects by itself once the database is back.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -132,23 +133,27 @@ def _insert_messages(
 
 
 class PostgresTurn(Turn):
-    """A turn holding its own connection, inside a transaction that holds the row lock."""
+    """A turn holding its own connection, inside a transaction that holds the row lock.
+    Whoever ends the turn first (``commit`` on a worker thread, ``abandon`` on the event
+    loop when the client leaves) takes the connection; the other finds none."""
 
     def __init__(self, store: PostgresStore, owner: str, conversation_id: str) -> None:
         self._pool = store.pool
+        self._lock = threading.Lock()
         with _available():
-            self._conn: psycopg.Connection[Any] | None = self._pool.getconn()
+            conn = self._pool.getconn()
             try:
-                self._conn.execute(f"SET LOCAL lock_timeout = '{TURN_LOCK_TIMEOUT}'")
-                self.conversation = _row(self._conn, owner, conversation_id, lock=True)
-                self.messages = _messages(self._conn, self.conversation.seq)
+                conn.execute(f"SET LOCAL lock_timeout = '{TURN_LOCK_TIMEOUT}'")
+                self.conversation = _row(conn, owner, conversation_id, lock=True)
+                self.messages = _messages(conn, self.conversation.seq)
             except BaseException:
-                self._close()
+                self._close(conn)
                 raise
+        self._conn: psycopg.Connection[Any] | None = conn
 
     def commit(self, messages: Sequence[NewMessage]) -> list[StoredMessage]:
-        """Append and commit; any failure ends the turn (closed, nothing stored)."""
-        conn = self._conn
+        """Append and commit; any failure ends the turn (nothing stored)."""
+        conn = self._take()
         if conn is None:
             raise RuntimeError("this turn has already ended")
         try:
@@ -158,25 +163,26 @@ class PostgresTurn(Turn):
                 stored = _insert_messages(conn, self.conversation.seq, first, messages)
                 conn.commit()
         except BaseException:
-            self._close()
+            self._close(conn)
             raise
-        self._release(conn)
+        self._pool.putconn(conn)
         return stored
 
     def abandon(self) -> None:
-        self._close()
+        conn = self._take()
+        if conn is not None:
+            self._close(conn)
 
-    def _close(self) -> None:
+    def _take(self) -> psycopg.Connection[Any] | None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        return conn
+
+    def _close(self, conn: psycopg.Connection[Any]) -> None:
         """Close the connection (the server rolls back and unlocks at once) rather than
         send a ROLLBACK and wait for it: this may run on the event loop."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-            self._pool.putconn(conn)  # a closed connection is replaced
-
-    def _release(self, conn: psycopg.Connection[Any]) -> None:
-        self._conn = None
-        self._pool.putconn(conn)
+        conn.close()
+        self._pool.putconn(conn)  # a closed connection is replaced
 
 
 class PostgresStore(ConversationStore):
