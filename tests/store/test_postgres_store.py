@@ -17,7 +17,7 @@ from bitserve.store import (
     StoreUnavailableError,
     open_store,
 )
-from bitserve.store.postgres import PostgresStore
+from bitserve.store.postgres import SESSION_SETTINGS, PostgresStore
 
 
 @pytest.fixture
@@ -170,4 +170,14 @@ def test_a_turn_ends_once_and_returns_its_connection_once(postgres_url: str) -> 
     t2.commit(turn("c"))
     t1.commit(turn("d"))
     assert [m.content for m in store.messages("k", conv.id)] == ["a", "re: a", "d", "re: d"]
+    store.close()
+
+
+def test_connections_let_the_server_drop_a_vanished_replica(postgres_url: str) -> None:
+    """A replica that disappears without closing its connection (power cut) must not keep
+    its turn's row lock for TCP's two hours: the server probes idle connections."""
+    store = PostgresStore(postgres_url)
+    with store.pool.connection() as conn:
+        shown = [conn.execute(f"SHOW {name}").fetchone() for name in SESSION_SETTINGS]  # type: ignore[call-overload]
+    assert [row[0] for row in shown if row] == list(SESSION_SETTINGS.values())
     store.close()

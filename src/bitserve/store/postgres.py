@@ -68,6 +68,11 @@ POOL_TIMEOUT_S = 1.0
 RECONNECT_TIMEOUT_S = 1.0
 CONNECT_TIMEOUT_S = 30.0  # at start: how long to wait for the database to come up
 TURN_LOCK_TIMEOUT = "300s"  # a turn waits at most this long for the one before it
+# A replica that vanishes without closing its connections (power cut, network split) would
+# keep the row lock of its turn in flight until TCP noticed, two hours by default: the
+# server probes our idle connections after 30 s and drops them after 3 missed probes.
+SESSION_SETTINGS = {"tcp_keepalives_idle": "30", "tcp_keepalives_interval": "10",
+                    "tcp_keepalives_count": "3"}  # fmt: skip
 MIGRATION_LOCK = 0x62697473  # pg_advisory_xact_lock key of schema changes ("bits")
 RETRY_AFTER_S = 2
 
@@ -96,6 +101,13 @@ def _available() -> Iterator[None]:
     except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StoreUnavailableError(reason, RETRY_AFTER_S) from exc
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    """Each new pooled connection: :data:`SESSION_SETTINGS`, left idle (the pool's rule)."""
+    for name, value in SESSION_SETTINGS.items():
+        conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+    conn.commit()
 
 
 def _row(conn: psycopg.Connection[Any], owner: str, cid: str, lock: bool = False) -> Conversation:
@@ -207,6 +219,14 @@ class PostgresStore(ConversationStore):
             timeout=POOL_TIMEOUT_S,
             reconnect_timeout=RECONNECT_TIMEOUT_S,
             check=ConnectionPool.check_connection,
+            configure=_configure,
+            # the replica notices a database host that vanished the same way
+            kwargs={
+                "keepalives": 1,
+                "keepalives_idle": 30,
+                "keepalives_interval": 10,
+                "keepalives_count": 3,
+            },
             name="bitserve-store",
         )
         self.pool.open()
