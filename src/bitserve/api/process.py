@@ -74,14 +74,12 @@ def start_server(
     launcher: Sequence[str] = SERVE_COMMAND,
     env: Mapping[str, str] | None = None,
     timeout_s: float = STARTUP_TIMEOUT_S,
-    port: int | None = None,
 ) -> ServerProcess:
-    """Run ``launcher --port <port> *args`` in ``workdir`` (output to
-    ``workdir/server-<port>.log``) and return once ``/health`` answers 200. The port is a
-    free one unless given. Raises :class:`ServerStartError` (with the log) if it exits or
-    times out; it is stopped then."""
+    """Run ``launcher --port <free> *args`` in ``workdir`` (output to
+    ``workdir/server-<port>.log``) and return once ``/health`` answers 200. Raises
+    :class:`ServerStartError` (with the log) if it exits or times out; it is stopped then."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
+    port = free_port()
     log_path = workdir / f"server-{port}.log"
     command = [*launcher, "--port", str(port), *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

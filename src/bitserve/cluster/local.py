@@ -37,17 +37,9 @@ class LocalCluster:
         return self.replicas[int(name.rsplit("-", 1)[1])]
 
     def start_replica(self, index: int, timeout_s: float = STARTUP_TIMEOUT_S) -> ServerProcess:
-        """Start replica ``index`` (again, after it was stopped: on its old port)."""
+        """Start replica ``index`` (``replica-<index>``) on a free port."""
         args = ["--db", self.postgres.url, "--replica-id", f"replica-{index}", *self.serve_args]
-        port = None
-        if index < len(self.replicas):
-            port = int(self.replicas[index].url.rsplit(":", 1)[1])
-        replica = start_server(
-            args, self.workdir / f"replica-{index}", port=port, timeout_s=timeout_s
-        )
-        if index < len(self.replicas):
-            self.replicas[index] = replica
-        return replica
+        return start_server(args, self.workdir / f"replica-{index}", timeout_s=timeout_s)
 
     def stop(self) -> None:
         """Stop nginx, the replicas, then PostgreSQL (and delete its data)."""
