@@ -181,3 +181,17 @@ def test_connections_let_the_server_drop_a_vanished_replica(postgres_url: str) -
         shown = [conn.execute(f"SHOW {name}").fetchone() for name in SESSION_SETTINGS]  # type: ignore[call-overload]
     assert [row[0] for row in shown if row] == list(SESSION_SETTINGS.values())
     store.close()
+
+
+def test_after_a_restart_the_first_request_succeeds(own_server: PostgresServer) -> None:
+    """Every pooled connection is broken once the database restarted: each is dropped for
+    the next at once, and the first request after the restart already gets a new one."""
+    store = PostgresStore(own_server.url, max_connections=4)
+    conv = store.create("k")
+    held = [store.pool.getconn() for _ in range(3)]
+    for conn in held:
+        store.pool.putconn(conn)
+    own_server.stop()
+    own_server.start()
+    assert store.get("k", conv.id).id == conv.id
+    store.close()

@@ -2,8 +2,8 @@
 
 The same tables, migrations and row helpers as SQLite (:mod:`bitserve.store.schema`),
 created or migrated on start under an advisory lock, so replicas starting together do it
-once. Connections come from a ``psycopg_pool`` pool, checked before each use, so one cut
-by a database restart is replaced instead of failing a request.
+once. Connections come from a ``psycopg_pool`` pool and are checked before each use, so those
+a database restart cut are replaced instead of failing requests.
 
 Transactions: every method is one transaction. A chat turn is one too, from reading the
 history to committing the reply (:meth:`PostgresStore.begin_turn`): it starts with
@@ -22,6 +22,7 @@ reconnects by itself once the database is back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -153,7 +154,7 @@ class PostgresTurn(Turn):
         self._pool = store.pool
         self._lock = threading.Lock()
         with _available():
-            conn = self._pool.getconn()
+            conn = store.getconn()
             try:
                 conn.execute(f"SET LOCAL lock_timeout = '{TURN_LOCK_TIMEOUT}'")
                 self.conversation = _row(conn, owner, conversation_id, lock=True)
@@ -218,7 +219,6 @@ class PostgresStore(ConversationStore):
             open=False,
             timeout=POOL_TIMEOUT_S,
             reconnect_timeout=RECONNECT_TIMEOUT_S,
-            check=ConnectionPool.check_connection,
             configure=_configure,
             # the replica notices a database host that vanished the same way
             kwargs={
@@ -241,7 +241,7 @@ class PostgresStore(ConversationStore):
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                with _available(), self.pool.connection():
+                with self._transaction():
                     return
             except StoreUnavailableError:
                 if time.monotonic() >= deadline:
@@ -256,12 +256,36 @@ class PostgresStore(ConversationStore):
             f"postgresql://{info.get('host', '')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
         )
 
+    def getconn(self) -> psycopg.Connection[Any]:
+        """A pooled connection that works, within :data:`POOL_TIMEOUT_S` (``PoolTimeout``
+        past it). Each is checked first, and a broken one (the database restarted since it
+        was last used) is dropped for the next at once: the pool's own check would wait a
+        second after the second broken connection, and after a restart they all are."""
+        deadline = time.monotonic() + POOL_TIMEOUT_S
+        while True:
+            conn = self.pool.getconn(max(0.0, deadline - time.monotonic()))
+            try:
+                ConnectionPool.check_connection(conn)
+            except psycopg.Error:
+                self.pool.putconn(conn)  # broken: the pool replaces it
+                continue
+            return conn
+
     @contextmanager
     def _transaction(self) -> Iterator[psycopg.Connection[Any]]:
         """A pooled connection inside a transaction: committed at the end, rolled back on
         any exception."""
-        with _available(), self.pool.connection() as conn:
-            yield conn
+        with _available():
+            conn = self.getconn()
+            try:
+                yield conn
+                conn.commit()
+            except BaseException:
+                with contextlib.suppress(psycopg.Error):
+                    conn.rollback()  # a broken connection cannot; the server already did
+                raise
+            finally:
+                self.pool.putconn(conn)
 
     def _migrate(self) -> None:
         with self._transaction() as conn:
