@@ -73,6 +73,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="extra model name the model answers to (repeatable)",
     )
     p.add_argument("--oracle-config", type=Path, help="oracle route config (JSON)")
+    p.add_argument(
+        "--no-webui",
+        dest="webui",
+        action="store_false",
+        help="do not serve the web chat page at / (default: served)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -96,6 +102,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         api_keys=tuple(keys),
         aliases=tuple(dict.fromkeys(args.alias)),
         oracle=OracleConfig.load(args.oracle_config),
+        webui=args.webui,
     )
 
 
@@ -152,6 +159,13 @@ def run(args: argparse.Namespace) -> int:
         f"http://{settings.host}:{settings.port}, conversations in {settings.db_path}",
         file=sys.stderr,
     )
+    if settings.webui:
+        from bitserve.webui import browser_url
+
+        print(
+            f"bitserve serve: open {browser_url(settings.host, settings.port)} in a browser",
+            file=sys.stderr,
+        )
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_level=level, timeout_graceful_shutdown=5

@@ -50,6 +50,7 @@ class ServerSettings:
     api_keys: tuple[str, ...] = ()
     aliases: tuple[str, ...] = DEFAULT_ALIASES
     oracle: OracleConfig = field(default_factory=OracleConfig.builtin)
+    webui: bool = True  # the chat page at / (``--no-webui``: off)
 
 
 def read_keys_file(path: str | Path) -> list[str]:

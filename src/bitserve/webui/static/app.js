@@ -1,0 +1,396 @@
+// The chat page: a sidebar of the server's conversations, the selected one's history, and
+// a message box whose replies stream in. Everything goes through the public HTTP API
+// (api.js); the conversations live on the server, so any client's chats show up here.
+// The selected conversation is the page's #hash, so a reload keeps it.
+
+import { Api, ApiError } from "./api.js";
+import { MessageView, StreamingReply, messageView } from "./chat.js";
+import { Settings } from "./settings.js";
+
+const PAGE_SIZE = 20;
+const TITLE_CHARS = 60;
+const NEW_CHAT_HINT = "A new conversation: it is kept on the server once you send the first message.";
+
+const $ = (id) => document.getElementById(id);
+const settings = new Settings();
+const api = new Api(() => settings.apiKey);
+const state = {
+  conversations: [], // the sidebar's, newest first
+  lastId: null,
+  hasMore: false,
+  current: null, // the open conversation (with its messages), null for a new chat
+  reply: null, // the AbortController of the reply streaming in
+};
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+// --- errors: one line above the messages ---------------------------------------------
+
+function showError(err) {
+  if (err && err.name === "AbortError") return;
+  const sentence = err instanceof ApiError ? err.sentence : `Something went wrong: ${err}`;
+  $("error-text").textContent = sentence;
+  $("error").hidden = false;
+  if (err instanceof ApiError && err.status === 401) openSettings(true);
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error-text").textContent = "";
+}
+
+function openSettings(focusKey = false) {
+  $("settings").hidden = false;
+  $("toggle-settings").setAttribute("aria-expanded", "true");
+  if (focusKey) $("api-key").focus();
+}
+
+// --- the model ----------------------------------------------------------------------
+
+async function loadModel() {
+  const health = await api.call("GET", "health"); // never needs a key
+  $("model-name").textContent = health.model;
+  $("demo-badge").hidden = !health.demo;
+  const models = await api.call("GET", "v1/models");
+  const meta = models.data[0].meta || {};
+  $("model-ctx").textContent = meta.n_ctx ? `${meta.n_ctx} tokens of context` : "";
+}
+
+// --- the sidebar --------------------------------------------------------------------
+
+function titleOf(conversation) {
+  return (conversation.metadata && conversation.metadata.title) || "Untitled conversation";
+}
+
+function titleFrom(text) {
+  const line = text.trim().replace(/\s+/g, " ");
+  return line.length > TITLE_CHARS ? `${line.slice(0, TITLE_CHARS - 1)}…` : line;
+}
+
+async function loadConversations(more = false) {
+  const query = new URLSearchParams({ limit: String(PAGE_SIZE) });
+  if (more && state.lastId) query.set("after", state.lastId);
+  const page = await api.call("GET", `v1/conversations?${query}`);
+  state.conversations = more ? [...state.conversations, ...page.data] : page.data;
+  state.lastId = page.last_id;
+  state.hasMore = page.has_more;
+  renderSidebar();
+}
+
+function renderSidebar() {
+  const list = $("conversations");
+  list.replaceChildren(...state.conversations.map(sidebarItem));
+  $("more").hidden = !state.hasMore;
+}
+
+function sidebarItem(conversation) {
+  const item = el("li", "conversation");
+  item.dataset.id = conversation.id;
+  if (state.current && state.current.id === conversation.id) item.classList.add("selected");
+  const open = el("button", "title", titleOf(conversation));
+  open.type = "button";
+  open.title = `${conversation.id}, created ${new Date(conversation.created_at * 1000).toLocaleString()}`;
+  open.addEventListener("click", () => select(conversation.id));
+  const rename = el("button", "rename", "✎");
+  rename.type = "button";
+  rename.setAttribute("aria-label", "Rename");
+  rename.addEventListener("click", () => startRename(item, conversation));
+  const remove = el("button", "delete", "✕");
+  remove.type = "button";
+  remove.setAttribute("aria-label", "Delete");
+  remove.addEventListener("click", () => confirmDelete(item, conversation));
+  item.append(open, rename, remove);
+  return item;
+}
+
+function startRename(item, conversation) {
+  const input = el("input", "rename-input");
+  input.value = titleOf(conversation);
+  input.setAttribute("aria-label", "New title");
+  input.maxLength = 512; // the server's limit for a metadata value
+  let done = false;
+  const finish = async (save) => {
+    if (done) return;
+    done = true;
+    const title = input.value.trim();
+    if (save && title && title !== titleOf(conversation)) {
+      try {
+        await setTitle(conversation, title);
+      } catch (err) {
+        showError(err);
+      }
+    }
+    renderSidebar();
+  };
+  input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") finish(true);
+    if (event.key === "Escape") finish(false);
+  });
+  input.addEventListener("blur", () => finish(true));
+  item.replaceChildren(input);
+  input.focus();
+  input.select();
+}
+
+async function setTitle(conversation, title) {
+  const metadata = { ...(conversation.metadata || {}), title };
+  const updated = await api.call("POST", `v1/conversations/${encodeURIComponent(conversation.id)}`,
+    { metadata });
+  for (const c of [conversation, state.current, ...state.conversations]) {
+    if (c && c.id === conversation.id) c.metadata = updated.metadata;
+  }
+  renderSidebar();
+}
+
+function confirmDelete(item, conversation) {
+  const question = el("span", "confirm-text", `Delete “${titleOf(conversation)}”?`);
+  const yes = el("button", "confirm-delete", "Delete");
+  yes.type = "button";
+  const no = el("button", "cancel-delete", "Cancel");
+  no.type = "button";
+  yes.addEventListener("click", async () => {
+    try {
+      await api.call("DELETE", `v1/conversations/${encodeURIComponent(conversation.id)}`);
+    } catch (err) {
+      if (!(err instanceof ApiError && err.code === "conversation_not_found")) {
+        showError(err);
+        renderSidebar();
+        return;
+      }
+    }
+    state.conversations = state.conversations.filter((c) => c.id !== conversation.id);
+    if (state.current && state.current.id === conversation.id) newChat();
+    renderSidebar();
+  });
+  no.addEventListener("click", renderSidebar);
+  item.classList.add("confirming");
+  item.replaceChildren(question, yes, no);
+  no.focus();
+}
+
+function closeSidebar() {
+  document.body.classList.remove("sidebar-open");
+  $("toggle-sidebar").setAttribute("aria-expanded", "false");
+  $("scrim").hidden = true;
+}
+
+// --- the open conversation ---------------------------------------------------------------
+
+function select(id) {
+  closeSidebar();
+  if (location.hash === `#${id}`) {
+    openConversation(id);
+  } else {
+    location.hash = id; // → hashchange → openConversation
+  }
+}
+
+function newChat() {
+  stopReply();
+  state.current = null;
+  if (location.hash) history.pushState(null, "", location.pathname + location.search);
+  $("messages").replaceChildren(el("p", "hint", NEW_CHAT_HINT));
+  renderSidebar();
+  closeSidebar();
+  $("input").focus();
+}
+
+async function openConversation(id) {
+  stopReply();
+  clearError();
+  let conversation;
+  try {
+    conversation = await api.call("GET", `v1/conversations/${encodeURIComponent(id)}`);
+  } catch (err) {
+    showError(err);
+    return;
+  }
+  state.current = conversation;
+  const views = conversation.messages.map(messageView);
+  $("messages").replaceChildren(...(views.length ? views : [el("p", "hint", "No messages yet.")]));
+  renderSidebar();
+  scrollToEnd(true);
+  const first = conversation.messages.find((m) => m.role === "user");
+  if (!(conversation.metadata && conversation.metadata.title) && first) {
+    try {
+      await setTitle(conversation, titleFrom(String(first.content))); // a chat from another client
+    } catch (err) {
+      showError(err);
+    }
+  }
+}
+
+function scrollToEnd(force = false) {
+  const box = $("messages");
+  if (force || box.scrollHeight - box.scrollTop - box.clientHeight < 80) {
+    box.scrollTop = box.scrollHeight;
+  }
+}
+
+function append(view) {
+  const box = $("messages");
+  box.querySelector(":scope > .hint")?.remove();
+  box.append(view.element);
+  scrollToEnd(true);
+}
+
+// --- sending a message ----------------------------------------------------------------
+
+function setStreaming(on) {
+  $("send").hidden = on;
+  $("stop").hidden = !on;
+  document.body.classList.toggle("streaming", on);
+}
+
+function stopReply() {
+  if (state.reply) state.reply.abort();
+}
+
+async function createConversation(text) {
+  const body = { metadata: { title: titleFrom(text) } };
+  if (settings.systemPrompt) body.messages = [{ role: "system", content: settings.systemPrompt }];
+  const conversation = await api.call("POST", "v1/conversations", body);
+  conversation.messages = body.messages || [];
+  history.replaceState(null, "", `#${conversation.id}`); // no hashchange: it is open already
+  state.conversations.unshift(conversation);
+  if (settings.systemPrompt) {
+    const view = new MessageView("system");
+    view.show(settings.systemPrompt);
+    append(view);
+  }
+  return conversation;
+}
+
+async function send() {
+  const input = $("input");
+  const text = input.value;
+  if (!text.trim() || state.reply) return;
+  clearError();
+  const controller = new AbortController();
+  state.reply = controller;
+  setStreaming(true);
+  try {
+    let conversation = state.current;
+    if (conversation === null) {
+      conversation = await createConversation(text);
+      state.current = conversation;
+      renderSidebar();
+    } else if (!(conversation.metadata && conversation.metadata.title)) {
+      await setTitle(conversation, titleFrom(text));
+    }
+    input.value = "";
+    const question = new MessageView("user");
+    question.show(text);
+    append(question);
+    const view = new MessageView("assistant");
+    append(view);
+    const outcome = await streamReply(conversation, text, new StreamingReply(view), controller);
+    if (outcome === "failed") {
+      question.element.classList.add("failed");
+      if (!input.value) input.value = text; // to send again
+    }
+  } catch (err) {
+    showError(err);
+  } finally {
+    state.reply = null;
+    setStreaming(false);
+  }
+}
+
+async function streamReply(conversation, text, reply, controller) {
+  const body = {
+    messages: [{ role: "user", content: text }],
+    stream: true,
+    stream_options: { include_usage: true },
+    ...settings.sampling(),
+  };
+  const path = `v1/conversations/${encodeURIComponent(conversation.id)}/chat`;
+  let outcome = "failed";
+  try {
+    for await (const chunk of api.stream(path, body, controller.signal)) {
+      reply.add(chunk);
+      scrollToEnd();
+    }
+    outcome = "done";
+  } catch (err) {
+    if (err && err.name === "AbortError") {
+      outcome = "stopped";
+    } else {
+      showError(err);
+    }
+  } finally {
+    reply.finish(outcome);
+    scrollToEnd();
+  }
+  return outcome;
+}
+
+// --- start ------------------------------------------------------------------------------
+
+function route() {
+  const id = decodeURIComponent(location.hash.slice(1));
+  if (id) {
+    openConversation(id);
+  } else if (state.current !== null || !$("messages").hasChildNodes()) {
+    newChat();
+  }
+}
+
+function start() {
+  clearError();
+  loadModel().catch(showError);
+  loadConversations().catch(showError);
+}
+
+function wire() {
+  settings.bind($("settings"), () => {
+    start();
+    route();
+  });
+  $("settings").addEventListener("submit", (event) => event.preventDefault());
+  $("toggle-settings").addEventListener("click", () => {
+    const form = $("settings");
+    form.hidden = !form.hidden;
+    $("toggle-settings").setAttribute("aria-expanded", String(!form.hidden));
+  });
+  $("toggle-sidebar").addEventListener("click", () => {
+    const open = !document.body.classList.contains("sidebar-open");
+    document.body.classList.toggle("sidebar-open", open);
+    $("toggle-sidebar").setAttribute("aria-expanded", String(open));
+    $("scrim").hidden = !open;
+  });
+  $("scrim").addEventListener("click", closeSidebar);
+  $("new-chat").addEventListener("click", newChat);
+  $("refresh").addEventListener("click", () => {
+    clearError();
+    loadConversations().catch(showError);
+  });
+  $("more").addEventListener("click", () => loadConversations(true).catch(showError));
+  $("error-close").addEventListener("click", clearError);
+  $("composer").addEventListener("submit", (event) => {
+    event.preventDefault();
+    send();
+  });
+  $("input").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      send();
+    }
+  });
+  $("stop").addEventListener("click", stopReply);
+  window.addEventListener("hashchange", route);
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible" && !state.reply) {
+      loadConversations().catch(() => {}); // a chat started elsewhere shows up
+    }
+  });
+}
+
+wire();
+start();
+route();
