@@ -1,6 +1,6 @@
 """Fixtures for the web page's tests: Debian's Chromium driven by Playwright (one browser
 for the session, a fresh context per test), and the real ``bitserve serve`` process on
-the demo model."""
+the demo model (one for the session: each test makes its own conversations)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def browser() -> Iterator[Browser]:
         browser.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     with start_demo_server(tmp_path_factory.mktemp("webui")) as s:
         yield s

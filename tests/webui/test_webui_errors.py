@@ -62,7 +62,8 @@ def test_each_failure_is_one_readable_line(page: Page, keyed_server: ServerProce
         httpx.Client(timeout=60, headers=headers) as client,
         client.stream("POST", chat_url, json=body) as running,
     ):
-        next(running.iter_lines())  # generating
+        lines = running.iter_lines()  # kept: a dropped iterator would close the connection
+        next(lines)  # generating
         with client.stream("POST", chat_url, json=body) as waiting:
             assert waiting.status_code == 200  # in the queue, which is now full
             send(page, "Are you busy?")
