@@ -110,15 +110,22 @@ def test_a_reload_shows_the_conversation_with_its_history(
 ) -> None:
     open_app(page, server.url)
     set_settings(page, max_tokens="12")
-    send(page, "Remember this line")
+    page.fill("#input", "Remember")
+    page.press("#input", "Shift+Enter")  # a new line, not a send
+    page.type("#input", "this line")
+    expect(page.locator(".message")).to_have_count(0)
+    page.press("#input", "Enter")
     stats = wait_for_reply(page)
     reply_text = page.locator(".message.assistant .body").inner_text()
     conversation_id = selected_id(page)
     assert page.url.endswith(f"#{conversation_id}")
 
+    stored = api(server.url, "GET", f"/v1/conversations/{conversation_id}")
+    assert stored["messages"][0]["content"] == "Remember\nthis line"
+
     page.reload()
     expect(page.locator(".conversation.selected .title")).to_have_text("Remember this line")
-    expect(page.locator(".message.user .body")).to_have_text("Remember this line")
+    expect(page.locator(".message.user .body")).to_have_text("Remember\nthis line")
     expect(page.locator(".message.assistant .body")).to_have_text(reply_text)
     tokens = stats.split(" ")[0]  # a stored reply shows its token count
     expect(page.locator(".message.assistant .stats")).to_have_text(
@@ -151,6 +158,24 @@ def test_a_conversation_from_another_client_appears(page: Page, server: ServerPr
     assert api(url, "GET", f"/v1/conversations/{created['id']}")["metadata"] == {
         "title": "Sent by a script"
     }
+
+
+def test_the_sidebar_pages_through_many_conversations(page: Page, server: ServerProcess) -> None:
+    ids = [
+        api(server.url, "POST", "/v1/conversations", json={"metadata": {"title": f"Page {i}"}})[
+            "id"
+        ]
+        for i in range(21)
+    ]
+    open_app(page, server.url)
+    items = page.locator(".conversation")
+    expect(items).to_have_count(20)  # one page, newest first
+    assert items.first.get_attribute("data-id") == ids[-1]
+    expect(page.locator(f'.conversation[data-id="{ids[0]}"]')).to_have_count(0)
+    page.click("#more")
+    expect(page.locator(f'.conversation[data-id="{ids[0]}"] .title')).to_have_text("Page 0")
+    shown = [items.nth(i).get_attribute("data-id") for i in range(items.count())]
+    assert len(shown) == len(set(shown)) > 20
 
 
 def test_rename_and_delete(page: Page, server: ServerProcess) -> None:
@@ -192,7 +217,7 @@ def test_a_phone_sized_screen(browser: Browser, server: ServerProcess) -> None:
         expect(sidebar).to_be_in_viewport()
         page.locator(f'.conversation[data-id="{created["id"]}"] .title').click()
         expect(sidebar).not_to_be_in_viewport()
-        set_settings(page, max_tokens="8")
+        set_settings(page, max_tokens="8", temperature="0")
         page.click("#toggle-settings")
         send(page, "Small screen")
         assert STATS.match(wait_for_reply(page))

@@ -19,6 +19,7 @@ const state = {
   lastId: null,
   hasMore: false,
   current: null, // the open conversation (with its messages), null for a new chat
+  opening: 0, // counts openConversation calls: only the latest one's answer is shown
   reply: null, // the AbortController of the reply streaming in
 };
 
@@ -192,6 +193,7 @@ function select(id) {
 
 function newChat() {
   stopReply();
+  state.opening += 1; // a conversation still loading is not shown
   state.current = null;
   if (location.hash) history.pushState(null, "", location.pathname + location.search);
   $("messages").replaceChildren(el("p", "hint", NEW_CHAT_HINT));
@@ -203,13 +205,15 @@ function newChat() {
 async function openConversation(id) {
   stopReply();
   clearError();
+  const ticket = ++state.opening;
   let conversation;
   try {
     conversation = await api.call("GET", `v1/conversations/${encodeURIComponent(id)}`);
   } catch (err) {
-    showError(err);
+    if (ticket === state.opening) showError(err);
     return;
   }
+  if (ticket !== state.opening) return; // another conversation was chosen meanwhile
   state.current = conversation;
   const views = conversation.messages.map(messageView);
   $("messages").replaceChildren(...(views.length ? views : [el("p", "hint", "No messages yet.")]));

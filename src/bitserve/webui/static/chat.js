@@ -138,6 +138,8 @@ export class StreamingReply {
         cachedTokens: details.cached_tokens ?? null,
         finishReason: this.finishReason,
       }));
+    } else if (outcome === "done") {
+      this.view.setStats(`~${this.chunks} tokens`); // a server that sent no usage
     } else if (outcome === "stopped") {
       this.view.element.classList.add("stopped");
       this.view.setStats(`Stopped after ~${this.chunks} tokens: the server keeps nothing of this turn.`);
