@@ -80,3 +80,14 @@ def test_each_failure_is_one_readable_line(page: Page, keyed_server: ServerProce
     set_settings(page, max_tokens="4")
     send(page, "Anyone there?")
     expect(error).to_have_text(re.compile("^Cannot reach the bitserve server"))
+
+
+def test_a_refused_request_names_the_field(page: Page, server: ServerProcess) -> None:
+    open_app(page, server.url)
+    set_settings(page, temperature="5")
+    send(page, "Too hot")
+    expect(page.locator("#error-text")).to_have_text(
+        re.compile(r"^The server refused the request \(400\): .*temperature")
+    )
+    expect(page.locator(".message.user.failed")).to_have_count(1)
+    expect(page.locator("#input")).to_have_value("Too hot")  # kept to send again

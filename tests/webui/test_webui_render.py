@@ -168,3 +168,25 @@ def test_reasoning_is_a_collapsed_block_above_the_answer(page: Page, server: Ser
     assert order == ["role", "reasoning", "body", "stats"]
     expect(page.locator(".message.assistant .body strong")).to_have_text("there")
     expect(page.locator(".message.assistant .stats")).to_contain_text("4 cached prompt tokens")
+
+
+def test_a_stored_reply_shows_its_reasoning_and_tool_calls(
+    page: Page, server: ServerProcess
+) -> None:
+    # the message shape GET /v1/conversations/{id} gives replies of reasoning models and
+    # tool calls (the demo model makes neither)
+    open_app(page, server.url)
+    page.evaluate("""async () => {
+      const { messageView } = await import("/static/chat.js");
+      document.querySelector("#messages").append(messageView({
+        role: "assistant", content: "", reasoning_content: "Look it up.",
+        tool_calls: [{ id: "call_1", type: "function",
+                       function: { name: "get_weather", arguments: '{"city": "<b>Oslo</b>"}' } }],
+        completion_tokens: 17, finish_reason: "tool_calls",
+      }));
+    }""")
+    reply = page.locator(".message.assistant")
+    expect(reply.locator("details.reasoning .reasoning-text")).to_have_text("Look it up.")
+    expect(reply.locator(".tool-calls code")).to_have_text('get_weather({"city": "<b>Oslo</b>"})')
+    expect(reply.locator(".stats")).to_have_text("17 tokens")
+    assert reply.locator("b").count() == 0

@@ -44,12 +44,25 @@ export class MessageView {
   setStats(text) {
     this.stats.textContent = text;
   }
+
+  /** Tool calls of a stored reply (OpenAI's shape), each as `name(arguments)`. */
+  showToolCalls(calls) {
+    const list = el("div", "tool-calls");
+    for (const call of calls) {
+      const fn = call.function || {};
+      list.append(el("code", "", `${fn.name || "?"}(${fn.arguments || ""})`));
+    }
+    this.body.append(list);
+  }
 }
 
 /** A stored message of a conversation's history. */
 export function messageView(message) {
   const view = new MessageView(message.role);
   view.show(textOf(message.content), message.reasoning_content || "");
+  if (Array.isArray(message.tool_calls) && message.tool_calls.length) {
+    view.showToolCalls(message.tool_calls);
+  }
   if (message.role === "assistant" && message.completion_tokens != null) {
     view.setStats(statsText({
       tokens: message.completion_tokens,
