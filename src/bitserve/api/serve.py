@@ -31,6 +31,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="GGUF model file (default: the built-in demo model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+    p.add_argument(
+        "--no-webui",
+        dest="webui",
+        action="store_false",
+        help="do not serve the web chat page at / (default: served)",
+    )
     add_runtime_arguments(p)
     p.add_argument(
         "-c", "--ctx-size", type=int, help="context size in tokens (default: the model's)"
@@ -73,12 +79,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="extra model name the model answers to (repeatable)",
     )
     p.add_argument("--oracle-config", type=Path, help="oracle route config (JSON)")
-    p.add_argument(
-        "--no-webui",
-        dest="webui",
-        action="store_false",
-        help="do not serve the web chat page at / (default: served)",
-    )
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -90,6 +90,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(
         host=args.host,
         port=args.port,
+        webui=args.webui,
         model_path=args.model,
         **runtime_options(args),
         ctx_size=args.ctx_size,
@@ -102,7 +103,6 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         api_keys=tuple(keys),
         aliases=tuple(dict.fromkeys(args.alias)),
         oracle=OracleConfig.load(args.oracle_config),
-        webui=args.webui,
     )
 
 

@@ -36,6 +36,7 @@ class ServerSettings:
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
+    webui: bool = True  # the chat page at / (``--no-webui``: off)
     model_path: str | None = None
     threads: int | None = None
     kernel: str | None = None
@@ -50,7 +51,6 @@ class ServerSettings:
     api_keys: tuple[str, ...] = ()
     aliases: tuple[str, ...] = DEFAULT_ALIASES
     oracle: OracleConfig = field(default_factory=OracleConfig.builtin)
-    webui: bool = True  # the chat page at / (``--no-webui``: off)
 
 
 def read_keys_file(path: str | Path) -> list[str]:

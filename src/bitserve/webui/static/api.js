@@ -98,6 +98,7 @@ async function httpError(response, keyGiven) {
   } catch {
     error = {};
   }
+  if (typeof error === "string") error = { message: error }; // /health's {"error": reason}
   const status = response.status;
   const code = error.code || null;
   const message = error.message || response.statusText || "no details";
@@ -110,7 +111,7 @@ async function httpError(response, keyGiven) {
     const retry = response.headers.get("Retry-After");
     sentence = `The server is busy (its queue is full): try again in ${retry || "a few"} s.`;
   } else if (status === 503) {
-    sentence = "The server is unavailable (it may be stopping): try again shortly.";
+    sentence = `The server cannot answer now (${message}): try again shortly.`;
   } else if (code === "conversation_not_found") {
     sentence = "This conversation is no longer on the server (deleted, or another key's).";
   } else if (status >= 500) {

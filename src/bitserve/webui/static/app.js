@@ -58,7 +58,7 @@ async function loadModel() {
   $("model-name").textContent = health.model;
   $("demo-badge").hidden = !health.demo;
   const models = await api.call("GET", "v1/models");
-  const meta = models.data[0].meta || {};
+  const meta = (models.data.find((model) => model.meta) || {}).meta || {};
   $("model-ctx").textContent = meta.n_ctx ? `${meta.n_ctx} tokens of context` : "";
 }
 
