@@ -51,9 +51,21 @@ def test_the_page_prints_its_address_and_names_the_demo_model(
 
 def test_a_reply_streams_in_and_is_kept_on_the_server(page: Page, server: ServerProcess) -> None:
     open_app(page, server.url)
-    set_settings(page, temperature="0", max_tokens="40", system_prompt="Be brief.")
+    set_settings(
+        page, temperature="0", max_tokens="40", top_p="0.9", top_k="20", system_prompt="Be brief."
+    )
     page.evaluate(WATCH_REPLY)
-    send(page, "Hello")
+    with page.expect_request(re.compile(r"/chat$")) as request:
+        send(page, "Hello")
+    assert request.value.post_data_json == {
+        "messages": [{"role": "user", "content": "Hello"}],  # only the new message
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0,
+        "max_tokens": 40,
+        "top_p": 0.9,
+        "top_k": 20,
+    }
     first = STATS.match(wait_for_reply(page))
     assert first is not None
     lengths = page.evaluate("window.replyLengths")
