@@ -112,9 +112,14 @@ def test_stop_ends_the_generation_on_the_server(page: Page, server: ServerProces
     conversation = api(url, "GET", f"/v1/conversations/{selected_id(page)}")
     assert conversation["messages"] == []  # a cancelled turn stores nothing
 
-    send(page, "Hi again")  # the page goes on working after a stop
-    expect(page.locator(".message.assistant")).to_have_count(2)
-    set_settings(page, max_tokens="8")
+    send(page, "Hi again")  # the page goes on working after a stop; Esc stops too
+    expect(page.locator(".message.assistant").last.locator(".body")).not_to_be_empty()
+    page.press("#input", "Escape")
+    expect(page.locator(".message.assistant.stopped")).to_have_count(2)
+    deadline = time.monotonic() + 10
+    while metric(url, "bitserve_requests_cancelled_total") < cancelled + 2:
+        assert time.monotonic() < deadline, "Esc did not cancel the generation"
+        time.sleep(0.05)
 
 
 def test_a_reload_shows_the_conversation_with_its_history(

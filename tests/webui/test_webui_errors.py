@@ -51,6 +51,10 @@ def test_each_failure_is_one_readable_line(page: Page, keyed_server: ServerProce
 
     set_settings(page, api_key="wrong")
     expect(error).to_have_text("The server refused this API key: check it under Settings.")
+    set_settings(page, api_key="clé")  # no header can carry it: said so, not "unreachable"
+    expect(error).to_have_text(
+        "An API key is printable ASCII without spaces: check it under Settings."
+    )
 
     created = api(url, "POST", "/v1/conversations", KEY, json={"metadata": {"title": "Keyed"}})
     set_settings(page, api_key=KEY)

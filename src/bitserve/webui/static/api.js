@@ -67,6 +67,10 @@ export class Api {
   async send(method, path, body, signal) {
     const headers = {};
     const key = this.getKey();
+    if (key && !/^[\x21-\x7e]+$/.test(key)) {
+      throw new ApiError("An API key is printable ASCII without spaces: check it under Settings.",
+        { status: 401 });
+    }
     if (key) headers.Authorization = `Bearer ${key}`;
     if (body !== undefined) headers["Content-Type"] = "application/json";
     let response;

@@ -384,6 +384,8 @@ function wire() {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
       event.preventDefault();
       send();
+    } else if (event.key === "Escape" && state.reply) {
+      stopReply();
     }
   });
   $("stop").addEventListener("click", stopReply);
