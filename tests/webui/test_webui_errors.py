@@ -4,13 +4,14 @@ with a wrong one), a full queue (503 with its Retry-After), and a server that is
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from playwright.sync_api import Page, expect
-from webui_helpers import api, open_app, send, set_settings, start_demo_server
+from webui_helpers import api, metric, open_app, send, set_settings, start_demo_server
 
 from bitserve.api.process import ServerProcess
 from bitserve.gguf import read_gguf
@@ -42,6 +43,13 @@ def long_request(url: str) -> tuple[str, dict[str, object], dict[str, str]]:
     return f"{url}/v1/chat/completions", body, {"Authorization": f"Bearer {KEY}"}
 
 
+def wait_for_metric(url: str, name: str, value: float) -> None:
+    deadline = time.monotonic() + 30
+    while metric(url, name, {"Authorization": f"Bearer {KEY}"}) != value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.05)
+
+
 def test_each_failure_is_one_readable_line(page: Page, keyed_server: ServerProcess) -> None:
     url = keyed_server.url
     error = page.locator("#error-text")
@@ -67,9 +75,11 @@ def test_each_failure_is_one_readable_line(page: Page, keyed_server: ServerProce
         client.stream("POST", chat_url, json=body) as running,
     ):
         lines = running.iter_lines()  # kept: a dropped iterator would close the connection
-        next(lines)  # generating
+        next(lines)
+        wait_for_metric(url, "bitserve_running_sequences", 1)  # generating, out of the queue
         with client.stream("POST", chat_url, json=body) as waiting:
-            assert waiting.status_code == 200  # in the queue, which is now full
+            assert waiting.status_code == 200
+            wait_for_metric(url, "bitserve_queue_depth", 1)  # waiting: the queue is full
             send(page, "Are you busy?")
             expect(error).to_have_text(
                 re.compile(r"^The server is busy \(its queue is full\): try again in \d+ s\.$")

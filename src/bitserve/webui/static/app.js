@@ -6,18 +6,21 @@
 import { Api, ApiError } from "./api.js";
 import { MessageView, StreamingReply, messageView } from "./chat.js";
 import { Settings } from "./settings.js";
+import { Sidebar, titleFrom } from "./sidebar.js";
 
-const PAGE_SIZE = 20;
-const TITLE_CHARS = 60;
 const NEW_CHAT_HINT = "A new conversation: it is kept on the server once you send the first message.";
 
 const $ = (id) => document.getElementById(id);
 const settings = new Settings();
 const api = new Api(() => settings.apiKey);
+const sidebar = new Sidebar(api, $("conversations"), $("more"), {
+  select,
+  deleted: (id) => {
+    if (state.current && state.current.id === id) newChat();
+  },
+  error: showError,
+});
 const state = {
-  conversations: [], // the sidebar's, newest first
-  lastId: null,
-  hasMore: false,
   current: null, // the open conversation (with its messages), null for a new chat
   opening: 0, // counts openConversation calls: only the latest one's answer is shown
   reply: null, // the AbortController of the reply streaming in
@@ -62,118 +65,6 @@ async function loadModel() {
   $("model-ctx").textContent = meta.n_ctx ? `${meta.n_ctx} tokens of context` : "";
 }
 
-// --- the sidebar --------------------------------------------------------------------
-
-function titleOf(conversation) {
-  return (conversation.metadata && conversation.metadata.title) || "Untitled conversation";
-}
-
-function titleFrom(text) {
-  const line = text.trim().replace(/\s+/g, " ");
-  return line.length > TITLE_CHARS ? `${line.slice(0, TITLE_CHARS - 1)}…` : line;
-}
-
-async function loadConversations(more = false) {
-  const query = new URLSearchParams({ limit: String(PAGE_SIZE) });
-  if (more && state.lastId) query.set("after", state.lastId);
-  const page = await api.call("GET", `v1/conversations?${query}`);
-  state.conversations = more ? [...state.conversations, ...page.data] : page.data;
-  state.lastId = page.last_id;
-  state.hasMore = page.has_more;
-  renderSidebar();
-}
-
-function renderSidebar() {
-  const list = $("conversations");
-  list.replaceChildren(...state.conversations.map(sidebarItem));
-  $("more").hidden = !state.hasMore;
-}
-
-function sidebarItem(conversation) {
-  const item = el("li", "conversation");
-  item.dataset.id = conversation.id;
-  if (state.current && state.current.id === conversation.id) item.classList.add("selected");
-  const open = el("button", "title", titleOf(conversation));
-  open.type = "button";
-  open.title = `${conversation.id}, created ${new Date(conversation.created_at * 1000).toLocaleString()}`;
-  open.addEventListener("click", () => select(conversation.id));
-  const rename = el("button", "rename", "✎");
-  rename.type = "button";
-  rename.setAttribute("aria-label", "Rename");
-  rename.addEventListener("click", () => startRename(item, conversation));
-  const remove = el("button", "delete", "✕");
-  remove.type = "button";
-  remove.setAttribute("aria-label", "Delete");
-  remove.addEventListener("click", () => confirmDelete(item, conversation));
-  item.append(open, rename, remove);
-  return item;
-}
-
-function startRename(item, conversation) {
-  const input = el("input", "rename-input");
-  input.value = titleOf(conversation);
-  input.setAttribute("aria-label", "New title");
-  input.maxLength = 512; // the server's limit for a metadata value
-  let done = false;
-  const finish = async (save) => {
-    if (done) return;
-    done = true;
-    const title = input.value.trim();
-    if (save && title && title !== titleOf(conversation)) {
-      try {
-        await setTitle(conversation, title);
-      } catch (err) {
-        showError(err);
-      }
-    }
-    renderSidebar();
-  };
-  input.addEventListener("keydown", (event) => {
-    if (event.key === "Enter") finish(true);
-    if (event.key === "Escape") finish(false);
-  });
-  input.addEventListener("blur", () => finish(true));
-  item.replaceChildren(input);
-  input.focus();
-  input.select();
-}
-
-async function setTitle(conversation, title) {
-  const metadata = { ...(conversation.metadata || {}), title };
-  const updated = await api.call("POST", `v1/conversations/${encodeURIComponent(conversation.id)}`,
-    { metadata });
-  for (const c of [conversation, state.current, ...state.conversations]) {
-    if (c && c.id === conversation.id) c.metadata = updated.metadata;
-  }
-  renderSidebar();
-}
-
-function confirmDelete(item, conversation) {
-  const question = el("span", "confirm-text", `Delete “${titleOf(conversation)}”?`);
-  const yes = el("button", "confirm-delete", "Delete");
-  yes.type = "button";
-  const no = el("button", "cancel-delete", "Cancel");
-  no.type = "button";
-  yes.addEventListener("click", async () => {
-    try {
-      await api.call("DELETE", `v1/conversations/${encodeURIComponent(conversation.id)}`);
-    } catch (err) {
-      if (!(err instanceof ApiError && err.code === "conversation_not_found")) {
-        showError(err);
-        renderSidebar();
-        return;
-      }
-    }
-    state.conversations = state.conversations.filter((c) => c.id !== conversation.id);
-    if (state.current && state.current.id === conversation.id) newChat();
-    renderSidebar();
-  });
-  no.addEventListener("click", renderSidebar);
-  item.classList.add("confirming");
-  item.replaceChildren(question, yes, no);
-  no.focus();
-}
-
 function closeSidebar() {
   document.body.classList.remove("sidebar-open");
   $("toggle-sidebar").setAttribute("aria-expanded", "false");
@@ -197,7 +88,7 @@ function newChat() {
   state.current = null;
   if (location.hash) history.pushState(null, "", location.pathname + location.search);
   $("messages").replaceChildren(el("p", "hint", NEW_CHAT_HINT));
-  renderSidebar();
+  sidebar.select(null);
   closeSidebar();
   $("input").focus();
 }
@@ -217,12 +108,12 @@ async function openConversation(id) {
   state.current = conversation;
   const views = conversation.messages.map(messageView);
   $("messages").replaceChildren(...(views.length ? views : [el("p", "hint", "No messages yet.")]));
-  renderSidebar();
+  sidebar.select(conversation.id);
   scrollToEnd(true);
   const first = conversation.messages.find((m) => m.role === "user");
   if (!(conversation.metadata && conversation.metadata.title) && first) {
     try {
-      await setTitle(conversation, titleFrom(String(first.content))); // a chat from another client
+      await sidebar.setTitle(conversation, titleFrom(first.content)); // a chat from elsewhere
     } catch (err) {
       showError(err);
     }
@@ -261,7 +152,7 @@ async function createConversation(text) {
   const conversation = await api.call("POST", "v1/conversations", body);
   conversation.messages = body.messages || [];
   history.replaceState(null, "", `#${conversation.id}`); // no hashchange: it is open already
-  state.conversations.unshift(conversation);
+  sidebar.add(conversation);
   if (settings.systemPrompt) {
     const view = new MessageView("system");
     view.show(settings.systemPrompt);
@@ -283,9 +174,9 @@ async function send() {
     if (conversation === null) {
       conversation = await createConversation(text);
       state.current = conversation;
-      renderSidebar();
+      sidebar.select(conversation.id);
     } else if (!(conversation.metadata && conversation.metadata.title)) {
-      await setTitle(conversation, titleFrom(text));
+      await sidebar.setTitle(conversation, titleFrom(text));
     }
     input.value = "";
     const question = new MessageView("user");
@@ -348,7 +239,7 @@ function route() {
 function start() {
   clearError();
   loadModel().catch(showError);
-  loadConversations().catch(showError);
+  sidebar.load().catch(showError);
 }
 
 function wire() {
@@ -372,9 +263,8 @@ function wire() {
   $("new-chat").addEventListener("click", newChat);
   $("refresh").addEventListener("click", () => {
     clearError();
-    loadConversations().catch(showError);
+    sidebar.load().catch(showError);
   });
-  $("more").addEventListener("click", () => loadConversations(true).catch(showError));
   $("error-close").addEventListener("click", clearError);
   $("composer").addEventListener("submit", (event) => {
     event.preventDefault();
@@ -392,7 +282,7 @@ function wire() {
   window.addEventListener("hashchange", route);
   document.addEventListener("visibilitychange", () => {
     if (document.visibilityState === "visible" && !state.reply) {
-      loadConversations().catch(() => {}); // a chat started elsewhere shows up
+      sidebar.load().catch(() => {}); // a chat started elsewhere shows up
     }
   });
 }
