@@ -24,6 +24,8 @@ HOSTILE = [
     f'[x](https://example.com/" onmouseover="alert(4)) and [{IMG}](https://example.com/)',
     f"# {IMG}\n<iframe src=javascript:alert(5)></iframe><svg onload=alert(6)>",
     "<style>body{display:none}</style><a href=javascript:alert(7)>link</a>",
+    "> " * 5000 + IMG,  # nesting this deep is drawn as text, not recursed into
+    "- " * 5000 + SCRIPT,
 ]
 # the only elements the renderer makes
 ALLOWED_TAGS = {

@@ -20,7 +20,7 @@ const SAFE_PROTOCOLS = new Set(["http:", "https:", "mailto:"]);
 /** Render `text` as Markdown into a new DocumentFragment. */
 export function renderMarkdown(text) {
   const fragment = document.createDocumentFragment();
-  renderBlocks(String(text).replace(/\r\n?/g, "\n").split("\n"), fragment);
+  renderBlocks(String(text).replace(/\r\n?/g, "\n").split("\n"), fragment, 0);
   return fragment;
 }
 
@@ -36,7 +36,17 @@ function isBlockStart(line) {
     || ITEM.test(line);
 }
 
-function renderBlocks(lines, parent) {
+// Quotes and lists nest at most this deep; deeper lines are drawn as plain text (a reply
+// of a thousand "> " would otherwise recurse a thousand times, on every streamed frame).
+const MAX_DEPTH = 16;
+
+function renderBlocks(lines, parent, depth) {
+  if (depth > MAX_DEPTH) {
+    const p = el("p");
+    appendText(lines.join("\n"), p);
+    parent.append(p);
+    return;
+  }
   let i = 0;
   while (i < lines.length) {
     const line = lines[i];
@@ -57,10 +67,10 @@ function renderBlocks(lines, parent) {
       const inner = [];
       while (i < lines.length && QUOTE.test(lines[i])) inner.push(QUOTE.exec(lines[i++])[1]);
       const quote = el("blockquote");
-      renderBlocks(inner, quote);
+      renderBlocks(inner, quote, depth + 1);
       parent.append(quote);
     } else if (ITEM.test(line)) {
-      i = list(lines, i, parent);
+      i = list(lines, i, parent, depth);
     } else {
       const paragraph = [];
       while (i < lines.length && lines[i].trim() && !(paragraph.length && isBlockStart(lines[i]))) {
@@ -108,7 +118,7 @@ function copyButton(code) {
 // One list: consecutive items of the same kind (bullets or numbers) at one indentation.
 // An item's own lines are its first line plus the lines indented past its marker (and
 // blank lines between them), rendered as blocks, so items can hold code and sub-lists.
-function list(lines, start, parent) {
+function list(lines, start, parent, depth) {
   const [, indent, marker] = ITEM.exec(lines[start]);
   const ordered = /\d/.test(marker);
   const node = el(ordered ? "ol" : "ul");
@@ -138,7 +148,7 @@ function list(lines, start, parent) {
       i += 1;
     }
     const item = el("li");
-    renderBlocks(body, item);
+    renderBlocks(body, item, depth + 1);
     node.append(item);
     if (i < lines.length && !lines[i].trim() && sameList(lines[i + 1])) {
       loose = true;
