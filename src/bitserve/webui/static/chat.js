@@ -34,10 +34,15 @@ export class MessageView {
       }
       this.reasoning.lastChild.textContent = reasoning;
     }
-    if (this.role === "assistant") {
-      this.body.replaceChildren(renderMarkdown(content));
-    } else {
+    if (this.role !== "assistant") {
       this.body.textContent = content;
+      return;
+    }
+    try {
+      this.body.replaceChildren(renderMarkdown(content));
+    } catch (err) {
+      this.body.textContent = content; // a renderer bug must not hide the reply
+      console.error("markdown rendering failed", err);
     }
   }
 
