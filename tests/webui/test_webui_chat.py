@@ -45,6 +45,7 @@ def test_the_page_prints_its_address_and_names_the_demo_model(
 ) -> None:
     assert f"open {server.url}/ in a browser" in server.log()
     open_app(page, server.url)
+    expect(page).to_have_title("demo-v1 · bitserve")
     expect(page.locator("#demo-badge")).to_be_visible()
     expect(page.locator("#model-ctx")).to_have_text("2048 tokens of context")
 
@@ -216,6 +217,11 @@ def test_rename_and_delete(page: Page, server: ServerProcess) -> None:
     expect(item).to_have_count(0)
     expect(page.locator("#messages .hint")).to_be_visible()  # it was open: a new chat now
     assert httpx.get(f"{url}/v1/conversations/{created['id']}", timeout=10).status_code == 404
+    page.goto(f"{url}/#{created['id']}")  # an old link to it
+    expect(page.locator("#error-text")).to_have_text(
+        "This conversation is no longer on the server (deleted, or another key's)."
+    )
+    expect(page.locator("#messages .hint")).to_be_visible()
 
 
 def test_a_phone_sized_screen(browser: Browser, server: ServerProcess) -> None:

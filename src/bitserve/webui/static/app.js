@@ -59,6 +59,7 @@ function openSettings(focusKey = false) {
 async function loadModel() {
   const health = await api.call("GET", "health"); // never needs a key
   $("model-name").textContent = health.model;
+  document.title = `${health.model} · bitserve`;
   $("demo-badge").hidden = !health.demo;
   const models = await api.call("GET", "v1/models");
   const meta = (models.data.find((model) => model.meta) || {}).meta || {};
@@ -101,7 +102,9 @@ async function openConversation(id) {
   try {
     conversation = await api.call("GET", `v1/conversations/${encodeURIComponent(id)}`);
   } catch (err) {
-    if (ticket === state.opening) showError(err);
+    if (ticket !== state.opening) return;
+    showError(err);
+    if (state.current === null) $("messages").replaceChildren(el("p", "hint", NEW_CHAT_HINT));
     return;
   }
   if (ticket !== state.opening) return; // another conversation was chosen meanwhile
