@@ -1,12 +1,20 @@
-"""Random BitNet b1.58 GGUF files of any shape: test fixtures, the demo model, the bench model.
+"""Random ternary GGUF files of any shape and family: test fixtures, the demo model, the
+bench models.
 
-The files are laid out exactly like Microsoft's ``ggml-model-i2_s.gguf`` (spec §3): I2_S
-projections with one scale per tensor, F32 norms, an F16 tied embedding, no biases.
+A file is laid out as its family's published files are (tensor names, types, metadata
+keys): by default exactly like Microsoft's ``ggml-model-i2_s.gguf`` (spec §3: I2_S
+projections with one scale per tensor, F32 norms, an F16 tied embedding, no biases).
+:class:`Layout` changes the family: ``arch`` decides which norms exist (sub-norms for
+BitNet, per-head q/k norms for Qwen3) and whether q/k rows are stored in llama.cpp's
+NORM-RoPE order (``llama``, ``minicpm``: the converter's permutation is applied to the
+random trained-order rows, as the real converters do); ``ternary`` the projection type,
+``output`` an untied head. :data:`PRESETS` holds the real shapes of each family.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +23,7 @@ import numpy as np
 from bitserve.gguf.constants import GGMLType
 from bitserve.gguf.quants import pack_i2s
 from bitserve.gguf.writer import GGUFWriter
+from bitserve.model.arch import ARCHITECTURES, unpermute_rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +37,11 @@ class ModelShape:
     context_length: int = 4096
     rope_theta: float = 500000.0
     norm_eps: float = 1e-5
+    head_dim: int = 0  # attention.key_length; 0: dim // n_heads (and no key written)
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
 
 
 # the shapes of BitNet-b1.58-2B-4T (spec §3)
@@ -37,38 +51,95 @@ SHAPE_2B4T = ModelShape(
 
 LAYER_NORMS = ("attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm")
 
+# (ternary int8 [out, in], scale) -> the tensor's bytes in that type
+TernaryPacker = Callable[[np.ndarray, float], "bytes | np.ndarray"]
+TERNARY_PACKERS: dict[GGMLType, TernaryPacker] = {GGMLType.I2_S: pack_i2s}
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """How a family's published file stores a model: ``arch`` (``general.architecture``),
+    the ``ternary`` projection type, the ``embedding`` type, the untied ``output`` head's
+    type (``None``: tied), and metadata keys the family's converter adds."""
+
+    arch: str = "bitnet-b1.58"
+    ternary: GGMLType = GGMLType.I2_S
+    embedding: GGMLType = GGMLType.F16
+    output: GGMLType | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Preset:
+    """A published model's shape and layout (weights random), for ``--preset``."""
+
+    shape: ModelShape
+    layout: Layout
+    source: str  # where the real model is published
+
+
+def _falcon3(layers: int, dim: int, ffn: int) -> Preset:
+    shape = ModelShape(layers, dim, ffn, 12 if dim == 3072 else 8, 4, 131072, 32768, 1000042.0,
+                       1e-6, 256)  # fmt: skip
+    return Preset(shape, Layout("llama", output=GGMLType.F16), "tiiuae/Falcon3-*-1.58bit")
+
+
+def _bonsai(layers: int, dim: int, ffn: int, tied: bool) -> Preset:
+    shape = ModelShape(layers, dim, ffn, 32 if dim > 2048 else 16, 8, 151936, 32768, 1e6, 1e-6,
+                       128)  # fmt: skip
+    layout = Layout("qwen3", output=None if tied else GGMLType.F16)
+    return Preset(shape, layout, "prism-ml/Ternary-Bonsai-*")
+
+
+PRESETS: dict[str, Preset] = {
+    "bitnet-2b4t": Preset(SHAPE_2B4T, Layout(), "microsoft/bitnet-b1.58-2B-4T-gguf"),
+    "falcon3-1b": _falcon3(18, 2048, 8192),
+    "falcon3-3b": _falcon3(22, 3072, 9216),
+    "falcon3-7b": _falcon3(28, 3072, 23040),
+    "falcon3-10b": _falcon3(40, 3072, 23040),
+    "llama3-8b-1.58": Preset(
+        ModelShape(32, 4096, 14336, 32, 8, 128256, 8192, 500000.0, 1e-5),
+        Layout("llama", output=GGMLType.F16),
+        "HF1BitLLM/Llama3-8B-1.58-100B-tokens",
+    ),
+    "bonsai-1.7b": _bonsai(28, 2048, 6144, tied=True),
+    "bonsai-4b": _bonsai(36, 2560, 9728, tied=True),
+    "bonsai-8b": _bonsai(36, 4096, 12288, tied=False),
+}
+
 
 def layer_projections(shape: ModelShape) -> dict[str, tuple[int, int]]:
     """Name → (n_out, n_in) of each ternary projection of one layer."""
-    kv_dim = shape.n_kv_heads * (shape.dim // shape.n_heads)
+    q_dim = shape.n_heads * shape.head_size
+    kv_dim = shape.n_kv_heads * shape.head_size
     return {
-        "attn_q": (shape.dim, shape.dim),
+        "attn_q": (q_dim, shape.dim),
         "attn_k": (kv_dim, shape.dim),
         "attn_v": (kv_dim, shape.dim),
-        "attn_output": (shape.dim, shape.dim),
+        "attn_output": (shape.dim, q_dim),
         "ffn_gate": (shape.ffn_dim, shape.dim),
         "ffn_up": (shape.ffn_dim, shape.dim),
         "ffn_down": (shape.dim, shape.ffn_dim),
     }
 
 
-def write_synthetic_model(
-    path: str | Path,
-    shape: ModelShape,
-    seed: int = 0,
-    arch: str = "bitnet-b1.58",
-    tokenizer_metadata: dict[str, Any] | None = None,
-    extra_metadata: dict[str, Any] | None = None,
-    name: str = "synthetic BitNet b1.58 (random weights)",
-) -> Path:
-    """Write a random model with ``shape`` to ``path`` (deterministic for a given seed)."""
-    rng = np.random.default_rng(seed)
-    w = GGUFWriter()
-    w.add("general.architecture", arch)
-    w.add("general.name", name)
-    w.add("general.file_type", 40)
-    head_dim = shape.dim // shape.n_heads
-    for key, value in {
+def layer_norms(shape: ModelShape, arch: str) -> dict[str, int]:
+    """Name → width of each norm of one layer in ``arch``'s layout."""
+    a = ARCHITECTURES[arch]
+    q_dim = shape.n_heads * shape.head_size
+    norms = {"attn_norm": shape.dim}  # in the order of the official 2B-4T file
+    if a.sub_norms:
+        norms["attn_sub_norm"] = q_dim
+    norms["ffn_norm"] = shape.dim
+    if a.sub_norms:
+        norms["ffn_sub_norm"] = shape.ffn_dim
+    if a.qk_norm:
+        norms |= {"attn_q_norm": shape.head_size, "attn_k_norm": shape.head_size}
+    return norms
+
+
+def _hyper_parameters(shape: ModelShape, arch: str) -> dict[str, Any]:
+    keys: dict[str, Any] = {
         "vocab_size": shape.vocab_size,
         "context_length": shape.context_length,
         "embedding_length": shape.dim,
@@ -76,32 +147,78 @@ def write_synthetic_model(
         "block_count": shape.n_layers,
         "attention.head_count": shape.n_heads,
         "attention.head_count_kv": shape.n_kv_heads,
-        "rope.dimension_count": head_dim,
+        "rope.dimension_count": shape.head_size,
         "rope.freq_base": float(shape.rope_theta),
         "attention.layer_norm_rms_epsilon": float(shape.norm_eps),
-    }.items():
+    }
+    if shape.head_dim:
+        keys |= {"attention.key_length": shape.head_dim, "attention.value_length": shape.head_dim}
+    if ARCHITECTURES[arch].scaled:  # MiniCPM-2B's values
+        keys |= {"embedding_scale": 12.0, "residual_scale": 1.4 / shape.n_layers**0.5,
+                 "logit_scale": shape.dim / 256}  # fmt: skip
+    return keys
+
+
+def _float_matrix(values: np.ndarray, ggml_type: GGMLType) -> tuple[bytes, GGMLType]:
+    if ggml_type == GGMLType.F16:
+        return values.astype(np.float16).tobytes(), ggml_type
+    if ggml_type == GGMLType.F32:
+        return values.astype(np.float32).tobytes(), ggml_type
+    if ggml_type == GGMLType.BF16:
+        return (values.astype(np.float32).view(np.uint32) >> 16).astype(
+            np.uint16
+        ).tobytes(), ggml_type
+    raise ValueError(f"no random {ggml_type.name} matrices")
+
+
+def write_synthetic_model(
+    path: str | Path,
+    shape: ModelShape,
+    seed: int = 0,
+    arch: str | None = None,
+    tokenizer_metadata: dict[str, Any] | None = None,
+    extra_metadata: dict[str, Any] | None = None,
+    name: str = "synthetic BitNet b1.58 (random weights)",
+    layout: Layout | None = None,
+) -> Path:
+    """Write a random model with ``shape`` to ``path`` (deterministic for a given seed) in
+    ``layout`` (default: 2B-4T's); ``arch`` overrides the layout's architecture."""
+    layout = layout or Layout()
+    arch = arch or layout.arch
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter()
+    w.add("general.architecture", arch)
+    w.add("general.name", name)
+    w.add("general.file_type", 40)
+    for key, value in _hyper_parameters(shape, arch).items():
         w.add(f"{arch}.{key}", value)
-    for key, value in (tokenizer_metadata or {}).items():
-        w.add(key, value)
-    for key, value in (extra_metadata or {}).items():
+    for key, value in {**layout.metadata, **(tokenizer_metadata or {}),
+                       **(extra_metadata or {})}.items():  # fmt: skip
         w.add(key, value)
 
+    vocab_dims = (shape.dim, shape.vocab_size)
     embedding = rng.standard_normal((shape.vocab_size, shape.dim), dtype=np.float32)
-    w.add_array("token_embd.weight", embedding.astype(np.float16))
+    w.add_tensor("token_embd.weight", *_float_matrix(embedding, layout.embedding), vocab_dims)
     del embedding
+    pack = TERNARY_PACKERS[layout.ternary]
+    permuted = ARCHITECTURES[arch].permuted_qk
+    heads = {"attn_q": shape.n_heads, "attn_k": shape.n_kv_heads}
     for layer in range(shape.n_layers):
-        for norm in LAYER_NORMS:
-            width = shape.ffn_dim if norm == "ffn_sub_norm" else shape.dim
+        for norm, width in layer_norms(shape, arch).items():
             weight = (1.0 + 0.1 * rng.standard_normal(width)).astype(np.float32)
             w.add_array(f"blk.{layer}.{norm}.weight", weight)
         for proj, (n_out, n_in) in layer_projections(shape).items():
             ternary = rng.integers(-1, 2, size=(n_out, n_in), dtype=np.int8)
+            if permuted and proj in heads:  # stored as the converter stores it
+                ternary = ternary[np.argsort(unpermute_rows(n_out, heads[proj]))]
             scale = float(rng.uniform(0.5, 2.0))
-            w.add_tensor(
-                f"blk.{layer}.{proj}.weight", pack_i2s(ternary, scale), GGMLType.I2_S, (n_in, n_out)
-            )
+            data = pack(ternary, scale)
+            w.add_tensor(f"blk.{layer}.{proj}.weight", bytes(data), layout.ternary, (n_in, n_out))
     w.add_array(
         "output_norm.weight", (1.0 + 0.1 * rng.standard_normal(shape.dim)).astype(np.float32)
     )
+    if layout.output is not None:
+        head = rng.standard_normal((shape.vocab_size, shape.dim), dtype=np.float32)
+        w.add_tensor("output.weight", *_float_matrix(head, layout.output), vocab_dims)
     w.write(path)
     return Path(path)
