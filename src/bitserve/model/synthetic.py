@@ -180,9 +180,11 @@ def write_synthetic_model(
     extra_metadata: dict[str, Any] | None = None,
     name: str = "synthetic BitNet b1.58 (random weights)",
     layout: Layout | None = None,
+    pack: TernaryPacker | None = None,
 ) -> Path:
     """Write a random model with ``shape`` to ``path`` (deterministic for a given seed) in
-    ``layout`` (default: 2B-4T's); ``arch`` overrides the layout's architecture."""
+    ``layout`` (default: 2B-4T's); ``arch`` overrides the layout's architecture; ``pack``
+    packs the layout's ternary type (default: :data:`TERNARY_PACKERS`)."""
     layout = layout or Layout()
     arch = arch or layout.arch
     rng = np.random.default_rng(seed)
@@ -200,7 +202,11 @@ def write_synthetic_model(
     embedding = rng.standard_normal((shape.vocab_size, shape.dim), dtype=np.float32)
     w.add_tensor("token_embd.weight", *_float_matrix(embedding, layout.embedding), vocab_dims)
     del embedding
-    pack = TERNARY_PACKERS[layout.ternary]
+    if pack is None:
+        if layout.ternary not in TERNARY_PACKERS:
+            known = ", ".join(t.name for t in TERNARY_PACKERS)
+            raise ValueError(f"no packer for {layout.ternary.name}; this writer packs {known}")
+        pack = TERNARY_PACKERS[layout.ternary]
     permuted = ARCHITECTURES[arch].permuted_qk
     heads = {"attn_q": shape.n_heads, "attn_k": shape.n_kv_heads}
     for layer in range(shape.n_layers):

@@ -1,0 +1,97 @@
+"""Tiny random models in each family's published layout, for tests (never downloaded).
+
+Each :data:`FAMILIES` entry is a family's real file layout (``general.architecture``,
+tensor names, which norms exist, tied or untied head, ternary type, the metadata keys its
+converter writes) at a shape small enough to run a forward in milliseconds: 2 layers,
+width 256, projections whose rows are whole 256-weight blocks (so every ternary type
+fits), a head size that differs between families. Weights are random; the tokenizer is
+the demo model's (a LLaMA-3-shaped byte-level BPE) until each family's own tokenizer
+metadata exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bitserve.gguf.constants import GGMLType
+from bitserve.model.synthetic import Layout, ModelShape, TernaryPacker, write_synthetic_model
+
+FIXTURE_VOCAB = 2256  # the demo tokenizer: 2000 trained tokens + LLaMA-3's 256 control tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """A family's tiny fixture: ``shape``, ``layout`` (published types and keys), the
+    ternary types its published files use (the first is the default), and its source."""
+
+    shape: ModelShape
+    layout: Layout
+    ternary_types: tuple[GGMLType, ...]
+    source: str
+
+
+def _shape(n_heads: int, n_kv_heads: int, head_dim: int = 0, **kw: Any) -> ModelShape:
+    return ModelShape(2, 256, 768, n_heads, n_kv_heads, FIXTURE_VOCAB, 512, head_dim=head_dim,
+                      **kw)  # fmt: skip
+
+
+FAMILIES: dict[str, Family] = {
+    "bitnet-b1.58": Family(
+        _shape(4, 1),
+        Layout("bitnet-b1.58"),
+        (GGMLType.I2_S,),
+        "microsoft/bitnet-b1.58-2B-4T-gguf",
+    ),
+    "bitnet": Family(  # 1bitLLM bitnet_b1_58-large/-3B converted by upstream llama.cpp
+        _shape(4, 4, rope_theta=10000.0),
+        Layout("bitnet", GGMLType.TQ2_0, output=GGMLType.F16),
+        (GGMLType.TQ2_0, GGMLType.TQ1_0, GGMLType.I2_S),
+        "1bitLLM/bitnet_b1_58-3B (upstream conversions)",
+    ),
+    "llama": Family(  # Falcon3-*-1.58bit: head_dim written, untied F16 head
+        _shape(4, 2, 64, rope_theta=1000042.0, norm_eps=1e-6),
+        Layout("llama", output=GGMLType.F16),
+        (GGMLType.I2_S, GGMLType.TQ2_0, GGMLType.TQ1_0),
+        "tiiuae/Falcon3-*-Instruct-1.58bit",
+    ),
+    "qwen3": Family(  # Ternary-Bonsai: 4 heads of 128 on a width of 256, tied head
+        _shape(4, 2, 128, rope_theta=1000000.0, norm_eps=1e-6),
+        Layout("qwen3", GGMLType.TQ2_0),
+        (GGMLType.TQ2_0, GGMLType.I2_S),
+        "prism-ml/Ternary-Bonsai-*",
+    ),
+    "minicpm": Family(  # BitCPM4
+        _shape(4, 2, rope_theta=10000.0),
+        Layout("minicpm", GGMLType.TQ2_0),
+        (GGMLType.TQ2_0,),
+        "openbmb/BitCPM4-*",
+    ),
+}
+
+
+def write_family_fixture(
+    path: str | Path,
+    family: str,
+    ternary: GGMLType | None = None,
+    seed: int = 0,
+    pack: TernaryPacker | None = None,
+    tokenizer_metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``family``'s tiny fixture to ``path`` with ``ternary`` projections (default:
+    the family's first published type); ``pack`` packs that type when the synthetic
+    writer has no packer for it."""
+    from bitserve.model.demo import demo_tokenizer_metadata
+
+    spec = FAMILIES[family]
+    layout = replace(spec.layout, ternary=ternary or spec.ternary_types[0])
+    return write_synthetic_model(
+        path,
+        spec.shape,
+        seed=seed,
+        tokenizer_metadata=tokenizer_metadata or demo_tokenizer_metadata(),
+        name=f"tiny {family} fixture (random weights)",
+        layout=layout,
+        pack=pack,
+    )

@@ -1,0 +1,133 @@
+"""Every family's tiny fixture, in its published layout, against a naive float64 reading.
+
+Each fixture (``bitserve.model.fixtures``) is written by the project's writer in one of the
+ternary types its family publishes: TQ1_0/TQ2_0 are packed by the PyPI ``gguf`` package
+(an independent packer), I2_S by bitserve's. The reference (``naive_reference``) follows
+llama.cpp's graph for the architecture, RoPE applied to q/k as the file stores them; the
+model must agree with it as the spec expects of two roundings (§4: a few percent of
+relative L2 on random models, the same argmax almost everywhere), and every native
+kernel path must agree with the numpy oracle as on 2B-4T.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from naive_reference import compare, naive_forward, naive_load
+
+from bitserve.gguf.constants import GGMLType
+from bitserve.kernels.native import NativeBackend, available_kernels
+from bitserve.model import BitNetModel
+from bitserve.model.fixtures import FAMILIES, write_family_fixture
+
+MIN_ARGMAX_AGREEMENT = 0.95
+MAX_RELATIVE_L2 = 0.03
+N_TOKENS = 16
+
+CASES = [(family, t) for family, spec in FAMILIES.items() for t in spec.ternary_types]
+
+
+def gguf_packer(ggml_type: GGMLType):  # type: ignore[no-untyped-def]
+    """The PyPI ``gguf`` package's quantizer for TQ1_0/TQ2_0 (bitserve's own for I2_S)."""
+    if ggml_type == GGMLType.I2_S:
+        return None
+    qtype = gguf.GGMLQuantizationType[ggml_type.name]
+
+    def pack(ternary: np.ndarray, scale: float) -> bytes:
+        values = ternary.astype(np.float32) * np.float32(np.float16(scale))
+        return bytes(gguf.quants.quantize(values, qtype).tobytes())
+
+    return pack
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, GGMLType], Path]:
+    folder = tmp_path_factory.mktemp("families")
+    return {
+        (family, t): write_family_fixture(
+            folder / f"{family}-{t.name}.gguf", family, t, seed=7, pack=gguf_packer(t)
+        )
+        for family, t in CASES
+    }
+
+
+def prompt(seed: int) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(0, 2000, N_TOKENS)]
+
+
+def logits_of(path: Path, backend: str | NativeBackend, tokens: list[int]) -> np.ndarray:
+    """All logits of a prompt, then 4 decoded tokens one at a time: ``[T + 4, vocab]``."""
+    with BitNetModel.load(path, backend=backend) as model:
+        cache = model.new_cache()
+        first = model.forward(tokens[:-4], cache, all_logits=True)
+        steps = [
+            model.forward(tokens[i : i + 1], cache) for i in range(len(tokens) - 4, len(tokens))
+        ]
+    return np.concatenate([first, np.stack(steps)])
+
+
+@pytest.mark.parametrize(("family", "ternary"), CASES, ids=lambda v: getattr(v, "name", v))
+def test_family_matches_the_naive_reference(
+    family: str, ternary: GGMLType, family_models: dict[tuple[str, GGMLType], Path]
+) -> None:
+    path = family_models[family, ternary]
+    tokens = prompt(len(family))
+    logits = logits_of(path, "numpy", tokens)
+    agreement, rel_l2 = compare(logits, naive_forward(naive_load(path), tokens))
+    assert agreement >= MIN_ARGMAX_AGREEMENT, (agreement, rel_l2)
+    assert rel_l2 <= MAX_RELATIVE_L2, (agreement, rel_l2)
+
+
+@pytest.mark.parametrize("family", ["llama", "minicpm"])
+def test_reference_sees_a_missing_unpermutation(
+    family: str, family_models: dict[tuple[str, GGMLType], Path]
+) -> None:
+    """The q/k rows of llama/minicpm files are in NORM-RoPE order: a reference that runs
+    NEOX RoPE on them as stored (the bug of serving them without un-permuting) disagrees."""
+    import naive_reference
+
+    path = family_models[family, FAMILIES[family].ternary_types[0]]
+    tokens = prompt(3)
+    logits = logits_of(path, "numpy", tokens)
+    saved = naive_reference.NAIVE_ARCHS[family]
+    naive_reference.NAIVE_ARCHS[family] = (*saved[:3], True, saved[4])  # NEOX on the file
+    try:
+        wrong = naive_forward(naive_load(path), tokens)
+    finally:
+        naive_reference.NAIVE_ARCHS[family] = saved
+    agreement, rel_l2 = compare(logits, wrong)
+    assert agreement < MIN_ARGMAX_AGREEMENT or rel_l2 > MAX_RELATIVE_L2, (agreement, rel_l2)
+
+
+@pytest.mark.parametrize(("family", "ternary"), CASES, ids=lambda v: getattr(v, "name", v))
+def test_native_matches_the_numpy_oracle(
+    family: str, ternary: GGMLType, family_models: dict[tuple[str, GGMLType], Path]
+) -> None:
+    if not available_kernels():
+        pytest.skip("native kernels not built")
+    path = family_models[family, ternary]
+    tokens = prompt(11)
+    want = logits_of(path, "numpy", tokens)
+    got = logits_of(path, NativeBackend(available_kernels()[0], threads=2), tokens)
+    assert (got.argmax(axis=1) == want.argmax(axis=1)).mean() >= 0.99
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 0.01
+
+
+def test_each_family_loads_as_published(family_models: dict[tuple[str, GGMLType], Path]) -> None:
+    """What each layout holds, seen through the loaded model."""
+    for (family, ternary), path in family_models.items():
+        with BitNetModel.load(path, backend="numpy") as model:
+            arch, layer = model.config.architecture, model.weights.layers[0]
+            assert model.config.arch == family and arch.name == family
+            assert (layer.attn_sub_norm is not None) == arch.sub_norms, family
+            assert (layer.attn_q_norm is not None) == arch.qk_norm, family
+            untied = FAMILIES[family].layout.output is not None
+            assert (model.weights.output is not None) == untied, family
+            assert layer.attn_q.n_out == model.config.q_dim, (family, ternary)
+    with BitNetModel.load(family_models["qwen3", GGMLType.TQ2_0], backend="numpy") as qwen:
+        assert (qwen.config.q_dim, qwen.config.dim, qwen.config.head_dim) == (512, 256, 128)
+    with BitNetModel.load(family_models["bitnet", GGMLType.TQ2_0], backend="numpy") as bitnet:
+        assert bitnet.config.activation == "silu"  # 1bitLLM: not LLaMA-3's vocabulary
