@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bitserve.gguf.constants import GGUFValueType
+from bitserve.gguf.reader import GGUFError, GGUFFile
 from bitserve.kernels import get_backend
 from bitserve.kernels.native import NativeBackend, default_threads
 from bitserve.model.bitnet import BitNetModel
@@ -90,6 +92,27 @@ def resolve_model_path(path: str | Path | None) -> tuple[Path, bool]:
     return p, False
 
 
+_INTEGER_TYPES = frozenset(t for t in GGUFValueType if "INT" in t.name)
+_USED_SPECIAL_TOKENS = ("bos", "eos", "eot", "eom")
+
+
+def check_special_token_ids(gguf: GGUFFile) -> None:
+    """Every ``tokenizer.ggml.*_token_id`` must be an integer, and the ones the server
+    uses (BOS, EOS, end of turn/message) ids of the vocabulary. Raises ``GGUFError``."""
+    n_tokens = len(gguf.get("tokenizer.ggml.tokens") or ())
+    for key, value in gguf.metadata.items():
+        if not (key.startswith("tokenizer.ggml.") and key.endswith("_token_id")):
+            continue
+        vtype = gguf.metadata_types[key]
+        if vtype not in _INTEGER_TYPES:
+            raise GGUFError(gguf.path, f"{key} is {vtype.name} {value!r}; expected a token id")
+        which = key.removeprefix("tokenizer.ggml.").removesuffix("_token_id")
+        if which in _USED_SPECIAL_TOKENS and n_tokens and not 0 <= value < n_tokens:
+            raise GGUFError(
+                gguf.path, f"{key} {value} is outside the vocabulary of {n_tokens} tokens"
+            )
+
+
 def load_model(
     path: str | Path | None,
     threads: int | None = None,
@@ -113,6 +136,7 @@ def load_model(
     try:
         if head == "int8" and isinstance(backend, NativeBackend):
             backend.prepare_head(model.weights.head)
+        check_special_token_ids(model.gguf)
         tokenizer = Tokenizer.from_gguf(model.gguf)
         chat = ChatFormatter.from_gguf(model.gguf, tokenizer)
     except BaseException:
