@@ -21,9 +21,11 @@ router = APIRouter(tags=["system"], dependencies=[Depends(require_key)])
 
 @health_router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
-    """Liveness (never needs a key): `{"status": "ok", "model", "demo"}`."""
+    """Liveness (never needs a key): `{"status": "ok", "model", "arch", "demo"}`; `model`
+    is the served model's name (its file's `general.name`)."""
     served: ServedModel = request.app.state.served
-    return {"status": "ok", "model": served.name, "demo": served.loaded.is_demo}
+    arch = served.loaded.model.config.arch
+    return {"status": "ok", "model": served.name, "arch": arch, "demo": served.loaded.is_demo}
 
 
 @router.get("/v1/models")

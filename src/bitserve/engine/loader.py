@@ -62,9 +62,10 @@ class ModelFileNotFoundError(FileNotFoundError):
 
 @dataclass(slots=True)
 class LoadedModel:
-    """A model ready to serve. ``name`` is the file stem (what the API lists as the model
-    id); ``is_demo`` is True for the built-in random-weight demo model; ``load_s`` is the
-    wall time the load took, in seconds."""
+    """A model ready to serve. ``name`` is what the API lists as the model id: the file's
+    ``general.name`` (so clients can tell one family from another), else the file stem
+    (the demo model is always ``demo-vN``); ``is_demo`` is True for the built-in
+    random-weight demo model; ``load_s`` is the wall time the load took, in seconds."""
 
     model: BitNetModel
     tokenizer: Tokenizer
@@ -113,6 +114,15 @@ def check_special_token_ids(gguf: GGUFFile) -> None:
             )
 
 
+def model_name(gguf: GGUFFile, path: Path, is_demo: bool = False) -> str:
+    """The id the API serves a model under: ``general.name`` (whitespace collapsed), else
+    the file stem; the demo model keeps its file stem."""
+    name = gguf.get("general.name")
+    if is_demo or not isinstance(name, str) or not name.strip():
+        return path.stem
+    return " ".join(name.split())
+
+
 def load_model(
     path: str | Path | None,
     threads: int | None = None,
@@ -148,6 +158,6 @@ def load_model(
         chat=chat,
         is_demo=is_demo,
         path=resolved,
-        name=resolved.stem,
+        name=model_name(model.gguf, resolved, is_demo),
         load_s=time.perf_counter() - start,
     )

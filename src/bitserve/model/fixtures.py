@@ -78,10 +78,11 @@ def write_family_fixture(
     seed: int = 0,
     pack: TernaryPacker | None = None,
     tokenizer_metadata: dict[str, Any] | None = None,
+    name: str | None = None,
 ) -> Path:
     """Write ``family``'s tiny fixture to ``path`` with ``ternary`` projections (default:
     the family's first published type); ``pack`` packs that type when the synthetic
-    writer has no packer for it."""
+    writer has no packer for it; ``name`` is its ``general.name``."""
     from bitserve.model.demo import demo_tokenizer_metadata
 
     spec = FAMILIES[family]
@@ -91,7 +92,7 @@ def write_family_fixture(
         spec.shape,
         seed=seed,
         tokenizer_metadata=tokenizer_metadata or demo_tokenizer_metadata(),
-        name=f"tiny {family} fixture (random weights)",
+        name=f"tiny {family} fixture (random weights)" if name is None else name,
         layout=layout,
         pack=pack,
     )
