@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from bitserve.gguf.constants import GGMLType
-from bitserve.model.synthetic import Layout, ModelShape, TernaryPacker, write_synthetic_model
+from bitserve.model.synthetic import (
+    PUBLISHED_TYPES,
+    Layout,
+    ModelShape,
+    TernaryPacker,
+    write_synthetic_model,
+)
 
 FIXTURE_VOCAB = 2256  # the demo tokenizer: 2000 trained tokens + LLaMA-3's 256 control tokens
 
@@ -44,9 +50,9 @@ FAMILIES: dict[str, Family] = {
         (GGMLType.I2_S,),
         "microsoft/bitnet-b1.58-2B-4T-gguf",
     ),
-    "bitnet": Family(  # 1bitLLM bitnet_b1_58-large/-3B converted by upstream llama.cpp
-        _shape(4, 4, rope_theta=10000.0),
-        Layout("bitnet", GGMLType.TQ2_0, output=GGMLType.F16),
+    "bitnet": Family(  # 1bitLLM bitnet_b1_58-large/-3B converted by upstream llama.cpp,
+        _shape(4, 4, rope_theta=10000.0),  # whose bitnet graph has no output.weight: tied
+        Layout("bitnet", GGMLType.TQ2_0),
         (GGMLType.TQ2_0, GGMLType.TQ1_0, GGMLType.I2_S),
         "1bitLLM/bitnet_b1_58-3B (upstream conversions)",
     ),
@@ -86,7 +92,9 @@ def write_family_fixture(
     from bitserve.model.demo import demo_tokenizer_metadata
 
     spec = FAMILIES[family]
-    layout = replace(spec.layout, ternary=ternary or spec.ternary_types[0])
+    layout = replace(
+        spec.layout, ternary=ternary or spec.ternary_types[0], metadata_types=PUBLISHED_TYPES
+    )
     return write_synthetic_model(
         path,
         spec.shape,

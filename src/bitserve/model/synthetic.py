@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from bitserve.gguf.constants import GGMLType
+from bitserve.gguf.constants import GGMLType, GGUFValueType
 from bitserve.gguf.quants import pack_i2s
 from bitserve.gguf.writer import GGUFWriter
 from bitserve.model.arch import ARCHITECTURES, unpermute_rows
@@ -56,17 +56,31 @@ TernaryPacker = Callable[[np.ndarray, float], "bytes | np.ndarray"]
 TERNARY_PACKERS: dict[GGMLType, TernaryPacker] = {GGMLType.I2_S: pack_i2s}
 
 
+# the value (or array element) types llama.cpp's converters write, where the writer's
+# inference differs: llama.cpp refuses a UINT32 token_type array
+PUBLISHED_TYPES: dict[str, GGUFValueType] = {
+    "tokenizer.ggml.token_type": GGUFValueType.INT32,
+    "tokenizer.ggml.scores": GGUFValueType.FLOAT32,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Layout:
     """How a family's published file stores a model: ``arch`` (``general.architecture``),
     the ``ternary`` projection type, the ``embedding`` type, the untied ``output`` head's
-    type (``None``: tied), and metadata keys the family's converter adds."""
+    type (``None``: tied), metadata keys the family's converter adds, and the value types
+    of metadata arrays (``metadata_types``: key → element type; the demo model keeps the
+    writer's inferred types so that its file stays the same)."""
 
     arch: str = "bitnet-b1.58"
     ternary: GGMLType = GGMLType.I2_S
     embedding: GGMLType = GGMLType.F16
     output: GGMLType | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    metadata_types: dict[str, GGUFValueType] = field(default_factory=dict)
+
+
+PUBLISHED = Layout(metadata_types=PUBLISHED_TYPES)  # 2B-4T as Microsoft's file has it
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,25 +95,26 @@ class Preset:
 def _falcon3(layers: int, dim: int, ffn: int) -> Preset:
     shape = ModelShape(layers, dim, ffn, 12 if dim == 3072 else 8, 4, 131072, 32768, 1000042.0,
                        1e-6, 256)  # fmt: skip
-    return Preset(shape, Layout("llama", output=GGMLType.F16), "tiiuae/Falcon3-*-1.58bit")
+    layout = Layout("llama", output=GGMLType.F16, metadata_types=PUBLISHED_TYPES)
+    return Preset(shape, layout, "tiiuae/Falcon3-*-1.58bit")
 
 
 def _bonsai(layers: int, dim: int, ffn: int, tied: bool) -> Preset:
     shape = ModelShape(layers, dim, ffn, 32 if dim > 2048 else 16, 8, 151936, 32768, 1e6, 1e-6,
                        128)  # fmt: skip
-    layout = Layout("qwen3", output=None if tied else GGMLType.F16)
+    layout = Layout("qwen3", output=None if tied else GGMLType.F16, metadata_types=PUBLISHED_TYPES)
     return Preset(shape, layout, "prism-ml/Ternary-Bonsai-*")
 
 
 PRESETS: dict[str, Preset] = {
-    "bitnet-2b4t": Preset(SHAPE_2B4T, Layout(), "microsoft/bitnet-b1.58-2B-4T-gguf"),
+    "bitnet-2b4t": Preset(SHAPE_2B4T, PUBLISHED, "microsoft/bitnet-b1.58-2B-4T-gguf"),
     "falcon3-1b": _falcon3(18, 2048, 8192),
     "falcon3-3b": _falcon3(22, 3072, 9216),
     "falcon3-7b": _falcon3(28, 3072, 23040),
     "falcon3-10b": _falcon3(40, 3072, 23040),
     "llama3-8b-1.58": Preset(
         ModelShape(32, 4096, 14336, 32, 8, 128256, 8192, 500000.0, 1e-5),
-        Layout("llama", output=GGMLType.F16),
+        Layout("llama", output=GGMLType.F16, metadata_types=PUBLISHED_TYPES),
         "HF1BitLLM/Llama3-8B-1.58-100B-tokens",
     ),
     "bonsai-1.7b": _bonsai(28, 2048, 6144, tied=True),
@@ -196,7 +211,11 @@ def write_synthetic_model(
         w.add(f"{arch}.{key}", value)
     for key, value in {**layout.metadata, **(tokenizer_metadata or {}),
                        **(extra_metadata or {})}.items():  # fmt: skip
-        w.add(key, value)
+        elem = layout.metadata_types.get(key)
+        if elem is not None and isinstance(value, (list, tuple)):
+            w.add(key, value, GGUFValueType.ARRAY, elem)
+        else:
+            w.add(key, value, elem)
 
     vocab_dims = (shape.dim, shape.vocab_size)
     embedding = rng.standard_normal((shape.vocab_size, shape.dim), dtype=np.float32)
