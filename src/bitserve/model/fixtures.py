@@ -1,4 +1,6 @@
-"""Tiny random models in each family's published layout, for tests (never downloaded).
+"""Random models in each family's published layout: tiny fixtures for tests (never
+downloaded) and, with :func:`write_preset`, the real shapes of published models for
+benchmarks (``scripts/make_synthetic_model.py --preset``, ``bitserve bench -m``).
 
 Each :data:`FAMILIES` entry is a family's real file layout (``general.architecture``,
 tensor names, which norms exist, tied or untied head, ternary type, the metadata keys its
@@ -17,6 +19,7 @@ from typing import Any
 
 from bitserve.gguf.constants import GGMLType
 from bitserve.model.synthetic import (
+    PRESETS,
     PUBLISHED_TYPES,
     Layout,
     ModelShape,
@@ -101,6 +104,32 @@ def write_family_fixture(
         seed=seed,
         tokenizer_metadata=tokenizer_metadata or demo_tokenizer_metadata(),
         name=f"tiny {family} fixture (random weights)" if name is None else name,
+        layout=layout,
+        pack=pack,
+    )
+
+
+def write_preset(
+    path: str | Path,
+    preset: str,
+    ternary: GGMLType | None = None,
+    seed: int = 0,
+    pack: TernaryPacker | None = None,
+) -> Path:
+    """Write a random model of a published model's shape and layout (:data:`PRESETS`) with
+    a working LLaMA-3-shaped tokenizer padded to its vocabulary, so that ``bitserve
+    generate``, ``serve`` and ``bench`` run on it. ``ternary`` overrides the projection
+    type (the writer packs I2_S; others need ``pack``)."""
+    from bitserve.model.demo import llama3_tokenizer_metadata
+
+    spec = PRESETS[preset]
+    layout = replace(spec.layout, ternary=ternary or spec.layout.ternary)
+    return write_synthetic_model(
+        path,
+        spec.shape,
+        seed=seed,
+        tokenizer_metadata=llama3_tokenizer_metadata(spec.shape.vocab_size),
+        name=f"synthetic {preset} (random weights)",
         layout=layout,
         pack=pack,
     )

@@ -186,6 +186,20 @@ def _float_matrix(values: np.ndarray, ggml_type: GGMLType) -> tuple[bytes, GGMLT
     raise ValueError(f"no random {ggml_type.name} matrices")
 
 
+def _random_matrix(
+    rng: np.random.Generator, shape: ModelShape, ggml_type: GGMLType
+) -> tuple[bytes, GGMLType]:
+    """A standard-normal ``[vocab, dim]`` matrix in ``ggml_type``, drawn in slices of rows
+    (the same values as one draw) so that no full float32 copy of a large vocabulary exists."""
+    step = max(1, 2**24 // shape.dim)
+    parts = []
+    for lo in range(0, shape.vocab_size, step):
+        rows = min(step, shape.vocab_size - lo)
+        parts.append(_float_matrix(rng.standard_normal((rows, shape.dim), dtype=np.float32),
+                                   ggml_type)[0])  # fmt: skip
+    return b"".join(parts), ggml_type
+
+
 def write_synthetic_model(
     path: str | Path,
     shape: ModelShape,
@@ -218,9 +232,7 @@ def write_synthetic_model(
             w.add(key, value, elem)
 
     vocab_dims = (shape.dim, shape.vocab_size)
-    embedding = rng.standard_normal((shape.vocab_size, shape.dim), dtype=np.float32)
-    w.add_tensor("token_embd.weight", *_float_matrix(embedding, layout.embedding), vocab_dims)
-    del embedding
+    w.add_tensor("token_embd.weight", *_random_matrix(rng, shape, layout.embedding), vocab_dims)
     if pack is None:
         if layout.ternary not in TERNARY_PACKERS:
             known = ", ".join(t.name for t in TERNARY_PACKERS)
@@ -243,7 +255,6 @@ def write_synthetic_model(
         "output_norm.weight", (1.0 + 0.1 * rng.standard_normal(shape.dim)).astype(np.float32)
     )
     if layout.output is not None:
-        head = rng.standard_normal((shape.vocab_size, shape.dim), dtype=np.float32)
-        w.add_tensor("output.weight", *_float_matrix(head, layout.output), vocab_dims)
+        w.add_tensor("output.weight", *_random_matrix(rng, shape, layout.output), vocab_dims)
     w.write(path)
     return Path(path)
