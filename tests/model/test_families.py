@@ -131,3 +131,29 @@ def test_each_family_loads_as_published(family_models: dict[tuple[str, GGMLType]
         assert (qwen.config.q_dim, qwen.config.dim, qwen.config.head_dim) == (512, 256, 128)
     with BitNetModel.load(family_models["bitnet", GGMLType.TQ2_0], backend="numpy") as bitnet:
         assert bitnet.config.activation == "silu"  # 1bitLLM: not LLaMA-3's vocabulary
+
+
+def test_upstream_bitnet_projection_scales_multiply_the_output(
+    family_models: dict[tuple[str, GGMLType], Path], tmp_path: Path
+) -> None:
+    """Upstream's bitnet graph multiplies a projection by an optional one-float
+    ``blk.N.<proj>.scale`` tensor; the reference does the same from the file."""
+    from bitserve.gguf.reader import read_gguf
+    from bitserve.gguf.writer import GGUFWriter
+
+    src = family_models["bitnet", GGMLType.I2_S]
+    w = GGUFWriter()
+    with read_gguf(src) as g:
+        for key, value in g.metadata.items():
+            w.add(key, value, g.metadata_types[key], g.metadata_array_types.get(key))
+        for name, info in g.tensors.items():
+            w.add_tensor(name, g.raw(name).tobytes(), info.ggml_type, info.dims)
+    for name, value in (("blk.0.attn_v.scale", 0.5), ("blk.1.ffn_down.scale", 3.0)):
+        w.add_tensor(name, np.array([value], np.float32).tobytes(), GGMLType.F32, (1,))
+    path = tmp_path / "scaled.gguf"
+    w.write(path)
+    tokens = prompt(5)
+    scaled, plain = logits_of(path, "numpy", tokens), logits_of(src, "numpy", tokens)
+    assert compare(scaled, plain)[1] > MAX_RELATIVE_L2  # the scales change the model
+    agreement, rel_l2 = compare(scaled, naive_forward(naive_load(path), tokens))
+    assert agreement >= MIN_ARGMAX_AGREEMENT and rel_l2 <= MAX_RELATIVE_L2, (agreement, rel_l2)
