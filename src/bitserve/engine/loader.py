@@ -144,8 +144,10 @@ def load_model(
     backend = get_backend(kernel, threads, head)
     model = BitNetModel.load(resolved, backend=backend)
     try:
-        if head == "int8" and isinstance(backend, NativeBackend):
-            backend.prepare_head(model.weights.head)
+        matrix = model.weights.head
+        if head == "int8" and isinstance(backend, NativeBackend) and matrix.kind == "f16":
+            assert matrix.data is not None
+            backend.prepare_head(matrix.data)
         check_special_token_ids(model.gguf)
         tokenizer = Tokenizer.from_gguf(model.gguf)
         chat = ChatFormatter.from_gguf(model.gguf, tokenizer)

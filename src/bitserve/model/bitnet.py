@@ -54,12 +54,6 @@ class RopeTables:
         return self.cos, self.sin
 
 
-def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """``silu(gate) * up`` (SwiGLU), float32 ``[T, n]``."""
-    out: np.ndarray = silu(gate) * up
-    return out
-
-
 def relu_squared(x: np.ndarray) -> np.ndarray:
     """``max(x, 0)²`` (BitNet b1.58's FFN activation)."""
     out: np.ndarray = np.square(np.maximum(x, np.float32(0)))
@@ -133,8 +127,8 @@ class BitNetModel:
         self.weights = weights
         self.backend = backend
         self.activation = ACTIVATION_FUNCTIONS[config.activation]
-        # relu(gate)² * up or silu(gate) * up, fused in C where the backend has it
-        self.gated = backend.relu2_mul if config.activation == "relu2" else silu_mul
+        # relu(gate)² * up or silu(gate) * up, fused in C on the native backends
+        self.gated = backend.relu2_mul if config.activation == "relu2" else backend.silu_mul
         # cos/sin: [positions used so far, head_dim/2], shared by every layer and every cache
         self.rope = RopeTables(config.head_dim, config.rope_theta, config.context_length)
 
@@ -233,7 +227,7 @@ class BitNetModel:
         for it, lo, hi in zip(items, step.los, step.his, strict=True):
             it.cache.reserve(it.cache.length + hi - lo)  # the attention kernels write them
         c = self.config
-        x = self.weights.token_embd[step.ids].astype(np.float32)  # x: [ΣT, dim]
+        x = self.weights.token_embd.rows(step.ids)  # x: [ΣT, dim] float32
         if c.embedding_scale != 1.0:  # MiniCPM
             x *= np.float32(c.embedding_scale)
         for i, layer in enumerate(self.weights.layers):

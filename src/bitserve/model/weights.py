@@ -2,10 +2,11 @@
 
 Every tensor the model's :class:`~bitserve.model.arch.Architecture` needs is checked for
 presence, type and shape against the :class:`ModelConfig` before any is used, so a bad file
-fails at load with the tensor's name, never later in a matmul. Ternary projections stay
-in I2_S layout (``TernaryWeight``); TQ1_0/TQ2_0 tensors are repacked to I2_S at load (a
-copy) by ``bitserve.gguf.quants.repack_to_i2s``; q/k weights whose rows the llama.cpp
-converter permuted for NORM RoPE are put back in trained order (a copy,
+fails at load with the tensor's name, never later in a matmul. Ternary projections of any
+type become :class:`~bitserve.kernels.TernaryWeight` (I2_S a zero-copy view; TQ1_0/TQ2_0
+with one scale repacked to I2_S; block-scaled ones keep their scales), embeddings and heads
+of any type :class:`~bitserve.kernels.EmbeddingMatrix`; q/k weights whose rows the
+llama.cpp converter permuted for NORM RoPE are put back in trained order (a copy,
 :func:`~bitserve.model.arch.unpermute_rows`).
 
 Broken downloads (BitNet issue #608: a truncated download left all-zero tensors behind a
@@ -16,19 +17,19 @@ differ), so it costs next to nothing on a good file.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
-from bitserve.gguf.constants import I2S_SCALE_PAD, GGMLType
-from bitserve.gguf.quants import i2s_scale, repack_to_i2s
+from bitserve.gguf.constants import TERNARY_TYPES, GGMLType
 from bitserve.gguf.reader import GGUFError, GGUFFile
-from bitserve.kernels.backend import TernaryWeight
+from bitserve.kernels import EmbeddingMatrix, TernaryWeight
+from bitserve.kernels.tensors import EMBEDDING_TYPES
 from bitserve.model.arch import unpermute_rows
 from bitserve.model.config import ModelConfig
 
 FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
-TERNARY_TYPES = (GGMLType.I2_S, GGMLType.TQ1_0, GGMLType.TQ2_0)
 _SAMPLE_BYTES = 4096  # a healthy tensor's bytes differ within these
 
 
@@ -57,16 +58,17 @@ class LayerWeights:
 
 @dataclass(frozen=True, slots=True)
 class ModelWeights:
-    """All weights. ``token_embd`` ``[vocab, dim]`` is F16/F32 (BF16 widened to float32);
-    ``output`` is the untied LM head ``[vocab, dim]`` or ``None`` (tied to ``token_embd``)."""
+    """All weights. ``token_embd`` ``[vocab, dim]`` and ``output``, the untied LM head (or
+    ``None``: tied to ``token_embd``), are matrices of any type the kernels read (F32, F16,
+    BF16, Q8_0, Q6_K, ternary)."""
 
     layers: tuple[LayerWeights, ...]
-    token_embd: np.ndarray
+    token_embd: EmbeddingMatrix
     output_norm: np.ndarray
-    output: np.ndarray | None
+    output: EmbeddingMatrix | None
 
     @property
-    def head(self) -> np.ndarray:
+    def head(self) -> EmbeddingMatrix:
         """The matrix the LM head multiplies by: ``[vocab, dim]``."""
         return self.token_embd if self.output is None else self.output
 
@@ -77,10 +79,10 @@ class ModelWeights:
         vocab_dim = (config.vocab_size, config.dim)
         output = None
         if "output.weight" in gguf.tensors:
-            output = _float_tensor(gguf, "output.weight", vocab_dim, FLOAT_TYPES)
+            output = _matrix(gguf, "output.weight", vocab_dim)
         return cls(
             layers=layers,
-            token_embd=_float_tensor(gguf, "token_embd.weight", vocab_dim, FLOAT_TYPES),
+            token_embd=_matrix(gguf, "token_embd.weight", vocab_dim),
             output_norm=_norm(gguf, "output_norm.weight", config.dim),
             output=output,
         )
@@ -95,7 +97,7 @@ def _layer(gguf: GGUFFile, config: ModelConfig, i: int) -> LayerWeights:
         weight = _ternary(gguf, f"blk.{i}.{name}.weight", n_out, n_in, rows)
         if arch.projection_scales and f"blk.{i}.{name}.scale" in gguf.tensors:
             extra = _norm(gguf, f"blk.{i}.{name}.scale", 1)[0]  # one F32: output times it
-            weight = TernaryWeight(weight.raw, n_out, n_in, weight.scale * float(extra))
+            weight = _scaled(weight, float(extra))
         return weight
 
     def norm(name: str, width: int, present: bool = True) -> np.ndarray | None:
@@ -157,35 +159,29 @@ def _norm(gguf: GGUFFile, name: str, width: int) -> np.ndarray:
     return np.ascontiguousarray(gguf.array(name), dtype=np.float32)
 
 
-def _float_tensor(
-    gguf: GGUFFile, name: str, shape: tuple[int, int], types: tuple[GGMLType, ...]
-) -> np.ndarray:
-    """An F32/F16 matrix as a zero-copy view (BF16: widened to a float32 copy)."""
-    _check(gguf, name, shape, types)
+def _matrix(gguf: GGUFFile, name: str, shape: tuple[int, int]) -> EmbeddingMatrix:
+    """An embedding or head ``[vocab, dim]`` of any type the kernels read."""
+    _check(gguf, name, shape, EMBEDDING_TYPES)
     check_not_blank(gguf, name, gguf.raw(name))
-    return gguf.array(name)
+    return EmbeddingMatrix.from_gguf(gguf, name, *shape)
 
 
 def _ternary(
     gguf: GGUFFile, name: str, n_out: int, n_in: int, row_order: np.ndarray | None = None
 ) -> TernaryWeight:
-    """A projection ``[n_out, n_in]`` in I2_S layout: zero copy, or repacked from TQ1_0/TQ2_0;
-    ``row_order``: take the file's rows in this order (a copy)."""
+    """A projection ``[n_out, n_in]`` of any ternary type; ``row_order``: take the file's
+    rows in this order (a copy)."""
     ggml_type = _check(gguf, name, (n_out, n_in), TERNARY_TYPES)
     raw = gguf.raw(name)
     check_not_blank(gguf, name, raw[: n_out * n_in // 4] if ggml_type == GGMLType.I2_S else raw)
-    if ggml_type == GGMLType.I2_S:
-        i2s_raw, scale = raw, i2s_scale(raw, n_out, n_in)
-    else:
-        i2s_raw, scale = repack_to_i2s(raw, ggml_type, n_out, n_in, path=gguf.path, name=name)
-    if row_order is not None:
-        i2s_raw = _reorder_i2s_rows(i2s_raw, row_order, n_out, n_in)
-    return TernaryWeight(i2s_raw, n_out, n_in, scale)
+    return TernaryWeight.from_gguf(gguf, name, n_out, n_in, row_order)
 
 
-def _reorder_i2s_rows(raw: np.ndarray, order: np.ndarray, n_out: int, n_in: int) -> np.ndarray:
-    """I2_S bytes with row ``r`` taken from row ``order[r]``: rows are whole 128-weight
-    blocks (``n_in / 4`` bytes each), the scale tail is kept."""
-    codes = np.asarray(raw[: n_out * n_in // 4]).reshape(n_out, n_in // 4)
-    tail = np.asarray(raw[n_out * n_in // 4 :][:I2S_SCALE_PAD])
-    return np.concatenate([codes[order].reshape(-1), tail])
+def _scaled(weight: TernaryWeight, factor: float) -> TernaryWeight:
+    """``weight`` times ``factor`` (upstream bitnet's ``.scale`` tensors): the tensor scale
+    of an I2_S weight, or each f16 block scale of a blocked one (rounded to f16 again)."""
+    if not weight.blocked:
+        return dataclasses.replace(weight, scale=weight.scale * factor)
+    assert weight.scales is not None
+    scales = (weight.scales.astype(np.float32) * np.float32(factor)).astype(np.float16)
+    return dataclasses.replace(weight, scales=scales)
