@@ -4,16 +4,18 @@
     pip install torch transformers llama-cpp-python     # not test dependencies
     python3 scripts/compare_reference.py [--seeds 5] [--tokens 32] [--json]
 
-For every family's tiny fixture (``bitserve.model.fixtures``, written in TQ2_0 by the PyPI
-``gguf`` package, I2_S for arch ``bitnet-b1.58`` which only bitserve reads) and each seed,
-it runs a random prompt through
+For every family's tiny fixture (``bitserve.model.fixtures``: TQ2_0 written by the PyPI
+``gguf`` package; I2_S for arch ``bitnet-b1.58``, which only bitserve reads; Q2_0 with a
+scale per 64 weights, embedding and tied head included, for ``qwen3`` as Ternary-Bonsai
+ships it) and each seed, it runs a random prompt through
 
 - bitserve (the native kernels; ``--kernel numpy`` for the oracle),
 - Hugging Face ``transformers`` (``LlamaForCausalLM``, ``Qwen3ForCausalLM``,
   ``BitNetForCausalLM``) in float64 on the dequantized weights, q/k rows put back in
   trained order by inverting llama.cpp's converter permutation, with BitNet's per-token
   absmax int8 activation quantization added as a forward pre-hook on every projection
-  (MiniCPM has no transformers class: skipped),
+  (Q2_0 matrices quantize per block of 32 instead, as bitserve and llama.cpp run Bonsai;
+  MiniCPM has no transformers class: skipped),
 - llama.cpp through ``llama-cpp-python`` on the file itself (arch ``llama``, ``qwen3``,
   ``minicpm``, and ``bitnet`` with SiLU, which is what upstream's ``bitnet`` graph runs;
   it cannot read I2_S nor the ``bitnet-b1.58`` arch),
@@ -24,8 +26,9 @@ relative L2 distance of the logits.
 transformers runs in float64 with bitserve's per-token rule, so its rows show only
 float32-vs-float64 and int8-rounding flips. llama.cpp rounds in other places: it
 quantizes activations in blocks of 256 (Q8_K, scale -127/max, for its TQ2_0 dot product)
-where BitNet and bitserve quantize per token, keeps its KV cache in F16, converts q and the
-softmax probabilities to F16 for its attention products and the head's input to F16. On
+where BitNet and bitserve quantize per token, stores its per-32 activation scales for Q2_0
+(Q8_0) in F16 where bitserve keeps f32, keeps its KV cache in F16, and converts q, the
+softmax probabilities and the head's input to F16. On
 these small random models one rounding flip at one layer moves everything after it, so
 its rows differ by a few percent; the last row (transformers with exactly those roundings
 against llama.cpp) shows that the roundings are the whole difference.
@@ -71,22 +74,24 @@ NORMS = {
 }  # fmt: skip
 
 
-def tq_packer(ggml_type: GGMLType) -> Callable[[np.ndarray, float], bytes] | None:
-    if ggml_type == GGMLType.I2_S:
+def tq_packer(ggml_type: GGMLType) -> Callable[[np.ndarray, np.ndarray], bytes] | None:
+    """The PyPI ``gguf`` package's TQ1_0/TQ2_0 quantizer (bitserve packs I2_S and Q2_0)."""
+    if ggml_type not in (GGMLType.TQ1_0, GGMLType.TQ2_0):
         return None
     import gguf
 
     qtype = gguf.GGMLQuantizationType[ggml_type.name]
 
-    def pack(ternary: np.ndarray, scale: float) -> bytes:
-        values = ternary.astype(np.float32) * np.float32(np.float16(scale))
-        return bytes(gguf.quants.quantize(values, qtype).tobytes())
+    def pack(ternary: np.ndarray, scales: np.ndarray) -> bytes:
+        group = ternary.shape[1] // scales.shape[1]
+        block = np.repeat(scales.astype(np.float16).astype(np.float32), group, axis=1)
+        return bytes(gguf.quants.quantize(ternary.astype(np.float32) * block, qtype).tobytes())
 
     return pack
 
 
 def fixture(folder: Path, family: str, seed: int) -> Path:
-    ternary = GGMLType.I2_S if family == "bitnet-b1.58" else GGMLType.TQ2_0
+    ternary = {"bitnet-b1.58": GGMLType.I2_S, "qwen3": GGMLType.Q2_0}.get(family, GGMLType.TQ2_0)
     return write_family_fixture(folder / f"{family}-{seed}.gguf", family, ternary, seed=seed,
                                 pack=tq_packer(ternary))  # fmt: skip
 
@@ -110,10 +115,15 @@ def _dequantized(g: Any, name: str) -> np.ndarray:
     if info.ggml_type == GGMLType.I2_S:
         codes, scale = unpack_i2s(g.raw(name), rows, cols)
         return codes.astype(np.float64) * scale
-    if info.ggml_type in (GGMLType.TQ1_0, GGMLType.TQ2_0):
+    if info.ggml_type == GGMLType.Q2_0:  # ggml's dequantize_row_q2_0 (gguf has no Q2_0)
+        blocks = np.asarray(g.raw(name)).reshape(-1, 18)
+        d = blocks[:, :2].copy().view("<f2").astype(np.float64)  # [n, 1]
+        codes = (blocks[:, 2:, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3  # byte j/4
+        return ((codes.reshape(-1, 64).astype(np.float64) - 1) * d).reshape(rows, cols)
+    if info.ggml_type.name in ("TQ1_0", "TQ2_0", "Q8_0", "Q6_K", "BF16"):
         qtype = gguf.GGMLQuantizationType[info.ggml_type.name]
         raw = np.asarray(g.raw(name)).reshape(rows, -1)
-        return gguf.quants.dequantize(raw, qtype).astype(np.float64)
+        return gguf.quants.dequantize(raw, qtype).astype(np.float64).reshape(rows, cols)
     return np.array(g.array(name), dtype=np.float64)
 
 
@@ -128,6 +138,28 @@ def quantize_per_token(x: Any) -> Any:
     """BitNet's activation quantization: absmax int8 per token (round half to even)."""
     s = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
     return (x * s).round().clamp(-128, 127) / s
+
+
+def quantize_block32(x: Any) -> Any:
+    """bitserve's BLOCK32 rule for Q2_0 (Ternary-Bonsai): absmax per 32 values, half to even."""
+    blocks = x.reshape(*x.shape[:-1], -1, 32)
+    peak = blocks.abs().amax(dim=-1, keepdim=True)
+    s = 127.0 / peak.clamp(min=1e-30)
+    return ((blocks * s).round().clamp(-128, 127) / s).where(peak > 0, 0.0).reshape(x.shape)
+
+
+def quantize_q8_0(x: Any) -> Any:
+    """llama.cpp's Q8_0 activations (its Q2_0 dot product, AVX2 path): per 32 values,
+    ``q = round_half_even(x · 127/absmax)`` in float32, and the scale ``absmax/127`` stored
+    as F16 (where bitserve keeps it in f32)."""
+    import torch
+
+    blocks = x.reshape(*x.shape[:-1], -1, 32)
+    peak = blocks.abs().amax(dim=-1, keepdim=True).float()
+    inv = torch.where(peak > 0, 127.0 / peak, torch.zeros_like(peak))
+    q = (blocks.float() * inv).round().clamp(-128, 127)
+    d = (peak / 127.0).half().to(x.dtype)
+    return (q.to(x.dtype) * d).reshape(x.shape)
 
 
 def quantize_q8_k(x: Any) -> Any:
@@ -182,6 +214,7 @@ def hf_model(path: Path, llama_cpp_rounding: bool = False) -> Any:
         arch = g.metadata["general.architecture"]
         hp = {k[len(arch) + 1 :]: v for k, v in g.metadata.items() if k.startswith(arch + ".")}
         tensors = {name: _dequantized(g, name) for name in g.tensors}
+        q2_0 = {name for name, info in g.tensors.items() if info.ggml_type == GGMLType.Q2_0}
     n_heads, n_kv = hp["attention.head_count"], hp["attention.head_count_kv"]
     head_dim = hp.get("attention.key_length", hp["embedding_length"] // n_heads)
     kind = HF_CLASSES[arch]
@@ -217,14 +250,29 @@ def hf_model(path: Path, llama_cpp_rounding: bool = False) -> Any:
     if unexpected or [m for m in missing if "rotary" not in m]:
         raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
 
-    quantize = quantize_q8_k if llama_cpp_rounding else quantize_per_token
-    projections = {p.rsplit(".", 1)[-1] for p in PROJECTIONS.values()}
+    # how each matrix's input is rounded: Q2_0 per 32 (bitserve's BLOCK32, or llama.cpp's
+    # Q8_0), the other ternary types per token (or llama.cpp's Q8_K), float heads not at all
+    # (llama.cpp: F16)
+    ternary_rule = quantize_q8_k if llama_cpp_rounding else quantize_per_token
+    q2_0_rule = quantize_q8_0 if llama_cpp_rounding else quantize_block32
+    head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in projections:
-            module.register_forward_pre_hook(lambda _m, a: (quantize(a[0]), *a[1:]))
+        parts = name.split(".", 3)  # model, layers, i, rest
+        ours = next((o for o, t in PROJECTIONS.items() if parts[-1] == t), None)
+        if len(parts) == 4 and parts[1] == "layers" and ours is not None:
+            rule = q2_0_rule if f"blk.{parts[2]}.{ours}.weight" in q2_0 else ternary_rule
+        elif name == "lm_head" and head in q2_0:
+            rule = q2_0_rule
         elif name == "lm_head" and llama_cpp_rounding:  # ggml's F16 matmul takes F16 input
-            module.register_forward_pre_hook(lambda _m, a: (a[0].half().double(), *a[1:]))
+            rule = _f16
+        else:
+            continue
+        module.register_forward_pre_hook(lambda _m, a, rule=rule: (rule(a[0]), *a[1:]))
     return model
+
+
+def _f16(x: Any) -> Any:
+    return x.half().to(x.dtype)
 
 
 def hf_logits(path: Path, tokens: list[int], llama_cpp_rounding: bool = False) -> np.ndarray:

@@ -19,25 +19,9 @@ import requests
 from api_server import Server, start
 
 from bitserve.engine.loader import load_model
-from bitserve.gguf.constants import GGMLType
 from bitserve.model.fixtures import FAMILIES, write_family_fixture
 
 N_TOKENS = 8
-
-
-def gguf_packer(ggml_type: GGMLType):  # type: ignore[no-untyped-def]
-    """TQ1_0/TQ2_0 packed by the PyPI ``gguf`` package (bitserve packs I2_S)."""
-    if ggml_type == GGMLType.I2_S:
-        return None
-    import gguf
-
-    qtype = gguf.GGMLQuantizationType[ggml_type.name]
-
-    def pack(ternary: np.ndarray, scale: float) -> bytes:
-        values = ternary.astype(np.float32) * np.float32(np.float16(scale))
-        return bytes(gguf.quants.quantize(values, qtype).tobytes())
-
-    return pack
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -47,8 +31,7 @@ def family_server(
     family: str = request.param
     folder = tmp_path_factory.mktemp(f"serve-{family}")
     ternary = FAMILIES[family].ternary_types[0]
-    path = write_family_fixture(folder / f"{family}.gguf", family, ternary, seed=3,
-                                pack=gguf_packer(ternary))  # fmt: skip
+    path = write_family_fixture(folder / f"{family}.gguf", family, ternary, seed=3)
     server = start(folder, "-m", str(path), "--threads", "1", "--cache-disk", "0")
     yield family, path, server
     server.stop()

@@ -1,13 +1,16 @@
 """A deliberately naive float64 reading of a ternary GGUF of any family, for parity tests.
 
 Independent of bitserve's model code (``bitserve.model`` is never imported): it reads the
-file with bitserve's GGUF reader, dequantizes TQ1_0/TQ2_0 with the PyPI ``gguf`` package and
-I2_S with bitserve's unpack (``gguf`` cannot read type 36), and follows llama.cpp's graphs
-with its own table of what each architecture does. Above all, it applies RoPE to q/k *as
-the file stores them*: llama.cpp's NORM RoPE (adjacent pairs) for ``llama``/``minicpm``,
-NEOX (rotate-half) for the others, so the model's un-permutation at load is checked, not
-assumed. Loops and float64 everywhere; its own int8 quantization (``np.round``: half to
-even) and attention.
+file with bitserve's GGUF reader, dequantizes TQ1_0/TQ2_0/Q8_0/Q6_K/BF16 with the PyPI
+``gguf`` package, I2_S with bitserve's unpack (``gguf`` cannot read type 36) and Q2_0 with
+its own loop over ggml's ``dequantize_row_q2_0`` (``gguf`` has no Q2_0), and follows
+llama.cpp's graphs with its own table of what each architecture does. Activations going
+into a ternary matrix are quantized as its model was trained: per token (absmax int8,
+BitNet) or, for Q2_0 (Ternary-Bonsai), per block of 32 as llama.cpp's Q8_0 path does.
+Above all, it applies RoPE to q/k *as the file stores them*: llama.cpp's NORM RoPE
+(adjacent pairs) for ``llama``/``minicpm``, NEOX (rotate-half) for the others, so the
+model's un-permutation at load is checked, not assumed. Loops and float64 everywhere; its
+own int8 quantization (``np.round``: half to even) and attention.
 """
 
 from __future__ import annotations
@@ -33,24 +36,43 @@ NAIVE_ARCHS: dict[str, tuple[str | None, bool, bool, bool, bool]] = {
 }
 
 
+TERNARY = ("I2_S", "TQ1_0", "TQ2_0", "Q2_0")
+
+
 @dataclass
 class NaiveModel:
     arch: str
     hp: dict[str, Any]  # hyper-parameters straight from the metadata (no prefix)
     tensors: dict[str, np.ndarray]  # float64; ternary matrices dequantized ([out, in])
+    types: dict[str, str]  # tensor name -> GGML type name
+
+
+def dequantize_q2_0(raw: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """ggml's dequantize_row_q2_0, one block of 64 at a time: an f16 scale ``d``, then 16
+    bytes; weight ``j`` is bits ``2(j % 4)`` of byte ``j / 4``, value ``(code - 1) · d``."""
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(-1, 18)
+    out = np.empty((len(blocks), 64))
+    for b, block in enumerate(blocks):
+        d = float(block[:2].view("<f2")[0])
+        for j in range(64):
+            out[b, j] = (((int(block[2 + j // 4]) >> (2 * (j % 4))) & 3) - 1) * d
+    return out.reshape(rows, cols)
 
 
 def _dequantized(g: Any, name: str) -> np.ndarray:
     info = g.tensors[name]
     rows, cols = info.shape if len(info.shape) == 2 else (1, info.shape[0])
-    if info.ggml_type.name == "I2_S":
+    kind = info.ggml_type.name
+    if kind == "I2_S":
         codes, scale = unpack_i2s(g.raw(name), rows, cols)
         return codes.astype(np.float64) * scale
-    if info.ggml_type.name in ("TQ1_0", "TQ2_0"):
-        qtype = gguf.GGMLQuantizationType[info.ggml_type.name]
+    if kind == "Q2_0":
+        return dequantize_q2_0(g.raw(name), rows, cols)
+    if kind in ("TQ1_0", "TQ2_0", "Q8_0", "Q6_K", "BF16"):
         raw = np.asarray(g.raw(name)).reshape(rows, -1)
-        return gguf.quants.dequantize(raw, qtype).astype(np.float64).reshape(rows, cols)
-    return np.array(g.array(name), dtype=np.float64)
+        out = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind])
+        return out.astype(np.float64).reshape(rows, cols)
+    return np.array(g.array(name), dtype=np.float64).reshape(info.shape)
 
 
 def naive_load(path: Path) -> NaiveModel:
@@ -59,7 +81,8 @@ def naive_load(path: Path) -> NaiveModel:
         prefix = f"{arch}."
         hp = {k[len(prefix) :]: v for k, v in g.metadata.items() if k.startswith(prefix)}
         tensors = {name: _dequantized(g, name) for name in g.tensors}
-    return NaiveModel(arch, hp, tensors)
+        types = {name: info.ggml_type.name for name, info in g.tensors.items()}
+    return NaiveModel(arch, hp, tensors, types)
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -69,14 +92,27 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
-def bitlinear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Per-token absmax int8 activations times the dequantized weight ``[out, in]``."""
-    out = np.empty((x.shape[0], w.shape[0]))
-    for t in range(x.shape[0]):
-        s = 127.0 / max(np.max(np.abs(x[t])), 1e-5)
-        q = np.clip(np.round(x[t] * s), -128, 127)  # np.round rounds half to even
-        out[t] = (w @ q) / s
+def quantized(x: np.ndarray, block: int | None) -> np.ndarray:
+    """``x [in]`` as int8 activations see it: absmax per token (``block`` None) or per
+    ``block`` values (an all-zero block stays zero), rounded half to even."""
+    out = np.empty_like(x)
+    size = block or len(x)
+    for lo in range(0, len(x), size):
+        part = x[lo : lo + size]
+        peak = np.max(np.abs(part))
+        if block is None:
+            peak = max(peak, 1e-5)
+        elif peak == 0:
+            out[lo : lo + size] = 0
+            continue
+        s = 127.0 / peak
+        out[lo : lo + size] = np.clip(np.round(part * s), -128, 127) / s
     return out
+
+
+def bitlinear(x: np.ndarray, w: np.ndarray, block: int | None = None) -> np.ndarray:
+    """Quantized activations (:func:`quantized`) times the dequantized weight ``[out, in]``."""
+    return np.stack([w @ quantized(x[t], block) for t in range(x.shape[0])])
 
 
 def rope(x: np.ndarray, start: int, theta: float, neox: bool) -> np.ndarray:
@@ -108,6 +144,12 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     return out
 
 
+def act_block(m: NaiveModel, name: str) -> int | None:
+    """How activations going into ternary tensor ``name`` are quantized: Q2_0 (Ternary-
+    Bonsai, float-activation training) per 32 as llama.cpp's Q8_0 path; BitNet per token."""
+    return 32 if m.types[name] == "Q2_0" else None
+
+
 def activation_of(m: NaiveModel) -> str:
     fixed = NAIVE_ARCHS[m.arch][0]
     if fixed is not None:
@@ -133,7 +175,7 @@ def naive_forward(m: NaiveModel, tokens: list[int], activation: str | None = Non
             return m.tensors[f"blk.{layer}.{name}.weight"]
 
         def lin(x: np.ndarray, name: str, layer: int = layer) -> np.ndarray:
-            y = bitlinear(x, w(name))
+            y = bitlinear(x, w(name), act_block(m, f"blk.{layer}.{name}.weight"))
             scale = m.tensors.get(f"blk.{layer}.{name}.scale")  # upstream bitnet
             return y * scale[0] if scale is not None else y
 
@@ -155,8 +197,12 @@ def naive_forward(m: NaiveModel, tokens: list[int], activation: str | None = Non
         if sub_norms:
             f = rmsnorm(f, w("ffn_sub_norm"), eps)
         x = x + lin(f, "ffn_down") * res_scale
-    head = m.tensors.get("output.weight", m.tensors["token_embd.weight"])
-    logits = rmsnorm(x, m.tensors["output_norm.weight"], eps) @ head.T
+    head = "output.weight" if "output.weight" in m.tensors else "token_embd.weight"
+    h = rmsnorm(x, m.tensors["output_norm.weight"], eps)
+    if m.types[head] in TERNARY:  # a ternary head is a ternary matmul (Ternary-Bonsai)
+        logits = bitlinear(h, m.tensors[head], act_block(m, head))
+    else:  # float and int8 heads take the activations as they are
+        logits = h @ m.tensors[head].T
     return logits / float(hp["logit_scale"]) if scaled else logits
 
 

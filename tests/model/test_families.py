@@ -27,31 +27,49 @@ MIN_ARGMAX_AGREEMENT = 0.95
 MAX_RELATIVE_L2 = 0.03
 N_TOKENS = 16
 
-CASES = [(family, t) for family, spec in FAMILIES.items() for t in spec.ternary_types]
+# (family, ternary type, untied head type or None): each published ternary type with the
+# family's first head type, then each other head type with its first ternary type
+CASES = [(family, t, (spec.output_types or (None,))[0])
+         for family, spec in FAMILIES.items() for t in spec.ternary_types]  # fmt: skip
+CASES += [(family, spec.ternary_types[0], o)
+          for family, spec in FAMILIES.items() for o in spec.output_types[1:]]  # fmt: skip
+Case = tuple[str, GGMLType, "GGMLType | None"]
 
 
 def gguf_packer(ggml_type: GGMLType):  # type: ignore[no-untyped-def]
-    """The PyPI ``gguf`` package's quantizer for TQ1_0/TQ2_0 (bitserve's own for I2_S)."""
-    if ggml_type == GGMLType.I2_S:
+    """The PyPI ``gguf`` package's quantizer for TQ1_0/TQ2_0 (an independent packer);
+    bitserve's own for I2_S and Q2_0, which ``gguf`` cannot write."""
+    if ggml_type not in (GGMLType.TQ1_0, GGMLType.TQ2_0):
         return None
     qtype = gguf.GGMLQuantizationType[ggml_type.name]
 
-    def pack(ternary: np.ndarray, scale: float) -> bytes:
-        values = ternary.astype(np.float32) * np.float32(np.float16(scale))
-        return bytes(gguf.quants.quantize(values, qtype).tobytes())
+    def pack(ternary: np.ndarray, scales: np.ndarray) -> bytes:
+        group = ternary.shape[1] // scales.shape[1]
+        block = np.repeat(scales.astype(np.float16).astype(np.float32), group, axis=1)
+        return bytes(gguf.quants.quantize(ternary.astype(np.float32) * block, qtype).tobytes())
 
     return pack
 
 
 @pytest.fixture(scope="session")
-def family_models(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, GGMLType], Path]:
+def family_models(tmp_path_factory: pytest.TempPathFactory) -> dict[Case, Path]:
     folder = tmp_path_factory.mktemp("families")
     return {
-        (family, t): write_family_fixture(
-            folder / f"{family}-{t.name}.gguf", family, t, seed=7, pack=gguf_packer(t)
+        (family, t, o): write_family_fixture(
+            folder / f"{family}-{t.name}-{getattr(o, 'name', 'tied')}.gguf",
+            family,
+            t,
+            seed=7,
+            pack=gguf_packer(t),
+            output=o,
         )
-        for family, t in CASES
+        for family, t, o in CASES
     }
+
+
+def default(family: str) -> Case:
+    spec = FAMILIES[family]
+    return family, spec.ternary_types[0], (spec.output_types or (None,))[0]
 
 
 def prompt(seed: int) -> list[int]:
@@ -69,11 +87,12 @@ def logits_of(path: Path, backend: str | NativeBackend, tokens: list[int]) -> np
     return np.concatenate([first, np.stack(steps)])
 
 
-@pytest.mark.parametrize(("family", "ternary"), CASES, ids=lambda v: getattr(v, "name", v))
-def test_family_matches_the_naive_reference(
-    family: str, ternary: GGMLType, family_models: dict[tuple[str, GGMLType], Path]
-) -> None:
-    path = family_models[family, ternary]
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: "-".join(getattr(v, "name", str(v)) for v in c)
+)
+def test_family_matches_the_naive_reference(case: Case, family_models: dict[Case, Path]) -> None:
+    family = case[0]
+    path = family_models[case]
     tokens = prompt(len(family))
     logits = logits_of(path, "numpy", tokens)
     agreement, rel_l2 = compare(logits, naive_forward(naive_load(path), tokens))
@@ -83,13 +102,13 @@ def test_family_matches_the_naive_reference(
 
 @pytest.mark.parametrize("family", ["llama", "minicpm"])
 def test_reference_sees_a_missing_unpermutation(
-    family: str, family_models: dict[tuple[str, GGMLType], Path]
+    family: str, family_models: dict[Case, Path]
 ) -> None:
     """The q/k rows of llama/minicpm files are in NORM-RoPE order: a reference that runs
     NEOX RoPE on them as stored (the bug of serving them without un-permuting) disagrees."""
     import naive_reference
 
-    path = family_models[family, FAMILIES[family].ternary_types[0]]
+    path = family_models[default(family)]
     tokens = prompt(3)
     logits = logits_of(path, "numpy", tokens)
     saved = naive_reference.NAIVE_ARCHS[family]
@@ -102,13 +121,13 @@ def test_reference_sees_a_missing_unpermutation(
     assert agreement < MIN_ARGMAX_AGREEMENT or rel_l2 > MAX_RELATIVE_L2, (agreement, rel_l2)
 
 
-@pytest.mark.parametrize(("family", "ternary"), CASES, ids=lambda v: getattr(v, "name", v))
-def test_native_matches_the_numpy_oracle(
-    family: str, ternary: GGMLType, family_models: dict[tuple[str, GGMLType], Path]
-) -> None:
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: "-".join(getattr(v, "name", str(v)) for v in c)
+)
+def test_native_matches_the_numpy_oracle(case: Case, family_models: dict[Case, Path]) -> None:
     if not available_kernels():
         pytest.skip("native kernels not built")
-    path = family_models[family, ternary]
+    path = family_models[case]
     tokens = prompt(11)
     want = logits_of(path, "numpy", tokens)
     got = logits_of(path, NativeBackend(available_kernels()[0], threads=2), tokens)
@@ -116,32 +135,36 @@ def test_native_matches_the_numpy_oracle(
     assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 0.01
 
 
-def test_each_family_loads_as_published(family_models: dict[tuple[str, GGMLType], Path]) -> None:
+def test_each_family_loads_as_published(family_models: dict[Case, Path]) -> None:
     """What each layout holds, seen through the loaded model."""
-    for (family, ternary), path in family_models.items():
+    for (family, ternary, output), path in family_models.items():
         with BitNetModel.load(path, backend="numpy") as model:
             arch, layer = model.config.architecture, model.weights.layers[0]
             assert model.config.arch == family and arch.name == family
             assert (layer.attn_sub_norm is not None) == arch.sub_norms, family
             assert (layer.attn_q_norm is not None) == arch.qk_norm, family
-            untied = FAMILIES[family].layout.output is not None
-            assert (model.weights.output is not None) == untied, family
+            assert (model.weights.output is not None) == (output is not None), family
+            if output is not None:
+                assert model.weights.head.source == output
             assert layer.attn_q.n_out == model.config.q_dim, (family, ternary)
-    with BitNetModel.load(family_models["qwen3", GGMLType.TQ2_0], backend="numpy") as qwen:
+            assert layer.attn_q.source == ternary
+    with BitNetModel.load(family_models[default("qwen3")], backend="numpy") as qwen:
         assert (qwen.config.q_dim, qwen.config.dim, qwen.config.head_dim) == (512, 256, 128)
-    with BitNetModel.load(family_models["bitnet", GGMLType.TQ2_0], backend="numpy") as bitnet:
+        assert qwen.weights.token_embd.kind == "ternary"  # Q2_0, the tied head too
+        assert qwen.weights.layers[0].ffn_up.blocked and qwen.weights.layers[0].ffn_up.group == 64
+    with BitNetModel.load(family_models[default("bitnet")], backend="numpy") as bitnet:
         assert bitnet.config.activation == "silu"  # 1bitLLM: not LLaMA-3's vocabulary
 
 
 def test_upstream_bitnet_projection_scales_multiply_the_output(
-    family_models: dict[tuple[str, GGMLType], Path], tmp_path: Path
+    family_models: dict[Case, Path], tmp_path: Path
 ) -> None:
     """Upstream's bitnet graph multiplies a projection by an optional one-float
     ``blk.N.<proj>.scale`` tensor; the reference does the same from the file."""
     from bitserve.gguf.reader import read_gguf
     from bitserve.gguf.writer import GGUFWriter
 
-    src = family_models["bitnet", GGMLType.I2_S]
+    src = family_models["bitnet", GGMLType.I2_S, None]
     w = GGUFWriter()
     with read_gguf(src) as g:
         for key, value in g.metadata.items():

@@ -33,12 +33,14 @@ FIXTURE_VOCAB = 2256  # the demo tokenizer: 2000 trained tokens + LLaMA-3's 256 
 @dataclass(frozen=True, slots=True)
 class Family:
     """A family's tiny fixture: ``shape``, ``layout`` (published types and keys), the
-    ternary types its published files use (the first is the default), and its source."""
+    ternary types its published files use (the first is the default), the types of an
+    untied head they use (``()``: tied), and its source."""
 
     shape: ModelShape
     layout: Layout
     ternary_types: tuple[GGMLType, ...]
     source: str
+    output_types: tuple[GGMLType, ...] = ()
 
 
 def _shape(n_heads: int, n_kv_heads: int, head_dim: int = 0, **kw: Any) -> ModelShape:
@@ -59,16 +61,17 @@ FAMILIES: dict[str, Family] = {
         (GGMLType.TQ2_0, GGMLType.TQ1_0, GGMLType.I2_S),
         "1bitLLM/bitnet_b1_58-3B (upstream conversions)",
     ),
-    "llama": Family(  # Falcon3-*-1.58bit: head_dim written, untied F16 head
+    "llama": Family(  # Falcon3-*-1.58bit: head_dim written, untied head (F16 in bitnet.cpp's)
         _shape(4, 2, 64, rope_theta=1000042.0, norm_eps=1e-6),
         Layout("llama", output=GGMLType.F16),
         (GGMLType.I2_S, GGMLType.TQ2_0, GGMLType.TQ1_0),
         "tiiuae/Falcon3-*-Instruct-1.58bit",
+        (GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q6_K),
     ),
-    "qwen3": Family(  # Ternary-Bonsai: 4 heads of 128 on a width of 256, tied head
-        _shape(4, 2, 128, rope_theta=1000000.0, norm_eps=1e-6),
-        Layout("qwen3", GGMLType.TQ2_0),
-        (GGMLType.TQ2_0, GGMLType.I2_S),
+    "qwen3": Family(  # Ternary-Bonsai: Q2_0 with a scale per 64 weights, the embedding too;
+        _shape(4, 2, 128, rope_theta=1000000.0, norm_eps=1e-6),  # 4 heads of 128 on 256
+        Layout("qwen3", GGMLType.Q2_0, GGMLType.Q2_0, block_scales=True),  # tied
+        (GGMLType.Q2_0, GGMLType.TQ2_0),
         "prism-ml/Ternary-Bonsai-*",
     ),
     "minicpm": Family(  # BitCPM4
@@ -88,15 +91,20 @@ def write_family_fixture(
     pack: TernaryPacker | None = None,
     tokenizer_metadata: dict[str, Any] | None = None,
     name: str | None = None,
+    output: GGMLType | None = None,
 ) -> Path:
     """Write ``family``'s tiny fixture to ``path`` with ``ternary`` projections (default:
-    the family's first published type); ``pack`` packs that type when the synthetic
-    writer has no packer for it; ``name`` is its ``general.name``."""
+    the family's first published type) and an ``output`` head of that type (untied
+    families; default: the first of ``output_types``); ``pack`` packs the ternary type
+    (default: bitserve's packers); ``name`` is its ``general.name``."""
     from bitserve.model.demo import demo_tokenizer_metadata
 
     spec = FAMILIES[family]
     layout = replace(
-        spec.layout, ternary=ternary or spec.ternary_types[0], metadata_types=PUBLISHED_TYPES
+        spec.layout,
+        ternary=ternary or spec.ternary_types[0],
+        output=output or spec.layout.output,
+        metadata_types=PUBLISHED_TYPES,
     )
     return write_synthetic_model(
         path,

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from bitserve.gguf.constants import GGMLType, GGUFValueType
-from bitserve.gguf.quants import pack_i2s
+from bitserve.gguf.constants import Q2_0_BLOCK, TQ_BLOCK, GGMLType, GGUFValueType
+from bitserve.gguf.dense_quants import pack_q6_k, pack_q8_0
+from bitserve.gguf.quants import pack_i2s, pack_q2_0, pack_tq1_0, pack_tq2_0
 from bitserve.gguf.writer import GGUFWriter
 from bitserve.model.arch import ARCHITECTURES, unpermute_rows
 
@@ -51,9 +52,17 @@ SHAPE_2B4T = ModelShape(
 
 LAYER_NORMS = ("attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm")
 
-# (ternary int8 [out, in], scale) -> the tensor's bytes in that type
-TernaryPacker = Callable[[np.ndarray, float], "bytes | np.ndarray"]
-TERNARY_PACKERS: dict[GGMLType, TernaryPacker] = {GGMLType.I2_S: pack_i2s}
+# (ternary int8 [out, in], block scales f32 [out, in / group]) -> the tensor's bytes
+TernaryPacker = Callable[[np.ndarray, np.ndarray], "bytes | np.ndarray"]
+TERNARY_PACKERS: dict[GGMLType, TernaryPacker] = {
+    GGMLType.I2_S: lambda t, scales: pack_i2s(t, float(scales.flat[0])),  # one scale
+    GGMLType.TQ1_0: pack_tq1_0,
+    GGMLType.TQ2_0: pack_tq2_0,
+    GGMLType.Q2_0: pack_q2_0,
+}
+# weights per scale of each ternary type (I2_S: 0, the whole tensor)
+TERNARY_GROUPS = {GGMLType.I2_S: 0, GGMLType.TQ1_0: TQ_BLOCK, GGMLType.TQ2_0: TQ_BLOCK,
+                  GGMLType.Q2_0: Q2_0_BLOCK}  # fmt: skip
 
 
 # the value (or array element) types llama.cpp's converters write, where the writer's
@@ -68,9 +77,11 @@ PUBLISHED_TYPES: dict[str, GGUFValueType] = {
 class Layout:
     """How a family's published file stores a model: ``arch`` (``general.architecture``),
     the ``ternary`` projection type, the ``embedding`` type, the untied ``output`` head's
-    type (``None``: tied), metadata keys the family's converter adds, and the value types
+    type (``None``: tied), metadata keys the family's converter adds, the value types
     of metadata arrays (``metadata_types``: key → element type; the demo model keeps the
-    writer's inferred types so that its file stays the same)."""
+    writer's inferred types so that its file stays the same), and ``block_scales``: a
+    random scale per block (Ternary-Bonsai) instead of one per tensor (BitNet models,
+    whatever their type)."""
 
     arch: str = "bitnet-b1.58"
     ternary: GGMLType = GGMLType.I2_S
@@ -78,6 +89,7 @@ class Layout:
     output: GGMLType | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     metadata_types: dict[str, GGUFValueType] = field(default_factory=dict)
+    block_scales: bool = False
 
 
 PUBLISHED = Layout(metadata_types=PUBLISHED_TYPES)  # 2B-4T as Microsoft's file has it
@@ -102,7 +114,8 @@ def _falcon3(layers: int, dim: int, ffn: int) -> Preset:
 def _bonsai(layers: int, dim: int, ffn: int, tied: bool) -> Preset:
     shape = ModelShape(layers, dim, ffn, 32 if dim > 2048 else 16, 8, 151936, 32768, 1e6, 1e-6,
                        128)  # fmt: skip
-    layout = Layout("qwen3", output=None if tied else GGMLType.F16, metadata_types=PUBLISHED_TYPES)
+    layout = Layout("qwen3", GGMLType.Q2_0, GGMLType.Q2_0, None if tied else GGMLType.Q2_0,
+                    metadata_types=PUBLISHED_TYPES, block_scales=True)  # fmt: skip
     return Preset(shape, layout, "prism-ml/Ternary-Bonsai-*")
 
 
@@ -174,30 +187,50 @@ def _hyper_parameters(shape: ModelShape, arch: str) -> dict[str, Any]:
     return keys
 
 
-def _float_matrix(values: np.ndarray, ggml_type: GGMLType) -> tuple[bytes, GGMLType]:
+def _random_ternary(
+    rng: np.random.Generator, n_out: int, n_in: int, ggml_type: GGMLType, block_scales: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random ternary ``[n_out, n_in]`` and its scales ``[n_out, n_in / group]``: one random
+    scale for the tensor, or one per block (the draws of a one-scale tensor are those of
+    the 2B-4T writer, so its files stay the same)."""
+    ternary = rng.integers(-1, 2, size=(n_out, n_in), dtype=np.int8)
+    group = TERNARY_GROUPS[ggml_type] or n_in
+    shape = (n_out, n_in // group)
+    if block_scales:
+        return ternary, rng.uniform(0.5, 2.0, shape).astype(np.float16).astype(np.float32)
+    return ternary, np.full(shape, float(rng.uniform(0.5, 2.0)), np.float32)
+
+
+def _float_matrix(values: np.ndarray, ggml_type: GGMLType) -> bytes:
     if ggml_type == GGMLType.F16:
-        return values.astype(np.float16).tobytes(), ggml_type
+        return values.astype(np.float16).tobytes()
     if ggml_type == GGMLType.F32:
-        return values.astype(np.float32).tobytes(), ggml_type
+        return values.astype(np.float32).tobytes()
     if ggml_type == GGMLType.BF16:
-        return (values.astype(np.float32).view(np.uint32) >> 16).astype(
-            np.uint16
-        ).tobytes(), ggml_type
+        return (values.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
+    if ggml_type == GGMLType.Q8_0:
+        return bytes(pack_q8_0(values))
+    if ggml_type == GGMLType.Q6_K:
+        return bytes(pack_q6_k(values))
     raise ValueError(f"no random {ggml_type.name} matrices")
 
 
 def _random_matrix(
-    rng: np.random.Generator, shape: ModelShape, ggml_type: GGMLType
-) -> tuple[bytes, GGMLType]:
-    """A standard-normal ``[vocab, dim]`` matrix in ``ggml_type``, drawn in slices of rows
+    rng: np.random.Generator, shape: ModelShape, ggml_type: GGMLType, pack: TernaryPacker | None
+) -> bytes:
+    """A random ``[vocab, dim]`` embedding or head in ``ggml_type``: standard normal (float
+    and int8 types), or ternary with a scale per block (``pack``). Drawn in slices of rows
     (the same values as one draw) so that no full float32 copy of a large vocabulary exists."""
     step = max(1, 2**24 // shape.dim)
     parts = []
     for lo in range(0, shape.vocab_size, step):
         rows = min(step, shape.vocab_size - lo)
-        parts.append(_float_matrix(rng.standard_normal((rows, shape.dim), dtype=np.float32),
-                                   ggml_type)[0])  # fmt: skip
-    return b"".join(parts), ggml_type
+        if pack is not None:
+            parts.append(bytes(pack(*_random_ternary(rng, rows, shape.dim, ggml_type, True))))
+        else:
+            values = rng.standard_normal((rows, shape.dim), dtype=np.float32)
+            parts.append(_float_matrix(values, ggml_type))
+    return b"".join(parts)
 
 
 def write_synthetic_model(
@@ -232,12 +265,20 @@ def write_synthetic_model(
             w.add(key, value, elem)
 
     vocab_dims = (shape.dim, shape.vocab_size)
-    w.add_tensor("token_embd.weight", *_random_matrix(rng, shape, layout.embedding), vocab_dims)
-    if pack is None:
-        if layout.ternary not in TERNARY_PACKERS:
-            known = ", ".join(t.name for t in TERNARY_PACKERS)
-            raise ValueError(f"no packer for {layout.ternary.name}; this writer packs {known}")
-        pack = TERNARY_PACKERS[layout.ternary]
+
+    def packer(ggml_type: GGMLType) -> TernaryPacker:
+        if pack is not None and ggml_type == layout.ternary:
+            return pack
+        if ggml_type not in TERNARY_PACKERS:
+            raise ValueError(f"no packer for {ggml_type.name}")
+        return TERNARY_PACKERS[ggml_type]
+
+    def matrix(ggml_type: GGMLType) -> bytes:
+        ternary = ggml_type in TERNARY_GROUPS
+        return _random_matrix(rng, shape, ggml_type, packer(ggml_type) if ternary else None)
+
+    w.add_tensor("token_embd.weight", matrix(layout.embedding), layout.embedding, vocab_dims)
+    pack_layer = packer(layout.ternary)
     permuted = ARCHITECTURES[arch].permuted_qk
     heads = {"attn_q": shape.n_heads, "attn_k": shape.n_kv_heads}
     for layer in range(shape.n_layers):
@@ -245,16 +286,16 @@ def write_synthetic_model(
             weight = (1.0 + 0.1 * rng.standard_normal(width)).astype(np.float32)
             w.add_array(f"blk.{layer}.{norm}.weight", weight)
         for proj, (n_out, n_in) in layer_projections(shape).items():
-            ternary = rng.integers(-1, 2, size=(n_out, n_in), dtype=np.int8)
+            ternary, scales = _random_ternary(rng, n_out, n_in, layout.ternary, layout.block_scales)
             if permuted and proj in heads:  # stored as the converter stores it
-                ternary = ternary[np.argsort(unpermute_rows(n_out, heads[proj]))]
-            scale = float(rng.uniform(0.5, 2.0))
-            data = pack(ternary, scale)
+                stored = np.argsort(unpermute_rows(n_out, heads[proj]))
+                ternary, scales = ternary[stored], scales[stored]
+            data = pack_layer(ternary, scales)
             w.add_tensor(f"blk.{layer}.{proj}.weight", bytes(data), layout.ternary, (n_in, n_out))
     w.add_array(
         "output_norm.weight", (1.0 + 0.1 * rng.standard_normal(shape.dim)).astype(np.float32)
     )
     if layout.output is not None:
-        w.add_tensor("output.weight", *_random_matrix(rng, shape, layout.output), vocab_dims)
+        w.add_tensor("output.weight", matrix(layout.output), layout.output, vocab_dims)
     w.write(path)
     return Path(path)
