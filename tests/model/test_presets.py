@@ -61,7 +61,7 @@ def test_custom_shape_writes_a_model_that_generates(tmp_path: Path) -> None:
 
 def test_a_preset_is_written_in_its_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """write_preset at a shrunken shape (the real ones are gigabytes): the layout and the
-    padded LLaMA-3-shaped tokenizer are what the preset says."""
+    tokenizer (Qwen's kind, padded to the vocabulary) are what the preset says."""
     small = ModelShape(2, 256, 512, 2, 1, 3000, 512, 1e6, 1e-6, 128)
     tiny = dataclasses.replace(PRESETS["bonsai-8b"], shape=small)
     monkeypatch.setitem(synthetic.PRESETS, "tiny-bonsai", tiny)
@@ -71,7 +71,9 @@ def test_a_preset_is_written_in_its_layout(tmp_path: Path, monkeypatch: pytest.M
         config = loaded.model.config
         assert (config.arch, config.q_dim, config.dim) == ("qwen3", 256, 256)
         assert loaded.model.weights.output is not None  # Bonsai-8B: untied
-        assert loaded.tokenizer.vocab_size == 3000 and loaded.tokenizer.bos_id == 3000 - 256
+        assert loaded.tokenizer.vocab_size == 3000 and not loaded.tokenizer.add_bos
+        assert loaded.model.gguf.get("tokenizer.ggml.pre") == "qwen2"
+        assert loaded.tokenizer.id_to_piece(loaded.tokenizer.eos_id) == "<|im_end|>"
         assert loaded.name == "synthetic tiny-bonsai (random weights)"
     finally:
         loaded.close()

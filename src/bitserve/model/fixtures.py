@@ -7,8 +7,9 @@ tensor names, which norms exist, tied or untied head, ternary type, the metadata
 converter writes) at a shape small enough to run a forward in milliseconds: 2 layers,
 width 256, projections whose rows are whole 256-weight blocks (so every ternary type
 fits), a head size that differs between families. Weights are random; the tokenizer is
-the demo model's (a LLaMA-3-shaped byte-level BPE) until each family's own tokenizer
-metadata exists.
+the family's own kind (``bitserve.tokenizer.fixtures``: LLaMA-3 BPE, Falcon3 BPE, Qwen2 BPE
+or LLaMA-2 SentencePiece, trained on the demo corpus and laid out like the real file)
+padded to the fixture's vocabulary.
 """
 
 from __future__ import annotations
@@ -27,19 +28,21 @@ from bitserve.model.synthetic import (
     write_synthetic_model,
 )
 
-FIXTURE_VOCAB = 2256  # the demo tokenizer: 2000 trained tokens + LLaMA-3's 256 control tokens
+FIXTURE_VOCAB = 2256  # every family's fixture tokenizer padded to this many tokens
 
 
 @dataclass(frozen=True, slots=True)
 class Family:
     """A family's tiny fixture: ``shape``, ``layout`` (published types and keys), the
-    ternary types its published files use (the first is the default), the types of an
-    untied head they use (``()``: tied), and its source."""
+    ternary types its published files use (the first is the default), its source, its
+    tokenizer kind (a ``bitserve.tokenizer.fixtures`` family), and the types of an untied
+    head it uses (``()``: tied)."""
 
     shape: ModelShape
     layout: Layout
     ternary_types: tuple[GGMLType, ...]
     source: str
+    tokenizer: str
     output_types: tuple[GGMLType, ...] = ()
 
 
@@ -54,18 +57,21 @@ FAMILIES: dict[str, Family] = {
         Layout("bitnet-b1.58"),
         (GGMLType.I2_S,),
         "microsoft/bitnet-b1.58-2B-4T-gguf",
+        "llama-bpe",
     ),
     "bitnet": Family(  # 1bitLLM bitnet_b1_58-large/-3B converted by upstream llama.cpp,
         _shape(4, 4, rope_theta=10000.0),  # whose bitnet graph has no output.weight: tied
         Layout("bitnet", GGMLType.TQ2_0),
         (GGMLType.TQ2_0, GGMLType.TQ1_0, GGMLType.I2_S),
         "1bitLLM/bitnet_b1_58-3B (upstream conversions)",
+        "llama-spm",
     ),
     "llama": Family(  # Falcon3-*-1.58bit: head_dim written, untied head (F16 in bitnet.cpp's)
         _shape(4, 2, 64, rope_theta=1000042.0, norm_eps=1e-6),
         Layout("llama", output=GGMLType.F16),
         (GGMLType.I2_S, GGMLType.TQ2_0, GGMLType.TQ1_0),
         "tiiuae/Falcon3-*-Instruct-1.58bit",
+        "falcon3",
         (GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q6_K),
     ),
     "qwen3": Family(  # Ternary-Bonsai: Q2_0 with a scale per 64 weights, the embedding too;
@@ -73,12 +79,14 @@ FAMILIES: dict[str, Family] = {
         Layout("qwen3", GGMLType.Q2_0, GGMLType.Q2_0, block_scales=True),  # tied
         (GGMLType.Q2_0, GGMLType.TQ2_0),
         "prism-ml/Ternary-Bonsai-*",
+        "qwen2",
     ),
     "minicpm": Family(  # BitCPM4
         _shape(4, 2, rope_theta=10000.0),
         Layout("minicpm", GGMLType.TQ2_0),
         (GGMLType.TQ2_0,),
         "openbmb/BitCPM4-*",
+        "llama-spm",  # MiniCPM's SentencePiece vocabulary
     ),
 }
 
@@ -97,7 +105,7 @@ def write_family_fixture(
     the family's first published type) and an ``output`` head of that type (untied
     families; default: the first of ``output_types``); ``pack`` packs the ternary type
     (default: bitserve's packers); ``name`` is its ``general.name``."""
-    from bitserve.model.demo import demo_tokenizer_metadata
+    from bitserve.tokenizer.fixtures import tokenizer_metadata as family_tokenizer
 
     spec = FAMILIES[family]
     layout = replace(
@@ -110,7 +118,7 @@ def write_family_fixture(
         path,
         spec.shape,
         seed=seed,
-        tokenizer_metadata=tokenizer_metadata or demo_tokenizer_metadata(),
+        tokenizer_metadata=tokenizer_metadata or family_tokenizer(spec.tokenizer, FIXTURE_VOCAB),
         name=f"tiny {family} fixture (random weights)" if name is None else name,
         layout=layout,
         pack=pack,
@@ -125,10 +133,10 @@ def write_preset(
     pack: TernaryPacker | None = None,
 ) -> Path:
     """Write a random model of a published model's shape and layout (:data:`PRESETS`) with
-    a working LLaMA-3-shaped tokenizer padded to its vocabulary, so that ``bitserve
+    a working tokenizer of its family's kind padded to its vocabulary, so that ``bitserve
     generate``, ``serve`` and ``bench`` run on it. ``ternary`` overrides the projection
-    type (the writer packs I2_S; others need ``pack``)."""
-    from bitserve.model.demo import llama3_tokenizer_metadata
+    type."""
+    from bitserve.tokenizer.fixtures import tokenizer_metadata
 
     spec = PRESETS[preset]
     layout = replace(spec.layout, ternary=ternary or spec.layout.ternary)
@@ -136,7 +144,7 @@ def write_preset(
         path,
         spec.shape,
         seed=seed,
-        tokenizer_metadata=llama3_tokenizer_metadata(spec.shape.vocab_size),
+        tokenizer_metadata=tokenizer_metadata(spec.tokenizer, spec.shape.vocab_size),
         name=f"synthetic {preset} (random weights)",
         layout=layout,
         pack=pack,

@@ -102,13 +102,14 @@ class Preset:
     shape: ModelShape
     layout: Layout
     source: str  # where the real model is published
+    tokenizer: str = "llama-bpe"  # its tokenizer's kind (bitserve.tokenizer.fixtures)
 
 
 def _falcon3(layers: int, dim: int, ffn: int) -> Preset:
     shape = ModelShape(layers, dim, ffn, 12 if dim == 3072 else 8, 4, 131072, 32768, 1000042.0,
                        1e-6, 256)  # fmt: skip
     layout = Layout("llama", output=GGMLType.F16, metadata_types=PUBLISHED_TYPES)
-    return Preset(shape, layout, "tiiuae/Falcon3-*-1.58bit")
+    return Preset(shape, layout, "tiiuae/Falcon3-*-1.58bit", "falcon3")
 
 
 def _bonsai(layers: int, dim: int, ffn: int, tied: bool) -> Preset:
@@ -116,7 +117,7 @@ def _bonsai(layers: int, dim: int, ffn: int, tied: bool) -> Preset:
                        128)  # fmt: skip
     layout = Layout("qwen3", GGMLType.Q2_0, GGMLType.Q2_0, None if tied else GGMLType.Q2_0,
                     metadata_types=PUBLISHED_TYPES, block_scales=True)  # fmt: skip
-    return Preset(shape, layout, "prism-ml/Ternary-Bonsai-*")
+    return Preset(shape, layout, "prism-ml/Ternary-Bonsai-*", "qwen2")
 
 
 PRESETS: dict[str, Preset] = {
