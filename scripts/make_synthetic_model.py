@@ -8,11 +8,12 @@
 
 A preset is a published model's shape and file layout (architecture, which norms exist,
 tied or untied head, head size, RoPE base, vocabulary size): bitnet-2b4t, falcon3-1b/3b/
-7b/10b, llama3-8b-1.58, bonsai-1.7b/4b/8b. The default is 2B-4T's (30 layers, 2560/6912,
-20/5 heads, vocab 128256, I2_S projections, F16 tied embedding). The token table is
-LLaMA-3-shaped (the demo tokenizer padded with control tokens so BOS/EOS/EOT sit at
-vocab - 256 + 0/1/9), so `bitserve generate -m`, `serve -m` and `bench -m` work on it.
-Its weights are random.
+7b/10b, llama3-8b-1.58, bonsai-1.7b/4b/8b (Q2_0, as Ternary-Bonsai ships; `--type`
+another ternary type), with a tokenizer of the family's kind padded to its vocabulary.
+The default is 2B-4T's (30 layers, 2560/6912, 20/5 heads, vocab 128256, I2_S projections,
+F16 tied embedding) with a LLaMA-3-shaped token table (the demo tokenizer padded with
+control tokens so BOS/EOS/EOT sit at vocab - 256 + 0/1/9). `bitserve generate -m`,
+`serve -m` and `bench -m` work on every one. Weights are random.
 """
 
 from __future__ import annotations
