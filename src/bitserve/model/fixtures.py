@@ -5,11 +5,11 @@ benchmarks (``scripts/make_synthetic_model.py --preset``, ``bitserve bench -m``)
 Each :data:`FAMILIES` entry is a family's real file layout (``general.architecture``,
 tensor names, which norms exist, tied or untied head, ternary type, the metadata keys its
 converter writes) at a shape small enough to run a forward in milliseconds: 2 layers,
-width 256, projections whose rows are whole 256-weight blocks (so every ternary type
-fits), a head size that differs between families. Weights are random; the tokenizer is
-the family's own kind (``bitserve.tokenizer.fixtures``: LLaMA-3 BPE, Falcon3 BPE, Qwen2 BPE
-or LLaMA-2 SentencePiece, trained on the demo corpus and laid out like the real file)
-padded to the fixture's vocabulary.
+width 256 (512 for Falcon3's heads of 256), projections whose rows are whole 256-weight
+blocks (so every ternary type fits), a head size that differs between families. Weights
+are random; the tokenizer is the family's own kind (``bitserve.tokenizer.fixtures``:
+LLaMA-3 BPE, Falcon3 BPE, Qwen2 BPE or LLaMA-2 SentencePiece, trained on the demo corpus
+and laid out like the real file) padded to the fixture's vocabulary.
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ class Family:
     output_types: tuple[GGMLType, ...] = ()
 
 
-def _shape(n_heads: int, n_kv_heads: int, head_dim: int = 0, **kw: Any) -> ModelShape:
-    return ModelShape(2, 256, 768, n_heads, n_kv_heads, FIXTURE_VOCAB, 512, head_dim=head_dim,
+def _shape(
+    n_heads: int, n_kv_heads: int, head_dim: int = 0, dim: int = 256, **kw: Any
+) -> ModelShape:
+    return ModelShape(2, dim, 768, n_heads, n_kv_heads, FIXTURE_VOCAB, 512, head_dim=head_dim,
                       **kw)  # fmt: skip
 
 
@@ -66,8 +68,8 @@ FAMILIES: dict[str, Family] = {
         "1bitLLM/bitnet_b1_58-3B (upstream conversions)",
         "llama-spm",
     ),
-    "llama": Family(  # Falcon3-*-1.58bit: head_dim written, untied head (F16 in bitnet.cpp's)
-        _shape(4, 2, 64, rope_theta=1000042.0, norm_eps=1e-6),
+    "llama": Family(  # Falcon3-*-1.58bit: heads of 256 (written as key_length), untied head
+        _shape(2, 1, 256, dim=512, rope_theta=1000042.0, norm_eps=1e-6),  # (F16: bitnet.cpp)
         Layout("llama", output=GGMLType.F16),
         (GGMLType.I2_S, GGMLType.TQ2_0, GGMLType.TQ1_0),
         "tiiuae/Falcon3-*-Instruct-1.58bit",
