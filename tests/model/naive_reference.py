@@ -48,13 +48,15 @@ class NaiveModel:
 
 
 def dequantize_q2_0(raw: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """ggml's dequantize_row_q2_0, one block of 64 at a time: an f16 scale ``d``, then 16
-    bytes; weight ``j`` is bits ``2(j % 4)`` of byte ``j / 4``, value ``(code - 1) · d``."""
-    blocks = np.asarray(raw, dtype=np.uint8).reshape(-1, 18)
-    out = np.empty((len(blocks), 64))
+    """ggml's dequantize_row_q2_0, one block at a time: an f16 scale ``d``, then the codes;
+    weight ``j`` is bits ``2(j % 4)`` of byte ``j / 4``, value ``(code - 1) · d``. Blocks of
+    64 (18 bytes), or 128 (34 bytes) in PrismML's early files: told apart by the size."""
+    size = 64 if len(raw) == rows * cols // 64 * 18 else 128
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(-1, 2 + size // 4)
+    out = np.empty((len(blocks), size))
     for b, block in enumerate(blocks):
         d = float(block[:2].view("<f2")[0])
-        for j in range(64):
+        for j in range(size):
             out[b, j] = (((int(block[2 + j // 4]) >> (2 * (j % 4))) & 3) - 1) * d
     return out.reshape(rows, cols)
 

@@ -100,6 +100,22 @@ def test_family_matches_the_naive_reference(case: Case, family_models: dict[Case
     assert rel_l2 <= MAX_RELATIVE_L2, (agreement, rel_l2)
 
 
+def test_prismml_early_q2_0_of_128_matches_the_reference(tmp_path: Path) -> None:
+    """Type 42's older variant (a scale per 128 weights, PrismML's first Bonsai files),
+    embedding and tied head included, runs like the current one."""
+    path = write_family_fixture(tmp_path / "g128.gguf", "qwen3", seed=9, q2_0_block=128)
+    tokens = prompt(9)
+    with BitNetModel.load(path, backend="numpy") as model:
+        assert model.gguf.q2_0_block == 128
+        assert model.weights.layers[0].attn_q.group == 128
+    logits = logits_of(path, "numpy", tokens)
+    agreement, rel_l2 = compare(logits, naive_forward(naive_load(path), tokens))
+    assert agreement >= MIN_ARGMAX_AGREEMENT and rel_l2 <= MAX_RELATIVE_L2, (agreement, rel_l2)
+    if available_kernels():
+        native = logits_of(path, NativeBackend(available_kernels()[0], threads=2), tokens)
+        assert np.linalg.norm(native - logits) / np.linalg.norm(logits) <= 0.01
+
+
 @pytest.mark.parametrize("family", ["llama", "minicpm"])
 def test_reference_sees_a_missing_unpermutation(
     family: str, family_models: dict[Case, Path]

@@ -102,11 +102,13 @@ def write_family_fixture(
     tokenizer_metadata: dict[str, Any] | None = None,
     name: str | None = None,
     output: GGMLType | None = None,
+    q2_0_block: int | None = None,
 ) -> Path:
     """Write ``family``'s tiny fixture to ``path`` with ``ternary`` projections (default:
     the family's first published type) and an ``output`` head of that type (untied
     families; default: the first of ``output_types``); ``pack`` packs the ternary type
-    (default: bitserve's packers); ``name`` is its ``general.name``."""
+    (default: bitserve's packers); ``name`` is its ``general.name``; ``q2_0_block`` 128
+    writes PrismML's early Q2_0 variant."""
     from bitserve.tokenizer.fixtures import tokenizer_metadata as family_tokenizer
 
     spec = FAMILIES[family]
@@ -115,6 +117,7 @@ def write_family_fixture(
         ternary=ternary or spec.ternary_types[0],
         output=output or spec.layout.output,
         metadata_types=PUBLISHED_TYPES,
+        q2_0_block=q2_0_block or spec.layout.q2_0_block,
     )
     return write_synthetic_model(
         path,

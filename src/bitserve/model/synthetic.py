@@ -81,7 +81,8 @@ class Layout:
     of metadata arrays (``metadata_types``: key → element type; the demo model keeps the
     writer's inferred types so that its file stays the same), and ``block_scales``: a
     random scale per block (Ternary-Bonsai) instead of one per tensor (BitNet models,
-    whatever their type)."""
+    whatever their type); ``q2_0_block``: weights per Q2_0 scale (64, or 128 in PrismML's
+    early files)."""
 
     arch: str = "bitnet-b1.58"
     ternary: GGMLType = GGMLType.I2_S
@@ -90,6 +91,7 @@ class Layout:
     metadata: dict[str, Any] = field(default_factory=dict)
     metadata_types: dict[str, GGUFValueType] = field(default_factory=dict)
     block_scales: bool = False
+    q2_0_block: int = Q2_0_BLOCK  # 128: PrismML's early Q2_0 files
 
 
 PUBLISHED = Layout(metadata_types=PUBLISHED_TYPES)  # 2B-4T as Microsoft's file has it
@@ -189,13 +191,18 @@ def _hyper_parameters(shape: ModelShape, arch: str) -> dict[str, Any]:
 
 
 def _random_ternary(
-    rng: np.random.Generator, n_out: int, n_in: int, ggml_type: GGMLType, block_scales: bool
+    rng: np.random.Generator,
+    n_out: int,
+    n_in: int,
+    ggml_type: GGMLType,
+    block_scales: bool,
+    q2_0_block: int = Q2_0_BLOCK,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random ternary ``[n_out, n_in]`` and its scales ``[n_out, n_in / group]``: one random
     scale for the tensor, or one per block (the draws of a one-scale tensor are those of
     the 2B-4T writer, so its files stay the same)."""
     ternary = rng.integers(-1, 2, size=(n_out, n_in), dtype=np.int8)
-    group = TERNARY_GROUPS[ggml_type] or n_in
+    group = q2_0_block if ggml_type == GGMLType.Q2_0 else TERNARY_GROUPS[ggml_type] or n_in
     shape = (n_out, n_in // group)
     if block_scales:
         return ternary, rng.uniform(0.5, 2.0, shape).astype(np.float16).astype(np.float32)
@@ -217,7 +224,11 @@ def _float_matrix(values: np.ndarray, ggml_type: GGMLType) -> bytes:
 
 
 def _random_matrix(
-    rng: np.random.Generator, shape: ModelShape, ggml_type: GGMLType, pack: TernaryPacker | None
+    rng: np.random.Generator,
+    shape: ModelShape,
+    ggml_type: GGMLType,
+    pack: TernaryPacker | None,
+    q2_0_block: int = Q2_0_BLOCK,
 ) -> bytes:
     """A random ``[vocab, dim]`` embedding or head in ``ggml_type``: standard normal (float
     and int8 types), or ternary with a scale per block (``pack``). Drawn in slices of rows
@@ -227,7 +238,8 @@ def _random_matrix(
     for lo in range(0, shape.vocab_size, step):
         rows = min(step, shape.vocab_size - lo)
         if pack is not None:
-            parts.append(bytes(pack(*_random_ternary(rng, rows, shape.dim, ggml_type, True))))
+            ternary = _random_ternary(rng, rows, shape.dim, ggml_type, True, q2_0_block)
+            parts.append(bytes(pack(*ternary)))
         else:
             values = rng.standard_normal((rows, shape.dim), dtype=np.float32)
             parts.append(_float_matrix(values, ggml_type))
@@ -267,18 +279,26 @@ def write_synthetic_model(
 
     vocab_dims = (shape.dim, shape.vocab_size)
 
+    q2_block = layout.q2_0_block
+
     def packer(ggml_type: GGMLType) -> TernaryPacker:
         if pack is not None and ggml_type == layout.ternary:
             return pack
+        if ggml_type == GGMLType.Q2_0:
+            return lambda values, scales: pack_q2_0(values, scales, q2_block)
         if ggml_type not in TERNARY_PACKERS:
             raise ValueError(f"no packer for {ggml_type.name}")
         return TERNARY_PACKERS[ggml_type]
 
     def matrix(ggml_type: GGMLType) -> bytes:
         ternary = ggml_type in TERNARY_GROUPS
-        return _random_matrix(rng, shape, ggml_type, packer(ggml_type) if ternary else None)
+        pack_matrix = packer(ggml_type) if ternary else None
+        return _random_matrix(rng, shape, ggml_type, pack_matrix, q2_block)
 
-    w.add_tensor("token_embd.weight", matrix(layout.embedding), layout.embedding, vocab_dims)
+    def add(name: str, data: bytes, ggml_type: GGMLType, dims: tuple[int, ...]) -> None:
+        w.add_tensor(name, data, ggml_type, dims, q2_0_block=q2_block)
+
+    add("token_embd.weight", matrix(layout.embedding), layout.embedding, vocab_dims)
     pack_layer = packer(layout.ternary)
     permuted = ARCHITECTURES[arch].permuted_qk
     heads = {"attn_q": shape.n_heads, "attn_k": shape.n_kv_heads}
@@ -287,16 +307,18 @@ def write_synthetic_model(
             weight = (1.0 + 0.1 * rng.standard_normal(width)).astype(np.float32)
             w.add_array(f"blk.{layer}.{norm}.weight", weight)
         for proj, (n_out, n_in) in layer_projections(shape).items():
-            ternary, scales = _random_ternary(rng, n_out, n_in, layout.ternary, layout.block_scales)
+            ternary, scales = _random_ternary(
+                rng, n_out, n_in, layout.ternary, layout.block_scales, q2_block
+            )
             if permuted and proj in heads:  # stored as the converter stores it
                 stored = np.argsort(unpermute_rows(n_out, heads[proj]))
                 ternary, scales = ternary[stored], scales[stored]
             data = pack_layer(ternary, scales)
-            w.add_tensor(f"blk.{layer}.{proj}.weight", bytes(data), layout.ternary, (n_in, n_out))
+            add(f"blk.{layer}.{proj}.weight", bytes(data), layout.ternary, (n_in, n_out))
     w.add_array(
         "output_norm.weight", (1.0 + 0.1 * rng.standard_normal(shape.dim)).astype(np.float32)
     )
     if layout.output is not None:
-        w.add_tensor("output.weight", matrix(layout.output), layout.output, vocab_dims)
+        add("output.weight", matrix(layout.output), layout.output, vocab_dims)
     w.write(path)
     return Path(path)
