@@ -181,9 +181,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         loaded = load_model(settings.model_path, settings.threads, settings.kernel, settings.head)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a missing or malformed model file (GGUFError)
         print(f"bitserve serve: {exc}", file=sys.stderr)
-        return 1
+        return 2
     if loaded.is_demo:
         from bitserve.model.demo import DEMO_NOTICE
 
