@@ -59,13 +59,15 @@ HEALTH_DOC: dict[int | str, dict[str, Any]] = {
 @health_router.get("/health", responses=HEALTH_DOC)
 async def health(request: Request) -> JSONResponse:
     """Whether the server can generate (never needs a key; load balancers' and Kubernetes'
-    readiness): `{"status": "ok", "model", "demo", "replica"}`, or 503 with `"status":
-    "error"` and the reason."""
+    readiness): `{"status": "ok", "model", "arch", "demo", "replica"}` (`model`: the model
+    id, its file's `general.name`; `arch`: its `general.architecture`; `replica`: this
+    replica's name), or 503 with `"status": "error"` and the reason."""
     served: ServedModel = request.app.state.served
     state = served.engine.health()
     body: dict[str, Any] = {
         "status": "ok" if state.ok else "error",
         "model": served.name,
+        "arch": served.loaded.model.config.arch,
         "demo": served.loaded.is_demo,
         "replica": request.app.state.settings.replica_name,
     }
