@@ -1,4 +1,4 @@
-"""`bitserve serve | chat | generate | bench | pull | models | rm`: the command line.
+"""`bitserve serve | chat | generate | bench | pull | models | rm | convert`: the command line.
 
 Each command lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> int``. Only the chosen command's module is imported, so ``bitserve chat``
@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pull": ("bitserve.hub.commands.pull", "download a model from the Hugging Face Hub, verified"),
     "models": ("bitserve.hub.commands.models", "list the downloaded models (--verify: re-hash)"),
     "rm": ("bitserve.hub.commands.rm", "delete a downloaded model"),
+    "convert": ("bitserve.convert.cli", "convert a Hugging Face ternary checkpoint to GGUF"),
 }
 
 

@@ -101,9 +101,9 @@ class VerificationError(PullError):
 
 
 class NotCachedError(PullError):
-    def __init__(self, name: str, why: str) -> None:
+    def __init__(self, name: str, why: str, command: str = "pull") -> None:
         super().__init__(
-            f"{name} is not downloaded and {why}; run `bitserve pull {name}` while online"
+            f"{name} is not downloaded and {why}; run `bitserve {command} {name}` while online"
         )
         self.name = name
 

@@ -85,7 +85,9 @@ class HubOptions:
 
 
 @dataclass(frozen=True, slots=True)
-class _RemoteFile:
+class RemoteFile:
+    """A file of a repository at a commit, as the hub lists it."""
+
     filename: str
     commit: str
     size: int | None
@@ -141,27 +143,37 @@ class Puller:
         path, commit, filename = found
         blob = Path(os.path.realpath(path)).name
         sha256 = blob if _SHA256.fullmatch(blob) else None
-        remote = _RemoteFile(filename, commit, os.path.getsize(path), sha256)
-        return self._record(spec, remote, path, verify=sha256 is not None)
+        remote = RemoteFile(filename, commit, os.path.getsize(path), sha256)
+        if sha256 is not None:
+            problem = file_problem(path, remote.size, sha256)
+            if problem is not None:
+                remove_cached_file(path)
+                raise VerificationError(filename, problem)
+        return self._record(spec, remote, path)
 
     # -- remote ------------------------------------------------------------------------
 
-    def _remote_file(self, spec: ModelSpec) -> _RemoteFile:
+    def remote_files(self, spec: ModelSpec) -> list[RemoteFile]:
+        """Every file of ``spec``'s repository at its revision, with size and LFS sha256."""
         api = HfApi(endpoint=self.options.endpoint_url, token=self.options.token)
         try:
             info = api.model_info(spec.repo, revision=spec.revision, files_metadata=True)
         except Exception as exc:
             raise self._translate(exc, spec) from None
-        siblings = {s.rfilename: s for s in info.siblings or []}
-        filename = spec.choose(siblings)
-        sibling = siblings[filename]
-        lfs = sibling.lfs
-        remote = _RemoteFile(
-            filename=filename,
-            commit=str(info.sha),
-            size=lfs.size if lfs is not None else sibling.size,
-            sha256=lfs.sha256 if lfs is not None else None,
-        )
+        return [
+            RemoteFile(
+                filename=s.rfilename,
+                commit=str(info.sha),
+                size=s.lfs.size if s.lfs is not None else s.size,
+                sha256=s.lfs.sha256 if s.lfs is not None else None,
+            )
+            for s in info.siblings or []
+        ]
+
+    def _remote_file(self, spec: ModelSpec) -> RemoteFile:
+        files = {f.filename: f for f in self.remote_files(spec)}
+        remote = files[spec.choose(files)]
+        filename = remote.filename
         if spec.sha256 is not None and remote.sha256 != spec.sha256:
             raise PullError(
                 f"the hub lists sha256 {remote.sha256} for {spec.repo}/{filename}, but "
@@ -169,25 +181,36 @@ class Puller:
             )
         return remote
 
-    def _fetch(self, spec: ModelSpec, remote: _RemoteFile) -> ModelRecord:
+    def _fetch(self, spec: ModelSpec, remote: RemoteFile) -> ModelRecord:
         cached = self._cached_path(spec.repo, remote)
         if cached is not None:
             record = self.registry.get(spec.name)
             if record is not None and _same_file(record, cached, remote) and record.verified:
                 return record
-            try:
-                return self._record(spec, remote, cached, verify=True)
-            except VerificationError:
-                self.notify(
-                    f"the copy of {remote.filename} on disk was damaged; downloading it again"
-                )
+        path = self.fetch_file(spec, remote)
+        return self._record(spec, remote, path)
+
+    def fetch_file(self, spec: ModelSpec, remote: RemoteFile) -> str:
+        """The path of ``remote`` in the cache, downloaded unless a copy that passes
+        verification is there; a copy or download that fails it is deleted."""
+        cached = self._cached_path(spec.repo, remote)
+        if cached is not None:
+            problem = file_problem(cached, remote.size, remote.sha256)
+            if problem is None:
+                return cached
+            remove_cached_file(cached)
+            self.notify(f"the copy of {remote.filename} on disk was damaged; downloading it again")
         self._check_space(remote.size)
         size = format_size(remote.size) if remote.size is not None else "unknown size"
         self.notify(f"downloading {spec.repo}/{remote.filename} ({size})")
         path = self._download(spec, remote)
-        return self._record(spec, remote, path, verify=True)
+        problem = file_problem(path, remote.size, remote.sha256)
+        if problem is not None:
+            remove_cached_file(path)
+            raise VerificationError(remote.filename, problem)
+        return path
 
-    def _download(self, spec: ModelSpec, remote: _RemoteFile) -> str:
+    def _download(self, spec: ModelSpec, remote: RemoteFile) -> str:
         try:
             return str(
                 hf_hub_download(
@@ -232,7 +255,7 @@ class Puller:
 
     # -- local -------------------------------------------------------------------------
 
-    def _cached_path(self, repo: str, remote: _RemoteFile) -> str | None:
+    def _cached_path(self, repo: str, remote: RemoteFile) -> str | None:
         path = try_to_load_from_cache(
             repo, remote.filename, cache_dir=self.options.cache, revision=remote.commit
         )
@@ -280,15 +303,9 @@ class Puller:
         if size > free:
             raise DiskFullError(directory, size, free)
 
-    def _record(
-        self, spec: ModelSpec, remote: _RemoteFile, path: str, *, verify: bool
-    ) -> ModelRecord:
-        """Verify ``path`` against ``remote`` (deleting it on a mismatch) and record it."""
-        if verify:
-            problem = file_problem(path, remote.size, remote.sha256)
-            if problem is not None:
-                remove_cached_file(path)
-                raise VerificationError(remote.filename, problem)
+    def _record(self, spec: ModelSpec, remote: RemoteFile, path: str) -> ModelRecord:
+        """Record ``path``, which was just checked against ``remote`` (verified if the hub
+        gave its sha256)."""
         record = ModelRecord(
             name=spec.name,
             repo=spec.repo,
@@ -299,7 +316,7 @@ class Puller:
             sha256=remote.sha256,
             family=spec.family or _architecture(path),
             verified_at=None,
-        ).with_verification(verify)
+        ).with_verification(remote.sha256 is not None)
         self.registry.put(record)
         return record
 
@@ -340,7 +357,7 @@ def remove_cached_file(path: str) -> None:
             os.unlink(victim)
 
 
-def _same_file(record: ModelRecord, path: str, remote: _RemoteFile) -> bool:
+def _same_file(record: ModelRecord, path: str, remote: RemoteFile) -> bool:
     return (
         os.path.realpath(record.path) == os.path.realpath(path)
         and record.sha256 == remote.sha256

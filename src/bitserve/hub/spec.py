@@ -85,6 +85,11 @@ def resolve(name: str, catalog: Catalog) -> ModelSpec:
     return ModelSpec(name=name, repo=repo, variant=variant or None)
 
 
+def is_repo_id(text: str) -> bool:
+    """True for ``owner/name`` (the shape of a Hugging Face repository id)."""
+    return _REPO_ID.fullmatch(text) is not None
+
+
 def file_kind(filename: str) -> str | None:
     """The runnable ternary kind a file name ends with (``i2_s``...), else None."""
     stem = filename.rsplit("/", 1)[-1].lower().removesuffix(".gguf")
