@@ -101,9 +101,10 @@ class VerificationError(PullError):
 
 
 class NotCachedError(PullError):
-    def __init__(self, name: str, why: str, command: str = "pull") -> None:
+    def __init__(self, name: str, why: str, command: str | None = None) -> None:
+        command = command or f"pull {name}"
         super().__init__(
-            f"{name} is not downloaded and {why}; run `bitserve {command} {name}` while online"
+            f"{name} is not downloaded and {why}; run `bitserve {command}` while online"
         )
         self.name = name
 

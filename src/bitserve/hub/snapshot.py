@@ -32,7 +32,9 @@ def fetch_checkpoint(puller: Puller, repo: str, revision: str | None = None) -> 
     if puller.options.offline:
         folder = cached_checkpoint(puller.options.cache, repo, revision)
         if folder is None:
-            raise NotCachedError(repo, "offline mode forbids downloading it", "convert")
+            raise NotCachedError(
+                repo, "offline mode forbids downloading it", f"convert {repo} OUT.gguf"
+            )
         return folder
     listed = puller.remote_files(spec)
     files = [f for f in listed if _wanted(f.filename)]
