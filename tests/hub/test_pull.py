@@ -293,3 +293,19 @@ def test_ensure_serves_a_verified_copy_without_the_network(hub: FakeHub, client:
     puller: Puller = client.puller()
     assert puller.ensure(spec) == first
     assert hub.log == []
+
+
+def test_offline_never_serves_a_copy_that_failed_verification(
+    hub: FakeHub, client: HubClient
+) -> None:
+    content = os.urandom(20_000)
+    hub.repos[BITNET_REPO] = bitnet_repo(content)
+    record = client.pull("bitnet-2b")
+    blob = Path(os.path.realpath(record.path))
+    blob.write_bytes(content[:-1] + bytes([content[-1] ^ 0xFF]))  # damaged after the pull
+    client.registry.put(record.with_verification(False))  # as `bitserve models --verify` does
+    with pytest.raises(VerificationError, match="the file was deleted"):
+        client.pull("bitnet-2b", offline=True)
+    assert not blob.exists() and client.registry.get("bitnet-2b") is None
+    with pytest.raises(NotCachedError):
+        client.pull("bitnet-2b", offline=True)

@@ -112,6 +112,15 @@ class Puller:
 
     def pull(self, spec: ModelSpec) -> ModelRecord:
         """Download (or revalidate) ``spec``'s file and verify it. Offline: the local copy."""
+        try:
+            return self._pull(spec)
+        except VerificationError:
+            record = self.registry.get(spec.name)
+            if record is not None and not record.exists():  # its file was just deleted
+                self.registry.remove(spec.name)
+            raise
+
+    def _pull(self, spec: ModelSpec) -> ModelRecord:
         if self.options.offline:
             return self._local_or_raise(spec, "offline mode (--offline or HF_HUB_OFFLINE=1)")
         try:
@@ -132,10 +141,11 @@ class Puller:
         return self.pull(spec)
 
     def local(self, spec: ModelSpec) -> ModelRecord | None:
-        """The copy on disk (recorded, or found in the Hugging Face cache and verified
-        against its blob name, which is its sha256), without the network; else None."""
+        """The copy on disk, without the network: recorded and verified, else found in the
+        Hugging Face cache and verified against its blob name (the file's sha256; a copy
+        that fails is deleted and :class:`VerificationError` raised); else None."""
         record = self.registry.get(spec.name)
-        if record is not None and record.exists():
+        if record is not None and record.exists() and (record.verified or not record.sha256):
             return record
         found = self._find_in_cache(spec)
         if found is None:
