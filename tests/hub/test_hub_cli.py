@@ -139,3 +139,20 @@ def test_the_real_command_reads_hf_endpoint_and_hf_hub_offline(
     )
     assert offline.returncode == 0, offline.stderr
     assert offline.stdout == done.stdout and hub.log == []
+
+
+def test_a_reader_that_stops_early_is_not_an_error() -> None:
+    # `bitserve pull --list | head -1` once head has exited: every write is EPIPE
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        writer = subprocess.run(
+            [sys.executable, "-m", "bitserve.cli", "pull", "--list"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert (writer.returncode, writer.stderr) == (0, "")
