@@ -28,7 +28,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as HFTokenizer
 
 from bitserve.gguf.constants import GGMLType
-from bitserve.gguf.quants import pack_i2s
+from bitserve.gguf.quants import pack_i2s, pack_tq2_0
 from bitserve.gguf.writer import GGUFWriter
 from bitserve.model.demo import llama3_special_tokens, train_demo_bpe
 from bitserve.tokenizer.bpe import LLAMA3_SPLIT_PATTERN
@@ -293,9 +293,16 @@ def expected_scale(m: TinyModel, name: str, layout: str) -> float:
     return float(np.float32(m.scales[name] * np.count_nonzero(t) / t.size))
 
 
-def write_direct_gguf(path: Path, m: TinyModel, layout: str, metadata: dict[str, Any]) -> Path:
+def write_direct_gguf(
+    path: Path,
+    m: TinyModel,
+    layout: str,
+    metadata: dict[str, Any],
+    row_scales: dict[str, np.ndarray] | None = None,
+) -> Path:
     """``m`` as a bitnet-b1.58 GGUF written by hand (the official file's layout), with
-    ``metadata`` (the tokenizer keys, which the logits do not depend on)."""
+    ``metadata`` (the tokenizer keys, which the logits do not depend on); projections in
+    ``row_scales`` are TQ2_0 with those scales per row."""
     w = GGUFWriter()
     arch = "bitnet-b1.58"
     w.add("general.architecture", arch)
@@ -319,6 +326,10 @@ def write_direct_gguf(path: Path, m: TinyModel, layout: str, metadata: dict[str,
         w.add_array(name, values)
     for name, ternary in m.ternary.items():
         n_out, n_in = ternary.shape
+        if name in (row_scales or {}):
+            blocks = np.repeat(row_scales[name][:, None], n_in // 256, axis=1)  # type: ignore[index]
+            w.add_tensor(name, pack_tq2_0(ternary, blocks), GGMLType.TQ2_0, (n_in, n_out))
+            continue
         data = pack_i2s(ternary, expected_scale(m, name, layout))
         w.add_tensor(name, data, GGMLType.I2_S, (n_in, n_out))
     w.write(path)

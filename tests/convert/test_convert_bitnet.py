@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gguf as gguf_py
 import numpy as np
 import pytest
 from hf_fixtures import make_model, write_checkpoint, write_direct_gguf
@@ -14,9 +13,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from bitserve.cli import main
 from bitserve.convert import Checkpoint, CheckpointError, convert_checkpoint
-from bitserve.convert.ternary import pack_tq2_0, unpack_hf_ternary
+from bitserve.convert.ternary import unpack_hf_ternary
 from bitserve.gguf import GGMLType, read_gguf
-from bitserve.gguf.quants import unpack_tq2_0
 from bitserve.model.bitnet import BitNetModel
 from bitserve.tokenizer import ChatFormatter, Tokenizer
 
@@ -86,20 +84,6 @@ def test_the_tokenizer_round_trips_against_hf_tokenizers(
     rendered = chat.render([{"role": "user", "content": "Hi"}])
     assert rendered.endswith("User: Hi<|eot_id|>Assistant: ")
     gguf.close()
-
-
-def test_tq2_0_packing_matches_ggml() -> None:
-    rng = np.random.default_rng(0)
-    ternary = rng.integers(-1, 2, size=(8, 512), dtype=np.int8)
-    row_scales = np.float32(2.0) ** -rng.integers(1, 5, size=8).astype(np.float32)
-    packed = pack_tq2_0(ternary, row_scales)
-    t, scales = unpack_tq2_0(packed, 8, 512)
-    assert np.array_equal(t, ternary) and np.array_equal(scales[:, 0], row_scales)
-    # the PyPI gguf package quantizes the same weights to the same bytes
-    reference = gguf_py.quants.quantize(
-        ternary * row_scales[:, None], gguf_py.GGMLQuantizationType.TQ2_0
-    )
-    assert np.array_equal(reference.reshape(-1), packed)
 
 
 def test_unpacking_matches_transformers_docstring_example() -> None:

@@ -23,15 +23,10 @@ from typing import Any
 import numpy as np
 
 from bitserve.convert.checkpoint import Checkpoint, CheckpointError
-from bitserve.convert.ternary import (
-    absmean_ternary,
-    pack_tq2_0,
-    ternary_from_floats,
-    unpack_hf_ternary,
-)
+from bitserve.convert.ternary import absmean_ternary, ternary_from_floats, unpack_hf_ternary
 from bitserve.convert.tokenizer_json import tokenizer_metadata
-from bitserve.gguf.constants import GGMLType
-from bitserve.gguf.quants import pack_i2s
+from bitserve.gguf.constants import TQ_BLOCK, GGMLType
+from bitserve.gguf.quants import pack_i2s, pack_tq2_0
 from bitserve.gguf.writer import GGUFWriter
 
 PROJECTIONS = {
@@ -338,7 +333,14 @@ class _TensorWriter:
             self.w.add_tensor(gguf_name, data, GGMLType.I2_S, (n_in, n_out))
             self.n_i2s += 1
         else:
-            self.w.add_tensor(gguf_name, pack_tq2_0(ternary, scales), GGMLType.TQ2_0, (n_in, n_out))
+            if n_in % TQ_BLOCK:
+                raise CheckpointError(
+                    f"{gguf_name} has per-row scales but rows of {n_in} weights, not a "
+                    f"multiple of {TQ_BLOCK} (TQ2_0 blocks)"
+                )
+            block_scales = np.repeat(scales.reshape(n_out, 1), n_in // TQ_BLOCK, axis=1)
+            data = pack_tq2_0(ternary, block_scales)
+            self.w.add_tensor(gguf_name, data, GGMLType.TQ2_0, (n_in, n_out))
             self.n_tq2_0 += 1
 
     def norm(self, gguf_name: str, hf_name: str, width: int) -> None:

@@ -9,15 +9,13 @@ are quantized the way training did, per tensor: ``scale = mean(|W|)``,
 ``ternary = clamp(round(W / scale), -1, 1)`` (BitNet b1.58's absmean).
 
 GGUF: one scale per tensor is I2_S (``bitserve.gguf.quants.pack_i2s``); scales that vary
-within a tensor (per output row) are TQ2_0, whose 256-weight blocks each carry an f16
-scale (ggml's layout, documented in ``bitserve.gguf.quants``).
+within a tensor (per output row) are TQ2_0 (``pack_tq2_0``), whose 256-weight blocks each
+carry an f16 scale.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-from bitserve.gguf.constants import TQ_BLOCK
 
 _SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8)
 
@@ -50,18 +48,3 @@ def ternary_from_floats(weight: np.ndarray) -> np.ndarray:
     if not np.array_equal(ternary, weight) or np.abs(ternary).max(initial=0) > 1:
         raise ValueError("offline-quantized weights are not all -1, 0 or +1")
     return ternary.astype(np.int8)
-
-
-def pack_tq2_0(ternary: np.ndarray, row_scales: np.ndarray) -> np.ndarray:
-    """TQ2_0 bytes of ``ternary`` ``[rows, cols]`` whose row ``r`` has scale
-    ``row_scales[r]`` (stored as f16 in every 256-weight block of the row)."""
-    rows, cols = ternary.shape
-    if cols % TQ_BLOCK:
-        raise ValueError(f"TQ2_0 rows must be a multiple of {TQ_BLOCK} weights, got {cols}")
-    blocks = (ternary.astype(np.int16) + 1).astype(np.uint8).reshape(-1, 2, 4, 32)
-    qs = np.bitwise_or.reduce(blocks << _SHIFTS[None, None, :, None], axis=2)  # [block, 2, 32]
-    scales = np.repeat(np.asarray(row_scales, dtype="<f2"), cols // TQ_BLOCK)
-    out = np.empty((rows * cols // TQ_BLOCK, 66), dtype=np.uint8)
-    out[:, :64] = qs.reshape(-1, 64)
-    out[:, 64:] = scales.view(np.uint8).reshape(-1, 2)
-    return out.reshape(-1)
