@@ -189,12 +189,17 @@ def _config(m: TinyModel, layout: str) -> dict[str, Any]:
         "torch_dtype": "bfloat16",
     }
     if layout == "llama-packed":
-        return config | {
+        return config | {  # as tiiuae/Falcon3-*-1.58bit's config.json
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
             "hidden_act": "silu",
+            "head_dim": m.head_dim,
+            "is_bitnet_config": True,
             "tie_word_embeddings": False,
-            "quantization_config": {"quant_method": "bitnet", "modules_to_not_convert": None},
+            "quantization_config": {
+                "quant_method": "bitnet",
+                "modules_to_not_convert": ["lm_head"],
+            },
         }
     config |= {
         "architectures": ["BitNetForCausalLM"],
