@@ -253,14 +253,15 @@ def test_disk_full_is_caught_before_downloading(hub: FakeHub, client: HubClient)
     assert hub.blob_gets() == []
 
 
-def test_disk_full_while_writing_is_recognised() -> None:
+def test_disk_full_while_writing_is_recognised(client: HubClient) -> None:
     # the kernel's own ENOSPC, as a download that fills the disk gets it
     with pytest.raises(OSError) as caught, open("/dev/full", "wb", buffering=0) as full:
         full.write(b"weights")
     assert is_disk_full(caught.value)
-    assert str(DiskFullError(Path("/cache"), None, None)) == (
-        "not enough disk space in /cache; free some space, or set HF_HUB_CACHE to a folder "
-        "on a larger disk"
+    error = client.puller()._translate(caught.value, resolve("bitnet-2b", Catalog.load()))
+    assert str(error) == (
+        f"not enough disk space in {client.options.cache}; free some space, or set "
+        "HF_HUB_CACHE to a folder on a larger disk"
     )
 
 
