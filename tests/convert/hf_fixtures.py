@@ -31,7 +31,7 @@ from bitserve.gguf.constants import GGMLType
 from bitserve.gguf.quants import pack_i2s, pack_tq2_0
 from bitserve.gguf.writer import GGUFWriter
 from bitserve.model.demo import llama3_special_tokens, train_demo_bpe
-from bitserve.tokenizer.bpe import LLAMA3_SPLIT_PATTERN
+from bitserve.tokenizer.pretokenizers import LLAMA3_SPLIT_PATTERN
 
 PROJ_HF = {
     "attn_q": "self_attn.q_proj",

@@ -12,14 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from bitserve.convert.checkpoint import CheckpointError
-from bitserve.tokenizer.bpe import (
-    PRE_TOKENIZER_PATTERNS,
-    TOKEN_CONTROL,
-    TOKEN_NORMAL,
-    TOKEN_USER_DEFINED,
-)
-
-TOKEN_UNUSED = 5
+from bitserve.tokenizer.pretokenizers import PRE_TOKENIZER_PATTERNS
+from bitserve.tokenizer.vocab import TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED
 
 
 def tokenizer_metadata(
@@ -89,7 +83,7 @@ def pre_tokenizer_name(pre: Mapping[str, Any] | None) -> str:
         and not steps[1].get("use_regex", True)
     ):
         pattern = (steps[0].get("pattern") or {}).get("Regex")
-        names = [k for k, v in PRE_TOKENIZER_PATTERNS.items() if v is not None and v == pattern]
+        names = [k for k, v in PRE_TOKENIZER_PATTERNS.items() if v == pattern]
         if names:
             return "llama-bpe" if "llama-bpe" in names else names[0]
         raise CheckpointError(
