@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fake_hub import FakeHub
+from fake_hub import FakeHub, HubFile, HubRepo
 from hub_helpers import BITNET_REPO, bitnet_repo
 
 from bitserve.cli import main
@@ -156,3 +156,20 @@ def test_a_reader_that_stops_early_is_not_an_error() -> None:
     finally:
         os.close(write_end)
     assert (writer.returncode, writer.stderr) == (0, "")
+
+
+def test_hf_token_opens_a_gated_repository(
+    hub: FakeHub,
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    content = os.urandom(2000)
+    hub.repos["meta/gated-1.58"] = HubRepo({"m-i2_s.gguf": HubFile(content)}, gated=True)
+    monkeypatch.setenv("HF_TOKEN", "hf_not_granted")
+    status, _, err = run(capsys, "pull", "meta/gated-1.58")
+    assert status == 1 and "your HF_TOKEN has not been granted access to it" in err
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    status, out, _ = run(capsys, "pull", "meta/gated-1.58")
+    assert status == 0 and Path(out.strip()).read_bytes() == content
+    assert hub.requests("hub", "HEAD")[-1].authorization == f"Bearer {hub.token}"
