@@ -173,3 +173,15 @@ def test_hf_token_opens_a_gated_repository(
     status, out, _ = run(capsys, "pull", "meta/gated-1.58")
     assert status == 0 and Path(out.strip()).read_bytes() == content
     assert hub.requests("hub", "HEAD")[-1].authorization == f"Bearer {hub.token}"
+
+
+def test_models_says_when_a_file_is_gone(
+    hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    hub.repos[BITNET_REPO] = bitnet_repo(os.urandom(1000))
+    status, out, _ = run(capsys, "pull", "bitnet-2b")
+    path = Path(out.strip())
+    os.unlink(os.path.realpath(path))  # e.g. removed with another tool
+    status, out, _ = run(capsys, "models")
+    assert status == 1
+    assert out.splitlines()[1].split()[:5] == ["bitnet-2b", "bitnet", "1.00", "kB", "MISSING"]
