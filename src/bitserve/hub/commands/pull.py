@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from bitserve.hub.commands import say
+
+if TYPE_CHECKING:
+    from bitserve.hub.catalog import Catalog
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,11 +64,9 @@ def pull_for_serve(name: str) -> str | None:
         return None
 
 
-def print_catalog(catalog: object) -> None:
-    from bitserve.hub import Catalog
+def print_catalog(catalog: Catalog) -> None:
     from bitserve.hub.errors import format_size
 
-    assert isinstance(catalog, Catalog)
     rows = [("NAME", "FAMILY", "SIZE", "LICENCE", "REPOSITORY")]
     for e in catalog:
         size = format_size(e.size_bytes) if e.size_bytes else "?"
