@@ -339,3 +339,34 @@ def write_direct_gguf(
         w.add_tensor(name, data, GGMLType.I2_S, (n_in, n_out))
     w.write(path)
     return path
+
+
+def shard_checkpoint(folder: Path, n_shards: int = 2) -> None:
+    """Split ``model.safetensors`` into ``model-0000i-of-0000n.safetensors`` files named by a
+    ``model.safetensors.index.json``, as large checkpoints (Falcon3-7B) are published."""
+    from safetensors import deserialize
+
+    single = folder / "model.safetensors"
+    entries = deserialize(single.read_bytes())
+    single.unlink()
+    weight_map: dict[str, str] = {}
+    for shard in range(n_shards):
+        name = f"model-{shard + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = entries[shard::n_shards]
+        buffers = [np.frombuffer(bytes(t["data"]), np.uint8).copy() for _, t in part]
+        specs = {
+            key: TensorSpec(
+                dtype=_DTYPES[str(t["dtype"])],
+                shape=list(t["shape"]),
+                data_ptr=buf.ctypes.data,
+                data_len=buf.nbytes,
+            )
+            for (key, t), buf in zip(part, buffers, strict=True)
+        }
+        serialize_file(specs, str(folder / name), {"format": "pt"})
+        weight_map.update(dict.fromkeys((key for key, _ in part), name))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index), "utf-8")
+
+
+_DTYPES = {"BF16": "bfloat16", "U8": "uint8", "F32": "float32", "F16": "float16"}

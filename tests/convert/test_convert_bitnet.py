@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hf_fixtures import make_model, write_checkpoint, write_direct_gguf
+from hf_fixtures import make_model, shard_checkpoint, write_checkpoint, write_direct_gguf
 from tokenizers import Tokenizer as HFTokenizer
 
 from bitserve.cli import main
@@ -48,6 +48,19 @@ def test_converted_logits_equal_the_same_weights_written_directly(
     assert np.array_equal(logits(report.path), expected)
     assert np.isfinite(expected).all() and expected.std() > 0
     converted.close()
+
+
+def test_a_sharded_checkpoint_converts_to_the_same_file(
+    tokenizer: HFTokenizer, tmp_path: Path
+) -> None:
+    m = make_model(tokenizer.get_vocab_size(), seed=4)
+    single = write_checkpoint(tmp_path / "single", m, "packed", tokenizer)
+    sharded = write_checkpoint(tmp_path / "sharded", m, "packed", tokenizer)
+    shard_checkpoint(sharded, 3)
+    assert len(list(sharded.glob("model-*-of-00003.safetensors"))) == 3
+    a = convert_checkpoint(Checkpoint(single), tmp_path / "a.gguf", name="m").path
+    b = convert_checkpoint(Checkpoint(sharded), tmp_path / "b.gguf", name="m").path
+    assert a.read_bytes() == b.read_bytes()
 
 
 def test_the_tokenizer_round_trips_against_hf_tokenizers(
