@@ -370,3 +370,49 @@ def shard_checkpoint(folder: Path, n_shards: int = 2) -> None:
 
 
 _DTYPES = {"BF16": "bfloat16", "U8": "uint8", "F32": "float32", "F16": "float16"}
+
+
+def llama_cpp_permute(weights: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's converter (``LlamaModel.permute``): each head's rows reordered so that
+    its adjacent-pair RoPE equals the rotate-half RoPE the checkpoint was trained with."""
+    rows = weights.shape[0]
+    return (
+        weights.reshape(n_heads, 2, rows // n_heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def write_direct_llama_gguf(path: Path, m: TinyModel, metadata: dict[str, Any]) -> Path:
+    """``m`` as a ``llama`` GGUF written by hand the way llama.cpp's converter lays out
+    Falcon3: q/k permuted, no sub-norms, SiLU, an untied F16 ``output.weight``."""
+    w = GGUFWriter()
+    arch = "llama"
+    w.add("general.architecture", arch)
+    for key, value in {
+        "vocab_size": m.vocab_size,
+        "context_length": 512,
+        "embedding_length": m.dim,
+        "feed_forward_length": m.ffn_dim,
+        "block_count": m.n_layers,
+        "attention.head_count": m.n_heads,
+        "attention.head_count_kv": m.n_kv_heads,
+        "rope.dimension_count": m.head_dim,
+        "rope.freq_base": 500000.0,
+        "attention.layer_norm_rms_epsilon": 1e-5,
+    }.items():
+        w.add(f"{arch}.{key}", value)
+    for key, value in metadata.items():
+        w.add(key, value)
+    w.add_array("token_embd.weight", m.embedding.astype(np.float16))
+    w.add_array("output.weight", m.output.astype(np.float16))
+    for name, values in m.norms.items():
+        w.add_array(name, values)
+    for name, ternary in m.ternary.items():
+        if ".attn_q." in name or ".attn_k." in name:
+            heads = m.n_heads if ".attn_q." in name else m.n_kv_heads
+            ternary = llama_cpp_permute(ternary, heads)
+        n_out, n_in = ternary.shape
+        w.add_tensor(name, pack_i2s(ternary, m.scales[name]), GGMLType.I2_S, (n_in, n_out))
+    w.write(path)
+    return path

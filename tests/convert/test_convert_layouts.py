@@ -6,13 +6,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from hf_fixtures import make_model, write_checkpoint
+from hf_fixtures import (
+    make_model,
+    write_checkpoint,
+    write_direct_gguf,
+    write_direct_llama_gguf,
+)
 from tokenizers import Tokenizer as HFTokenizer
 
 from bitserve.convert import Checkpoint, convert_checkpoint
 from bitserve.convert.converter import llama_qk_row_order
 from bitserve.gguf import GGMLType, read_gguf
 from bitserve.gguf.quants import unpack_i2s, unpack_tq2_0
+from bitserve.model.bitnet import BitNetModel
+
+PROMPT = [5, 17, 300, 2, 1999, 42, 7, 7, 128]
+
+
+def logits(path: Path) -> np.ndarray:
+    model = BitNetModel.load(path)
+    try:
+        out: np.ndarray = model.forward(PROMPT, model.new_cache(64), all_logits=True)
+        return out.copy()
+    finally:
+        model.close()
 
 
 def test_falcon3_packed_becomes_a_llama_gguf(tokenizer: HFTokenizer, tmp_path: Path) -> None:
@@ -61,5 +78,24 @@ def test_per_row_weight_scales_become_tq2_0(tokenizer: HFTokenizer, tmp_path: Pa
         assert np.array_equal(ternary, m.ternary["blk.0.ffn_up.weight"])
         assert np.array_equal(block_scales[:, 0], row_scales)  # one 256-weight block per row
         assert gguf.get("general.file_type") == 37
+        metadata = {k: v for k, v in gguf.metadata.items() if k.startswith("tokenizer.")}
     finally:
         gguf.close()
+    # served: block-scaled TQ2_0 runs natively, bit for bit like the same rows and scales
+    # written directly
+    direct = write_direct_gguf(tmp_path / "direct.gguf", m, "autobitlinear", metadata, rows)
+    assert np.array_equal(logits(report.path), logits(direct))
+
+
+def test_falcon3_converted_logits_equal_the_same_weights_written_directly(
+    tokenizer: HFTokenizer, tmp_path: Path
+) -> None:
+    m = make_model(tokenizer.get_vocab_size(), seed=7, sub_norms=False)
+    folder = write_checkpoint(tmp_path / "hf", m, "llama-packed", tokenizer)
+    report = convert_checkpoint(Checkpoint(folder), tmp_path / "falcon.gguf")
+    with read_gguf(report.path) as gguf:
+        metadata = {k: v for k, v in gguf.metadata.items() if k.startswith("tokenizer.")}
+    direct = write_direct_llama_gguf(tmp_path / "direct.gguf", m, metadata)
+    expected = logits(direct)
+    assert np.array_equal(logits(report.path), expected)
+    assert np.isfinite(expected).all() and expected.std() > 0
