@@ -4,16 +4,25 @@ directly; the tokenizer encodes and decodes exactly as HF ``tokenizers`` does.""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hf_fixtures import make_model, shard_checkpoint, write_checkpoint, write_direct_gguf
+from hf_fixtures import (
+    hf_tokenizer,
+    make_model,
+    shard_checkpoint,
+    write_checkpoint,
+    write_direct_gguf,
+)
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
 from bitserve.cli import main
 from bitserve.convert import Checkpoint, CheckpointError, convert_checkpoint
 from bitserve.convert.ternary import unpack_hf_ternary
+from bitserve.convert.tokenizer_json import tokenizer_metadata
 from bitserve.gguf import GGMLType, read_gguf
 from bitserve.model.bitnet import BitNetModel
 from bitserve.tokenizer import ChatFormatter, Tokenizer
@@ -128,3 +137,21 @@ def test_convert_command_and_its_errors(
     assert main(["convert", str(tmp_path / "nothing-here"), str(out)]) == 2
     with pytest.raises(CheckpointError, match=r"has no config\.json"):
         Checkpoint(tmp_path)
+
+
+def test_added_tokens_and_padding_convert_like_llama_cpp(tmp_path: Path) -> None:
+    # a non-special added token (user-defined, type 4) and a model vocabulary larger than
+    # the tokenizer's (the gap is [PADn] unused tokens, type 5), as Qwen/Falcon files have
+    hf = hf_tokenizer()
+    hf.add_tokens([AddedToken("<think>", special=False, normalized=False)])
+    size = hf.get_vocab_size()
+    config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+    metadata = tokenizer_metadata(json.loads(hf.to_str()), config, size + 5)
+    types = metadata["tokenizer.ggml.token_type"]
+    assert types[hf.token_to_id("<think>")] == 4 and types[-5:] == [5] * 5
+    assert metadata["tokenizer.ggml.tokens"][-1] == f"[PAD{size + 4}]"
+    ours = Tokenizer.from_metadata(metadata)
+    for text in ["<think>plan</think> then answer", "no tags at all", "a<think>b"]:
+        expected = hf.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text) == expected, text
+        assert ours.decode(expected) == hf.decode(expected)
