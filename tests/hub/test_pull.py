@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from fake_hub import FakeHub, HubFile, HubRepo
 from hub_helpers import BITNET_REPO, HubClient, bitnet_repo
+from huggingface_hub import constants as hf_constants
 
 from bitserve.hub import Catalog, CatalogEntry, Puller, resolve
 from bitserve.hub.errors import (
@@ -24,8 +25,6 @@ from bitserve.hub.errors import (
     is_disk_full,
 )
 from bitserve.hub.pull import sha256_file
-
-MiB = 1 << 20
 
 
 def blobs(cache: Path) -> list[Path]:
@@ -74,17 +73,18 @@ def test_pull_by_repo_variant_takes_the_file_named_by_the_variant(
 
 
 def test_interrupted_download_resumes_where_it_stopped(hub: FakeHub, client: HubClient) -> None:
-    # huggingface_hub writes in 10 MiB chunks: cut the transfer inside the second one
-    content = os.urandom(16 * MiB)
+    # huggingface_hub writes whole chunks (10 MiB): cut the transfer inside the second one
+    chunk = hf_constants.DOWNLOAD_CHUNK_SIZE
+    content = os.urandom(chunk + chunk // 2)
     repo = bitnet_repo(content)
-    repo.files["ggml-model-i2_s.gguf"].drop_after = 13 * MiB
+    repo.files["ggml-model-i2_s.gguf"].drop_after = chunk + chunk // 4
     hub.repos[BITNET_REPO] = repo
     record = client.pull("bitnet-2b")
     assert Path(record.path).read_bytes() == content and record.verified
     first, second = hub.blob_gets()
-    assert first.range is None and first.sent == 13 * MiB  # the connection dropped here
-    assert second.range == f"bytes={10 * MiB}-" and second.status == 206
-    assert second.sent == len(content) - 10 * MiB  # the rest only, not the whole file again
+    assert first.range is None and first.sent == chunk + chunk // 4  # the connection dropped
+    assert second.range == f"bytes={chunk}-" and second.status == 206
+    assert second.sent == len(content) - chunk  # the rest only, not the whole file again
 
 
 def test_a_corrupted_byte_is_caught_and_the_file_deleted(hub: FakeHub, client: HubClient) -> None:
