@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from bitserve.store import ConversationNotFoundError, NewMessage, SQLiteStore, StoreError
+from bitserve.store import (
+    ConversationNotFoundError,
+    NewMessage,
+    SQLiteStore,
+    StoreError,
+    ToolCall,
+)
 from bitserve.store.sqlite import SCHEMA_V1, SCHEMA_VERSION
 
 
@@ -119,7 +125,7 @@ def test_persists_across_reopen_with_wal_and_schema_version(tmp_path: Path) -> N
     s2 = SQLiteStore(path)
     assert s2.get("", conv.id).metadata == {"title": "keep"}
     assert s2.messages("", conv.id)[0].content == "remember me"
-    assert s2.schema_version() == SCHEMA_VERSION == 2
+    assert s2.schema_version() == SCHEMA_VERSION == 3
     s2.close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -167,6 +173,25 @@ def test_reply_token_ids_round_trip(store: SQLiteStore, tmp_path: Path) -> None:
     assert [m.token_ids for m in store.messages("", conv.id)] == [None, None, ids, ()]
 
 
+def test_tool_calls_and_reasoning_round_trip(store: SQLiteStore) -> None:
+    calls = (ToolCall("call_1", "get_weather", '{"city": "Paris"}'), ToolCall("call_2", "f", "{}"))
+    conv = store.create("", messages=[NewMessage("user", "weather?")])
+    turn = [
+        NewMessage("assistant", "", tool_calls=calls, reasoning_content="look it up"),
+        NewMessage("tool", '{"temp": 21}', tool_call_id="call_1"),
+        NewMessage("assistant", "21 degrees"),
+    ]
+    appended = store.append_turn("", conv.id, turn)
+    stored = store.messages("", conv.id)
+    assert stored[1:] == appended
+    assert [(m.tool_calls, m.tool_call_id, m.reasoning_content) for m in stored] == [
+        ((), None, None),
+        (calls, None, "look it up"),
+        ((), "call_1", None),
+        ((), None, None),
+    ]
+
+
 def write_v1_database(path: Path) -> None:
     """A file as bitserve 0.x (schema 1) left it: one conversation with a turn."""
     db = sqlite3.connect(path)
@@ -185,9 +210,9 @@ def test_migrates_a_version_1_database(tmp_path: Path) -> None:
     store = SQLiteStore(path)
     assert store.schema_version() == SCHEMA_VERSION
     old = store.messages("k", "conv_1700000000000_0")
-    assert [(m.content, m.token_ids, m.finish_reason) for m in old] == [
-        ("old q", None, None),
-        ("old a", None, "stop"),
+    assert [(m.content, m.token_ids, m.finish_reason, m.tool_calls) for m in old] == [
+        ("old q", None, None, ()),
+        ("old a", None, "stop", ()),
     ]
     store.append_turn(
         "k", "conv_1700000000000_0", [NewMessage("assistant", "new", token_ids=(5, 6))]

@@ -8,6 +8,7 @@ from bitserve.store.base import (
     NewMessage,
     StoredMessage,
     StoreError,
+    ToolCall,
 )
 from bitserve.store.sqlite import SQLiteStore
 
@@ -20,4 +21,5 @@ __all__ = [
     "SQLiteStore",
     "StoreError",
     "StoredMessage",
+    "ToolCall",
 ]

@@ -15,7 +15,11 @@ and each call is a few small statements.
 Schema versions: a new file gets :data:`SCHEMA_V1` and then every migration in order, the
 same path an old file takes, so both end up identical. Version 2 adds
 ``messages.token_ids`` (the generated ids of an assistant reply, little-endian uint32;
-NULL for messages stored before it and for user/system messages).
+NULL for messages stored before it and for user/system messages). Version 3 adds what
+tools and reasoning need: ``messages.tool_calls`` (an assistant message's calls, a JSON
+array of ``{"id", "name", "arguments"}``), ``messages.tool_call_id`` (the call a
+``role="tool"`` message answers) and ``messages.reasoning_content`` (an assistant's
+``<think>`` text); all NULL where they do not apply.
 """
 
 from __future__ import annotations
@@ -37,11 +41,12 @@ from bitserve.store.base import (
     NewMessage,
     StoredMessage,
     StoreError,
+    ToolCall,
     new_conversation_id,
     now,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA_V1 = """
 CREATE TABLE schema_version (version INTEGER NOT NULL);
@@ -70,11 +75,16 @@ CREATE TABLE messages (
 # version → the statements that bring the previous version to it
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE messages ADD COLUMN token_ids BLOB",),
+    3: (
+        "ALTER TABLE messages ADD COLUMN tool_calls TEXT",
+        "ALTER TABLE messages ADD COLUMN tool_call_id TEXT",
+        "ALTER TABLE messages ADD COLUMN reasoning_content TEXT",
+    ),
 }
 
 _MESSAGE_COLUMNS = (
     "idx, role, content, created_at, tokens, prompt_tokens, completion_tokens, finish_reason, "
-    "token_ids"
+    "token_ids, tool_calls, tool_call_id, reasoning_content"
 )
 
 
@@ -89,6 +99,22 @@ def unpack_token_ids(blob: bytes | None) -> tuple[int, ...] | None:
     if len(blob) % 4:
         raise StoreError(f"corrupt token_ids column ({len(blob)} bytes)")
     return struct.unpack(f"<{len(blob) // 4}I", blob)
+
+
+def pack_tool_calls(calls: tuple[ToolCall, ...]) -> str | None:
+    """Tool calls → the ``tool_calls`` column (a JSON array); none stays NULL."""
+    if not calls:
+        return None
+    return json.dumps([{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls])
+
+
+def unpack_tool_calls(text: str | None) -> tuple[ToolCall, ...]:
+    if text is None:
+        return ()
+    try:
+        return tuple(ToolCall(c["id"], c["name"], c["arguments"]) for c in json.loads(text))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise StoreError(f"corrupt tool_calls column: {exc}") from exc
 
 
 _CONVERSATION_COLUMNS = (
@@ -170,10 +196,11 @@ class SQLiteStore(ConversationStore):
     @staticmethod
     def _message(row: tuple[Any, ...]) -> StoredMessage:
         """A row of ``_MESSAGE_COLUMNS`` → ``StoredMessage``."""
-        idx, role, content, created_at, tokens, prompt, completion, finish, ids = row
+        idx, role, content, created_at, tokens, prompt, completion, finish, ids, *rest = row
+        calls, call_id, reasoning = rest
         return StoredMessage(
             idx, role, content, created_at, tokens, prompt, completion, finish,
-            unpack_token_ids(ids),
+            unpack_token_ids(ids), unpack_tool_calls(calls), call_id, reasoning,
         )  # fmt: skip
 
     def _row(self, db: sqlite3.Connection, owner: str, conversation_id: str) -> Conversation:
@@ -194,14 +221,16 @@ class SQLiteStore(ConversationStore):
         for i, m in enumerate(messages, start=first_index):
             db.execute(
                 f"INSERT INTO messages (conversation_seq, {_MESSAGE_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (seq, i, m.role, m.content, created_at, m.tokens, m.prompt_tokens,
-                 m.completion_tokens, m.finish_reason, pack_token_ids(m.token_ids)),
+                 m.completion_tokens, m.finish_reason, pack_token_ids(m.token_ids),
+                 pack_tool_calls(m.tool_calls), m.tool_call_id, m.reasoning_content),
             )  # fmt: skip
             stored.append(
                 StoredMessage(
                     i, m.role, m.content, created_at, m.tokens, m.prompt_tokens,
-                    m.completion_tokens, m.finish_reason, m.token_ids,
+                    m.completion_tokens, m.finish_reason, m.token_ids, m.tool_calls,
+                    m.tool_call_id, m.reasoning_content,
                 )
             )  # fmt: skip
         return stored
