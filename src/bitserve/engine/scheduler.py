@@ -141,7 +141,13 @@ class Scheduler:
             seq.num_computed_tokens += n
             if row is None:
                 continue
-            out.events.append((seq, seq.on_logits(row)))
+            try:
+                event = seq.on_logits(row)
+            except Exception as exc:  # e.g. its constraint broke: only this sequence fails
+                self._leave(seq, keep_kv=False)
+                out.failed.append((seq, exc))
+                continue
+            out.events.append((seq, event))
             if seq.is_finished:
                 self._leave(seq)
                 out.finished.append(seq)
