@@ -19,6 +19,7 @@ import numpy as np
 from bitserve import __version__
 from bitserve.api.errors import ContextLengthExceededError, ModelNotFoundError
 from bitserve.api.settings import DEFAULT_CACHE_DISK_MB, DEFAULT_CACHE_RAM_MB, default_cache_dir
+from bitserve.engine.constraint import ConstraintCompiler
 from bitserve.engine.generate import Generator
 from bitserve.engine.kv_spill import KVSpill, spill_key
 from bitserve.engine.loader import LoadedModel
@@ -44,10 +45,13 @@ class ServedModel:
     aliases: tuple[str, ...] = ()
     created: int = 0  # unix seconds, for /v1/models
     fingerprint: str = field(default="", init=False)
+    constraints: ConstraintCompiler = field(init=False)  # structured output, tool calls
 
     def __post_init__(self) -> None:
         digest = hashlib.sha256(f"{self.loaded.path}|{__version__}".encode()).hexdigest()
         self.fingerprint = f"fp_{digest[:10]}"
+        tokenizer = self.loaded.tokenizer
+        self.constraints = ConstraintCompiler(tokenizer, tokenizer.stop_ids)
 
     @classmethod
     def create(

@@ -52,6 +52,15 @@ JSON_OPTIONS: JsonCompileOptions = {
 }
 
 
+def json_lark(schema: Mapping[str, Any] | bool) -> str:
+    """A Lark grammar item matching JSON valid against ``schema``, written like
+    :data:`JSON_OPTIONS` (for grammars that embed JSON, e.g. tool calls)."""
+    if isinstance(schema, bool):
+        schema = {} if schema else {"not": {}}
+    options = {**JSON_OPTIONS, **schema.get("x-guidance", {})}
+    return f"%json {json.dumps({**schema, 'x-guidance': options})}"
+
+
 class ConstraintError(ValueError):
     """A grammar or schema the library refuses; ``reason`` is the library's own words."""
 
