@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bitserve.gguf.quants import pack_i2s
-from bitserve.kernels import TernaryWeight
+from bitserve.kernels import ActQuant, TernaryWeight
 from bitserve.kernels.native import NativeBackend, available_kernels
 
 T = 11  # more than one 8-token tile, not a multiple of it
@@ -29,6 +29,24 @@ def test_bitlinear_is_batch_invariant(native: NativeBackend, n_in: int, n_out: i
     rng = np.random.default_rng(n_in + n_out)
     ternary = rng.integers(-1, 2, size=(n_out, n_in), dtype=np.int8)
     w = TernaryWeight(pack_i2s(ternary, 0.7), n_out, n_in, 0.7)
+    x = rng.standard_normal((T, n_in), dtype=np.float32)
+    batch = native.bitlinear(x, w)
+    np.testing.assert_array_equal(batch, _rows_alone(lambda r: native.bitlinear(r, w), x))
+    np.testing.assert_array_equal(batch, _other_threads(native).bitlinear(x, w))
+
+
+@pytest.mark.parametrize("act", list(ActQuant))
+@pytest.mark.parametrize(
+    ("n_in", "n_out", "group"), [(448, 37, 64), (2560, 301, 128), (1024, 9, 256)]
+)
+def test_blocked_bitlinear_is_batch_invariant(
+    native: NativeBackend, n_in: int, n_out: int, group: int, act: ActQuant
+) -> None:
+    """Block-scaled weights (TQ1_0/TQ2_0/Q2_0), both activation quantizations."""
+    rng = np.random.default_rng(n_in + n_out)
+    values = rng.integers(-1, 2, size=(n_out, n_in), dtype=np.int8)
+    scales = rng.uniform(0.1, 1, size=(n_out, n_in // group)).astype(np.float16)
+    w = TernaryWeight.from_values(values, scales.astype(np.float32), act)
     x = rng.standard_normal((T, n_in), dtype=np.float32)
     batch = native.bitlinear(x, w)
     np.testing.assert_array_equal(batch, _rows_alone(lambda r: native.bitlinear(r, w), x))

@@ -1,5 +1,5 @@
-"""Ternary codecs in numpy: I2_S pack/unpack (spec §2), TQ2_0/TQ1_0 unpack (ggml layout),
-and the TQ → I2_S repacking that lets the kernels (which read only I2_S) load TQ files.
+"""Ternary codecs in numpy: I2_S pack/unpack (spec §2), TQ2_0/TQ1_0/Q2_0 pack and unpack
+(ggml layouts, per-block f16 scales), and the TQ → I2_S repacking for one-scale tensors.
 
 These are the reference definitions; the C kernels are tested against them.
 """
@@ -10,7 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bitserve.gguf.constants import BLOCK_LAYOUT, I2S_BLOCK, I2S_SCALE_PAD, TQ_BLOCK, GGMLType
+from bitserve.gguf.constants import (
+    BLOCK_LAYOUT,
+    I2S_BLOCK,
+    I2S_SCALE_PAD,
+    Q2_0_BLOCK,
+    Q2_0_BLOCK_G128,
+    TQ_BLOCK,
+    GGMLType,
+)
 from bitserve.gguf.reader import GGUFError
 
 # bit shifts of the four weights held by one I2_S byte: k, k+32, k+64, k+96 → bits 7-6 .. 1-0
@@ -121,6 +129,104 @@ def unpack_tq1_0(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.
         axis=1,
     )  # [block, 256]
     return (trits - 1).reshape(rows, cols), _block_scales(blocks[:, 52:54], rows, cols)
+
+
+def _f16_bytes(scales: np.ndarray, n_blocks: int) -> np.ndarray:
+    """Block scales (any float dtype) as ``[n_blocks, 2]`` little-endian f16 bytes."""
+    d = np.ascontiguousarray(np.asarray(scales, dtype=np.float32).reshape(n_blocks))
+    return d.astype("<f2").view(np.uint8).reshape(n_blocks, 2)
+
+
+def _codes(values: np.ndarray, block: int, top: int) -> tuple[np.ndarray, int, int]:
+    """Weights ``[rows, cols]`` (-1..top-1) as codes 0..top in ``[n_blocks, block]`` uint8."""
+    v = np.asarray(values)
+    v = v[None, :] if v.ndim == 1 else v
+    rows, cols = v.shape
+    if cols % block:
+        raise ValueError(f"row length {cols} is not a multiple of the block size {block}")
+    if v.size and (v.min() < -1 or v.max() > top - 1):
+        raise ValueError(f"weights must lie in -1..{top - 1}")
+    return (v.astype(np.int8) + 1).astype(np.uint8).reshape(-1, block), rows, cols
+
+
+def pack_tq2_0(ternary: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """TQ2_0 bytes of weights ``[rows, cols]`` (-1/0/+1) with block scales ``[rows, cols/256]``
+    (stored as f16); the inverse of :func:`unpack_tq2_0`."""
+    codes, _, _ = _codes(ternary, TQ_BLOCK, 2)
+    shifted = codes.reshape(-1, 2, 4, 32) << _TQ2_SHIFTS[None, None, :, None]  # [b, half, g, j]
+    qs = np.bitwise_or.reduce(shifted, axis=2).reshape(-1, 64)
+    return np.concatenate([qs, _f16_bytes(scales, len(qs))], axis=1).reshape(-1)
+
+
+def pack_tq1_0(ternary: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """TQ1_0 bytes of weights ``[rows, cols]`` (-1/0/+1) with block scales ``[rows, cols/256]``;
+    the inverse of :func:`unpack_tq1_0` (and byte for byte ggml's packing)."""
+    codes, _, _ = _codes(ternary, TQ_BLOCK, 2)
+    w5 = np.array([81, 27, 9, 3, 1], dtype=np.uint16)[None, :, None]
+    parts = [
+        (codes[:, :160].reshape(-1, 5, 32) * w5).sum(axis=1),  # digit n of byte j: 32n + j
+        (codes[:, 160:240].reshape(-1, 5, 16) * w5).sum(axis=1),
+        (codes[:, 240:].reshape(-1, 4, 4) * w5[:, :4]).sum(axis=1),
+    ]
+    values = np.concatenate(parts, axis=1).astype(np.uint16)  # [block, 52], each < 243
+    qs = ((values * 256 + 242) // 243).astype(np.uint8)  # ceil(v · 256 / 243)
+    return np.concatenate([qs, _f16_bytes(scales, len(qs))], axis=1).reshape(-1)
+
+
+# ---- Q2_0 (type 42): f16 scale first, then 2-bit codes, weight j in bits 2(j%4) of byte j/4 --
+#
+# Codes 0..3 are -1, 0, +1, +2 (ternary files use the first three). Blocks of 64 weights
+# (18 bytes) in upstream ggml; PrismML's early files use blocks of 128 (34 bytes) under the
+# same id, which the reader detects (GGUFFile.q2_0_block).
+
+_Q2_SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8)
+
+
+def _q2_0_blocks(raw: np.ndarray, rows: int, cols: int, block: int) -> np.ndarray:
+    if block not in (Q2_0_BLOCK, Q2_0_BLOCK_G128):
+        raise ValueError(f"Q2_0 blocks hold {Q2_0_BLOCK} or {Q2_0_BLOCK_G128} weights, not {block}")
+    if cols % block:
+        raise ValueError(f"Q2_0 row length {cols} is not a multiple of {block}")
+    block_bytes, n_blocks = 2 + block // 4, rows * cols // block
+    if len(raw) < n_blocks * block_bytes:
+        needed = n_blocks * block_bytes
+        raise ValueError(f"Q2_0 [{rows}, {cols}] needs {needed} bytes, got {len(raw)}")
+    return np.asarray(raw[: n_blocks * block_bytes], dtype=np.uint8).reshape(n_blocks, block_bytes)
+
+
+def unpack_q2_0(
+    raw: np.ndarray, rows: int, cols: int, block: int = Q2_0_BLOCK
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(code - 1 as int8 [rows, cols] in -1..2, block scales f32 [rows, cols / block])``."""
+    blocks = _q2_0_blocks(raw, rows, cols, block)
+    codes = (blocks[:, 2:, None] >> _Q2_SHIFTS[None, None, :]) & 3  # [block, byte, j % 4]
+    values = (codes.astype(np.int8) - 1).reshape(rows, cols)
+    d = np.ascontiguousarray(blocks[:, :2]).view("<f2").astype(np.float32)
+    return values, d.reshape(rows, cols // block)
+
+
+def pack_q2_0(values: np.ndarray, scales: np.ndarray, block: int = Q2_0_BLOCK) -> np.ndarray:
+    """Q2_0 bytes of weights ``[rows, cols]`` (-1..2) with scales ``[rows, cols / block]``."""
+    codes, _, _ = _codes(values, block, 3)
+    qs = np.bitwise_or.reduce(codes.reshape(len(codes), -1, 4) << _Q2_SHIFTS, axis=2)
+    return np.concatenate([_f16_bytes(scales, len(qs)), qs], axis=1).reshape(-1)
+
+
+def unpack_ternary(
+    raw: np.ndarray, ggml_type: GGMLType, rows: int, cols: int, q2_0_block: int = Q2_0_BLOCK
+) -> tuple[np.ndarray, np.ndarray]:
+    """Any ternary type as ``(int8 [rows, cols], scales f32 [rows, n_groups])``: the weight is
+    ``values[r, k] * scales[r, k // (cols / n_groups)]`` (I2_S: one group, its tensor scale)."""
+    if ggml_type == GGMLType.I2_S:
+        values, scale = unpack_i2s(raw, rows, cols)
+        return values, np.full((rows, 1), scale, dtype=np.float32)
+    if ggml_type == GGMLType.TQ2_0:
+        return unpack_tq2_0(raw, rows, cols)
+    if ggml_type == GGMLType.TQ1_0:
+        return unpack_tq1_0(raw, rows, cols)
+    if ggml_type == GGMLType.Q2_0:
+        return unpack_q2_0(raw, rows, cols, q2_0_block)
+    raise ValueError(f"{ggml_type.name} is not a ternary type")
 
 
 def _tensor_scale(ternary: np.ndarray, scales: np.ndarray, path: str | Path, what: str) -> float:

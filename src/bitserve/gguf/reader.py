@@ -23,8 +23,9 @@ from bitserve.gguf.constants import (
     GGUF_DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
     I2S_BLOCK,
+    Q2_0_BLOCK,
+    Q2_0_BLOCK_G128,
     SCALAR_FORMATS,
-    TQ_BLOCK,
     GGMLType,
     GGUFValueType,
     tensor_nbytes,
@@ -216,6 +217,7 @@ class GGUFFile:
 
         entries = [self._read_tensor_info(cur, i) for i in range(n_tensors)]
         self.data_offset = -(-cur.pos // alignment) * alignment
+        self.q2_0_block = self._q2_0_block(entries)
         self.tensors: dict[str, TensorInfo] = {}
         for name, dims, gtype, rel_offset in entries:
             if name in self.tensors:
@@ -265,6 +267,27 @@ class GGUFFile:
             if start < end:
                 raise GGUFError(self.path, f"tensors {name!r} and {nxt!r} overlap in the file")
 
+    def _q2_0_block(self, entries: list[tuple[str, tuple[int, ...], int, int]]) -> int:
+        """The block size of this file's Q2_0 tensors: 64 (upstream ggml) or 128 (PrismML's
+        early Ternary-Bonsai files, same type id 42). A g128 tensor of n weights takes
+        n/128·34 bytes, n/64 fewer than g64's n/64·18: the room up to the next tensor (set by
+        the writer, so a truncated download cannot fake it) tells which one the file holds.
+        Only a file whose single Q2_0 tensor is also its last falls back to the file size."""
+        starts = sorted(rel for *_, rel in entries)
+        data_len = len(self._buf) - self.data_offset
+        fits_g64, fits_g128, inside = True, True, False
+        for _name, dims, gtype, rel in entries:
+            if gtype != GGMLType.Q2_0:
+                continue
+            later = [o for o in starts if o > rel]
+            room = later[0] - rel if later else data_len - rel
+            inside = inside or bool(later)
+            n = int(np.prod(dims, dtype=np.int64)) if dims else 0
+            fits_g64 &= room >= tensor_nbytes(GGMLType.Q2_0, n, Q2_0_BLOCK)
+            fits_g128 &= dims[0] % Q2_0_BLOCK_G128 == 0
+            fits_g128 &= room >= tensor_nbytes(GGMLType.Q2_0, n, Q2_0_BLOCK_G128)
+        return Q2_0_BLOCK_G128 if fits_g128 and not fits_g64 else Q2_0_BLOCK
+
     def _read_tensor_info(self, cur: _Cursor, i: int) -> tuple[str, tuple[int, ...], int, int]:
         name = cur.string(f"tensor #{i} name")
         n_dims = cur.u32(f"tensor {name!r} n_dims")
@@ -290,25 +313,21 @@ class GGUFFile:
         n = 1
         for d in dims:
             n *= d
-        if ggml_type == GGMLType.I2_S and dims[0] % I2S_BLOCK:
-            raise GGUFError(
-                self.path,
-                f"I2_S tensor {name!r} has row length {dims[0]}, not a multiple of {I2S_BLOCK}",
-            )
-        if ggml_type in (GGMLType.TQ1_0, GGMLType.TQ2_0) and dims[0] % TQ_BLOCK:
+        per_block = BLOCK_LAYOUT[ggml_type][0]
+        row_block = {GGMLType.I2_S: I2S_BLOCK, GGMLType.Q2_0: self.q2_0_block}.get(
+            ggml_type, per_block
+        )  # rows never share a block (I2_S: its 128-weight groups)
+        if dims[0] % row_block:
             raise GGUFError(
                 self.path,
                 f"{ggml_type.name} tensor {name!r} has row length {dims[0]}, "
-                f"not a multiple of {TQ_BLOCK}",
+                f"not a multiple of {row_block}",
             )
-        per_block = BLOCK_LAYOUT[ggml_type][0]
-        if n % per_block:
-            raise GGUFError(self.path, f"tensor {name!r}: {n} elements do not fill whole blocks")
         if rel_offset % self.alignment:
             raise GGUFError(
                 self.path, f"tensor {name!r} offset {rel_offset} is not aligned to {self.alignment}"
             )
-        nbytes = tensor_nbytes(ggml_type, n)
+        nbytes = tensor_nbytes(ggml_type, n, self.q2_0_block)
         offset = self.data_offset + rel_offset
         if offset + nbytes > len(self._buf):
             raise GGUFError(

@@ -18,6 +18,7 @@ import numpy as np
 from bitserve.gguf.constants import (
     GGUF_DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
+    Q2_0_BLOCK,
     SCALAR_FORMATS,
     GGMLType,
     GGUFValueType,
@@ -98,14 +99,20 @@ class GGUFWriter:
         self._kv.append((key, value, vtype, elem_type))
 
     def add_tensor(
-        self, name: str, data: bytes | np.ndarray, ggml_type: GGMLType, dims: tuple[int, ...]
+        self,
+        name: str,
+        data: bytes | np.ndarray,
+        ggml_type: GGMLType,
+        dims: tuple[int, ...],
+        q2_0_block: int = Q2_0_BLOCK,
     ) -> None:
-        """Add a tensor; ``dims`` in GGUF order (``ne0`` first), ``data`` its exact bytes."""
+        """Add a tensor; ``dims`` in GGUF order (``ne0`` first), ``data`` its exact bytes
+        (``q2_0_block`` 128: PrismML's early Q2_0 variant, for test files of it)."""
         raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
         n = 1
         for d in dims:
             n *= d
-        expected = tensor_nbytes(ggml_type, n)
+        expected = tensor_nbytes(ggml_type, n, q2_0_block)
         if len(raw) != expected:
             raise ValueError(f"tensor {name!r}: {len(raw)} bytes given, {expected} expected")
         self._tensors.append(_PendingTensor(name, tuple(dims), ggml_type, raw))

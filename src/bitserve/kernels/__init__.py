@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 
-from bitserve.kernels.backend import Backend, NumpyBackend, TernaryWeight
+from bitserve.kernels.backend import Backend, NumpyBackend
 from bitserve.kernels.native import NativeBackend, available_kernels
+from bitserve.kernels.tensors import ActQuant, EmbeddingMatrix, TernaryWeight
 
 __all__ = [
+    "ActQuant",
     "Backend",
+    "EmbeddingMatrix",
     "NativeBackend",
     "NumpyBackend",
     "TernaryWeight",

@@ -1,39 +1,29 @@
 """The kernel interface the forward pass calls, and its numpy implementation (the oracle).
 
 A backend computes the heavy operations of the forward pass; everything else (norms, RoPE,
-residuals) is cheap numpy in ``bitserve.model``. Weights arrive exactly as they are on disk:
-I2_S bytes straight from the memory map, the head as the file's F16/F32 embedding.
+residuals) is cheap numpy in ``bitserve.model``. Weights arrive as ``bitserve.kernels.tensors``
+builds them: I2_S bytes straight from the memory map or block-scaled ternary repacked at load
+(``TernaryWeight``), heads and embeddings of any type (``EmbeddingMatrix``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from bitserve.gguf.quants import unpack_i2s_codes
 from bitserve.kernels import reference
+from bitserve.kernels.tensors import ActQuant, EmbeddingMatrix, TernaryWeight
+
+__all__ = ["ActQuant", "Backend", "EmbeddingMatrix", "NumpyBackend", "TernaryWeight", "storing"]
+
+HeadInput = EmbeddingMatrix | np.ndarray
 
 
-@dataclass(eq=False, slots=True)
-class TernaryWeight:
-    """A BitLinear weight ``[n_out, n_in]`` in I2_S layout: ``raw`` is ``n_out*n_in/4 + 32``
-    bytes (usually a zero-copy view of the GGUF memory map), ``scale`` its per-tensor scale."""
-
-    raw: np.ndarray
-    n_out: int
-    n_in: int
-    scale: float
-    _ternary_f32: np.ndarray | None = field(default=None, repr=False)
-
-    def ternary_f32(self) -> np.ndarray:
-        """The weights -1/0/+1 as float32 ``[n_out, n_in]``, unpacked once (numpy path only)."""
-        if self._ternary_f32 is None:
-            codes = unpack_i2s_codes(self.raw, self.n_out, self.n_in)
-            self._ternary_f32 = codes.astype(np.float32)
-        return self._ternary_f32
+def as_matrix(head: HeadInput) -> EmbeddingMatrix:
+    """A head given as a plain F16/F32 array, or already an :class:`EmbeddingMatrix`."""
+    return head if isinstance(head, EmbeddingMatrix) else EmbeddingMatrix.from_array(head)
 
 
 def storing(k_new: np.ndarray | None, v_new: np.ndarray | None) -> bool:
@@ -50,13 +40,16 @@ class Backend(ABC):
 
     @abstractmethod
     def bitlinear(self, x: np.ndarray, w: TernaryWeight) -> np.ndarray:
-        """``x [T, n_in]`` → ``[T, n_out]``: int8 activation quantization, exact integer
-        ternary matmul, then ``acc / s * w.scale`` (spec §4)."""
+        """``x [T, n_in]`` → ``[T, n_out]``: int8 activation quantization (``w.act_quant``),
+        exact integer ternary dot products, then the scales: I2_S ``acc / s * w.scale``
+        (spec §4), blocked :func:`reference.bitlinear_blocked`."""
 
     @abstractmethod
-    def head(self, x: np.ndarray, embedding: np.ndarray) -> np.ndarray:
-        """Tied LM head: ``x [T, dim] @ embedding [vocab, dim]ᵀ`` → ``[T, vocab]`` float32.
-        No activation quantization; ``embedding`` is float16 or float32."""
+    def head(self, x: np.ndarray, embedding: HeadInput) -> np.ndarray:
+        """LM head: ``x [T, dim] @ embedding [vocab, dim]ᵀ`` → ``[T, vocab]`` float32.
+        ``embedding``: an :class:`EmbeddingMatrix` of any type, or an F16/F32 array. Float and
+        int8-block heads take ``x`` unquantized; a ternary head is a bitlinear (its
+        ``act_quant``)."""
 
     @abstractmethod
     def attention(
@@ -109,6 +102,10 @@ class Backend(ABC):
         """``max(gate, 0)² * up`` for ``gate``, ``up [T, n]`` float32 → ``[T, n]``."""
         return reference.relu2_mul(gate, up)
 
+    def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """``silu(gate) * up`` (SwiGLU) for ``gate``, ``up [T, n]`` float32 → ``[T, n]``."""
+        return reference.silu_mul(gate, up)
+
     def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """NEOX RoPE of ``x [T, H, D]`` float32 by ``cos``/``sin [T, D/2]`` → ``[T, H, D]``."""
         return reference.rope_neox(x, cos, sin)
@@ -118,16 +115,23 @@ class NumpyBackend(Backend):
     name = "numpy"
 
     def bitlinear(self, x: np.ndarray, w: TernaryWeight) -> np.ndarray:
+        if w.blocked:
+            return reference.bitlinear_blocked(
+                x, w.codes(), w.block_scales(), w.group, w.act_quant.value
+            )
         q, s = reference.quantize_activations(x)
         acc = q.astype(np.float32) @ w.ternary_f32().T  # exact: |sums| < 2**24
         y: np.ndarray = (acc / s[:, None] * np.float32(w.scale)).astype(np.float32)
         return y
 
-    def head(self, x: np.ndarray, embedding: np.ndarray) -> np.ndarray:
-        out = np.empty((x.shape[0], embedding.shape[0]), dtype=np.float32)
-        step = 16384  # widen the F16 head in slices: never a full f32 copy of it
-        for lo in range(0, embedding.shape[0], step):
-            out[:, lo : lo + step] = x @ embedding[lo : lo + step].astype(np.float32).T
+    def head(self, x: np.ndarray, embedding: HeadInput) -> np.ndarray:
+        m = as_matrix(embedding)
+        if m.ternary is not None:
+            return self.bitlinear(x, m.ternary)
+        out = np.empty((x.shape[0], m.n_rows), dtype=np.float32)
+        step = 16384  # widen the head in slices: never a full f32 copy of it
+        for lo in range(0, m.n_rows, step):
+            out[:, lo : lo + step] = x @ m.dense_slice(lo, lo + step).T
         return out
 
     def attention(

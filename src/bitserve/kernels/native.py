@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from bitserve.kernels.backend import Backend, TernaryWeight, storing
+from bitserve.kernels import reference
+from bitserve.kernels.backend import Backend, HeadInput, NumpyBackend, as_matrix, storing
+from bitserve.kernels.tensors import ActQuant, TernaryWeight
 
 try:
     from bitserve.kernels import _native  # type: ignore[attr-defined]
@@ -110,19 +112,28 @@ class NativeBackend(Backend):
     def bitlinear(self, x: np.ndarray, w: TernaryWeight) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], w.n_out), dtype=np.float32)
-        self._pool.bitlinear(x, w.raw, w.n_out, w.scale, out, self._impl)
+        if w.blocked:
+            gps = 256 // w.group
+            block32 = w.act_quant == ActQuant.BLOCK32
+            self._pool.bitlinear_blocked(x, w.raw, w.scales, w.n_out, gps, block32, out, self._impl)
+        else:
+            self._pool.bitlinear(x, w.raw, w.n_out, w.scale, out, self._impl)
         return out
 
-    def head(self, x: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+    def head(self, x: np.ndarray, embedding: HeadInput) -> np.ndarray:
+        m = as_matrix(embedding)
+        if m.ternary is not None:
+            return self.bitlinear(x, m.ternary)
+        if m.kind not in ("f16", "f32"):  # numpy until the native kernels land
+            return NumpyBackend().head(x, m)
+        assert m.data is not None
         x = np.ascontiguousarray(x, dtype=np.float32)
-        out = np.empty((x.shape[0], embedding.shape[0]), dtype=np.float32)
-        if self.head_mode == "int8" and embedding.dtype == np.float16:
-            q, scale = self.prepare_head(embedding)
+        out = np.empty((x.shape[0], m.n_rows), dtype=np.float32)
+        if self.head_mode == "int8" and m.kind == "f16":
+            q, scale = self.prepare_head(m.data)
             self._pool.head(x, q, scale, out, self._impl)
         else:
-            dtype = np.float16 if embedding.dtype == np.float16 else np.float32
-            emb = np.ascontiguousarray(embedding, dtype=dtype)  # a view unless BF16-widened
-            self._pool.head(x, emb, None, out, self._impl)
+            self._pool.head(x, np.ascontiguousarray(m.data), None, out, self._impl)
         return out
 
     def prepare_head(self, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -195,6 +206,9 @@ class NativeBackend(Backend):
         out = np.empty(rows.shape, dtype=np.float32)
         self._pool.relu2_mul(rows, up.reshape(rows.shape), out, self._impl)
         return out.reshape(gate.shape)
+
+    def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return reference.silu_mul(gate, up)  # numpy until the native kernel lands
 
     def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)

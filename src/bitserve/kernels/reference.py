@@ -47,6 +47,89 @@ def bitlinear_i2s(
     return bitlinear(x, unpack_i2s_codes(raw, n_out, n_in), w_scale)
 
 
+def quantize_blocks32(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """BLOCK32 activation quantization (llama.cpp's Q8_0 rule, f32 scales): per block of 32,
+    ``d = absmax / 127``, ``q = clamp(round_half_even(x · (127 / absmax)), -128, 127)`` (``x ·
+    127/absmax`` in float32; an all-zero block: ``d = 0``, ``q = 0``). ``(q int8 [T, K],
+    d f32 [T, K/32])``; ``K`` a multiple of 32."""
+    x = np.asarray(x, dtype=np.float32)
+    blocks = x.reshape(x.shape[0], -1, 32)
+    absmax = np.abs(blocks).max(axis=-1)  # [T, K/32]
+    d = (absmax / np.float32(ACT_QMAX)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(absmax > 0, np.float32(ACT_QMAX) / absmax, np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint(blocks * inv[..., None]), -128, 127).astype(np.int8)
+    return q.reshape(x.shape), d
+
+
+def tree16(v: np.ndarray) -> np.ndarray:
+    """Sum of the 16 lanes on the last axis in the kernels' fixed order: lanes ``i + 8``, then
+    ``i + 4``, ``i + 2``, ``i + 1`` folded onto lane ``i`` (float32 at every step)."""
+    for half in (8, 4, 2, 1):
+        v = v[..., :half] + v[..., half : 2 * half]
+    out: np.ndarray = v[..., 0]
+    return out
+
+
+def bitlinear_blocked(
+    x: np.ndarray,
+    codes: np.ndarray,
+    scales: np.ndarray,
+    group: int,
+    act_quant: str,
+    rows_per_step: int = 64,
+) -> np.ndarray:
+    """The blocked bitlinear (``bitserve.kernels.tensors``), every float operation as the
+    kernels do it. ``x [T, K]``; ``codes uint8 [N, K]`` (weight + 1, natural order); ``scales
+    [N, K/group]`` (f16 values). Per super-block ``u`` of 256 weights and lane ``L`` of 16:
+
+        P[t,n,u,L] = Σ_{i<16} c[n, 256u+16L+i] · q[t, 256u+16L+i] - (L even) · Σ_{32-block} q
+        per_token: term = d[L] · float(P),              y = tree16(Σ_u term) / s[t]
+        block32:   term = d[L] · (float(P) · a[t, L/2]),  y = tree16(Σ_u term)
+
+    with ``Σ_u`` a float32 running sum from 0 in order of ``u`` (no FMA) and ``d[L]`` the scale
+    of lane L's group. ``P`` is exact, so only the float steps need matching.
+    """
+    n_tok, k = x.shape
+    n_super = -(-k // 256)
+    kp = n_super * 256
+    xp = np.zeros((n_tok, kp), dtype=np.float32)
+    xp[:, :k] = x
+    if act_quant == "per_token":
+        q, s = quantize_activations(x)
+        qp = np.zeros((n_tok, kp), dtype=np.int8)
+        qp[:, :k] = q
+    else:
+        qp, a = quantize_blocks32(xp)
+        a_lane = np.repeat(a.reshape(n_tok, n_super, 8), 2, axis=2)  # [T, S, 16]
+    qq = qp.reshape(n_tok, n_super, 16, 16).astype(np.int64)
+    corr = np.zeros((n_tok, n_super, 16), dtype=np.int64)
+    corr[:, :, 0::2] = qp.reshape(n_tok, n_super, 8, 32).astype(np.int64).sum(axis=-1)
+    n_out = codes.shape[0]
+    cp = np.zeros((n_out, kp), dtype=np.int64)
+    cp[:, :k] = codes
+    lane_group = (np.arange(kp).reshape(n_super, 16, 16)[:, :, 0] // group).reshape(-1)
+    sp = np.zeros((n_out, kp // group), dtype=np.float32)
+    sp[:, : scales.shape[1]] = scales
+    d_lane = sp[:, lane_group].reshape(n_out, n_super, 16)  # [N, S, 16]
+    y = np.empty((n_tok, n_out), dtype=np.float32)
+    for lo in range(0, n_out, rows_per_step):
+        hi = min(lo + rows_per_step, n_out)
+        cc = cp[lo:hi].reshape(hi - lo, n_super, 16, 16)
+        p = (np.einsum("tuli,nuli->tnul", qq, cc) - corr[:, None]).astype(np.float32)
+        if act_quant == "per_token":
+            term = d_lane[None, lo:hi] * p
+        else:
+            term = d_lane[None, lo:hi] * (p * a_lane[:, None])
+        acc = np.zeros((n_tok, hi - lo, 16), dtype=np.float32)
+        for u in range(n_super):
+            acc = acc + term[:, :, u]
+        y[:, lo:hi] = tree16(acc)
+    if act_quant == "per_token":
+        y = (y / s[:, None]).astype(np.float32)
+    return y
+
+
 def quantize_head_rows(embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The int8 head: each row of ``embedding [vocab, dim]`` quantized like an activation,
     ``(q int8 [vocab, dim], s f32 [vocab])`` with ``row ≈ q / s``."""
@@ -71,6 +154,19 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 def relu2_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """BitNet's FFN gate: ``max(gate, 0)² * up`` in float32, elementwise."""
     out: np.ndarray = np.square(np.maximum(gate, np.float32(0))) * up
+    return out
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """``x · sigmoid(x)`` in float32, written with tanh so that no input overflows ``exp``."""
+    half = np.float32(0.5)
+    out: np.ndarray = x * (half * (np.float32(1) + np.tanh(half * x)))
+    return out
+
+
+def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """The SwiGLU gate of llama/qwen3 families: ``silu(gate) * up`` in float32, elementwise."""
+    out: np.ndarray = silu(np.asarray(gate, dtype=np.float32)) * up
     return out
 
 

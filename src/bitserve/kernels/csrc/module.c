@@ -41,7 +41,7 @@ static Py_buffer *take(Views *v, PyObject *obj, const char *name, const char *co
     v->n++;
     char code = format_code(b);
     static const struct { char code; Py_ssize_t size; } sizes[] = {
-        {'f', 4}, {'e', 2}, {'b', 1}, {'B', 1}, {'i', 4}};
+        {'f', 4}, {'e', 2}, {'b', 1}, {'B', 1}, {'i', 4}, {'l', 8}, {'q', 8}};
     Py_ssize_t want = 0;
     for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++)
         if (sizes[i].code == code) want = sizes[i].size;
@@ -211,6 +211,49 @@ static PyObject *py_bitlinear(PoolObject *self, PyObject *args) {
         ternary_matmul(pool, (KernelImpl)impl, raw->buf, (size_t)n_out, k, w_scale, pool->q,
                        pool->act_scale, pool->act_sum, t, y->buf);
     }
+    pool_unlock(pool);
+    Py_END_ALLOW_THREADS if (err) return no_memory(&v);
+    release_views(&v);
+    Py_RETURN_NONE;
+}
+
+/* bitlinear_blocked(x, codes, scales, n_out, gps, block32, out, impl): a block-scaled weight
+ * (codes uint8 [n_out, 64·n_super], scales f16 [n_out, gps·n_super], n_super = ⌈K/256⌉) */
+static PyObject *py_bitlinear_blocked(PoolObject *self, PyObject *args) {
+    PyObject *ox, *ocodes, *oscales, *oy;
+    Py_ssize_t n_out;
+    int gps, block32, impl, err = 0;
+    if (!PyArg_ParseTuple(args, "OOOnipOi", &ox, &ocodes, &oscales, &n_out, &gps, &block32, &oy, &impl) ||
+        ready(self) || check_impl(impl))
+        return NULL;
+    if (gps != 1 && gps != 2 && gps != 4)
+        return PyErr_Format(PyExc_ValueError, "gps (groups per super-block) must be 1, 2 or 4, got %d", gps);
+    if (n_out < 1) return PyErr_Format(PyExc_ValueError, "n_out must be positive, got %zd", n_out);
+    Views v = {.n = 0};
+    Py_buffer *x = take(&v, ox, "x", "f", 2, 0), *codes = x ? take(&v, ocodes, "codes", "B", 2, 0) : NULL;
+    Py_buffer *scales = codes ? take(&v, oscales, "scales", "e", 2, 0) : NULL;
+    Py_buffer *y = scales ? take(&v, oy, "out", "f", 2, 1) : NULL;
+    if (!y) {
+        release_views(&v);
+        return NULL;
+    }
+    Py_ssize_t k = x->shape[1], n_super = (k + 255) / 256;
+    if (k < 1 || (block32 && k % 32)) {
+        release_views(&v);
+        return PyErr_Format(PyExc_ValueError, "x: row length %zd (BLOCK32 needs a multiple of 32)", k);
+    }
+    if (check_dim("codes", 0, codes->shape[0], n_out) || check_dim("codes", 1, codes->shape[1], 64 * n_super) ||
+        check_dim("scales", 0, scales->shape[0], n_out) || check_dim("scales", 1, scales->shape[1], gps * n_super) ||
+        check_dim("out", 0, y->shape[0], x->shape[0]) || check_dim("out", 1, y->shape[1], n_out)) {
+        release_views(&v);
+        return NULL;
+    }
+    BlockedWeightArgs w = {codes->buf, scales->buf, (size_t)n_out, (size_t)k, (size_t)n_super, gps, block32};
+    size_t t = (size_t)x->shape[0];
+    Py_BEGIN_ALLOW_THREADS Pool *pool = &self->pool;
+    pool_lock(pool);
+    err = t ? pool_reserve_blocked(pool, t, (size_t)n_super) : 0;
+    if (!err && t) ternary_blocked_matmul(pool, (KernelImpl)impl, &w, x->buf, t, y->buf);
     pool_unlock(pool);
     Py_END_ALLOW_THREADS if (err) return no_memory(&v);
     release_views(&v);
@@ -585,6 +628,8 @@ static PyMethodDef pool_methods[] = {
     {"quantize", (PyCFunction)py_quantize, METH_VARARGS, "quantize(x, q, scale, sum, impl)"},
     {"ternary_int", (PyCFunction)py_ternary_int, METH_VARARGS, "ternary_int(q, sum, raw, n_out, acc, impl)"},
     {"bitlinear", (PyCFunction)py_bitlinear, METH_VARARGS, "bitlinear(x, raw, n_out, w_scale, out, impl)"},
+    {"bitlinear_blocked", (PyCFunction)py_bitlinear_blocked, METH_VARARGS,
+     "bitlinear_blocked(x, codes, scales, n_out, gps, block32, out, impl)"},
     {"head", (PyCFunction)py_head, METH_VARARGS, "head(x, embedding, row_scale|None, out, impl)"},
     {"quantize_f16_rows", (PyCFunction)py_quantize_f16_rows, METH_VARARGS,
      "quantize_f16_rows(embedding, q, row_scale, impl)"},
@@ -614,6 +659,110 @@ static PyTypeObject PoolType = {
 
 /* ---------------------------------------------------------------- module ---- */
 
+/* ---------------------------------------------------------------- load-time repacking ---- */
+
+static int repack_type(int type, Py_ssize_t q2_block) {
+    if (type == REPACK_TQ1_0 || type == REPACK_TQ2_0 || (type == REPACK_Q2_0 && (q2_block == 64 || q2_block == 128)))
+        return 0;
+    PyErr_Format(PyExc_ValueError, "cannot repack type %d (q2_block %zd)", type, q2_block);
+    return -1;
+}
+
+/* the source of rows × cols weights of `type`, and the row order (None, or int64 [rows]
+ * holding a permutation's entries, each checked to be a row) */
+static Py_buffer *take_source(Views *v, PyObject *osrc, PyObject *oorder, int type, Py_ssize_t q2_block,
+                              Py_ssize_t rows, Py_ssize_t cols, const int64_t **order) {
+    Py_ssize_t per = type == REPACK_Q2_0 ? q2_block : 256, bb = type == REPACK_TQ2_0 ? 66 : type == REPACK_TQ1_0 ? 54 : 2 + q2_block / 4;
+    if (rows < 1 || cols < per || cols % per) {
+        PyErr_Format(PyExc_ValueError, "[%zd, %zd]: rows must be whole blocks of %zd", rows, cols, per);
+        return NULL;
+    }
+    Py_buffer *src = take(v, osrc, "src", "Bb", -1, 0);
+    if (!src) return NULL;
+    if (src->len < rows * (cols / per) * bb) {
+        PyErr_Format(PyExc_ValueError, "src: %zd bytes, [%zd, %zd] needs %zd", src->len, rows, cols, rows * (cols / per) * bb);
+        return NULL;
+    }
+    *order = NULL;
+    if (oorder == Py_None) return src;
+    Py_buffer *ob = take(v, oorder, "row_order", "lq", 1, 0);
+    if (!ob || check_dim("row_order", 0, ob->shape[0], rows)) return NULL;
+    const int64_t *o = ob->buf;
+    for (Py_ssize_t r = 0; r < rows; r++)
+        if (o[r] < 0 || o[r] >= rows) {
+            PyErr_Format(PyExc_ValueError, "row_order[%zd] = %lld is not a row", r, (long long)o[r]);
+            return NULL;
+        }
+    *order = o;
+    return src;
+}
+
+static PyObject *py_repack_blocked(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *osrc, *oorder, *ocodes, *oscales;
+    int type;
+    Py_ssize_t q2_block, rows, cols;
+    if (!PyArg_ParseTuple(args, "OinnnOOO", &osrc, &type, &q2_block, &rows, &cols, &oorder, &ocodes, &oscales) ||
+        repack_type(type, q2_block))
+        return NULL;
+    Views v = {.n = 0};
+    const int64_t *order;
+    Py_buffer *src = take_source(&v, osrc, oorder, type, q2_block, rows, cols, &order);
+    Py_buffer *codes = src ? take(&v, ocodes, "codes", "B", 2, 1) : NULL;
+    Py_buffer *scales = codes ? take(&v, oscales, "scales", "e", 2, 1) : NULL;
+    Py_ssize_t n_super = (cols + 255) / 256, gps = type == REPACK_Q2_0 ? 256 / q2_block : 1;
+    if (!scales || check_dim("codes", 0, codes->shape[0], rows) || check_dim("codes", 1, codes->shape[1], 64 * n_super) ||
+        check_dim("scales", 0, scales->shape[0], rows) || check_dim("scales", 1, scales->shape[1], gps * n_super)) {
+        release_views(&v);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS repack_blocked(type, src->buf, (size_t)q2_block, (size_t)rows, (size_t)cols, order,
+                                          codes->buf, scales->buf);
+    Py_END_ALLOW_THREADS release_views(&v);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_ternary_scan(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *osrc;
+    int type;
+    Py_ssize_t rows, cols;
+    if (!PyArg_ParseTuple(args, "Oinn", &osrc, &type, &rows, &cols)) return NULL;
+    if (type != REPACK_TQ1_0 && type != REPACK_TQ2_0) return PyErr_Format(PyExc_ValueError, "ternary_scan takes TQ1_0/TQ2_0, not %d", type);
+    Views v = {.n = 0};
+    const int64_t *order;
+    Py_buffer *src = take_source(&v, osrc, Py_None, type, 0, rows, cols, &order);
+    if (!src) {
+        release_views(&v);
+        return NULL;
+    }
+    uint16_t scale = 0;
+    int one = 0;
+    Py_BEGIN_ALLOW_THREADS one = ternary_scan(type, src->buf, (size_t)rows, (size_t)cols, &scale);
+    Py_END_ALLOW_THREADS release_views(&v);
+    return Py_BuildValue("(Oi)", one ? Py_True : Py_False, (int)scale);
+}
+
+static PyObject *py_repack_tq_i2s(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *osrc, *oorder, *oout;
+    int type;
+    Py_ssize_t rows, cols;
+    if (!PyArg_ParseTuple(args, "OinnOO", &osrc, &type, &rows, &cols, &oorder, &oout)) return NULL;
+    if (type != REPACK_TQ1_0 && type != REPACK_TQ2_0) return PyErr_Format(PyExc_ValueError, "repack_tq_i2s takes TQ1_0/TQ2_0, not %d", type);
+    Views v = {.n = 0};
+    const int64_t *order;
+    Py_buffer *src = take_source(&v, osrc, oorder, type, 0, rows, cols, &order);
+    Py_buffer *out = src ? take(&v, oout, "out", "B", 1, 1) : NULL;
+    if (!out || check_dim("out", 0, out->shape[0], rows * cols / 4)) {
+        release_views(&v);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS repack_tq_i2s(type, src->buf, (size_t)rows, (size_t)cols, order, out->buf);
+    Py_END_ALLOW_THREADS release_views(&v);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_cpu_has_avx2(PyObject *mod, PyObject *unused) {
     (void)mod;
     (void)unused;
@@ -627,6 +776,12 @@ static PyObject *py_cpu_has_avx512(PyObject *mod, PyObject *unused) {
 }
 
 static PyMethodDef module_methods[] = {
+    {"repack_blocked", py_repack_blocked, METH_VARARGS,
+     "repack_blocked(src, type, q2_block, rows, cols, row_order|None, codes, scales): into the blocked layout"},
+    {"ternary_scan", py_ternary_scan, METH_VARARGS,
+     "ternary_scan(src, type, rows, cols) -> (one_scale, f16 bits): TQ1_0/TQ2_0 with one scale?"},
+    {"repack_tq_i2s", py_repack_tq_i2s, METH_VARARGS,
+     "repack_tq_i2s(src, type, rows, cols, row_order|None, out): one-scale TQ1_0/TQ2_0 as I2_S codes"},
     {"cpu_has_avx2", py_cpu_has_avx2, METH_NOARGS, "True when the AVX2/FMA/F16C path can run here."},
     {"cpu_has_avx512", py_cpu_has_avx512, METH_NOARGS, "True when the AVX-512 VNNI path can run here."},
     {NULL, NULL, 0, NULL}};

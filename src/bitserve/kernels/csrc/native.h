@@ -4,6 +4,8 @@
  *   pool.c       the thread pool every kernel runs on, and its scratch buffers
  *   ternary.c    int8 activation quantization + ternary (I2_S) GEMV/GEMM, scalar and AVX2
  *   ternary_avx512.c  the ternary register tile on AVX-512 VNNI (vpdpbusd)
+ *   ternary_blocked.c the block-scaled ternary matmul (TQ1_0, TQ2_0, Q2_0), every path
+ *   repack.c     load-time repacking of ternary tensors into the kernels' layouts
  *   head.c       the tied LM head (F16/F32 and int8 embeddings) and the memory-read probe
  *   attention.c  causal GQA attention over the KV cache
  *   elementwise.c  RMSNorm and the squared-ReLU gate, row by row
@@ -26,6 +28,9 @@
 #define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define TARGET_AVX512 \
     __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+/* ...plus GFNI (Ice Lake, Zen 4 and later; not Cascade Lake): one-instruction bit extraction */
+#define TARGET_AVX512_GFNI \
+    __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,gfni")))
 #else
 #define BITSERVE_X86 0
 #endif
@@ -64,6 +69,8 @@ typedef struct {
     size_t tok_cap;
     float *scores; /* attention scores, [n_threads, ATTENTION_GROUP · S] */
     size_t scores_cap;
+    uint8_t *blocked_act; /* block-scaled matmul: prepared tokens, blocked_act_stride apart */
+    size_t blocked_act_cap;
 } Pool;
 
 int pool_init(Pool *pool, int n_threads);
@@ -76,8 +83,11 @@ void pool_unlock(Pool *pool);
 /* Make sure scratch holds T tokens of K bytes / S scores per thread; 0 on success. */
 int pool_reserve_act(Pool *pool, size_t n_tokens, size_t k);
 int pool_reserve_scores(Pool *pool, size_t s);
+/* ...and T tokens of n_super super-blocks for ternary_blocked_matmul (q and its records) */
+int pool_reserve_blocked(Pool *pool, size_t n_tokens, size_t n_super);
 int cpu_has_avx2(void);
 int cpu_has_avx512(void); /* AVX512 F/BW/VL/VNNI, plus everything cpu_has_avx2 needs */
+int cpu_has_gfni(void);   /* GFNI on top of cpu_has_avx512 (its EVEX forms) */
 
 /* ---------------------------------------------------------------- kernels ---- */
 
@@ -114,6 +124,34 @@ void pair_dots_avx512(const uint8_t *const rows[PAIR_TILE_ROWS], const int8_t *q
 void store_tile_avx512(const int32_t dots[PAIR_TILE_TOKENS][PAIR_TILE_ROWS], int tt, size_t n,
                        const int32_t *sum, const float *scale, float w_scale, float *y,
                        int32_t *acc, size_t stride);
+
+/* Block-scaled ternary weights (ternary_blocked.c) in the super-block layout of
+ * bitserve/kernels/tensors.py: codes [n_out, 64·n_super], f16 scales [n_out, gps·n_super]
+ * (gps = 256 / group: 1, 2 or 4); block32: BLOCK32 activations, else per token. */
+typedef struct {
+    const uint8_t *codes;
+    const uint16_t *scales;
+    size_t n_out, n_in, n_super;
+    int gps, block32;
+} BlockedWeightArgs;
+/* bytes of one prepared token: its q in lane order, lane inits, lane act scales */
+size_t blocked_act_stride(size_t n_super);
+/* y [T, n_out] = bitlinear of x [T, n_in]; needs pool_reserve_blocked(pool, T, n_super) */
+void ternary_blocked_matmul(Pool *pool, KernelImpl impl, const BlockedWeightArgs *w, const float *x,
+                            size_t n_tokens, float *y);
+
+/* Load-time repacking (repack.c); types by their ggml ids. */
+enum { REPACK_TQ1_0 = 34, REPACK_TQ2_0 = 35, REPACK_Q2_0 = 42 };
+/* rows of src (row order[r], or r) → blocked codes [rows, 64·n_super] + f16 scales
+ * [rows, gps·n_super]; q2_block: 64 or 128 (Q2_0 only) */
+void repack_blocked(int type, const uint8_t *src, size_t q2_block, size_t rows, size_t cols,
+                    const int64_t *order, uint8_t *codes, uint16_t *scales);
+/* TQ1_0/TQ2_0: 1 when every block holding a nonzero weight has the same f16 scale (*scale)
+ * and no code is 3, else 0 */
+int ternary_scan(int type, const uint8_t *src, size_t rows, size_t cols, uint16_t *scale);
+/* TQ1_0/TQ2_0 → I2_S codes [rows · cols / 4] (zero-scale blocks as zero weights) */
+void repack_tq_i2s(int type, const uint8_t *src, size_t rows, size_t cols, const int64_t *order,
+                   uint8_t *out);
 
 typedef enum { EMB_F32 = 0, EMB_F16 = 1, EMB_I8 = 2 } EmbKind;
 

@@ -47,6 +47,14 @@ int cpu_has_avx512(void) {
 #endif
 }
 
+int cpu_has_gfni(void) {
+#if BITSERVE_X86
+    return cpu_has_avx512() && __builtin_cpu_supports("gfni");
+#else
+    return 0;
+#endif
+}
+
 /* ---------------------------------------------------------------- workers ---- */
 
 typedef struct {
@@ -155,6 +163,7 @@ void pool_free(Pool *pool) {
     free(pool->act_scale);
     free(pool->act_sum);
     free(pool->scores);
+    free(pool->blocked_act);
     pthread_mutex_destroy(&pool->mutex);
     pthread_cond_destroy(&pool->wake);
     pthread_mutex_destroy(&pool->dispatch_lock);
@@ -218,6 +227,11 @@ int pool_reserve_act(Pool *pool, size_t n_tokens, size_t k) {
     if (grow((void **)&pool->act_sum, &tok_cap, n_tokens * sizeof(int32_t))) return ENOMEM;
     pool->tok_cap = tok_cap;
     return 0;
+}
+
+int pool_reserve_blocked(Pool *pool, size_t n_tokens, size_t n_super) {
+    if (pool_reserve_act(pool, n_tokens, n_super * 256)) return ENOMEM;
+    return grow((void **)&pool->blocked_act, &pool->blocked_act_cap, n_tokens * blocked_act_stride(n_super));
 }
 
 int pool_reserve_scores(Pool *pool, size_t s) {

@@ -1,0 +1,385 @@
+"""The weights the kernels take: ternary projections and embedding/head matrices of any type.
+
+``TernaryWeight`` is one of two layouts:
+- **I2_S** (``group == 0``): bitnet.cpp's bytes as on disk (zero copy from the memory map) and
+  ONE f32 scale per tensor. TQ1_0/TQ2_0 tensors whose block scales are all the same value
+  (BitNet conversions) are repacked into it: the fastest kernel, and exact.
+- **blocked** (``group`` 64, 128 or 256): per-block f16 scales kept as they are, codes
+  repacked once at load into super-blocks of 256 weights (64 bytes) laid out for the SIMD dot
+  products: byte ``4L + i`` holds, in bits ``2j..2j+1``, the code of weight ``16L + 4j + i``,
+  so 32-bit lane ``L`` of a 64-byte load sums weights ``16L..16L+15`` — one group scale and one
+  32-activation block per lane. Q2_0 (either variant), TQ1_0/TQ2_0 with differing scales.
+  Rows are padded with zero weights (and zero scales) to whole super-blocks.
+
+Codes are ``weight + 1`` (0..3: Q2_0's fourth code, +2, is taken as it is).
+
+``ActQuant`` says how a bitlinear quantizes its input, as the model was trained (or, for
+weight-only ternary models, as close to float as int8 gets): ``PER_TOKEN`` one absmax int8
+scale per token (BitNet b1.58: every BitNet-trained family); ``BLOCK32`` one scale per 32
+activations (llama.cpp's Q8_0 path, which Ternary-Bonsai's authors ship: their model keeps
+float activations, and a per-32 scale is far closer to float than a per-token one). The
+default follows the type (:data:`DEFAULT_ACT_QUANT`); an architecture can say otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from bitserve.gguf.constants import I2S_SCALE_PAD, TERNARY_TYPES, GGMLType
+from bitserve.gguf.dense_quants import unpack_int8_blocks
+from bitserve.gguf.quants import i2s_scale, pack_i2s, unpack_i2s_codes, unpack_ternary
+from bitserve.gguf.reader import GGUFError, GGUFFile
+
+try:  # the C repacking: seconds for an 8B model where numpy takes over a minute
+    from bitserve.kernels import _native  # type: ignore[attr-defined]
+except ImportError:  # not built: the numpy definitions below do the same, slowly
+    _native = None
+
+SUPER_BLOCK = 256  # weights per super-block of the blocked layout
+SUPER_BYTES = 64
+LANES = 16  # 32-bit lanes of a super-block: 16 weights each
+ACT_BLOCK = 32  # activations per BLOCK32 scale
+
+
+class ActQuant(str, Enum):
+    """How a bitlinear quantizes its activations to int8 (module docstring)."""
+
+    PER_TOKEN = "per_token"
+    BLOCK32 = "block32"
+
+
+# The activation quantization each ternary type's models were made for: Q2_0 is
+# Ternary-Bonsai's (float-activation training, served by llama.cpp with Q8_0 activations);
+# I2_S and TQ1_0/TQ2_0 hold BitNet b1.58 families (per-token absmax int8).
+DEFAULT_ACT_QUANT: dict[GGMLType, ActQuant] = {
+    GGMLType.I2_S: ActQuant.PER_TOKEN,
+    GGMLType.TQ1_0: ActQuant.PER_TOKEN,
+    GGMLType.TQ2_0: ActQuant.PER_TOKEN,
+    GGMLType.Q2_0: ActQuant.BLOCK32,
+}
+
+
+@dataclass(eq=False, slots=True)
+class TernaryWeight:
+    """A BitLinear weight ``[n_out, n_in]`` (module docstring). I2_S: ``raw`` is
+    ``n_out*n_in/4 + 32`` bytes, ``scale`` the tensor scale. Blocked: ``raw`` is the codes
+    ``uint8 [n_out, 64·n_super]``, ``scales`` f16 ``[n_out, n_super·256/group]``, ``scale`` 1."""
+
+    raw: np.ndarray
+    n_out: int
+    n_in: int
+    scale: float
+    scales: np.ndarray | None = None
+    group: int = 0
+    act_quant: ActQuant = ActQuant.PER_TOKEN
+    source: GGMLType = GGMLType.I2_S
+    _ternary_f32: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.group == 0 and self.act_quant != ActQuant.PER_TOKEN:
+            raise ValueError("an I2_S weight quantizes activations per token only")
+        if self.group and (self.scales is None or self.group not in (64, 128, 256)):
+            raise ValueError("a blocked weight needs scales and a group of 64/128/256 weights")
+
+    @property
+    def blocked(self) -> bool:
+        return self.group != 0
+
+    @property
+    def n_super(self) -> int:
+        """Super-blocks per row (blocked layout)."""
+        return -(-self.n_in // SUPER_BLOCK)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one pass over the weight reads (codes and scales)."""
+        if not self.blocked:
+            return self.n_out * self.n_in // 4
+        assert self.scales is not None
+        return int(self.raw.nbytes + self.scales.nbytes)
+
+    @classmethod
+    def from_gguf(
+        cls,
+        gguf: GGUFFile,
+        name: str,
+        n_out: int,
+        n_in: int,
+        row_order: np.ndarray | None = None,
+        act_quant: ActQuant | None = None,
+    ) -> TernaryWeight:
+        """Tensor ``name`` of any ternary type as a weight ``[n_out, n_in]``.
+
+        ``row_order``: output row ``i`` is the file's row ``row_order[i]`` (a permutation; e.g.
+        to undo llama.cpp's q/k row permutation). ``act_quant``: default by type
+        (:data:`DEFAULT_ACT_QUANT`). I2_S without ``row_order`` stays a zero-copy view;
+        everything else is a copy made here. Raises :class:`GGUFError` naming the tensor.
+        """
+        info = gguf.tensor_info(name)
+        if info.shape != (n_out, n_in):
+            raise GGUFError(
+                gguf.path, f"tensor {name!r} has shape {info.shape}, expected {(n_out, n_in)}"
+            )
+        gtype = info.ggml_type
+        if gtype not in TERNARY_TYPES:
+            allowed = ", ".join(t.name for t in TERNARY_TYPES)
+            raise GGUFError(gguf.path, f"tensor {name!r} is {gtype.name}, not ternary ({allowed})")
+        act = act_quant or DEFAULT_ACT_QUANT[gtype]
+        order = _check_order(row_order, n_out, gguf, name)
+        raw = gguf.raw(name)
+        if gtype == GGMLType.I2_S:
+            if act != ActQuant.PER_TOKEN:
+                raise GGUFError(
+                    gguf.path,
+                    f"tensor {name!r}: I2_S holds one f32 scale per tensor; "
+                    f"{act.value} activations need block-scaled weights",
+                )
+            scale = i2s_scale(raw, n_out, n_in)
+            if order is not None:
+                codes = raw[: n_out * n_in // 4].reshape(n_out, n_in // 4)[order]
+                raw = np.concatenate([codes.reshape(-1), raw[n_out * n_in // 4 :]])
+            return cls(raw, n_out, n_in, scale, source=gtype)
+        if _native is None:
+            return cls._from_raw_numpy(raw, gtype, n_out, n_in, gguf.q2_0_block, order, act)
+        if gtype != GGMLType.Q2_0 and act == ActQuant.PER_TOKEN:
+            one, bits = _native.ternary_scan(raw, int(gtype), n_out, n_in)
+            if one:  # BitNet conversions: the I2_S path
+                scale = float(np.array(bits, dtype=np.uint16).view(np.float16))
+                out = np.empty(n_out * n_in // 4 + I2S_SCALE_PAD, dtype=np.uint8)
+                _native.repack_tq_i2s(raw, int(gtype), n_out, n_in, order, out[: n_out * n_in // 4])
+                out[n_out * n_in // 4 :] = pack_i2s(np.zeros((1, 128), np.int8), scale)[
+                    -I2S_SCALE_PAD:
+                ]
+                return cls(out, n_out, n_in, scale, source=gtype)
+        block = gguf.q2_0_block if gtype == GGMLType.Q2_0 else 256
+        n_super = -(-n_in // SUPER_BLOCK)
+        codes = np.empty((n_out, n_super * SUPER_BYTES), dtype=np.uint8)
+        scales = np.empty((n_out, n_super * SUPER_BLOCK // block), dtype=np.float16)
+        _native.repack_blocked(raw, int(gtype), block, n_out, n_in, order, codes, scales)
+        return cls(codes, n_out, n_in, 1.0, scales, block, act, gtype)
+
+    @classmethod
+    def _from_raw_numpy(
+        cls,
+        raw: np.ndarray,
+        gtype: GGMLType,
+        n_out: int,
+        n_in: int,
+        q2_0_block: int,
+        order: np.ndarray | None,
+        act: ActQuant,
+    ) -> TernaryWeight:
+        """:meth:`from_gguf` without the C extension (the definition the C repacking meets)."""
+        values, scales = unpack_ternary(raw, gtype, n_out, n_in, q2_0_block)
+        values[np.repeat(scales == 0, n_in // scales.shape[1], axis=1)] = 0  # d = 0: all zero
+        if order is not None:
+            values, scales = values[order], scales[order]
+        one = _one_scale(values, scales)
+        if act == ActQuant.PER_TOKEN and one is not None:  # BitNet conversions: the I2_S path
+            return cls(pack_i2s(values, one), n_out, n_in, one, source=gtype)
+        return cls.from_values(values, scales, act, source=gtype)
+
+    @classmethod
+    def from_values(
+        cls,
+        values: np.ndarray,
+        scales: np.ndarray,
+        act_quant: ActQuant = ActQuant.PER_TOKEN,
+        source: GGMLType = GGMLType.Q2_0,
+    ) -> TernaryWeight:
+        """A blocked weight from ``values int8 [n_out, n_in]`` (-1..2) and block scales
+        ``[n_out, n_in / group]`` (f16-representable; ``group`` 64, 128 or 256)."""
+        n_out, n_in = values.shape
+        group = n_in // scales.shape[1]
+        if (
+            scales.shape[0] != n_out
+            or group * scales.shape[1] != n_in
+            or group not in (64, 128, 256)
+        ):
+            raise ValueError(f"scales {scales.shape} do not split rows of {n_in} into 64/128/256")
+        codes, lane_scales = repack_blocked(values, scales, group)
+        return cls(codes, n_out, n_in, 1.0, lane_scales, group, act_quant, source)
+
+    def codes(self) -> np.ndarray:
+        """Codes 0..3 (weight + 1) as uint8 ``[n_out, n_in]`` in natural order (oracle, tests)."""
+        if not self.blocked:
+            return (unpack_i2s_codes(self.raw, self.n_out, self.n_in) + 1).astype(np.uint8)
+        return unpack_blocked(self.raw, self.n_out, self.n_super)[:, : self.n_in]
+
+    def block_scales(self) -> np.ndarray:
+        """f32 ``[n_out, n_in / group]`` (I2_S: ``[n_out, 1]`` of the tensor scale)."""
+        if not self.blocked:
+            return np.full((self.n_out, 1), self.scale, dtype=np.float32)
+        assert self.scales is not None
+        return self.scales.astype(np.float32)[:, : self.n_in // self.group]
+
+    def dequantize_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` as float32 ``[len(ids), n_in]`` (an embedding lookup)."""
+        values = self._rows_codes(ids).astype(np.float32) - 1
+        scales = self.block_scales()[ids]
+        group = self.group or self.n_in
+        out: np.ndarray = values * np.repeat(scales, group, axis=1)
+        return out
+
+    def _rows_codes(self, ids: np.ndarray) -> np.ndarray:
+        if not self.blocked:
+            row_bytes = self.n_in // 4
+            rows = self.raw[: self.n_out * row_bytes].reshape(self.n_out, row_bytes)[ids]
+            return (unpack_i2s_codes(rows.reshape(-1), len(ids), self.n_in) + 1).astype(np.uint8)
+        return unpack_blocked(self.raw[ids], len(ids), self.n_super)[:, : self.n_in]
+
+    def ternary_f32(self) -> np.ndarray:
+        """The weights -1/0/+1 as float32 ``[n_out, n_in]``, unpacked once (numpy I2_S path)."""
+        if self._ternary_f32 is None:
+            codes = unpack_i2s_codes(self.raw, self.n_out, self.n_in)
+            self._ternary_f32 = codes.astype(np.float32)
+        return self._ternary_f32
+
+
+def _check_order(order: np.ndarray | None, n: int, gguf: GGUFFile, name: str) -> np.ndarray | None:
+    if order is None:
+        return None
+    order = np.asarray(order)
+    if order.shape != (n,) or not np.array_equal(np.sort(order), np.arange(n)):
+        raise GGUFError(gguf.path, f"tensor {name!r}: row_order is not a permutation of {n} rows")
+    return order.astype(np.int64)
+
+
+def _one_scale(values: np.ndarray, scales: np.ndarray) -> float | None:
+    """The scale every block holding a nonzero weight shares exactly, if there is one (and no
+    code is +2); ``0.0`` for an all-zero tensor; ``None`` when the blocks differ."""
+    n_rows, n_groups = scales.shape
+    blocks = values.reshape(n_rows, n_groups, -1)
+    if np.any(blocks > 1):
+        return None
+    active = scales[np.any(blocks != 0, axis=2)]
+    if active.size == 0:
+        return 0.0
+    return float(active[0]) if np.all(active == active[0]) else None
+
+
+# ---- the blocked layout (module docstring): numpy reference of the repacking ----------------
+
+
+def repack_blocked(
+    values: np.ndarray, scales: np.ndarray, group: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``values int8 [n, k]`` (-1..2), ``scales [n, k/group]`` → ``(codes uint8 [n, 64·S],
+    scales f16 [n, S·256/group])`` with ``S = ceil(k/256)`` super-blocks, zero-padded."""
+    n, k = values.shape
+    n_super = -(-k // SUPER_BLOCK)
+    codes = np.zeros((n, n_super * SUPER_BLOCK), dtype=np.uint8)
+    codes[:, :k] = (values + 1).astype(np.uint8)
+    # weight 16L + 4j + i → byte 4L + i, bits 2j: [n, S, L, j, i] → OR over j
+    parts = codes.reshape(n, n_super, LANES, 4, 4) << (2 * np.arange(4, dtype=np.uint8))[:, None]
+    packed = np.bitwise_or.reduce(parts, axis=3).reshape(n, n_super * SUPER_BYTES)
+    padded = np.zeros((n, n_super * SUPER_BLOCK // group), dtype=np.float16)
+    padded[:, : scales.shape[1]] = scales
+    return packed, padded
+
+
+def unpack_blocked(codes: np.ndarray, n: int, n_super: int) -> np.ndarray:
+    """The inverse of :func:`repack_blocked`'s codes: uint8 ``[n, 256·n_super]`` (0..3)."""
+    b = np.asarray(codes, dtype=np.uint8).reshape(n, n_super, LANES, 1, 4)
+    parts = (b >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3  # [n, S, L, j, i]
+    out: np.ndarray = parts.reshape(n, n_super * SUPER_BLOCK)
+    return out
+
+
+# ---- embeddings and LM heads -------------------------------------------------------------------
+
+FLOAT_KINDS = {GGMLType.F32: "f32", GGMLType.F16: "f16", GGMLType.BF16: "bf16"}
+INT8_BLOCK_TYPES = (GGMLType.Q8_0, GGMLType.Q6_K)
+EMBEDDING_TYPES = (*FLOAT_KINDS, *INT8_BLOCK_TYPES, *TERNARY_TYPES)
+
+
+@dataclass(eq=False, slots=True)
+class EmbeddingMatrix:
+    """Token embeddings or an LM head ``[n_rows, dim]`` of any type, as the head kernel reads it.
+
+    ``kind``: ``"f32"``/``"f16"`` (``data``: a zero-copy view), ``"bf16"`` (``data``: the raw
+    uint16 bits), ``"int8"`` (Q8_0/Q6_K: ``data`` int8 values, ``scales`` f32 per block of
+    ``block`` weights), ``"ternary"`` (``ternary``: the head runs as a bitlinear).
+    """
+
+    kind: str
+    n_rows: int
+    dim: int
+    source: GGMLType
+    data: np.ndarray | None = None
+    scales: np.ndarray | None = None
+    block: int = 0
+    ternary: TernaryWeight | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_rows, self.dim)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one pass of the head reads."""
+        if self.ternary is not None:
+            return self.ternary.nbytes
+        assert self.data is not None
+        return int(self.data.nbytes + (0 if self.scales is None else self.scales.nbytes))
+
+    @classmethod
+    def from_array(cls, array: np.ndarray) -> EmbeddingMatrix:
+        """An F32/F16 ``[n_rows, dim]`` array as it is."""
+        kinds = {np.dtype(np.float32): GGMLType.F32, np.dtype(np.float16): GGMLType.F16}
+        source = kinds.get(array.dtype)
+        if source is None or array.ndim != 2:
+            raise ValueError(f"expected a float32/float16 matrix, got {array.dtype} {array.shape}")
+        return cls(FLOAT_KINDS[source], array.shape[0], array.shape[1], source, data=array)
+
+    @classmethod
+    def from_gguf(
+        cls,
+        gguf: GGUFFile,
+        name: str,
+        n_rows: int,
+        dim: int,
+        act_quant: ActQuant | None = None,
+    ) -> EmbeddingMatrix:
+        """Tensor ``name`` (F32, F16, BF16, Q8_0, Q6_K or ternary) as ``[n_rows, dim]``;
+        ``act_quant`` applies to a ternary head. Raises :class:`GGUFError` naming the tensor."""
+        info = gguf.tensor_info(name)
+        if info.shape != (n_rows, dim):
+            raise GGUFError(
+                gguf.path, f"tensor {name!r} has shape {info.shape}, expected {(n_rows, dim)}"
+            )
+        gtype = info.ggml_type
+        if gtype in FLOAT_KINDS:
+            raw = gguf.raw(name)
+            data = raw.view("<u2") if gtype == GGMLType.BF16 else gguf.array(name)
+            return cls(FLOAT_KINDS[gtype], n_rows, dim, gtype, data=data.reshape(n_rows, dim))
+        if gtype in INT8_BLOCK_TYPES:
+            values, scales = unpack_int8_blocks(gguf.raw(name), gtype, n_rows, dim)
+            return cls("int8", n_rows, dim, gtype, values, scales, dim // scales.shape[1])
+        if gtype in TERNARY_TYPES:
+            w = TernaryWeight.from_gguf(gguf, name, n_rows, dim, act_quant=act_quant)
+            return cls("ternary", n_rows, dim, gtype, ternary=w)
+        allowed = ", ".join(t.name for t in EMBEDDING_TYPES)
+        raise GGUFError(gguf.path, f"tensor {name!r} is {gtype.name}; supported: {allowed}")
+
+    def rows(self, ids: np.ndarray | list[int]) -> np.ndarray:
+        """Rows ``ids`` as float32 ``[len(ids), dim]``: the embedding lookup."""
+        idx = np.asarray(ids, dtype=np.int64)
+        if self.ternary is not None:
+            return self.ternary.dequantize_rows(idx)
+        assert self.data is not None
+        if self.kind == "bf16":
+            out: np.ndarray = (self.data[idx].astype(np.uint32) << 16).view(np.float32)
+            return out
+        if self.kind == "int8":
+            assert self.scales is not None
+            scales = np.repeat(self.scales[idx], self.block, axis=1)
+            return scales * self.data[idx].astype(np.float32)
+        return self.data[idx].astype(np.float32)
+
+    def dense_slice(self, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo..hi`` widened to float32 (the numpy head, slice by slice)."""
+        return self.rows(np.arange(lo, min(hi, self.n_rows)))
