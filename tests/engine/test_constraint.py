@@ -12,7 +12,7 @@ import numpy as np
 import pydantic
 import pytest
 
-from bitserve.engine.constraint import ConstraintCompiler, ConstraintError
+from bitserve.engine.constraint import ConstraintCompiler, ConstraintError, closed_objects
 from bitserve.engine.generate import Generator
 from bitserve.engine.sampling import Sampler, SamplingParamError
 from bitserve.engine.types import GenerationRequest, SamplingParams
@@ -193,3 +193,36 @@ def test_a_constraint_for_another_vocabulary_is_refused(compiler: ConstraintComp
 def test_needs_a_stop_token(tokenizer: Tokenizer) -> None:
     with pytest.raises(ValueError, match="stop token"):
         ConstraintCompiler(tokenizer, set())
+
+
+def test_objects_with_listed_properties_are_closed() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "properties": {"type": "object", "properties": {"a": {"type": "integer"}}},
+            "free": {"type": "object"},
+            "open": {"type": "object", "properties": {}, "additionalProperties": True},
+            "list": {"type": "array", "items": {"properties": {"b": {}}}},
+        },
+        "$defs": {"D": {"anyOf": [{"properties": {"c": {}}}, {"type": "null"}]}},
+    }
+    closed = closed_objects(schema)
+    props = closed["properties"]
+    assert closed["additionalProperties"] is False
+    assert props["properties"]["additionalProperties"] is False  # a property named so
+    assert "additionalProperties" not in props["properties"]["properties"]  # the name map
+    assert "additionalProperties" not in props["free"]  # any object stays any object
+    assert props["open"]["additionalProperties"] is True
+    assert props["list"]["items"]["additionalProperties"] is False
+    assert closed["$defs"]["D"]["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in schema  # the input is left as it was
+
+
+def test_closed_objects_end(compiler: ConstraintCompiler, tokenizer: Tokenizer) -> None:
+    state = compiler.json_schema({"type": "object", "properties": {"a": {"const": 1}}}).start()
+    for token in tokenizer.encode('{"a": 1'):
+        state.advance(token)
+    allowed = {
+        tokenizer.decode([int(t)], skip_special=False) for t in np.flatnonzero(state.allowed())
+    }
+    assert allowed == {"}"}

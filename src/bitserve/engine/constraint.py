@@ -52,13 +52,59 @@ JSON_OPTIONS: JsonCompileOptions = {
 }
 
 
+# keywords whose value is a schema, a list of schemas, or a map of name → schema
+_SCHEMA_KEYWORDS = (
+    "additionalProperties",
+    "items",
+    "not",
+    "if",
+    "then",
+    "else",
+    "contains",
+    "propertyNames",
+    "unevaluatedProperties",
+    "unevaluatedItems",
+)
+_LIST_KEYWORDS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_MAP_KEYWORDS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed_objects(schema: Any) -> Any:
+    """``schema`` where every object that lists ``properties`` and says nothing about
+    others (no ``additionalProperties``/``patternProperties``) allows no others.
+
+    JSON Schema lets such objects have any further properties, and a model left free to
+    invent them may never stop (a random one does not). Like xgrammar's strict mode
+    (vLLM's default) and llama.cpp's converter, only the declared properties are
+    generated: the output stays valid against the original schema. Say
+    ``"additionalProperties": true`` to allow more; ``{"type": "object"}`` alone stays any
+    object."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_KEYWORDS:
+        if isinstance(out.get(key), dict):
+            out[key] = closed_objects(out[key])
+    for key in _LIST_KEYWORDS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(s) for s in out[key]]
+    for key in _MAP_KEYWORDS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_objects(s) for name, s in out[key].items()}
+    others = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+    if "properties" in out and not any(k in out for k in others):
+        out["additionalProperties"] = False
+    return out
+
+
 def json_lark(schema: Mapping[str, Any] | bool) -> str:
-    """A Lark grammar item matching JSON valid against ``schema``, written like
-    :data:`JSON_OPTIONS` (for grammars that embed JSON, e.g. tool calls)."""
+    """A Lark grammar item matching JSON valid against ``schema`` (its objects closed:
+    :func:`closed_objects`), written like :data:`JSON_OPTIONS` (for grammars that embed
+    JSON, e.g. tool calls)."""
     if isinstance(schema, bool):
         schema = {} if schema else {"not": {}}
     options = {**JSON_OPTIONS, **schema.get("x-guidance", {})}
-    return f"%json {json.dumps({**schema, 'x-guidance': options})}"
+    return f"%json {json.dumps({**closed_objects(schema), 'x-guidance': options})}"
 
 
 class ConstraintError(ValueError):
@@ -173,9 +219,10 @@ class ConstraintCompiler:
     # -- grammar sources --------------------------------------------------------------------
 
     def json_schema(self, schema: Mapping[str, Any] | bool) -> CompiledConstraint:
-        """Output valid against the JSON Schema ``schema``."""
+        """Output valid against the JSON Schema ``schema`` (objects closed:
+        :func:`closed_objects`)."""
         try:
-            source = json.dumps(schema) if isinstance(schema, bool) else dict(schema)
+            source = json.dumps(schema) if isinstance(schema, bool) else closed_objects(schema)
             grammar = llguidance.LLMatcher.grammar_from_json_schema(source, defaults=JSON_OPTIONS)
         except (ValueError, TypeError) as exc:
             raise ConstraintError(str(exc)) from exc
