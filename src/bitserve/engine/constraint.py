@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import llguidance
 import numpy as np
-from llguidance.gbnf_to_lark import GbnfToLarkError, gbnf_to_lark
+from llguidance.gbnf_to_lark import gbnf_to_lark
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
@@ -240,7 +240,7 @@ class ConstraintCompiler:
         """A llama.cpp GBNF grammar (converted to llguidance's Lark syntax)."""
         try:
             lark = gbnf_to_lark(source)
-        except GbnfToLarkError as exc:
+        except Exception as exc:  # GbnfToLarkError, or a plain Exception for undefined rules
             raise ConstraintError(f"invalid GBNF grammar: {exc}") from exc
         return self.lark(lark, "GBNF grammar")
 
