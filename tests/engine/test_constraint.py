@@ -226,3 +226,26 @@ def test_closed_objects_end(compiler: ConstraintCompiler, tokenizer: Tokenizer) 
         tokenizer.decode([int(t)], skip_special=False) for t in np.flatnonzero(state.allowed())
     }
     assert allowed == {"}"}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_picking_among_allowed_ids_is_sampling_the_masked_logits(
+    compiler: ConstraintCompiler, tokenizer: Tokenizer, temperature: float
+) -> None:
+    """The sampler's shortcut draws exactly what the standard pipeline draws from the
+    masked vector, with the same RNG."""
+    compiled = compiler.json_schema(Order.model_json_schema())
+    rng = np.random.default_rng(4)
+    for top_k, top_p in ((0, 1.0), (40, 0.95), (0, 0.9)):
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=9,
+                                constraint=compiled)  # fmt: skip
+        fast = Sampler.create(params, tokenizer.vocab_size)
+        slow = Sampler.create(params, tokenizer.vocab_size)
+        assert slow.constraint is not None
+        for _ in range(40):
+            logits = rng.normal(0, 3, tokenizer.vocab_size).astype(np.float32)
+            if slow.constraint.is_finished:
+                break
+            expected = slow.pick(slow.constraint.apply(slow.adjust(logits, [])))
+            slow.constraint.advance(expected)
+            assert fast.step(logits, [], want_logprobs=False).token_id == expected

@@ -159,6 +159,10 @@ class TokenConstraint:
         bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
         return bits[: self.vocab_size].view(np.bool_)
 
+    def allowed_ids(self) -> np.ndarray:
+        """``int64 [n]``: the ids of :meth:`allowed`, ascending."""
+        return np.flatnonzero(self.allowed())
+
     def apply(self, logits: np.ndarray) -> np.ndarray:
         """``logits [vocab]`` with every token the grammar forbids at ``-inf`` (a copy)."""
         out: np.ndarray = np.where(self.allowed(), logits, np.float32(-np.inf))

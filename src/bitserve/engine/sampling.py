@@ -373,6 +373,10 @@ class Sampler:
         if self.constraint is None:
             token = self.pick(adjusted)
         else:
-            token = self.pick(self.constraint.apply(adjusted))
+            # picking among the allowed ids is picking from the masked vector (forbidden
+            # tokens have probability 0; ids ascend, so ties still go to the lowest id and
+            # the RNG draws the same token) without sorting ~128k -inf entries
+            allowed = self.constraint.allowed_ids()
+            token = int(allowed[self.pick(adjusted[allowed])])
             self.constraint.advance(token)
         return SampleResult(token, log_softmax(adjusted) if want_logprobs else None)
