@@ -278,3 +278,22 @@ def test_family_tool_round_trip(make_family_client: FamilyClient, family: str) -
         ]
         final = post(client, messages=messages, tools=TOOLS, tool_choice="none", max_tokens=4)
         assert "tool_calls" not in final["choices"][0]["message"]
+
+
+def test_qwen3_conversation_keeps_reasoning_apart(make_family_client: FamilyClient) -> None:
+    """Stored reasoning is re-rendered as the template wants: dropped from old turns."""
+    with make_family_client("qwen3") as client:
+        tokenizer = client.app.state.served.loaded.tokenizer  # type: ignore[attr-defined]
+        (think,) = tokenizer.encode("<think>")
+        conv = client.post("/v1/conversations").json()["id"]
+        path = f"/v1/conversations/{conv}/chat"
+        first = post(client, path, temperature=0, max_tokens=4, logit_bias={str(think): 100})
+        reasoning = first["choices"][0]["message"]["reasoning_content"]
+        assert reasoning == "<think>" * 3
+        post(client, path, content="And now?", max_tokens=4,
+             chat_template_kwargs={"enable_thinking": False})  # fmt: skip
+        stored = client.get(f"/v1/conversations/{conv}").json()["messages"]
+        assert stored[1]["reasoning_content"] == reasoning and stored[1]["content"] == ""
+        prompt = client.get(f"/v1/conversations/{conv}/prompt").json()["prompt"]
+        assert "<think><think>" not in prompt  # an old turn's reasoning is not shown again
+        assert "<|im_start|>assistant\n<|im_end|>" in prompt
