@@ -24,6 +24,7 @@ array of ``{"id", "name", "arguments"}``), ``messages.tool_call_id`` (the call a
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import struct
@@ -39,11 +40,14 @@ from bitserve.store.base import (
     ConversationPage,
     ConversationStore,
     NewMessage,
+    StorageFullError,
     StoredMessage,
     StoreError,
     ToolCall,
+    check_texts,
     new_conversation_id,
     now,
+    repaired_text,
 )
 
 SCHEMA_VERSION = 3
@@ -117,6 +121,20 @@ def unpack_tool_calls(text: str | None) -> tuple[ToolCall, ...]:
         raise StoreError(f"corrupt tool_calls column: {exc}") from exc
 
 
+SQLITE_FULL = 13  # "database or disk is full": the disk, or PRAGMA max_page_count
+
+
+def _is_full(exc: BaseException) -> bool:
+    """True for SQLite's "disk full" (by code where Python exposes it, by message before
+    3.11) and for an ``OSError`` ENOSPC."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (int(code) & 0xFF) == SQLITE_FULL
+    return "database or disk is full" in str(exc)
+
+
 _CONVERSATION_COLUMNS = (
     "c.seq, c.id, c.owner, c.created_at, c.metadata, "
     "(SELECT COUNT(*) FROM messages m WHERE m.conversation_seq = c.seq)"
@@ -143,15 +161,22 @@ class SQLiteStore(ConversationStore):
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT`` under the lock; rolls back on any exception."""
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` under the lock; rolls back on any exception
+        (a failed COMMIT included). A full disk is a ``StorageFullError``."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except (sqlite3.Error, OSError) as exc:
+                if _is_full(exc):
+                    raise StorageFullError(str(exc)) from exc
                 raise
-            self._db.execute("COMMIT")
 
     def _migrate(self) -> None:
         """Create the schema or bring an older one up to :data:`SCHEMA_VERSION`, in one
@@ -188,7 +213,9 @@ class SQLiteStore(ConversationStore):
             id=str(cid),
             owner=str(owner),
             created_at=float(created_at),  # type: ignore[arg-type]
-            metadata=json.loads(str(metadata)),
+            metadata={
+                repaired_text(k): repaired_text(v) for k, v in json.loads(str(metadata)).items()
+            },
             seq=int(seq),  # type: ignore[call-overload]
             num_messages=int(count),  # type: ignore[call-overload]
         )
@@ -199,7 +226,7 @@ class SQLiteStore(ConversationStore):
         idx, role, content, created_at, tokens, prompt, completion, finish, ids, *rest = row
         calls, call_id, reasoning = rest
         return StoredMessage(
-            idx, role, content, created_at, tokens, prompt, completion, finish,
+            idx, role, repaired_text(content), created_at, tokens, prompt, completion, finish,
             unpack_token_ids(ids), unpack_tool_calls(calls), call_id, reasoning,
         )  # fmt: skip
 
@@ -243,6 +270,7 @@ class SQLiteStore(ConversationStore):
         metadata: dict[str, str] | None = None,
         messages: Sequence[NewMessage] = (),
     ) -> Conversation:
+        check_texts(metadata, messages)
         created_at = now()
         with self._transaction() as db:
             row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='conversations'")
@@ -289,6 +317,7 @@ class SQLiteStore(ConversationStore):
     def update_metadata(
         self, owner: str, conversation_id: str, metadata: dict[str, str]
     ) -> Conversation:
+        check_texts(metadata)
         with self._transaction() as db:
             conv = self._row(db, owner, conversation_id)
             db.execute(
@@ -306,6 +335,7 @@ class SQLiteStore(ConversationStore):
     def append_turn(
         self, owner: str, conversation_id: str, messages: Sequence[NewMessage]
     ) -> list[StoredMessage]:
+        check_texts(None, messages)
         with self._transaction() as db:
             conv = self._row(db, owner, conversation_id)
             return self._insert_messages(db, conv.seq, conv.num_messages, messages)

@@ -341,10 +341,11 @@ class ChatFormatter:
 
     def _check_template_text(self, messages: list[ChatMessage], extra: dict[str, Any]) -> None:
         """What the template renders as its own text must not spell control tokens."""
-        texts = [json.dumps(extra, ensure_ascii=False)]
+        texts = [json.dumps(extra, ensure_ascii=False)] if extra else []
         for m in messages:
-            texts += [m.reasoning_content or "", m.tool_call_id or ""]
-            texts += [c.name + c.arguments for c in m.tool_calls]
+            if m.reasoning_content or m.tool_call_id or m.tool_calls:
+                texts += [m.reasoning_content or "", m.tool_call_id or ""]
+                texts += [c.name + c.arguments for c in m.tool_calls]
         for text in texts:
             if any(isinstance(p, int) for p in self.tokenizer.split_special(text)):
                 raise ValueError(
