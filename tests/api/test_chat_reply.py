@@ -120,6 +120,8 @@ TOOLS = [
         ("required", True, HERMES, "hello", False),
         ("auto", True, HERMES, "hello", True),
         ("auto", True, HERMES, "<tool_call> hi", False),
+        ("auto", True, HERMES, " \n<tool_call> hi", False),  # read as a call: never free
+        ("auto", True, HERMES, "hi <tool_call>", True),
         ({"type": "function", "function": {"name": "g_2"}}, True, HERMES,
          f"<tool_call>\n{CALL_B}\n</tool_call>", True),
         ({"type": "function", "function": {"name": "g_2"}}, True, HERMES,

@@ -108,9 +108,10 @@ class ToolPlan:
         return f'calls: call {more}\ncall: "{_lark(s.open)}" {call} "{_lark(s.close)}"\n'
 
     def text_lexeme(self) -> str:
-        """Lark token ``TEXT``: any reply that does not open a call."""
+        """Lark token ``TEXT``: any reply that does not open a call (after whitespace,
+        which the reply parser skips after reasoning)."""
         opening = re.escape(self.syntax.open.rstrip("\n"))
-        return f"TEXT: /(?s:.+)/ & ~/(?s:{_lark_regex(opening)}.*)/\n"
+        return f"TEXT: /(?s:.+)/ & ~/(?s:[ \\t\\n]*{_lark_regex(opening)}.*)/\n"
 
 
 def _rebase_refs(schema: Any, base: str) -> Any:
