@@ -249,3 +249,19 @@ def test_picking_among_allowed_ids_is_sampling_the_masked_logits(
             expected = slow.pick(slow.constraint.apply(slow.adjust(logits, [])))
             slow.constraint.advance(expected)
             assert fast.step(logits, [], want_logprobs=False).token_id == expected
+
+
+def test_all_of_branches_stay_open(compiler: ConstraintCompiler, tokenizer: Tokenizer) -> None:
+    """Each branch lists a property the other adds: closing them would allow nothing."""
+    schema = {
+        "allOf": [
+            {"type": "object", "properties": {"a": {"const": 1}}, "required": ["a"]},
+            {"type": "object", "properties": {"b": {"const": 2}}, "required": ["b"]},
+        ]
+    }
+    assert "additionalProperties" not in closed_objects(schema)["allOf"][0]
+    state = compiler.json_schema(schema).start()
+    for token in tokenizer.encode('{"a": 1, "b": 2}'):
+        assert state.allowed()[token]
+        state.advance(token)
+    assert state.is_accepting

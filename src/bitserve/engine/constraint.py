@@ -65,7 +65,7 @@ _SCHEMA_KEYWORDS = (
     "unevaluatedProperties",
     "unevaluatedItems",
 )
-_LIST_KEYWORDS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_LIST_KEYWORDS = ("anyOf", "oneOf", "prefixItems", "items")  # allOf: see _closed
 _MAP_KEYWORDS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
@@ -78,21 +78,28 @@ def closed_objects(schema: Any) -> Any:
     (vLLM's default) and llama.cpp's converter, only the declared properties are
     generated: the output stays valid against the original schema. Say
     ``"additionalProperties": true`` to allow more; ``{"type": "object"}`` alone stays any
-    object."""
+    object. The branches of an ``allOf`` are left open at their own level (each may list
+    properties the others add: closing them would make the whole unsatisfiable)."""
+    return _closed(schema, close=True)
+
+
+def _closed(schema: Any, close: bool) -> Any:
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
     for key in _SCHEMA_KEYWORDS:
         if isinstance(out.get(key), dict):
-            out[key] = closed_objects(out[key])
+            out[key] = _closed(out[key], True)
     for key in _LIST_KEYWORDS:
         if isinstance(out.get(key), list):
-            out[key] = [closed_objects(s) for s in out[key]]
+            out[key] = [_closed(s, True) for s in out[key]]
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [_closed(s, False) for s in out["allOf"]]
     for key in _MAP_KEYWORDS:
         if isinstance(out.get(key), dict):
-            out[key] = {name: closed_objects(s) for name, s in out[key].items()}
-    others = ("additionalProperties", "patternProperties", "unevaluatedProperties")
-    if "properties" in out and not any(k in out for k in others):
+            out[key] = {name: _closed(s, True) for name, s in out[key].items()}
+    others = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf")
+    if close and "properties" in out and not any(k in out for k in others):
         out["additionalProperties"] = False
     return out
 
