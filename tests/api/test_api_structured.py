@@ -236,10 +236,14 @@ def test_qwen3_reasoning_goes_to_reasoning_content(make_family_client: FamilyCli
         assert len(think) == 1
         # the model is pushed to open <think> and never close it: all of it is reasoning
         body = chat_body(temperature=0, max_tokens=6, logit_bias={str(think[0]): 100})
-        message = post(client, **body)["choices"][0]["message"]
+        data = post(client, **body)
+        message = data["choices"][0]["message"]
         assert message["content"] == "" and message["reasoning_content"].startswith("<think>")
-        r = client.post("/v1/chat/completions", json={**body, "stream": True})
-        deltas = [e["choices"][0]["delta"] for e in sse_events(r.text)[:-1] if e["choices"]]
+        assert data["usage"]["completion_tokens_details"]["reasoning_tokens"] == 6
+        stream = {"stream": True, "stream_options": {"include_usage": True}}
+        events = sse_events(client.post("/v1/chat/completions", json={**body, **stream}).text)
+        assert events[-2]["usage"]["completion_tokens_details"]["reasoning_tokens"] == 6
+        deltas = [e["choices"][0]["delta"] for e in events[:-1] if e["choices"]]
         assert (
             "".join(d.get("reasoning_content") or "" for d in deltas)
             == (message["reasoning_content"])
@@ -254,6 +258,7 @@ def test_qwen3_enable_thinking_false(make_family_client: FamilyClient) -> None:
         data = post(client, f"/v1/conversations/{conv}/chat", chat_template_kwargs=kwargs,
                     max_tokens=4)  # fmt: skip
         assert "reasoning_content" not in data["choices"][0]["message"]
+        assert data["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
 
 
 def test_qwen3_json_after_optional_thinking(make_family_client: FamilyClient) -> None:

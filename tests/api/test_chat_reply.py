@@ -74,6 +74,19 @@ def test_plain_text_with_tools_and_reasoning_enabled() -> None:
     assert said["content"] == "<tool_c"
 
 
+def test_reasoning_tokens_are_those_up_to_the_close() -> None:
+    parser = ReplyParser(reasoning=True)
+    for piece in ["<think>", "a", "", "b", "</think>", "\n\n", "done"]:
+        parser.feed(piece)
+    parser.finish()
+    assert parser.reasoning_tokens == 5 and parser.content == "done"
+    plain = ReplyParser(reasoning=True)
+    for piece in ["<", "thin", "g"]:  # looked like <think> for two tokens, then was not
+        plain.feed(piece)
+    plain.finish()
+    assert plain.reasoning_tokens == 0 and plain.content == "<thing"
+
+
 def test_prompt_left_think_open() -> None:
     said, _parser = read("thinking...</think>done", [5], reasoning=True, in_think=True)
     assert said["reasoning"] == "thinking..." and said["content"] == "done"

@@ -49,6 +49,7 @@ class ReplyParser:
         self._held = ""
         self._skip_space = False
         self._thought = in_think  # the reply opened (or the prompt left open) <think>
+        self.reasoning_tokens = 0  # tokens fed until </think> was read (feed one per token)
         self.reasoning = ""
         self.content = ""
         self.calls: ToolCallReader | None = None
@@ -64,13 +65,19 @@ class ReplyParser:
     def feed(self, text: str, final: bool = False) -> ReplyDelta:
         """The reply's next text; ``final``: nothing follows (release what is held)."""
         delta = ReplyDelta()
+        thinking_before = self._stage in ("start", "think")
+        if thinking_before and not final:
+            self.reasoning_tokens += 1  # undone below if the reply turns out not to reason
         buf, self._held = self._held + text, ""
         while True:
             step = getattr(self, f"_{self._stage}")
             rest = step(buf, delta, final)
             if rest is None:
-                return delta
+                break
             buf = rest
+        if thinking_before and not self._thought:
+            self.reasoning_tokens = 0  # the reply did not open with <think>
+        return delta
 
     def finish(self) -> ReplyDelta:
         return self.feed("", final=True)

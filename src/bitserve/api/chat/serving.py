@@ -20,6 +20,7 @@ from bitserve.api.chat.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     ChoiceLogprobs,
+    CompletionTokensDetails,
     LogprobEntry,
     PromptTokensDetails,
     TopLogprobEntry,
@@ -243,14 +244,22 @@ def logprob_entries(served: ServedModel, events: list[TokenEvent]) -> list[Logpr
     return entries
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
-    """OpenAI's usage object; ``cached_tokens`` goes to ``prompt_tokens_details``."""
+def usage(
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, reasoning_tokens: int = 0
+) -> Usage:
+    """OpenAI's usage object; ``cached_tokens`` goes to ``prompt_tokens_details``,
+    ``reasoning_tokens`` (those up to ``</think>``) to ``completion_tokens_details``."""
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning_tokens),
     )
+
+
+def reasoning_tokens(results: list[ChoiceResult]) -> int:
+    return sum(r.reply.reasoning_tokens for r in results if r.reply is not None)
 
 
 def cached_tokens(results: list[ChoiceResult]) -> int:
@@ -283,10 +292,13 @@ def _message(plan: ChatPlan, result: ChoiceResult) -> dict[str, Any]:
 
 
 def read_replies(plan: ChatPlan, results: list[ChoiceResult]) -> list[ChoiceResult]:
-    """Read each finished choice's text as reasoning, content and tool calls."""
+    """Read each finished choice's text as reasoning, content and tool calls (token by
+    token, as a stream is, so that reasoning tokens are counted the same way)."""
     for r in results:
         r.reply = plan.output.parser()
-        r.reply.feed(r.text, final=True)
+        for event in r.events:
+            r.reply.feed(event.text)
+        r.reply.finish()
     return results
 
 
@@ -314,9 +326,9 @@ def completion_body(
         "created": plan.created,
         "model": plan.model,
         "choices": choices,
-        "usage": usage(plan.prompt_tokens, completion_tokens, cached_tokens(results)).model_dump(
-            mode="json"
-        ),
+        "usage": usage(
+            plan.prompt_tokens, completion_tokens, cached_tokens(results), reasoning_tokens(results)
+        ).model_dump(mode="json"),
         "system_fingerprint": served.fingerprint,
         "service_tier": None,
         **plan.extra,
@@ -453,7 +465,8 @@ async def stream_chat(
         await on_complete(results)
     if plan.include_usage:
         total = sum(len(r.events) for r in results)
-        yield writer.chunk([], usage(plan.prompt_tokens, total, cached_tokens(results)))
+        use = usage(plan.prompt_tokens, total, cached_tokens(results), reasoning_tokens(results))
+        yield writer.chunk([], use)
     yield sse("[DONE]")
 
 
