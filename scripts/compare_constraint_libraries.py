@@ -14,6 +14,9 @@ grammar allows), ``dense`` is a byte-level BPE of 128,000 ordinary tokens traine
 machine's Python sources (cached in /tmp), closer to a real LLaMA-3 table where nearly every
 token is text a grammar must look at.
 
+``--sampler`` also times bitserve's own ``Sampler.step`` (server defaults) without a
+constraint and with a JSON schema, ``json_object`` and tools in ``auto`` mode.
+
 Not a test and not a project dependency: run it in a scratch venv holding the three
 libraries (xgrammar pulls in PyTorch and CUDA wheels, ~5 GB)::
 
@@ -295,10 +298,72 @@ def measure(library: type, vocab: Vocab) -> dict[str, Any]:
     return row
 
 
+# ---- bitserve's own sampler with and without the mask ---------------------------------------
+
+
+def bitserve_tokenizer(name: str) -> Tokenizer:
+    """The same vocabularies as bitserve ``Tokenizer``s (the dense one from its BPE)."""
+    if name == "synthetic":
+        return Tokenizer.from_metadata(llama3_tokenizer_metadata())
+    dense_vocab()  # trains and caches it if needed
+    hf = json.loads(DENSE_CACHE.read_text("utf-8"))
+    ids = hf["model"]["vocab"]
+    tokens = sorted(ids, key=ids.__getitem__)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in hf["model"]["merges"]]
+    return Tokenizer.from_metadata(
+        {
+            "tokenizer.ggml.model": "gpt2",
+            "tokenizer.ggml.pre": "gpt-2",
+            "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [3 if t == "<|end_of_text|>" else 1 for t in tokens],
+            "tokenizer.ggml.merges": merges,
+            "tokenizer.ggml.eos_token_id": tokens.index("<|end_of_text|>"),
+        }
+    )
+
+
+def measure_sampler(name: str, steps: int = 300) -> None:
+    """Median time of one ``Sampler.step`` (server defaults) on random logits: without a
+    constraint, with a JSON schema, with json_object, with tools in auto mode."""
+    from bitserve.api.chat.output import plan_output
+    from bitserve.api.chat.tools import tool_plan
+    from bitserve.engine.constraint import ConstraintCompiler
+    from bitserve.engine.sampling import Sampler
+    from bitserve.engine.types import SamplingParams
+    from bitserve.tokenizer.tools import HERMES
+
+    tok = bitserve_tokenizer(name)
+    compiler = ConstraintCompiler(tok, tok.stop_ids)
+    function = {"type": "function", "function": {"name": "f", "parameters": SCHEMAS["order"]}}
+    tools = tool_plan([function], "auto", True, HERMES)
+    cases = {
+        "none": None,
+        "json_schema": compiler.json_schema(SCHEMAS["order"]),
+        "json_object": compiler.json_object(),
+        "tools_auto": plan_output(compiler, None, tools, False, False).constraint,
+    }
+    rng = np.random.default_rng(0)
+    logits = [rng.normal(0, 3, tok.vocab_size).astype(np.float32) for _ in range(64)]
+    for case, compiled in cases.items():
+        sampler = Sampler.create(SamplingParams(seed=1, constraint=compiled), tok.vocab_size)
+        times = []
+        for i in range(steps):
+            state = sampler.constraint
+            if compiled is not None and state is not None and state.is_finished:
+                sampler.constraint = compiled.start()
+            t0 = time.perf_counter()
+            sampler.step(logits[i % len(logits)], [1, 2, 3], want_logprobs=False)
+            times.append(time.perf_counter() - t0)
+        print(f"bitserve sampler ({name}) {case:12s} {statistics.median(times) * 1e6:6.0f} us")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--libraries", default="llguidance,xgrammar,outlines-core")
     p.add_argument("--vocabularies", default="synthetic,dense")
+    p.add_argument(
+        "--sampler", action="store_true", help="also time bitserve's Sampler.step with each"
+    )
     args = p.parse_args()
     libraries = {"llguidance": Llguidance, "xgrammar": Xgrammar, "outlines-core": OutlinesCore}
     makers = {"synthetic": synthetic_vocab, "dense": dense_vocab}
@@ -315,6 +380,8 @@ def main() -> int:
                 f"{k}={v:.3f}" if k.endswith("_s") else f"{k}={v:.0f}" for k, v in row.items()
             )
             print(f"{lname:14s} {cells}", flush=True)
+        if args.sampler:
+            measure_sampler(vname)
     return 0
 
 
