@@ -173,3 +173,12 @@ def test_bad_tools_are_400s(compiler: ConstraintCompiler) -> None:
     with pytest.raises(InvalidParameterError, match=r"tools\[0\] \(f\)") as info:
         plan_output(compiler, None, tool_plan(bad, "auto", True, HERMES), False, False)
     assert info.value.param == "tools"
+
+
+def test_tools_with_response_format(compiler: ConstraintCompiler) -> None:
+    """auto + a schema: the reply is calls or JSON of the schema, never free text."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    plan = plan_output(compiler, schema, tool_plan(TOOLS, "auto", True, HERMES), False, False)
+    assert accepts(compiler, '{"n": 4}', plan.constraint)
+    assert accepts(compiler, HERMES_TWO, plan.constraint)
+    assert not accepts(compiler, "hello", plan.constraint)
