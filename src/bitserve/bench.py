@@ -135,19 +135,17 @@ def measure_bandwidth(backend: NativeBackend, megabytes: int) -> tuple[float, fl
 
 
 def bytes_per_token(model: BitNetModel, backend: Any) -> int:
-    """Bytes one generated token reads: every ternary code plus the head's weights."""
+    """Bytes one generated token reads: every ternary weight (codes and scales) plus the
+    head's weights."""
     codes = sum(
-        w.n_out * w.n_in // 4
+        w.nbytes
         for layer in model.weights.layers
-        for w in (layer.attn_q, layer.attn_k, layer.attn_v, layer.attn_output)
-    ) + sum(
-        w.n_out * w.n_in // 4
-        for layer in model.weights.layers
-        for w in (layer.ffn_gate, layer.ffn_up, layer.ffn_down)
-    )
+        for w in (layer.attn_q, layer.attn_k, layer.attn_v, layer.attn_output,
+                  layer.ffn_gate, layer.ffn_up, layer.ffn_down)
+    )  # fmt: skip
     head = model.weights.head
-    if getattr(backend, "head_mode", "f16") == "int8" and head.dtype == np.float16:
-        return int(codes + head.size + 4 * head.shape[0])
+    if getattr(backend, "head_mode", "f16") == "int8" and head.kind == "f16":
+        return int(codes + head.n_rows * head.dim + 4 * head.n_rows)
     return int(codes + head.nbytes)
 
 
@@ -157,8 +155,10 @@ def time_model(path: Path, backend: Any, n_prompt: int, n_gen: int) -> tuple[Bit
     steps after the last one."""
     start = time.perf_counter()
     model = BitNetModel.load(path, backend=backend)
-    if isinstance(backend, NativeBackend) and backend.head_mode == "int8":
-        backend.prepare_head(model.weights.head)
+    head = model.weights.head
+    if isinstance(backend, NativeBackend) and backend.head_mode == "int8" and head.kind == "f16":
+        assert head.data is not None
+        backend.prepare_head(head.data)
     model.forward([0], model.new_cache(max_seq=8))  # first token: weights paged in
     load_s = time.perf_counter() - start
     rng = np.random.default_rng(0)

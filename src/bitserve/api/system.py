@@ -33,12 +33,14 @@ HEALTH_DOC: dict[int | str, dict[str, Any]] = {
 @health_router.get("/health", responses=HEALTH_DOC)
 async def health(request: Request) -> JSONResponse:
     """Whether the server can generate (never needs a key): `{"status": "ok", "model",
-    "demo"}`, or 503 with `"status": "error"` and the reason."""
+    "arch", "demo"}` (`model`: the model id, its file's `general.name`; `arch`: its
+    `general.architecture`), or 503 with `"status": "error"` and the reason."""
     served: ServedModel = request.app.state.served
     state = served.engine.health()
     body: dict[str, Any] = {
         "status": "ok" if state.ok else "error",
         "model": served.name,
+        "arch": served.loaded.model.config.arch,
         "demo": served.loaded.is_demo,
     }
     if not state.ok:
