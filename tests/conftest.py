@@ -22,56 +22,22 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         os.environ["BITSERVE_CACHE"] = previous
 
 
-# ---- chat families: tokenizers with each family's control tokens and its real template ----
+# ---- chat families: each family's tokenizer with its published chat template ----------
 
 TEMPLATES = Path(__file__).parent / "tokenizer" / "templates"
 
-# family → (control tokens, user-defined tokens, BOS, EOS, add BOS); templates are the
+# chat family → its tokenizer layout in bitserve.tokenizer.fixtures; templates are the
 # published ones (tests/tokenizer/templates/*.jinja, see README.md there)
-FAMILIES: dict[str, tuple[list[str], list[str], str | None, str, bool]] = {
-    "qwen3": (
-        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>",
-         "</tool_response>"],
-        None, "<|im_end|>", False,
-    ),
-    "falcon3": (
-        ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>"], [], None,
-        "<|endoftext|>", False,
-    ),
-    "llama3": (
-        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-         "<|eot_id|>"],
-        [], "<|begin_of_text|>", "<|end_of_text|>", True,
-    ),
-}  # fmt: skip
+TOKENIZER_FAMILIES = {"qwen3": "qwen2", "falcon3": "falcon3", "llama3": "llama-bpe"}
 
 
 def family_tokenizer_metadata(family: str) -> dict[str, Any]:
-    """GGUF tokenizer keys of a small tokenizer with ``family``'s special tokens and its
-    published chat template: the demo model's trained BPE, then the family's tokens."""
-    from bitserve.model.demo import train_demo_bpe
-    from bitserve.tokenizer.bpe import TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_USER_DEFINED
+    """GGUF tokenizer keys of ``family``'s tokenizer (laid out like its real file, trained
+    on the demo corpus) and its published chat template."""
+    from bitserve.tokenizer.fixtures import tokenizer_metadata
 
-    control, user_defined, bos, eos, add_bos = FAMILIES[family]
-    tokens, merges = train_demo_bpe()
-    pieces = tokens + control + user_defined
-    types = (
-        [TOKEN_NORMAL] * len(tokens)
-        + [TOKEN_CONTROL] * len(control)
-        + [TOKEN_USER_DEFINED] * len(user_defined)
-    )
-    metadata: dict[str, Any] = {
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.tokens": pieces,
-        "tokenizer.ggml.token_type": types,
-        "tokenizer.ggml.merges": merges,
-        "tokenizer.ggml.eos_token_id": pieces.index(eos),
-        "tokenizer.ggml.add_bos_token": add_bos,
-        "tokenizer.chat_template": (TEMPLATES / f"{family}.jinja").read_text("utf-8"),
-    }
-    if bos is not None:
-        metadata["tokenizer.ggml.bos_token_id"] = pieces.index(bos)
+    metadata = tokenizer_metadata(TOKENIZER_FAMILIES[family])
+    metadata["tokenizer.chat_template"] = (TEMPLATES / f"{family}.jinja").read_text("utf-8")
     return metadata
 
 
