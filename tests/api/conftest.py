@@ -103,3 +103,31 @@ def make_family_client(
             yield client
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def arch_models(
+    tmp_path_factory: pytest.TempPathFactory, family_metadata: Callable[[str], dict[str, Any]]
+) -> Iterator[Callable[[str, str], LoadedModel]]:
+    """``arch_models(arch, chat_family)`` → the families' own tiny fixture of ``arch``
+    (``bitserve.model.fixtures``: its real layout, ternary type and tokenizer kind) with
+    ``chat_family``'s published template, loaded once per session."""
+    from bitserve.model.fixtures import FIXTURE_VOCAB, write_family_fixture
+    from bitserve.tokenizer.fixtures import tokenizer_metadata
+
+    loaded: dict[tuple[str, str], LoadedModel] = {}
+
+    def get(arch: str, chat_family: str) -> LoadedModel:
+        if (arch, chat_family) not in loaded:
+            template = family_metadata(chat_family)["tokenizer.chat_template"]
+            kind = {"qwen3": "qwen2", "falcon3": "falcon3", "llama3": "llama-bpe"}[chat_family]
+            metadata = tokenizer_metadata(kind, FIXTURE_VOCAB)
+            metadata["tokenizer.chat_template"] = template
+            path = tmp_path_factory.mktemp("arch") / f"{arch}-{chat_family}.gguf"
+            write_family_fixture(path, arch, tokenizer_metadata=metadata)
+            loaded[arch, chat_family] = load_model(path)
+        return loaded[arch, chat_family]
+
+    yield get
+    for model in loaded.values():
+        model.close()

@@ -302,3 +302,39 @@ def test_qwen3_conversation_keeps_reasoning_apart(make_family_client: FamilyClie
         prompt = client.get(f"/v1/conversations/{conv}/prompt").json()["prompt"]
         assert "<think><think>" not in prompt  # an old turn's reasoning is not shown again
         assert "<|im_start|>assistant\n<|im_end|>" in prompt
+
+
+SMALL_TOOL = {"type": "function", "function": {"name": "f", "parameters": {
+    "type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"]}}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("arch", "family"), [("qwen3", "qwen3"), ("llama", "falcon3"), ("llama", "llama3")]
+)
+def test_real_family_layouts(
+    arch_models: Callable[[str, str], Any], tmp_path: Any, arch: str, family: str
+) -> None:
+    """Each family's own fixture file (Ternary-Bonsai's Q2_0 qwen3, Falcon3's and
+    Llama3-8B-1.58's llama) with its published template: JSON and tool calls hold."""
+    from bitserve.api.app import create_app
+    from bitserve.api.served import ServedModel
+    from bitserve.api.settings import ServerSettings
+    from bitserve.store import SQLiteStore
+
+    settings = ServerSettings(db_path=tmp_path / "db.sqlite")
+    served = ServedModel.create(arch_models(arch, family), 16, None, settings.aliases)
+    app = create_app(settings, served, SQLiteStore(settings.db_path))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        kwargs = {"enable_thinking": False}
+        data = post(client, response_format=json_schema_format(Weather), max_tokens=150,
+                    chat_template_kwargs=kwargs, n=2, temperature=1.0, seed=1)  # fmt: skip
+        for choice in data["choices"]:
+            Weather.model_validate_json(choice["message"]["content"])
+        if family == "falcon3":
+            return  # its tool prompt alone nearly fills the fixture's 512 positions; its
+            # calls are tested on a longer context: test_falcon3_calls_are_one_json_array
+        data = post(client, content="Hi", tools=[SMALL_TOOL], tool_choice="required",
+                    max_tokens=60, chat_template_kwargs=kwargs)  # fmt: skip
+        assert data["choices"][0]["finish_reason"] == "tool_calls"
+        for call in data["choices"][0]["message"]["tool_calls"]:
+            assert json.loads(call["function"]["arguments"]) in ({"n": 1}, {"n": 2})
