@@ -1,5 +1,6 @@
 """Session-wide test setup: every cache (the demo model, bench models) goes to a temporary
-directory, so tests never touch the user's ~/.cache and never see a stale file."""
+directory, so tests never touch the user's ~/.cache and never see a stale file; a real
+PostgreSQL server, started once when a test asks for it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from bitserve.cluster.postgres import PostgresServer, start_postgres
+from postgres_databases import new_postgres_database
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -45,3 +49,18 @@ def family_tokenizer_metadata(family: str) -> dict[str, Any]:
 def family_metadata() -> Callable[[str], dict[str, Any]]:
     """``family_metadata("qwen3" | "falcon3" | "llama3")`` → tokenizer + template keys."""
     return family_tokenizer_metadata
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (a temporary folder, 127.0.0.1, no
+    fsync); fails (never skips) when PostgreSQL is not installed."""
+    server = start_postgres(durable=False)
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer) -> str:
+    """A new, empty database on the session's server: each test its own."""
+    return new_postgres_database(postgres)
