@@ -333,8 +333,8 @@ class ChatFormatter:
             extra[key] = value
         uses_tools = bool(tools) or any(m.tool_calls or m.role == "tool" for m in checked)
         if uses_tools and not self.knows_tools:
-            return generic_tool_messages(checked, tools), extra
-        if tools:
+            checked = generic_tool_messages(checked, tools)  # tools and calls: contents now
+        elif tools:
             extra["tools"] = [dict(t) for t in tools]
         self._check_template_text(checked, extra)
         return checked, extra
