@@ -15,9 +15,9 @@ from hf_fixtures import (
 from tokenizers import Tokenizer as HFTokenizer
 
 from bitserve.convert import Checkpoint, convert_checkpoint
-from bitserve.convert.converter import llama_qk_row_order
 from bitserve.gguf import GGMLType, read_gguf
 from bitserve.gguf.quants import unpack_i2s, unpack_tq2_0
+from bitserve.model.arch import permute_rows
 from bitserve.model.bitnet import BitNetModel
 
 PROMPT = [5, 17, 300, 2, 1999, 42, 7, 7, 128]
@@ -53,7 +53,7 @@ def test_falcon3_packed_becomes_a_llama_gguf(tokenizer: HFTokenizer, tmp_path: P
             if ".attn_q." in name or ".attn_k." in name:
                 heads = m.n_heads if ".attn_q." in name else m.n_kv_heads
                 # llama.cpp's converter order: [0, d/2, 1, d/2 + 1, ...] within each head
-                order = llama_qk_row_order(ternary.shape[0], heads)
+                order = permute_rows(ternary.shape[0], heads)
                 assert order[:4].tolist() == [0, m.head_dim // 2, 1, m.head_dim // 2 + 1]
                 assert np.array_equal(got, ternary[order])
             else:

@@ -28,6 +28,7 @@ from bitserve.convert.tokenizer_json import tokenizer_metadata
 from bitserve.gguf.constants import TQ_BLOCK, GGMLType
 from bitserve.gguf.quants import pack_i2s, pack_tq2_0
 from bitserve.gguf.writer import GGUFWriter
+from bitserve.model.arch import permute_rows
 
 PROJECTIONS = {
     "self_attn.q_proj": "attn_q",
@@ -292,7 +293,7 @@ class _TensorWriter:
             ternary, scales = self.ternary(name, shapes[gguf])
             if self.layout.permute_qk and gguf in ("attn_q", "attn_k"):
                 heads = hp.n_heads if gguf == "attn_q" else hp.n_kv_heads
-                order = llama_qk_row_order(ternary.shape[0], heads)
+                order = permute_rows(ternary.shape[0], heads)
                 ternary = ternary[order]
                 scales = scales if scales.size == 1 else scales[order]
             self.projection(f"blk.{i}.{gguf}.weight", ternary, scales)
@@ -356,12 +357,3 @@ class _TensorWriter:
             self.w.add_array(gguf_name, matrix.astype(np.float32))
         else:
             self.w.add_array(gguf_name, matrix.astype(np.float16))
-
-
-def llama_qk_row_order(n_rows: int, n_heads: int) -> np.ndarray:
-    """The row order llama.cpp's converter gives q/k for its adjacent-pair RoPE: within
-    each head, rows ``[0, d/2, 1, d/2 + 1, ...]`` (Hugging Face rotates halves)."""
-    head_dim = n_rows // n_heads
-    rows = np.arange(n_rows).reshape(n_heads, 2, head_dim // 2)
-    order: np.ndarray = rows.swapaxes(1, 2).reshape(-1)
-    return order

@@ -105,3 +105,11 @@ def unpermute_rows(n_rows: int, n_heads: int) -> np.ndarray:
         raise ValueError(f"{n_rows} rows do not split into {n_heads} heads of even size")
     order: np.ndarray = np.arange(n_rows).reshape(n_heads, head_dim // 2, 2).transpose(0, 2, 1)
     return order.reshape(-1)
+
+
+def permute_rows(n_rows: int, n_heads: int) -> np.ndarray:
+    """The row order llama.cpp's converter stores a q or k weight in (``W_file =
+    W_trained[order]``: within each head, rows ``[0, D/2, 1, D/2 + 1, ...]``), the inverse
+    of :func:`unpermute_rows`; ``bitserve convert`` and the synthetic files write it."""
+    order: np.ndarray = np.argsort(unpermute_rows(n_rows, n_heads))
+    return order
