@@ -27,7 +27,7 @@ from bitserve.api.chat.protocol import (
     Usage,
 )
 from bitserve.api.chat.reply import ReplyDelta, ReplyParser
-from bitserve.api.chat.tools import ParsedCall, ToolPlan, tool_plan
+from bitserve.api.chat.tools import ParsedCall, ToolPlan, tool_plan, wire_tool_calls
 from bitserve.api.errors import GenerationCancelledError, InvalidParameterError
 from bitserve.api.sampling import check_n, normalize_stop, to_sampling_params, wire_names
 from bitserve.api.served import ServedModel
@@ -266,13 +266,6 @@ def cached_tokens(results: list[ChoiceResult]) -> int:
     """Prompt tokens served from the prefix cache (the prompt is counted once: the most
     any choice reused)."""
     return max((r.cached_tokens for r in results), default=0)
-
-
-def wire_tool_calls(calls: list[ParsedCall]) -> list[dict[str, Any]]:
-    return [
-        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-        for c in calls
-    ]
 
 
 def _message(plan: ChatPlan, result: ChoiceResult) -> dict[str, Any]:

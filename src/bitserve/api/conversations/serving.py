@@ -40,8 +40,8 @@ from bitserve.api.chat.serving import (
     prompt_options,
     respond_chat,
     wire_messages,
-    wire_tool_calls,
 )
+from bitserve.api.chat.tools import wire_tool_calls
 from bitserve.api.conversations.history import fit_history
 from bitserve.api.conversations.protocol import (
     ConversationChatRequest,
@@ -120,13 +120,6 @@ def conversation_object(conv: Conversation) -> dict[str, Any]:
     ).model_dump(mode="json")
 
 
-def _wire_calls(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
-    return [
-        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-        for c in calls
-    ]
-
-
 def message_object(m: StoredMessage) -> dict[str, Any]:
     return ConversationMessage.model_validate(
         {
@@ -137,7 +130,7 @@ def message_object(m: StoredMessage) -> dict[str, Any]:
             "prompt_tokens": m.prompt_tokens,
             "completion_tokens": m.completion_tokens,
             "finish_reason": m.finish_reason,
-            "tool_calls": _wire_calls(m.tool_calls) or None,
+            "tool_calls": wire_tool_calls(m.tool_calls) or None,
             "tool_call_id": m.tool_call_id,
             "reasoning_content": m.reasoning_content,
         }
@@ -183,7 +176,7 @@ def _history_message(m: StoredMessage | NewMessage) -> dict[str, Any]:
     if m.token_ids is not None:
         message["token_ids"] = list(m.token_ids)
     if m.tool_calls:
-        message["tool_calls"] = _wire_calls(m.tool_calls)
+        message["tool_calls"] = wire_tool_calls(m.tool_calls)
     if m.tool_call_id is not None:
         message["tool_call_id"] = m.tool_call_id
     if m.reasoning_content is not None:
@@ -264,10 +257,7 @@ class ConversationService:
         """The assistant message to store for a finished ``reply``: its content, calls
         and reasoning apart, as the template re-renders them (Qwen3 drops old reasoning),
         so the generated ids are kept only for a reply that is all content."""
-        calls = tuple(
-            ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"])
-            for c in wire_tool_calls(reply.tool_calls)
-        )
+        calls = tuple(ToolCall(c.id, c.name, c.arguments) for c in reply.tool_calls)
         ids = reply_token_ids(reply.events, self.served.stop_token_ids)
         if calls or reply.reasoning is not None:
             ids = None
