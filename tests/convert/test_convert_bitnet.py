@@ -5,6 +5,7 @@ directly; the tokenizer encodes and decodes exactly as HF ``tokenizers`` does.""
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,24 @@ def test_convert_command_and_its_errors(
     assert main(["convert", str(tmp_path / "nothing-here"), str(out)]) == 2
     with pytest.raises(CheckpointError, match=r"has no config\.json"):
         Checkpoint(tmp_path)
+
+
+def test_a_packed_tensor_holding_code_3_is_one_sentence(
+    tokenizer: HFTokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = make_model(tokenizer.get_vocab_size(), seed=3)
+    folder = write_checkpoint(tmp_path / "hf", m, "packed", tokenizer)
+    weights = folder / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    name = "model.layers.0.self_attn.q_proj.weight"
+    start = json.loads(raw[8 : 8 + header_len])[name]["data_offsets"][0]
+    raw[8 + header_len + start] = 0xFF  # four codes 3: no ternary value
+    weights.write_bytes(bytes(raw))
+    assert main(["convert", str(folder), str(tmp_path / "out.gguf")]) == 1
+    assert capsys.readouterr().err == (
+        f"bitserve convert: {name}: packed ternary weights hold code 3, which is not -1, 0 or +1\n"
+    )
 
 
 def test_added_tokens_and_padding_convert_like_llama_cpp(tmp_path: Path) -> None:

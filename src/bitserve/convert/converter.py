@@ -303,15 +303,15 @@ class _TensorWriter:
         ref = self.ckpt.ref(name)
         raw = self.take(name)
         scale_name = name.removesuffix("weight") + "weight_scale"
-        if ref.dtype == "U8":
-            ternary = unpack_hf_ternary(raw)
-        elif self.scheme.online:
+        if self.scheme.online and ref.dtype != "U8":
             ternary, scale = absmean_ternary(raw)
             if scale_name in self.ckpt:
                 raise CheckpointError(f"{name}: master weights should not carry a weight_scale")
             return self._shaped(name, ternary, shape), np.array([scale], np.float32)
-        else:
-            ternary = ternary_from_floats(raw)
+        try:
+            ternary = unpack_hf_ternary(raw) if ref.dtype == "U8" else ternary_from_floats(raw)
+        except ValueError as exc:  # not ternary: one sentence naming the tensor
+            raise CheckpointError(f"{name}: {exc}") from None
         if scale_name not in self.ckpt:
             raise CheckpointError(f"{name} is quantized but the checkpoint has no {scale_name}")
         stored = self.take(scale_name).astype(np.float64).reshape(-1)
