@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bitserve.api.chat.serving import usage
+from bitserve.api.chat.response import usage
 from bitserve.api.completions.protocol import CompletionRequest, LlamaCompletionRequest
 from bitserve.api.errors import InvalidParameterError
 from bitserve.api.sampling import (

@@ -31,9 +31,9 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from bitserve.api.chat.response import ChoiceResult
 from bitserve.api.chat.serving import (
     ChatPlan,
-    ChoiceResult,
     PromptOptions,
     encode_chat,
     plan_chat,
