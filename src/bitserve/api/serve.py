@@ -38,6 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="GGUF model file (default: the built-in demo model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+    p.add_argument(
+        "--no-webui",
+        dest="webui",
+        action="store_false",
+        help="do not serve the web chat page at / (default: served)",
+    )
     add_runtime_arguments(p)
     p.add_argument(
         "-c", "--ctx-size", type=int, help="context size in tokens (default: the model's)"
@@ -124,6 +130,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(
         host=args.host,
         port=args.port,
+        webui=args.webui,
         model_path=args.model,
         **runtime_options(args),
         ctx_size=args.ctx_size,
@@ -204,6 +211,13 @@ def run(args: argparse.Namespace) -> int:
         f"http://{settings.host}:{settings.port}, conversations in {settings.db_path}",
         file=sys.stderr,
     )
+    if settings.webui:
+        from bitserve.webui import browser_url
+
+        print(
+            f"bitserve serve: open {browser_url(settings.host, settings.port)} in a browser",
+            file=sys.stderr,
+        )
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
     config = uvicorn.Config(
         app,

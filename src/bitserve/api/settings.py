@@ -44,6 +44,7 @@ class ServerSettings:
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
+    webui: bool = True  # the chat page at / (``--no-webui``: off)
     model_path: str | None = None
     threads: int | None = None
     kernel: str | None = None
