@@ -40,7 +40,7 @@ from bitserve.model.synthetic import SHAPE_2B4T, write_synthetic_model
 BASELINE_GEN_TOK_S = 15.5  # bitnet.cpp, 2-core AVX2 EPYC, 2B-4T shapes (spec §7)
 BASELINE_PROMPT_TOK_S = 68.8
 SYNTHETIC_NAME = "synthetic-2b4t-i2s-seed0.gguf"
-SCENARIOS = ("kernels", "conversation", "concurrent")
+SCENARIOS = ("kernels", "conversation", "concurrent", "cluster")
 BANDWIDTH_PASSES = 9
 PROMPT_RUNS = 3
 # measure what the server runs: its scheduler's prompt chunk and KV dtype
@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=SCENARIOS,
         default="kernels",
         help="kernels: this process's prompt/generation speed; conversation, concurrent: "
-        "the serving goals against the real server (default: kernels)",
+        "the serving goals against the real server; cluster: replicas behind nginx, "
+        "affinity vs round-robin and nginx's added latency (default: kernels)",
     )
     serving = _serving_module()
     if serving is not None:

@@ -77,6 +77,7 @@ def create_app(settings: ServerSettings, served: ServedModel, store: Conversatio
         EdgeGuard, allowed_hosts=settings.allowed_hosts, max_body_bytes=settings.max_body_bytes
     )
     system.install_metrics(app, served)  # app.state.registry + the HTTP-edge middleware
+    app.add_middleware(system.ReplicaHeader, name=settings.replica_name)
     install_error_handlers(app)
     for router in (
         system.health_router,
