@@ -3,9 +3,11 @@ quantization, written as llama.cpp writes ``llama`` GGUFs) and per-row scales (T
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hf_fixtures import (
     make_model,
     write_checkpoint,
@@ -14,7 +16,7 @@ from hf_fixtures import (
 )
 from tokenizers import Tokenizer as HFTokenizer
 
-from bitserve.convert import Checkpoint, convert_checkpoint
+from bitserve.convert import Checkpoint, CheckpointError, convert_checkpoint
 from bitserve.gguf import GGMLType, read_gguf
 from bitserve.gguf.quants import unpack_i2s, unpack_tq2_0
 from bitserve.model.arch import permute_rows
@@ -60,6 +62,18 @@ def test_falcon3_packed_becomes_a_llama_gguf(tokenizer: HFTokenizer, tmp_path: P
                 assert np.array_equal(got, ternary)
     finally:
         gguf.close()
+
+
+def test_a_llama_checkpoint_without_bitnet_quantization_is_refused(
+    tokenizer: HFTokenizer, tmp_path: Path
+) -> None:
+    m = make_model(tokenizer.get_vocab_size(), seed=5, sub_norms=False)
+    folder = write_checkpoint(tmp_path / "hf", m, "llama-packed", tokenizer)
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]  # a plain float Llama, not a ternary one
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="LlamaForCausalLM checkpoint is not ternary"):
+        convert_checkpoint(Checkpoint(folder), tmp_path / "float.gguf")
 
 
 def test_per_row_weight_scales_become_tq2_0(tokenizer: HFTokenizer, tmp_path: Path) -> None:

@@ -60,11 +60,18 @@ class Layout:
     permute_qk: bool  # llama.cpp's row order for adjacent-pair ("normal") RoPE
     default_act: str
     tied_by_default: bool
+    # without a quantization_config the projections are master weights, quantized here
+    # (BitNet's -bf16 checkpoint); an architecture without this is not ternary then
+    master_weights: bool
 
 
 LAYOUTS = {
-    "BitNetForCausalLM": Layout("BitNetForCausalLM", "bitnet-b1.58", True, False, "relu2", True),
-    "LlamaForCausalLM": Layout("LlamaForCausalLM", "llama", False, True, "silu", False),
+    "BitNetForCausalLM": Layout(
+        "BitNetForCausalLM", "bitnet-b1.58", True, False, "relu2", True, master_weights=True
+    ),
+    "LlamaForCausalLM": Layout(
+        "LlamaForCausalLM", "llama", False, True, "silu", False, master_weights=False
+    ),
 }
 
 
@@ -124,10 +131,10 @@ class QuantScheme:
     def from_config(cls, config: dict[str, Any], layout: Layout) -> QuantScheme:
         quant = config.get("quantization_config")
         if quant is None:
-            if layout.gguf_arch == "llama":
+            if not layout.master_weights:
                 raise CheckpointError(
-                    "config.json has no bitnet quantization_config: this Llama checkpoint is "
-                    "not ternary, and bitserve serves ternary models only"
+                    f"config.json has no bitnet quantization_config: this {layout.hf_arch} "
+                    "checkpoint is not ternary, and bitserve serves ternary models only"
                 )
             return cls(online=True, scale_multiplies=False)  # BitNet master weights
         if quant.get("quant_method") != "bitnet":
