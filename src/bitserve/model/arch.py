@@ -2,9 +2,11 @@
 
 One forward pass (``bitserve.model.bitnet``) serves every family; an :class:`Architecture`
 says which of its optional parts a GGUF ``general.architecture`` uses. Nothing else in
-the code base asks which family a model is. Every fact below was checked against
-llama.cpp (``llama-arch.cpp``, ``llama-model.cpp``, ``convert_hf_to_gguf.py``) and
-bitnet.cpp's converter (``utils/convert-hf-to-gguf-bitnet.py``):
+the forward, the engine, the kernels or the API asks which family a model is (the chat
+formatter gives ``bitnet-*`` files the 2B-4T chat format, spec §6). Every fact below was
+checked against llama.cpp (``llama-arch.cpp``, ``llama-model.cpp``,
+``convert_hf_to_gguf.py``) and bitnet.cpp's converter
+(``utils/convert-hf-to-gguf-bitnet.py``):
 
 - ``bitnet-b1.58`` / ``bitnet-25``: Microsoft's BitNet-b1.58-2B-4T (spec §3-4): squared
   ReLU, sub-norms before ``o_proj`` and ``down_proj``, NEOX RoPE, tied head.
