@@ -30,7 +30,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from bitserve.gguf.constants import GGMLType
 from bitserve.gguf.quants import pack_i2s, pack_tq2_0
 from bitserve.gguf.writer import GGUFWriter
-from bitserve.model.demo import llama3_special_tokens, train_demo_bpe
+from bitserve.model.demo import train_demo_bpe
+from bitserve.tokenizer.fixtures import llama3_special_tokens
 from bitserve.tokenizer.pretokenizers import LLAMA3_SPLIT_PATTERN
 
 PROJ_HF = {

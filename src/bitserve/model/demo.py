@@ -26,7 +26,7 @@ from typing import Any
 
 from bitserve.model.synthetic import ModelShape, write_synthetic_model
 from bitserve.tokenizer.bpe import LLAMA3_SPLIT_PATTERN, TOKEN_CONTROL, TOKEN_NORMAL
-from bitserve.tokenizer.fixtures import train_byte_level_bpe
+from bitserve.tokenizer.fixtures import llama3_special_tokens, train_byte_level_bpe
 
 DEMO_NOTICE = "demo model: random weights; pass -m for a real model"
 
@@ -57,26 +57,6 @@ def demo_shape(vocab_size: int) -> ModelShape:
         vocab_size=vocab_size,
         context_length=2048,
     )
-
-
-def llama3_special_tokens() -> list[str]:
-    """LLaMA-3's 256 control tokens in id order (offset 0 is BOS, 1 EOS, 9 EOT)."""
-    names = {
-        0: "<|begin_of_text|>",
-        1: "<|end_of_text|>",
-        6: "<|start_header_id|>",
-        7: "<|end_header_id|>",
-        9: "<|eot_id|>",
-    }
-    out: list[str] = []
-    reserved = 0
-    for offset in range(N_LLAMA3_SPECIAL):
-        if offset in names:
-            out.append(names[offset])
-        else:
-            out.append(f"<|reserved_special_token_{reserved}|>")
-            reserved += 1
-    return out
 
 
 def train_demo_bpe() -> tuple[list[str], list[str]]:

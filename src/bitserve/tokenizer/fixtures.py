@@ -86,7 +86,7 @@ def _words(text: str) -> list[str]:
     return text.split()
 
 
-def _llama3_specials() -> list[tuple[str, int]]:
+def llama3_special_tokens() -> list[str]:
     """LLaMA-3's 256 control tokens in id order (offset 0 BOS, 1 EOS, 9 end of turn)."""
     names = {
         0: "<|begin_of_text|>",
@@ -97,7 +97,7 @@ def _llama3_specials() -> list[tuple[str, int]]:
     }
     reserved = iter(range(256))
     return [
-        (names[k] if k in names else f"<|reserved_special_token_{next(reserved)}|>", C)
+        names[k] if k in names else f"<|reserved_special_token_{next(reserved)}|>"
         for k in range(256)
     ]
 
@@ -171,7 +171,7 @@ class _Family:
 
 _LLAMA3 = _Family(
     "llama-bpe",
-    after=_llama3_specials(),
+    after=[(token, C) for token in llama3_special_tokens()],
     reserved_fill="<|reserved_special_token_{}|>",
     ids={"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "eot": "<|eot_id|>"},
     flags={"add_bos_token": True},
