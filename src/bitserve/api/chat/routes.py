@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from bitserve.api.auth import require_key
+from bitserve.api.auth import require_key, scope_to_caller
 from bitserve.api.chat.protocol import ChatCompletion, ChatCompletionRequest
 from bitserve.api.chat.serving import check_supported, plan_chat, respond_chat, wire_messages
 from bitserve.api.conversations.routes import SSE_DOC
@@ -28,4 +28,5 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     messages = wire_messages(body.messages)
     served.check_input_chars(sum(len(m["content"]) for m in messages), "messages")
     plan = await run_in_threadpool(plan_chat, served, body, messages, model)  # tokenizes
+    scope_to_caller(plan.requests, request)
     return await respond_chat(served, plan, RequestGuard(request), body.stream)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
-from bitserve.api.auth import require_key
+from bitserve.api.auth import require_key, scope_to_caller
 from bitserve.api.completions.protocol import (
     CompletionRequest,
     DetokenizeRequest,
@@ -60,6 +60,7 @@ async def completion(body: LlamaCompletionRequest, request: Request) -> Response
     `n_probs` (→ `completion_probabilities`), `return_tokens`; `stream: true` sends
     llama.cpp's partial objects and a final one with `stop: true` (no `[DONE]`)."""
     job = await run_in_threadpool(LlamaCompletion.plan, _served(request), body)  # tokenizes
+    scope_to_caller([job.request], request)
     return await _answer(RequestGuard(request), body.stream, job)
 
 
@@ -68,6 +69,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     """OpenAI legacy completions. `echo: true` with `logprobs: N` and `max_tokens: 0`
     scores the prompt (each token's logprob given those before it; the first is null)."""
     job = await run_in_threadpool(LegacyCompletion.plan, _served(request), body)  # tokenizes
+    scope_to_caller((c.request for c in job.choices), request)
     return await _answer(RequestGuard(request), body.stream, job)
 
 

@@ -252,12 +252,14 @@ class ConversationService:
             turn = await run_in_threadpool(
                 self.prepare_turn, owner, conversation_id, body, new, model
             )
+            for req in turn.plan.requests:  # its KV is reused by this key's requests only
+                req.cache_scope = owner
 
             async def store_turn(results: list[ChoiceResult]) -> None:
                 reply = await run_in_threadpool(
                     self.store_turn, owner, conversation_id, turn, results[0]
                 )
-                self.prefill_ahead_later(turn.messages, reply)
+                self.prefill_ahead_later(turn.messages, reply, owner)
 
             return await respond_chat(self.served, turn.plan, guard, body.stream, store_turn)
         except BaseException:
@@ -297,7 +299,9 @@ class ConversationService:
         self.store.append_turn(owner, conversation_id, [*turn.new, reply])
         return reply
 
-    def prefill_ahead_later(self, messages: list[dict[str, Any]], reply: NewMessage) -> None:
+    def prefill_ahead_later(
+        self, messages: list[dict[str, Any]], reply: NewMessage, scope: str
+    ) -> None:
         """Queue the next turn's prompt start (:func:`next_turn_prefix`) for the engine to
         compute ahead, once a worker thread has encoded it: after the answer, not in
         its way (encoding a long history takes a while)."""
@@ -305,7 +309,7 @@ class ConversationService:
         async def queue_it() -> None:
             ahead = await run_in_threadpool(next_turn_prefix, self.served, messages, reply)
             if ahead is not None:
-                self.served.engine.prefill_ahead(ahead, PREFILL_AHEAD_MAX_TOKENS)
+                self.served.engine.prefill_ahead(ahead, PREFILL_AHEAD_MAX_TOKENS, scope)
 
         task = asyncio.get_running_loop().create_task(queue_it())
         self._background.add(task)  # a reference until it is done (asyncio keeps weak ones)

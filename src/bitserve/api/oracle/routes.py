@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from bitserve.api.auth import require_configured_key
+from bitserve.api.auth import require_configured_key, scope_to_caller
 from bitserve.api.chat.protocol import ChatCompletion, ChatCompletionRequest
 from bitserve.api.chat.serving import plan_chat, respond_chat, wire_messages
 from bitserve.api.conversations.routes import SSE_DOC
@@ -57,5 +57,6 @@ async def oracle_chat(
     messages = wire_messages(body.messages)
     served.check_input_chars(sum(len(m["content"]) for m in messages), "messages")
     plan = await run_in_threadpool(plan_chat, served, body, messages, body.model)  # tokenizes
+    scope_to_caller(plan.requests, request)
     plan.oracle = True
     return await respond_chat(served, plan, RequestGuard(request), body.stream)
