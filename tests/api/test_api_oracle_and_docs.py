@@ -58,9 +58,15 @@ def test_oracle_reply_keys_and_aliases(oracle: TestClient) -> None:
         assert r.status_code == 200, r.text
         data = r.json()
         message = data["choices"][0]["message"]
-        assert message["reasoning_content"] is None and message["tool_calls"] is None
+        assert message["reasoning_content"] is None and message["tool_calls"] == []
         assert data["usage"]["total_tokens"] > 0 and data["system_fingerprint"]
         assert data["choices"][0]["logprobs"] is None
+
+
+def test_builtin_routes_have_bitminds_documented_defaults() -> None:
+    route_1 = OracleConfig.builtin().routes["1"].defaults
+    assert route_1["temperature"] == 0.1 and route_1["top_p"] == 1.0  # not our 0.95
+    assert route_1["max_tokens"] == 500 and route_1["stream"] is True
 
 
 def test_oracle_route_defaults_apply(oracle: TestClient) -> None:

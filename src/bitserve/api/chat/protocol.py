@@ -112,7 +112,7 @@ class OracleAssistantMessage(AssistantMessage):
     """The oracle routes' message: BitMind clients read these keys."""
 
     reasoning_content: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)  # BitMind's example: []
 
 
 class ChatChoice(BaseModel):
