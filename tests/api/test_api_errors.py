@@ -282,3 +282,12 @@ def test_the_prefix_cache_is_never_shared_between_keys(make_client: AppFactory) 
             # key-a's second request reuses its first; key-b finds at most the BOS of its
             # own chats, never key-a's prompt
             assert hits[1] > 50 and hits[2] <= 1, (path, hits)
+
+
+def test_a_405_lists_every_method_of_the_path(client: TestClient) -> None:
+    conv = client.post("/v1/conversations").json()["id"]
+    answer = client.put(f"/v1/conversations/{conv}")
+    assert answer.status_code == 405
+    allowed = {m.strip() for m in answer.headers["allow"].split(",")}
+    assert allowed == {"GET", "HEAD", "POST", "PATCH", "DELETE"}
+    assert client.get("/v1/chat/completions").headers["allow"] == "POST"

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from bitserve.engine.generate import ContextLengthError
 from bitserve.engine.loop import EngineStoppedError, GenerationFailedError, QueueFullError
@@ -212,10 +213,31 @@ def error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method some route serves at the request's path (``Allow`` of a 405)."""
+    methods: set[str] = set()
+    routes = list(request.app.router.routes)
+    while routes:
+        route = routes.pop()
+        included = getattr(route, "original_router", None)  # an included router's routes
+        if included is not None:
+            routes.extend(included.routes)
+            continue
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every exception through ``error_response``."""
 
     async def handle(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, StarletteHTTPException) and exc.status_code == 405:
+            # Starlette names the methods of the first route on the path only
+            exc = StarletteHTTPException(405, exc.detail, {"Allow": allowed_methods(request)})
         return error_response(exc)
 
     for cls in (*ERROR_TABLE, StarletteHTTPException, Exception):

@@ -25,6 +25,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     served: ServedModel = request.app.state.served
     model = served.resolve(body.model)
     check_supported(body)
+    served.check_queue_room(body.n, "n")
     messages = wire_messages(body.messages)
     served.check_input_chars(sum(len(m["content"]) for m in messages), "messages")
     plan = await run_in_threadpool(plan_chat, served, body, messages, model)  # tokenizes

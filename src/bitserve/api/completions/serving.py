@@ -326,8 +326,11 @@ class LegacyCompletion:
         if body.max_tokens < 0:
             raise InvalidParameterError("max_tokens: must be 0 or more", "max_tokens")
         stop, top_n = normalize_stop(body.stop), body.logprobs or 0
+        prompts = _prompts(body)
+        if body.max_tokens > 0:
+            served.check_queue_room(len(prompts) * body.n, "prompt")
         choices = []
-        for p_index, raw in enumerate(_prompts(body)):
+        for p_index, raw in enumerate(prompts):
             prompt = tokenize_prompt(served, raw)
             text = (
                 raw

@@ -21,6 +21,7 @@ waits only for the message itself.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ from bitserve.api.conversations.protocol import (
 from bitserve.api.errors import InvalidParameterError
 from bitserve.api.served import ServedModel
 from bitserve.api.streaming import RequestGuard
+from bitserve.engine.loop import QueueFullError
 from bitserve.engine.types import TokenEvent
 from bitserve.store import Conversation, ConversationStore, NewMessage, StoredMessage
 from bitserve.store.base import (
@@ -59,14 +61,22 @@ PREFILL_AHEAD_MAX_TOKENS = 16  # the template's start of a turn is ~6 tokens (LL
 
 
 class ConversationLocks:
-    """One ``asyncio.Lock`` per conversation id, dropped when nobody holds or waits."""
+    """One ``asyncio.Lock`` per conversation id, dropped when nobody holds or waits. At
+    most ``max_waiting`` chats wait for one conversation (``--max-queue``): a client that
+    queues more gets ``QueueFullError`` (503 + ``Retry-After``) like the engine's queue,
+    instead of piling up requests that hold a connection each."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_waiting: int = 16, seconds_per_turn: Callable[[], float] = lambda: 1.0):
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self.max_waiting = max_waiting
+        self.seconds_per_turn = seconds_per_turn
 
     async def acquire(self, key: str) -> Callable[[], None]:
         """Wait for ``key``'s lock; returns an idempotent release function."""
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        if lock.locked() and users - 1 >= self.max_waiting:  # users: the holder + waiters
+            retry = math.ceil(self.seconds_per_turn() * users)
+            raise QueueFullError(self.max_waiting, max(1, min(retry, 60)))
         self._locks[key] = (lock, users + 1)
         try:
             await lock.acquire()
@@ -182,7 +192,8 @@ class ConversationService:
     def __init__(self, store: ConversationStore, served: ServedModel) -> None:
         self.store = store
         self.served = served
-        self.locks = ConversationLocks()
+        engine = served.engine
+        self.locks = ConversationLocks(engine.max_queue, engine.stats.mean_request_seconds)
         self._background: set[asyncio.Task[None]] = set()
 
     def count_tokens(self, text: str) -> int:

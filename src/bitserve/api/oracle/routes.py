@@ -54,6 +54,7 @@ async def oracle_chat(
         raise RequestValidationError(exc.errors()) from exc
     served: ServedModel = request.app.state.served
     served.resolve(body.model, (*config.aliases, *spec.aliases))
+    served.check_queue_room(body.n, "n")
     messages = wire_messages(body.messages)
     served.check_input_chars(sum(len(m["content"]) for m in messages), "messages")
     plan = await run_in_threadpool(plan_chat, served, body, messages, body.model)  # tokenizes
