@@ -11,10 +11,16 @@ from bitserve.api.chat.protocol import ChatCompletion, ChatCompletionRequest
 from bitserve.api.chat.serving import check_supported, plan_chat, respond_chat, wire_messages
 from bitserve.api.conversations.routes import SSE_DOC
 from bitserve.api.edge import GuardedRoute
+from bitserve.api.errors import GENERATING_ERRORS, error_responses
 from bitserve.api.served import ServedModel
 from bitserve.api.streaming import RequestGuard
 
-router = APIRouter(tags=["openai"], dependencies=[Depends(require_key)], route_class=GuardedRoute)
+router = APIRouter(
+    tags=["openai"],
+    dependencies=[Depends(require_key)],
+    route_class=GuardedRoute,
+    responses=error_responses(*GENERATING_ERRORS),
+)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=SSE_DOC)

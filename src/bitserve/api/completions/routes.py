@@ -18,12 +18,15 @@ from bitserve.api.completions.protocol import (
 )
 from bitserve.api.completions.serving import LegacyCompletion, LlamaCompletion
 from bitserve.api.edge import GuardedRoute
-from bitserve.api.errors import InvalidParameterError
+from bitserve.api.errors import GENERATING_ERRORS, InvalidParameterError, error_responses
 from bitserve.api.served import ServedModel
 from bitserve.api.streaming import RequestGuard, sse_response
 
 router = APIRouter(
-    tags=["completions"], dependencies=[Depends(require_key)], route_class=GuardedRoute
+    tags=["completions"],
+    dependencies=[Depends(require_key)],
+    route_class=GuardedRoute,
+    responses=error_responses(*GENERATING_ERRORS),
 )
 
 STREAM_DOC: dict[int | str, dict[str, Any]] = {

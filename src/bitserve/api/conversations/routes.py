@@ -29,11 +29,14 @@ from bitserve.api.conversations.serving import (
     message_object,
 )
 from bitserve.api.edge import GuardedRoute
-from bitserve.api.errors import InvalidParameterError
+from bitserve.api.errors import GENERATING_ERRORS, InvalidParameterError, error_responses
 from bitserve.api.streaming import RequestGuard
 
 router = APIRouter(
-    tags=["conversations"], dependencies=[Depends(require_key)], route_class=GuardedRoute
+    tags=["conversations"],
+    dependencies=[Depends(require_key)],
+    route_class=GuardedRoute,
+    responses=error_responses(*GENERATING_ERRORS, 507),
 )
 
 SSE_DOC: dict[int | str, dict[str, Any]] = {

@@ -19,13 +19,16 @@ from bitserve.api.chat.protocol import ChatCompletion, ChatCompletionRequest
 from bitserve.api.chat.serving import plan_chat, respond_chat, wire_messages
 from bitserve.api.conversations.routes import SSE_DOC
 from bitserve.api.edge import GuardedRoute
-from bitserve.api.errors import RouteNotFoundError
+from bitserve.api.errors import GENERATING_ERRORS, RouteNotFoundError, error_responses
 from bitserve.api.oracle.config import OracleConfig
 from bitserve.api.served import ServedModel
 from bitserve.api.streaming import RequestGuard
 
 router = APIRouter(
-    tags=["oracle"], dependencies=[Depends(require_configured_key)], route_class=GuardedRoute
+    tags=["oracle"],
+    dependencies=[Depends(require_configured_key)],
+    route_class=GuardedRoute,
+    responses=error_responses(*GENERATING_ERRORS),
 )
 
 
