@@ -109,6 +109,7 @@ def test_oversize_text_is_refused_before_tokenizing(make_client: AppFactory) -> 
             ("/v1/chat/completions", chat_body(big)),
             ("/v1/completions", {"model": "bitnet", "prompt": big}),
             ("/completion", {"prompt": big}),
+            ("/tokenize", {"content": big}),
             ("/v1/conversations", {"messages": [{"role": "system", "content": big}]}),
         ):
             r = client.post(path, json=body)

@@ -77,17 +77,18 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 
 
 @router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     """Text → token ids (`add_special` prepends BOS; `with_pieces` adds each piece)."""
-    tok = _served(request).loaded.tokenizer
+    served = _served(request)
+    served.check_input_chars(len(body.content), "content")
+    tok = served.loaded.tokenizer
 
-    def run() -> dict[str, Any]:  # on a worker thread: the text may be long
+    def run() -> Response:  # on a worker thread: the text and its JSON may be long
         ids = tok.encode(body.content, add_bos=body.add_special and tok.add_bos)
         if body.with_pieces:
-            return {
-                "tokens": [{"id": i, "piece": tok.decode([i], skip_special=False)} for i in ids]
-            }
-        return {"tokens": ids}
+            pieces = [{"id": i, "piece": tok.decode([i], skip_special=False)} for i in ids]
+            return JSONResponse({"tokens": pieces})
+        return JSONResponse({"tokens": ids})
 
     return await run_in_threadpool(run)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from bitserve.api.auth import Principal, require_key
 from bitserve.api.chat.protocol import ConversationChatCompletion
@@ -97,11 +97,16 @@ async def get_conversation(
     conversation_id: str,
     request: Request,
     who: Principal = Depends(require_key),  # noqa: B008
-) -> dict[str, Any]:
+) -> Response:
     """The conversation with every stored message, oldest first."""
     store = service(request).store
-    conv, messages = await run_in_threadpool(store.read, who.owner, conversation_id)
-    return {**conversation_object(conv), "messages": [message_object(m) for m in messages]}
+
+    def run() -> Response:  # on a worker thread: thousands of messages take a while
+        conv, messages = store.read(who.owner, conversation_id)
+        body = {**conversation_object(conv), "messages": [message_object(m) for m in messages]}
+        return JSONResponse(body)
+
+    return await run_in_threadpool(run)
 
 
 @router.post("/v1/conversations/{conversation_id}", response_model=ConversationObject)
