@@ -40,7 +40,7 @@ from bitserve.model.synthetic import SHAPE_2B4T, write_synthetic_model
 BASELINE_GEN_TOK_S = 15.5  # bitnet.cpp, 2-core AVX2 EPYC, 2B-4T shapes (spec §7)
 BASELINE_PROMPT_TOK_S = 68.8
 SYNTHETIC_NAME = "synthetic-2b4t-i2s-seed0.gguf"
-SCENARIOS = ("kernels", "conversation", "concurrent")
+SCENARIOS = ("kernels", "conversation", "concurrent", "cluster")
 BANDWIDTH_PASSES = 9
 PROMPT_RUNS = 3
 # measure what the server runs: its scheduler's prompt chunk and KV dtype
@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=SCENARIOS,
         default="kernels",
         help="kernels: this process's prompt/generation speed; conversation, concurrent: "
-        "the serving goals against the real server (default: kernels)",
+        "the serving goals against the real server; cluster: replicas behind nginx, "
+        "affinity vs round-robin and nginx's added latency (default: kernels)",
     )
     serving = _serving_module()
     if serving is not None:
@@ -116,19 +117,17 @@ def measure_bandwidth(backend: NativeBackend, megabytes: int) -> tuple[float, fl
 
 
 def bytes_per_token(model: BitNetModel, backend: Any) -> int:
-    """Bytes one generated token reads: every ternary code plus the head's weights."""
+    """Bytes one generated token reads: every ternary weight (codes and scales) plus the
+    head's weights."""
     codes = sum(
-        w.n_out * w.n_in // 4
+        w.nbytes
         for layer in model.weights.layers
-        for w in (layer.attn_q, layer.attn_k, layer.attn_v, layer.attn_output)
-    ) + sum(
-        w.n_out * w.n_in // 4
-        for layer in model.weights.layers
-        for w in (layer.ffn_gate, layer.ffn_up, layer.ffn_down)
-    )
+        for w in (layer.attn_q, layer.attn_k, layer.attn_v, layer.attn_output,
+                  layer.ffn_gate, layer.ffn_up, layer.ffn_down)
+    )  # fmt: skip
     head = model.weights.head
-    if getattr(backend, "head_mode", "f16") == "int8" and head.dtype == np.float16:
-        return int(codes + head.size + 4 * head.shape[0])
+    if getattr(backend, "head_mode", "f16") == "int8" and head.kind == "f16":
+        return int(codes + head.n_rows * head.dim + 4 * head.n_rows)
     return int(codes + head.nbytes)
 
 
@@ -138,8 +137,10 @@ def time_model(path: Path, backend: Any, n_prompt: int, n_gen: int) -> tuple[Bit
     steps after the last one."""
     start = time.perf_counter()
     model = BitNetModel.load(path, backend=backend)
-    if isinstance(backend, NativeBackend) and backend.head_mode == "int8":
-        backend.prepare_head(model.weights.head)
+    head = model.weights.head
+    if isinstance(backend, NativeBackend) and backend.head_mode == "int8" and head.kind == "f16":
+        assert head.data is not None
+        backend.prepare_head(head.data)
     model.forward([0], model.new_cache(max_seq=8))  # first token: weights paged in
     load_s = time.perf_counter() - start
     rng = np.random.default_rng(0)
