@@ -74,3 +74,17 @@ def test_serving_scenario_without_its_module(
     monkeypatch.setitem(sys.modules, "bitserve.bench_serving", None)  # import now fails
     assert main(["bench", "--scenario", "concurrent"]) == 2
     assert "bitserve.bench_serving" in capsys.readouterr().err
+
+
+def test_bench_json_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--json-schema``: paired decoding without and with the mask, under ``constraint``."""
+    from bitserve.model.demo import demo_model_path
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}}))
+    argv = ["bench", "-m", str(demo_model_path()), "--bandwidth-mb", "16", "--gen-tokens", "8"]
+    assert main([*argv, "--prompt-tokens", "4", "--json-schema", f"@{schema}", "--pairs", "2"]) == 0
+    constraint = json.loads(capsys.readouterr().out)["constraint"]
+    assert constraint["pairs"] == 2 and len(constraint["pair_ratios"]) == 2
+    assert constraint["gen_tok_s"] > 0 and constraint["gen_unconstrained_tok_s"] > 0
+    assert constraint["sample_us"] > 0 and constraint["compile_ms"] > 0

@@ -136,9 +136,10 @@ def test_the_default_input_limit_is_what_the_context_could_hold(client: TestClie
 
 def test_a_conversation_is_checked_at_creation_by_the_chat_rules(make_client: AppFactory) -> None:
     with make_client(ctx_size=128) as client:
-        tool = {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]}
-        r = client.post("/v1/conversations", json=tool)
-        assert r.status_code == 400 and "role" in r.json()["error"]["message"]
+        call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        bad = {"messages": [{"role": "user", "content": "hi", "tool_calls": [call]}]}
+        r = client.post("/v1/conversations", json=bad)  # a message the chat format refuses
+        assert r.status_code == 400 and "only assistant" in r.json()["error"]["message"]
         long_system = {"messages": [{"role": "system", "content": "word " * 200}]}
         r = client.post("/v1/conversations", json=long_system)
         assert r.status_code == 400
@@ -155,7 +156,7 @@ def test_a_stored_role_the_format_refuses_is_a_400_not_a_500(client: TestClient)
     """Conversations stored before creation was checked may hold such a message."""
     conv = client.post("/v1/conversations").json()["id"]
     store = client.app.state.store  # type: ignore[attr-defined]
-    store.append_turn("", conv, [NewMessage("tool", "42", 1)])
+    store.append_turn("", conv, [NewMessage("narrator", "42", 1)])
     prompt = client.get(f"/v1/conversations/{conv}/prompt")
     assert prompt.status_code == 400 and "role" in prompt.json()["error"]["message"]
     chat = client.post(f"/v1/conversations/{conv}/chat", json=chat_body())

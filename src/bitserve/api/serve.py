@@ -45,6 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from bitserve.engine.loader import add_runtime_arguments
 
     p.add_argument("-m", "--model", help="GGUF model file (default: the built-in demo model)")
+    p.add_argument(
+        "-hf",
+        "--hf-repo",
+        metavar="NAME",
+        help="model from the Hugging Face Hub: catalog name, owner/repo or owner/repo:VARIANT "
+        "(pulled and verified on first use, then served from disk without the network)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
     p.add_argument(
@@ -180,6 +187,15 @@ def run(args: argparse.Namespace) -> int:
     from bitserve.engine.loader import load_model
     from bitserve.store import StoreError, open_store
 
+    if args.hf_repo is not None:
+        from bitserve.hub.commands.pull import pull_for_serve
+
+        if args.model is not None:
+            print("bitserve serve: pass -m FILE or -hf NAME, not both", file=sys.stderr)
+            return 2
+        args.model = pull_for_serve(args.hf_repo)
+        if args.model is None:
+            return 1
     try:
         settings = settings_from_args(args)
     except (OSError, ValueError, OracleConfigError) as exc:  # ValueError: bad --threads
