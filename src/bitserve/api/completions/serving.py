@@ -120,12 +120,12 @@ def completion_constraint(
     return None
 
 
-def stop_type(served: ServedModel, events: list[TokenEvent], stop: list[str]) -> str:
+def stop_type(events: list[TokenEvent]) -> str:
     """llama.cpp's ``stop_type``: eos (a stop token, or a grammar complete), word (a stop
     string), limit."""
     if not events or events[-1].finish_reason != "stop":
         return "limit"
-    return "word" if events[-1].token_id not in served.stop_token_ids and stop else "eos"
+    return "word" if events[-1].stop_string is not None else "eos"
 
 
 def _probs_entry(
@@ -201,8 +201,8 @@ class LlamaCompletion:
                 self.request.prompt_tokens, skip_special=False
             ),
             "generation_settings": self.settings(),
-            "stop_type": stop_type(self.served, events, self.request.stop),
-            "stopping_word": self.stopping_word(events),
+            "stop_type": stop_type(events),
+            "stopping_word": (events[-1].stop_string or "") if events else "",
             "has_new_line": "\n" in "".join(e.text for e in events),
             "truncated": False,
             "tokens_cached": self.cached_tokens,
@@ -234,15 +234,6 @@ class LlamaCompletion:
             "predicted_per_token_ms": predicted_ms / predicted if predicted else 0.0,
             "predicted_per_second": predicted / predicted_ms * 1000 if predicted_ms else 0.0,
         }
-
-    def stopping_word(self, events: list[TokenEvent]) -> str:
-        """The stop string that ended the text ("" if none did): the one found where the
-        shown text ends in the text of every generated token."""
-        if stop_type(self.served, events, self.request.stop) != "word":
-            return ""
-        shown = "".join(e.text for e in events)
-        generated = self.served.loaded.tokenizer.decode([e.token_id for e in events])
-        return next((s for s in self.request.stop if generated.startswith(s, len(shown))), "")
 
     def observe(self, handle: RequestHandle, event: TokenEvent) -> None:
         if self.first_token is None:

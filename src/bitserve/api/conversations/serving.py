@@ -151,12 +151,13 @@ def reply_token_ids(events: list[TokenEvent], stop_token_ids: set[int]) -> tuple
     """The ids to store with a reply: every generated token but a final stop token (the
     chat template writes its own end of turn, and the engine never fed the stop token to
     the model). None when a stop *string* ended the reply: its text was cut inside the
-    last tokens, so the ids would say more than the stored text."""
+    last tokens, so the ids would say more than the stored text. (A reply its grammar
+    completed keeps every id: its text is all of theirs.)"""
     ids = [e.token_id for e in events]
     last = events[-1] if events else None
-    if last is not None and last.finish_reason == "stop":
-        if last.token_id not in stop_token_ids:
-            return None
+    if last is not None and last.stop_string is not None:
+        return None
+    if last is not None and last.finish_reason == "stop" and last.token_id in stop_token_ids:
         ids.pop()
     return tuple(ids)
 
