@@ -28,7 +28,7 @@ from bitserve.convert.tokenizer_json import tokenizer_metadata
 from bitserve.gguf.constants import TQ_BLOCK, GGMLType
 from bitserve.gguf.quants import pack_i2s, pack_tq2_0
 from bitserve.gguf.writer import GGUFWriter
-from bitserve.model.arch import permute_rows
+from bitserve.model.arch import permute_rows, projection_shapes
 
 PROJECTIONS = {
     "self_attn.q_proj": "attn_q",
@@ -286,15 +286,7 @@ class _TensorWriter:
             width = hp.ffn_dim if hf == "mlp.ffn_sub_norm" else hp.dim
             self.norm(f"blk.{i}.{gguf}.weight", f"{prefix}.{hf}.weight", width)
         q_dim, kv_dim = hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim
-        shapes = {
-            "attn_q": (q_dim, hp.dim),
-            "attn_k": (kv_dim, hp.dim),
-            "attn_v": (kv_dim, hp.dim),
-            "attn_output": (hp.dim, q_dim),
-            "ffn_gate": (hp.ffn_dim, hp.dim),
-            "ffn_up": (hp.ffn_dim, hp.dim),
-            "ffn_down": (hp.dim, hp.ffn_dim),
-        }
+        shapes = projection_shapes(hp.dim, hp.ffn_dim, q_dim, kv_dim)
         for hf, gguf in PROJECTIONS.items():
             name = f"{prefix}.{hf}.weight"
             ternary, scales = self.ternary(name, shapes[gguf])

@@ -94,6 +94,17 @@ SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
+def projection_shapes(
+    dim: int, ffn_dim: int, q_dim: int, kv_dim: int
+) -> dict[str, tuple[int, int]]:
+    """``(n_out, n_in)`` of each ternary projection of a block, by :data:`PROJECTIONS`
+    name: q ``dim→q_dim``, k/v ``dim→kv_dim``, o ``q_dim→dim``, gate/up ``dim→ffn_dim``,
+    down ``ffn_dim→dim``."""
+    shapes = ((q_dim, dim), (kv_dim, dim), (kv_dim, dim), (dim, q_dim),
+              (ffn_dim, dim), (ffn_dim, dim), (dim, ffn_dim))  # fmt: skip
+    return dict(zip(PROJECTIONS, shapes, strict=True))
+
+
 def unpermute_rows(n_rows: int, n_heads: int) -> np.ndarray:
     """The row order that undoes llama.cpp's converter permutation of a q or k weight.
 
