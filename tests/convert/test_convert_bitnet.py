@@ -71,6 +71,14 @@ def test_a_sharded_checkpoint_converts_to_the_same_file(
     a = convert_checkpoint(Checkpoint(single), tmp_path / "a.gguf", name="m").path
     b = convert_checkpoint(Checkpoint(sharded), tmp_path / "b.gguf", name="m").path
     assert a.read_bytes() == b.read_bytes()
+    # an index naming a file outside the folder (a hub repository is anyone's) is refused
+    index = sharded / "model.safetensors.index.json"
+    shards = json.loads(index.read_text())
+    first = next(iter(shards["weight_map"]))
+    shards["weight_map"][first] = "../single/model.safetensors"
+    index.write_text(json.dumps(shards))
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        Checkpoint(sharded)
 
 
 def test_the_tokenizer_round_trips_against_hf_tokenizers(
