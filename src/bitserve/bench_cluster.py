@@ -4,7 +4,6 @@ against round-robin, and nginx's added latency (see :mod:`bitserve.bench_serving
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from bitserve.bench_serving import (
     conversation_turn,
     post,
 )
-from bitserve.cluster.local import start_cluster
+from bitserve.cluster.local import replica_threads, start_cluster
 from bitserve.cluster.nginx import start_nginx
 
 
@@ -68,7 +67,7 @@ def hop_latency(direct: str, balanced: str, n: int) -> dict[str, Any]:
 
 def run_cluster(model: Path, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     # the replicas share this machine: --threads is the total, split between them
-    threads = max(1, (args.threads or os.cpu_count() or 1) // args.replicas)
+    threads = replica_threads(args.replicas, args.threads)
     serve_args = ["-m", str(model), "--max-queue", "64", "--threads", str(threads)]
     with start_cluster(workdir, args.replicas, serve_args, timeout_s=HEALTH_TIMEOUT_S) as cluster:
         upstreams = [r.url.removeprefix("http://") for r in cluster.replicas]
