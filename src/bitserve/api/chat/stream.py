@@ -16,12 +16,8 @@ from bitserve.api.chat.response import (
     reasoning_tokens,
     usage,
 )
-from bitserve.api.errors import GenerationCancelledError
 from bitserve.api.served import ServedModel
-from bitserve.api.streaming import (
-    merged_events,
-    sse,
-)
+from bitserve.api.streaming import check_not_cancelled, merged_events, sse
 from bitserve.engine.loop import RequestHandle
 from bitserve.engine.types import TokenEvent
 
@@ -127,8 +123,7 @@ async def stream_chat(
             if chunk:
                 yield chunk
             continue
-        if events[index] and events[index][-1].finish_reason == "cancelled":
-            raise GenerationCancelledError("the generation was cancelled (the server is stopping)")
+        check_not_cancelled(events[index])
         yield writer.finish(index, ChoiceResult(index, events[index]))
     results = choice_results(events, handles)
     for r in results:

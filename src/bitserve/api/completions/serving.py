@@ -26,6 +26,7 @@ from bitserve.api.sampling import (
 from bitserve.api.served import ServedModel
 from bitserve.api.streaming import (
     RequestGuard,
+    check_not_cancelled,
     collect,
     merged_events,
     sse,
@@ -265,7 +266,7 @@ class LlamaCompletion:
         async for event in handle:
             self.observe(handle, event)
             events.append(event)
-        await collect_check(events)
+        check_not_cancelled(events)
         return self.final(events, "".join(e.text for e in events))
 
     async def stream(self, guard: RequestGuard) -> AsyncIterator[str]:
@@ -276,20 +277,13 @@ class LlamaCompletion:
             events.append(event)
             if event.finish_reason is None or event.text:
                 yield sse(self.partial(event, len(events)))
-        await collect_check(events)
+        check_not_cancelled(events)
         yield sse(self.final(events, ""))
 
 
 async def no_events() -> list[TokenEvent]:
     """The events of a choice that generates nothing (``max_tokens: 0`` scoring)."""
     return []
-
-
-async def collect_check(events: list[TokenEvent]) -> None:
-    from bitserve.api.errors import GenerationCancelledError
-
-    if events and events[-1].finish_reason == "cancelled":
-        raise GenerationCancelledError("the generation was cancelled (the server is stopping)")
 
 
 # ---- OpenAI legacy /v1/completions ---------------------------------------------------------
@@ -470,7 +464,7 @@ class LegacyCompletion:
         async for k, event in merged_events([h for _, h in live]):
             choice_events, choice = events[live[k][0]], self.choices[live[k][0]]
             if event is None:
-                await collect_check(choice_events)
+                check_not_cancelled(choice_events)
                 yield sse(
                     self.envelope([self.chunk(choice, "", wire_finish_reason(choice_events))])
                 )
