@@ -15,8 +15,11 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from bitserve.api.auth import scope_to_caller
 from bitserve.api.chat.output import OutputPlan, plan_output, response_schema
 from bitserve.api.chat.protocol import (
     ChatCompletionRequest,
@@ -218,6 +221,25 @@ def wire_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             message["reasoning_content"] = m.reasoning_content
         out.append(message)
     return out
+
+
+async def answer_chat(
+    served: ServedModel,
+    body: ChatCompletionRequest,
+    model: str,
+    request: Request,
+    oracle: bool = False,
+) -> Response:
+    """A stateless chat (``/v1/chat/completions``, the oracle routes), answered as
+    ``model``: the checks that come before any tokenizing (queue room, input size), the
+    plan on a worker thread, the caller's prefix-cache scope, then :func:`respond_chat`."""
+    served.check_queue_room(body.n, "n")
+    messages = wire_messages(body.messages)
+    served.check_input_chars(sum(len(m["content"]) for m in messages), "messages")
+    plan = await run_in_threadpool(plan_chat, served, body, messages, model)  # tokenizes
+    scope_to_caller(plan.requests, request)
+    plan.oracle = oracle
+    return await respond_chat(served, plan, RequestGuard(request), body.stream)
 
 
 async def respond_chat(
