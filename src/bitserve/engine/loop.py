@@ -292,7 +292,7 @@ class EngineLoop(Generic[G]):
         self._enqueue(_Call(fn, future))
         return await asyncio.wrap_future(future)
 
-    def prefill_ahead(self, tokens: list[int], max_new: int) -> None:
+    def prefill_ahead(self, tokens: list[int], max_new: int, scope: str = "") -> None:
         """Queue :meth:`Scheduler.extend_cached` of ``tokens`` (batched mode; skipped while
         requests wait: it only saves a later request some time, and must not take a queue
         slot from one). Requests queued after it find its work done."""
@@ -302,7 +302,7 @@ class EngineLoop(Generic[G]):
 
         def extend(_: G) -> int:
             try:
-                return scheduler.extend_cached(tokens, max_new)
+                return scheduler.extend_cached(tokens, max_new, scope)
             except Exception:
                 log.exception("prefill ahead failed")
                 return 0

@@ -45,6 +45,9 @@ class GenerationRequest:
     logprobs: bool = False  # report the chosen token's logprob
     top_logprobs: int = 0  # and this many alternatives (0-20)
     echo_logprobs: bool = False  # also logprobs of the prompt tokens (/v1/completions echo)
+    # who may reuse this request's KV through the prefix cache: requests of the same
+    # scope only (the API sets the caller's key fingerprint; "" without keys)
+    cache_scope: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,12 @@ class Prompt:
     added: int = 0
 
 
-def tokenize_prompt(served: ServedModel, prompt: str | list[int], param: str = "prompt") -> Prompt:
+def tokenize_prompt(
+    served: ServedModel, prompt: str | list[int], param: str = "prompt", special: bool = False
+) -> Prompt:
+    """Token ids as given, or the text's ids after the model's BOS; with ``special``,
+    control-token text in it (``<|eot_id|>``) becomes the control token, as llama.cpp's
+    ``/completion`` parses it (and no second BOS when the text starts with one)."""
     if isinstance(prompt, list):
         vocab = served.loaded.tokenizer.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
@@ -56,8 +61,10 @@ def tokenize_prompt(served: ServedModel, prompt: str | list[int], param: str = "
         return Prompt(list(prompt))
     served.check_input_chars(len(prompt), param)
     tok = served.loaded.tokenizer
-    tokens = tok.encode(prompt, add_bos=tok.add_bos)
-    return Prompt(tokens, int(bool(tokens) and tokens[0] == tok.bos_id and tok.add_bos))
+    tokens = tok.encode(prompt, allow_special=special)
+    if tok.add_bos and tok.bos_id is not None and not (tokens and tokens[0] == tok.bos_id):
+        return Prompt([tok.bos_id, *tokens], 1)
+    return Prompt(tokens)
 
 
 def engine_request(
@@ -149,6 +156,8 @@ class LlamaCompletion:
     body: LlamaCompletionRequest
     request: GenerationRequest
     started: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None  # when the first event came: the prompt was done
+    cached_tokens: int = 0  # prompt tokens the prefix cache served
 
     @classmethod
     def plan(cls, served: ServedModel, body: LlamaCompletionRequest) -> LlamaCompletion:
@@ -156,7 +165,7 @@ class LlamaCompletion:
             raise InvalidParameterError("n_probs: must be between 0 and 20", "n_probs")
         if body.n_predict < -1:
             raise InvalidParameterError("n_predict: must be -1 or more", "n_predict")
-        prompt = tokenize_prompt(served, body.prompt)
+        prompt = tokenize_prompt(served, body.prompt, special=True)  # llama.cpp parses them
         seed = None if body.seed is None or body.seed < 0 else body.seed
         body_seedless = body.model_copy(update={"seed": seed})
         req = engine_request(
@@ -183,7 +192,6 @@ class LlamaCompletion:
         return out
 
     def final(self, events: list[TokenEvent], content: str) -> dict[str, Any]:
-        elapsed_ms = (time.perf_counter() - self.started) * 1000
         out = {
             **self.partial(TokenEvent(0, content), len(events)),
             "tokens": [e.token_id for e in events] if self.body.return_tokens else [],
@@ -194,16 +202,11 @@ class LlamaCompletion:
             ),
             "generation_settings": self.settings(),
             "stop_type": stop_type(self.served, events, self.request.stop),
-            "stopping_word": "",
-            "has_new_line": "\n" in content,
+            "stopping_word": self.stopping_word(events),
+            "has_new_line": "\n" in "".join(e.text for e in events),
             "truncated": False,
-            "tokens_cached": 0,
-            "timings": {
-                "prompt_n": len(self.request.prompt_tokens),
-                "predicted_n": len(events),
-                "predicted_ms": elapsed_ms,
-                "predicted_per_second": len(events) / (elapsed_ms / 1000) if elapsed_ms else 0.0,
-            },
+            "tokens_cached": self.cached_tokens,
+            "timings": self.timings(len(events)),
         }
         if self.body.n_probs:
             out["completion_probabilities"] = [
@@ -212,6 +215,39 @@ class LlamaCompletion:
                 if e.logprob is not None
             ]
         return out
+
+    def timings(self, predicted: int) -> dict[str, Any]:
+        """llama.cpp's ``timings``: the prompt (the computed tokens, cached ones apart in
+        ``cache_n``) until the first token, then generation."""
+        now = time.perf_counter()
+        first = self.first_token or now
+        prompt_n = len(self.request.prompt_tokens) - self.cached_tokens
+        prompt_ms, predicted_ms = (first - self.started) * 1000, (now - first) * 1000
+        return {
+            "cache_n": self.cached_tokens,
+            "prompt_n": prompt_n,
+            "prompt_ms": prompt_ms,
+            "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+            "prompt_per_second": prompt_n / prompt_ms * 1000 if prompt_ms else 0.0,
+            "predicted_n": predicted,
+            "predicted_ms": predicted_ms,
+            "predicted_per_token_ms": predicted_ms / predicted if predicted else 0.0,
+            "predicted_per_second": predicted / predicted_ms * 1000 if predicted_ms else 0.0,
+        }
+
+    def stopping_word(self, events: list[TokenEvent]) -> str:
+        """The stop string that ended the text ("" if none did): the one found where the
+        shown text ends in the text of every generated token."""
+        if stop_type(self.served, events, self.request.stop) != "word":
+            return ""
+        shown = "".join(e.text for e in events)
+        generated = self.served.loaded.tokenizer.decode([e.token_id for e in events])
+        return next((s for s in self.request.stop if generated.startswith(s, len(shown))), "")
+
+    def observe(self, handle: RequestHandle, event: TokenEvent) -> None:
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
+        self.cached_tokens = handle.cached_tokens
 
     def settings(self) -> dict[str, Any]:
         s = self.request.sampling
@@ -233,13 +269,19 @@ class LlamaCompletion:
         }
 
     async def run(self, guard: RequestGuard) -> dict[str, Any]:
-        events = await collect(guard.track(self.served.engine.submit(self.request)))
+        handle = guard.track(self.served.engine.submit(self.request))
+        events: list[TokenEvent] = []
+        async for event in handle:
+            self.observe(handle, event)
+            events.append(event)
+        await collect_check(events)
         return self.final(events, "".join(e.text for e in events))
 
     async def stream(self, guard: RequestGuard) -> AsyncIterator[str]:
         handle = guard.track(self.served.engine.submit(self.request))
         events: list[TokenEvent] = []
         async for event in handle:
+            self.observe(handle, event)
             events.append(event)
             if event.finish_reason is None or event.text:
                 yield sse(self.partial(event, len(events)))
@@ -307,8 +349,11 @@ class LegacyCompletion:
         if body.max_tokens < 0:
             raise InvalidParameterError("max_tokens: must be 0 or more", "max_tokens")
         stop, top_n = normalize_stop(body.stop), body.logprobs or 0
+        prompts = _prompts(body)
+        if body.max_tokens > 0:
+            served.check_queue_room(len(prompts) * body.n, "prompt")
         choices = []
-        for p_index, raw in enumerate(_prompts(body)):
+        for p_index, raw in enumerate(prompts):
             prompt = tokenize_prompt(served, raw)
             text = (
                 raw

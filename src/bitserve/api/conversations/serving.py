@@ -24,6 +24,7 @@ waits only for the message itself.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,7 @@ from bitserve.api.conversations.protocol import (
 from bitserve.api.errors import InvalidParameterError
 from bitserve.api.served import ServedModel
 from bitserve.api.streaming import RequestGuard
+from bitserve.engine.loop import QueueFullError
 from bitserve.engine.types import TokenEvent
 from bitserve.store import Conversation, ConversationStore, NewMessage, StoredMessage, ToolCall
 from bitserve.store import Turn as StoreTurn
@@ -65,14 +67,22 @@ PREFILL_AHEAD_MAX_TOKENS = 16  # the template's start of a turn is ~6 tokens (LL
 
 
 class ConversationLocks:
-    """One ``asyncio.Lock`` per conversation id, dropped when nobody holds or waits."""
+    """One ``asyncio.Lock`` per conversation id, dropped when nobody holds or waits. At
+    most ``max_waiting`` chats wait for one conversation (``--max-queue``): a client that
+    queues more gets ``QueueFullError`` (503 + ``Retry-After``) like the engine's queue,
+    instead of piling up requests that hold a connection each."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_waiting: int = 16, seconds_per_turn: Callable[[], float] = lambda: 1.0):
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self.max_waiting = max_waiting
+        self.seconds_per_turn = seconds_per_turn
 
     async def acquire(self, key: str) -> Callable[[], None]:
         """Wait for ``key``'s lock; returns an idempotent release function."""
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        if lock.locked() and users - 1 >= self.max_waiting:  # users: the holder + waiters
+            retry = math.ceil(self.seconds_per_turn() * users)
+            raise QueueFullError(self.max_waiting, max(1, min(retry, 60)))
         self._locks[key] = (lock, users + 1)
         try:
             await lock.acquire()
@@ -220,7 +230,8 @@ class ConversationService:
     def __init__(self, store: ConversationStore, served: ServedModel) -> None:
         self.store = store
         self.served = served
-        self.locks = ConversationLocks()
+        engine = served.engine
+        self.locks = ConversationLocks(engine.max_queue, engine.stats.mean_request_seconds)
         self._background: set[asyncio.Task[None]] = set()
 
     def count_tokens(self, text: str) -> int:
@@ -296,10 +307,12 @@ class ConversationService:
             guard.add(held.abandon)  # added before any await: a cancelled request runs it
             # tokenizing and fitting the history is CPU work: off the event loop
             turn = await run_in_threadpool(self.prepare_turn, held, body, new, model, options)
+            for req in turn.plan.requests:  # its KV is reused by this key's requests only
+                req.cache_scope = owner
 
             async def store_turn(results: list[ChoiceResult]) -> None:
                 reply = await run_in_threadpool(self.store_turn, turn, results[0])
-                self.prefill_ahead_later(turn.messages, reply)
+                self.prefill_ahead_later(turn.messages, reply, owner)
 
             return await respond_chat(self.served, turn.plan, guard, body.stream, store_turn)
         except BaseException:
@@ -341,7 +354,9 @@ class ConversationService:
         turn.held.commit([*turn.new, reply])
         return reply
 
-    def prefill_ahead_later(self, messages: list[dict[str, Any]], reply: NewMessage) -> None:
+    def prefill_ahead_later(
+        self, messages: list[dict[str, Any]], reply: NewMessage, scope: str
+    ) -> None:
         """Queue the next turn's prompt start (:func:`next_turn_prefix`) for the engine to
         compute ahead, once a worker thread has encoded it: after the answer, not in
         its way (encoding a long history takes a while)."""
@@ -349,7 +364,7 @@ class ConversationService:
         async def queue_it() -> None:
             ahead = await run_in_threadpool(next_turn_prefix, self.served, messages, reply)
             if ahead is not None:
-                self.served.engine.prefill_ahead(ahead, PREFILL_AHEAD_MAX_TOKENS)
+                self.served.engine.prefill_ahead(ahead, PREFILL_AHEAD_MAX_TOKENS, scope)
 
         task = asyncio.get_running_loop().create_task(queue_it())
         self._background.add(task)  # a reference until it is done (asyncio keeps weak ones)
