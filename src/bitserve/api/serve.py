@@ -285,8 +285,7 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
         http=head_timeout_protocol(settings.head_timeout_s),
     )
-    asyncio.run(_serve(uvicorn.Server(config)))
-    served.close()  # the engine has stopped: the prefix cache's RAM entries go to disk
+    asyncio.run(_serve(uvicorn.Server(config)))  # the lifespan writes the prefix cache
     return 0
 
 
