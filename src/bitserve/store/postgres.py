@@ -46,10 +46,14 @@ from bitserve.store.base import (
 from bitserve.store.sql import Connection, SQLStore
 
 DEFAULT_MAX_CONNECTIONS = 16
-# The pool holds a connection per turn in flight, so a request waits for one only while the
-# database is unreachable: then it gets its 503 after POOL_TIMEOUT_S, and each new request
-# starts a fresh connection attempt once the previous one gave up (RECONNECT_TIMEOUT_S),
-# so the pool's exponential backoff never keeps a database that is back waiting.
+APPLICATION_NAME = "bitserve"  # how our connections show in pg_stat_activity
+# The pool has a fixed size: it opens its connections at start, so a replica's footprint on
+# the database is known in advance (replicas x pool size must fit max_connections) and a
+# burst of turns never waits for it to grow one connection at a time. A turn in flight
+# holds a connection; a request waits for one at most POOL_TIMEOUT_S, then gets its 503:
+# every connection is busy, or the database is unreachable. Each new request starts a
+# fresh connection attempt once the previous one gave up (RECONNECT_TIMEOUT_S), so the
+# pool's exponential backoff never keeps a database that is back waiting.
 POOL_TIMEOUT_S = 1.0
 RECONNECT_TIMEOUT_S = 1.0
 CONNECT_TIMEOUT_S = 30.0  # at start: how long to wait for the database to come up
@@ -141,10 +145,10 @@ class PostgresTurn(Turn):
 
 class PostgresStore(SQLStore):
     """Conversations in the PostgreSQL database at ``url`` (a libpq URL:
-    ``postgresql://user:password@host:port/dbname?sslmode=...``), at most
-    ``max_connections`` connections at once. Waits up to ``connect_timeout_s`` for the
-    database at start (``StoreUnavailableError`` past that), then creates or migrates the
-    schema; refuses a newer schema version."""
+    ``postgresql://user:password@host:port/dbname?sslmode=...``), through a pool of
+    ``max_connections`` connections opened at start and kept open. Waits up to
+    ``connect_timeout_s`` for the database at start (``StoreUnavailableError`` past that),
+    then creates or migrates the schema; refuses a newer schema version."""
 
     dialect = "postgresql"
 
@@ -157,14 +161,14 @@ class PostgresStore(SQLStore):
         self.url = url
         self.pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             url,
-            min_size=1,
-            max_size=max(1, max_connections),
+            min_size=max(1, max_connections),
             open=False,
             timeout=POOL_TIMEOUT_S,
             reconnect_timeout=RECONNECT_TIMEOUT_S,
             configure=_configure,
             # the replica notices a database host that vanished the same way
             kwargs={
+                "application_name": APPLICATION_NAME,
                 "keepalives": 1,
                 "keepalives_idle": 30,
                 "keepalives_interval": 10,
@@ -203,10 +207,19 @@ class PostgresStore(SQLStore):
         """A pooled connection that works, within :data:`POOL_TIMEOUT_S` (``PoolTimeout``
         past it). Each is checked first, and a broken one (the database restarted since it
         was last used) is dropped for the next at once: the pool's own check would wait a
-        second after the second broken connection, and after a restart they all are."""
+        second after the second broken connection, and after a restart they all are. A
+        timeout with every connection checked out says so: the pool is too small for the
+        load, not the database gone."""
         deadline = time.monotonic() + POOL_TIMEOUT_S
         while True:
-            conn = self.pool.getconn(max(0.0, deadline - time.monotonic()))
+            try:
+                conn = self.pool.getconn(max(0.0, deadline - time.monotonic()))
+            except PoolTimeout:
+                stats = self.pool.get_stats()
+                if stats["pool_available"] == 0 and stats["pool_size"] >= self.pool.max_size:
+                    busy = f"no free database connection (all {self.pool.max_size} in use)"
+                    raise StoreUnavailableError(busy, RETRY_AFTER_S) from None
+                raise
             try:
                 ConnectionPool.check_connection(conn)
             except psycopg.Error:
