@@ -149,17 +149,11 @@ def layer_projections(shape: ModelShape) -> dict[str, tuple[int, int]]:
 
 def layer_norms(shape: ModelShape, arch: str) -> dict[str, int]:
     """Name → width of each norm of one layer in ``arch``'s layout."""
-    a = ARCHITECTURES[arch]
-    q_dim = shape.n_heads * shape.head_size
-    norms = {"attn_norm": shape.dim}  # in the order of the official 2B-4T file
-    if a.sub_norms:
-        norms["attn_sub_norm"] = q_dim
-    norms["ffn_norm"] = shape.dim
-    if a.sub_norms:
-        norms["ffn_sub_norm"] = shape.ffn_dim
-    if a.qk_norm:
-        norms |= {"attn_q_norm": shape.head_size, "attn_k_norm": shape.head_size}
-    return norms
+    head = shape.head_size
+    widths = {"attn_norm": shape.dim, "attn_sub_norm": shape.n_heads * head,
+              "ffn_norm": shape.dim, "ffn_sub_norm": shape.ffn_dim,
+              "attn_q_norm": head, "attn_k_norm": head}  # fmt: skip
+    return {name: widths[name] for name in ARCHITECTURES[arch].norms}
 
 
 def _hyper_parameters(shape: ModelShape, arch: str) -> dict[str, Any]:

@@ -94,9 +94,7 @@ def _check_no_extra_tensors(gguf: GGUFFile, config: ModelConfig) -> None:
     have, a layer past ``block_count``...): ignoring it would serve another model than
     the file holds. llama.cpp refuses such files too ("wrong number of tensors")."""
     arch = config.architecture
-    per_layer = ["attn_norm", "ffn_norm", *PROJECTIONS]
-    per_layer += ["attn_sub_norm", "ffn_sub_norm"] if arch.sub_norms else []
-    per_layer += ["attn_q_norm", "attn_k_norm"] if arch.qk_norm else []
+    per_layer = [*arch.norms, *PROJECTIONS]
     known = {"token_embd.weight", "output_norm.weight", "output.weight"}
     known |= {f"blk.{i}.{t}.weight" for i in range(config.n_layers) for t in per_layer}
     if arch.projection_scales:
