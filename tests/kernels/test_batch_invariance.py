@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bitserve.gguf import GGMLType
 from bitserve.gguf.quants import pack_i2s
-from bitserve.kernels import ActQuant, TernaryWeight
+from bitserve.kernels import ActQuant, EmbeddingMatrix, TernaryWeight
 from bitserve.kernels.native import NativeBackend, available_kernels
 
 T = 11  # more than one 8-token tile, not a multiple of it
@@ -63,6 +64,26 @@ def test_head_is_batch_invariant(native: NativeBackend, head: str, dim: int, voc
     batch = backend.head(x, emb)
     np.testing.assert_array_equal(batch, _rows_alone(lambda r: backend.head(r, emb), x))
     np.testing.assert_array_equal(batch, _other_threads(native, head).head(x, emb))
+
+
+@pytest.mark.parametrize("kind", ["bf16", "q8_0", "q6_k"])
+def test_packed_heads_are_batch_invariant(native: NativeBackend, kind: str) -> None:
+    """BF16 bits and the int8-block rows of Q8_0/Q6_K heads, read as they are."""
+    rng = np.random.default_rng(7)
+    emb = rng.standard_normal((301, 512), dtype=np.float32)
+    if kind == "bf16":
+        m = EmbeddingMatrix(
+            "bf16", 301, 512, GGMLType.BF16, data=(emb.view(np.uint32) >> 16).astype(np.uint16)
+        )
+    else:
+        block = 32 if kind == "q8_0" else 16
+        scales = np.abs(emb).reshape(301, -1, block).max(axis=2) / 127
+        values = np.rint(emb / np.repeat(scales, block, axis=1)).astype(np.int8)
+        m = EmbeddingMatrix.from_int8(values, scales.astype(np.float32), GGMLType.Q8_0)
+    x = rng.standard_normal((T, 512), dtype=np.float32)
+    batch = native.head(x, m)
+    np.testing.assert_array_equal(batch, _rows_alone(lambda r: native.head(r, m), x))
+    np.testing.assert_array_equal(batch, _other_threads(native).head(x, m))
 
 
 def test_f32_head_is_batch_invariant(native: NativeBackend) -> None:

@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bitserve.kernels import reference
-from bitserve.kernels.backend import Backend, HeadInput, NumpyBackend, as_matrix, storing
+from bitserve.kernels.backend import Backend, HeadInput, as_matrix, storing
 from bitserve.kernels.tensors import ActQuant, TernaryWeight
 
 try:
@@ -31,6 +30,8 @@ except ImportError:  # not built: only the numpy backend is available
     _native = None
 
 IMPLS = {"scalar": 0, "avx2": 1, "avx512": 2}
+# EmbKind of the heads read through head_packed (native.h); int8: +1 for blocks of 32
+PACKED_HEADS = {"bf16": 3, "int8": 4}
 HEAD_MODES = ("f16", "int8")
 
 
@@ -124,12 +125,14 @@ class NativeBackend(Backend):
         m = as_matrix(embedding)
         if m.ternary is not None:
             return self.bitlinear(x, m.ternary)
-        if m.kind not in ("f16", "f32"):  # numpy until the native kernels land
-            return NumpyBackend().head(x, m)
         assert m.data is not None
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], m.n_rows), dtype=np.float32)
-        if self.head_mode == "int8" and m.kind == "f16":
+        if m.kind in PACKED_HEADS:
+            rows = m.packed if m.kind == "int8" else m.data.view(np.uint8)
+            kind = PACKED_HEADS[m.kind] + (m.block == 32)
+            self._pool.head_packed(x, rows, kind, out, self._impl)
+        elif self.head_mode == "int8" and m.kind == "f16":
             q, scale = self.prepare_head(m.data)
             self._pool.head(x, q, scale, out, self._impl)
         else:
@@ -200,15 +203,18 @@ class NativeBackend(Backend):
         return out.reshape(x.shape)
 
     def relu2_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return self._gate(self._pool.relu2_mul, gate, up)
+
+    def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return self._gate(self._pool.silu_mul, gate, up)
+
+    def _gate(self, fn: Any, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         gate = np.ascontiguousarray(gate, dtype=np.float32)
         up = np.ascontiguousarray(up, dtype=np.float32)
         rows = gate.reshape(-1, gate.shape[-1])
         out = np.empty(rows.shape, dtype=np.float32)
-        self._pool.relu2_mul(rows, up.reshape(rows.shape), out, self._impl)
+        fn(rows, up.reshape(rows.shape), out, self._impl)
         return out.reshape(gate.shape)
-
-    def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        return reference.silu_mul(gate, up)  # numpy until the native kernel lands
 
     def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)

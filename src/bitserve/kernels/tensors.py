@@ -301,8 +301,9 @@ class EmbeddingMatrix:
     """Token embeddings or an LM head ``[n_rows, dim]`` of any type, as the head kernel reads it.
 
     ``kind``: ``"f32"``/``"f16"`` (``data``: a zero-copy view), ``"bf16"`` (``data``: the raw
-    uint16 bits), ``"int8"`` (Q8_0/Q6_K: ``data`` int8 values, ``scales`` f32 per block of
-    ``block`` weights), ``"ternary"`` (``ternary``: the head runs as a bitlinear).
+    uint16 bits, zero copy), ``"int8"`` (Q8_0/Q6_K: ``packed`` uint8 rows of ``dim`` int8
+    values then ``dim/block`` f32 scales, made at load; ``data`` and ``scales`` are views of
+    them), ``"ternary"`` (``ternary``: the head runs as a bitlinear).
     """
 
     kind: str
@@ -313,6 +314,7 @@ class EmbeddingMatrix:
     scales: np.ndarray | None = None
     block: int = 0
     ternary: TernaryWeight | None = None
+    packed: np.ndarray | None = None  # int8: the rows as the kernel reads them (see from_int8)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -323,8 +325,10 @@ class EmbeddingMatrix:
         """Bytes one pass of the head reads."""
         if self.ternary is not None:
             return self.ternary.nbytes
+        if self.packed is not None:
+            return int(self.packed.nbytes)
         assert self.data is not None
-        return int(self.data.nbytes + (0 if self.scales is None else self.scales.nbytes))
+        return int(self.data.nbytes)
 
     @classmethod
     def from_array(cls, array: np.ndarray) -> EmbeddingMatrix:
@@ -358,12 +362,25 @@ class EmbeddingMatrix:
             return cls(FLOAT_KINDS[gtype], n_rows, dim, gtype, data=data.reshape(n_rows, dim))
         if gtype in INT8_BLOCK_TYPES:
             values, scales = unpack_int8_blocks(gguf.raw(name), gtype, n_rows, dim)
-            return cls("int8", n_rows, dim, gtype, values, scales, dim // scales.shape[1])
+            return cls.from_int8(values, scales, gtype)
         if gtype in TERNARY_TYPES:
             w = TernaryWeight.from_gguf(gguf, name, n_rows, dim, act_quant=act_quant)
             return cls("ternary", n_rows, dim, gtype, ternary=w)
         allowed = ", ".join(t.name for t in EMBEDDING_TYPES)
         raise GGUFError(gguf.path, f"tensor {name!r} is {gtype.name}; supported: {allowed}")
+
+    @classmethod
+    def from_int8(cls, values: np.ndarray, scales: np.ndarray, source: GGMLType) -> EmbeddingMatrix:
+        """int8 ``values [n_rows, dim]`` with f32 ``scales [n_rows, dim/block]`` (block 16 or
+        32), packed row by row: values then scales, one stream per row for the head."""
+        n_rows, dim = values.shape
+        n_blocks = scales.shape[1]
+        packed = np.empty((n_rows, dim + 4 * n_blocks), dtype=np.uint8)
+        packed[:, :dim] = values.view(np.uint8)
+        packed[:, dim:] = np.ascontiguousarray(scales, dtype="<f4").view(np.uint8)
+        data, row_scales = packed[:, :dim].view(np.int8), packed[:, dim:].view("<f4")
+        block = dim // n_blocks
+        return cls("int8", n_rows, dim, source, data, row_scales, block, packed=packed)
 
     def rows(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """Rows ``ids`` as float32 ``[len(ids), dim]``: the embedding lookup."""

@@ -287,6 +287,38 @@ static PyObject *py_head(PoolObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* head_packed(x, rows, kind, out, impl): a head whose rows are raw bytes [V, row_bytes] of
+ * kind EMB_BF16 (2·dim) or EMB_I8B16/32 (dim int8 values, then dim/16 or dim/32 f32 scales) */
+static PyObject *py_head_packed(PoolObject *self, PyObject *args) {
+    PyObject *ox, *oemb, *oout;
+    int kind, impl;
+    if (!PyArg_ParseTuple(args, "OOiOi", &ox, &oemb, &kind, &oout, &impl) || ready(self) || check_impl(impl))
+        return NULL;
+    if (kind != EMB_BF16 && kind != EMB_I8B16 && kind != EMB_I8B32)
+        return PyErr_Format(PyExc_ValueError, "head_packed: kind %d is not BF16, I8B16 or I8B32", kind);
+    Views v = {.n = 0};
+    Py_buffer *x = take(&v, ox, "x", "f", 2, 0), *emb = x ? take(&v, oemb, "rows", "B", 2, 0) : NULL;
+    Py_buffer *out = emb ? take(&v, oout, "out", "f", 2, 1) : NULL;
+    if (!out) {
+        release_views(&v);
+        return NULL;
+    }
+    Py_ssize_t dim = x->shape[1], block = kind == EMB_I8B16 ? 16 : kind == EMB_I8B32 ? 32 : 1;
+    Py_ssize_t row_bytes = kind == EMB_BF16 ? 2 * dim : dim + dim / block * 4;
+    if (dim % block || check_dim("rows", 1, emb->shape[1], row_bytes) || check_dim("out", 0, out->shape[0], x->shape[0]) ||
+        check_dim("out", 1, out->shape[1], emb->shape[0])) {
+        if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "x: width %zd is not whole blocks of %zd", dim, block);
+        release_views(&v);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
+    lm_head(&self->pool, (KernelImpl)impl, x->buf, (size_t)x->shape[0], (size_t)dim, emb->buf, (EmbKind)kind, NULL,
+            (size_t)emb->shape[0], out->buf);
+    pool_unlock(&self->pool);
+    Py_END_ALLOW_THREADS release_views(&v);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_quantize_f16_rows(PoolObject *self, PyObject *args) {
     PyObject *oemb, *oq, *oscale;
     int impl;
@@ -579,7 +611,10 @@ static PyObject *py_rmsnorm(PoolObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *py_relu2_mul(PoolObject *self, PyObject *args) {
+typedef void (*GateFn)(Pool *, KernelImpl, const float *, const float *, size_t, size_t, float *);
+
+/* gate(gate, up, out, impl): an elementwise gate of two [T, n] float32 arrays */
+static PyObject *gate_op(PoolObject *self, PyObject *args, GateFn fn) {
     PyObject *og, *ou, *oout;
     int impl;
     if (!PyArg_ParseTuple(args, "OOOi", &og, &ou, &oout, &impl) || ready(self) || check_impl(impl)) return NULL;
@@ -592,11 +627,15 @@ static PyObject *py_relu2_mul(PoolObject *self, PyObject *args) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
-    relu2_mul(&self->pool, (KernelImpl)impl, g->buf, u->buf, (size_t)g->shape[0], (size_t)g->shape[1], out->buf);
+    fn(&self->pool, (KernelImpl)impl, g->buf, u->buf, (size_t)g->shape[0], (size_t)g->shape[1], out->buf);
     pool_unlock(&self->pool);
     Py_END_ALLOW_THREADS release_views(&v);
     Py_RETURN_NONE;
 }
+
+static PyObject *py_relu2_mul(PoolObject *self, PyObject *args) { return gate_op(self, args, relu2_mul); }
+
+static PyObject *py_silu_mul(PoolObject *self, PyObject *args) { return gate_op(self, args, silu_mul); }
 
 static PyObject *py_rope(PoolObject *self, PyObject *args) {
     PyObject *ox, *oc, *os, *oout;
@@ -631,6 +670,8 @@ static PyMethodDef pool_methods[] = {
     {"bitlinear_blocked", (PyCFunction)py_bitlinear_blocked, METH_VARARGS,
      "bitlinear_blocked(x, codes, scales, n_out, gps, block32, out, impl)"},
     {"head", (PyCFunction)py_head, METH_VARARGS, "head(x, embedding, row_scale|None, out, impl)"},
+    {"head_packed", (PyCFunction)py_head_packed, METH_VARARGS,
+     "head_packed(x, rows, kind, out, impl): BF16 (3) or int8 rows with f32 block scales (4: 16, 5: 32)"},
     {"quantize_f16_rows", (PyCFunction)py_quantize_f16_rows, METH_VARARGS,
      "quantize_f16_rows(embedding, q, row_scale, impl)"},
     {"attention", (PyCFunction)py_attention, METH_VARARGS, "attention(q, k_cache, v_cache, start_pos, out, impl[, k_new, v_new]): k_new/v_new stored first"},
@@ -639,6 +680,7 @@ static PyMethodDef pool_methods[] = {
     {"read_memory", (PyCFunction)py_read_memory, METH_VARARGS, "read_memory(buffer, impl) -> checksum"},
     {"rmsnorm", (PyCFunction)py_rmsnorm, METH_VARARGS, "rmsnorm(x, weight, eps, out, impl)"},
     {"relu2_mul", (PyCFunction)py_relu2_mul, METH_VARARGS, "relu2_mul(gate, up, out, impl)"},
+    {"silu_mul", (PyCFunction)py_silu_mul, METH_VARARGS, "silu_mul(gate, up, out, impl): SwiGLU"},
     {"rope", (PyCFunction)py_rope, METH_VARARGS, "rope(x, cos, sin, out): NEOX RoPE"},
     {NULL, NULL, 0, NULL}};
 

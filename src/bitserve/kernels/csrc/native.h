@@ -153,9 +153,12 @@ int ternary_scan(int type, const uint8_t *src, size_t rows, size_t cols, uint16_
 void repack_tq_i2s(int type, const uint8_t *src, size_t rows, size_t cols, const int64_t *order,
                    uint8_t *out);
 
-typedef enum { EMB_F32 = 0, EMB_F16 = 1, EMB_I8 = 2 } EmbKind;
+/* EMB_I8: int8 rows divided by a per-row scale at the end (the int8 head); EMB_I8B16/32:
+ * Q6_K/Q8_0 as int8 rows each followed by its f32 scales, one per 16/32 values (value =
+ * q · scale); EMB_BF16: raw bf16 bits. */
+typedef enum { EMB_F32 = 0, EMB_F16 = 1, EMB_I8 = 2, EMB_BF16 = 3, EMB_I8B16 = 4, EMB_I8B32 = 5 } EmbKind;
 
-/* out [T, V] = x [T, D] · emb [V, D]ᵀ (emb F32/F16; EMB_I8 rows are divided by row_scale). */
+/* out [T, V] = x [T, D] · emb [V, D]ᵀ (EMB_I8 rows are divided by row_scale). */
 void lm_head(Pool *pool, KernelImpl impl, const float *x, size_t n_tokens, size_t dim,
              const void *emb, EmbKind kind, const float *row_scale, size_t vocab, float *out);
 
@@ -192,6 +195,9 @@ void rmsnorm_rows(Pool *pool, KernelImpl impl, const float *x, size_t n_rows, si
 /* out [T, n] = max(gate, 0)² · up, float32, bit-exact with numpy */
 void relu2_mul(Pool *pool, KernelImpl impl, const float *gate, const float *up, size_t n_rows,
                size_t n, float *out);
+/* out [T, n] = silu(gate) · up (SwiGLU), within a few ulp of numpy; scalar = AVX2 bits */
+void silu_mul(Pool *pool, KernelImpl impl, const float *gate, const float *up, size_t n_rows,
+              size_t n, float *out);
 
 /* out [T, H, D] = NEOX RoPE of x [T, H, D] by cos/sin [T, D/2], bit-exact with numpy; on the
  * calling thread (a few µs at decode) */
