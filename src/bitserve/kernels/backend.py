@@ -117,7 +117,7 @@ class NumpyBackend(Backend):
     def bitlinear(self, x: np.ndarray, w: TernaryWeight) -> np.ndarray:
         if w.blocked:
             return reference.bitlinear_blocked(
-                x, w.codes(), w.block_scales(), w.group, w.act_quant.value
+                x, w.codes(), w.block_scales(), w.group, w.act_quant.value, w.scale
             )
         q, s = reference.quantize_activations(x)
         acc = q.astype(np.float32) @ w.ternary_f32().T  # exact: |sums| < 2**24

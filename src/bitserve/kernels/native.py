@@ -116,7 +116,9 @@ class NativeBackend(Backend):
         if w.blocked:
             gps = 256 // w.group
             block32 = w.act_quant == ActQuant.BLOCK32
-            self._pool.bitlinear_blocked(x, w.raw, w.scales, w.n_out, gps, block32, out, self._impl)
+            self._pool.bitlinear_blocked(
+                x, w.raw, w.scales, w.n_out, gps, block32, w.scale, out, self._impl
+            )
         else:
             self._pool.bitlinear(x, w.raw, w.n_out, w.scale, out, self._impl)
         return out

@@ -23,6 +23,7 @@ default follows the type (:data:`DEFAULT_ACT_QUANT`); an architecture can say ot
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -66,7 +67,8 @@ DEFAULT_ACT_QUANT: dict[GGMLType, ActQuant] = {
 class TernaryWeight:
     """A BitLinear weight ``[n_out, n_in]`` (module docstring). I2_S: ``raw`` is
     ``n_out*n_in/4 + 32`` bytes, ``scale`` the tensor scale. Blocked: ``raw`` is the codes
-    ``uint8 [n_out, 64·n_super]``, ``scales`` f16 ``[n_out, n_super·256/group]``, ``scale`` 1."""
+    ``uint8 [n_out, 64·n_super]``, ``scales`` f16 ``[n_out, n_super·256/group]``, ``scale`` a
+    factor on every output (1 unless :meth:`with_output_scale`)."""
 
     raw: np.ndarray
     n_out: int
@@ -202,6 +204,14 @@ class TernaryWeight:
             raise ValueError(f"scales {scales.shape} do not split rows of {n_in} into 64/128/256")
         codes, lane_scales = repack_blocked(values, scales, group)
         return cls(codes, n_out, n_in, 1.0, lane_scales, group, act_quant, source)
+
+    def with_output_scale(self, factor: float) -> TernaryWeight:
+        """This weight with every output multiplied by ``factor`` (a file's separate
+        per-tensor scale, e.g. upstream ``bitnet``'s ``blk.N.attn_q.scale``): I2_S folds it
+        into its tensor scale, blocked weights multiply their outputs by ``scale``."""
+        return dataclasses.replace(
+            self, scale=float(np.float32(self.scale * factor)), _ternary_f32=None
+        )
 
     def codes(self) -> np.ndarray:
         """Codes 0..3 (weight + 1) as uint8 ``[n_out, n_in]`` in natural order (oracle, tests)."""

@@ -217,13 +217,15 @@ static PyObject *py_bitlinear(PoolObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* bitlinear_blocked(x, codes, scales, n_out, gps, block32, out, impl): a block-scaled weight
- * (codes uint8 [n_out, 64·n_super], scales f16 [n_out, gps·n_super], n_super = ⌈K/256⌉) */
+/* bitlinear_blocked(x, codes, scales, n_out, gps, block32, out_scale, out, impl): a
+ * block-scaled weight (codes uint8 [n_out, 64·n_super], scales f16 [n_out, gps·n_super],
+ * n_super = ⌈K/256⌉), every output times out_scale */
 static PyObject *py_bitlinear_blocked(PoolObject *self, PyObject *args) {
     PyObject *ox, *ocodes, *oscales, *oy;
     Py_ssize_t n_out;
     int gps, block32, impl, err = 0;
-    if (!PyArg_ParseTuple(args, "OOOnipOi", &ox, &ocodes, &oscales, &n_out, &gps, &block32, &oy, &impl) ||
+    float out_scale;
+    if (!PyArg_ParseTuple(args, "OOOnipfOi", &ox, &ocodes, &oscales, &n_out, &gps, &block32, &out_scale, &oy, &impl) ||
         ready(self) || check_impl(impl))
         return NULL;
     if (gps != 1 && gps != 2 && gps != 4)
@@ -248,7 +250,7 @@ static PyObject *py_bitlinear_blocked(PoolObject *self, PyObject *args) {
         release_views(&v);
         return NULL;
     }
-    BlockedWeightArgs w = {codes->buf, scales->buf, (size_t)n_out, (size_t)k, (size_t)n_super, gps, block32};
+    BlockedWeightArgs w = {codes->buf, scales->buf, (size_t)n_out, (size_t)k, (size_t)n_super, gps, block32, out_scale};
     size_t t = (size_t)x->shape[0];
     Py_BEGIN_ALLOW_THREADS Pool *pool = &self->pool;
     pool_lock(pool);
@@ -668,7 +670,7 @@ static PyMethodDef pool_methods[] = {
     {"ternary_int", (PyCFunction)py_ternary_int, METH_VARARGS, "ternary_int(q, sum, raw, n_out, acc, impl)"},
     {"bitlinear", (PyCFunction)py_bitlinear, METH_VARARGS, "bitlinear(x, raw, n_out, w_scale, out, impl)"},
     {"bitlinear_blocked", (PyCFunction)py_bitlinear_blocked, METH_VARARGS,
-     "bitlinear_blocked(x, codes, scales, n_out, gps, block32, out, impl)"},
+     "bitlinear_blocked(x, codes, scales, n_out, gps, block32, out_scale, out, impl)"},
     {"head", (PyCFunction)py_head, METH_VARARGS, "head(x, embedding, row_scale|None, out, impl)"},
     {"head_packed", (PyCFunction)py_head_packed, METH_VARARGS,
      "head_packed(x, rows, kind, out, impl): BF16 (3) or int8 rows with f32 block scales (4: 16, 5: 32)"},

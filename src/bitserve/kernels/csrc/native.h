@@ -133,6 +133,7 @@ typedef struct {
     const uint16_t *scales;
     size_t n_out, n_in, n_super;
     int gps, block32;
+    float out_scale; /* every output times this (a file's separate per-tensor scale; else 1) */
 } BlockedWeightArgs;
 /* bytes of one prepared token: its q in lane order, lane inits, lane act scales */
 size_t blocked_act_stride(size_t n_super);

@@ -14,7 +14,8 @@
  *     P[L]  = init[L] + Σ c·q                          (int32, exact: vpdpbusd / maddubs)
  *     per token: acc[L] += d[L] · (float)P[L]          (float32, separate mul and add)
  *     BLOCK32:   acc[L] += d[L] · ((float)P[L] · a[L])
- *     y = tree16(acc)  (lanes i+8, i+4, i+2, i+1 folded onto i), per token: y / s
+ *     y = tree16(acc)  (lanes i+8, i+4, i+2, i+1 folded onto i), per token: y / s; then
+ *     y · out_scale (1 unless the file has a separate output scale: exact then)
  * Every path does exactly these float operations per lane (-std=c11 never contracts them
  * into FMAs), so scalar, AVX2 and AVX-512 agree bit for bit with each other and with the
  * numpy oracle (reference.bitlinear_blocked), whatever T, the tiling or the thread count.
@@ -168,6 +169,7 @@ typedef struct {
     const uint16_t *scales; /* f16 [n_out, gps·n_super] */
     size_t n_out, n_super;
     int gps, block32, gfni;
+    float out_scale;
     const uint8_t *act; /* prepared tokens, blocked_act_stride apart */
     const float *tok_scale;
     size_t n_tokens;
@@ -179,7 +181,7 @@ static const uint8_t *rec_of(const BlockedTask *m, size_t t) { return m->act + t
 
 static float finish(const BlockedTask *m, const float acc[SB_LANES], size_t t) {
     float y = tree16(acc);
-    return m->block32 ? y : y / m->tok_scale[t];
+    return (m->block32 ? y : y / m->tok_scale[t]) * m->out_scale;
 }
 
 static void row_scalar(const BlockedTask *m, size_t r, size_t t) {
@@ -259,7 +261,7 @@ TARGET_AVX2 static inline __attribute__((always_inline)) void row_avx2(const Blo
     for (int t = 0; t < tt; t++) {
         float y = tree8_avx2(acc[t][0], acc[t][1]);
         size_t tok = t0 + (size_t)t;
-        m->y[tok * m->n_out + r] = m->block32 ? y : y / m->tok_scale[tok];
+        m->y[tok * m->n_out + r] = (m->block32 ? y : y / m->tok_scale[tok]) * m->out_scale;
     }
 }
 
@@ -366,10 +368,10 @@ TARGET_AVX512_GFNI static inline __attribute__((always_inline)) void tile_avx512
     __m512 fa[TILE_ROWS] = {f0a, f1a, f2a, f3a}, fb[TILE_ROWS] = {f0b, f1b, f2b, f3b};
     for (size_t i = 0; i < n; i++) {
         float ya = tree16_avx512(fa[i]);
-        m->y[t0 * m->n_out + r + i] = block32 ? ya : ya / m->tok_scale[t0];
+        m->y[t0 * m->n_out + r + i] = (block32 ? ya : ya / m->tok_scale[t0]) * m->out_scale;
         if (tt > 1) {
             float yb = tree16_avx512(fb[i]);
-            m->y[(t0 + 1) * m->n_out + r + i] = block32 ? yb : yb / m->tok_scale[t0 + 1];
+            m->y[(t0 + 1) * m->n_out + r + i] = (block32 ? yb : yb / m->tok_scale[t0 + 1]) * m->out_scale;
         }
     }
 }
@@ -454,6 +456,7 @@ void ternary_blocked_matmul(Pool *pool, KernelImpl impl, const BlockedWeightArgs
                         .gps = w->gps,
                         .block32 = w->block32,
                         .gfni = impl == IMPL_AVX512 && cpu_has_gfni(),
+                        .out_scale = w->out_scale,
                         .act = pool->blocked_act,
                         .tok_scale = pool->act_scale,
                         .n_tokens = n_tokens,
