@@ -38,7 +38,12 @@ def make_client(loaded: LoadedModel, tmp_path: Path) -> AppFactory:
     def factory(db: Path | None = None, **overrides: Any) -> Iterator[TestClient]:
         settings = ServerSettings(db_path=db or tmp_path / f"{next(counter)}.db", **overrides)
         served = ServedModel.create(
-            loaded, settings.max_queue, settings.ctx_size, settings.aliases, int(time.time())
+            loaded,
+            settings.max_queue,
+            settings.ctx_size,
+            settings.aliases,
+            int(time.time()),
+            max_input_chars=settings.max_input_chars,
         )
         app = create_app(settings, served, SQLiteStore(settings.db_path))
         with TestClient(app, raise_server_exceptions=False) as client:

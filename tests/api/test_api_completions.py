@@ -138,3 +138,42 @@ def test_tokenize_detokenize_round_trip(client: TestClient) -> None:
     assert "".join(p["piece"] for p in pieces["tokens"]) == text
     r = client.post("/detokenize", json={"tokens": [-1]})
     assert r.status_code == 400
+
+
+def test_echo_with_one_token_lists_the_prompt_and_the_token_even_at_end_of_text(
+    client: TestClient,
+) -> None:
+    """lm-evaluation-harness scores a continuation with echo, logprobs and max_tokens 1,
+    then drops the last entry (the generated token): the list must be prompt + 1 long
+    even when that token is end-of-text, as OpenAI's is."""
+    prompt = [2000, 417]  # BOS, then a token after which the demo model ends the text
+    body = {"model": "bitnet", "prompt": prompt, "max_tokens": 1, "echo": True,
+            "logprobs": 1, "temperature": 0}  # fmt: skip
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["finish_reason"] == "stop"  # it did end the text
+    assert len(lp["tokens"]) == len(prompt) + 1
+    assert lp["tokens"][-1] in ("<|end_of_text|>", "<|eot_id|>")
+    scored = client.post("/v1/completions", json={**body, "max_tokens": 0}).json()
+    continuation = lp["token_logprobs"][1:-1]  # what lm-eval sums for the token 417
+    assert continuation == scored["choices"][0]["logprobs"]["token_logprobs"][1:]
+    assert continuation[0] < -1  # a real score, not the (0, True) of an empty list
+    streamed = sse_events(client.post("/v1/completions", json={**body, "stream": True}).text)
+    listed = [t for e in streamed[:-1] if e["choices"][0]["logprobs"]
+              for t in e["choices"][0]["logprobs"]["tokens"]]  # fmt: skip
+    assert listed == lp["tokens"][len(prompt) :]
+
+
+def test_text_offset_counts_from_the_prompt_start(client: TestClient) -> None:
+    body = {"model": "bitnet", "prompt": "Hello there", "max_tokens": 5, "logprobs": 0,
+            "temperature": 0, "logit_bias": {"2001": -100, "2009": -100}}  # fmt: skip
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    expected, offset = [], len("Hello there")
+    for token in whole["tokens"]:
+        expected.append(offset)
+        offset += len(token)
+    assert whole["text_offset"] == expected
+    streamed = sse_events(client.post("/v1/completions", json={**body, "stream": True}).text)
+    offsets = [o for e in streamed[:-1] if e["choices"][0]["logprobs"]
+               for o in e["choices"][0]["logprobs"]["text_offset"]]  # fmt: skip
+    assert offsets == expected

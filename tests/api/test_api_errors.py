@@ -178,3 +178,67 @@ def test_what_asks_for_nothing_unsupported_is_answered(
     r = client.post("/v1/chat/completions", json=chat_body(**patch))
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] is not None
+
+
+def test_cors_headers_only_for_configured_origins(make_client: AppFactory) -> None:
+    preflight = {
+        "Origin": "https://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    with make_client(cors_origins=("https://app.example",), api_keys=("k",)) as client:
+        answer = client.options("/v1/chat/completions", headers=preflight)
+        assert answer.status_code == 200  # the preflight needs no key
+        assert answer.headers["access-control-allow-origin"] == "https://app.example"
+        got = client.get(
+            "/v1/models", headers={"Origin": "https://app.example", "Authorization": "Bearer k"}
+        )
+        assert got.headers["access-control-allow-origin"] == "https://app.example"
+        other = client.get(
+            "/v1/models", headers={"Origin": "https://evil.example", "Authorization": "Bearer k"}
+        )
+        assert "access-control-allow-origin" not in other.headers
+    with make_client() as client:
+        answer = client.options("/v1/chat/completions", headers=preflight)
+        assert "access-control-allow-origin" not in answer.headers
+
+
+NULLABLE_BY_OPENAI = ("temperature", "top_p", "n", "stream", "logprobs", "presence_penalty",
+                      "frequency_penalty", "top_logprobs", "stop", "seed", "max_tokens",
+                      "stream_options", "user")  # fmt: skip
+
+
+def test_explicit_null_means_the_default_on_every_route(make_client: AppFactory) -> None:
+    nulls = dict.fromkeys(NULLABLE_BY_OPENAI)
+    with make_client(api_keys=("k",)) as client:
+        auth = {"Authorization": "Bearer k"}
+        for path, body in (
+            ("/v1/chat/completions", {**chat_body(), **nulls}),
+            ("/oracle/v1/1/chat", {**chat_body(), **nulls}),
+            ("/v1/completions", {"model": "bitnet", "prompt": "Hi", **nulls, "echo": None}),
+            ("/completion", {"prompt": "Hi", "n_predict": 4, **nulls, "n_probs": None}),
+            ("/tokenize", {"content": "Hi", "add_special": None, "with_pieces": None}),
+        ):
+            answer = client.post(path, json=body, headers=auth)
+            assert answer.status_code == 200, (path, answer.text)
+        conv = client.post("/v1/conversations", json={"metadata": None}, headers=auth).json()
+        answer = client.post(
+            f"/v1/conversations/{conv['id']}/chat", json={**chat_body(), **nulls}, headers=auth
+        )
+        assert answer.status_code == 200, answer.text
+        # required fields stay required
+        answer = client.post("/v1/chat/completions", json={**chat_body(), "messages": None},
+                             headers=auth)  # fmt: skip
+        assert answer.status_code == 422
+
+
+def test_token_ids_are_integers_not_booleans(client: TestClient) -> None:
+    for path, body in (
+        ("/detokenize", {"tokens": [False]}),
+        ("/detokenize", {"tokens": ["5"]}),
+        ("/v1/completions", {"model": "bitnet", "prompt": [True, 5]}),
+        ("/completion", {"prompt": [True]}),
+    ):
+        answer = client.post(path, json=body)
+        assert answer.status_code == 422, (path, answer.text)
+    assert client.post("/detokenize", json={"tokens": [5]}).status_code == 200

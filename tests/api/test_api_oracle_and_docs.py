@@ -96,8 +96,20 @@ def test_oracle_config_file(make_client: AppFactory, tmp_path: Path) -> None:
 def test_models_health_metrics(client: TestClient) -> None:
     models = client.get("/v1/models").json()
     ids = [m["id"] for m in models["data"]]
-    assert ids[0] == "demo-v1" and "bitnet" in ids and "llama-3" in ids
+    assert ids == ["demo-v1", "bitnet"]  # oracle aliases work on oracle routes only
     assert models["data"][0]["meta"]["demo"] is True
+    assert "path" not in models["data"][0]["meta"]  # the server's disk is not shown
+    for model in ids:  # every listed id works on every route
+        assert client.get(f"/v1/models/{model}").json()["id"] == model
+        for path, body in (
+            ("/v1/chat/completions", chat_body(model=model, max_tokens=2)),
+            ("/v1/completions", {"model": model, "prompt": "Hi", "max_tokens": 2}),
+            ("/v1/conversations/{conv}/chat", chat_body(model=model, max_tokens=2)),
+        ):
+            conv = client.post("/v1/conversations").json()["id"]
+            assert client.post(path.format(conv=conv), json=body).status_code == 200, path
+    missing = client.get("/v1/models/llama-3")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     assert client.get("/health").json()["status"] == "ok"
     client.post("/v1/chat/completions", json=chat_body(max_tokens=3))
     metrics = client.get("/metrics").text
@@ -119,7 +131,7 @@ def route_paths(routes: list[Any]) -> set[str]:
 def test_openapi_lists_every_route_with_fields_and_defaults(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     app_paths = route_paths(client.app.routes)  # type: ignore[attr-defined]
-    assert len(app_paths) == 14 and app_paths == set(spec["paths"])
+    assert len(app_paths) == 15 and app_paths == set(spec["paths"])
     for path in (
         "/v1/chat/completions",
         "/v1/conversations/{conversation_id}/chat",

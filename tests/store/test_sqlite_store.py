@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from bitserve.store import ConversationNotFoundError, NewMessage, SQLiteStore, StoreError
+from bitserve.store import (
+    ConversationNotFoundError,
+    InvalidTextError,
+    NewMessage,
+    SQLiteStore,
+    StorageFullError,
+    StoreError,
+)
 from bitserve.store.sqlite import SCHEMA_V1, SCHEMA_VERSION
 
 
@@ -210,3 +217,57 @@ def table_sql(path: Path) -> list[tuple[str, str]]:
     with sqlite3.connect(path) as db:
         rows = db.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
     return [(str(name), str(sql)) for name, sql in rows]
+
+
+def fill_to_the_limit(store: SQLiteStore) -> None:
+    """Cap the file at its current size (SQLite's own "database or disk is full", the
+    error a full disk gives), so the next write that needs a page fails."""
+    with store._lock:
+        (pages,) = store._db.execute("PRAGMA page_count").fetchone()
+        store._db.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def test_a_full_store_refuses_writes_whole_and_keeps_serving_reads(store: SQLiteStore) -> None:
+    conv = store.create("k", {"title": "kept"}, [NewMessage("system", "be brief", 2)])
+    store.append_turn("k", conv.id, [NewMessage("user", "hi"), NewMessage("assistant", "hey")])
+    fill_to_the_limit(store)
+    big = "x" * 200_000
+    with pytest.raises(StorageFullError, match="full"):
+        store.append_turn("k", conv.id, [NewMessage("user", big), NewMessage("assistant", "a")])
+    with pytest.raises(StorageFullError):
+        store.create("k", None, [NewMessage("system", big)])
+    # nothing half-written, nothing lost, reads work, and the store still writes once
+    # there is room again
+    assert [m.content for m in store.messages("k", conv.id)] == ["be brief", "hi", "hey"]
+    assert [c.id for c in store.list_conversations("k").conversations] == [conv.id]
+    with store._lock:
+        store._db.execute("PRAGMA max_page_count = 1073741823")
+    store.append_turn("k", conv.id, [NewMessage("user", big), NewMessage("assistant", "a")])
+    assert store.get("k", conv.id).num_messages == 5
+
+
+def test_text_that_is_not_unicode_is_refused_and_old_rows_stay_readable(
+    store: SQLiteStore,
+) -> None:
+    for call in (
+        lambda: store.create("k", {"title": "\ud800"}),
+        lambda: store.create("k", {"\udfff": "v"}),
+        lambda: store.create("k", None, [NewMessage("system", "a\ud800b")]),
+    ):
+        with pytest.raises(InvalidTextError):
+            call()
+    conv = store.create("k")
+    with pytest.raises(InvalidTextError, match=r"messages\[1\]"):
+        store.append_turn(
+            "k", conv.id, [NewMessage("user", "ok"), NewMessage("assistant", "\udc80")]
+        )
+    with pytest.raises(InvalidTextError, match="metadata"):
+        store.update_metadata("k", conv.id, {"t": "\ud83d"})
+    assert store.get("k", conv.id).num_messages == 0
+    # a row written before the store refused such text (json.dumps escapes it as \ud800)
+    with store._lock:
+        store._db.execute(
+            "UPDATE conversations SET metadata = ? WHERE id = ?",
+            ('{"title": "a\\ud800b"}', conv.id),
+        )
+    assert store.list_conversations("k").conversations[0].metadata == {"title": "a\ufffdb"}

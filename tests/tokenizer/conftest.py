@@ -9,6 +9,7 @@ import pytest
 
 from bitserve.model.demo import demo_tokenizer_metadata
 from bitserve.tokenizer.bpe import BYTE_TO_CHAR, Tokenizer
+from bitserve.tokenizer.fixtures import ADVERSARIAL_TEXTS, random_texts
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +41,9 @@ def byte_metadata(
 @pytest.fixture
 def make_byte_metadata() -> Callable[..., dict[str, Any]]:
     return byte_metadata
+
+
+@pytest.fixture(scope="session")
+def adversarial_texts() -> tuple[str, ...]:
+    """The hand-picked hard strings and 500 random ones (fixed seed)."""
+    return (*ADVERSARIAL_TEXTS, *random_texts(500))

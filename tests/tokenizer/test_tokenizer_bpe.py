@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bitserve.gguf import GGUFWriter, read_gguf
+from bitserve.gguf import GGUFError, GGUFWriter, read_gguf
 from bitserve.tokenizer.bpe import Tokenizer, bytes_to_piece, piece_to_bytes
 
 TEXTS = [
@@ -57,12 +59,23 @@ def test_merges_applied_in_rank_order(
     assert [tok.id_to_piece(i) for i in tok.encode(" the")] == pieces
 
 
-@pytest.mark.parametrize(("pre", "whole"), [("llama-bpe", True), (None, True), ("gpt-2", False)])
+@pytest.mark.parametrize(
+    ("pre", "whole"),
+    [
+        ("llama-bpe", True),
+        (None, True),
+        ("falcon3", True),
+        ("falcon_e", True),
+        ("gpt-2", False),
+        ("qwen2", False),
+        ("default", False),
+    ],
+)
 def test_llama3_takes_whole_words_from_the_vocabulary(
     make_byte_metadata: Callable[..., dict[str, Any]], pre: str | None, whole: bool
 ) -> None:
     # "Ġcat" is in the vocabulary but no merge builds it: LLaMA-3 (like tiktoken and
-    # llama.cpp) still uses it; plain GPT-2 BPE cannot reach it
+    # llama.cpp) still uses it; plain GPT-2 BPE (and Qwen2's) cannot reach it
     keys = {} if pre is None else {"pre": pre}
     tok = Tokenizer.from_metadata(make_byte_metadata([("Ġcat", 1)], [], **keys))
     pieces = [tok.id_to_piece(i) for i in tok.encode(" cat")]
@@ -89,7 +102,7 @@ def test_optional_keys(make_byte_metadata: Callable[..., dict[str, Any]]) -> Non
     )
     tok = Tokenizer.from_metadata(meta)
     assert tok.stop_ids == {256, 257, 258}
-    assert tok.eot_id is None  # no token spelled <|eot_id|>
+    assert tok.eot_id == 258  # the file's end of turn, though not spelled <|eot_id|>
     assert tok.bos_id is None and not tok.add_bos
     assert tok.encode("a", add_bos=True) == tok.encode("a")
 
@@ -141,9 +154,11 @@ def test_out_of_range_ids(demo_tokenizer: Tokenizer) -> None:
 
 
 def test_unsupported_metadata(make_byte_metadata: Callable[..., dict[str, Any]]) -> None:
-    with pytest.raises(ValueError, match=r"supported: .*llama-bpe"):
-        Tokenizer.from_metadata(make_byte_metadata(pre="qwen2"))
-    with pytest.raises(ValueError, match="only 'gpt2'"):
+    with pytest.raises(ValueError, match=r"'tekken'.*supported: .*llama-bpe.*qwen2"):
+        Tokenizer.from_metadata(make_byte_metadata(pre="tekken"))
+    with pytest.raises(ValueError, match=r"'bert'; supported: gpt2 .*llama"):
+        Tokenizer.from_metadata({**make_byte_metadata(), "tokenizer.ggml.model": "bert"})
+    with pytest.raises(ValueError, match=r"needs tokenizer\.ggml\.scores"):
         Tokenizer.from_metadata({**make_byte_metadata(), "tokenizer.ggml.model": "llama"})
     with pytest.raises(ValueError, match="merge 0"):
         Tokenizer.from_metadata(make_byte_metadata(merges=["nospace"]))
@@ -168,3 +183,74 @@ def test_from_gguf(
     text = TEXTS[3]
     assert tok.encode(text, add_bos=True) == demo_tokenizer.encode(text, add_bos=True)
     assert tok.stop_ids == demo_tokenizer.stop_ids
+
+
+def test_user_defined_stop_tokens_become_control_tokens(
+    make_byte_metadata: Callable[..., dict[str, Any]],
+) -> None:
+    # llama.cpp makes a token spelled like an end of generation a control token, so user
+    # text cannot stop a reply by spelling it
+    tok = Tokenizer.from_metadata(make_byte_metadata([("<|im_end|>", 4), ("<tool>", 4)]))
+    assert tok.stop_ids == {256} and tok.eot_id == 256 and tok.is_special(256)
+    assert 256 not in tok.encode("a<|im_end|>b")
+    assert tok.encode("<|im_end|>", allow_special=True) == [256]
+    assert tok.encode("<tool>") == [257]  # other user-defined tokens still match
+
+
+def test_unused_and_unknown_tokens_are_hidden(
+    make_byte_metadata: Callable[..., dict[str, Any]],
+) -> None:
+    tok = Tokenizer.from_metadata(make_byte_metadata([("[PAD256]", 5), ("<unk>", 2)]))
+    assert tok.is_special(256) and tok.is_special(257)
+    assert tok.token_bytes(256) == b"" and tok.decode([256], skip_special=False) == ""
+    assert tok.decode([257]) == "" and tok.decode([257], skip_special=False) == "<unk>"
+    assert 257 not in tok.encode("<unk>") and tok.encode("<unk>", allow_special=True) == [257]
+
+
+def test_file_problems_name_the_file(
+    tmp_path: Path, make_byte_metadata: Callable[..., dict[str, Any]]
+) -> None:
+    writer = GGUFWriter()
+    writer.add("general.architecture", "llama")
+    for key, value in make_byte_metadata(pre="tekken", padding_token_id=999).items():
+        writer.add(key, value)
+    writer.write(tmp_path / "odd.gguf")
+    with read_gguf(tmp_path / "odd.gguf") as gguf, pytest.raises(GGUFError) as caught:
+        Tokenizer.from_gguf(gguf)
+    assert str(caught.value).startswith(str(tmp_path / "odd.gguf"))
+    assert "unsupported tokenizer.ggml.pre 'tekken'" in str(caught.value)
+
+
+def test_padding_id_past_the_vocabulary_is_ignored(
+    make_byte_metadata: Callable[..., dict[str, Any]],
+) -> None:
+    # files in the wild carry one; llama.cpp ignores it and nothing here uses it
+    tok = Tokenizer.from_metadata(make_byte_metadata(padding_token_id=999))
+    assert tok.encode("a") == [ord("a")]
+
+
+def test_encoding_a_long_text_lets_other_threads_run(demo_tokenizer: Tokenizer) -> None:
+    """The server encodes prompts on worker threads; its event loop must keep running
+    meanwhile, so encoding must not hold the GIL for its whole length."""
+    text = "hello world, this is a test of things. " * 25_000  # ~1 MB
+    ticks = 0
+    done = threading.Event()
+
+    def tick() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            time.sleep(0.001)
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    try:
+        start = time.perf_counter()
+        demo_tokenizer.encode(text)
+        took = time.perf_counter() - start
+    finally:
+        done.set()
+        ticker.join()
+    # a held GIL lets the ticker run a handful of times (at the 5 ms switch interval at
+    # best); a released one, about once per millisecond of encoding
+    assert ticks >= 0.25 * took * 1000, (ticks, took)

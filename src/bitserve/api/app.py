@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from bitserve import __version__
 from bitserve.api import system
@@ -19,6 +20,7 @@ from bitserve.api.chat import routes as chat_routes
 from bitserve.api.completions import routes as completion_routes
 from bitserve.api.conversations import routes as conversation_routes
 from bitserve.api.conversations.serving import ConversationService
+from bitserve.api.edge import EdgeGuard
 from bitserve.api.errors import install_error_handlers
 from bitserve.api.oracle import routes as oracle_routes
 from bitserve.api.sampling import THREADS_DOC
@@ -52,12 +54,27 @@ def create_app(settings: ServerSettings, served: ServedModel, store: Conversatio
             served.engine.stop()
             store.close()
 
-    app = FastAPI(title="bitserve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="bitserve",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
     app.state.settings = settings
     app.state.served = served
     app.state.store = store
     app.state.keys = KeyChecker(settings.api_keys)
     app.state.conversations = ConversationService(store, served)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    app.add_middleware(
+        EdgeGuard, allowed_hosts=settings.allowed_hosts, max_body_bytes=settings.max_body_bytes
+    )
     system.install_metrics(app, served)  # app.state.registry + the HTTP-edge middleware
     install_error_handlers(app)
     for router in (

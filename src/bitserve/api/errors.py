@@ -20,9 +20,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bitserve.engine.generate import ContextLengthError
-from bitserve.engine.loop import EngineStoppedError, QueueFullError
+from bitserve.engine.loop import EngineStoppedError, GenerationFailedError, QueueFullError
 from bitserve.engine.sampling import SamplingParamError
-from bitserve.store import ConversationNotFoundError
+from bitserve.store import ConversationNotFoundError, InvalidTextError, StorageFullError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,39 @@ class ContextLengthExceededError(APIError):
         )
         self.prompt_tokens = prompt_tokens
         self.context_length = context_length
+
+
+class InputTooLongError(APIError):
+    """More text than the server accepts in one request, refused before tokenizing it."""
+
+    def __init__(self, chars: int, limit: int, param: str) -> None:
+        super().__init__(
+            f"{param}: {chars} characters of text is more than this server accepts in one "
+            f"request ({limit}: more than its context could hold, or --max-input-chars)",
+            param=param,
+            code="input_too_long",
+        )
+
+
+class BodyTooLargeError(APIError):
+    """A request body over the server's limit (``--max-body-mb``); refused unread."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the request body is larger than this server accepts ({limit} bytes; --max-body-mb)",
+            code="request_too_large",
+        )
+
+
+class InvalidHostError(APIError):
+    """A ``Host`` header naming a host this server does not answer to."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__(
+            f"this server does not answer to the host {host[:100]!r}; start it with "
+            "--allowed-host NAME to accept that name",
+            code="invalid_host",
+        )
 
 
 class ModelNotFoundError(APIError):
@@ -91,14 +124,20 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     SamplingParamError: ErrorKind(400, "invalid_request_error"),
     ContextLengthExceededError: ErrorKind(400, "invalid_request_error", "context_length_exceeded"),
     ContextLengthError: ErrorKind(400, "invalid_request_error", "context_length_exceeded"),
+    InputTooLongError: ErrorKind(400, "invalid_request_error", "input_too_long"),
+    InvalidHostError: ErrorKind(400, "invalid_request_error", "invalid_host"),
     AuthenticationError: ErrorKind(401, "invalid_request_error", "invalid_api_key"),
     ModelNotFoundError: ErrorKind(404, "invalid_request_error", "model_not_found"),
     RouteNotFoundError: ErrorKind(404, "invalid_request_error", "route_not_found"),
     ConversationNotFoundError: ErrorKind(404, "invalid_request_error", "conversation_not_found"),
+    InvalidTextError: ErrorKind(400, "invalid_request_error", "invalid_value"),
+    BodyTooLargeError: ErrorKind(413, "invalid_request_error", "request_too_large"),
     RequestValidationError: ErrorKind(422, "invalid_request_error", "invalid_value"),
     QueueFullError: ErrorKind(503, "server_error", "queue_full"),
     EngineStoppedError: ErrorKind(503, "server_error", "unavailable"),
     GenerationCancelledError: ErrorKind(503, "server_error", "cancelled"),
+    GenerationFailedError: ErrorKind(500, "server_error", "generation_failed"),
+    StorageFullError: ErrorKind(507, "server_error", "storage_full"),
 }
 _INTERNAL = ErrorKind(500, "server_error", "internal_error")
 
@@ -147,6 +186,8 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
         message, param, code = exc.message, exc.param, exc.code or code
     elif isinstance(exc, SamplingParamError):
         message, param = f"{exc.param}: {exc.message}", exc.param
+    elif isinstance(exc, InvalidTextError):
+        message, param = str(exc), exc.where
     elif kind is _INTERNAL:
         message = "internal server error (see the server log)"
     else:
@@ -164,7 +205,9 @@ def error_response(exc: BaseException) -> JSONResponse:
         headers["WWW-Authenticate"] = "Bearer"
     if isinstance(exc, StarletteHTTPException) and exc.headers:
         headers.update(exc.headers)
-    if status >= 500 and not isinstance(exc, QueueFullError | EngineStoppedError):
+    # the engine logs a failed generation's traceback itself
+    quiet = QueueFullError | EngineStoppedError | GenerationFailedError
+    if status >= 500 and not isinstance(exc, quiet):
         log.error("request failed", exc_info=exc)
     return JSONResponse(body, status_code=status, headers=headers)
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from bitserve.api.errors import InvalidParameterError
+from bitserve.api.wire import RequestModel
 from bitserve.engine.sampling import SamplingParamError, validate_params
 from bitserve.engine.types import SamplingParams
 
@@ -30,10 +31,9 @@ THREADS_DOC = (
 _WIRE_NAMES = {"repetition_penalty": "repeat_penalty", "repetition_window": "repeat_last_n"}
 
 
-class SamplingFields(BaseModel):
-    """Fields every generating request accepts (OpenAI names plus llama.cpp extensions)."""
-
-    model_config = ConfigDict(extra="ignore")
+class SamplingFields(RequestModel):
+    """Fields every generating request accepts (OpenAI names plus llama.cpp extensions);
+    ``null`` means the default (:class:`RequestModel`)."""
 
     temperature: float = Field(0.7, description="0-2; 0 is greedy.")
     top_p: float = Field(0.95, description="Nucleus sampling mass, 0-1 (1 disables).")

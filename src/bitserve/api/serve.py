@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 import time
 from pathlib import Path
 
+import uvicorn
+
+from bitserve.api.connections import AcceptErrorThrottle, head_timeout_protocol
+from bitserve.api.edge import default_allowed_hosts
 from bitserve.api.oracle.config import OracleConfig, OracleConfigError
 from bitserve.api.settings import (
     DEFAULT_ALIASES,
     DEFAULT_CACHE_DISK_MB,
     DEFAULT_CACHE_RAM_MB,
+    DEFAULT_HEAD_TIMEOUT_S,
     DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_BODY_MB,
     DEFAULT_MAX_QUEUE,
     DEFAULT_PORT,
     ServerSettings,
@@ -73,6 +80,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="extra model name the model answers to (repeatable)",
     )
     p.add_argument("--oracle-config", type=Path, help="oracle route config (JSON)")
+    p.add_argument(
+        "--max-body-mb",
+        type=int,
+        default=DEFAULT_MAX_BODY_MB,
+        help="largest request body in MB; larger ones are refused unread (413)",
+    )
+    p.add_argument(
+        "--max-input-chars",
+        type=int,
+        default=0,
+        help="most characters of text (messages or prompt) one request may carry, refused "
+        "before tokenizing (400; default 0: what the context could hold at most)",
+    )
+    p.add_argument(
+        "--head-timeout",
+        type=float,
+        default=DEFAULT_HEAD_TIMEOUT_S,
+        help="seconds a connection has to send its request head before it is closed",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        help="a Host name the server answers to besides localhost, IP addresses and "
+        "--host (repeatable; '*': any). Others get 400: DNS rebinding protection",
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="a browser origin allowed to call the API, e.g. https://app.example "
+        "(repeatable; '*': any; default: none, no CORS headers)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -96,11 +136,15 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         api_keys=tuple(keys),
         aliases=tuple(dict.fromkeys(args.alias)),
         oracle=OracleConfig.load(args.oracle_config),
+        max_body_mb=args.max_body_mb,
+        max_input_chars=args.max_input_chars,
+        head_timeout_s=args.head_timeout,
+        allowed_hosts=default_allowed_hosts(args.host, args.allowed_host),
+        cors_origins=tuple(args.cors_origin),
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
 
     from bitserve.api.app import create_app
     from bitserve.api.served import ServedModel
@@ -114,6 +158,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if settings.max_queue < 1:
         print("bitserve serve: --max-queue must be at least 1", file=sys.stderr)
+        return 2
+    if settings.max_body_mb < 1 or settings.max_input_chars < 0 or settings.head_timeout_s <= 0:
+        print(
+            "bitserve serve: --max-body-mb must be >= 1, --max-input-chars >= 0 and "
+            "--head-timeout > 0",
+            file=sys.stderr,
+        )
         return 2
     if settings.max_batch < 1 or settings.cache_ram_mb < 0 or settings.cache_disk_mb < 0:
         print(
@@ -141,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
             cache_ram_mb=settings.cache_ram_mb,
             cache_disk_mb=settings.cache_disk_mb,
             cache_dir=settings.cache_dir,
+            max_input_chars=settings.max_input_chars,
         )
     except OSError as exc:  # --cache-dir cannot be created
         print(f"bitserve serve: {exc}", file=sys.stderr)
@@ -153,8 +205,21 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
-    uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level=level, timeout_graceful_shutdown=5
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=level,
+        timeout_graceful_shutdown=5,
+        http=head_timeout_protocol(settings.head_timeout_s),
     )
+    asyncio.run(_serve(uvicorn.Server(config)))
     served.close()  # the engine has stopped: the prefix cache's RAM entries go to disk
     return 0
+
+
+async def _serve(server: uvicorn.Server) -> None:
+    """uvicorn's ``Server.serve`` with accept failures (out of file descriptors) logged
+    once per interval instead of once per attempt."""
+    AcceptErrorThrottle().install(asyncio.get_running_loop())
+    await server.serve()

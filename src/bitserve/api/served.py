@@ -17,7 +17,11 @@ from typing import Any
 import numpy as np
 
 from bitserve import __version__
-from bitserve.api.errors import ContextLengthExceededError, ModelNotFoundError
+from bitserve.api.errors import (
+    ContextLengthExceededError,
+    InputTooLongError,
+    ModelNotFoundError,
+)
 from bitserve.api.settings import DEFAULT_CACHE_DISK_MB, DEFAULT_CACHE_RAM_MB, default_cache_dir
 from bitserve.engine.generate import Generator
 from bitserve.engine.kv_spill import KVSpill, spill_key
@@ -34,20 +38,29 @@ from bitserve.engine.scheduler import (
 log = logging.getLogger(__name__)
 
 
+PROBE = "x"  # a message content of one token, to measure what the template adds
+
+
 @dataclass(slots=True)
 class ServedModel:
-    """``ctx_size`` ≤ the model's context length; ``aliases`` are extra accepted names."""
+    """``ctx_size`` ≤ the model's context length; ``aliases`` are extra accepted names.
+    ``max_input_chars`` bounds the text of one request's messages or prompt (0: what the
+    context could hold at most, :func:`context_chars`)."""
 
     loaded: LoadedModel
     engine: EngineLoop[Generator]
     ctx_size: int
     aliases: tuple[str, ...] = ()
     created: int = 0  # unix seconds, for /v1/models
+    max_input_chars: int = 0
     fingerprint: str = field(default="", init=False)
+    _overheads: dict[str | None, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         digest = hashlib.sha256(f"{self.loaded.path}|{__version__}".encode()).hexdigest()
         self.fingerprint = f"fp_{digest[:10]}"
+        if self.max_input_chars <= 0:
+            self.max_input_chars = context_chars(self.loaded, self.ctx_size)
 
     @classmethod
     def create(
@@ -61,6 +74,7 @@ class ServedModel:
         cache_ram_mb: int = DEFAULT_CACHE_RAM_MB,
         cache_disk_mb: int = DEFAULT_CACHE_DISK_MB,
         cache_dir: Path | None = None,
+        max_input_chars: int = 0,
     ) -> ServedModel:
         """Wrap ``loaded`` with a (not yet started) engine loop that batches up to
         ``max_batch`` sequences and keeps up to ``cache_ram_mb`` MB of prefix KV in RAM and
@@ -85,7 +99,7 @@ class ServedModel:
             prefix.make_cache = lambda: model.new_cache(None, dtype, memory)
         generator = Generator(loaded.model, loaded.tokenizer)
         engine = EngineLoop(generator, max_queue=max_queue, scheduler=scheduler)
-        return cls(loaded, engine, effective, aliases, created)
+        return cls(loaded, engine, effective, aliases, created, max_input_chars)
 
     @property
     def prefix_cache(self) -> PrefixCache | None:
@@ -136,6 +150,21 @@ class ServedModel:
             raise ContextLengthExceededError(prompt_tokens, self.ctx_size, param)
         return room
 
+    def check_input_chars(self, chars: int, param: str) -> None:
+        """400 ``input_too_long`` for more text than :attr:`max_input_chars`, before any
+        of it is tokenized."""
+        if chars > self.max_input_chars:
+            raise InputTooLongError(chars, self.max_input_chars, param)
+
+    def message_overhead(self, role: str | None) -> int:
+        """About how many tokens the chat template adds around one message of ``role``
+        (``None``: around the whole prompt: BOS, the generation prompt). Measured once per
+        role by encoding probes; an estimate (history fitting checks the real prompt)."""
+        cached = self._overheads.get(role)
+        if cached is None:
+            cached = self._overheads[role] = max(0, _template_overhead(self.loaded, role))
+        return cached
+
     def token_piece(self, token_id: int) -> tuple[str, list[int]]:
         """A token's text for logprobs (control tokens by name) and its raw bytes."""
         raw = self.loaded.tokenizer.token_bytes(token_id)
@@ -149,8 +178,36 @@ class ServedModel:
             "n_vocab": int(cfg.vocab_size),
             "n_params_layers": int(cfg.n_layers),
             "demo": self.loaded.is_demo,
-            "path": str(self.loaded.path),
-        }
+        }  # never the file's path: clients have no business knowing the server's disk
+
+
+def context_chars(loaded: LoadedModel, ctx_size: int) -> int:
+    """Characters that can never fit in ``ctx_size`` tokens: no token covers more bytes
+    than the vocabulary's longest, and a character is at least one byte."""
+    tok = loaded.tokenizer
+    longest = max(len(tok.token_bytes(i)) for i in range(tok.vocab_size))
+    return ctx_size * max(1, longest)
+
+
+def _template_overhead(loaded: LoadedModel, role: str | None) -> int:
+    """Tokens a message of ``role`` adds to a prompt beyond its content (see
+    :meth:`ServedModel.message_overhead`); 0 if the template refuses the probes."""
+    chat = loaded.chat
+    probe = len(loaded.tokenizer.encode(PROBE))
+
+    def message(r: str) -> dict[str, str]:
+        return {"role": r, "content": PROBE}
+
+    try:
+        if role is None:
+            whole = chat.encode([message("user")])
+            return len(whole) - probe - _template_overhead(loaded, "user")
+        before = {"assistant": ["user"], "user": ["user", "assistant"]}.get(role, [role])
+        with_it = chat.encode([*map(message, before), message(role)], add_generation_prompt=False)
+        without = chat.encode(list(map(message, before)), add_generation_prompt=False)
+    except ValueError:
+        return 0
+    return len(with_it) - len(without) - probe
 
 
 def _open_spill(loaded: LoadedModel, config: SchedulerConfig, directory: Path, mb: int) -> KVSpill:

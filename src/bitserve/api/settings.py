@@ -14,6 +14,8 @@ DEFAULT_MAX_BATCH = 16  # sequences decoded together in one step
 DEFAULT_CACHE_RAM_MB = 2048  # prefix (KV) cache budget; 0 turns it off
 DEFAULT_CACHE_DISK_MB = 0  # prefix cache entries spilled to disk; 0 (the default) turns it off
 DEFAULT_ALIASES = ("bitnet",)
+DEFAULT_MAX_BODY_MB = 8  # request bodies; a 128k-token prompt is well under 1 MB of JSON
+DEFAULT_HEAD_TIMEOUT_S = 10.0  # a connection must send its request head within this
 
 
 def default_db_path() -> Path:
@@ -32,7 +34,13 @@ class ServerSettings:
     """``api_keys`` empty means no authentication. ``ctx_size`` None means the model's
     context length. ``aliases`` are extra ``model`` names the local model answers to.
     ``max_batch`` sequences run together; ``cache_ram_mb`` bounds the prefix KV cache in
-    RAM, ``cache_disk_mb`` its entries spilled to files under ``cache_dir`` (0: none)."""
+    RAM, ``cache_disk_mb`` its entries spilled to files under ``cache_dir`` (0: none).
+
+    Limits: ``max_body_mb`` per request body (413); ``max_input_chars`` of text per
+    request (0: what the context could hold); ``head_timeout_s`` for a request head to
+    arrive. ``allowed_hosts``: the ``Host`` names answered (``"*"``: any; ``bitserve
+    serve`` sets the loopback names, ``--host`` and ``--allowed-host``); ``cors_origins``:
+    browser origins allowed to call the API (none: no CORS headers)."""
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
@@ -50,6 +58,15 @@ class ServerSettings:
     api_keys: tuple[str, ...] = ()
     aliases: tuple[str, ...] = DEFAULT_ALIASES
     oracle: OracleConfig = field(default_factory=OracleConfig.builtin)
+    max_body_mb: int = DEFAULT_MAX_BODY_MB
+    max_input_chars: int = 0
+    head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S
+    allowed_hosts: tuple[str, ...] = ("*",)
+    cors_origins: tuple[str, ...] = ()
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.max_body_mb * 2**20
 
 
 def read_keys_file(path: str | Path) -> list[str]:

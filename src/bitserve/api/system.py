@@ -7,36 +7,73 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from bitserve.api.auth import require_key
+from bitserve.api.edge import GuardedRoute
+from bitserve.api.errors import ModelNotFoundError
 from bitserve.api.metrics import install_metrics, make_registry
 from bitserve.api.served import ServedModel
 
 __all__ = ["health_router", "install_metrics", "make_registry", "router"]
 
 health_router = APIRouter(tags=["system"])
-router = APIRouter(tags=["system"], dependencies=[Depends(require_key)])
+router = APIRouter(tags=["system"], dependencies=[Depends(require_key)], route_class=GuardedRoute)
 
 
-@health_router.get("/health")
-async def health(request: Request) -> dict[str, Any]:
-    """Liveness (never needs a key): `{"status": "ok", "model", "demo"}`."""
+NOT_FOUND_DOC: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown model."}}
+HEALTH_DOC: dict[int | str, dict[str, Any]] = {
+    503: {
+        "description": 'The engine cannot run requests: `{"status": "error", "model", '
+        '"demo", "error"}` says why (its thread stopped, or its last steps all failed).'
+    }
+}
+
+
+@health_router.get("/health", responses=HEALTH_DOC)
+async def health(request: Request) -> JSONResponse:
+    """Whether the server can generate (never needs a key): `{"status": "ok", "model",
+    "demo"}`, or 503 with `"status": "error"` and the reason."""
     served: ServedModel = request.app.state.served
-    return {"status": "ok", "model": served.name, "demo": served.loaded.is_demo}
+    state = served.engine.health()
+    body: dict[str, Any] = {
+        "status": "ok" if state.ok else "error",
+        "model": served.name,
+        "demo": served.loaded.is_demo,
+    }
+    if not state.ok:
+        body["error"] = state.reason
+    return JSONResponse(body, status_code=200 if state.ok else 503)
+
+
+def model_object(served: ServedModel, name: str) -> dict[str, Any]:
+    """OpenAI's model object; the model id's carries ``meta`` (context, vocabulary)."""
+    model: dict[str, Any] = {
+        "id": name,
+        "object": "model",
+        "created": served.created,
+        "owned_by": "bitserve",
+    }
+    if name == served.name:
+        model["meta"] = served.describe()
+    return model
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    """The served model and every alias it answers to (OpenAI's model list)."""
+    """The served model and every alias it answers to on every route (OpenAI's model
+    list). Oracle aliases, which only the oracle routes accept, are not listed."""
     served: ServedModel = request.app.state.served
-    names = (*served.names, *request.app.state.settings.oracle.aliases)
-    data = [
-        {"id": name, "object": "model", "created": served.created, "owned_by": "bitserve"}
-        for name in dict.fromkeys(names)
-    ]
-    data[0]["meta"] = served.describe()
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [model_object(served, n) for n in served.names]}
+
+
+@router.get("/v1/models/{model}", responses=NOT_FOUND_DOC)
+async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
+    """One model of the list (OpenAI's retrieve); 404 `model_not_found` for another name."""
+    served: ServedModel = request.app.state.served
+    if model not in served.names:
+        raise ModelNotFoundError(model)
+    return model_object(served, model)
 
 
 @router.get("/metrics", response_class=Response)

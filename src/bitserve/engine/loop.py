@@ -62,7 +62,31 @@ class QueueFullError(Exception):
 
 
 class EngineStoppedError(RuntimeError):
-    """The engine loop is not running (not started yet, or shut down)."""
+    """The engine loop is not running (not started yet, shut down, or its thread died)."""
+
+
+class GenerationFailedError(RuntimeError):
+    """The engine could not complete a generation: its forward pass, its logits (NaN) or
+    its sampling failed. Only the requests of the failing step get it; the engine goes on.
+    The cause is chained (and logged)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"the generation failed: {cause}")
+        self.__cause__ = cause
+
+
+# /health reports the engine failing after this many steps in a row failed every request
+# in them (one poisoned request alone does not mark the server unhealthy)
+FAILED_STEPS_UNHEALTHY = 3
+
+
+@dataclass(frozen=True, slots=True)
+class EngineHealth:
+    """``ok`` False: the engine thread is gone, or its last ``FAILED_STEPS_UNHEALTHY``
+    steps all failed (``reason`` says which, with the last error)."""
+
+    ok: bool
+    reason: str | None = None
 
 
 @dataclass(slots=True)
@@ -84,6 +108,8 @@ class EngineStats:
     - ``steps``: batched forward passes; ``busy_seconds``: time spent in steps or jobs.
     - ``running``: True while the engine has a generation under way (batched mode: from
       the first step until no sequence is waiting or running).
+    - ``failed_steps_in_a_row``: steps since the last one that produced a token in which
+      every sequence failed; ``last_error``: the latest failure's message.
     """
 
     requests_started: int = 0
@@ -102,6 +128,8 @@ class EngineStats:
     steps: int = 0
     busy_seconds: float = 0.0
     running: bool = False
+    failed_steps_in_a_row: int = 0
+    last_error: str | None = None
 
     def mean_request_seconds(self) -> float:
         done = self.requests_finished + self.requests_failed
@@ -226,6 +254,24 @@ class EngineLoop(Generic[G]):
         thread.join(timeout)
 
     @property
+    def alive(self) -> bool:
+        """True while the engine thread runs (started, not stopped, not dead)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def health(self) -> EngineHealth:
+        """Whether the engine can run requests now (``/health``)."""
+        if not self.alive:
+            return EngineHealth(False, "the engine thread is not running")
+        if self.stats.failed_steps_in_a_row >= FAILED_STEPS_UNHEALTHY:
+            return EngineHealth(
+                False,
+                f"the last {self.stats.failed_steps_in_a_row} engine steps failed: "
+                f"{self.stats.last_error}",
+            )
+        return EngineHealth(True)
+
+    @property
     def queue_depth(self) -> int:
         """Requests waiting (running ones not counted)."""
         waiting = len(self.scheduler.waiting) if self.scheduler is not None else 0
@@ -265,7 +311,7 @@ class EngineLoop(Generic[G]):
             self._enqueue(_Call(extend, concurrent.futures.Future()))
 
     def _enqueue(self, job: _Generation | _Call) -> None:
-        if self._thread is None:
+        if not self.alive:  # never queue for a thread that will not take it
             raise EngineStoppedError("the engine loop is not running")
         if self.queue_depth >= self.max_queue:
             waiting = self.queue_depth + 1
@@ -354,7 +400,11 @@ class EngineLoop(Generic[G]):
                     for handle in self._active.values():
                         handle.cancel()
             if sched.has_work:
-                self._step(sched)
+                try:
+                    self._step(sched)
+                except Exception as exc:  # a bug outside one sequence: fail them all, go on
+                    log.exception("engine step failed")
+                    self._fail_all(sched, exc)
 
     def _take_jobs(self, block: bool) -> list[_Generation | _Call | None]:
         """Every queued job; waits for the first one when ``block``."""
@@ -408,10 +458,42 @@ class EngineLoop(Generic[G]):
                 pushes.append(self._end(seq, _END))
             for seq, exc in out.failed:
                 log.error("generation failed", exc_info=exc)
-                pushes.append(self._end(seq, exc))
+                pushes.append(self._end(seq, GenerationFailedError(exc)))
         finally:  # whatever went wrong, what is ready still reaches its requests
             push_all(pushes)
+        self._record_outcome(out.failed[-1][1] if out.failed else None, bool(out.events))
         self._sync_stats(sched)
+
+    def _record_outcome(self, error: BaseException | None, produced: bool) -> None:
+        """Count steps that failed every request in them (for :meth:`health`)."""
+        if produced:
+            self.stats.failed_steps_in_a_row = 0
+        elif error is not None:
+            self.stats.failed_steps_in_a_row += 1
+        if error is not None:
+            self.stats.last_error = str(error)
+
+    def _fail_all(self, sched: Scheduler, exc: Exception) -> None:
+        """A step raised outside any one sequence: their states are unknown, so every
+        running and waiting sequence leaves (KV freed) and its request gets the error."""
+        try:
+            gone = sched.abort_all(keep_kv=False)
+        except Exception:
+            log.exception("could not free the failed step's sequences")
+            gone = list(self._active)
+            sched.waiting.clear()
+            sched.running.clear()
+        pushes: list[tuple[RequestHandle, object]] = []
+        for seq in gone:
+            with self._lock:
+                handle = self._active.pop(seq, None)
+            if handle is not None:
+                self.stats.requests_failed += 1
+                pushes.append((handle, GenerationFailedError(exc)))
+        push_all(pushes)
+        self._record_outcome(exc, produced=False)
+        with contextlib.suppress(Exception):
+            self._sync_stats(sched)
 
     def _end(self, seq: Sequence, last: object) -> tuple[RequestHandle, object]:
         """Retire ``seq``; returns its handle and ``last`` (its final item) to push."""

@@ -141,7 +141,13 @@ class Scheduler:
             seq.num_computed_tokens += n
             if row is None:
                 continue
-            out.events.append((seq, seq.on_logits(row)))
+            try:
+                event = seq.on_logits(row)
+            except Exception as exc:  # its logits (NaN) or sampling: this sequence alone
+                self._leave(seq, keep_kv=False)
+                out.failed.append((seq, exc))
+                continue
+            out.events.append((seq, event))
             if seq.is_finished:
                 self._leave(seq)
                 out.finished.append(seq)
@@ -176,12 +182,13 @@ class Scheduler:
         self.prefix_cache.put(tokens, cache)
         return len(tokens) - cached
 
-    def abort_all(self) -> list[Sequence]:
-        """Remove every sequence at once (shutdown), freeing their KV."""
+    def abort_all(self, keep_kv: bool = True) -> list[Sequence]:
+        """Remove every sequence at once (shutdown, or a step that failed as a whole:
+        ``keep_kv=False`` frees their KV instead of handing it to the prefix cache)."""
         gone = list(self.waiting) + self.running
         self.waiting.clear()
         for seq in list(self.running):
-            self._leave(seq)
+            self._leave(seq, keep_kv)
         return gone
 
     # -- the parts of a step -----------------------------------------------------------------

@@ -30,6 +30,11 @@ if TYPE_CHECKING:
     from bitserve.tokenizer import Tokenizer
 
 
+class ModelOutputError(RuntimeError):
+    """The model's logits for a sequence are not finite (NaN or inf): whatever the cause
+    (corrupt weights, an overflow), no token can be sampled from them honestly."""
+
+
 @dataclass(slots=True)
 class StopStringMatcher:
     """Cuts generated text at the first stop string, holding back possible beginnings.
@@ -155,6 +160,10 @@ class Sequence:
         sequence carries ``finish_reason`` (also stored on ``self``)."""
         if self.num_pending_tokens != 0:
             raise RuntimeError(f"{self.num_pending_tokens} tokens are not computed yet")
+        if not np.isfinite(logits).all():  # argmax would pick a NaN; sampling would raise
+            raise ModelOutputError(
+                f"the model produced non-finite logits (NaN or inf) after {len(self.tokens)} tokens"
+            )
         want_logprobs = self.request.logprobs or self.request.top_logprobs > 0
         step = self.sampler.step(logits, self.tokens, want_logprobs)
         self.tokens.append(step.token_id)

@@ -53,6 +53,14 @@ def infer_value_type(value: Any) -> GGUFValueType:
     raise TypeError(f"cannot store {type(value).__name__} in GGUF metadata")
 
 
+# keys llama.cpp reads with one type only, written with it unless the caller says
+# otherwise (inference would make token types UINT32, which llama.cpp refuses)
+KEY_TYPES: dict[str, tuple[GGUFValueType, GGUFValueType]] = {
+    "tokenizer.ggml.token_type": (GGUFValueType.ARRAY, GGUFValueType.INT32),
+    "tokenizer.ggml.scores": (GGUFValueType.ARRAY, GGUFValueType.FLOAT32),
+}
+
+
 def _encode_string(s: str) -> bytes:
     raw = s.encode("utf-8")
     return struct.pack("<Q", len(raw)) + raw
@@ -94,7 +102,10 @@ class GGUFWriter:
         vtype: GGUFValueType | None = None,
         elem_type: GGUFValueType | None = None,
     ) -> None:
-        """Add one metadata key; ``vtype``/``elem_type`` override the inferred types."""
+        """Add one metadata key; ``vtype``/``elem_type`` override the inferred types
+        (and the types of :data:`KEY_TYPES`)."""
+        if vtype is None and key in KEY_TYPES:
+            vtype, elem_type = KEY_TYPES[key]
         vtype = infer_value_type(value) if vtype is None else vtype  # UINT8 is 0: falsy
         self._kv.append((key, value, vtype, elem_type))
 

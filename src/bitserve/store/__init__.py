@@ -5,7 +5,9 @@ from bitserve.store.base import (
     ConversationNotFoundError,
     ConversationPage,
     ConversationStore,
+    InvalidTextError,
     NewMessage,
+    StorageFullError,
     StoredMessage,
     StoreError,
 )
@@ -16,8 +18,10 @@ __all__ = [
     "ConversationNotFoundError",
     "ConversationPage",
     "ConversationStore",
+    "InvalidTextError",
     "NewMessage",
     "SQLiteStore",
+    "StorageFullError",
     "StoreError",
     "StoredMessage",
 ]

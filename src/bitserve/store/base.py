@@ -9,9 +9,10 @@ same ABC for several replicas.
 
 from __future__ import annotations
 
+import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 # Metadata follows OpenAI's Conversations API: at most 16 string pairs.
@@ -22,6 +23,26 @@ MAX_METADATA_VALUE_CHARS = 512
 
 class StoreError(Exception):
     """Base class of store errors."""
+
+
+class StorageFullError(StoreError):
+    """The store's disk (or its configured size) is full: the write did not happen, and
+    everything stored before it is intact and readable."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(
+            "the conversation store is full: nothing was written (stored conversations can "
+            "still be read)" + (f"; {detail}" if detail else "")
+        )
+
+
+class InvalidTextError(StoreError, ValueError):
+    """Text that is not valid Unicode (a lone surrogate such as ``"\\ud800"``, legal in
+    JSON): it could be stored but never sent back as UTF-8, so it is refused."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(f"{where}: text must be valid Unicode (no lone surrogates)")
+        self.where = where
 
 
 class ConversationNotFoundError(StoreError, LookupError):
@@ -83,6 +104,38 @@ class ConversationPage:
     has_more: bool
 
 
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def is_valid_text(text: object) -> bool:
+    """False for a string that cannot be encoded as UTF-8 (it holds a lone surrogate);
+    anything else is the database's to judge."""
+    if not isinstance(text, str) or text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def repaired_text(text: str) -> str:
+    """``text`` with any lone surrogate replaced by U+FFFD (rows written before the store
+    refused them stay readable)."""
+    return text if is_valid_text(text) else _SURROGATE.sub("\ufffd", text)
+
+
+def check_texts(metadata: dict[str, str] | None, messages: Iterable[NewMessage] = ()) -> None:
+    """Raise :class:`InvalidTextError` for metadata or message text that could not be
+    read back as UTF-8. Every store calls it before writing."""
+    for key, value in (metadata or {}).items():
+        if not (is_valid_text(key) and is_valid_text(value)):
+            raise InvalidTextError("metadata")
+    for i, m in enumerate(messages):
+        if not (is_valid_text(m.role) and is_valid_text(m.content)):
+            raise InvalidTextError(f"messages[{i}]")
+
+
 def new_conversation_id(unix_ms: int, number: int) -> str:
     """``conv_<unix-ms>_<n>``: the creation time and a number never reused by the store."""
     return f"conv_{unix_ms}_{number}"
@@ -98,7 +151,10 @@ class ConversationStore(ABC):
     ``ConversationNotFoundError`` when the id does not exist *for that owner*.
 
     Implementations must be safe to call from several threads at once and must make every
-    method atomic: a reader never sees half a turn.
+    method atomic: a reader never sees half a turn. Writes refuse text that is not valid
+    Unicode (:func:`check_texts`, ``InvalidTextError``), so whatever is stored can be sent
+    back; a full disk is a ``StorageFullError`` that writes nothing and leaves reads
+    working.
     """
 
     @abstractmethod

@@ -20,6 +20,7 @@ NULL for messages stored before it and for user/system messages).
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import struct
@@ -35,10 +36,13 @@ from bitserve.store.base import (
     ConversationPage,
     ConversationStore,
     NewMessage,
+    StorageFullError,
     StoredMessage,
     StoreError,
+    check_texts,
     new_conversation_id,
     now,
+    repaired_text,
 )
 
 SCHEMA_VERSION = 2
@@ -91,6 +95,20 @@ def unpack_token_ids(blob: bytes | None) -> tuple[int, ...] | None:
     return struct.unpack(f"<{len(blob) // 4}I", blob)
 
 
+SQLITE_FULL = 13  # "database or disk is full": the disk, or PRAGMA max_page_count
+
+
+def _is_full(exc: BaseException) -> bool:
+    """True for SQLite's "disk full" (by code where Python exposes it, by message before
+    3.11) and for an ``OSError`` ENOSPC."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (int(code) & 0xFF) == SQLITE_FULL
+    return "database or disk is full" in str(exc)
+
+
 _CONVERSATION_COLUMNS = (
     "c.seq, c.id, c.owner, c.created_at, c.metadata, "
     "(SELECT COUNT(*) FROM messages m WHERE m.conversation_seq = c.seq)"
@@ -117,15 +135,22 @@ class SQLiteStore(ConversationStore):
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT`` under the lock; rolls back on any exception."""
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` under the lock; rolls back on any exception
+        (a failed COMMIT included). A full disk is a ``StorageFullError``."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except (sqlite3.Error, OSError) as exc:
+                if _is_full(exc):
+                    raise StorageFullError(str(exc)) from exc
                 raise
-            self._db.execute("COMMIT")
 
     def _migrate(self) -> None:
         """Create the schema or bring an older one up to :data:`SCHEMA_VERSION`, in one
@@ -162,7 +187,9 @@ class SQLiteStore(ConversationStore):
             id=str(cid),
             owner=str(owner),
             created_at=float(created_at),  # type: ignore[arg-type]
-            metadata=json.loads(str(metadata)),
+            metadata={
+                repaired_text(k): repaired_text(v) for k, v in json.loads(str(metadata)).items()
+            },
             seq=int(seq),  # type: ignore[call-overload]
             num_messages=int(count),  # type: ignore[call-overload]
         )
@@ -172,7 +199,7 @@ class SQLiteStore(ConversationStore):
         """A row of ``_MESSAGE_COLUMNS`` → ``StoredMessage``."""
         idx, role, content, created_at, tokens, prompt, completion, finish, ids = row
         return StoredMessage(
-            idx, role, content, created_at, tokens, prompt, completion, finish,
+            idx, role, repaired_text(content), created_at, tokens, prompt, completion, finish,
             unpack_token_ids(ids),
         )  # fmt: skip
 
@@ -214,6 +241,7 @@ class SQLiteStore(ConversationStore):
         metadata: dict[str, str] | None = None,
         messages: Sequence[NewMessage] = (),
     ) -> Conversation:
+        check_texts(metadata, messages)
         created_at = now()
         with self._transaction() as db:
             row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='conversations'")
@@ -260,6 +288,7 @@ class SQLiteStore(ConversationStore):
     def update_metadata(
         self, owner: str, conversation_id: str, metadata: dict[str, str]
     ) -> Conversation:
+        check_texts(metadata)
         with self._transaction() as db:
             conv = self._row(db, owner, conversation_id)
             db.execute(
@@ -277,6 +306,7 @@ class SQLiteStore(ConversationStore):
     def append_turn(
         self, owner: str, conversation_id: str, messages: Sequence[NewMessage]
     ) -> list[StoredMessage]:
+        check_texts(None, messages)
         with self._transaction() as db:
             conv = self._row(db, owner, conversation_id)
             return self._insert_messages(db, conv.seq, conv.num_messages, messages)

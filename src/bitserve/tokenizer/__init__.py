@@ -1,4 +1,5 @@
-"""BPE tokenizer from GGUF metadata, incremental detokenizer, chat templates."""
+"""Tokenizers from GGUF metadata (byte-level BPE and SentencePiece), incremental
+detokenizer, chat templates."""
 
 from bitserve.tokenizer.bpe import Tokenizer
 from bitserve.tokenizer.chat import ChatFormatter

@@ -1,7 +1,8 @@
 """Streaming detokenization that never emits half a character.
 
-Byte-level BPE tokens are byte strings: an emoji (4 UTF-8 bytes) may be spread over
-several tokens, and a token may end in the middle of a character. The detokenizer keeps
+Tokens are byte strings: an emoji (4 UTF-8 bytes) may be spread over several byte-level
+BPE tokens or SentencePiece byte-fallback tokens (``<0xF0>`` ``<0x9F>``...), and a token may
+end in the middle of a character. The detokenizer keeps
 the incomplete tail until the next token completes it, so every ``push`` returns only
 whole characters and the concatenation of all pushes plus ``flush`` equals
 ``tokenizer.decode(ids)``.

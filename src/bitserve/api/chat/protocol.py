@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from bitserve.api.sampling import SamplingFields
+from bitserve.api.wire import RequestModel
 
 DEFAULT_MAX_TOKENS = 100
 
@@ -37,7 +38,7 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(RequestModel):
     include_usage: bool = Field(False, description="Send a last chunk with `usage`.")
 
 

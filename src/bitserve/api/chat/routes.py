@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from bitserve.api.auth import require_key
 from bitserve.api.chat.protocol import ChatCompletion, ChatCompletionRequest
 from bitserve.api.chat.serving import check_supported, plan_chat, respond_chat, wire_messages
 from bitserve.api.conversations.routes import SSE_DOC
+from bitserve.api.edge import GuardedRoute
 from bitserve.api.served import ServedModel
 from bitserve.api.streaming import RequestGuard
 
-router = APIRouter(tags=["openai"], dependencies=[Depends(require_key)])
+router = APIRouter(tags=["openai"], dependencies=[Depends(require_key)], route_class=GuardedRoute)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=SSE_DOC)
@@ -23,5 +25,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     served: ServedModel = request.app.state.served
     model = served.resolve(body.model)
     check_supported(body)
-    plan = plan_chat(served, body, wire_messages(body.messages), model)
+    messages = wire_messages(body.messages)
+    served.check_input_chars(sum(len(m["content"]) for m in messages), "messages")
+    plan = await run_in_threadpool(plan_chat, served, body, messages, model)  # tokenizes
     return await respond_chat(served, plan, RequestGuard(request), body.stream)

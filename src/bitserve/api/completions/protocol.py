@@ -3,17 +3,21 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import Field, StrictInt
 
 from bitserve.api.chat.protocol import DEFAULT_MAX_TOKENS, StreamOptions
 from bitserve.api.sampling import SamplingFields
+from bitserve.api.wire import RequestModel
+
+# token ids are integers, never booleans or numeric strings coerced into them
+TokenIds = list[StrictInt]
 
 
 class LlamaCompletionRequest(SamplingFields):
     """Body of ``POST /completion`` (llama.cpp server names and defaults, except
     ``n_predict`` whose default is the guide's 100)."""
 
-    prompt: str | list[int] = Field(description="Text (BOS added) or token ids (used as-is).")
+    prompt: str | TokenIds = Field(description="Text (BOS added) or token ids (used as-is).")
     n_predict: int = Field(
         DEFAULT_MAX_TOKENS, description="Tokens to generate; -1 = until the context is full."
     )
@@ -33,7 +37,7 @@ class CompletionRequest(SamplingFields):
     """Body of ``POST /v1/completions`` (OpenAI legacy completions)."""
 
     model: str
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
         description="Text, token ids, or a batch of either (one choice set per prompt)."
     )
     max_tokens: int = Field(
@@ -50,11 +54,11 @@ class CompletionRequest(SamplingFields):
     user: str | None = None
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(RequestModel):
     content: str
     add_special: bool = Field(False, description="Prepend BOS as the model expects.")
     with_pieces: bool = Field(False, description="Return {id, piece} objects.")
 
 
-class DetokenizeRequest(BaseModel):
-    tokens: list[int]
+class DetokenizeRequest(RequestModel):
+    tokens: TokenIds

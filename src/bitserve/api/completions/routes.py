@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from bitserve.api.auth import require_key
@@ -16,11 +17,14 @@ from bitserve.api.completions.protocol import (
     TokenizeRequest,
 )
 from bitserve.api.completions.serving import LegacyCompletion, LlamaCompletion
+from bitserve.api.edge import GuardedRoute
 from bitserve.api.errors import InvalidParameterError
 from bitserve.api.served import ServedModel
 from bitserve.api.streaming import RequestGuard, sse_response
 
-router = APIRouter(tags=["completions"], dependencies=[Depends(require_key)])
+router = APIRouter(
+    tags=["completions"], dependencies=[Depends(require_key)], route_class=GuardedRoute
+)
 
 STREAM_DOC: dict[int | str, dict[str, Any]] = {
     200: {"description": "JSON, or SSE `data:` events with `stream: true`.",
@@ -55,7 +59,7 @@ async def completion(body: LlamaCompletionRequest, request: Request) -> Response
     """llama.cpp's completion: `prompt` as text or token ids, `n_predict`, sampling fields,
     `n_probs` (→ `completion_probabilities`), `return_tokens`; `stream: true` sends
     llama.cpp's partial objects and a final one with `stop: true` (no `[DONE]`)."""
-    job = LlamaCompletion.plan(_served(request), body)
+    job = await run_in_threadpool(LlamaCompletion.plan, _served(request), body)  # tokenizes
     return await _answer(RequestGuard(request), body.stream, job)
 
 
@@ -63,7 +67,7 @@ async def completion(body: LlamaCompletionRequest, request: Request) -> Response
 async def completions(body: CompletionRequest, request: Request) -> Response:
     """OpenAI legacy completions. `echo: true` with `logprobs: N` and `max_tokens: 0`
     scores the prompt (each token's logprob given those before it; the first is null)."""
-    job = LegacyCompletion.plan(_served(request), body)
+    job = await run_in_threadpool(LegacyCompletion.plan, _served(request), body)  # tokenizes
     return await _answer(RequestGuard(request), body.stream, job)
 
 
@@ -71,10 +75,16 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     """Text → token ids (`add_special` prepends BOS; `with_pieces` adds each piece)."""
     tok = _served(request).loaded.tokenizer
-    ids = tok.encode(body.content, add_bos=body.add_special and tok.add_bos)
-    if body.with_pieces:
-        return {"tokens": [{"id": i, "piece": tok.decode([i], skip_special=False)} for i in ids]}
-    return {"tokens": ids}
+
+    def run() -> dict[str, Any]:  # on a worker thread: the text may be long
+        ids = tok.encode(body.content, add_bos=body.add_special and tok.add_bos)
+        if body.with_pieces:
+            return {
+                "tokens": [{"id": i, "piece": tok.decode([i], skip_special=False)} for i in ids]
+            }
+        return {"tokens": ids}
+
+    return await run_in_threadpool(run)
 
 
 @router.post("/detokenize")
@@ -84,4 +94,4 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any
     bad = [t for t in body.tokens if not 0 <= t < tok.vocab_size]
     if bad:
         raise InvalidParameterError(f"tokens: token id {bad[0]} is not in the vocabulary", "tokens")
-    return {"content": tok.decode(body.tokens, skip_special=False)}
+    return {"content": await run_in_threadpool(tok.decode, body.tokens, False)}

@@ -53,6 +53,7 @@ def tokenize_prompt(served: ServedModel, prompt: str | list[int], param: str = "
                 f"{param}: token id {bad[0]} is not in the vocabulary", param
             )
         return Prompt(list(prompt))
+    served.check_input_chars(len(prompt), param)
     tok = served.loaded.tokenizer
     tokens = tok.encode(prompt, add_bos=tok.add_bos)
     return Prompt(tokens, int(bool(tokens) and tokens[0] == tok.bos_id and tok.add_bos))
@@ -338,20 +339,21 @@ class LegacyCompletion:
         prefix = choice.prompt_text if self.body.echo else ""
         logprobs = None
         if self.body.logprobs is not None:
-            items: list[LogprobItem] = [(p.token_id, p.logprob, p.top) for p in echoed or []]
-            items += [(e.token_id, e.logprob, e.top_logprobs) for e in self.shown(events)]
-            logprobs = self.logprobs_object(items, 0)
+            # as OpenAI: every generated token is listed, a final end-of-text included
+            # (lm-evaluation-harness drops the last entry of prompt + 1); offsets count
+            # from the prompt's start
+            prompt_items: list[LogprobItem] = [(p.token_id, p.logprob, p.top) for p in echoed or []]
+            generated: list[LogprobItem] = [(e.token_id, e.logprob, e.top_logprobs) for e in events]
+            logprobs = self.logprobs_object(prompt_items, 0)
+            more = self.logprobs_object(generated, len(choice.prompt_text))
+            for key, values in more.items():
+                logprobs[key] += values
         return {
             "text": prefix + text,
             "index": choice.index,
             "logprobs": logprobs,
             "finish_reason": wire_finish_reason(events),
         }
-
-    def shown(self, events: list[TokenEvent]) -> list[TokenEvent]:
-        """Events whose token is part of the text (a final stop token is not)."""
-        stop_ids = self.served.stop_token_ids
-        return [e for e in events if not (e.finish_reason == "stop" and e.token_id in stop_ids)]
 
     def envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -405,6 +407,7 @@ class LegacyCompletion:
         for i in (i for i, h in enumerate(handles) if h is None):  # max_tokens 0: done
             yield sse(self.envelope([self.chunk(self.choices[i], "", "length")]))
         live = [(i, h) for i, h in enumerate(handles) if h is not None]
+        offsets = [len(c.prompt_text) for c in self.choices]  # text_offset: from the prompt
         async for k, event in merged_events([h for _, h in live]):
             choice_events, choice = events[live[k][0]], self.choices[live[k][0]]
             if event is None:
@@ -415,8 +418,10 @@ class LegacyCompletion:
                 continue
             choice_events.append(event)
             lp = None
-            if self.body.logprobs is not None and self.shown([event]):
-                lp = self.logprobs_object([(event.token_id, event.logprob, event.top_logprobs)], 0)
+            if self.body.logprobs is not None:  # every token, a final end-of-text too
+                item: LogprobItem = (event.token_id, event.logprob, event.top_logprobs)
+                lp = self.logprobs_object([item], offsets[live[k][0]])
+                offsets[live[k][0]] += len(lp["tokens"][0])
             if event.text or lp:
                 yield sse(self.envelope([self.chunk(choice, event.text, None, lp)]))
         if self.body.stream_options and self.body.stream_options.include_usage:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from bitserve.api.chat.protocol import ChatCompletionRequest, ChatMessage
 from bitserve.api.errors import InvalidParameterError
+from bitserve.api.wire import RequestModel
 
 METADATA_DOC = "Up to 16 string pairs (keys <= 64 chars, values <= 512), e.g. a title."
 
@@ -18,10 +19,8 @@ class ConversationItem(ChatMessage):
     type: Literal["message"] = "message"
 
 
-class CreateConversationRequest(BaseModel):
+class CreateConversationRequest(RequestModel):
     """Body of ``POST /v1/conversations``; every field optional (an empty body works)."""
-
-    model_config = ConfigDict(extra="ignore")
 
     metadata: dict[str, str] | None = Field(None, description=METADATA_DOC)
     messages: list[ChatMessage] | None = Field(
@@ -40,7 +39,7 @@ class CreateConversationRequest(BaseModel):
         return list(self.messages or self.items or [])
 
 
-class UpdateConversationRequest(BaseModel):
+class UpdateConversationRequest(RequestModel):
     metadata: dict[str, str] = Field(description="Replaces the metadata. " + METADATA_DOC)
 
 

@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from bitserve.api.auth import Principal, require_key
 from bitserve.api.chat.protocol import ConversationChatCompletion
-from bitserve.api.chat.serving import encode_chat, wire_messages
+from bitserve.api.chat.serving import wire_messages
 from bitserve.api.conversations.protocol import (
     ConversationChatRequest,
     ConversationDeleted,
@@ -28,10 +28,13 @@ from bitserve.api.conversations.serving import (
     conversation_object,
     message_object,
 )
+from bitserve.api.edge import GuardedRoute
 from bitserve.api.errors import InvalidParameterError
 from bitserve.api.streaming import RequestGuard
 
-router = APIRouter(tags=["conversations"], dependencies=[Depends(require_key)])
+router = APIRouter(
+    tags=["conversations"], dependencies=[Depends(require_key)], route_class=GuardedRoute
+)
 
 SSE_DOC: dict[int | str, dict[str, Any]] = {
     200: {
@@ -58,8 +61,8 @@ async def create_conversation(
     svc = service(request)
     body = body or CreateConversationRequest.model_validate({})
     metadata = check_metadata(body.metadata)
-    initial = svc.new_messages(wire_messages(body.initial_messages()))
-    conv = await run_in_threadpool(svc.store.create, who.owner, metadata, initial)
+    messages = wire_messages(body.initial_messages())
+    conv = await run_in_threadpool(svc.create, who.owner, metadata, messages)
     return conversation_object(conv)
 
 
@@ -153,13 +156,10 @@ async def conversation_prompt(
     """Debugging aid: the chat-formatted history exactly as the next turn's prompt starts
     (before its new message and before any truncation)."""
     svc = service(request)
-    history = await svc.history(who.owner, conversation_id)
-    chat = svc.served.loaded.chat
-    prompt = chat.render(history) if history else ""
-    tokens = encode_chat(svc.served, history, "messages") if history else []
+    prompt, tokens, count = await run_in_threadpool(svc.next_prompt, who.owner, conversation_id)
     return {
         "conversation_id": conversation_id,
         "prompt": prompt,
         "prompt_tokens": len(tokens),
-        "num_messages": len(history),
+        "num_messages": count,
     }

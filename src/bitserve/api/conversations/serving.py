@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from bitserve.api.chat.serving import (
+    ChatPlan,
     ChoiceResult,
     check_supported,
     encode_chat,
@@ -35,6 +37,7 @@ from bitserve.api.chat.serving import (
     respond_chat,
     wire_messages,
 )
+from bitserve.api.conversations.history import fit_history
 from bitserve.api.conversations.protocol import (
     ConversationChatRequest,
     ConversationMessage,
@@ -156,45 +159,21 @@ def next_turn_prefix(
     return a[:n]
 
 
-def _droppable_prefix(messages: list[dict[str, str]], start: int) -> int:
-    """How many messages from ``start`` make up the oldest droppable turn: one message,
-    plus the assistant replies that follow it (history never starts with an orphan reply)."""
-    end = start + 1
-    while end < len(messages) and messages[end]["role"] == "assistant":
-        end += 1
-    return end - start
-
-
-def fit_history(
-    served: ServedModel,
-    history: list[dict[str, str]],
-    new: list[dict[str, str]],
-    max_tokens: int,
-) -> tuple[list[dict[str, str]], int, list[int]]:
-    """``history + new``, dropping the oldest non-system history turns until the prompt
-    leaves room for ``max_tokens`` (or nothing droppable is left). Returns the messages,
-    how many were dropped, and their prompt's token ids. System messages and the new
-    messages are never dropped."""
-    history = list(history)
-    dropped = 0
-    while True:
-        messages = history + new
-        prompt = encode_chat(served, messages, "messages")
-        if len(prompt) + max_tokens <= served.ctx_size:
-            return messages, dropped, prompt
-        first = next((i for i, m in enumerate(history) if m["role"] != "system"), None)
-        if first is None:
-            return messages, dropped, prompt
-        count = _droppable_prefix(history, first)
-        del history[first : first + count]
-        dropped += count
-
-
 def _history_message(m: StoredMessage) -> dict[str, Any]:
     message: dict[str, Any] = {"role": m.role, "content": m.content}
     if m.token_ids is not None:
         message["token_ids"] = list(m.token_ids)
     return message
+
+
+@dataclass(slots=True)
+class Turn:
+    """A chat turn ready to generate: its plan, the prompt's messages (history kept and
+    the new ones) and the new messages as they will be stored."""
+
+    plan: ChatPlan
+    messages: list[dict[str, Any]]
+    new: list[NewMessage]
 
 
 class ConversationService:
@@ -204,6 +183,7 @@ class ConversationService:
         self.store = store
         self.served = served
         self.locks = ConversationLocks()
+        self._background: set[asyncio.Task[None]] = set()
 
     def count_tokens(self, text: str) -> int:
         return len(self.served.loaded.tokenizer.encode(text))
@@ -213,12 +193,36 @@ class ConversationService:
             NewMessage(m["role"], m["content"], self.count_tokens(m["content"])) for m in messages
         ]
 
-    async def history(self, owner: str, conversation_id: str) -> list[dict[str, str]]:
+    def history(self, owner: str, conversation_id: str) -> list[dict[str, Any]]:
         """The stored messages as the chat formatter takes them; replies carry their
-        generated ``token_ids`` (typed ``dict[str, str]`` for the chat helpers' signature:
-        only the formatter reads the ids)."""
-        stored = await run_in_threadpool(self.store.messages, owner, conversation_id)
-        return [_history_message(m) for m in stored]
+        generated ``token_ids``."""
+        return [_history_message(m) for m in self.store.messages(owner, conversation_id)]
+
+    def create(
+        self, owner: str, metadata: dict[str, str], messages: list[dict[str, str]]
+    ) -> Conversation:
+        """(worker thread) A new conversation with initial ``messages``, checked by the
+        rules every chat into it will meet: the chat format must take them (roles), and
+        the messages no truncation can drop (system ones) must leave room for a reply."""
+        if messages:
+            self.served.check_input_chars(sum(len(m["content"]) for m in messages), "messages")
+            probe = {"role": "user", "content": "x"}
+            encode_chat(self.served, [*messages, probe], "messages")
+            system = [m for m in messages if m["role"] == "system"]
+            if system:
+                self.served.check_fits(
+                    len(encode_chat(self.served, system, "messages")), "messages"
+                )
+        return self.store.create(owner, metadata, self.new_messages(messages))
+
+    def next_prompt(self, owner: str, conversation_id: str) -> tuple[str, list[int], int]:
+        """(worker thread) The history chat-formatted as the next turn's prompt starts:
+        its text, its token ids and the number of messages (``GET …/prompt``)."""
+        history = self.history(owner, conversation_id)
+        if not history:
+            return "", [], 0
+        tokens = encode_chat(self.served, history, "messages")  # a 400 for a bad history
+        return self.served.loaded.chat.render(history), tokens, len(history)
 
     def reply_message(self, plan_prompt_tokens: int, reply: ChoiceResult) -> NewMessage:
         """The assistant message to store for a finished ``reply``."""
@@ -237,29 +241,72 @@ class ConversationService:
         if body.n != 1:
             raise InvalidParameterError("n: conversation chats generate one reply (n=1)", "n")
         check_supported(body)
+        new = wire_messages(body.messages)
+        if not new:
+            raise InvalidParameterError("messages: must contain the new message", "messages")
+        self.served.check_input_chars(sum(len(m["content"]) for m in new), "messages")
         await run_in_threadpool(self.store.get, owner, conversation_id)  # 404 before waiting
         guard.add(await self.locks.acquire(conversation_id))
         try:
-            new = wire_messages(body.messages)
-            if not new:
-                raise InvalidParameterError("messages: must contain the new message", "messages")
-            history = await self.history(owner, conversation_id)
-            messages, dropped, prompt = fit_history(
-                self.served, history, new, body.max_new_tokens()
+            # reading, tokenizing and fitting the history is CPU work: off the event loop
+            turn = await run_in_threadpool(
+                self.prepare_turn, owner, conversation_id, body, new, model
             )
-            plan = plan_chat(self.served, body, messages, model, prompt=prompt)
-            plan.extra = {"conversation_id": conversation_id, "truncated_messages": dropped}
 
             async def store_turn(results: list[ChoiceResult]) -> None:
-                reply = self.reply_message(plan.prompt_tokens, results[0])
-                await run_in_threadpool(
-                    self.store.append_turn, owner, conversation_id, [*self.new_messages(new), reply]
+                reply = await run_in_threadpool(
+                    self.store_turn, owner, conversation_id, turn, results[0]
                 )
-                ahead = next_turn_prefix(self.served, messages, reply)
-                if ahead is not None:
-                    self.served.engine.prefill_ahead(ahead, PREFILL_AHEAD_MAX_TOKENS)
+                self.prefill_ahead_later(turn.messages, reply)
 
-            return await respond_chat(self.served, plan, guard, body.stream, store_turn)
+            return await respond_chat(self.served, turn.plan, guard, body.stream, store_turn)
         except BaseException:
             guard.close()
             raise
+
+    def prepare_turn(
+        self,
+        owner: str,
+        conversation_id: str,
+        body: ConversationChatRequest,
+        new: list[dict[str, str]],
+        model: str,
+    ) -> Turn:
+        """(worker thread) The stored history and the new messages, fitted to the context
+        by their token counts (:func:`fit_history`), planned for the engine."""
+        stored = self.store.messages(owner, conversation_id)
+        new_stored = self.new_messages(new)
+        fitted = fit_history(
+            self.served,
+            [_history_message(m) for m in stored],
+            [m.tokens for m in stored],
+            new,
+            [m.tokens for m in new_stored],
+            body.max_new_tokens(),
+        )
+        plan = plan_chat(self.served, body, fitted.messages, model, prompt=fitted.prompt)
+        plan.extra = {"conversation_id": conversation_id, "truncated_messages": fitted.dropped}
+        return Turn(plan, fitted.messages, new_stored)
+
+    def store_turn(
+        self, owner: str, conversation_id: str, turn: Turn, result: ChoiceResult
+    ) -> NewMessage:
+        """(worker thread) Append the new messages and the reply in one transaction;
+        returns the reply as stored."""
+        reply = self.reply_message(turn.plan.prompt_tokens, result)
+        self.store.append_turn(owner, conversation_id, [*turn.new, reply])
+        return reply
+
+    def prefill_ahead_later(self, messages: list[dict[str, Any]], reply: NewMessage) -> None:
+        """Queue the next turn's prompt start (:func:`next_turn_prefix`) for the engine to
+        compute ahead, once a worker thread has encoded it: after the answer, not in
+        its way (encoding a long history takes a while)."""
+
+        async def queue_it() -> None:
+            ahead = await run_in_threadpool(next_turn_prefix, self.served, messages, reply)
+            if ahead is not None:
+                self.served.engine.prefill_ahead(ahead, PREFILL_AHEAD_MAX_TOKENS)
+
+        task = asyncio.get_running_loop().create_task(queue_it())
+        self._background.add(task)  # a reference until it is done (asyncio keeps weak ones)
+        task.add_done_callback(self._background.discard)

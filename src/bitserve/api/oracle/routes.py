@@ -11,18 +11,22 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from bitserve.api.auth import require_configured_key
 from bitserve.api.chat.protocol import ChatCompletion, ChatCompletionRequest
 from bitserve.api.chat.serving import plan_chat, respond_chat, wire_messages
 from bitserve.api.conversations.routes import SSE_DOC
+from bitserve.api.edge import GuardedRoute
 from bitserve.api.errors import RouteNotFoundError
 from bitserve.api.oracle.config import OracleConfig
 from bitserve.api.served import ServedModel
 from bitserve.api.streaming import RequestGuard
 
-router = APIRouter(tags=["oracle"], dependencies=[Depends(require_configured_key)])
+router = APIRouter(
+    tags=["oracle"], dependencies=[Depends(require_configured_key)], route_class=GuardedRoute
+)
 
 
 @router.post("/oracle/v1/{route}/chat", response_model=ChatCompletion, responses=SSE_DOC)
@@ -43,11 +47,15 @@ async def oracle_chat(
         known = ", ".join(sorted(config.routes)) or "none"
         raise RouteNotFoundError(f"oracle route {route!r} is not configured (known: {known})")
     try:
-        body = ChatCompletionRequest.model_validate({**spec.defaults, **raw})
+        # null means absent (RequestModel): the route's default, not the model's
+        given = {key: value for key, value in raw.items() if value is not None}
+        body = ChatCompletionRequest.model_validate({**spec.defaults, **given})
     except ValidationError as exc:  # the same 422 as a typed route's
         raise RequestValidationError(exc.errors()) from exc
     served: ServedModel = request.app.state.served
     served.resolve(body.model, (*config.aliases, *spec.aliases))
-    plan = plan_chat(served, body, wire_messages(body.messages), body.model)
+    messages = wire_messages(body.messages)
+    served.check_input_chars(sum(len(m["content"]) for m in messages), "messages")
+    plan = await run_in_threadpool(plan_chat, served, body, messages, body.model)  # tokenizes
     plan.oracle = True
     return await respond_chat(served, plan, RequestGuard(request), body.stream)

@@ -1,0 +1,171 @@
+"""Connection and body limits of the real server process, over real sockets: the key is
+checked before the body is read, bodies over ``--max-body-mb`` are refused unread (413),
+request heads that never finish are cut after ``--head-timeout``, and running out of file
+descriptors logs one line per interval instead of a traceback per accept attempt."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from api_server import Server, start
+
+KEY = "sk-limits"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = start(
+        tmp_path_factory.mktemp("limits"),
+        "--api-key", KEY, "--max-body-mb", "1", "--head-timeout", "1",
+    )  # fmt: skip
+    yield s
+    s.stop()
+
+
+def connect(server: Server) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    return sock
+
+
+def response_head(sock: socket.socket, timeout: float = 5.0) -> str:
+    """What the server answers, up to the end of its head (or whatever came before EOF)."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode("latin-1")
+
+
+def post_head(path: str, length: int, key: str | None = None) -> bytes:
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"{auth}Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def test_a_keyless_request_is_refused_before_its_body_is_sent(server: Server) -> None:
+    with connect(server) as sock:
+        # a body the server would have to wait for: never sent
+        sock.sendall(post_head("/v1/chat/completions", 900_000))
+        head = response_head(sock)
+    assert head.startswith("HTTP/1.1 401"), head
+
+
+def test_a_body_over_the_limit_is_refused_unread(server: Server) -> None:
+    with connect(server) as sock:
+        sock.sendall(post_head("/v1/chat/completions", 300 * 2**20, KEY))
+        head = response_head(sock)
+    assert head.startswith("HTTP/1.1 413"), head
+    # the same through a client, with the API's error body naming the limit
+    answer = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=b"x" * (2**20 + 1),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert answer.status_code == 413
+    error = answer.json()["error"]
+    assert error["code"] == "request_too_large" and str(2**20) in error["message"]
+
+
+def test_a_chunked_body_is_counted_as_it_comes(server: Server) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(40):
+            yield b" " * 65536  # 2.5 MB in all, no Content-Length
+
+    answer = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=chunks(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert answer.status_code == 413
+    assert answer.json()["error"]["code"] == "request_too_large"
+
+
+def test_request_heads_that_never_finish_are_cut(server: Server) -> None:
+    silent, partial = connect(server), connect(server)
+    try:
+        partial.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        for sock in (silent, partial):
+            start_wait = time.monotonic()
+            assert response_head(sock, timeout=10) == ""  # closed without an answer
+            assert time.monotonic() - start_wait < 8
+    finally:
+        silent.close()
+        partial.close()
+    # a client that sends its head in time is served on the same server meanwhile
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+def test_out_of_file_descriptors_logs_once_per_interval(tmp_path: Path) -> None:
+    # the server process gets 64 file descriptors (the model file, the store, the engine
+    # and the listening socket take about 20 of them)
+    limited = (
+        sys.executable, "-c",
+        "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)); "
+        "sys.argv = ['bitserve', 'serve', *sys.argv[1:]]; "
+        "runpy.run_module('bitserve.cli', run_name='__main__')",
+    )  # fmt: skip
+    server = start(tmp_path, "--head-timeout", "3", launcher=limited)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(100):  # the kernel's backlog accepts them; the server cannot
+            socks.append(connect(server))
+        time.sleep(2.5)
+        log = server.log()
+        assert log.count("Too many open files") <= 2, log[-3000:]
+        assert "cannot accept connections" in log
+        assert "socket.accept() out of system resource" not in log
+        for sock in socks:
+            sock.close()
+        socks.clear()
+        # the held connections are cut by the head timeout; the server recovers
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("the server did not recover: " + server.log_tail())
+    finally:
+        for sock in socks:
+            sock.close()
+        server.stop()
+
+
+def test_only_known_host_names_are_answered(server: Server) -> None:
+    port = server.url.rsplit(":", 1)[1]
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}",
+                 f"10.1.2.3:{port}"):  # fmt: skip
+        answer = httpx.get(f"{server.url}/v1/models", headers={**auth, "Host": host}, timeout=10)
+        assert answer.status_code == 200, host
+    # DNS rebinding: a page on attacker.example whose name now points at 127.0.0.1
+    answer = httpx.get(
+        f"{server.url}/v1/conversations",
+        headers={**auth, "Host": f"attacker.example:{port}"},
+        timeout=10,
+    )
+    assert answer.status_code == 400
+    assert answer.json()["error"]["code"] == "invalid_host"
+
+
+def test_allowed_host_adds_a_name(tmp_path: Path) -> None:
+    with start(tmp_path, "--allowed-host", "bitserve.lan") as server:
+        ok = httpx.get(f"{server.url}/health", headers={"Host": "bitserve.lan:80"}, timeout=10)
+        other = httpx.get(f"{server.url}/health", headers={"Host": "other.lan"}, timeout=10)
+    assert ok.status_code == 200 and other.status_code == 400
