@@ -56,7 +56,7 @@ def _tensors(rng: np.random.Generator) -> dict[str, tuple[np.ndarray, Q | None]]
         "bf16.weight": (bf16, Q.BF16),
         "tq2.weight": (quantize(ternary * np.float32(0.375), Q.TQ2_0), Q.TQ2_0),
         "tq1.weight": (quantize(ternary[:2] * np.float32(1.25), Q.TQ1_0), Q.TQ1_0),
-        # block-scaled: every 256-block its own scale (row scales × a ramp over the blocks)
+        # block-scaled: every 256-block its own scale (a ramp over the blocks)
         "tq2_blocks.weight": (quantize(ternary * _ramp(4, 512), Q.TQ2_0), Q.TQ2_0),
         "tq1_blocks.weight": (quantize(ternary * _ramp(4, 512), Q.TQ1_0), Q.TQ1_0),
         "q8_0.weight": (quantize(rng.standard_normal((6, 64)).astype(np.float32), Q.Q8_0), Q.Q8_0),
