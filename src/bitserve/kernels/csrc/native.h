@@ -111,12 +111,13 @@ void ternary_matmul_int(Pool *pool, KernelImpl impl, const uint8_t *codes, size_
 
 /* AVX-512 pair tiles (ternary_avx512.c): q [T, K] → qp [T, 256·⌈K/256⌉] in pair order, then
  * dots[t][r] = Σ_k code[rows[r], k] · q[t, k] for PAIR_TILE_ROWS rows and
- * tt <= PAIR_TILE_TOKENS tokens; only called when cpu_has_avx512(). */
+ * tt <= PAIR_TILE_TOKENS tokens; only called when cpu_has_avx512(), gfni only when
+ * cpu_has_gfni() (the same bits either way). */
 #define PAIR_TILE_ROWS 4
 #define PAIR_TILE_TOKENS 4
 void permute_pairs(const int8_t *q, size_t n_blocks, int8_t *qp);
 void pair_dots_avx512(const uint8_t *const rows[PAIR_TILE_ROWS], const int8_t *qp,
-                      size_t qp_stride, size_t n_blocks, int tt,
+                      size_t qp_stride, size_t n_blocks, int tt, int gfni,
                       int32_t dots[PAIR_TILE_TOKENS][PAIR_TILE_ROWS]);
 /* ...and its n <= PAIR_TILE_ROWS rows stored for tt tokens: y[t·stride + i] =
  * (float)(dots[t][i] − sum[t]) / scale[t] · w_scale, or with scale NULL the int32
