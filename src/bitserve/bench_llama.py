@@ -2,8 +2,8 @@
 when it is installed: never a dependency of bitserve or of its tests).
 
 The same thread count, prompt tokens and generated tokens as bitserve's run; prompts are
-``PROMPT_RUNS`` fresh evaluations (median), generation greedy from the last logits, one
-token per ``decode`` like bitserve's decode loop. llama.cpp cannot read every file
+``PROMPT_RUNS`` fresh evaluations (median; fewer when they take over ``SLOW_PROMPT_S``),
+generation greedy from the last logits, one token per ``decode`` like bitserve's decode loop. llama.cpp cannot read every file
 bitserve serves (bitnet.cpp's I2_S type 36 and its ``bitnet-b1.58`` architecture are not
 upstream's): then the result says why instead of giving figures.
 """
@@ -24,6 +24,9 @@ import numpy as np
 from bitserve.gguf.constants import GGMLType
 from bitserve.gguf.reader import GGUFFile
 
+# A type without a SIMD kernel in llama.cpp (Q2_0 on x86 runs its scalar C) can take minutes
+# per prompt: after this many seconds of prompts, the median is over the runs done so far.
+SLOW_PROMPT_S = 60.0
 # what upstream llama.cpp cannot load, by type and architecture (its own names)
 UNREADABLE_TYPES = (GGMLType.I2_S,)
 UNKNOWN_ARCHS = ("bitnet-b1.58", "bitnet-25")
@@ -93,8 +96,8 @@ def run(path: Path, threads: int, prompt: np.ndarray, n_gen: int, runs: int) -> 
     try:
         load_s = time.perf_counter() - start
         tokens = [int(t) for t in prompt]
-        prompt_s = []
-        for _ in range(runs):
+        prompt_s: list[float] = []
+        while len(prompt_s) < runs and sum(prompt_s) < SLOW_PROMPT_S:
             llm.reset()
             start = time.perf_counter()
             llm.eval(tokens)

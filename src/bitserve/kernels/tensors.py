@@ -371,8 +371,13 @@ class EmbeddingMatrix:
             data = raw.view("<u2") if gtype == GGMLType.BF16 else gguf.array(name)
             return cls(FLOAT_KINDS[gtype], n_rows, dim, gtype, data=data.reshape(n_rows, dim))
         if gtype in INT8_BLOCK_TYPES:
-            values, scales = unpack_int8_blocks(gguf.raw(name), gtype, n_rows, dim)
-            return cls.from_int8(values, scales, gtype)
+            if _native is None:
+                values, scales = unpack_int8_blocks(gguf.raw(name), gtype, n_rows, dim)
+                return cls.from_int8(values, scales, gtype)
+            block = 32 if gtype == GGMLType.Q8_0 else 16
+            packed = np.empty((n_rows, dim + 4 * dim // block), dtype=np.uint8)
+            _native.repack_int8_rows(gguf.raw(name), int(gtype), n_rows, dim, packed)
+            return cls._from_packed(packed, dim, block, gtype)
         if gtype in TERNARY_TYPES:
             w = TernaryWeight.from_gguf(gguf, name, n_rows, dim, act_quant=act_quant)
             return cls("ternary", n_rows, dim, gtype, ternary=w)
@@ -388,9 +393,14 @@ class EmbeddingMatrix:
         packed = np.empty((n_rows, dim + 4 * n_blocks), dtype=np.uint8)
         packed[:, :dim] = values.view(np.uint8)
         packed[:, dim:] = np.ascontiguousarray(scales, dtype="<f4").view(np.uint8)
+        return cls._from_packed(packed, dim, dim // n_blocks, source)
+
+    @classmethod
+    def _from_packed(
+        cls, packed: np.ndarray, dim: int, block: int, source: GGMLType
+    ) -> EmbeddingMatrix:
         data, row_scales = packed[:, :dim].view(np.int8), packed[:, dim:].view("<f4")
-        block = dim // n_blocks
-        return cls("int8", n_rows, dim, source, data, row_scales, block, packed=packed)
+        return cls("int8", len(packed), dim, source, data, row_scales, block, packed=packed)
 
     def rows(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """Rows ``ids`` as float32 ``[len(ids), dim]``: the embedding lookup."""

@@ -807,6 +807,30 @@ static PyObject *py_repack_tq_i2s(PyObject *mod, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_repack_int8_rows(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *osrc, *oout;
+    int type;
+    Py_ssize_t rows, cols;
+    if (!PyArg_ParseTuple(args, "OinnO", &osrc, &type, &rows, &cols, &oout)) return NULL;
+    if (type != REPACK_Q8_0 && type != REPACK_Q6_K) return PyErr_Format(PyExc_ValueError, "repack_int8_rows takes Q8_0/Q6_K, not %d", type);
+    Py_ssize_t per = type == REPACK_Q8_0 ? 32 : 256, bb = type == REPACK_Q8_0 ? 34 : 210, block = type == REPACK_Q8_0 ? 32 : 16;
+    if (rows < 1 || cols < per || cols % per) return PyErr_Format(PyExc_ValueError, "[%zd, %zd]: rows must be whole blocks of %zd", rows, cols, per);
+    Views v = {.n = 0};
+    Py_buffer *src = take(&v, osrc, "src", "Bb", -1, 0), *out = src ? take(&v, oout, "out", "B", 2, 1) : NULL;
+    if (!out || check_dim("out", 0, out->shape[0], rows) || check_dim("out", 1, out->shape[1], cols + cols / block * 4)) {
+        release_views(&v);
+        return NULL;
+    }
+    if (src->len < rows * (cols / per) * bb) {
+        release_views(&v);
+        return PyErr_Format(PyExc_ValueError, "src: %zd bytes, [%zd, %zd] needs %zd", src->len, rows, cols, rows * (cols / per) * bb);
+    }
+    Py_BEGIN_ALLOW_THREADS repack_int8_rows(type, src->buf, (size_t)rows, (size_t)cols, out->buf);
+    Py_END_ALLOW_THREADS release_views(&v);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_cpu_has_avx2(PyObject *mod, PyObject *unused) {
     (void)mod;
     (void)unused;
@@ -824,6 +848,8 @@ static PyMethodDef module_methods[] = {
      "repack_blocked(src, type, q2_block, rows, cols, row_order|None, codes, scales): into the blocked layout"},
     {"ternary_scan", py_ternary_scan, METH_VARARGS,
      "ternary_scan(src, type, rows, cols) -> (one_scale, f16 bits): TQ1_0/TQ2_0 with one scale?"},
+    {"repack_int8_rows", py_repack_int8_rows, METH_VARARGS,
+     "repack_int8_rows(src, type, rows, cols, out): Q8_0/Q6_K as int8 rows with f32 block scales"},
     {"repack_tq_i2s", py_repack_tq_i2s, METH_VARARGS,
      "repack_tq_i2s(src, type, rows, cols, row_order|None, out): one-scale TQ1_0/TQ2_0 as I2_S codes"},
     {"cpu_has_avx2", py_cpu_has_avx2, METH_NOARGS, "True when the AVX2/FMA/F16C path can run here."},

@@ -143,7 +143,10 @@ void ternary_blocked_matmul(Pool *pool, KernelImpl impl, const BlockedWeightArgs
                             size_t n_tokens, float *y);
 
 /* Load-time repacking (repack.c); types by their ggml ids. */
-enum { REPACK_TQ1_0 = 34, REPACK_TQ2_0 = 35, REPACK_Q2_0 = 42 };
+enum { REPACK_Q8_0 = 8, REPACK_Q6_K = 14, REPACK_TQ1_0 = 34, REPACK_TQ2_0 = 35, REPACK_Q2_0 = 42 };
+/* Q8_0 / Q6_K [rows, cols] → the int8-block head rows: cols int8 values, then cols/32 (Q8_0)
+ * or cols/16 (Q6_K) f32 scales, per row (EMB_I8B32 / EMB_I8B16) */
+void repack_int8_rows(int type, const uint8_t *src, size_t rows, size_t cols, uint8_t *out);
 /* rows of src (row order[r], or r) → blocked codes [rows, 64·n_super] + f16 scales
  * [rows, gps·n_super]; q2_block: 64 or 128 (Q2_0 only) */
 void repack_blocked(int type, const uint8_t *src, size_t q2_block, size_t rows, size_t cols,
