@@ -183,3 +183,25 @@ def test_avx512_head_blocks_equal_the_avx2_ones(head: str) -> None:
         np.testing.assert_array_equal(
             wide.head(x[:t], emb), narrow.head(x[:t], emb), err_msg=f"T={t}"
         )
+
+
+@pytest.mark.parametrize("layout", ["i2s", "g64", "g256-b32"])
+def test_bitlinear_many_equals_separate_calls(native: NativeBackend, layout: str) -> None:
+    """q/k/v in one fused task: each output the bits of its own call, at any T."""
+    rng = np.random.default_rng(len(layout))
+    shapes = [(320, 512), (64, 512), (64, 512)]
+    weights = []
+    for n_out, n_in in shapes:
+        values = rng.integers(-1, 2, size=(n_out, n_in), dtype=np.int8)
+        if layout == "i2s":
+            weights.append(TernaryWeight(pack_i2s(values, 0.5), n_out, n_in, 0.5))
+        else:
+            group = int(layout[1:].split("-")[0])
+            act = ActQuant.BLOCK32 if layout.endswith("b32") else ActQuant.PER_TOKEN
+            scales = rng.uniform(0.1, 1, size=(n_out, n_in // group)).astype(np.float32)
+            weights.append(TernaryWeight.from_values(values, scales, act).with_output_scale(1.5))
+    for t in (1, 5):
+        x = rng.standard_normal((t, 512), dtype=np.float32)
+        fused = native.bitlinear_many(x, weights)
+        for y, w in zip(fused, weights, strict=True):
+            np.testing.assert_array_equal(y, native.bitlinear(x, w))

@@ -44,6 +44,11 @@ class Backend(ABC):
         exact integer ternary dot products, then the scales: I2_S ``acc / s * w.scale``
         (spec §4), blocked :func:`reference.bitlinear_blocked`."""
 
+    def bitlinear_many(self, x: np.ndarray, weights: Sequence[TernaryWeight]) -> list[np.ndarray]:
+        """:meth:`bitlinear` of one input by several weights (q/k/v, gate/up): the same bits
+        as separate calls; native backends quantize ``x`` once and run one task."""
+        return [self.bitlinear(x, w) for w in weights]
+
     @abstractmethod
     def head(self, x: np.ndarray, embedding: HeadInput) -> np.ndarray:
         """LM head: ``x [T, dim] @ embedding [vocab, dim]ᵀ`` → ``[T, vocab]`` float32.

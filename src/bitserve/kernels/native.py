@@ -51,6 +51,15 @@ def _f32(x: np.ndarray | None) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+MAX_FUSED = 8  # weights per fused call (POOL_MAX_FUSED in native.h)
+
+
+def _fusable(a: TernaryWeight, b: TernaryWeight) -> bool:
+    """Whether two weights can share one fused call: the same input width and layout."""
+    same = a.n_in == b.n_in and a.blocked == b.blocked
+    return same and (not a.blocked or (a.group == b.group and a.act_quant == b.act_quant))
+
+
 def native_available() -> bool:
     """True when the C extension is built and importable."""
     return _native is not None
@@ -122,6 +131,40 @@ class NativeBackend(Backend):
         else:
             self._pool.bitlinear(x, w.raw, w.n_out, w.scale, out, self._impl)
         return out
+
+    def bitlinear_many(self, x: np.ndarray, weights: Sequence[TernaryWeight]) -> list[np.ndarray]:
+        """One task for all the weights when they share a layout (and, blocked, a group size
+        and activation mode): one quantization, one wake-up, one barrier."""
+        first = weights[0] if weights else None
+        if (
+            first is None
+            or len(weights) > MAX_FUSED
+            or not all(_fusable(first, w) for w in weights)
+        ):
+            return super().bitlinear_many(x, weights)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        outs = tuple(np.empty((x.shape[0], w.n_out), dtype=np.float32) for w in weights)
+        n_outs = tuple(w.n_out for w in weights)
+        scales = tuple(w.scale for w in weights)
+        if first.blocked:
+            block32 = first.act_quant == ActQuant.BLOCK32
+            codes, block_scales = tuple(w.raw for w in weights), tuple(w.scales for w in weights)
+            self._pool.bitlinear_blocked_many(
+                x,
+                codes,
+                block_scales,
+                n_outs,
+                256 // first.group,
+                block32,
+                scales,
+                outs,
+                self._impl,
+            )
+        else:
+            self._pool.bitlinear_many(
+                x, tuple(w.raw for w in weights), n_outs, scales, outs, self._impl
+            )
+        return list(outs)
 
     def head(self, x: np.ndarray, embedding: HeadInput) -> np.ndarray:
         m = as_matrix(embedding)

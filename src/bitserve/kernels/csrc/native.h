@@ -78,6 +78,16 @@ void pool_free(Pool *pool);
 /* Run fn over chunks 0..n_chunks-1 on all threads; returns when every chunk is done.
  * The caller must hold dispatch_lock (pool_lock) and must not hold the GIL. */
 void pool_run(Pool *pool, TaskFn fn, void *ctx, int n_chunks);
+/* Several tasks as one (one wake-up, one barrier): task i has chunks first[i]..first[i+1]−1
+ * of the fused task, first[0] = 0, first[n] the total. */
+#define POOL_MAX_FUSED 8
+typedef struct {
+    int n;
+    TaskFn fn[POOL_MAX_FUSED];
+    void *ctx[POOL_MAX_FUSED];
+    int first[POOL_MAX_FUSED + 1];
+} FusedTask;
+void pool_run_fused(Pool *pool, FusedTask *f);
 void pool_lock(Pool *pool);
 void pool_unlock(Pool *pool);
 /* Make sure scratch holds T tokens of K bytes / S scores per thread; 0 on success. */
@@ -103,6 +113,12 @@ void quantize_one(KernelImpl impl, const float *x, size_t k, int8_t *q, float *s
 void ternary_matmul(Pool *pool, KernelImpl impl, const uint8_t *codes, size_t n_out,
                     size_t n_in, float w_scale, const int8_t *q, const float *scale,
                     const int32_t *sum, size_t n_tokens, float *y);
+
+/* Several I2_S weights of the same input width against the same quantized tokens, as one
+ * task (q/k/v, gate/up): y[i] [T, n_out[i]], each the bits of ternary_matmul alone. */
+void ternary_matmul_many(Pool *pool, KernelImpl impl, int n, const uint8_t *const codes[],
+                         const size_t n_out[], size_t n_in, const float w_scale[], const int8_t *q,
+                         const float *scale, const int32_t *sum, size_t n_tokens, float *const y[]);
 
 /* Integer dot products only: acc [T, N] int32 (tests check them against the oracle). */
 void ternary_matmul_int(Pool *pool, KernelImpl impl, const uint8_t *codes, size_t n_out,
@@ -141,6 +157,10 @@ size_t blocked_act_stride(size_t n_super);
 /* y [T, n_out] = bitlinear of x [T, n_in]; needs pool_reserve_blocked(pool, T, n_super) */
 void ternary_blocked_matmul(Pool *pool, KernelImpl impl, const BlockedWeightArgs *w, const float *x,
                             size_t n_tokens, float *y);
+/* n weights of the same n_in, gps and activation mode on one input, as one task (the tokens
+ * prepared once); each y[i] the bits of ternary_blocked_matmul alone */
+void ternary_blocked_matmul_many(Pool *pool, KernelImpl impl, int n, const BlockedWeightArgs *w,
+                                 const float *x, size_t n_tokens, float *const y[]);
 
 /* Load-time repacking (repack.c); types by their ggml ids. */
 enum { REPACK_Q8_0 = 8, REPACK_Q6_K = 14, REPACK_TQ1_0 = 34, REPACK_TQ2_0 = 35, REPACK_Q2_0 = 42 };

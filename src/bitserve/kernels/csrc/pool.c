@@ -238,3 +238,17 @@ int pool_reserve_scores(Pool *pool, size_t s) {
     return grow((void **)&pool->scores, &pool->scores_cap,
                 s * sizeof(float) * (size_t)pool->n_threads);
 }
+
+/* ---------------------------------------------------------------- fused tasks ---- */
+
+/* chunk c of the fused task is chunk c − first[i] of task i */
+static void fused_chunk(void *ctx, int chunk, int thread) {
+    const FusedTask *f = ctx;
+    int i = 0;
+    while (chunk >= f->first[i + 1]) i++;
+    f->fn[i](f->ctx[i], chunk - f->first[i], thread);
+}
+
+void pool_run_fused(Pool *pool, FusedTask *f) {
+    pool_run(pool, fused_chunk, f, f->first[f->n]);
+}

@@ -301,20 +301,46 @@ static void matmul_chunk(void *ctx, int chunk, int thread) {
     }
 }
 
-static void run_matmul(Pool *pool, MatmulTask *task) {
-    if (task->impl == IMPL_AVX512) { /* the pair order of q; pool_reserve_act sized qp */
-        size_t n_blocks = task->n_in / BLOCK;
-        task->qp_stride = (n_blocks + 1) / 2 * 256;
-        for (size_t t = 0; t < task->n_tokens; t++)
-            permute_pairs(task->q + t * task->n_in, n_blocks, pool->qp + t * task->qp_stride);
-        task->qp = pool->qp;
-        task->gfni = cpu_has_gfni();
-    }
+/* The AVX-512 pair order of q (pool_reserve_act sized qp), once per call. */
+static void permute_tokens(Pool *pool, MatmulTask *task) {
+    if (task->impl != IMPL_AVX512) return;
+    size_t n_blocks = task->n_in / BLOCK;
+    task->qp_stride = (n_blocks + 1) / 2 * 256;
+    for (size_t t = 0; t < task->n_tokens; t++)
+        permute_pairs(task->q + t * task->n_in, n_blocks, pool->qp + t * task->qp_stride);
+    task->qp = pool->qp;
+    task->gfni = cpu_has_gfni();
+}
+
+/* rows_per_chunk for the thread count; returns the chunk count */
+static int split_rows(const Pool *pool, MatmulTask *task) {
     size_t parts = (size_t)pool->n_threads * CHUNKS_PER_THREAD;
     size_t rows = (task->n_out + parts - 1) / parts;
     task->rows_per_chunk = rows < MIN_ROWS_PER_CHUNK ? MIN_ROWS_PER_CHUNK : rows;
-    int n_chunks = (int)((task->n_out + task->rows_per_chunk - 1) / task->rows_per_chunk);
-    pool_run(pool, matmul_chunk, task, n_chunks);
+    return (int)((task->n_out + task->rows_per_chunk - 1) / task->rows_per_chunk);
+}
+
+static void run_matmul(Pool *pool, MatmulTask *task) {
+    permute_tokens(pool, task);
+    pool_run(pool, matmul_chunk, task, split_rows(pool, task));
+}
+
+void ternary_matmul_many(Pool *pool, KernelImpl impl, int n, const uint8_t *const codes[],
+                         const size_t n_out[], size_t n_in, const float w_scale[], const int8_t *q,
+                         const float *scale, const int32_t *sum, size_t n_tokens, float *const y[]) {
+    MatmulTask tasks[POOL_MAX_FUSED];
+    FusedTask fused = {.n = n};
+    for (int i = 0; i < n; i++) {
+        tasks[i] = (MatmulTask){impl, codes[i], n_out[i], n_in, w_scale[i], q, scale, sum, n_tokens, y[i], NULL, 0, NULL, 0, 0};
+        if (i == 0)
+            permute_tokens(pool, &tasks[0]);
+        else /* the same tokens: share their permuted copy */
+            tasks[i].qp = tasks[0].qp, tasks[i].qp_stride = tasks[0].qp_stride, tasks[i].gfni = tasks[0].gfni;
+        fused.fn[i] = matmul_chunk;
+        fused.ctx[i] = &tasks[i];
+        fused.first[i + 1] = fused.first[i] + split_rows(pool, &tasks[i]);
+    }
+    pool_run_fused(pool, &fused);
 }
 
 void ternary_matmul(Pool *pool, KernelImpl impl, const uint8_t *codes, size_t n_out,

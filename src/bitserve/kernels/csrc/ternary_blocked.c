@@ -441,31 +441,56 @@ static void blocked_chunk(void *ctx, int chunk, int thread) {
     }
 }
 
-void ternary_blocked_matmul(Pool *pool, KernelImpl impl, const BlockedWeightArgs *w, const float *x,
-                            size_t n_tokens, float *y) {
+static void prepare_tokens(Pool *pool, KernelImpl impl, const BlockedWeightArgs *w, const float *x,
+                           size_t n_tokens) {
     PrepTask prep = {impl, x, w->n_in, w->n_super, w->block32, pool->q, pool->blocked_act, pool->act_scale};
     if (n_tokens == 1)
         prep_token(&prep, 0, 0);
     else
         pool_run(pool, prep_token, &prep, (int)n_tokens);
-    BlockedTask task = {.impl = impl,
-                        .codes = w->codes,
-                        .scales = w->scales,
-                        .n_out = w->n_out,
-                        .n_super = w->n_super,
-                        .gps = w->gps,
-                        .block32 = w->block32,
-                        .gfni = impl == IMPL_AVX512 && cpu_has_gfni(),
-                        .out_scale = w->out_scale,
-                        .act = pool->blocked_act,
-                        .tok_scale = pool->act_scale,
-                        .n_tokens = n_tokens,
-                        .y = y};
+}
+
+/* the task of one weight on the prepared tokens; returns its chunk count */
+static int blocked_task(const Pool *pool, KernelImpl impl, const BlockedWeightArgs *w, size_t n_tokens,
+                        float *y, BlockedTask *task) {
+    *task = (BlockedTask){.impl = impl,
+                          .codes = w->codes,
+                          .scales = w->scales,
+                          .n_out = w->n_out,
+                          .n_super = w->n_super,
+                          .gps = w->gps,
+                          .block32 = w->block32,
+                          .gfni = impl == IMPL_AVX512 && cpu_has_gfni(),
+                          .out_scale = w->out_scale,
+                          .act = pool->blocked_act,
+                          .tok_scale = pool->act_scale,
+                          .n_tokens = n_tokens,
+                          .y = y};
     size_t parts = (size_t)pool->n_threads * CHUNKS_PER_THREAD;
     size_t rows = (w->n_out + parts - 1) / parts;
-    task.rows_per_chunk = rows < MIN_ROWS_PER_CHUNK ? MIN_ROWS_PER_CHUNK : rows;
+    task->rows_per_chunk = rows < MIN_ROWS_PER_CHUNK ? MIN_ROWS_PER_CHUNK : rows;
     size_t per_block = ROW_BLOCK_BYTES / (w->n_super * SB_BYTES) / TILE_ROWS * TILE_ROWS;
-    task.rows_per_block = per_block < TILE_ROWS ? TILE_ROWS : per_block;
-    int n_chunks = (int)((w->n_out + task.rows_per_chunk - 1) / task.rows_per_chunk);
+    task->rows_per_block = per_block < TILE_ROWS ? TILE_ROWS : per_block;
+    return (int)((w->n_out + task->rows_per_chunk - 1) / task->rows_per_chunk);
+}
+
+void ternary_blocked_matmul(Pool *pool, KernelImpl impl, const BlockedWeightArgs *w, const float *x,
+                            size_t n_tokens, float *y) {
+    prepare_tokens(pool, impl, w, x, n_tokens);
+    BlockedTask task;
+    int n_chunks = blocked_task(pool, impl, w, n_tokens, y, &task);
     pool_run(pool, blocked_chunk, &task, n_chunks);
+}
+
+void ternary_blocked_matmul_many(Pool *pool, KernelImpl impl, int n, const BlockedWeightArgs *w,
+                                 const float *x, size_t n_tokens, float *const y[]) {
+    prepare_tokens(pool, impl, &w[0], x, n_tokens);
+    BlockedTask tasks[POOL_MAX_FUSED];
+    FusedTask fused = {.n = n};
+    for (int i = 0; i < n; i++) {
+        fused.fn[i] = blocked_chunk;
+        fused.ctx[i] = &tasks[i];
+        fused.first[i + 1] = fused.first[i] + blocked_task(pool, impl, &w[i], n_tokens, y[i], &tasks[i]);
+    }
+    pool_run_fused(pool, &fused);
 }
