@@ -4,9 +4,9 @@ when it is installed: never a dependency of bitserve or of its tests).
 The same thread count, prompt tokens and generated tokens as bitserve's run; prompts are
 ``PROMPT_RUNS`` fresh evaluations (median; fewer when they take over ``SLOW_PROMPT_S``),
 generation greedy from the last logits, one token per ``decode`` like bitserve's decode
-loop (stopped after ``SLOW_GEN_S``: ``gen_tokens`` says how many were timed). llama.cpp cannot read every file bitserve serves (bitnet.cpp's I2_S type 36 and its
-``bitnet-b1.58`` architecture are not upstream's): then the result says why instead of
-giving figures.
+loop (stopped after ``SLOW_GEN_S``: ``gen_tokens`` says how many were timed). llama.cpp
+cannot read every file bitserve serves (bitnet.cpp's I2_S type 36 and its ``bitnet-b1.58``
+architecture are not upstream's): then the result says why instead of giving figures.
 """
 
 from __future__ import annotations
