@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
-"""Write a random BitNet b1.58 GGUF of a given shape, with a working tokenizer.
+"""Write a random ternary GGUF of a given shape and family, with a working tokenizer.
 
-    python3 scripts/make_synthetic_model.py /tmp/bitnet-2b4t-random.gguf            # 2B-4T shape
+    python3 scripts/make_synthetic_model.py /tmp/bitnet-2b4t-random.gguf           # 2B-4T shape
+    python3 scripts/make_synthetic_model.py /tmp/falcon3-7b.gguf --preset falcon3-7b
     python3 scripts/make_synthetic_model.py /tmp/small.gguf --layers 4 --dim 512 ...
+    python3 scripts/make_synthetic_model.py --list                                  # the presets
 
-The 2B-4T preset has the official file's shapes (30 layers, 2560/6912, 20/5 heads, vocab
-128256, I2_S projections, F16 tied embedding) and a LLaMA-3-shaped token table (the demo
-tokenizer padded with control tokens so BOS/EOS/EOT sit at 128000/128001/128009), so
-`bitserve generate -m` and `bitserve serve -m` work on it. Its weights are random.
+A preset is a published model's shape and file layout (architecture, which norms exist,
+tied or untied head, head size, RoPE base, vocabulary size): bitnet-2b4t, falcon3-1b/3b/
+7b/10b, llama3-8b-1.58, bonsai-1.7b/4b/8b (Q2_0, as Ternary-Bonsai ships; `--type`
+another ternary type), with a tokenizer of the family's kind padded to its vocabulary.
+The default is 2B-4T's (30 layers, 2560/6912, 20/5 heads, vocab 128256, I2_S projections,
+F16 tied embedding) with a LLaMA-3-shaped token table (the demo tokenizer padded with
+control tokens so BOS/EOS/EOT sit at vocab - 256 + 0/1/9). `bitserve generate -m`,
+`serve -m` and `bench -m` work on every one. Weights are random.
 """
 
 from __future__ import annotations
@@ -17,15 +23,30 @@ import dataclasses
 import sys
 import time
 
+from bitserve.gguf.constants import GGMLType
 from bitserve.model.demo import demo_tokenizer_metadata, llama3_tokenizer_metadata
-from bitserve.model.synthetic import SHAPE_2B4T, write_synthetic_model
+from bitserve.model.fixtures import write_preset
+from bitserve.model.synthetic import (
+    PRESETS,
+    PUBLISHED,
+    SHAPE_2B4T,
+    TERNARY_PACKERS,
+    write_synthetic_model,
+)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("path")
+    p.add_argument("path", nargs="?")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a published model's shape")
+    p.add_argument("--list", action="store_true", help="list the presets and exit")
+    p.add_argument(
+        "--type",
+        choices=[t.name.lower() for t in TERNARY_PACKERS],
+        help="ternary projection type (default: the preset's)",
+    )
     p.add_argument("--layers", type=int, default=SHAPE_2B4T.n_layers)
     p.add_argument("--dim", type=int, default=SHAPE_2B4T.dim)
     p.add_argument("--ffn", type=int, default=SHAPE_2B4T.ffn_dim)
@@ -39,25 +60,41 @@ def main() -> int:
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    shape = dataclasses.replace(
-        SHAPE_2B4T,
-        n_layers=args.layers,
-        dim=args.dim,
-        ffn_dim=args.ffn,
-        n_heads=args.heads,
-        n_kv_heads=args.kv_heads,
-        vocab_size=args.vocab,
-    )
-    if shape.vocab_size == 128256:
-        tokenizer = llama3_tokenizer_metadata(shape.vocab_size)
-    else:
-        tokenizer = demo_tokenizer_metadata()
-        n_tokens = len(tokenizer["tokenizer.ggml.tokens"])
-        if shape.vocab_size != n_tokens:
-            p.error(f"--vocab must be 128256 or the demo tokenizer's {n_tokens}")
+    if args.list:
+        for name, preset in PRESETS.items():
+            s, layout = preset.shape, preset.layout
+            print(f"{name:16} {layout.arch:13} {s.n_layers} layers, {s.dim}/{s.ffn_dim}, "
+                  f"{s.n_heads}/{s.n_kv_heads} heads of {s.head_size}, vocab {s.vocab_size} "
+                  f"({preset.source})")  # fmt: skip
+        return 0
+    if args.path is None:
+        p.error("the output path is required")
+    ternary = GGMLType[args.type.upper()] if args.type else None
     start = time.perf_counter()
-    print(f"writing {shape} to {args.path} ...", file=sys.stderr)
-    write_synthetic_model(args.path, shape, seed=args.seed, tokenizer_metadata=tokenizer)
+    if args.preset:
+        print(f"writing {args.preset} to {args.path} ...", file=sys.stderr)
+        write_preset(args.path, args.preset, ternary, seed=args.seed)
+    else:
+        shape = dataclasses.replace(
+            SHAPE_2B4T,
+            n_layers=args.layers,
+            dim=args.dim,
+            ffn_dim=args.ffn,
+            n_heads=args.heads,
+            n_kv_heads=args.kv_heads,
+            vocab_size=args.vocab,
+        )
+        if shape.vocab_size == 128256:
+            tokenizer = llama3_tokenizer_metadata(shape.vocab_size)
+        else:
+            tokenizer = demo_tokenizer_metadata()
+            n_tokens = len(tokenizer["tokenizer.ggml.tokens"])
+            if shape.vocab_size != n_tokens:
+                p.error(f"--vocab must be 128256 or the demo tokenizer's {n_tokens}")
+        layout = dataclasses.replace(PUBLISHED, ternary=ternary or GGMLType.I2_S)
+        print(f"writing {shape} to {args.path} ...", file=sys.stderr)
+        write_synthetic_model(args.path, shape, seed=args.seed, tokenizer_metadata=tokenizer,
+                              layout=layout)  # fmt: skip
     print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
 

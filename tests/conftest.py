@@ -1,5 +1,6 @@
 """Session-wide test setup: every cache (the demo model, bench models) goes to a temporary
-directory, so tests never touch the user's ~/.cache and never see a stale file."""
+directory, so tests never touch the user's ~/.cache and never see a stale file; a real
+PostgreSQL server, started once when a test asks for it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import os
 from collections.abc import Iterator
 
 import pytest
+
+from bitserve.cluster.postgres import PostgresServer, start_postgres
+from postgres_databases import new_postgres_database
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -18,3 +22,18 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         os.environ.pop("BITSERVE_CACHE", None)
     else:
         os.environ["BITSERVE_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (a temporary folder, 127.0.0.1, no
+    fsync); fails (never skips) when PostgreSQL is not installed."""
+    server = start_postgres(durable=False)
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer) -> str:
+    """A new, empty database on the session's server: each test its own."""
+    return new_postgres_database(postgres)

@@ -30,6 +30,15 @@ KEYS = {
         "client_min_tok_s",
         "client_max_tok_s",
     },
+    "cluster": {
+        "affinity_warm_share",
+        "round_robin_warm_share",
+        "affinity_followup_ttft_s",
+        "round_robin_followup_ttft_s",
+        "direct_ms",
+        "lb_ms",
+        "lb_added_ms",
+    },
 }
 
 
@@ -67,3 +76,17 @@ def test_scenario_prints_one_json_line(scenario: str, capsys: pytest.CaptureFixt
 def test_unknown_scenario(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_scenario(scenario_args("--scenario", "nope")) == 2
     assert "unknown scenario" in capsys.readouterr().err
+
+
+def test_cluster_scenario_compares_affinity_with_round_robin(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = scenario_args("--scenario", "cluster", "--conversations", "2", "--lb-requests", "20")
+    assert run_scenario(args) == 0
+    result = json.loads(capsys.readouterr().out.strip())
+    assert KEYS["cluster"] <= result.keys() and result["replicas"] == 2
+    # the hash keeps each conversation on its replica; strict round-robin over two
+    # replicas sends every sequential follow-up to the other one
+    assert result["affinity_warm_share"] == 1.0
+    assert result["round_robin_warm_share"] == 0.0
+    assert result["lb_ms"] > 0 and result["direct_ms"] > 0

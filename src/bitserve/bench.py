@@ -43,7 +43,7 @@ import numpy as np
 from bitserve import bench_llama
 from bitserve.engine.loader import add_runtime_arguments, runtime_options
 from bitserve.engine.scheduler import DEFAULT_MAX_BATCH_TOKENS
-from bitserve.kernels import EmbeddingMatrix, TernaryWeight, get_backend
+from bitserve.kernels import TernaryWeight, get_backend
 from bitserve.kernels.native import NativeBackend, available_kernels
 from bitserve.model.bitnet import BitNetModel
 from bitserve.model.synthetic import SHAPE_2B4T, write_synthetic_model
@@ -51,7 +51,7 @@ from bitserve.model.synthetic import SHAPE_2B4T, write_synthetic_model
 BASELINE_GEN_TOK_S = 15.5  # bitnet.cpp, 2-core AVX2 EPYC, 2B-4T shapes (spec §7)
 BASELINE_PROMPT_TOK_S = 68.8
 SYNTHETIC_NAME = "synthetic-2b4t-i2s-seed0.gguf"
-SCENARIOS = ("kernels", "conversation", "concurrent")
+SCENARIOS = ("kernels", "conversation", "concurrent", "cluster")
 BANDWIDTH_PASSES = 9
 PROMPT_RUNS = 3
 # measure what the server runs: its scheduler's prompt chunk and KV dtype
@@ -76,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=SCENARIOS,
         default="kernels",
         help="kernels: this process's prompt/generation speed; conversation, concurrent: "
-        "the serving goals against the real server (default: kernels)",
+        "the serving goals against the real server; cluster: replicas behind nginx, "
+        "affinity vs round-robin and nginx's added latency (default: kernels)",
     )
     serving = _serving_module()
     if serving is not None:
@@ -134,7 +135,7 @@ def measure_bandwidth(backend: NativeBackend, megabytes: int) -> tuple[float, fl
 
 def bytes_per_token(model: BitNetModel, backend: Any) -> int:
     """Bytes one generated token reads: every ternary weight as its kernel reads it (codes and
-    block scales) plus the head's weights."""
+    block scales) plus the head as the head kernel reads it."""
     codes = sum(
         w.nbytes
         for layer in model.weights.layers
@@ -142,18 +143,9 @@ def bytes_per_token(model: BitNetModel, backend: Any) -> int:
         if isinstance(w, TernaryWeight)
     )
     head = model.weights.head
-    matrix = head if isinstance(head, EmbeddingMatrix) else EmbeddingMatrix.from_array(head)
-    if getattr(backend, "head_mode", "f16") == "int8" and matrix.kind == "f16":
-        return int(codes + matrix.n_rows * matrix.dim + 4 * matrix.n_rows)
-    return int(codes + matrix.nbytes)
-
-
-def _f16_head(model: BitNetModel) -> np.ndarray | None:
-    """The head as an F16 array when it is one (what ``--head int8`` quantizes)."""
-    head = model.weights.head
-    if isinstance(head, EmbeddingMatrix):
-        return head.data if head.kind == "f16" else None
-    return head if head.dtype == np.float16 else None
+    if getattr(backend, "head_mode", "f16") == "int8" and head.kind == "f16":
+        return int(codes + head.n_rows * head.dim + 4 * head.n_rows)
+    return int(codes + head.nbytes)
 
 
 def bench_prompt(vocab_size: int, n_prompt: int) -> np.ndarray:
@@ -167,9 +159,10 @@ def time_model(path: Path, backend: Any, n_prompt: int, n_gen: int) -> tuple[Bit
     steps after the last one."""
     start = time.perf_counter()
     model = BitNetModel.load(path, backend=backend)
-    f16_head = _f16_head(model)
-    if isinstance(backend, NativeBackend) and backend.head_mode == "int8" and f16_head is not None:
-        backend.prepare_head(f16_head)
+    head = model.weights.head
+    if isinstance(backend, NativeBackend) and backend.head_mode == "int8" and head.kind == "f16":
+        assert head.data is not None
+        backend.prepare_head(head.data)
     model.forward([0], model.new_cache(max_seq=8))  # first token: weights paged in
     load_s = time.perf_counter() - start
     prompt = bench_prompt(model.config.vocab_size, n_prompt)

@@ -1,4 +1,4 @@
-"""`bitserve serve | chat | generate | bench`: the command line.
+"""`bitserve serve | chat | generate | bench | pull | models | rm | convert`: the command line.
 
 Each command lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> int``. Only the chosen command's module is imported, so ``bitserve chat``
@@ -20,6 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("bitserve.client.cli", "interactive chat with a running bitserve server"),
     "generate": ("bitserve.engine.generate_cli", "generate text from a prompt, streamed"),
     "bench": ("bitserve.bench", "measure prompt/generation speed against memory bandwidth"),
+    "pull": ("bitserve.hub.commands.pull", "download a model from the Hugging Face Hub, verified"),
+    "models": ("bitserve.hub.commands.models", "list the downloaded models (--verify: re-hash)"),
+    "rm": ("bitserve.hub.commands.rm", "delete a downloaded model"),
+    "convert": ("bitserve.convert.cli", "convert a Hugging Face ternary checkpoint to GGUF"),
 }
 
 
@@ -83,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `bitserve models | head`: the reader left early, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # quiet the final flush
+        return 0
 
 
 if __name__ == "__main__":

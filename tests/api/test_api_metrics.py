@@ -10,10 +10,16 @@ from pathlib import Path
 import pytest
 from api_helpers import chat_body, sse_events
 from fastapi.testclient import TestClient
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bitserve.api.app import create_app
-from bitserve.api.metrics import count_text_events, install_metrics
+from bitserve.api.metrics import (
+    count_text_events,
+    install_metrics,
+    kv_cache_capacity_bytes,
+    make_registry,
+)
 from bitserve.api.served import ServedModel
 from bitserve.api.settings import ServerSettings
 from bitserve.engine.loader import LoadedModel
@@ -175,3 +181,36 @@ def test_prefix_cache_disk_tier_counters(loaded: LoadedModel, tmp_path: Path) ->
 )
 def test_count_text_events(body: bytes, expected: int) -> None:
     assert count_text_events(body) == expected
+
+
+def test_router_gauges_under_our_names_and_vllms(loaded: LoadedModel) -> None:
+    """llm-d's endpoint picker and KServe scrape vLLM's names by default: each carries
+    the value of ours, labelled with the model."""
+    served = ServedModel.create(loaded, 4, None, (), 0, max_batch=4)
+    stats = served.engine.stats
+    stats.running_sequences, stats.waiting_sequences = 3, 2
+    capacity = kv_cache_capacity_bytes(served)
+    cfg = loaded.model.config
+    assert capacity == 4 * served.ctx_size * 2 * cfg.n_layers * cfg.kv_dim * 2  # f16 k and v
+    stats.prefix_cache_bytes = capacity // 2  # finished requests' KV: not in use
+    stats.kv_bytes = stats.prefix_cache_bytes + capacity // 4
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(
+            generate_latest(make_registry(served)).decode()
+        )
+        for s in family.samples
+    }
+    model = (("model_name", served.name),)
+    for ours, theirs, expected in (
+        ("bitserve_requests_waiting", ("vllm:num_requests_waiting",), 2),
+        ("bitserve_requests_running", ("vllm:num_requests_running",), 3),
+        (
+            "bitserve_kv_cache_usage",
+            ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+            0.25,
+        ),
+    ):
+        assert samples[(ours, ())] == expected
+        for name in theirs:
+            assert samples[(name, model)] == expected

@@ -27,6 +27,7 @@ from bitserve.api.sampling import THREADS_DOC
 from bitserve.api.served import ServedModel
 from bitserve.api.settings import ServerSettings
 from bitserve.store import ConversationStore
+from bitserve.webui import install_webui
 
 DESCRIPTION = f"""
 A CPU-first server for BitNet b1.58 models: OpenAI chat and legacy completions,
@@ -76,6 +77,7 @@ def create_app(settings: ServerSettings, served: ServedModel, store: Conversatio
         EdgeGuard, allowed_hosts=settings.allowed_hosts, max_body_bytes=settings.max_body_bytes
     )
     system.install_metrics(app, served)  # app.state.registry + the HTTP-edge middleware
+    app.add_middleware(system.ReplicaHeader, name=settings.replica_name)
     install_error_handlers(app)
     for router in (
         system.health_router,
@@ -86,4 +88,6 @@ def create_app(settings: ServerSettings, served: ServedModel, store: Conversatio
         oracle_routes.router,
     ):
         app.include_router(router)
+    if settings.webui:
+        install_webui(app)
     return app

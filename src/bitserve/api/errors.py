@@ -3,7 +3,8 @@
 The body is always OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 Client mistakes are 4xx, never 500: ill-typed or missing fields and malformed JSON are 422
 (as the BitNet API guide documents), out-of-range values 400 with ``param``, unknown
-conversations/models 404, a missing or wrong key 401, a full queue 503 + ``Retry-After``.
+conversations/models 404, a missing or wrong key 401, a full queue or an unreachable
+conversation store 503 + ``Retry-After``.
 A stream that fails mid-way sends the same body as an SSE ``data:`` event and closes.
 """
 
@@ -22,7 +23,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bitserve.engine.generate import ContextLengthError
 from bitserve.engine.loop import EngineStoppedError, GenerationFailedError, QueueFullError
 from bitserve.engine.sampling import SamplingParamError
-from bitserve.store import ConversationNotFoundError, InvalidTextError, StorageFullError
+from bitserve.store import (
+    ConversationNotFoundError,
+    InvalidTextError,
+    StorageFullError,
+    StoreUnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +144,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     GenerationCancelledError: ErrorKind(503, "server_error", "cancelled"),
     GenerationFailedError: ErrorKind(500, "server_error", "generation_failed"),
     StorageFullError: ErrorKind(507, "server_error", "storage_full"),
+    StoreUnavailableError: ErrorKind(503, "server_error", "store_unavailable"),
 }
 _INTERNAL = ErrorKind(500, "server_error", "internal_error")
 
@@ -199,7 +206,7 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
 def error_response(exc: BaseException) -> JSONResponse:
     status, body = error_body(exc)
     headers = {}
-    if isinstance(exc, QueueFullError):
+    if isinstance(exc, QueueFullError | StoreUnavailableError):
         headers["Retry-After"] = str(exc.retry_after)
     if isinstance(exc, AuthenticationError):
         headers["WWW-Authenticate"] = "Bearer"
@@ -207,7 +214,9 @@ def error_response(exc: BaseException) -> JSONResponse:
         headers.update(exc.headers)
     # the engine logs a failed generation's traceback itself
     quiet = QueueFullError | EngineStoppedError | GenerationFailedError
-    if status >= 500 and not isinstance(exc, quiet):
+    if isinstance(exc, StoreUnavailableError):
+        log.warning("%s", exc)  # expected while the database restarts: no traceback
+    elif status >= 500 and not isinstance(exc, quiet):
         log.error("request failed", exc_info=exc)
     return JSONResponse(body, status_code=status, headers=headers)
 

@@ -5,6 +5,12 @@ Everything hangs off a per-app ``CollectorRegistry`` (never prometheus-client's 
 one), so tests build as many apps as they like. :func:`install_metrics` puts the registry
 on ``app.state.registry`` (``GET /metrics`` renders it) and adds :class:`MetricsMiddleware`.
 
+Routers: llm-d's endpoint picker (the Gateway API inference extension) and KServe read a
+model server's queued requests, running requests and KV-cache use from Prometheus under
+vLLM's names, which their defaults scrape. :data:`ROUTER_GAUGES` exports those three (and
+vLLM's older name of the third) next to ours, with vLLM's ``model_name`` label, so
+bitserve sits behind them unchanged.
+
 Latencies are measured where the events reach the client: the middleware times the body
 chunks of ``text/event-stream`` responses. The first chunk carrying generated text gives
 the time to first token (from the request's arrival, so queueing and the prompt are in
@@ -21,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -57,6 +64,31 @@ ENGINE_GAUGES = (
     ("kv_cache_bytes", "KV cache bytes allocated (sequences and prefix cache)", "kv_bytes"),
     ("prefix_cache_bytes", "KV cache bytes held by the prefix cache", "prefix_cache_bytes"),
 )
+
+
+# the load a router balances on: our name, vLLM's names (what llm-d's endpoint picker and
+# KServe scrape by default), and what it measures
+ROUTER_GAUGES = (
+    ("bitserve_requests_waiting", ("vllm:num_requests_waiting",),
+     "requests waiting to run: queued, or admitted but not yet in the running batch"),
+    ("bitserve_requests_running", ("vllm:num_requests_running",),
+     "requests generating now (the running batch)"),
+    ("bitserve_kv_cache_usage", ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+     "KV cache held by running requests / what max_batch full contexts hold (0 to 1)"),
+)  # fmt: skip
+
+
+def kv_cache_capacity_bytes(served: ServedModel) -> int:
+    """KV bytes of ``max_batch`` sequences each filling the context: the most running
+    requests can hold (the prefix cache keeps finished ones apart, like vLLM's free but
+    cached blocks, which its usage does not count either)."""
+    scheduler = served.engine.scheduler
+    if scheduler is None:
+        return 0
+    cfg = served.loaded.model.config
+    itemsize = np.dtype(scheduler.config.kv_dtype).itemsize
+    per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize  # k and v
+    return scheduler.config.max_batch * served.ctx_size * per_token
 
 
 def _stat(stats: object, name: str) -> float:
@@ -97,6 +129,22 @@ class EngineCollector(Collector):
             yield GaugeMetricFamily(f"bitserve_{name}", doc, _stat(stats, attr))
         yield GaugeMetricFamily("bitserve_busy", "1 while the engine works", int(stats.running))
         yield from self._prefix_cache()
+        yield from self._router_gauges(running)
+
+    def _router_gauges(self, running: int) -> Iterator[GaugeMetricFamily]:
+        stats = self.served.engine.stats
+        waiting = self.served.engine.queue_depth + _stat(stats, "waiting_sequences")
+        capacity = kv_cache_capacity_bytes(self.served)
+        held = _stat(stats, "kv_bytes") - _stat(stats, "prefix_cache_bytes")
+        usage = min(1.0, max(0.0, held / capacity)) if capacity else 0.0
+        for (ours, theirs, doc), value in zip(
+            ROUTER_GAUGES, (waiting, running, usage), strict=True
+        ):
+            yield GaugeMetricFamily(ours, doc, value)
+            for name in theirs:
+                family = GaugeMetricFamily(name, f"{doc} (= {ours})", labels=["model_name"])
+                family.add_metric([self.served.name], value)
+                yield family
 
     def _prefix_cache(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         """Disk-tier counters and the bytes on disk (plain ints written by the engine)."""

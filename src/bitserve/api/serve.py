@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,12 +34,30 @@ from bitserve.api.settings import (
 log = logging.getLogger(__name__)
 
 
+def without_password(db: str) -> str:
+    """``postgresql://user:secret@host/db`` → ``postgresql://user:***@host/db`` (for logs)."""
+    return re.sub(r"^(\w+://[^:/@]*):[^@/]*@", r"\1:***@", db)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from bitserve.engine.loader import add_runtime_arguments
 
     p.add_argument("-m", "--model", help="GGUF model file (default: the built-in demo model)")
+    p.add_argument(
+        "-hf",
+        "--hf-repo",
+        metavar="NAME",
+        help="model from the Hugging Face Hub: catalog name, owner/repo or owner/repo:VARIANT "
+        "(pulled and verified on first use, then served from disk without the network)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+    p.add_argument(
+        "--no-webui",
+        dest="webui",
+        action="store_false",
+        help="do not serve the web chat page at / (default: served)",
+    )
     add_runtime_arguments(p)
     p.add_argument(
         "-c", "--ctx-size", type=int, help="context size in tokens (default: the model's)"
@@ -70,7 +90,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=default_cache_dir(),
         help="folder of the spilled KV files (a subfolder per model file)",
     )
-    p.add_argument("--db", type=Path, default=default_db_path(), help="SQLite conversation store")
+    p.add_argument(
+        "--db",
+        default=os.environ.get("BITSERVE_DB") or str(default_db_path()),
+        help="conversation store: an SQLite file, or a postgresql://user:password@host/dbname "
+        "URL that several replicas share (needs bitserve[postgres]; default: $BITSERVE_DB, "
+        "else an SQLite file in your data folder)",
+    )
+    p.add_argument(
+        "--replica-id",
+        default=os.environ.get("BITSERVE_REPLICA_ID", ""),
+        help="this replica's name in the X-Bitserve-Replica response header and the log "
+        "(default: $BITSERVE_REPLICA_ID, else <hostname>:<port>)",
+    )
     p.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable)")
     p.add_argument("--api-keys-file", type=Path, help="file with one API key per line")
     p.add_argument(
@@ -124,6 +156,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(
         host=args.host,
         port=args.port,
+        webui=args.webui,
         model_path=args.model,
         **runtime_options(args),
         ctx_size=args.ctx_size,
@@ -141,6 +174,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         head_timeout_s=args.head_timeout,
         allowed_hosts=default_allowed_hosts(args.host, args.allowed_host),
         cors_origins=tuple(args.cors_origin),
+        replica=args.replica_id,
     )
 
 
@@ -149,8 +183,17 @@ def run(args: argparse.Namespace) -> int:
     from bitserve.api.app import create_app
     from bitserve.api.served import ServedModel
     from bitserve.engine.loader import load_model
-    from bitserve.store import SQLiteStore
+    from bitserve.store import StoreError, open_store
 
+    if args.hf_repo is not None:
+        from bitserve.hub.commands.pull import pull_for_serve
+
+        if args.model is not None:
+            print("bitserve serve: pass -m FILE or -hf NAME, not both", file=sys.stderr)
+            return 2
+        args.model = pull_for_serve(args.hf_repo)
+        if args.model is None:
+            return 1
     try:
         settings = settings_from_args(args)
     except (OSError, ValueError, OracleConfigError) as exc:  # ValueError: bad --threads
@@ -174,9 +217,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         loaded = load_model(settings.model_path, settings.threads, settings.kernel, settings.head)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a missing or malformed model file (GGUFError)
         print(f"bitserve serve: {exc}", file=sys.stderr)
-        return 1
+        return 2
     if loaded.is_demo:
         from bitserve.model.demo import DEMO_NOTICE
 
@@ -197,13 +240,25 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:  # --cache-dir cannot be created
         print(f"bitserve serve: {exc}", file=sys.stderr)
         return 1
-    store = SQLiteStore(settings.db_path)
+    try:  # a turn in flight holds a connection: one for each, and a few for the rest
+        store = open_store(settings.db_path, settings.max_queue + settings.max_batch + 4)
+    except StoreError as exc:  # no psycopg, a newer schema, no database within 30 s
+        print(f"bitserve serve: {exc}", file=sys.stderr)
+        return 1
     app = create_app(settings, served, store)
     print(
         f"bitserve serve: {loaded.name} ({served.ctx_size} ctx) on "
-        f"http://{settings.host}:{settings.port}, conversations in {settings.db_path}",
+        f"http://{settings.host}:{settings.port} as replica {settings.replica_name}, "
+        f"conversations in {without_password(str(settings.db_path))}",
         file=sys.stderr,
     )
+    if settings.webui:
+        from bitserve.webui import browser_url
+
+        print(
+            f"bitserve serve: open {browser_url(settings.host, settings.port)} in a browser",
+            file=sys.stderr,
+        )
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
     config = uvicorn.Config(
         app,

@@ -126,8 +126,9 @@ class ServedModel:
 
     @property
     def names(self) -> tuple[str, ...]:
-        """Every name accepted in a request's ``model`` field, the model id first."""
-        return (self.name, *(a for a in self.aliases if a != self.name))
+        """Every name accepted in a request's ``model`` field: the model id (its
+        ``general.name``), the file stem, then the aliases."""
+        return tuple(dict.fromkeys((self.name, self.loaded.path.stem, *self.aliases)))
 
     def resolve(self, requested: str | None, extra: tuple[str, ...] = ()) -> str:
         """The model id answering ``requested`` (None: the default); 404 for unknown names."""
@@ -174,9 +175,10 @@ class ServedModel:
         cfg = self.loaded.model.config
         return {
             "n_ctx": self.ctx_size,
-            "n_ctx_train": int(cfg.context_length),
+            "n_ctx_train": int(cfg.training_context),
             "n_vocab": int(cfg.vocab_size),
             "n_params_layers": int(cfg.n_layers),
+            "arch": cfg.arch,
             "demo": self.loaded.is_demo,
         }  # never the file's path: clients have no business knowing the server's disk
 

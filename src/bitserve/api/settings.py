@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,10 +41,14 @@ class ServerSettings:
     request (0: what the context could hold); ``head_timeout_s`` for a request head to
     arrive. ``allowed_hosts``: the ``Host`` names answered (``"*"``: any; ``bitserve
     serve`` sets the loopback names, ``--host`` and ``--allowed-host``); ``cors_origins``:
-    browser origins allowed to call the API (none: no CORS headers)."""
+    browser origins allowed to call the API (none: no CORS headers).
+    ``db_path`` is an SQLite file or a ``postgresql://`` URL (several replicas share one
+    database). ``replica`` names this process in the ``X-Bitserve-Replica`` header of
+    every response ("" means ``<hostname>:<port>``)."""
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
+    webui: bool = True  # the chat page at / (``--no-webui``: off)
     model_path: str | None = None
     threads: int | None = None
     kernel: str | None = None
@@ -54,7 +59,7 @@ class ServerSettings:
     cache_ram_mb: int = DEFAULT_CACHE_RAM_MB
     cache_disk_mb: int = DEFAULT_CACHE_DISK_MB
     cache_dir: Path = field(default_factory=default_cache_dir)
-    db_path: Path = field(default_factory=default_db_path)
+    db_path: Path | str = field(default_factory=default_db_path)
     api_keys: tuple[str, ...] = ()
     aliases: tuple[str, ...] = DEFAULT_ALIASES
     oracle: OracleConfig = field(default_factory=OracleConfig.builtin)
@@ -63,10 +68,15 @@ class ServerSettings:
     head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S
     allowed_hosts: tuple[str, ...] = ("*",)
     cors_origins: tuple[str, ...] = ()
+    replica: str = ""
 
     @property
     def max_body_bytes(self) -> int:
         return self.max_body_mb * 2**20
+
+    @property
+    def replica_name(self) -> str:
+        return self.replica or f"{socket.gethostname()}:{self.port}"
 
 
 def read_keys_file(path: str | Path) -> list[str]:

@@ -1,4 +1,5 @@
-"""``/health``, ``/v1/models`` and ``/metrics`` (Prometheus text)."""
+"""``/health``, ``/v1/models``, ``/metrics`` (Prometheus text), and the header that names
+the replica behind every response."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bitserve.api.auth import require_key
 from bitserve.api.edge import GuardedRoute
@@ -15,7 +17,31 @@ from bitserve.api.errors import ModelNotFoundError
 from bitserve.api.metrics import install_metrics, make_registry
 from bitserve.api.served import ServedModel
 
-__all__ = ["health_router", "install_metrics", "make_registry", "router"]
+__all__ = ["ReplicaHeader", "health_router", "install_metrics", "make_registry", "router"]
+
+REPLICA_HEADER = "X-Bitserve-Replica"
+
+
+class ReplicaHeader:
+    """Pure ASGI middleware: ``X-Bitserve-Replica: <name>`` on every response, so a client
+    or a load balancer's log can tell which replica answered."""
+
+    def __init__(self, app: ASGIApp, name: str) -> None:
+        self.app = app
+        self.header = (REPLICA_HEADER.lower().encode(), name.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def named_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), self.header]
+            await send(message)
+
+        await self.app(scope, receive, named_send)
+
 
 health_router = APIRouter(tags=["system"])
 router = APIRouter(tags=["system"], dependencies=[Depends(require_key)], route_class=GuardedRoute)
@@ -32,14 +58,18 @@ HEALTH_DOC: dict[int | str, dict[str, Any]] = {
 
 @health_router.get("/health", responses=HEALTH_DOC)
 async def health(request: Request) -> JSONResponse:
-    """Whether the server can generate (never needs a key): `{"status": "ok", "model",
-    "demo"}`, or 503 with `"status": "error"` and the reason."""
+    """Whether the server can generate (never needs a key; load balancers' and Kubernetes'
+    readiness): `{"status": "ok", "model", "arch", "demo", "replica"}` (`model`: the model
+    id, its file's `general.name`; `arch`: its `general.architecture`; `replica`: this
+    replica's name), or 503 with `"status": "error"` and the reason."""
     served: ServedModel = request.app.state.served
     state = served.engine.health()
     body: dict[str, Any] = {
         "status": "ok" if state.ok else "error",
         "model": served.name,
+        "arch": served.loaded.model.config.arch,
         "demo": served.loaded.is_demo,
+        "replica": request.app.state.settings.replica_name,
     }
     if not state.ok:
         body["error"] = state.reason

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bitserve.gguf.constants import GGUFValueType
+from bitserve.gguf.reader import GGUFError, GGUFFile
 from bitserve.kernels import get_backend
 from bitserve.kernels.native import NativeBackend, default_threads
 from bitserve.model.bitnet import BitNetModel
@@ -60,9 +62,10 @@ class ModelFileNotFoundError(FileNotFoundError):
 
 @dataclass(slots=True)
 class LoadedModel:
-    """A model ready to serve. ``name`` is the file stem (what the API lists as the model
-    id); ``is_demo`` is True for the built-in random-weight demo model; ``load_s`` is the
-    wall time the load took, in seconds."""
+    """A model ready to serve. ``name`` is what the API lists as the model id: the file's
+    ``general.name`` (so clients can tell one family from another), else the file stem
+    (the demo model is always ``demo-vN``); ``is_demo`` is True for the built-in
+    random-weight demo model; ``load_s`` is the wall time the load took, in seconds."""
 
     model: BitNetModel
     tokenizer: Tokenizer
@@ -90,6 +93,36 @@ def resolve_model_path(path: str | Path | None) -> tuple[Path, bool]:
     return p, False
 
 
+_INTEGER_TYPES = frozenset(t for t in GGUFValueType if "INT" in t.name)
+_USED_SPECIAL_TOKENS = ("bos", "eos", "eot", "eom")
+
+
+def check_special_token_ids(gguf: GGUFFile) -> None:
+    """Every ``tokenizer.ggml.*_token_id`` must be an integer, and the ones the server
+    uses (BOS, EOS, end of turn/message) ids of the vocabulary. Raises ``GGUFError``."""
+    n_tokens = len(gguf.get("tokenizer.ggml.tokens") or ())
+    for key, value in gguf.metadata.items():
+        if not (key.startswith("tokenizer.ggml.") and key.endswith("_token_id")):
+            continue
+        vtype = gguf.metadata_types[key]
+        if vtype not in _INTEGER_TYPES:
+            raise GGUFError(gguf.path, f"{key} is {vtype.name} {value!r}; expected a token id")
+        which = key.removeprefix("tokenizer.ggml.").removesuffix("_token_id")
+        if which in _USED_SPECIAL_TOKENS and n_tokens and not 0 <= value < n_tokens:
+            raise GGUFError(
+                gguf.path, f"{key} {value} is outside the vocabulary of {n_tokens} tokens"
+            )
+
+
+def model_name(gguf: GGUFFile, path: Path, is_demo: bool = False) -> str:
+    """The id the API serves a model under: ``general.name`` (whitespace collapsed), else
+    the file stem; the demo model keeps its file stem."""
+    name = gguf.get("general.name")
+    if is_demo or not isinstance(name, str) or not name.strip():
+        return path.stem
+    return " ".join(name.split())
+
+
 def load_model(
     path: str | Path | None,
     threads: int | None = None,
@@ -111,8 +144,11 @@ def load_model(
     backend = get_backend(kernel, threads, head)
     model = BitNetModel.load(resolved, backend=backend)
     try:
-        if head == "int8" and isinstance(backend, NativeBackend):
-            backend.prepare_head(model.weights.head)
+        matrix = model.weights.head
+        if head == "int8" and isinstance(backend, NativeBackend) and matrix.kind == "f16":
+            assert matrix.data is not None
+            backend.prepare_head(matrix.data)
+        check_special_token_ids(model.gguf)
         tokenizer = Tokenizer.from_gguf(model.gguf)
         chat = ChatFormatter.from_gguf(model.gguf, tokenizer)
     except BaseException:
@@ -124,6 +160,6 @@ def load_model(
         chat=chat,
         is_demo=is_demo,
         path=resolved,
-        name=resolved.stem,
+        name=model_name(model.gguf, resolved, is_demo),
         load_s=time.perf_counter() - start,
     )

@@ -1,10 +1,15 @@
-"""The BitNet b1.58 forward pass (spec §4): norms, RoPE and residuals in numpy, the heavy
-operations (ternary matmuls, attention, LM head) through a :class:`~bitserve.kernels.Backend`.
+"""The forward pass of every ternary family (spec §4): norms, RoPE and residuals in numpy,
+the heavy operations (ternary matmuls, attention, LM head) through a
+:class:`~bitserve.kernels.Backend`.
 
-With the numpy backend this is the oracle the C kernels are tested against, so it is kept
-plain: one function per step of the spec, shapes in the comments. Numeric choices:
-RMSNorm accumulates the mean of squares in float64 and returns float32; RoPE tables are
-computed in float64 once and stored as float32; everything else runs in float32.
+One forward serves BitNet b1.58, LLaMA-, Qwen3- and MiniCPM-shaped ternary models: the
+model's :class:`~bitserve.model.arch.Architecture` decides which optional steps exist
+(sub-norms, per-head q/k norms, MiniCPM's scales), which the weights reflect (a missing
+norm is ``None``), and ``config.activation`` picks the gated activation. With the numpy
+backend this is the oracle the C kernels are tested against, so it is kept plain: one
+function per step of the spec, shapes in the comments. Numeric choices: RMSNorm
+accumulates the mean of squares in float64 and returns float32; RoPE tables are computed
+in float64 and stored as float32; everything else runs in float32.
 """
 
 from __future__ import annotations
@@ -27,6 +32,26 @@ def rope_tables(n_positions: int, head_dim: int, theta: float) -> tuple[np.ndarr
     inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [D/2]
     angles = np.outer(np.arange(n_positions, dtype=np.float64), inv_freq)  # [P, D/2]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+class RopeTables:
+    """:func:`rope_tables` for positions ``0..n-1``, grown on demand (doubling, up to
+    ``limit``) instead of sized by the context up front: a model claiming 2^31 positions
+    costs only the positions used. Every entry is computed on its own, so a table's values
+    never depend on its size."""
+
+    def __init__(self, head_dim: int, theta: float, limit: int, initial: int = 4096) -> None:
+        self.head_dim = head_dim
+        self.theta = theta
+        self.limit = limit
+        self.cos, self.sin = rope_tables(min(initial, limit), head_dim, theta)
+
+    def upto(self, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """``cos, sin [n >= end, D/2]`` (``end <= limit``)."""
+        if end > len(self.cos):
+            size = min(self.limit, max(end, 2 * len(self.cos)))
+            self.cos, self.sin = rope_tables(size, self.head_dim, self.theta)
+        return self.cos, self.sin
 
 
 def relu_squared(x: np.ndarray) -> np.ndarray:
@@ -71,21 +96,17 @@ class _Step:
     decode_rows: list[int] = field(default_factory=list)
 
     @classmethod
-    def build(
-        cls,
-        items: Sequence[BatchItem],
-        ids: list[np.ndarray],
-        rope_cos: np.ndarray,
-        rope_sin: np.ndarray,
-    ) -> _Step:
+    def build(cls, items: Sequence[BatchItem], ids: list[np.ndarray], rope: RopeTables) -> _Step:
         his = np.cumsum([len(i) for i in ids]).tolist()
         los = [0, *his[:-1]]
         if len(items) == 1:  # one sequence: contiguous positions, table views, no copies
             start = items[0].cache.length
             end = start + len(ids[0])
+            rope_cos, rope_sin = rope.upto(end)
             return cls(items, ids[0], los, his, rope_cos[start:end], rope_sin[start:end])
         pairs = zip(items, ids, strict=True)
         positions = np.concatenate([np.arange(len(i)) + it.cache.length for it, i in pairs])
+        rope_cos, rope_sin = rope.upto(int(positions.max()) + 1)
         decoding = [(it, lo) for it, lo, hi in zip(items, los, his, strict=True) if hi - lo == 1]
         return cls(
             items, np.concatenate(ids), los, his, rope_cos[positions], rope_sin[positions],
@@ -94,8 +115,9 @@ class _Step:
 
 
 class BitNetModel:
-    """A loaded model: ``config``, ``weights`` (views of ``gguf``, which stays open until
-    :meth:`close`), ``backend``. :meth:`forward` is the only compute entry point."""
+    """A loaded model of any supported family: ``config``, ``weights`` (views of ``gguf``,
+    which stays open until :meth:`close`), ``backend``. :meth:`forward` is the only
+    compute entry point."""
 
     def __init__(
         self, gguf: GGUFFile, config: ModelConfig, weights: ModelWeights, backend: Backend
@@ -105,10 +127,10 @@ class BitNetModel:
         self.weights = weights
         self.backend = backend
         self.activation = ACTIVATION_FUNCTIONS[config.activation]
-        # cos/sin: [context_length, head_dim/2], shared by every layer and every cache
-        self.rope_cos, self.rope_sin = rope_tables(
-            config.context_length, config.head_dim, config.rope_theta
-        )
+        # relu(gate)² * up or silu(gate) * up, fused in C on the native backends
+        self.gated = backend.relu2_mul if config.activation == "relu2" else backend.silu_mul
+        # cos/sin: [positions used so far, head_dim/2], shared by every layer and every cache
+        self.rope = RopeTables(config.head_dim, config.rope_theta, config.context_length)
 
     @classmethod
     def load(
@@ -201,20 +223,30 @@ class BitNetModel:
             self._check_cache(it.cache, len(item_ids))
         if len({id(it.cache) for it in items}) != len(items):
             raise ValueError("each item of a batch needs its own cache")
-        step = _Step.build(items, ids, self.rope_cos, self.rope_sin)
+        step = _Step.build(items, ids, self.rope)
         for it, lo, hi in zip(items, step.los, step.his, strict=True):
             it.cache.reserve(it.cache.length + hi - lo)  # the attention kernels write them
-        x = self.weights.token_embd[step.ids].astype(np.float32)  # x: [ΣT, dim]
+        c = self.config
+        x = self.weights.token_embd.rows(step.ids)  # x: [ΣT, dim] float32
+        if c.embedding_scale != 1.0:  # MiniCPM
+            x *= np.float32(c.embedding_scale)
         for i, layer in enumerate(self.weights.layers):
-            x += self._attention(i, layer, x, step)
-            x += self._feed_forward(layer, x)
+            if c.residual_scale == 1.0:
+                x += self._attention(i, layer, x, step)
+                x += self._feed_forward(layer, x)
+            else:  # MiniCPM: each branch scaled before its residual add
+                x += self._attention(i, layer, x, step) * np.float32(c.residual_scale)
+                x += self._feed_forward(layer, x) * np.float32(c.residual_scale)
         for it, lo, hi in zip(items, step.los, step.his, strict=True):
             it.cache.advance(hi - lo)
         return x, step
 
     def _head(self, x: np.ndarray) -> np.ndarray:
         h = self.backend.rmsnorm(x, self.weights.output_norm, self.config.norm_eps)  # [N, dim]
-        return self.backend.head(h, self.weights.head)  # [N, vocab]
+        logits = self.backend.head(h, self.weights.head)  # [N, vocab]
+        if self.config.logit_scale != 1.0:  # MiniCPM
+            logits /= np.float32(self.config.logit_scale)
+        return logits
 
     def _attention(self, i: int, layer: LayerWeights, x: np.ndarray, step: _Step) -> np.ndarray:
         """Block ``i``'s attention branch for ``x [ΣT, dim]`` → ``[ΣT, dim]`` (before the
@@ -224,14 +256,26 @@ class BitNetModel:
         q = self.backend.bitlinear(h, layer.attn_q).reshape(n_rows, c.n_heads, c.head_dim)
         k = self.backend.bitlinear(h, layer.attn_k).reshape(n_rows, c.n_kv_heads, c.head_dim)
         v = self.backend.bitlinear(h, layer.attn_v).reshape(n_rows, c.n_kv_heads, c.head_dim)
+        if layer.attn_q_norm is not None and layer.attn_k_norm is not None:  # Qwen3
+            q = self._head_norm(q, layer.attn_q_norm)  # RMSNorm of each head, before RoPE
+            k = self._head_norm(k, layer.attn_k_norm)
         q, k = self.backend.rope(q, step.cos, step.sin), self.backend.rope(k, step.cos, step.sin)
         if len(step.items) == 1:  # the common single-sequence case: no gather/scatter
             a = self._attend(i, step.items[0], q, k, v)
         else:
             a = self._attend_batch(i, step, q, k, v)
-        a = a.reshape(n_rows, c.dim)
-        a = self.backend.rmsnorm(a, layer.attn_sub_norm, c.norm_eps)  # sub-norm BEFORE o_proj
+        a = a.reshape(n_rows, c.q_dim)
+        if layer.attn_sub_norm is not None:  # BitNet: sub-norm BEFORE o_proj
+            a = self.backend.rmsnorm(a, layer.attn_sub_norm, c.norm_eps)
         return self.backend.bitlinear(a, layer.attn_output)  # [ΣT, dim]
+
+    def _head_norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        """RMSNorm of every head of ``x [T, H, D]`` by ``weight [D]`` → ``[T, H, D]``."""
+        n_rows, n_heads, head_dim = x.shape
+        flat = self.backend.rmsnorm(
+            x.reshape(n_rows * n_heads, head_dim), weight, self.config.norm_eps
+        )
+        return flat.reshape(n_rows, n_heads, head_dim)
 
     def _attend(
         self, i: int, item: BatchItem, q: np.ndarray, k: np.ndarray, v: np.ndarray
@@ -266,11 +310,9 @@ class BitNetModel:
         h = self.backend.rmsnorm(x, layer.ffn_norm, eps)  # [T, dim]
         gate = self.backend.bitlinear(h, layer.ffn_gate)  # [T, ffn_dim]
         up = self.backend.bitlinear(h, layer.ffn_up)  # [T, ffn_dim]
-        if self.config.activation == "relu2":
-            f = self.backend.relu2_mul(gate, up)  # relu(gate)² * up, fused in C
-        else:
-            f = self.activation(gate) * up
-        f = self.backend.rmsnorm(f, layer.ffn_sub_norm, eps)  # sub-norm BEFORE down_proj
+        f = self.gated(gate, up)  # [T, ffn_dim]
+        if layer.ffn_sub_norm is not None:  # BitNet: sub-norm BEFORE down_proj
+            f = self.backend.rmsnorm(f, layer.ffn_sub_norm, eps)
         return self.backend.bitlinear(f, layer.ffn_down)  # [T, dim]
 
     def _check_tokens(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:

@@ -1,37 +1,50 @@
-"""The weights of a BitNet b1.58 model as zero-copy views of the GGUF memory map (spec §3).
+"""The weights of a ternary model as views of the GGUF memory map (spec §3).
 
-Every tensor is checked for presence, type and shape against the :class:`ModelConfig`
-before any is used, so a bad file fails at load with the tensor's name, never later in a
-matmul. Ternary projections stay in I2_S layout (``TernaryWeight``); TQ1_0/TQ2_0 tensors
-are repacked to I2_S at load (a copy) by ``bitserve.gguf.quants.repack_to_i2s``.
+Every tensor the model's :class:`~bitserve.model.arch.Architecture` needs is checked for
+presence, type and shape against the :class:`ModelConfig` before any is used, so a bad file
+fails at load with the tensor's name, never later in a matmul. Ternary projections of any
+type become :class:`~bitserve.kernels.TernaryWeight` (I2_S a zero-copy view; TQ1_0/TQ2_0
+with one scale repacked to I2_S; block-scaled ones keep their scales), embeddings and heads
+of any type :class:`~bitserve.kernels.EmbeddingMatrix`; q/k weights whose rows the
+llama.cpp converter permuted for NORM RoPE are put back in trained order (a copy,
+:func:`~bitserve.model.arch.unpermute_rows`).
+
+Broken downloads (BitNet issue #608: a truncated download left all-zero tensors behind a
+complete tensor table) are refused: a tensor whose bytes are all one value holds no
+trained weights. The check reads 4 KB of a healthy tensor (its first bytes already
+differ), so it costs next to nothing on a good file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
-from bitserve.gguf.constants import GGMLType
-from bitserve.gguf.quants import i2s_scale, repack_to_i2s
+from bitserve.gguf.constants import TERNARY_TYPES, GGMLType
 from bitserve.gguf.reader import GGUFError, GGUFFile
-from bitserve.kernels.backend import TernaryWeight
+from bitserve.kernels import EmbeddingMatrix, TernaryWeight
+from bitserve.kernels.tensors import EMBEDDING_TYPES
+from bitserve.model.arch import unpermute_rows
 from bitserve.model.config import ModelConfig
 
 FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
-TERNARY_TYPES = (GGMLType.I2_S, GGMLType.TQ1_0, GGMLType.TQ2_0)
+_SAMPLE_BYTES = 4096  # a healthy tensor's bytes differ within these
 
 
 @dataclass(frozen=True, slots=True)
 class LayerWeights:
-    """One transformer block. Norms are float32 ``[dim]`` (``ffn_sub_norm``: ``[ffn_dim]``);
-    projections are ternary ``[n_out, n_in]``: q/o ``dim→dim``, k/v ``dim→kv_dim``,
-    gate/up ``dim→ffn_dim``, down ``ffn_dim→dim``."""
+    """One transformer block. Norms are float32: ``attn_norm``, ``ffn_norm`` ``[dim]``;
+    ``attn_sub_norm`` ``[q_dim]`` and ``ffn_sub_norm`` ``[ffn_dim]`` (families with
+    sub-norms, else ``None``); ``attn_q_norm``/``attn_k_norm`` ``[head_dim]`` (Qwen3, else
+    ``None``). Projections are ternary ``[n_out, n_in]``: q ``dim→q_dim``, k/v
+    ``dim→kv_dim``, o ``q_dim→dim``, gate/up ``dim→ffn_dim``, down ``ffn_dim→dim``."""
 
     attn_norm: np.ndarray
-    attn_sub_norm: np.ndarray
+    attn_sub_norm: np.ndarray | None
     ffn_norm: np.ndarray
-    ffn_sub_norm: np.ndarray
+    ffn_sub_norm: np.ndarray | None
     attn_q: TernaryWeight
     attn_k: TernaryWeight
     attn_v: TernaryWeight
@@ -39,20 +52,23 @@ class LayerWeights:
     ffn_gate: TernaryWeight
     ffn_up: TernaryWeight
     ffn_down: TernaryWeight
+    attn_q_norm: np.ndarray | None = None
+    attn_k_norm: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ModelWeights:
-    """All weights. ``token_embd`` ``[vocab, dim]`` is F16/F32 (BF16 widened to float32);
-    ``output`` is the untied LM head ``[vocab, dim]`` or ``None`` (tied to ``token_embd``)."""
+    """All weights. ``token_embd`` ``[vocab, dim]`` and ``output``, the untied LM head (or
+    ``None``: tied to ``token_embd``), are matrices of any type the kernels read (F32, F16,
+    BF16, Q8_0, Q6_K, ternary)."""
 
     layers: tuple[LayerWeights, ...]
-    token_embd: np.ndarray
+    token_embd: EmbeddingMatrix
     output_norm: np.ndarray
-    output: np.ndarray | None
+    output: EmbeddingMatrix | None
 
     @property
-    def head(self) -> np.ndarray:
+    def head(self) -> EmbeddingMatrix:
         """The matrix the LM head multiplies by: ``[vocab, dim]``."""
         return self.token_embd if self.output is None else self.output
 
@@ -63,36 +79,44 @@ class ModelWeights:
         vocab_dim = (config.vocab_size, config.dim)
         output = None
         if "output.weight" in gguf.tensors:
-            output = _float_tensor(gguf, "output.weight", vocab_dim, (GGMLType.F32, GGMLType.F16))
+            output = _matrix(gguf, "output.weight", vocab_dim)
         return cls(
             layers=layers,
-            token_embd=_float_tensor(gguf, "token_embd.weight", vocab_dim, FLOAT_TYPES),
+            token_embd=_matrix(gguf, "token_embd.weight", vocab_dim),
             output_norm=_norm(gguf, "output_norm.weight", config.dim),
             output=output,
         )
 
 
 def _layer(gguf: GGUFFile, config: ModelConfig, i: int) -> LayerWeights:
-    dim, ffn, kv = config.dim, config.ffn_dim, config.kv_dim
+    arch = config.architecture
+    dim, ffn, q_dim, kv = config.dim, config.ffn_dim, config.q_dim, config.kv_dim
 
-    def proj(name: str, n_out: int, n_in: int) -> TernaryWeight:
-        return _ternary(gguf, f"blk.{i}.{name}.weight", n_out, n_in)
+    def proj(name: str, n_out: int, n_in: int, n_heads: int = 0) -> TernaryWeight:
+        rows = unpermute_rows(n_out, n_heads) if n_heads and arch.permuted_qk else None
+        weight = _ternary(gguf, f"blk.{i}.{name}.weight", n_out, n_in, rows)
+        if arch.projection_scales and f"blk.{i}.{name}.scale" in gguf.tensors:
+            extra = _norm(gguf, f"blk.{i}.{name}.scale", 1)[0]  # one F32: output times it
+            weight = _scaled(weight, float(extra))
+        return weight
 
-    def norm(name: str, width: int) -> np.ndarray:
-        return _norm(gguf, f"blk.{i}.{name}.weight", width)
+    def norm(name: str, width: int, present: bool = True) -> np.ndarray | None:
+        return _norm(gguf, f"blk.{i}.{name}.weight", width) if present else None
 
     return LayerWeights(
-        attn_norm=norm("attn_norm", dim),
-        attn_sub_norm=norm("attn_sub_norm", dim),
-        ffn_norm=norm("ffn_norm", dim),
-        ffn_sub_norm=norm("ffn_sub_norm", ffn),
-        attn_q=proj("attn_q", dim, dim),
-        attn_k=proj("attn_k", kv, dim),
+        attn_norm=_norm(gguf, f"blk.{i}.attn_norm.weight", dim),
+        attn_sub_norm=norm("attn_sub_norm", q_dim, arch.sub_norms),
+        ffn_norm=_norm(gguf, f"blk.{i}.ffn_norm.weight", dim),
+        ffn_sub_norm=norm("ffn_sub_norm", ffn, arch.sub_norms),
+        attn_q=proj("attn_q", q_dim, dim, config.n_heads),
+        attn_k=proj("attn_k", kv, dim, config.n_kv_heads),
         attn_v=proj("attn_v", kv, dim),
-        attn_output=proj("attn_output", dim, dim),
+        attn_output=proj("attn_output", dim, q_dim),
         ffn_gate=proj("ffn_gate", ffn, dim),
         ffn_up=proj("ffn_up", ffn, dim),
         ffn_down=proj("ffn_down", dim, ffn),
+        attn_q_norm=norm("attn_q_norm", config.head_dim, arch.qk_norm),
+        attn_k_norm=norm("attn_k_norm", config.head_dim, arch.qk_norm),
     )
 
 
@@ -113,25 +137,51 @@ def _check(
     return info.ggml_type
 
 
+def check_not_blank(gguf: GGUFFile, name: str, data: np.ndarray) -> None:
+    """Refuse a tensor whose bytes ``data`` are all one value: what a truncated download
+    leaves behind a complete header (zeros), and never a trained weight. Reads only the
+    first 4 KB unless they are all one value."""
+    first = data[:_SAMPLE_BYTES]
+    if first.size == 0 or (first != first[0]).any() or (data != first[0]).any():
+        return
+    raise GGUFError(
+        gguf.path,
+        f"tensor {name!r} is one byte value (0x{int(first[0]):02x}) throughout, which no "
+        "trained model holds: the file is probably truncated (an incomplete download); "
+        "download it again",
+    )
+
+
 def _norm(gguf: GGUFFile, name: str, width: int) -> np.ndarray:
     """A norm weight as float32 ``[width]`` (a small copy when the file stores F16/BF16)."""
     _check(gguf, name, (width,), FLOAT_TYPES)
+    check_not_blank(gguf, name, gguf.raw(name))
     return np.ascontiguousarray(gguf.array(name), dtype=np.float32)
 
 
-def _float_tensor(
-    gguf: GGUFFile, name: str, shape: tuple[int, int], types: tuple[GGMLType, ...]
-) -> np.ndarray:
-    """An F32/F16 matrix as a zero-copy view (BF16: widened to a float32 copy)."""
-    _check(gguf, name, shape, types)
-    return gguf.array(name)
+def _matrix(gguf: GGUFFile, name: str, shape: tuple[int, int]) -> EmbeddingMatrix:
+    """An embedding or head ``[vocab, dim]`` of any type the kernels read."""
+    _check(gguf, name, shape, EMBEDDING_TYPES)
+    check_not_blank(gguf, name, gguf.raw(name))
+    return EmbeddingMatrix.from_gguf(gguf, name, *shape)
 
 
-def _ternary(gguf: GGUFFile, name: str, n_out: int, n_in: int) -> TernaryWeight:
-    """A projection ``[n_out, n_in]`` in I2_S layout: zero copy, or repacked from TQ1_0/TQ2_0."""
+def _ternary(
+    gguf: GGUFFile, name: str, n_out: int, n_in: int, row_order: np.ndarray | None = None
+) -> TernaryWeight:
+    """A projection ``[n_out, n_in]`` of any ternary type; ``row_order``: take the file's
+    rows in this order (a copy)."""
     ggml_type = _check(gguf, name, (n_out, n_in), TERNARY_TYPES)
     raw = gguf.raw(name)
-    if ggml_type == GGMLType.I2_S:
-        return TernaryWeight(raw, n_out, n_in, i2s_scale(raw, n_out, n_in))
-    i2s_raw, scale = repack_to_i2s(raw, ggml_type, n_out, n_in, path=gguf.path, name=name)
-    return TernaryWeight(i2s_raw, n_out, n_in, scale)
+    check_not_blank(gguf, name, raw[: n_out * n_in // 4] if ggml_type == GGMLType.I2_S else raw)
+    return TernaryWeight.from_gguf(gguf, name, n_out, n_in, row_order)
+
+
+def _scaled(weight: TernaryWeight, factor: float) -> TernaryWeight:
+    """``weight`` times ``factor`` (upstream bitnet's ``.scale`` tensors): the tensor scale
+    of an I2_S weight, or each f16 block scale of a blocked one (rounded to f16 again)."""
+    if not weight.blocked:
+        return dataclasses.replace(weight, scale=weight.scale * factor)
+    assert weight.scales is not None
+    scales = (weight.scales.astype(np.float32) * np.float32(factor)).astype(np.float16)
+    return dataclasses.replace(weight, scales=scales)

@@ -3,8 +3,12 @@
 A conversation is an id, an owner, a creation time, string metadata and an ordered list of
 messages. Messages are only ever appended, a whole turn at a time (the user message(s) and
 the assistant reply in one transaction), so a crash can lose the reply being generated but
-never half a turn. ``SQLiteStore`` is the default; a PostgreSQL implementation fills the
-same ABC for several replicas.
+never half a turn. ``SQLiteStore`` is the default; ``PostgresStore`` fills the same ABC
+for several replicas sharing one database.
+
+A chat turn reads the history, generates the reply and appends both: :meth:`begin_turn`
+holds the conversation for that whole time (a :class:`Turn`), so two turns into one
+conversation run one after the other even from two replicas.
 """
 
 from __future__ import annotations
@@ -51,6 +55,15 @@ class ConversationNotFoundError(StoreError, LookupError):
     def __init__(self, conversation_id: str) -> None:
         super().__init__(f"conversation {conversation_id!r} not found")
         self.conversation_id = conversation_id
+
+
+class StoreUnavailableError(StoreError):
+    """The database cannot be reached (connection lost, server down or restarting, every
+    pooled connection busy). Nothing was written; retry after ``retry_after`` seconds."""
+
+    def __init__(self, reason: str, retry_after: int = 2) -> None:
+        super().__init__(f"the conversation store is unavailable: {reason}")
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +158,40 @@ def now() -> float:
     return time.time()
 
 
+class Turn(ABC):
+    """One chat turn into a conversation, open from reading its history to storing the
+    reply: ``conversation`` and ``messages`` as they were when it began, then exactly one
+    of :meth:`commit` or :meth:`abandon` (abandon after commit does nothing)."""
+
+    conversation: Conversation
+    messages: list[StoredMessage]
+
+    @abstractmethod
+    def commit(self, messages: Sequence[NewMessage]) -> list[StoredMessage]:
+        """Append ``messages`` (the new message(s) and the reply) in one transaction."""
+
+    @abstractmethod
+    def abandon(self) -> None:
+        """Store nothing and let the next turn in; idempotent, never raises, never waits on
+        the database (it runs on the event loop when a client leaves)."""
+
+
+class _AppendTurn(Turn):
+    """The plain turn: a read now, ``append_turn`` at the end. Enough where one process
+    owns the database (its chat route already runs one turn per conversation at a time)."""
+
+    def __init__(self, store: ConversationStore, owner: str, conversation_id: str) -> None:
+        self.store = store
+        self.owner = owner
+        self.conversation, self.messages = store.read(owner, conversation_id)
+
+    def commit(self, messages: Sequence[NewMessage]) -> list[StoredMessage]:
+        return self.store.append_turn(self.owner, self.conversation.id, messages)
+
+    def abandon(self) -> None:
+        pass
+
+
 class ConversationStore(ABC):
     """Conversations and their messages, scoped by ``owner`` (an API-key fingerprint, or
     ``""`` when the server has no keys). Every method that takes an id raises
@@ -200,6 +247,12 @@ class ConversationStore(ABC):
         self, owner: str, conversation_id: str, messages: Sequence[NewMessage]
     ) -> list[StoredMessage]:
         """Append ``messages`` (one turn) in a single transaction; all or nothing."""
+
+    def begin_turn(self, owner: str, conversation_id: str) -> Turn:
+        """Open a chat turn (see :class:`Turn`). Stores that several processes share must
+        make a second turn into the same conversation wait until the first one ends; the
+        default suits a store one process owns."""
+        return _AppendTurn(self, owner, conversation_id)
 
     @abstractmethod
     def close(self) -> None:

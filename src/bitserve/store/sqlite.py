@@ -12,10 +12,8 @@ Durability choices:
 One connection, guarded by a lock, serves every thread: SQLite serialises writers anyway
 and each call is a few small statements.
 
-Schema versions: a new file gets :data:`SCHEMA_V1` and then every migration in order, the
-same path an old file takes, so both end up identical. Version 2 adds
-``messages.token_ids`` (the generated ids of an assistant reply, little-endian uint32;
-NULL for messages stored before it and for user/system messages).
+The schema, its migrations and the row helpers are shared with the PostgreSQL store
+(:mod:`bitserve.store.schema`).
 """
 
 from __future__ import annotations
@@ -23,12 +21,10 @@ from __future__ import annotations
 import errno
 import json
 import sqlite3
-import struct
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from bitserve.store.base import (
     Conversation,
@@ -38,62 +34,27 @@ from bitserve.store.base import (
     NewMessage,
     StorageFullError,
     StoredMessage,
-    StoreError,
     check_texts,
     new_conversation_id,
     now,
-    repaired_text,
+)
+from bitserve.store.schema import (
+    CONVERSATION_COLUMNS,
+    MESSAGE_COLUMNS,
+    NUM_MESSAGE_COLUMNS,
+    check_version,
+    conversation_from_row,
+    message_from_row,
+    message_values,
+    migrations,
+    schema_statements,
+    stored_message,
 )
 
-SCHEMA_VERSION = 2
-
-SCHEMA_V1 = """
-CREATE TABLE schema_version (version INTEGER NOT NULL);
-CREATE TABLE conversations (
-    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-    id         TEXT NOT NULL UNIQUE,
-    owner      TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    metadata   TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX conversations_by_owner ON conversations (owner, seq);
-CREATE TABLE messages (
-    conversation_seq  INTEGER NOT NULL REFERENCES conversations (seq) ON DELETE CASCADE,
-    idx               INTEGER NOT NULL,
-    role              TEXT NOT NULL,
-    content           TEXT NOT NULL,
-    created_at        REAL NOT NULL,
-    tokens            INTEGER NOT NULL,
-    prompt_tokens     INTEGER,
-    completion_tokens INTEGER,
-    finish_reason     TEXT,
-    PRIMARY KEY (conversation_seq, idx)
-) WITHOUT ROWID;
-"""
-
-# version → the statements that bring the previous version to it
-MIGRATIONS: dict[int, tuple[str, ...]] = {
-    2: ("ALTER TABLE messages ADD COLUMN token_ids BLOB",),
-}
-
-_MESSAGE_COLUMNS = (
-    "idx, role, content, created_at, tokens, prompt_tokens, completion_tokens, finish_reason, "
-    "token_ids"
+_INSERT_MESSAGE = (
+    f"INSERT INTO messages (conversation_seq, {MESSAGE_COLUMNS}) "
+    f"VALUES (?{', ?' * NUM_MESSAGE_COLUMNS})"
 )
-
-
-def pack_token_ids(ids: tuple[int, ...] | None) -> bytes | None:
-    """Token ids → the ``token_ids`` column (little-endian uint32); None stays NULL."""
-    return None if ids is None else struct.pack(f"<{len(ids)}I", *ids)
-
-
-def unpack_token_ids(blob: bytes | None) -> tuple[int, ...] | None:
-    if blob is None:
-        return None
-    if len(blob) % 4:
-        raise StoreError(f"corrupt token_ids column ({len(blob)} bytes)")
-    return struct.unpack(f"<{len(blob) // 4}I", blob)
-
 
 SQLITE_FULL = 13  # "database or disk is full": the disk, or PRAGMA max_page_count
 
@@ -107,12 +68,6 @@ def _is_full(exc: BaseException) -> bool:
     if code is not None:
         return (int(code) & 0xFF) == SQLITE_FULL
     return "database or disk is full" in str(exc)
-
-
-_CONVERSATION_COLUMNS = (
-    "c.seq, c.id, c.owner, c.created_at, c.metadata, "
-    "(SELECT COUNT(*) FROM messages m WHERE m.conversation_seq = c.seq)"
-)
 
 
 class SQLiteStore(ConversationStore):
@@ -153,85 +108,49 @@ class SQLiteStore(ConversationStore):
                 raise
 
     def _migrate(self) -> None:
-        """Create the schema or bring an older one up to :data:`SCHEMA_VERSION`, in one
+        """Create the schema or bring an older one up to ``SCHEMA_VERSION``, in one
         transaction (a failed migration leaves the file as it was)."""
         with self._transaction() as db:
             exists = db.execute(
                 "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'"
             ).fetchone()
             if not exists:
-                for statement in SCHEMA_V1.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+                for statement in schema_statements("sqlite"):
+                    db.execute(statement)
                 db.execute("INSERT INTO schema_version (version) VALUES (1)")
             (version,) = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path}: schema version {version} is newer than this bitserve "
-                    f"understands ({SCHEMA_VERSION})"
-                )
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[target]:
-                    db.execute(statement)
-                db.execute("INSERT INTO schema_version (version) VALUES (?)", (target,))
+            check_version(version, self.path)
+            for target, statements in sorted(migrations("sqlite").items()):
+                if target > version:
+                    for statement in statements:
+                        db.execute(statement)
+                    db.execute("INSERT INTO schema_version (version) VALUES (?)", (target,))
 
     def schema_version(self) -> int:
         with self._lock:
             (version,) = self._db.execute("SELECT MAX(version) FROM schema_version").fetchone()
         return int(version)
 
-    @staticmethod
-    def _conversation(row: tuple[object, ...]) -> Conversation:
-        seq, cid, owner, created_at, metadata, count = row
-        return Conversation(
-            id=str(cid),
-            owner=str(owner),
-            created_at=float(created_at),  # type: ignore[arg-type]
-            metadata={
-                repaired_text(k): repaired_text(v) for k, v in json.loads(str(metadata)).items()
-            },
-            seq=int(seq),  # type: ignore[call-overload]
-            num_messages=int(count),  # type: ignore[call-overload]
-        )
-
-    @staticmethod
-    def _message(row: tuple[Any, ...]) -> StoredMessage:
-        """A row of ``_MESSAGE_COLUMNS`` → ``StoredMessage``."""
-        idx, role, content, created_at, tokens, prompt, completion, finish, ids = row
-        return StoredMessage(
-            idx, role, repaired_text(content), created_at, tokens, prompt, completion, finish,
-            unpack_token_ids(ids),
-        )  # fmt: skip
-
     def _row(self, db: sqlite3.Connection, owner: str, conversation_id: str) -> Conversation:
         row = db.execute(
-            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c WHERE c.id = ? AND c.owner = ?",
+            f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.id = ? AND c.owner = ?",
             (conversation_id, owner),
         ).fetchone()
         if row is None:
             raise ConversationNotFoundError(conversation_id)
-        return self._conversation(row)
+        return conversation_from_row(row)
 
     @staticmethod
     def _insert_messages(
         db: sqlite3.Connection, seq: int, first_index: int, messages: Sequence[NewMessage]
     ) -> list[StoredMessage]:
-        stored = []
         created_at = now()
-        for i, m in enumerate(messages, start=first_index):
-            db.execute(
-                f"INSERT INTO messages (conversation_seq, {_MESSAGE_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (seq, i, m.role, m.content, created_at, m.tokens, m.prompt_tokens,
-                 m.completion_tokens, m.finish_reason, pack_token_ids(m.token_ids)),
-            )  # fmt: skip
-            stored.append(
-                StoredMessage(
-                    i, m.role, m.content, created_at, m.tokens, m.prompt_tokens,
-                    m.completion_tokens, m.finish_reason, m.token_ids,
-                )
-            )  # fmt: skip
-        return stored
+        rows = [
+            message_values(seq, i, m, created_at, "sqlite")
+            for i, m in enumerate(messages, first_index)
+        ]
+        db.executemany(_INSERT_MESSAGE, rows)
+        return [stored_message(i, m, created_at) for i, m in enumerate(messages, first_index)]
 
     # -- the interface ----------------------------------------------------------------------
 
@@ -267,10 +186,10 @@ class SQLiteStore(ConversationStore):
         with self._lock:  # one connection: nothing else runs between the two reads
             conv = self._row(self._db, owner, conversation_id)
             rows = self._db.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_seq = ? ORDER BY idx",
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_seq = ? ORDER BY idx",
                 (conv.seq,),
             ).fetchall()
-        return conv, [self._message(row) for row in rows]
+        return conv, [message_from_row(row) for row in rows]
 
     def list_conversations(
         self, owner: str, limit: int = 20, after: str | None = None
@@ -278,11 +197,11 @@ class SQLiteStore(ConversationStore):
         with self._lock:
             before_seq = self._row(self._db, owner, after).seq if after else None
             rows = self._db.execute(
-                f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c WHERE c.owner = ? "
+                f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.owner = ? "
                 "AND (? IS NULL OR c.seq < ?) ORDER BY c.seq DESC LIMIT ?",
                 (owner, before_seq, before_seq, limit + 1),
             ).fetchall()
-        conversations = [self._conversation(r) for r in rows]
+        conversations = [conversation_from_row(r) for r in rows]
         return ConversationPage(conversations[:limit], has_more=len(conversations) > limit)
 
     def update_metadata(

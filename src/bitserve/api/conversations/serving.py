@@ -2,8 +2,11 @@
 
 A chat turn holds the conversation's lock from reading the history until the reply is
 stored (or abandoned), so concurrent chats to one conversation run one after another and
-never interleave. The user message(s) and the reply are appended in one store transaction
-after the reply is complete; a reply that is cancelled or fails stores nothing.
+never interleave: an ``asyncio`` lock within this process, and the store's
+:meth:`~bitserve.store.ConversationStore.begin_turn` across processes (PostgreSQL holds
+the conversation's row lock for the turn). The user message(s) and the reply are appended
+in one store transaction after the reply is complete; a reply that is cancelled or fails
+stores nothing.
 
 Each reply is stored with the token ids the model generated (:func:`reply_token_ids`), and
 the history hands them to the chat formatter, which uses them verbatim: the next turn's
@@ -48,6 +51,7 @@ from bitserve.api.served import ServedModel
 from bitserve.api.streaming import RequestGuard
 from bitserve.engine.types import TokenEvent
 from bitserve.store import Conversation, ConversationStore, NewMessage, StoredMessage
+from bitserve.store import Turn as StoreTurn
 from bitserve.store.base import (
     MAX_METADATA_KEY_CHARS,
     MAX_METADATA_PAIRS,
@@ -169,11 +173,13 @@ def _history_message(m: StoredMessage) -> dict[str, Any]:
 @dataclass(slots=True)
 class Turn:
     """A chat turn ready to generate: its plan, the prompt's messages (history kept and
-    the new ones) and the new messages as they will be stored."""
+    the new ones), the new messages as they will be stored, and the store's turn that
+    holds the conversation until they are."""
 
     plan: ChatPlan
     messages: list[dict[str, Any]]
     new: list[NewMessage]
+    held: StoreTurn
 
 
 class ConversationService:
@@ -248,15 +254,13 @@ class ConversationService:
         await run_in_threadpool(self.store.get, owner, conversation_id)  # 404 before waiting
         guard.add(await self.locks.acquire(conversation_id))
         try:
-            # reading, tokenizing and fitting the history is CPU work: off the event loop
-            turn = await run_in_threadpool(
-                self.prepare_turn, owner, conversation_id, body, new, model
-            )
+            held = await run_in_threadpool(self.store.begin_turn, owner, conversation_id)
+            guard.add(held.abandon)  # added before any await: a cancelled request runs it
+            # tokenizing and fitting the history is CPU work: off the event loop
+            turn = await run_in_threadpool(self.prepare_turn, held, body, new, model)
 
             async def store_turn(results: list[ChoiceResult]) -> None:
-                reply = await run_in_threadpool(
-                    self.store_turn, owner, conversation_id, turn, results[0]
-                )
+                reply = await run_in_threadpool(self.store_turn, turn, results[0])
                 self.prefill_ahead_later(turn.messages, reply)
 
             return await respond_chat(self.served, turn.plan, guard, body.stream, store_turn)
@@ -266,15 +270,14 @@ class ConversationService:
 
     def prepare_turn(
         self,
-        owner: str,
-        conversation_id: str,
+        held: StoreTurn,
         body: ConversationChatRequest,
         new: list[dict[str, str]],
         model: str,
     ) -> Turn:
-        """(worker thread) The stored history and the new messages, fitted to the context
-        by their token counts (:func:`fit_history`), planned for the engine."""
-        stored = self.store.messages(owner, conversation_id)
+        """(worker thread) The history ``held`` read and the new messages, fitted to the
+        context by their token counts (:func:`fit_history`), planned for the engine."""
+        stored = held.messages
         new_stored = self.new_messages(new)
         fitted = fit_history(
             self.served,
@@ -285,16 +288,15 @@ class ConversationService:
             body.max_new_tokens(),
         )
         plan = plan_chat(self.served, body, fitted.messages, model, prompt=fitted.prompt)
+        conversation_id = held.conversation.id
         plan.extra = {"conversation_id": conversation_id, "truncated_messages": fitted.dropped}
-        return Turn(plan, fitted.messages, new_stored)
+        return Turn(plan, fitted.messages, new_stored, held)
 
-    def store_turn(
-        self, owner: str, conversation_id: str, turn: Turn, result: ChoiceResult
-    ) -> NewMessage:
-        """(worker thread) Append the new messages and the reply in one transaction;
-        returns the reply as stored."""
+    def store_turn(self, turn: Turn, result: ChoiceResult) -> NewMessage:
+        """(worker thread) Append the new messages and the reply in one transaction (the
+        held turn's commit); returns the reply as stored."""
         reply = self.reply_message(turn.plan.prompt_tokens, result)
-        self.store.append_turn(owner, conversation_id, [*turn.new, reply])
+        turn.held.commit([*turn.new, reply])
         return reply
 
     def prefill_ahead_later(self, messages: list[dict[str, Any]], reply: NewMessage) -> None:

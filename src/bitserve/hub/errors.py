@@ -1,0 +1,135 @@
+"""Why a pull failed, one class per cause, each ``str()`` one sentence a user can act on.
+
+Every error is a :class:`PullError`; the command line prints ``bitserve pull: <message>``
+and exits 1. The hub client's own exceptions (``huggingface_hub.errors``) never reach the
+user: :mod:`bitserve.hub.pull` turns each into one of these.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+from pathlib import Path
+
+# errno values that mean "the disk (or the user's quota) is full"
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class PullError(Exception):
+    """A model could not be pulled (or found, or removed); ``str()`` says why in one
+    sentence."""
+
+
+class NoNetworkError(PullError):
+    def __init__(self, endpoint: str, reason: str) -> None:
+        super().__init__(
+            f"cannot reach the model hub at {endpoint} ({reason}); check the network or "
+            "proxy, or pass --offline to use only models already downloaded"
+        )
+        self.endpoint = endpoint
+
+
+class RepoNotFoundError(PullError):
+    def __init__(self, repo: str) -> None:
+        super().__init__(
+            f"no repository {repo!r} on the hub (or it is private and HF_TOKEN does not "
+            "grant access); check the spelling, or run `bitserve pull --list` for the catalog"
+        )
+        self.repo = repo
+
+
+class GatedRepoError(PullError):
+    def __init__(self, repo: str, has_token: bool) -> None:
+        if has_token:
+            problem = "your HF_TOKEN has not been granted access to it"
+        else:
+            problem = "no HF_TOKEN is set"
+        super().__init__(
+            f"{repo} is a gated repository and {problem}: accept its licence on its hub page, "
+            "then set HF_TOKEN to an access token of that account"
+        )
+        self.repo = repo
+
+
+class RevisionNotFoundError(PullError):
+    def __init__(self, repo: str, revision: str) -> None:
+        super().__init__(f"{repo} has no revision {revision!r}")
+        self.repo = repo
+
+
+class NoMatchingFileError(PullError):
+    """The repository holds no file the request (or bitserve) can use."""
+
+    def __init__(self, repo: str, wanted: str, candidates: Sequence[str]) -> None:
+        listed = ", ".join(candidates) if candidates else "none"
+        super().__init__(f"{repo} has no {wanted}; its GGUF files: {listed}")
+        self.repo = repo
+        self.candidates = tuple(candidates)
+
+
+class AmbiguousFileError(PullError):
+    def __init__(self, repo: str, matches: Sequence[str]) -> None:
+        super().__init__(
+            f"{repo} has several files that match: {', '.join(matches)}; "
+            f"name one as {repo}:VARIANT (e.g. {repo}:{_variant_hint(matches[0])})"
+        )
+        self.repo = repo
+        self.candidates = tuple(matches)
+
+
+class DiskFullError(PullError):
+    def __init__(self, directory: Path, needed: int | None, free: int | None) -> None:
+        amounts = ""
+        if needed is not None and free is not None:
+            amounts = f" ({format_size(needed)} needed, {format_size(free)} free)"
+        super().__init__(
+            f"not enough disk space in {directory}{amounts}; free some space, or set "
+            "HF_HUB_CACHE to a folder on a larger disk"
+        )
+        self.directory = directory
+
+
+class VerificationError(PullError):
+    """The downloaded bytes are not the file the hub published; the file was deleted."""
+
+    def __init__(self, filename: str, problem: str) -> None:
+        super().__init__(
+            f"{filename} failed verification ({problem}); the file was deleted: "
+            "run the same command again to download it anew"
+        )
+        self.filename = filename
+
+
+class NotCachedError(PullError):
+    def __init__(self, name: str, why: str, command: str | None = None) -> None:
+        command = command or f"pull {name}"
+        super().__init__(
+            f"{name} is not downloaded and {why}; run `bitserve {command}` while online"
+        )
+        self.name = name
+
+
+class UnknownModelError(PullError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no downloaded model is called {name!r}; `bitserve models` lists them")
+        self.name = name
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for an ``OSError`` that means the disk or quota is full."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
+def format_size(n_bytes: int) -> str:
+    """``1.19 GB``-style (decimal units, as the hub shows sizes)."""
+    size = float(n_bytes)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def _variant_hint(filename: str) -> str:
+    stem = filename.rsplit("/", 1)[-1].removesuffix(".gguf")
+    return stem.rsplit("-", 1)[-1]

@@ -1,0 +1,395 @@
+"""Pull a model into the Hugging Face cache with ``huggingface_hub``, verify it, record it.
+
+``huggingface_hub`` does the transfer: its cache layout (``models--owner--name/blobs``,
+``snapshots/<commit>``), ETag revalidation, ``Range`` resume after a dropped connection,
+``HF_TOKEN``, ``HF_ENDPOINT``, ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE``, and a progress bar
+on a terminal (none otherwise). This module adds what it does not do: it picks the file,
+checks the size and sha256 of what arrived against the hub's LFS metadata (deleting a
+file that does not match), records the result (:mod:`bitserve.hub.registry`), and turns
+every failure into one :class:`~bitserve.hub.errors.PullError` sentence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2
+from huggingface_hub import HfApi, constants, get_token, hf_hub_download, try_to_load_from_cache
+from huggingface_hub import errors as hf_errors
+
+from bitserve.hub.errors import (
+    DiskFullError,
+    GatedRepoError,
+    NoNetworkError,
+    NotCachedError,
+    PullError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+    VerificationError,
+    format_size,
+    is_disk_full,
+)
+from bitserve.hub.registry import ModelRecord, Registry
+from bitserve.hub.spec import ModelSpec
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_HASH_CHUNK = 1 << 20
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+@dataclass(frozen=True, slots=True)
+class HubOptions:
+    """Where and how to reach the hub. ``None`` fields take ``huggingface_hub``'s defaults
+    (``HF_ENDPOINT``, ``HF_HUB_CACHE``, ``HF_TOKEN`` or the stored login)."""
+
+    endpoint: str | None = None
+    cache_dir: Path | None = None
+    token: str | bool | None = None  # False: never send one
+    offline: bool = False
+
+    @classmethod
+    def from_env(cls, offline: bool = False) -> HubOptions:
+        """Options from the environment as it is now (``huggingface_hub`` reads it once,
+        at import): ``HF_ENDPOINT``, ``HF_HUB_CACHE``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``."""
+        cache = os.environ.get("HF_HUB_CACHE")
+        return cls(
+            endpoint=os.environ.get("HF_ENDPOINT") or None,
+            cache_dir=Path(cache) if cache else None,
+            token=os.environ.get("HF_TOKEN") or None,
+            offline=offline or _env_flag("HF_HUB_OFFLINE"),
+        )
+
+    @property
+    def endpoint_url(self) -> str:
+        return (self.endpoint or constants.ENDPOINT).rstrip("/")
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.cache_dir or constants.HF_HUB_CACHE)
+
+    def has_token(self) -> bool:
+        if isinstance(self.token, bool):
+            return self.token
+        return bool(self.token or get_token())
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteFile:
+    """A file of a repository at a commit, as the hub lists it."""
+
+    filename: str
+    commit: str
+    size: int | None
+    sha256: str | None  # from the LFS metadata; None for a file kept in git itself
+
+
+class Puller:
+    """Pulls specs into ``options.cache`` and records them in ``registry``; ``notify``
+    receives progress sentences (the command line prints them on stderr)."""
+
+    def __init__(
+        self,
+        options: HubOptions,
+        registry: Registry,
+        notify: Callable[[str], None] = lambda _msg: None,
+    ) -> None:
+        self.options = options
+        self.registry = registry
+        self.notify = notify
+
+    # -- the three ways in -------------------------------------------------------------
+
+    def pull(self, spec: ModelSpec) -> ModelRecord:
+        """Download (or revalidate) ``spec``'s file and verify it. Offline: the local copy."""
+        try:
+            return self._pull(spec)
+        except VerificationError:
+            record = self.registry.get(spec.name)
+            if record is not None and not record.exists():  # its file was just deleted
+                self.registry.remove(spec.name)
+            raise
+
+    def _pull(self, spec: ModelSpec) -> ModelRecord:
+        if self.options.offline:
+            return self._local_or_raise(spec, "offline mode (--offline or HF_HUB_OFFLINE=1)")
+        try:
+            remote = self._remote_file(spec)
+        except NoNetworkError:
+            local = self.local(spec)
+            if local is None:
+                raise
+            self.notify(f"the hub is unreachable; using the copy of {spec.name} on disk")
+            return local
+        return self._fetch(spec, remote)
+
+    def ensure(self, spec: ModelSpec) -> ModelRecord:
+        """A verified local copy without touching the network, else :meth:`pull`."""
+        record = self.registry.get(spec.name)
+        if record is not None and record.verified and record.exists():
+            return record
+        return self.pull(spec)
+
+    def local(self, spec: ModelSpec) -> ModelRecord | None:
+        """The copy on disk, without the network: recorded and verified, else found in the
+        Hugging Face cache and verified against its blob name (the file's sha256; a copy
+        that fails is deleted and :class:`VerificationError` raised); else None."""
+        record = self.registry.get(spec.name)
+        if record is not None and record.exists() and (record.verified or not record.sha256):
+            return record
+        found = self._find_in_cache(spec)
+        if found is None:
+            return None
+        path, commit, filename = found
+        blob = Path(os.path.realpath(path)).name
+        sha256 = blob if _SHA256.fullmatch(blob) else None
+        remote = RemoteFile(filename, commit, os.path.getsize(path), sha256)
+        if sha256 is not None:
+            problem = file_problem(path, remote.size, sha256)
+            if problem is not None:
+                remove_cached_file(path)
+                raise VerificationError(filename, problem)
+        return self._record(spec, remote, path)
+
+    # -- remote ------------------------------------------------------------------------
+
+    def remote_files(self, spec: ModelSpec) -> list[RemoteFile]:
+        """Every file of ``spec``'s repository at its revision, with size and LFS sha256."""
+        api = HfApi(endpoint=self.options.endpoint_url, token=self.options.token)
+        try:
+            info = api.model_info(spec.repo, revision=spec.revision, files_metadata=True)
+        except Exception as exc:
+            raise self._translate(exc, spec) from None
+        return [
+            RemoteFile(
+                filename=s.rfilename,
+                commit=str(info.sha),
+                size=s.lfs.size if s.lfs is not None else s.size,
+                sha256=s.lfs.sha256 if s.lfs is not None else None,
+            )
+            for s in info.siblings or []
+        ]
+
+    def _remote_file(self, spec: ModelSpec) -> RemoteFile:
+        files = {f.filename: f for f in self.remote_files(spec)}
+        remote = files[spec.choose(files)]
+        filename = remote.filename
+        if spec.sha256 is not None and remote.sha256 != spec.sha256:
+            raise PullError(
+                f"the hub lists sha256 {remote.sha256} for {spec.repo}/{filename}, but "
+                f"bitserve's catalog pins {spec.sha256}; refusing to download it"
+            )
+        return remote
+
+    def _fetch(self, spec: ModelSpec, remote: RemoteFile) -> ModelRecord:
+        cached = self._cached_path(spec.repo, remote)
+        if cached is not None:
+            record = self.registry.get(spec.name)
+            if record is not None and _same_file(record, cached, remote) and record.verified:
+                return record
+        path = self.fetch_file(spec, remote)
+        return self._record(spec, remote, path)
+
+    def fetch_file(self, spec: ModelSpec, remote: RemoteFile) -> str:
+        """The path of ``remote`` in the cache, downloaded unless a copy that passes
+        verification is there; a copy or download that fails it is deleted."""
+        cached = self._cached_path(spec.repo, remote)
+        if cached is not None:
+            problem = file_problem(cached, remote.size, remote.sha256)
+            if problem is None:
+                return cached
+            remove_cached_file(cached)
+            self.notify(f"the copy of {remote.filename} on disk was damaged; downloading it again")
+        self._check_space(remote.size)
+        size = format_size(remote.size) if remote.size is not None else "unknown size"
+        self.notify(f"downloading {spec.repo}/{remote.filename} ({size})")
+        path = self._download(spec, remote)
+        problem = file_problem(path, remote.size, remote.sha256)
+        if problem is not None:
+            remove_cached_file(path)
+            raise VerificationError(remote.filename, problem)
+        return path
+
+    def _download(self, spec: ModelSpec, remote: RemoteFile) -> str:
+        try:
+            return str(
+                hf_hub_download(
+                    spec.repo,
+                    remote.filename,
+                    revision=remote.commit,
+                    cache_dir=self.options.cache,
+                    endpoint=self.options.endpoint_url,
+                    token=self.options.token,
+                )
+            )
+        except OSError as exc:
+            if str(exc).startswith("Consistency check failed"):  # short read, file discarded
+                raise VerificationError(
+                    remote.filename, "the download ended before the size the hub lists"
+                ) from None
+            raise self._translate(exc, spec) from None
+        except Exception as exc:
+            raise self._translate(exc, spec) from None
+
+    def _translate(self, exc: BaseException, spec: ModelSpec) -> PullError:
+        """The :class:`PullError` for an exception of ``huggingface_hub`` or the network."""
+        cause = exc.__cause__ if isinstance(exc, hf_errors.LocalEntryNotFoundError) else exc
+        if isinstance(exc, PullError):
+            return exc
+        if is_disk_full(exc):
+            return DiskFullError(self.options.cache, None, None)
+        if isinstance(exc, hf_errors.GatedRepoError):
+            return GatedRepoError(spec.repo, self.options.has_token())
+        if isinstance(exc, hf_errors.RepositoryNotFoundError):
+            return RepoNotFoundError(spec.repo)
+        if isinstance(exc, hf_errors.RevisionNotFoundError):
+            return RevisionNotFoundError(spec.repo, spec.revision or "main")
+        if isinstance(cause, (httpx2.TransportError, hf_errors.OfflineModeIsEnabled)):
+            return NoNetworkError(self.options.endpoint_url, _reason(cause))
+        if isinstance(exc, hf_errors.HfHubHTTPError):
+            status = exc.response.status_code if exc.response is not None else "an error"
+            return PullError(f"the hub answered HTTP {status} for {spec.repo}; try again later")
+        if isinstance(exc, OSError):
+            return PullError(f"cannot write to {self.options.cache}: {exc.strerror or exc}")
+        raise exc
+
+    # -- local -------------------------------------------------------------------------
+
+    def _cached_path(self, repo: str, remote: RemoteFile) -> str | None:
+        path = try_to_load_from_cache(
+            repo, remote.filename, cache_dir=self.options.cache, revision=remote.commit
+        )
+        return path if isinstance(path, str) and os.path.isfile(path) else None
+
+    def _find_in_cache(self, spec: ModelSpec) -> tuple[str, str, str] | None:
+        """``(path, commit, filename)`` of the file ``spec`` names in the cache: in the
+        pinned revision's snapshot, else in ``refs/main``'s, else in the newest snapshot
+        that has one (bitserve downloads by commit, which leaves ``refs`` alone)."""
+        storage = self.options.cache / ("models--" + spec.repo.replace("/", "--"))
+        snapshots = storage / "snapshots"
+        commits = [spec.revision] if spec.revision else []
+        if not commits:
+            with contextlib.suppress(OSError):
+                commits.append((storage / "refs" / "main").read_text().strip())
+            if snapshots.is_dir():
+                by_age = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+                commits += [p.name for p in by_age]
+        for commit in commits:
+            snapshot = snapshots / commit
+            if not snapshot.is_dir():
+                continue
+            files = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
+            try:
+                filename = spec.choose(files)
+            except PullError:
+                continue
+            return str(snapshot / filename), commit, filename
+        return None
+
+    def _local_or_raise(self, spec: ModelSpec, why: str) -> ModelRecord:
+        record = self.local(spec)
+        if record is None:
+            raise NotCachedError(spec.name, f"{why} forbids downloading it")
+        return record
+
+    def _check_space(self, size: int | None) -> None:
+        if size is None:
+            return
+        directory = self.options.cache
+        probe = directory
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        if size > free:
+            raise DiskFullError(directory, size, free)
+
+    def _record(self, spec: ModelSpec, remote: RemoteFile, path: str) -> ModelRecord:
+        """Record ``path``, which was just checked against ``remote`` (verified if the hub
+        gave its sha256)."""
+        record = ModelRecord(
+            name=spec.name,
+            repo=spec.repo,
+            filename=remote.filename,
+            revision=remote.commit,
+            path=os.path.abspath(path),
+            size=os.path.getsize(path),
+            sha256=remote.sha256,
+            family=spec.family or _architecture(path),
+            verified_at=None,
+        ).with_verification(remote.sha256 is not None)
+        self.registry.put(record)
+        return record
+
+
+def file_problem(path: str, size: int | None, sha256: str | None) -> str | None:
+    """Why ``path`` is not the file of ``size`` bytes and ``sha256``; None if it is."""
+    actual = os.path.getsize(path)
+    if size is not None and actual != size:
+        return f"{actual} bytes on disk, the hub lists {size}"
+    if sha256 is not None:
+        digest = sha256_file(path)
+        if digest != sha256:
+            return f"sha256 {digest}, the hub lists {sha256}"
+    return None
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    buffer = bytearray(_HASH_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def remove_cached_file(path: str) -> None:
+    """Delete a file of the Hugging Face cache: its blob and every snapshot link to it."""
+    blob = os.path.realpath(path)
+    storage = Path(blob).parent.parent
+    snapshots = storage / "snapshots"
+    if snapshots.is_dir():
+        for link in snapshots.rglob("*"):
+            if link.is_symlink() and os.path.realpath(link) == blob:
+                link.unlink()
+    for victim in (path, blob):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(victim)
+
+
+def _same_file(record: ModelRecord, path: str, remote: RemoteFile) -> bool:
+    return (
+        os.path.realpath(record.path) == os.path.realpath(path)
+        and record.sha256 == remote.sha256
+        and record.size == remote.size
+    )
+
+
+def _architecture(path: str) -> str | None:
+    """``general.architecture`` of a GGUF file, or None if it cannot be read."""
+    from bitserve.gguf import read_gguf
+
+    try:
+        gguf = read_gguf(path)
+    except (OSError, ValueError):
+        return None
+    try:
+        arch: Any = gguf.get("general.architecture")
+        return str(arch) if arch is not None else None
+    finally:
+        gguf.close()
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."

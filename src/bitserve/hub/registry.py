@@ -1,0 +1,118 @@
+"""The models pulled so far: one JSON file (``models.json`` in bitserve's cache folder)
+that records, per model name, the repository, file, commit, path in the Hugging Face
+cache, size, sha256 and whether the bytes on disk were checked against it.
+
+The file is rewritten atomically on every change; a missing or unreadable file is an
+empty registry (the Hugging Face cache itself is untouched by losing it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+REGISTRY_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRecord:
+    """A pulled file. ``verified_at`` is the Unix time its sha256 last matched ``sha256``
+    (None: never checked, or the last check failed)."""
+
+    name: str
+    repo: str
+    filename: str
+    revision: str  # the commit the file was downloaded from
+    path: str  # the snapshot path in the Hugging Face cache
+    size: int
+    sha256: str | None
+    family: str | None
+    verified_at: float | None
+
+    @property
+    def verified(self) -> bool:
+        return self.verified_at is not None
+
+    def exists(self) -> bool:
+        """True if the file is still on disk with its recorded size."""
+        try:
+            return os.path.getsize(self.path) == self.size
+        except OSError:
+            return False
+
+    def with_verification(self, ok: bool) -> ModelRecord:
+        return replace(self, verified_at=time.time() if ok else None)
+
+
+class Registry:
+    """Records by name, kept in ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._records: dict[str, ModelRecord] = {}
+        for raw in self._read().get("models", []):
+            with contextlib.suppress(TypeError):
+                record = ModelRecord(**raw)
+                self._records[record.name] = record
+
+    @classmethod
+    def default(cls) -> Registry:
+        from bitserve.model.demo import cache_dir
+
+        return cls(cache_dir() / "models.json")
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            raw = json.loads(self.path.read_text("utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return raw if isinstance(raw, dict) and raw.get("version") == REGISTRY_VERSION else {}
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        body = {"version": REGISTRY_VERSION, "models": [asdict(r) for r in self]}
+        fd, tmp = tempfile.mkstemp(prefix=".models-", suffix=".json", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(body, f, indent=1)
+            os.replace(tmp, self.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def __iter__(self) -> Iterator[ModelRecord]:
+        return iter(sorted(self._records.values(), key=lambda r: r.name.lower()))
+
+    def get(self, name: str) -> ModelRecord | None:
+        return self._records.get(name)
+
+    def find(self, text: str) -> ModelRecord | None:
+        """A record by name, by repository (if only one file of it was pulled) or by
+        file name."""
+        if text in self._records:
+            return self._records[text]
+        for key in ("repo", "filename"):
+            matches = [r for r in self._records.values() if getattr(r, key) == text]
+            if len(matches) == 1:
+                return matches[0]
+        return None
+
+    def put(self, record: ModelRecord) -> None:
+        self._records[record.name] = record
+        self._write()
+
+    def remove(self, name: str) -> None:
+        if self._records.pop(name, None) is not None:
+            self._write()
+
+    def users_of(self, path: str) -> list[ModelRecord]:
+        """Records whose file resolves to the same blob as ``path``."""
+        target = os.path.realpath(path)
+        return [r for r in self._records.values() if os.path.realpath(r.path) == target]

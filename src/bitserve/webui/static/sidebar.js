@@ -1,0 +1,162 @@
+// The sidebar: the server's conversations, newest first and paged, each titled by its
+// metadata.title, with rename (an update of the metadata) and delete (after asking).
+
+import { ApiError } from "./api.js";
+
+const PAGE_SIZE = 20;
+const TITLE_CHARS = 60;
+const MAX_TITLE_CHARS = 512; // the server's limit for a metadata value
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function button(className, text, label) {
+  const node = el("button", className, text);
+  node.type = "button";
+  if (label) node.setAttribute("aria-label", label);
+  return node;
+}
+
+export function titleOf(conversation) {
+  return (conversation.metadata && conversation.metadata.title) || "Untitled conversation";
+}
+
+/** A title from a message: its first characters on one line. */
+export function titleFrom(text) {
+  const line = String(text).trim().replace(/\s+/g, " ");
+  return line.length > TITLE_CHARS ? `${line.slice(0, TITLE_CHARS - 1)}…` : line;
+}
+
+function path(conversation) {
+  return `v1/conversations/${encodeURIComponent(conversation.id)}`;
+}
+
+export class Sidebar {
+  /**
+   * `list` is the <ul>, `more` the Load more button; `on.select(id)`, `on.deleted(id)` and
+   * `on.error(err)` tell the page what happened.
+   */
+  constructor(api, list, more, on) {
+    this.api = api;
+    this.list = list;
+    this.more = more;
+    this.on = on;
+    this.conversations = [];
+    this.lastId = null;
+    this.selectedId = null;
+    more.addEventListener("click", () => this.load(true).catch(on.error));
+  }
+
+  /** The first page again, or (`more`) the next one. */
+  async load(more = false) {
+    const query = new URLSearchParams({ limit: String(PAGE_SIZE) });
+    if (more && this.lastId) query.set("after", this.lastId);
+    const page = await this.api.call("GET", `v1/conversations?${query}`);
+    this.conversations = more ? [...this.conversations, ...page.data] : page.data;
+    this.lastId = page.last_id;
+    this.more.hidden = !page.has_more;
+    this.render();
+  }
+
+  /** Mark `id` (null: none) as the open conversation. */
+  select(id) {
+    this.selectedId = id;
+    this.render();
+  }
+
+  /** A conversation just created here goes on top. */
+  add(conversation) {
+    this.conversations.unshift(conversation);
+    this.render();
+  }
+
+  /** Set `conversation`'s title on the server, keeping its other metadata. */
+  async setTitle(conversation, title) {
+    const metadata = { ...(conversation.metadata || {}), title };
+    const updated = await this.api.call("POST", path(conversation), { metadata });
+    for (const c of [conversation, ...this.conversations]) {
+      if (c.id === conversation.id) c.metadata = updated.metadata;
+    }
+    this.render();
+  }
+
+  render() {
+    this.list.replaceChildren(...this.conversations.map((c) => this.item(c)));
+  }
+
+  item(conversation) {
+    const item = el("li", "conversation");
+    item.dataset.id = conversation.id;
+    if (conversation.id === this.selectedId) item.classList.add("selected");
+    const open = button("title", titleOf(conversation));
+    const created = new Date(conversation.created_at * 1000).toLocaleString();
+    open.title = `${conversation.id}, created ${created}`;
+    open.addEventListener("click", () => this.on.select(conversation.id));
+    const rename = button("rename", "✎", "Rename");
+    rename.addEventListener("click", () => this.rename(item, conversation));
+    const remove = button("delete", "✕", "Delete");
+    remove.addEventListener("click", () => this.confirmDelete(item, conversation));
+    item.append(open, rename, remove);
+    return item;
+  }
+
+  rename(item, conversation) {
+    const input = el("input", "rename-input");
+    input.value = titleOf(conversation);
+    input.setAttribute("aria-label", "New title");
+    input.maxLength = MAX_TITLE_CHARS;
+    let done = false;
+    const finish = async (save) => {
+      if (done) return;
+      done = true;
+      const title = input.value.trim();
+      if (save && title && title !== titleOf(conversation)) {
+        try {
+          await this.setTitle(conversation, title);
+        } catch (err) {
+          this.on.error(err);
+        }
+      }
+      this.render();
+    };
+    input.addEventListener("keydown", (event) => {
+      if (event.key === "Enter") finish(true);
+      if (event.key === "Escape") finish(false);
+    });
+    input.addEventListener("blur", () => finish(true));
+    item.replaceChildren(input);
+    input.focus();
+    input.select();
+  }
+
+  confirmDelete(item, conversation) {
+    const question = el("span", "confirm-text", `Delete “${titleOf(conversation)}”?`);
+    const yes = button("confirm-delete", "Delete");
+    const no = button("cancel-delete", "Cancel");
+    yes.addEventListener("click", () => this.delete(conversation));
+    no.addEventListener("click", () => this.render());
+    item.classList.add("confirming");
+    item.replaceChildren(question, yes, no);
+    no.focus();
+  }
+
+  async delete(conversation) {
+    try {
+      await this.api.call("DELETE", path(conversation));
+    } catch (err) {
+      if (!(err instanceof ApiError && err.code === "conversation_not_found")) {
+        this.on.error(err);
+        this.render();
+        return;
+      }
+      // already gone (deleted elsewhere): drop it here too
+    }
+    this.conversations = this.conversations.filter((c) => c.id !== conversation.id);
+    this.render();
+    this.on.deleted(conversation.id);
+  }
+}

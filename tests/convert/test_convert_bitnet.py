@@ -1,0 +1,157 @@
+"""``bitserve convert`` on tiny checkpoints in microsoft/bitnet-b1.58-2B-4T's layouts:
+the converted GGUF's logits equal, bit for bit, those of the same weights written
+directly; the tokenizer encodes and decodes exactly as HF ``tokenizers`` does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hf_fixtures import (
+    hf_tokenizer,
+    make_model,
+    shard_checkpoint,
+    write_checkpoint,
+    write_direct_gguf,
+)
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as HFTokenizer
+
+from bitserve.cli import main
+from bitserve.convert import Checkpoint, CheckpointError, convert_checkpoint
+from bitserve.convert.ternary import unpack_hf_ternary
+from bitserve.convert.tokenizer_json import tokenizer_metadata
+from bitserve.gguf import GGMLType, read_gguf
+from bitserve.model.bitnet import BitNetModel
+from bitserve.tokenizer import ChatFormatter, Tokenizer
+
+PROMPT = [5, 17, 300, 2, 1999, 42, 7, 7, 128]
+
+
+def logits(path: Path) -> np.ndarray:
+    model = BitNetModel.load(path)
+    try:
+        out: np.ndarray = model.forward(PROMPT, model.new_cache(64), all_logits=True)
+        return out.copy()
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("layout", ["packed", "autobitlinear", "bf16"])
+def test_converted_logits_equal_the_same_weights_written_directly(
+    layout: str, tokenizer: HFTokenizer, tmp_path: Path
+) -> None:
+    m = make_model(tokenizer.get_vocab_size(), seed=3)
+    folder = write_checkpoint(tmp_path / "hf", m, layout, tokenizer)
+    report = convert_checkpoint(Checkpoint(folder), tmp_path / "converted.gguf")
+    assert (report.arch, report.n_i2s, report.n_tq2_0) == ("bitnet-b1.58", 7 * m.n_layers, 0)
+
+    converted = read_gguf(report.path)
+    metadata = {k: v for k, v in converted.metadata.items() if k.startswith("tokenizer.")}
+    direct = write_direct_gguf(tmp_path / "direct.gguf", m, layout, metadata)
+    for name, info in converted.tensors.items():  # same bytes, tensor by tensor
+        assert info.ggml_type in (GGMLType.I2_S, GGMLType.F16, GGMLType.F32), name
+    expected = logits(direct)
+    assert np.array_equal(logits(report.path), expected)
+    assert np.isfinite(expected).all() and expected.std() > 0
+    converted.close()
+
+
+def test_a_sharded_checkpoint_converts_to_the_same_file(
+    tokenizer: HFTokenizer, tmp_path: Path
+) -> None:
+    m = make_model(tokenizer.get_vocab_size(), seed=4)
+    single = write_checkpoint(tmp_path / "single", m, "packed", tokenizer)
+    sharded = write_checkpoint(tmp_path / "sharded", m, "packed", tokenizer)
+    shard_checkpoint(sharded, 3)
+    assert len(list(sharded.glob("model-*-of-00003.safetensors"))) == 3
+    a = convert_checkpoint(Checkpoint(single), tmp_path / "a.gguf", name="m").path
+    b = convert_checkpoint(Checkpoint(sharded), tmp_path / "b.gguf", name="m").path
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_the_tokenizer_round_trips_against_hf_tokenizers(
+    tokenizer: HFTokenizer, tmp_path: Path
+) -> None:
+    m = make_model(tokenizer.get_vocab_size(), seed=1)
+    folder = write_checkpoint(tmp_path / "hf", m, "packed", tokenizer)
+    path = convert_checkpoint(Checkpoint(folder), tmp_path / "m.gguf").path
+    gguf = read_gguf(path)
+    ours = Tokenizer.from_gguf(gguf)
+    assert gguf.get("tokenizer.ggml.pre") == "llama-bpe"
+    assert ours.vocab_size == tokenizer.get_vocab_size()
+    assert ours.bos_id == tokenizer.token_to_id("<|begin_of_text|>")
+    assert ours.eos_id == tokenizer.token_to_id("<|eot_id|>")
+    texts = [
+        "Hello, world! I'm here.",
+        "x = (a+b) costs $12345\n\n  indented\ttabs",
+        "naïve café — 東京 😀 emoji",
+        "  leading spaces and trailing   ",
+        "<|eot_id|> is text here, <|begin_of_text|> too",
+        "",
+        "a" * 300,
+    ]
+    for text in texts:
+        hf = tokenizer.encode(text, add_special_tokens=False)
+        assert ours.encode(text, allow_special=True) == hf.ids, text
+        assert ours.decode(hf.ids, skip_special=False) == tokenizer.decode(
+            hf.ids, skip_special_tokens=False
+        )
+        with_bos = tokenizer.encode(text).ids  # the post-processor adds <|begin_of_text|>
+        assert ours.encode(text, add_bos=ours.add_bos, allow_special=True) == with_bos
+    # the chat template came along, and renders
+    chat = ChatFormatter.from_gguf(gguf, ours)
+    rendered = chat.render([{"role": "user", "content": "Hi"}])
+    assert rendered.endswith("User: Hi<|eot_id|>Assistant: ")
+    gguf.close()
+
+
+def test_unpacking_matches_transformers_docstring_example() -> None:
+    packed = np.array([[0b10100001, 0b00011000], [0b10010000, 0b00001010]], dtype=np.uint8)
+    expected = [[0, -1], [-1, 1], [-1, 1], [-1, 1], [1, 0], [0, -1], [1, -1], [1, -1]]
+    assert unpack_hf_ternary(packed).tolist() == expected
+
+
+def test_convert_command_and_its_errors(
+    tokenizer: HFTokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = make_model(tokenizer.get_vocab_size(), seed=2)
+    folder = write_checkpoint(tmp_path / "hf", m, "packed", tokenizer)
+    out = tmp_path / "out" / "model.gguf"
+    assert main(["convert", str(folder), str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"bitserve convert: wrote {out} (bitnet-b1.58, ")
+    assert "14 I2_S" in err
+    written = read_gguf(out)
+    assert written.get("general.name") == "hf"
+    written.close()
+
+    (folder / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    assert main(["convert", str(folder), str(out)]) == 1
+    assert capsys.readouterr().err == (
+        "bitserve convert: config.json's architecture 'GPT2LMHeadModel' cannot be converted; "
+        "supported: BitNetForCausalLM, LlamaForCausalLM\n"
+    )
+    assert main(["convert", str(tmp_path / "nothing-here"), str(out)]) == 2
+    with pytest.raises(CheckpointError, match=r"has no config\.json"):
+        Checkpoint(tmp_path)
+
+
+def test_added_tokens_and_padding_convert_like_llama_cpp(tmp_path: Path) -> None:
+    # a non-special added token (user-defined, type 4) and a model vocabulary larger than
+    # the tokenizer's (the gap is [PADn] unused tokens, type 5), as Qwen/Falcon files have
+    hf = hf_tokenizer()
+    hf.add_tokens([AddedToken("<think>", special=False, normalized=False)])
+    size = hf.get_vocab_size()
+    config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+    metadata = tokenizer_metadata(json.loads(hf.to_str()), config, size + 5)
+    types = metadata["tokenizer.ggml.token_type"]
+    assert types[hf.token_to_id("<think>")] == 4 and types[-5:] == [5] * 5
+    assert metadata["tokenizer.ggml.tokens"][-1] == f"[PAD{size + 4}]"
+    ours = Tokenizer.from_metadata(metadata)
+    for text in ["<think>plan</think> then answer", "no tags at all", "a<think>b"]:
+        expected = hf.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text) == expected, text
+        assert ours.decode(expected) == hf.decode(expected)

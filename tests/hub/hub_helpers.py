@@ -1,0 +1,43 @@
+"""Helpers of the hub tests: a Puller on the fake hub that keeps its messages, and the
+official 2B-4T GGUF repository's layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fake_hub import HubFile, HubRepo
+
+from bitserve.hub import Catalog, HubOptions, ModelRecord, Puller, Registry, resolve
+
+BITNET_REPO = "microsoft/bitnet-b1.58-2B-4T-gguf"
+
+
+@dataclass
+class HubClient:
+    """A Puller on the fake hub, and the sentences it reported."""
+
+    options: HubOptions
+    registry: Registry
+    messages: list[str] = field(default_factory=list)
+
+    def puller(self, **changes: object) -> Puller:
+        options = HubOptions(**{**_fields(self.options), **changes})  # type: ignore[arg-type]
+        return Puller(options, self.registry, self.messages.append)
+
+    def pull(self, name: str, **changes: object) -> ModelRecord:
+        return self.puller(**changes).pull(resolve(name, Catalog.load()))
+
+
+def _fields(options: HubOptions) -> dict[str, object]:
+    return {k: getattr(options, k) for k in ("endpoint", "cache_dir", "token", "offline")}
+
+
+def bitnet_repo(content: bytes) -> HubRepo:
+    """The official 2B-4T GGUF repository's layout, with ``content`` as the model file."""
+    return HubRepo(
+        {
+            "ggml-model-i2_s.gguf": HubFile(content),
+            "README.md": HubFile(b"# BitNet b1.58 2B4T\n", lfs=False),
+            ".gitattributes": HubFile(b"*.gguf filter=lfs\n", lfs=False),
+        }
+    )

@@ -1,0 +1,187 @@
+"""``bitserve pull | models | rm`` on the command line, against the fake hub: in-process
+through ``bitserve.cli.main`` (the environment read as the real command reads it), and
+once as a real process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fake_hub import FakeHub, HubFile, HubRepo
+from hub_helpers import BITNET_REPO, bitnet_repo
+
+from bitserve.cli import main
+
+
+@pytest.fixture
+def env(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    values = {
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_CACHE": str(tmp_path / "hf"),
+        "BITSERVE_CACHE": str(tmp_path / "bitserve"),
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return values
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_pull_list_models_verify_and_rm(
+    hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    content = os.urandom(40_000)
+    hub.repos[BITNET_REPO] = bitnet_repo(content)
+    status, out, err = run(capsys, "pull", "bitnet-2b")
+    assert status == 0
+    path = Path(out.strip())
+    assert path.read_bytes() == content
+    assert err.splitlines()[-1] == (
+        "bitserve pull: bitnet-2b: microsoft/bitnet-b1.58-2B-4T-gguf/ggml-model-i2_s.gguf, "
+        "40.00 kB, sha256 verified"
+    )
+    status, out, _ = run(capsys, "models")
+    assert status == 0
+    header, row = out.splitlines()
+    assert header.split() == ["NAME", "FAMILY", "SIZE", "VERIFIED", "SOURCE"]
+    assert row.split() == [
+        "bitnet-2b",
+        "bitnet",
+        "40.00",
+        "kB",
+        "yes",
+        f"{BITNET_REPO}/ggml-model-i2_s.gguf",
+    ]
+
+    blob = Path(os.path.realpath(path))
+    damaged = bytearray(content)
+    damaged[7] ^= 1
+    blob.write_bytes(damaged)
+    status, out, err = run(capsys, "models", "--verify")
+    assert status == 1
+    assert "FAILED" in out.splitlines()[1]
+    assert err.startswith("bitserve models: bitnet-2b: sha256 ")
+    assert err.rstrip().endswith("`bitserve rm bitnet-2b` then pull it again")
+
+    status, _, err = run(capsys, "rm", "bitnet-2b")
+    assert (status, err) == (0, "bitserve rm: removed bitnet-2b (40.00 kB freed)\n")
+    assert not path.exists() and not blob.exists()
+    status, out, err = run(capsys, "models")
+    assert (status, out) == (0, "")
+    assert "no models downloaded yet" in err
+
+
+def test_rm_keeps_a_file_that_another_name_uses(
+    hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    hub.repos[BITNET_REPO] = bitnet_repo(os.urandom(1000))
+    assert run(capsys, "pull", "bitnet-2b")[0] == 0
+    status, out, _ = run(capsys, "pull", BITNET_REPO)  # the same file, by its repository
+    path = Path(out.strip())
+    status, _, err = run(capsys, "rm", "bitnet-2b")
+    assert status == 0
+    assert err == (f"bitserve rm: forgot bitnet-2b; its file stays, as {BITNET_REPO} uses it too\n")
+    assert path.exists()
+    assert run(capsys, "rm", BITNET_REPO)[0] == 0 and not path.exists()
+    status, _, err = run(capsys, "rm", "bitnet-2b")
+    assert status == 1
+    assert err == (
+        "bitserve rm: no downloaded model is called 'bitnet-2b'; `bitserve models` lists them\n"
+    )
+
+
+def test_pull_failures_exit_1_with_one_sentence(
+    env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = run(capsys, "pull", "nobody/nothing")
+    assert (status, out) == (1, "")
+    assert err.startswith("bitserve pull: no repository 'nobody/nothing' on the hub")
+    assert err.count("\n") == 1
+    status, _, err = run(capsys, "pull", "bitnet-2b", "--offline")
+    assert status == 1 and "is not downloaded and offline mode" in err
+    assert run(capsys, "pull")[0] == 2
+
+
+def test_pull_list_prints_the_catalog(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, "pull", "--list")
+    lines = out.splitlines()
+    assert status == 0 and lines[0].split() == ["NAME", "FAMILY", "SIZE", "LICENCE", "REPOSITORY"]
+    assert any(line.startswith("bitnet-2b ") for line in lines)
+
+
+def test_the_real_command_reads_hf_endpoint_and_hf_hub_offline(
+    hub: FakeHub, env: dict[str, str], tmp_path: Path
+) -> None:
+    content = os.urandom(20_000)
+    hub.repos[BITNET_REPO] = bitnet_repo(content)
+    command = [sys.executable, "-m", "bitserve.cli", "pull", "bitnet-2b"]
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | env
+    done = subprocess.run(command, capture_output=True, text=True, env=child_env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()).read_bytes() == content
+    assert "\r" not in done.stderr and "%|" not in done.stderr  # no progress bar off a terminal
+    hub.stop()
+    hub.clear_log()
+    offline = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env={**child_env, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
+    assert offline.returncode == 0, offline.stderr
+    assert offline.stdout == done.stdout and hub.log == []
+
+
+def test_a_reader_that_stops_early_is_not_an_error() -> None:
+    # `bitserve pull --list | head -1` once head has exited: every write is EPIPE
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        writer = subprocess.run(
+            [sys.executable, "-m", "bitserve.cli", "pull", "--list"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert (writer.returncode, writer.stderr) == (0, "")
+
+
+def test_hf_token_opens_a_gated_repository(
+    hub: FakeHub,
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    content = os.urandom(2000)
+    hub.repos["meta/gated-1.58"] = HubRepo({"m-i2_s.gguf": HubFile(content)}, gated=True)
+    monkeypatch.setenv("HF_TOKEN", "hf_not_granted")
+    status, _, err = run(capsys, "pull", "meta/gated-1.58")
+    assert status == 1 and "your HF_TOKEN has not been granted access to it" in err
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    status, out, _ = run(capsys, "pull", "meta/gated-1.58")
+    assert status == 0 and Path(out.strip()).read_bytes() == content
+    assert hub.requests("hub", "HEAD")[-1].authorization == f"Bearer {hub.token}"
+
+
+def test_models_says_when_a_file_is_gone(
+    hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    hub.repos[BITNET_REPO] = bitnet_repo(os.urandom(1000))
+    status, out, _ = run(capsys, "pull", "bitnet-2b")
+    path = Path(out.strip())
+    os.unlink(os.path.realpath(path))  # e.g. removed with another tool
+    status, out, _ = run(capsys, "models")
+    assert status == 1
+    assert out.splitlines()[1].split()[:5] == ["bitnet-2b", "bitnet", "1.00", "kB", "MISSING"]

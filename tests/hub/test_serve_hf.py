@@ -1,0 +1,90 @@
+"""``bitserve serve -hf NAME`` as a real server process against the fake hub: the first
+start downloads (with a progress bar on its terminal) and serves; the second start, with
+the hub gone, serves the verified copy without a single request."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pexpect
+import pytest
+from fake_hub import FakeHub
+from hub_helpers import BITNET_REPO, bitnet_repo
+
+from bitserve.api.process import free_port
+from bitserve.model.demo import write_demo_model
+
+STARTUP_TIMEOUT_S = 180
+
+
+@pytest.fixture(scope="module")
+def demo_gguf(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("demo") / "demo.gguf"
+    write_demo_model(path)
+    return path.read_bytes()
+
+
+def spawn_serve(env: dict[str, str], workdir: Path, port: int) -> pexpect.spawn:
+    args = ["-m", "bitserve.cli", "serve", "-hf", "bitnet-2b", "--port", str(port)]
+    args += ["--db", str(workdir / "conversations.db")]
+    return pexpect.spawn(
+        sys.executable,
+        args,
+        env=env,
+        cwd=str(workdir),
+        encoding="utf-8",
+        timeout=STARTUP_TIMEOUT_S,
+        dimensions=(24, 120),
+    )
+
+
+@pytest.fixture
+def server_env(hub: FakeHub, tmp_path: Path) -> Iterator[dict[str, str]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "BITSERVE_"))}
+    env.update(
+        HF_ENDPOINT=hub.url,
+        HF_HUB_CACHE=str(tmp_path / "hf"),
+        BITSERVE_CACHE=str(tmp_path / "bitserve"),
+        PYTHONUNBUFFERED="1",
+        TERM="xterm",
+    )
+    yield env
+
+
+def serve_until_healthy(child: pexpect.spawn, port: int) -> str:
+    """Wait for the 'serving' line, check /health and /v1/models, stop; the output before."""
+    child.expect(rf"on http://127\.0\.0\.1:{port}")
+    output = str(child.before)
+    try:
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()
+        assert models["data"][0]["id"]
+    finally:
+        child.terminate(force=True)
+    return output
+
+
+def test_serve_hf_downloads_once_then_starts_offline(
+    hub: FakeHub, server_env: dict[str, str], tmp_path: Path, demo_gguf: bytes
+) -> None:
+    hub.repos[BITNET_REPO] = bitnet_repo(demo_gguf)
+
+    port = free_port()
+    first = serve_until_healthy(spawn_serve(server_env, tmp_path, port), port)
+    assert (
+        "bitserve serve: downloading microsoft/bitnet-b1.58-2B-4T-gguf/ggml-model-i2_s.gguf"
+        in first
+    )
+    assert "100%|" in first  # huggingface_hub's progress bar, drawn because this is a terminal
+    assert len(hub.blob_gets()) == 1
+
+    hub.stop()  # the second start must not need the hub at all
+    hub.clear_log()
+    port = free_port()
+    second = serve_until_healthy(spawn_serve(server_env, tmp_path, port), port)
+    assert "downloading" not in second and "%|" not in second
+    assert hub.log == []

@@ -1,0 +1,164 @@
+"""Issue 18 point 6: malformed model metadata is refused at load with one sentence naming
+the key (exit status 2 from ``bitserve generate`` and ``bitserve serve``), never a
+``ZeroDivisionError``/``TypeError`` traceback, an all-NaN forward or a model that loads
+and then fails every chat; and a file claiming 2^31 positions is served within what the
+machine holds instead of allocating for them."""
+
+from __future__ import annotations
+
+import math
+import resource
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bitserve import cli
+from bitserve.engine.loader import load_model
+from bitserve.gguf.constants import GGUFValueType
+from bitserve.gguf.reader import GGUFError, read_gguf
+from bitserve.gguf.writer import GGUFWriter
+from bitserve.model import BitNetModel
+from bitserve.model.demo import demo_tokenizer_metadata
+from bitserve.model.synthetic import ModelShape, write_synthetic_model
+
+F32, U32, I32 = GGUFValueType.FLOAT32, GGUFValueType.UINT32, GGUFValueType.INT32
+SHAPE = ModelShape(n_layers=2, dim=256, ffn_dim=512, n_heads=4, n_kv_heads=2, vocab_size=2256,
+                   context_length=256)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def good_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("hp") / "good.gguf"
+    return write_synthetic_model(path, SHAPE, 5, tokenizer_metadata=demo_tokenizer_metadata())
+
+
+def with_metadata(src: Path, dst: Path, changes: dict[str, tuple[Any, GGUFValueType]]) -> Path:
+    """Copy ``src`` with metadata keys replaced or added (value, type); tensors as they are."""
+    w = GGUFWriter()
+    with read_gguf(src) as g:
+        items = {k: (v, g.metadata_types[k]) for k, v in g.metadata.items()} | changes
+        for key, (value, vtype) in items.items():
+            w.add(key, value, vtype)
+        for name, info in g.tensors.items():
+            w.add_tensor(name, g.raw(name).tobytes(), info.ggml_type, info.dims)
+    w.write(dst)
+    return dst
+
+
+BAD = [
+    (
+        "attention.head_count",
+        0,
+        U32,
+        "bitnet-b1.58.attention.head_count is 0; it must be at least 1",
+    ),
+    ("attention.head_count", 4.0, F32, "attention.head_count is FLOAT32 4.0; expected an integer"),
+    ("attention.head_count_kv", 0, U32, "attention.head_count_kv is 0"),
+    ("attention.head_count_kv", 2.0, F32, "attention.head_count_kv is FLOAT32"),
+    ("attention.head_count", 3, U32, "3 heads do not group over 2 KV heads"),
+    ("attention.head_count", 6, U32, "embedding_length 256 is not divisible by 6 heads"),
+    ("block_count", 0, U32, "block_count is 0; it must be at least 1"),
+    ("embedding_length", 0, U32, "embedding_length is 0"),
+    ("feed_forward_length", 0, U32, "feed_forward_length is 0"),
+    ("vocab_size", 0, U32, "vocab_size is 0"),
+    ("context_length", 0, U32, "context_length is 0"),
+    ("context_length", -5, I32, "context_length is -5"),
+    ("attention.layer_norm_rms_epsilon", math.nan, F32, "layer_norm_rms_epsilon is nan"),
+    ("attention.layer_norm_rms_epsilon", -1e-5, F32, "it must be above 0"),
+    ("attention.layer_norm_rms_epsilon", 0.0, F32, "it must be above 0"),
+    ("attention.layer_norm_rms_epsilon", math.inf, F32, "below 1"),
+    ("attention.layer_norm_rms_epsilon", "1e-5", GGUFValueType.STRING, "expected a number"),
+    ("rope.freq_base", math.nan, F32, "rope.freq_base is nan"),
+    ("rope.freq_base", 0.0, F32, "rope.freq_base is 0.0"),
+    ("rope.freq_base", -10000.0, F32, "rope.freq_base is -10000.0"),
+    ("attention.key_length", 33, U32, "head size 33 is odd"),
+    ("attention.value_length", 32, U32, "value heads of 32 differ from key heads of 64"),
+    ("rope.dimension_count", 32, U32, "partial RoPE (32 of 64)"),
+    ("rope.scaling.type", "yarn", GGUFValueType.STRING, "RoPE scaling 'yarn'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "vtype", "message"), BAD, ids=[f"{b[0]}={b[1]}" for b in BAD]
+)
+def test_bad_hyper_parameter_is_one_sentence(
+    good_model: Path, tmp_path: Path, key: str, value: Any, vtype: GGUFValueType, message: str
+) -> None:
+    path = with_metadata(good_model, tmp_path / "bad.gguf", {f"bitnet-b1.58.{key}": (value, vtype)})
+    with pytest.raises(GGUFError) as e:
+        BitNetModel.load(path, backend="numpy")
+    text = str(e.value)
+    assert message in text and str(path) in text
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "vtype", "message"),
+    [
+        ("bos_token_id", 2000.0, F32, "bos_token_id is FLOAT32 2000.0; expected a token id"),
+        ("eos_token_id", 99999, U32, "tokenizer.ggml.eos_token_id 99999 is outside the vocabulary"),
+        ("padding_token_id", 1.5, F32, "padding_token_id is FLOAT32"),
+    ],
+)  # fmt: skip
+def test_bad_special_token_id_is_one_sentence(
+    good_model: Path, tmp_path: Path, key: str, value: Any, vtype: GGUFValueType, message: str
+) -> None:
+    path = with_metadata(
+        good_model, tmp_path / "bad.gguf", {f"tokenizer.ggml.{key}": (value, vtype)}
+    )
+    with pytest.raises(GGUFError) as e:
+        load_model(path, kernel="numpy")
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_commands_refuse_a_malformed_model_with_exit_2(
+    good_model: Path, tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = with_metadata(good_model, tmp_path / "bad.gguf",
+                        {"bitnet-b1.58.attention.head_count": (0, U32)})  # fmt: skip
+    extra = ["-p", "hi"] if command == "generate" else ["--port", "1", "--db", str(tmp_path / "db")]
+    assert cli.main([command, "-m", str(bad), "--kernel", "numpy", *extra]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "attention.head_count is 0" in lines[0], captured.err
+    assert captured.out == ""
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def test_huge_context_length_is_served_within_the_machine(good_model: Path, tmp_path: Path) -> None:
+    """2^31 - 1 positions: the model loads without allocating for them (RoPE tables grow with
+    the positions used), serves what the machine's memory holds, and runs."""
+    huge = with_metadata(good_model, tmp_path / "huge.gguf",
+                         {"bitnet-b1.58.context_length": (2**31 - 1, U32)})  # fmt: skip
+    before = _rss_mb()
+    with BitNetModel.load(huge, backend="numpy") as model:
+        assert _rss_mb() - before < 64
+        config = model.config
+        assert config.training_context == 2**31 - 1
+        positions = config.context_length
+        assert 1 <= positions < 2**31 - 1
+        assert positions * config.kv_bytes_per_position <= resource.getpagesize() * _phys_pages()
+        cache = model.new_cache()  # the default cache spans the served context, lazily
+        assert cache.max_seq == positions
+        logits = model.forward([1, 2, 3], cache)
+        assert np.isfinite(logits).all()
+        assert _rss_mb() - before < 64
+        cache.release()
+
+
+def _phys_pages() -> int:
+    import os
+
+    return int(os.sysconf("SC_PHYS_PAGES"))
+
+
+def test_served_context_is_the_file_value_when_it_fits(good_model: Path) -> None:
+    with BitNetModel.load(good_model, backend="numpy") as model:
+        assert model.config.context_length == model.config.training_context == 256
