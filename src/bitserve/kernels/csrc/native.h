@@ -9,7 +9,8 @@
  *   head.c       the tied LM head (F16/F32 and int8 embeddings) and the memory-read probe
  *   attention.c  causal GQA attention over the KV cache
  *   elementwise.c  RMSNorm and the squared-ReLU gate, row by row
- *   module.c     the Python bindings: buffer checks, GIL release, dispatch
+ *   module.c     the Python bindings: buffer checks, GIL release, dispatch (bindings.h;
+ *                module_matmul.c the matmuls, module_repack.c the load-time repacking)
  *
  * Every kernel has a portable scalar path and an AVX2/FMA/F16C path compiled with target
  * attributes (never -march=native), so one build runs on any x86-64 (and non-x86) machine;
