@@ -37,8 +37,13 @@
 #define CHUNKS_PER_THREAD 4
 /* rows whose codes one pass over a token pair keeps in L2 (bytes), see matmul_chunk */
 #define ROW_BLOCK_BYTES (128u << 10)
-/* the tile's rows are contiguous: prefetched as one linear stream this far ahead */
+/* A tile's rows are contiguous, so the tiles of a chunk are one linear stream, prefetched
+ * this far ahead of the tile being read, or one whole tile ahead when tiles are longer (wide
+ * rows: at K = 12288 a tile is 12 KB, and 8 KB ahead left most of it to the hardware
+ * prefetchers, which follow 4 interleaved streams poorly: Bonsai-8B's down projection, one
+ * thread from DRAM, best of 12, went from 12.7-17.3 to 27-28 GB/s) */
 #define BLOCKED_PREFETCH_BYTES 8192
+#define PREFETCH_L1_BYTES (24u << 10) /* of Zen 4's 32 KB L1d */
 
 /* ---------------------------------------------------------------- activation prep ---- */
 
@@ -313,11 +318,22 @@ TARGET_AVX512_GFNI static inline __attribute__((always_inline)) void tile_avx512
     const int32_t *ia = (const int32_t *)(ra + kp), *ib = (const int32_t *)(rb + kp);
     const float *aa = (const float *)(ra + kp + m->n_super * SB_LANES * 4);
     const float *ab = (const float *)(rb + kp + m->n_super * SB_LANES * 4);
-    const char *ahead = (const char *)c0 + BLOCKED_PREFETCH_BYTES;
+    const size_t tile_bytes = TILE_ROWS * row_bytes, tile_scales = TILE_ROWS * row_scales * 2;
+    const char *ahead = (const char *)c0 + (tile_bytes > BLOCKED_PREFETCH_BYTES ? tile_bytes : BLOCKED_PREFETCH_BYTES);
+    const char *scales_ahead = (const char *)s0 + tile_scales; /* the next tile's scales */
+    /* into L1 while the tokens' records and two tiles fit beside each other, else into L2 */
+    const int to_l1 = (size_t)tt * blocked_act_stride(m->n_super) + 2 * tile_bytes <= PREFETCH_L1_BYTES;
     __m512 f0a = _mm512_setzero_ps(), f1a = f0a, f2a = f0a, f3a = f0a;
     __m512 f0b = f0a, f1b = f0a, f2b = f0a, f3b = f0a;
     for (size_t u = 0; u < m->n_super; u++) {
-        for (int i = 0; i < TILE_ROWS; i++) _mm_prefetch(ahead + (TILE_ROWS * u + (size_t)i) * SB_BYTES, _MM_HINT_T0);
+        for (int i = 0; i < TILE_ROWS; i++) {
+            const char *line = ahead + (TILE_ROWS * u + (size_t)i) * SB_BYTES;
+            if (to_l1)
+                _mm_prefetch(line, _MM_HINT_T0);
+            else
+                _mm_prefetch(line, _MM_HINT_T1);
+        }
+        _mm_prefetch(scales_ahead + u * tile_scales / m->n_super, _MM_HINT_T1);
         __m512i w0 = _mm512_loadu_si512(c0 + u * SB_BYTES), w1 = _mm512_loadu_si512(c1 + u * SB_BYTES);
         __m512i w2 = _mm512_loadu_si512(c2 + u * SB_BYTES), w3 = _mm512_loadu_si512(c3 + u * SB_BYTES);
         __m512i init_a = _mm512_load_si512(ia + u * SB_LANES);
