@@ -5,7 +5,9 @@ PostgreSQL server, started once when a test asks for it."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +24,31 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         os.environ.pop("BITSERVE_CACHE", None)
     else:
         os.environ["BITSERVE_CACHE"] = previous
+
+
+# ---- chat families: each family's tokenizer with its published chat template ----------
+
+TEMPLATES = Path(__file__).parent / "tokenizer" / "templates"
+
+# chat family → its tokenizer layout in bitserve.tokenizer.fixtures; templates are the
+# published ones (tests/tokenizer/templates/*.jinja, see README.md there)
+TOKENIZER_FAMILIES = {"qwen3": "qwen2", "falcon3": "falcon3", "llama3": "llama-bpe"}
+
+
+def family_tokenizer_metadata(family: str) -> dict[str, Any]:
+    """GGUF tokenizer keys of ``family``'s tokenizer (laid out like its real file, trained
+    on the demo corpus) and its published chat template."""
+    from bitserve.tokenizer.fixtures import tokenizer_metadata
+
+    metadata = tokenizer_metadata(TOKENIZER_FAMILIES[family])
+    metadata["tokenizer.chat_template"] = (TEMPLATES / f"{family}.jinja").read_text("utf-8")
+    return metadata
+
+
+@pytest.fixture(scope="session")
+def family_metadata() -> Callable[[str], dict[str, Any]]:
+    """``family_metadata("qwen3" | "falcon3" | "llama3")`` → tokenizer + template keys."""
+    return family_tokenizer_metadata
 
 
 @pytest.fixture(scope="session")

@@ -143,3 +143,17 @@ def test_what_llama_cpp_cannot_read(tmp_path: Path) -> None:
             assert got is None if reason is None else reason in str(got)
             untied = sum(t.nbytes for n, t in g.tensors.items() if n != "token_embd.weight")
             assert bench_llama.file_bytes_per_token(g) == untied
+
+
+def test_bench_json_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--json-schema``: paired decoding without and with the mask, under ``constraint``."""
+    from bitserve.model.demo import demo_model_path
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}}))
+    argv = ["bench", "-m", str(demo_model_path()), "--bandwidth-mb", "16", "--gen-tokens", "8"]
+    assert main([*argv, "--prompt-tokens", "4", "--json-schema", f"@{schema}", "--pairs", "2"]) == 0
+    constraint = json.loads(capsys.readouterr().out)["constraint"]
+    assert constraint["pairs"] == 2 and len(constraint["pair_ratios"]) == 2
+    assert constraint["gen_tok_s"] > 0 and constraint["gen_unconstrained_tok_s"] > 0
+    assert constraint["sample_us"] > 0 and constraint["compile_ms"] > 0

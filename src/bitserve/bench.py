@@ -20,6 +20,12 @@ and generated tokens: ``llama_cpp`` holds its figures (or why it cannot read the
 
 ``--scenario conversation|concurrent`` measures the server instead (``bitserve.bench_serving``,
 imported only then); the default ``kernels`` is the measurement above.
+
+``--json-schema SCHEMA`` (JSON text, or ``@file``) adds what constrained decoding costs:
+decoding through the engine's sampler with the server's default sampling, alternately
+without and with the schema's mask (paired runs, order swapped every round, so the
+machine's drift falls on both), under ``constraint``: both speeds, their ratio, the
+sampler's time per token, and the grammar's one-time costs.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -41,12 +48,17 @@ from typing import Any
 import numpy as np
 
 from bitserve import bench_llama
+from bitserve.engine.constraint import ConstraintCompiler
 from bitserve.engine.loader import add_runtime_arguments, runtime_options
+from bitserve.engine.sampling import Sampler
 from bitserve.engine.scheduler import DEFAULT_MAX_BATCH_TOKENS
+from bitserve.engine.types import SamplingParams
 from bitserve.kernels import TernaryWeight, get_backend
 from bitserve.kernels.native import NativeBackend, available_kernels
 from bitserve.model.bitnet import BitNetModel
+from bitserve.model.demo import llama3_tokenizer_metadata
 from bitserve.model.synthetic import SHAPE_2B4T, write_synthetic_model
+from bitserve.tokenizer import Tokenizer
 
 BASELINE_GEN_TOK_S = 15.5  # bitnet.cpp, 2-core AVX2 EPYC, 2B-4T shapes (spec §7)
 BASELINE_PROMPT_TOK_S = 68.8
@@ -70,6 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "off"),
         default="auto",
         help="auto: also run llama.cpp on the same file when llama-cpp-python is installed",
+    )
+    parser.add_argument(
+        "--json-schema",
+        help="also measure decoding constrained to this JSON schema (JSON text or @file)",
+    )
+    parser.add_argument(
+        "--pairs", type=int, default=3, help="--json-schema: unconstrained/constrained pairs"
     )
     parser.add_argument(
         "--scenario",
@@ -210,6 +229,10 @@ def run_kernels(args: argparse.Namespace, options: dict[str, Any]) -> int:
     bandwidth, bw_min, bw_max = measure_bandwidth(probe, args.bandwidth_mb) if probe else (nan,) * 3
     model, t = time_model(path, backend, args.prompt_tokens, args.gen_tokens)
     per_token = bytes_per_token(model, backend)
+    constraint = None
+    if args.json_schema:
+        schema = _load_schema(args.json_schema)
+        constraint = constrained_bench(model, schema, args.gen_tokens, args.pairs)
     file_per_token = bench_llama.file_bytes_per_token(model.gguf)
     llama = None
     if args.llama_cpp == "auto" and bench_llama.available():
@@ -252,8 +275,82 @@ def run_kernels(args: argparse.Namespace, options: dict[str, Any]) -> int:
                 "gen": round(t.gen_tok_s / llama["gen_tok_s"], 3),
                 "prompt": round(t.prompt_tok_s / llama["prompt_tok_s"], 3),
             }
+    if constraint is not None:
+        result["constraint"] = constraint
     print(json.dumps(result))
     return 0
+
+
+def _load_schema(value: str) -> Any:
+    text = Path(value[1:]).read_text("utf-8") if value.startswith("@") else value
+    return json.loads(text)
+
+
+def _bench_tokenizer(model: BitNetModel) -> Tokenizer:
+    """The file's tokenizer; the synthetic 2B-4T file has none: the LLaMA-3-shaped one."""
+    if "tokenizer.ggml.tokens" in model.gguf.metadata:
+        return Tokenizer.from_gguf(model.gguf)
+    return Tokenizer.from_metadata(llama3_tokenizer_metadata(model.config.vocab_size))
+
+
+def _decode(
+    model: BitNetModel, sampler: Sampler, n_gen: int, restart: Callable[[], None]
+) -> tuple[float, float]:
+    """``n_gen`` steps of forward + ``sampler.step`` after a short prompt: (tokens/s,
+    sampler µs per token). ``restart`` begins a new document once the grammar is done."""
+    prompt = [int(t) for t in np.random.default_rng(1).integers(0, 1000, size=16)]
+    cache = model.new_cache(max_seq=len(prompt) + n_gen + 1, dtype=KV_DTYPE)
+    logits = model.forward(prompt, cache)
+    tokens, sample_s = list(prompt), 0.0
+    start = time.perf_counter()
+    for _ in range(n_gen):
+        t0 = time.perf_counter()
+        if sampler.constraint is not None and sampler.constraint.is_finished:
+            restart()
+        token = sampler.step(logits, tokens, want_logprobs=False).token_id
+        sample_s += time.perf_counter() - t0
+        tokens.append(token)
+        logits = model.forward([token], cache)
+    elapsed = time.perf_counter() - start
+    return n_gen / elapsed, sample_s / n_gen * 1e6
+
+
+def constrained_bench(model: BitNetModel, schema: Any, n_gen: int, pairs: int) -> dict[str, Any]:
+    """Decoding speed without and with the schema's mask, in alternating pairs."""
+    tokenizer = _bench_tokenizer(model)
+    start = time.perf_counter()
+    compiler = ConstraintCompiler(tokenizer, tokenizer.stop_ids)
+    compiler.json_object()  # builds the library's tokenizer
+    init_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = compiler.json_schema(schema)
+    compile_s = time.perf_counter() - start
+    vocab = model.config.vocab_size
+    plain, masked, ratios = [], [], []
+    for i in range(pairs):
+        results = {}
+        for constrained in (False, True) if i % 2 == 0 else (True, False):
+            params = SamplingParams(seed=i, constraint=compiled if constrained else None)
+            sampler = Sampler.create(params, vocab)
+
+            def restart(s: Sampler = sampler) -> None:
+                s.constraint = compiled.start()
+
+            results[constrained] = _decode(model, sampler, n_gen, restart)
+        plain.append(results[False])
+        masked.append(results[True])
+        ratios.append(results[True][0] / results[False][0])
+    return {
+        "gen_tok_s": round(float(np.median([r for r, _ in masked])), 2),
+        "gen_unconstrained_tok_s": round(float(np.median([r for r, _ in plain])), 2),
+        "ratio": round(float(np.median(ratios)), 3),
+        "pair_ratios": [round(r, 3) for r in ratios],
+        "sample_us": round(float(np.median([u for _, u in masked])), 1),
+        "sample_unconstrained_us": round(float(np.median([u for _, u in plain])), 1),
+        "tokenizer_init_s": round(init_s, 3),
+        "compile_ms": round(compile_s * 1000, 2),
+        "pairs": pairs,
+    }
 
 
 def _probe_backend(threads: int) -> NativeBackend | None:

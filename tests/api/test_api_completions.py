@@ -3,8 +3,11 @@ scoring), ``/tokenize`` and ``/detokenize`` in-process."""
 
 from __future__ import annotations
 
+import json
 import math
+from typing import Any
 
+import pytest
 from api_helpers import sse_events
 from fastapi.testclient import TestClient
 
@@ -138,6 +141,45 @@ def test_tokenize_detokenize_round_trip(client: TestClient) -> None:
     assert "".join(p["piece"] for p in pieces["tokens"]) == text
     r = client.post("/detokenize", json={"tokens": [-1]})
     assert r.status_code == 400
+
+
+ANSWER_GBNF = 'root ::= "answer: " ("yes" | "no") "."'
+
+
+def test_llama_completion_json_schema_and_grammar(client: TestClient) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+              "maximum": 9}, "ok": {"type": "boolean"}}, "required": ["n", "ok"]}  # fmt: skip
+    for seed in range(4):
+        body = {"prompt": "JSON:", "json_schema": schema, "temperature": 1.0, "seed": seed,
+                "n_predict": 60}  # fmt: skip
+        data = client.post("/completion", json=body).json()
+        value = json.loads(data["content"])
+        assert set(value) == {"n", "ok"} and 0 <= value["n"] <= 9
+        assert data["stop_type"] == "eos"
+        body = {"prompt": "Q:", "grammar": ANSWER_GBNF, "temperature": 1.0, "seed": seed,
+                "n_predict": 20, "ignore_eos": True}  # fmt: skip
+        assert client.post("/completion", json=body).json()["content"] in (
+            "answer: yes.", "answer: no.",
+        )  # fmt: skip
+    streamed = sse_events(client.post("/completion", json={**body, "stream": True}).text)
+    assert "".join(e["content"] for e in streamed) in ("answer: yes.", "answer: no.")
+
+
+@pytest.mark.parametrize(
+    ("patch", "param"),
+    [
+        ({"json_schema": {"type": "object"}, "grammar": ANSWER_GBNF}, "json_schema"),
+        ({"json_schema": {"type": "nope"}}, "json_schema"),
+        ({"grammar": "root ::= (("}, "grammar"),
+        ({"grammar": "root ::= undefined"}, "grammar"),
+    ],
+)
+def test_llama_completion_bad_constraints(
+    client: TestClient, patch: dict[str, Any], param: str
+) -> None:
+    r = client.post("/completion", json={"prompt": "x", **patch})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
 
 
 def test_echo_with_one_token_lists_the_prompt_and_the_token_even_at_end_of_text(

@@ -134,9 +134,10 @@ def test_the_default_input_limit_is_what_the_context_could_hold(client: TestClie
 
 def test_a_conversation_is_checked_at_creation_by_the_chat_rules(make_client: AppFactory) -> None:
     with make_client(ctx_size=128) as client:
-        tool = {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]}
-        r = client.post("/v1/conversations", json=tool)
-        assert r.status_code == 400 and "role" in r.json()["error"]["message"]
+        call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        bad = {"messages": [{"role": "user", "content": "hi", "tool_calls": [call]}]}
+        r = client.post("/v1/conversations", json=bad)  # a message the chat format refuses
+        assert r.status_code == 400 and "only assistant" in r.json()["error"]["message"]
         long_system = {"messages": [{"role": "system", "content": "word " * 200}]}
         r = client.post("/v1/conversations", json=long_system)
         assert r.status_code == 400

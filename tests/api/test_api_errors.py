@@ -137,25 +137,34 @@ def test_wrong_method_is_an_openai_shaped_405(client: TestClient) -> None:
 
 
 TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+BAD_SCHEMA = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}
 
 
 @pytest.mark.parametrize(
-    ("patch", "param"),
+    ("patch", "param", "says"),
     [
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
-        ({"tools": [TOOL]}, "tools"),
-        ({"functions": [TOOL["function"]]}, "functions"),
-        ({"tool_choice": "required"}, "tool_choice"),
-        ({"tool_choice": {"type": "function", "function": {"name": "weather"}}}, "tool_choice"),
-        ({"function_call": {"name": "weather"}}, "function_call"),
+        ({"response_format": {"type": "yaml"}}, "response_format", "type must be one of"),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format",
+         "needs"),
+        ({"response_format": BAD_SCHEMA}, "response_format", "objekt"),
+        ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools",
+         "letters"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"$ref": "#/missing"}}}}}]}, "tools",
+         "missing"),
+        ({"functions": [TOOL["function"]]}, "functions", "not supported"),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+         "tool_choice", "no tool named 'x'"),
+        ({"function_call": {"name": "weather"}}, "function_call", "not supported"),
     ],
-)
-def test_unsupported_features_are_400_not_silently_plain_text(
-    client: TestClient, patch: dict[str, Any], param: str
+)  # fmt: skip
+def test_invalid_structured_output_and_tools_are_400s(
+    client: TestClient, patch: dict[str, Any], param: str, says: str
 ) -> None:
+    """A request the server cannot honour is refused, never answered with plain text."""
     err = error_of(client.post("/v1/chat/completions", json=chat_body(**patch)), 400)
-    assert err["param"] == param and "not support" in err["message"]
+    assert err["param"] == param and says in err["message"]
     conv = client.post("/v1/conversations").json()["id"]
     err = error_of(client.post(f"/v1/conversations/{conv}/chat", json=chat_body(**patch)), 400)
     assert err["param"] == param

@@ -58,7 +58,7 @@ def test_oracle_reply_keys_and_aliases(oracle: TestClient) -> None:
         assert r.status_code == 200, r.text
         data = r.json()
         message = data["choices"][0]["message"]
-        assert message["reasoning_content"] is None and message["tool_calls"] is None
+        assert message["reasoning_content"] is None and message["tool_calls"] == []
         assert data["usage"]["total_tokens"] > 0 and data["system_fingerprint"]
         assert data["choices"][0]["logprobs"] is None
 

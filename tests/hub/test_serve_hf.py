@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,12 +56,26 @@ def server_env(hub: FakeHub, tmp_path: Path) -> Iterator[dict[str, str]]:
     yield env
 
 
+def wait_for_health(child: pexpect.spawn, port: int, timeout_s: float = 30.0) -> int:
+    """``/health``'s status once the server listens; fails if it exits or never does."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code
+        except httpx.ConnectError:
+            assert child.isalive(), "the server exited before it listened"
+            assert time.monotonic() < deadline, f"nothing listens on port {port}"
+            time.sleep(0.05)
+
+
 def serve_until_healthy(child: pexpect.spawn, port: int) -> str:
     """Wait for the 'serving' line, check /health and /v1/models, stop; the output before."""
     child.expect(rf"on http://127\.0\.0\.1:{port}")
     output = str(child.before)
     try:
-        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200
+        # the line comes just before uvicorn binds the port: a loaded machine may not
+        # have bound it yet, so ask until it answers (or the server exits)
+        assert wait_for_health(child, port) == 200
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()
         assert models["data"][0]["id"]
     finally:

@@ -77,6 +77,7 @@ BAD = [
     ("attention.value_length", 32, U32, "value heads of 32 differ from key heads of 64"),
     ("rope.dimension_count", 32, U32, "partial RoPE (32 of 64)"),
     ("rope.scaling.type", "yarn", GGUFValueType.STRING, "RoPE scaling 'yarn'"),
+    ("rope.scaling.type", "longrope", GGUFValueType.STRING, "RoPE scaling 'longrope'"),
 ]
 
 
@@ -97,9 +98,8 @@ def test_bad_hyper_parameter_is_one_sentence(
 @pytest.mark.parametrize(
     ("key", "value", "vtype", "message"),
     [
-        ("bos_token_id", 2000.0, F32, "bos_token_id is FLOAT32 2000.0; expected a token id"),
-        ("eos_token_id", 99999, U32, "tokenizer.ggml.eos_token_id 99999 is outside the vocabulary"),
-        ("padding_token_id", 1.5, F32, "padding_token_id is FLOAT32"),
+        ("bos_token_id", 2000.0, F32, "tokenizer.ggml.bos_token_id is 2000.0, not a token id"),
+        ("eos_token_id", 99999, U32, "eos token id 99999 outside the vocabulary of 2256"),
     ],
 )  # fmt: skip
 def test_bad_special_token_id_is_one_sentence(
@@ -162,3 +162,20 @@ def _phys_pages() -> int:
 def test_served_context_is_the_file_value_when_it_fits(good_model: Path) -> None:
     with BitNetModel.load(good_model, backend="numpy") as model:
         assert model.config.context_length == model.config.training_context == 256
+
+
+@pytest.mark.parametrize("name", ["rope_freqs.weight", "rope_factors_long.weight"])
+def test_rope_factor_tensors_are_refused(good_model: Path, tmp_path: Path, name: str) -> None:
+    """LLaMA-3.1's rope_freqs and LongRoPE's factors (MiniCPM4-based files) change every
+    RoPE angle: refused with one sentence, never ignored."""
+    path = with_metadata(good_model, tmp_path / "f.gguf", {})
+    w = GGUFWriter()
+    with read_gguf(path) as g:
+        for key, value in g.metadata.items():
+            w.add(key, value, g.metadata_types[key], g.metadata_array_types.get(key))
+        for tensor, info in g.tensors.items():
+            w.add_tensor(tensor, g.raw(tensor).tobytes(), info.ggml_type, info.dims)
+    w.add_array(name, np.ones(32, np.float32))
+    w.write(tmp_path / "g.gguf")
+    with pytest.raises(GGUFError, match=f"RoPE factors \\({name}\\) are not supported"):
+        BitNetModel.load(tmp_path / "g.gguf", backend="numpy")

@@ -196,3 +196,31 @@ def test_upstream_bitnet_projection_scales_multiply_the_output(
     assert compare(scaled, plain)[1] > MAX_RELATIVE_L2  # the scales change the model
     agreement, rel_l2 = compare(scaled, naive_forward(naive_load(path), tokens))
     assert agreement >= MIN_ARGMAX_AGREEMENT and rel_l2 <= MAX_RELATIVE_L2, (agreement, rel_l2)
+
+
+@pytest.mark.parametrize(
+    ("family", "extra"),
+    [
+        ("llama", "blk.0.attn_sub_norm.weight"),  # a BitNet sub-norm in a llama file
+        ("qwen3", "blk.2.attn_norm.weight"),  # a layer past block_count
+        ("bitnet-b1.58", "blk.0.attn_q_norm.weight"),  # Qwen3's q norm in a BitNet file
+    ],
+)
+def test_a_tensor_the_architecture_does_not_use_is_refused(
+    family: str, extra: str, family_models: dict[Case, Path], tmp_path: Path
+) -> None:
+    from bitserve.gguf.reader import GGUFError, read_gguf
+    from bitserve.gguf.writer import GGUFWriter
+
+    w = GGUFWriter()
+    with read_gguf(family_models[default(family)]) as g:
+        for key, value in g.metadata.items():
+            w.add(key, value, g.metadata_types[key], g.metadata_array_types.get(key))
+        for name, info in g.tensors.items():
+            w.add_tensor(name, g.raw(name).tobytes(), info.ggml_type, info.dims,
+                         q2_0_block=g.q2_0_block)  # fmt: skip
+    w.add_tensor(extra, (1 + np.arange(256, dtype=np.float32)).tobytes(), GGMLType.F32, (256,))
+    w.write(tmp_path / "extra.gguf")
+    with pytest.raises(GGUFError) as e:
+        BitNetModel.load(tmp_path / "extra.gguf", backend="numpy")
+    assert f"tensor {extra!r} is not part of the {family!r} layout" in str(e.value)

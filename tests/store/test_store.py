@@ -23,6 +23,7 @@ from bitserve.store import (
     SQLiteStore,
     StorageFullError,
     StoreError,
+    ToolCall,
 )
 from bitserve.store.postgres import PostgresStore
 from bitserve.store.schema import SCHEMA_VERSION, schema_statements
@@ -177,7 +178,7 @@ def test_persists_across_reopen_with_the_schema_version(open_store: Opener) -> N
     s2 = open_store()
     assert s2.get("", conv.id).metadata == {"title": "keep"}
     assert s2.messages("", conv.id)[0].content == "remember me"
-    assert s2.schema_version() == SCHEMA_VERSION == 2  # type: ignore[attr-defined]
+    assert s2.schema_version() == SCHEMA_VERSION == 3  # type: ignore[attr-defined]
 
 
 def test_sqlite_files_use_wal_and_stay_intact(tmp_path: Path) -> None:
@@ -227,6 +228,27 @@ def test_reply_token_ids_round_trip(store: ConversationStore, tmp_path: Path) ->
     assert [m.token_ids for m in appended] == [None, ids]
     store.append_turn("", conv.id, [NewMessage("assistant", "", token_ids=())])
     assert [m.token_ids for m in store.messages("", conv.id)] == [None, None, ids, ()]
+
+
+def test_tool_calls_and_reasoning_round_trip(store: ConversationStore) -> None:
+    calls = (ToolCall("call_1", "get_weather", '{"city": "Paris"}'), ToolCall("call_2", "f", "{}"))
+    conv = store.create("", messages=[NewMessage("user", "weather?")])
+    turn = [
+        NewMessage("assistant", "", tool_calls=calls, reasoning_content="look\x00 it up"),
+        NewMessage("tool", '{"temp": 21}', tool_call_id="call_1"),
+        NewMessage("assistant", "21 degrees"),
+    ]
+    appended = store.append_turn("", conv.id, turn)
+    stored = store.messages("", conv.id)
+    assert stored[1:] == appended
+    assert [(m.tool_calls, m.tool_call_id, m.reasoning_content) for m in stored] == [
+        ((), None, None),
+        (calls, None, "look\x00 it up"),  # model text: a NUL is possible
+        ((), "call_1", None),
+        ((), None, None),
+    ]
+    with pytest.raises(InvalidTextError):
+        store.append_turn("", conv.id, [NewMessage("assistant", "", reasoning_content="\ud800")])
 
 
 def test_any_text_round_trips(store: ConversationStore) -> None:
@@ -330,9 +352,9 @@ def test_migrates_a_version_1_database(
     store = open_store()
     assert store.schema_version() == SCHEMA_VERSION  # type: ignore[attr-defined]
     old = store.messages("k", "conv_1700000000000_0")
-    assert [(m.content, m.token_ids, m.finish_reason) for m in old] == [
-        ("old q", None, None),
-        ("old a", None, "stop"),
+    assert [(m.content, m.token_ids, m.finish_reason, m.tool_calls) for m in old] == [
+        ("old q", None, None, ()),
+        ("old a", None, "stop", ()),
     ]
     store.append_turn(
         "k", "conv_1700000000000_0", [NewMessage("assistant", "new", token_ids=(5, 6))]

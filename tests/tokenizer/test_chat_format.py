@@ -164,7 +164,7 @@ def test_template_that_rewrites_contents(demo_tokenizer: Tokenizer) -> None:
     ("messages", "match"),
     [
         ([], "at least one message"),
-        ([{"role": "tool", "content": "42"}], "unsupported role 'tool'"),
+        ([{"role": "robot", "content": "42"}], "unsupported role 'robot'"),
         ([{"role": "user"}], "content must be a string"),
         ([{"role": "user", "content": ["parts"]}], "content must be a string"),
         ([{"content": "no role"}], "unsupported role None"),

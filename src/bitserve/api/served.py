@@ -23,6 +23,7 @@ from bitserve.api.errors import (
     ModelNotFoundError,
 )
 from bitserve.api.settings import DEFAULT_CACHE_DISK_MB, DEFAULT_CACHE_RAM_MB, default_cache_dir
+from bitserve.engine.constraint import ConstraintCompiler
 from bitserve.engine.generate import Generator
 from bitserve.engine.kv_spill import KVSpill, spill_key
 from bitserve.engine.loader import LoadedModel
@@ -54,11 +55,14 @@ class ServedModel:
     created: int = 0  # unix seconds, for /v1/models
     max_input_chars: int = 0
     fingerprint: str = field(default="", init=False)
+    constraints: ConstraintCompiler = field(init=False)  # structured output, tool calls
     _overheads: dict[str | None, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         digest = hashlib.sha256(f"{self.loaded.path}|{__version__}".encode()).hexdigest()
         self.fingerprint = f"fp_{digest[:10]}"
+        tokenizer = self.loaded.tokenizer
+        self.constraints = ConstraintCompiler(tokenizer, tokenizer.stop_ids)
         if self.max_input_chars <= 0:
             self.max_input_chars = context_chars(self.loaded, self.ctx_size)
 

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bitserve.gguf.constants import GGUFValueType
-from bitserve.gguf.reader import GGUFError, GGUFFile
+from bitserve.gguf.reader import GGUFFile
 from bitserve.kernels import get_backend
 from bitserve.kernels.native import NativeBackend, default_threads
 from bitserve.model.bitnet import BitNetModel
@@ -93,27 +92,6 @@ def resolve_model_path(path: str | Path | None) -> tuple[Path, bool]:
     return p, False
 
 
-_INTEGER_TYPES = frozenset(t for t in GGUFValueType if "INT" in t.name)
-_USED_SPECIAL_TOKENS = ("bos", "eos", "eot", "eom")
-
-
-def check_special_token_ids(gguf: GGUFFile) -> None:
-    """Every ``tokenizer.ggml.*_token_id`` must be an integer, and the ones the server
-    uses (BOS, EOS, end of turn/message) ids of the vocabulary. Raises ``GGUFError``."""
-    n_tokens = len(gguf.get("tokenizer.ggml.tokens") or ())
-    for key, value in gguf.metadata.items():
-        if not (key.startswith("tokenizer.ggml.") and key.endswith("_token_id")):
-            continue
-        vtype = gguf.metadata_types[key]
-        if vtype not in _INTEGER_TYPES:
-            raise GGUFError(gguf.path, f"{key} is {vtype.name} {value!r}; expected a token id")
-        which = key.removeprefix("tokenizer.ggml.").removesuffix("_token_id")
-        if which in _USED_SPECIAL_TOKENS and n_tokens and not 0 <= value < n_tokens:
-            raise GGUFError(
-                gguf.path, f"{key} {value} is outside the vocabulary of {n_tokens} tokens"
-            )
-
-
 def model_name(gguf: GGUFFile, path: Path, is_demo: bool = False) -> str:
     """The id the API serves a model under: ``general.name`` (whitespace collapsed), else
     the file stem; the demo model keeps its file stem."""
@@ -148,7 +126,6 @@ def load_model(
         if head == "int8" and isinstance(backend, NativeBackend) and matrix.kind == "f16":
             assert matrix.data is not None
             backend.prepare_head(matrix.data)
-        check_special_token_ids(model.gguf)
         tokenizer = Tokenizer.from_gguf(model.gguf)
         chat = ChatFormatter.from_gguf(model.gguf, tokenizer)
     except BaseException:

@@ -4,7 +4,8 @@ The pipeline for one step (``Sampler.step``) is::
 
     adjusted = penalties(logit_bias(logits), recent tokens)     # the model's distribution
     logprobs = log_softmax(adjusted)                            # what logprobs report
-    temperature == 0  →  argmax(adjusted)                       # greedy, ties → lowest id
+    allowed  = constraint mask(adjusted)                        # -inf where the grammar says no
+    temperature == 0  →  argmax(allowed)                        # greedy, ties → lowest id
     otherwise         →  temperature → top_k → top_p → min_p → draw with the request's RNG
 
 Temperature is applied before the truncation filters (the order of vLLM and Hugging Face),
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bitserve.engine.constraint import TokenConstraint
 from bitserve.engine.types import SamplingParams
 
 MAX_TOP_LOGPROBS = 20
@@ -329,16 +331,25 @@ class Sampler:
     (prompt and generated), of which the penalties see the last ``repetition_window``.
     Logprobs are those of the model's distribution after logit bias and penalties but
     before temperature and truncation (as llama.cpp's ``n_probs`` "post-penalty" and
-    OpenAI report them), so they do not change with ``temperature`` or ``top_p``.
+    OpenAI report them), so they do not change with ``temperature`` or ``top_p``; a
+    constraint's mask is a truncation too (the model's own distribution is reported).
+
+    ``constraint`` (when the params carry one) is this request's position in its grammar:
+    each step masks what the grammar forbids, then moves it on by the picked token.
     """
 
     params: SamplingParams
     rng: np.random.Generator
+    constraint: TokenConstraint | None = None
 
     @classmethod
     def create(cls, params: SamplingParams, vocab_size: int | None = None) -> Sampler:
         validate_params(params, vocab_size)
-        return cls(params, make_rng(params.seed))
+        compiled = params.constraint
+        if compiled is not None and vocab_size is not None and compiled.vocab_size != vocab_size:
+            raise SamplingParamError("constraint", "was compiled for a different vocabulary")
+        constraint = None if compiled is None else compiled.start()
+        return cls(params, make_rng(params.seed), constraint)
 
     def adjust(self, logits: np.ndarray, context: Sequence[int]) -> np.ndarray:
         """Logit bias then penalties: the distribution that logprobs report."""
@@ -359,5 +370,13 @@ class Sampler:
 
     def step(self, logits: np.ndarray, context: Sequence[int], want_logprobs: bool) -> SampleResult:
         adjusted = self.adjust(logits, context)
-        token = self.pick(adjusted)
+        if self.constraint is None:
+            token = self.pick(adjusted)
+        else:
+            # picking among the allowed ids is picking from the masked vector (forbidden
+            # tokens have probability 0; ids ascend, so ties still go to the lowest id and
+            # the RNG draws the same token) without sorting ~128k -inf entries
+            allowed = self.constraint.allowed_ids()
+            token = int(allowed[self.pick(adjusted[allowed])])
+            self.constraint.advance(token)
         return SampleResult(token, log_softmax(adjusted) if want_logprobs else None)

@@ -143,7 +143,7 @@ class Scheduler:
                 continue
             try:
                 event = seq.on_logits(row)
-            except Exception as exc:  # its logits (NaN) or sampling: this sequence alone
+            except Exception as exc:  # its logits (NaN), sampling or constraint: it alone
                 self._leave(seq, keep_kv=False)
                 out.failed.append((seq, exc))
                 continue

@@ -174,7 +174,8 @@ class Sequence:
 
     def _event(self, token_id: int, logprobs: np.ndarray | None) -> TokenEvent:
         finish = self._finish_reason(token_id)
-        if finish == "stop":  # a stop token: its own text is never shown
+        if finish == "stop" and token_id in self.request.stop_token_ids:
+            # a stop token: its own text is never shown
             piece, _ = self.text.finish()
         else:
             piece, stopped = self.text.push(token_id)
@@ -191,6 +192,9 @@ class Sequence:
         req = self.request
         if token_id in req.stop_token_ids and not req.ignore_eos:
             return "stop"
+        constraint = self.sampler.constraint
+        if constraint is not None and constraint.is_finished:
+            return "stop"  # the grammar is complete: nothing but a stop token could follow
         if (
             self.num_generated >= req.max_tokens
             or self.num_prompt_tokens + self.num_generated >= self.context_length

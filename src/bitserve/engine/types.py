@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bitserve.engine.constraint import CompiledConstraint
 
 
 @dataclass(slots=True)
@@ -11,6 +15,8 @@ class SamplingParams:
 
     Defaults are the API guide's (temperature 0.7, top_p 0.95, top_k 40); penalties off.
     ``top_k <= 0`` and ``top_p >= 1`` and ``min_p <= 0`` disable those filters.
+    ``constraint`` (structured output, tool calls): only tokens that keep the output a
+    valid prefix of its grammar may be picked.
     """
 
     temperature: float = 0.7
@@ -23,6 +29,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     seed: int | None = None
+    constraint: CompiledConstraint | None = None
 
 
 @dataclass(slots=True)
@@ -53,7 +60,8 @@ class TokenEvent:
 
     ``text`` is the new text this token completes (possibly "" while a UTF-8 character or a
     possible stop string is held back). ``finish_reason`` is set on the last event:
-    "stop" (EOS/EOT or a stop string), "length" (max_tokens or context full), "cancelled".
+    "stop" (EOS/EOT, a stop string, or a constraint's grammar complete), "length"
+    (max_tokens or context full), "cancelled".
     """
 
     token_id: int

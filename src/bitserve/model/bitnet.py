@@ -66,9 +66,6 @@ def silu(x: np.ndarray) -> np.ndarray:
     return out
 
 
-ACTIVATION_FUNCTIONS = {"relu2": relu_squared, "silu": silu}
-
-
 @dataclass(slots=True)
 class BatchItem:
     """One sequence's share of a batched step: ``tokens`` (``T >= 1`` new ids) to append at
@@ -126,7 +123,6 @@ class BitNetModel:
         self.config = config
         self.weights = weights
         self.backend = backend
-        self.activation = ACTIVATION_FUNCTIONS[config.activation]
         # relu(gate)² * up or silu(gate) * up, fused in C on the native backends
         self.gated = backend.relu2_mul if config.activation == "relu2" else backend.silu_mul
         # cos/sin: [positions used so far, head_dim/2], shared by every layer and every cache

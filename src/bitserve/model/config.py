@@ -235,8 +235,9 @@ def _check_rope_scaling(gguf: GGUFFile, keys: _Keys) -> None:
     factor = gguf.get(f"{keys.arch}.rope.scaling.factor", 1.0)
     if kind not in _NO_ROPE_SCALING or (kind == "linear" and factor != 1.0):
         raise GGUFError(gguf.path, f"RoPE scaling {kind!r} (factor {factor}) is not supported")
-    if "rope_freqs.weight" in gguf.tensors:
-        raise GGUFError(gguf.path, "per-frequency RoPE factors (rope_freqs) are not supported")
+    for name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"):
+        if name in gguf.tensors:  # LLaMA-3.1 scaling, LongRoPE (MiniCPM4-based files)
+            raise GGUFError(gguf.path, f"per-frequency RoPE factors ({name}) are not supported")
 
 
 def _vocab_size(gguf: GGUFFile, keys: _Keys) -> int:

@@ -26,7 +26,7 @@ from bitserve.gguf.constants import TERNARY_TYPES, GGMLType
 from bitserve.gguf.reader import GGUFError, GGUFFile
 from bitserve.kernels import EmbeddingMatrix, TernaryWeight
 from bitserve.kernels.tensors import EMBEDDING_TYPES
-from bitserve.model.arch import unpermute_rows
+from bitserve.model.arch import PROJECTIONS, unpermute_rows
 from bitserve.model.config import ModelConfig
 
 FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
@@ -75,6 +75,7 @@ class ModelWeights:
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, config: ModelConfig) -> ModelWeights:
         """Views of every tensor of ``gguf``, checked against ``config`` (raises ``GGUFError``)."""
+        _check_no_extra_tensors(gguf, config)
         layers = tuple(_layer(gguf, config, i) for i in range(config.n_layers))
         vocab_dim = (config.vocab_size, config.dim)
         output = None
@@ -85,6 +86,28 @@ class ModelWeights:
             token_embd=_matrix(gguf, "token_embd.weight", vocab_dim),
             output_norm=_norm(gguf, "output_norm.weight", config.dim),
             output=output,
+        )
+
+
+def _check_no_extra_tensors(gguf: GGUFFile, config: ModelConfig) -> None:
+    """Refuse a tensor this architecture's forward would not use (a norm it does not
+    have, a layer past ``block_count``...): ignoring it would serve another model than
+    the file holds. llama.cpp refuses such files too ("wrong number of tensors")."""
+    arch = config.architecture
+    per_layer = ["attn_norm", "ffn_norm", *PROJECTIONS]
+    per_layer += ["attn_sub_norm", "ffn_sub_norm"] if arch.sub_norms else []
+    per_layer += ["attn_q_norm", "attn_k_norm"] if arch.qk_norm else []
+    known = {"token_embd.weight", "output_norm.weight", "output.weight"}
+    known |= {f"blk.{i}.{t}.weight" for i in range(config.n_layers) for t in per_layer}
+    if arch.projection_scales:
+        known |= {f"blk.{i}.{p}.scale" for i in range(config.n_layers) for p in PROJECTIONS}
+    extra = [name for name in gguf.tensors if name not in known]
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise GGUFError(
+            gguf.path,
+            f"tensor {extra[0]!r}{more} is not part of the {arch.name!r} layout this server "
+            "runs; refusing the file rather than ignoring part of the model",
         )
 
 

@@ -13,6 +13,7 @@ from bitserve.store.base import (
     StoredMessage,
     StoreError,
     StoreUnavailableError,
+    ToolCall,
     Turn,
 )
 from bitserve.store.sqlite import SQLiteStore
@@ -48,6 +49,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailableError",
     "StoredMessage",
+    "ToolCall",
     "Turn",
     "open_store",
 ]

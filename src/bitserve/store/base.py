@@ -67,11 +67,25 @@ class StoreUnavailableError(StoreError):
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call an assistant message made: OpenAI's ``tool_calls[i]`` with
+    ``function.name`` and ``function.arguments`` (JSON text, as the model wrote it)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
 class NewMessage:
     """A message to append. ``tokens`` is the token count of ``content`` alone;
     ``prompt_tokens``/``completion_tokens`` are set on assistant replies (usage of the turn).
     ``token_ids`` (assistant replies) are the ids the model generated for ``content``,
-    without the stop token; the next turn's prompt reuses them verbatim."""
+    without the stop token; the next turn's prompt reuses them verbatim.
+
+    Tools and reasoning: an assistant message may carry ``tool_calls`` (then ``content``
+    may be ``""``) and ``reasoning_content`` (the text it wrote inside ``<think>``); a
+    ``role="tool"`` message answers the call named by ``tool_call_id``."""
 
     role: str
     content: str
@@ -80,6 +94,9 @@ class NewMessage:
     completion_tokens: int | None = None
     finish_reason: str | None = None
     token_ids: tuple[int, ...] | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +112,9 @@ class StoredMessage:
     completion_tokens: int | None
     finish_reason: str | None
     token_ids: tuple[int, ...] | None = None  # generated ids of an assistant reply
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +165,9 @@ def check_texts(metadata: dict[str, str] | None, messages: Iterable[NewMessage] 
         if not (is_valid_text(key) and is_valid_text(value)):
             raise InvalidTextError("metadata")
     for i, m in enumerate(messages):
-        if not (is_valid_text(m.role) and is_valid_text(m.content)):
+        texts = [m.role, m.content, m.tool_call_id, m.reasoning_content]
+        texts += [t for c in m.tool_calls for t in (c.id, c.name, c.arguments)]
+        if not all(t is None or is_valid_text(t) for t in texts):
             raise InvalidTextError(f"messages[{i}]")
 
 

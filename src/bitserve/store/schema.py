@@ -6,6 +6,10 @@ that :func:`render` fills from :data:`DIALECTS`. A new database gets :data:`SCHE
 and then every migration in order, the same path an old one takes, so both end up
 identical. Version 2 adds ``messages.token_ids`` (the generated ids of an assistant reply,
 little-endian uint32; NULL for messages stored before it and for user/system messages).
+Version 3 adds what tools and reasoning need: ``messages.tool_calls`` (an assistant
+message's calls, a JSON array of ``{"id", "name", "arguments"}``, ASCII), ``tool_call_id``
+(the call a ``role="tool"`` message answers) and ``reasoning_content`` (an assistant's
+``<think>`` text); all NULL where they do not apply.
 
 The row helpers here (column lists, :func:`message_from_row`, :func:`message_values`) are
 shared too, so both stores read and write a message the same way.
@@ -24,10 +28,11 @@ from bitserve.store.base import (
     NewMessage,
     StoredMessage,
     StoreError,
+    ToolCall,
     repaired_text,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_V1 = """
 CREATE TABLE schema_version (version INTEGER NOT NULL);
@@ -56,6 +61,11 @@ CREATE TABLE messages (
 # version → the statements that bring the previous version to it
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE messages ADD COLUMN token_ids $BLOB",),
+    3: (
+        "ALTER TABLE messages ADD COLUMN tool_calls TEXT",
+        "ALTER TABLE messages ADD COLUMN tool_call_id $FREE_TEXT",
+        "ALTER TABLE messages ADD COLUMN reasoning_content $FREE_TEXT",
+    ),
 }
 
 # What differs between the databases. PostgreSQL's REAL is 4 bytes: unix times need 8.
@@ -108,7 +118,7 @@ def check_version(version: int, where: str) -> None:
 
 MESSAGE_COLUMNS = (
     "idx, role, content, created_at, tokens, prompt_tokens, completion_tokens, finish_reason, "
-    "token_ids"
+    "token_ids, tool_calls, tool_call_id, reasoning_content"
 )
 NUM_MESSAGE_COLUMNS = MESSAGE_COLUMNS.count(",") + 1
 CONVERSATION_COLUMNS = (
@@ -131,6 +141,22 @@ def unpack_token_ids(blob: bytes | None) -> tuple[int, ...] | None:
     return struct.unpack(f"<{len(blob) // 4}I", blob)
 
 
+def pack_tool_calls(calls: tuple[ToolCall, ...]) -> str | None:
+    """Tool calls → the ``tool_calls`` column (a JSON array, ASCII); none stays NULL."""
+    if not calls:
+        return None
+    return json.dumps([{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls])
+
+
+def unpack_tool_calls(text: str | None) -> tuple[ToolCall, ...]:
+    if text is None:
+        return ()
+    try:
+        return tuple(ToolCall(c["id"], c["name"], c["arguments"]) for c in json.loads(text))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise StoreError(f"corrupt tool_calls column: {exc}") from exc
+
+
 def conversation_from_row(row: Sequence[Any]) -> Conversation:
     """A row of :data:`CONVERSATION_COLUMNS` → ``Conversation``."""
     seq, cid, owner, created_at, metadata, count = row
@@ -150,12 +176,18 @@ def free_text(value: str | bytes | memoryview) -> str:
     return repaired_text(value if isinstance(value, str) else bytes(value).decode("utf-8"))
 
 
+def _free_text_or_none(value: str | bytes | memoryview | None) -> str | None:
+    return None if value is None else free_text(value)
+
+
 def message_from_row(row: Sequence[Any]) -> StoredMessage:
     """A row of :data:`MESSAGE_COLUMNS` → ``StoredMessage``."""
-    idx, role, content, created_at, tokens, prompt, completion, finish, ids = row
+    idx, role, content, created_at, tokens, prompt, completion, finish, ids, *rest = row
+    calls, call_id, reasoning = rest
     return StoredMessage(
         idx, role, free_text(content), created_at, tokens, prompt, completion, finish,
-        unpack_token_ids(ids),
+        unpack_token_ids(ids), unpack_tool_calls(calls), _free_text_or_none(call_id),
+        _free_text_or_none(reasoning),
     )  # fmt: skip
 
 
@@ -163,16 +195,21 @@ def message_values(
     seq: int, index: int, m: NewMessage, created_at: float, dialect: str
 ) -> tuple[Any, ...]:
     """The values of ``conversation_seq`` and :data:`MESSAGE_COLUMNS` for one new message."""
-    content: str | bytes = m.content
-    if DIALECTS[dialect]["FREE_TEXT"] == "BYTEA" and isinstance(content, str):
-        content = content.encode("utf-8")
-    return (seq, index, m.role, content, created_at, m.tokens, m.prompt_tokens,
-            m.completion_tokens, m.finish_reason, pack_token_ids(m.token_ids))  # fmt: skip
+    as_bytes = DIALECTS[dialect]["FREE_TEXT"] == "BYTEA"
+
+    def free(text: str | None) -> str | bytes | None:
+        return text.encode("utf-8") if as_bytes and text is not None else text
+
+    return (seq, index, m.role, free(m.content), created_at, m.tokens, m.prompt_tokens,
+            m.completion_tokens, m.finish_reason, pack_token_ids(m.token_ids),
+            pack_tool_calls(m.tool_calls), free(m.tool_call_id),
+            free(m.reasoning_content))  # fmt: skip
 
 
 def stored_message(index: int, m: NewMessage, created_at: float) -> StoredMessage:
     """``m`` as it reads back once stored at ``index``."""
     return StoredMessage(
         index, m.role, m.content, created_at, m.tokens, m.prompt_tokens,
-        m.completion_tokens, m.finish_reason, m.token_ids,
+        m.completion_tokens, m.finish_reason, m.token_ids, m.tool_calls, m.tool_call_id,
+        m.reasoning_content,
     )  # fmt: skip

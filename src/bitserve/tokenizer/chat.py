@@ -23,6 +23,14 @@ otherwise exactly those of encoding the rendered prompt with special tokens allo
 A template that rewrites contents beyond trimming is accepted only if its output has the
 same control tokens as its output without contents.
 
+Tools and reasoning: ``encode``/``render`` take the request's ``tools`` and
+``template_kwargs`` (``chat_template_kwargs``, e.g. ``enable_thinking``). Assistant messages
+may carry ``tool_calls`` and ``reasoning_content``, and ``role="tool"`` messages answer a
+call. Templates that know tools render all of it themselves; for the others
+``tokenizer.tools.generic_tool_messages`` writes it as plain text first. Tool definitions,
+calls and reasoning are rendered by the template as its own text, so they must not contain
+control-token text (a ValueError otherwise): only contents are spliced in as markers.
+
 Given token ids: a message may carry ``token_ids`` (the server's own stored replies: the
 ids the model generated). They stand for that message's content verbatim, with no
 stripping and no re-encoding, so the next turn's prompt starts with exactly the tokens the
@@ -35,6 +43,7 @@ the server sets them: the HTTP layer never passes a client's ``token_ids`` on.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,13 +54,26 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from bitserve.tokenizer.bpe import Tokenizer
+from bitserve.tokenizer.tools import (
+    MessageToolCall,
+    ToolCallSyntax,
+    generic_tool_messages,
+    template_knows_tools,
+    tool_call_syntax,
+)
 
 if TYPE_CHECKING:
     from jinja2 import Template
 
     from bitserve.gguf.reader import GGUFFile
 
-ROLES = ("system", "user", "assistant")
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant", "tool")
+# names a request's chat_template_kwargs cannot set: the renderer's own variables
+RESERVED_VARIABLES = frozenset(
+    {"messages", "bos_token", "eos_token", "add_generation_prompt", "tools", "raise_exception"}
+)
 BROKEN_TEMPLATE_MARK = "BITNETAssistant:"
 
 # private-use characters: never produced by a template, never special-token text
@@ -69,11 +91,26 @@ def _marker(i: int) -> str:
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
     """A validated message: ``role`` is one of :data:`ROLES`; ``token_ids`` (optional)
-    are used verbatim for the content when encoding."""
+    are used verbatim for the content when encoding; ``tool_calls`` and
+    ``reasoning_content`` (assistant) and ``tool_call_id`` (tool) as OpenAI names them."""
 
     role: str
     content: str
     token_ids: tuple[int, ...] | None = None
+    tool_calls: tuple[MessageToolCall, ...] = ()
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+    def template_value(self, content: str) -> dict[str, Any]:
+        """The message as the template sees it, with ``content`` standing for its text."""
+        value: dict[str, Any] = {"role": self.role, "content": content}
+        if self.tool_calls:
+            value["tool_calls"] = [c.template_value() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            value["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content is not None:
+            value["reasoning_content"] = self.reasoning_content
+        return value
 
 
 def _token_ids(i: int, message: Mapping[str, Any]) -> tuple[int, ...] | None:
@@ -85,6 +122,35 @@ def _token_ids(i: int, message: Mapping[str, Any]) -> tuple[int, ...] | None:
     if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
         raise ValueError(f"message {i}: token_ids must be non-negative integers")
     return tuple(ids)
+
+
+def _optional_str(i: int, message: Mapping[str, Any], key: str) -> str | None:
+    value = message.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"message {i}: {key} must be a string")
+    return value
+
+
+def _tool_calls(i: int, message: Mapping[str, Any]) -> tuple[MessageToolCall, ...]:
+    """``tool_calls`` in OpenAI's shape: ``[{"id", "type", "function": {"name",
+    "arguments"}}]`` (arguments a JSON string)."""
+    calls = message.get("tool_calls") or ()
+    if isinstance(calls, str | bytes | Mapping) or not isinstance(calls, Sequence):
+        raise ValueError(f"message {i}: tool_calls must be a list")
+    if calls and message.get("role") != "assistant":
+        raise ValueError(f"message {i}: only assistant messages have tool_calls")
+    out = []
+    for k, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping):
+            raise ValueError(f"message {i}: tool_calls[{k}] needs a function")
+        name, arguments = function.get("name"), function.get("arguments", "{}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"message {i}: tool_calls[{k}].function.name must be a string")
+        if not isinstance(arguments, str):
+            raise ValueError(f"message {i}: tool_calls[{k}].function.arguments must be a string")
+        out.append(MessageToolCall(str(call.get("id") or f"call_{i}_{k}"), name, arguments))
+    return tuple(out)
 
 
 def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[ChatMessage]:
@@ -101,7 +167,16 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[ChatMessage
         content = message.get("content")
         if not isinstance(content, str):
             raise ValueError(f"message {i}: content must be a string")
-        out.append(ChatMessage(role, content, _token_ids(i, message)))
+        out.append(
+            ChatMessage(
+                role,
+                content,
+                _token_ids(i, message),
+                _tool_calls(i, message),
+                _optional_str(i, message, "tool_call_id"),
+                _optional_str(i, message, "reasoning_content"),
+            )
+        )
     return out
 
 
@@ -136,11 +211,19 @@ def compile_template(source: str) -> Template:
 class ChatFormatter:
     """Messages (``{"role", "content"}`` dicts) → prompt ending with the generation prompt."""
 
-    def __init__(self, tokenizer: Tokenizer, template: str | None) -> None:
-        """``template=None`` selects the BitNet-2B-4T format."""
+    def __init__(
+        self, tokenizer: Tokenizer, template: str | None, why_bitnet: str = "chosen"
+    ) -> None:
+        """``template=None`` selects the BitNet-2B-4T format (``why_bitnet`` says why, for
+        :meth:`describe`)."""
         self.tokenizer = tokenizer
         self.template_source = template
+        self._why_bitnet = why_bitnet
         self._template = compile_template(template) if template is not None else None
+        self.knows_tools = template_knows_tools(template)
+        self.tool_syntax: ToolCallSyntax = tool_call_syntax(template)
+        # Qwen3-style reasoning: the model may open its reply with <think>…</think>
+        self.reasons = template is not None and "<think>" in template
         self._bos = self._piece(tokenizer.bos_id)
         self._eos = self._piece(tokenizer.eos_id)
         eot = tokenizer.eot_id if tokenizer.eot_id is not None else tokenizer.eos_id
@@ -154,8 +237,33 @@ class ChatFormatter:
         template = metadata.get("tokenizer.chat_template")
         arch = metadata.get("general.architecture")
         if is_bitnet_chat(template, arch):
-            return cls(tokenizer, None)
-        return cls(tokenizer, template)
+            if not template:
+                why = "the file has no chat template"
+            elif BROKEN_TEMPLATE_MARK in template:
+                why = "the file's template is Microsoft's placeholder"
+            else:
+                why = f"architecture {arch}"
+            chat = cls(tokenizer, None, why)
+        else:
+            chat = cls(tokenizer, template)
+        log.info("chat: %s", chat.describe())
+        return chat
+
+    def describe(self) -> str:
+        """Which format this is and why, in words (logged at load)."""
+        source = self.template_source
+        if source is None:
+            return f"the BitNet-2B-4T format ({self._why_bitnet})"
+        if "<|im_start|>" in source:
+            kind = "ChatML with <think>" if self.reasons else "ChatML"
+        elif "<|start_header_id|>" in source:
+            kind = "LLaMA-3"
+        elif "<|assistant|>" in source:
+            kind = "Falcon3"
+        else:
+            kind = "custom"
+        tools = "knows tools" if self.knows_tools else "generic tool format"
+        return f"the file's chat template ({kind}, {tools})"
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, tokenizer: Tokenizer) -> ChatFormatter:
@@ -168,9 +276,14 @@ class ChatFormatter:
     # -- rendering ---------------------------------------------------------------------
 
     def _render(
-        self, messages: list[ChatMessage], contents: list[str], add_generation_prompt: bool
+        self,
+        messages: list[ChatMessage],
+        contents: list[str],
+        add_generation_prompt: bool,
+        extra: Mapping[str, Any],
     ) -> str:
-        """The prompt text with ``contents[i]`` standing for message i's content."""
+        """The prompt text with ``contents[i]`` standing for message i's content;
+        ``extra``: more template variables (``tools``, ``chat_template_kwargs``)."""
         if self._template is None:
             turns = [
                 f"{m.role.capitalize()}: {c}{self._eot}"
@@ -179,9 +292,8 @@ class ChatFormatter:
             tail = "Assistant: " if add_generation_prompt else ""
             return self._bos + "".join(turns) + tail
         variables = {
-            "messages": [
-                {"role": m.role, "content": c} for m, c in zip(messages, contents, strict=True)
-            ],
+            **extra,
+            "messages": [m.template_value(c) for m, c in zip(messages, contents, strict=True)],
             "bos_token": self._bos,
             "eos_token": self._eos,
             "add_generation_prompt": add_generation_prompt,
@@ -205,28 +317,77 @@ class ChatFormatter:
             for i, (m, c) in enumerate(zip(messages, contents, strict=True))
         ]
 
+    def _prepare(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None,
+        template_kwargs: Mapping[str, Any] | None,
+    ) -> tuple[list[ChatMessage], dict[str, Any]]:
+        """Validated messages (tools written as text for formats that do not know them)
+        and the extra template variables."""
+        checked = validate_messages(messages)
+        extra: dict[str, Any] = {}
+        for key, value in (template_kwargs or {}).items():
+            if key in RESERVED_VARIABLES:
+                raise ValueError(f"chat_template_kwargs: {key!r} cannot be set")
+            extra[key] = value
+        uses_tools = bool(tools) or any(m.tool_calls or m.role == "tool" for m in checked)
+        if uses_tools and not self.knows_tools:
+            return generic_tool_messages(checked, tools), extra
+        if tools:
+            extra["tools"] = [dict(t) for t in tools]
+        self._check_template_text(checked, extra)
+        return checked, extra
+
+    def _check_template_text(self, messages: list[ChatMessage], extra: dict[str, Any]) -> None:
+        """What the template renders as its own text must not spell control tokens."""
+        texts = [json.dumps(extra, ensure_ascii=False)] if extra else []
+        for m in messages:
+            if m.reasoning_content or m.tool_call_id or m.tool_calls:
+                texts += [m.reasoning_content or "", m.tool_call_id or ""]
+                texts += [c.name + c.arguments for c in m.tool_calls]
+        for text in texts:
+            if any(isinstance(p, int) for p in self.tokenizer.split_special(text)):
+                raise ValueError(
+                    "tools, tool calls, reasoning and chat_template_kwargs must not contain "
+                    "control-token text"
+                )
+
     def render(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
         """The prompt as text (for display and debugging; use :meth:`encode` for ids)."""
-        checked = validate_messages(messages)
-        return self._render(checked, self._contents(checked), add_generation_prompt)
+        checked, extra = self._prepare(messages, tools, template_kwargs)
+        return self._render(checked, self._contents(checked), add_generation_prompt, extra)
 
     # -- encoding ----------------------------------------------------------------------
 
     def encode(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
         """Token ids of the prompt; message contents can never become control tokens.
 
         A message's ``token_ids`` replace its content's encoding verbatim (see the module
-        docstring); ids outside the vocabulary are a ValueError."""
-        checked = validate_messages(messages)
+        docstring); ids outside the vocabulary are a ValueError. ``tools`` (OpenAI's tool
+        objects) and ``template_kwargs`` are passed to the template (module docstring)."""
+        checked, extra = self._prepare(messages, tools, template_kwargs)
         self._check_ids(checked)
         contents = self._encoding_contents(checked)
-        real = self._render(checked, contents, add_generation_prompt)
-        markers = [_marker(i) for i in range(len(checked))]
-        marked = self._render(checked, markers, add_generation_prompt)
+        real = self._render(checked, contents, add_generation_prompt, extra)
+        # an empty content has nothing to hide, and templates test contents for truth
+        # (Qwen3 writes a newline before a call only after text): it stays empty
+        markers = [_marker(i) if c else "" for i, c in enumerate(contents)]
+        marked = self._render(checked, markers, add_generation_prompt, extra)
         segments = self._align(real, marked, contents, checked)
         if segments is None:
             if any(m.token_ids is not None for m in checked):

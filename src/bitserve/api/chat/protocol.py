@@ -23,14 +23,32 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="The arguments as JSON text.")
+
+
+class ToolCall(BaseModel):
+    """An assistant message's call (OpenAI's ``tool_calls[i]``)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    """One message. ``content`` may be a string or a list of text parts (joined)."""
+    """One message. ``content`` may be a string or a list of text parts (joined).
+    Assistant messages may carry ``tool_calls`` (and ``reasoning_content``); a ``tool``
+    message answers the call ``tool_call_id``."""
 
     model_config = ConfigDict(extra="ignore")
 
     role: Role
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -60,22 +78,34 @@ class ChatCompletionRequest(SamplingFields):
         None, description="0-20 alternatives per token (needs logprobs: true)."
     )
     user: str | None = None
-    # OpenAI features this server cannot honour: a request that asks for them is a 400
-    # (check_supported), not silently answered with plain text
+    # checked by the serving code (400s naming the field), not by pydantic (422s)
     response_format: dict[str, Any] | None = Field(
-        None, description='Only `{"type": "text"}`: output is never constrained to JSON.'
+        None,
+        description='`{"type": "text"}` (default), `{"type": "json_object"}` or '
+        '`{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`: the reply '
+        "is constrained to valid JSON (against the schema).",
     )
     tools: list[dict[str, Any]] | None = Field(
-        None, description="Not supported (no function calling): must be absent or empty."
-    )
+        None, description='Functions the model may call: `[{"type": "function", "function": '
+        '{"name", "description", "parameters"}}]`.',
+    )  # fmt: skip
     tool_choice: str | dict[str, Any] | None = Field(
-        None, description='Only "none" or "auto" (with no tools).'
+        None,
+        description='"none", "auto" (default with tools), "required" or '
+        '`{"type": "function", "function": {"name": ...}}`.',
     )
+    parallel_tool_calls: bool | None = Field(
+        None, description="Allow several calls in one reply (default true)."
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description='Extra chat template variables, e.g. `{"enable_thinking": false}`.'
+    )
+    # the deprecated form of tools is refused (check_supported) rather than ignored
     functions: list[dict[str, Any]] | None = Field(
-        None, description="Deprecated form of tools; not supported either."
+        None, description="Deprecated form of tools; not supported (use tools)."
     )
     function_call: str | dict[str, Any] | None = Field(
-        None, description='Only "none" or "auto" (with no functions).'
+        None, description='Only "none" or "auto" (use tool_choice).'
     )
 
     def max_new_tokens(self) -> int:
@@ -103,23 +133,29 @@ class ChoiceLogprobs(BaseModel):
 
 
 class AssistantMessage(BaseModel):
+    """``tool_calls`` only when the model called tools; ``reasoning_content`` only when
+    it reasoned (``<think>``)."""
+
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: None = None
+    tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = None
 
 
 class OracleAssistantMessage(AssistantMessage):
-    """The oracle routes' message: BitMind clients read these keys."""
+    """The oracle routes' message: BitMind clients read these keys, always present
+    (``tool_calls`` is ``[]`` without calls)."""
 
-    reasoning_content: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage | OracleAssistantMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
 
 
 class PromptTokensDetails(BaseModel):
@@ -159,16 +195,28 @@ class ConversationChatCompletion(ChatCompletion):
     truncated_messages: int = 0
 
 
+class ToolCallChunk(BaseModel):
+    """A streamed piece of call ``index``: first its ``id``, ``type`` and name (with
+    ``arguments: ""``), then pieces of ``function.arguments`` to append."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: dict[str, str]
+
+
 class ChunkDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallChunk] | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int
     delta: ChunkDelta
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -8,7 +8,7 @@ from starlette.responses import Response
 
 from bitserve.api.auth import require_key
 from bitserve.api.chat.protocol import ChatCompletion, ChatCompletionRequest
-from bitserve.api.chat.serving import check_supported, plan_chat, respond_chat, wire_messages
+from bitserve.api.chat.serving import plan_chat, respond_chat, wire_messages
 from bitserve.api.conversations.routes import SSE_DOC
 from bitserve.api.edge import GuardedRoute
 from bitserve.api.served import ServedModel
@@ -21,10 +21,11 @@ router = APIRouter(tags=["openai"], dependencies=[Depends(require_key)], route_c
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     """OpenAI chat completions, stateless: send the whole conversation in `messages`.
     `stream: true` answers with `chat.completion.chunk` events (role chunk, content
-    chunks, finish chunk, a usage chunk with `stream_options.include_usage`, `[DONE]`)."""
+    chunks, finish chunk, a usage chunk with `stream_options.include_usage`, `[DONE]`).
+    `response_format` constrains the reply to JSON; `tools` let the model call functions
+    (`message.tool_calls`, `finish_reason: "tool_calls"`)."""
     served: ServedModel = request.app.state.served
     model = served.resolve(body.model)
-    check_supported(body)
     messages = wire_messages(body.messages)
     served.check_input_chars(sum(len(m["content"]) for m in messages), "messages")
     plan = await run_in_threadpool(plan_chat, served, body, messages, model)  # tokenizes

@@ -15,18 +15,19 @@ from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
+from bitserve.api.chat.output import OutputPlan, plan_output, response_schema
 from bitserve.api.chat.protocol import (
-    AssistantMessage,
-    ChatChoice,
     ChatCompletionRequest,
     ChatMessage,
     ChoiceLogprobs,
+    CompletionTokensDetails,
     LogprobEntry,
-    OracleAssistantMessage,
     PromptTokensDetails,
     TopLogprobEntry,
     Usage,
 )
+from bitserve.api.chat.reply import ReplyDelta, ReplyParser
+from bitserve.api.chat.tools import ParsedCall, ToolPlan, tool_plan
 from bitserve.api.errors import GenerationCancelledError, InvalidParameterError
 from bitserve.api.sampling import check_n, normalize_stop, to_sampling_params, wire_names
 from bitserve.api.served import ServedModel
@@ -46,19 +47,34 @@ from bitserve.engine.types import GenerationRequest, TokenEvent, TopLogprob
 @dataclass(slots=True)
 class ChoiceResult:
     """One finished choice: its events (the stop token's included) and text;
-    ``cached_tokens``: prompt tokens the engine reused from its prefix cache."""
+    ``cached_tokens``: prompt tokens the engine reused from its prefix cache; ``reply``:
+    the text read as reasoning, content and tool calls (set by :func:`read_replies`)."""
 
     index: int
     events: list[TokenEvent]
     cached_tokens: int = 0
+    reply: ReplyParser | None = None
 
     @property
     def text(self) -> str:
         return "".join(e.text for e in self.events)
 
     @property
+    def content(self) -> str:
+        return self.text if self.reply is None else self.reply.content
+
+    @property
+    def reasoning(self) -> str | None:
+        return self.reply.reasoning if self.reply is not None and self.reply.has_reasoning else None
+
+    @property
+    def tool_calls(self) -> list[ParsedCall]:
+        return [] if self.reply is None else self.reply.tool_calls
+
+    @property
     def finish_reason(self) -> str:
-        return wire_finish_reason(self.events)
+        reason = wire_finish_reason(self.events)
+        return "tool_calls" if reason == "stop" and self.tool_calls else reason
 
 
 @dataclass(slots=True)
@@ -69,6 +85,7 @@ class ChatPlan:
     requests: list[GenerationRequest]
     model: str
     logprobs: bool
+    output: OutputPlan = field(default_factory=OutputPlan)
     oracle: bool = False
     include_usage: bool = False
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
@@ -100,39 +117,65 @@ def _top_logprobs(body: ChatCompletionRequest) -> int:
     return body.top_logprobs
 
 
+@dataclass(frozen=True, slots=True)
+class PromptOptions:
+    """What besides the messages shapes a chat prompt: the tools shown to the template
+    (none with ``tool_choice: "none"``) and ``chat_template_kwargs``."""
+
+    tools: ToolPlan | None = None
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def shown_tools(self) -> list[dict[str, Any]] | None:
+        return self.tools.tools if self.tools is not None and self.tools.active else None
+
+
+def prompt_options(served: ServedModel, body: ChatCompletionRequest) -> PromptOptions:
+    """Validate the request's tool fields and template kwargs (400s name the field)."""
+    syntax = served.loaded.chat.tool_syntax
+    tools = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls, syntax)
+    return PromptOptions(tools, body.chat_template_kwargs or {})
+
+
 def encode_chat(
-    served: ServedModel, messages: Sequence[Mapping[str, Any]], param: str
+    served: ServedModel,
+    messages: Sequence[Mapping[str, Any]],
+    param: str,
+    options: PromptOptions | None = None,
 ) -> list[int]:
     """The chat-formatted prompt's token ids (a message the format rejects is a 400)."""
+    options = options or PromptOptions()
     try:
-        return served.loaded.chat.encode(messages)
+        return served.loaded.chat.encode(
+            messages, tools=options.shown_tools, template_kwargs=options.template_kwargs
+        )
     except ValueError as exc:
         raise InvalidParameterError(f"{param}: {exc}", param) from exc
 
 
 def check_supported(body: ChatCompletionRequest) -> None:
-    """400 for what the request asks and this server cannot do (function calling, output
-    constrained to JSON): answering with plain text would look like the model's choice."""
-    fmt = (body.response_format or {}).get("type", "text")
-    if fmt != "text":
+    """400 for the deprecated ``functions``/``function_call`` (use ``tools``): answering
+    with plain text would look like the model's choice."""
+    if body.functions:
         raise InvalidParameterError(
-            f"response_format: type {fmt!r} is not supported, only 'text' "
-            "(this server does not constrain its output)",
-            "response_format",
+            "functions: deprecated and not supported; use tools", "functions"
         )
-    for param in ("tools", "functions"):
-        if getattr(body, param):
-            raise InvalidParameterError(
-                f"{param}: function calling is not supported by this server", param
-            )
-    for param in ("tool_choice", "function_call"):
-        choice = getattr(body, param)
-        if choice not in (None, "none", "auto"):
-            raise InvalidParameterError(
-                f"{param}: {choice!r} needs function calling, which this server does not "
-                "support (only 'none' or 'auto')",
-                param,
-            )
+    if body.function_call not in (None, "none", "auto"):
+        raise InvalidParameterError(
+            "function_call: deprecated and not supported; use tool_choice", "function_call"
+        )
+
+
+def plan_reply(
+    served: ServedModel, body: ChatCompletionRequest, options: PromptOptions, prompt: list[int]
+) -> OutputPlan:
+    """How the reply is constrained and read: response_format, tools, reasoning."""
+    chat = served.loaded.chat
+    reasoning = chat.reasons and options.template_kwargs.get("enable_thinking") is not False
+    tail = served.loaded.tokenizer.decode(prompt[-4:], skip_special=False) if reasoning else ""
+    in_think = tail.rstrip().endswith("<think>")
+    schema = response_schema(body.response_format)
+    return plan_output(served.constraints, schema, options.tools, reasoning, in_think)
 
 
 def plan_chat(
@@ -142,25 +185,31 @@ def plan_chat(
     model: str,
     param: str = "messages",
     prompt: list[int] | None = None,
+    options: PromptOptions | None = None,
 ) -> ChatPlan:
     """Validate ``body`` and tokenize ``messages`` (the full history) into engine requests
-    (``prompt``: their token ids, when the caller has them already). Raises 400s naming
-    the field; the prompt must leave room for one token."""
+    (``prompt``: their token ids, when the caller has them already, encoded with
+    ``options``). Raises 400s naming the field; the prompt must leave room for one token."""
+    check_supported(body)
     check_n(body.n)
     if not messages:
         raise InvalidParameterError(f"{param}: must contain at least one message", param)
     stop = normalize_stop(body.stop)
     max_tokens, top_n = _max_tokens(body), _top_logprobs(body)
+    options = options or prompt_options(served, body)
     if prompt is None:
-        prompt = encode_chat(served, messages, param)
+        prompt = encode_chat(served, messages, param, options)
     max_tokens = min(max_tokens, served.check_fits(len(prompt), param))
+    output = plan_reply(served, body, options, prompt)
     vocab = served.loaded.tokenizer.vocab_size
     requests = []
     for i in range(body.n):
         seed = None if body.seed is None else body.seed + i
+        sampling = to_sampling_params(body, vocab, seed)
+        sampling.constraint = output.constraint
         req = GenerationRequest(
             prompt_tokens=prompt,
-            sampling=to_sampling_params(body, vocab, seed),
+            sampling=sampling,
             max_tokens=max_tokens,
             stop=stop,
             stop_token_ids=served.stop_token_ids,
@@ -171,7 +220,7 @@ def plan_chat(
             served.generator.check_request(req)
         requests.append(req)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return ChatPlan(requests, model, body.logprobs, include_usage=include_usage)
+    return ChatPlan(requests, model, body.logprobs, output, include_usage=include_usage)
 
 
 def _shown(served: ServedModel, event: TokenEvent) -> bool:
@@ -195,14 +244,22 @@ def logprob_entries(served: ServedModel, events: list[TokenEvent]) -> list[Logpr
     return entries
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
-    """OpenAI's usage object; ``cached_tokens`` goes to ``prompt_tokens_details``."""
+def usage(
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, reasoning_tokens: int = 0
+) -> Usage:
+    """OpenAI's usage object; ``cached_tokens`` goes to ``prompt_tokens_details``,
+    ``reasoning_tokens`` (those up to ``</think>``) to ``completion_tokens_details``."""
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning_tokens),
     )
+
+
+def reasoning_tokens(results: list[ChoiceResult]) -> int:
+    return sum(r.reply.reasoning_tokens for r in results if r.reply is not None)
 
 
 def cached_tokens(results: list[ChoiceResult]) -> int:
@@ -211,10 +268,38 @@ def cached_tokens(results: list[ChoiceResult]) -> int:
     return max((r.cached_tokens for r in results), default=0)
 
 
-def _message(plan: ChatPlan, content: str) -> AssistantMessage:
-    if plan.oracle:
-        return OracleAssistantMessage(content=content)
-    return AssistantMessage(content=content)
+def wire_tool_calls(calls: list[ParsedCall]) -> list[dict[str, Any]]:
+    return [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in calls
+    ]
+
+
+def _message(plan: ChatPlan, result: ChoiceResult) -> dict[str, Any]:
+    """The ``message`` object; the oracle routes always carry ``reasoning_content`` and
+    ``tool_calls`` (``[]`` without calls), the others only when there are some."""
+    calls = wire_tool_calls(result.tool_calls)
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": result.content if result.content or not calls else None,
+        "refusal": None,
+    }
+    if calls or plan.oracle:
+        message["tool_calls"] = calls
+    if result.reasoning is not None or plan.oracle:
+        message["reasoning_content"] = result.reasoning
+    return message
+
+
+def read_replies(plan: ChatPlan, results: list[ChoiceResult]) -> list[ChoiceResult]:
+    """Read each finished choice's text as reasoning, content and tool calls (token by
+    token, as a stream is, so that reasoning tokens are counted the same way)."""
+    for r in results:
+        r.reply = plan.output.parser()
+        for event in r.events:
+            r.reply.feed(event.text)
+        r.reply.finish()
+    return results
 
 
 def completion_body(
@@ -227,12 +312,12 @@ def completion_body(
             ChoiceLogprobs(content=logprob_entries(served, r.events)) if plan.logprobs else None
         )
         choices.append(
-            ChatChoice(
-                index=r.index,
-                message=_message(plan, r.text),
-                logprobs=logprobs,
-                finish_reason=r.finish_reason,  # type: ignore[arg-type]
-            ).model_dump(mode="json")
+            {
+                "index": r.index,
+                "message": _message(plan, r),
+                "logprobs": logprobs.model_dump(mode="json") if logprobs else None,
+                "finish_reason": r.finish_reason,
+            }
         )
     completion_tokens = sum(len(r.events) for r in results)
     return {
@@ -241,9 +326,9 @@ def completion_body(
         "created": plan.created,
         "model": plan.model,
         "choices": choices,
-        "usage": usage(plan.prompt_tokens, completion_tokens, cached_tokens(results)).model_dump(
-            mode="json"
-        ),
+        "usage": usage(
+            plan.prompt_tokens, completion_tokens, cached_tokens(results), reasoning_tokens(results)
+        ).model_dump(mode="json"),
         "system_fingerprint": served.fingerprint,
         "service_tier": None,
         **plan.extra,
@@ -266,9 +351,10 @@ def choice_results(
     ]
 
 
-async def run_chat(handles: list[RequestHandle]) -> list[ChoiceResult]:
-    """Wait for every choice (generated together) and return them in index order."""
-    return choice_results(await asyncio.gather(*(collect(h) for h in handles)), handles)
+async def run_chat(plan: ChatPlan, handles: list[RequestHandle]) -> list[ChoiceResult]:
+    """Wait for every choice (generated together) and return them in index order, read."""
+    events = await asyncio.gather(*(collect(h) for h in handles))
+    return read_replies(plan, choice_results(events, handles))
 
 
 class ChunkWriter:
@@ -277,6 +363,7 @@ class ChunkWriter:
     def __init__(self, served: ServedModel, plan: ChatPlan) -> None:
         self.served = served
         self.plan = plan
+        self.replies = [plan.output.parser() for _ in plan.requests]
 
     def chunk(self, choices: list[dict[str, Any]], usage_: Usage | None = None) -> str:
         body: dict[str, Any] = {
@@ -301,22 +388,49 @@ class ChunkWriter:
         )
 
     def content(self, index: int, event: TokenEvent) -> str | None:
+        """The chunk for one token: its text as content, reasoning or tool-call pieces
+        (held back while it may still be a tag), with its logprobs."""
         entries = logprob_entries(self.served, [event]) if self.plan.logprobs else []
-        if not event.text and not entries:
+        delta = self.replies[index].feed(event.text)
+        if not delta and not entries:
             return None
         logprobs = {"content": [e.model_dump(mode="json") for e in entries], "refusal": None}
-        choice = {
-            "index": index,
-            "delta": {"content": event.text},
-            "logprobs": logprobs if self.plan.logprobs else None,
-            "finish_reason": None,
-        }
-        return self.chunk([choice])
-
-    def finish(self, index: int, reason: str) -> str:
         return self.chunk(
-            [{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}]
-        )
+            [{
+                "index": index,
+                "delta": self._delta(delta),
+                "logprobs": logprobs if self.plan.logprobs else None,
+                "finish_reason": None,
+            }]
+        )  # fmt: skip
+
+    @staticmethod
+    def _delta(delta: ReplyDelta) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if delta.reasoning:
+            out["reasoning_content"] = delta.reasoning
+        if delta.content or not (delta.reasoning or delta.tool_calls):
+            out["content"] = delta.content
+        if delta.tool_calls:
+            out["tool_calls"] = [
+                {"index": d.index, "id": d.id, "type": "function",
+                 "function": {"name": d.name, "arguments": d.arguments}}
+                if d.id is not None
+                else {"index": d.index, "function": {"arguments": d.arguments}}
+                for d in delta.tool_calls
+            ]  # fmt: skip
+        return out
+
+    def finish(self, index: int, result: ChoiceResult) -> str:
+        """What the reply still held, then the finish chunk."""
+        rest = self.replies[index].finish()
+        result.reply = self.replies[index]
+        events = [] if not rest else [
+            {"index": index, "delta": self._delta(rest), "logprobs": None, "finish_reason": None}
+        ]  # fmt: skip
+        done = {"index": index, "delta": {}, "logprobs": None,
+                "finish_reason": result.finish_reason}  # fmt: skip
+        return "".join(self.chunk([c]) for c in [*events, done])
 
 
 async def stream_chat(
@@ -343,23 +457,36 @@ async def stream_chat(
             continue
         if events[index] and events[index][-1].finish_reason == "cancelled":
             raise GenerationCancelledError("the generation was cancelled (the server is stopping)")
-        yield writer.finish(index, wire_finish_reason(events[index]))
+        yield writer.finish(index, ChoiceResult(index, events[index]))
     results = choice_results(events, handles)
+    for r in results:
+        r.reply = writer.replies[r.index]
     if on_complete is not None:
         await on_complete(results)
     if plan.include_usage:
         total = sum(len(r.events) for r in results)
-        yield writer.chunk([], usage(plan.prompt_tokens, total, cached_tokens(results)))
+        use = usage(plan.prompt_tokens, total, cached_tokens(results), reasoning_tokens(results))
+        yield writer.chunk([], use)
     yield sse("[DONE]")
 
 
-def wire_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Pydantic messages → the formatter's ``{"role", "content"}`` dicts (developer →
-    system, text parts joined)."""
-    return [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in messages
-    ]
+def wire_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Pydantic messages → the formatter's ``{"role", "content", ...}`` dicts (developer →
+    system, text parts joined; tool calls, tool call ids and reasoning kept)."""
+    out = []
+    for m in messages:
+        message: dict[str, Any] = {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": m.text(),
+        }
+        if m.tool_calls:
+            message["tool_calls"] = [c.model_dump(mode="json") for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        if m.reasoning_content is not None:
+            message["reasoning_content"] = m.reasoning_content
+        out.append(message)
+    return out
 
 
 async def respond_chat(
@@ -375,7 +502,7 @@ async def respond_chat(
         handles = submit_all(served, plan, guard)
         if stream:
             return sse_response(stream_chat(served, plan, handles, on_complete), guard)
-        results = await run_chat(handles)
+        results = await run_chat(plan, handles)
         if on_complete is not None:
             await on_complete(results)
         return JSONResponse(completion_body(served, plan, results))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, StrictInt
 
 from bitserve.api.chat.protocol import DEFAULT_MAX_TOKENS, StreamOptions
@@ -31,6 +33,12 @@ class LlamaCompletionRequest(SamplingFields):
         True, description="Accepted for compatibility; bitserve has no prompt cache yet."
     )
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence tokens.")
+    json_schema: dict[str, Any] | None = Field(
+        None, description="Constrain the output to JSON valid against this schema."
+    )
+    grammar: str | None = Field(
+        None, description="Constrain the output to this GBNF grammar (llama.cpp's syntax)."
+    )
 
 
 class CompletionRequest(SamplingFields):

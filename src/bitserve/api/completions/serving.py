@@ -31,6 +31,7 @@ from bitserve.api.streaming import (
     sse,
     wire_finish_reason,
 )
+from bitserve.engine.constraint import CompiledConstraint, ConstraintError
 from bitserve.engine.generate import PromptLogprob
 from bitserve.engine.loop import RequestHandle
 from bitserve.engine.types import GenerationRequest, TokenEvent, TopLogprob
@@ -92,11 +93,32 @@ def engine_request(
 # ---- llama.cpp /completion -----------------------------------------------------------------
 
 
-def stop_type(served: ServedModel, events: list[TokenEvent]) -> str:
-    """llama.cpp's ``stop_type``: eos, word (a stop string), limit."""
+def completion_constraint(
+    served: ServedModel, body: LlamaCompletionRequest
+) -> CompiledConstraint | None:
+    """llama.cpp's ``json_schema`` or ``grammar`` (GBNF), compiled (not both: a 400, as
+    llama.cpp answers). A schema or grammar the library refuses is a 400 with its reason."""
+    if body.json_schema is not None and body.grammar is not None:
+        raise InvalidParameterError(
+            "json_schema: give json_schema or grammar, not both", "json_schema"
+        )
+    try:
+        if body.json_schema is not None:
+            return served.constraints.json_schema(body.json_schema)
+        if body.grammar is not None:
+            return served.constraints.gbnf(body.grammar)
+    except ConstraintError as exc:
+        param = "json_schema" if body.json_schema is not None else "grammar"
+        raise InvalidParameterError(f"{param}: {exc.reason}", param) from exc
+    return None
+
+
+def stop_type(served: ServedModel, events: list[TokenEvent], stop: list[str]) -> str:
+    """llama.cpp's ``stop_type``: eos (a stop token, or a grammar complete), word (a stop
+    string), limit."""
     if not events or events[-1].finish_reason != "stop":
         return "limit"
-    return "eos" if events[-1].token_id in served.stop_token_ids else "word"
+    return "word" if events[-1].token_id not in served.stop_token_ids and stop else "eos"
 
 
 def _probs_entry(
@@ -141,6 +163,7 @@ class LlamaCompletion:
             served, prompt, body_seedless, body.n_predict, normalize_stop(body.stop),
             body.n_probs, ignore_eos=body.ignore_eos,
         )  # fmt: skip
+        req.sampling.constraint = completion_constraint(served, body)
         return cls(served, body, req)
 
     def partial(self, event: TokenEvent, n_predicted: int) -> dict[str, Any]:
@@ -170,7 +193,7 @@ class LlamaCompletion:
                 self.request.prompt_tokens, skip_special=False
             ),
             "generation_settings": self.settings(),
-            "stop_type": stop_type(self.served, events),
+            "stop_type": stop_type(self.served, events, self.request.stop),
             "stopping_word": "",
             "has_new_line": "\n" in content,
             "truncated": False,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
-from bitserve.api.chat.serving import encode_chat
+from bitserve.api.chat.serving import PromptOptions, encode_chat
 from bitserve.api.served import ServedModel
 
 CUT_GRID_FRACTION = 4  # cuts land on multiples of ctx_size / 4 tokens
@@ -42,13 +42,15 @@ class FittedPrompt:
 
 def droppable_turns(history: Sequence[dict[str, Any]]) -> list[list[int]]:
     """The history's droppable turns, oldest first, as message indices: each non-system
-    message with the assistant replies right after it (history never starts with an
-    orphan reply). System messages are in none: they are never dropped."""
+    message with the assistant replies and tool results right after it (history never
+    starts with an orphan reply, nor with a tool result without its call). System
+    messages are in none: they are never dropped."""
     turns: list[list[int]] = []
     for i, message in enumerate(history):
         if message["role"] == "system":
             continue
-        if message["role"] == "assistant" and turns and turns[-1][-1] == i - 1:
+        follows = message["role"] in ("assistant", "tool")
+        if follows and turns and turns[-1][-1] == i - 1:
             turns[-1].append(i)
         else:
             turns.append([i])
@@ -85,11 +87,13 @@ def fit_history(
     new: Sequence[dict[str, Any]],
     new_tokens: Sequence[int],
     max_tokens: int,
+    options: PromptOptions | None = None,
 ) -> FittedPrompt:
     """``history + new``, leaving out the oldest history turns (never a system message,
     never the new messages) until the prompt leaves room for ``max_tokens``, or nothing
     droppable is left (the caller's context check then answers). ``*_tokens`` are the
-    messages' content token counts."""
+    messages' content token counts; ``options``: the request's tools and template kwargs
+    (their cost is not estimated: the measured excess covers it)."""
     budget = served.ctx_size - max_tokens
     costs = _costs(served, history, history_tokens)
     turns = droppable_turns(history)
@@ -101,7 +105,7 @@ def fit_history(
     while True:
         left_out = {i for turn in turns[:k] for i in turn}
         messages = [m for i, m in enumerate(history) if i not in left_out] + list(new)
-        prompt = encode_chat(served, messages, "messages")
+        prompt = encode_chat(served, messages, "messages", options)
         excess = len(prompt) - budget
         if excess <= 0 or k == len(turns):
             return FittedPrompt(messages, len(left_out), prompt)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from bitserve.api.chat.protocol import ChatCompletionRequest, ChatMessage
+from bitserve.api.chat.protocol import ChatCompletionRequest, ChatMessage, ToolCall
 from bitserve.api.errors import InvalidParameterError
 from bitserve.api.wire import RequestModel
 
@@ -66,6 +66,9 @@ class ConversationMessage(BaseModel):
     prompt_tokens: int | None = Field(None, description="Assistant replies: prompt size.")
     completion_tokens: int | None = Field(None, description="Assistant replies: reply size.")
     finish_reason: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant's calls.")
+    tool_call_id: str | None = Field(None, description="The call a tool message answers.")
+    reasoning_content: str | None = Field(None, description="An assistant's <think> text.")
 
 
 class ConversationWithMessages(ConversationObject):

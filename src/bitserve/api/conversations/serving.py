@@ -34,11 +34,13 @@ from starlette.responses import Response
 from bitserve.api.chat.serving import (
     ChatPlan,
     ChoiceResult,
-    check_supported,
+    PromptOptions,
     encode_chat,
     plan_chat,
+    prompt_options,
     respond_chat,
     wire_messages,
+    wire_tool_calls,
 )
 from bitserve.api.conversations.history import fit_history
 from bitserve.api.conversations.protocol import (
@@ -50,7 +52,7 @@ from bitserve.api.errors import InvalidParameterError
 from bitserve.api.served import ServedModel
 from bitserve.api.streaming import RequestGuard
 from bitserve.engine.types import TokenEvent
-from bitserve.store import Conversation, ConversationStore, NewMessage, StoredMessage
+from bitserve.store import Conversation, ConversationStore, NewMessage, StoredMessage, ToolCall
 from bitserve.store import Turn as StoreTurn
 from bitserve.store.base import (
     MAX_METADATA_KEY_CHARS,
@@ -118,15 +120,27 @@ def conversation_object(conv: Conversation) -> dict[str, Any]:
     ).model_dump(mode="json")
 
 
+def _wire_calls(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
+    return [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in calls
+    ]
+
+
 def message_object(m: StoredMessage) -> dict[str, Any]:
-    return ConversationMessage(
-        role=m.role,
-        content=m.content,
-        created_at=int(m.created_at),
-        tokens=m.tokens,
-        prompt_tokens=m.prompt_tokens,
-        completion_tokens=m.completion_tokens,
-        finish_reason=m.finish_reason,
+    return ConversationMessage.model_validate(
+        {
+            "role": m.role,
+            "content": m.content,
+            "created_at": int(m.created_at),
+            "tokens": m.tokens,
+            "prompt_tokens": m.prompt_tokens,
+            "completion_tokens": m.completion_tokens,
+            "finish_reason": m.finish_reason,
+            "tool_calls": _wire_calls(m.tool_calls) or None,
+            "tool_call_id": m.tool_call_id,
+            "reasoning_content": m.reasoning_content,
+        }
     ).model_dump(mode="json")
 
 
@@ -151,23 +165,41 @@ def next_turn_prefix(
     prompt) and ``reply``: the prompts of a next message "x" and "y" agree up to the
     message's text, which the formatter encodes apart from the template. None if the
     format rejects it."""
-    said: dict[str, Any] = {"role": "assistant", "content": reply.content}
-    if reply.token_ids is not None:
-        said["token_ids"] = list(reply.token_ids)
+    said = _history_message(reply)
+    role = "tool" if reply.tool_calls else "user"  # what answers a call is its result
     try:
-        a = served.loaded.chat.encode([*messages, said, {"role": "user", "content": "x"}])
-        b = served.loaded.chat.encode([*messages, said, {"role": "user", "content": "y"}])
+        a = served.loaded.chat.encode([*messages, said, {"role": role, "content": "x"}])
+        b = served.loaded.chat.encode([*messages, said, {"role": role, "content": "y"}])
     except ValueError:
         return None
     n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
     return a[:n]
 
 
-def _history_message(m: StoredMessage) -> dict[str, Any]:
+def _history_message(m: StoredMessage | NewMessage) -> dict[str, Any]:
+    """A stored message as the chat formatter takes it: replies with their generated
+    ``token_ids``, calls in OpenAI's shape, tool results' ids, reasoning."""
     message: dict[str, Any] = {"role": m.role, "content": m.content}
     if m.token_ids is not None:
         message["token_ids"] = list(m.token_ids)
+    if m.tool_calls:
+        message["tool_calls"] = _wire_calls(m.tool_calls)
+    if m.tool_call_id is not None:
+        message["tool_call_id"] = m.tool_call_id
+    if m.reasoning_content is not None:
+        message["reasoning_content"] = m.reasoning_content
     return message
+
+
+def _new_message(m: dict[str, Any], tokens: int) -> NewMessage:
+    calls = tuple(
+        ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"])
+        for c in m.get("tool_calls", ())
+    )
+    return NewMessage(
+        m["role"], m["content"], tokens, tool_calls=calls,
+        tool_call_id=m.get("tool_call_id"), reasoning_content=m.get("reasoning_content"),
+    )  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -194,10 +226,8 @@ class ConversationService:
     def count_tokens(self, text: str) -> int:
         return len(self.served.loaded.tokenizer.encode(text))
 
-    def new_messages(self, messages: list[dict[str, str]]) -> list[NewMessage]:
-        return [
-            NewMessage(m["role"], m["content"], self.count_tokens(m["content"])) for m in messages
-        ]
+    def new_messages(self, messages: list[dict[str, Any]]) -> list[NewMessage]:
+        return [_new_message(m, self.count_tokens(m["content"])) for m in messages]
 
     def history(self, owner: str, conversation_id: str) -> list[dict[str, Any]]:
         """The stored messages as the chat formatter takes them; replies carry their
@@ -231,12 +261,20 @@ class ConversationService:
         return self.served.loaded.chat.render(history), tokens, len(history)
 
     def reply_message(self, plan_prompt_tokens: int, reply: ChoiceResult) -> NewMessage:
-        """The assistant message to store for a finished ``reply``."""
+        """The assistant message to store for a finished ``reply``: its content, calls
+        and reasoning apart, as the template re-renders them (Qwen3 drops old reasoning),
+        so the generated ids are kept only for a reply that is all content."""
+        calls = tuple(
+            ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"])
+            for c in wire_tool_calls(reply.tool_calls)
+        )
         ids = reply_token_ids(reply.events, self.served.stop_token_ids)
-        tokens = len(ids) if ids is not None else self.count_tokens(reply.text)
+        if calls or reply.reasoning is not None:
+            ids = None
+        tokens = len(ids) if ids is not None else self.count_tokens(reply.content)
         return NewMessage(
-            "assistant", reply.text, tokens, plan_prompt_tokens, len(reply.events),
-            reply.finish_reason, ids,
+            "assistant", reply.content, tokens, plan_prompt_tokens, len(reply.events),
+            reply.finish_reason, ids, calls, None, reply.reasoning,
         )  # fmt: skip
 
     async def chat(
@@ -246,7 +284,7 @@ class ConversationService:
         model = self.served.resolve(body.model)
         if body.n != 1:
             raise InvalidParameterError("n: conversation chats generate one reply (n=1)", "n")
-        check_supported(body)
+        options = prompt_options(self.served, body)  # tool fields: 400s before waiting
         new = wire_messages(body.messages)
         if not new:
             raise InvalidParameterError("messages: must contain the new message", "messages")
@@ -257,7 +295,7 @@ class ConversationService:
             held = await run_in_threadpool(self.store.begin_turn, owner, conversation_id)
             guard.add(held.abandon)  # added before any await: a cancelled request runs it
             # tokenizing and fitting the history is CPU work: off the event loop
-            turn = await run_in_threadpool(self.prepare_turn, held, body, new, model)
+            turn = await run_in_threadpool(self.prepare_turn, held, body, new, model, options)
 
             async def store_turn(results: list[ChoiceResult]) -> None:
                 reply = await run_in_threadpool(self.store_turn, turn, results[0])
@@ -272,8 +310,9 @@ class ConversationService:
         self,
         held: StoreTurn,
         body: ConversationChatRequest,
-        new: list[dict[str, str]],
+        new: list[dict[str, Any]],
         model: str,
+        options: PromptOptions,
     ) -> Turn:
         """(worker thread) The history ``held`` read and the new messages, fitted to the
         context by their token counts (:func:`fit_history`), planned for the engine."""
@@ -286,8 +325,11 @@ class ConversationService:
             new,
             [m.tokens for m in new_stored],
             body.max_new_tokens(),
+            options,
         )
-        plan = plan_chat(self.served, body, fitted.messages, model, prompt=fitted.prompt)
+        plan = plan_chat(
+            self.served, body, fitted.messages, model, prompt=fitted.prompt, options=options
+        )
         conversation_id = held.conversation.id
         plan.extra = {"conversation_id": conversation_id, "truncated_messages": fitted.dropped}
         return Turn(plan, fitted.messages, new_stored, held)
