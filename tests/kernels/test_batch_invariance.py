@@ -205,3 +205,27 @@ def test_bitlinear_many_equals_separate_calls(native: NativeBackend, layout: str
         fused = native.bitlinear_many(x, weights)
         for y, w in zip(fused, weights, strict=True):
             np.testing.assert_array_equal(y, native.bitlinear(x, w))
+
+
+def test_gfni_and_shift_mask_code_planes_give_the_same_bits() -> None:
+    """The AVX-512 kernels extract code planes with GFNI where the CPU has it; the shift and
+    mask they use elsewhere (and at T > 1 for I2_S) must give the same bits at every T."""
+    if "avx512" not in available_kernels():
+        pytest.skip("needs the AVX-512 path")
+    from bitserve.kernels import _native  # type: ignore[attr-defined]
+
+    with_gfni = NativeBackend("avx512", threads=2)
+    without = NativeBackend("avx512", threads=2)
+    without._pool = _native.Pool(2, gfni=False)
+    rng = np.random.default_rng(9)
+    values = rng.integers(-1, 3, size=(37, 768), dtype=np.int8)
+    scales = rng.uniform(0.1, 1, size=(37, 12)).astype(np.float32)
+    weights = [
+        TernaryWeight(pack_i2s(np.clip(values, -1, 1), 0.5), 37, 768, 0.5),
+        TernaryWeight.from_values(values, scales, ActQuant.BLOCK32),
+        TernaryWeight.from_values(values, scales, ActQuant.PER_TOKEN),
+    ]
+    for t in (1, 3):
+        x = rng.standard_normal((t, 768), dtype=np.float32)
+        for w in weights:
+            np.testing.assert_array_equal(with_gfni.bitlinear(x, w), without.bitlinear(x, w))

@@ -13,9 +13,9 @@
 /* ---------------------------------------------------------------- Pool type ---- */
 
 static int pool_object_init(PoolObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"threads", NULL};
-    int threads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|i", kwlist, &threads)) return -1;
+    static char *kwlist[] = {"threads", "gfni", NULL};
+    int threads = 1, gfni = 1; /* gfni=False: the shift-and-mask code planes (tests compare) */
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|ip", kwlist, &threads, &gfni)) return -1;
     if (self->ready) {
         PyErr_SetString(PyExc_RuntimeError, "Pool is already initialised");
         return -1;
@@ -29,6 +29,7 @@ static int pool_object_init(PoolObject *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_OSError, "cannot start the kernel threads");
         return -1;
     }
+    self->pool.gfni &= gfni;
     self->ready = 1;
     return 0;
 }

@@ -48,6 +48,7 @@ typedef void (*TaskFn)(void *ctx, int chunk, int thread);
 
 typedef struct {
     int n_threads; /* including the calling thread */
+    int gfni;      /* the AVX-512 kernels may use GFNI (cpu_has_gfni(), unless turned off) */
     pthread_t *workers;
     pthread_mutex_t mutex; /* guards the sleep/wake handshake */
     pthread_cond_t wake;

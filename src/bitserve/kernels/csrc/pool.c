@@ -128,6 +128,7 @@ static void *worker_main(void *arg) {
 int pool_init(Pool *pool, int n_threads) {
     memset(pool, 0, sizeof(*pool));
     pool->n_threads = n_threads < 1 ? 1 : n_threads;
+    pool->gfni = cpu_has_gfni();
     pthread_mutex_init(&pool->mutex, NULL);
     pthread_cond_init(&pool->wake, NULL);
     pthread_mutex_init(&pool->dispatch_lock, NULL);

@@ -309,7 +309,7 @@ static void permute_tokens(Pool *pool, MatmulTask *task) {
     for (size_t t = 0; t < task->n_tokens; t++)
         permute_pairs(task->q + t * task->n_in, n_blocks, pool->qp + t * task->qp_stride);
     task->qp = pool->qp;
-    task->gfni = cpu_has_gfni();
+    task->gfni = pool->gfni;
 }
 
 /* rows_per_chunk for the thread count; returns the chunk count */

@@ -476,7 +476,7 @@ static int blocked_task(const Pool *pool, KernelImpl impl, const BlockedWeightAr
                           .n_super = w->n_super,
                           .gps = w->gps,
                           .block32 = w->block32,
-                          .gfni = impl == IMPL_AVX512 && cpu_has_gfni(),
+                          .gfni = impl == IMPL_AVX512 && pool->gfni,
                           .out_scale = w->out_scale,
                           .act = pool->blocked_act,
                           .tok_scale = pool->act_scale,
