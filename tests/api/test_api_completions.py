@@ -219,3 +219,53 @@ def test_text_offset_counts_from_the_prompt_start(client: TestClient) -> None:
     offsets = [o for e in streamed[:-1] if e["choices"][0]["logprobs"]
                for o in e["choices"][0]["logprobs"]["text_offset"]]  # fmt: skip
     assert offsets == expected
+
+
+def test_llama_completion_reports_the_prefix_cache_and_true_timings(client: TestClient) -> None:
+    prompt = "Once upon a time there was a little model that liked to count: one two three"
+    body = {"prompt": prompt, "n_predict": 8, "temperature": 0}
+    first = client.post("/completion", json=body).json()
+    again = client.post("/completion", json=body).json()
+    assert first["tokens_cached"] == 0
+    assert again["tokens_cached"] == again["tokens_evaluated"] - 1  # all but the last token
+    timings = again["timings"]
+    assert timings["cache_n"] == again["tokens_cached"]
+    assert timings["prompt_n"] == again["tokens_evaluated"] - again["tokens_cached"]
+    for key in ("prompt_ms", "prompt_per_second", "prompt_per_token_ms", "predicted_ms",
+                "predicted_per_second", "predicted_per_token_ms"):  # fmt: skip
+        assert timings[key] >= 0, key
+    assert timings["predicted_n"] == again["tokens_predicted"] == 8
+
+
+def test_a_completion_its_grammar_ended_is_eos_even_with_stop_strings(client: TestClient) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    body = {"prompt": "JSON:", "json_schema": schema, "temperature": 0, "n_predict": 40,
+            "stop": ["never in the reply"]}  # fmt: skip
+    data = client.post("/completion", json=body).json()
+    assert data["content"] in ('{"ok": true}', '{"ok": false}')
+    assert (data["stop_type"], data["stopping_word"]) == ("eos", "")
+
+
+def test_llama_completion_names_its_stopping_word(client: TestClient) -> None:
+    body = {"prompt": "Hello", "n_predict": 30, "temperature": 0}
+    text = client.post("/completion", json=body).json()["content"]
+    stop = text[3:5]  # a stop string the greedy reply is known to contain
+    answer = client.post("/completion", json={**body, "stop": ["zzzz", stop]}).json()
+    assert answer["stop_type"] == "word" and answer["stopping_word"] == stop
+    assert answer["content"] == text[: text.index(stop)]
+    plain = client.post("/completion", json={**body, "n_predict": 2}).json()
+    assert plain["stopping_word"] == ""
+
+
+def test_llama_completion_parses_special_tokens_in_text(client: TestClient) -> None:
+    hello = client.post("/tokenize", json={"content": "hello"}).json()["tokens"]
+    answer = client.post(
+        "/completion", json={"prompt": "<|begin_of_text|>hello<|eot_id|>", "n_predict": 1}
+    ).json()
+    assert answer["tokens_evaluated"] == 1 + len(hello) + 1  # BOS once, then the control token
+    assert answer["prompt"] == "<|begin_of_text|>hello<|eot_id|>"
+    # the OpenAI route keeps them as text (OpenAI does not parse them either)
+    legacy = client.post(
+        "/v1/completions", json={"model": "bitnet", "prompt": "<|eot_id|>", "max_tokens": 1}
+    ).json()
+    assert legacy["usage"]["prompt_tokens"] > 2

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from bitserve.api.conversations.history import droppable_turns, fit_history
 from bitserve.api.served import ServedModel
 from bitserve.engine.loader import LoadedModel
+from bitserve.store import NewMessage
 
 
 def history_of(turns: int) -> list[dict[str, Any]]:
@@ -108,6 +109,7 @@ def test_oversize_text_is_refused_before_tokenizing(make_client: AppFactory) -> 
             ("/v1/chat/completions", chat_body(big)),
             ("/v1/completions", {"model": "bitnet", "prompt": big}),
             ("/completion", {"prompt": big}),
+            ("/tokenize", {"content": big}),
             ("/v1/conversations", {"messages": [{"role": "system", "content": big}]}),
         ):
             r = client.post(path, json=body)
@@ -148,3 +150,14 @@ def test_a_conversation_is_checked_at_creation_by_the_chat_rules(make_client: Ap
         assert client.get("/v1/conversations").json()["data"][0]["id"] == conv
         r = client.post(f"/v1/conversations/{conv}/chat", json=chat_body("hi"))
         assert r.status_code == 200 and r.json()["truncated_messages"] > 0
+
+
+def test_a_stored_role_the_format_refuses_is_a_400_not_a_500(client: TestClient) -> None:
+    """Conversations stored before creation was checked may hold such a message."""
+    conv = client.post("/v1/conversations").json()["id"]
+    store = client.app.state.store  # type: ignore[attr-defined]
+    store.append_turn("", conv, [NewMessage("narrator", "42", 1)])
+    prompt = client.get(f"/v1/conversations/{conv}/prompt")
+    assert prompt.status_code == 400 and "role" in prompt.json()["error"]["message"]
+    chat = client.post(f"/v1/conversations/{conv}/chat", json=chat_body())
+    assert chat.status_code == 400

@@ -251,3 +251,52 @@ def test_token_ids_are_integers_not_booleans(client: TestClient) -> None:
         answer = client.post(path, json=body)
         assert answer.status_code == 422, (path, answer.text)
     assert client.post("/detokenize", json={"tokens": [5]}).status_code == 200
+
+
+def test_the_prefix_cache_is_never_shared_between_keys(make_client: AppFactory) -> None:
+    system = {"role": "system", "content": "You are the assistant of a secret project. " * 8}
+
+    def cached(key: str, question: str) -> int:
+        body = {
+            **chat_body(question, max_tokens=2),
+            "messages": [system, {"role": "user", "content": question}],
+        }
+        answer = client.post(
+            "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+        )
+        assert answer.status_code == 200, answer.text
+        return int(answer.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+    with make_client(api_keys=("key-a", "key-b")) as client:
+        assert cached("key-a", "first") == 0
+        assert cached("key-a", "second") > 50  # a key reuses its own system prompt
+        assert cached("key-b", "third") == 0  # and never another key's
+        assert cached("key-b", "fourth") > 50
+        for path, body, field in (
+            ("/completion", {"prompt": "One. " + system["content"], "n_predict": 1},
+             "tokens_cached"),
+            ("/v1/completions", {"model": "bitnet", "prompt": "Two. " + system["content"],
+                                 "max_tokens": 1}, "usage"),
+        ):  # fmt: skip
+            answers = [
+                client.post(path, json=body, headers={"Authorization": f"Bearer {key}"}).json()
+                for key in ("key-a", "key-a", "key-b")
+            ]
+            hits = [
+                a[field]
+                if field == "tokens_cached"
+                else a[field]["prompt_tokens_details"]["cached_tokens"]
+                for a in answers
+            ]
+            # key-a's second request reuses its first; key-b finds at most the BOS of its
+            # own chats, never key-a's prompt
+            assert hits[1] > 50 and hits[2] <= 1, (path, hits)
+
+
+def test_a_405_lists_every_method_of_the_path(client: TestClient) -> None:
+    conv = client.post("/v1/conversations").json()["id"]
+    answer = client.put(f"/v1/conversations/{conv}")
+    assert answer.status_code == 405
+    allowed = {m.strip() for m in answer.headers["allow"].split(",")}
+    assert allowed == {"GET", "HEAD", "POST", "PATCH", "DELETE"}
+    assert client.get("/v1/chat/completions").headers["allow"] == "POST"

@@ -74,3 +74,24 @@ def test_an_evicted_conversation_comes_back_from_disk_and_after_a_restart(
         assert metric(again.url, "bitserve_prefix_cache_disk_hits_total") == 2
     finally:
         again.stop()
+
+
+def test_a_clean_stop_writes_the_prefix_cache_to_disk(tmp_path: Path) -> None:
+    """SIGTERM (systemd, Kubernetes, ``server.stop()``): the conversation never evicted
+    must be on disk after the stop and hit after a restart. uvicorn re-raises the signal
+    once it has shut down, which killed the process before it wrote anything."""
+    args = ("--cache-disk", "64", "--cache-dir", str(tmp_path / "kv"))
+    db = tmp_path / "stop.db"
+    server = start(tmp_path / "a", *args, db=db)
+    try:
+        conv = new_conversation(server)
+        first = turn(server, conv, "A: " + LONG)
+        assert metric(server.url, "bitserve_prefix_cache_spilled_total") == 0
+    finally:
+        server.stop()
+    assert list((tmp_path / "kv").glob("*/*.kv"))
+    again = start(tmp_path / "b", *args, db=db)
+    try:
+        assert cached(turn(again, conv, "And then?")) >= first["prompt_tokens"]
+    finally:
+        again.stop()

@@ -63,6 +63,12 @@ def test_oracle_reply_keys_and_aliases(oracle: TestClient) -> None:
         assert data["choices"][0]["logprobs"] is None
 
 
+def test_builtin_routes_have_bitminds_documented_defaults() -> None:
+    route_1 = OracleConfig.builtin().routes["1"].defaults
+    assert route_1["temperature"] == 0.1 and route_1["top_p"] == 1.0  # not our 0.95
+    assert route_1["max_tokens"] == 500 and route_1["stream"] is True
+
+
 def test_oracle_route_defaults_apply(oracle: TestClient) -> None:
     # route 1's temperature 0.1 is used unless the client sends one: out of range → 400
     body = chat_body(model="llama-3", stream=False)

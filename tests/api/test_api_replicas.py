@@ -102,3 +102,25 @@ def test_a_store_lost_while_streaming_ends_the_stream_with_the_error_and_stores_
         assert r.status_code == 200 and events[0]["choices"][0]["delta"]["role"] == "assistant"
         assert events[-1]["error"]["code"] == "store_unavailable"
         assert client.get(f"/v1/conversations/{cid}").json()["messages"] == []
+
+
+def test_a_full_database_pool_is_a_503_that_says_so(loaded: LoadedModel, postgres_url: str) -> None:
+    """Every connection held by turns in flight (here: held by the test): the next chat
+    gets a 503 + Retry-After within a second or so, naming the cause, not a hang."""
+    from bitserve.store.postgres import PostgresStore
+
+    store = PostgresStore(postgres_url, max_connections=2)
+    config = ServerSettings(db_path=postgres_url, db_pool_size=2)
+    served = ServedModel.create(loaded, 4, None, config.aliases, int(time.time()))
+    with TestClient(create_app(config, served, store), raise_server_exceptions=False) as client:
+        cid = client.post("/v1/conversations").json()["id"]
+        held = [store.begin_turn("", store.create("").id) for _ in range(2)]
+        r = client.post(f"/v1/conversations/{cid}/chat", json=chat_body())
+        assert r.status_code == 503 and r.headers["retry-after"] == "2"
+        error = r.json()["error"]
+        assert error["code"] == "store_unavailable"
+        assert error["message"].endswith("no free database connection (all 2 in use)")
+        for turn in held:
+            turn.abandon()
+        assert client.post(f"/v1/conversations/{cid}/chat", json=chat_body()).status_code == 200
+    store.close()

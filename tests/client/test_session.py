@@ -12,7 +12,14 @@ from client_fakes import FakeServer, content_chunk, sse
 from bitserve.client.api_client import ConversationAPI
 from bitserve.client.cli import url_problem
 from bitserve.client.errors import ConversationNotFound
-from bitserve.client.session import PROMPT, REPLY_PREFIX, ChatSession, parse_command
+from bitserve.client.session import (
+    PROMPT,
+    REPLY_PREFIX,
+    THINKING,
+    THOUGHT,
+    ChatSession,
+    parse_command,
+)
 
 CTRL_C = object()  # in a script: the user presses Ctrl-C at the prompt
 
@@ -186,3 +193,47 @@ def test_resume_counts_messages_and_unknown_ids_fail(
 )
 def test_url_problem(url: str, ok: bool) -> None:
     assert (url_problem(url) is None) == ok
+
+
+def reasoning_chunk(text: str) -> dict[str, object]:
+    choice = {"index": 0, "delta": {"reasoning_content": text}, "finish_reason": None}
+    return {"object": "chat.completion.chunk", "choices": [choice]}
+
+
+def test_a_reasoning_model_thinks_visibly_on_a_terminal_and_silently_when_piped(
+    api: ConversationAPI, fake_server: FakeServer
+) -> None:
+    """A Qwen3-style model streams its <think> text first: on a terminal it showed nothing
+    until the answer began, however long the model thought."""
+    thinking = [reasoning_chunk("Let me "), reasoning_chunk("think."), content_chunk("Hi!")]
+    fake_server.reply_stream = sse(*thinking)
+    _, out, _, _ = run_session(api, ["hello"], interactive=True)
+    assert f"{REPLY_PREFIX}{THINKING}Let me think.{THOUGHT}\nHi!\n" in out
+    fake_server.reply_stream = sse(*thinking)
+    _, out, _, _ = run_session(api, ["hello"])
+    assert out == "Hi!\n"  # a script's stdout holds the answer only
+
+
+def test_history_shows_tool_calls_and_reasoning(
+    api: ConversationAPI, fake_server: FakeServer
+) -> None:
+    """An agent's conversation: the assistant turn that called a tool showed as an empty
+    'assistant:' line."""
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}  # fmt: skip
+    fake_server.conversations["conv_1"] = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [call], "reasoning_content": "Ask."},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+        {"role": "assistant", "content": "Sunny.", "tool_calls": None},
+    ]
+    session = ChatSession(api, ScriptedInput([], False), out := io.StringIO(), io.StringIO())
+    session.start("conv_1")
+    session.show_history()
+    assert out.getvalue() == (
+        "you: Weather in Paris?\n"
+        "assistant (thinking): Ask.\n"
+        'assistant: → get_weather({"city": "Paris"})\n'
+        "tool: sunny\n"
+        "assistant: Sunny.\n"
+    )

@@ -11,7 +11,9 @@ from collections import Counter
 from typing import Any
 
 import httpx
+import psycopg
 
+from bitserve.api.settings import DB_POOL_SPARE, DEFAULT_MAX_BATCH
 from bitserve.cluster.local import LocalCluster
 
 TIMEOUT = httpx.Timeout(120.0, connect=5.0)
@@ -140,6 +142,19 @@ def test_two_replicas_writing_one_conversation_are_serialized(
     later = answers[f"replica-{second}"].json()["usage"]["prompt_tokens"]
     earlier = answers[f"replica-{first}"].json()["usage"]["prompt_tokens"]
     assert later > earlier + 500
+
+
+def test_each_replica_holds_its_pool_of_database_connections(cluster: LocalCluster) -> None:
+    """Three replicas at the default flags keep 3 x (--max-batch + 4) connections open,
+    no more, however many turns run: within PostgreSQL's default max_connections."""
+    with psycopg.connect(cluster.postgres.url) as admin:
+        row = admin.execute(
+            "SELECT count(*), current_setting('max_connections')::int FROM pg_stat_activity "
+            "WHERE application_name = 'bitserve'"
+        ).fetchone()
+    assert row is not None
+    connections, max_connections = row
+    assert connections == 3 * (DEFAULT_MAX_BATCH + DB_POOL_SPARE) <= max_connections - 3
 
 
 def test_postgres_restart_under_load_is_503_then_back(cluster: LocalCluster) -> None:

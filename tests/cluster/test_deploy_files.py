@@ -97,3 +97,13 @@ def test_the_nginx_config_in_deploy_is_the_one_the_cluster_runs() -> None:
     assert rendered.count("server 127.0.0.1:2 max_fails=1 fail_timeout=10s;") == 2
     assert "hash $bitserve_conversation consistent;" in rendered
     assert "10.0.0.11" not in rendered and "listen 127.0.0.1:9;" in rendered
+
+
+def test_three_replicas_at_default_flags_fit_postgresql_default_connections() -> None:
+    """Each replica keeps a fixed pool of PostgreSQL connections; at the default flags
+    three replicas must fit PostgreSQL's default max_connections (100, 3 of them reserved
+    for superusers). It was --max-queue + --max-batch + 4 = 36 each: 108."""
+    default = serve_settings(["serve", "--db", "postgresql://u:p@db/bitserve"])
+    assert 3 * default.db_connections <= 100 - 3
+    assert serve_settings(["serve", "--max-batch", "8"]).db_connections == 8 + 4
+    assert serve_settings(["serve", "--db-pool-size", "5"]).db_connections == 5

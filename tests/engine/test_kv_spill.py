@@ -274,3 +274,32 @@ def test_a_few_shared_tokens_are_not_read_from_disk(tmp_path: Path) -> None:
     assert prefix.take([*range(MIN_DISK_TOKENS), 999]) is not None
     assert len(spill) == 1 and prefix.stats.hits == 1
     spill.close()
+
+
+def test_entries_are_reused_within_their_scope_only_in_ram_and_on_disk(tmp_path: Path) -> None:
+    """A prefix-cache entry belongs to the scope (API key) whose request computed it:
+    another scope never gets it, so no key learns from cache hits what another sent."""
+    memory = KVMemory()
+    spill = KVSpill(tmp_path, 1 << 30, KEY)
+    one_entry = KVCache(CONFIG, dtype=np.float16).bytes_for(40)
+    prefix = PrefixCache(one_entry, spill, lambda: KVCache(CONFIG, dtype=np.float16, memory=memory))
+    prompt = [*range(40), 7]
+    prefix.put(np.arange(40), filled_cache(40, seed=6, memory=memory), scope="alice")
+    assert prefix.cached_length(prompt, "bob") == 0 and prefix.take(prompt, scope="bob") is None
+    assert prefix.take(prompt) is None  # nor the unscoped (keyless) requests
+    # bob's identical prompt is an entry of its own; it does not supersede alice's
+    prefix.put(np.arange(40), filled_cache(40, seed=7, memory=memory), scope="bob")
+    spill.flush()
+    assert len(prefix) == 1 and len(spill) == 1  # alice's was evicted to disk, not dropped
+    (on_disk,) = spill.entries
+    assert on_disk.scope == "alice" and on_disk.path.name.startswith("alice.")
+    spill.close()
+    again = KVSpill(tmp_path, 1 << 30, KEY)  # a restart reads the scope from the name
+    assert [e.scope for e in again.entries] == ["alice"]
+    assert again.best(prompt, "bob") == (None, 0)
+    entry, n = again.best(prompt, "alice")
+    assert entry is not None and n == 40
+    again.close()
+    alices = prefix.take(prompt, scope="alice")  # from disk, for alice
+    bobs = prefix.take(prompt, scope="bob")  # from RAM, for bob
+    assert alices is not None and bobs is not None and prefix.stats.disk_hits == 1

@@ -157,6 +157,7 @@ def test_filters_restrict_what_the_sampler_draws() -> None:
         ({"top_p": 0.65}, {0, 1}),
         ({"min_p": 0.45}, {0, 1, 2}),  # keeps p >= 0.18
         ({"top_k": 3, "top_p": 0.42}, {0}),  # top-p sees the top 3 renormalised: 0.4 → 0.44
+        ({"top_p": 0.0}, {0}),  # the most likely token alone (was log(0): a 500)
         ({}, {0, 1, 2, 3}),
     ):
         params = SamplingParams(**{**off, **cut})  # type: ignore[arg-type]

@@ -185,3 +185,19 @@ def test_models_says_when_a_file_is_gone(
     status, out, _ = run(capsys, "models")
     assert status == 1
     assert out.splitlines()[1].split()[:5] == ["bitnet-2b", "bitnet", "1.00", "kB", "MISSING"]
+
+
+def test_serve_hf_without_network_gives_advice_serve_can_follow(
+    hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said 'pass --offline', which `bitserve serve` does not take (an argparse error),
+    and which could not help: the model is not on disk."""
+    url = hub.url
+    hub.stop()
+    status, _, err = run(capsys, "serve", "-hf", "bitnet-2b")
+    assert status == 1
+    assert err.startswith(f"bitserve serve: cannot reach the model hub at {url} (")
+    assert err.endswith(
+        "check the network or proxy: bitnet-2b is not downloaded yet, and serve -hf "
+        "downloads it before it starts\n"
+    )

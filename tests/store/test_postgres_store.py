@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 
 from bitserve.cluster.postgres import PostgresServer, start_postgres
@@ -194,4 +195,46 @@ def test_after_a_restart_the_first_request_succeeds(own_server: PostgresServer) 
     own_server.stop()
     own_server.start()
     assert store.get("k", conv.id).id == conv.id
+    store.close()
+
+
+def count_connections(url: str, application: str) -> int:
+    with psycopg.connect(url) as admin:
+        row = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE application_name = %s AND datname = current_database()",
+            (application,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_the_pool_opens_its_connections_at_start_and_never_more(postgres_url: str) -> None:
+    """A replica's footprint on the database is its pool size, known in advance (replicas
+    x pool size must fit the server's max_connections), and a burst of turns never waits
+    for the pool to grow one connection at a time (it did, and got 503s)."""
+    store = PostgresStore(postgres_url, max_connections=3)
+    deadline = time.monotonic() + 10
+    while count_connections(postgres_url, "bitserve") < 3:
+        assert time.monotonic() < deadline, "the pool did not open its connections"
+        time.sleep(0.05)
+    turns = [store.begin_turn("k", store.create("k").id) for _ in range(3)]
+    assert count_connections(postgres_url, "bitserve") == 3
+    for t in turns:
+        t.abandon()
+    store.close()
+
+
+def test_a_full_pool_is_a_prompt_503_that_says_so(postgres_url: str) -> None:
+    store = PostgresStore(postgres_url, max_connections=2)
+    held = [store.begin_turn("k", store.create("k").id) for _ in range(2)]
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailableError) as caught:
+        store.begin_turn("k", store.create("k").id)
+    assert time.monotonic() - started < 10
+    assert str(caught.value).endswith(": no free database connection (all 2 in use)")
+    assert caught.value.retry_after > 0
+    held[0].commit(turn("a"))  # a connection is back: the next turn gets it
+    store.begin_turn("k", store.create("k").id).abandon()
+    held[1].abandon()
     store.close()

@@ -44,7 +44,9 @@ BitMind-compatible oracle routes. Errors are always
 
 def create_app(settings: ServerSettings, served: ServedModel, store: ConversationStore) -> FastAPI:
     """The app serving ``served`` with conversations in ``store``. The lifespan owns both:
-    it starts ``served.engine`` and, at shutdown, stops it and closes ``store``."""
+    it starts ``served.engine`` and, at shutdown, stops it, writes the prefix cache to disk
+    (``--cache-disk``) and closes ``store``. This must happen here: once uvicorn has shut
+    down after a SIGTERM it raises the signal again, which ends the process at once."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -53,6 +55,7 @@ def create_app(settings: ServerSettings, served: ServedModel, store: Conversatio
             yield
         finally:
             served.engine.stop()
+            served.close()
             store.close()
 
     app = FastAPI(

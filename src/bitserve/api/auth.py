@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from fastapi import Request
 
 from bitserve.api.errors import AuthenticationError
+from bitserve.engine.types import GenerationRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,17 @@ def require_key(request: Request) -> Principal:
     """FastAPI dependency: the caller's ``Principal`` (401 without a valid key)."""
     checker: KeyChecker = request.app.state.keys
     return checker.check(request.headers.get("authorization"))
+
+
+def scope_to_caller(requests: Iterable[GenerationRequest | None], request: Request) -> None:
+    """Give the engine ``requests`` the caller's prefix-cache scope (its key fingerprint;
+    "" without keys): a key's requests reuse only KV its own requests computed, so no key
+    learns from cache hits what another key sent."""
+    checker: KeyChecker = request.app.state.keys
+    scope = checker.check(request.headers.get("authorization")).owner if checker.enabled else ""
+    for req in requests:
+        if req is not None:
+            req.cache_scope = scope
 
 
 def require_configured_key(request: Request) -> Principal:

@@ -151,7 +151,8 @@ _KEY_CHECKS = (require_key, require_configured_key)
 class GuardedRoute(APIRoute):
     """An ``APIRoute`` whose key dependency (``require_key`` or ``require_configured_key``
     among its dependencies) also runs before the body is read: a missing or wrong key is
-    a 401 without reading a byte of it."""
+    a 401 without reading a byte of it. Then the JSON body's text is checked
+    (:func:`check_body_text`) before the route sees it."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()

@@ -18,7 +18,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from bitserve.engine.generate import ContextLengthError
 from bitserve.engine.loop import EngineStoppedError, GenerationFailedError, QueueFullError
@@ -114,6 +116,43 @@ class AuthenticationError(APIError):
 
 class GenerationCancelledError(APIError):
     """The engine cancelled a generation the client did not cancel (server shutting down)."""
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
+_STATUS_DOC = {
+    400: "A value out of range, an unsupported combination, text that is not Unicode or too "
+    "long, a prompt that does not fit, a Host the server does not answer to.",
+    401: "Missing or wrong API key.",
+    404: "Unknown conversation, model or oracle route.",
+    413: "The request body is larger than --max-body-mb.",
+    422: "Malformed JSON, or a missing or ill-typed field.",
+    500: "The generation failed (`generation_failed`): the engine goes on.",
+    503: "The queue is full (`Retry-After`), or the server is stopping.",
+    507: "The conversation store's disk is full: nothing was written.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for ``statuses``, each with :class:`ErrorResponse`."""
+    return {s: {"model": ErrorResponse, "description": _STATUS_DOC[s]} for s in statuses}
+
+
+# what the routes of each kind can answer besides 200
+EDGE_ERRORS = (400, 413, 422)  # Host, Unicode, body size, validation: every route
+KEYED_ERRORS = (*EDGE_ERRORS, 401)
+GENERATING_ERRORS = (*KEYED_ERRORS, 404, 500, 503)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,10 +260,31 @@ def error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method some route serves at the request's path (``Allow`` of a 405)."""
+    methods: set[str] = set()
+    routes = list(request.app.router.routes)
+    while routes:
+        route = routes.pop()
+        included = getattr(route, "original_router", None)  # an included router's routes
+        if included is not None:
+            routes.extend(included.routes)
+            continue
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every exception through ``error_response``."""
 
     async def handle(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, StarletteHTTPException) and exc.status_code == 405:
+            # Starlette names the methods of the first route on the path only
+            exc = StarletteHTTPException(405, exc.detail, {"Allow": allowed_methods(request)})
         return error_response(exc)
 
     for cls in (*ERROR_TABLE, StarletteHTTPException, Exception):

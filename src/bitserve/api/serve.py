@@ -33,6 +33,8 @@ from bitserve.api.settings import (
 
 log = logging.getLogger(__name__)
 
+GIL_SWITCH_INTERVAL_S = 0.001
+
 
 def without_password(db: str) -> str:
     """``postgresql://user:secret@host/db`` → ``postgresql://user:***@host/db`` (for logs)."""
@@ -96,6 +98,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="conversation store: an SQLite file, or a postgresql://user:password@host/dbname "
         "URL that several replicas share (needs bitserve[postgres]; default: $BITSERVE_DB, "
         "else an SQLite file in your data folder)",
+    )
+    p.add_argument(
+        "--db-pool-size",
+        type=int,
+        default=0,
+        help="PostgreSQL connections this replica keeps open; a chat turn holds one while it "
+        "runs, and a turn that finds none free gets a 503 (default: --max-batch + 4; "
+        "replicas x this must fit the server's max_connections)",
     )
     p.add_argument(
         "--replica-id",
@@ -166,6 +176,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         cache_disk_mb=args.cache_disk,
         cache_dir=args.cache_dir,
         db_path=args.db,
+        db_pool_size=args.db_pool_size,
         api_keys=tuple(keys),
         aliases=tuple(dict.fromkeys(args.alias)),
         oracle=OracleConfig.load(args.oracle_config),
@@ -209,9 +220,15 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if settings.max_batch < 1 or settings.cache_ram_mb < 0 or settings.cache_disk_mb < 0:
+    if (
+        settings.max_batch < 1
+        or settings.cache_ram_mb < 0
+        or settings.cache_disk_mb < 0
+        or settings.db_pool_size < 0
+    ):
         print(
-            "bitserve serve: --max-batch must be >= 1, --cache-ram and --cache-disk >= 0",
+            "bitserve serve: --max-batch must be >= 1, --cache-ram, --cache-disk and "
+            "--db-pool-size >= 0",
             file=sys.stderr,
         )
         return 2
@@ -240,8 +257,8 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:  # --cache-dir cannot be created
         print(f"bitserve serve: {exc}", file=sys.stderr)
         return 1
-    try:  # a turn in flight holds a connection: one for each, and a few for the rest
-        store = open_store(settings.db_path, settings.max_queue + settings.max_batch + 4)
+    try:
+        store = open_store(settings.db_path, settings.db_connections)
     except StoreError as exc:  # no psycopg, a newer schema, no database within 30 s
         print(f"bitserve serve: {exc}", file=sys.stderr)
         return 1
@@ -268,13 +285,18 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
         http=head_timeout_protocol(settings.head_timeout_s),
     )
-    asyncio.run(_serve(uvicorn.Server(config)))
-    served.close()  # the engine has stopped: the prefix cache's RAM entries go to disk
+    asyncio.run(_serve(uvicorn.Server(config)))  # the lifespan writes the prefix cache
     return 0
 
 
 async def _serve(server: uvicorn.Server) -> None:
     """uvicorn's ``Server.serve`` with accept failures (out of file descriptors) logged
-    once per interval instead of once per attempt."""
+    once per interval instead of once per attempt.
+
+    The GIL switch interval drops from 5 ms to 1 ms: the event loop shares the GIL with
+    the engine thread and the workers that tokenize and fit histories, and it should get
+    it back within a millisecond to answer ``/health`` or a token; the heavy work (the
+    kernels, the tokenizer) releases the GIL anyway."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     AcceptErrorThrottle().install(asyncio.get_running_loop())
     await server.serve()

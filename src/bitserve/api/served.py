@@ -20,6 +20,7 @@ from bitserve import __version__
 from bitserve.api.errors import (
     ContextLengthExceededError,
     InputTooLongError,
+    InvalidParameterError,
     ModelNotFoundError,
 )
 from bitserve.api.settings import DEFAULT_CACHE_DISK_MB, DEFAULT_CACHE_RAM_MB, default_cache_dir
@@ -154,6 +155,16 @@ class ServedModel:
         if room < 1:
             raise ContextLengthExceededError(prompt_tokens, self.ctx_size, param)
         return room
+
+    def check_queue_room(self, generations: int, param: str) -> None:
+        """400 for a request needing more generations at once than the queue can ever
+        hold (``--max-queue``): a 503 would tell the client to retry what never fits."""
+        if generations > self.engine.max_queue:
+            raise InvalidParameterError(
+                f"{param}: this request needs {generations} generations at once, and the "
+                f"server queues at most {self.engine.max_queue} (--max-queue)",
+                param,
+            )
 
     def check_input_chars(self, chars: int, param: str) -> None:
         """400 ``input_too_long`` for more text than :attr:`max_input_chars`, before any

@@ -17,6 +17,7 @@ DEFAULT_CACHE_DISK_MB = 0  # prefix cache entries spilled to disk; 0 (the defaul
 DEFAULT_ALIASES = ("bitnet",)
 DEFAULT_MAX_BODY_MB = 8  # request bodies; a 128k-token prompt is well under 1 MB of JSON
 DEFAULT_HEAD_TIMEOUT_S = 10.0  # a connection must send its request head within this
+DB_POOL_SPARE = 4  # PostgreSQL connections beyond one per running turn: reads, short writes
 
 
 def default_db_path() -> Path:
@@ -43,8 +44,9 @@ class ServerSettings:
     serve`` sets the loopback names, ``--host`` and ``--allowed-host``); ``cors_origins``:
     browser origins allowed to call the API (none: no CORS headers).
     ``db_path`` is an SQLite file or a ``postgresql://`` URL (several replicas share one
-    database). ``replica`` names this process in the ``X-Bitserve-Replica`` header of
-    every response ("" means ``<hostname>:<port>``)."""
+    database); ``db_pool_size`` is how many connections a PostgreSQL store keeps open (0:
+    ``max_batch`` + 4, see :attr:`db_connections`). ``replica`` names this process in the
+    ``X-Bitserve-Replica`` header of every response ("" means ``<hostname>:<port>``)."""
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
@@ -60,6 +62,7 @@ class ServerSettings:
     cache_disk_mb: int = DEFAULT_CACHE_DISK_MB
     cache_dir: Path = field(default_factory=default_cache_dir)
     db_path: Path | str = field(default_factory=default_db_path)
+    db_pool_size: int = 0
     api_keys: tuple[str, ...] = ()
     aliases: tuple[str, ...] = DEFAULT_ALIASES
     oracle: OracleConfig = field(default_factory=OracleConfig.builtin)
@@ -73,6 +76,14 @@ class ServerSettings:
     @property
     def max_body_bytes(self) -> int:
         return self.max_body_mb * 2**20
+
+    @property
+    def db_connections(self) -> int:
+        """PostgreSQL connections this replica keeps open: ``db_pool_size``, by default one
+        for each turn the engine runs at once and 4 for the short reads and writes. Turns
+        queued beyond them get a 503; replicas x this must fit the server's
+        ``max_connections`` (100 by default: 3 replicas x 20 do)."""
+        return self.db_pool_size or self.max_batch + DB_POOL_SPARE
 
     @property
     def replica_name(self) -> str:

@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bitserve.api.auth import require_key
 from bitserve.api.edge import GuardedRoute
-from bitserve.api.errors import ModelNotFoundError
+from bitserve.api.errors import KEYED_ERRORS, ModelNotFoundError, error_responses
 from bitserve.api.metrics import install_metrics, make_registry
 from bitserve.api.served import ServedModel
 
@@ -43,11 +43,16 @@ class ReplicaHeader:
         await self.app(scope, receive, named_send)
 
 
-health_router = APIRouter(tags=["system"])
-router = APIRouter(tags=["system"], dependencies=[Depends(require_key)], route_class=GuardedRoute)
+health_router = APIRouter(tags=["system"], responses=error_responses(400))  # a bad Host
+router = APIRouter(
+    tags=["system"],
+    dependencies=[Depends(require_key)],
+    route_class=GuardedRoute,
+    responses=error_responses(*KEYED_ERRORS),
+)
 
 
-NOT_FOUND_DOC: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown model."}}
+NOT_FOUND_DOC = error_responses(404)
 HEALTH_DOC: dict[int | str, dict[str, Any]] = {
     503: {
         "description": 'The engine cannot run requests: `{"status": "error", "model", '

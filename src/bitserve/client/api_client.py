@@ -9,7 +9,7 @@ whose text is one sentence for the user.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -36,10 +36,13 @@ READ_TIMEOUT_S = 600.0  # a queued request may wait long for its first token
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
-    """One stored message as the server returns it."""
+    """One stored message as the server returns it: an assistant's may carry its
+    reasoning and its tool calls (each as ``name(arguments)``)."""
 
     role: str
     content: str
+    reasoning: str = ""
+    tool_calls: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,16 +110,17 @@ class ConversationAPI:
         messages = data.get("messages")
         if not isinstance(messages, list):
             raise ServerFailed("The server's conversation record had no message list.")
-        return [
-            ChatMessage(str(m.get("role", "?")), _text(m.get("content")))
-            for m in messages
-            if isinstance(m, dict)
-        ]
+        return [_message(m) for m in messages if isinstance(m, dict)]
 
     def stream_reply(
-        self, conversation_id: str, content: str, options: ReplyOptions | None = None
+        self,
+        conversation_id: str,
+        content: str,
+        options: ReplyOptions | None = None,
+        on_reasoning: Callable[[str], None] | None = None,
     ) -> Generator[str, None, None]:
-        """Send one user message and yield the reply's text pieces as they arrive.
+        """Send one user message and yield the reply's text pieces as they arrive; pieces
+        of the model's reasoning go to ``on_reasoning`` (dropped without it).
 
         Closing the generator early (or an exception inside the loop, e.g. Ctrl-C) closes
         the HTTP response, which is how the server learns to stop generating.
@@ -134,11 +138,13 @@ class ConversationAPI:
             if response.status_code >= 400:
                 response.read()
                 self._raise_for_status(response, conversation_id)
-            yield from self._reply_pieces(response)
+            yield from self._reply_pieces(response, on_reasoning)
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _reply_pieces(self, response: httpx.Response) -> Iterator[str]:
+    def _reply_pieces(
+        self, response: httpx.Response, on_reasoning: Callable[[str], None] | None
+    ) -> Iterator[str]:
         if response.headers.get("content-type", "").startswith("application/json"):
             response.read()  # a server that ignored stream: true answered in one piece
             yield _completion_text(self._decode(response))
@@ -147,6 +153,8 @@ class ConversationAPI:
             if payload == DONE:
                 return
             delta = parse_chunk(payload)
+            if delta.reasoning and on_reasoning is not None:
+                on_reasoning(delta.reasoning)
             if delta.content:
                 yield delta.content
 
@@ -237,6 +245,17 @@ def _text(content: Any) -> str:
     if isinstance(content, list):
         return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
     return "" if content is None else str(content)
+
+
+def _message(m: dict[str, Any]) -> ChatMessage:
+    calls = m.get("tool_calls")
+    calls = calls if isinstance(calls, list) else []
+    functions = [c["function"] for c in calls if isinstance(c, dict) and "function" in c]
+    shown = tuple(
+        f"{f.get('name', '?')}({f.get('arguments', '')})" for f in functions if isinstance(f, dict)
+    )
+    role, reasoning = str(m.get("role", "?")), _text(m.get("reasoning_content"))
+    return ChatMessage(role, _text(m.get("content")), reasoning, shown)
 
 
 def _completion_text(data: dict[str, Any]) -> str:

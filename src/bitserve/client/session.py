@@ -18,6 +18,7 @@ __all__ = ["COMMANDS", "ChatSession", "parse_command"]
 
 PROMPT = "you> "
 REPLY_PREFIX = "assistant> "
+THINKING, THOUGHT = "\x1b[2m", "\x1b[0m"  # a reasoning model's thinking, dimmed (terminal only)
 ROLE_LABELS = {"user": "you", "assistant": "assistant", "system": "system"}
 
 # command → help text; a leading "/" is also accepted ("/new")
@@ -138,7 +139,13 @@ class ChatSession:
         if not messages:
             self.out.write("(no messages yet)\n")
         for message in messages:
-            self.out.write(f"{ROLE_LABELS.get(message.role, message.role)}: {message.content}\n")
+            label = ROLE_LABELS.get(message.role, message.role)
+            if message.reasoning:
+                self.out.write(f"{label} (thinking): {message.reasoning}\n")
+            if message.content or not message.tool_calls:
+                self.out.write(f"{label}: {message.content}\n")
+            for call in message.tool_calls:
+                self.out.write(f"{label}: → {call}\n")
         self.out.flush()
         return True
 
@@ -150,8 +157,11 @@ class ChatSession:
     def send(self, content: str) -> None:
         """Send one message and stream the reply to ``out``. On a terminal, Ctrl-C stops
         the reply: the response is closed (so the server stops generating) and the
-        session goes on."""
-        pieces = self.api.stream_reply(self._current(), content, self.options)
+        session goes on. On a terminal a reasoning model's thinking is shown too, dimmed,
+        before its answer; piped, only the answer is written."""
+        thinking = _Thinking(self.out) if self.lines.interactive else None
+        on_reasoning = None if thinking is None else thinking.write
+        pieces = self.api.stream_reply(self._current(), content, self.options, on_reasoning)
         started = self.lines.interactive
         if started:
             self.out.write(REPLY_PREFIX)
@@ -159,9 +169,13 @@ class ChatSession:
         try:
             for piece in pieces:
                 started = True
+                if thinking is not None:
+                    thinking.end("\n")
                 self.out.write(piece)
                 self.out.flush()
         except ChatClientError:
+            if thinking is not None:
+                thinking.end()
             if started:
                 self.out.write("\n")  # the error sentence starts on its own line
             raise
@@ -170,11 +184,15 @@ class ChatSession:
                 raise
             pieces.close()
             self.api.reset()
+            if thinking is not None:
+                thinking.end()
             self.out.write("\n[reply stopped]\n")
             self.out.flush()
             return
         finally:
             pieces.close()
+        if thinking is not None:
+            thinking.end()
         self.out.write("\n")
         self.out.flush()
 
@@ -194,3 +212,24 @@ class ChatSession:
         self.out.flush()
         self.err.write(text + "\n")
         self.err.flush()
+
+
+class _Thinking:
+    """A reply's reasoning on a terminal: dimmed while it streams, closed (styles reset)
+    once the answer starts or the reply ends."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.open = False
+
+    def write(self, text: str) -> None:
+        if not self.open:
+            self.out.write(THINKING)
+            self.open = True
+        self.out.write(text)
+        self.out.flush()
+
+    def end(self, separator: str = "") -> None:
+        if self.open:
+            self.out.write(THOUGHT + separator)
+            self.open = False

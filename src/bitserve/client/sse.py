@@ -47,10 +47,12 @@ def iter_sse_data(lines: Iterable[str]) -> Iterator[str]:
 
 @dataclass(frozen=True, slots=True)
 class ChunkDelta:
-    """What one streamed chunk adds: text (possibly ""), and the finish reason if last."""
+    """What one streamed chunk adds: text (possibly ""), reasoning text (a model's
+    ``<think>`` part, possibly ""), and the finish reason if last."""
 
     content: str
     finish_reason: str | None = None
+    reasoning: str = ""
 
 
 def parse_chunk(payload: str) -> ChunkDelta:
@@ -74,9 +76,14 @@ def parse_chunk(payload: str) -> ChunkDelta:
     if not choices or not isinstance(choices[0], dict):
         return ChunkDelta("")
     choice: dict[str, Any] = choices[0]
-    delta = choice.get("delta") or {}
-    content = delta.get("content") if isinstance(delta, dict) else None
-    return ChunkDelta(content if isinstance(content, str) else "", choice.get("finish_reason"))
+    delta = choice.get("delta")
+    delta = delta if isinstance(delta, dict) else {}
+    content, reasoning = delta.get("content"), delta.get("reasoning_content")
+    return ChunkDelta(
+        content if isinstance(content, str) else "",
+        choice.get("finish_reason"),
+        reasoning if isinstance(reasoning, str) else "",
+    )
 
 
 def error_message(body: Any) -> str:

@@ -169,14 +169,29 @@ def read_into(path: Path, cache: KVCache, expect_tokens: np.ndarray) -> None:
 
 @dataclass(slots=True, eq=False)
 class SpillEntry:
-    """``tokens [n]`` (int64) stored in ``path`` (``nbytes`` on disk); ``write`` is set
-    while the background writer has not finished the file."""
+    """``tokens [n]`` (int64) stored in ``path`` (``nbytes`` on disk), reusable by
+    requests of ``scope`` only (it is in the file's name: ``<scope>.<id>.kv``, or
+    ``<id>.kv`` for the empty scope); ``write`` is set while the background writer has not
+    finished the file."""
 
     tokens: np.ndarray
     path: Path
     nbytes: int
     last_used: int
     write: PendingWrite | None = None
+    scope: str = ""
+
+
+def _scope_of(path: Path) -> str:
+    """The scope a spill file's name holds (see :class:`SpillEntry`)."""
+    stem = path.name[: -len(SUFFIX)]
+    return stem.rsplit(".", 1)[0] if "." in stem else ""
+
+
+def _scoped_name(scope: str) -> str:
+    """A new file name for an entry of ``scope`` (scopes are hex fingerprints or "")."""
+    unique = uuid.uuid4().hex
+    return f"{scope}.{unique}{SUFFIX}" if scope else f"{unique}{SUFFIX}"
 
 
 @dataclass(slots=True, eq=False)
@@ -235,7 +250,7 @@ class KVSpill:
                 continue
             found.append((st.st_mtime_ns, path, tokens, st.st_size))
         for _, path, tokens, size in sorted(found, key=lambda t: t[0]):
-            self._add(SpillEntry(tokens, path, size, 0))
+            self._add(SpillEntry(tokens, path, size, 0, scope=_scope_of(path)))
         self._evict()
 
     def _add(self, entry: SpillEntry) -> None:
@@ -264,11 +279,11 @@ class KVSpill:
 
     # -- the engine's calls -----------------------------------------------------------------
 
-    def save(self, tokens: np.ndarray, cache: KVCache) -> bool:
-        """Spill ``cache`` (the KV of ``tokens[:cache.length]``), taking ownership: it is
-        released once written (or at once if it cannot be). Entries that are a prefix of it
-        are superseded and deleted; the oldest go until the budget holds. False if not
-        saved (empty, or larger than the whole budget)."""
+    def save(self, tokens: np.ndarray, cache: KVCache, scope: str = "") -> bool:
+        """Spill ``cache`` (the KV of ``tokens[:cache.length]``, for ``scope``), taking
+        ownership: it is released once written (or at once if it cannot be). Entries of
+        the scope that are a prefix of it are superseded and deleted; the oldest go until
+        the budget holds. False if not saved (empty, or larger than the whole budget)."""
         self._reap()
         ids = np.asarray(tokens, dtype=np.int64)[: cache.length]
         layout = (cache.layout[0], cache.layout[1], cache.layout[2])
@@ -276,8 +291,8 @@ class KVSpill:
         if cache.length == 0 or size > self.budget_bytes:
             cache.release()
             return False
-        self.discard_prefixes_of(ids)
-        entry = SpillEntry(ids, self.directory / f"{uuid.uuid4().hex}{SUFFIX}", size, 0)
+        self.discard_prefixes_of(ids, scope)
+        entry = SpillEntry(ids, self.directory / _scoped_name(scope), size, 0, scope=scope)
         self._add(entry)
         entry.write = PendingWrite(entry, cache)
         self._evict()
@@ -289,16 +304,20 @@ class KVSpill:
             self._reap()
         return True
 
-    def discard_prefixes_of(self, tokens: np.ndarray) -> None:
-        """Delete the entries whose tokens are a prefix of ``tokens`` (superseded)."""
-        for old in [e for e in self.entries if common_prefix(e.tokens, tokens) == len(e.tokens)]:
-            self._remove(old)
+    def discard_prefixes_of(self, tokens: np.ndarray, scope: str = "") -> None:
+        """Delete the entries of ``scope`` whose tokens are a prefix of ``tokens``
+        (superseded)."""
+        for old in self.entries[:]:
+            if old.scope == scope and common_prefix(old.tokens, tokens) == len(old.tokens):
+                self._remove(old)
 
-    def best(self, tokens: list[int] | np.ndarray) -> tuple[SpillEntry | None, int]:
-        """The entry sharing the longest prefix with ``tokens`` and that length
-        (``(None, 0)`` if none shares a token)."""
+    def best(
+        self, tokens: list[int] | np.ndarray, scope: str = ""
+    ) -> tuple[SpillEntry | None, int]:
+        """The entry of ``scope`` sharing the longest prefix with ``tokens`` and that
+        length (``(None, 0)`` if none shares a token)."""
         self._reap()
-        return longest_prefix(self.entries, np.asarray(tokens, dtype=np.int64))
+        return longest_prefix(self.entries, np.asarray(tokens, dtype=np.int64), scope)
 
     def load(
         self, entry: SpillEntry, n: int, make_cache: Callable[[], KVCache], keep: bool = False

@@ -292,7 +292,7 @@ class EngineLoop(Generic[G]):
         self._enqueue(_Call(fn, future))
         return await asyncio.wrap_future(future)
 
-    def prefill_ahead(self, tokens: list[int], max_new: int) -> None:
+    def prefill_ahead(self, tokens: list[int], max_new: int, scope: str = "") -> None:
         """Queue :meth:`Scheduler.extend_cached` of ``tokens`` (batched mode; skipped while
         requests wait: it only saves a later request some time, and must not take a queue
         slot from one). Requests queued after it find its work done."""
@@ -302,7 +302,7 @@ class EngineLoop(Generic[G]):
 
         def extend(_: G) -> int:
             try:
-                return scheduler.extend_cached(tokens, max_new)
+                return scheduler.extend_cached(tokens, max_new, scope)
             except Exception:
                 log.exception("prefill ahead failed")
                 return 0
@@ -447,6 +447,9 @@ class EngineLoop(Generic[G]):
             out = sched.step()
         finally:
             self.stats.busy_seconds += time.perf_counter() - started
+        # counted before any request hears of the step, so a client that got its error
+        # and asks /health next sees it
+        self._record_outcome(out.failed[-1][1] if out.failed else None, bool(out.events))
         pushes: list[tuple[RequestHandle, object]] = []
         try:
             for seq, event in out.events:
@@ -461,7 +464,6 @@ class EngineLoop(Generic[G]):
                 pushes.append(self._end(seq, GenerationFailedError(exc)))
         finally:  # whatever went wrong, what is ready still reaches its requests
             push_all(pushes)
-        self._record_outcome(out.failed[-1][1] if out.failed else None, bool(out.events))
         self._sync_stats(sched)
 
     def _record_outcome(self, error: BaseException | None, produced: bool) -> None:
@@ -490,8 +492,8 @@ class EngineLoop(Generic[G]):
             if handle is not None:
                 self.stats.requests_failed += 1
                 pushes.append((handle, GenerationFailedError(exc)))
-        push_all(pushes)
         self._record_outcome(exc, produced=False)
+        push_all(pushes)
         with contextlib.suppress(Exception):
             self._sync_stats(sched)
 

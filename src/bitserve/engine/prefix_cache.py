@@ -1,15 +1,16 @@
 """``PrefixCache``: keys/values of finished sequences, reused by later requests.
 
 When a sequence finishes, its cache (the KV of prompt + generated tokens that went through
-the model) is put here with its tokens. A new request takes the entry sharing the longest
-common token prefix with its prompt: the entry's cache is handed over (truncated to the
-common prefix, no copy) and the request computes only the rest. The entry leaves the
-prefix cache while in use and comes back, longer, when that request finishes — so a
-conversation's next turn finds its whole history. A second request wanting an entry that
-is in use finds nothing (it computes from scratch); entries are never shared. A request
-that shares less than half of an entry (another conversation with the same chat-template
-header, say) gets a copy of the common positions instead: the entry stays for the
-conversation it belongs to.
+the model) is put here with its tokens and its scope (who may reuse it: the API's key
+fingerprint, so that a key never learns what another key sent). A new request of the same
+scope takes the entry sharing the longest common token prefix with its prompt: the
+entry's cache is handed over (truncated to the common prefix, no copy) and the request
+computes only the rest. The entry leaves the prefix cache while in use and comes back,
+longer, when that request finishes — so a conversation's next turn finds its whole
+history. A second request wanting an entry that is in use finds nothing (it computes from
+scratch); entries are never shared. A request that shares less than half of an entry
+(another conversation with the same chat-template header, say) gets a copy of the common
+positions instead: the entry stays for the conversation it belongs to.
 
 Memory: a cache holds memory only for the positions it has written (see
 :class:`~bitserve.model.kv_cache.KVCache`), so a next turn appends to an entry in place,
@@ -42,11 +43,13 @@ MIN_DISK_TOKENS = 32
 
 @dataclass(slots=True, eq=False)
 class PrefixEntry:
-    """``tokens [n]`` (int64) whose keys/values are in ``cache`` (``cache.length == n``)."""
+    """``tokens [n]`` (int64) whose keys/values are in ``cache`` (``cache.length == n``),
+    reusable by requests of ``scope`` only."""
 
     tokens: np.ndarray
     cache: KVCache
     last_used: int
+    scope: str = ""
 
 
 @dataclass(slots=True)
@@ -75,15 +78,20 @@ class _HasTokens(Protocol):
     @property
     def tokens(self) -> np.ndarray: ...
 
+    @property
+    def scope(self) -> str: ...
+
 
 E = TypeVar("E", bound=_HasTokens)
 
 
-def longest_prefix(entries: Iterable[E], ids: np.ndarray) -> tuple[E | None, int]:
-    """The entry whose ``tokens`` share the longest prefix with ``ids``, and its length (the
-    first such entry on a tie; ``(None, 0)`` if none shares a token)."""
+def longest_prefix(entries: Iterable[E], ids: np.ndarray, scope: str) -> tuple[E | None, int]:
+    """The entry of ``scope`` whose ``tokens`` share the longest prefix with ``ids``, and
+    its length (the first such entry on a tie; ``(None, 0)`` if none shares a token)."""
     best, best_len = None, 0
     for entry in entries:
+        if entry.scope != scope:
+            continue
         n = common_prefix(entry.tokens, ids)
         if n > best_len:
             best, best_len = entry, n
@@ -114,31 +122,36 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def _best(self, ids: np.ndarray) -> tuple[PrefixEntry | None, int]:
-        """The RAM entry with the longest common prefix with ``ids``, and its length
-        (the first such entry on a tie; ``(None, 0)`` if none shares a token)."""
-        return longest_prefix(self.entries, ids)
+    def _best(self, ids: np.ndarray, scope: str) -> tuple[PrefixEntry | None, int]:
+        """The RAM entry of ``scope`` with the longest common prefix with ``ids``, and its
+        length (the first such entry on a tie; ``(None, 0)`` if none shares a token)."""
+        return longest_prefix(self.entries, ids, scope)
 
-    def cached_length(self, tokens: list[int] | np.ndarray) -> int:
-        """The longest common prefix of ``tokens`` with an entry in RAM (nothing moves)."""
-        return self._best(np.asarray(tokens, dtype=np.int64))[1]
+    def cached_length(self, tokens: list[int] | np.ndarray, scope: str = "") -> int:
+        """The longest common prefix of ``tokens`` with an entry of ``scope`` in RAM
+        (nothing moves)."""
+        return self._best(np.asarray(tokens, dtype=np.int64), scope)[1]
 
     def take(
-        self, tokens: list[int] | np.ndarray, record: bool = True, ram_only: bool = False
+        self,
+        tokens: list[int] | np.ndarray,
+        record: bool = True,
+        ram_only: bool = False,
+        scope: str = "",
     ) -> KVCache | None:
         """The cache of the entry (in RAM or on disk) sharing the longest prefix with
         ``tokens``, removed from the store and truncated to that prefix — at most
         ``len(tokens) - 1`` positions, so the last token is always computed (its logits are
         needed). RAM wins ties. ``None`` on a miss. ``record``: count it in ``stats``
         (requests' lookups; not the engine's own prefill ahead); ``ram_only``: never read
-        the disk."""
+        the disk; ``scope``: only entries put with the same scope are considered."""
         stats = self.stats if record else PrefixCacheStats()
         stats.lookups += 1
         ids = np.asarray(tokens, dtype=np.int64)
         limit = len(ids) - 1
-        best, best_len = self._best(ids)
+        best, best_len = self._best(ids, scope)
         best_len = min(best_len, limit)
-        cache = None if ram_only else self._take_from_disk(ids, best_len, limit)
+        cache = None if ram_only else self._take_from_disk(ids, best_len, limit, scope)
         if cache is not None:
             stats.disk_hits += 1
         elif best is not None and best_len > 0 and 2 * best_len < len(best.tokens):
@@ -153,36 +166,39 @@ class PrefixCache:
         stats.cached_tokens += cache.length
         return cache
 
-    def _take_from_disk(self, ids: np.ndarray, ram_len: int, limit: int) -> KVCache | None:
-        """The disk entry's cache if it shares more than ``ram_len`` tokens (at most
-        ``limit``) with ``ids``; None otherwise or if its file proves unreadable."""
+    def _take_from_disk(
+        self, ids: np.ndarray, ram_len: int, limit: int, scope: str
+    ) -> KVCache | None:
+        """The disk entry's cache (of ``scope``) if it shares more than ``ram_len`` tokens
+        (at most ``limit``) with ``ids``; None otherwise or if its file proves unreadable."""
         if self.spill is None or self.make_cache is None:
             return None
-        entry, n = self.spill.best(ids)
+        entry, n = self.spill.best(ids, scope)
         n = min(n, limit)
         if entry is None or n <= ram_len or n < MIN_DISK_TOKENS:
             return None
         return self.spill.load(entry, n, self.make_cache, keep=2 * n < len(entry.tokens))
 
-    def put(self, tokens: list[int] | np.ndarray, cache: KVCache) -> None:
-        """Keep ``cache`` holding the KV of ``tokens[:cache.length]``; entries that are a
-        prefix of it are dropped (it supersedes them), then the LRU ones go (to the spill,
-        if any) until everything fits. A cache that cannot fit on its own goes straight to
-        the spill, or is released at once."""
+    def put(self, tokens: list[int] | np.ndarray, cache: KVCache, scope: str = "") -> None:
+        """Keep ``cache`` holding the KV of ``tokens[:cache.length]`` for ``scope``; entries
+        of that scope that are a prefix of it are dropped (it supersedes them), then the LRU
+        ones go (to the spill, if any) until everything fits. A cache that cannot fit on
+        its own goes straight to the spill, or is released at once."""
         ids = np.asarray(tokens, dtype=np.int64)[: cache.length]
         if cache.length == 0 or (self.budget_bytes <= 0 and self.spill is None):
             cache.release()
             return
         cache.trim()  # positions written past its tokens (a stop string) hold memory
         if cache.nbytes > self.budget_bytes:
-            self._spill_or_release(ids, cache)
+            self._spill_or_release(ids, cache, scope)
             return
-        for entry in [e for e in self.entries if common_prefix(e.tokens, ids) == len(e.tokens)]:
-            self._drop(entry)
+        for entry in self.entries[:]:
+            if entry.scope == scope and common_prefix(entry.tokens, ids) == len(entry.tokens):
+                self._drop(entry)
         if self.spill is not None:
-            self.spill.discard_prefixes_of(ids)
+            self.spill.discard_prefixes_of(ids, scope)
         self._clock += 1
-        self.entries.append(PrefixEntry(ids, cache, self._clock))
+        self.entries.append(PrefixEntry(ids, cache, self._clock, scope))
         self._evict(self.budget_bytes)
 
     def _evict(self, budget: int) -> None:
@@ -191,12 +207,12 @@ class PrefixCache:
             oldest = min(self.entries, key=lambda e: e.last_used)
             total -= oldest.cache.nbytes
             self.entries.remove(oldest)
-            self._spill_or_release(oldest.tokens, oldest.cache)
+            self._spill_or_release(oldest.tokens, oldest.cache, oldest.scope)
             self.stats.evictions += 1
 
-    def _spill_or_release(self, ids: np.ndarray, cache: KVCache) -> None:
+    def _spill_or_release(self, ids: np.ndarray, cache: KVCache, scope: str) -> None:
         """Hand ``cache`` to the spill (which releases it once written) or release it."""
-        if self.spill is not None and self.spill.save(ids, cache):
+        if self.spill is not None and self.spill.save(ids, cache, scope):
             self.stats.spilled += 1
         elif self.spill is None:
             cache.release()
@@ -210,7 +226,7 @@ class PrefixCache:
         keeps the newest), and wait for the files; without a spill, release them."""
         for entry in sorted(self.entries, key=lambda e: e.last_used):
             self.entries.remove(entry)
-            self._spill_or_release(entry.tokens, entry.cache)
+            self._spill_or_release(entry.tokens, entry.cache, entry.scope)
         if self.spill is not None:
             self.spill.flush()
 

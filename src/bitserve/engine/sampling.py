@@ -309,7 +309,8 @@ def _vocabulary_candidates(
         return ids, x[ids].astype(np.float64), log_norm
     for k in NUCLEUS_SEARCH:
         ids, values = sorted_candidates(x, k)
-        if logsumexp(values) - log_norm >= math.log(top_p):
+        # top_p 0 keeps one token, which any prefix holds (log(0) is undefined)
+        if top_p <= 0.0 or logsumexp(values) - log_norm >= math.log(top_p):
             return ids, values, log_norm
     return (*sorted_candidates(x), log_norm)
 

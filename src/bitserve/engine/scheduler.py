@@ -153,7 +153,7 @@ class Scheduler:
                 out.finished.append(seq)
         return out
 
-    def extend_cached(self, tokens: list[int], max_new: int) -> int:
+    def extend_cached(self, tokens: list[int], max_new: int, scope: str = "") -> int:
         """Prefill ahead: when all but 1..``max_new`` of ``tokens`` are cached (a
         conversation's reply has just finished, and ``tokens`` add the chat template's
         start of its next turn), compute the rest into that prefix-cache entry now, so the
@@ -162,16 +162,16 @@ class Scheduler:
         Returns the tokens computed (0: nothing to do, or not worth it)."""
         if self.prefix_cache is None:
             return 0
-        cached = self.prefix_cache.cached_length(tokens)
+        cached = self.prefix_cache.cached_length(tokens, scope)
         if not 1 <= len(tokens) - cached <= max_new:
             return 0
         # the entry (or a copy of its first `cached` positions when they are a shared
         # header): either way `cached` positions, as RAM holds them
-        cache = self.prefix_cache.take(tokens, record=False, ram_only=True)
+        cache = self.prefix_cache.take(tokens, record=False, ram_only=True, scope=scope)
         if cache is None:
             return 0
         if cache.free < len(tokens) - cached:  # past the context: put it back untouched
-            self.prefix_cache.put(tokens[:cached], cache)
+            self.prefix_cache.put(tokens[:cached], cache, scope)
             return 0
         try:
             self.model.forward_batch([BatchItem(np.asarray(tokens[cached:]), cache, False)])
@@ -179,7 +179,7 @@ class Scheduler:
             cache.release()
             raise
         self.stats.prefilled_ahead += len(tokens) - cached
-        self.prefix_cache.put(tokens, cache)
+        self.prefix_cache.put(tokens, cache, scope)
         return len(tokens) - cached
 
     def abort_all(self, keep_kv: bool = True) -> list[Sequence]:
@@ -216,7 +216,7 @@ class Scheduler:
                 out.finished.append(seq)
                 continue
             try:
-                cache = None if self.prefix_cache is None else self.prefix_cache.take(seq.tokens)
+                cache = self._cached(seq)
                 if cache is None:
                     cache = self.model.new_cache(None, self._kv_dtype, self.memory)
             except Exception as exc:
@@ -226,6 +226,12 @@ class Scheduler:
             seq.num_computed_tokens = seq.num_cached_tokens = cache.length
             self.stats.cached_tokens += cache.length
             self.running.append(seq)
+
+    def _cached(self, seq: Sequence) -> KVCache | None:
+        """The prefix cache's entry for ``seq`` (of its request's scope), if any."""
+        if self.prefix_cache is None:
+            return None
+        return self.prefix_cache.take(seq.tokens, scope=seq.request.cache_scope)
 
     def _plan(self) -> list[tuple[Sequence, int]]:
         """``(sequence, tokens to compute)`` pairs: decodes first, then prompt chunks."""
@@ -266,6 +272,6 @@ class Scheduler:
             return
         if keep_kv and self.prefix_cache is not None:
             cache.truncate(min(cache.length, seq.num_computed_tokens))
-            self.prefix_cache.put(seq.tokens, cache)
+            self.prefix_cache.put(seq.tokens, cache, seq.request.cache_scope)
         else:
             cache.release()

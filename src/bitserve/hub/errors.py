@@ -27,6 +27,7 @@ class NoNetworkError(PullError):
             "proxy, or pass --offline to use only models already downloaded"
         )
         self.endpoint = endpoint
+        self.reason = reason
 
 
 class RepoNotFoundError(PullError):

@@ -9,21 +9,25 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
-from bitserve.api.auth import require_key
+from bitserve.api.auth import require_key, scope_to_caller
+from bitserve.api.completions.legacy import LegacyCompletion
+from bitserve.api.completions.llama import LlamaCompletion
 from bitserve.api.completions.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     LlamaCompletionRequest,
     TokenizeRequest,
 )
-from bitserve.api.completions.serving import LegacyCompletion, LlamaCompletion
 from bitserve.api.edge import GuardedRoute
-from bitserve.api.errors import InvalidParameterError
+from bitserve.api.errors import GENERATING_ERRORS, InvalidParameterError, error_responses
 from bitserve.api.served import ServedModel
 from bitserve.api.streaming import RequestGuard, sse_response
 
 router = APIRouter(
-    tags=["completions"], dependencies=[Depends(require_key)], route_class=GuardedRoute
+    tags=["completions"],
+    dependencies=[Depends(require_key)],
+    route_class=GuardedRoute,
+    responses=error_responses(*GENERATING_ERRORS),
 )
 
 STREAM_DOC: dict[int | str, dict[str, Any]] = {
@@ -60,6 +64,7 @@ async def completion(body: LlamaCompletionRequest, request: Request) -> Response
     `n_probs` (→ `completion_probabilities`), `return_tokens`; `stream: true` sends
     llama.cpp's partial objects and a final one with `stop: true` (no `[DONE]`)."""
     job = await run_in_threadpool(LlamaCompletion.plan, _served(request), body)  # tokenizes
+    scope_to_caller([job.request], request)
     return await _answer(RequestGuard(request), body.stream, job)
 
 
@@ -68,21 +73,23 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     """OpenAI legacy completions. `echo: true` with `logprobs: N` and `max_tokens: 0`
     scores the prompt (each token's logprob given those before it; the first is null)."""
     job = await run_in_threadpool(LegacyCompletion.plan, _served(request), body)  # tokenizes
+    scope_to_caller((c.request for c in job.choices), request)
     return await _answer(RequestGuard(request), body.stream, job)
 
 
 @router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+async def tokenize(body: TokenizeRequest, request: Request) -> Response:
     """Text → token ids (`add_special` prepends BOS; `with_pieces` adds each piece)."""
-    tok = _served(request).loaded.tokenizer
+    served = _served(request)
+    served.check_input_chars(len(body.content), "content")
+    tok = served.loaded.tokenizer
 
-    def run() -> dict[str, Any]:  # on a worker thread: the text may be long
+    def run() -> Response:  # on a worker thread: the text and its JSON may be long
         ids = tok.encode(body.content, add_bos=body.add_special and tok.add_bos)
         if body.with_pieces:
-            return {
-                "tokens": [{"id": i, "piece": tok.decode([i], skip_special=False)} for i in ids]
-            }
-        return {"tokens": ids}
+            pieces = [{"id": i, "piece": tok.decode([i], skip_special=False)} for i in ids]
+            return JSONResponse({"tokens": pieces})
+        return JSONResponse({"tokens": ids})
 
     return await run_in_threadpool(run)
 

@@ -11,10 +11,12 @@ of re-encoding per chat.
 Stable cuts: a prompt must start the same way turn after turn for the prefix cache to
 serve it, and dropping just enough each turn would move its start every turn (a whole
 context of prompt processing each time). So the cut lands on a grid instead: the
-smallest multiple of a quarter context (in tokens counted from the conversation's start)
+smallest multiple of half the context (in tokens counted from the conversation's start)
 that leaves room. History only grows at its end, so these points never move: the start
-of the prompt changes once per quarter context of conversation, and the turns between
-reuse the cache.
+of the prompt changes once per half context of conversation, and the turns between reuse
+the cache (llama.cpp's context shift also discards half). A finer grid would keep more
+history but compute the whole kept history again more often: per turn, about as many
+tokens as the history holds divided by the turns between two cuts.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 from bitserve.api.chat.serving import PromptOptions, encode_chat
 from bitserve.api.served import ServedModel
 
-CUT_GRID_FRACTION = 4  # cuts land on multiples of ctx_size / 4 tokens
+CUT_GRID_FRACTION = 2  # cuts land on multiples of ctx_size / 2 tokens
 
 
 @dataclass(frozen=True, slots=True)

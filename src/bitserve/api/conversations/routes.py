@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from bitserve.api.auth import Principal, require_key
 from bitserve.api.chat.protocol import ConversationChatCompletion
@@ -29,11 +29,14 @@ from bitserve.api.conversations.serving import (
     message_object,
 )
 from bitserve.api.edge import GuardedRoute
-from bitserve.api.errors import InvalidParameterError
+from bitserve.api.errors import GENERATING_ERRORS, InvalidParameterError, error_responses
 from bitserve.api.streaming import RequestGuard
 
 router = APIRouter(
-    tags=["conversations"], dependencies=[Depends(require_key)], route_class=GuardedRoute
+    tags=["conversations"],
+    dependencies=[Depends(require_key)],
+    route_class=GuardedRoute,
+    responses=error_responses(*GENERATING_ERRORS, 507),
 )
 
 SSE_DOC: dict[int | str, dict[str, Any]] = {
@@ -94,11 +97,16 @@ async def get_conversation(
     conversation_id: str,
     request: Request,
     who: Principal = Depends(require_key),  # noqa: B008
-) -> dict[str, Any]:
+) -> Response:
     """The conversation with every stored message, oldest first."""
     store = service(request).store
-    conv, messages = await run_in_threadpool(store.read, who.owner, conversation_id)
-    return {**conversation_object(conv), "messages": [message_object(m) for m in messages]}
+
+    def run() -> Response:  # on a worker thread: thousands of messages take a while
+        conv, messages = store.read(who.owner, conversation_id)
+        body = {**conversation_object(conv), "messages": [message_object(m) for m in messages]}
+        return JSONResponse(body)
+
+    return await run_in_threadpool(run)
 
 
 @router.post("/v1/conversations/{conversation_id}", response_model=ConversationObject)

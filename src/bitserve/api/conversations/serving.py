@@ -24,6 +24,7 @@ waits only for the message itself.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,17 +32,17 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from bitserve.api.chat.response import ChoiceResult
 from bitserve.api.chat.serving import (
     ChatPlan,
-    ChoiceResult,
     PromptOptions,
     encode_chat,
     plan_chat,
     prompt_options,
     respond_chat,
     wire_messages,
-    wire_tool_calls,
 )
+from bitserve.api.chat.tools import wire_tool_calls
 from bitserve.api.conversations.history import fit_history
 from bitserve.api.conversations.protocol import (
     ConversationChatRequest,
@@ -51,6 +52,7 @@ from bitserve.api.conversations.protocol import (
 from bitserve.api.errors import InvalidParameterError
 from bitserve.api.served import ServedModel
 from bitserve.api.streaming import RequestGuard
+from bitserve.engine.loop import QueueFullError
 from bitserve.engine.types import TokenEvent
 from bitserve.store import Conversation, ConversationStore, NewMessage, StoredMessage, ToolCall
 from bitserve.store import Turn as StoreTurn
@@ -65,14 +67,22 @@ PREFILL_AHEAD_MAX_TOKENS = 16  # the template's start of a turn is ~6 tokens (LL
 
 
 class ConversationLocks:
-    """One ``asyncio.Lock`` per conversation id, dropped when nobody holds or waits."""
+    """One ``asyncio.Lock`` per conversation id, dropped when nobody holds or waits. At
+    most ``max_waiting`` chats wait for one conversation (``--max-queue``): a client that
+    queues more gets ``QueueFullError`` (503 + ``Retry-After``) like the engine's queue,
+    instead of piling up requests that hold a connection each."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_waiting: int = 16, seconds_per_turn: Callable[[], float] = lambda: 1.0):
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self.max_waiting = max_waiting
+        self.seconds_per_turn = seconds_per_turn
 
     async def acquire(self, key: str) -> Callable[[], None]:
         """Wait for ``key``'s lock; returns an idempotent release function."""
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        if lock.locked() and users - 1 >= self.max_waiting:  # users: the holder + waiters
+            retry = math.ceil(self.seconds_per_turn() * users)
+            raise QueueFullError(self.max_waiting, max(1, min(retry, 60)))
         self._locks[key] = (lock, users + 1)
         try:
             await lock.acquire()
@@ -120,13 +130,6 @@ def conversation_object(conv: Conversation) -> dict[str, Any]:
     ).model_dump(mode="json")
 
 
-def _wire_calls(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
-    return [
-        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-        for c in calls
-    ]
-
-
 def message_object(m: StoredMessage) -> dict[str, Any]:
     return ConversationMessage.model_validate(
         {
@@ -137,7 +140,7 @@ def message_object(m: StoredMessage) -> dict[str, Any]:
             "prompt_tokens": m.prompt_tokens,
             "completion_tokens": m.completion_tokens,
             "finish_reason": m.finish_reason,
-            "tool_calls": _wire_calls(m.tool_calls) or None,
+            "tool_calls": wire_tool_calls(m.tool_calls) or None,
             "tool_call_id": m.tool_call_id,
             "reasoning_content": m.reasoning_content,
         }
@@ -148,12 +151,13 @@ def reply_token_ids(events: list[TokenEvent], stop_token_ids: set[int]) -> tuple
     """The ids to store with a reply: every generated token but a final stop token (the
     chat template writes its own end of turn, and the engine never fed the stop token to
     the model). None when a stop *string* ended the reply: its text was cut inside the
-    last tokens, so the ids would say more than the stored text."""
+    last tokens, so the ids would say more than the stored text. (A reply its grammar
+    completed keeps every id: its text is all of theirs.)"""
     ids = [e.token_id for e in events]
     last = events[-1] if events else None
-    if last is not None and last.finish_reason == "stop":
-        if last.token_id not in stop_token_ids:
-            return None
+    if last is not None and last.stop_string is not None:
+        return None
+    if last is not None and last.finish_reason == "stop" and last.token_id in stop_token_ids:
         ids.pop()
     return tuple(ids)
 
@@ -183,7 +187,7 @@ def _history_message(m: StoredMessage | NewMessage) -> dict[str, Any]:
     if m.token_ids is not None:
         message["token_ids"] = list(m.token_ids)
     if m.tool_calls:
-        message["tool_calls"] = _wire_calls(m.tool_calls)
+        message["tool_calls"] = wire_tool_calls(m.tool_calls)
     if m.tool_call_id is not None:
         message["tool_call_id"] = m.tool_call_id
     if m.reasoning_content is not None:
@@ -220,7 +224,8 @@ class ConversationService:
     def __init__(self, store: ConversationStore, served: ServedModel) -> None:
         self.store = store
         self.served = served
-        self.locks = ConversationLocks()
+        engine = served.engine
+        self.locks = ConversationLocks(engine.max_queue, engine.stats.mean_request_seconds)
         self._background: set[asyncio.Task[None]] = set()
 
     def count_tokens(self, text: str) -> int:
@@ -264,10 +269,7 @@ class ConversationService:
         """The assistant message to store for a finished ``reply``: its content, calls
         and reasoning apart, as the template re-renders them (Qwen3 drops old reasoning),
         so the generated ids are kept only for a reply that is all content."""
-        calls = tuple(
-            ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"])
-            for c in wire_tool_calls(reply.tool_calls)
-        )
+        calls = tuple(ToolCall(c.id, c.name, c.arguments) for c in reply.tool_calls)
         ids = reply_token_ids(reply.events, self.served.stop_token_ids)
         if calls or reply.reasoning is not None:
             ids = None
@@ -296,10 +298,12 @@ class ConversationService:
             guard.add(held.abandon)  # added before any await: a cancelled request runs it
             # tokenizing and fitting the history is CPU work: off the event loop
             turn = await run_in_threadpool(self.prepare_turn, held, body, new, model, options)
+            for req in turn.plan.requests:  # its KV is reused by this key's requests only
+                req.cache_scope = owner
 
             async def store_turn(results: list[ChoiceResult]) -> None:
                 reply = await run_in_threadpool(self.store_turn, turn, results[0])
-                self.prefill_ahead_later(turn.messages, reply)
+                self.prefill_ahead_later(turn.messages, reply, owner)
 
             return await respond_chat(self.served, turn.plan, guard, body.stream, store_turn)
         except BaseException:
@@ -341,7 +345,9 @@ class ConversationService:
         turn.held.commit([*turn.new, reply])
         return reply
 
-    def prefill_ahead_later(self, messages: list[dict[str, Any]], reply: NewMessage) -> None:
+    def prefill_ahead_later(
+        self, messages: list[dict[str, Any]], reply: NewMessage, scope: str
+    ) -> None:
         """Queue the next turn's prompt start (:func:`next_turn_prefix`) for the engine to
         compute ahead, once a worker thread has encoded it: after the answer, not in
         its way (encoding a long history takes a while)."""
@@ -349,7 +355,7 @@ class ConversationService:
         async def queue_it() -> None:
             ahead = await run_in_threadpool(next_turn_prefix, self.served, messages, reply)
             if ahead is not None:
-                self.served.engine.prefill_ahead(ahead, PREFILL_AHEAD_MAX_TOKENS)
+                self.served.engine.prefill_ahead(ahead, PREFILL_AHEAD_MAX_TOKENS, scope)
 
         task = asyncio.get_running_loop().create_task(queue_it())
         self._background.add(task)  # a reference until it is done (asyncio keeps weak ones)

@@ -6,7 +6,7 @@ File format (JSON; every key optional)::
     {
       "aliases": ["llama-3", "nvidia/Llama-3.1-Nemotron-70B-Instruct-HF"],
       "routes": {
-        "1": {"defaults": {"temperature": 0.1, "max_tokens": 500, "stream": true}},
+        "1": {"defaults": {"temperature": 0.1, "top_p": 1, "max_tokens": 500, "stream": true}},
         "4": {"defaults": {"max_tokens": 500, "stream": true}, "aliases": ["other-name"]}
       }
     }
@@ -27,7 +27,7 @@ from typing import Any
 _BUILTIN: dict[str, Any] = {
     "aliases": ["llama-3", "nvidia/Llama-3.1-Nemotron-70B-Instruct-HF"],
     "routes": {
-        "1": {"defaults": {"temperature": 0.1, "max_tokens": 500, "stream": True}},
+        "1": {"defaults": {"temperature": 0.1, "top_p": 1.0, "max_tokens": 500, "stream": True}},
         "4": {"defaults": {"max_tokens": 500, "stream": True}},
     },
 }

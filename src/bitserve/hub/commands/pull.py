@@ -55,10 +55,19 @@ def pull_for_serve(name: str) -> str | None:
     """The path of ``name`` for ``bitserve serve -hf``: the verified copy on disk without
     touching the network, else a pull; None (the reason printed) if it fails."""
     from bitserve.hub import Catalog, HubOptions, Puller, PullError, Registry, resolve
+    from bitserve.hub.errors import NoNetworkError
 
     puller = Puller(HubOptions.from_env(), Registry.default(), lambda m: say("serve", m))
     try:
         return puller.ensure(resolve(name, Catalog.load())).path
+    except NoNetworkError as exc:  # serve has no --offline, and the model is not on disk
+        say(
+            "serve",
+            f"cannot reach the model hub at {exc.endpoint} ({exc.reason}); check the network "
+            f"or proxy: {name} is not downloaded yet, and serve -hf downloads it before it "
+            "starts",
+        )
+        return None
     except PullError as exc:
         say("serve", str(exc))
         return None

@@ -1,0 +1,52 @@
+"""``--max-queue`` bounds every wait: a request that could never fit the queue is a 400
+(not a 503 that tells the client to retry), and chats waiting for one conversation's
+turn are bounded like the engine's queue (503 + ``Retry-After``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from api_helpers import AppFactory, chat_body
+
+
+def test_a_request_larger_than_the_queue_is_400(make_client: AppFactory) -> None:
+    with make_client(max_queue=4) as client:
+        answer = client.post("/v1/chat/completions", json=chat_body(n=5))
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "n"
+        prompts = {"model": "bitnet", "prompt": ["a", "b", "c"], "n": 2, "max_tokens": 2}
+        answer = client.post("/v1/completions", json=prompts)
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "prompt"
+        assert "--max-queue" in answer.json()["error"]["message"]
+        # what fits is served
+        assert client.post("/v1/chat/completions", json=chat_body(n=4)).status_code == 200
+        scoring = {**prompts, "max_tokens": 0, "echo": True, "logprobs": 0}
+        assert client.post("/v1/completions", json=scoring).status_code == 200
+
+
+def test_chats_waiting_for_one_conversation_are_bounded(make_client: AppFactory) -> None:
+    with make_client(max_queue=2) as client:
+        conv = client.post("/v1/conversations").json()["id"]
+        locks = client.app.state.conversations.locks  # type: ignore[attr-defined]
+        release = client.portal.call(locks.acquire, conv)  # type: ignore[union-attr]  # a turn in progress
+        answers: list[Any] = []
+
+        def chat() -> None:
+            answers.append(client.post(f"/v1/conversations/{conv}/chat", json=chat_body()))
+
+        waiting = [threading.Thread(target=chat) for _ in range(2)]
+        for thread in waiting:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while locks._locks[conv][1] < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)  # both are waiting for the turn in progress
+        third = client.post(f"/v1/conversations/{conv}/chat", json=chat_body())
+        assert third.status_code == 503 and third.json()["error"]["code"] == "queue_full"
+        assert int(third.headers["retry-after"]) >= 1
+        client.portal.call(release)  # type: ignore[union-attr]
+        for thread in waiting:
+            thread.join(30)
+        assert [a.status_code for a in answers] == [200, 200]
+        messages = client.get(f"/v1/conversations/{conv}").json()["messages"]
+        assert len(messages) == 4  # the two waiting turns, one after the other
