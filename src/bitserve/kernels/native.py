@@ -170,13 +170,15 @@ class NativeBackend(Backend):
         m = as_matrix(embedding)
         if m.ternary is not None:
             return self.bitlinear(x, m.ternary)
-        assert m.data is not None
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], m.n_rows), dtype=np.float32)
-        if m.kind in PACKED_HEADS:
-            rows = m.packed if m.kind == "int8" else m.data.view(np.uint8)
-            kind = PACKED_HEADS[m.kind] + (m.block == 32)
-            self._pool.head_packed(x, rows, kind, out, self._impl)
+        if m.kind == "int8":
+            kind = PACKED_HEADS["int8"] + (m.block == 32)
+            self._pool.head_packed(x, m.int8_rows(), kind, out, self._impl)
+            return out
+        assert m.data is not None
+        if m.kind == "bf16":
+            self._pool.head_packed(x, m.data.view(np.uint8), PACKED_HEADS["bf16"], out, self._impl)
         elif self.head_mode == "int8" and m.kind == "f16":
             q, scale = self.prepare_head(m.data)
             self._pool.head(x, q, scale, out, self._impl)

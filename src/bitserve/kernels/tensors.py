@@ -316,9 +316,11 @@ class EmbeddingMatrix:
     """Token embeddings or an LM head ``[n_rows, dim]`` of any type, as the head kernel reads it.
 
     ``kind``: ``"f32"``/``"f16"`` (``data``: a zero-copy view), ``"bf16"`` (``data``: the raw
-    uint16 bits, zero copy), ``"int8"`` (Q8_0/Q6_K: ``packed`` uint8 rows of ``dim`` int8
-    values then ``dim/block`` f32 scales, made at load; ``data`` and ``scales`` are views of
-    them), ``"ternary"`` (``ternary``: the head runs as a bitlinear).
+    uint16 bits, zero copy), ``"int8"`` (Q8_0/Q6_K: the head reads :meth:`int8_rows`, uint8
+    rows of ``dim`` int8 values then ``dim/block`` f32 scales, made on first use from the
+    file's bytes ``raw``, so an embedding that is never a head costs no copy; ``data`` and
+    ``scales`` are views of them once made), ``"ternary"`` (``ternary``: the head runs as a
+    bitlinear).
     """
 
     kind: str
@@ -329,7 +331,8 @@ class EmbeddingMatrix:
     scales: np.ndarray | None = None
     block: int = 0
     ternary: TernaryWeight | None = None
-    packed: np.ndarray | None = None  # int8: the rows as the kernel reads them (see from_int8)
+    packed: np.ndarray | None = None  # int8: the rows as the kernel reads them (int8_rows)
+    raw: np.ndarray | None = None  # int8 from a file: its Q8_0/Q6_K bytes
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -340,8 +343,8 @@ class EmbeddingMatrix:
         """Bytes one pass of the head reads."""
         if self.ternary is not None:
             return self.ternary.nbytes
-        if self.packed is not None:
-            return int(self.packed.nbytes)
+        if self.kind == "int8":
+            return self.n_rows * (self.dim + 4 * (self.dim // self.block))
         assert self.data is not None
         return int(self.data.nbytes)
 
@@ -376,13 +379,8 @@ class EmbeddingMatrix:
             data = raw.view("<u2") if gtype == GGMLType.BF16 else gguf.array(name)
             return cls(FLOAT_KINDS[gtype], n_rows, dim, gtype, data=data.reshape(n_rows, dim))
         if gtype in INT8_BLOCK_TYPES:
-            if _native is None:
-                values, scales = unpack_int8_blocks(gguf.raw(name), gtype, n_rows, dim)
-                return cls.from_int8(values, scales, gtype)
             block = 32 if gtype == GGMLType.Q8_0 else 16
-            packed = np.empty((n_rows, dim + 4 * dim // block), dtype=np.uint8)
-            _native.repack_int8_rows(gguf.raw(name), int(gtype), n_rows, dim, packed)
-            return cls._from_packed(packed, dim, block, gtype)
+            return cls("int8", n_rows, dim, gtype, block=block, raw=gguf.raw(name))
         if gtype in TERNARY_TYPES:
             w = TernaryWeight.from_gguf(gguf, name, n_rows, dim, act_quant=act_quant)
             return cls("ternary", n_rows, dim, gtype, ternary=w)
@@ -404,14 +402,42 @@ class EmbeddingMatrix:
     def _from_packed(
         cls, packed: np.ndarray, dim: int, block: int, source: GGMLType
     ) -> EmbeddingMatrix:
-        data, row_scales = packed[:, :dim].view(np.int8), packed[:, dim:].view("<f4")
-        return cls("int8", len(packed), dim, source, data, row_scales, block, packed=packed)
+        m = cls("int8", len(packed), dim, source, block=block)
+        m._set_packed(packed)
+        return m
+
+    def _set_packed(self, packed: np.ndarray) -> None:
+        self.packed = packed
+        self.data, self.scales = (
+            packed[:, : self.dim].view(np.int8),
+            packed[:, self.dim :].view("<f4"),
+        )
+
+    def int8_rows(self) -> np.ndarray:
+        """The int8 kind's rows as the head kernel reads them, made once (C at load speed)."""
+        if self.packed is None:
+            assert self.raw is not None
+            if _native is None:
+                values, scales = unpack_int8_blocks(self.raw, self.source, self.n_rows, self.dim)
+                self._set_packed(EmbeddingMatrix.from_int8(values, scales, self.source).packed)  # type: ignore[arg-type]
+            else:
+                packed = np.empty((self.n_rows, self.dim + 4 * (self.dim // self.block)), np.uint8)
+                _native.repack_int8_rows(self.raw, int(self.source), self.n_rows, self.dim, packed)
+                self._set_packed(packed)
+        assert self.packed is not None
+        return self.packed
 
     def rows(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """Rows ``ids`` as float32 ``[len(ids), dim]``: the embedding lookup."""
         idx = np.asarray(ids, dtype=np.int64)
         if self.ternary is not None:
             return self.ternary.dequantize_rows(idx)
+        if self.kind == "int8" and self.packed is None:  # only these rows of the file
+            assert self.raw is not None
+            row_bytes = self.raw.nbytes // self.n_rows
+            picked = self.raw.reshape(self.n_rows, row_bytes)[idx].reshape(-1)
+            values, scales = unpack_int8_blocks(picked, self.source, len(idx), self.dim)
+            return np.repeat(scales, self.block, axis=1) * values.astype(np.float32)
         assert self.data is not None
         if self.kind == "bf16":
             out: np.ndarray = (self.data[idx].astype(np.uint32) << 16).view(np.float32)
