@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bitserve.cli import main
@@ -74,6 +75,74 @@ def test_serving_scenario_without_its_module(
     monkeypatch.setitem(sys.modules, "bitserve.bench_serving", None)  # import now fails
     assert main(["bench", "--scenario", "concurrent"]) == 2
     assert "bitserve.bench_serving" in capsys.readouterr().err
+
+
+def test_bench_compares_with_llama_cpp_when_it_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ratios to llama.cpp's figures, whatever llama.cpp gives (stubbed here: tests
+    never need llama-cpp-python), and the same prompt handed to it."""
+    from bitserve import bench_llama
+
+    model = write_synthetic_model(tmp_path / "tiny.gguf", SHAPE, seed=0)
+    seen: dict[str, object] = {}
+
+    def fake_compare(
+        gguf: object, path: Path, threads: int, prompt: object, n_gen: int, runs: int
+    ) -> dict[str, float]:
+        seen.update(path=path, threads=threads, prompt=prompt, n_gen=n_gen)
+        return {"prompt_tok_s": 10.0, "gen_tok_s": 2.0}
+
+    monkeypatch.setattr(bench_llama, "available", lambda: True)
+    monkeypatch.setattr(bench_llama, "compare", fake_compare)
+    argv = ["bench", "-m", str(model), "--threads", "2", "--bandwidth-mb", "16"]
+    assert main([*argv, "--prompt-tokens", "12", "--gen-tokens", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert seen["path"] == model and seen["threads"] == 2 and seen["n_gen"] == 4
+    assert len(seen["prompt"]) == 12  # type: ignore[arg-type]
+    ratios = result["vs_llama_cpp"]
+    assert ratios["gen"] == pytest.approx(result["gen_tok_s"] / 2.0, rel=1e-3)
+    assert ratios["prompt"] == pytest.approx(result["prompt_tok_s"] / 10.0, rel=1e-3)
+    assert "limit_fraction" in result["llama_cpp"]
+
+    assert main([*argv, "--llama-cpp", "off", "--prompt-tokens", "4", "--gen-tokens", "2"]) == 0
+    assert "llama_cpp" not in json.loads(capsys.readouterr().out)
+
+
+def test_what_llama_cpp_cannot_read(tmp_path: Path) -> None:
+    from bitserve import bench_llama
+    from bitserve.gguf import GGMLType, GGUFWriter, read_gguf
+    from bitserve.gguf.quants import pack_i2s, pack_q2_0
+
+    official = write_synthetic_model(tmp_path / "official.gguf", SHAPE, seed=0)
+    with read_gguf(official) as g:
+        assert "bitnet-b1.58" in str(bench_llama.why_unreadable(g))
+        tied = sum(t.nbytes for t in g.tensors.values())
+        assert bench_llama.file_bytes_per_token(g) == tied  # the tied head is read whole
+
+    def one(name: str, data: bytes, gtype: GGMLType, block: int = 64) -> Path:
+        w = GGUFWriter()
+        w.add("general.architecture", "llama")
+        w.add_tensor("blk.0.attn_q.weight", data, gtype, (2048, 4), block)
+        w.add_array("token_embd.weight", np.zeros((8, 16), np.float16))
+        w.add_array("output.weight", np.zeros((8, 16), np.float16))
+        w.write(tmp_path / name)
+        return tmp_path / name
+
+    ternary = np.zeros((4, 2048), dtype=np.int8)
+    cases = {
+        one("i2s.gguf", pack_i2s(ternary, 1.0).tobytes(), GGMLType.I2_S): "I2_S",
+        one(
+            "g128.gguf", pack_q2_0(ternary, np.ones((4, 16)), 128).tobytes(), GGMLType.Q2_0, 128
+        ): "128",
+        one("g64.gguf", pack_q2_0(ternary, np.ones((4, 32))).tobytes(), GGMLType.Q2_0): None,
+    }
+    for path, reason in cases.items():
+        with read_gguf(path) as g:
+            got = bench_llama.why_unreadable(g)
+            assert got is None if reason is None else reason in str(got)
+            untied = sum(t.nbytes for n, t in g.tensors.items() if n != "token_embd.weight")
+            assert bench_llama.file_bytes_per_token(g) == untied
 
 
 def test_bench_json_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

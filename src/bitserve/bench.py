@@ -9,6 +9,15 @@ also pays one-time allocations); ``bandwidth_gb_s`` the median of 9 probe passes
 Prints ONE JSON line; ``baseline`` gives the ratios to bitnet.cpp's figures on a 2-core
 AVX2 EPYC (spec §7). Never meant to gate CI on absolute numbers.
 
+Any family's file runs (``-m``). ``bytes_per_token`` is what bitserve reads per generated
+token (every ternary weight in its kernel layout, codes and block scales, plus the head as
+the kernel reads it); ``file_bytes_per_token`` what the file's own types need; the ceiling
+divides the bandwidth by the smaller of the two, so no layout choice can flatter the
+fraction. With ``llama-cpp-python`` installed (``--llama-cpp auto``, the default), llama.cpp
+runs on the same file in the same process, after bitserve, with the same threads, prompt
+and generated tokens: ``llama_cpp`` holds its figures (or why it cannot read the file) and
+``vs_llama_cpp`` the ratios (bitserve / llama.cpp).
+
 ``--scenario conversation|concurrent`` measures the server instead (``bitserve.bench_serving``,
 imported only then); the default ``kernels`` is the measurement above.
 
@@ -22,6 +31,7 @@ sampler's time per token, and the grammar's one-time costs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -37,12 +47,13 @@ from typing import Any
 
 import numpy as np
 
+from bitserve import bench_llama
 from bitserve.engine.constraint import ConstraintCompiler
 from bitserve.engine.loader import add_runtime_arguments, runtime_options
 from bitserve.engine.sampling import Sampler
 from bitserve.engine.scheduler import DEFAULT_MAX_BATCH_TOKENS
 from bitserve.engine.types import SamplingParams
-from bitserve.kernels import get_backend
+from bitserve.kernels import TernaryWeight, get_backend
 from bitserve.kernels.native import NativeBackend, available_kernels
 from bitserve.model.bitnet import BitNetModel
 from bitserve.model.demo import llama3_tokenizer_metadata
@@ -66,6 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--bandwidth-mb", type=int, default=1024, help="bandwidth probe size")
+    parser.add_argument(
+        "--llama-cpp",
+        choices=("auto", "off"),
+        default="auto",
+        help="auto: also run llama.cpp on the same file when llama-cpp-python is installed",
+    )
     parser.add_argument(
         "--json-schema",
         help="also measure decoding constrained to this JSON schema (JSON text or @file)",
@@ -136,18 +153,23 @@ def measure_bandwidth(backend: NativeBackend, megabytes: int) -> tuple[float, fl
 
 
 def bytes_per_token(model: BitNetModel, backend: Any) -> int:
-    """Bytes one generated token reads: every ternary weight (codes and scales) plus the
-    head's weights."""
+    """Bytes one generated token reads: every ternary weight as its kernel reads it (codes and
+    block scales) plus the head as the head kernel reads it."""
     codes = sum(
         w.nbytes
         for layer in model.weights.layers
-        for w in (layer.attn_q, layer.attn_k, layer.attn_v, layer.attn_output,
-                  layer.ffn_gate, layer.ffn_up, layer.ffn_down)
-    )  # fmt: skip
+        for w in (getattr(layer, f.name) for f in dataclasses.fields(layer))
+        if isinstance(w, TernaryWeight)
+    )
     head = model.weights.head
     if getattr(backend, "head_mode", "f16") == "int8" and head.kind == "f16":
         return int(codes + head.n_rows * head.dim + 4 * head.n_rows)
     return int(codes + head.nbytes)
+
+
+def bench_prompt(vocab_size: int, n_prompt: int) -> np.ndarray:
+    """The prompt both bitserve and llama.cpp run: random ids, the same every run."""
+    return np.random.default_rng(0).integers(0, vocab_size, size=n_prompt)
 
 
 def time_model(path: Path, backend: Any, n_prompt: int, n_gen: int) -> tuple[BitNetModel, Timings]:
@@ -162,8 +184,7 @@ def time_model(path: Path, backend: Any, n_prompt: int, n_gen: int) -> tuple[Bit
         backend.prepare_head(head.data)
     model.forward([0], model.new_cache(max_seq=8))  # first token: weights paged in
     load_s = time.perf_counter() - start
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(0, model.config.vocab_size, size=n_prompt)
+    prompt = bench_prompt(model.config.vocab_size, n_prompt)
     prompt_s = []
     for _ in range(PROMPT_RUNS):
         cache = model.new_cache(max_seq=n_prompt + n_gen + 1, dtype=KV_DTYPE)
@@ -212,8 +233,14 @@ def run_kernels(args: argparse.Namespace, options: dict[str, Any]) -> int:
     if args.json_schema:
         schema = _load_schema(args.json_schema)
         constraint = constrained_bench(model, schema, args.gen_tokens, args.pairs)
+    file_per_token = bench_llama.file_bytes_per_token(model.gguf)
+    llama = None
+    if args.llama_cpp == "auto" and bench_llama.available():
+        prompt = bench_prompt(model.config.vocab_size, args.prompt_tokens)
+        gguf = model.gguf
+        llama = bench_llama.compare(gguf, path, threads, prompt, args.gen_tokens, PROMPT_RUNS)
     model.close()
-    ceiling = bandwidth * 1e9 / per_token
+    ceiling = bandwidth * 1e9 / min(per_token, file_per_token)
     result = {
         "prompt_tok_s": round(t.prompt_tok_s, 2),
         "prompt_first_tok_s": round(t.prompt_first_tok_s, 2),
@@ -221,6 +248,7 @@ def run_kernels(args: argparse.Namespace, options: dict[str, Any]) -> int:
         "bandwidth_gb_s": round(bandwidth, 2),
         "bandwidth_range_gb_s": [round(bw_min, 2), round(bw_max, 2)],
         "bytes_per_token": per_token,
+        "file_bytes_per_token": file_per_token,
         "gen_ceiling_tok_s": round(ceiling, 2),
         "limit_fraction": round(t.gen_tok_s / ceiling, 3),
         "load_s": round(t.load_s, 2),
@@ -239,6 +267,14 @@ def run_kernels(args: argparse.Namespace, options: dict[str, Any]) -> int:
         },
         "machine": {"cpu": platform.processor() or platform.machine(), "load": os.getloadavg()},
     }
+    if llama is not None:
+        result["llama_cpp"] = llama
+        if "gen_tok_s" in llama:
+            llama["limit_fraction"] = round(llama["gen_tok_s"] / ceiling, 3)
+            result["vs_llama_cpp"] = {
+                "gen": round(t.gen_tok_s / llama["gen_tok_s"], 3),
+                "prompt": round(t.prompt_tok_s / llama["prompt_tok_s"], 3),
+            }
     if constraint is not None:
         result["constraint"] = constraint
     print(json.dumps(result))

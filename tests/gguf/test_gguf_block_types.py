@@ -117,13 +117,24 @@ def test_reader_tells_the_q2_0_variants_apart(tmp_path: Path, block: int) -> Non
         assert g.tensors["t1"].nbytes == 4 * 1024 // block * (2 + block // 4)
 
 
-def test_truncated_g64_file_is_not_mistaken_for_g128(tmp_path: Path) -> None:
-    path = _q2_0_file(tmp_path / "g64.gguf", 64, [(64, 1024)])  # the Q2_0 tensor is not last
-    data = path.read_bytes()
-    (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 64])
+@pytest.mark.parametrize("last", [False, True])
+def test_truncated_g64_file_is_not_mistaken_for_g128(tmp_path: Path, last: bool) -> None:
+    """The writer's offsets decide, never the file's length: a download cut short inside its
+    last Q2_0 tensor (by less than g128 would need) is still g64, hence refused."""
+    w = GGUFWriter()
+    rng = np.random.default_rng(1)
+    for name in ("a", "b"):
+        values, scales = _ternary(rng, 64, 1024), _f16_scales(rng, 64, 16)
+        w.add_tensor(name, pack_q2_0(values, scales), GGMLType.Q2_0, (1024, 64))
+    if not last:
+        w.add_array("norm", np.ones(8, dtype=np.float32))
+    w.write(tmp_path / "g64.gguf")
+    data = (tmp_path / "g64.gguf").read_bytes()
+    cut = 64 + (0 if last else 32 + 32)  # past the norm, into tensor b
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) - cut])
     with pytest.raises(GGUFError, match="past the end"):
         read_gguf(tmp_path / "cut.gguf")
-    with read_gguf(path) as g:
+    with read_gguf(tmp_path / "g64.gguf") as g:
         assert g.q2_0_block == 64
 
 

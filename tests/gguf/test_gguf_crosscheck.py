@@ -12,10 +12,12 @@ import pytest
 from gguf.constants import GGMLQuantizationType, GGUFValueType
 from gguf.gguf_reader import GGUFReader
 from gguf.gguf_writer import GGUFWriter as UpstreamWriter
-from gguf.quants import quantize
+from gguf.quants import dequantize, quantize
 
 from bitserve.gguf import GGMLType, read_gguf
+from bitserve.gguf.dense_quants import pack_q6_k
 from bitserve.gguf.quants import repack_to_i2s, unpack_i2s
+from bitserve.kernels import EmbeddingMatrix, TernaryWeight
 
 V = GGUFValueType
 Q = GGMLQuantizationType
@@ -54,7 +56,19 @@ def _tensors(rng: np.random.Generator) -> dict[str, tuple[np.ndarray, Q | None]]
         "bf16.weight": (bf16, Q.BF16),
         "tq2.weight": (quantize(ternary * np.float32(0.375), Q.TQ2_0), Q.TQ2_0),
         "tq1.weight": (quantize(ternary[:2] * np.float32(1.25), Q.TQ1_0), Q.TQ1_0),
+        # block-scaled: every 256-block its own scale (a ramp over the blocks)
+        "tq2_blocks.weight": (quantize(ternary * _ramp(4, 512), Q.TQ2_0), Q.TQ2_0),
+        "tq1_blocks.weight": (quantize(ternary * _ramp(4, 512), Q.TQ1_0), Q.TQ1_0),
+        "q8_0.weight": (quantize(rng.standard_normal((6, 64)).astype(np.float32), Q.Q8_0), Q.Q8_0),
+        # gguf cannot quantize Q6_K: our packer's bytes, which gguf then reads
+        "q6_k.weight": (pack_q6_k(rng.standard_normal((3, 512))).reshape(3, -1), Q.Q6_K),
     }
+
+
+def _ramp(rows: int, cols: int) -> np.ndarray:
+    """Distinct f16-exact block scales, one per 256 weights: 0.25, 0.375, 0.5, ..."""
+    blocks = (np.arange(rows * cols // 256, dtype=np.float32) + 2) / 8
+    return np.repeat(blocks.reshape(rows, -1), 256, axis=1)
 
 
 def _write_upstream(path: Path, alignment: int | None) -> None:
@@ -142,3 +156,30 @@ def test_ternary_tensors_repack_to_the_written_weights(
     codes, _ = unpack_i2s(i2s, rows, cols)
     np.testing.assert_array_equal(codes, ternary[:rows])
     assert got_scale == scale
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tq2.weight",
+        "tq1.weight",
+        "tq2_blocks.weight",
+        "tq1_blocks.weight",
+        "q8_0.weight",
+        "q6_k.weight",
+    ],
+)
+def test_our_weights_are_gguf_dequantization(upstream_file: Path, name: str) -> None:
+    """Every block-coded tensor gguf wrote (or read), through the kernels' weight types:
+    the values equal gguf's own dequantization, per-block scales included."""
+    theirs = {t.name: t for t in GGUFReader(upstream_file).tensors}[name]
+    want = dequantize(np.asarray(theirs.data), theirs.tensor_type)
+    with read_gguf(upstream_file) as ours:
+        rows, cols = ours.tensors[name].shape
+        if name.startswith("tq"):
+            w = TernaryWeight.from_gguf(ours, name, rows, cols)
+            assert w.blocked == name.endswith("blocks.weight")  # one scale: the I2_S path
+            got = w.dequantize_rows(np.arange(rows))
+        else:
+            got = EmbeddingMatrix.from_gguf(ours, name, rows, cols).rows(np.arange(rows))
+    np.testing.assert_array_equal(got, want.reshape(rows, cols))

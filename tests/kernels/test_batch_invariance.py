@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bitserve.gguf import GGMLType
 from bitserve.gguf.quants import pack_i2s
-from bitserve.kernels import ActQuant, TernaryWeight
+from bitserve.kernels import ActQuant, EmbeddingMatrix, TernaryWeight
 from bitserve.kernels.native import NativeBackend, available_kernels
 
 T = 11  # more than one 8-token tile, not a multiple of it
@@ -63,6 +64,26 @@ def test_head_is_batch_invariant(native: NativeBackend, head: str, dim: int, voc
     batch = backend.head(x, emb)
     np.testing.assert_array_equal(batch, _rows_alone(lambda r: backend.head(r, emb), x))
     np.testing.assert_array_equal(batch, _other_threads(native, head).head(x, emb))
+
+
+@pytest.mark.parametrize("kind", ["bf16", "q8_0", "q6_k"])
+def test_packed_heads_are_batch_invariant(native: NativeBackend, kind: str) -> None:
+    """BF16 bits and the int8-block rows of Q8_0/Q6_K heads, read as they are."""
+    rng = np.random.default_rng(7)
+    emb = rng.standard_normal((301, 512), dtype=np.float32)
+    if kind == "bf16":
+        m = EmbeddingMatrix(
+            "bf16", 301, 512, GGMLType.BF16, data=(emb.view(np.uint32) >> 16).astype(np.uint16)
+        )
+    else:
+        block = 32 if kind == "q8_0" else 16
+        scales = np.abs(emb).reshape(301, -1, block).max(axis=2) / 127
+        values = np.rint(emb / np.repeat(scales, block, axis=1)).astype(np.int8)
+        m = EmbeddingMatrix.from_int8(values, scales.astype(np.float32), GGMLType.Q8_0)
+    x = rng.standard_normal((T, 512), dtype=np.float32)
+    batch = native.head(x, m)
+    np.testing.assert_array_equal(batch, _rows_alone(lambda r: native.head(r, m), x))
+    np.testing.assert_array_equal(batch, _other_threads(native).head(x, m))
 
 
 def test_f32_head_is_batch_invariant(native: NativeBackend) -> None:
@@ -162,3 +183,49 @@ def test_avx512_head_blocks_equal_the_avx2_ones(head: str) -> None:
         np.testing.assert_array_equal(
             wide.head(x[:t], emb), narrow.head(x[:t], emb), err_msg=f"T={t}"
         )
+
+
+@pytest.mark.parametrize("layout", ["i2s", "g64", "g256-b32"])
+def test_bitlinear_many_equals_separate_calls(native: NativeBackend, layout: str) -> None:
+    """q/k/v in one fused task: each output the bits of its own call, at any T."""
+    rng = np.random.default_rng(len(layout))
+    shapes = [(320, 512), (64, 512), (64, 512)]
+    weights = []
+    for n_out, n_in in shapes:
+        values = rng.integers(-1, 2, size=(n_out, n_in), dtype=np.int8)
+        if layout == "i2s":
+            weights.append(TernaryWeight(pack_i2s(values, 0.5), n_out, n_in, 0.5))
+        else:
+            group = int(layout[1:].split("-")[0])
+            act = ActQuant.BLOCK32 if layout.endswith("b32") else ActQuant.PER_TOKEN
+            scales = rng.uniform(0.1, 1, size=(n_out, n_in // group)).astype(np.float32)
+            weights.append(TernaryWeight.from_values(values, scales, act).with_output_scale(1.5))
+    for t in (1, 5):
+        x = rng.standard_normal((t, 512), dtype=np.float32)
+        fused = native.bitlinear_many(x, weights)
+        for y, w in zip(fused, weights, strict=True):
+            np.testing.assert_array_equal(y, native.bitlinear(x, w))
+
+
+def test_gfni_and_shift_mask_code_planes_give_the_same_bits() -> None:
+    """The AVX-512 kernels extract code planes with GFNI where the CPU has it; the shift and
+    mask they use elsewhere (and at T > 1 for I2_S) must give the same bits at every T."""
+    if "avx512" not in available_kernels():
+        pytest.skip("needs the AVX-512 path")
+    from bitserve.kernels import _native  # type: ignore[attr-defined]
+
+    with_gfni = NativeBackend("avx512", threads=2)
+    without = NativeBackend("avx512", threads=2)
+    without._pool = _native.Pool(2, gfni=False)
+    rng = np.random.default_rng(9)
+    values = rng.integers(-1, 3, size=(37, 768), dtype=np.int8)
+    scales = rng.uniform(0.1, 1, size=(37, 12)).astype(np.float32)
+    weights = [
+        TernaryWeight(pack_i2s(np.clip(values, -1, 1), 0.5), 37, 768, 0.5),
+        TernaryWeight.from_values(values, scales, ActQuant.BLOCK32),
+        TernaryWeight.from_values(values, scales, ActQuant.PER_TOKEN),
+    ]
+    for t in (1, 3):
+        x = rng.standard_normal((t, 768), dtype=np.float32)
+        for w in weights:
+            np.testing.assert_array_equal(with_gfni.bitlinear(x, w), without.bitlinear(x, w))

@@ -200,3 +200,20 @@ def test_native_repack_equals_numpy(tmp_path: Path, ordered: bool) -> None:
             assert w.scale == ref.scale and w.group == ref.group, name
             if w.blocked:
                 np.testing.assert_array_equal(w.scales, ref.scales, err_msg=name)
+
+
+@pytest.mark.parametrize("act", list(ActQuant))
+def test_output_scale(native: NativeBackend, act: ActQuant) -> None:
+    """A file's separate per-tensor scale multiplies every output, on both layouts."""
+    rng = np.random.default_rng(5)
+    values = rng.integers(-1, 2, size=(19, 512), dtype=np.int8)
+    x = _activations(rng, 3, 512)
+    blocked = TernaryWeight.from_values(values, _scales(rng, 19, 8), act)
+    weights = [blocked]
+    if act == ActQuant.PER_TOKEN:
+        weights.append(TernaryWeight(pack_i2s(values, 0.5), 19, 512, 0.5))
+    for w in weights:
+        scaled = w.with_output_scale(1.75)
+        got = native.bitlinear(x, scaled)
+        np.testing.assert_array_equal(got, NumpyBackend().bitlinear(x, scaled))
+        np.testing.assert_allclose(got, 1.75 * native.bitlinear(x, w), rtol=1e-6, atol=1e-6)

@@ -275,14 +275,15 @@ class GGUFFile:
         Only a file whose single Q2_0 tensor is also its last falls back to the file size."""
         starts = sorted(rel for *_, rel in entries)
         data_len = len(self._buf) - self.data_offset
-        fits_g64, fits_g128, inside = True, True, False
+        rooms = []  # (room, dims, followed by another tensor)
         for _name, dims, gtype, rel in entries:
-            if gtype != GGMLType.Q2_0:
-                continue
-            later = [o for o in starts if o > rel]
-            room = later[0] - rel if later else data_len - rel
-            inside = inside or bool(later)
-            n = int(np.prod(dims, dtype=np.int64)) if dims else 0
+            if gtype == GGMLType.Q2_0 and dims:
+                later = [o for o in starts if o > rel]
+                rooms.append((later[0] - rel if later else data_len - rel, dims, bool(later)))
+        inside = [r for r in rooms if r[2]]
+        fits_g64, fits_g128 = True, True
+        for room, dims, _ in inside or rooms:  # the last tensor's room only when it is alone
+            n = int(np.prod(dims, dtype=np.int64))
             fits_g64 &= room >= tensor_nbytes(GGMLType.Q2_0, n, Q2_0_BLOCK)
             fits_g128 &= dims[0] % Q2_0_BLOCK_G128 == 0
             fits_g128 &= room >= tensor_nbytes(GGMLType.Q2_0, n, Q2_0_BLOCK_G128)

@@ -44,6 +44,11 @@ class Backend(ABC):
         exact integer ternary dot products, then the scales: I2_S ``acc / s * w.scale``
         (spec §4), blocked :func:`reference.bitlinear_blocked`."""
 
+    def bitlinear_many(self, x: np.ndarray, weights: Sequence[TernaryWeight]) -> list[np.ndarray]:
+        """:meth:`bitlinear` of one input by several weights (q/k/v, gate/up): the same bits
+        as separate calls; native backends quantize ``x`` once and run one task."""
+        return [self.bitlinear(x, w) for w in weights]
+
     @abstractmethod
     def head(self, x: np.ndarray, embedding: HeadInput) -> np.ndarray:
         """LM head: ``x [T, dim] @ embedding [vocab, dim]ᵀ`` → ``[T, vocab]`` float32.
@@ -117,7 +122,7 @@ class NumpyBackend(Backend):
     def bitlinear(self, x: np.ndarray, w: TernaryWeight) -> np.ndarray:
         if w.blocked:
             return reference.bitlinear_blocked(
-                x, w.codes(), w.block_scales(), w.group, w.act_quant.value
+                x, w.codes(), w.block_scales(), w.group, w.act_quant.value, w.scale
             )
         q, s = reference.quantize_activations(x)
         acc = q.astype(np.float32) @ w.ternary_f32().T  # exact: |sums| < 2**24

@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bitserve.kernels import reference
-from bitserve.kernels.backend import Backend, HeadInput, NumpyBackend, as_matrix, storing
+from bitserve.kernels.backend import Backend, HeadInput, as_matrix, storing
 from bitserve.kernels.tensors import ActQuant, TernaryWeight
 
 try:
@@ -31,6 +30,8 @@ except ImportError:  # not built: only the numpy backend is available
     _native = None
 
 IMPLS = {"scalar": 0, "avx2": 1, "avx512": 2}
+# EmbKind of the heads read through head_packed (native.h); int8: +1 for blocks of 32
+PACKED_HEADS = {"bf16": 3, "int8": 4}
 HEAD_MODES = ("f16", "int8")
 
 
@@ -48,6 +49,15 @@ def _kv_inputs(k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _f32(x: np.ndarray | None) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+MAX_FUSED = 8  # weights per fused call (POOL_MAX_FUSED in native.h)
+
+
+def _fusable(a: TernaryWeight, b: TernaryWeight) -> bool:
+    """Whether two weights can share one fused call: the same input width and layout."""
+    same = a.n_in == b.n_in and a.blocked == b.blocked
+    return same and (not a.blocked or (a.group == b.group and a.act_quant == b.act_quant))
 
 
 def native_available() -> bool:
@@ -115,21 +125,61 @@ class NativeBackend(Backend):
         if w.blocked:
             gps = 256 // w.group
             block32 = w.act_quant == ActQuant.BLOCK32
-            self._pool.bitlinear_blocked(x, w.raw, w.scales, w.n_out, gps, block32, out, self._impl)
+            self._pool.bitlinear_blocked(
+                x, w.raw, w.scales, w.n_out, gps, block32, w.scale, out, self._impl
+            )
         else:
             self._pool.bitlinear(x, w.raw, w.n_out, w.scale, out, self._impl)
         return out
+
+    def bitlinear_many(self, x: np.ndarray, weights: Sequence[TernaryWeight]) -> list[np.ndarray]:
+        """One task for all the weights when they share a layout (and, blocked, a group size
+        and activation mode): one quantization, one wake-up, one barrier."""
+        first = weights[0] if weights else None
+        if (
+            first is None
+            or len(weights) > MAX_FUSED
+            or not all(_fusable(first, w) for w in weights)
+        ):
+            return super().bitlinear_many(x, weights)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        outs = tuple(np.empty((x.shape[0], w.n_out), dtype=np.float32) for w in weights)
+        n_outs = tuple(w.n_out for w in weights)
+        scales = tuple(w.scale for w in weights)
+        if first.blocked:
+            block32 = first.act_quant == ActQuant.BLOCK32
+            codes, block_scales = tuple(w.raw for w in weights), tuple(w.scales for w in weights)
+            self._pool.bitlinear_blocked_many(
+                x,
+                codes,
+                block_scales,
+                n_outs,
+                256 // first.group,
+                block32,
+                scales,
+                outs,
+                self._impl,
+            )
+        else:
+            self._pool.bitlinear_many(
+                x, tuple(w.raw for w in weights), n_outs, scales, outs, self._impl
+            )
+        return list(outs)
 
     def head(self, x: np.ndarray, embedding: HeadInput) -> np.ndarray:
         m = as_matrix(embedding)
         if m.ternary is not None:
             return self.bitlinear(x, m.ternary)
-        if m.kind not in ("f16", "f32"):  # numpy until the native kernels land
-            return NumpyBackend().head(x, m)
-        assert m.data is not None
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], m.n_rows), dtype=np.float32)
-        if self.head_mode == "int8" and m.kind == "f16":
+        if m.kind == "int8":
+            kind = PACKED_HEADS["int8"] + (m.block == 32)
+            self._pool.head_packed(x, m.int8_rows(), kind, out, self._impl)
+            return out
+        assert m.data is not None
+        if m.kind == "bf16":
+            self._pool.head_packed(x, m.data.view(np.uint8), PACKED_HEADS["bf16"], out, self._impl)
+        elif self.head_mode == "int8" and m.kind == "f16":
             q, scale = self.prepare_head(m.data)
             self._pool.head(x, q, scale, out, self._impl)
         else:
@@ -200,15 +250,18 @@ class NativeBackend(Backend):
         return out.reshape(x.shape)
 
     def relu2_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return self._gate(self._pool.relu2_mul, gate, up)
+
+    def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return self._gate(self._pool.silu_mul, gate, up)
+
+    def _gate(self, fn: Any, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         gate = np.ascontiguousarray(gate, dtype=np.float32)
         up = np.ascontiguousarray(up, dtype=np.float32)
         rows = gate.reshape(-1, gate.shape[-1])
         out = np.empty(rows.shape, dtype=np.float32)
-        self._pool.relu2_mul(rows, up.reshape(rows.shape), out, self._impl)
+        fn(rows, up.reshape(rows.shape), out, self._impl)
         return out.reshape(gate.shape)
-
-    def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        return reference.silu_mul(gate, up)  # numpy until the native kernel lands
 
     def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)

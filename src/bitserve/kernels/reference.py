@@ -77,6 +77,7 @@ def bitlinear_blocked(
     scales: np.ndarray,
     group: int,
     act_quant: str,
+    out_scale: float = 1.0,
     rows_per_step: int = 64,
 ) -> np.ndarray:
     """The blocked bitlinear (``bitserve.kernels.tensors``), every float operation as the
@@ -86,6 +87,7 @@ def bitlinear_blocked(
         P[t,n,u,L] = Σ_{i<16} c[n, 256u+16L+i] · q[t, 256u+16L+i] - (L even) · Σ_{32-block} q
         per_token: term = d[L] · float(P),              y = tree16(Σ_u term) / s[t]
         block32:   term = d[L] · (float(P) · a[t, L/2]),  y = tree16(Σ_u term)
+        then y · out_scale
 
     with ``Σ_u`` a float32 running sum from 0 in order of ``u`` (no FMA) and ``d[L]`` the scale
     of lane L's group. ``P`` is exact, so only the float steps need matching.
@@ -127,7 +129,8 @@ def bitlinear_blocked(
         y[:, lo:hi] = tree16(acc)
     if act_quant == "per_token":
         y = (y / s[:, None]).astype(np.float32)
-    return y
+    out: np.ndarray = (y * np.float32(out_scale)).astype(np.float32)
+    return out
 
 
 def quantize_head_rows(embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -158,9 +161,12 @@ def relu2_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    """``x · sigmoid(x)`` in float32, written with tanh so that no input overflows ``exp``."""
-    half = np.float32(0.5)
-    out: np.ndarray = x * (half * (np.float32(1) + np.tanh(half * x)))
+    """``x / (1 + exp(-x))`` in float32 (``exp`` overflowing to inf gives -0: the true value
+    underflows too). Not the tanh form ``x·(1 + tanh(x/2))/2``, whose ``1 + tanh`` cancels for
+    negative x (0.2% off at x = -20)."""
+    x = np.asarray(x, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        out: np.ndarray = x / (np.float32(1) + np.exp(-x))
     return out
 
 

@@ -60,11 +60,33 @@ float half_to_float(uint16_t h) {
 #define HEAD_TOKENS_WIDE 4
 #define HEAD_PREFETCH_AHEAD 1024 /* bytes ahead within the rows being read, into L1 */
 
-static size_t emb_size(EmbKind kind) { return kind == EMB_F16 ? 2 : kind == EMB_I8 ? 1 : 4; }
+/* bytes per value; the int8-block kinds keep their f32 block scales after a row's values */
+static size_t emb_size(EmbKind kind) {
+    return kind == EMB_F16 || kind == EMB_BF16 ? 2 : kind == EMB_F32 ? 4 : 1;
+}
 
-static float emb_value(const void *row, size_t k, EmbKind kind) {
+static size_t emb_row_bytes(EmbKind kind, size_t dim) {
+    size_t block = kind == EMB_I8B16 ? 16 : kind == EMB_I8B32 ? 32 : 0;
+    return dim * emb_size(kind) + (block ? dim / block * sizeof(float) : 0);
+}
+
+/* the block scale of value k of an int8-block row (dim values, then dim / block scales) */
+static inline float block_scale_of(const void *row, size_t k, EmbKind kind, size_t dim) {
+    const float *scales = (const float *)((const char *)row + dim);
+    return scales[kind == EMB_I8B16 ? k >> 4 : k >> 5];
+}
+
+static float emb_value(const void *row, size_t k, EmbKind kind, size_t dim) {
     if (kind == EMB_F16) return half_to_float(((const uint16_t *)row)[k]);
     if (kind == EMB_I8) return (float)((const int8_t *)row)[k];
+    if (kind == EMB_BF16) {
+        uint32_t bits = (uint32_t)((const uint16_t *)row)[k] << 16;
+        float f;
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+    if (kind == EMB_I8B16 || kind == EMB_I8B32)
+        return (float)((const int8_t *)row)[k] * block_scale_of(row, k, kind, dim);
     return ((const float *)row)[k];
 }
 
@@ -77,7 +99,7 @@ static float lane_sum(const float *l) {
 /* acc + the tail k in [k0, dim), in order (every path, so the tails agree bit for bit) */
 static float dot_tail(float acc, const float *x, const void *row, EmbKind kind, size_t k0,
                       size_t dim) {
-    for (size_t k = k0; k < dim; k++) acc += x[k] * emb_value(row, k, kind);
+    for (size_t k = k0; k < dim; k++) acc += x[k] * emb_value(row, k, kind, dim);
     return acc;
 }
 
@@ -85,7 +107,7 @@ static float dot_scalar(const float *x, const void *row, EmbKind kind, size_t di
     float lane[LANES] = {0};
     size_t k = 0;
     for (; k + LANES <= dim; k += LANES)
-        for (size_t j = 0; j < LANES; j++) lane[j] += x[k + j] * emb_value(row, k + j, kind);
+        for (size_t j = 0; j < LANES; j++) lane[j] += x[k + j] * emb_value(row, k + j, kind, dim);
     return dot_tail(lane_sum(lane), x, row, kind, k, dim);
 }
 
@@ -99,7 +121,14 @@ TARGET_AVX2 static inline float hsum_ps(__m256 v) {
 
 /* 8 embedding values at index k as f32 */
 TARGET_AVX2 static inline __attribute__((always_inline)) __m256 load8(const void *row, size_t k,
-                                                                      EmbKind kind) {
+                                                                      EmbKind kind, size_t dim) {
+    if (kind == EMB_BF16) /* bf16 → f32: the 16 bits on top of a zero mantissa tail */
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + k))), 16));
+    if (kind == EMB_I8B16 || kind == EMB_I8B32) /* 8 values share one block scale (B >= 16) */
+        return _mm256_mul_ps(
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)row + k)))),
+            _mm256_set1_ps(block_scale_of(row, k, kind, dim)));
     if (kind == EMB_F16)
         return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + k)));
     if (kind == EMB_I8)
@@ -115,7 +144,7 @@ TARGET_AVX2 static inline __attribute__((always_inline)) void block_step(
     __m256 xv[HEAD_TOKENS_WIDE];
     for (int t = 0; t < TB; t++) xv[t] = _mm256_loadu_ps(x + (size_t)t * dim + k);
     for (int r = 0; r < R; r++) {
-        __m256 e = load8(rows + (size_t)r * row_bytes, k, kind);
+        __m256 e = load8(rows + (size_t)r * row_bytes, k, kind, dim);
         for (int t = 0; t < TB; t++) acc[r][t] = _mm256_fmadd_ps(e, xv[t], acc[r][t]);
     }
 }
@@ -131,7 +160,7 @@ TARGET_AVX2 static inline __attribute__((always_inline)) void block_step(
 TARGET_AVX2 static inline __attribute__((always_inline)) void block_avx2(
     const float *x, size_t dim, const char *rows, size_t row_bytes, const char *next,
     EmbKind kind, int R, int TB, float *out, size_t out_stride) {
-    const size_t size = kind == EMB_F16 ? 2 : kind == EMB_I8 ? 1 : 4, line = 64 / size;
+    const size_t size = emb_size(kind), line = 64 / size;
     __m256 acc[HEAD_ROWS][HEAD_TOKENS_WIDE];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < TB; t++) acc[r][t] = _mm256_setzero_ps();
@@ -181,6 +210,9 @@ typedef void (*BlockFn)(const float *x, size_t dim, const char *rows, size_t row
 HEAD_BLOCKS(f16, EMB_F16)
 HEAD_BLOCKS(i8, EMB_I8)
 HEAD_BLOCKS(f32, EMB_F32)
+HEAD_BLOCKS(bf16, EMB_BF16)
+HEAD_BLOCKS(i8b16, EMB_I8B16)
+HEAD_BLOCKS(i8b32, EMB_I8B32)
 
 typedef struct {
     BlockFn quad;   /* HEAD_ROWS rows × 4 tokens (AVX-512VL only, else NULL) */
@@ -192,9 +224,12 @@ typedef struct {
 
 /* impl == IMPL_AVX512 implies AVX-512VL (cpu_has_avx512), so the wide blocks can run */
 static BlockSet block_set(EmbKind kind, KernelImpl impl) {
-    BlockSet b = kind == EMB_F16  ? (BlockSet){f16_quad, f16_triple, f16_pair, f16_single, f16_row}
-                 : kind == EMB_I8 ? (BlockSet){i8_quad, i8_triple, i8_pair, i8_single, i8_row}
-                                  : (BlockSet){f32_quad, f32_triple, f32_pair, f32_single, f32_row};
+    BlockSet b = kind == EMB_F16     ? (BlockSet){f16_quad, f16_triple, f16_pair, f16_single, f16_row}
+                 : kind == EMB_I8    ? (BlockSet){i8_quad, i8_triple, i8_pair, i8_single, i8_row}
+                 : kind == EMB_BF16  ? (BlockSet){bf16_quad, bf16_triple, bf16_pair, bf16_single, bf16_row}
+                 : kind == EMB_I8B16 ? (BlockSet){i8b16_quad, i8b16_triple, i8b16_pair, i8b16_single, i8b16_row}
+                 : kind == EMB_I8B32 ? (BlockSet){i8b32_quad, i8b32_triple, i8b32_pair, i8b32_single, i8b32_row}
+                                     : (BlockSet){f32_quad, f32_triple, f32_pair, f32_single, f32_row};
     if (impl < IMPL_AVX512) b.quad = b.triple = NULL;
     return b;
 }
@@ -269,7 +304,7 @@ static void head_chunk(void *ctx, int chunk, int thread) {
 
 void lm_head(Pool *pool, KernelImpl impl, const float *x, size_t n_tokens, size_t dim,
              const void *emb, EmbKind kind, const float *row_scale, size_t vocab, float *out) {
-    HeadTask task = {impl, x, n_tokens, dim, emb, kind, dim * emb_size(kind), row_scale, vocab, out};
+    HeadTask task = {impl, x, n_tokens, dim, emb, kind, emb_row_bytes(kind, dim), row_scale, vocab, out};
     pool_run(pool, head_chunk, &task, (int)((vocab + HEAD_ROWS_PER_CHUNK - 1) / HEAD_ROWS_PER_CHUNK));
 }
 

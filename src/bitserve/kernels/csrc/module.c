@@ -5,82 +5,17 @@
  * dtypes, shapes, contiguity and sizes BEFORE any kernel runs (a bad call raises, it never
  * reads out of bounds), writes into caller-allocated outputs, and releases the GIL while
  * the kernel runs. The last argument `impl` picks the path: 0 scalar, 1 AVX2, 2 AVX-512.
+ * This file holds the Pool type, the head/attention/row-wise methods and the module; the
+ * matmul methods live in module_matmul.c, the load-time repacking in module_repack.c.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-
-#include "native.h"
-
-#define MAX_VIEWS 6
-
-/* ---------------------------------------------------------------- buffer checks ---- */
-
-/* The views a call holds, released together whatever happens. */
-typedef struct {
-    Py_buffer views[MAX_VIEWS];
-    int n;
-} Views;
-
-static void release_views(Views *v) {
-    for (int i = 0; i < v->n; i++) PyBuffer_Release(&v->views[i]);
-    v->n = 0;
-}
-
-static char format_code(const Py_buffer *b) {
-    const char *f = b->format ? b->format : "B";
-    while (*f == '<' || *f == '=' || *f == '@') f++;
-    return f[0] && !f[1] ? f[0] : '?';
-}
-
-/* A C-contiguous array with one of `codes` as its dtype and `ndim` dimensions (-1: any). */
-static Py_buffer *take(Views *v, PyObject *obj, const char *name, const char *codes, int ndim,
-                       int writable) {
-    Py_buffer *b = &v->views[v->n];
-    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
-    if (PyObject_GetBuffer(obj, b, flags) < 0) return NULL;
-    v->n++;
-    char code = format_code(b);
-    static const struct { char code; Py_ssize_t size; } sizes[] = {
-        {'f', 4}, {'e', 2}, {'b', 1}, {'B', 1}, {'i', 4}, {'l', 8}, {'q', 8}};
-    Py_ssize_t want = 0;
-    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++)
-        if (sizes[i].code == code) want = sizes[i].size;
-    if (!strchr(codes, code) || b->itemsize != want) {
-        PyErr_Format(PyExc_TypeError, "%s: dtype code '%c' is not one of '%s'", name, code, codes);
-        return NULL;
-    }
-    if (ndim >= 0 && b->ndim != ndim) {
-        PyErr_Format(PyExc_ValueError, "%s: expected %d dimensions, got %d", name, ndim, b->ndim);
-        return NULL;
-    }
-    return b;
-}
-
-static int check_dim(const char *name, int axis, Py_ssize_t got, Py_ssize_t want) {
-    if (got == want) return 0;
-    PyErr_Format(PyExc_ValueError, "%s: axis %d is %zd, expected %zd", name, axis, got, want);
-    return -1;
-}
-
-static int check_impl(int impl) {
-    if (impl == IMPL_SCALAR || (impl == IMPL_AVX2 && cpu_has_avx2()) ||
-        (impl == IMPL_AVX512 && cpu_has_avx512()))
-        return 0;
-    PyErr_Format(PyExc_ValueError, "kernel impl %d is not available on this CPU", impl);
-    return -1;
-}
+#include "bindings.h"
 
 /* ---------------------------------------------------------------- Pool type ---- */
 
-typedef struct {
-    PyObject_HEAD Pool pool;
-    int ready;
-} PoolObject;
-
 static int pool_object_init(PoolObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"threads", NULL};
-    int threads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|i", kwlist, &threads)) return -1;
+    static char *kwlist[] = {"threads", "gfni", NULL};
+    int threads = 1, gfni = 1; /* gfni=False: the shift-and-mask code planes (tests compare) */
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|ip", kwlist, &threads, &gfni)) return -1;
     if (self->ready) {
         PyErr_SetString(PyExc_RuntimeError, "Pool is already initialised");
         return -1;
@@ -94,6 +29,7 @@ static int pool_object_init(PoolObject *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_OSError, "cannot start the kernel threads");
         return -1;
     }
+    self->pool.gfni &= gfni;
     self->ready = 1;
     return 0;
 }
@@ -106,159 +42,7 @@ static void pool_object_dealloc(PoolObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static int ready(PoolObject *self) {
-    if (self->ready) return 0;
-    PyErr_SetString(PyExc_RuntimeError, "Pool is not initialised");
-    return -1;
-}
-
-static PyObject *no_memory(Views *v) {
-    release_views(v);
-    return PyErr_NoMemory();
-}
-
 /* ---------------------------------------------------------------- methods ---- */
-
-static PyObject *py_quantize(PoolObject *self, PyObject *args) {
-    PyObject *ox, *oq, *os, *osum;
-    int impl;
-    if (!PyArg_ParseTuple(args, "OOOOi", &ox, &oq, &os, &osum, &impl) || ready(self) ||
-        check_impl(impl))
-        return NULL;
-    Views v = {.n = 0};
-    Py_buffer *x = take(&v, ox, "x", "f", 2, 0), *q = x ? take(&v, oq, "q", "b", 2, 1) : NULL;
-    Py_buffer *s = q ? take(&v, os, "scale", "f", 1, 1) : NULL;
-    Py_buffer *sum = s ? take(&v, osum, "sum", "i", 1, 1) : NULL;
-    if (!sum || check_dim("q", 0, q->shape[0], x->shape[0]) ||
-        check_dim("q", 1, q->shape[1], x->shape[1]) || check_dim("scale", 0, s->shape[0], x->shape[0]) ||
-        check_dim("sum", 0, sum->shape[0], x->shape[0])) {
-        release_views(&v);
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
-    quantize_rows(&self->pool, (KernelImpl)impl, x->buf, (size_t)x->shape[0], (size_t)x->shape[1],
-                  q->buf, s->buf, sum->buf);
-    pool_unlock(&self->pool);
-    Py_END_ALLOW_THREADS release_views(&v);
-    Py_RETURN_NONE;
-}
-
-/* The I2_S codes of an [n_out, n_in] weight: n_in a multiple of 128, enough bytes. */
-static Py_buffer *take_codes(Views *v, PyObject *obj, Py_ssize_t n_out, Py_ssize_t n_in) {
-    Py_buffer *raw = take(v, obj, "raw", "Bb", -1, 0);
-    if (!raw) return NULL;
-    if (n_out < 1 || n_in < 128 || n_in % 128) {
-        PyErr_Format(PyExc_ValueError, "I2_S weight [%zd, %zd]: n_in must be a positive multiple of 128", n_out, n_in);
-        return NULL;
-    }
-    if (raw->len < n_out * (n_in / 4)) {
-        PyErr_Format(PyExc_ValueError, "raw: %zd bytes, an I2_S [%zd, %zd] weight needs %zd", raw->len,
-                     n_out, n_in, n_out * (n_in / 4));
-        return NULL;
-    }
-    return raw;
-}
-
-static PyObject *py_ternary_int(PoolObject *self, PyObject *args) {
-    PyObject *oq, *osum, *oraw, *oacc;
-    Py_ssize_t n_out;
-    int impl;
-    if (!PyArg_ParseTuple(args, "OOOnOi", &oq, &osum, &oraw, &n_out, &oacc, &impl) || ready(self) ||
-        check_impl(impl))
-        return NULL;
-    Views v = {.n = 0};
-    Py_buffer *q = take(&v, oq, "q", "b", 2, 0), *sum = q ? take(&v, osum, "sum", "i", 1, 0) : NULL;
-    Py_buffer *raw = sum ? take_codes(&v, oraw, n_out, q->shape[1]) : NULL;
-    Py_buffer *acc = raw ? take(&v, oacc, "acc", "i", 2, 1) : NULL;
-    if (!acc || check_dim("sum", 0, sum->shape[0], q->shape[0]) ||
-        check_dim("acc", 0, acc->shape[0], q->shape[0]) || check_dim("acc", 1, acc->shape[1], n_out)) {
-        release_views(&v);
-        return NULL;
-    }
-    int err = 0;
-    Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
-    err = pool_reserve_act(&self->pool, (size_t)q->shape[0], (size_t)q->shape[1]);
-    if (!err)
-        ternary_matmul_int(&self->pool, (KernelImpl)impl, raw->buf, (size_t)n_out, (size_t)q->shape[1],
-                           q->buf, sum->buf, (size_t)q->shape[0], acc->buf);
-    pool_unlock(&self->pool);
-    Py_END_ALLOW_THREADS if (err) return no_memory(&v);
-    release_views(&v);
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_bitlinear(PoolObject *self, PyObject *args) {
-    PyObject *ox, *oraw, *oy;
-    Py_ssize_t n_out;
-    float w_scale;
-    int impl, err = 0;
-    if (!PyArg_ParseTuple(args, "OOnfOi", &ox, &oraw, &n_out, &w_scale, &oy, &impl) || ready(self) ||
-        check_impl(impl))
-        return NULL;
-    Views v = {.n = 0};
-    Py_buffer *x = take(&v, ox, "x", "f", 2, 0), *raw = x ? take_codes(&v, oraw, n_out, x->shape[1]) : NULL;
-    Py_buffer *y = raw ? take(&v, oy, "out", "f", 2, 1) : NULL;
-    if (!y || check_dim("out", 0, y->shape[0], x->shape[0]) || check_dim("out", 1, y->shape[1], n_out)) {
-        release_views(&v);
-        return NULL;
-    }
-    size_t t = (size_t)x->shape[0], k = (size_t)x->shape[1];
-    Py_BEGIN_ALLOW_THREADS Pool *pool = &self->pool;
-    pool_lock(pool);
-    err = pool_reserve_act(pool, t, k);
-    if (!err) {
-        quantize_rows(pool, (KernelImpl)impl, x->buf, t, k, pool->q, pool->act_scale, pool->act_sum);
-        ternary_matmul(pool, (KernelImpl)impl, raw->buf, (size_t)n_out, k, w_scale, pool->q,
-                       pool->act_scale, pool->act_sum, t, y->buf);
-    }
-    pool_unlock(pool);
-    Py_END_ALLOW_THREADS if (err) return no_memory(&v);
-    release_views(&v);
-    Py_RETURN_NONE;
-}
-
-/* bitlinear_blocked(x, codes, scales, n_out, gps, block32, out, impl): a block-scaled weight
- * (codes uint8 [n_out, 64·n_super], scales f16 [n_out, gps·n_super], n_super = ⌈K/256⌉) */
-static PyObject *py_bitlinear_blocked(PoolObject *self, PyObject *args) {
-    PyObject *ox, *ocodes, *oscales, *oy;
-    Py_ssize_t n_out;
-    int gps, block32, impl, err = 0;
-    if (!PyArg_ParseTuple(args, "OOOnipOi", &ox, &ocodes, &oscales, &n_out, &gps, &block32, &oy, &impl) ||
-        ready(self) || check_impl(impl))
-        return NULL;
-    if (gps != 1 && gps != 2 && gps != 4)
-        return PyErr_Format(PyExc_ValueError, "gps (groups per super-block) must be 1, 2 or 4, got %d", gps);
-    if (n_out < 1) return PyErr_Format(PyExc_ValueError, "n_out must be positive, got %zd", n_out);
-    Views v = {.n = 0};
-    Py_buffer *x = take(&v, ox, "x", "f", 2, 0), *codes = x ? take(&v, ocodes, "codes", "B", 2, 0) : NULL;
-    Py_buffer *scales = codes ? take(&v, oscales, "scales", "e", 2, 0) : NULL;
-    Py_buffer *y = scales ? take(&v, oy, "out", "f", 2, 1) : NULL;
-    if (!y) {
-        release_views(&v);
-        return NULL;
-    }
-    Py_ssize_t k = x->shape[1], n_super = (k + 255) / 256;
-    if (k < 1 || (block32 && k % 32)) {
-        release_views(&v);
-        return PyErr_Format(PyExc_ValueError, "x: row length %zd (BLOCK32 needs a multiple of 32)", k);
-    }
-    if (check_dim("codes", 0, codes->shape[0], n_out) || check_dim("codes", 1, codes->shape[1], 64 * n_super) ||
-        check_dim("scales", 0, scales->shape[0], n_out) || check_dim("scales", 1, scales->shape[1], gps * n_super) ||
-        check_dim("out", 0, y->shape[0], x->shape[0]) || check_dim("out", 1, y->shape[1], n_out)) {
-        release_views(&v);
-        return NULL;
-    }
-    BlockedWeightArgs w = {codes->buf, scales->buf, (size_t)n_out, (size_t)k, (size_t)n_super, gps, block32};
-    size_t t = (size_t)x->shape[0];
-    Py_BEGIN_ALLOW_THREADS Pool *pool = &self->pool;
-    pool_lock(pool);
-    err = t ? pool_reserve_blocked(pool, t, (size_t)n_super) : 0;
-    if (!err && t) ternary_blocked_matmul(pool, (KernelImpl)impl, &w, x->buf, t, y->buf);
-    pool_unlock(pool);
-    Py_END_ALLOW_THREADS if (err) return no_memory(&v);
-    release_views(&v);
-    Py_RETURN_NONE;
-}
 
 static PyObject *py_head(PoolObject *self, PyObject *args) {
     PyObject *ox, *oemb, *oscale, *oout;
@@ -282,6 +66,38 @@ static PyObject *py_head(PoolObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
     lm_head(&self->pool, (KernelImpl)impl, x->buf, (size_t)x->shape[0], (size_t)x->shape[1], emb->buf,
             kind, scale ? scale->buf : NULL, (size_t)emb->shape[0], out->buf);
+    pool_unlock(&self->pool);
+    Py_END_ALLOW_THREADS release_views(&v);
+    Py_RETURN_NONE;
+}
+
+/* head_packed(x, rows, kind, out, impl): a head whose rows are raw bytes [V, row_bytes] of
+ * kind EMB_BF16 (2·dim) or EMB_I8B16/32 (dim int8 values, then dim/16 or dim/32 f32 scales) */
+static PyObject *py_head_packed(PoolObject *self, PyObject *args) {
+    PyObject *ox, *oemb, *oout;
+    int kind, impl;
+    if (!PyArg_ParseTuple(args, "OOiOi", &ox, &oemb, &kind, &oout, &impl) || ready(self) || check_impl(impl))
+        return NULL;
+    if (kind != EMB_BF16 && kind != EMB_I8B16 && kind != EMB_I8B32)
+        return PyErr_Format(PyExc_ValueError, "head_packed: kind %d is not BF16, I8B16 or I8B32", kind);
+    Views v = {.n = 0};
+    Py_buffer *x = take(&v, ox, "x", "f", 2, 0), *emb = x ? take(&v, oemb, "rows", "B", 2, 0) : NULL;
+    Py_buffer *out = emb ? take(&v, oout, "out", "f", 2, 1) : NULL;
+    if (!out) {
+        release_views(&v);
+        return NULL;
+    }
+    Py_ssize_t dim = x->shape[1], block = kind == EMB_I8B16 ? 16 : kind == EMB_I8B32 ? 32 : 1;
+    Py_ssize_t row_bytes = kind == EMB_BF16 ? 2 * dim : dim + dim / block * 4;
+    if (dim % block || check_dim("rows", 1, emb->shape[1], row_bytes) || check_dim("out", 0, out->shape[0], x->shape[0]) ||
+        check_dim("out", 1, out->shape[1], emb->shape[0])) {
+        if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "x: width %zd is not whole blocks of %zd", dim, block);
+        release_views(&v);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
+    lm_head(&self->pool, (KernelImpl)impl, x->buf, (size_t)x->shape[0], (size_t)dim, emb->buf, (EmbKind)kind, NULL,
+            (size_t)emb->shape[0], out->buf);
     pool_unlock(&self->pool);
     Py_END_ALLOW_THREADS release_views(&v);
     Py_RETURN_NONE;
@@ -579,7 +395,10 @@ static PyObject *py_rmsnorm(PoolObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *py_relu2_mul(PoolObject *self, PyObject *args) {
+typedef void (*GateFn)(Pool *, KernelImpl, const float *, const float *, size_t, size_t, float *);
+
+/* gate(gate, up, out, impl): an elementwise gate of two [T, n] float32 arrays */
+static PyObject *gate_op(PoolObject *self, PyObject *args, GateFn fn) {
     PyObject *og, *ou, *oout;
     int impl;
     if (!PyArg_ParseTuple(args, "OOOi", &og, &ou, &oout, &impl) || ready(self) || check_impl(impl)) return NULL;
@@ -592,11 +411,15 @@ static PyObject *py_relu2_mul(PoolObject *self, PyObject *args) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
-    relu2_mul(&self->pool, (KernelImpl)impl, g->buf, u->buf, (size_t)g->shape[0], (size_t)g->shape[1], out->buf);
+    fn(&self->pool, (KernelImpl)impl, g->buf, u->buf, (size_t)g->shape[0], (size_t)g->shape[1], out->buf);
     pool_unlock(&self->pool);
     Py_END_ALLOW_THREADS release_views(&v);
     Py_RETURN_NONE;
 }
+
+static PyObject *py_relu2_mul(PoolObject *self, PyObject *args) { return gate_op(self, args, relu2_mul); }
+
+static PyObject *py_silu_mul(PoolObject *self, PyObject *args) { return gate_op(self, args, silu_mul); }
 
 static PyObject *py_rope(PoolObject *self, PyObject *args) {
     PyObject *ox, *oc, *os, *oout;
@@ -629,8 +452,14 @@ static PyMethodDef pool_methods[] = {
     {"ternary_int", (PyCFunction)py_ternary_int, METH_VARARGS, "ternary_int(q, sum, raw, n_out, acc, impl)"},
     {"bitlinear", (PyCFunction)py_bitlinear, METH_VARARGS, "bitlinear(x, raw, n_out, w_scale, out, impl)"},
     {"bitlinear_blocked", (PyCFunction)py_bitlinear_blocked, METH_VARARGS,
-     "bitlinear_blocked(x, codes, scales, n_out, gps, block32, out, impl)"},
+     "bitlinear_blocked(x, codes, scales, n_out, gps, block32, out_scale, out, impl)"},
+    {"bitlinear_many", (PyCFunction)py_bitlinear_many, METH_VARARGS,
+     "bitlinear_many(x, raws, n_outs, w_scales, outs, impl): I2_S weights of one input in one task"},
+    {"bitlinear_blocked_many", (PyCFunction)py_bitlinear_blocked_many, METH_VARARGS,
+     "bitlinear_blocked_many(x, codes, scales, n_outs, gps, block32, out_scales, outs, impl)"},
     {"head", (PyCFunction)py_head, METH_VARARGS, "head(x, embedding, row_scale|None, out, impl)"},
+    {"head_packed", (PyCFunction)py_head_packed, METH_VARARGS,
+     "head_packed(x, rows, kind, out, impl): BF16 (3) or int8 rows with f32 block scales (4: 16, 5: 32)"},
     {"quantize_f16_rows", (PyCFunction)py_quantize_f16_rows, METH_VARARGS,
      "quantize_f16_rows(embedding, q, row_scale, impl)"},
     {"attention", (PyCFunction)py_attention, METH_VARARGS, "attention(q, k_cache, v_cache, start_pos, out, impl[, k_new, v_new]): k_new/v_new stored first"},
@@ -639,6 +468,7 @@ static PyMethodDef pool_methods[] = {
     {"read_memory", (PyCFunction)py_read_memory, METH_VARARGS, "read_memory(buffer, impl) -> checksum"},
     {"rmsnorm", (PyCFunction)py_rmsnorm, METH_VARARGS, "rmsnorm(x, weight, eps, out, impl)"},
     {"relu2_mul", (PyCFunction)py_relu2_mul, METH_VARARGS, "relu2_mul(gate, up, out, impl)"},
+    {"silu_mul", (PyCFunction)py_silu_mul, METH_VARARGS, "silu_mul(gate, up, out, impl): SwiGLU"},
     {"rope", (PyCFunction)py_rope, METH_VARARGS, "rope(x, cos, sin, out): NEOX RoPE"},
     {NULL, NULL, 0, NULL}};
 
@@ -659,110 +489,6 @@ static PyTypeObject PoolType = {
 
 /* ---------------------------------------------------------------- module ---- */
 
-/* ---------------------------------------------------------------- load-time repacking ---- */
-
-static int repack_type(int type, Py_ssize_t q2_block) {
-    if (type == REPACK_TQ1_0 || type == REPACK_TQ2_0 || (type == REPACK_Q2_0 && (q2_block == 64 || q2_block == 128)))
-        return 0;
-    PyErr_Format(PyExc_ValueError, "cannot repack type %d (q2_block %zd)", type, q2_block);
-    return -1;
-}
-
-/* the source of rows × cols weights of `type`, and the row order (None, or int64 [rows]
- * holding a permutation's entries, each checked to be a row) */
-static Py_buffer *take_source(Views *v, PyObject *osrc, PyObject *oorder, int type, Py_ssize_t q2_block,
-                              Py_ssize_t rows, Py_ssize_t cols, const int64_t **order) {
-    Py_ssize_t per = type == REPACK_Q2_0 ? q2_block : 256, bb = type == REPACK_TQ2_0 ? 66 : type == REPACK_TQ1_0 ? 54 : 2 + q2_block / 4;
-    if (rows < 1 || cols < per || cols % per) {
-        PyErr_Format(PyExc_ValueError, "[%zd, %zd]: rows must be whole blocks of %zd", rows, cols, per);
-        return NULL;
-    }
-    Py_buffer *src = take(v, osrc, "src", "Bb", -1, 0);
-    if (!src) return NULL;
-    if (src->len < rows * (cols / per) * bb) {
-        PyErr_Format(PyExc_ValueError, "src: %zd bytes, [%zd, %zd] needs %zd", src->len, rows, cols, rows * (cols / per) * bb);
-        return NULL;
-    }
-    *order = NULL;
-    if (oorder == Py_None) return src;
-    Py_buffer *ob = take(v, oorder, "row_order", "lq", 1, 0);
-    if (!ob || check_dim("row_order", 0, ob->shape[0], rows)) return NULL;
-    const int64_t *o = ob->buf;
-    for (Py_ssize_t r = 0; r < rows; r++)
-        if (o[r] < 0 || o[r] >= rows) {
-            PyErr_Format(PyExc_ValueError, "row_order[%zd] = %lld is not a row", r, (long long)o[r]);
-            return NULL;
-        }
-    *order = o;
-    return src;
-}
-
-static PyObject *py_repack_blocked(PyObject *mod, PyObject *args) {
-    (void)mod;
-    PyObject *osrc, *oorder, *ocodes, *oscales;
-    int type;
-    Py_ssize_t q2_block, rows, cols;
-    if (!PyArg_ParseTuple(args, "OinnnOOO", &osrc, &type, &q2_block, &rows, &cols, &oorder, &ocodes, &oscales) ||
-        repack_type(type, q2_block))
-        return NULL;
-    Views v = {.n = 0};
-    const int64_t *order;
-    Py_buffer *src = take_source(&v, osrc, oorder, type, q2_block, rows, cols, &order);
-    Py_buffer *codes = src ? take(&v, ocodes, "codes", "B", 2, 1) : NULL;
-    Py_buffer *scales = codes ? take(&v, oscales, "scales", "e", 2, 1) : NULL;
-    Py_ssize_t n_super = (cols + 255) / 256, gps = type == REPACK_Q2_0 ? 256 / q2_block : 1;
-    if (!scales || check_dim("codes", 0, codes->shape[0], rows) || check_dim("codes", 1, codes->shape[1], 64 * n_super) ||
-        check_dim("scales", 0, scales->shape[0], rows) || check_dim("scales", 1, scales->shape[1], gps * n_super)) {
-        release_views(&v);
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS repack_blocked(type, src->buf, (size_t)q2_block, (size_t)rows, (size_t)cols, order,
-                                          codes->buf, scales->buf);
-    Py_END_ALLOW_THREADS release_views(&v);
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_ternary_scan(PyObject *mod, PyObject *args) {
-    (void)mod;
-    PyObject *osrc;
-    int type;
-    Py_ssize_t rows, cols;
-    if (!PyArg_ParseTuple(args, "Oinn", &osrc, &type, &rows, &cols)) return NULL;
-    if (type != REPACK_TQ1_0 && type != REPACK_TQ2_0) return PyErr_Format(PyExc_ValueError, "ternary_scan takes TQ1_0/TQ2_0, not %d", type);
-    Views v = {.n = 0};
-    const int64_t *order;
-    Py_buffer *src = take_source(&v, osrc, Py_None, type, 0, rows, cols, &order);
-    if (!src) {
-        release_views(&v);
-        return NULL;
-    }
-    uint16_t scale = 0;
-    int one = 0;
-    Py_BEGIN_ALLOW_THREADS one = ternary_scan(type, src->buf, (size_t)rows, (size_t)cols, &scale);
-    Py_END_ALLOW_THREADS release_views(&v);
-    return Py_BuildValue("(Oi)", one ? Py_True : Py_False, (int)scale);
-}
-
-static PyObject *py_repack_tq_i2s(PyObject *mod, PyObject *args) {
-    (void)mod;
-    PyObject *osrc, *oorder, *oout;
-    int type;
-    Py_ssize_t rows, cols;
-    if (!PyArg_ParseTuple(args, "OinnOO", &osrc, &type, &rows, &cols, &oorder, &oout)) return NULL;
-    if (type != REPACK_TQ1_0 && type != REPACK_TQ2_0) return PyErr_Format(PyExc_ValueError, "repack_tq_i2s takes TQ1_0/TQ2_0, not %d", type);
-    Views v = {.n = 0};
-    const int64_t *order;
-    Py_buffer *src = take_source(&v, osrc, oorder, type, 0, rows, cols, &order);
-    Py_buffer *out = src ? take(&v, oout, "out", "B", 1, 1) : NULL;
-    if (!out || check_dim("out", 0, out->shape[0], rows * cols / 4)) {
-        release_views(&v);
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS repack_tq_i2s(type, src->buf, (size_t)rows, (size_t)cols, order, out->buf);
-    Py_END_ALLOW_THREADS release_views(&v);
-    Py_RETURN_NONE;
-}
-
 static PyObject *py_cpu_has_avx2(PyObject *mod, PyObject *unused) {
     (void)mod;
     (void)unused;
@@ -780,6 +506,8 @@ static PyMethodDef module_methods[] = {
      "repack_blocked(src, type, q2_block, rows, cols, row_order|None, codes, scales): into the blocked layout"},
     {"ternary_scan", py_ternary_scan, METH_VARARGS,
      "ternary_scan(src, type, rows, cols) -> (one_scale, f16 bits): TQ1_0/TQ2_0 with one scale?"},
+    {"repack_int8_rows", py_repack_int8_rows, METH_VARARGS,
+     "repack_int8_rows(src, type, rows, cols, out): Q8_0/Q6_K as int8 rows with f32 block scales"},
     {"repack_tq_i2s", py_repack_tq_i2s, METH_VARARGS,
      "repack_tq_i2s(src, type, rows, cols, row_order|None, out): one-scale TQ1_0/TQ2_0 as I2_S codes"},
     {"cpu_has_avx2", py_cpu_has_avx2, METH_NOARGS, "True when the AVX2/FMA/F16C path can run here."},

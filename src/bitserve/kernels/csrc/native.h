@@ -9,7 +9,8 @@
  *   head.c       the tied LM head (F16/F32 and int8 embeddings) and the memory-read probe
  *   attention.c  causal GQA attention over the KV cache
  *   elementwise.c  RMSNorm and the squared-ReLU gate, row by row
- *   module.c     the Python bindings: buffer checks, GIL release, dispatch
+ *   module.c     the Python bindings: buffer checks, GIL release, dispatch (bindings.h;
+ *                module_matmul.c the matmuls, module_repack.c the load-time repacking)
  *
  * Every kernel has a portable scalar path and an AVX2/FMA/F16C path compiled with target
  * attributes (never -march=native), so one build runs on any x86-64 (and non-x86) machine;
@@ -47,6 +48,7 @@ typedef void (*TaskFn)(void *ctx, int chunk, int thread);
 
 typedef struct {
     int n_threads; /* including the calling thread */
+    int gfni;      /* the AVX-512 kernels may use GFNI (cpu_has_gfni(), unless turned off) */
     pthread_t *workers;
     pthread_mutex_t mutex; /* guards the sleep/wake handshake */
     pthread_cond_t wake;
@@ -78,6 +80,16 @@ void pool_free(Pool *pool);
 /* Run fn over chunks 0..n_chunks-1 on all threads; returns when every chunk is done.
  * The caller must hold dispatch_lock (pool_lock) and must not hold the GIL. */
 void pool_run(Pool *pool, TaskFn fn, void *ctx, int n_chunks);
+/* Several tasks as one (one wake-up, one barrier): task i has chunks first[i]..first[i+1]−1
+ * of the fused task, first[0] = 0, first[n] the total. */
+#define POOL_MAX_FUSED 8
+typedef struct {
+    int n;
+    TaskFn fn[POOL_MAX_FUSED];
+    void *ctx[POOL_MAX_FUSED];
+    int first[POOL_MAX_FUSED + 1];
+} FusedTask;
+void pool_run_fused(Pool *pool, FusedTask *f);
 void pool_lock(Pool *pool);
 void pool_unlock(Pool *pool);
 /* Make sure scratch holds T tokens of K bytes / S scores per thread; 0 on success. */
@@ -104,6 +116,12 @@ void ternary_matmul(Pool *pool, KernelImpl impl, const uint8_t *codes, size_t n_
                     size_t n_in, float w_scale, const int8_t *q, const float *scale,
                     const int32_t *sum, size_t n_tokens, float *y);
 
+/* Several I2_S weights of the same input width against the same quantized tokens, as one
+ * task (q/k/v, gate/up): y[i] [T, n_out[i]], each the bits of ternary_matmul alone. */
+void ternary_matmul_many(Pool *pool, KernelImpl impl, int n, const uint8_t *const codes[],
+                         const size_t n_out[], size_t n_in, const float w_scale[], const int8_t *q,
+                         const float *scale, const int32_t *sum, size_t n_tokens, float *const y[]);
+
 /* Integer dot products only: acc [T, N] int32 (tests check them against the oracle). */
 void ternary_matmul_int(Pool *pool, KernelImpl impl, const uint8_t *codes, size_t n_out,
                         size_t n_in, const int8_t *q, const int32_t *sum, size_t n_tokens,
@@ -111,12 +129,13 @@ void ternary_matmul_int(Pool *pool, KernelImpl impl, const uint8_t *codes, size_
 
 /* AVX-512 pair tiles (ternary_avx512.c): q [T, K] → qp [T, 256·⌈K/256⌉] in pair order, then
  * dots[t][r] = Σ_k code[rows[r], k] · q[t, k] for PAIR_TILE_ROWS rows and
- * tt <= PAIR_TILE_TOKENS tokens; only called when cpu_has_avx512(). */
+ * tt <= PAIR_TILE_TOKENS tokens; only called when cpu_has_avx512(), gfni only when
+ * cpu_has_gfni() (the same bits either way). */
 #define PAIR_TILE_ROWS 4
 #define PAIR_TILE_TOKENS 4
 void permute_pairs(const int8_t *q, size_t n_blocks, int8_t *qp);
 void pair_dots_avx512(const uint8_t *const rows[PAIR_TILE_ROWS], const int8_t *qp,
-                      size_t qp_stride, size_t n_blocks, int tt,
+                      size_t qp_stride, size_t n_blocks, int tt, int gfni,
                       int32_t dots[PAIR_TILE_TOKENS][PAIR_TILE_ROWS]);
 /* ...and its n <= PAIR_TILE_ROWS rows stored for tt tokens: y[t·stride + i] =
  * (float)(dots[t][i] − sum[t]) / scale[t] · w_scale, or with scale NULL the int32
@@ -133,15 +152,23 @@ typedef struct {
     const uint16_t *scales;
     size_t n_out, n_in, n_super;
     int gps, block32;
+    float out_scale; /* every output times this (a file's separate per-tensor scale; else 1) */
 } BlockedWeightArgs;
 /* bytes of one prepared token: its q in lane order, lane inits, lane act scales */
 size_t blocked_act_stride(size_t n_super);
 /* y [T, n_out] = bitlinear of x [T, n_in]; needs pool_reserve_blocked(pool, T, n_super) */
 void ternary_blocked_matmul(Pool *pool, KernelImpl impl, const BlockedWeightArgs *w, const float *x,
                             size_t n_tokens, float *y);
+/* n weights of the same n_in, gps and activation mode on one input, as one task (the tokens
+ * prepared once); each y[i] the bits of ternary_blocked_matmul alone */
+void ternary_blocked_matmul_many(Pool *pool, KernelImpl impl, int n, const BlockedWeightArgs *w,
+                                 const float *x, size_t n_tokens, float *const y[]);
 
 /* Load-time repacking (repack.c); types by their ggml ids. */
-enum { REPACK_TQ1_0 = 34, REPACK_TQ2_0 = 35, REPACK_Q2_0 = 42 };
+enum { REPACK_Q8_0 = 8, REPACK_Q6_K = 14, REPACK_TQ1_0 = 34, REPACK_TQ2_0 = 35, REPACK_Q2_0 = 42 };
+/* Q8_0 / Q6_K [rows, cols] → the int8-block head rows: cols int8 values, then cols/32 (Q8_0)
+ * or cols/16 (Q6_K) f32 scales, per row (EMB_I8B32 / EMB_I8B16) */
+void repack_int8_rows(int type, const uint8_t *src, size_t rows, size_t cols, uint8_t *out);
 /* rows of src (row order[r], or r) → blocked codes [rows, 64·n_super] + f16 scales
  * [rows, gps·n_super]; q2_block: 64 or 128 (Q2_0 only) */
 void repack_blocked(int type, const uint8_t *src, size_t q2_block, size_t rows, size_t cols,
@@ -153,9 +180,12 @@ int ternary_scan(int type, const uint8_t *src, size_t rows, size_t cols, uint16_
 void repack_tq_i2s(int type, const uint8_t *src, size_t rows, size_t cols, const int64_t *order,
                    uint8_t *out);
 
-typedef enum { EMB_F32 = 0, EMB_F16 = 1, EMB_I8 = 2 } EmbKind;
+/* EMB_I8: int8 rows divided by a per-row scale at the end (the int8 head); EMB_I8B16/32:
+ * Q6_K/Q8_0 as int8 rows each followed by its f32 scales, one per 16/32 values (value =
+ * q · scale); EMB_BF16: raw bf16 bits. */
+typedef enum { EMB_F32 = 0, EMB_F16 = 1, EMB_I8 = 2, EMB_BF16 = 3, EMB_I8B16 = 4, EMB_I8B32 = 5 } EmbKind;
 
-/* out [T, V] = x [T, D] · emb [V, D]ᵀ (emb F32/F16; EMB_I8 rows are divided by row_scale). */
+/* out [T, V] = x [T, D] · emb [V, D]ᵀ (EMB_I8 rows are divided by row_scale). */
 void lm_head(Pool *pool, KernelImpl impl, const float *x, size_t n_tokens, size_t dim,
              const void *emb, EmbKind kind, const float *row_scale, size_t vocab, float *out);
 
@@ -192,6 +222,9 @@ void rmsnorm_rows(Pool *pool, KernelImpl impl, const float *x, size_t n_rows, si
 /* out [T, n] = max(gate, 0)² · up, float32, bit-exact with numpy */
 void relu2_mul(Pool *pool, KernelImpl impl, const float *gate, const float *up, size_t n_rows,
                size_t n, float *out);
+/* out [T, n] = silu(gate) · up (SwiGLU), within a few ulp of numpy; scalar = AVX2 bits */
+void silu_mul(Pool *pool, KernelImpl impl, const float *gate, const float *up, size_t n_rows,
+              size_t n, float *out);
 
 /* out [T, H, D] = NEOX RoPE of x [T, H, D] by cos/sin [T, D/2], bit-exact with numpy; on the
  * calling thread (a few µs at decode) */

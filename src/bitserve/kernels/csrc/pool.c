@@ -128,6 +128,7 @@ static void *worker_main(void *arg) {
 int pool_init(Pool *pool, int n_threads) {
     memset(pool, 0, sizeof(*pool));
     pool->n_threads = n_threads < 1 ? 1 : n_threads;
+    pool->gfni = cpu_has_gfni();
     pthread_mutex_init(&pool->mutex, NULL);
     pthread_cond_init(&pool->wake, NULL);
     pthread_mutex_init(&pool->dispatch_lock, NULL);
@@ -237,4 +238,18 @@ int pool_reserve_blocked(Pool *pool, size_t n_tokens, size_t n_super) {
 int pool_reserve_scores(Pool *pool, size_t s) {
     return grow((void **)&pool->scores, &pool->scores_cap,
                 s * sizeof(float) * (size_t)pool->n_threads);
+}
+
+/* ---------------------------------------------------------------- fused tasks ---- */
+
+/* chunk c of the fused task is chunk c − first[i] of task i */
+static void fused_chunk(void *ctx, int chunk, int thread) {
+    const FusedTask *f = ctx;
+    int i = 0;
+    while (chunk >= f->first[i + 1]) i++;
+    f->fn[i](f->ctx[i], chunk - f->first[i], thread);
+}
+
+void pool_run_fused(Pool *pool, FusedTask *f) {
+    pool_run(pool, fused_chunk, f, f->first[f->n]);
 }

@@ -221,3 +221,42 @@ void repack_tq_i2s(int type, const uint8_t *src, size_t rows, size_t cols, const
         }
     }
 }
+
+/* ---------------------------------------------------------------- int8-block heads ---- */
+
+/* f16 bits → f32 (exact) */
+static float f16_value(const uint8_t *p) { return half_to_float((uint16_t)(p[0] | (p[1] << 8))); }
+
+void repack_int8_rows(int type, const uint8_t *src, size_t rows, size_t cols, uint8_t *out) {
+    size_t block = type == REPACK_Q6_K ? 16 : 32, row_bytes = cols + cols / block * sizeof(float);
+    for (size_t r = 0; r < rows; r++) {
+        int8_t *values = (int8_t *)(out + r * row_bytes);
+        float *scales = (float *)(out + r * row_bytes + cols);
+        if (type == REPACK_Q8_0) { /* {f16 d, int8 qs[32]} */
+            const uint8_t *row = src + r * (cols / 32) * 34;
+            for (size_t b = 0; b < cols / 32; b++) {
+                scales[b] = f16_value(row + 34 * b);
+                memcpy(values + 32 * b, row + 34 * b + 2, 32);
+            }
+            continue;
+        }
+        /* Q6_K super-block {ql[128], qh[64], int8 sc[16], f16 d}: per half (128 weights),
+         * weight l + 32i has its low nibble in ql[l + 32·(i % 2)] (>> 4 for i >= 2) and its top
+         * bits at 2i of qh[l]; value = that 6-bit number − 32, scale = d · sc[weight / 16] */
+        const uint8_t *row = src + r * (cols / 256) * 210;
+        for (size_t b = 0; b < cols / 256; b++) {
+            const uint8_t *blk = row + 210 * b, *sc = blk + 192;
+            float d = f16_value(blk + 208);
+            for (int s = 0; s < 16; s++) scales[16 * b + (size_t)s] = d * (float)(int8_t)sc[s];
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
+                int8_t *v = values + 256 * b + 128 * (size_t)h;
+                for (int l = 0; l < 32; l++)
+                    for (int i = 0; i < 4; i++) {
+                        int low = (ql[l + 32 * (i % 2)] >> (i >= 2 ? 4 : 0)) & 0xF;
+                        v[l + 32 * i] = (int8_t)((low | (((qh[l] >> (2 * i)) & 3) << 4)) - 32);
+                    }
+            }
+        }
+    }
+}

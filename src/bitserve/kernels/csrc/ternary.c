@@ -227,6 +227,7 @@ typedef struct {
     size_t rows_per_chunk; /* set by run_matmul from the thread count */
     const int8_t *qp;      /* AVX-512: q in pair order (permute_pairs) */
     size_t qp_stride;
+    int gfni; /* AVX-512 with GFNI: one-instruction code planes */
 } MatmulTask;
 
 /* One row's dot products (Σ c·q) with tokens [t0, t0+tt) → y (or acc): Σ (c-1)·q scaled.
@@ -253,7 +254,7 @@ static void rows_avx512(const MatmulTask *m, size_t r0, size_t r1, size_t t0, in
         const uint8_t *rows[PAIR_TILE_ROWS];
         size_t n = r1 - r < nr ? r1 - r : nr;
         for (size_t i = 0; i < nr; i++) rows[i] = m->codes + (r + (i < n ? i : 0)) * row_bytes;
-        pair_dots_avx512(rows, m->qp + t0 * m->qp_stride, m->qp_stride, n_blocks, tt, dots);
+        pair_dots_avx512(rows, m->qp + t0 * m->qp_stride, m->qp_stride, n_blocks, tt, m->gfni, dots);
         size_t at = t0 * m->n_out + r;
         store_tile_avx512(dots, tt, n, m->sum + t0, m->scale ? m->scale + t0 : NULL, m->w_scale,
                           m->y ? m->y + at : NULL, m->acc ? m->acc + at : NULL, m->n_out);
@@ -300,31 +301,58 @@ static void matmul_chunk(void *ctx, int chunk, int thread) {
     }
 }
 
-static void run_matmul(Pool *pool, MatmulTask *task) {
-    if (task->impl == IMPL_AVX512) { /* the pair order of q; pool_reserve_act sized qp */
-        size_t n_blocks = task->n_in / BLOCK;
-        task->qp_stride = (n_blocks + 1) / 2 * 256;
-        for (size_t t = 0; t < task->n_tokens; t++)
-            permute_pairs(task->q + t * task->n_in, n_blocks, pool->qp + t * task->qp_stride);
-        task->qp = pool->qp;
-    }
+/* The AVX-512 pair order of q (pool_reserve_act sized qp), once per call. */
+static void permute_tokens(Pool *pool, MatmulTask *task) {
+    if (task->impl != IMPL_AVX512) return;
+    size_t n_blocks = task->n_in / BLOCK;
+    task->qp_stride = (n_blocks + 1) / 2 * 256;
+    for (size_t t = 0; t < task->n_tokens; t++)
+        permute_pairs(task->q + t * task->n_in, n_blocks, pool->qp + t * task->qp_stride);
+    task->qp = pool->qp;
+    task->gfni = pool->gfni;
+}
+
+/* rows_per_chunk for the thread count; returns the chunk count */
+static int split_rows(const Pool *pool, MatmulTask *task) {
     size_t parts = (size_t)pool->n_threads * CHUNKS_PER_THREAD;
     size_t rows = (task->n_out + parts - 1) / parts;
     task->rows_per_chunk = rows < MIN_ROWS_PER_CHUNK ? MIN_ROWS_PER_CHUNK : rows;
-    int n_chunks = (int)((task->n_out + task->rows_per_chunk - 1) / task->rows_per_chunk);
-    pool_run(pool, matmul_chunk, task, n_chunks);
+    return (int)((task->n_out + task->rows_per_chunk - 1) / task->rows_per_chunk);
+}
+
+static void run_matmul(Pool *pool, MatmulTask *task) {
+    permute_tokens(pool, task);
+    pool_run(pool, matmul_chunk, task, split_rows(pool, task));
+}
+
+void ternary_matmul_many(Pool *pool, KernelImpl impl, int n, const uint8_t *const codes[],
+                         const size_t n_out[], size_t n_in, const float w_scale[], const int8_t *q,
+                         const float *scale, const int32_t *sum, size_t n_tokens, float *const y[]) {
+    MatmulTask tasks[POOL_MAX_FUSED];
+    FusedTask fused = {.n = n};
+    for (int i = 0; i < n; i++) {
+        tasks[i] = (MatmulTask){impl, codes[i], n_out[i], n_in, w_scale[i], q, scale, sum, n_tokens, y[i], NULL, 0, NULL, 0, 0};
+        if (i == 0)
+            permute_tokens(pool, &tasks[0]);
+        else /* the same tokens: share their permuted copy */
+            tasks[i].qp = tasks[0].qp, tasks[i].qp_stride = tasks[0].qp_stride, tasks[i].gfni = tasks[0].gfni;
+        fused.fn[i] = matmul_chunk;
+        fused.ctx[i] = &tasks[i];
+        fused.first[i + 1] = fused.first[i] + split_rows(pool, &tasks[i]);
+    }
+    pool_run_fused(pool, &fused);
 }
 
 void ternary_matmul(Pool *pool, KernelImpl impl, const uint8_t *codes, size_t n_out,
                     size_t n_in, float w_scale, const int8_t *q, const float *scale,
                     const int32_t *sum, size_t n_tokens, float *y) {
-    MatmulTask task = {impl, codes, n_out, n_in, w_scale, q, scale, sum, n_tokens, y, NULL, 0, NULL, 0};
+    MatmulTask task = {impl, codes, n_out, n_in, w_scale, q, scale, sum, n_tokens, y, NULL, 0, NULL, 0, 0};
     run_matmul(pool, &task);
 }
 
 void ternary_matmul_int(Pool *pool, KernelImpl impl, const uint8_t *codes, size_t n_out,
                         size_t n_in, const int8_t *q, const int32_t *sum, size_t n_tokens,
                         int32_t *acc) {
-    MatmulTask task = {impl, codes, n_out, n_in, 0.0f, q, NULL, sum, n_tokens, NULL, acc, 0, NULL, 0};
+    MatmulTask task = {impl, codes, n_out, n_in, 0.0f, q, NULL, sum, n_tokens, NULL, acc, 0, NULL, 0, 0};
     run_matmul(pool, &task);
 }

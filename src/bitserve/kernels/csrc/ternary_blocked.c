@@ -14,7 +14,8 @@
  *     P[L]  = init[L] + Σ c·q                          (int32, exact: vpdpbusd / maddubs)
  *     per token: acc[L] += d[L] · (float)P[L]          (float32, separate mul and add)
  *     BLOCK32:   acc[L] += d[L] · ((float)P[L] · a[L])
- *     y = tree16(acc)  (lanes i+8, i+4, i+2, i+1 folded onto i), per token: y / s
+ *     y = tree16(acc)  (lanes i+8, i+4, i+2, i+1 folded onto i), per token: y / s; then
+ *     y · out_scale (1 unless the file has a separate output scale: exact then)
  * Every path does exactly these float operations per lane (-std=c11 never contracts them
  * into FMAs), so scalar, AVX2 and AVX-512 agree bit for bit with each other and with the
  * numpy oracle (reference.bitlinear_blocked), whatever T, the tiling or the thread count.
@@ -36,8 +37,13 @@
 #define CHUNKS_PER_THREAD 4
 /* rows whose codes one pass over a token pair keeps in L2 (bytes), see matmul_chunk */
 #define ROW_BLOCK_BYTES (128u << 10)
-/* the tile's rows are contiguous: prefetched as one linear stream this far ahead */
+/* A tile's rows are contiguous, so the tiles of a chunk are one linear stream, prefetched
+ * this far ahead of the tile being read, or one whole tile ahead when tiles are longer (wide
+ * rows: at K = 12288 a tile is 12 KB, and 8 KB ahead left most of it to the hardware
+ * prefetchers, which follow 4 interleaved streams poorly: Bonsai-8B's down projection, one
+ * thread from DRAM, best of 12, went from 12.7-17.3 to 27-28 GB/s) */
 #define BLOCKED_PREFETCH_BYTES 8192
+#define PREFETCH_L1_BYTES (24u << 10) /* of Zen 4's 32 KB L1d */
 
 /* ---------------------------------------------------------------- activation prep ---- */
 
@@ -168,6 +174,7 @@ typedef struct {
     const uint16_t *scales; /* f16 [n_out, gps·n_super] */
     size_t n_out, n_super;
     int gps, block32, gfni;
+    float out_scale;
     const uint8_t *act; /* prepared tokens, blocked_act_stride apart */
     const float *tok_scale;
     size_t n_tokens;
@@ -179,7 +186,7 @@ static const uint8_t *rec_of(const BlockedTask *m, size_t t) { return m->act + t
 
 static float finish(const BlockedTask *m, const float acc[SB_LANES], size_t t) {
     float y = tree16(acc);
-    return m->block32 ? y : y / m->tok_scale[t];
+    return (m->block32 ? y : y / m->tok_scale[t]) * m->out_scale;
 }
 
 static void row_scalar(const BlockedTask *m, size_t r, size_t t) {
@@ -259,7 +266,7 @@ TARGET_AVX2 static inline __attribute__((always_inline)) void row_avx2(const Blo
     for (int t = 0; t < tt; t++) {
         float y = tree8_avx2(acc[t][0], acc[t][1]);
         size_t tok = t0 + (size_t)t;
-        m->y[tok * m->n_out + r] = m->block32 ? y : y / m->tok_scale[tok];
+        m->y[tok * m->n_out + r] = (m->block32 ? y : y / m->tok_scale[tok]) * m->out_scale;
     }
 }
 
@@ -311,11 +318,22 @@ TARGET_AVX512_GFNI static inline __attribute__((always_inline)) void tile_avx512
     const int32_t *ia = (const int32_t *)(ra + kp), *ib = (const int32_t *)(rb + kp);
     const float *aa = (const float *)(ra + kp + m->n_super * SB_LANES * 4);
     const float *ab = (const float *)(rb + kp + m->n_super * SB_LANES * 4);
-    const char *ahead = (const char *)c0 + BLOCKED_PREFETCH_BYTES;
+    const size_t tile_bytes = TILE_ROWS * row_bytes, tile_scales = TILE_ROWS * row_scales * 2;
+    const char *ahead = (const char *)c0 + (tile_bytes > BLOCKED_PREFETCH_BYTES ? tile_bytes : BLOCKED_PREFETCH_BYTES);
+    const char *scales_ahead = (const char *)s0 + tile_scales; /* the next tile's scales */
+    /* into L1 while the tokens' records and two tiles fit beside each other, else into L2 */
+    const int to_l1 = (size_t)tt * blocked_act_stride(m->n_super) + 2 * tile_bytes <= PREFETCH_L1_BYTES;
     __m512 f0a = _mm512_setzero_ps(), f1a = f0a, f2a = f0a, f3a = f0a;
     __m512 f0b = f0a, f1b = f0a, f2b = f0a, f3b = f0a;
     for (size_t u = 0; u < m->n_super; u++) {
-        for (int i = 0; i < TILE_ROWS; i++) _mm_prefetch(ahead + (TILE_ROWS * u + (size_t)i) * SB_BYTES, _MM_HINT_T0);
+        for (int i = 0; i < TILE_ROWS; i++) {
+            const char *line = ahead + (TILE_ROWS * u + (size_t)i) * SB_BYTES;
+            if (to_l1)
+                _mm_prefetch(line, _MM_HINT_T0);
+            else
+                _mm_prefetch(line, _MM_HINT_T1);
+        }
+        _mm_prefetch(scales_ahead + u * tile_scales / m->n_super, _MM_HINT_T1);
         __m512i w0 = _mm512_loadu_si512(c0 + u * SB_BYTES), w1 = _mm512_loadu_si512(c1 + u * SB_BYTES);
         __m512i w2 = _mm512_loadu_si512(c2 + u * SB_BYTES), w3 = _mm512_loadu_si512(c3 + u * SB_BYTES);
         __m512i init_a = _mm512_load_si512(ia + u * SB_LANES);
@@ -366,10 +384,10 @@ TARGET_AVX512_GFNI static inline __attribute__((always_inline)) void tile_avx512
     __m512 fa[TILE_ROWS] = {f0a, f1a, f2a, f3a}, fb[TILE_ROWS] = {f0b, f1b, f2b, f3b};
     for (size_t i = 0; i < n; i++) {
         float ya = tree16_avx512(fa[i]);
-        m->y[t0 * m->n_out + r + i] = block32 ? ya : ya / m->tok_scale[t0];
+        m->y[t0 * m->n_out + r + i] = (block32 ? ya : ya / m->tok_scale[t0]) * m->out_scale;
         if (tt > 1) {
             float yb = tree16_avx512(fb[i]);
-            m->y[(t0 + 1) * m->n_out + r + i] = block32 ? yb : yb / m->tok_scale[t0 + 1];
+            m->y[(t0 + 1) * m->n_out + r + i] = (block32 ? yb : yb / m->tok_scale[t0 + 1]) * m->out_scale;
         }
     }
 }
@@ -439,30 +457,56 @@ static void blocked_chunk(void *ctx, int chunk, int thread) {
     }
 }
 
-void ternary_blocked_matmul(Pool *pool, KernelImpl impl, const BlockedWeightArgs *w, const float *x,
-                            size_t n_tokens, float *y) {
+static void prepare_tokens(Pool *pool, KernelImpl impl, const BlockedWeightArgs *w, const float *x,
+                           size_t n_tokens) {
     PrepTask prep = {impl, x, w->n_in, w->n_super, w->block32, pool->q, pool->blocked_act, pool->act_scale};
     if (n_tokens == 1)
         prep_token(&prep, 0, 0);
     else
         pool_run(pool, prep_token, &prep, (int)n_tokens);
-    BlockedTask task = {.impl = impl,
-                        .codes = w->codes,
-                        .scales = w->scales,
-                        .n_out = w->n_out,
-                        .n_super = w->n_super,
-                        .gps = w->gps,
-                        .block32 = w->block32,
-                        .gfni = impl == IMPL_AVX512 && cpu_has_gfni(),
-                        .act = pool->blocked_act,
-                        .tok_scale = pool->act_scale,
-                        .n_tokens = n_tokens,
-                        .y = y};
+}
+
+/* the task of one weight on the prepared tokens; returns its chunk count */
+static int blocked_task(const Pool *pool, KernelImpl impl, const BlockedWeightArgs *w, size_t n_tokens,
+                        float *y, BlockedTask *task) {
+    *task = (BlockedTask){.impl = impl,
+                          .codes = w->codes,
+                          .scales = w->scales,
+                          .n_out = w->n_out,
+                          .n_super = w->n_super,
+                          .gps = w->gps,
+                          .block32 = w->block32,
+                          .gfni = impl == IMPL_AVX512 && pool->gfni,
+                          .out_scale = w->out_scale,
+                          .act = pool->blocked_act,
+                          .tok_scale = pool->act_scale,
+                          .n_tokens = n_tokens,
+                          .y = y};
     size_t parts = (size_t)pool->n_threads * CHUNKS_PER_THREAD;
     size_t rows = (w->n_out + parts - 1) / parts;
-    task.rows_per_chunk = rows < MIN_ROWS_PER_CHUNK ? MIN_ROWS_PER_CHUNK : rows;
+    task->rows_per_chunk = rows < MIN_ROWS_PER_CHUNK ? MIN_ROWS_PER_CHUNK : rows;
     size_t per_block = ROW_BLOCK_BYTES / (w->n_super * SB_BYTES) / TILE_ROWS * TILE_ROWS;
-    task.rows_per_block = per_block < TILE_ROWS ? TILE_ROWS : per_block;
-    int n_chunks = (int)((w->n_out + task.rows_per_chunk - 1) / task.rows_per_chunk);
+    task->rows_per_block = per_block < TILE_ROWS ? TILE_ROWS : per_block;
+    return (int)((w->n_out + task->rows_per_chunk - 1) / task->rows_per_chunk);
+}
+
+void ternary_blocked_matmul(Pool *pool, KernelImpl impl, const BlockedWeightArgs *w, const float *x,
+                            size_t n_tokens, float *y) {
+    prepare_tokens(pool, impl, w, x, n_tokens);
+    BlockedTask task;
+    int n_chunks = blocked_task(pool, impl, w, n_tokens, y, &task);
     pool_run(pool, blocked_chunk, &task, n_chunks);
+}
+
+void ternary_blocked_matmul_many(Pool *pool, KernelImpl impl, int n, const BlockedWeightArgs *w,
+                                 const float *x, size_t n_tokens, float *const y[]) {
+    prepare_tokens(pool, impl, &w[0], x, n_tokens);
+    BlockedTask tasks[POOL_MAX_FUSED];
+    FusedTask fused = {.n = n};
+    for (int i = 0; i < n; i++) {
+        fused.fn[i] = blocked_chunk;
+        fused.ctx[i] = &tasks[i];
+        fused.first[i + 1] = fused.first[i] + blocked_task(pool, impl, &w[i], n_tokens, y[i], &tasks[i]);
+    }
+    pool_run_fused(pool, &fused);
 }
