@@ -237,6 +237,15 @@ def test_llama_completion_reports_the_prefix_cache_and_true_timings(client: Test
     assert timings["predicted_n"] == again["tokens_predicted"] == 8
 
 
+def test_a_completion_its_grammar_ended_is_eos_even_with_stop_strings(client: TestClient) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    body = {"prompt": "JSON:", "json_schema": schema, "temperature": 0, "n_predict": 40,
+            "stop": ["never in the reply"]}  # fmt: skip
+    data = client.post("/completion", json=body).json()
+    assert data["content"] in ('{"ok": true}', '{"ok": false}')
+    assert (data["stop_type"], data["stopping_word"]) == ("eos", "")
+
+
 def test_llama_completion_names_its_stopping_word(client: TestClient) -> None:
     body = {"prompt": "Hello", "n_predict": 30, "temperature": 0}
     text = client.post("/completion", json=body).json()["content"]

@@ -90,8 +90,24 @@ def event(token_id: int, finish: str | None = None) -> TokenEvent:
         ([event(5), event(6, "length")], (5, 6)),
         ([event(9, "stop")], ()),
         ([], ()),
-        ([event(5), event(6, "stop")], None),  # a stop string cut the text inside the ids
+        ([event(5), event(6, "stop")], (5, 6)),  # the grammar completed: every id is text
+        # a stop string cut the text inside the ids
+        ([event(5), TokenEvent(6, "", finish_reason="stop", stop_string="x")], None),
+        ([event(5), TokenEvent(9, "", finish_reason="stop", stop_string="x")], None),
     ],
 )
 def test_reply_token_ids(events: list[TokenEvent], expected: tuple[int, ...] | None) -> None:
     assert reply_token_ids(events, {9}) == expected
+
+
+def test_a_reply_its_grammar_ended_keeps_its_ids(client: TestClient) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    conv = client.post("/v1/conversations", json={}).json()["id"]
+    body = chat_body(FIRST, temperature=0, max_tokens=40, response_format=fmt)
+    assert client.post(f"/v1/conversations/{conv}/chat", json=body).status_code == 200
+    reply = client.app.state.store.messages("", conv)[1]  # type: ignore[attr-defined]
+    assert reply.finish_reason == "stop" and reply.content in ('{"ok": true}', '{"ok": false}')
+    assert reply.token_ids is not None  # the next turn's prompt extends this one's tokens
+    served: ServedModel = client.app.state.served  # type: ignore[attr-defined]
+    assert served.loaded.tokenizer.decode(list(reply.token_ids)) == reply.content

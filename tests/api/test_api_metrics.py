@@ -173,6 +173,13 @@ def test_prefix_cache_disk_tier_counters(loaded: LoadedModel, tmp_path: Path) ->
     [
         (b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n', 1),
         (b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n', 0),
+        # a reasoning model's <think> tokens and a streamed tool call are generated text too
+        (b'data: {"choices":[{"delta":{"reasoning_content":"Hm"}}]}\n\n', 1),
+        (
+            b'data: {"choices":[{"delta":{"tool_calls":[{"index":0,'
+            b'"function":{"arguments":"{"}}]}}]}\n\n',
+            1,
+        ),
         (b'data: {"choices":[{"text":"a"}]}\n\ndata: {"choices":[{"text":"b"}]}\n\n', 2),
         (b'data: {"content":"x","stop":false}\n\ndata: {"content":"","stop":true}\n\n', 1),
         (b"data: [DONE]\n\n", 0),

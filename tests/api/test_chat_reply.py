@@ -85,6 +85,11 @@ def test_reasoning_tokens_are_those_up_to_the_close() -> None:
         plain.feed(piece)
     plain.finish()
     assert plain.reasoning_tokens == 0 and plain.content == "<thing"
+    split = ReplyParser(reasoning=True)  # the open tag itself spread over two tokens
+    for piece in ["<th", "ink>", "a", "</think>", "done"]:
+        split.feed(piece)
+    split.finish()
+    assert split.reasoning_tokens == 4 and split.reasoning == "a"
 
 
 def test_prompt_left_think_open() -> None:

@@ -30,7 +30,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from bitserve.gguf.constants import GGMLType
 from bitserve.gguf.quants import pack_i2s, pack_tq2_0
 from bitserve.gguf.writer import GGUFWriter
-from bitserve.model.demo import llama3_special_tokens, train_demo_bpe
+from bitserve.model.demo import train_demo_bpe
+from bitserve.tokenizer.fixtures import llama3_special_tokens
 from bitserve.tokenizer.pretokenizers import LLAMA3_SPLIT_PATTERN
 
 PROJ_HF = {
@@ -298,18 +299,9 @@ def expected_scale(m: TinyModel, name: str, layout: str) -> float:
     return float(np.float32(m.scales[name] * np.count_nonzero(t) / t.size))
 
 
-def write_direct_gguf(
-    path: Path,
-    m: TinyModel,
-    layout: str,
-    metadata: dict[str, Any],
-    row_scales: dict[str, np.ndarray] | None = None,
-) -> Path:
-    """``m`` as a bitnet-b1.58 GGUF written by hand (the official file's layout), with
-    ``metadata`` (the tokenizer keys, which the logits do not depend on); projections in
-    ``row_scales`` are TQ2_0 with those scales per row."""
+def _writer(arch: str, m: TinyModel, metadata: dict[str, Any]) -> GGUFWriter:
+    """A writer holding ``m``'s hyper-parameters as ``arch`` keys, then ``metadata``."""
     w = GGUFWriter()
-    arch = "bitnet-b1.58"
     w.add("general.architecture", arch)
     for key, value in {
         "vocab_size": m.vocab_size,
@@ -326,6 +318,20 @@ def write_direct_gguf(
         w.add(f"{arch}.{key}", value)
     for key, value in metadata.items():
         w.add(key, value)
+    return w
+
+
+def write_direct_gguf(
+    path: Path,
+    m: TinyModel,
+    layout: str,
+    metadata: dict[str, Any],
+    row_scales: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """``m`` as a bitnet-b1.58 GGUF written by hand (the official file's layout), with
+    ``metadata`` (the tokenizer keys, which the logits do not depend on); projections in
+    ``row_scales`` are TQ2_0 with those scales per row."""
+    w = _writer("bitnet-b1.58", m, metadata)
     w.add_array("token_embd.weight", m.embedding.astype(np.float16))
     for name, values in m.norms.items():
         w.add_array(name, values)
@@ -386,24 +392,7 @@ def llama_cpp_permute(weights: np.ndarray, n_heads: int) -> np.ndarray:
 def write_direct_llama_gguf(path: Path, m: TinyModel, metadata: dict[str, Any]) -> Path:
     """``m`` as a ``llama`` GGUF written by hand the way llama.cpp's converter lays out
     Falcon3: q/k permuted, no sub-norms, SiLU, an untied F16 ``output.weight``."""
-    w = GGUFWriter()
-    arch = "llama"
-    w.add("general.architecture", arch)
-    for key, value in {
-        "vocab_size": m.vocab_size,
-        "context_length": 512,
-        "embedding_length": m.dim,
-        "feed_forward_length": m.ffn_dim,
-        "block_count": m.n_layers,
-        "attention.head_count": m.n_heads,
-        "attention.head_count_kv": m.n_kv_heads,
-        "rope.dimension_count": m.head_dim,
-        "rope.freq_base": 500000.0,
-        "attention.layer_norm_rms_epsilon": 1e-5,
-    }.items():
-        w.add(f"{arch}.{key}", value)
-    for key, value in metadata.items():
-        w.add(key, value)
+    w = _writer("llama", m, metadata)
     w.add_array("token_embd.weight", m.embedding.astype(np.float16))
     w.add_array("output.weight", m.output.astype(np.float16))
     for name, values in m.norms.items():

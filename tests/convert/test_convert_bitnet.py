@@ -5,6 +5,7 @@ directly; the tokenizer encodes and decodes exactly as HF ``tokenizers`` does.""
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,14 @@ def test_a_sharded_checkpoint_converts_to_the_same_file(
     a = convert_checkpoint(Checkpoint(single), tmp_path / "a.gguf", name="m").path
     b = convert_checkpoint(Checkpoint(sharded), tmp_path / "b.gguf", name="m").path
     assert a.read_bytes() == b.read_bytes()
+    # an index naming a file outside the folder (a hub repository is anyone's) is refused
+    index = sharded / "model.safetensors.index.json"
+    shards = json.loads(index.read_text())
+    first = next(iter(shards["weight_map"]))
+    shards["weight_map"][first] = "../single/model.safetensors"
+    index.write_text(json.dumps(shards))
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        Checkpoint(sharded)
 
 
 def test_the_tokenizer_round_trips_against_hf_tokenizers(
@@ -137,6 +146,24 @@ def test_convert_command_and_its_errors(
     assert main(["convert", str(tmp_path / "nothing-here"), str(out)]) == 2
     with pytest.raises(CheckpointError, match=r"has no config\.json"):
         Checkpoint(tmp_path)
+
+
+def test_a_packed_tensor_holding_code_3_is_one_sentence(
+    tokenizer: HFTokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = make_model(tokenizer.get_vocab_size(), seed=3)
+    folder = write_checkpoint(tmp_path / "hf", m, "packed", tokenizer)
+    weights = folder / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    name = "model.layers.0.self_attn.q_proj.weight"
+    start = json.loads(raw[8 : 8 + header_len])[name]["data_offsets"][0]
+    raw[8 + header_len + start] = 0xFF  # four codes 3: no ternary value
+    weights.write_bytes(bytes(raw))
+    assert main(["convert", str(folder), str(tmp_path / "out.gguf")]) == 1
+    assert capsys.readouterr().err == (
+        f"bitserve convert: {name}: packed ternary weights hold code 3, which is not -1, 0 or +1\n"
+    )
 
 
 def test_added_tokens_and_padding_convert_like_llama_cpp(tmp_path: Path) -> None:

@@ -3,9 +3,11 @@ quantization, written as llama.cpp writes ``llama`` GGUFs) and per-row scales (T
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hf_fixtures import (
     make_model,
     write_checkpoint,
@@ -14,10 +16,10 @@ from hf_fixtures import (
 )
 from tokenizers import Tokenizer as HFTokenizer
 
-from bitserve.convert import Checkpoint, convert_checkpoint
-from bitserve.convert.converter import llama_qk_row_order
+from bitserve.convert import Checkpoint, CheckpointError, convert_checkpoint
 from bitserve.gguf import GGMLType, read_gguf
 from bitserve.gguf.quants import unpack_i2s, unpack_tq2_0
+from bitserve.model.arch import permute_rows
 from bitserve.model.bitnet import BitNetModel
 
 PROMPT = [5, 17, 300, 2, 1999, 42, 7, 7, 128]
@@ -53,13 +55,25 @@ def test_falcon3_packed_becomes_a_llama_gguf(tokenizer: HFTokenizer, tmp_path: P
             if ".attn_q." in name or ".attn_k." in name:
                 heads = m.n_heads if ".attn_q." in name else m.n_kv_heads
                 # llama.cpp's converter order: [0, d/2, 1, d/2 + 1, ...] within each head
-                order = llama_qk_row_order(ternary.shape[0], heads)
+                order = permute_rows(ternary.shape[0], heads)
                 assert order[:4].tolist() == [0, m.head_dim // 2, 1, m.head_dim // 2 + 1]
                 assert np.array_equal(got, ternary[order])
             else:
                 assert np.array_equal(got, ternary)
     finally:
         gguf.close()
+
+
+def test_a_llama_checkpoint_without_bitnet_quantization_is_refused(
+    tokenizer: HFTokenizer, tmp_path: Path
+) -> None:
+    m = make_model(tokenizer.get_vocab_size(), seed=5, sub_norms=False)
+    folder = write_checkpoint(tmp_path / "hf", m, "llama-packed", tokenizer)
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]  # a plain float Llama, not a ternary one
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="LlamaForCausalLM checkpoint is not ternary"):
+        convert_checkpoint(Checkpoint(folder), tmp_path / "float.gguf")
 
 
 def test_per_row_weight_scales_become_tq2_0(tokenizer: HFTokenizer, tmp_path: Path) -> None:

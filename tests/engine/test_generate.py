@@ -150,16 +150,17 @@ def test_earliest_of_several_stop_strings_wins(
     model = scripted([ids.word("Hello"), ids.word(" world")])
     events = run(model, tokenizer, request(stop=["world", "lo w"]))
     assert "".join(texts(events)) == "Hel"
+    assert events[-1].stop_string == "lo w"  # the event says which one cut the text
 
 
 def test_stop_string_matcher_holds_only_possible_beginnings() -> None:
     m = StopStringMatcher(["abc", "xy"])
-    assert m.feed("zza") == ("zz", False)
-    assert m.feed("b") == ("", False)
-    assert m.feed("x") == ("ab", False)  # "abx" cannot become "abc"; "x" may become "xy"
-    assert m.feed("yq") == ("", True)
+    assert m.feed("zza") == ("zz", None)
+    assert m.feed("b") == ("", None)
+    assert m.feed("x") == ("ab", None)  # "abx" cannot become "abc"; "x" may become "xy"
+    assert m.feed("yq") == ("", "xy")
     empty = StopStringMatcher(["", "q"])
-    assert empty.feed("abc") == ("abc", False)  # an empty stop string matches nothing
+    assert empty.feed("abc") == ("abc", None)  # an empty stop string matches nothing
 
 
 # ---- limits and cancel ----------------------------------------------------------------------

@@ -190,15 +190,18 @@ class HttpMetrics:
 
 
 def _event_has_text(data: Any) -> bool:
-    """Whether one SSE payload carries generated text: OpenAI chat (``delta.content``),
-    legacy completions (``text``) or llama.cpp's ``/completion`` (``content``)."""
+    """Whether one SSE payload carries generated text: OpenAI chat (``delta.content``, or
+    ``delta.reasoning_content`` and ``delta.tool_calls``, the same tokens read as reasoning
+    or calls), legacy completions (``text``) or llama.cpp's ``/completion`` (``content``)."""
     if not isinstance(data, dict):
         return False
     if isinstance(data.get("content"), str) and data["content"]:
         return True
     for choice in data.get("choices") or ():
         delta = choice.get("delta") if isinstance(choice, dict) else None
-        if isinstance(delta, dict) and delta.get("content"):
+        if isinstance(delta, dict) and any(
+            delta.get(key) for key in ("content", "reasoning_content", "tool_calls")
+        ):
             return True
         if isinstance(choice, dict) and choice.get("text"):
             return True

@@ -24,6 +24,21 @@ class ServerStartError(RuntimeError):
     """The server exited, or never answered ``/health``; the message ends with its log."""
 
 
+def stop_process(
+    process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout_s: float = 15.0
+) -> None:
+    """Send ``sig`` (the program's own way to stop) unless it already exited; kill it if
+    it is still running ``timeout_s`` later. Returns once it is reaped."""
+    if process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def free_port() -> int:
     """A port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
@@ -52,13 +67,7 @@ class ServerProcess:
 
     def stop(self) -> None:
         """Terminate (then kill after 15 s) unless it already exited."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
     def __enter__(self) -> ServerProcess:
         return self

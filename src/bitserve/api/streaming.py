@@ -95,12 +95,17 @@ def wire_finish_reason(events: list[TokenEvent]) -> str:
     return "stop" if events and events[-1].finish_reason == "stop" else "length"
 
 
-async def collect(handle: RequestHandle) -> list[TokenEvent]:
-    """All events of a generation. A cancel the client did not ask for (server shutting
-    down) raises ``GenerationCancelledError``."""
-    events = [event async for event in handle]
+def check_not_cancelled(events: list[TokenEvent]) -> None:
+    """Raise ``GenerationCancelledError`` if a cancel the client did not ask for (the
+    server shutting down) ended these events."""
     if events and events[-1].finish_reason == "cancelled":
         raise GenerationCancelledError("the generation was cancelled (the server is stopping)")
+
+
+async def collect(handle: RequestHandle) -> list[TokenEvent]:
+    """All events of a generation (:func:`check_not_cancelled`)."""
+    events = [event async for event in handle]
+    check_not_cancelled(events)
     return events
 
 

@@ -56,9 +56,9 @@ class LocalCluster:
         self.stop()
 
 
-def replica_threads(n_replicas: int) -> int:
-    """Cores each replica gets when they share this machine."""
-    return max(1, (os.cpu_count() or 1) // n_replicas)
+def replica_threads(n_replicas: int, total: int | None = None) -> int:
+    """Threads each replica gets when they share ``total`` (default: this machine's cores)."""
+    return max(1, (total or os.cpu_count() or 1) // n_replicas)
 
 
 def start_cluster(

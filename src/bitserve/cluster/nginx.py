@@ -21,6 +21,8 @@ from pathlib import Path
 
 import httpx
 
+from bitserve.api.process import stop_process
+
 START_TIMEOUT_S = 10.0
 # a run of `server host:port options;` lines in an upstream block
 _SERVER_RUN = re.compile(
@@ -115,13 +117,7 @@ class NginxServer:
 
     def stop(self) -> None:
         """Graceful stop (SIGQUIT lets the requests in flight finish), then kill."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGQUIT)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, signal.SIGQUIT, timeout_s=10)
 
     def __enter__(self) -> NginxServer:
         return self

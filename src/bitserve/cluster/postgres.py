@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bitserve.api.process import free_port
+from bitserve.api.process import free_port, stop_process
 
 DATABASE = "bitserve"
 USER = "bitserve"  # the superuser initdb creates (trust authentication on loopback only)
@@ -122,14 +122,8 @@ class PostgresServer:
     def stop(self) -> None:
         """Fast shutdown (SIGINT: sessions are cut, open transactions roll back)."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            stop_process(process, signal.SIGINT, timeout_s=30)
 
     def remove(self) -> None:
         """Stop, then delete the data folder."""

@@ -63,7 +63,13 @@ class Checkpoint:
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
             weight_map = self._json(index.name).get("weight_map", {})
-            return [self.folder / name for name in sorted(set(weight_map.values()))]
+            names = set(weight_map.values())
+            for name in names:  # the index comes with the checkpoint: anyone's repository
+                if not isinstance(name, str) or Path(name).name != name:
+                    raise CheckpointError(
+                        f"{index}: shard {name!r} is outside the checkpoint folder"
+                    )
+            return [self.folder / name for name in sorted(names)]
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{self.folder} holds no .safetensors weights")

@@ -28,6 +28,7 @@ from bitserve.convert.tokenizer_json import tokenizer_metadata
 from bitserve.gguf.constants import TQ_BLOCK, GGMLType
 from bitserve.gguf.quants import pack_i2s, pack_tq2_0
 from bitserve.gguf.writer import GGUFWriter
+from bitserve.model.arch import permute_rows, projection_shapes
 
 PROJECTIONS = {
     "self_attn.q_proj": "attn_q",
@@ -59,11 +60,18 @@ class Layout:
     permute_qk: bool  # llama.cpp's row order for adjacent-pair ("normal") RoPE
     default_act: str
     tied_by_default: bool
+    # without a quantization_config the projections are master weights, quantized here
+    # (BitNet's -bf16 checkpoint); an architecture without this is not ternary then
+    master_weights: bool
 
 
 LAYOUTS = {
-    "BitNetForCausalLM": Layout("BitNetForCausalLM", "bitnet-b1.58", True, False, "relu2", True),
-    "LlamaForCausalLM": Layout("LlamaForCausalLM", "llama", False, True, "silu", False),
+    "BitNetForCausalLM": Layout(
+        "BitNetForCausalLM", "bitnet-b1.58", True, False, "relu2", True, master_weights=True
+    ),
+    "LlamaForCausalLM": Layout(
+        "LlamaForCausalLM", "llama", False, True, "silu", False, master_weights=False
+    ),
 }
 
 
@@ -123,10 +131,10 @@ class QuantScheme:
     def from_config(cls, config: dict[str, Any], layout: Layout) -> QuantScheme:
         quant = config.get("quantization_config")
         if quant is None:
-            if layout.gguf_arch == "llama":
+            if not layout.master_weights:
                 raise CheckpointError(
-                    "config.json has no bitnet quantization_config: this Llama checkpoint is "
-                    "not ternary, and bitserve serves ternary models only"
+                    f"config.json has no bitnet quantization_config: this {layout.hf_arch} "
+                    "checkpoint is not ternary, and bitserve serves ternary models only"
                 )
             return cls(online=True, scale_multiplies=False)  # BitNet master weights
         if quant.get("quant_method") != "bitnet":
@@ -278,21 +286,13 @@ class _TensorWriter:
             width = hp.ffn_dim if hf == "mlp.ffn_sub_norm" else hp.dim
             self.norm(f"blk.{i}.{gguf}.weight", f"{prefix}.{hf}.weight", width)
         q_dim, kv_dim = hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim
-        shapes = {
-            "attn_q": (q_dim, hp.dim),
-            "attn_k": (kv_dim, hp.dim),
-            "attn_v": (kv_dim, hp.dim),
-            "attn_output": (hp.dim, q_dim),
-            "ffn_gate": (hp.ffn_dim, hp.dim),
-            "ffn_up": (hp.ffn_dim, hp.dim),
-            "ffn_down": (hp.dim, hp.ffn_dim),
-        }
+        shapes = projection_shapes(hp.dim, hp.ffn_dim, q_dim, kv_dim)
         for hf, gguf in PROJECTIONS.items():
             name = f"{prefix}.{hf}.weight"
             ternary, scales = self.ternary(name, shapes[gguf])
             if self.layout.permute_qk and gguf in ("attn_q", "attn_k"):
                 heads = hp.n_heads if gguf == "attn_q" else hp.n_kv_heads
-                order = llama_qk_row_order(ternary.shape[0], heads)
+                order = permute_rows(ternary.shape[0], heads)
                 ternary = ternary[order]
                 scales = scales if scales.size == 1 else scales[order]
             self.projection(f"blk.{i}.{gguf}.weight", ternary, scales)
@@ -302,15 +302,15 @@ class _TensorWriter:
         ref = self.ckpt.ref(name)
         raw = self.take(name)
         scale_name = name.removesuffix("weight") + "weight_scale"
-        if ref.dtype == "U8":
-            ternary = unpack_hf_ternary(raw)
-        elif self.scheme.online:
+        if self.scheme.online and ref.dtype != "U8":
             ternary, scale = absmean_ternary(raw)
             if scale_name in self.ckpt:
                 raise CheckpointError(f"{name}: master weights should not carry a weight_scale")
             return self._shaped(name, ternary, shape), np.array([scale], np.float32)
-        else:
-            ternary = ternary_from_floats(raw)
+        try:
+            ternary = unpack_hf_ternary(raw) if ref.dtype == "U8" else ternary_from_floats(raw)
+        except ValueError as exc:  # not ternary: one sentence naming the tensor
+            raise CheckpointError(f"{name}: {exc}") from None
         if scale_name not in self.ckpt:
             raise CheckpointError(f"{name} is quantized but the checkpoint has no {scale_name}")
         stored = self.take(scale_name).astype(np.float64).reshape(-1)
@@ -356,12 +356,3 @@ class _TensorWriter:
             self.w.add_array(gguf_name, matrix.astype(np.float32))
         else:
             self.w.add_array(gguf_name, matrix.astype(np.float16))
-
-
-def llama_qk_row_order(n_rows: int, n_heads: int) -> np.ndarray:
-    """The row order llama.cpp's converter gives q/k for its adjacent-pair RoPE: within
-    each head, rows ``[0, d/2, 1, d/2 + 1, ...]`` (Hugging Face rotates halves)."""
-    head_dim = n_rows // n_heads
-    rows = np.arange(n_rows).reshape(n_heads, 2, head_dim // 2)
-    order: np.ndarray = rows.swapaxes(1, 2).reshape(-1)
-    return order

@@ -51,16 +51,18 @@ class StopStringMatcher:
     def __post_init__(self) -> None:
         self._stops = [s for s in self.stops if s]
 
-    def feed(self, text: str) -> tuple[str, bool]:
-        """``(text safe to emit, stopped)``; once stopped, the rest must be discarded."""
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """``(text safe to emit, the stop string found or None)``; once one is found, the
+        rest must be discarded. The earliest in the text wins (ties: the first listed)."""
         buf = self.held + text
-        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        hits = [(i, s) for s in self._stops if (i := buf.find(s)) >= 0]
         if hits:
             self.held = ""
-            return buf[: min(hits)], True
+            index, stop = min(hits, key=lambda hit: hit[0])
+            return buf[:index], stop
         keep = self._longest_partial(buf)
         self.held = buf[len(buf) - keep :]
-        return buf[: len(buf) - keep], False
+        return buf[: len(buf) - keep], None
 
     def flush(self) -> str:
         """Generation ended without a stop string: release the held text."""
@@ -84,13 +86,14 @@ class TextState:
     detok: IncrementalDetokenizer
     stops: StopStringMatcher
 
-    def push(self, token_id: int) -> tuple[str, bool]:
+    def push(self, token_id: int) -> tuple[str, str | None]:
+        """The token's text to show, and the stop string that ended the text (or None)."""
         return self.stops.feed(self.detok.push(token_id))
 
-    def finish(self) -> tuple[str, bool]:
+    def finish(self) -> tuple[str, str | None]:
         """Generation ends here: flush partial characters and held text."""
-        text, stopped = self.stops.feed(self.detok.flush())
-        return (text, True) if stopped else (text + self.stops.flush(), False)
+        text, stop = self.stops.feed(self.detok.flush())
+        return (text, stop) if stop is not None else (text + self.stops.flush(), None)
 
 
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:
@@ -176,17 +179,17 @@ class Sequence:
         finish = self._finish_reason(token_id)
         if finish == "stop" and token_id in self.request.stop_token_ids:
             # a stop token: its own text is never shown
-            piece, _ = self.text.finish()
+            piece, stop_string = self.text.finish()
         else:
-            piece, stopped = self.text.push(token_id)
-            if stopped:
+            piece, stop_string = self.text.push(token_id)
+            if stop_string is not None:
                 finish = "stop"
             elif finish is not None:
-                tail, stopped = self.text.finish()
+                tail, stop_string = self.text.finish()
                 piece += tail
-                finish = "stop" if stopped else finish
+                finish = "stop" if stop_string is not None else finish
         lp, tops = self._logprobs(token_id, logprobs)
-        return TokenEvent(token_id, piece, lp, tops, finish)
+        return TokenEvent(token_id, piece, lp, tops, finish, stop_string)
 
     def _finish_reason(self, token_id: int) -> str | None:
         req = self.request

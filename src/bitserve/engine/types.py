@@ -64,7 +64,9 @@ class TokenEvent:
     ``text`` is the new text this token completes (possibly "" while a UTF-8 character or a
     possible stop string is held back). ``finish_reason`` is set on the last event:
     "stop" (EOS/EOT, a stop string, or a constraint's grammar complete), "length"
-    (max_tokens or context full), "cancelled".
+    (max_tokens or context full), "cancelled". ``stop_string`` (last event only) is the
+    stop string that cut the text, which then ends before it: the generated tokens say
+    more than the text.
     """
 
     token_id: int
@@ -72,6 +74,7 @@ class TokenEvent:
     logprob: float | None = None
     top_logprobs: tuple[TopLogprob, ...] = ()
     finish_reason: str | None = None
+    stop_string: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

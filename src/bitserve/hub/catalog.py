@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+SHA256 = re.compile(r"[0-9a-f]{64}")  # a sha256 as the hub writes it (and names blobs)
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 
 
 class CatalogError(ValueError):
@@ -58,13 +58,13 @@ class CatalogEntry:
 
     def _check(self) -> None:
         problems = []
-        if not _REPO.fullmatch(self.repo):
+        if not REPO_ID.fullmatch(self.repo):
             problems.append(f"repo {self.repo!r} is not owner/name")
         if not self.file.endswith(".gguf"):
             problems.append(f"file {self.file!r} is not a .gguf pattern")
         if self.revision is not None and not _COMMIT.fullmatch(self.revision):
             problems.append(f"revision {self.revision!r} is not a 40-digit commit")
-        if self.sha256 is not None and not _SHA256.fullmatch(self.sha256):
+        if self.sha256 is not None and not SHA256.fullmatch(self.sha256):
             problems.append(f"sha256 {self.sha256!r} is not 64 lowercase hex digits")
         if self.sha256 is not None and self.revision is None:
             problems.append("a pinned sha256 needs a pinned revision")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import httpx2
 from huggingface_hub import HfApi, constants, get_token, hf_hub_download, try_to_load_from_cache
 from huggingface_hub import errors as hf_errors
 
+from bitserve.hub.catalog import SHA256
 from bitserve.hub.errors import (
     DiskFullError,
     GatedRepoError,
@@ -40,7 +40,6 @@ from bitserve.hub.errors import (
 from bitserve.hub.registry import ModelRecord, Registry
 from bitserve.hub.spec import ModelSpec
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _HASH_CHUNK = 1 << 20
 
 
@@ -152,7 +151,7 @@ class Puller:
             return None
         path, commit, filename = found
         blob = Path(os.path.realpath(path)).name
-        sha256 = blob if _SHA256.fullmatch(blob) else None
+        sha256 = blob if SHA256.fullmatch(blob) else None
         remote = RemoteFile(filename, commit, os.path.getsize(path), sha256)
         if sha256 is not None:
             problem = file_problem(path, remote.size, sha256)

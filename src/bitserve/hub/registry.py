@@ -2,13 +2,15 @@
 that records, per model name, the repository, file, commit, path in the Hugging Face
 cache, size, sha256 and whether the bytes on disk were checked against it.
 
-The file is rewritten atomically on every change; a missing or unreadable file is an
+The file is rewritten atomically on every change, re-read first under a lock so that
+processes pulling at once keep each other's records; a missing or unreadable file is an
 empty registry (the Hugging Face cache itself is untouched by losing it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -56,17 +58,21 @@ class Registry:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._records: dict[str, ModelRecord] = {}
-        for raw in self._read().get("models", []):
-            with contextlib.suppress(TypeError):
-                record = ModelRecord(**raw)
-                self._records[record.name] = record
+        self._records = self._load()
 
     @classmethod
     def default(cls) -> Registry:
         from bitserve.model.demo import cache_dir
 
         return cls(cache_dir() / "models.json")
+
+    def _load(self) -> dict[str, ModelRecord]:
+        records: dict[str, ModelRecord] = {}
+        for raw in self._read().get("models", []):
+            with contextlib.suppress(TypeError):
+                record = ModelRecord(**raw)
+                records[record.name] = record
+        return records
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -104,13 +110,27 @@ class Registry:
                 return matches[0]
         return None
 
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[dict[str, ModelRecord]]:
+        """The records as the file holds them now, to change and write back, under an
+        exclusive lock: another process (a pull while ``serve -hf`` pulls) may have
+        written since this one read the file, and its records must survive."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._records = self._load()
+            before = dict(self._records)
+            yield self._records
+            if self._records != before:
+                self._write()
+
     def put(self, record: ModelRecord) -> None:
-        self._records[record.name] = record
-        self._write()
+        with self._changing() as records:
+            records[record.name] = record
 
     def remove(self, name: str) -> None:
-        if self._records.pop(name, None) is not None:
-            self._write()
+        with self._changing() as records:
+            records.pop(name, None)
 
     def users_of(self, path: str) -> list[ModelRecord]:
         """Records whose file resolves to the same blob as ``path``."""

@@ -13,10 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from bitserve.hub.catalog import Catalog, CatalogEntry
+from bitserve.hub.catalog import REPO_ID, Catalog, CatalogEntry
 from bitserve.hub.errors import AmbiguousFileError, NoMatchingFileError, PullError
-
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 # ternary GGUF types bitserve runs, best first, as they appear at the end of file names
 RUNNABLE_KINDS = ("i2_s", "tq2_0", "tq1_0", "q2_0_g64", "q2_0")
@@ -77,7 +75,7 @@ def resolve(name: str, catalog: Catalog) -> ModelSpec:
             entry=entry,
         )
     repo, _, variant = name.partition(":")
-    if not _REPO_ID.fullmatch(repo) or (":" in name and not variant):
+    if not REPO_ID.fullmatch(repo) or (":" in name and not variant):
         raise PullError(
             f"{name!r} is neither a catalog name nor a repository (owner/name[:VARIANT]); "
             "`bitserve pull --list` shows the catalog"
@@ -87,7 +85,7 @@ def resolve(name: str, catalog: Catalog) -> ModelSpec:
 
 def is_repo_id(text: str) -> bool:
     """True for ``owner/name`` (the shape of a Hugging Face repository id)."""
-    return _REPO_ID.fullmatch(text) is not None
+    return REPO_ID.fullmatch(text) is not None
 
 
 def file_kind(filename: str) -> str | None:

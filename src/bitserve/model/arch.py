@@ -2,9 +2,11 @@
 
 One forward pass (``bitserve.model.bitnet``) serves every family; an :class:`Architecture`
 says which of its optional parts a GGUF ``general.architecture`` uses. Nothing else in
-the code base asks which family a model is. Every fact below was checked against
-llama.cpp (``llama-arch.cpp``, ``llama-model.cpp``, ``convert_hf_to_gguf.py``) and
-bitnet.cpp's converter (``utils/convert-hf-to-gguf-bitnet.py``):
+the forward, the engine, the kernels or the API asks which family a model is (the chat
+formatter gives ``bitnet-*`` files the 2B-4T chat format, spec §6). Every fact below was
+checked against llama.cpp (``llama-arch.cpp``, ``llama-model.cpp``,
+``convert_hf_to_gguf.py``) and bitnet.cpp's converter
+(``utils/convert-hf-to-gguf-bitnet.py``):
 
 - ``bitnet-b1.58`` / ``bitnet-25``: Microsoft's BitNet-b1.58-2B-4T (spec §3-4): squared
   ReLU, sub-norms before ``o_proj`` and ``down_proj``, NEOX RoPE, tied head.
@@ -92,6 +94,17 @@ SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
+def projection_shapes(
+    dim: int, ffn_dim: int, q_dim: int, kv_dim: int
+) -> dict[str, tuple[int, int]]:
+    """``(n_out, n_in)`` of each ternary projection of a block, by :data:`PROJECTIONS`
+    name: q ``dim→q_dim``, k/v ``dim→kv_dim``, o ``q_dim→dim``, gate/up ``dim→ffn_dim``,
+    down ``ffn_dim→dim``."""
+    shapes = ((q_dim, dim), (kv_dim, dim), (kv_dim, dim), (dim, q_dim),
+              (ffn_dim, dim), (ffn_dim, dim), (dim, ffn_dim))  # fmt: skip
+    return dict(zip(PROJECTIONS, shapes, strict=True))
+
+
 def unpermute_rows(n_rows: int, n_heads: int) -> np.ndarray:
     """The row order that undoes llama.cpp's converter permutation of a q or k weight.
 
@@ -105,3 +118,11 @@ def unpermute_rows(n_rows: int, n_heads: int) -> np.ndarray:
         raise ValueError(f"{n_rows} rows do not split into {n_heads} heads of even size")
     order: np.ndarray = np.arange(n_rows).reshape(n_heads, head_dim // 2, 2).transpose(0, 2, 1)
     return order.reshape(-1)
+
+
+def permute_rows(n_rows: int, n_heads: int) -> np.ndarray:
+    """The row order llama.cpp's converter stores a q or k weight in (``W_file =
+    W_trained[order]``: within each head, rows ``[0, D/2, 1, D/2 + 1, ...]``), the inverse
+    of :func:`unpermute_rows`; ``bitserve convert`` and the synthetic files write it."""
+    order: np.ndarray = np.argsort(unpermute_rows(n_rows, n_heads))
+    return order

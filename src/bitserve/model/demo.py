@@ -19,18 +19,14 @@ works out of the box; its replies are gibberish, and commands say so with
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Regex, models, pre_tokenizers, trainers
-from tokenizers import Tokenizer as HFTokenizer
-
 from bitserve.model.synthetic import ModelShape, write_synthetic_model
 from bitserve.tokenizer.bpe import LLAMA3_SPLIT_PATTERN, TOKEN_CONTROL, TOKEN_NORMAL
+from bitserve.tokenizer.fixtures import llama3_special_tokens, train_byte_level_bpe
 
 DEMO_NOTICE = "demo model: random weights; pass -m for a real model"
 
@@ -63,58 +59,11 @@ def demo_shape(vocab_size: int) -> ModelShape:
     )
 
 
-def llama3_special_tokens() -> list[str]:
-    """LLaMA-3's 256 control tokens in id order (offset 0 is BOS, 1 EOS, 9 EOT)."""
-    names = {
-        0: "<|begin_of_text|>",
-        1: "<|end_of_text|>",
-        6: "<|start_header_id|>",
-        7: "<|end_header_id|>",
-        9: "<|eot_id|>",
-    }
-    out: list[str] = []
-    reserved = 0
-    for offset in range(N_LLAMA3_SPECIAL):
-        if offset in names:
-            out.append(names[offset])
-        else:
-            out.append(f"<|reserved_special_token_{reserved}|>")
-            reserved += 1
-    return out
-
-
-def _corpus_lines() -> list[str]:
-    text = resources.files("bitserve.data").joinpath("demo_corpus.txt").read_text("utf-8")
-    return [line + "\n" for line in text.splitlines()]
-
-
 def train_demo_bpe() -> tuple[list[str], list[str]]:
-    """(tokens, merges) of a byte-level BPE trained on the shipped corpus.
-
-    Tokens are in id order and in the GPT-2 byte alphabet (all 256 bytes included);
-    merges are ``"a b"`` strings in rank order. Deterministic.
-    """
-    hf = HFTokenizer(models.BPE(ignore_merges=True))
-    hf.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=DEMO_TRAINED_VOCAB,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    hf.train_from_iterator(_corpus_lines(), trainer)
-    model = json.loads(hf.to_str())["model"]
-    vocab: dict[str, int] = model["vocab"]
-    tokens = sorted(vocab, key=vocab.__getitem__)
-    if [vocab[t] for t in tokens] != list(range(len(tokens))):
-        raise RuntimeError("trained BPE vocabulary ids are not contiguous")
-    # merges are serialised as ["a", "b"] pairs (tokenizers >= 0.20) or "a b" strings
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    return tokens, merges
+    """(tokens, merges) of the demo's byte-level BPE: :data:`DEMO_TRAINED_VOCAB` tokens
+    trained on the shipped corpus with the LLaMA-3 split pattern (cached, shared: do not
+    change the lists)."""
+    return train_byte_level_bpe(LLAMA3_SPLIT_PATTERN, vocab_size=DEMO_TRAINED_VOCAB)
 
 
 def _tokenizer_metadata(

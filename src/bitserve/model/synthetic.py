@@ -24,7 +24,7 @@ from bitserve.gguf.constants import Q2_0_BLOCK, TQ_BLOCK, GGMLType, GGUFValueTyp
 from bitserve.gguf.dense_quants import pack_q6_k, pack_q8_0
 from bitserve.gguf.quants import pack_i2s, pack_q2_0, pack_tq1_0, pack_tq2_0
 from bitserve.gguf.writer import GGUFWriter
-from bitserve.model.arch import ARCHITECTURES, unpermute_rows
+from bitserve.model.arch import ARCHITECTURES, permute_rows, projection_shapes
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,17 +141,10 @@ PRESETS: dict[str, Preset] = {
 
 def layer_projections(shape: ModelShape) -> dict[str, tuple[int, int]]:
     """Name → (n_out, n_in) of each ternary projection of one layer."""
-    q_dim = shape.n_heads * shape.head_size
-    kv_dim = shape.n_kv_heads * shape.head_size
-    return {
-        "attn_q": (q_dim, shape.dim),
-        "attn_k": (kv_dim, shape.dim),
-        "attn_v": (kv_dim, shape.dim),
-        "attn_output": (shape.dim, q_dim),
-        "ffn_gate": (shape.ffn_dim, shape.dim),
-        "ffn_up": (shape.ffn_dim, shape.dim),
-        "ffn_down": (shape.dim, shape.ffn_dim),
-    }
+    head = shape.head_size
+    return projection_shapes(
+        shape.dim, shape.ffn_dim, shape.n_heads * head, shape.n_kv_heads * head
+    )
 
 
 def layer_norms(shape: ModelShape, arch: str) -> dict[str, int]:
@@ -311,7 +304,7 @@ def write_synthetic_model(
                 rng, n_out, n_in, layout.ternary, layout.block_scales, q2_block
             )
             if permuted and proj in heads:  # stored as the converter stores it
-                stored = np.argsort(unpermute_rows(n_out, heads[proj]))
+                stored = permute_rows(n_out, heads[proj])
                 ternary, scales = ternary[stored], scales[stored]
             data = pack_layer(ternary, scales)
             add(f"blk.{layer}.{proj}.weight", bytes(data), layout.ternary, (n_in, n_out))

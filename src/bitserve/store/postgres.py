@@ -1,9 +1,11 @@
 """``PostgresStore``: conversations in PostgreSQL, shared by several replicas.
 
-The same tables, migrations and row helpers as SQLite (:mod:`bitserve.store.schema`),
-created or migrated on start under an advisory lock, so replicas starting together do it
-once. Connections come from a ``psycopg_pool`` pool and are checked before each use, so those
-a database restart cut are replaced instead of failing requests.
+The same tables, migrations, row helpers and queries as SQLite (:mod:`bitserve.store.schema`,
+:class:`~bitserve.store.sql.SQLStore`; this module holds PostgreSQL's connections,
+transactions, row locks and turns), created or migrated on start under an advisory lock,
+so replicas starting together do it once. Connections come from a ``psycopg_pool`` pool
+and are checked before each use, so those a database restart cut are replaced instead of
+failing requests.
 
 Transactions: every method is one transaction. A chat turn is one too, from reading the
 history to committing the reply (:meth:`PostgresStore.begin_turn`): it starts with
@@ -23,7 +25,6 @@ reconnects by itself once the database is back.
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -34,31 +35,15 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from bitserve.store.base import (
-    Conversation,
     ConversationNotFoundError,
-    ConversationPage,
-    ConversationStore,
     NewMessage,
     StorageFullError,
     StoredMessage,
     StoreUnavailableError,
     Turn,
     check_texts,
-    new_conversation_id,
-    now,
 )
-from bitserve.store.schema import (
-    CONVERSATION_COLUMNS,
-    MESSAGE_COLUMNS,
-    NUM_MESSAGE_COLUMNS,
-    check_version,
-    conversation_from_row,
-    message_from_row,
-    message_values,
-    migrations,
-    schema_statements,
-    stored_message,
-)
+from bitserve.store.sql import Connection, SQLStore
 
 DEFAULT_MAX_CONNECTIONS = 16
 APPLICATION_NAME = "bitserve"  # how our connections show in pg_stat_activity
@@ -80,17 +65,6 @@ SESSION_SETTINGS = {"tcp_keepalives_idle": "30", "tcp_keepalives_interval": "10"
                     "tcp_keepalives_count": "3"}  # fmt: skip
 MIGRATION_LOCK = 0x62697473  # pg_advisory_xact_lock key of schema changes ("bits")
 RETRY_AFTER_S = 2
-
-_INSERT_MESSAGE = (
-    f"INSERT INTO messages (conversation_seq, {MESSAGE_COLUMNS}) "
-    f"VALUES (%s{', %s' * NUM_MESSAGE_COLUMNS})"
-)
-_SELECT_CONVERSATION = (
-    f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.id = %s AND c.owner = %s"
-)
-_SELECT_MESSAGES = (
-    f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_seq = %s ORDER BY idx"
-)
 
 
 @contextmanager
@@ -115,54 +89,21 @@ def _configure(conn: psycopg.Connection[Any]) -> None:
     conn.commit()
 
 
-def _row(conn: psycopg.Connection[Any], owner: str, cid: str, lock: bool = False) -> Conversation:
-    """The conversation row; with ``lock``, first wait for and take its row lock (in a
-    statement of its own: under READ COMMITTED the read that follows then sees whatever
-    the previous holder committed, its messages included)."""
-    if lock:
-        locked = conn.execute(
-            "SELECT 1 FROM conversations WHERE id = %s AND owner = %s FOR UPDATE", (cid, owner)
-        )
-        if locked.fetchone() is None:
-            raise ConversationNotFoundError(cid)
-    found = conn.execute(_SELECT_CONVERSATION, (cid, owner)).fetchone()
-    if found is None:
-        raise ConversationNotFoundError(cid)
-    return conversation_from_row(found)
-
-
-def _messages(conn: psycopg.Connection[Any], seq: int) -> list[StoredMessage]:
-    return [message_from_row(r) for r in conn.execute(_SELECT_MESSAGES, (seq,)).fetchall()]
-
-
-def _insert_messages(
-    conn: psycopg.Connection[Any], seq: int, first_index: int, messages: Sequence[NewMessage]
-) -> list[StoredMessage]:
-    created_at = now()
-    rows = [
-        message_values(seq, i, m, created_at, "postgresql")
-        for i, m in enumerate(messages, first_index)
-    ]
-    if rows:
-        with conn.cursor() as cur:
-            cur.executemany(_INSERT_MESSAGE, rows)
-    return [stored_message(i, m, created_at) for i, m in enumerate(messages, first_index)]
-
-
 class PostgresTurn(Turn):
     """A turn holding its own connection, inside a transaction that holds the row lock.
     Whoever ends the turn first (``commit`` on a worker thread, ``abandon`` on the event
     loop when the client leaves) takes the connection; the other finds none."""
 
     def __init__(self, store: PostgresStore, owner: str, conversation_id: str) -> None:
+        self._store = store
         self._pool = store.pool
         self._lock = threading.Lock()
         with _available():
             conn = store.getconn()
             try:
                 conn.execute(f"SET LOCAL lock_timeout = '{TURN_LOCK_TIMEOUT}'")
-                self.conversation = _row(conn, owner, conversation_id, lock=True)
-                self.messages = _messages(conn, self.conversation.seq)
+                self.conversation = store._locked_row(conn, owner, conversation_id)
+                self.messages = store._messages(conn, self.conversation.seq)
             except BaseException:
                 self._close(conn)
                 raise
@@ -177,7 +118,7 @@ class PostgresTurn(Turn):
             check_texts(None, messages)
             with _available():
                 first = self.conversation.num_messages
-                stored = _insert_messages(conn, self.conversation.seq, first, messages)
+                stored = self._store._insert_messages(conn, self.conversation.seq, first, messages)
                 conn.commit()
         except BaseException:
             self._close(conn)
@@ -202,12 +143,14 @@ class PostgresTurn(Turn):
         self._pool.putconn(conn)  # a closed connection is replaced
 
 
-class PostgresStore(ConversationStore):
+class PostgresStore(SQLStore):
     """Conversations in the PostgreSQL database at ``url`` (a libpq URL:
     ``postgresql://user:password@host:port/dbname?sslmode=...``), through a pool of
     ``max_connections`` connections opened at start and kept open. Waits up to
     ``connect_timeout_s`` for the database at start (``StoreUnavailableError`` past that),
     then creates or migrates the schema; refuses a newer schema version."""
+
+    dialect = "postgresql"
 
     def __init__(
         self,
@@ -245,7 +188,7 @@ class PostgresStore(ConversationStore):
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                with self._transaction():
+                with self._writing():
                     return
             except StoreUnavailableError:
                 if time.monotonic() >= deadline:
@@ -285,7 +228,7 @@ class PostgresStore(ConversationStore):
             return conn
 
     @contextmanager
-    def _transaction(self) -> Iterator[psycopg.Connection[Any]]:
+    def _writing(self) -> Iterator[Connection]:
         """A pooled connection inside a transaction: committed at the end, rolled back on
         any exception."""
         with _available():
@@ -300,106 +243,35 @@ class PostgresStore(ConversationStore):
             finally:
                 self.pool.putconn(conn)
 
+    @contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        with self._writing() as conn:
+            # one snapshot for every statement: a turn committed between them is not half in
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            yield conn
+
+    def _next_seq(self, conn: Connection) -> int:
+        row = conn.execute("SELECT nextval(pg_get_serial_sequence('conversations', 'seq'))")
+        return int(row.fetchone()[0])
+
+    def _lock_row(self, conn: Connection, owner: str, conversation_id: str) -> None:
+        """``SELECT … FOR UPDATE`` in a statement of its own: under READ COMMITTED the
+        read that follows then sees whatever the previous holder committed, its messages
+        included."""
+        locked = conn.execute(
+            "SELECT 1 FROM conversations WHERE id = %s AND owner = %s FOR UPDATE",
+            (conversation_id, owner),
+        )
+        if locked.fetchone() is None:
+            raise ConversationNotFoundError(conversation_id)
+
     def _migrate(self) -> None:
-        with self._transaction() as conn:
+        with self._writing() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-            if conn.execute("SELECT to_regclass('schema_version')").fetchone() == (None,):
-                for statement in schema_statements("postgresql"):
-                    conn.execute(statement)
-                conn.execute("INSERT INTO schema_version (version) VALUES (1)")
-            version = self._version(conn)
-            check_version(version, self.where)
-            for target, statements in sorted(migrations("postgresql").items()):
-                if target > version:
-                    for statement in statements:
-                        conn.execute(statement)
-                    conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (target,))
+            found = conn.execute("SELECT to_regclass('schema_version')").fetchone()
+            self._create_or_migrate(conn, found != (None,), self.where)
 
-    @staticmethod
-    def _version(conn: psycopg.Connection[Any]) -> int:
-        row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
-        return int(row[0]) if row else 0
-
-    def schema_version(self) -> int:
-        with self._transaction() as conn:
-            return self._version(conn)
-
-    # -- the interface ----------------------------------------------------------------------
-
-    def create(
-        self,
-        owner: str,
-        metadata: dict[str, str] | None = None,
-        messages: Sequence[NewMessage] = (),
-    ) -> Conversation:
-        check_texts(metadata, messages)
-        created_at = now()
-        with self._transaction() as conn:
-            next_seq = "SELECT nextval(pg_get_serial_sequence('conversations', 'seq'))"
-            (seq,) = conn.execute(next_seq).fetchone() or (0,)
-            cid = new_conversation_id(int(created_at * 1000), int(seq) - 1)
-            conn.execute(
-                "INSERT INTO conversations (seq, id, owner, created_at, metadata) "
-                "VALUES (%s, %s, %s, %s, %s)",
-                (seq, cid, owner, created_at, json.dumps(metadata or {})),
-            )
-            _insert_messages(conn, seq, 0, messages)
-            return _row(conn, owner, cid)
-
-    def get(self, owner: str, conversation_id: str) -> Conversation:
-        with self._transaction() as conn:
-            return _row(conn, owner, conversation_id)
-
-    def messages(self, owner: str, conversation_id: str) -> list[StoredMessage]:
-        return self.read(owner, conversation_id)[1]
-
-    def read(self, owner: str, conversation_id: str) -> tuple[Conversation, list[StoredMessage]]:
-        with self._transaction() as conn:
-            # one snapshot for both statements: a turn committed between them is not half in
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            conv = _row(conn, owner, conversation_id)
-            return conv, _messages(conn, conv.seq)
-
-    def list_conversations(
-        self, owner: str, limit: int = 20, after: str | None = None
-    ) -> ConversationPage:
-        with self._transaction() as conn:
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            query = f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.owner = %s"
-            params: list[Any] = [owner]
-            if after:
-                query += " AND c.seq < %s"
-                params.append(_row(conn, owner, after).seq)
-            params.append(limit + 1)
-            rows = conn.execute(query + " ORDER BY c.seq DESC LIMIT %s", params).fetchall()
-        conversations = [conversation_from_row(r) for r in rows]
-        return ConversationPage(conversations[:limit], has_more=len(conversations) > limit)
-
-    def update_metadata(
-        self, owner: str, conversation_id: str, metadata: dict[str, str]
-    ) -> Conversation:
-        check_texts(metadata)
-        with self._transaction() as conn:
-            conv = _row(conn, owner, conversation_id, lock=True)
-            conn.execute(
-                "UPDATE conversations SET metadata = %s WHERE seq = %s",
-                (json.dumps(metadata), conv.seq),
-            )
-            return _row(conn, owner, conversation_id)
-
-    def delete(self, owner: str, conversation_id: str) -> None:
-        with self._transaction() as conn:
-            conv = _row(conn, owner, conversation_id, lock=True)
-            conn.execute("DELETE FROM messages WHERE conversation_seq = %s", (conv.seq,))
-            conn.execute("DELETE FROM conversations WHERE seq = %s", (conv.seq,))
-
-    def append_turn(
-        self, owner: str, conversation_id: str, messages: Sequence[NewMessage]
-    ) -> list[StoredMessage]:
-        check_texts(None, messages)
-        with self._transaction() as conn:
-            conv = _row(conn, owner, conversation_id, lock=True)
-            return _insert_messages(conn, conv.seq, conv.num_messages, messages)
+    # -- the interface (the rest is SQLStore's) ------------------------------------------
 
     def begin_turn(self, owner: str, conversation_id: str) -> Turn:
         return PostgresTurn(self, owner, conversation_id)

@@ -86,7 +86,7 @@ def _words(text: str) -> list[str]:
     return text.split()
 
 
-def _llama3_specials() -> list[tuple[str, int]]:
+def llama3_special_tokens() -> list[str]:
     """LLaMA-3's 256 control tokens in id order (offset 0 BOS, 1 EOS, 9 end of turn)."""
     names = {
         0: "<|begin_of_text|>",
@@ -97,7 +97,7 @@ def _llama3_specials() -> list[tuple[str, int]]:
     }
     reserved = iter(range(256))
     return [
-        (names[k] if k in names else f"<|reserved_special_token_{next(reserved)}|>", C)
+        names[k] if k in names else f"<|reserved_special_token_{next(reserved)}|>"
         for k in range(256)
     ]
 
@@ -171,7 +171,7 @@ class _Family:
 
 _LLAMA3 = _Family(
     "llama-bpe",
-    after=_llama3_specials(),
+    after=[(token, C) for token in llama3_special_tokens()],
     reserved_fill="<|reserved_special_token_{}|>",
     ids={"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "eot": "<|eot_id|>"},
     flags={"add_bos_token": True},
@@ -208,8 +208,13 @@ def _model_json(hf: HFTokenizer) -> dict[str, Any]:
 
 
 @functools.cache
-def _byte_level_vocabulary(split_pattern: str, nfc: bool) -> tuple[list[str], list[str]]:
-    """(tokens in id order, merges ``"a b"`` in rank order) of a trained byte-level BPE."""
+def train_byte_level_bpe(
+    split_pattern: str, nfc: bool = False, vocab_size: int = TRAINED_VOCAB
+) -> tuple[list[str], list[str]]:
+    """(tokens in id order, merges ``"a b"`` in rank order) of a byte-level BPE trained on
+    the demo corpus with ``split_pattern`` (and NFC first if ``nfc``): ``vocab_size``
+    tokens in GPT-2's byte alphabet, all 256 bytes included. Deterministic; the lists are
+    shared (cached), so callers must not change them."""
     hf = HFTokenizer(models.BPE(ignore_merges=True))
     hf.normalizer = normalizers.NFC() if nfc else None
     hf.pre_tokenizer = pre_tokenizers.Sequence(
@@ -219,7 +224,7 @@ def _byte_level_vocabulary(split_pattern: str, nfc: bool) -> tuple[list[str], li
         ]
     )
     trainer = trainers.BpeTrainer(
-        vocab_size=TRAINED_VOCAB,
+        vocab_size=vocab_size,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
@@ -227,6 +232,8 @@ def _byte_level_vocabulary(split_pattern: str, nfc: bool) -> tuple[list[str], li
     model = _model_json(hf)
     vocab: dict[str, int] = model["vocab"]
     tokens = sorted(vocab, key=vocab.__getitem__)
+    if [vocab[t] for t in tokens] != list(range(len(tokens))):
+        raise RuntimeError("trained BPE vocabulary ids are not contiguous")
     # merges are ["a", "b"] pairs (tokenizers >= 0.20) or "a b" strings
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     return tokens, merges
@@ -296,7 +303,7 @@ def tokenizer_metadata(family: str, vocab_size: int | None = None) -> dict[str, 
         raise ValueError(f"unknown tokenizer family {family!r}; known: {', '.join(FAMILIES)}")
     if family == "llama-spm":
         return _spm_metadata(vocab_size)
-    trained, merges = _byte_level_vocabulary(spec.split_pattern, spec.nfc)
+    trained, merges = train_byte_level_bpe(spec.split_pattern, spec.nfc)
     after = list(spec.after)
     size = len(spec.before) + len(trained) + len(after)
     if spec.reserved_fill is not None and vocab_size is not None and vocab_size > size:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bitserve.tokenizer.chat import ChatMessage
+    from bitserve.tokenizer.messages import ChatMessage
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,7 +95,7 @@ def plan_output(
         return OutputPlan(None, tools, reasoning, in_think)
     if active is None and not reasoning and not in_think:
         assert schema is not None
-        return OutputPlan(_compile(compiler.json_schema, schema), tools, reasoning, in_think)
+        return OutputPlan(_compile_schema(compiler, schema), tools, reasoning, in_think)
     rules = []
     if schema is not None:
         rules.append(f"answer: {json_lark(schema)}\n")
@@ -126,9 +126,9 @@ def plan_output(
     return OutputPlan(constraint, tools, reasoning, in_think)
 
 
-def _compile(build: Any, schema: dict[str, Any]) -> CompiledConstraint:
+def _compile_schema(compiler: ConstraintCompiler, schema: dict[str, Any]) -> CompiledConstraint:
     try:
-        return build(schema)  # type: ignore[no-any-return]
+        return compiler.json_schema(schema)
     except ConstraintError as exc:
         raise InvalidParameterError(
             f"response_format: the schema cannot be used: {exc.reason}", "response_format"

@@ -75,8 +75,8 @@ class ReplyParser:
             if rest is None:
                 break
             buf = rest
-        if thinking_before and not self._thought:
-            self.reasoning_tokens = 0  # the reply did not open with <think>
+        if thinking_before and self._stage not in ("start", "think") and not self._thought:
+            self.reasoning_tokens = 0  # the reply did not open with <think> after all
         return delta
 
     def finish(self) -> ReplyDelta:

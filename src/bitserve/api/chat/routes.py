@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from bitserve.api.auth import require_key, scope_to_caller
+from bitserve.api.auth import require_key
 from bitserve.api.chat.protocol import ChatCompletion, ChatCompletionRequest
-from bitserve.api.chat.serving import plan_chat, respond_chat, wire_messages
+from bitserve.api.chat.serving import answer_chat
 from bitserve.api.conversations.routes import SSE_DOC
 from bitserve.api.edge import GuardedRoute
 from bitserve.api.errors import GENERATING_ERRORS, error_responses
 from bitserve.api.served import ServedModel
-from bitserve.api.streaming import RequestGuard
 
 router = APIRouter(
     tags=["openai"],
@@ -31,10 +29,4 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     `response_format` constrains the reply to JSON; `tools` let the model call functions
     (`message.tool_calls`, `finish_reason: "tool_calls"`)."""
     served: ServedModel = request.app.state.served
-    model = served.resolve(body.model)
-    served.check_queue_room(body.n, "n")
-    messages = wire_messages(body.messages)
-    served.check_input_chars(sum(len(m["content"]) for m in messages), "messages")
-    plan = await run_in_threadpool(plan_chat, served, body, messages, model)  # tokenizes
-    scope_to_caller(plan.requests, request)
-    return await respond_chat(served, plan, RequestGuard(request), body.stream)
+    return await answer_chat(served, body, served.resolve(body.model), request)

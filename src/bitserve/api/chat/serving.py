@@ -1,7 +1,9 @@
 """Chat completions: request → engine requests → ``chat.completion`` (or its SSE chunks).
 
 Shared by ``/v1/chat/completions``, ``/v1/conversations/{id}/chat`` and the oracle routes;
-they differ only in where the messages come from and a few extra response fields.
+they differ only in where the messages come from and a few extra response fields. This
+module plans a chat (validation, prompt, constraint) and answers it; the answer itself is
+built by ``response`` (a whole ``chat.completion``) and ``stream`` (its SSE chunks).
 """
 
 from __future__ import annotations
@@ -9,72 +11,39 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from bitserve.api.auth import scope_to_caller
 from bitserve.api.chat.output import OutputPlan, plan_output, response_schema
 from bitserve.api.chat.protocol import (
     ChatCompletionRequest,
     ChatMessage,
-    ChoiceLogprobs,
-    CompletionTokensDetails,
-    LogprobEntry,
-    PromptTokensDetails,
-    TopLogprobEntry,
-    Usage,
 )
-from bitserve.api.chat.reply import ReplyDelta, ReplyParser
-from bitserve.api.chat.tools import ParsedCall, ToolPlan, tool_plan
-from bitserve.api.errors import GenerationCancelledError, InvalidParameterError
+from bitserve.api.chat.response import (
+    ChoiceResult,
+    choice_results,
+    completion_body,
+    read_replies,
+)
+from bitserve.api.chat.stream import stream_chat
+from bitserve.api.chat.tools import ToolPlan, tool_plan
+from bitserve.api.errors import InvalidParameterError
 from bitserve.api.sampling import check_n, normalize_stop, to_sampling_params, wire_names
 from bitserve.api.served import ServedModel
 from bitserve.api.streaming import (
     RequestGuard,
     collect,
-    merged_events,
-    sse,
     sse_response,
-    wire_finish_reason,
 )
 from bitserve.engine.loop import RequestHandle
 from bitserve.engine.sampling import validate_top_logprobs
-from bitserve.engine.types import GenerationRequest, TokenEvent, TopLogprob
-
-
-@dataclass(slots=True)
-class ChoiceResult:
-    """One finished choice: its events (the stop token's included) and text;
-    ``cached_tokens``: prompt tokens the engine reused from its prefix cache; ``reply``:
-    the text read as reasoning, content and tool calls (set by :func:`read_replies`)."""
-
-    index: int
-    events: list[TokenEvent]
-    cached_tokens: int = 0
-    reply: ReplyParser | None = None
-
-    @property
-    def text(self) -> str:
-        return "".join(e.text for e in self.events)
-
-    @property
-    def content(self) -> str:
-        return self.text if self.reply is None else self.reply.content
-
-    @property
-    def reasoning(self) -> str | None:
-        return self.reply.reasoning if self.reply is not None and self.reply.has_reasoning else None
-
-    @property
-    def tool_calls(self) -> list[ParsedCall]:
-        return [] if self.reply is None else self.reply.tool_calls
-
-    @property
-    def finish_reason(self) -> str:
-        reason = wire_finish_reason(self.events)
-        return "tool_calls" if reason == "stop" and self.tool_calls else reason
+from bitserve.engine.types import GenerationRequest
 
 
 @dataclass(slots=True)
@@ -223,251 +192,16 @@ def plan_chat(
     return ChatPlan(requests, model, body.logprobs, output, include_usage=include_usage)
 
 
-def _shown(served: ServedModel, event: TokenEvent) -> bool:
-    """A stop token ends the reply but is not part of it (no text, no logprob entry)."""
-    return not (event.finish_reason == "stop" and event.token_id in served.stop_token_ids)
-
-
-def _top_entry(served: ServedModel, top: TopLogprob) -> TopLogprobEntry:
-    token, raw = served.token_piece(top.token_id)
-    return TopLogprobEntry(token=token, logprob=top.logprob, bytes=raw)
-
-
-def logprob_entries(served: ServedModel, events: list[TokenEvent]) -> list[LogprobEntry]:
-    entries = []
-    for e in events:
-        if e.logprob is None or not _shown(served, e):
-            continue
-        token, raw = served.token_piece(e.token_id)
-        tops = [_top_entry(served, t) for t in e.top_logprobs]
-        entries.append(LogprobEntry(token=token, logprob=e.logprob, bytes=raw, top_logprobs=tops))
-    return entries
-
-
-def usage(
-    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, reasoning_tokens: int = 0
-) -> Usage:
-    """OpenAI's usage object; ``cached_tokens`` goes to ``prompt_tokens_details``,
-    ``reasoning_tokens`` (those up to ``</think>``) to ``completion_tokens_details``."""
-    return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
-        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning_tokens),
-    )
-
-
-def reasoning_tokens(results: list[ChoiceResult]) -> int:
-    return sum(r.reply.reasoning_tokens for r in results if r.reply is not None)
-
-
-def cached_tokens(results: list[ChoiceResult]) -> int:
-    """Prompt tokens served from the prefix cache (the prompt is counted once: the most
-    any choice reused)."""
-    return max((r.cached_tokens for r in results), default=0)
-
-
-def wire_tool_calls(calls: list[ParsedCall]) -> list[dict[str, Any]]:
-    return [
-        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-        for c in calls
-    ]
-
-
-def _message(plan: ChatPlan, result: ChoiceResult) -> dict[str, Any]:
-    """The ``message`` object; the oracle routes always carry ``reasoning_content`` and
-    ``tool_calls`` (``[]`` without calls), the others only when there are some."""
-    calls = wire_tool_calls(result.tool_calls)
-    message: dict[str, Any] = {
-        "role": "assistant",
-        "content": result.content if result.content or not calls else None,
-        "refusal": None,
-    }
-    if calls or plan.oracle:
-        message["tool_calls"] = calls
-    if result.reasoning is not None or plan.oracle:
-        message["reasoning_content"] = result.reasoning
-    return message
-
-
-def read_replies(plan: ChatPlan, results: list[ChoiceResult]) -> list[ChoiceResult]:
-    """Read each finished choice's text as reasoning, content and tool calls (token by
-    token, as a stream is, so that reasoning tokens are counted the same way)."""
-    for r in results:
-        r.reply = plan.output.parser()
-        for event in r.events:
-            r.reply.feed(event.text)
-        r.reply.finish()
-    return results
-
-
-def completion_body(
-    served: ServedModel, plan: ChatPlan, results: list[ChoiceResult]
-) -> dict[str, Any]:
-    """The ``chat.completion`` object for finished ``results``."""
-    choices = []
-    for r in results:
-        logprobs = (
-            ChoiceLogprobs(content=logprob_entries(served, r.events)) if plan.logprobs else None
-        )
-        choices.append(
-            {
-                "index": r.index,
-                "message": _message(plan, r),
-                "logprobs": logprobs.model_dump(mode="json") if logprobs else None,
-                "finish_reason": r.finish_reason,
-            }
-        )
-    completion_tokens = sum(len(r.events) for r in results)
-    return {
-        "id": plan.id,
-        "object": "chat.completion",
-        "created": plan.created,
-        "model": plan.model,
-        "choices": choices,
-        "usage": usage(
-            plan.prompt_tokens, completion_tokens, cached_tokens(results), reasoning_tokens(results)
-        ).model_dump(mode="json"),
-        "system_fingerprint": served.fingerprint,
-        "service_tier": None,
-        **plan.extra,
-    }
-
-
 def submit_all(served: ServedModel, plan: ChatPlan, guard: RequestGuard) -> list[RequestHandle]:
     """Every choice's request, submitted at once: they join the running batch together.
     A full queue raises (a 503) before anything is sent."""
     return [guard.track(served.engine.submit(req)) for req in plan.requests]
 
 
-def choice_results(
-    events: Sequence[list[TokenEvent]], handles: list[RequestHandle]
-) -> list[ChoiceResult]:
-    """The choices' results in index order, from each one's events and handle."""
-    return [
-        ChoiceResult(index, choice_events, handle.cached_tokens)
-        for index, (choice_events, handle) in enumerate(zip(events, handles, strict=True))
-    ]
-
-
 async def run_chat(plan: ChatPlan, handles: list[RequestHandle]) -> list[ChoiceResult]:
     """Wait for every choice (generated together) and return them in index order, read."""
     events = await asyncio.gather(*(collect(h) for h in handles))
     return read_replies(plan, choice_results(events, handles))
-
-
-class ChunkWriter:
-    """Builds the ``chat.completion.chunk`` events of one plan, in OpenAI's order."""
-
-    def __init__(self, served: ServedModel, plan: ChatPlan) -> None:
-        self.served = served
-        self.plan = plan
-        self.replies = [plan.output.parser() for _ in plan.requests]
-
-    def chunk(self, choices: list[dict[str, Any]], usage_: Usage | None = None) -> str:
-        body: dict[str, Any] = {
-            "id": self.plan.id,
-            "object": "chat.completion.chunk",
-            "created": self.plan.created,
-            "model": self.plan.model,
-            "system_fingerprint": self.served.fingerprint,
-            "choices": choices,
-            **self.plan.extra,
-        }
-        if self.plan.include_usage:
-            body["usage"] = usage_.model_dump(mode="json") if usage_ else None
-        return sse(body)
-
-    def role(self, index: int) -> str:
-        delta: dict[str, Any] = {"role": "assistant", "content": ""}
-        if self.plan.oracle:
-            delta["reasoning_content"] = None
-        return self.chunk(
-            [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]
-        )
-
-    def content(self, index: int, event: TokenEvent) -> str | None:
-        """The chunk for one token: its text as content, reasoning or tool-call pieces
-        (held back while it may still be a tag), with its logprobs."""
-        entries = logprob_entries(self.served, [event]) if self.plan.logprobs else []
-        delta = self.replies[index].feed(event.text)
-        if not delta and not entries:
-            return None
-        logprobs = {"content": [e.model_dump(mode="json") for e in entries], "refusal": None}
-        return self.chunk(
-            [{
-                "index": index,
-                "delta": self._delta(delta),
-                "logprobs": logprobs if self.plan.logprobs else None,
-                "finish_reason": None,
-            }]
-        )  # fmt: skip
-
-    @staticmethod
-    def _delta(delta: ReplyDelta) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if delta.reasoning:
-            out["reasoning_content"] = delta.reasoning
-        if delta.content or not (delta.reasoning or delta.tool_calls):
-            out["content"] = delta.content
-        if delta.tool_calls:
-            out["tool_calls"] = [
-                {"index": d.index, "id": d.id, "type": "function",
-                 "function": {"name": d.name, "arguments": d.arguments}}
-                if d.id is not None
-                else {"index": d.index, "function": {"arguments": d.arguments}}
-                for d in delta.tool_calls
-            ]  # fmt: skip
-        return out
-
-    def finish(self, index: int, result: ChoiceResult) -> str:
-        """What the reply still held, then the finish chunk."""
-        rest = self.replies[index].finish()
-        result.reply = self.replies[index]
-        events = [] if not rest else [
-            {"index": index, "delta": self._delta(rest), "logprobs": None, "finish_reason": None}
-        ]  # fmt: skip
-        done = {"index": index, "delta": {}, "logprobs": None,
-                "finish_reason": result.finish_reason}  # fmt: skip
-        return "".join(self.chunk([c]) for c in [*events, done])
-
-
-async def stream_chat(
-    served: ServedModel,
-    plan: ChatPlan,
-    handles: list[RequestHandle],
-    on_complete: Callable[[list[ChoiceResult]], Awaitable[None]] | None = None,
-) -> AsyncIterator[str]:
-    """The SSE events: a role chunk per choice, the choices' content chunks as their tokens
-    come (interleaved when ``n > 1``, each with its ``index``), a finish chunk when a choice
-    ends; then the usage chunk (``stream_options.include_usage``) and ``[DONE]``.
-    ``on_complete`` runs before ``[DONE]`` (conversations store the turn there). The
-    ``handles`` were submitted by the route (so a full queue is a 503, not an event)."""
-    writer = ChunkWriter(served, plan)
-    events: list[list[TokenEvent]] = [[] for _ in handles]
-    for index in range(len(handles)):
-        yield writer.role(index)
-    async for index, event in merged_events(handles):
-        if event is not None:
-            events[index].append(event)
-            chunk = writer.content(index, event)
-            if chunk:
-                yield chunk
-            continue
-        if events[index] and events[index][-1].finish_reason == "cancelled":
-            raise GenerationCancelledError("the generation was cancelled (the server is stopping)")
-        yield writer.finish(index, ChoiceResult(index, events[index]))
-    results = choice_results(events, handles)
-    for r in results:
-        r.reply = writer.replies[r.index]
-    if on_complete is not None:
-        await on_complete(results)
-    if plan.include_usage:
-        total = sum(len(r.events) for r in results)
-        use = usage(plan.prompt_tokens, total, cached_tokens(results), reasoning_tokens(results))
-        yield writer.chunk([], use)
-    yield sse("[DONE]")
 
 
 def wire_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -487,6 +221,25 @@ def wire_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             message["reasoning_content"] = m.reasoning_content
         out.append(message)
     return out
+
+
+async def answer_chat(
+    served: ServedModel,
+    body: ChatCompletionRequest,
+    model: str,
+    request: Request,
+    oracle: bool = False,
+) -> Response:
+    """A stateless chat (``/v1/chat/completions``, the oracle routes), answered as
+    ``model``: the checks that come before any tokenizing (queue room, input size), the
+    plan on a worker thread, the caller's prefix-cache scope, then :func:`respond_chat`."""
+    served.check_queue_room(body.n, "n")
+    messages = wire_messages(body.messages)
+    served.check_input_chars(sum(len(m["content"]) for m in messages), "messages")
+    plan = await run_in_threadpool(plan_chat, served, body, messages, model)  # tokenizes
+    scope_to_caller(plan.requests, request)
+    plan.oracle = oracle
+    return await respond_chat(served, plan, RequestGuard(request), body.stream)
 
 
 async def respond_chat(

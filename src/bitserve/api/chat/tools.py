@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from bitserve.api.errors import InvalidParameterError
 from bitserve.engine.constraint import json_lark
@@ -200,6 +200,25 @@ class ParsedCall:
     name: str
     arguments: str = ""
     complete: bool = False
+
+
+class NamedCall(Protocol):
+    """A function call as the parser reads it or the store keeps it."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def arguments(self) -> str: ...
+
+
+def wire_tool_calls(calls: Iterable[NamedCall]) -> list[dict[str, Any]]:
+    """OpenAI's ``tool_calls`` objects (``arguments`` JSON text, as the model wrote it)."""
+    return [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in calls
+    ]
 
 
 @dataclass(slots=True)

@@ -10,13 +10,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from bitserve.api.auth import require_key, scope_to_caller
+from bitserve.api.completions.legacy import LegacyCompletion
+from bitserve.api.completions.llama import LlamaCompletion
 from bitserve.api.completions.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     LlamaCompletionRequest,
     TokenizeRequest,
 )
-from bitserve.api.completions.serving import LegacyCompletion, LlamaCompletion
 from bitserve.api.edge import GuardedRoute
 from bitserve.api.errors import GENERATING_ERRORS, InvalidParameterError, error_responses
 from bitserve.api.served import ServedModel

@@ -32,17 +32,17 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from bitserve.api.chat.response import ChoiceResult
 from bitserve.api.chat.serving import (
     ChatPlan,
-    ChoiceResult,
     PromptOptions,
     encode_chat,
     plan_chat,
     prompt_options,
     respond_chat,
     wire_messages,
-    wire_tool_calls,
 )
+from bitserve.api.chat.tools import wire_tool_calls
 from bitserve.api.conversations.history import fit_history
 from bitserve.api.conversations.protocol import (
     ConversationChatRequest,
@@ -130,13 +130,6 @@ def conversation_object(conv: Conversation) -> dict[str, Any]:
     ).model_dump(mode="json")
 
 
-def _wire_calls(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
-    return [
-        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-        for c in calls
-    ]
-
-
 def message_object(m: StoredMessage) -> dict[str, Any]:
     return ConversationMessage.model_validate(
         {
@@ -147,7 +140,7 @@ def message_object(m: StoredMessage) -> dict[str, Any]:
             "prompt_tokens": m.prompt_tokens,
             "completion_tokens": m.completion_tokens,
             "finish_reason": m.finish_reason,
-            "tool_calls": _wire_calls(m.tool_calls) or None,
+            "tool_calls": wire_tool_calls(m.tool_calls) or None,
             "tool_call_id": m.tool_call_id,
             "reasoning_content": m.reasoning_content,
         }
@@ -158,12 +151,13 @@ def reply_token_ids(events: list[TokenEvent], stop_token_ids: set[int]) -> tuple
     """The ids to store with a reply: every generated token but a final stop token (the
     chat template writes its own end of turn, and the engine never fed the stop token to
     the model). None when a stop *string* ended the reply: its text was cut inside the
-    last tokens, so the ids would say more than the stored text."""
+    last tokens, so the ids would say more than the stored text. (A reply its grammar
+    completed keeps every id: its text is all of theirs.)"""
     ids = [e.token_id for e in events]
     last = events[-1] if events else None
-    if last is not None and last.finish_reason == "stop":
-        if last.token_id not in stop_token_ids:
-            return None
+    if last is not None and last.stop_string is not None:
+        return None
+    if last is not None and last.finish_reason == "stop" and last.token_id in stop_token_ids:
         ids.pop()
     return tuple(ids)
 
@@ -193,7 +187,7 @@ def _history_message(m: StoredMessage | NewMessage) -> dict[str, Any]:
     if m.token_ids is not None:
         message["token_ids"] = list(m.token_ids)
     if m.tool_calls:
-        message["tool_calls"] = _wire_calls(m.tool_calls)
+        message["tool_calls"] = wire_tool_calls(m.tool_calls)
     if m.tool_call_id is not None:
         message["tool_call_id"] = m.tool_call_id
     if m.reasoning_content is not None:
@@ -275,10 +269,7 @@ class ConversationService:
         """The assistant message to store for a finished ``reply``: its content, calls
         and reasoning apart, as the template re-renders them (Qwen3 drops old reasoning),
         so the generated ids are kept only for a reply that is all content."""
-        calls = tuple(
-            ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"])
-            for c in wire_tool_calls(reply.tool_calls)
-        )
+        calls = tuple(ToolCall(c.id, c.name, c.arguments) for c in reply.tool_calls)
         ids = reply_token_ids(reply.events, self.served.stop_token_ids)
         if calls or reply.reasoning is not None:
             ids = None

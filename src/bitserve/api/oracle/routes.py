@@ -11,18 +11,16 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from bitserve.api.auth import require_configured_key, scope_to_caller
+from bitserve.api.auth import require_configured_key
 from bitserve.api.chat.protocol import ChatCompletion, ChatCompletionRequest
-from bitserve.api.chat.serving import plan_chat, respond_chat, wire_messages
+from bitserve.api.chat.serving import answer_chat
 from bitserve.api.conversations.routes import SSE_DOC
 from bitserve.api.edge import GuardedRoute
 from bitserve.api.errors import GENERATING_ERRORS, RouteNotFoundError, error_responses
 from bitserve.api.oracle.config import OracleConfig
 from bitserve.api.served import ServedModel
-from bitserve.api.streaming import RequestGuard
 
 router = APIRouter(
     tags=["oracle"],
@@ -57,10 +55,4 @@ async def oracle_chat(
         raise RequestValidationError(exc.errors()) from exc
     served: ServedModel = request.app.state.served
     served.resolve(body.model, (*config.aliases, *spec.aliases))
-    served.check_queue_room(body.n, "n")
-    messages = wire_messages(body.messages)
-    served.check_input_chars(sum(len(m["content"]) for m in messages), "messages")
-    plan = await run_in_threadpool(plan_chat, served, body, messages, body.model)  # tokenizes
-    scope_to_caller(plan.requests, request)
-    plan.oracle = True
-    return await respond_chat(served, plan, RequestGuard(request), body.stream)
+    return await answer_chat(served, body, body.model, request, oracle=True)

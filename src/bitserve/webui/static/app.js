@@ -5,6 +5,7 @@
 
 import { Api, ApiError } from "./api.js";
 import { MessageView, StreamingReply, messageView } from "./chat.js";
+import { el } from "./dom.js";
 import { Settings } from "./settings.js";
 import { Sidebar, titleFrom } from "./sidebar.js";
 
@@ -25,13 +26,6 @@ const state = {
   opening: 0, // counts openConversation calls: only the latest one's answer is shown
   reply: null, // the AbortController of the reply streaming in
 };
-
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
 
 // --- errors: one line above the messages ---------------------------------------------
 

@@ -3,15 +3,9 @@
 // a line of figures under each reply.
 
 import { renderMarkdown } from "./markdown.js";
+import { el } from "./dom.js";
 
 const ROLE_LABELS = { user: "You", assistant: "Model", system: "System prompt", tool: "Tool result" };
-
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
 
 export class MessageView {
   constructor(role) {

@@ -10,6 +10,8 @@
 // bullet and numbered lists (nested by indentation), block quotes, horizontal rules.
 // Inline: `code`, **strong**, *emphasis*, ~~strike~~, [links](https://...).
 
+import { el } from "./dom.js";
+
 const FENCE = /^ {0,3}(`{3,}|~{3,})\s*([^`\s]*)[^`]*$/;
 const HEADING = /^ {0,3}(#{1,6})(?:\s+(.*?))?\s*#*\s*$/;
 const RULE = /^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$/;
@@ -22,13 +24,6 @@ export function renderMarkdown(text) {
   const fragment = document.createDocumentFragment();
   renderBlocks(String(text).replace(/\r\n?/g, "\n").split("\n"), fragment, 0);
   return fragment;
-}
-
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
 }
 
 function isBlockStart(line) {

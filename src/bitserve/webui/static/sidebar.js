@@ -2,17 +2,11 @@
 // metadata.title, with rename (an update of the metadata) and delete (after asking).
 
 import { ApiError } from "./api.js";
+import { el } from "./dom.js";
 
 const PAGE_SIZE = 20;
 const TITLE_CHARS = 60;
 const MAX_TITLE_CHARS = 512; // the server's limit for a metadata value
-
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
 
 function button(className, text, label) {
   const node = el("button", className, text);
