@@ -220,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
         args.model = pull_for_serve(args.hf_repo)
         if args.model is None:
             return 1
+        args.alias = [*args.alias, args.hf_repo]  # requests may name it as it was served
     try:
         settings = settings_from_args(args)
     except (OSError, ValueError, OracleConfigError) as exc:  # ValueError: bad --threads
