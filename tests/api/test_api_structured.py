@@ -14,6 +14,8 @@ import pytest
 from api_helpers import chat_body, sse_events
 from fastapi.testclient import TestClient
 
+from bitserve.api.chat.protocol import ChatCompletionChunk
+
 
 class Point(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
@@ -132,12 +134,16 @@ def test_auto_is_text_or_calls(client: TestClient) -> None:
 
 
 def stream_message(client: TestClient, body: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """Rebuild the message from its chunks the way OpenAI clients do."""
+    """Rebuild the message from its chunks the way OpenAI clients do (each chunk checked
+    against the documented wire type first)."""
     r = client.post("/v1/chat/completions", json={**body, "stream": True})
     assert r.status_code == 200, r.text
     content, calls, finish = "", {}, ""
     for event in sse_events(r.text):
-        if event == "[DONE]" or not event["choices"]:
+        if event == "[DONE]":
+            continue
+        ChatCompletionChunk.model_validate(event)
+        if not event["choices"]:
             continue
         choice = event["choices"][0]
         delta = choice["delta"]

@@ -30,6 +30,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from bitserve.gguf.constants import GGMLType
 from bitserve.gguf.quants import pack_i2s, pack_tq2_0
 from bitserve.gguf.writer import GGUFWriter
+from bitserve.model.bitnet import BitNetModel
 from bitserve.model.demo import train_demo_bpe
 from bitserve.tokenizer.fixtures import llama3_special_tokens
 from bitserve.tokenizer.pretokenizers import LLAMA3_SPLIT_PATTERN
@@ -345,6 +346,19 @@ def write_direct_gguf(
         w.add_tensor(name, data, GGMLType.I2_S, (n_in, n_out))
     w.write(path)
     return path
+
+
+PROMPT = [5, 17, 300, 2, 1999, 42, 7, 7, 128]
+
+
+def logits(path: Path) -> np.ndarray:
+    """The logits of every position of :data:`PROMPT` under the model at ``path``."""
+    model = BitNetModel.load(path)
+    try:
+        out: np.ndarray = model.forward(PROMPT, model.new_cache(64), all_logits=True)
+        return out.copy()
+    finally:
+        model.close()
 
 
 def shard_checkpoint(folder: Path, n_shards: int = 2) -> None:

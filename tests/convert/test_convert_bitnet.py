@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hf_fixtures import (
     hf_tokenizer,
+    logits,
     make_model,
     shard_checkpoint,
     write_checkpoint,
@@ -25,19 +26,7 @@ from bitserve.convert import Checkpoint, CheckpointError, convert_checkpoint
 from bitserve.convert.ternary import unpack_hf_ternary
 from bitserve.convert.tokenizer_json import tokenizer_metadata
 from bitserve.gguf import GGMLType, read_gguf
-from bitserve.model.bitnet import BitNetModel
 from bitserve.tokenizer import ChatFormatter, Tokenizer
-
-PROMPT = [5, 17, 300, 2, 1999, 42, 7, 7, 128]
-
-
-def logits(path: Path) -> np.ndarray:
-    model = BitNetModel.load(path)
-    try:
-        out: np.ndarray = model.forward(PROMPT, model.new_cache(64), all_logits=True)
-        return out.copy()
-    finally:
-        model.close()
 
 
 @pytest.mark.parametrize("layout", ["packed", "autobitlinear", "bf16"])

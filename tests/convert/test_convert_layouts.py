@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hf_fixtures import (
+    logits,
     make_model,
     write_checkpoint,
     write_direct_gguf,
@@ -20,18 +21,6 @@ from bitserve.convert import Checkpoint, CheckpointError, convert_checkpoint
 from bitserve.gguf import GGMLType, read_gguf
 from bitserve.gguf.quants import unpack_i2s, unpack_tq2_0
 from bitserve.model.arch import permute_rows
-from bitserve.model.bitnet import BitNetModel
-
-PROMPT = [5, 17, 300, 2, 1999, 42, 7, 7, 128]
-
-
-def logits(path: Path) -> np.ndarray:
-    model = BitNetModel.load(path)
-    try:
-        out: np.ndarray = model.forward(PROMPT, model.new_cache(64), all_logits=True)
-        return out.copy()
-    finally:
-        model.close()
 
 
 def test_falcon3_packed_becomes_a_llama_gguf(tokenizer: HFTokenizer, tmp_path: Path) -> None:

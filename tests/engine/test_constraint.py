@@ -265,3 +265,26 @@ def test_all_of_branches_stay_open(compiler: ConstraintCompiler, tokenizer: Toke
         assert state.allowed()[token]
         state.advance(token)
     assert state.is_accepting
+
+
+def test_a_ref_with_sibling_properties_stays_open(
+    compiler: ConstraintCompiler, tokenizer: Tokenizer
+) -> None:
+    """``$ref`` beside ``properties`` combines the two like ``allOf`` (JSON Schema 2019+):
+    closing either side would forbid what the other requires."""
+    base = {"type": "object", "properties": {"a": {"const": 1}}, "required": ["a"]}
+    schema = {"$defs": {"Base": base}, "$ref": "#/$defs/Base",
+              "properties": {"b": {"const": 2}}, "required": ["b"]}  # fmt: skip
+    closed = closed_objects(schema)
+    assert (
+        "additionalProperties" not in closed
+        and "additionalProperties" not in closed["$defs"]["Base"]
+    )
+    state = compiler.json_schema(schema).start()
+    for token in tokenizer.encode('{"a": 1, "b": 2}'):
+        assert state.allowed()[token]
+        state.advance(token)
+    assert state.is_accepting
+    # a definition only referenced on its own is still closed
+    alone = closed_objects({"$defs": {"Base": base}, "properties": {"x": {"$ref": "#/$defs/Base"}}})
+    assert alone["$defs"]["Base"]["additionalProperties"] is False

@@ -79,27 +79,55 @@ def closed_objects(schema: Any) -> Any:
     generated: the output stays valid against the original schema. Say
     ``"additionalProperties": true`` to allow more; ``{"type": "object"}`` alone stays any
     object. The branches of an ``allOf`` are left open at their own level (each may list
-    properties the others add: closing them would make the whole unsatisfiable)."""
-    return _closed(schema, close=True)
+    properties the others add: closing them would make the whole unsatisfiable), and so
+    are both sides of a ``$ref`` beside ``properties`` (the same combination)."""
+    return _closed(schema, True, _combined_refs(schema))
 
 
-def _closed(schema: Any, close: bool) -> Any:
+def _combined_refs(schema: Any) -> set[str]:
+    """The local ``$ref`` targets used beside ``properties`` anywhere in ``schema``."""
+    if isinstance(schema, list):
+        return set().union(*(_combined_refs(s) for s in schema))
+    if not isinstance(schema, dict):
+        return set()
+    found = set().union(*(_combined_refs(v) for v in schema.values()))
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#") and "properties" in schema:
+        found.add(ref)
+    return found
+
+
+def _closed(schema: Any, close: bool, combined: set[str], path: str = "#") -> Any:
+    """``schema`` (found at ``path``) with its objects closed; ``combined``: the
+    :func:`_combined_refs` targets, left open at their own level."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
     for key in _SCHEMA_KEYWORDS:
         if isinstance(out.get(key), dict):
-            out[key] = _closed(out[key], True)
+            out[key] = _closed(out[key], True, combined, f"{path}/{key}")
     for key in _LIST_KEYWORDS:
         if isinstance(out.get(key), list):
-            out[key] = [_closed(s, True) for s in out[key]]
+            out[key] = [
+                _closed(s, True, combined, f"{path}/{key}/{i}") for i, s in enumerate(out[key])
+            ]
     if isinstance(out.get("allOf"), list):
-        out["allOf"] = [_closed(s, False) for s in out["allOf"]]
+        out["allOf"] = [
+            _closed(s, False, combined, f"{path}/allOf/{i}") for i, s in enumerate(out["allOf"])
+        ]
     for key in _MAP_KEYWORDS:
         if isinstance(out.get(key), dict):
-            out[key] = {name: _closed(s, True) for name, s in out[key].items()}
+            out[key] = {
+                name: _closed(s, True, combined, f"{path}/{key}/{name}")
+                for name, s in out[key].items()
+            }
     others = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf")
-    if close and "properties" in out and not any(k in out for k in others):
+    if (
+        close
+        and path not in combined
+        and "properties" in out
+        and not any(k in out for k in (*others, "$ref"))
+    ):
         out["additionalProperties"] = False
     return out
 

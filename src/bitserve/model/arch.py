@@ -60,6 +60,18 @@ class Architecture:
     scaled: bool = False
     projection_scales: bool = False
 
+    @property
+    def norms(self) -> tuple[str, ...]:
+        """The RMSNorm weights of one block (``blk.N.<name>.weight``), in the order of the
+        official 2B-4T file."""
+        if self.sub_norms:
+            names = ["attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm"]
+        else:
+            names = ["attn_norm", "ffn_norm"]
+        if self.qk_norm:
+            names += ["attn_q_norm", "attn_k_norm"]
+        return tuple(names)
+
 
 _BITNET_2B4T = "BitNet b1.58 2B-4T (Microsoft)"
 

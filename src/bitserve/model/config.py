@@ -122,12 +122,7 @@ class ModelConfig:
         chosen = activation or _activation(gguf, arch, vocab_size)
         if chosen not in ACTIVATIONS:
             raise GGUFError(gguf.path, f"unknown activation {chosen!r}")
-        scales = (1.0, 1.0, 1.0)
-        if arch.scaled:
-            scales = tuple(  # type: ignore[assignment]
-                keys.number(f"{name}_scale", minimum=0.0)
-                for name in ("embedding", "residual", "logit")
-            )
+        scales = _scales(keys) if arch.scaled else (1.0, 1.0, 1.0)
         config = cls(
             arch=arch_name,
             n_layers=keys.integer("block_count"),
@@ -209,6 +204,14 @@ class _Keys:
                 self.gguf.path, f"{key} is {value!r}; it must be above {minimum:g} and {bound}"
             )
         return value
+
+
+def _scales(keys: _Keys) -> tuple[float, float, float]:
+    """MiniCPM's ``embedding_scale``, ``residual_scale`` and ``logit_scale`` (required)."""
+    embedding, residual, logit = (
+        keys.number(f"{name}_scale", minimum=0.0) for name in ("embedding", "residual", "logit")
+    )
+    return embedding, residual, logit
 
 
 def _head_dim(gguf: GGUFFile, keys: _Keys, dim: int, n_heads: int) -> int:

@@ -149,17 +149,11 @@ def layer_projections(shape: ModelShape) -> dict[str, tuple[int, int]]:
 
 def layer_norms(shape: ModelShape, arch: str) -> dict[str, int]:
     """Name → width of each norm of one layer in ``arch``'s layout."""
-    a = ARCHITECTURES[arch]
-    q_dim = shape.n_heads * shape.head_size
-    norms = {"attn_norm": shape.dim}  # in the order of the official 2B-4T file
-    if a.sub_norms:
-        norms["attn_sub_norm"] = q_dim
-    norms["ffn_norm"] = shape.dim
-    if a.sub_norms:
-        norms["ffn_sub_norm"] = shape.ffn_dim
-    if a.qk_norm:
-        norms |= {"attn_q_norm": shape.head_size, "attn_k_norm": shape.head_size}
-    return norms
+    head = shape.head_size
+    widths = {"attn_norm": shape.dim, "attn_sub_norm": shape.n_heads * head,
+              "ffn_norm": shape.dim, "ffn_sub_norm": shape.ffn_dim,
+              "attn_q_norm": head, "attn_k_norm": head}  # fmt: skip
+    return {name: widths[name] for name in ARCHITECTURES[arch].norms}
 
 
 def _hyper_parameters(shape: ModelShape, arch: str) -> dict[str, Any]:
@@ -257,31 +251,13 @@ def write_synthetic_model(
     arch = arch or layout.arch
     rng = np.random.default_rng(seed)
     w = GGUFWriter()
-    w.add("general.architecture", arch)
-    w.add("general.name", name)
-    w.add("general.file_type", 40)
-    for key, value in _hyper_parameters(shape, arch).items():
-        w.add(f"{arch}.{key}", value)
-    for key, value in {**layout.metadata, **(tokenizer_metadata or {}),
-                       **(extra_metadata or {})}.items():  # fmt: skip
-        elem = layout.metadata_types.get(key)
-        if elem is not None and isinstance(value, (list, tuple)):
-            w.add(key, value, GGUFValueType.ARRAY, elem)
-        else:
-            w.add(key, value, elem)
-
+    metadata = {**layout.metadata, **(tokenizer_metadata or {}), **(extra_metadata or {})}
+    _write_metadata(w, shape, arch, name, metadata, layout.metadata_types)
     vocab_dims = (shape.dim, shape.vocab_size)
-
     q2_block = layout.q2_0_block
 
     def packer(ggml_type: GGMLType) -> TernaryPacker:
-        if pack is not None and ggml_type == layout.ternary:
-            return pack
-        if ggml_type == GGMLType.Q2_0:
-            return lambda values, scales: pack_q2_0(values, scales, q2_block)
-        if ggml_type not in TERNARY_PACKERS:
-            raise ValueError(f"no packer for {ggml_type.name}")
-        return TERNARY_PACKERS[ggml_type]
+        return _packer(ggml_type, pack if ggml_type == layout.ternary else None, q2_block)
 
     def matrix(ggml_type: GGMLType) -> bytes:
         ternary = ggml_type in TERNARY_GROUPS
@@ -315,3 +291,38 @@ def write_synthetic_model(
         add("output.weight", matrix(layout.output), layout.output, vocab_dims)
     w.write(path)
     return Path(path)
+
+
+def _write_metadata(
+    w: GGUFWriter,
+    shape: ModelShape,
+    arch: str,
+    name: str,
+    metadata: dict[str, Any],
+    metadata_types: dict[str, GGUFValueType],
+) -> None:
+    """The general keys, ``shape``'s hyper-parameters as ``arch`` keys, then ``metadata``
+    (arrays written with the element type ``metadata_types`` gives them, if any)."""
+    w.add("general.architecture", arch)
+    w.add("general.name", name)
+    w.add("general.file_type", 40)
+    for key, value in _hyper_parameters(shape, arch).items():
+        w.add(f"{arch}.{key}", value)
+    for key, value in metadata.items():
+        elem = metadata_types.get(key)
+        if elem is not None and isinstance(value, (list, tuple)):
+            w.add(key, value, GGUFValueType.ARRAY, elem)
+        else:
+            w.add(key, value, elem)
+
+
+def _packer(ggml_type: GGMLType, given: TernaryPacker | None, q2_0_block: int) -> TernaryPacker:
+    """``given`` if any, else how :data:`TERNARY_PACKERS` packs ``ggml_type`` (Q2_0 with
+    ``q2_0_block`` weights a scale)."""
+    if given is not None:
+        return given
+    if ggml_type == GGMLType.Q2_0:
+        return lambda values, scales: pack_q2_0(values, scales, q2_0_block)
+    if ggml_type not in TERNARY_PACKERS:
+        raise ValueError(f"no packer for {ggml_type.name}")
+    return TERNARY_PACKERS[ggml_type]

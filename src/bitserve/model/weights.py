@@ -26,7 +26,7 @@ from bitserve.gguf.constants import TERNARY_TYPES, GGMLType
 from bitserve.gguf.reader import GGUFError, GGUFFile
 from bitserve.kernels import EmbeddingMatrix, TernaryWeight
 from bitserve.kernels.tensors import EMBEDDING_TYPES
-from bitserve.model.arch import PROJECTIONS, unpermute_rows
+from bitserve.model.arch import PROJECTIONS, projection_shapes, unpermute_rows
 from bitserve.model.config import ModelConfig
 
 FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
@@ -94,9 +94,7 @@ def _check_no_extra_tensors(gguf: GGUFFile, config: ModelConfig) -> None:
     have, a layer past ``block_count``...): ignoring it would serve another model than
     the file holds. llama.cpp refuses such files too ("wrong number of tensors")."""
     arch = config.architecture
-    per_layer = ["attn_norm", "ffn_norm", *PROJECTIONS]
-    per_layer += ["attn_sub_norm", "ffn_sub_norm"] if arch.sub_norms else []
-    per_layer += ["attn_q_norm", "attn_k_norm"] if arch.qk_norm else []
+    per_layer = [*arch.norms, *PROJECTIONS]
     known = {"token_embd.weight", "output_norm.weight", "output.weight"}
     known |= {f"blk.{i}.{t}.weight" for i in range(config.n_layers) for t in per_layer}
     if arch.projection_scales:
@@ -113,9 +111,12 @@ def _check_no_extra_tensors(gguf: GGUFFile, config: ModelConfig) -> None:
 
 def _layer(gguf: GGUFFile, config: ModelConfig, i: int) -> LayerWeights:
     arch = config.architecture
-    dim, ffn, q_dim, kv = config.dim, config.ffn_dim, config.q_dim, config.kv_dim
+    dim, ffn, q_dim = config.dim, config.ffn_dim, config.q_dim
+    shapes = projection_shapes(dim, ffn, q_dim, config.kv_dim)
+    heads = {"attn_q": config.n_heads, "attn_k": config.n_kv_heads}  # rows per head: RoPE'd
 
-    def proj(name: str, n_out: int, n_in: int, n_heads: int = 0) -> TernaryWeight:
+    def proj(name: str) -> TernaryWeight:
+        (n_out, n_in), n_heads = shapes[name], heads.get(name, 0)
         rows = unpermute_rows(n_out, n_heads) if n_heads and arch.permuted_qk else None
         weight = _ternary(gguf, f"blk.{i}.{name}.weight", n_out, n_in, rows)
         if arch.projection_scales and f"blk.{i}.{name}.scale" in gguf.tensors:
@@ -131,13 +132,13 @@ def _layer(gguf: GGUFFile, config: ModelConfig, i: int) -> LayerWeights:
         attn_sub_norm=norm("attn_sub_norm", q_dim, arch.sub_norms),
         ffn_norm=_norm(gguf, f"blk.{i}.ffn_norm.weight", dim),
         ffn_sub_norm=norm("ffn_sub_norm", ffn, arch.sub_norms),
-        attn_q=proj("attn_q", q_dim, dim, config.n_heads),
-        attn_k=proj("attn_k", kv, dim, config.n_kv_heads),
-        attn_v=proj("attn_v", kv, dim),
-        attn_output=proj("attn_output", dim, q_dim),
-        ffn_gate=proj("ffn_gate", ffn, dim),
-        ffn_up=proj("ffn_up", ffn, dim),
-        ffn_down=proj("ffn_down", dim, ffn),
+        attn_q=proj("attn_q"),
+        attn_k=proj("attn_k"),
+        attn_v=proj("attn_v"),
+        attn_output=proj("attn_output"),
+        ffn_gate=proj("ffn_gate"),
+        ffn_up=proj("ffn_up"),
+        ffn_down=proj("ffn_down"),
         attn_q_norm=norm("attn_q_norm", config.head_dim, arch.qk_norm),
         attn_k_norm=norm("attn_k_norm", config.head_dim, arch.qk_norm),
     )
