@@ -27,3 +27,37 @@ def test_bad_thread_count_is_one_line_and_exit_2(
     assert cli.main([command, "--threads", "0", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith("threads: must be 1 or more, got 0")
+
+
+def test_serve_on_a_taken_port_says_so_before_loading_anything(
+    tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It loaded the model, printed 'open http://127.0.0.1:PORT/ in a browser' (another
+    server's page) and only then failed to bind, exit 3."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        status = cli.main(["serve", "--port", str(port), "--db", f"{tmp_path}/c.db"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1
+    assert err == [f"bitserve serve: cannot listen on 127.0.0.1:{port}: address already in use"]
+
+
+def test_a_postgresql_url_without_the_extra_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`scripts/cluster` from a source checkout without the extra: the advice was only
+    `pip install 'bitserve[postgres]'`, which fetches bitserve from the package index
+    instead of installing the checkout's extra."""
+    import sys
+
+    from bitserve.store import StoreError, open_store
+
+    monkeypatch.setitem(sys.modules, "bitserve.store.postgres", None)  # import fails
+    with pytest.raises(StoreError) as caught:
+        open_store("postgresql://u@127.0.0.1/db")
+    assert "pip install 'bitserve[postgres]'" in str(caught.value)
+    assert "pip install -e '.[postgres]'" in str(caught.value)

@@ -201,3 +201,25 @@ def test_serve_hf_without_network_gives_advice_serve_can_follow(
         "check the network or proxy: bitnet-2b is not downloaded yet, and serve -hf "
         "downloads it before it starts\n"
     )
+
+
+def test_a_file_pulled_again_is_verified_under_every_name_it_has(
+    hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One file, two names (the catalog's and the repository's): after it was found
+    damaged and pulled again under one name, the other still said 'no', and the next
+    `serve -hf` or pull by that name downloaded the same file a third time."""
+    content = os.urandom(20_000)
+    hub.repos[BITNET_REPO] = bitnet_repo(content)
+    path = Path(run(capsys, "pull", "bitnet-2b")[1].strip())
+    assert run(capsys, "pull", BITNET_REPO)[0] == 0
+    damaged = bytearray(content)
+    damaged[3] ^= 1
+    Path(os.path.realpath(path)).write_bytes(damaged)
+    assert run(capsys, "models", "--verify")[0] == 1  # both names: FAILED
+    assert run(capsys, "pull", "bitnet-2b")[0] == 0  # downloads it again, verified
+    downloads = len(hub.blob_gets())
+    rows = run(capsys, "models")[1].splitlines()[1:]
+    assert [row.split()[4] for row in rows] == ["yes", "yes"]
+    assert run(capsys, "pull", BITNET_REPO)[0] == 0
+    assert len(hub.blob_gets()) == downloads  # the verified copy, not a third download

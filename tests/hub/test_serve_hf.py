@@ -69,7 +69,9 @@ def wait_for_health(child: pexpect.spawn, port: int, timeout_s: float = 30.0) ->
 
 
 def serve_until_healthy(child: pexpect.spawn, port: int) -> str:
-    """Wait for the 'serving' line, check /health and /v1/models, stop; the output before."""
+    """Wait for the 'serving' line, check /health and /v1/models, and that requests may
+    name the model as it was served (`-hf bitnet-2b`: "model": "bitnet-2b", a 404
+    model_not_found before); stop; the output before."""
     child.expect(rf"on http://127\.0\.0\.1:{port}")
     output = str(child.before)
     try:
@@ -77,7 +79,11 @@ def serve_until_healthy(child: pexpect.spawn, port: int) -> str:
         # have bound it yet, so ask until it answers (or the server exits)
         assert wait_for_health(child, port) == 200
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()
-        assert models["data"][0]["id"]
+        assert models["data"][0]["id"] and "bitnet-2b" in [m["id"] for m in models["data"]]
+        body = {"model": "bitnet-2b", "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 2}  # fmt: skip
+        chat = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60)
+        assert chat.status_code == 200, chat.text
     finally:
         child.terminate(force=True)
     return output

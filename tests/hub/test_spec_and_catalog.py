@@ -93,3 +93,13 @@ def test_a_variant_prefers_the_file_it_ends() -> None:
     # not at the end, but between separators
     assert ModelSpec("n", "o/r", variant="TQ2_0").choose(files) == "B-8B-TQ2_0-Q4out.gguf"
     assert ModelSpec("n", "o/r", pattern="*-Q2_0_g64.gguf").choose(files) == "B-8B-Q2_0_g64.gguf"
+
+
+def test_a_catalog_repository_pulled_by_its_id_keeps_the_catalog_family() -> None:
+    """`bitserve models` listed one Falcon3 file as family 'falcon3' (pulled as
+    falcon3-3b) and 'llama' (pulled by its repository id); a repository the catalog does
+    not know is still named by its file's architecture at pull time."""
+    catalog = Catalog.load()
+    assert resolve("tiiuae/Falcon3-3B-Instruct-1.58bit-GGUF", catalog).family == "falcon3"
+    assert resolve("prism-ml/Ternary-Bonsai-8B-gguf:Q2_0_g64", catalog).family == "bonsai"
+    assert resolve("someone/else-GGUF", catalog).family is None

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import re
+import socket
 import sys
 import time
 from pathlib import Path
@@ -39,6 +41,19 @@ GIL_SWITCH_INTERVAL_S = 0.001
 def without_password(db: str) -> str:
     """``postgresql://user:secret@host/db`` → ``postgresql://user:***@host/db`` (for logs)."""
     return re.sub(r"^(\w+://[^:/@]*):[^@/]*@", r"\1:***@", db)
+
+
+def listen_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (taken, not an address of this machine),
+    or None: a bind as uvicorn makes it (``SO_REUSEADDR``), released at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        return "address already in use" if exc.errno == errno.EADDRINUSE else str(exc)
+    return None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -205,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
         args.model = pull_for_serve(args.hf_repo)
         if args.model is None:
             return 1
+        args.alias = [*args.alias, args.hf_repo]  # requests may name it as it was served
     try:
         settings = settings_from_args(args)
     except (OSError, ValueError, OracleConfigError) as exc:  # ValueError: bad --threads
@@ -232,6 +248,11 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    problem = listen_problem(settings.host, settings.port)
+    if problem is not None:  # before loading the model, and before printing the page's URL
+        print(f"bitserve serve: cannot listen on {settings.host}:{settings.port}: {problem}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     try:
         loaded = load_model(settings.model_path, settings.threads, settings.kernel, settings.head)
     except (OSError, ValueError) as exc:  # a missing or malformed model file (GGUFError)

@@ -139,7 +139,9 @@ def start_nginx(
     directory: Path, replicas: Sequence[str], port: int, *, affinity: bool = True
 ) -> NginxServer:
     """Write the configuration into ``directory``, check it (``nginx -t``), start nginx
-    and wait until it answers on ``port``."""
+    and wait until it answers on ``port``. Answers count only once nginx has written its
+    pid into its pid file, which it does after binding the port (``nginx -t`` leaves the
+    file empty): before that, whatever else holds the port may be the one answering."""
     nginx = find_nginx()
     temp = directory / "temp"
     temp.mkdir(parents=True, exist_ok=True)
@@ -160,6 +162,8 @@ def start_nginx(
         if process.poll() is not None:
             raise NginxError(f"nginx exited with {process.returncode}:\n{server.log_tail()}")
         try:
+            if _pid_written(directory / "nginx.pid") != process.pid:
+                raise httpx.ConnectError("nginx has not bound its port yet")
             httpx.get(f"{server.url}/health", timeout=2)
             return server
         except httpx.TransportError:
@@ -167,3 +171,10 @@ def start_nginx(
                 server.stop()
                 raise NginxError(f"nginx did not answer:\n{server.log_tail()}") from None
             time.sleep(0.05)
+
+
+def _pid_written(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None

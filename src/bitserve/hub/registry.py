@@ -125,8 +125,16 @@ class Registry:
                 self._write()
 
     def put(self, record: ModelRecord) -> None:
+        """Record ``record``; if it is verified, so is every other name of the same file
+        (same blob, same sha256): it was just hashed."""
         with self._changing() as records:
             records[record.name] = record
+            if record.verified:
+                target = os.path.realpath(record.path)
+                for name, other in list(records.items()):
+                    same = other.sha256 == record.sha256 and os.path.realpath(other.path) == target
+                    if same and not other.verified:
+                        records[name] = replace(other, verified_at=record.verified_at)
 
     def remove(self, name: str) -> None:
         with self._changing() as records:

@@ -80,7 +80,9 @@ def resolve(name: str, catalog: Catalog) -> ModelSpec:
             f"{name!r} is neither a catalog name nor a repository (owner/name[:VARIANT]); "
             "`bitserve pull --list` shows the catalog"
         )
-    return ModelSpec(name=name, repo=repo, variant=variant or None)
+    # a catalog repository named by its id is still that family (the file's arch otherwise)
+    family = next((e.family for e in catalog if e.repo.lower() == repo.lower()), None)
+    return ModelSpec(name=name, repo=repo, variant=variant or None, family=family)
 
 
 def is_repo_id(text: str) -> bool:

@@ -32,7 +32,7 @@ def open_store(db: str | Path, max_connections: int | None = None) -> Conversati
     except ImportError as exc:
         raise StoreError(
             f"a PostgreSQL store needs psycopg and psycopg_pool ({exc}): "
-            "pip install 'bitserve[postgres]'"
+            "pip install 'bitserve[postgres]' (in a source checkout: pip install -e '.[postgres]')"
         ) from exc
     return PostgresStore(str(db), max_connections or DEFAULT_MAX_CONNECTIONS)
 
