@@ -102,9 +102,11 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [model_object(served, n) for n in served.names]}
 
 
-@router.get("/v1/models/{model}", responses=NOT_FOUND_DOC)
+@router.get("/v1/models/{model:path}", responses=NOT_FOUND_DOC)
 async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
-    """One model of the list (OpenAI's retrieve); 404 `model_not_found` for another name."""
+    """One model of the list (OpenAI's retrieve); 404 `model_not_found` for another name.
+    A name may hold slashes (a converted file is named by its repository,
+    ``microsoft/bitnet-b1.58-2B-4T``), as vLLM's and llama-server's do."""
     served: ServedModel = request.app.state.served
     if model not in served.names:
         raise ModelNotFoundError(model)
