@@ -3,8 +3,10 @@ starts with exactly the tokens the engine processed (what the prefix cache match
 
 from __future__ import annotations
 
+import time
+
 import pytest
-from api_helpers import chat_body, sse_events
+from api_helpers import AppFactory, chat_body, sse_events
 from fastapi.testclient import TestClient
 
 from bitserve.api.conversations.serving import next_turn_prefix, reply_token_ids
@@ -111,3 +113,45 @@ def test_a_reply_its_grammar_ended_keeps_its_ids(client: TestClient) -> None:
     assert reply.token_ids is not None  # the next turn's prompt extends this one's tokens
     served: ServedModel = client.app.state.served  # type: ignore[attr-defined]
     assert served.loaded.tokenizer.decode(list(reply.token_ids)) == reply.content
+
+
+def settled(served: ServedModel) -> None:
+    """Wait until the engine has done the prefill ahead queued after the last turn: its
+    counter stops moving and nothing is queued."""
+    engine = served.engine
+    assert engine.scheduler is not None
+    last, deadline = -1, time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = engine.scheduler.stats.prefilled_ahead
+        if now == last and engine.queue_depth == 0:
+            return
+        last = now
+    raise AssertionError("the prefill ahead did not settle")
+
+
+def test_a_turn_whose_history_cut_moves_finds_its_kept_history_computed_ahead(
+    make_client: AppFactory,
+) -> None:
+    """Once per half context of conversation the oldest turns are left out and the prompt
+    starts anew (the cut moves): the prefill ahead after the turn before has computed the
+    history the next turn keeps, so such a turn, too, computes only its own message."""
+    with make_client(ctx_size=256) as client:
+        served: ServedModel = client.app.state.served  # type: ignore[attr-defined]
+        conv = client.post("/v1/conversations", json={}).json()["id"]
+        no_stop = {str(t): -100.0 for t in served.loaded.tokenizer.stop_ids}
+        cuts, dropped = 0, 0
+        for i in range(24):
+            body = chat_body(f"Question {i}: and what comes after {i}?", temperature=0)
+            body["logit_bias"] = no_stop
+            answer = client.post(f"/v1/conversations/{conv}/chat", json=body).json()
+            usage = answer["usage"]
+            uncached = usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"]
+            # its message and generation prompt (~16 tokens), the template's start of a
+            # turn when the cut was foreseen a turn early (~7); a missed cut: ~100
+            if i > 0:
+                assert uncached <= 32, (i, answer["truncated_messages"], usage)
+            cuts += answer["truncated_messages"] > dropped > 0
+            dropped = answer["truncated_messages"]
+            settled(served)
+        assert cuts >= 2  # the cut moved at least twice after the first one

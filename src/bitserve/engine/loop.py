@@ -295,14 +295,22 @@ class EngineLoop(Generic[G]):
     def prefill_ahead(self, tokens: list[int], max_new: int, scope: str = "") -> None:
         """Queue :meth:`Scheduler.extend_cached` of ``tokens`` (batched mode; skipped while
         requests wait: it only saves a later request some time, and must not take a queue
-        slot from one). Requests queued after it find its work done."""
+        slot from one). Requests queued after it find its work done. A rest longer than
+        ``max_new`` tokens (a conversation whose history cut moved: its kept history
+        starts anew) is computed ``max_new`` tokens per call, each queued when the last is
+        done and no request waits, so no request waits behind more than one piece."""
         scheduler = self.scheduler
         if scheduler is None or self.queue_depth > 0:
             return
 
         def extend(_: G) -> int:
             try:
-                return scheduler.extend_cached(tokens, max_new, scope)
+                cached = scheduler.cached_length(tokens, scope)
+                end = min(len(tokens), cached + max_new)
+                done = scheduler.extend_cached(tokens[:end], max_new, scope)
+                if done and end < len(tokens):
+                    self.prefill_ahead(tokens, max_new, scope)  # the next piece
+                return done
             except Exception:
                 log.exception("prefill ahead failed")
                 return 0

@@ -153,6 +153,10 @@ class Scheduler:
                 out.finished.append(seq)
         return out
 
+    def cached_length(self, tokens: list[int], scope: str = "") -> int:
+        """How many of ``tokens`` the prefix cache holds in RAM for ``scope`` (0: no cache)."""
+        return 0 if self.prefix_cache is None else self.prefix_cache.cached_length(tokens, scope)
+
     def extend_cached(self, tokens: list[int], max_new: int, scope: str = "") -> int:
         """Prefill ahead: when all but 1..``max_new`` of ``tokens`` are cached (a
         conversation's reply has just finished, and ``tokens`` add the chat template's

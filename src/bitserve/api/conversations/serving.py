@@ -63,7 +63,8 @@ from bitserve.store.base import (
 )
 
 MAX_LIST_LIMIT = 100
-PREFILL_AHEAD_MAX_TOKENS = 16  # the template's start of a turn is ~6 tokens (LLaMA 3)
+NEXT_MESSAGE_MARGIN = 32  # tokens a next message may exceed this one by, for the cut ahead
+PREFILL_AHEAD_CHUNK = 64  # a turn's start is ~6 tokens (LLaMA 3); a moved cut, all kept history
 
 
 class ConversationLocks:
@@ -180,6 +181,30 @@ def next_turn_prefix(
     return a[:n]
 
 
+def next_turn_history(served: ServedModel, turn: Turn, reply: NewMessage) -> list[dict[str, Any]]:
+    """The history messages before ``reply`` that the next turn will keep if its message
+    is like this turn's (up to ``NEXT_MESSAGE_MARGIN`` tokens longer) and it asks for as
+    many tokens: :func:`fit_history` of the whole history with ``reply`` and this turn's
+    last message again as the probe, counted with the margin. Near a cut the margin
+    predicts it a turn or two early rather than late: a cut's points never move (the
+    grid), so its history computed early is still the next cut's, and a turn that does
+    not cut yet only computes its template's few tokens itself. Where the cut moves at the next
+    turn (once per half context), its prompt starts anew, and computing that ahead is what
+    spares the next turn a whole kept history of prompt processing."""
+    new = turn.messages[len(turn.messages) - len(turn.new) :]
+    said = _history_message(reply)
+    history = [*turn.history, *new, said]
+    tokens = [*(m.tokens for m in turn.held.messages), *(m.tokens for m in turn.new), reply.tokens]
+    like = turn.new[-1]
+    probe = {"role": "tool" if reply.tool_calls else "user", "content": like.content}
+    try:
+        size = like.tokens + NEXT_MESSAGE_MARGIN
+        kept = fit_history(served, history, tokens, [probe], [size], turn.max_new).messages
+    except InvalidParameterError:  # the format rejects it: the prefix says so again
+        return [*turn.messages]
+    return kept[:-2]  # without the reply and the probe
+
+
 def _history_message(m: StoredMessage | NewMessage) -> dict[str, Any]:
     """A stored message as the chat formatter takes it: replies with their generated
     ``token_ids``, calls in OpenAI's shape, tool results' ids, reasoning."""
@@ -216,6 +241,8 @@ class Turn:
     messages: list[dict[str, Any]]
     new: list[NewMessage]
     held: StoreTurn
+    history: list[dict[str, Any]]  # every stored message, as fit_history took them
+    max_new: int
 
 
 class ConversationService:
@@ -303,7 +330,7 @@ class ConversationService:
 
             async def store_turn(results: list[ChoiceResult]) -> None:
                 reply = await run_in_threadpool(self.store_turn, turn, results[0])
-                self.prefill_ahead_later(turn.messages, reply, owner)
+                self.prefill_ahead_later(turn, reply, owner)
 
             return await respond_chat(self.served, turn.plan, guard, body.stream, store_turn)
         except BaseException:
@@ -322,9 +349,10 @@ class ConversationService:
         context by their token counts (:func:`fit_history`), planned for the engine."""
         stored = held.messages
         new_stored = self.new_messages(new)
+        history = [_history_message(m) for m in stored]
         fitted = fit_history(
             self.served,
-            [_history_message(m) for m in stored],
+            history,
             [m.tokens for m in stored],
             new,
             [m.tokens for m in new_stored],
@@ -336,7 +364,7 @@ class ConversationService:
         )
         conversation_id = held.conversation.id
         plan.extra = {"conversation_id": conversation_id, "truncated_messages": fitted.dropped}
-        return Turn(plan, fitted.messages, new_stored, held)
+        return Turn(plan, fitted.messages, new_stored, held, history, body.max_new_tokens())
 
     def store_turn(self, turn: Turn, result: ChoiceResult) -> NewMessage:
         """(worker thread) Append the new messages and the reply in one transaction (the
@@ -345,17 +373,19 @@ class ConversationService:
         turn.held.commit([*turn.new, reply])
         return reply
 
-    def prefill_ahead_later(
-        self, messages: list[dict[str, Any]], reply: NewMessage, scope: str
-    ) -> None:
-        """Queue the next turn's prompt start (:func:`next_turn_prefix`) for the engine to
-        compute ahead, once a worker thread has encoded it: after the answer, not in
-        its way (encoding a long history takes a while)."""
+    def prefill_ahead_later(self, turn: Turn, reply: NewMessage, scope: str) -> None:
+        """Queue the next turn's prompt start (:func:`next_turn_prefix` of the history the
+        next turn will keep, :func:`next_turn_history`) for the engine to compute ahead,
+        once a worker thread has encoded it: after the answer, not in its way (encoding a
+        long history takes a while)."""
+
+        def prefix() -> list[int] | None:
+            return next_turn_prefix(self.served, next_turn_history(self.served, turn, reply), reply)
 
         async def queue_it() -> None:
-            ahead = await run_in_threadpool(next_turn_prefix, self.served, messages, reply)
+            ahead = await run_in_threadpool(prefix)
             if ahead is not None:
-                self.served.engine.prefill_ahead(ahead, PREFILL_AHEAD_MAX_TOKENS, scope)
+                self.served.engine.prefill_ahead(ahead, PREFILL_AHEAD_CHUNK, scope)
 
         task = asyncio.get_running_loop().create_task(queue_it())
         self._background.add(task)  # a reference until it is done (asyncio keeps weak ones)
