@@ -4,9 +4,9 @@ conversation's turn, while ``/health``, asked all along, answers within 100 ms.
 
 Both kinds of turn are measured in the same run, in pairs a moment apart (alternating
 which goes first), and the ratio is the median of the pairs' own ratios: a loaded 2-core
-machine's speed drifts over seconds, which a pair mostly shares, and a turn where the
-history's cut moves and the kept history is computed again is one pair of several. Both
-turns generate the same number of tokens (stop tokens are banned) from the same message.
+machine's speed drifts over seconds, which a pair mostly shares, and a turn whose kept
+history the prefill ahead has not quite finished is one pair of several. Both turns
+generate the same number of tokens (stop tokens are banned) from the same message.
 
 The model has four layers of BitNet-2B-4T's shape (dim 2560, FFN 6912, 20 heads, 5 KV
 heads) and the demo vocabulary, so that, as in a real model, its weights and not its
