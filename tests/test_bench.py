@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bitserve.bench import paired_fraction
 from bitserve.cli import main
 from bitserve.model.synthetic import ModelShape, write_synthetic_model
 
@@ -50,6 +51,16 @@ def test_bench_prints_one_json_line(
     assert set(result["baseline"]) == {"gen", "prompt"}
     low, high = result["bandwidth_range_gb_s"]
     assert low <= result["bandwidth_gb_s"] <= high  # the median of the passes
+    low, high = result["limit_fraction_paired_range"]  # 4 tokens: one segment
+    assert low == result["limit_fraction_paired"] == high > 0
+
+
+def test_the_paired_fraction_divides_each_segment_by_the_passes_around_it() -> None:
+    # 10 tok/s of 1 GB tokens between passes of 20 and 30 GB/s: 10 / 25; the machine
+    # twice as fast and the speed with it: the same 0.4, whatever the first probe said
+    segments = [(10.0, 20.0, 30.0), (20.0, 40.0, 60.0), (15.0, 60.0, 40.0)]
+    median, low, high = paired_fraction(segments, 10**9)
+    assert (round(median, 6), round(low, 6), round(high, 6)) == (0.4, 0.3, 0.4)
 
 
 def test_bench_numpy_kernel(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

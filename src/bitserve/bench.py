@@ -6,6 +6,12 @@ default the model is a synthetic one with BitNet-b1.58-2B-4T's shapes (random we
 same bytes and arithmetic), written once to ``$BITSERVE_CACHE`` (or ``~/.cache/bitserve``).
 ``prompt_tok_s`` is the median of 3 prompts (``prompt_first_tok_s``: the first, which
 also pays one-time allocations); ``bandwidth_gb_s`` the median of 9 probe passes.
+A shared machine's bandwidth moves by a third from one second to the next (the 2-core
+VM: 34-56 GB/s for the same read), so a probe taken before the generation can flatter or
+sink ``limit_fraction``; ``limit_fraction_paired`` pairs instead: the generation runs in
+segments of 16 tokens with one probe pass before each and after the last, each
+segment's speed is divided by the mean of the passes around it, and the median of those
+fractions is printed with their range.
 Prints ONE JSON line; ``baseline`` gives the ratios to bitnet.cpp's figures on a 2-core
 AVX2 EPYC (spec §7). Never meant to gate CI on absolute numbers.
 
@@ -39,7 +45,7 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -65,6 +71,7 @@ BASELINE_PROMPT_TOK_S = 68.8
 SYNTHETIC_NAME = "synthetic-2b4t-i2s-seed0.gguf"
 SCENARIOS = ("kernels", "conversation", "concurrent", "cluster")
 BANDWIDTH_PASSES = 9
+GEN_SEGMENT = 16  # generated tokens between two probe passes (limit_fraction_paired)
 PROMPT_RUNS = 3
 # measure what the server runs: its scheduler's prompt chunk and KV dtype
 PROMPT_CHUNK = DEFAULT_MAX_BATCH_TOKENS
@@ -119,6 +126,9 @@ class Timings:
     prompt_tok_s: float  # median over PROMPT_RUNS prompts
     prompt_first_tok_s: float  # the first of them (one-time allocations included)
     gen_tok_s: float
+    # (tokens/s, probe GB/s before, probe GB/s after) per generation segment; empty
+    # without a probe
+    gen_segments: tuple[tuple[float, float, float], ...] = ()
 
 
 def cache_dir() -> Path:
@@ -152,6 +162,18 @@ def measure_bandwidth(backend: NativeBackend, megabytes: int) -> tuple[float, fl
     return float(np.median(rates)), min(rates), max(rates)
 
 
+def _probe_pass(backend: NativeBackend, megabytes: int) -> Callable[[], float]:
+    """One bandwidth pass (GB/s) over a buffer of its own, for the paired fraction."""
+    buf = np.ones(megabytes << 20, dtype=np.uint8)
+
+    def one_pass() -> float:
+        start = time.perf_counter()
+        backend.read_memory(buf)
+        return buf.nbytes / (time.perf_counter() - start) / 1e9
+
+    return one_pass
+
+
 def bytes_per_token(model: BitNetModel, backend: Any) -> int:
     """Bytes one generated token reads: every ternary weight as its kernel reads it (codes and
     block scales) plus the head as the head kernel reads it."""
@@ -172,10 +194,17 @@ def bench_prompt(vocab_size: int, n_prompt: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, vocab_size, size=n_prompt)
 
 
-def time_model(path: Path, backend: Any, n_prompt: int, n_gen: int) -> tuple[BitNetModel, Timings]:
+def time_model(
+    path: Path,
+    backend: Any,
+    n_prompt: int,
+    n_gen: int,
+    probe: Callable[[], float] | None = None,
+) -> tuple[BitNetModel, Timings]:
     """Load (to the first token), then ``PROMPT_RUNS`` prompts of ``n_prompt`` tokens (each
     on a fresh cache; the first one also pays one-time allocations) and ``n_gen`` greedy
-    steps after the last one."""
+    steps after the last one, in segments of ``GEN_SEGMENT`` with a ``probe`` pass (GB/s)
+    before each and after the last (its time is not the generation's)."""
     start = time.perf_counter()
     model = BitNetModel.load(path, backend=backend)
     head = model.weights.head
@@ -192,12 +221,30 @@ def time_model(path: Path, backend: Any, n_prompt: int, n_gen: int) -> tuple[Bit
         for lo in range(0, n_prompt, PROMPT_CHUNK):  # chunked as the server does
             logits = model.forward(prompt[lo : lo + PROMPT_CHUNK], cache)
         prompt_s.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    for _ in range(n_gen):
-        logits = model.forward([int(np.argmax(logits))], cache)
-    gen_s = time.perf_counter() - start
+    gen_s, segments, before = 0.0, [], probe() if probe else 0.0
+    for lo in range(0, n_gen, GEN_SEGMENT):
+        n = min(GEN_SEGMENT, n_gen - lo)
+        start = time.perf_counter()
+        for _ in range(n):
+            logits = model.forward([int(np.argmax(logits))], cache)
+        took = time.perf_counter() - start
+        gen_s += took
+        if probe:
+            after = probe()
+            segments.append((n / took, before, after))
+            before = after
     rates = [n_prompt / s for s in prompt_s]
-    return model, Timings(load_s, float(np.median(rates)), rates[0], n_gen / gen_s)
+    timings = Timings(load_s, float(np.median(rates)), rates[0], n_gen / gen_s, tuple(segments))
+    return model, timings
+
+
+def paired_fraction(
+    segments: Sequence[tuple[float, float, float]], per_token: int
+) -> tuple[float, float, float]:
+    """``(median, min, max)`` over generation segments of the segment's bytes per second
+    over the mean bandwidth of the probe passes around it."""
+    fractions = [rate * per_token / ((a + b) / 2 * 1e9) for rate, a, b in segments]
+    return float(np.median(fractions)), min(fractions), max(fractions)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -227,7 +274,8 @@ def run_kernels(args: argparse.Namespace, options: dict[str, Any]) -> int:
     probe = backend if isinstance(backend, NativeBackend) else _probe_backend(threads)
     nan = float("nan")
     bandwidth, bw_min, bw_max = measure_bandwidth(probe, args.bandwidth_mb) if probe else (nan,) * 3
-    model, t = time_model(path, backend, args.prompt_tokens, args.gen_tokens)
+    probe_pass = _probe_pass(probe, args.bandwidth_mb) if probe else None
+    model, t = time_model(path, backend, args.prompt_tokens, args.gen_tokens, probe_pass)
     per_token = bytes_per_token(model, backend)
     constraint = None
     if args.json_schema:
@@ -241,6 +289,11 @@ def run_kernels(args: argparse.Namespace, options: dict[str, Any]) -> int:
         llama = bench_llama.compare(gguf, path, threads, prompt, args.gen_tokens, PROMPT_RUNS)
     model.close()
     ceiling = bandwidth * 1e9 / min(per_token, file_per_token)
+    paired = (
+        paired_fraction(t.gen_segments, min(per_token, file_per_token))
+        if t.gen_segments
+        else (nan,) * 3
+    )
     result = {
         "prompt_tok_s": round(t.prompt_tok_s, 2),
         "prompt_first_tok_s": round(t.prompt_first_tok_s, 2),
@@ -251,6 +304,8 @@ def run_kernels(args: argparse.Namespace, options: dict[str, Any]) -> int:
         "file_bytes_per_token": file_per_token,
         "gen_ceiling_tok_s": round(ceiling, 2),
         "limit_fraction": round(t.gen_tok_s / ceiling, 3),
+        "limit_fraction_paired": round(paired[0], 3),
+        "limit_fraction_paired_range": [round(paired[1], 3), round(paired[2], 3)],
         "load_s": round(t.load_s, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "threads": threads,
