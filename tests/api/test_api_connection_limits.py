@@ -1,7 +1,8 @@
 """Connection and body limits of the real server process, over real sockets: the key is
 checked before the body is read, bodies over ``--max-body-mb`` are refused unread (413),
-request heads that never finish are cut after ``--head-timeout``, and running out of file
-descriptors logs one line per interval instead of a traceback per accept attempt."""
+request heads that never finish and bodies that stop halfway are cut after
+``--head-timeout`` (of silence, for a body), and running out of file descriptors logs
+one line per interval instead of a traceback per accept attempt."""
 
 from __future__ import annotations
 
@@ -107,6 +108,23 @@ def test_request_heads_that_never_finish_are_cut(server: Server) -> None:
         partial.close()
     # a client that sends its head in time is served on the same server meanwhile
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+def test_a_body_that_stops_halfway_is_cut_and_one_with_short_pauses_is_served(
+    server: Server,
+) -> None:
+    body = b'{"model": "bitnet", "prompt": "Hi", "max_tokens": 1}'
+    with connect(server) as sock:
+        sock.sendall(post_head("/v1/completions", len(body), KEY) + body[:10])
+        start_wait = time.monotonic()
+        assert response_head(sock, timeout=10) == ""  # closed without an answer
+        assert time.monotonic() - start_wait < 8
+    with connect(server) as sock:  # pauses shorter than the 1 s limit, 2 s in all
+        sock.sendall(post_head("/v1/completions", len(body), KEY))
+        for i in range(0, len(body), 13):
+            time.sleep(0.5)
+            sock.sendall(body[i : i + 13])
+        assert response_head(sock, timeout=30).startswith("HTTP/1.1 200"), "served"
 
 
 def test_out_of_file_descriptors_logs_once_per_interval(tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
 """Connection-level limits of the real server (uvicorn, h11): what no route can see.
 
 - :func:`head_timeout_protocol`: uvicorn's h11 protocol with a deadline for every request
-  head. uvicorn times out idle keep-alive connections but never a connection that has not
-  finished sending its head, so half-open connections (slowloris) used to stay forever and
-  use up the file descriptors real clients need.
+  head, and the same limit on every pause while a body is being sent. uvicorn times out
+  idle keep-alive connections but never a connection that has not finished sending its
+  head or its body, so half-open connections (slowloris, or a body that stops halfway)
+  used to stay forever and use up the file descriptors real clients need.
 - :class:`AcceptErrorThrottle`: when accepting fails for lack of resources (EMFILE: out of
   file descriptors), asyncio logs it once per attempt — with uvicorn's backlog of 2,048,
   thousands of tracebacks a second. The throttle logs the first one and then one line per
@@ -29,7 +30,9 @@ ACCEPT_ERROR_INTERVAL_S = 10.0
 class HeadDeadlineProtocol(H11Protocol):
     """Closes a connection that has not sent a complete request head within
     ``head_timeout_s`` of the server starting to wait for one (a new connection, or the
-    next request on a kept-alive one). The body and the response are not limited here."""
+    next request on a kept-alive one), or that pauses longer than that while sending a
+    body (as nginx's ``client_body_timeout``: between two reads, not for the whole body;
+    the body's size is ``--max-body-mb``'s). The response is not limited here."""
 
     head_timeout_s: float = 10.0
     _head_timer: asyncio.TimerHandle | None = None
@@ -51,9 +54,13 @@ class HeadDeadlineProtocol(H11Protocol):
         super().connection_lost(exc)
 
     def _watch_head(self) -> None:
-        """Arm the deadline while a head is awaited (h11's client state IDLE), drop it
-        once the head has come."""
-        if self.conn.their_state is h11.IDLE:
+        """Arm the deadline once while a head is awaited (h11's client state IDLE: a head
+        sent a byte at a time gets no more time), again at every piece of a body being
+        sent (SEND_BODY), and drop it once the request has come."""
+        state = self.conn.their_state
+        if state is h11.SEND_BODY:
+            self._stop_head_timer()
+        if state is h11.IDLE or state is h11.SEND_BODY:
             if self._head_timer is None and not self.transport.is_closing():
                 self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_late)
         else:
@@ -66,8 +73,13 @@ class HeadDeadlineProtocol(H11Protocol):
 
     def _head_late(self) -> None:
         self._head_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self.transport.close()
+        state = self.conn.their_state
+        if self.transport.is_closing() or state not in (h11.IDLE, h11.SEND_BODY):
+            return
+        if state is h11.SEND_BODY and self.flow.read_paused:  # the app is behind, not them
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_late)
+            return
+        self.transport.close()
 
 
 def head_timeout_protocol(seconds: float) -> type[HeadDeadlineProtocol]:

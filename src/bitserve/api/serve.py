@@ -154,7 +154,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--head-timeout",
         type=float,
         default=DEFAULT_HEAD_TIMEOUT_S,
-        help="seconds a connection has to send its request head before it is closed",
+        help="seconds a connection has to send its request head, and the longest pause "
+        "while it sends a body, before it is closed",
     )
     p.add_argument(
         "--allowed-host",
