@@ -53,8 +53,8 @@ def test_the_page_prints_its_address_and_names_the_demo_model(
 def test_a_reply_streams_in_and_is_kept_on_the_server(page: Page, server: ServerProcess) -> None:
     open_app(page, server.url)
     set_settings(
-        page, temperature="0", max_tokens="40", top_p="0.9", top_k="20", system_prompt="Be brief."
-    )
+        page, temperature="0", max_tokens="240", top_p="0.9", top_k="20", system_prompt="Be brief."
+    )  # ~1 s of reply (~250 tokens/s here): long enough to see it stream
     page.evaluate(WATCH_REPLY)
     with page.expect_request(re.compile(r"/chat$")) as request:
         send(page, "Hello")
@@ -63,7 +63,7 @@ def test_a_reply_streams_in_and_is_kept_on_the_server(page: Page, server: Server
         "stream": True,
         "stream_options": {"include_usage": True},
         "temperature": 0,
-        "max_tokens": 40,
+        "max_tokens": 240,
         "top_p": 0.9,
         "top_k": 20,
     }
