@@ -29,6 +29,28 @@ def test_bad_thread_count_is_one_line_and_exit_2(
     assert len(err) == 1 and err[0].endswith("threads: must be 1 or more, got 0")
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--max-queue", "0", "--max-queue must be at least 1, got 0"),
+        ("--max-batch", "0", "--max-batch must be at least 1, got 0"),
+        ("--max-body-mb", "0", "--max-body-mb must be at least 1, got 0"),
+        ("--max-input-chars", "-1", "--max-input-chars must be at least 0, got -1"),
+        ("--cache-ram", "-1", "--cache-ram must be at least 0, got -1"),
+        ("--cache-disk", "-5", "--cache-disk must be at least 0, got -5"),
+        ("--db-pool-size", "-1", "--db-pool-size must be at least 0, got -1"),
+        ("--head-timeout", "0", "--head-timeout must be more than 0, got 0.0"),
+        ("--head-timeout", "nan", "--head-timeout must be more than 0, got nan"),
+    ],
+)
+def test_serve_names_a_flag_out_of_its_range_and_exits_2(
+    flag: str, value: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["serve", flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"bitserve serve: {says}"]
+
+
 def test_serve_on_a_taken_port_says_so_before_loading_anything(
     tmp_path: object, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -224,30 +224,9 @@ def run(args: argparse.Namespace) -> int:
         args.alias = [*args.alias, args.hf_repo]  # requests may name it as it was served
     try:
         settings = settings_from_args(args)
-    except (OSError, ValueError, OracleConfigError) as exc:  # ValueError: bad --threads
+        settings.check()
+    except (OSError, ValueError, OracleConfigError) as exc:  # ValueError: a flag's range
         print(f"bitserve serve: {exc}", file=sys.stderr)
-        return 2
-    if settings.max_queue < 1:
-        print("bitserve serve: --max-queue must be at least 1", file=sys.stderr)
-        return 2
-    if settings.max_body_mb < 1 or settings.max_input_chars < 0 or settings.head_timeout_s <= 0:
-        print(
-            "bitserve serve: --max-body-mb must be >= 1, --max-input-chars >= 0 and "
-            "--head-timeout > 0",
-            file=sys.stderr,
-        )
-        return 2
-    if (
-        settings.max_batch < 1
-        or settings.cache_ram_mb < 0
-        or settings.cache_disk_mb < 0
-        or settings.db_pool_size < 0
-    ):
-        print(
-            "bitserve serve: --max-batch must be >= 1, --cache-ram, --cache-disk and "
-            "--db-pool-size >= 0",
-            file=sys.stderr,
-        )
         return 2
     problem = listen_problem(settings.host, settings.port)
     if problem is not None:  # before loading the model, and before printing the page's URL

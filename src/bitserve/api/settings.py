@@ -73,6 +73,23 @@ class ServerSettings:
     cors_origins: tuple[str, ...] = ()
     replica: str = ""
 
+    def check(self) -> None:
+        """Every limit in its range, or a ``ValueError`` naming the flag and its range."""
+        ranges = (
+            ("--max-queue", self.max_queue, 1),
+            ("--max-batch", self.max_batch, 1),
+            ("--max-body-mb", self.max_body_mb, 1),
+            ("--max-input-chars", self.max_input_chars, 0),
+            ("--cache-ram", self.cache_ram_mb, 0),
+            ("--cache-disk", self.cache_disk_mb, 0),
+            ("--db-pool-size", self.db_pool_size, 0),
+        )
+        for flag, value, low in ranges:
+            if value < low:
+                raise ValueError(f"{flag} must be at least {low}, got {value}")
+        if not self.head_timeout_s > 0:  # NaN too
+            raise ValueError(f"--head-timeout must be more than 0, got {self.head_timeout_s}")
+
     @property
     def max_body_bytes(self) -> int:
         return self.max_body_mb * 2**20
