@@ -166,6 +166,27 @@ def test_prefill_ahead_extends_the_ram_entry_and_leaves_the_disk_alone(tmp_path:
     spill.close()
 
 
+def test_a_guessed_new_start_copies_the_shared_header_and_keeps_the_conversation() -> None:
+    """A prompt computed ahead that starts anew (the conversation's history cut moved)
+    shares only its system prompt with the conversation's entry; when that is more than
+    half the entry, the entry used to be cut to it, costing the next turn the history it
+    has if the cut was guessed a turn early. With ``keep_diverging`` it is copied."""
+
+    def cache_of(n: int) -> KVCache:
+        cache = KVCache(CONFIG, dtype=np.float16)
+        cache.advance(n)
+        return cache
+
+    system, history, kept = list(range(60)), list(range(100, 140)), list(range(120, 140))
+    for keep_diverging, entries in ((True, [100, 64]), (False, [64])):
+        prefix = PrefixCache(1 << 30)
+        prefix.put(system + history, cache_of(100))
+        sched = Scheduler(FakeModel(), SchedulerConfig(), prefix)
+        guess = system + kept[:4]
+        assert sched.extend_cached(guess, 16, keep_diverging=keep_diverging) == 4
+        assert sorted((len(e.tokens) for e in prefix.entries), reverse=True) == entries
+
+
 def test_long_prompt_is_chunked_and_decodes_keep_running(tokenizer: Tokenizer) -> None:
     model = FakeModel()
     sched = Scheduler(model, SchedulerConfig(max_batch=4, max_batch_tokens=16))

@@ -307,7 +307,8 @@ class EngineLoop(Generic[G]):
             try:
                 cached = scheduler.cached_length(tokens, scope)
                 end = min(len(tokens), cached + max_new)
-                done = scheduler.extend_cached(tokens[:end], max_new, scope)
+                guessed = len(tokens) - cached > max_new  # a new start: keep what exists
+                done = scheduler.extend_cached(tokens[:end], max_new, scope, guessed)
                 if done and end < len(tokens):
                     self.prefill_ahead(tokens, max_new, scope)  # the next piece
                 return done

@@ -138,13 +138,16 @@ class PrefixCache:
         record: bool = True,
         ram_only: bool = False,
         scope: str = "",
+        keep_diverging: bool = False,
     ) -> KVCache | None:
         """The cache of the entry (in RAM or on disk) sharing the longest prefix with
         ``tokens``, removed from the store and truncated to that prefix — at most
         ``len(tokens) - 1`` positions, so the last token is always computed (its logits are
         needed). RAM wins ties. ``None`` on a miss. ``record``: count it in ``stats``
         (requests' lookups; not the engine's own prefill ahead); ``ram_only``: never read
-        the disk; ``scope``: only entries put with the same scope are considered."""
+        the disk; ``scope``: only entries put with the same scope are considered;
+        ``keep_diverging``: an entry that goes on past the shared prefix is copied, never
+        truncated (a guess at a next prompt must not cost the prompt that exists)."""
         stats = self.stats if record else PrefixCacheStats()
         stats.lookups += 1
         ids = np.asarray(tokens, dtype=np.int64)
@@ -154,7 +157,13 @@ class PrefixCache:
         cache = None if ram_only else self._take_from_disk(ids, best_len, limit, scope)
         if cache is not None:
             stats.disk_hits += 1
-        elif best is not None and best_len > 0 and 2 * best_len < len(best.tokens):
+        elif (
+            best is not None
+            and best_len > 0
+            and (
+                2 * best_len < len(best.tokens) or (keep_diverging and best_len < len(best.tokens))
+            )
+        ):
             cache = best.cache.copy(best_len)  # a shared header: the entry stays for its owner
         elif best is not None and best_len > 0:
             self.entries.remove(best)

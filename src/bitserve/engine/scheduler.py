@@ -157,13 +157,17 @@ class Scheduler:
         """How many of ``tokens`` the prefix cache holds in RAM for ``scope`` (0: no cache)."""
         return 0 if self.prefix_cache is None else self.prefix_cache.cached_length(tokens, scope)
 
-    def extend_cached(self, tokens: list[int], max_new: int, scope: str = "") -> int:
+    def extend_cached(
+        self, tokens: list[int], max_new: int, scope: str = "", keep_diverging: bool = False
+    ) -> int:
         """Prefill ahead: when all but 1..``max_new`` of ``tokens`` are cached (a
         conversation's reply has just finished, and ``tokens`` add the chat template's
         start of its next turn), compute the rest into that prefix-cache entry now, so the
         next turn's first token does not wait for them. The keys/values are those the next
         request would compute (every token's are independent of the batch and of T).
-        Returns the tokens computed (0: nothing to do, or not worth it)."""
+        Returns the tokens computed (0: nothing to do, or not worth it). ``keep_diverging``:
+        an entry that goes on past the shared prefix is copied, not cut (the start of a
+        prompt guessed ahead must not cost the conversation the prompt it has)."""
         if self.prefix_cache is None:
             return 0
         cached = self.prefix_cache.cached_length(tokens, scope)
@@ -171,7 +175,9 @@ class Scheduler:
             return 0
         # the entry (or a copy of its first `cached` positions when they are a shared
         # header): either way `cached` positions, as RAM holds them
-        cache = self.prefix_cache.take(tokens, record=False, ram_only=True, scope=scope)
+        cache = self.prefix_cache.take(
+            tokens, record=False, ram_only=True, scope=scope, keep_diverging=keep_diverging
+        )
         if cache is None:
             return 0
         if cache.free < len(tokens) - cached:  # past the context: put it back untouched
