@@ -49,6 +49,7 @@ def test_followup_prompt_extends_the_first_turn_token_for_token(
     reply = {"role": "assistant", "content": stored[1].content, "token_ids": expected}
     assert shown["prompt_tokens"] == len(served.loaded.chat.encode([stored_user(stored), reply]))
 
+    settled(client)  # the client reads the reply: the engine computes ahead meanwhile
     second = client.post(f"/v1/conversations/{conv}/chat", json=chat_body(SECOND, max_tokens=2))
     history = client.app.state.store.messages("", conv)[:2]  # type: ignore[attr-defined]
     messages = [{"role": m.role, "content": m.content, "token_ids": m.token_ids} for m in history]
