@@ -40,7 +40,6 @@ import argparse
 import json
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,7 @@ from bitserve.gguf.constants import GGMLType
 from bitserve.gguf.quants import unpack_i2s
 from bitserve.gguf.reader import read_gguf
 from bitserve.model import BitNetModel
-from bitserve.model.fixtures import FAMILIES, write_family_fixture
+from bitserve.model.fixtures import FAMILIES, gguf_package_packer, write_family_fixture
 
 HF_CLASSES = {"llama": "Llama", "qwen3": "Qwen3", "bitnet": "BitNet", "bitnet-b1.58": "BitNet"}
 LLAMA_CPP_ARCHS = ("llama", "qwen3", "minicpm", "bitnet")
@@ -74,26 +73,10 @@ NORMS = {
 }  # fmt: skip
 
 
-def tq_packer(ggml_type: GGMLType) -> Callable[[np.ndarray, np.ndarray], bytes] | None:
-    """The PyPI ``gguf`` package's TQ1_0/TQ2_0 quantizer (bitserve packs I2_S and Q2_0)."""
-    if ggml_type not in (GGMLType.TQ1_0, GGMLType.TQ2_0):
-        return None
-    import gguf
-
-    qtype = gguf.GGMLQuantizationType[ggml_type.name]
-
-    def pack(ternary: np.ndarray, scales: np.ndarray) -> bytes:
-        group = ternary.shape[1] // scales.shape[1]
-        block = np.repeat(scales.astype(np.float16).astype(np.float32), group, axis=1)
-        return bytes(gguf.quants.quantize(ternary.astype(np.float32) * block, qtype).tobytes())
-
-    return pack
-
-
 def fixture(folder: Path, family: str, seed: int) -> Path:
     ternary = {"bitnet-b1.58": GGMLType.I2_S, "qwen3": GGMLType.Q2_0}.get(family, GGMLType.TQ2_0)
     return write_family_fixture(folder / f"{family}-{seed}.gguf", family, ternary, seed=seed,
-                                pack=tq_packer(ternary))  # fmt: skip
+                                pack=gguf_package_packer(ternary))  # fmt: skip
 
 
 def bitserve_logits(path: Path, tokens: list[int], kernel: str | None) -> np.ndarray:

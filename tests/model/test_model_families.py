@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 from naive_reference import compare, naive_forward, naive_load
@@ -21,7 +20,7 @@ from naive_reference import compare, naive_forward, naive_load
 from bitserve.gguf.constants import GGMLType
 from bitserve.kernels.native import NativeBackend, available_kernels
 from bitserve.model import BitNetModel
-from bitserve.model.fixtures import FAMILIES, write_family_fixture
+from bitserve.model.fixtures import FAMILIES, gguf_package_packer, write_family_fixture
 
 MIN_ARGMAX_AGREEMENT = 0.95
 MAX_RELATIVE_L2 = 0.03
@@ -36,21 +35,6 @@ CASES += [(family, spec.ternary_types[0], o)
 Case = tuple[str, GGMLType, "GGMLType | None"]
 
 
-def gguf_packer(ggml_type: GGMLType):  # type: ignore[no-untyped-def]
-    """The PyPI ``gguf`` package's quantizer for TQ1_0/TQ2_0 (an independent packer);
-    bitserve's own for I2_S and Q2_0, which ``gguf`` cannot write."""
-    if ggml_type not in (GGMLType.TQ1_0, GGMLType.TQ2_0):
-        return None
-    qtype = gguf.GGMLQuantizationType[ggml_type.name]
-
-    def pack(ternary: np.ndarray, scales: np.ndarray) -> bytes:
-        group = ternary.shape[1] // scales.shape[1]
-        block = np.repeat(scales.astype(np.float16).astype(np.float32), group, axis=1)
-        return bytes(gguf.quants.quantize(ternary.astype(np.float32) * block, qtype).tobytes())
-
-    return pack
-
-
 @pytest.fixture(scope="session")
 def family_models(tmp_path_factory: pytest.TempPathFactory) -> dict[Case, Path]:
     folder = tmp_path_factory.mktemp("families")
@@ -60,7 +44,7 @@ def family_models(tmp_path_factory: pytest.TempPathFactory) -> dict[Case, Path]:
             family,
             t,
             seed=7,
-            pack=gguf_packer(t),
+            pack=gguf_package_packer(t),
             output=o,
         )
         for family, t, o in CASES

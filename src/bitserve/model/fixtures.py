@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bitserve.gguf.constants import GGMLType
 from bitserve.model.synthetic import (
     PRESETS,
@@ -91,6 +93,24 @@ FAMILIES: dict[str, Family] = {
         "llama-spm",  # MiniCPM's SentencePiece vocabulary
     ),
 }
+
+
+def gguf_package_packer(ggml_type: GGMLType) -> TernaryPacker | None:
+    """The PyPI ``gguf`` package's TQ1_0/TQ2_0 quantizer, an independent packer to write
+    fixtures with (a test dependency, imported only here); None for I2_S and Q2_0, which
+    it cannot write (bitserve's own packers then)."""
+    if ggml_type not in (GGMLType.TQ1_0, GGMLType.TQ2_0):
+        return None
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[ggml_type.name]
+
+    def pack(ternary: np.ndarray, scales: np.ndarray) -> bytes:
+        group = ternary.shape[1] // scales.shape[1]
+        block = np.repeat(scales.astype(np.float16).astype(np.float32), group, axis=1)
+        return bytes(gguf.quants.quantize(ternary.astype(np.float32) * block, qtype).tobytes())
+
+    return pack
 
 
 def write_family_fixture(
