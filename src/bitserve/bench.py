@@ -148,30 +148,34 @@ def synthetic_model() -> Path:
     return path
 
 
-def measure_bandwidth(backend: NativeBackend, megabytes: int) -> tuple[float, float, float]:
-    """Read bandwidth in GB/s over a buffer far larger than the caches: ``(median, min, max)``
-    of several passes. One pass can read far above or below the rest (another process's
-    traffic, a lucky turbo state), so the median is what ``limit_fraction`` uses."""
-    buf = np.ones(megabytes << 20, dtype=np.uint8)  # ones: every page really allocated
-    backend.read_memory(buf)
-    rates = []
-    for _ in range(BANDWIDTH_PASSES):
+class BandwidthProbe:
+    """Read bandwidth in GB/s over a buffer far larger than the caches, allocated once
+    (``megabytes``) and resident for the whole bench: ``measure`` before the model loads,
+    then one pass around each generation segment (``limit_fraction_paired``)."""
+
+    def __init__(self, backend: NativeBackend, megabytes: int) -> None:
+        self.backend = backend
+        self.buf = np.ones(megabytes << 20, dtype=np.uint8)  # ones: every page really allocated
+
+    def one_pass(self) -> float:
         start = time.perf_counter()
-        backend.read_memory(buf)
-        rates.append(buf.nbytes / (time.perf_counter() - start) / 1e9)
-    return float(np.median(rates)), min(rates), max(rates)
+        self.backend.read_memory(self.buf)
+        return self.buf.nbytes / (time.perf_counter() - start) / 1e9
+
+    def measure(self) -> tuple[float, float, float]:
+        """``(median, min, max)`` of several passes after a warm-up one. One pass can read
+        far above or below the rest (another process's traffic, a lucky turbo state), so
+        the median is what ``limit_fraction`` uses."""
+        self.one_pass()
+        rates = [self.one_pass() for _ in range(BANDWIDTH_PASSES)]
+        return float(np.median(rates)), min(rates), max(rates)
 
 
-def _probe_pass(backend: NativeBackend, megabytes: int) -> Callable[[], float]:
-    """One bandwidth pass (GB/s) over a buffer of its own, for the paired fraction."""
-    buf = np.ones(megabytes << 20, dtype=np.uint8)
-
-    def one_pass() -> float:
-        start = time.perf_counter()
-        backend.read_memory(buf)
-        return buf.nbytes / (time.perf_counter() - start) / 1e9
-
-    return one_pass
+def peak_rss_mb(probe: BandwidthProbe | None) -> float:
+    """The process's peak resident memory less the probe's buffer, which is resident from
+    before the model loads to the end (the bench's memory, not the model's)."""
+    probe_mb = probe.buf.nbytes / 2**20 if probe is not None else 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - probe_mb
 
 
 def bytes_per_token(model: BitNetModel, backend: Any) -> int:
@@ -271,11 +275,12 @@ def run_kernels(args: argparse.Namespace, options: dict[str, Any]) -> int:
     path = Path(args.model) if args.model else synthetic_model()
     threads = options["threads"]
     backend = get_backend(options["kernel"], threads=threads, head=options["head"])
-    probe = backend if isinstance(backend, NativeBackend) else _probe_backend(threads)
+    native = backend if isinstance(backend, NativeBackend) else _probe_backend(threads)
+    probe = BandwidthProbe(native, args.bandwidth_mb) if native else None
     nan = float("nan")
-    bandwidth, bw_min, bw_max = measure_bandwidth(probe, args.bandwidth_mb) if probe else (nan,) * 3
-    probe_pass = _probe_pass(probe, args.bandwidth_mb) if probe else None
-    model, t = time_model(path, backend, args.prompt_tokens, args.gen_tokens, probe_pass)
+    bandwidth, bw_min, bw_max = probe.measure() if probe else (nan,) * 3
+    one_pass = probe.one_pass if probe else None
+    model, t = time_model(path, backend, args.prompt_tokens, args.gen_tokens, one_pass)
     per_token = bytes_per_token(model, backend)
     constraint = None
     if args.json_schema:
@@ -307,7 +312,7 @@ def run_kernels(args: argparse.Namespace, options: dict[str, Any]) -> int:
         "limit_fraction_paired": round(paired[0], 3),
         "limit_fraction_paired_range": [round(paired[1], 3), round(paired[2], 3)],
         "load_s": round(t.load_s, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_rss_mb(probe), 1),
         "threads": threads,
         "kernel": backend.name,
         "head": args.head,
