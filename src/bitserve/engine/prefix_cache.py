@@ -157,20 +157,14 @@ class PrefixCache:
         cache = None if ram_only else self._take_from_disk(ids, best_len, limit, scope)
         if cache is not None:
             stats.disk_hits += 1
-        elif (
-            best is not None
-            and best_len > 0
-            and (
-                2 * best_len < len(best.tokens) or (keep_diverging and best_len < len(best.tokens))
-            )
-        ):
+        elif best is None or best_len == 0:
+            return None
+        elif 2 * best_len < len(best.tokens) or (keep_diverging and best_len < len(best.tokens)):
             cache = best.cache.copy(best_len)  # a shared header: the entry stays for its owner
-        elif best is not None and best_len > 0:
+        else:
             self.entries.remove(best)
             best.cache.truncate(best_len)
             cache = best.cache
-        else:
-            return None
         stats.hits += 1
         stats.cached_tokens += cache.length
         return cache

@@ -185,12 +185,13 @@ def next_turn_history(served: ServedModel, turn: Turn, reply: NewMessage) -> lis
     """The history messages before ``reply`` that the next turn will keep if its message
     is like this turn's (up to ``NEXT_MESSAGE_MARGIN`` tokens longer) and it asks for as
     many tokens: :func:`fit_history` of the whole history with ``reply`` and this turn's
-    last message again as the probe, counted with the margin. Near a cut the margin
-    predicts it a turn or two early rather than late: a cut's points never move (the
-    grid), so its history computed early is still the next cut's, and a turn that does
-    not cut yet only computes its template's few tokens itself. Where the cut moves at the next
-    turn (once per half context), its prompt starts anew, and computing that ahead is what
-    spares the next turn a whole kept history of prompt processing."""
+    last message again as the probe, counted with the margin.
+
+    Where the cut moves at the next turn (once per half context) its prompt starts anew,
+    and computing that ahead spares the turn a whole kept history of prompt processing.
+    The margin foresees a cut a turn or two early rather than late: a cut's points never
+    move (the grid), so a history computed early is still the next cut's, and a turn that
+    does not cut yet computes only its template's few tokens itself."""
     new = turn.messages[len(turn.messages) - len(turn.new) :]
     said = _history_message(reply)
     history = [*turn.history, *new, said]
