@@ -2,7 +2,8 @@
 
 The reference below imports nothing from bitserve but the GGUF reader and the I2_S unpack:
 it reads the weights itself and does the maths with loops and plain float64 matrices, its
-own RoPE, its own int8 quantization (``np.round``: half to even) and its own attention.
+own int8 quantization (``np.round``: half to even), and the naive RoPE and attention of
+``naive_reference`` (the families' float64 reference, which never imports the model).
 The two paths round differently (float32 vs float64), which flips an int8 rounding here
 and there; the spec expects a few percent of relative L2 on random models, the same argmax
 almost everywhere. Two deliberately wrong variants of the reference (SiLU for squared
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from naive_reference import attention, rope
 
 from bitserve.gguf.quants import unpack_i2s
 from bitserve.gguf.reader import read_gguf
@@ -79,35 +81,6 @@ def naive_bitlinear(x: np.ndarray, weight: tuple[np.ndarray, float]) -> np.ndarr
     return out
 
 
-def naive_rope(x: np.ndarray, theta: float, neox: bool) -> np.ndarray:
-    """``x [T, H, D]`` at positions 0..T-1; NEOX pairs (i, i+D/2), "normal" pairs (2i, 2i+1)."""
-    n_tokens, n_heads, d = x.shape
-    out = x.copy()
-    for pos in range(n_tokens):
-        for h in range(n_heads):
-            for i in range(d // 2):
-                angle = pos * theta ** (-2.0 * i / d)
-                a, b = (i, i + d // 2) if neox else (2 * i, 2 * i + 1)
-                c, s = np.cos(angle), np.sin(angle)
-                out[pos, h, a] = x[pos, h, a] * c - x[pos, h, b] * s
-                out[pos, h, b] = x[pos, h, b] * c + x[pos, h, a] * s
-    return out
-
-
-def naive_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Causal attention, query head h reads KV head h // (H / KVH)."""
-    n_tokens, n_heads, d = q.shape
-    group = n_heads // k.shape[1]
-    out = np.zeros_like(q)
-    for t in range(n_tokens):
-        for h in range(n_heads):
-            scores = np.array([q[t, h] @ k[j, h // group] for j in range(t + 1)]) / np.sqrt(d)
-            p = np.exp(scores - scores.max())
-            p /= p.sum()
-            out[t, h] = sum(p[j] * v[j, h // group] for j in range(t + 1))
-    return out
-
-
 def naive_forward(
     m: NaiveModel, tokens: list[int], activation: str = "relu2", neox: bool = True
 ) -> np.ndarray:
@@ -126,10 +99,10 @@ def naive_forward(
             return m.ternary[f"blk.{layer}.{name}.weight"]
 
         h = naive_rmsnorm(x, w("attn_norm"), eps)
-        q = naive_rope(naive_bitlinear(h, t("attn_q")).reshape(n, n_heads, d), theta, neox)
-        k = naive_rope(naive_bitlinear(h, t("attn_k")).reshape(n, n_kv, d), theta, neox)
+        q = rope(naive_bitlinear(h, t("attn_q")).reshape(n, n_heads, d), 0, theta, neox)
+        k = rope(naive_bitlinear(h, t("attn_k")).reshape(n, n_kv, d), 0, theta, neox)
         v = naive_bitlinear(h, t("attn_v")).reshape(n, n_kv, d)
-        a = naive_attention(q, k, v).reshape(n, n_heads * d)
+        a = attention(q, k, v).reshape(n, n_heads * d)
         x = x + naive_bitlinear(naive_rmsnorm(a, w("attn_sub_norm"), eps), t("attn_output"))
         h = naive_rmsnorm(x, w("ffn_norm"), eps)
         gate, up = naive_bitlinear(h, t("ffn_gate")), naive_bitlinear(h, t("ffn_up"))
