@@ -61,6 +61,8 @@ typedef struct {
     TaskFn fn;      /* fn, ctx, chunk_base: written before the cursor is published */
     void *ctx;
     int chunk_base; /* tasks above POOL_MAX_CHUNKS run in rounds */
+    int stripe;     /* claim c runs chunk (c % n_threads)·stripe + c / n_threads (run_round) */
+    int n_real;     /* the round's chunks; claims past them (the stripes' padding) run none */
     /* scratch, grown on demand and reused across calls (guarded by dispatch_lock) */
     int8_t *q;        /* quantized activations [T, K] */
     size_t q_cap;

@@ -81,7 +81,9 @@ static void run_chunks(Pool *pool, int thread, unsigned gen) {
                 return;
         } while (!atomic_compare_exchange_weak(&pool->cursor, &cur, cur + 1));
         /* chunk claimed: the task cannot finish (nor fn/ctx change) before we report it */
-        pool->fn(pool->ctx, pool->chunk_base + (int)(cur & FIELD_MASK), thread);
+        int c = (int)(cur & FIELD_MASK);
+        c = c % pool->n_threads * pool->stripe + c / pool->n_threads;
+        if (c < pool->n_real) pool->fn(pool->ctx, pool->chunk_base + c, thread);
         atomic_fetch_add(&pool->done, 1);
     }
 }
@@ -174,9 +176,18 @@ void pool_free(Pool *pool) {
 void pool_lock(Pool *pool) { pthread_mutex_lock(&pool->dispatch_lock); }
 void pool_unlock(Pool *pool) { pthread_mutex_unlock(&pool->dispatch_lock); }
 
-/* One round of at most POOL_MAX_CHUNKS chunks, numbered from base. */
+/* One round of at most POOL_MAX_CHUNKS chunks, numbered from base, claimed in stripes:
+ * claim c runs chunk (c % n_threads)·stripe + c / n_threads, so while the threads take
+ * turns (the common case) each one runs one contiguous run of chunks, i.e. one stream of
+ * rows that its prefetches (which run past a chunk's end) lead into, where plain order
+ * (thread 0: chunks 0, 2, 4...) restarts every stream at every chunk. Claiming stays
+ * dynamic: a thread that falls behind just leaves its tail to the others. Measured on 2B-4T
+ * (2 threads, 8 chunks per weight): its 210 ternary matmuls 6% faster, a decode step 2%. */
 static void run_round(Pool *pool, int base, int n_chunks) {
     pool->chunk_base = base;
+    pool->n_real = n_chunks;
+    pool->stripe = (n_chunks + pool->n_threads - 1) / pool->n_threads;
+    n_chunks = pool->stripe * pool->n_threads; /* padded: every claim maps to a stripe slot */
     atomic_store(&pool->done, 0);
     uint64_t old = atomic_load(&pool->cursor);
     unsigned gen = (cursor_gen(old) + 1) & ((1u << 24) - 1);
@@ -202,8 +213,9 @@ void pool_run(Pool *pool, TaskFn fn, void *ctx, int n_chunks) {
     }
     pool->fn = fn;
     pool->ctx = ctx;
-    for (int base = 0; base < n_chunks; base += POOL_MAX_CHUNKS)
-        run_round(pool, base, n_chunks - base < POOL_MAX_CHUNKS ? n_chunks - base : POOL_MAX_CHUNKS);
+    int round = POOL_MAX_CHUNKS / pool->n_threads * pool->n_threads; /* padded, still fits */
+    for (int base = 0; base < n_chunks; base += round)
+        run_round(pool, base, n_chunks - base < round ? n_chunks - base : round);
 }
 
 /* ---------------------------------------------------------------- scratch ---- */
