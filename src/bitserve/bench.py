@@ -204,13 +204,14 @@ def time_model(
     n_prompt: int,
     n_gen: int,
     probe: Callable[[], float] | None = None,
+    mmap: bool = False,
 ) -> tuple[BitNetModel, Timings]:
     """Load (to the first token), then ``PROMPT_RUNS`` prompts of ``n_prompt`` tokens (each
     on a fresh cache; the first one also pays one-time allocations) and ``n_gen`` greedy
     steps after the last one, in segments of ``GEN_SEGMENT`` with a ``probe`` pass (GB/s)
     before each and after the last (its time is not the generation's)."""
     start = time.perf_counter()
-    model = BitNetModel.load(path, backend=backend)
+    model = BitNetModel.load(path, backend=backend, mmap=mmap)
     head = model.weights.head
     if isinstance(backend, NativeBackend) and backend.head_mode == "int8" and head.kind == "f16":
         assert head.data is not None
@@ -280,7 +281,9 @@ def run_kernels(args: argparse.Namespace, options: dict[str, Any]) -> int:
     nan = float("nan")
     bandwidth, bw_min, bw_max = probe.measure() if probe else (nan,) * 3
     one_pass = probe.one_pass if probe else None
-    model, t = time_model(path, backend, args.prompt_tokens, args.gen_tokens, one_pass)
+    model, t = time_model(
+        path, backend, args.prompt_tokens, args.gen_tokens, one_pass, options["mmap"]
+    )
     per_token = bytes_per_token(model, backend)
     constraint = None
     if args.json_schema:
@@ -316,6 +319,7 @@ def run_kernels(args: argparse.Namespace, options: dict[str, Any]) -> int:
         "threads": threads,
         "kernel": backend.name,
         "head": args.head,
+        "weights": "mmap" if args.mmap else "resident",
         "prompt_tokens": args.prompt_tokens,
         "context_tokens": args.prompt_tokens + args.gen_tokens,
         "kv_dtype": np.dtype(KV_DTYPE).name,

@@ -234,7 +234,9 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 1
     try:
-        loaded = load_model(settings.model_path, settings.threads, settings.kernel, settings.head)
+        loaded = load_model(
+            settings.model_path, settings.threads, settings.kernel, settings.head, settings.mmap
+        )
     except (OSError, ValueError) as exc:  # a missing or malformed model file (GGUFError)
         print(f"bitserve serve: {exc}", file=sys.stderr)
         return 2

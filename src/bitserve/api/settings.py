@@ -55,6 +55,7 @@ class ServerSettings:
     threads: int | None = None
     kernel: str | None = None
     head: str = "f16"  # LM head: "f16" (the file's) or "int8" (made at load)
+    mmap: bool = False  # weights: the file's shared map, not a private huge-page copy
     ctx_size: int | None = None
     max_queue: int = DEFAULT_MAX_QUEUE
     max_batch: int = DEFAULT_MAX_BATCH

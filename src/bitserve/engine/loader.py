@@ -19,9 +19,9 @@ KERNEL_CHOICES = ("auto", "numpy", "scalar", "avx2", "avx512")
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
-    """``-t/--threads``, ``--kernel``, ``--head``: how a command runs the model (the same
-    for generate, serve and bench). :func:`runtime_options` turns them into arguments of
-    :func:`load_model`."""
+    """``-t/--threads``, ``--kernel``, ``--head``, ``--mmap``: how a command runs the model
+    (the same for generate, serve and bench). :func:`runtime_options` turns them into
+    arguments of :func:`load_model`."""
     p.add_argument(
         "-t",
         "--threads",
@@ -41,14 +41,21 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
         default="f16",
         help="LM head: the file's F16 weights, or int8 made at load (faster, logits differ)",
     )
+    p.add_argument(
+        "--mmap",
+        action="store_true",
+        help="serve the weights from the file's memory map, shared with other processes "
+        "that map it (several replicas on one host), instead of a private copy in huge "
+        "pages (the default: a few %% faster generation, one copy per process)",
+    )
 
 
 def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``threads``, ``kernel`` (``None`` for auto) and ``head`` for :func:`load_model`."""
+    """``threads``, ``kernel`` (``None`` for auto), ``head`` and ``mmap`` for :func:`load_model`."""
     if args.threads < 1:
         raise ValueError(f"threads: must be 1 or more, got {args.threads}")
     kernel = None if args.kernel == "auto" else args.kernel
-    return {"threads": args.threads, "kernel": kernel, "head": args.head}
+    return {"threads": args.threads, "kernel": kernel, "head": args.head, "mmap": args.mmap}
 
 
 class ModelFileNotFoundError(FileNotFoundError):
@@ -106,11 +113,13 @@ def load_model(
     threads: int | None = None,
     kernel: str | None = None,
     head: str = "f16",
+    mmap: bool = False,
 ) -> LoadedModel:
     """Open ``path`` (``None``: the demo model) on the kernel ``kernel`` with ``threads``
     threads (``None``: the defaults of ``bitserve.kernels.get_backend``). ``head="int8"``
     quantizes the tied head at load (half its memory traffic per token; native kernels
-    only, slightly different logits), so the first token does not pay for it.
+    only, slightly different logits), so the first token does not pay for it. ``mmap``:
+    the weights stay views of the file's map (see ``BitNetModel.load``).
 
     Raises :class:`ModelFileNotFoundError` for a missing file, ``GGUFError`` (a
     ``ValueError``) for a malformed one, ``ValueError`` for an unknown kernel.
@@ -120,7 +129,7 @@ def load_model(
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
     backend = get_backend(kernel, threads, head)
-    model = BitNetModel.load(resolved, backend=backend)
+    model = BitNetModel.load(resolved, backend=backend, mmap=mmap)
     try:
         matrix = model.weights.head
         if head == "int8" and isinstance(backend, NativeBackend) and matrix.kind == "f16":

@@ -367,6 +367,19 @@ class GGUFFile:
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 
+    def fileno(self) -> int:
+        """The open file's descriptor (for ``pread``: see ``bitserve.model.resident``)."""
+        return self._file.fileno()
+
+    def file_offset(self, arr: np.ndarray) -> int | None:
+        """Where ``arr``'s bytes start in the file, when ``arr`` is a C-contiguous view of
+        this file's map (as :meth:`raw` and :meth:`array` return them); else ``None``."""
+        if self._buf is None or not arr.flags.c_contiguous:
+            return None
+        base = np.frombuffer(self._buf, dtype=np.uint8)
+        offset = arr.ctypes.data - base.ctypes.data
+        return offset if offset >= 0 and offset + arr.nbytes <= base.size else None
+
     def close(self) -> None:
         buf = getattr(self, "_buf", None)
         if buf is not None:

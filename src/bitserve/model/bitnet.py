@@ -24,6 +24,7 @@ from bitserve.gguf.reader import GGUFFile, read_gguf
 from bitserve.kernels import Backend, get_backend
 from bitserve.model.config import ModelConfig
 from bitserve.model.kv_cache import ContextFullError, KVCache, KVMemory
+from bitserve.model.resident import resident_weights
 from bitserve.model.weights import LayerWeights, ModelWeights
 
 
@@ -134,15 +135,21 @@ class BitNetModel:
         path: str | Path,
         backend: Backend | str | None = None,
         activation: str | None = None,
+        mmap: bool = False,
     ) -> BitNetModel:
         """Open ``path`` and check every tensor; ``backend`` is an instance or a kernel name
-        (``None``: ``get_backend()``); ``activation`` overrides the file's FFN activation."""
+        (``None``: ``get_backend()``); ``activation`` overrides the file's FFN activation.
+        The weights a decode step streams are read into private huge-page memory
+        (:mod:`bitserve.model.resident`), unless ``mmap``: then they stay views of the
+        file's map, shared with every process that maps the same file."""
         if backend is None or isinstance(backend, str):
             backend = get_backend(backend)
         gguf = read_gguf(path)
         try:
             config = ModelConfig.from_gguf(gguf, activation)
             weights = ModelWeights.from_gguf(gguf, config)
+            if not mmap:
+                weights = resident_weights(weights, gguf)
         except BaseException:
             gguf.close()
             raise

@@ -1,0 +1,92 @@
+"""Resident weights (bitserve.model.resident): the streamed arrays leave the file's map for
+one arena in forward order, and the model computes the same bits either way."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bitserve.engine.loader import load_model
+from bitserve.gguf.constants import GGMLType
+from bitserve.kernels import TernaryWeight
+from bitserve.model import BitNetModel
+from bitserve.model.arch import PROJECTIONS
+from bitserve.model.fixtures import write_family_fixture
+from bitserve.model.resident import ALIGNMENT, Arena
+
+
+def streamed(model: BitNetModel) -> list[np.ndarray]:
+    """Every ternary code array in forward order, then the head's data."""
+    arrays = [getattr(layer, p).raw for layer in model.weights.layers for p in PROJECTIONS]
+    head = model.weights.head
+    assert head.data is not None
+    return [*arrays, head.data]
+
+
+def steps(model: BitNetModel, tokens: list[int]) -> np.ndarray:
+    cache = model.new_cache()
+    first = model.forward(tokens[:-3], cache, all_logits=True)
+    rest = [model.forward(tokens[i : i + 1], cache) for i in range(len(tokens) - 3, len(tokens))]
+    return np.concatenate([first, np.stack(rest)])
+
+
+def test_resident_codes_and_head_are_one_arena_in_forward_order(model_gqa2: Path) -> None:
+    with BitNetModel.load(model_gqa2) as mapped, BitNetModel.load(model_gqa2, mmap=True) as viewed:
+        arrays = streamed(mapped)
+        assert all(mapped.gguf.file_offset(a) is None for a in arrays)  # copies, not the map
+        assert all(viewed.gguf.file_offset(a) is not None for a in streamed(viewed))
+        starts = [a.ctypes.data for a in arrays]
+        assert all(s % ALIGNMENT == 0 for s in starts)
+        assert starts == sorted(starts)  # the order a decode step reads them
+        ends = [a.ctypes.data + a.nbytes for a in arrays[:-1]]
+        gaps = [b - e for e, b in zip(ends, starts[1:], strict=True)]
+        assert all(0 <= g < ALIGNMENT for g in gaps)  # back to back: one stream
+        for a, b in zip(arrays, streamed(viewed), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_resident_and_mapped_weights_give_the_same_bits(model_gqa4: Path) -> None:
+    tokens = [int(t) for t in np.random.default_rng(3).integers(0, 300, 12)]
+    with BitNetModel.load(model_gqa4) as a, BitNetModel.load(model_gqa4, mmap=True) as b:
+        np.testing.assert_array_equal(steps(a, tokens), steps(b, tokens))
+
+
+@pytest.mark.parametrize(
+    ("family", "ternary"), [("llama", GGMLType.TQ2_0), ("qwen3", GGMLType.Q2_0)]
+)
+def test_repacked_families_keep_their_copies_and_their_bits(
+    family: str, ternary: GGMLType, tmp_path: Path
+) -> None:
+    """TQ2_0/Q2_0 weights are the loader's own copies (repacked or blocked) either way, and
+    the model's outputs do not depend on the choice."""
+    path = write_family_fixture(tmp_path / f"{family}.gguf", family, ternary, seed=5)
+    tokens = [int(t) for t in np.random.default_rng(4).integers(0, 2000, 10)]
+    with BitNetModel.load(path) as a, BitNetModel.load(path, mmap=True) as b:
+        layer_a, layer_b = a.weights.layers[0], b.weights.layers[0]
+        for f in dataclasses.fields(layer_a):
+            wa, wb = getattr(layer_a, f.name), getattr(layer_b, f.name)
+            if isinstance(wa, TernaryWeight):  # repacked (one scale) or blocked: copies
+                assert a.gguf.file_offset(wa.raw) is None and b.gguf.file_offset(wb.raw) is None
+        np.testing.assert_array_equal(steps(a, tokens), steps(b, tokens))
+
+
+def test_the_arena_hands_out_aligned_pieces_and_refuses_to_overflow() -> None:
+    arena = Arena(3 * ALIGNMENT)
+    first, second = arena.take(10), arena.take(ALIGNMENT)
+    assert first.size == 10 and second.ctypes.data - first.ctypes.data == ALIGNMENT
+    assert second.ctypes.data % ALIGNMENT == 0
+    with pytest.raises(ValueError, match="arena full"):
+        arena.take(2 * ALIGNMENT)
+
+
+def test_load_model_passes_mmap_through(tmp_path: Path) -> None:
+    path = write_family_fixture(tmp_path / "b.gguf", "bitnet-b1.58", GGMLType.I2_S, seed=2)
+    loaded = load_model(path, mmap=True)
+    try:
+        head = loaded.model.weights.head.data
+        assert head is not None and loaded.model.gguf.file_offset(head) is not None
+    finally:
+        loaded.close()
