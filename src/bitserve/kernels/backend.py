@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from bitserve.kernels import reference
+from bitserve.kernels.decode import DecodeLayer, DecodePlan, DecodeShape
 from bitserve.kernels.tensors import ActQuant, EmbeddingMatrix, TernaryWeight
 
 __all__ = ["ActQuant", "Backend", "EmbeddingMatrix", "NumpyBackend", "TernaryWeight", "storing"]
@@ -48,6 +49,21 @@ class Backend(ABC):
         """:meth:`bitlinear` of one input by several weights (q/k/v, gate/up): the same bits
         as separate calls; native backends quantize ``x`` once and run one task."""
         return [self.bitlinear(x, w) for w in weights]
+
+    def decode_plan(self, layers: Sequence[DecodeLayer], shape: DecodeShape) -> DecodePlan | None:
+        """The model's blocks for :meth:`decode_token`, or ``None`` where this backend runs
+        the blocks one kernel at a time (numpy: the oracle's own order is the forward)."""
+        return None
+
+    def decode_token(
+        self, plan: DecodePlan, x: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int,
+        cos: np.ndarray, sin: np.ndarray,
+    ) -> None:  # fmt: skip
+        """One token of one sequence through every block of ``plan``, in place: ``x
+        [1, dim]`` (its embedding) becomes the residual stream after the last block; its
+        keys/values go to position ``pos`` of the cache ``k``/``v`` ``[n_layers, max_seq,
+        KVH, D]``; ``cos``/``sin`` ``[D/2]``: ``pos``'s RoPE angles."""
+        raise NotImplementedError(f"the {self.name} backend has no decode step")
 
     @abstractmethod
     def head(self, x: np.ndarray, embedding: HeadInput) -> np.ndarray:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from bitserve.kernels.backend import Backend, HeadInput, as_matrix, storing
+from bitserve.kernels.decode import DecodeLayer, DecodePlan, DecodeShape
 from bitserve.kernels.tensors import ActQuant, TernaryWeight
 
 try:
@@ -236,6 +237,28 @@ class NativeBackend(Backend):
             new = _f32(k_new), _f32(v_new)
             self._pool.attention_decode(q, ks, vs, out, self._impl, *new)
         return out
+
+    def decode_plan(self, layers: Sequence[DecodeLayer], shape: DecodeShape) -> DecodePlan:
+        return DecodePlan(layers, shape)
+
+    def decode_token(
+        self, plan: DecodePlan, x: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int,
+        cos: np.ndarray, sin: np.ndarray,
+    ) -> None:  # fmt: skip
+        s = plan.shape
+        self._pool.decode_token(
+            plan.table,
+            plan.shape_fields,
+            float(s.eps),
+            float(s.residual_scale),
+            x,
+            k,
+            v,
+            int(pos),
+            _f32(cos),
+            _f32(sin),
+            self._impl,
+        )
 
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)

@@ -22,6 +22,8 @@ import numpy as np
 
 from bitserve.gguf.reader import GGUFFile, read_gguf
 from bitserve.kernels import Backend, get_backend
+from bitserve.kernels.decode import DecodeLayer, DecodeShape
+from bitserve.model.arch import PROJECTIONS
 from bitserve.model.config import ModelConfig
 from bitserve.model.kv_cache import ContextFullError, KVCache, KVMemory
 from bitserve.model.resident import resident_weights
@@ -128,6 +130,10 @@ class BitNetModel:
         self.gated = backend.relu2_mul if config.activation == "relu2" else backend.silu_mul
         # cos/sin: [positions used so far, head_dim/2], shared by every layer and every cache
         self.rope = RopeTables(config.head_dim, config.rope_theta, config.context_length)
+        # one token of one sequence: every block in one native call (None: block by block)
+        self.decode_plan = backend.decode_plan(
+            [decode_layer(layer) for layer in weights.layers], decode_shape(config)
+        )
 
     @classmethod
     def load(
@@ -233,7 +239,15 @@ class BitNetModel:
         x = self.weights.token_embd.rows(step.ids)  # x: [ΣT, dim] float32
         if c.embedding_scale != 1.0:  # MiniCPM
             x *= np.float32(c.embedding_scale)
-        for i, layer in enumerate(self.weights.layers):
+        if self.decode_plan is not None and len(step.ids) == 1:  # one token, one sequence
+            cache = items[0].cache
+            self.backend.decode_token(
+                self.decode_plan, x, cache.k, cache.v, cache.length, step.cos[0], step.sin[0]
+            )
+            layers: Sequence[LayerWeights] = ()  # done: the same bits as the loop below
+        else:
+            layers = self.weights.layers
+        for i, layer in enumerate(layers):
             if c.residual_scale == 1.0:
                 x += self._attention(i, layer, x, step)
                 x += self._feed_forward(layer, x)
@@ -338,3 +352,18 @@ class BitNetModel:
         cache.check_room(n_new)
         if cache.length + n_new > c.context_length:
             raise ContextFullError(cache.length, n_new, c.context_length)
+
+
+def decode_layer(layer: LayerWeights) -> DecodeLayer:
+    """``layer`` as the native decode step reads it."""
+    norms = (layer.attn_norm, layer.attn_sub_norm, layer.ffn_norm, layer.ffn_sub_norm,
+             layer.attn_q_norm, layer.attn_k_norm)  # fmt: skip
+    return DecodeLayer(norms, tuple(getattr(layer, p) for p in PROJECTIONS))
+
+
+def decode_shape(c: ModelConfig) -> DecodeShape:
+    return DecodeShape(
+        n_layers=c.n_layers, dim=c.dim, q_dim=c.q_dim, kv_dim=c.kv_dim, n_heads=c.n_heads,
+        n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, ffn_dim=c.ffn_dim, eps=c.norm_eps,
+        residual_scale=c.residual_scale, silu=c.activation != "relu2",
+    )  # fmt: skip

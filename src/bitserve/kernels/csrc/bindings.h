@@ -92,6 +92,9 @@ PyObject *py_bitlinear_blocked(PoolObject *self, PyObject *args);
 PyObject *py_bitlinear_many(PoolObject *self, PyObject *args);
 PyObject *py_bitlinear_blocked_many(PoolObject *self, PyObject *args);
 
+/* module_decode.c: one token of one sequence through every block (Pool method) */
+PyObject *py_decode_token(PoolObject *self, PyObject *args);
+
 /* module_repack.c: load-time repacking (module functions) */
 PyObject *py_repack_blocked(PyObject *mod, PyObject *args);
 PyObject *py_ternary_scan(PyObject *mod, PyObject *args);

@@ -466,6 +466,8 @@ static PyMethodDef pool_methods[] = {
     {"attention_decode", (PyCFunction)py_attention_decode, METH_VARARGS,
      "attention_decode(q, k_caches, v_caches, out, impl[, k_new, v_new]): one new token per sequence"},
     {"read_memory", (PyCFunction)py_read_memory, METH_VARARGS, "read_memory(buffer, impl) -> checksum"},
+    {"decode_token", (PyCFunction)py_decode_token, METH_VARARGS,
+     "decode_token(table, shape, eps, residual_scale, x, k_cache, v_cache, pos, cos, sin, impl): every block"},
     {"rmsnorm", (PyCFunction)py_rmsnorm, METH_VARARGS, "rmsnorm(x, weight, eps, out, impl)"},
     {"relu2_mul", (PyCFunction)py_relu2_mul, METH_VARARGS, "relu2_mul(gate, up, out, impl)"},
     {"silu_mul", (PyCFunction)py_silu_mul, METH_VARARGS, "silu_mul(gate, up, out, impl): SwiGLU"},

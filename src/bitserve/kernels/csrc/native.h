@@ -9,8 +9,10 @@
  *   head.c       the tied LM head (F16/F32 and int8 embeddings) and the memory-read probe
  *   attention.c  causal GQA attention over the KV cache
  *   elementwise.c  RMSNorm and the squared-ReLU gate, row by row
+ *   decode.c     one token of one sequence through every block (the kernels above, in order)
  *   module.c     the Python bindings: buffer checks, GIL release, dispatch (bindings.h;
- *                module_matmul.c the matmuls, module_repack.c the load-time repacking)
+ *                module_matmul.c the matmuls, module_repack.c the load-time repacking,
+ *                module_decode.c the decode step)
  *
  * Every kernel has a portable scalar path and an AVX2/FMA/F16C path compiled with target
  * attributes (never -march=native), so one build runs on any x86-64 (and non-x86) machine;
@@ -236,6 +238,45 @@ void rope_rows(const float *x, size_t n_tokens, size_t n_heads, size_t head_dim,
 /* Store n floats at dst, a KV cache's f32 or (f16) IEEE binary16 rows, the latter rounded to
  * nearest even exactly as numpy's astype(float16) (signalling NaNs aside: made quiet) */
 void store_kv_rows(KernelImpl impl, void *dst, int f16, const float *src, size_t n);
+
+/* ---------------------------------------------------------------- decode step (decode.c) ---- */
+
+/* A projection: I2_S (scales NULL; scale = the tensor scale) or block-scaled (scale = the
+ * output scale, gps groups per super-block, block32 the activation mode) */
+typedef struct {
+    const uint8_t *codes;
+    const uint16_t *scales;
+    size_t n_out;
+    float scale;
+    int gps, block32;
+} DecodeWeight;
+
+/* One block: norm weights (f32; NULL where the family has none) and the projections in the
+ * order q, k, v, o, gate, up, down */
+typedef struct {
+    const float *attn_norm, *attn_sub_norm, *ffn_norm, *ffn_sub_norm, *q_norm, *k_norm;
+    DecodeWeight w[7];
+} DecodeLayer;
+
+typedef struct {
+    size_t n_layers, dim, q_dim, kv_dim, n_heads, n_kv_heads, head_dim, ffn_dim;
+    double eps;
+    float residual_scale;
+    int silu; /* SwiGLU, else squared ReLU */
+} DecodeShape;
+
+/* A KV cache [n_layers, max_seq, KVH, D] (f32, or f16), strides in elements */
+typedef struct {
+    void *k, *v;
+    int f16;
+    size_t layer_stride, pos_stride, head_stride;
+} DecodeCache;
+
+/* x [dim] (the token's embedding) → the residual stream after the last block; its keys and
+ * values stored at position pos of every layer (cos/sin [D/2]: pos's RoPE angles). 0 or
+ * ENOMEM. The caller holds pool_lock. */
+int decode_token(Pool *pool, KernelImpl impl, const DecodeShape *s, const DecodeLayer *layers, float *x,
+                 const DecodeCache *c, size_t pos, const float *cos_t, const float *sin_t);
 
 /* portable half → float (IEEE binary16), used by the scalar paths */
 float half_to_float(uint16_t h);
