@@ -10,7 +10,10 @@ process): a decode step 3-5% faster; Falcon's and Bonsai's block-scaled weights 
 repacked copies in numpy arrays already, which numpy itself puts on huge pages.
 
 The bytes are read with ``pread`` straight into the arena, so the file's pages are never
-mapped into the process (its resident size is the arena, not the arena and the map).
+mapped into the process (its resident size is the arena, not the arena and the map), by
+several threads: most of a load is the first touch of the arena's fresh pages (on the
+project's VM, 1.2 GB took 4.1 s from one thread, 1.7 s from two; 0.25 s once the memory
+had been used).
 The price: the copy is private, so processes serving the same file no longer share it
 through the page cache; ``--mmap`` keeps the map for that case.
 """
@@ -21,6 +24,7 @@ import dataclasses
 import mmap
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -32,7 +36,8 @@ from bitserve.model.weights import LayerWeights, ModelWeights
 
 HUGE_PAGE = 2 << 20
 ALIGNMENT = 64  # each array starts on a cache line
-READ_PIECE = 64 << 20  # pread in pieces (Linux reads at most ~2 GB per call)
+READ_PIECE = 16 << 20  # pread in pieces (Linux reads at most ~2 GB per call)
+READ_THREADS = min(4, os.cpu_count() or 1)  # first touches of fresh pages, in parallel
 
 
 class Arena:
@@ -67,10 +72,16 @@ def resident_weights(weights: ModelWeights, gguf: GGUFFile) -> ModelWeights:
         return weights
     arena = Arena(sum(-(-a.nbytes // ALIGNMENT) * ALIGNMENT for a in mapped))
     copies: dict[int, np.ndarray] = {}
+    reads: list[tuple[int, memoryview]] = []  # (file offset, destination) pieces
     for a in mapped:
         piece = arena.take(a.nbytes)
-        _pread_into(gguf, a, piece)
+        offset = gguf.file_offset(a)
+        assert offset is not None
+        out = piece.data
+        reads += [(offset + lo, out[lo : lo + READ_PIECE]) for lo in range(0, a.nbytes, READ_PIECE)]
         copies[id(a)] = piece.view(a.dtype).reshape(a.shape)
+    with ThreadPoolExecutor(READ_THREADS) as pool:  # faulting the pages in is most of it
+        list(pool.map(lambda r: _pread(gguf, *r), reads))
 
     def moved(a: np.ndarray) -> np.ndarray:
         return copies.get(id(a), a)
@@ -119,15 +130,11 @@ def _ternary_arrays(w: TernaryWeight) -> Iterator[np.ndarray]:
         yield w.scales
 
 
-def _pread_into(gguf: GGUFFile, view: np.ndarray, dest: np.ndarray) -> None:
-    """The file bytes under ``view`` (a view of the map) into ``dest``, by ``pread``."""
-    offset = gguf.file_offset(view)
-    assert offset is not None
-    out = dest.data
-    fd = gguf.fileno()
+def _pread(gguf: GGUFFile, offset: int, dest: memoryview) -> None:
+    """``len(dest)`` bytes of ``gguf``'s file from ``offset`` into ``dest``."""
     done = 0
-    while done < dest.size:
-        n = os.preadv(fd, [out[done : done + READ_PIECE]], offset + done)
+    while done < len(dest):
+        n = os.preadv(gguf.fileno(), [dest[done:]], offset + done)
         if n <= 0:
             raise OSError(f"{gguf.path}: short read at byte {offset + done}")
         done += n
