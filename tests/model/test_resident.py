@@ -4,6 +4,7 @@ one arena in forward order, and the model computes the same bits either way."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,28 @@ def test_load_model_passes_mmap_through(tmp_path: Path) -> None:
         assert head is not None and loaded.model.gguf.file_offset(head) is not None
     finally:
         loaded.close()
+
+
+def mapped_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (``/proc/self/smaps``)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+def test_repacked_tensors_leave_no_file_pages_mapped(tmp_path: Path) -> None:
+    """A repacked tensor's file pages are unmapped once copied (GGUFFile.release): the
+    process's resident memory is the model once, not the model and the file's pages."""
+    path = write_family_fixture(tmp_path / "f.gguf", "llama", GGMLType.TQ2_0, seed=1)
+    with BitNetModel.load(path) as model:
+        ternary = sum(
+            i.nbytes for i in model.gguf.tensors.values() if i.ggml_type == GGMLType.TQ2_0
+        )
+        assert ternary > 512 * 1024  # the fixture's TQ2_0 tensors: ~1 MB, all read to repack
+        assert mapped_kib(path) * 1024 < ternary / 4  # metadata and 4 KB samples only
+        model.forward([1, 2, 3], model.new_cache())  # released pages were copies: unused

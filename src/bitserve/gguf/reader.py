@@ -371,6 +371,19 @@ class GGUFFile:
         """The open file's descriptor (for ``pread``: see ``bitserve.model.resident``)."""
         return self._file.fileno()
 
+    def release(self, arr: np.ndarray) -> None:
+        """Unmap the whole pages under ``arr``, a view of this file's map whose bytes were
+        copied (repacked at load): they stay in the page cache and fault back in if read
+        again, but stop counting in this process's resident memory, where they doubled a
+        repacked model's size (Falcon3-7B TQ2_0: 4.1 GB resident for 2.5 GB of weights)."""
+        offset = self.file_offset(arr)
+        if offset is None or self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start, end = -(-offset // page) * page, (offset + arr.nbytes) // page * page
+        if end > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def file_offset(self, arr: np.ndarray) -> int | None:
         """Where ``arr``'s bytes start in the file, when ``arr`` is a C-contiguous view of
         this file's map (as :meth:`raw` and :meth:`array` return them); else ``None``."""

@@ -142,7 +142,8 @@ class TernaryWeight:
             scale = i2s_scale(raw, n_out, n_in)
             if order is not None:
                 codes = raw[: n_out * n_in // 4].reshape(n_out, n_in // 4)[order]
-                raw = np.concatenate([codes.reshape(-1), raw[n_out * n_in // 4 :]])
+                gguf.release(view := raw)
+                raw = np.concatenate([codes.reshape(-1), view[n_out * n_in // 4 :]])
             return cls(raw, n_out, n_in, scale, source=gtype)
         if _native is None:
             return cls._from_raw_numpy(raw, gtype, n_out, n_in, gguf.q2_0_block, order, act)
@@ -155,12 +156,14 @@ class TernaryWeight:
                 out[n_out * n_in // 4 :] = pack_i2s(np.zeros((1, 128), np.int8), scale)[
                     -I2S_SCALE_PAD:
                 ]
+                gguf.release(raw)  # copied: the file's pages need not stay mapped
                 return cls(out, n_out, n_in, scale, source=gtype)
         block = gguf.q2_0_block if gtype == GGMLType.Q2_0 else 256
         n_super = -(-n_in // SUPER_BLOCK)
         codes = np.empty((n_out, n_super * SUPER_BYTES), dtype=np.uint8)
         scales = np.empty((n_out, n_super * SUPER_BLOCK // block), dtype=np.float16)
         _native.repack_blocked(raw, int(gtype), block, n_out, n_in, order, codes, scales)
+        gguf.release(raw)
         return cls(codes, n_out, n_in, 1.0, scales, block, act, gtype)
 
     @classmethod
