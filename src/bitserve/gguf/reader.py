@@ -382,7 +382,8 @@ class GGUFFile:
         page = mmap.PAGESIZE
         start, end = -(-offset // page) * page, (offset + arr.nbytes) // page * page
         if end > start:
-            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+            with contextlib.suppress(OSError):  # only a hint: the pages stay mapped
+                self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def file_offset(self, arr: np.ndarray) -> int | None:
         """Where ``arr``'s bytes start in the file, when ``arr`` is a C-contiguous view of

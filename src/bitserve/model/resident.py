@@ -20,6 +20,7 @@ through the page cache; ``--mmap`` keeps the map for that case.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import mmap
 import os
@@ -47,7 +48,8 @@ class Arena:
     def __init__(self, nbytes: int) -> None:
         self._map = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_HUGEPAGE"):  # before the first touch: faults take 2 MB pages
-            self._map.madvise(mmap.MADV_HUGEPAGE)
+            with contextlib.suppress(OSError):  # a kernel without THP: 4 KB pages, still one run
+                self._map.madvise(mmap.MADV_HUGEPAGE)
         whole = np.frombuffer(self._map, dtype=np.uint8)
         start = -whole.ctypes.data % HUGE_PAGE
         self._bytes = whole[start : start + nbytes]
