@@ -12,7 +12,7 @@ import pytest
 
 from bitserve.gguf.constants import GGMLType
 from bitserve.kernels import NativeBackend, NumpyBackend, available_kernels
-from bitserve.kernels.decode import DecodePlan
+from bitserve.kernels.decode import DecodePlan, DecodeShape
 from bitserve.model import BitNetModel
 from bitserve.model.bitnet import BatchItem, decode_layer
 from bitserve.model.fixtures import FAMILIES, write_family_fixture
@@ -108,3 +108,22 @@ def test_the_plan_refuses_what_the_step_cannot_read(tmp_path: Path) -> None:
             model.backend.decode_token(plan, x, cache.k, cache.v, cache.max_seq, cos, cos)
         with pytest.raises(ValueError, match="x: axis 1"):
             model.backend.decode_token(plan, x[:, :-1], cache.k, cache.v, 0, cos, cos)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"q_dim": 100}, "heads times head_dim"),
+        ({"n_kv_heads": 3, "kv_dim": 3 * 64}, "multiple of n_kv_heads"),
+        ({"head_dim": 63, "q_dim": 4 * 63, "kv_dim": 2 * 63}, "head_dim even"),
+        ({"ffn_dim": 0}, "positive"),
+    ],
+)
+def test_an_inconsistent_shape_is_refused_before_any_c_runs(
+    change: dict[str, int], message: str
+) -> None:
+    shape = dict(n_layers=1, dim=256, q_dim=256, kv_dim=128, n_heads=4, n_kv_heads=2,
+                 head_dim=64, ffn_dim=512, eps=1e-5)  # fmt: skip
+    DecodeShape(**shape)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=message):
+        DecodeShape(**{**shape, **change})  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ import pytest
 
 from bitserve.engine.loader import load_model
 from bitserve.gguf.constants import GGMLType
-from bitserve.kernels import TernaryWeight
+from bitserve.kernels import NativeBackend, TernaryWeight, available_kernels
 from bitserve.model import BitNetModel
 from bitserve.model.arch import PROJECTIONS
 from bitserve.model.fixtures import write_family_fixture
@@ -116,3 +116,31 @@ def test_repacked_tensors_leave_no_file_pages_mapped(tmp_path: Path) -> None:
         assert ternary > 512 * 1024  # the fixture's TQ2_0 tensors: ~1 MB, all read to repack
         assert mapped_kib(path) * 1024 < ternary / 4  # metadata and 4 KB samples only
         model.forward([1, 2, 3], model.new_cache())  # released pages were copies: unused
+
+
+def test_an_int8_head_leaves_the_f16_head_in_the_map(tmp_path: Path) -> None:
+    """With ``--head int8`` the head kernel reads the int8 copy; the F16 embedding is then
+    only read a row at a time, so it is not copied (it stays shared page cache)."""
+    path = write_family_fixture(tmp_path / "b.gguf", "bitnet-b1.58", GGMLType.I2_S, seed=2)
+    backend = NativeBackend(available_kernels()[0], head="int8")
+    with BitNetModel.load(path, backend=backend) as model:
+        head = model.weights.head.data
+        assert head is not None and model.gguf.file_offset(head) is not None
+        assert model.gguf.file_offset(model.weights.layers[0].attn_q.raw) is None
+
+
+def open_files(path: Path) -> int:
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if fd.exists() and fd.resolve() == path.resolve())
+
+
+def test_a_model_that_fails_to_build_closes_its_file(tmp_path: Path) -> None:
+    path = write_family_fixture(tmp_path / "b.gguf", "bitnet-b1.58", GGMLType.I2_S, seed=2)
+
+    class Refusing(NativeBackend):
+        def decode_plan(self, layers: object, shape: object) -> None:  # type: ignore[override]
+            raise ValueError("refused")
+
+    with pytest.raises(ValueError, match="refused"):
+        BitNetModel.load(path, backend=Refusing(available_kernels()[0]))
+    assert open_files(path) == 0

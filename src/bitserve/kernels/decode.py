@@ -7,7 +7,9 @@ addresses the C step walks (:meth:`NativeBackend.decode_token`), running the sam
 the same order: the same bits as the Python forward.
 
 The table holds raw addresses, so the plan keeps every array it points into alive and checks
-each one (dtype, contiguity, shape) here, where a mistake is a ``ValueError``, not a crash.
+each one (dtype, contiguity, shape), and the shape's sizes against each other, here, where a
+mistake is a ``ValueError``, not a crash: ``Pool.decode_token`` trusts a table it is given
+and is private to :meth:`NativeBackend.decode_token`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,19 @@ class DecodeShape:
     eps: float
     residual_scale: float = 1.0
     silu: bool = False  # SwiGLU, else squared ReLU
+
+    def __post_init__(self) -> None:
+        """The C step sizes its buffers from these: an inconsistent shape must fail here."""
+        sizes = (self.n_layers, self.dim, self.n_heads, self.n_kv_heads, self.head_dim)
+        if min(sizes) < 1 or self.ffn_dim < 1 or self.head_dim % 2:
+            raise ValueError(f"decode shape {self}: sizes must be positive, head_dim even")
+        if (
+            self.q_dim != self.n_heads * self.head_dim
+            or self.kv_dim != self.n_kv_heads * self.head_dim
+        ):
+            raise ValueError(f"decode shape {self}: q_dim/kv_dim must be heads times head_dim")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"decode shape {self}: n_heads must be a multiple of n_kv_heads")
 
     def fields(self) -> np.ndarray:
         """The integers of ``module_decode.c``'s shape array, in its order."""
@@ -74,6 +89,8 @@ class DecodePlan:
         for row, layer in zip(self.table, layers, strict=True):
             if len(layer.norms) != NORMS or len(layer.projections) != PROJECTIONS:
                 raise ValueError(f"a layer needs {NORMS} norms and {PROJECTIONS} projections")
+            if layer.norms[0] is None or layer.norms[2] is None:
+                raise ValueError("a layer needs its attn_norm and ffn_norm")
             for i, (norm, width) in enumerate(zip(layer.norms, widths, strict=True)):
                 if norm is not None:
                     row[i] = self._address(np.asarray(norm), np.float32, (width,))

@@ -142,8 +142,9 @@ class TernaryWeight:
             scale = i2s_scale(raw, n_out, n_in)
             if order is not None:
                 codes = raw[: n_out * n_in // 4].reshape(n_out, n_in // 4)[order]
-                gguf.release(view := raw)
-                raw = np.concatenate([codes.reshape(-1), view[n_out * n_in // 4 :]])
+                copied = np.concatenate([codes.reshape(-1), raw[n_out * n_in // 4 :]])
+                gguf.release(raw)
+                raw = copied
             return cls(raw, n_out, n_in, scale, source=gtype)
         if _native is None:
             return cls._from_raw_numpy(raw, gtype, n_out, n_in, gguf.q2_0_block, order, act)

@@ -154,12 +154,13 @@ class BitNetModel:
         try:
             config = ModelConfig.from_gguf(gguf, activation)
             weights = ModelWeights.from_gguf(gguf, config)
-            if not mmap:
-                weights = resident_weights(weights, gguf)
+            if not mmap:  # an int8 head is made from the F16 one: only its rows are read after
+                int8_head = getattr(backend, "head_mode", "f16") == "int8"
+                weights = resident_weights(weights, gguf, head=not int8_head)
+            return cls(gguf, config, weights, backend)
         except BaseException:
             gguf.close()
             raise
-        return cls(gguf, config, weights, backend)
 
     def close(self) -> None:
         """Close the file; the model must not be used afterwards."""

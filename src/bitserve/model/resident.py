@@ -65,11 +65,11 @@ class Arena:
         return piece
 
 
-def resident_weights(weights: ModelWeights, gguf: GGUFFile) -> ModelWeights:
+def resident_weights(weights: ModelWeights, gguf: GGUFFile, head: bool = True) -> ModelWeights:
     """``weights`` with every streamed array that is a view of ``gguf``'s map (I2_S codes,
-    float heads) replaced by a copy in one :class:`Arena`, in forward order; arrays the
-    loader already copied (repacked, dequantized) stay where they are."""
-    mapped = [a for a in _streamed(weights) if gguf.file_offset(a) is not None]
+    float heads unless not ``head``) replaced by a copy in one :class:`Arena`, in forward
+    order; arrays the loader already copied (repacked, dequantized) stay where they are."""
+    mapped = [a for a in _streamed(weights, head) if gguf.file_offset(a) is not None]
     if not mapped:
         return weights
     arena = Arena(sum(-(-a.nbytes // ALIGNMENT) * ALIGNMENT for a in mapped))
@@ -113,17 +113,28 @@ def resident_weights(weights: ModelWeights, gguf: GGUFFile) -> ModelWeights:
     )
 
 
-def _streamed(weights: ModelWeights) -> Iterator[np.ndarray]:
-    """The arrays one decode step reads in full, in the order it reads them."""
+def _streamed(weights: ModelWeights, head: bool) -> Iterator[np.ndarray]:
+    """The arrays one decode step reads in full, in the order it reads them (the head's
+    last, if ``head``), each once."""
+    seen: set[int] = set()
     for lw in weights.layers:
         for p in PROJECTIONS:
             w: TernaryWeight = getattr(lw, p)
-            yield from _ternary_arrays(w)
-    head = weights.head
-    if head.ternary is not None:
-        yield from _ternary_arrays(head.ternary)
-    elif head.data is not None:
-        yield head.data
+            yield from _once(_ternary_arrays(w), seen)
+    matrix = weights.head
+    if not head:
+        return
+    if matrix.ternary is not None:
+        yield from _once(_ternary_arrays(matrix.ternary), seen)
+    elif matrix.data is not None:
+        yield from _once(iter([matrix.data]), seen)
+
+
+def _once(arrays: Iterator[np.ndarray], seen: set[int]) -> Iterator[np.ndarray]:
+    for a in arrays:
+        if id(a) not in seen:
+            seen.add(id(a))
+            yield a
 
 
 def _ternary_arrays(w: TernaryWeight) -> Iterator[np.ndarray]:

@@ -6,7 +6,7 @@
  * order on the same values, so the result is the Python forward's (BitNetModel._hidden) bit
  * for bit, which tests/model/test_decode_step.py checks on every family's fixture.
  *
- * The model is a table the Python side builds once (bitserve.kernels.native.DecodePlan):
+ * The model is a table the Python side builds once (bitserve.kernels.decode.DecodePlan):
  * per block the norm weights (NULL when the family has none) and the seven projections,
  * I2_S or block-scaled, each with its own layout, so a block that mixes them still runs.
  */
@@ -54,12 +54,17 @@ static int run_group(Pool *pool, KernelImpl impl, const DecodeWeight *w, int n, 
     return 0;
 }
 
-/* x += branch, or x += branch · s (MiniCPM): two roundings, as numpy's x += b * s */
+/* x += branch, or x += branch · s (MiniCPM): two roundings, as numpy's x += b * s (never
+ * one FMA: the build passes -ffp-contract=off, and the product is its own statement) */
 static void residual(float *x, const float *branch, size_t n, float s) {
-    if (s == 1.0f)
+    if (s == 1.0f) {
         for (size_t i = 0; i < n; i++) x[i] = x[i] + branch[i];
-    else
-        for (size_t i = 0; i < n; i++) x[i] = x[i] + branch[i] * s;
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        float scaled = branch[i] * s;
+        x[i] = x[i] + scaled;
+    }
 }
 
 /* scratch of one token: h [dim], q/qn/qr and att/an [q_dim], k/kn/kr and v [kv_dim], o [dim],
@@ -68,24 +73,29 @@ typedef struct {
     float *h, *q, *qn, *qr, *k, *kn, *kr, *v, *att, *an, *o, *gate, *up, *f, *fn;
 } Scratch;
 
-static float *carve(float **at, size_t n) {
-    float *p = *at;
-    *at += (n + 15) / 16 * 16; /* 64-byte aligned pieces */
+/* the next n floats of *at (NULL: only count them in *at), 64-byte aligned pieces */
+static float *carve(float *base, size_t *at, size_t n) {
+    float *p = base ? base + *at : NULL;
+    *at += (n + 15) / 16 * 16;
     return p;
 }
 
+/* lays the pieces out over base (NULL: only sizes them); returns the floats used */
+static size_t lay_out(const DecodeShape *s, float *base, Scratch *b) {
+    size_t at = 0;
+    b->h = carve(base, &at, s->dim), b->o = carve(base, &at, s->dim);
+    b->q = carve(base, &at, s->q_dim), b->qn = carve(base, &at, s->q_dim), b->qr = carve(base, &at, s->q_dim);
+    b->att = carve(base, &at, s->q_dim), b->an = carve(base, &at, s->q_dim);
+    b->k = carve(base, &at, s->kv_dim), b->kn = carve(base, &at, s->kv_dim), b->kr = carve(base, &at, s->kv_dim);
+    b->v = carve(base, &at, s->kv_dim);
+    b->gate = carve(base, &at, s->ffn_dim), b->up = carve(base, &at, s->ffn_dim);
+    b->f = carve(base, &at, s->ffn_dim), b->fn = carve(base, &at, s->ffn_dim);
+    return at;
+}
+
 static float *alloc_scratch(const DecodeShape *s, Scratch *b) {
-    size_t total = 0, sizes[] = {s->dim, s->q_dim, s->kv_dim, s->ffn_dim};
-    total = 2 * (sizes[0] + 15) + 5 * (sizes[1] + 15) + 4 * (sizes[2] + 15) + 4 * (sizes[3] + 15);
-    float *mem = aligned_alloc(64, (total * sizeof(float) + 63) / 64 * 64), *at = mem;
-    if (!mem) return NULL;
-    b->h = carve(&at, s->dim), b->o = carve(&at, s->dim);
-    b->q = carve(&at, s->q_dim), b->qn = carve(&at, s->q_dim), b->qr = carve(&at, s->q_dim);
-    b->att = carve(&at, s->q_dim), b->an = carve(&at, s->q_dim);
-    b->k = carve(&at, s->kv_dim), b->kn = carve(&at, s->kv_dim), b->kr = carve(&at, s->kv_dim);
-    b->v = carve(&at, s->kv_dim);
-    b->gate = carve(&at, s->ffn_dim), b->up = carve(&at, s->ffn_dim);
-    b->f = carve(&at, s->ffn_dim), b->fn = carve(&at, s->ffn_dim);
+    float *mem = aligned_alloc(64, lay_out(s, NULL, b) * sizeof(float));
+    if (mem) lay_out(s, mem, b);
     return mem;
 }
 

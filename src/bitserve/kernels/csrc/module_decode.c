@@ -1,7 +1,8 @@
 /* Python binding of decode_token (decode.c): the Pool method decode_token, listed in
  * module.c. The checks and GIL handling of module.c's header comment apply to the arrays
- * passed in; the plan's table holds addresses, which bitserve.kernels.native.DecodePlan
- * takes from arrays it keeps alive and checked when it built the table. */
+ * passed in; the plan's table holds addresses, which bitserve.kernels.decode.DecodePlan
+ * takes from arrays it keeps alive and checked when it built the table (this method trusts
+ * the table: it is private to NativeBackend.decode_token). */
 #include "bindings.h"
 
 #define PLAN_NORMS 6
@@ -23,8 +24,8 @@ static void plan_layer(const int64_t *row, DecodeLayer *L) {
     }
 }
 
-/* k_cache/v_cache: [n_layers, max_seq, KVH, D] float32 or float16, D contiguous, both laid out
- * alike; fills c (but the pointers' dtype check against each other) */
+/* k_cache/v_cache: [n_layers, max_seq, KVH, D] float32 or float16, D contiguous; fills c's
+ * dtype and strides (the caller checks that k and v agree and sets the pointers) */
 static Py_buffer *take_kv(Views *v, PyObject *obj, const char *name, const int64_t *shape, DecodeCache *c) {
     Py_buffer *b = &v->views[v->n];
     if (PyObject_GetBuffer(obj, b, PyBUF_STRIDES | PyBUF_FORMAT | PyBUF_WRITABLE) < 0) return NULL;
@@ -104,7 +105,8 @@ PyObject *py_decode_token(PoolObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
     err = decode_token(&self->pool, (KernelImpl)impl, &s, layers, x->buf, &kc, (size_t)pos, cos->buf, sin->buf);
     pool_unlock(&self->pool);
-    Py_END_ALLOW_THREADS PyMem_RawFree(layers);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(layers);
     if (err) return no_memory(&v);
     release_views(&v);
     Py_RETURN_NONE;
