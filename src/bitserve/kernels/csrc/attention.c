@@ -668,3 +668,13 @@ void attention_decode(Pool *pool, KernelImpl impl, const AttentionArgs *items, s
     AttentionTask task = {impl, NULL, pool->scores, max_s * ATTENTION_GROUP, per_chunk, items, per_item};
     pool_run(pool, decode_batch_chunk, &task, (int)(n_items * per_item));
 }
+
+/* src [n, KVH, D] f32 → positions start..start+n-1 of the cache `dst` laid out as in a */
+void store_new_rows(KernelImpl impl, void *dst, const AttentionArgs *a, const float *src, size_t start,
+                    size_t n) {
+    size_t elt = a->kv_f16 ? 2 : 4, d = a->head_dim;
+    for (size_t t = 0; t < n; t++)
+        for (size_t h = 0; h < a->n_kv_heads; h++)
+            store_kv_rows(impl, (char *)dst + ((start + t) * a->pos_stride + h * a->head_stride) * elt,
+                          a->kv_f16, src + (t * a->n_kv_heads + h) * d, d);
+}

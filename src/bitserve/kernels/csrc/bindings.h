@@ -59,6 +59,32 @@ static inline Py_buffer *take(Views *v, PyObject *obj, const char *name, const c
     return b;
 }
 
+/* A K or V cache of ndim axes, float32 or float16, the last (a head's D values) contiguous
+ * and the others at any nonnegative strides (a KVCache is head-major in memory): [S, KVH, D]
+ * for attention, [n_layers, S, KVH, D] for the decode step. strides[0..ndim-2] in elements,
+ * 0 for an axis 1 long (never stepped along). 0, or -1 with an error. */
+static inline int cache_strides(const Py_buffer *b, const char *name, int ndim, size_t *strides) {
+    char code = format_code(b);
+    if ((code != 'f' && code != 'e') || b->itemsize != (code == 'e' ? 2 : 4) || b->ndim != ndim) {
+        PyErr_Format(PyExc_TypeError, "%s: a %d-D float32 or float16 array is needed", name, ndim);
+        return -1;
+    }
+    Py_ssize_t elt = b->itemsize;
+    for (int axis = 0; axis < ndim - 1; axis++) {
+        Py_ssize_t step = b->shape[axis] > 1 ? b->strides[axis] : 0; /* unused when 1 long */
+        if (step < 0 || step % elt) {
+            PyErr_Format(PyExc_ValueError, "%s: axis %d has stride %zd bytes", name, axis, step);
+            return -1;
+        }
+        strides[axis] = (size_t)(step / elt);
+    }
+    if (b->shape[ndim - 1] > 1 && b->strides[ndim - 1] != elt) {
+        PyErr_Format(PyExc_ValueError, "%s: each head's values must be contiguous", name);
+        return -1;
+    }
+    return 0;
+}
+
 static inline int check_dim(const char *name, int axis, Py_ssize_t got, Py_ssize_t want) {
     if (got == want) return 0;
     PyErr_Format(PyExc_ValueError, "%s: axis %d is %zd, expected %zd", name, axis, got, want);

@@ -99,15 +99,6 @@ static float *alloc_scratch(const DecodeShape *s, Scratch *b) {
     return mem;
 }
 
-/* kv [KVH, D] f32 → position pos of one layer's cache */
-static void store_position(KernelImpl impl, const DecodeCache *c, void *layer, size_t pos, const float *kv,
-                           const DecodeShape *s) {
-    size_t elt = c->f16 ? 2 : 4;
-    for (size_t h = 0; h < s->n_kv_heads; h++)
-        store_kv_rows(impl, (char *)layer + (pos * c->pos_stride + h * c->head_stride) * elt, c->f16,
-                      kv + h * s->head_dim, s->head_dim);
-}
-
 static int attention_branch(Pool *pool, KernelImpl impl, const DecodeShape *s, const DecodeLayer *L,
                             const DecodeCache *c, size_t layer, size_t pos, const float *cos_t,
                             const float *sin_t, const float *x, Scratch *b) {
@@ -125,12 +116,12 @@ static int attention_branch(Pool *pool, KernelImpl impl, const DecodeShape *s, c
     rope_rows(k, 1, s->n_kv_heads, s->head_dim, cos_t, sin_t, b->kr);
     size_t elt = c->f16 ? 2 : 4;
     void *kc = (char *)c->k + layer * c->layer_stride * elt, *vc = (char *)c->v + layer * c->layer_stride * elt;
-    store_position(impl, c, kc, pos, b->kr, s); /* the new token attends to itself */
-    store_position(impl, c, vc, pos, b->v, s);
-    if (pool_reserve_scores(pool, ATTENTION_GROUP * (pos + 1))) return ENOMEM;
     AttentionArgs a = {.q = b->qr, .k = kc, .v = vc, .kv_f16 = c->f16, .n_tokens = 1, .n_heads = s->n_heads,
                        .n_kv_heads = s->n_kv_heads, .head_dim = s->head_dim, .start_pos = pos, .out = b->att,
                        .pos_stride = c->pos_stride, .head_stride = c->head_stride};
+    store_new_rows(impl, kc, &a, b->kr, pos, 1); /* the new token attends to itself */
+    store_new_rows(impl, vc, &a, b->v, pos, 1);
+    if (pool_reserve_scores(pool, ATTENTION_GROUP * (pos + 1))) return ENOMEM;
     attention(pool, impl, &a);
     const float *att = b->att;
     if (L->attn_sub_norm) { /* BitNet: sub-norm before o_proj */

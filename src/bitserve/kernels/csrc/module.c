@@ -158,31 +158,6 @@ static int storing(PyObject *k_new, PyObject *v_new) {
     return -1;
 }
 
-/* A K or V cache [S, KVH, D], float32 or float16, each head's D values contiguous and its
- * positions and heads at any nonnegative strides (a KVCache view is head-major in memory):
- * strides[0] (positions) and strides[1] (heads) in elements. 0, or -1 with an error. */
-static int cache_strides(const Py_buffer *b, const char *name, size_t strides[2]) {
-    char code = format_code(b);
-    if ((code != 'f' && code != 'e') || b->itemsize != (code == 'e' ? 2 : 4) || b->ndim != 3) {
-        PyErr_Format(PyExc_TypeError, "%s: a 3-D float32 or float16 array is needed", name);
-        return -1;
-    }
-    Py_ssize_t elt = b->itemsize;
-    for (int axis = 0; axis < 2; axis++) {
-        Py_ssize_t step = b->shape[axis] > 1 ? b->strides[axis] : 0; /* unused when 1 long */
-        if (step < 0 || step % elt) {
-            PyErr_Format(PyExc_ValueError, "%s: axis %d has stride %zd bytes", name, axis, step);
-            return -1;
-        }
-        strides[axis] = (size_t)(step / elt);
-    }
-    if (b->shape[2] > 1 && b->strides[2] != elt) {
-        PyErr_Format(PyExc_ValueError, "%s: each head's values must be contiguous", name);
-        return -1;
-    }
-    return 0;
-}
-
 /* k and v of one attention: both laid out alike (the kernels take one pair of strides) */
 static int same_strides(const size_t k[2], const size_t v[2]) {
     if (k[0] == v[0] && k[1] == v[1]) return 0;
@@ -190,7 +165,7 @@ static int same_strides(const size_t k[2], const size_t v[2]) {
     return -1;
 }
 
-/* A cache's buffer as cache_strides checks it: strided, typed, writable when stored into */
+/* A cache's buffer as cache_strides (bindings.h) checks it: strided, typed, writable when stored into */
 static int get_cache_buffer(PyObject *obj, Py_buffer *b, int writable) {
     return PyObject_GetBuffer(obj, b, PyBUF_STRIDES | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0));
 }
@@ -199,17 +174,7 @@ static Py_buffer *take_cache(Views *v, PyObject *obj, const char *name, int writ
     Py_buffer *b = &v->views[v->n];
     if (get_cache_buffer(obj, b, writable) < 0) return NULL;
     v->n++;
-    return cache_strides(b, name, strides) ? NULL : b;
-}
-
-/* src [n, KVH, D] f32 → positions start..start+n-1 of the cache `dst` laid out as in a */
-static void store_new_rows(KernelImpl impl, void *dst, const AttentionArgs *a, const float *src,
-                           size_t start, size_t n) {
-    size_t elt = a->kv_f16 ? 2 : 4, d = a->head_dim;
-    for (size_t t = 0; t < n; t++)
-        for (size_t h = 0; h < a->n_kv_heads; h++)
-            store_kv_rows(impl, (char *)dst + ((start + t) * a->pos_stride + h * a->head_stride) * elt,
-                          a->kv_f16, src + (t * a->n_kv_heads + h) * d, d);
+    return cache_strides(b, name, 3, strides) ? NULL : b;
 }
 
 /* k_new/v_new: f32 [n, KVH, D] with the cache's KVH and D, the rows to store; the buffer, or
@@ -277,7 +242,7 @@ static int take_decode_caches(PyObject *ks, PyObject *vs, const Py_buffer *q, Py
         (*n_taken)++;
         char code = format_code(k);
         size_t ks[2], vs[2];
-        if (cache_strides(k, "k_cache", ks) || cache_strides(v, "v_cache", vs)) return -1;
+        if (cache_strides(k, "k_cache", 3, ks) || cache_strides(v, "v_cache", 3, vs)) return -1;
         if (format_code(v) != code) {
             PyErr_SetString(PyExc_TypeError, "k/v caches: 3-D float32 or float16 arrays, one dtype");
             return -1;

@@ -30,28 +30,11 @@ static Py_buffer *take_kv(Views *v, PyObject *obj, const char *name, const int64
     Py_buffer *b = &v->views[v->n];
     if (PyObject_GetBuffer(obj, b, PyBUF_STRIDES | PyBUF_FORMAT | PyBUF_WRITABLE) < 0) return NULL;
     v->n++;
-    char code = format_code(b);
-    if ((code != 'f' && code != 'e') || b->itemsize != (code == 'e' ? 2 : 4) || b->ndim != 4) {
-        PyErr_Format(PyExc_TypeError, "%s: a 4-D float32 or float16 array is needed", name);
-        return NULL;
-    }
-    if (check_dim(name, 0, b->shape[0], shape[0]) || check_dim(name, 2, b->shape[2], shape[5]) ||
-        check_dim(name, 3, b->shape[3], shape[6]))
-        return NULL;
     size_t strides[3];
-    for (int axis = 0; axis < 3; axis++) {
-        Py_ssize_t step = b->strides[axis];
-        if (step < 0 || step % b->itemsize) {
-            PyErr_Format(PyExc_ValueError, "%s: axis %d has stride %zd bytes", name, axis, step);
-            return NULL;
-        }
-        strides[axis] = (size_t)(step / b->itemsize);
-    }
-    if (b->strides[3] != b->itemsize) {
-        PyErr_Format(PyExc_ValueError, "%s: each head's values must be contiguous", name);
+    if (cache_strides(b, name, 4, strides) || check_dim(name, 0, b->shape[0], shape[0]) ||
+        check_dim(name, 2, b->shape[2], shape[5]) || check_dim(name, 3, b->shape[3], shape[6]))
         return NULL;
-    }
-    *c = (DecodeCache){.f16 = code == 'e', .layer_stride = strides[0], .pos_stride = strides[1],
+    *c = (DecodeCache){.f16 = format_code(b) == 'e', .layer_stride = strides[0], .pos_stride = strides[1],
                        .head_stride = strides[2]};
     return b;
 }

@@ -219,6 +219,10 @@ void attention(Pool *pool, KernelImpl impl, const AttentionArgs *args);
  * one task: each item's result is that of attention() on it alone, bit for bit. Needs
  * pool_reserve_scores(pool, ATTENTION_GROUP · max(start_pos + 1)) first. */
 void attention_decode(Pool *pool, KernelImpl impl, const AttentionArgs *items, size_t n_items);
+/* src [n, KVH, D] f32 → positions start..start+n-1 of the cache dst (a's k or v), laid out
+ * as a says (store_kv_rows per head row) */
+void store_new_rows(KernelImpl impl, void *dst, const AttentionArgs *a, const float *src, size_t start,
+                    size_t n);
 
 /* out [T, n] = x / sqrt(mean(x²) + eps) · weight per row (mean in float64) */
 void rmsnorm_rows(Pool *pool, KernelImpl impl, const float *x, size_t n_rows, size_t n,
