@@ -69,16 +69,15 @@ def resident_weights(weights: ModelWeights, gguf: GGUFFile, head: bool = True) -
     """``weights`` with every streamed array that is a view of ``gguf``'s map (I2_S codes,
     float heads unless not ``head``) replaced by a copy in one :class:`Arena`, in forward
     order; arrays the loader already copied (repacked, dequantized) stay where they are."""
-    mapped = [a for a in _streamed(weights, head) if gguf.file_offset(a) is not None]
+    offsets = {id(a): (a, gguf.file_offset(a)) for a in _streamed(weights, head)}  # once each
+    mapped = [(a, offset) for a, offset in offsets.values() if offset is not None]
     if not mapped:
         return weights
-    arena = Arena(sum(-(-a.nbytes // ALIGNMENT) * ALIGNMENT for a in mapped))
+    arena = Arena(sum(-(-a.nbytes // ALIGNMENT) * ALIGNMENT for a, _ in mapped))
     copies: dict[int, np.ndarray] = {}
     reads: list[tuple[int, memoryview]] = []  # (file offset, destination) pieces
-    for a in mapped:
+    for a, offset in mapped:
         piece = arena.take(a.nbytes)
-        offset = gguf.file_offset(a)
-        assert offset is not None
         out = piece.data
         reads += [(offset + lo, out[lo : lo + READ_PIECE]) for lo in range(0, a.nbytes, READ_PIECE)]
         copies[id(a)] = piece.view(a.dtype).reshape(a.shape)
@@ -115,26 +114,18 @@ def resident_weights(weights: ModelWeights, gguf: GGUFFile, head: bool = True) -
 
 def _streamed(weights: ModelWeights, head: bool) -> Iterator[np.ndarray]:
     """The arrays one decode step reads in full, in the order it reads them (the head's
-    last, if ``head``), each once."""
-    seen: set[int] = set()
+    last, if ``head``)."""
     for lw in weights.layers:
         for p in PROJECTIONS:
             w: TernaryWeight = getattr(lw, p)
-            yield from _once(_ternary_arrays(w), seen)
+            yield from _ternary_arrays(w)
     matrix = weights.head
     if not head:
         return
     if matrix.ternary is not None:
-        yield from _once(_ternary_arrays(matrix.ternary), seen)
+        yield from _ternary_arrays(matrix.ternary)
     elif matrix.data is not None:
-        yield from _once(iter([matrix.data]), seen)
-
-
-def _once(arrays: Iterator[np.ndarray], seen: set[int]) -> Iterator[np.ndarray]:
-    for a in arrays:
-        if id(a) not in seen:
-            seen.add(id(a))
-            yield a
+        yield matrix.data
 
 
 def _ternary_arrays(w: TernaryWeight) -> Iterator[np.ndarray]:
