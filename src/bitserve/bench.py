@@ -6,8 +6,8 @@ default the model is a synthetic one with BitNet-b1.58-2B-4T's shapes (random we
 same bytes and arithmetic), written once to ``$BITSERVE_CACHE`` (or ``~/.cache/bitserve``).
 ``prompt_tok_s`` is the median of 3 prompts (``prompt_first_tok_s``: the first, which
 also pays one-time allocations); ``bandwidth_gb_s`` the median of 9 probe passes.
-A shared machine's bandwidth moves by a third from one second to the next (the 2-core
-VM: 34-56 GB/s for the same read), so a probe taken before the generation can flatter or
+A shared machine's bandwidth moves by half or more from one minute to the next (the 2-core
+VM: 35-81 GB/s for the same read), so a probe taken before the generation can flatter or
 sink ``limit_fraction``; ``limit_fraction_paired`` pairs instead: the generation runs in
 segments of 16 tokens with one probe pass before each and after the last, each
 segment's speed is divided by the mean of the passes around it, and the median of those
