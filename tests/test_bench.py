@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -118,6 +119,32 @@ def test_bench_compares_with_llama_cpp_when_it_runs(
 
     assert main([*argv, "--llama-cpp", "off", "--prompt-tokens", "4", "--gen-tokens", "2"]) == 0
     assert "llama_cpp" not in json.loads(capsys.readouterr().out)
+
+
+def test_peak_rss_is_bitserve_s_own(tmp_path: Path) -> None:
+    """llama.cpp loads its own copy of the model into the bench's process: peak_rss_mb is
+    taken before it runs. In a fresh process (ru_maxrss is the process's whole peak), the
+    stand-in for llama.cpp touches 1 GiB; the figure must not include it."""
+    model = write_synthetic_model(tmp_path / "tiny.gguf", SHAPE, seed=0)
+    script = f"""
+import json, numpy as np
+from bitserve import bench_llama
+from bitserve.cli import main
+def fake_compare(*args):
+    held = np.ones(1 << 30, dtype=np.uint8)  # resident: every page written
+    return {{"prompt_tok_s": 10.0, "gen_tok_s": float(held[-1]) * 2.0}}
+bench_llama.available = lambda: True
+bench_llama.compare = fake_compare
+argv = ["bench", "-m", {str(model)!r}, "--threads", "2", "--bandwidth-mb", "16"]
+raise SystemExit(main([*argv, "--prompt-tokens", "4", "--gen-tokens", "2"]))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["vs_llama_cpp"]["gen"] > 0  # the stand-in ran
+    assert 0 < result["peak_rss_mb"] < 1024
 
 
 def test_what_llama_cpp_cannot_read(tmp_path: Path) -> None:

@@ -172,8 +172,9 @@ class BandwidthProbe:
 
 
 def peak_rss_mb(probe: BandwidthProbe | None) -> float:
-    """The process's peak resident memory less the probe's buffer, which is resident from
-    before the model loads to the end (the bench's memory, not the model's)."""
+    """The process's peak resident memory so far less the probe's buffer, which is resident
+    from before the model loads to the end (the bench's memory, not the model's). Taken
+    before llama.cpp runs: it loads its own copy of the model into this process."""
     probe_mb = probe.buf.nbytes / 2**20 if probe is not None else 0.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - probe_mb
 
@@ -285,6 +286,7 @@ def run_kernels(args: argparse.Namespace, options: dict[str, Any]) -> int:
         path, backend, args.prompt_tokens, args.gen_tokens, one_pass, options["mmap"]
     )
     per_token = bytes_per_token(model, backend)
+    rss_mb = peak_rss_mb(probe)
     constraint = None
     if args.json_schema:
         schema = _load_schema(args.json_schema)
@@ -315,7 +317,7 @@ def run_kernels(args: argparse.Namespace, options: dict[str, Any]) -> int:
         "limit_fraction_paired": round(paired[0], 3),
         "limit_fraction_paired_range": [round(paired[1], 3), round(paired[2], 3)],
         "load_s": round(t.load_s, 2),
-        "peak_rss_mb": round(peak_rss_mb(probe), 1),
+        "peak_rss_mb": round(rss_mb, 1),
         "threads": threads,
         "kernel": backend.name,
         "head": args.head,
