@@ -56,7 +56,8 @@ def main() -> int:
         "--vocab",
         type=int,
         default=SHAPE_2B4T.vocab_size,
-        help="128256 gives a LLaMA-3-shaped token table; smaller uses the demo tokenizer",
+        help="128256 gives a LLaMA-3-shaped token table, the demo tokenizer's own size "
+        "the demo tokenizer; no other size is accepted",
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
