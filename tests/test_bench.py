@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitserve.bench import paired_fraction
+from bitserve.bench import paired_bandwidth, paired_fraction
 from bitserve.cli import main
 from bitserve.model.synthetic import ModelShape, write_synthetic_model
 
@@ -54,6 +54,7 @@ def test_bench_prints_one_json_line(
     assert low <= result["bandwidth_gb_s"] <= high  # the median of the passes
     low, high = result["limit_fraction_paired_range"]  # 4 tokens: one segment
     assert low == result["limit_fraction_paired"] == high > 0
+    assert result["paired_bandwidth_gb_s"] > 0
 
 
 def test_the_paired_fraction_divides_each_segment_by_the_passes_around_it() -> None:
@@ -62,6 +63,7 @@ def test_the_paired_fraction_divides_each_segment_by_the_passes_around_it() -> N
     segments = [(10.0, 20.0, 30.0), (20.0, 40.0, 60.0), (15.0, 60.0, 40.0)]
     median, low, high = paired_fraction(segments, 10**9)
     assert (round(median, 6), round(low, 6), round(high, 6)) == (0.4, 0.3, 0.4)
+    assert paired_bandwidth(segments) == 50.0  # the bandwidths around them: 25, 50, 50
 
 
 def test_bench_numpy_kernel(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,8 @@ VM: 35-81 GB/s for the same read), so a probe taken before the generation can fl
 sink ``limit_fraction``; ``limit_fraction_paired`` pairs instead: the generation runs in
 segments of 16 tokens with one probe pass before each and after the last, each
 segment's speed is divided by the mean of the passes around it, and the median of those
-fractions is printed with their range.
+fractions is printed with their range, and ``paired_bandwidth_gb_s`` the median of those
+means (the bandwidth the fraction was measured at).
 Prints ONE JSON line; ``baseline`` gives the ratios to bitnet.cpp's figures on a 2-core
 AVX2 EPYC (spec §7). Never meant to gate CI on absolute numbers.
 
@@ -253,6 +254,12 @@ def paired_fraction(
     return float(np.median(fractions)), min(fractions), max(fractions)
 
 
+def paired_bandwidth(segments: Sequence[tuple[float, float, float]]) -> float:
+    """The median over generation segments of the bandwidth (GB/s) around each: the phase
+    the machine was in while ``limit_fraction_paired`` was measured."""
+    return float(np.median([(a + b) / 2 for _, a, b in segments]))
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         options = runtime_options(args)  # checked before any (slow) work
@@ -304,6 +311,7 @@ def run_kernels(args: argparse.Namespace, options: dict[str, Any]) -> int:
         if t.gen_segments
         else (nan,) * 3
     )
+    paired_bw = paired_bandwidth(t.gen_segments) if t.gen_segments else nan
     result = {
         "prompt_tok_s": round(t.prompt_tok_s, 2),
         "prompt_first_tok_s": round(t.prompt_first_tok_s, 2),
@@ -316,6 +324,7 @@ def run_kernels(args: argparse.Namespace, options: dict[str, Any]) -> int:
         "limit_fraction": round(t.gen_tok_s / ceiling, 3),
         "limit_fraction_paired": round(paired[0], 3),
         "limit_fraction_paired_range": [round(paired[1], 3), round(paired[2], 3)],
+        "paired_bandwidth_gb_s": round(paired_bw, 2),
         "load_s": round(t.load_s, 2),
         "peak_rss_mb": round(rss_mb, 1),
         "threads": threads,
