@@ -293,11 +293,11 @@ def run_kernels(args: argparse.Namespace, options: dict[str, Any]) -> int:
         path, backend, args.prompt_tokens, args.gen_tokens, one_pass, options["mmap"]
     )
     per_token = bytes_per_token(model, backend)
-    rss_mb = peak_rss_mb(probe)
     constraint = None
     if args.json_schema:
         schema = _load_schema(args.json_schema)
         constraint = constrained_bench(model, schema, args.gen_tokens, args.pairs)
+    rss_mb = peak_rss_mb(probe)  # bitserve's runs done; llama.cpp's copy not yet loaded
     file_per_token = bench_llama.file_bytes_per_token(model.gguf)
     llama = None
     if args.llama_cpp == "auto" and bench_llama.available():

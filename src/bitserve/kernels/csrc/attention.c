@@ -15,7 +15,7 @@
  * split evenly (scores by position block, softmax by head, values by output slice) took
  * 12.8-16.1 ms from DRAM against 10.6-10.9 (5.0 against 7.0 with the cache in L3); zmm
  * scores (two positions per vector) and values took 10.7-10.9 from DRAM and were slower at
- * 128 positions (0.58 against 0.45); K prefetches 8-32 rows ahead and 2 MB cache pages
+ * 128 positions (0.58 against 0.45); K prefetches 8-96 rows ahead and 2 MB cache pages
  * changed nothing, and 2-head chunks (10, a K/V row read by both threads at once) took
  * 12.8-13.5. From DRAM it is the cores' memory stalls, not the FMAs or the 3:2 split, that
  * set the speed.
