@@ -190,7 +190,7 @@ def bytes_per_token(model: BitNetModel, backend: Any) -> int:
         if isinstance(w, TernaryWeight)
     )
     head = model.weights.head
-    if getattr(backend, "head_mode", "f16") == "int8" and head.kind == "f16":
+    if backend.head_mode == "int8" and head.kind == "f16":
         return int(codes + head.n_rows * head.dim + 4 * head.n_rows)
     return int(codes + head.nbytes)
 

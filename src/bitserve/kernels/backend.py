@@ -38,6 +38,7 @@ class Backend(ABC):
     """Heavy operations of the forward pass. Inputs are float32 and C-contiguous."""
 
     name: str
+    head_mode = "f16"  # "int8": an F16 head runs as int8 rows made from it (native only)
 
     @abstractmethod
     def bitlinear(self, x: np.ndarray, w: TernaryWeight) -> np.ndarray:

@@ -155,8 +155,7 @@ class BitNetModel:
             config = ModelConfig.from_gguf(gguf, activation)
             weights = ModelWeights.from_gguf(gguf, config)
             if not mmap:  # an int8 head is made from the F16 one: only its rows are read after
-                int8_head = getattr(backend, "head_mode", "f16") == "int8"
-                weights = resident_weights(weights, gguf, head=not int8_head)
+                weights = resident_weights(weights, gguf, head=backend.head_mode != "int8")
             return cls(gguf, config, weights, backend)
         except BaseException:
             gguf.close()

@@ -119,9 +119,9 @@ def _streamed(weights: ModelWeights, head: bool) -> Iterator[np.ndarray]:
         for p in PROJECTIONS:
             w: TernaryWeight = getattr(lw, p)
             yield from _ternary_arrays(w)
-    matrix = weights.head
     if not head:
         return
+    matrix = weights.head
     if matrix.ternary is not None:
         yield from _ternary_arrays(matrix.ternary)
     elif matrix.data is not None:
