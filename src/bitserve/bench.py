@@ -190,7 +190,7 @@ def bytes_per_token(model: BitNetModel, backend: Any) -> int:
         if isinstance(w, TernaryWeight)
     )
     head = model.weights.head
-    if backend.head_mode == "int8" and head.kind == "f16":
+    if backend.int8_head(head):
         return int(codes + head.n_rows * head.dim + 4 * head.n_rows)
     return int(codes + head.nbytes)
 
@@ -215,7 +215,7 @@ def time_model(
     start = time.perf_counter()
     model = BitNetModel.load(path, backend=backend, mmap=mmap)
     head = model.weights.head
-    if isinstance(backend, NativeBackend) and backend.head_mode == "int8" and head.kind == "f16":
+    if isinstance(backend, NativeBackend) and backend.int8_head(head):
         assert head.data is not None
         backend.prepare_head(head.data)
     model.forward([0], model.new_cache(max_seq=8))  # first token: weights paged in

@@ -24,7 +24,7 @@ def test_int8_head_is_made_at_load_and_close_to_f16(tiny_model_path: Path) -> No
     int8 = load_model(tiny_model_path, head="int8")
     try:
         backend = int8.model.backend
-        assert getattr(backend, "head_mode", None) == "int8"
+        assert backend.head_mode == "int8"
         assert backend._head_int8 is not None  # quantized at load, not on the first token
         tokens = list(range(1, 40))
         a = f16.model.forward(tokens, f16.model.new_cache(), all_logits=True)

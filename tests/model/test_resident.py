@@ -129,6 +129,18 @@ def test_an_int8_head_leaves_the_f16_head_in_the_map(tmp_path: Path) -> None:
         assert model.gguf.file_offset(model.weights.layers[0].attn_q.raw) is None
 
 
+def test_an_int8_head_mode_still_copies_a_head_that_is_not_f16(tmp_path: Path) -> None:
+    """``--head int8`` only replaces an F16 head: a BF16 one still runs from its own rows
+    every token, so it is copied like every other weight the step streams."""
+    path = write_family_fixture(tmp_path / "f.gguf", "llama", GGMLType.TQ2_0, output=GGMLType.BF16)
+    backend = NativeBackend(available_kernels()[0], head="int8")
+    with BitNetModel.load(path, backend=backend) as model:
+        head = model.weights.head
+        assert head.kind == "bf16" and head.data is not None
+        assert model.gguf.file_offset(head.data) is None
+        model.forward([1, 2, 3], model.new_cache())
+
+
 def open_files(path: Path) -> int:
     fds = Path("/proc/self/fd")
     return sum(1 for fd in fds.iterdir() if fd.exists() and fd.resolve() == path.resolve())

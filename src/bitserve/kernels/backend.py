@@ -40,6 +40,11 @@ class Backend(ABC):
     name: str
     head_mode = "f16"  # "int8": an F16 head runs as int8 rows made from it (native only)
 
+    def int8_head(self, head: EmbeddingMatrix) -> bool:
+        """True where :meth:`head` runs ``head`` as int8 rows made from its F16 values, so
+        the F16 matrix itself is only read a row at a time (the input embedding)."""
+        return self.head_mode == "int8" and head.kind == "f16"
+
     @abstractmethod
     def bitlinear(self, x: np.ndarray, w: TernaryWeight) -> np.ndarray:
         """``x [T, n_in]`` → ``[T, n_out]``: int8 activation quantization (``w.act_quant``),

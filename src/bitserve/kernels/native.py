@@ -180,7 +180,7 @@ class NativeBackend(Backend):
         assert m.data is not None
         if m.kind == "bf16":
             self._pool.head_packed(x, m.data.view(np.uint8), PACKED_HEADS["bf16"], out, self._impl)
-        elif self.head_mode == "int8" and m.kind == "f16":
+        elif self.int8_head(m):
             q, scale = self.prepare_head(m.data)
             self._pool.head(x, q, scale, out, self._impl)
         else:
