@@ -13,6 +13,7 @@ import pytest
 from bitserve.engine.loader import load_model
 from bitserve.gguf.constants import GGMLType
 from bitserve.kernels import NativeBackend, TernaryWeight, available_kernels
+from bitserve.kernels.tensors import tiled_rows
 from bitserve.model import BitNetModel
 from bitserve.model.arch import PROJECTIONS
 from bitserve.model.fixtures import write_family_fixture
@@ -45,8 +46,14 @@ def test_resident_codes_and_head_are_one_arena_in_forward_order(model_gqa2: Path
         ends = [a.ctypes.data + a.nbytes for a in arrays[:-1]]
         gaps = [b - e for e, b in zip(ends, starts[1:], strict=True)]
         assert all(0 <= g < ALIGNMENT for g in gaps)  # back to back: one stream
-        for a, b in zip(arrays, streamed(viewed), strict=True):
+        for a, b in zip(arrays[:-1], streamed(viewed)[:-1], strict=True):
             np.testing.assert_array_equal(a, b)
+        head, plain = mapped.weights.head, viewed.weights.head  # the native head reads tiles
+        assert head.tiled == mapped.backend.tiles_heads and not plain.tiled
+        every_row = np.arange(head.n_rows)
+        assert head.data is not None and plain.data is not None
+        np.testing.assert_array_equal(tiled_rows(head.data, every_row), plain.data)
+        np.testing.assert_array_equal(head.rows(every_row), plain.rows(every_row))
 
 
 def test_resident_and_mapped_weights_give_the_same_bits(model_gqa4: Path) -> None:

@@ -111,6 +111,7 @@ class NativeBackend(Backend):
         self.name = kernel
         self.head_mode = head
         self._impl = IMPLS[kernel]
+        self.tiles_heads = kernel != "scalar"  # the AVX2/AVX-512 head blocks read tiles
         self._pool: Any = _native.Pool(threads or default_threads())
         # int8 head: the source embedding (kept alive so identity stays meaningful) → (q, s)
         self._head_source: np.ndarray | None = None
@@ -179,12 +180,15 @@ class NativeBackend(Backend):
             return out
         assert m.data is not None
         if m.kind == "bf16":
-            self._pool.head_packed(x, m.data.view(np.uint8), PACKED_HEADS["bf16"], out, self._impl)
+            rows = m.data.view(np.uint8)
+            self._pool.head_packed(x, rows, PACKED_HEADS["bf16"], out, self._impl, m.tiled)
         elif self.int8_head(m):
+            if m.tiled:
+                raise ValueError("an int8 head is made from plain F16 rows, not tiled ones")
             q, scale = self.prepare_head(m.data)
             self._pool.head(x, q, scale, out, self._impl)
         else:
-            self._pool.head(x, np.ascontiguousarray(m.data), None, out, self._impl)
+            self._pool.head(x, np.ascontiguousarray(m.data), None, out, self._impl, m.tiled)
         return out
 
     def prepare_head(self, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

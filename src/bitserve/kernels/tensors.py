@@ -311,6 +311,48 @@ def unpack_blocked(codes: np.ndarray, n: int, n_super: int) -> np.ndarray:
 # ---- embeddings and LM heads -------------------------------------------------------------------
 
 FLOAT_KINDS = {GGMLType.F32: "f32", GGMLType.F16: "f16", GGMLType.BF16: "bf16"}
+
+# The head's tiled layout (csrc/native.h, lm_head): each HEAD_TILE_ROWS rows stored as one
+# run of their 64-byte lines in turn, so the head kernel, which reads those rows together,
+# reads one linear stream instead of HEAD_TILE_ROWS interleaved ones; the last
+# n_rows mod HEAD_TILE_ROWS rows stay as they are.
+HEAD_TILE_ROWS = 4
+LINE = 64
+
+
+def can_tile(rows: np.ndarray) -> bool:
+    """True when ``rows [n, dim]`` (C-contiguous) are whole 64-byte lines each."""
+    return rows.ndim == 2 and rows.flags.c_contiguous and rows.shape[1] * rows.itemsize % LINE == 0
+
+
+def _tile_view(raw: np.ndarray) -> np.ndarray:
+    """The whole tiles of uint8 ``raw [n, row_bytes]`` as ``[tile, line, row, 64]``."""
+    n = raw.shape[0] // HEAD_TILE_ROWS * HEAD_TILE_ROWS
+    return raw[:n].reshape(n // HEAD_TILE_ROWS, raw.shape[1] // LINE, HEAD_TILE_ROWS, LINE)
+
+
+def tile_rows(rows: np.ndarray, out: np.ndarray) -> None:
+    """``rows [n, dim]`` written into ``out`` (same shape and dtype) in the tiled layout."""
+    src, dst = rows.view(np.uint8), out.view(np.uint8)
+    n = src.shape[0] // HEAD_TILE_ROWS * HEAD_TILE_ROWS
+    tiles = src[:n].reshape(n // HEAD_TILE_ROWS, HEAD_TILE_ROWS, src.shape[1] // LINE, LINE)
+    _tile_view(dst)[...] = tiles.transpose(0, 2, 1, 3)
+    dst[n:] = src[n:]
+
+
+def tiled_rows(tiled: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` of a matrix stored by :func:`tile_rows`, as plain rows."""
+    raw = tiled.view(np.uint8)
+    n_whole = raw.shape[0] // HEAD_TILE_ROWS * HEAD_TILE_ROWS
+    out = np.empty((len(idx), raw.shape[1]), dtype=np.uint8)
+    whole = idx < n_whole
+    picked = idx[whole]
+    tiles = _tile_view(raw)[picked // HEAD_TILE_ROWS, :, picked % HEAD_TILE_ROWS]  # [k, line, 64]
+    out[whole] = tiles.reshape(len(picked), raw.shape[1])
+    out[~whole] = raw[idx[~whole]]
+    return out.view(tiled.dtype)
+
+
 INT8_BLOCK_TYPES = (GGMLType.Q8_0, GGMLType.Q6_K)
 EMBEDDING_TYPES = (*FLOAT_KINDS, *INT8_BLOCK_TYPES, *TERNARY_TYPES)
 
@@ -337,6 +379,7 @@ class EmbeddingMatrix:
     ternary: TernaryWeight | None = None
     packed: np.ndarray | None = None  # int8: the rows as the kernel reads them (int8_rows)
     raw: np.ndarray | None = None  # int8 from a file: its Q8_0/Q6_K bytes
+    tiled: bool = False  # f32/f16/bf16: ``data`` is in the tiled layout (tile_rows)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -443,14 +486,15 @@ class EmbeddingMatrix:
             values, scales = unpack_int8_blocks(picked, self.source, len(idx), self.dim)
             return np.repeat(scales, self.block, axis=1) * values.astype(np.float32)
         assert self.data is not None
+        picked = tiled_rows(self.data, idx) if self.tiled else self.data[idx]
         if self.kind == "bf16":
-            out: np.ndarray = (self.data[idx].astype(np.uint32) << 16).view(np.float32)
+            out: np.ndarray = (picked.astype(np.uint32) << 16).view(np.float32)
             return out
         if self.kind == "int8":
             assert self.scales is not None
             scales = np.repeat(self.scales[idx], self.block, axis=1)
-            return scales * self.data[idx].astype(np.float32)
-        return self.data[idx].astype(np.float32)
+            return scales * picked.astype(np.float32)
+        return picked.astype(np.float32)
 
     def dense_slice(self, lo: int, hi: int) -> np.ndarray:
         """Rows ``lo..hi`` widened to float32 (the numpy head, slice by slice)."""

@@ -155,7 +155,8 @@ class BitNetModel:
             config = ModelConfig.from_gguf(gguf, activation)
             weights = ModelWeights.from_gguf(gguf, config)
             if not mmap:  # an int8 head is made from the F16 one: only its rows are read after
-                weights = resident_weights(weights, gguf, head=not backend.int8_head(weights.head))
+                head = not backend.int8_head(weights.head)
+                weights = resident_weights(weights, gguf, head, tile_head=backend.tiles_heads)
             return cls(gguf, config, weights, backend)
         except BaseException:
             gguf.close()

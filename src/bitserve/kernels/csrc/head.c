@@ -55,7 +55,7 @@ float half_to_float(uint16_t h) {
  * (32 ymm registers) blocks of 4 rows × 4 (or 3) tokens fit too: 16 chains + 4 token slices
  * + the converted row slice, each slice converted once for 4 tokens (F16 2B-4T, 2 threads:
  * T = 4 ~25 -> ~20 ms). Only the blocking changes, never a dot's summation order. */
-#define HEAD_ROWS 4
+#define HEAD_ROWS HEAD_TILE_ROWS
 #define HEAD_TOKENS 2
 #define HEAD_TOKENS_WIDE 4
 
@@ -136,14 +136,16 @@ TARGET_AVX2 static inline __attribute__((always_inline)) __m256 load8(const void
     return _mm256_loadu_ps((const float *)row + k);
 }
 
-/* acc[r][t] += row_r[k, k+8) · x_t[k, k+8): each row slice converted once for all tokens */
+/* acc[r][t] += row_r[k, k+8) · x_t[k, k+8): each row slice converted once for all tokens;
+ * row r's value k is at rows + r·rs + k·size (block_avx2 moves `rows` so this holds in the
+ * tiled layout too) */
 TARGET_AVX2 static inline __attribute__((always_inline)) void block_step(
     __m256 acc[HEAD_ROWS][HEAD_TOKENS_WIDE], const float *x, size_t dim, const char *rows,
-    size_t row_bytes, EmbKind kind, int R, int TB, size_t k) {
+    size_t rs, EmbKind kind, int R, int TB, size_t k) {
     __m256 xv[HEAD_TOKENS_WIDE];
     for (int t = 0; t < TB; t++) xv[t] = _mm256_loadu_ps(x + (size_t)t * dim + k);
     for (int r = 0; r < R; r++) {
-        __m256 e = load8(rows + (size_t)r * row_bytes, k, kind, dim);
+        __m256 e = load8(rows + (size_t)r * rs, k, kind, dim);
         for (int t = 0; t < TB; t++) acc[r][t] = _mm256_fmadd_ps(e, xv[t], acc[r][t]);
     }
 }
@@ -160,11 +162,17 @@ TARGET_AVX2 static inline __attribute__((always_inline)) void block_step(
  * F16 rows of 2048-8192 values 6-11%, T = 4 and 8 4%, the int8 head 2%; a whole 2B-4T
  * decode step 4.4%, Falcon3-7B's 1.6%. Not measured on Intel, whose NTA prefetch skips
  * L2: a block that left L1 before its use would come from memory twice. Prefetches never
- * fault, so running past the embedding's end is harmless. */
+ * fault, so running past the embedding's end is harmless.
+ * The prefetch walks the next block's lines in the order of the tiled layout (lm_head), so
+ * a tiled head is read as the one linear stream it prefetches, not R interleaved ones:
+ * 2B-4T's F16 head 8% faster at 75 GB/s (Falcon3-7B's 2.3%), 0.5% at 46 GB/s (the
+ * project's VM, 2 threads, interleaved A/B split by bandwidth phase, the same bits). */
 TARGET_AVX2 static inline __attribute__((always_inline)) void block_avx2(
-    const float *x, size_t dim, const char *rows, size_t row_bytes, const char *next,
+    const float *x, size_t dim, const char *rows, size_t row_bytes, int tiled, const char *next,
     EmbKind kind, int R, int TB, float *out, size_t out_stride) {
     const size_t size = emb_size(kind), line = 64 / size;
+    /* row r's line l: plain at rows + r·row_bytes + 64·l, tiled at rows + 64·(R·l + r) */
+    const size_t rs = tiled ? 64 : row_bytes, skip = tiled ? 64 * (size_t)(R - 1) : 0;
     __m256 acc[HEAD_ROWS][HEAD_TOKENS_WIDE];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < TB; t++) acc[r][t] = _mm256_setzero_ps();
@@ -172,9 +180,11 @@ TARGET_AVX2 static inline __attribute__((always_inline)) void block_avx2(
     for (; k + line <= dim; k += line) {
         for (int r = 0; next && r < R; r++)
             _mm_prefetch(next + (k * (size_t)R + (size_t)r * line) * size, _MM_HINT_NTA);
+        const char *at = rows + k / line * skip; /* + r·rs + (k + j)·size: line k/line */
         for (size_t j = 0; j < line; j += LANES)
-            block_step(acc, x, dim, rows, row_bytes, kind, R, TB, k + j);
+            block_step(acc, x, dim, at, rs, kind, R, TB, k + j);
     }
+    /* a partial last line: plain rows only (a tiled head has whole lines) */
     for (; k + LANES <= dim; k += LANES) block_step(acc, x, dim, rows, row_bytes, kind, R, TB, k);
     for (int r = 0; r < R; r++)
         for (int t = 0; t < TB; t++)
@@ -183,24 +193,24 @@ TARGET_AVX2 static inline __attribute__((always_inline)) void block_avx2(
                          kind, k, dim);
 }
 
-typedef void (*BlockFn)(const float *x, size_t dim, const char *rows, size_t row_bytes,
+typedef void (*BlockFn)(const float *x, size_t dim, const char *rows, size_t row_bytes, int tiled,
                         const char *next, float *out, size_t out_stride);
 
 /* The block shapes, one compiled copy per (kind, R, TB). */
 #define HEAD_BLOCK(name, KIND, R, TB)                                                        \
     TARGET_AVX2 static void name(const float *x, size_t dim, const char *rows,              \
-                                 size_t row_bytes, const char *next, float *out,            \
+                                 size_t row_bytes, int tiled, const char *next, float *out, \
                                  size_t out_stride) {                                       \
-        block_avx2(x, dim, rows, row_bytes, next, KIND, R, TB, out, out_stride);            \
+        block_avx2(x, dim, rows, row_bytes, tiled, next, KIND, R, TB, out, out_stride);     \
     }
 /* The same block on AVX-512VL: 32 ymm registers hold up to 4 rows × 4 tokens. The code is
  * block_avx2's (EVEX-encoded ymm FMAs round exactly as VEX ones), so results are the same
  * bits as the AVX2 blocks. */
 #define HEAD_BLOCK_WIDE(name, KIND, R, TB)                                                   \
     TARGET_AVX512 static void name(const float *x, size_t dim, const char *rows,            \
-                                   size_t row_bytes, const char *next, float *out,          \
-                                   size_t out_stride) {                                     \
-        block_avx2(x, dim, rows, row_bytes, next, KIND, R, TB, out, out_stride);            \
+                                   size_t row_bytes, int tiled, const char *next,           \
+                                   float *out, size_t out_stride) {                         \
+        block_avx2(x, dim, rows, row_bytes, tiled, next, KIND, R, TB, out, out_stride);     \
     }
 #define HEAD_BLOCKS(kind_name, KIND)                                                         \
     HEAD_BLOCK_WIDE(kind_name##_quad, KIND, HEAD_ROWS, HEAD_TOKENS_WIDE)                     \
@@ -247,6 +257,7 @@ typedef struct {
     size_t row_bytes;
     const float *row_scale;
     size_t vocab;
+    int tiled;
     float *out;
 } HeadTask;
 
@@ -264,17 +275,17 @@ static void rows_avx2(const HeadTask *h, size_t v, size_t end) {
         float *out = h->out + v;
         size_t t = 0;
         for (; b.quad && t + HEAD_TOKENS_WIDE <= T; t += HEAD_TOKENS_WIDE, next = NULL)
-            b.quad(h->x + t * dim, dim, rows, rb, next, out + t * vocab, vocab);
+            b.quad(h->x + t * dim, dim, rows, rb, h->tiled, next, out + t * vocab, vocab);
         for (; b.triple && t + 3 <= T; t += 3, next = NULL)
-            b.triple(h->x + t * dim, dim, rows, rb, next, out + t * vocab, vocab);
+            b.triple(h->x + t * dim, dim, rows, rb, h->tiled, next, out + t * vocab, vocab);
         for (; t + HEAD_TOKENS <= T; t += HEAD_TOKENS, next = NULL)
-            b.pair(h->x + t * dim, dim, rows, rb, next, out + t * vocab, vocab);
+            b.pair(h->x + t * dim, dim, rows, rb, h->tiled, next, out + t * vocab, vocab);
         for (; t < T; t++, next = NULL)
-            b.single(h->x + t * dim, dim, rows, rb, next, out + t * vocab, vocab);
+            b.single(h->x + t * dim, dim, rows, rb, h->tiled, next, out + t * vocab, vocab);
     }
     for (; v < end; v++) /* fewer than R rows left: the end of the vocabulary */
         for (size_t t = 0; t < T; t++)
-            b.row(h->x + t * dim, dim, h->emb + v * rb, rb, NULL, h->out + t * vocab + v, vocab);
+            b.row(h->x + t * dim, dim, h->emb + v * rb, rb, 0, NULL, h->out + t * vocab + v, vocab);
 }
 #endif
 
@@ -304,8 +315,8 @@ static void head_chunk(void *ctx, int chunk, int thread) {
 }
 
 void lm_head(Pool *pool, KernelImpl impl, const float *x, size_t n_tokens, size_t dim,
-             const void *emb, EmbKind kind, const float *row_scale, size_t vocab, float *out) {
-    HeadTask task = {impl, x, n_tokens, dim, emb, kind, emb_row_bytes(kind, dim), row_scale, vocab, out};
+             const void *emb, EmbKind kind, const float *row_scale, size_t vocab, int tiled, float *out) {
+    HeadTask task = {impl, x, n_tokens, dim, emb, kind, emb_row_bytes(kind, dim), row_scale, vocab, tiled, out};
     pool_run(pool, head_chunk, &task, (int)((vocab + HEAD_ROWS_PER_CHUNK - 1) / HEAD_ROWS_PER_CHUNK));
 }
 

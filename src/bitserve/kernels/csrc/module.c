@@ -44,10 +44,25 @@ static void pool_object_dealloc(PoolObject *self) {
 
 /* ---------------------------------------------------------------- methods ---- */
 
+/* -1 with ValueError set unless a tiled head (if `tiled`) can run: AVX2 and rows of whole
+ * 64-byte lines (see lm_head) */
+static int check_tiled(int tiled, int impl, size_t row_bytes) {
+    if (!tiled) return 0;
+    if (impl < IMPL_AVX2) {
+        PyErr_SetString(PyExc_ValueError, "a tiled head needs the AVX2 or AVX-512 kernels");
+        return -1;
+    }
+    if (row_bytes % 64) {
+        PyErr_Format(PyExc_ValueError, "a tiled head needs rows of whole 64-byte lines, not %zu bytes", row_bytes);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *py_head(PoolObject *self, PyObject *args) {
     PyObject *ox, *oemb, *oscale, *oout;
-    int impl;
-    if (!PyArg_ParseTuple(args, "OOOOi", &ox, &oemb, &oscale, &oout, &impl) || ready(self) ||
+    int impl, tiled = 0;
+    if (!PyArg_ParseTuple(args, "OOOOi|p", &ox, &oemb, &oscale, &oout, &impl, &tiled) || ready(self) ||
         check_impl(impl))
         return NULL;
     Views v = {.n = 0};
@@ -63,9 +78,13 @@ static PyObject *py_head(PoolObject *self, PyObject *args) {
         return NULL;
     }
     EmbKind kind = is_i8 ? EMB_I8 : format_code(emb) == 'e' ? EMB_F16 : EMB_F32;
+    if (check_tiled(tiled, impl, (size_t)emb->shape[1] * (size_t)emb->itemsize)) {
+        release_views(&v);
+        return NULL;
+    }
     Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
     lm_head(&self->pool, (KernelImpl)impl, x->buf, (size_t)x->shape[0], (size_t)x->shape[1], emb->buf,
-            kind, scale ? scale->buf : NULL, (size_t)emb->shape[0], out->buf);
+            kind, scale ? scale->buf : NULL, (size_t)emb->shape[0], tiled, out->buf);
     pool_unlock(&self->pool);
     Py_END_ALLOW_THREADS release_views(&v);
     Py_RETURN_NONE;
@@ -75,9 +94,12 @@ static PyObject *py_head(PoolObject *self, PyObject *args) {
  * kind EMB_BF16 (2·dim) or EMB_I8B16/32 (dim int8 values, then dim/16 or dim/32 f32 scales) */
 static PyObject *py_head_packed(PoolObject *self, PyObject *args) {
     PyObject *ox, *oemb, *oout;
-    int kind, impl;
-    if (!PyArg_ParseTuple(args, "OOiOi", &ox, &oemb, &kind, &oout, &impl) || ready(self) || check_impl(impl))
+    int kind, impl, tiled = 0;
+    if (!PyArg_ParseTuple(args, "OOiOi|p", &ox, &oemb, &kind, &oout, &impl, &tiled) || ready(self) ||
+        check_impl(impl))
         return NULL;
+    if (tiled && kind != EMB_BF16)
+        return PyErr_Format(PyExc_ValueError, "head_packed: only a BF16 head can be tiled, not kind %d", kind);
     if (kind != EMB_BF16 && kind != EMB_I8B16 && kind != EMB_I8B32)
         return PyErr_Format(PyExc_ValueError, "head_packed: kind %d is not BF16, I8B16 or I8B32", kind);
     Views v = {.n = 0};
@@ -95,9 +117,13 @@ static PyObject *py_head_packed(PoolObject *self, PyObject *args) {
         release_views(&v);
         return NULL;
     }
+    if (check_tiled(tiled, impl, (size_t)row_bytes)) {
+        release_views(&v);
+        return NULL;
+    }
     Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
     lm_head(&self->pool, (KernelImpl)impl, x->buf, (size_t)x->shape[0], (size_t)dim, emb->buf, (EmbKind)kind, NULL,
-            (size_t)emb->shape[0], out->buf);
+            (size_t)emb->shape[0], tiled, out->buf);
     pool_unlock(&self->pool);
     Py_END_ALLOW_THREADS release_views(&v);
     Py_RETURN_NONE;
@@ -422,9 +448,11 @@ static PyMethodDef pool_methods[] = {
      "bitlinear_many(x, raws, n_outs, w_scales, outs, impl): I2_S weights of one input in one task"},
     {"bitlinear_blocked_many", (PyCFunction)py_bitlinear_blocked_many, METH_VARARGS,
      "bitlinear_blocked_many(x, codes, scales, n_outs, gps, block32, out_scales, outs, impl)"},
-    {"head", (PyCFunction)py_head, METH_VARARGS, "head(x, embedding, row_scale|None, out, impl)"},
+    {"head", (PyCFunction)py_head, METH_VARARGS,
+     "head(x, embedding, row_scale|None, out, impl, tiled=False): tiled, see lm_head"},
     {"head_packed", (PyCFunction)py_head_packed, METH_VARARGS,
-     "head_packed(x, rows, kind, out, impl): BF16 (3) or int8 rows with f32 block scales (4: 16, 5: 32)"},
+     "head_packed(x, rows, kind, out, impl, tiled=False): BF16 (3, may be tiled) or int8 rows with f32 "
+     "block scales (4: 16, 5: 32)"},
     {"quantize_f16_rows", (PyCFunction)py_quantize_f16_rows, METH_VARARGS,
      "quantize_f16_rows(embedding, q, row_scale, impl)"},
     {"attention", (PyCFunction)py_attention, METH_VARARGS, "attention(q, k_cache, v_cache, start_pos, out, impl[, k_new, v_new]): k_new/v_new stored first"},

@@ -189,9 +189,13 @@ void repack_tq_i2s(int type, const uint8_t *src, size_t rows, size_t cols, const
  * q · scale); EMB_BF16: raw bf16 bits. */
 typedef enum { EMB_F32 = 0, EMB_F16 = 1, EMB_I8 = 2, EMB_BF16 = 3, EMB_I8B16 = 4, EMB_I8B32 = 5 } EmbKind;
 
-/* out [T, V] = x [T, D] · emb [V, D]ᵀ (EMB_I8 rows are divided by row_scale). */
+/* out [T, V] = x [T, D] · emb [V, D]ᵀ (EMB_I8 rows are divided by row_scale). With `tiled`
+ * (AVX2 and up; rows of whole 64-byte lines, kinds without block scales) emb is in the
+ * head's tiled layout: each HEAD_TILE_ROWS rows as one run of their lines in turn (line l
+ * of row r of a tile at l·HEAD_TILE_ROWS + r), the last V mod HEAD_TILE_ROWS rows plain. */
+#define HEAD_TILE_ROWS 4
 void lm_head(Pool *pool, KernelImpl impl, const float *x, size_t n_tokens, size_t dim,
-             const void *emb, EmbKind kind, const float *row_scale, size_t vocab, float *out);
+             const void *emb, EmbKind kind, const float *row_scale, size_t vocab, int tiled, float *out);
 
 /* F16 rows [V, D] → int8 rows + per-row scale (the activation quantizer, row by row). */
 void quantize_f16_rows(Pool *pool, KernelImpl impl, const uint16_t *emb, size_t vocab,
