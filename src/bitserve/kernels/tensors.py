@@ -325,16 +325,21 @@ def can_tile(rows: np.ndarray) -> bool:
     return rows.ndim == 2 and rows.flags.c_contiguous and rows.shape[1] * rows.itemsize % LINE == 0
 
 
+def _whole_tile_rows(n_rows: int) -> int:
+    """Rows of an ``n_rows`` matrix that fall in whole tiles (the rest stay plain)."""
+    return n_rows // HEAD_TILE_ROWS * HEAD_TILE_ROWS
+
+
 def _tile_view(raw: np.ndarray) -> np.ndarray:
     """The whole tiles of uint8 ``raw [n, row_bytes]`` as ``[tile, line, row, 64]``."""
-    n = raw.shape[0] // HEAD_TILE_ROWS * HEAD_TILE_ROWS
+    n = _whole_tile_rows(raw.shape[0])
     return raw[:n].reshape(n // HEAD_TILE_ROWS, raw.shape[1] // LINE, HEAD_TILE_ROWS, LINE)
 
 
 def tile_rows(rows: np.ndarray, out: np.ndarray) -> None:
     """``rows [n, dim]`` written into ``out`` (same shape and dtype) in the tiled layout."""
     src, dst = rows.view(np.uint8), out.view(np.uint8)
-    n = src.shape[0] // HEAD_TILE_ROWS * HEAD_TILE_ROWS
+    n = _whole_tile_rows(src.shape[0])
     tiles = src[:n].reshape(n // HEAD_TILE_ROWS, HEAD_TILE_ROWS, src.shape[1] // LINE, LINE)
     _tile_view(dst)[...] = tiles.transpose(0, 2, 1, 3)
     dst[n:] = src[n:]
@@ -343,7 +348,7 @@ def tile_rows(rows: np.ndarray, out: np.ndarray) -> None:
 def tiled_rows(tiled: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """Rows ``idx`` of a matrix stored by :func:`tile_rows`, as plain rows."""
     raw = tiled.view(np.uint8)
-    n_whole = raw.shape[0] // HEAD_TILE_ROWS * HEAD_TILE_ROWS
+    n_whole = _whole_tile_rows(raw.shape[0])
     out = np.empty((len(idx), raw.shape[1]), dtype=np.uint8)
     whole = idx < n_whole
     picked = idx[whole]

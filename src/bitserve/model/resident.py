@@ -39,7 +39,7 @@ import numpy as np
 
 from bitserve.gguf.reader import GGUFFile
 from bitserve.kernels import EmbeddingMatrix, TernaryWeight
-from bitserve.kernels.tensors import HEAD_TILE_ROWS, can_tile, tile_rows
+from bitserve.kernels.tensors import FLOAT_KINDS, HEAD_TILE_ROWS, can_tile, tile_rows
 from bitserve.model.arch import PROJECTIONS
 from bitserve.model.weights import LayerWeights, ModelWeights
 
@@ -92,11 +92,10 @@ def resident_weights(
         piece = arena.take(a.nbytes)
         copy = copies[id(a)] = piece.view(a.dtype).reshape(a.shape)
         if a is tiled:  # whole tiles per piece
-            step = max(1, READ_PIECE // (a.nbytes // len(a)) // HEAD_TILE_ROWS) * HEAD_TILE_ROWS
+            row_bytes = a.nbytes // len(a)
+            step = max(1, READ_PIECE // row_bytes // HEAD_TILE_ROWS) * HEAD_TILE_ROWS
             reads += [
-                functools.partial(
-                    _read_tiled, gguf, offset + lo * copy[0].nbytes, copy[lo : lo + step]
-                )
+                functools.partial(_read_tiled, gguf, offset + lo * row_bytes, copy[lo : lo + step])
                 for lo in range(0, len(a), step)
             ]
             continue
@@ -156,7 +155,7 @@ def _streamed(weights: ModelWeights, head: bool) -> Iterator[np.ndarray]:
 def _tiled_head(matrix: EmbeddingMatrix) -> np.ndarray | None:
     """The head's rows if the tiled layout can hold them (f32/f16/bf16, whole lines)."""
     data = matrix.data
-    if matrix.kind not in ("f32", "f16", "bf16") or data is None or not can_tile(data):
+    if matrix.kind not in FLOAT_KINDS.values() or data is None or not can_tile(data):
         return None
     return data
 
