@@ -40,6 +40,7 @@ class Backend(ABC):
     name: str
     head_mode = "f16"  # "int8": an F16 head runs as int8 rows made from it (native only)
     tiles_heads = False  # head() reads f32/f16/bf16 rows fastest in the tiled layout
+    tiles_ternary = False  # bitlinear() reads I2_S codes fastest in the tiled layout
 
     def int8_head(self, head: EmbeddingMatrix) -> bool:
         """True where :meth:`head` runs ``head`` as int8 rows made from its F16 values, so

@@ -112,7 +112,7 @@ class DecodePlan:
         if not w.blocked:
             if w.raw.nbytes < w.n_out * w.n_in // 4 or w.n_in % 128:
                 raise ValueError(f"I2_S weight [{w.n_out}, {w.n_in}]: {w.raw.nbytes} bytes")
-            return [self._address(w.raw, np.uint8, None), 0, w.n_out, 0, scale_bits]
+            return [self._address(w.raw, np.uint8, None), 0, w.n_out, int(w.tiled), scale_bits]
         assert w.scales is not None
         gps, block32 = 256 // w.group, int(w.act_quant == ActQuant.BLOCK32)
         if block32 and w.n_in % 32:

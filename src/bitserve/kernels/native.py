@@ -57,7 +57,7 @@ MAX_FUSED = 8  # weights per fused call (POOL_MAX_FUSED in native.h)
 
 def _fusable(a: TernaryWeight, b: TernaryWeight) -> bool:
     """Whether two weights can share one fused call: the same input width and layout."""
-    same = a.n_in == b.n_in and a.blocked == b.blocked
+    same = a.n_in == b.n_in and a.blocked == b.blocked and a.tiled == b.tiled
     return same and (not a.blocked or (a.group == b.group and a.act_quant == b.act_quant))
 
 
@@ -112,6 +112,7 @@ class NativeBackend(Backend):
         self.head_mode = head
         self._impl = IMPLS[kernel]
         self.tiles_heads = kernel != "scalar"  # the AVX2/AVX-512 head blocks read tiles
+        self.tiles_ternary = kernel == "avx512"  # its 4-row I2_S tiles do (AVX2 reads rows)
         self._pool: Any = _native.Pool(threads or default_threads())
         # int8 head: the source embedding (kept alive so identity stays meaningful) → (q, s)
         self._head_source: np.ndarray | None = None
@@ -131,7 +132,7 @@ class NativeBackend(Backend):
                 x, w.raw, w.scales, w.n_out, gps, block32, w.scale, out, self._impl
             )
         else:
-            self._pool.bitlinear(x, w.raw, w.n_out, w.scale, out, self._impl)
+            self._pool.bitlinear(x, w.raw, w.tiled, w.n_out, w.scale, out, self._impl)
         return out
 
     def bitlinear_many(self, x: np.ndarray, weights: Sequence[TernaryWeight]) -> list[np.ndarray]:
@@ -164,7 +165,7 @@ class NativeBackend(Backend):
             )
         else:
             self._pool.bitlinear_many(
-                x, tuple(w.raw for w in weights), n_outs, scales, outs, self._impl
+                x, tuple(w.raw for w in weights), first.tiled, n_outs, scales, outs, self._impl
             )
         return list(outs)
 
@@ -317,7 +318,7 @@ class NativeBackend(Backend):
         q = np.ascontiguousarray(q, dtype=np.int8)
         total = q.astype(np.int32).sum(axis=1, dtype=np.int32)
         acc = np.empty((q.shape[0], w.n_out), dtype=np.int32)
-        self._pool.ternary_int(q, total, w.raw, w.n_out, acc, self._impl)
+        self._pool.ternary_int(q, total, w.raw, w.tiled, w.n_out, acc, self._impl)
         return acc
 
     def read_memory(self, buffer: np.ndarray) -> int:

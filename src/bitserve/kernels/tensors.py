@@ -3,7 +3,9 @@
 ``TernaryWeight`` is one of two layouts:
 - **I2_S** (``group == 0``): bitnet.cpp's bytes as on disk (zero copy from the memory map) and
   ONE f32 scale per tensor. TQ1_0/TQ2_0 tensors whose block scales are all the same value
-  (BitNet conversions) are repacked into it: the fastest kernel, and exact.
+  (BitNet conversions) are repacked into it: the fastest kernel, and exact. Its rows may be
+  stored tiled (``tiled``: :func:`tile_rows`, each 4 rows' 64-byte lines in turn, the order
+  the AVX-512 kernel reads them), which every reader here and in C understands.
 - **blocked** (``group`` 64, 128 or 256): per-block f16 scales kept as they are, codes
   repacked once at load into super-blocks of 256 weights (64 bytes) laid out for the SIMD dot
   products: byte ``4L + i`` holds, in bits ``2j..2j+1``, the code of weight ``16L + 4j + i``,
@@ -44,6 +46,60 @@ SUPER_BYTES = 64
 LANES = 16  # 32-bit lanes of a super-block: 16 weights each
 ACT_BLOCK = 32  # activations per BLOCK32 scale
 
+# The tiled layout of a float head and of I2_S codes (csrc/native.h: lm_head,
+# TILE_ROWS): each TILE_ROWS rows stored as one run of their 64-byte lines in turn, so
+# a kernel that reads those rows together reads one linear stream instead of TILE_ROWS
+# interleaved ones; the last n_rows mod TILE_ROWS rows stay as they are.
+TILE_ROWS = 4
+LINE = 64
+
+
+def can_tile(rows: np.ndarray) -> bool:
+    """True when ``rows [n, dim]`` (C-contiguous) are whole 64-byte lines each."""
+    return rows.ndim == 2 and rows.flags.c_contiguous and rows.shape[1] * rows.itemsize % LINE == 0
+
+
+def _whole_tile_rows(n_rows: int) -> int:
+    """Rows of an ``n_rows`` matrix that fall in whole tiles (the rest stay plain)."""
+    return n_rows // TILE_ROWS * TILE_ROWS
+
+
+def _tile_view(raw: np.ndarray) -> np.ndarray:
+    """The whole tiles of uint8 ``raw [n, row_bytes]`` as ``[tile, line, row, 64]``."""
+    n = _whole_tile_rows(raw.shape[0])
+    return raw[:n].reshape(n // TILE_ROWS, raw.shape[1] // LINE, TILE_ROWS, LINE)
+
+
+def tile_rows(rows: np.ndarray, out: np.ndarray) -> None:
+    """``rows [n, dim]`` written into ``out`` (same shape and dtype, C-contiguous; ``rows``
+    itself, or apart from it) in the tiled layout (by the C extension where built)."""
+    if _native is not None:
+        _native.tile_rows(rows.view(np.uint8), out.view(np.uint8))
+    else:
+        _tile_rows_numpy(rows, out)
+
+
+def _tile_rows_numpy(rows: np.ndarray, out: np.ndarray) -> None:
+    """:func:`tile_rows` without the C extension (the definition the C one meets)."""
+    src, dst = rows.view(np.uint8), out.view(np.uint8)
+    n = _whole_tile_rows(src.shape[0])
+    tiles = src[:n].reshape(n // TILE_ROWS, TILE_ROWS, src.shape[1] // LINE, LINE)
+    _tile_view(dst)[...] = tiles.transpose(0, 2, 1, 3)
+    dst[n:] = src[n:]
+
+
+def tiled_rows(tiled: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` of a matrix stored by :func:`tile_rows`, as plain rows."""
+    raw = tiled.view(np.uint8)
+    n_whole = _whole_tile_rows(raw.shape[0])
+    out = np.empty((len(idx), raw.shape[1]), dtype=np.uint8)
+    whole = idx < n_whole
+    picked = idx[whole]
+    tiles = _tile_view(raw)[picked // TILE_ROWS, :, picked % TILE_ROWS]  # [k, line, 64]
+    out[whole] = tiles.reshape(len(picked), raw.shape[1])
+    out[~whole] = raw[idx[~whole]]
+    return out.view(tiled.dtype)
+
 
 class ActQuant(str, Enum):
     """How a bitlinear quantizes its activations to int8 (module docstring)."""
@@ -66,7 +122,8 @@ DEFAULT_ACT_QUANT: dict[GGMLType, ActQuant] = {
 @dataclass(eq=False, slots=True)
 class TernaryWeight:
     """A BitLinear weight ``[n_out, n_in]`` (module docstring). I2_S: ``raw`` is
-    ``n_out*n_in/4 + 32`` bytes, ``scale`` the tensor scale. Blocked: ``raw`` is the codes
+    ``n_out*n_in/4 + 32`` bytes, ``scale`` the tensor scale; with ``tiled`` its rows are in
+    the tiled layout (:func:`tile_rows`, made by :meth:`tiled_copy`). Blocked: ``raw`` is the codes
     ``uint8 [n_out, 64·n_super]``, ``scales`` f16 ``[n_out, n_super·256/group]``, ``scale`` a
     factor on every output (1 unless :meth:`with_output_scale`)."""
 
@@ -78,17 +135,29 @@ class TernaryWeight:
     group: int = 0
     act_quant: ActQuant = ActQuant.PER_TOKEN
     source: GGMLType = GGMLType.I2_S
+    tiled: bool = False
     _ternary_f32: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.group == 0 and self.act_quant != ActQuant.PER_TOKEN:
             raise ValueError("an I2_S weight quantizes activations per token only")
+        if self.tiled and not self.can_tile:
+            layout = "blocked" if self.blocked else "I2_S"
+            raise ValueError(
+                f"a tiled weight is I2_S with rows of whole 64-byte lines, "
+                f"not [{self.n_out}, {self.n_in}] {layout}"
+            )
         if self.group and (self.scales is None or self.group not in (64, 128, 256)):
             raise ValueError("a blocked weight needs scales and a group of 64/128/256 weights")
 
     @property
     def blocked(self) -> bool:
         return self.group != 0
+
+    @property
+    def can_tile(self) -> bool:
+        """True for I2_S whose rows are whole 64-byte lines (the tiled layout can hold it)."""
+        return not self.blocked and self.n_in % (4 * LINE) == 0
 
     @property
     def n_super(self) -> int:
@@ -217,10 +286,31 @@ class TernaryWeight:
             self, scale=float(np.float32(self.scale * factor)), _ternary_f32=None
         )
 
+    def tiled_copy(self, out: np.ndarray | None = None) -> TernaryWeight:
+        """This I2_S weight with its codes in the tiled layout, written into ``out`` (uint8,
+        ``raw``'s size) or a new array; the bits of every product stay the same. ``out`` may
+        be ``raw`` itself (in place, fastest: this weight is then no longer valid)."""
+        if self.tiled or not self.can_tile:
+            raise ValueError(f"[{self.n_out}, {self.n_in}] cannot be tiled (again)")
+        out = np.empty_like(self.raw) if out is None else out
+        n = self.n_out * self.n_in // 4
+        tile_rows(self._plain_rows(), out[:n].reshape(self.n_out, -1))
+        out[n:] = self.raw[n:]
+        return dataclasses.replace(self, raw=out, tiled=True, _ternary_f32=None)
+
+    def _plain_rows(self, ids: np.ndarray | None = None) -> np.ndarray:
+        """I2_S codes as plain rows ``uint8 [n_out, n_in/4]`` (or rows ``ids``)."""
+        row_bytes = self.n_in // 4
+        rows = self.raw[: self.n_out * row_bytes].reshape(self.n_out, row_bytes)
+        if self.tiled:
+            return tiled_rows(rows, np.arange(self.n_out) if ids is None else ids)
+        return rows if ids is None else rows[ids]
+
     def codes(self) -> np.ndarray:
         """Codes 0..3 (weight + 1) as uint8 ``[n_out, n_in]`` in natural order (oracle, tests)."""
         if not self.blocked:
-            return (unpack_i2s_codes(self.raw, self.n_out, self.n_in) + 1).astype(np.uint8)
+            plain = self._plain_rows().reshape(-1)
+            return (unpack_i2s_codes(plain, self.n_out, self.n_in) + 1).astype(np.uint8)
         return unpack_blocked(self.raw, self.n_out, self.n_super)[:, : self.n_in]
 
     def block_scales(self) -> np.ndarray:
@@ -244,15 +334,14 @@ class TernaryWeight:
 
     def _rows_codes(self, ids: np.ndarray) -> np.ndarray:
         if not self.blocked:
-            row_bytes = self.n_in // 4
-            rows = self.raw[: self.n_out * row_bytes].reshape(self.n_out, row_bytes)[ids]
-            return (unpack_i2s_codes(rows.reshape(-1), len(ids), self.n_in) + 1).astype(np.uint8)
+            rows = self._plain_rows(np.asarray(ids)).reshape(-1)
+            return (unpack_i2s_codes(rows, len(ids), self.n_in) + 1).astype(np.uint8)
         return unpack_blocked(self.raw[ids], len(ids), self.n_super)[:, : self.n_in]
 
     def ternary_f32(self) -> np.ndarray:
         """The weights -1/0/+1 as float32 ``[n_out, n_in]``, unpacked once (numpy I2_S path)."""
         if self._ternary_f32 is None:
-            codes = unpack_i2s_codes(self.raw, self.n_out, self.n_in)
+            codes = unpack_i2s_codes(self._plain_rows().reshape(-1), self.n_out, self.n_in)
             self._ternary_f32 = codes.astype(np.float32)
         return self._ternary_f32
 
@@ -311,52 +400,6 @@ def unpack_blocked(codes: np.ndarray, n: int, n_super: int) -> np.ndarray:
 # ---- embeddings and LM heads -------------------------------------------------------------------
 
 FLOAT_KINDS = {GGMLType.F32: "f32", GGMLType.F16: "f16", GGMLType.BF16: "bf16"}
-
-# The head's tiled layout (csrc/native.h, lm_head): each HEAD_TILE_ROWS rows stored as one
-# run of their 64-byte lines in turn, so the head kernel, which reads those rows together,
-# reads one linear stream instead of HEAD_TILE_ROWS interleaved ones; the last
-# n_rows mod HEAD_TILE_ROWS rows stay as they are.
-HEAD_TILE_ROWS = 4
-LINE = 64
-
-
-def can_tile(rows: np.ndarray) -> bool:
-    """True when ``rows [n, dim]`` (C-contiguous) are whole 64-byte lines each."""
-    return rows.ndim == 2 and rows.flags.c_contiguous and rows.shape[1] * rows.itemsize % LINE == 0
-
-
-def _whole_tile_rows(n_rows: int) -> int:
-    """Rows of an ``n_rows`` matrix that fall in whole tiles (the rest stay plain)."""
-    return n_rows // HEAD_TILE_ROWS * HEAD_TILE_ROWS
-
-
-def _tile_view(raw: np.ndarray) -> np.ndarray:
-    """The whole tiles of uint8 ``raw [n, row_bytes]`` as ``[tile, line, row, 64]``."""
-    n = _whole_tile_rows(raw.shape[0])
-    return raw[:n].reshape(n // HEAD_TILE_ROWS, raw.shape[1] // LINE, HEAD_TILE_ROWS, LINE)
-
-
-def tile_rows(rows: np.ndarray, out: np.ndarray) -> None:
-    """``rows [n, dim]`` written into ``out`` (same shape and dtype) in the tiled layout."""
-    src, dst = rows.view(np.uint8), out.view(np.uint8)
-    n = _whole_tile_rows(src.shape[0])
-    tiles = src[:n].reshape(n // HEAD_TILE_ROWS, HEAD_TILE_ROWS, src.shape[1] // LINE, LINE)
-    _tile_view(dst)[...] = tiles.transpose(0, 2, 1, 3)
-    dst[n:] = src[n:]
-
-
-def tiled_rows(tiled: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Rows ``idx`` of a matrix stored by :func:`tile_rows`, as plain rows."""
-    raw = tiled.view(np.uint8)
-    n_whole = _whole_tile_rows(raw.shape[0])
-    out = np.empty((len(idx), raw.shape[1]), dtype=np.uint8)
-    whole = idx < n_whole
-    picked = idx[whole]
-    tiles = _tile_view(raw)[picked // HEAD_TILE_ROWS, :, picked % HEAD_TILE_ROWS]  # [k, line, 64]
-    out[whole] = tiles.reshape(len(picked), raw.shape[1])
-    out[~whole] = raw[idx[~whole]]
-    return out.view(tiled.dtype)
-
 
 INT8_BLOCK_TYPES = (GGMLType.Q8_0, GGMLType.Q6_K)
 EMBEDDING_TYPES = (*FLOAT_KINDS, *INT8_BLOCK_TYPES, *TERNARY_TYPES)

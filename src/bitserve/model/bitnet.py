@@ -156,7 +156,9 @@ class BitNetModel:
             weights = ModelWeights.from_gguf(gguf, config)
             if not mmap:  # an int8 head is made from the F16 one: only its rows are read after
                 head = not backend.int8_head(weights.head)
-                weights = resident_weights(weights, gguf, head, tile_head=backend.tiles_heads)
+                weights = resident_weights(
+                    weights, gguf, head, backend.tiles_heads, backend.tiles_ternary
+                )
             return cls(gguf, config, weights, backend)
         except BaseException:
             gguf.close()

@@ -17,7 +17,8 @@ two; 0.14 s from the map).
 The price: the copy is private, so processes serving the same file no longer share it
 through the page cache; ``--mmap`` keeps the map for that case.
 
-A float head is copied in the tiled layout when the backend's head kernel reads it
+A float head (and, on AVX-512, I2_S codes: ``Backend.tiles_ternary``) is copied in the
+tiled layout when the backend's kernel reads it so
 (``Backend.tiles_heads``, ``kernels.tensors.tile_rows``): the kernel reads 4 rows at once,
 and from one linear stream of their lines it runs faster than from 4 interleaved rows
 when memory is fast (the project's VM, 2 threads, interleaved A/B by bandwidth phase: at
@@ -39,7 +40,7 @@ import numpy as np
 
 from bitserve.gguf.reader import GGUFFile
 from bitserve.kernels import EmbeddingMatrix, TernaryWeight
-from bitserve.kernels.tensors import FLOAT_KINDS, HEAD_TILE_ROWS, can_tile, tile_rows
+from bitserve.kernels.tensors import FLOAT_KINDS, TILE_ROWS, can_tile, tile_rows
 from bitserve.model.arch import PROJECTIONS
 from bitserve.model.weights import LayerWeights, ModelWeights
 
@@ -74,52 +75,68 @@ class Arena:
 
 
 def resident_weights(
-    weights: ModelWeights, gguf: GGUFFile, head: bool = True, tile_head: bool = False
+    weights: ModelWeights,
+    gguf: GGUFFile,
+    head: bool = True,
+    tile_head: bool = False,
+    tile_ternary: bool = False,
 ) -> ModelWeights:
     """``weights`` with every streamed array that is a view of ``gguf``'s map (I2_S codes,
     float heads unless not ``head``) replaced by a copy in one :class:`Arena`, in forward
     order; arrays the loader already copied (repacked, dequantized) stay where they are.
-    With ``tile_head``, a float head whose rows are whole 64-byte lines is copied tiled."""
+    With ``tile_head``, a float head whose rows are whole 64-byte lines is copied tiled;
+    with ``tile_ternary``, so are I2_S codes whose rows are. I2_S codes the loader copied
+    (repacked, reordered) are tiled in place: ``weights`` must not be used afterwards."""
     offsets = {id(a): (a, gguf.file_offset(a)) for a in _streamed(weights, head)}  # once each
     mapped = [(a, offset) for a, offset in offsets.values() if offset is not None]
-    if not mapped:
-        return weights
-    tiled = _tiled_head(weights.head) if head and tile_head else None
-    arena = Arena(sum(-(-a.nbytes // ALIGNMENT) * ALIGNMENT for a, _ in mapped))
+    tile_as: dict[int, tuple[int, int]] = {}  # id(array) → (rows, row bytes) to copy tiled
+    data = _tiled_head(weights.head) if head and tile_head else None
+    if data is not None and offsets[id(data)][1] is not None:  # the map's: copied tiled below
+        tile_as[id(data)] = (len(data), data.nbytes // len(data))
+    if tile_ternary:
+        for w in _i2s_weights(weights, head):
+            if w.can_tile and not w.tiled:
+                tile_as[id(w.raw)] = (w.n_out, w.n_in // 4)
+    arena = Arena(sum(-(-a.nbytes // ALIGNMENT) * ALIGNMENT for a, _ in mapped)) if mapped else None
     copies: dict[int, np.ndarray] = {}
     reads: list[Callable[[], None]] = []  # pieces, read in parallel
     for a, offset in mapped:
+        assert arena is not None
         piece = arena.take(a.nbytes)
-        copy = copies[id(a)] = piece.view(a.dtype).reshape(a.shape)
-        if a is tiled:  # whole tiles per piece
-            row_bytes = a.nbytes // len(a)
-            step = max(1, READ_PIECE // row_bytes // HEAD_TILE_ROWS) * HEAD_TILE_ROWS
-            reads += [
-                functools.partial(_read_tiled, gguf, offset + lo * row_bytes, copy[lo : lo + step])
-                for lo in range(0, len(a), step)
-            ]
-            continue
+        copies[id(a)] = piece.view(a.dtype).reshape(a.shape)
+        n_rows, row_bytes = tile_as.get(id(a), (0, 0))
+        tiled_bytes = n_rows * row_bytes  # whole tiles per piece, the rest as it is
+        step = max(1, READ_PIECE // max(row_bytes, 1) // TILE_ROWS) * TILE_ROWS
+        rows = piece[:tiled_bytes].reshape(n_rows, row_bytes)
+        reads += [
+            functools.partial(_read_tiled, gguf, offset + lo * row_bytes, rows[lo : lo + step])
+            for lo in range(0, n_rows, step)
+        ]
         out = piece.data
         reads += [
             functools.partial(_pread, gguf, offset + lo, out[lo : lo + READ_PIECE])
-            for lo in range(0, a.nbytes, READ_PIECE)
+            for lo in range(tiled_bytes, a.nbytes, READ_PIECE)
         ]
     with ThreadPoolExecutor(READ_THREADS) as pool:  # faulting the pages in is most of it
         list(pool.map(lambda read: read(), reads))
+    for w in _i2s_weights(weights, head):  # codes the loader copied: tiled in place
+        if id(w.raw) in tile_as and id(w.raw) not in copies:
+            copies[id(w.raw)] = w.tiled_copy(out=w.raw).raw
 
     def moved(a: np.ndarray) -> np.ndarray:
         return copies.get(id(a), a)
 
     def ternary(w: TernaryWeight) -> TernaryWeight:
         scales = moved(w.scales) if w.scales is not None else None
-        return dataclasses.replace(w, raw=moved(w.raw), scales=scales)
+        tiled = w.tiled or id(w.raw) in tile_as
+        return dataclasses.replace(w, raw=moved(w.raw), scales=scales, tiled=tiled)
 
     def matrix(m: EmbeddingMatrix | None) -> EmbeddingMatrix | None:
         if m is None:
             return None
         head_ternary = ternary(m.ternary) if m.ternary is not None else None
         data = moved(m.data) if m.data is not None else None
-        is_tiled = tiled is not None and m.data is tiled  # a tied embedding reads it too
+        is_tiled = m.data is not None and id(m.data) in tile_as  # a tied embedding reads it too
         return dataclasses.replace(m, data=data, ternary=head_ternary, tiled=is_tiled)
 
     def layer(lw: LayerWeights) -> LayerWeights:
@@ -134,6 +151,17 @@ def resident_weights(
         token_embd=token_embd,
         output=matrix(weights.output),
     )
+
+
+def _i2s_weights(weights: ModelWeights, head: bool) -> Iterator[TernaryWeight]:
+    """The I2_S weights a decode step reads (the head's too, if ``head``)."""
+    for lw in weights.layers:
+        for p in PROJECTIONS:
+            w: TernaryWeight = getattr(lw, p)
+            if not w.blocked:
+                yield w
+    if head and weights.head.ternary is not None and not weights.head.ternary.blocked:
+        yield weights.head.ternary
 
 
 def _streamed(weights: ModelWeights, head: bool) -> Iterator[np.ndarray]:
@@ -162,10 +190,9 @@ def _tiled_head(matrix: EmbeddingMatrix) -> np.ndarray | None:
 
 def _read_tiled(gguf: GGUFFile, offset: int, dest: np.ndarray) -> None:
     """Rows ``dest [n, dim]`` read from ``offset`` of ``gguf``'s file, written tiled
-    (``n`` a whole number of tiles, or the matrix's last rows)."""
-    plain = np.empty_like(dest)
-    _pread(gguf, offset, plain.reshape(-1).view(np.uint8).data)
-    tile_rows(plain, dest)
+    (``n`` a whole number of tiles, or the matrix's last rows): read, then tiled in place."""
+    _pread(gguf, offset, dest.reshape(-1).view(np.uint8).data)
+    tile_rows(dest, dest)
 
 
 def _ternary_arrays(w: TernaryWeight) -> Iterator[np.ndarray]:

@@ -124,6 +124,7 @@ PyObject *py_decode_token(PoolObject *self, PyObject *args);
 /* module_repack.c: load-time repacking (module functions) */
 PyObject *py_repack_blocked(PyObject *mod, PyObject *args);
 PyObject *py_ternary_scan(PyObject *mod, PyObject *args);
+PyObject *py_tile_rows(PyObject *mod, PyObject *args);
 PyObject *py_repack_tq_i2s(PyObject *mod, PyObject *args);
 PyObject *py_repack_int8_rows(PyObject *mod, PyObject *args);
 

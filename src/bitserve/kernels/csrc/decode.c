@@ -36,11 +36,13 @@ static int run_group(Pool *pool, KernelImpl impl, const DecodeWeight *w, int n, 
     if (!w[0].scales) { /* I2_S: one quantization, one fused task */
         if (pool_reserve_act(pool, 1, k)) return ENOMEM;
         const uint8_t *codes[POOL_MAX_FUSED];
+        int tiled[POOL_MAX_FUSED];
         size_t n_out[POOL_MAX_FUSED];
         float scale[POOL_MAX_FUSED];
-        for (int i = 0; i < n; i++) codes[i] = w[i].codes, n_out[i] = w[i].n_out, scale[i] = w[i].scale;
+        for (int i = 0; i < n; i++)
+            codes[i] = w[i].codes, tiled[i] = w[i].tiled, n_out[i] = w[i].n_out, scale[i] = w[i].scale;
         quantize_rows(pool, impl, x, 1, k, pool->q, pool->act_scale, pool->act_sum);
-        ternary_matmul_many(pool, impl, n, codes, n_out, k, scale, pool->q, pool->act_scale, pool->act_sum,
+        ternary_matmul_many(pool, impl, n, codes, tiled, n_out, k, scale, pool->q, pool->act_scale, pool->act_sum,
                             1, y);
         return 0;
     }

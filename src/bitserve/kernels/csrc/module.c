@@ -440,12 +440,12 @@ static PyObject *py_threads(PoolObject *self, void *closure) {
 
 static PyMethodDef pool_methods[] = {
     {"quantize", (PyCFunction)py_quantize, METH_VARARGS, "quantize(x, q, scale, sum, impl)"},
-    {"ternary_int", (PyCFunction)py_ternary_int, METH_VARARGS, "ternary_int(q, sum, raw, n_out, acc, impl)"},
-    {"bitlinear", (PyCFunction)py_bitlinear, METH_VARARGS, "bitlinear(x, raw, n_out, w_scale, out, impl)"},
+    {"ternary_int", (PyCFunction)py_ternary_int, METH_VARARGS, "ternary_int(q, sum, raw, tiled, n_out, acc, impl)"},
+    {"bitlinear", (PyCFunction)py_bitlinear, METH_VARARGS, "bitlinear(x, raw, tiled, n_out, w_scale, out, impl)"},
     {"bitlinear_blocked", (PyCFunction)py_bitlinear_blocked, METH_VARARGS,
      "bitlinear_blocked(x, codes, scales, n_out, gps, block32, out_scale, out, impl)"},
     {"bitlinear_many", (PyCFunction)py_bitlinear_many, METH_VARARGS,
-     "bitlinear_many(x, raws, n_outs, w_scales, outs, impl): I2_S weights of one input in one task"},
+     "bitlinear_many(x, raws, tiled, n_outs, w_scales, outs, impl): I2_S weights of one input in one task"},
     {"bitlinear_blocked_many", (PyCFunction)py_bitlinear_blocked_many, METH_VARARGS,
      "bitlinear_blocked_many(x, codes, scales, n_outs, gps, block32, out_scales, outs, impl)"},
     {"head", (PyCFunction)py_head, METH_VARARGS,
@@ -503,6 +503,7 @@ static PyMethodDef module_methods[] = {
      "ternary_scan(src, type, rows, cols) -> (one_scale, f16 bits): TQ1_0/TQ2_0 with one scale?"},
     {"repack_int8_rows", py_repack_int8_rows, METH_VARARGS,
      "repack_int8_rows(src, type, rows, cols, out): Q8_0/Q6_K as int8 rows with f32 block scales"},
+    {"tile_rows", py_tile_rows, METH_VARARGS, "tile_rows(src, out): uint8 rows into the tiled layout (native.h)"},
     {"repack_tq_i2s", py_repack_tq_i2s, METH_VARARGS,
      "repack_tq_i2s(src, type, rows, cols, row_order|None, out): one-scale TQ1_0/TQ2_0 as I2_S codes"},
     {"cpu_has_avx2", py_cpu_has_avx2, METH_NOARGS, "True when the AVX2/FMA/F16C path can run here."},

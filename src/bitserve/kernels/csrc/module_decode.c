@@ -6,7 +6,8 @@
 #include "bindings.h"
 
 #define PLAN_NORMS 6
-#define PLAN_WEIGHT_SLOTS 5 /* codes, scales (0: I2_S), n_out, gps | block32 << 8, scale bits */
+/* codes, scales (0: I2_S), n_out, gps | block32 << 8 (I2_S: tiled), scale bits */
+#define PLAN_WEIGHT_SLOTS 5
 #define PLAN_SLOTS (PLAN_NORMS + 7 * PLAN_WEIGHT_SLOTS)
 #define SHAPE_FIELDS 9 /* n_layers, dim, q_dim, kv_dim, n_heads, n_kv_heads, head_dim, ffn_dim, silu */
 
@@ -19,8 +20,10 @@ static void plan_layer(const int64_t *row, DecodeLayer *L) {
         uint32_t bits = (uint32_t)w[4];
         float scale;
         memcpy(&scale, &bits, 4);
+        int i2s = !w[1];
         L->w[j] = (DecodeWeight){(const uint8_t *)(uintptr_t)w[0], (const uint16_t *)(uintptr_t)w[1],
-                                 (size_t)w[2], scale, (int)(w[3] & 0xff), (int)(w[3] >> 8)};
+                                 (size_t)w[2], scale, i2s ? 0 : (int)(w[3] & 0xff), i2s ? 0 : (int)(w[3] >> 8),
+                                 i2s && w[3]};
     }
 }
 

@@ -27,12 +27,17 @@ PyObject *py_quantize(PoolObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* The I2_S codes of an [n_out, n_in] weight: n_in a multiple of 128, enough bytes. */
-static Py_buffer *take_codes(Views *v, PyObject *obj, Py_ssize_t n_out, Py_ssize_t n_in) {
+/* The I2_S codes of an [n_out, n_in] weight: n_in a multiple of 128 (tiled: of 256, whole
+ * 64-byte lines a row), enough bytes. */
+static Py_buffer *take_codes(Views *v, PyObject *obj, Py_ssize_t n_out, Py_ssize_t n_in, int tiled) {
     Py_buffer *raw = take(v, obj, "raw", "Bb", -1, 0);
     if (!raw) return NULL;
     if (n_out < 1 || n_in < 128 || n_in % 128) {
         PyErr_Format(PyExc_ValueError, "I2_S weight [%zd, %zd]: n_in must be a positive multiple of 128", n_out, n_in);
+        return NULL;
+    }
+    if (tiled && n_in % 256) {
+        PyErr_Format(PyExc_ValueError, "a tiled I2_S weight needs rows of whole 64-byte lines (n_in a multiple of 256), not %zd", n_in);
         return NULL;
     }
     if (raw->len < n_out * (n_in / 4)) {
@@ -46,13 +51,13 @@ static Py_buffer *take_codes(Views *v, PyObject *obj, Py_ssize_t n_out, Py_ssize
 PyObject *py_ternary_int(PoolObject *self, PyObject *args) {
     PyObject *oq, *osum, *oraw, *oacc;
     Py_ssize_t n_out;
-    int impl;
-    if (!PyArg_ParseTuple(args, "OOOnOi", &oq, &osum, &oraw, &n_out, &oacc, &impl) || ready(self) ||
+    int impl, tiled;
+    if (!PyArg_ParseTuple(args, "OOOpnOi", &oq, &osum, &oraw, &tiled, &n_out, &oacc, &impl) || ready(self) ||
         check_impl(impl))
         return NULL;
     Views v = {.n = 0};
     Py_buffer *q = take(&v, oq, "q", "b", 2, 0), *sum = q ? take(&v, osum, "sum", "i", 1, 0) : NULL;
-    Py_buffer *raw = sum ? take_codes(&v, oraw, n_out, q->shape[1]) : NULL;
+    Py_buffer *raw = sum ? take_codes(&v, oraw, n_out, q->shape[1], tiled) : NULL;
     Py_buffer *acc = raw ? take(&v, oacc, "acc", "i", 2, 1) : NULL;
     if (!acc || check_dim("sum", 0, sum->shape[0], q->shape[0]) ||
         check_dim("acc", 0, acc->shape[0], q->shape[0]) || check_dim("acc", 1, acc->shape[1], n_out)) {
@@ -63,7 +68,7 @@ PyObject *py_ternary_int(PoolObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
     err = pool_reserve_act(&self->pool, (size_t)q->shape[0], (size_t)q->shape[1]);
     if (!err)
-        ternary_matmul_int(&self->pool, (KernelImpl)impl, raw->buf, (size_t)n_out, (size_t)q->shape[1],
+        ternary_matmul_int(&self->pool, (KernelImpl)impl, raw->buf, tiled, (size_t)n_out, (size_t)q->shape[1],
                            q->buf, sum->buf, (size_t)q->shape[0], acc->buf);
     pool_unlock(&self->pool);
     Py_END_ALLOW_THREADS if (err) return no_memory(&v);
@@ -75,12 +80,12 @@ PyObject *py_bitlinear(PoolObject *self, PyObject *args) {
     PyObject *ox, *oraw, *oy;
     Py_ssize_t n_out;
     float w_scale;
-    int impl, err = 0;
-    if (!PyArg_ParseTuple(args, "OOnfOi", &ox, &oraw, &n_out, &w_scale, &oy, &impl) || ready(self) ||
+    int impl, tiled, err = 0;
+    if (!PyArg_ParseTuple(args, "OOpnfOi", &ox, &oraw, &tiled, &n_out, &w_scale, &oy, &impl) || ready(self) ||
         check_impl(impl))
         return NULL;
     Views v = {.n = 0};
-    Py_buffer *x = take(&v, ox, "x", "f", 2, 0), *raw = x ? take_codes(&v, oraw, n_out, x->shape[1]) : NULL;
+    Py_buffer *x = take(&v, ox, "x", "f", 2, 0), *raw = x ? take_codes(&v, oraw, n_out, x->shape[1], tiled) : NULL;
     Py_buffer *y = raw ? take(&v, oy, "out", "f", 2, 1) : NULL;
     if (!y || check_dim("out", 0, y->shape[0], x->shape[0]) || check_dim("out", 1, y->shape[1], n_out)) {
         release_views(&v);
@@ -92,7 +97,7 @@ PyObject *py_bitlinear(PoolObject *self, PyObject *args) {
     err = pool_reserve_act(pool, t, k);
     if (!err) {
         quantize_rows(pool, (KernelImpl)impl, x->buf, t, k, pool->q, pool->act_scale, pool->act_sum);
-        ternary_matmul(pool, (KernelImpl)impl, raw->buf, (size_t)n_out, k, w_scale, pool->q,
+        ternary_matmul(pool, (KernelImpl)impl, raw->buf, tiled, (size_t)n_out, k, w_scale, pool->q,
                        pool->act_scale, pool->act_sum, t, y->buf);
     }
     pool_unlock(pool);
@@ -168,12 +173,13 @@ static Py_buffer *take_out(Views *v, PyObject *obj, Py_ssize_t n_tokens, Py_ssiz
     return y;
 }
 
-/* bitlinear_many(x, raws, n_outs, w_scales, outs, impl): I2_S weights of one input, fused */
+/* bitlinear_many(x, raws, tiled, n_outs, w_scales, outs, impl): I2_S weights of one input
+ * (tiled: one layout for all), fused */
 PyObject *py_bitlinear_many(PoolObject *self, PyObject *args) {
     PyObject *ox, *t[4];
-    int impl, err = 0;
-    if (!PyArg_ParseTuple(args, "OO!O!O!O!i", &ox, &PyTuple_Type, &t[0], &PyTuple_Type, &t[1], &PyTuple_Type, &t[2],
-                          &PyTuple_Type, &t[3], &impl) ||
+    int impl, tiled, err = 0;
+    if (!PyArg_ParseTuple(args, "OO!pO!O!O!i", &ox, &PyTuple_Type, &t[0], &tiled, &PyTuple_Type, &t[1], &PyTuple_Type,
+                          &t[2], &PyTuple_Type, &t[3], &impl) ||
         ready(self) || check_impl(impl))
         return NULL;
     int n = fused_count(t, 4);
@@ -183,13 +189,14 @@ PyObject *py_bitlinear_many(PoolObject *self, PyObject *args) {
     const uint8_t *codes[POOL_MAX_FUSED];
     size_t n_out[POOL_MAX_FUSED];
     float w_scale[POOL_MAX_FUSED], *y[POOL_MAX_FUSED];
+    int layout[POOL_MAX_FUSED];
     for (int i = 0; x && i < n; i++) {
         Py_ssize_t rows = PyLong_AsSsize_t(PyTuple_GET_ITEM(t[1], i));
         double scale = PyFloat_AsDouble(PyTuple_GET_ITEM(t[2], i));
-        Py_buffer *raw = PyErr_Occurred() ? NULL : take_codes(&v, PyTuple_GET_ITEM(t[0], i), rows, x->shape[1]);
+        Py_buffer *raw = PyErr_Occurred() ? NULL : take_codes(&v, PyTuple_GET_ITEM(t[0], i), rows, x->shape[1], tiled);
         Py_buffer *out = raw ? take_out(&v, PyTuple_GET_ITEM(t[3], i), x->shape[0], rows) : NULL;
         if (!out) x = NULL; /* stop; the error is set */
-        else codes[i] = raw->buf, n_out[i] = (size_t)rows, w_scale[i] = (float)scale, y[i] = out->buf;
+        else codes[i] = raw->buf, layout[i] = tiled, n_out[i] = (size_t)rows, w_scale[i] = (float)scale, y[i] = out->buf;
     }
     if (!x) {
         release_views(&v);
@@ -201,7 +208,7 @@ PyObject *py_bitlinear_many(PoolObject *self, PyObject *args) {
     err = pool_reserve_act(pool, tok, k);
     if (!err) {
         quantize_rows(pool, (KernelImpl)impl, x->buf, tok, k, pool->q, pool->act_scale, pool->act_sum);
-        ternary_matmul_many(pool, (KernelImpl)impl, n, codes, n_out, k, w_scale, pool->q, pool->act_scale,
+        ternary_matmul_many(pool, (KernelImpl)impl, n, codes, layout, n_out, k, w_scale, pool->q, pool->act_scale,
                             pool->act_sum, tok, y);
     }
     pool_unlock(pool);

@@ -128,3 +128,29 @@ PyObject *py_repack_int8_rows(PyObject *mod, PyObject *args) {
     Py_END_ALLOW_THREADS release_views(&v);
     Py_RETURN_NONE;
 }
+
+/* tile_rows(src, out): uint8 [n, row_bytes] arrays, row_bytes whole 64-byte lines; out is
+ * src (in place) or apart from it */
+PyObject *py_tile_rows(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *osrc, *oout;
+    if (!PyArg_ParseTuple(args, "OO", &osrc, &oout)) return NULL;
+    Views v = {.n = 0};
+    Py_buffer *src = take(&v, osrc, "src", "B", 2, 0), *out = src ? take(&v, oout, "out", "B", 2, 1) : NULL;
+    if (!out || check_dim("out", 0, out->shape[0], src->shape[0]) || check_dim("out", 1, out->shape[1], src->shape[1])) {
+        release_views(&v);
+        return NULL;
+    }
+    const char *a = src->buf, *b = out->buf;
+    if (src->shape[1] % 64 || (a != b && a < b + out->len && b < a + src->len)) {
+        release_views(&v);
+        return PyErr_Format(PyExc_ValueError, "tile_rows: rows of whole 64-byte lines (not %zd bytes), in place "
+                            "or into another array", src->shape[1]);
+    }
+    uint8_t *scratch = PyMem_RawMalloc(TILE_ROWS * (size_t)src->shape[1] + 1);
+    if (!scratch) return no_memory(&v);
+    Py_BEGIN_ALLOW_THREADS tile_rows(src->buf, (size_t)src->shape[0], (size_t)src->shape[1], out->buf, scratch);
+    Py_END_ALLOW_THREADS PyMem_RawFree(scratch);
+    release_views(&v);
+    Py_RETURN_NONE;
+}

@@ -115,30 +115,40 @@ void quantize_rows(Pool *pool, KernelImpl impl, const float *x, size_t n_tokens,
 void quantize_one(KernelImpl impl, const float *x, size_t k, int8_t *q, float *scale,
                   int32_t *sum);
 
+/* I2_S codes are read in one of two layouts (`tiled` below): plain, as in the file (row r
+ * at codes + r·K/4), or tiled, where each whole TILE_ROWS rows hold their 64-byte lines
+ * in turn (line l of the tile's row i at tile + 64·(TILE_ROWS·l + i)), the order the
+ * AVX-512 tile reads them, so that it reads one linear stream; rows past the last whole
+ * tile stay plain (tile_rows below). Tiled needs K % 256 == 0. A float head's tiled layout
+ * (lm_head) is the same. */
+#define TILE_ROWS 4
+
 /* y [T, N] = (q [T, K] · ternary [N, K]ᵀ) / scale * w_scale; codes in I2_S layout. */
-void ternary_matmul(Pool *pool, KernelImpl impl, const uint8_t *codes, size_t n_out,
+void ternary_matmul(Pool *pool, KernelImpl impl, const uint8_t *codes, int tiled, size_t n_out,
                     size_t n_in, float w_scale, const int8_t *q, const float *scale,
                     const int32_t *sum, size_t n_tokens, float *y);
 
 /* Several I2_S weights of the same input width against the same quantized tokens, as one
  * task (q/k/v, gate/up): y[i] [T, n_out[i]], each the bits of ternary_matmul alone. */
 void ternary_matmul_many(Pool *pool, KernelImpl impl, int n, const uint8_t *const codes[],
-                         const size_t n_out[], size_t n_in, const float w_scale[], const int8_t *q,
-                         const float *scale, const int32_t *sum, size_t n_tokens, float *const y[]);
+                         const int tiled[], const size_t n_out[], size_t n_in, const float w_scale[],
+                         const int8_t *q, const float *scale, const int32_t *sum, size_t n_tokens,
+                         float *const y[]);
 
 /* Integer dot products only: acc [T, N] int32 (tests check them against the oracle). */
-void ternary_matmul_int(Pool *pool, KernelImpl impl, const uint8_t *codes, size_t n_out,
+void ternary_matmul_int(Pool *pool, KernelImpl impl, const uint8_t *codes, int tiled, size_t n_out,
                         size_t n_in, const int8_t *q, const int32_t *sum, size_t n_tokens,
                         int32_t *acc);
 
 /* AVX-512 pair tiles (ternary_avx512.c): q [T, K] → qp [T, 256·⌈K/256⌉] in pair order, then
- * dots[t][r] = Σ_k code[rows[r], k] · q[t, k] for PAIR_TILE_ROWS rows and
- * tt <= PAIR_TILE_TOKENS tokens; only called when cpu_has_avx512(), gfni only when
- * cpu_has_gfni() (the same bits either way). */
+ * dots[t][r] = Σ_k code[rows[r], k] · q[t, k] for PAIR_TILE_ROWS rows (each row's 64-byte
+ * lines `ls` bytes apart: 64 plain, 64·TILE_ROWS tiled) and tt <= PAIR_TILE_TOKENS
+ * tokens; only called when cpu_has_avx512(), gfni only when cpu_has_gfni() (the same bits
+ * either way). */
 #define PAIR_TILE_ROWS 4
 #define PAIR_TILE_TOKENS 4
 void permute_pairs(const int8_t *q, size_t n_blocks, int8_t *qp);
-void pair_dots_avx512(const uint8_t *const rows[PAIR_TILE_ROWS], const int8_t *qp,
+void pair_dots_avx512(const uint8_t *const rows[PAIR_TILE_ROWS], size_t ls, const int8_t *qp,
                       size_t qp_stride, size_t n_blocks, int tt, int gfni,
                       int32_t dots[PAIR_TILE_TOKENS][PAIR_TILE_ROWS]);
 /* ...and its n <= PAIR_TILE_ROWS rows stored for tt tokens: y[t·stride + i] =
@@ -180,6 +190,9 @@ void repack_blocked(int type, const uint8_t *src, size_t q2_block, size_t rows, 
 /* TQ1_0/TQ2_0: 1 when every block holding a nonzero weight has the same f16 scale (*scale)
  * and no code is 3, else 0 */
 int ternary_scan(int type, const uint8_t *src, size_t rows, size_t cols, uint16_t *scale);
+/* rows [n_rows, row_bytes] (row_bytes a multiple of 64) → dst in the tiled layout (TILE_ROWS);
+ * dst is src or does not overlap it; scratch holds TILE_ROWS·row_bytes */
+void tile_rows(const uint8_t *src, size_t n_rows, size_t row_bytes, uint8_t *dst, uint8_t *scratch);
 /* TQ1_0/TQ2_0 → I2_S codes [rows · cols / 4] (zero-scale blocks as zero weights) */
 void repack_tq_i2s(int type, const uint8_t *src, size_t rows, size_t cols, const int64_t *order,
                    uint8_t *out);
@@ -257,6 +270,7 @@ typedef struct {
     size_t n_out;
     float scale;
     int gps, block32;
+    int tiled; /* I2_S: the tiled layout (TILE_ROWS) */
 } DecodeWeight;
 
 /* One block: norm weights (f32; NULL where the family has none) and the projections in the

@@ -148,11 +148,17 @@ void quantize_rows(Pool *pool, KernelImpl impl, const float *x, size_t n_tokens,
 
 /* ---------------------------------------------------------------- ternary dot products ---- */
 
+/* Block b of a row whose 64-byte lines (two blocks each) are `ls` bytes apart: 64 in the
+ * plain layout (so b·32), 64·TILE_ROWS in the tiled one (native.h) */
+static inline const uint8_t *block_at(const uint8_t *row, size_t ls, size_t b) {
+    return row + (b >> 1) * ls + (b & 1) * BLOCK_BYTES;
+}
+
 /* Σ_k c[r,k]·q[t,k] for one row and one token, scalar: the portable reference path. */
-static int32_t row_dot_scalar(const uint8_t *codes, const int8_t *q, size_t n_blocks) {
+static int32_t row_dot_scalar(const uint8_t *codes, size_t ls, const int8_t *q, size_t n_blocks) {
     int32_t acc = 0;
     for (size_t b = 0; b < n_blocks; b++) {
-        const uint8_t *c = codes + b * BLOCK_BYTES;
+        const uint8_t *c = block_at(codes, ls, b);
         const int8_t *qb = q + b * BLOCK;
         for (int j = 0; j < BLOCK_BYTES; j++) {
             acc += ((c[j] >> 6) & 3) * qb[j] + ((c[j] >> 4) & 3) * qb[32 + j] +
@@ -168,7 +174,7 @@ static int32_t row_dot_scalar(const uint8_t *codes, const int8_t *q, size_t n_bl
  * stay in int16 and are widened with madd(·, 1) into int32. always_inline + a constant
  * TT lets the compiler keep the accumulator arrays in registers. */
 TARGET_AVX2 static inline __attribute__((always_inline)) void row_dots_avx2(
-    const uint8_t *codes, const int8_t *q, size_t q_stride, size_t n_blocks, const int tt,
+    const uint8_t *codes, size_t ls, const int8_t *q, size_t q_stride, size_t n_blocks, const int tt,
     int32_t *dots) {
     const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
     __m256i acc32[TOKEN_TILE], acc16[TOKEN_TILE];
@@ -177,8 +183,9 @@ TARGET_AVX2 static inline __attribute__((always_inline)) void row_dots_avx2(
         size_t b1 = b0 + INT16_BLOCKS < n_blocks ? b0 + INT16_BLOCKS : n_blocks;
         for (int t = 0; t < tt; t++) acc16[t] = _mm256_setzero_si256();
         for (size_t b = b0; b < b1; b++) {
-            _mm_prefetch((const char *)(codes + b * BLOCK_BYTES + PREFETCH_BYTES), _MM_HINT_T0);
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(codes + b * BLOCK_BYTES));
+            const uint8_t *block = block_at(codes, ls, b);
+            _mm_prefetch((const char *)(block + PREFETCH_BYTES), _MM_HINT_T0);
+            __m256i raw = _mm256_loadu_si256((const __m256i *)block);
             __m256i c0 = _mm256_and_si256(_mm256_srli_epi16(raw, 6), mask);
             __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
             __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(raw, 2), mask);
@@ -199,14 +206,14 @@ TARGET_AVX2 static inline __attribute__((always_inline)) void row_dots_avx2(
     for (int t = 0; t < tt; t++) dots[t] = hsum_epi32(acc32[t]);
 }
 
-TARGET_AVX2 static void row_dots_avx2_any(const uint8_t *codes, const int8_t *q,
+TARGET_AVX2 static void row_dots_avx2_any(const uint8_t *codes, size_t ls, const int8_t *q,
                                           size_t q_stride, size_t n_blocks, int tt,
                                           int32_t *dots) {
     switch (tt) { /* one specialization per tile width, so accumulators stay in registers */
-    case 4: row_dots_avx2(codes, q, q_stride, n_blocks, 4, dots); break;
-    case 3: row_dots_avx2(codes, q, q_stride, n_blocks, 3, dots); break;
-    case 2: row_dots_avx2(codes, q, q_stride, n_blocks, 2, dots); break;
-    default: row_dots_avx2(codes, q, q_stride, n_blocks, 1, dots); break;
+    case 4: row_dots_avx2(codes, ls, q, q_stride, n_blocks, 4, dots); break;
+    case 3: row_dots_avx2(codes, ls, q, q_stride, n_blocks, 3, dots); break;
+    case 2: row_dots_avx2(codes, ls, q, q_stride, n_blocks, 2, dots); break;
+    default: row_dots_avx2(codes, ls, q, q_stride, n_blocks, 1, dots); break;
     }
 }
 #endif
@@ -216,6 +223,7 @@ TARGET_AVX2 static void row_dots_avx2_any(const uint8_t *codes, const int8_t *q,
 typedef struct {
     KernelImpl impl;
     const uint8_t *codes;
+    int tiled; /* the tiled layout (native.h) */
     size_t n_out, n_in;
     float w_scale;
     const int8_t *q;
@@ -229,6 +237,17 @@ typedef struct {
     size_t qp_stride;
     int gfni; /* AVX-512 with GFNI: one-instruction code planes */
 } MatmulTask;
+
+/* Row r's codes and the distance between its 64-byte lines (`ls`), in either layout */
+static const uint8_t *row_codes(const MatmulTask *m, size_t r, size_t *ls) {
+    size_t row_bytes = m->n_in / 4, n_tiled = m->tiled ? m->n_out / TILE_ROWS * TILE_ROWS : 0;
+    if (r >= n_tiled) {
+        *ls = 64;
+        return m->codes + r * row_bytes;
+    }
+    *ls = 64 * TILE_ROWS;
+    return m->codes + (r - r % TILE_ROWS) * row_bytes + 64 * (r % TILE_ROWS);
+}
 
 /* One row's dot products (Σ c·q) with tokens [t0, t0+tt) → y (or acc): Σ (c-1)·q scaled.
  * The AVX-512 tiles store theirs with store_tile_avx512, the same float32 operations. */
@@ -247,14 +266,15 @@ static void store_dots(const MatmulTask *m, size_t row, size_t t0, int tt, const
 /* Rows [r0, r1) against tokens [t0, t0+tt) on AVX-512: tiles of 4 rows, each against all
  * tt <= TOKEN_TILE tokens at once. */
 _Static_assert(TOKEN_TILE <= PAIR_TILE_TOKENS, "a token tile must fit one AVX-512 register tile");
+_Static_assert(TILE_ROWS == PAIR_TILE_ROWS, "a tiled run of rows is one AVX-512 register tile");
 static void rows_avx512(const MatmulTask *m, size_t r0, size_t r1, size_t t0, int tt) {
-    size_t n_blocks = m->n_in / BLOCK, row_bytes = m->n_in / 4, nr = PAIR_TILE_ROWS;
+    size_t n_blocks = m->n_in / BLOCK, nr = PAIR_TILE_ROWS, ls = 64;
     int32_t dots[PAIR_TILE_TOKENS][PAIR_TILE_ROWS];
-    for (size_t r = r0; r < r1; r += nr) {
+    for (size_t r = r0; r < r1; r += nr) { /* r % nr == 0: a tile's rows share one layout */
         const uint8_t *rows[PAIR_TILE_ROWS];
         size_t n = r1 - r < nr ? r1 - r : nr;
-        for (size_t i = 0; i < nr; i++) rows[i] = m->codes + (r + (i < n ? i : 0)) * row_bytes;
-        pair_dots_avx512(rows, m->qp + t0 * m->qp_stride, m->qp_stride, n_blocks, tt, m->gfni, dots);
+        for (size_t i = 0; i < nr; i++) rows[i] = row_codes(m, r + (i < n ? i : 0), &ls);
+        pair_dots_avx512(rows, ls, m->qp + t0 * m->qp_stride, m->qp_stride, n_blocks, tt, m->gfni, dots);
         size_t at = t0 * m->n_out + r;
         store_tile_avx512(dots, tt, n, m->sum + t0, m->scale ? m->scale + t0 : NULL, m->w_scale,
                           m->y ? m->y + at : NULL, m->acc ? m->acc + at : NULL, m->n_out);
@@ -264,19 +284,19 @@ static void rows_avx512(const MatmulTask *m, size_t r0, size_t r1, size_t t0, in
 
 /* Rows [r0, r1) against tokens [t0, t0+tt), one row at a time (scalar and AVX2). */
 static void rows_one_by_one(const MatmulTask *m, size_t r0, size_t r1, size_t t0, int tt) {
-    size_t n_blocks = m->n_in / BLOCK, row_bytes = m->n_in / 4;
+    size_t n_blocks = m->n_in / BLOCK, ls;
     const int8_t *q = m->q + t0 * m->n_in;
     int32_t dots[TOKEN_TILE];
     for (size_t r = r0; r < r1; r++) {
-        const uint8_t *codes = m->codes + r * row_bytes;
+        const uint8_t *codes = row_codes(m, r, &ls);
 #if BITSERVE_X86
         if (m->impl == IMPL_AVX2) {
-            row_dots_avx2_any(codes, q, m->n_in, n_blocks, tt, dots);
+            row_dots_avx2_any(codes, ls, q, m->n_in, n_blocks, tt, dots);
             store_dots(m, r, t0, tt, dots);
             continue;
         }
 #endif
-        for (int t = 0; t < tt; t++) dots[t] = row_dot_scalar(codes, q + (size_t)t * m->n_in, n_blocks);
+        for (int t = 0; t < tt; t++) dots[t] = row_dot_scalar(codes, ls, q + (size_t)t * m->n_in, n_blocks);
         store_dots(m, r, t0, tt, dots);
     }
 }
@@ -312,10 +332,12 @@ static void permute_tokens(Pool *pool, MatmulTask *task) {
     task->gfni = pool->gfni;
 }
 
-/* rows_per_chunk for the thread count; returns the chunk count */
+/* rows_per_chunk for the thread count, whole tiles of rows (each AVX-512 tile of a tiled
+ * weight is one run of its lines); returns the chunk count */
 static int split_rows(const Pool *pool, MatmulTask *task) {
     size_t parts = (size_t)pool->n_threads * CHUNKS_PER_THREAD;
     size_t rows = (task->n_out + parts - 1) / parts;
+    rows = (rows + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
     task->rows_per_chunk = rows < MIN_ROWS_PER_CHUNK ? MIN_ROWS_PER_CHUNK : rows;
     return (int)((task->n_out + task->rows_per_chunk - 1) / task->rows_per_chunk);
 }
@@ -326,12 +348,13 @@ static void run_matmul(Pool *pool, MatmulTask *task) {
 }
 
 void ternary_matmul_many(Pool *pool, KernelImpl impl, int n, const uint8_t *const codes[],
-                         const size_t n_out[], size_t n_in, const float w_scale[], const int8_t *q,
-                         const float *scale, const int32_t *sum, size_t n_tokens, float *const y[]) {
+                         const int tiled[], const size_t n_out[], size_t n_in, const float w_scale[],
+                         const int8_t *q, const float *scale, const int32_t *sum, size_t n_tokens,
+                         float *const y[]) {
     MatmulTask tasks[POOL_MAX_FUSED];
     FusedTask fused = {.n = n};
     for (int i = 0; i < n; i++) {
-        tasks[i] = (MatmulTask){impl, codes[i], n_out[i], n_in, w_scale[i], q, scale, sum, n_tokens, y[i], NULL, 0, NULL, 0, 0};
+        tasks[i] = (MatmulTask){impl, codes[i], tiled[i], n_out[i], n_in, w_scale[i], q, scale, sum, n_tokens, y[i], NULL, 0, NULL, 0, 0};
         if (i == 0)
             permute_tokens(pool, &tasks[0]);
         else /* the same tokens: share their permuted copy */
@@ -343,16 +366,16 @@ void ternary_matmul_many(Pool *pool, KernelImpl impl, int n, const uint8_t *cons
     pool_run_fused(pool, &fused);
 }
 
-void ternary_matmul(Pool *pool, KernelImpl impl, const uint8_t *codes, size_t n_out,
+void ternary_matmul(Pool *pool, KernelImpl impl, const uint8_t *codes, int tiled, size_t n_out,
                     size_t n_in, float w_scale, const int8_t *q, const float *scale,
                     const int32_t *sum, size_t n_tokens, float *y) {
-    MatmulTask task = {impl, codes, n_out, n_in, w_scale, q, scale, sum, n_tokens, y, NULL, 0, NULL, 0, 0};
+    MatmulTask task = {impl, codes, tiled, n_out, n_in, w_scale, q, scale, sum, n_tokens, y, NULL, 0, NULL, 0, 0};
     run_matmul(pool, &task);
 }
 
-void ternary_matmul_int(Pool *pool, KernelImpl impl, const uint8_t *codes, size_t n_out,
+void ternary_matmul_int(Pool *pool, KernelImpl impl, const uint8_t *codes, int tiled, size_t n_out,
                         size_t n_in, const int8_t *q, const int32_t *sum, size_t n_tokens,
                         int32_t *acc) {
-    MatmulTask task = {impl, codes, n_out, n_in, 0.0f, q, NULL, sum, n_tokens, NULL, acc, 0, NULL, 0, 0};
+    MatmulTask task = {impl, codes, tiled, n_out, n_in, 0.0f, q, NULL, sum, n_tokens, NULL, acc, 0, NULL, 0, 0};
     run_matmul(pool, &task);
 }

@@ -106,12 +106,12 @@ TARGET_AVX512_GFNI static inline __attribute__((always_inline)) __m512i code_pla
     return _mm512_and_si512(_mm512_srli_epi16(w, shift), _mm512_set1_epi8(3));
 }
 
-/* Row r's codes of pair p: 64 bytes, or the 32 of a lone last block zero-extended (its
- * activations are zeros too, see permute_pairs) */
-TARGET_AVX512 static inline __attribute__((always_inline)) __m512i pair_codes(const uint8_t *row,
-                                                                            size_t p, int whole) {
-    if (whole) return _mm512_loadu_si512((const void *)(row + p * 64));
-    return _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(row + p * 64)));
+/* A row's codes of one pair (its 64-byte line): 64 bytes, or the 32 of a lone last block
+ * zero-extended (its activations are zeros too, see permute_pairs) */
+TARGET_AVX512 static inline __attribute__((always_inline)) __m512i pair_codes(const uint8_t *line,
+                                                                            int whole) {
+    if (whole) return _mm512_loadu_si512((const void *)line);
+    return _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)line));
 }
 
 /* Token t's activation vector j of a pair (qb: token 0's 256), zeros past tt */
@@ -121,13 +121,13 @@ TARGET_AVX512 static inline __attribute__((always_inline)) __m512i pair_acts(
     return _mm512_loadu_si512((const void *)(qb + (size_t)t * qp_stride + 64 * j));
 }
 
-/* dots[t][r] = Σ_k code[rows[r], k]·q[t, k] for 4 rows (pointers to their I2_S codes;
- * duplicates allowed for a short tile) and tt tokens of qp (row stride qp_stride). tt is a
- * compile-time constant in every caller (pair_dots_avx512), so the unused accumulators
- * fold away. */
+/* dots[t][r] = Σ_k code[rows[r], k]·q[t, k] for 4 rows (pointers to their I2_S codes, whose
+ * 64-byte lines are `ls` bytes apart: 64 plain, 256 tiled; duplicates allowed for a short
+ * tile) and tt tokens of qp (row stride qp_stride). tt is a compile-time constant in every
+ * caller (pair_dots_avx512), so the unused accumulators fold away. */
 TARGET_AVX512_GFNI static inline __attribute__((always_inline)) void pair_tile(
-    const uint8_t *const rows[PAIR_TILE_ROWS], const int8_t *qp, size_t qp_stride, size_t n_blocks,
-    const int tt, const int gfni, int32_t dots[PAIR_TILE_TOKENS][PAIR_TILE_ROWS]) {
+    const uint8_t *const rows[PAIR_TILE_ROWS], size_t ls, const int8_t *qp, size_t qp_stride,
+    size_t n_blocks, const int tt, const int gfni, int32_t dots[PAIR_TILE_TOKENS][PAIR_TILE_ROWS]) {
     const size_t tile_bytes = PAIR_TILE_ROWS * n_blocks * 32; /* the next tile starts here */
     const char *ahead = (const char *)rows[0] +
                         (tile_bytes > AVX512_PREFETCH_BYTES ? tile_bytes : AVX512_PREFETCH_BYTES);
@@ -148,8 +148,8 @@ TARGET_AVX512_GFNI static inline __attribute__((always_inline)) void pair_tile(
                 else
                     _mm_prefetch(ahead + (size_t)PAIR_TILE_ROWS * p * 64 + 64 * i, _MM_HINT_T1);
             }
-        __m512i w0 = pair_codes(row0, p, whole), w1 = pair_codes(row1, p, whole);
-        __m512i w2 = pair_codes(row2, p, whole), w3 = pair_codes(row3, p, whole);
+        __m512i w0 = pair_codes(row0 + p * ls, whole), w1 = pair_codes(row1 + p * ls, whole);
+        __m512i w2 = pair_codes(row2 + p * ls, whole), w3 = pair_codes(row3 + p * ls, whole);
         const int8_t *qb = qp + p * 256;
         for (int j = 0; j < 4; j++) {
             const int shift = 6 - 2 * j; /* code vector j: bits 7-6, 5-4, 3-2, 1-0 */
@@ -173,13 +173,13 @@ TARGET_AVX512_GFNI static inline __attribute__((always_inline)) void pair_tile(
 /* one specialization per tile shape (see native.h) */
 #define PAIR_TILES(G)                                                                        \
     switch (tt) { /* one specialization per tile width */                                   \
-    case 1: pair_tile(rows, qp, qp_stride, n_blocks, 1, G, dots); break;                     \
-    case 2: pair_tile(rows, qp, qp_stride, n_blocks, 2, G, dots); break;                     \
-    case 3: pair_tile(rows, qp, qp_stride, n_blocks, 3, G, dots); break;                     \
-    default: pair_tile(rows, qp, qp_stride, n_blocks, 4, G, dots); break;                    \
+    case 1: pair_tile(rows, ls, qp, qp_stride, n_blocks, 1, G, dots); break;                     \
+    case 2: pair_tile(rows, ls, qp, qp_stride, n_blocks, 2, G, dots); break;                     \
+    case 3: pair_tile(rows, ls, qp, qp_stride, n_blocks, 3, G, dots); break;                     \
+    default: pair_tile(rows, ls, qp, qp_stride, n_blocks, 4, G, dots); break;                    \
     }
-TARGET_AVX512_GFNI void pair_dots_avx512(const uint8_t *const rows[PAIR_TILE_ROWS], const int8_t *qp,
-                                         size_t qp_stride, size_t n_blocks, int tt, int gfni,
+TARGET_AVX512_GFNI void pair_dots_avx512(const uint8_t *const rows[PAIR_TILE_ROWS], size_t ls,
+                                         const int8_t *qp, size_t qp_stride, size_t n_blocks, int tt, int gfni,
                                          int32_t dots[PAIR_TILE_TOKENS][PAIR_TILE_ROWS]) {
     if (gfni && tt == 1) { /* codes in L2, Zen 4: 4% faster at T=1, 0.7% slower at T=4 */
         PAIR_TILES(1)
