@@ -74,8 +74,8 @@ def test_resident_and_mapped_weights_give_the_same_bits(model_gqa4: Path) -> Non
 def test_repacked_families_keep_their_copies_and_their_bits(
     family: str, ternary: GGMLType, tmp_path: Path
 ) -> None:
-    """TQ2_0/Q2_0 weights are the loader's own copies (repacked or blocked) either way, and
-    the model's outputs do not depend on the choice."""
+    """TQ2_0/Q2_0 weights are the loader's own copies (repacked or blocked) either way, tiled
+    in place where the kernel reads tiles, and the model's outputs do not depend on it."""
     path = write_family_fixture(tmp_path / f"{family}.gguf", family, ternary, seed=5)
     tokens = [int(t) for t in np.random.default_rng(4).integers(0, 2000, 10)]
     with BitNetModel.load(path) as a, BitNetModel.load(path, mmap=True) as b:
@@ -84,6 +84,8 @@ def test_repacked_families_keep_their_copies_and_their_bits(
             wa, wb = getattr(layer_a, f.name), getattr(layer_b, f.name)
             if isinstance(wa, TernaryWeight):  # repacked (one scale) or blocked: copies
                 assert a.gguf.file_offset(wa.raw) is None and b.gguf.file_offset(wb.raw) is None
+                assert wa.tiled == (a.backend.tiles_ternary and wa.can_tile) and not wb.tiled
+                np.testing.assert_array_equal(wa.codes(), wb.codes())
         np.testing.assert_array_equal(steps(a, tokens), steps(b, tokens))
 
 

@@ -17,12 +17,13 @@ two; 0.14 s from the map).
 The price: the copy is private, so processes serving the same file no longer share it
 through the page cache; ``--mmap`` keeps the map for that case.
 
-A float head (and, on AVX-512, I2_S codes: ``Backend.tiles_ternary``) is copied in the
-tiled layout when the backend's kernel reads it so
+A float head is copied in the tiled layout when the backend's head kernel reads it
 (``Backend.tiles_heads``, ``kernels.tensors.tile_rows``): the kernel reads 4 rows at once,
 and from one linear stream of their lines it runs faster than from 4 interleaved rows
 when memory is fast (the project's VM, 2 threads, interleaved A/B by bandwidth phase: at
 75-76 GB/s 2B-4T's F16 head 8% and Falcon3-7B's 2.3% faster, at 46-49 GB/s 0.5-0.7%).
+So are I2_S codes on AVX-512 (``Backend.tiles_ternary``; a decode step 0.9-1.4% faster
+at 41-67 GB/s, docs/families.md "Speed").
 """
 
 from __future__ import annotations
