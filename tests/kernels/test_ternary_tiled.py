@@ -1,4 +1,4 @@
-"""I2_S codes in the tiled layout (TernaryWeight.tiled_copy, csrc/native.h I2S_TILE_ROWS):
+"""I2_S codes in the tiled layout (TernaryWeight.tiled_copy, csrc/native.h TILE_ROWS):
 each 4 rows' 64-byte lines in turn. Every native path reads it to the numpy oracle's
 bits, as it reads the plain layout, and the numpy side reads the same codes back."""
 

@@ -65,6 +65,12 @@ def test_resident_and_mapped_weights_give_the_same_bits(model_gqa4: Path) -> Non
     with BitNetModel.load(model_gqa4) as a, BitNetModel.load(model_gqa4, mmap=True) as b:
         tiled = [getattr(layer, p).tiled for layer in a.weights.layers for p in PROJECTIONS]
         assert any(tiled) == a.backend.tiles_ternary  # 128-byte rows: tiles differ from rows
+        for la, lb in zip(a.weights.layers, b.weights.layers, strict=True):
+            for p in PROJECTIONS:
+                wa, wb = getattr(la, p), getattr(lb, p)
+                np.testing.assert_array_equal(wa.codes(), wb.codes())
+                if wa.tiled:  # the arena's bytes are not the file's
+                    assert not np.array_equal(wa.raw, wb.raw)
         np.testing.assert_array_equal(steps(a, tokens), steps(b, tokens))
 
 

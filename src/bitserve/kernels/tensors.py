@@ -293,6 +293,10 @@ class TernaryWeight:
         if self.tiled or not self.can_tile:
             raise ValueError(f"[{self.n_out}, {self.n_in}] cannot be tiled (again)")
         out = np.empty_like(self.raw) if out is None else out
+        if out.dtype != np.uint8 or out.shape != self.raw.shape or not out.flags.c_contiguous:
+            raise ValueError(
+                f"out must be C-contiguous uint8 {self.raw.shape}, not {out.dtype} {out.shape}"
+            )
         n = self.n_out * self.n_in // 4
         tile_rows(self._plain_rows(), out[:n].reshape(self.n_out, -1))
         out[n:] = self.raw[n:]

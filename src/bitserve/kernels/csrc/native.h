@@ -206,7 +206,7 @@ typedef enum { EMB_F32 = 0, EMB_F16 = 1, EMB_I8 = 2, EMB_BF16 = 3, EMB_I8B16 = 4
  * (AVX2 and up; rows of whole 64-byte lines, kinds without block scales) emb is in the
  * head's tiled layout: each HEAD_TILE_ROWS rows as one run of their lines in turn (line l
  * of row r of a tile at l·HEAD_TILE_ROWS + r), the last V mod HEAD_TILE_ROWS rows plain. */
-#define HEAD_TILE_ROWS 4
+#define HEAD_TILE_ROWS TILE_ROWS /* one tiled layout: tile_rows writes both */
 void lm_head(Pool *pool, KernelImpl impl, const float *x, size_t n_tokens, size_t dim,
              const void *emb, EmbKind kind, const float *row_scale, size_t vocab, int tiled, float *out);
 

@@ -32,7 +32,7 @@
 #define SB 256
 #define SB_BYTES 64
 #define SB_LANES 16
-#define TILE_ROWS 4 /* rows of an AVX-512 tile, and the unit of a row block */
+/* TILE_ROWS (native.h): rows of an AVX-512 tile, and the unit of a row block */
 #define MIN_ROWS_PER_CHUNK 32
 #define CHUNKS_PER_THREAD 4
 /* rows whose codes one pass over a token pair keeps in L2 (bytes), see matmul_chunk */
