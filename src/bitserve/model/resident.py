@@ -95,8 +95,8 @@ def resident_weights(
     if data is not None and offsets[id(data)][1] is not None:  # the map's: copied tiled below
         tile_as[id(data)] = (len(data), data.nbytes // len(data))
     if tile_ternary:
-        for w in _i2s_weights(weights, head):
-            if w.can_tile and not w.tiled:
+        for w in _ternary_weights(weights, head):
+            if w.can_tile and not w.tiled:  # I2_S whose rows are whole lines
                 tile_as[id(w.raw)] = (w.n_out, w.n_in // 4)
     arena = Arena(sum(-(-a.nbytes // ALIGNMENT) * ALIGNMENT for a, _ in mapped)) if mapped else None
     copies: dict[int, np.ndarray] = {}
@@ -106,13 +106,14 @@ def resident_weights(
         piece = arena.take(a.nbytes)
         copies[id(a)] = piece.view(a.dtype).reshape(a.shape)
         n_rows, row_bytes = tile_as.get(id(a), (0, 0))
-        tiled_bytes = n_rows * row_bytes  # whole tiles per piece, the rest as it is
-        step = max(1, READ_PIECE // max(row_bytes, 1) // TILE_ROWS) * TILE_ROWS
-        rows = piece[:tiled_bytes].reshape(n_rows, row_bytes)
-        reads += [
-            functools.partial(_read_tiled, gguf, offset + lo * row_bytes, rows[lo : lo + step])
-            for lo in range(0, n_rows, step)
-        ]
+        tiled_bytes = n_rows * row_bytes  # read tiled, whole tiles per piece; the rest as it is
+        if n_rows:
+            step = max(1, READ_PIECE // row_bytes // TILE_ROWS) * TILE_ROWS
+            rows = piece[:tiled_bytes].reshape(n_rows, row_bytes)
+            reads += [
+                functools.partial(_read_tiled, gguf, offset + lo * row_bytes, rows[lo : lo + step])
+                for lo in range(0, n_rows, step)
+            ]
         out = piece.data
         reads += [
             functools.partial(_pread, gguf, offset + lo, out[lo : lo + READ_PIECE])
@@ -120,7 +121,7 @@ def resident_weights(
         ]
     with ThreadPoolExecutor(READ_THREADS) as pool:  # faulting the pages in is most of it
         list(pool.map(lambda read: read(), reads))
-    for w in _i2s_weights(weights, head):  # codes the loader copied: tiled in place
+    for w in _ternary_weights(weights, head):  # codes the loader copied: tiled in place
         if id(w.raw) in tile_as and id(w.raw) not in copies:
             copies[id(w.raw)] = w.tiled_copy(out=w.raw).raw
 
@@ -154,31 +155,22 @@ def resident_weights(
     )
 
 
-def _i2s_weights(weights: ModelWeights, head: bool) -> Iterator[TernaryWeight]:
-    """The I2_S weights a decode step reads (the head's too, if ``head``)."""
+def _ternary_weights(weights: ModelWeights, head: bool) -> Iterator[TernaryWeight]:
+    """The ternary weights a decode step reads, in order (a ternary head's last, if ``head``)."""
     for lw in weights.layers:
         for p in PROJECTIONS:
-            w: TernaryWeight = getattr(lw, p)
-            if not w.blocked:
-                yield w
-    if head and weights.head.ternary is not None and not weights.head.ternary.blocked:
+            yield getattr(lw, p)
+    if head and weights.head.ternary is not None:
         yield weights.head.ternary
 
 
 def _streamed(weights: ModelWeights, head: bool) -> Iterator[np.ndarray]:
     """The arrays one decode step reads in full, in the order it reads them (the head's
     last, if ``head``)."""
-    for lw in weights.layers:
-        for p in PROJECTIONS:
-            w: TernaryWeight = getattr(lw, p)
-            yield from _ternary_arrays(w)
-    if not head:
-        return
-    matrix = weights.head
-    if matrix.ternary is not None:
-        yield from _ternary_arrays(matrix.ternary)
-    elif matrix.data is not None:
-        yield matrix.data
+    for w in _ternary_weights(weights, head):
+        yield from _ternary_arrays(w)
+    if head and weights.head.ternary is None and weights.head.data is not None:
+        yield weights.head.data
 
 
 def _tiled_head(matrix: EmbeddingMatrix) -> np.ndarray | None:
