@@ -344,3 +344,46 @@ def test_real_family_layouts(
         assert data["choices"][0]["finish_reason"] == "tool_calls"
         for call in data["choices"][0]["message"]["tool_calls"]:
             assert json.loads(call["function"]["arguments"]) in ({"n": 1}, {"n": 2})
+
+
+@pytest.mark.parametrize("max_tokens", [2, 5, 15, 25])
+def test_a_call_cut_short_is_reported_alike_streamed_or_not(
+    client: TestClient, max_tokens: int
+) -> None:
+    """A reply cut by max_tokens inside its call: never call syntax as content, and the
+    partial call (name read) is in the whole reply as streaming has sent it."""
+    body = chat_body(tools=TOOLS, tool_choice="required", temperature=0, max_tokens=max_tokens)
+    whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    streamed, finish = stream_message(client, body)
+    assert finish == whole["finish_reason"] == "length"
+    assert not whole["message"]["content"] and not streamed["content"]
+    assert [(c["name"], c["arguments"]) for c in streamed["calls"]] == [
+        (c["function"]["name"], c["function"]["arguments"])
+        for c in whole["message"].get("tool_calls") or []
+    ]
+
+
+def nested_schema(levels: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "integer"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+@pytest.mark.parametrize("tools", [False, True])
+def test_a_schema_too_deep_or_with_bad_options_is_a_400(client: TestClient, tools: bool) -> None:
+    extra: dict[str, Any] = {"tools": TOOLS} if tools else {}
+    for schema in (nested_schema(300), {"type": "object", "x-guidance": "foo"}):
+        fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        r = client.post("/v1/chat/completions", json=chat_body(response_format=fmt, **extra))
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "response_format"
+    deep = nested_schema(51)  # 103 levels of JSON: short enough for the demo's context
+    bad_tool = {"type": "function", "function": {"name": "f", "parameters": deep}}
+    r = client.post("/v1/chat/completions", json=chat_body(tools=[bad_tool]))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
+    r = client.post("/completion", json={"prompt": "hi", "json_schema": nested_schema(300)})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "json_schema", r.text
+    ok = {"type": "json_schema", "json_schema": {"name": "x", "schema": nested_schema(20)}}
+    data = post(client, response_format=ok, max_tokens=200, **extra)
+    assert data["choices"][0]["finish_reason"] in ("stop", "length")

@@ -70,8 +70,21 @@ def test_reasoning_then_calls() -> None:
 def test_plain_text_with_tools_and_reasoning_enabled() -> None:
     said, parser = read("Hi <think> there", [1, 2], reasoning=True, call_open=HERMES.open)
     assert said["content"] == "Hi <think> there" and not parser.has_reasoning
-    said, _ = read("<tool_c", [3], call_open=HERMES.open)  # ended before it was a call
+    # cut short (max_tokens) inside the call tag: a call with nothing readable, never
+    # call syntax shown as content
+    said, parser = read("<tool_c", [3], call_open=HERMES.open)
+    assert said == {"reasoning": "", "content": "", "calls": []} and parser.content == ""
+    said, _ = read("<tool_c", [3])  # no tools: plain text
     assert said["content"] == "<tool_c"
+
+
+def test_a_call_cut_short_keeps_its_name_and_arguments_so_far() -> None:
+    text = HERMES_TWO[: HERMES_TWO.index('"}}') - 1]  # inside the first call's arguments
+    for cut in range(len(text) + 1):
+        said, parser = read(text, [cut], call_open=HERMES.open)
+        assert said["calls"] == [("f", '{"a": "')], cut  # a last "}" may be the call's own
+        assert [(c.name, c.arguments) for c in parser.tool_calls] == said["calls"]
+        assert said["content"] == ""
 
 
 def test_reasoning_tokens_are_those_up_to_the_close() -> None:
@@ -95,14 +108,6 @@ def test_reasoning_tokens_are_those_up_to_the_close() -> None:
 def test_prompt_left_think_open() -> None:
     said, _parser = read("thinking...</think>done", [5], reasoning=True, in_think=True)
     assert said["reasoning"] == "thinking..." and said["content"] == "done"
-
-
-def test_unfinished_call_is_not_reported() -> None:
-    said, parser = read(
-        '<tool_call>\n{"name": "f", "arguments": {"a": 1', [], call_open="<tool_call>\n"
-    )
-    assert parser.tool_calls == []
-    assert said["calls"] == [("f", '{"a": 1')]  # streamed so far, as OpenAI would
 
 
 # ---- grammars ---------------------------------------------------------------------------

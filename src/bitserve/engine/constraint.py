@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 
 CACHE_SIZE = 128  # compiled grammars kept per model (each is a few hundred KB at most)
 
+# Objects and arrays a schema may nest: far beyond any real schema, and short of the
+# recursion limits of this module's walks and of the library's own compiler.
+MAX_SCHEMA_DEPTH = 100
+
 # JSON as OpenAI's models write it: one space after ':' and ',' and nowhere else. Fixed
 # separators keep the output compact (a small model left free adds whitespace forever)
 # and make streamed tool-call arguments easy to cut out of the text.
@@ -67,6 +71,27 @@ _SCHEMA_KEYWORDS = (
 )
 _LIST_KEYWORDS = ("anyOf", "oneOf", "prefixItems", "items")  # allOf: see _closed
 _MAP_KEYWORDS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def check_schema(schema: Mapping[str, Any] | bool) -> None:
+    """Raise :class:`ConstraintError` for a schema no walk may take: nested deeper than
+    :data:`MAX_SCHEMA_DEPTH`, or with library options (``x-guidance``) that are not an
+    object."""
+    if isinstance(schema, Mapping) and not isinstance(schema.get("x-guidance", {}), Mapping):
+        raise ConstraintError("x-guidance must be an object")
+    level: list[Any] = [schema] if isinstance(schema, Mapping) else []
+    for _ in range(MAX_SCHEMA_DEPTH + 1):
+        level = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, Mapping) else node)
+            if isinstance(child, (Mapping, list))
+        ]
+        if not level:
+            return
+    raise ConstraintError(
+        f"the schema nests objects and arrays more than {MAX_SCHEMA_DEPTH} levels deep"
+    )
 
 
 def closed_objects(schema: Any) -> Any:
@@ -135,9 +160,11 @@ def _closed(schema: Any, close: bool, combined: set[str], path: str = "#") -> An
 def json_lark(schema: Mapping[str, Any] | bool) -> str:
     """A Lark grammar item matching JSON valid against ``schema`` (its objects closed:
     :func:`closed_objects`), written like :data:`JSON_OPTIONS` (for grammars that embed
-    JSON, e.g. tool calls)."""
+    JSON, e.g. tool calls); :class:`ConstraintError` for a schema :func:`check_schema`
+    refuses."""
     if isinstance(schema, bool):
         schema = {} if schema else {"not": {}}
+    check_schema(schema)
     options = {**JSON_OPTIONS, **schema.get("x-guidance", {})}
     return f"%json {json.dumps({**closed_objects(schema), 'x-guidance': options})}"
 
@@ -260,6 +287,7 @@ class ConstraintCompiler:
     def json_schema(self, schema: Mapping[str, Any] | bool) -> CompiledConstraint:
         """Output valid against the JSON Schema ``schema`` (objects closed:
         :func:`closed_objects`)."""
+        check_schema(schema)
         try:
             source = json.dumps(schema) if isinstance(schema, bool) else closed_objects(schema)
             grammar = llguidance.LLMatcher.grammar_from_json_schema(source, defaults=JSON_OPTIONS)

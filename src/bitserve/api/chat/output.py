@@ -14,7 +14,7 @@ the library's reason.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,12 +98,12 @@ def plan_output(
         return OutputPlan(_compile_schema(compiler, schema), tools, reasoning, in_think)
     rules = []
     if schema is not None:
-        rules.append(f"answer: {json_lark(schema)}\n")
+        rules.append(f"answer: {_embedded(lambda: json_lark(schema), 'response_format')}\n")
         answer = "answer"
     else:
         answer = "TEXT"
     if active is not None:
-        rules.append(active.calls_grammar())
+        rules.append(_embedded(active.calls_grammar, "tools"))
         if answer == "TEXT":
             rules.append(active.text_lexeme())
         body = "calls" if active.forced else f"calls | {answer}"
@@ -124,6 +124,16 @@ def plan_output(
     except ConstraintError as exc:
         raise InvalidParameterError(f"{param}: {exc.reason}", param) from exc
     return OutputPlan(constraint, tools, reasoning, in_think)
+
+
+def _embedded(rules: Callable[[], str], param: str) -> str:
+    """Grammar rules that embed a schema of ``param``: a 400 where it cannot be used."""
+    try:
+        return rules()
+    except ConstraintError as exc:
+        raise InvalidParameterError(
+            f"{param}: the schema cannot be used: {exc.reason}", param
+        ) from exc
 
 
 def _compile_schema(compiler: ConstraintCompiler, schema: dict[str, Any]) -> CompiledConstraint:

@@ -60,7 +60,9 @@ class ReplyParser:
 
     @property
     def tool_calls(self) -> list[ParsedCall]:
-        return self.calls.complete_calls() if self.calls is not None else []
+        """Every call whose name was read; a reply cut short (``length``) may end in one
+        whose arguments are incomplete, as streaming has sent them."""
+        return list(self.calls.calls) if self.calls is not None else []
 
     def feed(self, text: str, final: bool = False) -> ReplyDelta:
         """The reply's next text; ``final``: nothing follows (release what is held)."""
@@ -126,6 +128,9 @@ class ReplyParser:
                 return buf
             if opening.startswith(buf) and not final:
                 self._held = buf
+                return None
+            if opening.startswith(buf) and buf:  # cut short inside the call tag: a call,
+                self._stage, self.calls = "calls", ToolCallReader()  # none of it readable
                 return None
         self._stage = "content"
         return buf

@@ -289,14 +289,12 @@ class ToolCallReader:
         if len(ready) > self._sent:
             out.append(ToolCallDelta(index, ready[self._sent :]))
             self._sent = len(ready)
+        call.arguments = ready
         if end is None:
             return False
-        call.arguments, call.complete = ready, True
+        call.complete = True
         self._object_start, self._scan = None, end
         return True
-
-    def complete_calls(self) -> list[ParsedCall]:
-        return [c for c in self.calls if c.complete]
 
 
 _DECODER = json.JSONDecoder()
