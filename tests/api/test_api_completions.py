@@ -221,6 +221,49 @@ def test_text_offset_counts_from_the_prompt_start(client: TestClient) -> None:
     assert offsets == expected
 
 
+@pytest.mark.parametrize(
+    ("prompt", "max_tokens"), [("é🎉 abc", 4), ("hello", 12), ("日本語のテキスト", 6)]
+)
+def test_text_offsets_index_the_text(client: TestClient, prompt: str, max_tokens: int) -> None:
+    """Each token's offset is where its text starts in ``text``: characters split over
+    tokens and hidden control tokens do not push later offsets off (or backwards)."""
+    body = {"model": "bitnet", "prompt": prompt, "max_tokens": max_tokens, "logprobs": 0,
+            "temperature": 0, "echo": True}  # fmt: skip
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    text, lp = choice["text"], choice["logprobs"]
+    offsets = lp["text_offset"]
+    assert offsets == sorted(offsets) and offsets[-1] <= len(text) and offsets[0] == 0
+    for token, at in zip(lp["tokens"], offsets, strict=True):
+        if "\ufffd" not in token and not token.startswith("<|"):
+            assert text.startswith(token, at), (token, at, text)
+    assert text.startswith(" a", prompt.find(" a")) if " a" in prompt else True
+    streamed = sse_events(client.post("/v1/completions", json={**body, "stream": True}).text)
+    generated = [o for e in streamed[1:-1] if e["choices"][0]["logprobs"]
+                 for o in e["choices"][0]["logprobs"]["text_offset"]]  # fmt: skip
+    assert generated == offsets[len(offsets) - len(generated) :]
+
+
+def test_prompt_scored_at_full_context_with_the_servers_kv(client: TestClient) -> None:
+    """``max_tokens: 0`` needs no room for a reply; the scores read float16 KV, as the
+    server's generation does."""
+    ids = client.post("/tokenize", json={"content": "one two " * 2000}).json()["tokens"][:2047]
+    body = {"model": "bitnet", "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"][0]["logprobs"]["tokens"]) == 2047
+    r = client.post("/v1/completions", json={**body, "prompt": ids + ids[:10]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    prefix = ids[:40]  # its greedy next token, scored as part of the prompt
+    gen = client.post("/v1/completions", json={"model": "bitnet", "prompt": prefix,
+                      "max_tokens": 1, "logprobs": 0, "temperature": 0}).json()  # fmt: skip
+    token_ids = client.post("/tokenize", json={"content": gen["choices"][0]["text"]}).json()
+    body = {**body, "prompt": prefix + token_ids["tokens"]}
+    scored = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    generated = gen["choices"][0]["logprobs"]
+    assert scored["tokens"][-1] == generated["tokens"][0]
+    assert math.isclose(scored["token_logprobs"][-1], generated["token_logprobs"][0], abs_tol=1e-4)
+
+
 def test_llama_completion_reports_the_prefix_cache_and_true_timings(client: TestClient) -> None:
     prompt = "Once upon a time there was a little model that liked to count: one two three"
     body = {"prompt": prompt, "n_predict": 8, "temperature": 0}
@@ -269,3 +312,30 @@ def test_llama_completion_parses_special_tokens_in_text(client: TestClient) -> N
         "/v1/completions", json={"model": "bitnet", "prompt": "<|eot_id|>", "max_tokens": 1}
     ).json()
     assert legacy["usage"]["prompt_tokens"] > 2
+
+
+def test_llama_completion_reads_fields_as_llama_cpp_does(client: TestClient) -> None:
+    """``grammar: ""`` is no grammar, ``[[id, false]]`` bans a token (``true``: no bias),
+    and more than OpenAI's 4 stop strings are taken."""
+    body: dict[str, Any] = {"prompt": "Hello", "n_predict": 3, "temperature": 0}
+    plain = client.post("/completion", json={**body, "return_tokens": True}).json()
+    first = plain["tokens"][0]
+    r = client.post("/completion", json={**body, "grammar": "", "return_tokens": True})
+    assert r.status_code == 200 and r.json()["tokens"] == plain["tokens"], r.text
+    banned = client.post(
+        "/completion", json={**body, "return_tokens": True, "logit_bias": [[first, False]]}
+    ).json()
+    assert banned["tokens"][0] != first
+    kept = client.post(
+        "/completion", json={**body, "return_tokens": True, "logit_bias": [[first, True]]}
+    ).json()
+    assert kept["tokens"] == plain["tokens"]
+    stops = [f"zz{i}" for i in range(20)]
+    r = client.post("/completion", json={**body, "stop": stops})
+    assert r.status_code == 200 and r.json()["content"] == plain["content"], r.text
+    r = client.post("/completion", json={**body, "stop": [f"s{i}" for i in range(129)]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
+    r = client.post("/v1/completions", json={"model": "bitnet", "prompt": "hi", "stop": stops})
+    assert r.status_code == 400  # OpenAI's routes keep OpenAI's limit
+    r = client.post("/completion", json={**body, "logit_bias": [[True, -5]]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"

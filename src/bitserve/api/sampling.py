@@ -14,10 +14,11 @@ from pydantic import Field
 
 from bitserve.api.errors import InvalidParameterError
 from bitserve.api.wire import RequestModel
-from bitserve.engine.sampling import SamplingParamError, validate_params
+from bitserve.engine.sampling import MAX_LOGIT_BIAS, SamplingParamError, validate_params
 from bitserve.engine.types import SamplingParams
 
-MAX_STOP_STRINGS = 4
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_LLAMA_STOP_STRINGS = 128  # llama.cpp sets none; each is matched at every token
 MAX_N = 8
 
 THREADS_DOC = (
@@ -47,24 +48,32 @@ class SamplingFields(RequestModel):
     repeat_last_n: int = Field(64, description="Tokens the penalties look back over (-1: all).")
     presence_penalty: float = Field(0.0, description="-2 to 2.")
     frequency_penalty: float = Field(0.0, description="-2 to 2.")
-    logit_bias: dict[str, float] | list[list[float]] | None = Field(
-        None, description="Token id (as a string) → bias added to its logit, -100 to 100."
+    logit_bias: dict[str, float | bool] | list[list[float | bool]] | None = Field(
+        None,
+        description="Token id (as a string) → bias added to its logit, -100 to 100; or "
+        "llama.cpp's [[id, bias], ...]. A bias of false bans the token (as -100), true is "
+        "no bias (as llama.cpp reads them).",
     )
     seed: int | None = Field(None, description="Makes sampling reproducible.")
     threads: int | None = Field(None, description=THREADS_DOC)
 
 
-def parse_logit_bias(bias: dict[str, float] | list[list[float]] | None) -> dict[int, float]:
-    """OpenAI's ``{"id": bias}`` or llama.cpp's ``[[id, bias], ...]`` as ``{id: bias}``."""
+def parse_logit_bias(
+    bias: dict[str, float | bool] | list[list[float | bool]] | None,
+) -> dict[int, float]:
+    """OpenAI's ``{"id": bias}`` or llama.cpp's ``[[id, bias], ...]`` as ``{id: bias}``;
+    a bias of ``false`` bans the token (-100), ``true`` is none (llama.cpp's reading)."""
     pairs = list(bias.items()) if isinstance(bias, dict) else [tuple(p) for p in bias or []]
     out = {}
     for pair in pairs:
         try:
             key, value = pair
             token = int(key)
-            if isinstance(key, float) and key != token:
+            if isinstance(key, bool) or (isinstance(key, float) and key != token):
                 raise ValueError(key)
-            out[token] = float(value)
+            if value is True:
+                continue
+            out[token] = -MAX_LOGIT_BIAS if value is False else float(value)
         except (TypeError, ValueError):
             raise InvalidParameterError(
                 f"logit_bias: {pair!r} is not a (token id, bias) pair", param="logit_bias"
@@ -73,10 +82,11 @@ def parse_logit_bias(bias: dict[str, float] | list[list[float]] | None) -> dict[
 
 
 def to_sampling_params(
-    fields: SamplingFields, vocab_size: int, seed: int | None = None
+    fields: SamplingFields, vocab_size: int | None, seed: int | None = None
 ) -> SamplingParams:
     """``fields`` as engine ``SamplingParams`` (``seed`` overrides ``fields.seed``); 400 on
-    out-of-range values, naming the field as the client spelled it."""
+    out-of-range values, naming the field as the client spelled it (``vocab_size``: when
+    known, bounds ``logit_bias``'s token ids)."""
     if fields.threads is not None and fields.threads < 1:
         raise InvalidParameterError(f"threads: must be >= 1, got {fields.threads}", "threads")
     params = SamplingParams(
@@ -107,13 +117,14 @@ def wire_names(renames: dict[str, str] | None = None) -> Iterator[None]:
         raise InvalidParameterError(f"{param}: {exc.message}", param) from exc
 
 
-def normalize_stop(stop: str | list[str] | None, param: str = "stop") -> list[str]:
-    """``stop`` as a list of at most 4 non-empty strings."""
+def normalize_stop(
+    stop: str | list[str] | None, param: str = "stop", limit: int = MAX_STOP_STRINGS
+) -> list[str]:
+    """``stop`` as a list of at most ``limit`` non-empty strings."""
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > MAX_STOP_STRINGS:
-        raise InvalidParameterError(
-            f"{param}: at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", param
-        )
+    if len(stops) > limit:
+        message = f"{param}: at most {limit} stop strings, got {len(stops)}"
+        raise InvalidParameterError(message, param)
     if any(s == "" for s in stops):
         raise InvalidParameterError(f"{param}: stop strings must not be empty", param)
     return stops

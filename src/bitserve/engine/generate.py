@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from collections.abc import Sequence as SequenceOf
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
+
 from bitserve.engine.sampling import (
     Sampler,
     SamplingParamError,
@@ -144,17 +146,21 @@ class Generator:
             events=events,
         )
 
-    def prompt_logprobs(self, tokens: SequenceOf[int], top_n: int = 0) -> list[PromptLogprob]:
+    def prompt_logprobs(
+        self, tokens: SequenceOf[int], top_n: int = 0, kv_dtype: str = "float32"
+    ) -> list[PromptLogprob]:
         """Logprob of each prompt token under the model given the tokens before it, with the
-        ``top_n`` most likely alternatives at that position (no bias, no penalties).
-        The first token has logprob ``None`` and no alternatives."""
+        ``top_n`` most likely alternatives at that position (no bias, no penalties), the
+        keys and values kept as ``kv_dtype`` (the server's batch keeps float16: scoring
+        then reads what generation would). The first token has logprob ``None`` and no
+        alternatives."""
         validate_top_logprobs(top_n)
         if len(tokens) > self.context_length:
             raise ContextLengthError(len(tokens), self.context_length)
         if not tokens:
             return []
         out = [PromptLogprob(int(tokens[0]), None, [])]
-        cache = self.model.new_cache(len(tokens))
+        cache = self.model.new_cache(len(tokens), np.dtype(kv_dtype))
         for start in range(0, len(tokens), PROMPT_LOGPROBS_CHUNK):
             chunk = list(tokens[start : start + PROMPT_LOGPROBS_CHUNK])
             logits = self.model.forward(chunk, cache, all_logits=True)  # [T, vocab]

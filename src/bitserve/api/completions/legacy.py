@@ -13,7 +13,7 @@ from typing import Any
 from bitserve.api.chat.response import usage
 from bitserve.api.completions.protocol import CompletionRequest
 from bitserve.api.completions.serving import Prompt, engine_request, no_events, tokenize_prompt
-from bitserve.api.errors import InvalidParameterError
+from bitserve.api.errors import ContextLengthExceededError, InvalidParameterError
 from bitserve.api.sampling import check_n, normalize_stop
 from bitserve.api.served import ServedModel
 from bitserve.api.streaming import (
@@ -27,6 +27,7 @@ from bitserve.api.streaming import (
 from bitserve.engine.generate import PromptLogprob
 from bitserve.engine.loop import RequestHandle
 from bitserve.engine.types import GenerationRequest, TokenEvent, TopLogprob
+from bitserve.tokenizer.detokenizer import IncrementalDetokenizer
 
 
 def _prompts(body: CompletionRequest) -> list[str | list[int]]:
@@ -91,39 +92,46 @@ class LegacyCompletion:
                     served, prompt, body, body.max_tokens, stop, top_n, seed,
                     logprobs=body.logprobs is not None,
                 )  # fmt: skip
-                if req is None:
-                    served.check_fits(len(prompt.tokens), "prompt")
+                if req is None and len(prompt.tokens) > served.ctx_size:  # scored, room for none
+                    raise ContextLengthExceededError(len(prompt.tokens), served.ctx_size, "prompt")
                 choices.append(LegacyChoice(p_index * body.n + i, prompt, text, req))
         return cls(served, body, choices, model)
 
     async def echo_logprobs(self, choice: LegacyChoice) -> list[PromptLogprob]:
         tokens, top_n = choice.prompt.tokens, self.body.logprobs or 0
-        scored = await self.served.engine.call(lambda g: g.prompt_logprobs(tokens, top_n))
+        scheduler = self.served.engine.scheduler
+        dtype = scheduler.config.kv_dtype if scheduler is not None else "float32"
+        scored = await self.served.engine.call(lambda g: g.prompt_logprobs(tokens, top_n, dtype))
         return scored[choice.prompt.added :]
 
-    def logprobs_object(
-        self,
-        items: list[LogprobItem],
-        offset: int,
-    ) -> dict[str, Any]:
-        tokens, lps, tops, offsets = [], [], [], []
+    def logprobs_object(self, items: list[LogprobItem], offsets: list[int]) -> dict[str, Any]:
+        """OpenAI's legacy ``logprobs`` of ``items``, the i-th token at ``offsets[i]``."""
+        tokens, lps, tops = [], [], []
         for token_id, lp, alternatives in items:
-            text = self.served.token_piece(token_id)[0]
-            tokens.append(text)
+            tokens.append(self.served.token_piece(token_id)[0])
             lps.append(lp)
             tops.append(
                 {self.served.token_piece(t.token_id)[0]: t.logprob for t in alternatives}
                 if lp is not None
                 else None
             )
-            offsets.append(offset)
-            offset += len(text)
         return {
             "tokens": tokens,
             "token_logprobs": lps,
             "top_logprobs": tops,
-            "text_offset": offsets,
+            "text_offset": list(offsets),
         }
+
+    def prompt_offsets(self, token_ids: list[int]) -> list[int]:
+        """Where each echoed prompt token starts in the prompt's text: the characters its
+        predecessors complete (a token ending inside a character starts at that
+        character)."""
+        detokenizer = IncrementalDetokenizer(self.served.loaded.tokenizer, skip_special=False)
+        offsets, at = [], 0
+        for token_id in token_ids:
+            offsets.append(at)
+            at += len(detokenizer.push(token_id))
+        return offsets
 
     def choice_object(
         self, choice: LegacyChoice, events: list[TokenEvent], echoed: list[PromptLogprob] | None
@@ -137,10 +145,12 @@ class LegacyCompletion:
             # from the prompt's start
             prompt_items: list[LogprobItem] = [(p.token_id, p.logprob, p.top) for p in echoed or []]
             generated: list[LogprobItem] = [(e.token_id, e.logprob, e.top_logprobs) for e in events]
-            logprobs = self.logprobs_object(prompt_items, 0)
-            more = self.logprobs_object(generated, len(choice.prompt_text))
-            for key, values in more.items():
-                logprobs[key] += values
+            offsets = self.prompt_offsets([p.token_id for p in echoed or []])
+            at = len(choice.prompt_text)
+            for e in events:  # where each token's text starts in the reply (hidden: none)
+                offsets.append(at)
+                at += len(e.text)
+            logprobs = self.logprobs_object(prompt_items + generated, offsets)
         return {
             "text": prefix + text,
             "index": choice.index,
@@ -213,8 +223,8 @@ class LegacyCompletion:
             lp = None
             if self.body.logprobs is not None:  # every token, a final end-of-text too
                 item: LogprobItem = (event.token_id, event.logprob, event.top_logprobs)
-                lp = self.logprobs_object([item], offsets[live[k][0]])
-                offsets[live[k][0]] += len(lp["tokens"][0])
+                lp = self.logprobs_object([item], [offsets[live[k][0]]])
+            offsets[live[k][0]] += len(event.text)
             if event.text or lp:
                 yield sse(self.envelope([self.chunk(choice, event.text, None, lp)]))
         if self.body.stream_options and self.body.stream_options.include_usage:

@@ -11,7 +11,7 @@ from typing import Any
 from bitserve.api.completions.protocol import LlamaCompletionRequest
 from bitserve.api.completions.serving import engine_request, tokenize_prompt
 from bitserve.api.errors import InvalidParameterError
-from bitserve.api.sampling import normalize_stop
+from bitserve.api.sampling import MAX_LLAMA_STOP_STRINGS, normalize_stop
 from bitserve.api.served import ServedModel
 from bitserve.api.streaming import RequestGuard, check_not_cancelled, sse
 from bitserve.engine.constraint import CompiledConstraint, ConstraintError
@@ -24,15 +24,16 @@ def completion_constraint(
 ) -> CompiledConstraint | None:
     """llama.cpp's ``json_schema`` or ``grammar`` (GBNF), compiled (not both: a 400, as
     llama.cpp answers). A schema or grammar the library refuses is a 400 with its reason."""
-    if body.json_schema is not None and body.grammar is not None:
+    grammar = body.grammar or None  # "": no grammar, as llama.cpp reads it
+    if body.json_schema is not None and grammar is not None:
         raise InvalidParameterError(
             "json_schema: give json_schema or grammar, not both", "json_schema"
         )
     try:
         if body.json_schema is not None:
             return served.constraints.json_schema(body.json_schema)
-        if body.grammar is not None:
-            return served.constraints.gbnf(body.grammar)
+        if grammar is not None:
+            return served.constraints.gbnf(grammar)
     except ConstraintError as exc:
         param = "json_schema" if body.json_schema is not None else "grammar"
         raise InvalidParameterError(f"{param}: {exc.reason}", param) from exc
@@ -87,9 +88,10 @@ class LlamaCompletion:
         prompt = tokenize_prompt(served, body.prompt, special=True)  # llama.cpp parses them
         seed = None if body.seed is None or body.seed < 0 else body.seed
         body_seedless = body.model_copy(update={"seed": seed})
+        stop = normalize_stop(body.stop, limit=MAX_LLAMA_STOP_STRINGS)
         req = engine_request(
-            served, prompt, body_seedless, body.n_predict, normalize_stop(body.stop),
-            body.n_probs, ignore_eos=body.ignore_eos,
+            served, prompt, body_seedless, body.n_predict, stop, body.n_probs,
+            ignore_eos=body.ignore_eos,
         )  # fmt: skip
         req.sampling.constraint = completion_constraint(served, body)
         return cls(served, body, req)

@@ -24,13 +24,13 @@ class LlamaCompletionRequest(SamplingFields):
         DEFAULT_MAX_TOKENS, description="Tokens to generate; -1 = until the context is full."
     )
     seed: int | None = Field(None, description="-1 or absent: random.")
-    stop: list[str] = Field(default_factory=list, description="Up to 4 stop strings.")
+    stop: list[str] = Field(default_factory=list, description="Up to 128 stop strings.")
     stream: bool = Field(False, description="Stream llama.cpp's objects as SSE `data:` lines.")
     n_probs: int = Field(0, description="0-20: top alternatives per token in "
                          "`completion_probabilities`.")  # fmt: skip
     return_tokens: bool = Field(False, description="Include generated token ids in `tokens`.")
     cache_prompt: bool = Field(
-        True, description="Accepted for compatibility; bitserve has no prompt cache yet."
+        True, description="Accepted for compatibility; the prefix cache is always on."
     )
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence tokens.")
     json_schema: dict[str, Any] | None = Field(
