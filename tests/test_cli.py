@@ -51,6 +51,16 @@ def test_serve_names_a_flag_out_of_its_range_and_exits_2(
     assert err == [f"bitserve serve: {says}"]
 
 
+@pytest.mark.parametrize("key", ["", "  ", "two words", " padded"])
+def test_serve_refuses_a_key_no_client_could_send(
+    key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--api-key ""`` (``$KEY`` unset) turned keys on and let 'Bearer' with no key in."""
+    assert cli.main(["serve", "--api-key", "good", "--api-key", key]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith(f"bitserve serve: --api-key / --api-keys-file: {key!r} cannot be")
+
+
 def test_serve_on_a_taken_port_says_so_before_loading_anything(
     tmp_path: object, capsys: pytest.CaptureFixture[str]
 ) -> None:

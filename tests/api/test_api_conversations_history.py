@@ -125,6 +125,36 @@ def test_oversize_text_is_refused_before_tokenizing(make_client: AppFactory) -> 
         )
 
 
+def test_text_in_tools_reasoning_and_calls_counts_toward_the_input_limit(
+    make_client: AppFactory,
+) -> None:
+    """All the text the template renders is counted before tokenizing, not only content."""
+    big = "word " * 200
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": big}}
+    tool = {"type": "function", "function": {"name": "f", "description": big}}
+    cases = (
+        {"messages": [{"role": "user", "content": "hi"}], "tools": [tool]},
+        {"messages": [{"role": "assistant", "content": "", "reasoning_content": big},
+                      {"role": "user", "content": "hi"}]},
+        {"messages": [{"role": "assistant", "content": "", "tool_calls": [call]},
+                      {"role": "tool", "content": "1", "tool_call_id": "c"}]},
+    )  # fmt: skip
+    with make_client(max_input_chars=600) as client:
+        conv = client.post("/v1/conversations").json()["id"]
+        for extra in cases:
+            for path in ("/v1/chat/completions", f"/v1/conversations/{conv}/chat"):
+                r = client.post(path, json={**chat_body(), **extra})
+                assert r.status_code == 400, (path, r.text)
+                assert r.json()["error"]["code"] == "input_too_long", (path, r.text)
+        r = client.post("/v1/conversations", json={"messages": cases[1]["messages"]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "input_too_long"
+        small = {
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "f", "description": "word " * 80}}],
+        }
+        assert client.post("/v1/chat/completions", json={**chat_body(), **small}).status_code == 200
+
+
 def test_the_default_input_limit_is_what_the_context_could_hold(client: TestClient) -> None:
     served: ServedModel = client.app.state.served  # type: ignore[attr-defined]
     tok = served.loaded.tokenizer

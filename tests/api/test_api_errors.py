@@ -29,6 +29,24 @@ def test_malformed_json_is_422(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b'{"model": "bitnet", "messages": [{"role": "user", "content": "\xff"}]}', "utf-8"),
+        (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/conversations", "/completion"])
+def test_a_body_json_cannot_decode_is_the_same_422(
+    client: TestClient, body: bytes, says: str, path: str
+) -> None:
+    """Not UTF-8, or nested past Python's limit: FastAPI's bare 400 "There was an error
+    parsing the body" (code null) became the documented malformed-JSON 422."""
+    r = client.post(path, content=body, headers={"content-type": "application/json"})
+    err = error_of(r, 422)
+    assert err["code"] == "invalid_value" and says in err["message"]
+
+
+@pytest.mark.parametrize(
     ("patch", "param"),
     [
         ({"messages": None}, "messages"),

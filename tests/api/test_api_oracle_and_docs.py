@@ -100,6 +100,28 @@ def test_oracle_config_file(make_client: AppFactory, tmp_path: Path) -> None:
         OracleConfig.load(path)
 
 
+@pytest.mark.parametrize(
+    ("defaults", "says"),
+    [
+        ({"temperature": 5}, "routes.1.defaults: temperature: must be between 0 and 2"),
+        ({"n": 100}, "routes.1.defaults: n: must be between 1 and"),
+        ({"max_tokens": 0}, "routes.1.defaults: max_tokens: must be at least 1"),
+        ({"bogus": 1}, "routes.1.defaults: ['bogus'] are not chat completion fields"),
+        ({"top_p": "high"}, "routes.1.defaults: top_p: Input should be a valid number"),
+    ],
+)
+def test_oracle_defaults_are_checked_when_the_config_loads(
+    tmp_path: Path, defaults: dict[str, Any], says: str
+) -> None:
+    """A bad default made every request on its route a 400 naming a field the client never
+    sent; it is refused at start instead."""
+    path = tmp_path / "oracle.json"
+    path.write_text(json.dumps({"routes": {"1": {"defaults": defaults}}}))
+    with pytest.raises(OracleConfigError) as caught:
+        OracleConfig.load(path)
+    assert says in str(caught.value)
+
+
 def test_a_model_named_with_slashes_is_retrieved_by_its_name(make_client: AppFactory) -> None:
     with make_client(aliases=("microsoft/bitnet-b1.58-2B-4T",)) as client:
         ids = [m["id"] for m in client.get("/v1/models").json()["data"]]

@@ -5,7 +5,9 @@ that will be refused never makes the server read (and hold) its body.
 - :class:`EdgeGuard` (pure ASGI): a ``Host`` the server does not answer to is a 400 (DNS
   rebinding: a web page on another name must not reach a keyless server's conversations
   through the browser); a ``Content-Length`` over the limit is a 413 at once, and a body
-  without one (chunked) is counted as the app reads it and cut with a 413 there.
+  without one (chunked) is counted as the app reads it and cut with a 413 there. A
+  ``HEAD`` request runs its path's ``GET`` (uvicorn sends the head, not the body), so
+  health checks that use ``HEAD`` work.
 - :class:`GuardedRoute`: the route class of the routers that need a key; it checks the
   ``Authorization`` header before FastAPI reads the body (FastAPI itself reads the body
   first and solves dependencies after), then refuses a JSON body holding text that is
@@ -97,6 +99,8 @@ class EdgeGuard:
         elif _content_length(headers) > self.max_body_bytes:
             refusal = BodyTooLargeError(self.max_body_bytes)
         if refusal is None:
+            if scope["method"] == "HEAD":  # answered as GET; the server sends no body
+                scope = {**scope, "method": "GET"}  # (FastAPI's routes serve no HEAD)
             await _BodyCounter(self.max_body_bytes, scope, receive, send).run(self.app)
             return
         await _refuse(refusal, scope, receive, send)

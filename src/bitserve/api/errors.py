@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from bitserve.engine.generate import ContextLengthError
@@ -30,6 +31,7 @@ from bitserve.store import (
     InvalidTextError,
     StorageFullError,
     StoreUnavailableError,
+    TurnEndedError,
 )
 
 log = logging.getLogger(__name__)
@@ -184,6 +186,10 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     GenerationFailedError: ErrorKind(500, "server_error", "generation_failed"),
     StorageFullError: ErrorKind(507, "server_error", "storage_full"),
     StoreUnavailableError: ErrorKind(503, "server_error", "store_unavailable"),
+    # the client left (mid-body, or before its turn was stored): nobody reads the answer;
+    # nginx's 499 keeps it out of the 5xx counts, and it is not logged
+    ClientDisconnect: ErrorKind(499, "invalid_request_error", "client_closed_request"),
+    TurnEndedError: ErrorKind(499, "invalid_request_error", "client_closed_request"),
 }
 _INTERNAL = ErrorKind(500, "server_error", "internal_error")
 
@@ -278,10 +284,26 @@ def allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
+def unparsable_body(exc: BaseException) -> bool:
+    """FastAPI's 400 "There was an error parsing the body": JSON its decoder raised other
+    than ``JSONDecodeError`` on (bytes that are not UTF-8, nesting past Python's limit)."""
+    return (
+        isinstance(exc, StarletteHTTPException)
+        and exc.status_code == 400
+        and isinstance(exc.__cause__, UnicodeDecodeError | RecursionError)
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every exception through ``error_response``."""
 
     async def handle(request: Request, exc: Exception) -> JSONResponse:
+        if unparsable_body(exc):  # malformed JSON, as the documented 422 says
+            cause = exc.__cause__
+            reason = "nested too deeply" if isinstance(cause, RecursionError) else str(cause)
+            error = {"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error",
+                     "ctx": {"error": reason}}  # fmt: skip
+            exc = RequestValidationError([error])
         if isinstance(exc, StarletteHTTPException) and exc.status_code == 405:
             # Starlette names the methods of the first route on the path only
             exc = StarletteHTTPException(405, exc.detail, {"Allow": allowed_methods(request)})

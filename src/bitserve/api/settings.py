@@ -90,6 +90,12 @@ class ServerSettings:
                 raise ValueError(f"{flag} must be at least {low}, got {value}")
         if not self.head_timeout_s > 0:  # NaN too
             raise ValueError(f"--head-timeout must be more than 0, got {self.head_timeout_s}")
+        for key in self.api_keys:  # "--api-key $KEY" with KEY unset must not let "Bearer" in
+            if not key or key != key.strip() or any(c.isspace() for c in key):
+                raise ValueError(
+                    f"--api-key / --api-keys-file: {key!r} cannot be a key: keys must be "
+                    "non-empty, with no spaces (a client sends 'Authorization: Bearer <key>')"
+                )
 
     @property
     def max_body_bytes(self) -> int:

@@ -15,6 +15,7 @@ from bitserve.store.base import (
     StoreUnavailableError,
     ToolCall,
     Turn,
+    TurnEndedError,
 )
 from bitserve.store.sqlite import SQLiteStore
 
@@ -51,5 +52,6 @@ __all__ = [
     "StoredMessage",
     "ToolCall",
     "Turn",
+    "TurnEndedError",
     "open_store",
 ]

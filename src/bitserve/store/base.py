@@ -14,6 +14,7 @@ conversation run one after the other even from two replicas.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -183,7 +184,10 @@ def now() -> float:
 class Turn(ABC):
     """One chat turn into a conversation, open from reading its history to storing the
     reply: ``conversation`` and ``messages`` as they were when it began, then exactly one
-    of :meth:`commit` or :meth:`abandon` (abandon after commit does nothing)."""
+    of :meth:`commit` or :meth:`abandon`: whichever comes first ends the turn (abandon
+    after commit does nothing; commit after abandon raises ``TurnEndedError`` and stores
+    nothing, so a turn whose client left never lands after the next turn has read the
+    history)."""
 
     conversation: Conversation
     messages: list[StoredMessage]
@@ -198,6 +202,13 @@ class Turn(ABC):
         the database (it runs on the event loop when a client leaves)."""
 
 
+class TurnEndedError(RuntimeError):
+    """``commit`` of a turn already abandoned (its client left)."""
+
+    def __init__(self) -> None:
+        super().__init__("this turn has already ended: its client left, nothing was stored")
+
+
 class _AppendTurn(Turn):
     """The plain turn: a read now, ``append_turn`` at the end. Enough where one process
     owns the database (its chat route already runs one turn per conversation at a time)."""
@@ -206,12 +217,19 @@ class _AppendTurn(Turn):
         self.store = store
         self.owner = owner
         self.conversation, self.messages = store.read(owner, conversation_id)
+        self._open = True
+        self._lock = threading.Lock()
 
     def commit(self, messages: Sequence[NewMessage]) -> list[StoredMessage]:
+        with self._lock:  # claimed here, so abandon (on the event loop) never waits on it
+            if not self._open:
+                raise TurnEndedError()
+            self._open = False
         return self.store.append_turn(self.owner, self.conversation.id, messages)
 
     def abandon(self) -> None:
-        pass
+        with self._lock:
+            self._open = False
 
 
 class ConversationStore(ABC):

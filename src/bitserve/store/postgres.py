@@ -41,6 +41,7 @@ from bitserve.store.base import (
     StoredMessage,
     StoreUnavailableError,
     Turn,
+    TurnEndedError,
     check_texts,
 )
 from bitserve.store.sql import Connection, SQLStore
@@ -113,7 +114,7 @@ class PostgresTurn(Turn):
         """Append and commit; any failure ends the turn (nothing stored)."""
         conn = self._take()
         if conn is None:
-            raise RuntimeError("this turn has already ended")
+            raise TurnEndedError()
         try:
             check_texts(None, messages)
             with _available():

@@ -338,7 +338,7 @@ class Tokenizer:
         """
         with self._lock:
             self._hf.encode_special_tokens = False
-            encoding = self._hf.encode(text, add_special_tokens=False)
+            encoding = self._hf.encode_batch([text], add_special_tokens=False)[0]  # GIL: encode
         parts: list[str | int] = []
         start = 0
         for token_id, (a, b) in zip(encoding.ids, encoding.offsets, strict=True):

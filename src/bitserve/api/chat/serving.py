@@ -9,6 +9,7 @@ built by ``response`` (a whole ``chat.completion``) and ``stream`` (its SSE chun
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -147,6 +148,17 @@ def plan_reply(
     return plan_output(served.constraints, schema, options.tools, reasoning, in_think)
 
 
+def check_fields(body: ChatCompletionRequest) -> tuple[list[str], int, int]:
+    """400s for the fields that are wrong whatever the model and messages (unsupported,
+    out of range); returns the stop strings, ``max_tokens`` and ``top_logprobs``."""
+    check_supported(body)
+    check_n(body.n)
+    stop = normalize_stop(body.stop)
+    max_tokens, top_n = _max_tokens(body), _top_logprobs(body)
+    to_sampling_params(body, None)
+    return stop, max_tokens, top_n
+
+
 def plan_chat(
     served: ServedModel,
     body: ChatCompletionRequest,
@@ -159,12 +171,9 @@ def plan_chat(
     """Validate ``body`` and tokenize ``messages`` (the full history) into engine requests
     (``prompt``: their token ids, when the caller has them already, encoded with
     ``options``). Raises 400s naming the field; the prompt must leave room for one token."""
-    check_supported(body)
-    check_n(body.n)
+    stop, max_tokens, top_n = check_fields(body)
     if not messages:
         raise InvalidParameterError(f"{param}: must contain at least one message", param)
-    stop = normalize_stop(body.stop)
-    max_tokens, top_n = _max_tokens(body), _top_logprobs(body)
     options = options or prompt_options(served, body)
     if prompt is None:
         prompt = encode_chat(served, messages, param, options)
@@ -204,6 +213,21 @@ async def run_chat(plan: ChatPlan, handles: list[RequestHandle]) -> list[ChoiceR
     return read_replies(plan, choice_results(events, handles))
 
 
+def input_chars(
+    messages: Sequence[Mapping[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> int:
+    """The characters of text the chat template will render from wire ``messages`` (their
+    content, reasoning and tool calls) and the ``tools`` it lists, counted before any
+    tokenizing (``--max-input-chars``)."""
+    chars = len(json.dumps(tools)) if tools else 0
+    for m in messages:
+        chars += len(m["content"]) + len(m.get("reasoning_content") or "")
+        for call in m.get("tool_calls") or ():
+            function = call.get("function") or {}
+            chars += len(function.get("name") or "") + len(function.get("arguments") or "")
+    return chars
+
+
 def wire_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """Pydantic messages → the formatter's ``{"role", "content", ...}`` dicts (developer →
     system, text parts joined; tool calls, tool call ids and reasoning kept)."""
@@ -235,7 +259,7 @@ async def answer_chat(
     plan on a worker thread, the caller's prefix-cache scope, then :func:`respond_chat`."""
     served.check_queue_room(body.n, "n")
     messages = wire_messages(body.messages)
-    served.check_input_chars(sum(len(m["content"]) for m in messages), "messages")
+    served.check_input_chars(input_chars(messages, body.tools), "messages")
     plan = await run_in_threadpool(plan_chat, served, body, messages, model)  # tokenizes
     scope_to_caller(plan.requests, request)
     plan.oracle = oracle

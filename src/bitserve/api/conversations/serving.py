@@ -37,6 +37,7 @@ from bitserve.api.chat.serving import (
     ChatPlan,
     PromptOptions,
     encode_chat,
+    input_chars,
     plan_chat,
     prompt_options,
     respond_chat,
@@ -65,6 +66,13 @@ from bitserve.store.base import (
 MAX_LIST_LIMIT = 100
 NEXT_MESSAGE_MARGIN = 32  # tokens a next message may exceed this one by, for the cut ahead
 PREFILL_AHEAD_CHUNK = 64  # a turn's start is ~6 tokens (LLaMA 3); a moved cut, all kept history
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Mark a shielded task's exception read: the request awaiting it reports it, and one
+    whose client left has nothing to report it to (its turn is simply not stored)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class ConversationLocks:
@@ -274,7 +282,7 @@ class ConversationService:
         rules every chat into it will meet: the chat format must take them (roles), and
         the messages no truncation can drop (system ones) must leave room for a reply."""
         if messages:
-            self.served.check_input_chars(sum(len(m["content"]) for m in messages), "messages")
+            self.served.check_input_chars(input_chars(messages), "messages")
             probe = {"role": "user", "content": "x"}
             encode_chat(self.served, [*messages, probe], "messages")
             system = [m for m in messages if m["role"] == "system"]
@@ -318,9 +326,21 @@ class ConversationService:
         new = wire_messages(body.messages)
         if not new:
             raise InvalidParameterError("messages: must contain the new message", "messages")
-        self.served.check_input_chars(sum(len(m["content"]) for m in new), "messages")
+        self.served.check_input_chars(input_chars(new, body.tools), "messages")
         await run_in_threadpool(self.store.get, owner, conversation_id)  # 404 before waiting
-        guard.add(await self.locks.acquire(conversation_id))
+        release = await self.locks.acquire(conversation_id)
+        storing: list[asyncio.Task[NewMessage]] = []
+
+        def release_when_stored() -> None:
+            """The next chat in once this turn's commit (if it began) has ended: a client
+            that leaves while its turn is stored must not let the next turn read the
+            history without it."""
+            if storing and not storing[0].done():
+                storing[0].add_done_callback(lambda _: release())
+            else:
+                release()
+
+        guard.add(release_when_stored)
         try:
             held = await run_in_threadpool(self.store.begin_turn, owner, conversation_id)
             guard.add(held.abandon)  # added before any await: a cancelled request runs it
@@ -330,7 +350,10 @@ class ConversationService:
                 req.cache_scope = owner
 
             async def store_turn(results: list[ChoiceResult]) -> None:
-                reply = await run_in_threadpool(self.store_turn, turn, results[0])
+                task = asyncio.ensure_future(run_in_threadpool(self.store_turn, turn, results[0]))
+                task.add_done_callback(_retrieved)
+                storing.append(task)
+                reply = await asyncio.shield(task)
                 self.prefill_ahead_later(turn, reply, owner)
 
             return await respond_chat(self.served, turn.plan, guard, body.stream, store_turn)

@@ -95,4 +95,27 @@ def _route(name: str, spec: Any, where: str) -> OracleRoute:
     defaults = spec.get("defaults", {})
     if not isinstance(defaults, dict):
         raise OracleConfigError(f"{where}.defaults must be an object")
+    _check_defaults(defaults, f"{where}.defaults")
     return OracleRoute(name, dict(defaults), _names(spec.get("aliases", []), f"{where}.aliases"))
+
+
+def _check_defaults(defaults: dict[str, Any], where: str) -> None:
+    """Defaults a request could carry, checked as one would be: a bad default would make
+    every request on the route a 400 naming a field its client never sent."""
+    from pydantic import ValidationError
+
+    from bitserve.api.chat.protocol import ChatCompletionRequest
+    from bitserve.api.chat.serving import check_fields
+    from bitserve.api.errors import APIError, error_body
+
+    unknown = set(defaults) - set(ChatCompletionRequest.model_fields)
+    if unknown:
+        raise OracleConfigError(f"{where}: {sorted(unknown)} are not chat completion fields")
+    probe = {"model": "m", "messages": [{"role": "user", "content": "x"}], **defaults}
+    try:
+        check_fields(ChatCompletionRequest.model_validate(probe))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise OracleConfigError(f"{where}: {problems}") from exc
+    except APIError as exc:
+        raise OracleConfigError(f"{where}: {error_body(exc)[1]['error']['message']}") from exc
