@@ -241,3 +241,21 @@ def test_prompt_longer_than_the_context_is_a_clean_error(
         f"bitserve generate: error: the prompt has {n_prompt} tokens, more than the model's "
         f"context length of {tiny.model.config.context_length}"
     ]
+
+
+def test_non_finite_logits_are_one_error_line_and_exit_1(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file whose weights give NaN logits printed a 19-line traceback."""
+    from bitserve.engine.sequence import ModelOutputError
+
+    def corrupt(self: Generator, req: GenerationRequest) -> Iterator[TokenEvent]:
+        raise ModelOutputError("the model's logits are not finite (NaN or inf)")
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(Generator, "generate", corrupt)
+    code, out, err = run_cli(capsys, "-p", "Hello", "-n", "3")
+    assert code == 1 and out == ""
+    assert err.strip().splitlines()[-1] == (
+        "bitserve generate: error: the model's logits are not finite (NaN or inf)"
+    )

@@ -78,6 +78,14 @@ BAD = [
     ("rope.dimension_count", 32, U32, "partial RoPE (32 of 64)"),
     ("rope.scaling.type", "yarn", GGUFValueType.STRING, "RoPE scaling 'yarn'"),
     ("rope.scaling.type", "longrope", GGUFValueType.STRING, "RoPE scaling 'longrope'"),
+    # a factor without a type is linear to llama.cpp (and so is the older key)
+    ("rope.scaling.factor", 2.0, F32, "RoPE scaling 'linear' (factor 2.0) is not supported"),
+    ("rope.scale_linear", 4.0, F32, "RoPE scaling 'linear' (factor 4.0) is not supported"),
+    # sizes only metadata gives are bounded by the file before anything is made to them
+    # (4294967295 blocks had the loader build a set of 38 billion names: memory ran out)
+    ("block_count", 2**32 - 1, U32, "block_count is 4294967295, but the file has no tensor"),
+    ("attention.head_count", 2**31, U32, "head_count is 2147483648; this file allows at most 256"),
+    ("attention.head_count_kv", 8, U32, "head_count_kv is 8; this file allows at most 4"),
 ]
 
 
@@ -111,6 +119,84 @@ def test_bad_special_token_id_is_one_sentence(
     with pytest.raises(GGUFError) as e:
         load_model(path, kernel="numpy")
     assert message in str(e.value)
+
+
+def with_tensor(src: Path, dst: Path, name: str, change: Any) -> Path:
+    """Copy ``src`` with tensor ``name``'s bytes passed through ``change`` (a copy)."""
+    w = GGUFWriter()
+    with read_gguf(src) as g:
+        for key, value in g.metadata.items():
+            w.add(key, value, g.metadata_types[key], g.metadata_array_types.get(key))
+        for tensor, info in g.tensors.items():
+            raw = g.raw(tensor).copy()
+            w.add_tensor(tensor, (change(raw) if tensor == name else raw).tobytes(),
+                         info.ggml_type, info.dims)  # fmt: skip
+    w.write(dst)
+    return dst
+
+
+def _nan_scale(raw: np.ndarray) -> np.ndarray:  # I2_S: the codes, then the f32 scale
+    n_codes = SHAPE.dim * SHAPE.dim // 4
+    raw[n_codes : n_codes + 4] = np.frombuffer(np.float32(np.nan).tobytes(), np.uint8)
+    return raw
+
+
+def _nan_norm(raw: np.ndarray) -> np.ndarray:
+    raw.view(np.float32)[3] = np.inf
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("tensor", "change", "says"),
+    [("blk.0.attn_q.weight", _nan_scale, "tensor 'blk.0.attn_q.weight': its scales hold NaN"),
+     ("blk.1.attn_norm.weight", _nan_norm, "tensor 'blk.1.attn_norm.weight': its values hold")],
+)  # fmt: skip
+@pytest.mark.parametrize("kernel", ["numpy", None])
+def test_non_finite_scales_and_norms_are_refused(
+    good_model: Path, tmp_path: Path, tensor: str, change: Any, says: str, kernel: str | None
+) -> None:
+    """The native kernels turned a NaN scale into finite garbage (off by up to 104)."""
+    path = with_tensor(good_model, tmp_path / "nan.gguf", tensor, change)
+    with pytest.raises(GGUFError, match="corrupt") as e:
+        load_model(path, kernel=kernel)
+    assert says in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"tokenizer.ggml.tokens": (demo_tokenizer_metadata()["tokenizer.ggml.tokens"][:2100],
+                                    GGUFValueType.ARRAY),
+          "tokenizer.ggml.token_type": (demo_tokenizer_metadata()["tokenizer.ggml.token_type"][
+                                        :2100], GGUFValueType.ARRAY)},
+         "the tokenizer has 2100 tokens (tokenizer.ggml.tokens) but the model 2256"),
+        ({"tokenizer.ggml.tokens": (list(range(2256)), GGUFValueType.ARRAY)},
+         "tokenizer.ggml.tokens must be an array of strings"),
+    ],
+)  # fmt: skip
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused(
+    good_model: Path, tmp_path: Path, change: dict[str, Any], says: str
+) -> None:
+    """1200 tokens for a 2256-row model loaded, then every generation failed."""
+    path = with_metadata(good_model, tmp_path / "tok.gguf", change)
+    with pytest.raises(GGUFError) as e:
+        load_model(path, kernel="numpy")
+    assert says in str(e.value) and str(path) in str(e.value)
+
+
+def test_a_projection_is_checked_before_its_rows_are_reordered(tmp_path: Path) -> None:
+    """llama's q/k rows are reordered at load: heads of 2^30 asked for a row order of 2^30
+    entries per head count before the tensor's shape said otherwise."""
+    from bitserve.model.fixtures import write_family_fixture
+
+    good = write_family_fixture(tmp_path / "llama.gguf", "llama")
+    huge = {f"llama.{key}": (2**30, U32) for key in ("attention.key_length",
+            "attention.value_length", "rope.dimension_count")}  # fmt: skip
+    path = with_metadata(good, tmp_path / "heads.gguf", huge)
+    before = _rss_mb()
+    with pytest.raises(GGUFError, match=r"blk\.0\.attn_q\.weight' has shape"):
+        BitNetModel.load(path, backend="numpy")
+    assert _rss_mb() - before < 64
 
 
 @pytest.mark.parametrize("command", ["generate", "serve"])

@@ -222,3 +222,52 @@ def test_kwargs_cannot_spell_control_tokens_with_generic_tools(
         ChatFormatter(chat.tokenizer, template + "{{ messages[0].reasoning_content }}").encode(
             reasoning
         )
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ 'x' * 10**10 }}",  # folded at compile time in plain jinja: load never ended
+        "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
+        "{% endfor %}{{ ns.s }}",  # doubled until the kernel killed the server (22 GB)
+        "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}"
+        "{% endfor %}{{ ns.s }}",
+        "{{ 'x'|center(10**10) }}",
+        "{{ 'x'.ljust(10**10) }}",
+        "{{ ([1] * 100000) * 100000 }}",
+        "{{ '%0999999999d' % 1 }}",
+        "{% for i in range(10**9) %}{% endfor %}",
+        "{{ messages[5].content }}",  # a template's own bug, not a server error
+    ],
+)
+def test_a_hostile_template_fails_its_request_and_takes_nothing(
+    tmp_path: Path, family_metadata: Callable[[str], dict[str, Any]], template: str
+) -> None:
+    """A template is code the model file carries: every way found to take the machine's
+    memory or time with one expression is refused, as a ValueError (a 400) that says the
+    template failed, within a bounded allocation."""
+    import resource
+
+    metadata = {**family_metadata("llama3"), "tokenizer.chat_template": template}
+    chat = formatter_from_file(tmp_path, metadata)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match="chat template failed"):
+        chat.render([{"role": "user", "content": "hi"}])
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 300
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [(7, "tokenizer.chat_template is int, not text"), ("{% for %}", "invalid chat template")],
+)
+def test_a_template_that_cannot_compile_names_the_file(
+    tmp_path: Path, family_metadata: Callable[[str], dict[str, Any]], value: Any, says: str
+) -> None:
+    from bitserve.gguf.reader import GGUFError
+
+    with pytest.raises(GGUFError, match=says) as caught:
+        formatter_from_file(
+            tmp_path, {**family_metadata("llama3"), "tokenizer.chat_template": value}
+        )
+    assert str(tmp_path) in str(caught.value)

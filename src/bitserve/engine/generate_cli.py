@@ -145,6 +145,7 @@ def _fail(message: str) -> int:
 def run(args: argparse.Namespace) -> int:
     """Validate, load, encode, stream, summarise. Returns the exit code."""
     from bitserve.engine.generate import Generator
+    from bitserve.engine.sequence import ModelOutputError
 
     try:
         sampling = _checked_sampling(args)
@@ -165,7 +166,11 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:  # ContextLengthError, SamplingParamError, bad chat messages
             return _fail(str(e))
         _configure_stdout()
-        stream(events, sys.stdout, stats)
+        try:
+            stream(events, sys.stdout, stats)
+        except ModelOutputError as e:  # non-finite logits: a corrupt file, said in one line
+            print(f"bitserve generate: error: {e}", file=sys.stderr)
+            return 1
         print(stats.summary(), file=sys.stderr, flush=True)
         return 0
     finally:

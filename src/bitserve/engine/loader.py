@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bitserve.gguf.reader import GGUFFile
+from bitserve.gguf.reader import GGUFError, GGUFFile
 from bitserve.kernels import get_backend
 from bitserve.kernels.native import NativeBackend, default_threads
 from bitserve.model.bitnet import BitNetModel
@@ -100,9 +100,11 @@ def resolve_model_path(path: str | Path | None) -> tuple[Path, bool]:
 
 
 def model_name(gguf: GGUFFile, path: Path, is_demo: bool = False) -> str:
-    """The id the API serves a model under: ``general.name`` (whitespace collapsed), else
-    the file stem; the demo model keeps its file stem."""
+    """The id the API serves a model under: ``general.name`` (whitespace collapsed,
+    control characters dropped), else the file stem; the demo model keeps its file stem."""
     name = gguf.get("general.name")
+    if isinstance(name, str):  # control characters (NUL, ESC...) never reach a terminal
+        name = "".join(c for c in name if c.isprintable() or c.isspace())
     if is_demo or not isinstance(name, str) or not name.strip():
         return path.stem
     return " ".join(name.split())
@@ -136,6 +138,12 @@ def load_model(
             assert matrix.data is not None
             backend.prepare_head(matrix.data)
         tokenizer = Tokenizer.from_gguf(model.gguf)
+        if tokenizer.vocab_size != model.config.vocab_size:  # ids it could not read back
+            raise GGUFError(
+                resolved,
+                f"the tokenizer has {tokenizer.vocab_size} tokens (tokenizer.ggml.tokens) but "
+                f"the model {model.config.vocab_size}: every id must be a token of both",
+            )
         chat = ChatFormatter.from_gguf(model.gguf, tokenizer)
     except BaseException:
         model.close()

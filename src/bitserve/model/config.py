@@ -108,8 +108,8 @@ class ModelConfig:
         arch = ARCHITECTURES[arch_name]
         keys = _Keys(gguf, arch_name)
         dim = keys.integer("embedding_length")
-        n_heads = keys.integer("attention.head_count")
-        n_kv_heads = keys.integer("attention.head_count_kv", n_heads)
+        n_heads = keys.integer("attention.head_count", maximum=dim)
+        n_kv_heads = keys.integer("attention.head_count_kv", n_heads, maximum=n_heads)
         if n_heads % n_kv_heads:
             raise GGUFError(gguf.path, f"{n_heads} heads do not group over {n_kv_heads} KV heads")
         head_dim = _head_dim(gguf, keys, dim, n_heads)
@@ -181,11 +181,17 @@ class _Keys:
             raise GGUFError(self.gguf.path, f"{key} is {kind} {value!r}; expected {what}")
         return value
 
-    def integer(self, name: str, default: int | None = None, minimum: int = 1) -> int:
+    def integer(
+        self, name: str, default: int | None = None, minimum: int = 1, maximum: int | None = None
+    ) -> int:
+        """An integer from ``minimum`` to ``maximum`` (``maximum``: what the file's tensors
+        allow, so no size read from metadata alone is ever allocated)."""
         value = int(self._raw(name, default, _INTEGER_TYPES, "an integer"))
+        key = f"{self.arch}.{name}"
         if value < minimum:
-            key = f"{self.arch}.{name}"
             raise GGUFError(self.gguf.path, f"{key} is {value}; it must be at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise GGUFError(self.gguf.path, f"{key} is {value}; this file allows at most {maximum}")
         return value
 
     def number(
@@ -234,9 +240,12 @@ def _head_dim(gguf: GGUFFile, keys: _Keys, dim: int, n_heads: int) -> int:
 
 def _check_rope_scaling(gguf: GGUFFile, keys: _Keys) -> None:
     """Refuse RoPE scaling this forward does not implement, rather than ignore it."""
-    kind = str(gguf.get(f"{keys.arch}.rope.scaling.type", "none")).lower()
-    factor = gguf.get(f"{keys.arch}.rope.scaling.factor", 1.0)
-    if kind not in _NO_ROPE_SCALING or (kind == "linear" and factor != 1.0):
+    factor = gguf.get(f"{keys.arch}.rope.scaling.factor")
+    if factor is None:  # the older key llama.cpp still reads
+        factor = gguf.get(f"{keys.arch}.rope.scale_linear", 1.0)
+    # a factor without a type is linear scaling to llama.cpp
+    kind = str(gguf.get(f"{keys.arch}.rope.scaling.type", "linear")).lower()
+    if kind not in _NO_ROPE_SCALING or (kind == "linear" and factor not in (0.0, 1.0)):
         raise GGUFError(gguf.path, f"RoPE scaling {kind!r} (factor {factor}) is not supported")
     for name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"):
         if name in gguf.tensors:  # LLaMA-3.1 scaling, LongRoPE (MiniCPM4-based files)

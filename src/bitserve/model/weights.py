@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -95,6 +96,12 @@ def _check_no_extra_tensors(gguf: GGUFFile, config: ModelConfig) -> None:
     the file holds. llama.cpp refuses such files too ("wrong number of tensors")."""
     arch = config.architecture
     per_layer = [*arch.norms, *PROJECTIONS]
+    last = f"blk.{config.n_layers - 1}.{PROJECTIONS[0]}.weight"
+    if last not in gguf.tensors:  # before any name set is built to block_count's size
+        raise GGUFError(
+            gguf.path,
+            f"{arch.name}.block_count is {config.n_layers}, but the file has no tensor {last!r}",
+        )
     known = {"token_embd.weight", "output_norm.weight", "output.weight"}
     known |= {f"blk.{i}.{t}.weight" for i in range(config.n_layers) for t in per_layer}
     if arch.projection_scales:
@@ -117,8 +124,8 @@ def _layer(gguf: GGUFFile, config: ModelConfig, i: int) -> LayerWeights:
 
     def proj(name: str) -> TernaryWeight:
         (n_out, n_in), n_heads = shapes[name], heads.get(name, 0)
-        rows = unpermute_rows(n_out, n_heads) if n_heads and arch.permuted_qk else None
-        weight = _ternary(gguf, f"blk.{i}.{name}.weight", n_out, n_in, rows)
+        permuted = n_heads if arch.permuted_qk else 0
+        weight = _ternary(gguf, f"blk.{i}.{name}.weight", n_out, n_in, permuted)
         if arch.projection_scales and f"blk.{i}.{name}.scale" in gguf.tensors:
             extra = _norm(gguf, f"blk.{i}.{name}.scale", 1)[0]  # one F32: output times it
             weight = _scaled(weight, float(extra))
@@ -176,11 +183,25 @@ def check_not_blank(gguf: GGUFFile, name: str, data: np.ndarray) -> None:
     )
 
 
+def check_finite(gguf: GGUFFile, name: str, values: Any, what: str = "values") -> None:
+    """Refuse NaN or infinite scales and norms: the native kernels would not carry a NaN
+    through (their integer sums and max-reductions drop it) and would serve finite
+    garbage where the numpy oracle gives NaN."""
+    if not np.isfinite(values).all():
+        raise GGUFError(
+            gguf.path,
+            f"tensor {name!r}: its {what} hold NaN or infinite values: the file is corrupt; "
+            "download it again",
+        )
+
+
 def _norm(gguf: GGUFFile, name: str, width: int) -> np.ndarray:
     """A norm weight as float32 ``[width]`` (a small copy when the file stores F16/BF16)."""
     _check(gguf, name, (width,), FLOAT_TYPES)
     check_not_blank(gguf, name, gguf.raw(name))
-    return np.ascontiguousarray(gguf.array(name), dtype=np.float32)
+    norm = np.ascontiguousarray(gguf.array(name), dtype=np.float32)
+    check_finite(gguf, name, norm)
+    return norm
 
 
 def _matrix(gguf: GGUFFile, name: str, shape: tuple[int, int]) -> EmbeddingMatrix:
@@ -191,14 +212,19 @@ def _matrix(gguf: GGUFFile, name: str, shape: tuple[int, int]) -> EmbeddingMatri
 
 
 def _ternary(
-    gguf: GGUFFile, name: str, n_out: int, n_in: int, row_order: np.ndarray | None = None
+    gguf: GGUFFile, name: str, n_out: int, n_in: int, permuted_heads: int = 0
 ) -> TernaryWeight:
-    """A projection ``[n_out, n_in]`` of any ternary type; ``row_order``: take the file's
-    rows in this order (a copy)."""
+    """A projection ``[n_out, n_in]`` of any ternary type; ``permuted_heads``: its rows are
+    that many heads in llama.cpp's converter order, taken back to the trained order (a
+    copy). The shape is checked first: nothing is made to a size only metadata gave."""
     ggml_type = _check(gguf, name, (n_out, n_in), TERNARY_TYPES)
     raw = gguf.raw(name)
     check_not_blank(gguf, name, raw[: n_out * n_in // 4] if ggml_type == GGMLType.I2_S else raw)
-    return TernaryWeight.from_gguf(gguf, name, n_out, n_in, row_order)
+    row_order = unpermute_rows(n_out, permuted_heads) if permuted_heads else None
+    weight = TernaryWeight.from_gguf(gguf, name, n_out, n_in, row_order)
+    scales = weight.scales if weight.blocked else np.float32(weight.scale)
+    check_finite(gguf, name, scales, "scales")
+    return weight
 
 
 def _scaled(weight: TernaryWeight, factor: float) -> TernaryWeight:

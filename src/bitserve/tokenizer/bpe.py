@@ -250,6 +250,12 @@ class Tokenizer:
         tokens = metadata.get("tokenizer.ggml.tokens")
         if not tokens:
             raise ValueError("GGUF metadata has no tokenizer.ggml.tokens")
+        arrays = (("tokens", str, "strings"), ("merges", str, "strings"),
+                  ("token_type", int, "integers"), ("scores", (int, float), "numbers"))  # fmt: skip
+        for key, kind, kinds in arrays:
+            values = metadata.get(f"tokenizer.ggml.{key}") or []
+            if not isinstance(values, list) or not all(isinstance(v, kind) for v in values):
+                raise ValueError(f"tokenizer.ggml.{key} must be an array of {kinds}")
         types = metadata.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
         ids = SpecialIds.from_metadata(metadata, len(tokens))
         add_bos = metadata.get("tokenizer.ggml.add_bos_token")

@@ -42,14 +42,18 @@ the server sets them: the HTTP layer never passes a client's ``token_ids`` on.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, nodes
+from jinja2.compiler import CodeGenerator, Frame
+from jinja2.exceptions import SecurityError
 from jinja2.ext import loopcontrols
+from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from bitserve.tokenizer.bpe import Tokenizer
@@ -101,16 +105,95 @@ def _tojson(value: Any, indent: int | None = None) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent)
 
 
+# A template is code the model file carries. The sandbox keeps it from files and Python
+# internals; these bounds keep it from taking the machine's memory or time with one
+# expression ('x' * 10**10, a string doubled in a loop, ' '.center(10**10), 9**9**9):
+# no chat prompt comes near them.
+MAX_TEMPLATE_VALUE = 1 << 24  # characters (or items) of any value a template makes
+MAX_TEMPLATE_EXPONENT = 1024
+_FORMAT_SPEC = re.compile(r"%[-+ #0-9.]*")  # a printf conversion's flags, width, precision
+
+
+def _too_big(value: Any) -> bool:
+    return isinstance(value, str | list | tuple) and len(value) > MAX_TEMPLATE_VALUE
+
+
+def _check_sizes(args: Sequence[Any]) -> None:
+    """Refuse an integer argument that could make a value past the bound (a width, a
+    repeat count) before the call allocates it."""
+    for arg in args:
+        if isinstance(arg, int) and not isinstance(arg, bool) and abs(arg) > MAX_TEMPLATE_VALUE:
+            raise SecurityError(f"the chat template used the number {arg}: too large")
+
+
+def _checked_result(value: Any) -> Any:
+    if _too_big(value):
+        raise SecurityError(f"the chat template made a value of {len(value)} characters")
+    return value
+
+
+class _BoundedCodeGenerator(CodeGenerator):
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        """``a ~ b`` through :meth:`_ChatTemplateEnvironment.bounded_join`."""
+        self.write("environment.bounded_join((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+class _ChatTemplateEnvironment(ImmutableSandboxedEnvironment):
+    """Hugging Face's sandboxed environment, with the bounds above on every operator
+    that can grow a value, every call and filter, and ``~``."""
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})  # never folded at compile time
+    code_generator_class = _BoundedCodeGenerator
+
+    def __init__(self) -> None:
+        super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        self.globals["raise_exception"] = _raise_exception
+        self.filters["tojson"] = _tojson
+        self.filters = {name: _bounded(f) for name, f in self.filters.items()}
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int) and right > MAX_TEMPLATE_EXPONENT:
+            raise SecurityError(f"the chat template raised a number to the power {right}")
+        if operator == "%" and isinstance(left, str):  # '%0999999999d' % 1: widths first
+            specs = _FORMAT_SPEC.findall(left)
+            _check_sizes([int(n) for spec in specs for n in re.findall(r"\d+", spec)])
+        if operator == "*":
+            for count, seq in ((left, right), (right, left)):
+                repeats = isinstance(count, int) and isinstance(seq, str | list | tuple)
+                if repeats and count * len(seq) > MAX_TEMPLATE_VALUE:
+                    raise SecurityError("the chat template repeated a value too many times")
+        return _checked_result(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _check_sizes([*args, *kwargs.values()])
+        return _checked_result(super().call(__context, __obj, *args, **kwargs))
+
+    def bounded_join(self, parts: Sequence[Any]) -> str:
+        return _checked_result("".join(map(str, parts)))  # type: ignore[no-any-return]
+
+
+def _bounded(f: Callable[..., Any]) -> Callable[..., Any]:
+    """A filter with :func:`_check_sizes` on its arguments and a bounded result."""
+
+    @functools.wraps(f)  # keeps jinja's pass_context marks
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _check_sizes([*args[1:], *kwargs.values()])
+        return _checked_result(f(*args, **kwargs))
+
+    return bounded
+
+
 def compile_template(source: str) -> Template:
-    """Compile a chat template in Hugging Face's sandboxed environment."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
-    )
-    env.globals["raise_exception"] = _raise_exception
-    env.filters["tojson"] = _tojson
+    """Compile a chat template in a bounded sandbox (:class:`_ChatTemplateEnvironment`)."""
+    if not isinstance(source, str):
+        raise ValueError(f"tokenizer.chat_template is {type(source).__name__}, not text")
     try:
-        return env.from_string(source)
-    except TemplateError as e:
+        return _ChatTemplateEnvironment().from_string(source)
+    except (TemplateError, RecursionError) as e:
         raise ValueError(f"invalid chat template: {e}") from e
 
 
@@ -141,6 +224,8 @@ class ChatFormatter:
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any], tokenizer: Tokenizer) -> ChatFormatter:
         template = metadata.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"tokenizer.chat_template is {type(template).__name__}, not text")
         arch = metadata.get("general.architecture")
         if is_bitnet_chat(template, arch):
             if not template:
@@ -173,7 +258,14 @@ class ChatFormatter:
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, tokenizer: Tokenizer) -> ChatFormatter:
-        return cls.from_metadata(gguf.metadata, tokenizer)
+        """:meth:`from_metadata`; a template that cannot compile is a ``GGUFError``
+        naming the file."""
+        from bitserve.gguf.reader import GGUFError
+
+        try:
+            return cls.from_metadata(gguf.metadata, tokenizer)
+        except ValueError as e:
+            raise GGUFError(gguf.path, str(e)) from e
 
     @property
     def is_bitnet_format(self) -> bool:
@@ -208,6 +300,9 @@ class ChatFormatter:
             return self._template.render(**variables)
         except TemplateError as e:
             raise ValueError(f"chat template failed: {e}") from e
+        except (ArithmeticError, MemoryError, RecursionError, TypeError, LookupError) as e:
+            # a template's own bug (range(10**9), a missing key): the file's, said as such
+            raise ValueError(f"chat template failed: {type(e).__name__}: {e}") from e
 
     def _contents(self, messages: list[ChatMessage]) -> list[str]:
         if self._template is None:
