@@ -73,6 +73,29 @@ def test_bench_numpy_kernel(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert json.loads(capsys.readouterr().out)["kernel"] == "numpy"
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--prompt-tokens", "0"], "bench: --prompt-tokens must be at least 1"),
+        (["--gen-tokens", "0"], "bench: --gen-tokens must be at least 1"),
+        (["--bandwidth-mb", "0"], "bench: --bandwidth-mb must be at least 1"),
+        (["--json-schema", "{bad"], "bench: --json-schema: not JSON: "),
+        (["--json-schema", "@/nonexistent/schema.json"], "bench: [Errno 2] No such file"),
+        (["-m", "/nonexistent.gguf"], "bench: model file '/nonexistent.gguf' does not exist"),
+        (["--prompt-tokens", "100"], "bench: --prompt-tokens 100 and --gen-tokens 64 do not fit"),
+    ],
+)
+def test_bench_says_a_mistake_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], says: str
+) -> None:
+    """Each of these was a traceback (UnboundLocalError, ZeroDivisionError, ...)."""
+    model = write_synthetic_model(tmp_path / "tiny.gguf", SHAPE, seed=0)
+    argv = ["bench", "-m", str(model), "--bandwidth-mb", "16", "--llama-cpp", "off"]
+    assert main([*argv, *args]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith(says), err
+
+
 def test_scenario_defaults_to_kernels() -> None:
     from bitserve.cli import build_parser
 

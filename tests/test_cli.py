@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bitserve import cli
@@ -41,6 +43,9 @@ def test_bad_thread_count_is_one_line_and_exit_2(
         ("--db-pool-size", "-1", "--db-pool-size must be at least 0, got -1"),
         ("--head-timeout", "0", "--head-timeout must be more than 0, got 0.0"),
         ("--head-timeout", "nan", "--head-timeout must be more than 0, got nan"),
+        ("--ctx-size", "-5", "--ctx-size must be at least 1, got -5"),
+        ("--port", "99999", "--port must be from 1 to 65535, got 99999"),
+        ("--port", "0", "--port must be from 1 to 65535, got 0"),
     ],
 )
 def test_serve_names_a_flag_out_of_its_range_and_exits_2(
@@ -59,6 +64,27 @@ def test_serve_refuses_a_key_no_client_could_send(
     assert cli.main(["serve", "--api-key", "good", "--api-key", key]) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert err.startswith(f"bitserve serve: --api-key / --api-keys-file: {key!r} cannot be")
+
+
+def test_serve_refuses_a_keys_file_without_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# the keys go here\n\n")
+    assert cli.main(["serve", "--api-keys-file", str(keys)]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err == f"bitserve serve: --api-keys-file {keys} holds no keys"
+
+
+@pytest.mark.parametrize("db", ["folder", "not-sqlite"])
+def test_serve_says_a_bad_db_in_one_line_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], db: str
+) -> None:
+    path = tmp_path / db
+    path.mkdir() if db == "folder" else path.write_text("not a database, but text\n" * 100)
+    assert cli.main(["serve", "--port", "18793", "--db", str(path)]) == 1
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith(f"bitserve serve: cannot open the conversation store {path}: ")
 
 
 def test_serve_on_a_taken_port_says_so_before_loading_anything(

@@ -82,9 +82,15 @@ KV_DTYPE = np.float16
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-m", "--model", help="GGUF model (default: cached synthetic 2B-4T)")
     add_runtime_arguments(parser)
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--gen-tokens", type=int, default=64)
-    parser.add_argument("--bandwidth-mb", type=int, default=1024, help="bandwidth probe size")
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=128, help="prompt length measured (default: 128)"
+    )
+    parser.add_argument(
+        "--gen-tokens", type=int, default=64, help="tokens generated and timed (default: 64)"
+    )
+    parser.add_argument(
+        "--bandwidth-mb", type=int, default=1024, help="bandwidth probe size (default: 1024)"
+    )
     parser.add_argument(
         "--llama-cpp",
         choices=("auto", "off"),
@@ -214,6 +220,12 @@ def time_model(
     before each and after the last (its time is not the generation's)."""
     start = time.perf_counter()
     model = BitNetModel.load(path, backend=backend, mmap=mmap)
+    if n_prompt + n_gen + 1 > model.config.context_length:
+        model.close()
+        raise ValueError(
+            f"--prompt-tokens {n_prompt} and --gen-tokens {n_gen} do not fit the model's "
+            f"context of {model.config.context_length} tokens"
+        )
     head = model.weights.head
     if isinstance(backend, NativeBackend) and backend.int8_head(head):
         assert head.data is not None
@@ -263,7 +275,14 @@ def paired_bandwidth(segments: Sequence[tuple[float, float, float]]) -> float:
 def run(args: argparse.Namespace) -> int:
     try:
         options = runtime_options(args)  # checked before any (slow) work
-    except ValueError as exc:
+        for flag in ("prompt_tokens", "gen_tokens", "bandwidth_mb", "pairs"):
+            if getattr(args, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+        if args.json_schema:
+            args.schema = _load_schema(args.json_schema)
+        if args.model and not Path(args.model).is_file():  # before the bandwidth probe
+            raise ValueError(f"model file {args.model!r} does not exist")
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     if args.scenario != "kernels":
@@ -276,7 +295,11 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
         return int(serving.run_scenario(args))
-    return run_kernels(args, options)
+    try:
+        return run_kernels(args, options)
+    except (OSError, ValueError) as exc:  # a missing or malformed file, a context too short
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
 
 
 def run_kernels(args: argparse.Namespace, options: dict[str, Any]) -> int:
@@ -295,8 +318,7 @@ def run_kernels(args: argparse.Namespace, options: dict[str, Any]) -> int:
     per_token = bytes_per_token(model, backend)
     constraint = None
     if args.json_schema:
-        schema = _load_schema(args.json_schema)
-        constraint = constrained_bench(model, schema, args.gen_tokens, args.pairs)
+        constraint = constrained_bench(model, args.schema, args.gen_tokens, args.pairs)
     rss_mb = peak_rss_mb(probe)  # bitserve's runs done; llama.cpp's copy not yet loaded
     file_per_token = bench_llama.file_bytes_per_token(model.gguf)
     llama = None
@@ -357,8 +379,13 @@ def run_kernels(args: argparse.Namespace, options: dict[str, Any]) -> int:
 
 
 def _load_schema(value: str) -> Any:
+    """``--json-schema``'s JSON text, or the file after ``@``; a ``ValueError`` saying which
+    for bad JSON, an ``OSError`` for a missing file."""
     text = Path(value[1:]).read_text("utf-8") if value.startswith("@") else value
-    return json.loads(text)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--json-schema: not JSON: {exc}") from exc
 
 
 def _bench_tokenizer(model: BitNetModel) -> Tokenizer:

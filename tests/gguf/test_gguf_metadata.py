@@ -134,3 +134,40 @@ def test_inferred_types(tmp_path: Path) -> None:
         assert gf.metadata_array_types["l"] == V.INT32
         assert {k: gf.get(k) for k in values} == values
         assert gf.get("l") == [1, -2, 3]
+
+
+def test_a_failed_write_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk during `bitserve convert` left `out.gguf.tmp` behind."""
+    import builtins
+
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, f: Any) -> None:
+            self.f, self.written = f, 0
+
+        def __enter__(self) -> FullDisk:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def write(self, data: bytes) -> int:
+            self.written += len(data)
+            if self.written > 64:
+                raise OSError(28, "No space left on device")
+            return int(self.f.write(data))
+
+    def opening(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        f = real_open(path, mode, *args, **kwargs)
+        return FullDisk(f) if str(path).endswith(".tmp") else f
+
+    w = GGUFWriter()
+    w.add("general.name", "x" * 200)
+    monkeypatch.setattr(builtins, "open", opening)
+    with pytest.raises(OSError, match="No space"):
+        w.write(tmp_path / "out.gguf")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []

@@ -187,6 +187,55 @@ def test_models_says_when_a_file_is_gone(
     assert out.splitlines()[1].split()[:5] == ["bitnet-2b", "bitnet", "1.00", "kB", "MISSING"]
 
 
+def test_rm_of_a_file_already_gone_says_so(
+    hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said '(1.00 kB freed)' for a file that was not there."""
+    hub.repos[BITNET_REPO] = bitnet_repo(os.urandom(1000))
+    _, out, _ = run(capsys, "pull", "bitnet-2b")
+    os.unlink(os.path.realpath(Path(out.strip())))
+    status, _, err = run(capsys, "rm", "bitnet-2b")
+    assert (status, err) == (0, "bitserve rm: forgot bitnet-2b; its file was already gone\n")
+
+
+def test_a_file_name_two_models_share_is_ambiguous(
+    hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    hub.repos[BITNET_REPO] = bitnet_repo(os.urandom(1000))
+    hub.repos["someone/copy"] = bitnet_repo(os.urandom(1000))
+    assert run(capsys, "pull", "bitnet-2b")[0] == 0
+    assert run(capsys, "pull", "someone/copy")[0] == 0
+    filename = {Path(line.split()[-1]).name for line in run(capsys, "models")[1].splitlines()[1:]}
+    (name,) = filename
+    status, _, err = run(capsys, "rm", name)
+    assert status == 1
+    assert err == (
+        f"bitserve rm: {name!r} names 2 downloaded models (bitnet-2b, someone/copy); "
+        "say which by its name\n"
+    )
+
+
+@pytest.mark.parametrize("content", ["{torn", '{"version": 99, "models": []}'])
+@pytest.mark.parametrize("command", [["models"], ["rm", "bitnet-2b"], ["pull", "bitnet-2b"]])
+def test_an_unreadable_model_list_is_said_never_read_as_empty(
+    hub: FakeHub,
+    env: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+    content: str,
+    command: list[str],
+) -> None:
+    """A torn models.json read as 'no models downloaded yet' (exit 0), and the next pull
+    would have written over every record."""
+    hub.repos[BITNET_REPO] = bitnet_repo(os.urandom(1000))
+    registry = Path(env["BITSERVE_CACHE"]) / "models.json"
+    registry.parent.mkdir(parents=True)
+    registry.write_text(content)
+    status, _, err = run(capsys, *command)
+    assert status == 1
+    assert err.startswith(f"bitserve {command[0]}: the list of downloaded models {registry} ")
+    assert registry.read_text() == content  # nothing written over
+
+
 def test_serve_hf_without_network_gives_advice_serve_can_follow(
     hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -178,7 +178,10 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
     keys = list(args.api_key)
     if args.api_keys_file is not None:
-        keys += read_keys_file(args.api_keys_file)
+        from_file = read_keys_file(args.api_keys_file)
+        if not from_file:  # keys were meant: never start open because a file is empty
+            raise ValueError(f"--api-keys-file {args.api_keys_file} holds no keys")
+        keys += from_file
     return ServerSettings(
         host=args.host,
         port=args.port,
@@ -233,11 +236,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"bitserve serve: cannot listen on {settings.host}:{settings.port}: {problem}",
               file=sys.stderr)  # fmt: skip
         return 1
+    try:  # before the model: a bad --db is said at once, not after a long load
+        store = open_store(settings.db_path, settings.db_connections)
+    except StoreError as exc:  # no psycopg, a newer schema, no database within 30 s,
+        print(f"bitserve serve: {exc}", file=sys.stderr)  # not SQLite, not writable
+        return 1
     try:
         loaded = load_model(
             settings.model_path, settings.threads, settings.kernel, settings.head, settings.mmap
         )
     except (OSError, ValueError) as exc:  # a missing or malformed model file (GGUFError)
+        store.close()
         print(f"bitserve serve: {exc}", file=sys.stderr)
         return 2
     if loaded.is_demo:
@@ -258,11 +267,7 @@ def run(args: argparse.Namespace) -> int:
             max_input_chars=settings.max_input_chars,
         )
     except OSError as exc:  # --cache-dir cannot be created
-        print(f"bitserve serve: {exc}", file=sys.stderr)
-        return 1
-    try:
-        store = open_store(settings.db_path, settings.db_connections)
-    except StoreError as exc:  # no psycopg, a newer schema, no database within 30 s
+        store.close()
         print(f"bitserve serve: {exc}", file=sys.stderr)
         return 1
     app = create_app(settings, served, store)

@@ -76,7 +76,7 @@ class ServerSettings:
 
     def check(self) -> None:
         """Every limit in its range, or a ``ValueError`` naming the flag and its range."""
-        ranges = (
+        ranges: list[tuple[str, int, int]] = [
             ("--max-queue", self.max_queue, 1),
             ("--max-batch", self.max_batch, 1),
             ("--max-body-mb", self.max_body_mb, 1),
@@ -84,10 +84,14 @@ class ServerSettings:
             ("--cache-ram", self.cache_ram_mb, 0),
             ("--cache-disk", self.cache_disk_mb, 0),
             ("--db-pool-size", self.db_pool_size, 0),
-        )
+        ]
+        if self.ctx_size is not None:
+            ranges.append(("--ctx-size", self.ctx_size, 1))
         for flag, value, low in ranges:
             if value < low:
                 raise ValueError(f"{flag} must be at least {low}, got {value}")
+        if not 1 <= self.port <= 65535:  # 0 would print a URL nobody can open
+            raise ValueError(f"--port must be from 1 to 65535, got {self.port}")
         if not self.head_timeout_s > 0:  # NaN too
             raise ValueError(f"--head-timeout must be more than 0, got {self.head_timeout_s}")
         for key in self.api_keys:  # "--api-key $KEY" with KEY unset must not let "Bearer" in

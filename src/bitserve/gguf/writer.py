@@ -152,10 +152,14 @@ class GGUFWriter:
             offset += len(t.data) + self._pad(len(t.data))
         header = b"".join(parts)
         tmp = Path(f"{path}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(b"\0" * self._pad(len(header)))
-            for t in self._tensors:
-                f.write(t.data)
-                f.write(b"\0" * self._pad(len(t.data)))
-        tmp.replace(path)  # atomic: a reader never sees a half-written file
+        try:
+            with open(tmp, "wb") as f:
+                f.write(header)
+                f.write(b"\0" * self._pad(len(header)))
+                for t in self._tensors:
+                    f.write(t.data)
+                    f.write(b"\0" * self._pad(len(t.data)))
+            tmp.replace(path)  # atomic: a reader never sees a half-written file
+        except BaseException:  # a full disk, Ctrl-C: no half-written file left behind
+            tmp.unlink(missing_ok=True)
+            raise

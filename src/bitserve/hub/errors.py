@@ -116,6 +116,25 @@ class UnknownModelError(PullError):
         self.name = name
 
 
+class AmbiguousModelError(PullError):
+    def __init__(self, text: str, names: list[str]) -> None:
+        super().__init__(
+            f"{text!r} names {len(names)} downloaded models ({', '.join(names)}); "
+            "say which by its name"
+        )
+
+
+class RegistryError(PullError):
+    """The list of pulled models cannot be read: said, never taken for an empty list
+    (which a later pull would write over)."""
+
+    def __init__(self, path: object, why: str) -> None:
+        super().__init__(
+            f"the list of downloaded models {path} cannot be read ({why}); move it away and "
+            "pull again (the model files stay in the Hugging Face cache)"
+        )
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """True for an ``OSError`` that means the disk or quota is full."""
     return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bitserve.hub.errors import AmbiguousModelError, RegistryError, UnknownModelError
+
 REGISTRY_VERSION = 1
 
 
@@ -75,11 +77,20 @@ class Registry:
         return records
 
     def _read(self) -> dict[str, Any]:
+        """The file's content; none yet is an empty list, anything unreadable a
+        ``RegistryError``."""
         try:
             raw = json.loads(self.path.read_text("utf-8"))
-        except (OSError, ValueError):
+        except FileNotFoundError:
             return {}
-        return raw if isinstance(raw, dict) and raw.get("version") == REGISTRY_VERSION else {}
+        except (OSError, ValueError) as exc:  # unreadable, or not JSON (a torn or hand edit)
+            raise RegistryError(self.path, str(exc)) from exc
+        if not isinstance(raw, dict) or raw.get("version") != REGISTRY_VERSION:
+            version = raw.get("version") if isinstance(raw, dict) else None
+            raise RegistryError(
+                self.path, f"version {version!r}, this bitserve reads {REGISTRY_VERSION}"
+            )
+        return raw
 
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,16 +110,18 @@ class Registry:
     def get(self, name: str) -> ModelRecord | None:
         return self._records.get(name)
 
-    def find(self, text: str) -> ModelRecord | None:
-        """A record by name, by repository (if only one file of it was pulled) or by
-        file name."""
+    def find(self, text: str) -> ModelRecord:
+        """A record by name, by repository or by file name; ``UnknownModelError`` when
+        none is, ``AmbiguousModelError`` when several are."""
         if text in self._records:
             return self._records[text]
         for key in ("repo", "filename"):
             matches = [r for r in self._records.values() if getattr(r, key) == text]
             if len(matches) == 1:
                 return matches[0]
-        return None
+            if matches:
+                raise AmbiguousModelError(text, sorted(r.name for r in matches))
+        raise UnknownModelError(text)
 
     @contextlib.contextmanager
     def _changing(self) -> Iterator[dict[str, ModelRecord]]:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bitserve.store.base import StorageFullError
+from bitserve.store.base import StorageFullError, StoreError
 from bitserve.store.sql import Connection, SQLStore
 
 SQLITE_FULL = 13  # "database or disk is full": the disk, or PRAGMA max_page_count
@@ -51,14 +51,17 @@ class SQLiteStore(SQLStore):
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        try:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=5000")
+        except (sqlite3.Error, OSError) as exc:  # a folder, not SQLite, not writable
+            raise StoreError(f"cannot open the conversation store {self.path}: {exc}") from exc
         self._migrate()
 
     @contextmanager

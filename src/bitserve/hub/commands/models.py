@@ -17,12 +17,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bitserve.hub import Registry
+    from bitserve.hub import PullError, Registry
     from bitserve.hub.commands.pull import print_table
     from bitserve.hub.errors import format_size
     from bitserve.hub.pull import file_problem
 
-    registry = Registry.default()
+    try:
+        registry = Registry.default()
+    except PullError as exc:  # the list cannot be read: said, not shown as empty
+        say("models", str(exc))
+        return 1
     records = list(registry)
     if not records:
         say("models", "no models downloaded yet; `bitserve pull --list` shows the catalog")

@@ -36,8 +36,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.name:
         say("pull", "name a model: a catalog name (bitserve pull --list), owner/repo[:VARIANT]")
         return 2
-    puller = Puller(HubOptions.from_env(args.offline), Registry.default(), lambda m: say("pull", m))
     try:
+        puller = Puller(
+            HubOptions.from_env(args.offline), Registry.default(), lambda m: say("pull", m)
+        )
         record = puller.pull(resolve(args.name, catalog))
     except PullError as exc:
         say("pull", str(exc))
@@ -57,8 +59,8 @@ def pull_for_serve(name: str) -> str | None:
     from bitserve.hub import Catalog, HubOptions, Puller, PullError, Registry, resolve
     from bitserve.hub.errors import NoNetworkError
 
-    puller = Puller(HubOptions.from_env(), Registry.default(), lambda m: say("serve", m))
     try:
+        puller = Puller(HubOptions.from_env(), Registry.default(), lambda m: say("serve", m))
         return puller.ensure(resolve(name, Catalog.load())).path
     except NoNetworkError as exc:  # serve has no --offline, and the model is not on disk
         say(

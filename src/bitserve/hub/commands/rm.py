@@ -13,20 +13,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bitserve.hub import Registry
-    from bitserve.hub.errors import UnknownModelError, format_size
+    from bitserve.hub import PullError, Registry
+    from bitserve.hub.errors import format_size
     from bitserve.hub.pull import remove_cached_file
 
-    registry = Registry.default()
-    record = registry.find(args.name)
-    if record is None:
-        say("rm", str(UnknownModelError(args.name)))
+    try:
+        registry = Registry.default()
+        record = registry.find(args.name)
+        others = [r.name for r in registry.users_of(record.path) if r.name != record.name]
+        existed = record.exists()
+        registry.remove(record.name)
+        if not others and existed:
+            remove_cached_file(record.path)
+    except PullError as exc:  # unknown or ambiguous name, an unreadable list
+        say("rm", str(exc))
         return 1
-    others = [r.name for r in registry.users_of(record.path) if r.name != record.name]
-    registry.remove(record.name)
+    except OSError as exc:  # the cache or the list not writable
+        say("rm", f"cannot remove {args.name}: {exc}")
+        return 1
     if others:
         say("rm", f"forgot {record.name}; its file stays, as {', '.join(others)} uses it too")
-        return 0
-    remove_cached_file(record.path)
-    say("rm", f"removed {record.name} ({format_size(record.size)} freed)")
+    elif not existed:
+        say("rm", f"forgot {record.name}; its file was already gone")
+    else:
+        say("rm", f"removed {record.name} ({format_size(record.size)} freed)")
     return 0
