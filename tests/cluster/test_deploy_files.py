@@ -94,7 +94,7 @@ def test_the_systemd_unit_verifies_and_its_command_parses(tmp_path: Path) -> Non
 def test_the_nginx_config_in_deploy_is_the_one_the_cluster_runs() -> None:
     assert (DEPLOY / "nginx" / "bitserve.conf").read_text() == shipped_config()
     rendered = render_config(["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], 9, Path("/x.log"))
-    assert rendered.count("server 127.0.0.1:2 max_fails=1 fail_timeout=10s;") == 2
+    assert rendered.count("server 127.0.0.1:2 max_fails=0;") == 2
     assert "hash $bitserve_conversation consistent;" in rendered
     assert "10.0.0.11" not in rendered and "listen 127.0.0.1:9;" in rendered
 
