@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import socket
 import sqlite3
 import struct
@@ -308,6 +309,31 @@ def test_a_client_leaving_mid_body_is_no_server_error(server: Server) -> None:
         counts = httpx.get(f"{server.url}/metrics", timeout=10).text
     assert 'status="500"' not in counts
     assert "Traceback" not in server.log()[log_before:]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stopping_the_server_ends_a_running_stream_with_an_error_event(
+    tmp_path: Path, no_stop: dict[str, float], sig: signal.Signals
+) -> None:
+    """Ctrl-C with a long reply streaming: uvicorn waited 5 s, cancelled the task with a
+    60-line traceback and cut the stream with no event. The engine now stops first."""
+    s = start(tmp_path)
+    try:
+        url, body = long_stream_request(s.url, no_stop)
+        events: list[str] = []
+        with httpx.Client(timeout=60) as client, client.stream("POST", url, json=body) as r:
+            lines = read_chunks(r, 5)
+            s.process.send_signal(sig)
+            started = time.monotonic()
+            events = [line for line in lines if line.startswith("data: ")]
+        took = time.monotonic() - started
+        assert '"code":"cancelled"' in events[-1].replace(" ", ""), events[-3:]
+        assert took < 4
+        # uvicorn raises the signal again once shut down: the conventional statuses
+        assert s.process.wait(timeout=15) == (130 if sig == signal.SIGINT else -sig)
+        assert "Traceback" not in s.log() and "Cancel " not in s.log(), s.log_tail()
+    finally:
+        s.stop()
 
 
 def test_full_queue_is_503_with_retry_after(tmp_path: Path, no_stop: dict[str, float]) -> None:

@@ -11,6 +11,7 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
@@ -293,8 +294,24 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
         http=head_timeout_protocol(settings.head_timeout_s),
     )
-    asyncio.run(_serve(uvicorn.Server(config)))  # the lifespan writes the prefix cache
+    asyncio.run(_serve(_Server(config, served.engine.stop)))  # the lifespan writes the prefix cache
     return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which at shutdown (Ctrl-C, SIGTERM) first stops the engine:
+    running generations end at once with the "server is stopping" error (an SSE error
+    event, or a 503), so their connections close within the graceful timeout. Left
+    running, a long reply outlived it and uvicorn cancelled its task with a traceback,
+    cutting the stream with no event."""
+
+    def __init__(self, config: uvicorn.Config, stop_engine: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._stop_engine = stop_engine
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await asyncio.to_thread(self._stop_engine)  # it joins the engine thread
+        await super().shutdown(sockets)
 
 
 async def _serve(server: uvicorn.Server) -> None:
