@@ -95,3 +95,25 @@ def test_a_clean_stop_writes_the_prefix_cache_to_disk(tmp_path: Path) -> None:
         assert cached(turn(again, conv, "And then?")) >= first["prompt_tokens"]
     finally:
         again.stop()
+
+
+def test_an_idle_server_holds_no_kv_beyond_its_prefix_cache(tmp_path: Path) -> None:
+    """A spilled cache was released only at the engine's next spill call: an engine that
+    went idle right after a spill kept it, counted as KV in use by running requests."""
+    import time
+
+    args = ("--cache-ram", "1", "--cache-disk", "64", "--cache-dir", str(tmp_path / "kv"))
+    server = start(tmp_path / "a", *args)
+    try:
+        for name in "ABCD":  # each evicts (spills) the one before
+            turn(server, new_conversation(server), f"{name}: " + LONG)
+        assert metric(server.url, "bitserve_prefix_cache_spilled_total") >= 2
+        deadline = time.monotonic() + 10
+        while metric(server.url, "bitserve_kv_cache_usage") != 0.0:
+            assert time.monotonic() < deadline, "spilled KV still counted as in use"
+            time.sleep(0.1)
+        assert metric(server.url, "bitserve_kv_cache_bytes") == metric(
+            server.url, "bitserve_prefix_cache_bytes"
+        )
+    finally:
+        server.stop()

@@ -196,6 +196,13 @@ def test_router_gauges_under_our_names_and_vllms(loaded: LoadedModel) -> None:
     served = ServedModel.create(loaded, 4, None, (), 0, max_batch=4)
     stats = served.engine.stats
     stats.running_sequences, stats.waiting_sequences = 3, 2
+    scheduler = served.engine.scheduler
+    assert scheduler is not None
+    scheduler.waiting.extend([object(), object()])  # type: ignore[list-item]  # admitted
+    from bitserve.engine.loop import _Call, _Generation
+
+    served.engine._jobs.put(object.__new__(_Generation))  # one still queued: 3, not 2 + 3
+    served.engine._jobs.put(object.__new__(_Call))  # the engine's own call: no request
     capacity = kv_cache_capacity_bytes(served)
     cfg = loaded.model.config
     assert capacity == 4 * served.ctx_size * 2 * cfg.n_layers * cfg.kv_dim * 2  # f16 k and v
@@ -210,7 +217,7 @@ def test_router_gauges_under_our_names_and_vllms(loaded: LoadedModel) -> None:
     }
     model = (("model_name", served.name),)
     for ours, theirs, expected in (
-        ("bitserve_requests_waiting", ("vllm:num_requests_waiting",), 2),
+        ("bitserve_requests_waiting", ("vllm:num_requests_waiting",), 3),
         ("bitserve_requests_running", ("vllm:num_requests_running",), 3),
         (
             "bitserve_kv_cache_usage",

@@ -226,6 +226,9 @@ class KVSpill:
         self._jobs: queue.Queue[PendingWrite | None] = queue.Queue()
         self._written: deque[PendingWrite] = deque()
         self._thread: threading.Thread | None = None
+        # called (writer thread) after each background write: the engine schedules reap()
+        # on its thread, so a written cache is released even if the engine is idle
+        self.on_written: Callable[[], None] | None = None
         self.directory.mkdir(parents=True, exist_ok=True)
         self._scan()
 
@@ -372,6 +375,8 @@ class KVSpill:
                 self._write(job)
             finally:
                 self._jobs.task_done()
+            if self.on_written is not None:
+                self.on_written()
         self._jobs.task_done()
 
     def _write(self, job: PendingWrite) -> None:
@@ -393,9 +398,12 @@ class KVSpill:
             self._written.append(job)
             job.done.set()
 
-    def _reap(self) -> None:
+    def reap(self) -> None:
         """Release the caches of finished writes (engine thread: the caches' memory
         counter is the engine's); forget entries whose write failed."""
+        self._reap()
+
+    def _reap(self) -> None:
         while self._written:
             job = self._written.popleft()
             job.cache.release()

@@ -227,6 +227,16 @@ class EngineLoop(Generic[G]):
         self._current: RequestHandle | None = None
         self._active: dict[Sequence, RequestHandle] = {}  # batched mode: running handles
         self._lock = threading.Lock()  # guards _active against stop() from another thread
+        prefix = scheduler.prefix_cache if scheduler is not None else None
+        spill = prefix.spill if prefix is not None else None
+        if spill is not None:  # a written spill's cache is released on this thread, soon
+            assert scheduler is not None
+
+            def reap(_: object) -> None:
+                spill.reap()
+                self._sync_stats(scheduler)  # the gauges see it even while idle
+
+            spill.on_written = lambda: self._jobs.put(_Call(reap, concurrent.futures.Future()))
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -273,9 +283,10 @@ class EngineLoop(Generic[G]):
 
     @property
     def queue_depth(self) -> int:
-        """Requests waiting (running ones not counted)."""
+        """Requests waiting (running ones not counted; the engine's own calls neither)."""
         waiting = len(self.scheduler.waiting) if self.scheduler is not None else 0
-        return self._jobs.qsize() + waiting
+        queued = sum(isinstance(job, _Generation) for job in list(self._jobs.queue))
+        return queued + waiting
 
     # -- the async side ---------------------------------------------------------------------
 
