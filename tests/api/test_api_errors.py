@@ -225,6 +225,11 @@ def test_cors_headers_only_for_configured_origins(make_client: AppFactory) -> No
             "/v1/models", headers={"Origin": "https://evil.example", "Authorization": "Bearer k"}
         )
         assert "access-control-allow-origin" not in other.headers
+        refused = client.options(
+            "/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"}
+        )  # the API's error shape, as every error (it was plain text)
+        err = error_of(refused, 400)
+        assert err["message"] == "CORS preflight refused: Disallowed CORS origin"
     with make_client() as client:
         answer = client.options("/v1/chat/completions", headers=preflight)
         assert "access-control-allow-origin" not in answer.headers

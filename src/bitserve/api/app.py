@@ -11,7 +11,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 
 from bitserve import __version__
 from bitserve.api import system
@@ -21,7 +23,7 @@ from bitserve.api.completions import routes as completion_routes
 from bitserve.api.conversations import routes as conversation_routes
 from bitserve.api.conversations.serving import ConversationService
 from bitserve.api.edge import EdgeGuard
-from bitserve.api.errors import install_error_handlers
+from bitserve.api.errors import InvalidParameterError, error_response, install_error_handlers
 from bitserve.api.oracle import routes as oracle_routes
 from bitserve.api.sampling import THREADS_DOC
 from bitserve.api.served import ServedModel
@@ -40,6 +42,20 @@ BitMind-compatible oracle routes. Errors are always
 
 **threads**: {THREADS_DOC}
 """
+
+
+class _CORS(CORSMiddleware):
+    """Starlette's CORS, whose refused preflight answers in the API's error shape (it was
+    plain text "Disallowed CORS origin")."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        reason = bytes(response.body).decode()
+        error = error_response(InvalidParameterError(f"CORS preflight refused: {reason}"))
+        error.headers.update({k: v for k, v in response.headers.items() if k.startswith("access-")})
+        return error
 
 
 def create_app(settings: ServerSettings, served: ServedModel, store: ConversationStore) -> FastAPI:
@@ -71,7 +87,7 @@ def create_app(settings: ServerSettings, served: ServedModel, store: Conversatio
     app.state.conversations = ConversationService(store, served)
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            _CORS,
             allow_origins=list(settings.cors_origins),
             allow_methods=["*"],
             allow_headers=["*"],
