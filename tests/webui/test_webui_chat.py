@@ -9,7 +9,7 @@ import re
 import time
 
 import httpx
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, Page, Route, expect
 from webui_helpers import (
     PHONE,
     STATS,
@@ -67,8 +67,9 @@ def test_a_reply_streams_in_and_is_kept_on_the_server(page: Page, server: Server
         "top_p": 0.9,
         "top_k": 20,
     }
-    first = STATS.match(wait_for_reply(page))
-    assert first is not None
+    stats = wait_for_reply(page)
+    first = STATS.match(stats)
+    assert first is not None and " tokens/s · " in stats  # long enough to measure its rate
     lengths = page.evaluate("window.replyLengths")
     growing = sorted({n for n in lengths if n > 0})
     assert len(growing) >= 3, f"the reply did not stream in: {lengths}"  # drawn piece by piece
@@ -261,3 +262,147 @@ def test_dark_mode_follows_the_system(browser: Browser, server: ServerProcess) -
 
     assert sum(background("light")) > 600
     assert sum(background("dark")) < 150
+
+
+def test_a_title_is_cut_between_characters(page: Page, server: ServerProcess) -> None:
+    # cut after 59 UTF-16 units, this title would end in half an emoji (a lone surrogate),
+    # which the server refuses: the first message could never be sent
+    open_app(page, server.url)
+    set_settings(page, max_tokens="4")
+    text = "a" * 58 + "😀 and more words, to make the message longer than a title"
+    send(page, text)
+    expect(page.locator(".message.assistant")).to_have_count(1)
+    wait_for_reply(page)
+    expect(page.locator("#error")).to_be_hidden()
+    conversation = api(server.url, "GET", f"/v1/conversations/{selected_id(page)}")
+    assert conversation["metadata"] == {"title": "a" * 58 + "😀…"}
+    assert conversation["messages"][0]["content"] == text
+
+
+def hold_history(page: Page, conversation_id: str) -> list[Route]:
+    """Hold back the page's requests for a conversation's history (``GET`` of it): the
+    returned list fills with them, to be let through (``continue_``) or failed."""
+    held: list[Route] = []
+    page.route(re.compile(rf".*/v1/conversations/{conversation_id}$"), lambda r: held.append(r))
+    return held
+
+
+def wait_for_held(page: Page, held: list[Route]) -> Route:
+    deadline = time.monotonic() + 10
+    while not held:
+        assert time.monotonic() < deadline, "the page never asked for the conversation"
+        page.wait_for_timeout(20)
+    return held.pop()
+
+
+def stored_contents(url: str, conversation_id: str) -> list[str]:
+    messages = api(url, "GET", f"/v1/conversations/{conversation_id}")["messages"]
+    return [m["content"] for m in messages]
+
+
+def test_a_message_sent_while_a_conversation_opens_goes_to_that_one(
+    page: Page, server: ServerProcess
+) -> None:
+    url = server.url
+
+    def made(title: str) -> str:
+        messages = [{"role": "user", "content": f"In {title}"},
+                    {"role": "assistant", "content": f"Reply in {title}"}]  # fmt: skip
+        created = api(url, "POST", "/v1/conversations",
+                      json={"metadata": {"title": title}, "messages": messages})  # fmt: skip
+        return str(created["id"])
+
+    shown, opening, broken = made("Shown"), made("Opening"), made("Broken")
+    open_app(page, url, shown)
+    expect(page.locator(".message.user .body")).to_have_text("In Shown")
+    set_settings(page, max_tokens="4")
+    held = hold_history(page, opening)
+    page.locator(f'.conversation[data-id="{opening}"] .title').click()
+    request = wait_for_held(page, held)
+    send(page, "Which one?")  # the history of "Opening" has not come yet
+    page.wait_for_timeout(300)
+    request.continue_()
+    wait_for_reply(page)
+    expect(page.locator(".message.user .body")).to_have_text(["In Opening", "Which one?"])
+    assert stored_contents(url, shown) == ["In Shown", "Reply in Shown"]
+    assert stored_contents(url, opening)[:3] == ["In Opening", "Reply in Opening", "Which one?"]
+
+    # one that fails to open takes nothing: the message stays in the box
+    held = hold_history(page, broken)
+    page.locator(f'.conversation[data-id="{broken}"] .title').click()
+    request = wait_for_held(page, held)
+    send(page, "Lost?")
+    page.wait_for_timeout(300)
+    request.abort()
+    expect(page.locator("#error-text")).to_have_text(re.compile("^Cannot reach"))
+    expect(page.locator("#send")).to_be_visible()
+    expect(page.locator("#input")).to_have_value("Lost?")
+    assert len(stored_contents(url, opening)) == 4
+    assert stored_contents(url, broken) == ["In Broken", "Reply in Broken"]
+
+    # from a fresh load at a conversation's address, before its history came
+    page.goto("about:blank")
+    held = hold_history(page, shown)
+    open_app(page, url, shown)
+    request = wait_for_held(page, held)
+    send(page, "After a reload")
+    page.wait_for_timeout(300)
+    request.continue_()
+    wait_for_reply(page)
+    assert page.url.endswith(f"#{shown}")
+    assert stored_contents(url, shown)[2] == "After a reload"
+    titles = api(url, "GET", "/v1/conversations?limit=5")["data"]
+    assert [c["id"] for c in titles][:3] == [broken, opening, shown]  # no new conversation
+
+
+def test_an_untitled_conversation_with_full_metadata(page: Page, server: ServerProcess) -> None:
+    # 16 pairs is the server's maximum: the page's automatic title would be a 17th
+    url = server.url
+    metadata = {f"key{i}": "value" for i in range(16)}
+    created = api(url, "POST", "/v1/conversations", json={"metadata": metadata, "messages": [
+        {"role": "user", "content": "From a script"},
+        {"role": "assistant", "content": "Fine"},
+    ]})  # fmt: skip
+    open_app(page, url, created["id"])
+    expect(page.locator(".message.user .body")).to_have_text("From a script")
+    set_settings(page, max_tokens="4")
+    send(page, "And from the page")
+    expect(page.locator(".message.assistant")).to_have_count(2)
+    wait_for_reply(page)
+    expect(page.locator("#error")).to_be_hidden()  # titling it was best effort, silently
+    stored = api(url, "GET", f"/v1/conversations/{created['id']}")
+    assert stored["metadata"] == metadata
+    assert stored["messages"][2]["content"] == "And from the page"
+
+    # a rename by hand says the server refused it, and the page goes on working
+    item = page.locator(f'.conversation[data-id="{created["id"]}"]')
+    item.locator(".rename").click()
+    page.fill(".rename-input", "Mine")
+    page.press(".rename-input", "Enter")
+    expect(page.locator("#error-text")).to_have_text(
+        re.compile(r"^The server refused the request \(400\)")
+    )
+    expect(item.locator(".title")).to_have_text("Untitled conversation")
+    send(page, "Still here")
+    expect(page.locator(".message.assistant")).to_have_count(3)
+    wait_for_reply(page)
+    expect(page.locator("#error")).to_be_hidden()
+    assert stored_contents(url, created["id"])[4] == "Still here"
+
+
+def test_a_malformed_address_opens_a_new_chat(page: Page, server: ServerProcess) -> None:
+    url = server.url
+    page.goto(f"{url}/#%E0%A4%A")  # a broken %-escape: decodeURIComponent throws
+    expect(page.locator("#model-name")).to_have_text("demo-v1")
+    expect(page.locator("#messages .hint")).to_be_visible()
+    assert page.url == f"{url}/"
+    set_settings(page, max_tokens="4")
+    send(page, "Still works")
+    wait_for_reply(page)
+    conversation_id = selected_id(page)
+    page.evaluate("location.hash = '%E0%A4%A'")  # typed while a conversation is open
+    expect(page.locator("#messages .hint")).to_be_visible()
+    expect(page.locator(".conversation.selected")).to_have_count(0)
+    assert page.url == f"{url}/"
+    assert stored_contents(url, conversation_id)[0] == "Still works"
+    # the watch fixture fails the test if the page threw (an uncaught URIError)

@@ -4,6 +4,7 @@ output on hostile and ordinary input, and reasoning in a collapsed block."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -170,6 +171,7 @@ def test_reasoning_is_a_collapsed_block_above_the_answer(page: Page, server: Ser
     assert order == ["role", "reasoning", "body", "stats"]
     expect(page.locator(".message.assistant .body strong")).to_have_text("there")
     expect(page.locator(".message.assistant .stats")).to_contain_text("4 cached prompt tokens")
+    expect(page.locator(".message.assistant .stats")).not_to_contain_text("tokens/s")  # in 0 s
 
 
 def test_a_stored_reply_shows_its_reasoning_and_tool_calls(
@@ -192,3 +194,81 @@ def test_a_stored_reply_shows_its_reasoning_and_tool_calls(
     expect(reply.locator(".tool-calls code")).to_have_text('get_weather({"city": "<b>Oslo</b>"})')
     expect(reply.locator(".stats")).to_have_text("17 tokens")
     assert reply.locator("b").count() == 0
+
+
+# The best time (ms) of `runs` renderings of `text`, each rendering it `times` over.
+TIME_RENDER = """async ([text, times, runs]) => {
+  const { renderMarkdown } = await import("/static/markdown.js");
+  let best = Infinity;
+  for (let run = 0; run < runs; run += 1) {
+    const start = performance.now();
+    for (let i = 0; i < times; i += 1) renderMarkdown(text);
+    best = Math.min(best, performance.now() - start);
+    if (best > 2000) break;  // far too slow already: spare the test the other runs
+  }
+  return best;
+}"""
+
+# Openers without closers between spans: each used to send every inline pattern over the
+# rest of the text again after every span (a 17 KB reply of these took seconds to draw).
+PATHOLOGICAL = {
+    "unclosed openers between spans": "`x` *a _b **c ~~d [e ",
+    "pointers in C code spans": "`char *p` and ",
+    "links that never close between spans": "`x` [a ",
+}
+
+
+@pytest.mark.parametrize("unit", PATHOLOGICAL.values(), ids=PATHOLOGICAL.keys())
+def test_the_renderer_takes_time_in_proportion_to_the_text(
+    page: Page, server: ServerProcess, unit: str
+) -> None:
+    open_app(page, server.url)
+    small, large = unit * 100, unit * 800
+    page.evaluate(TIME_RENDER, [small, 8, 3])  # warm up (the JIT)
+    # the linear baseline: the small text 8 times over is as much text as the large one
+    baseline = page.evaluate(TIME_RENDER, [small, 8, 5])
+    took = page.evaluate(TIME_RENDER, [large, 1, 5])
+    assert took < 2.5 * max(baseline, 1.0), (took, baseline)  # ≤ 20x for 8x the text
+    assert took < 1000, took  # it was seconds: now a few ms, ample margin for a slow CI
+
+
+def test_a_long_code_language_is_clipped(page: Page, server: ServerProcess) -> None:
+    open_app(page, server.url)
+    page.evaluate("""async (text) => {
+      const { messageView } = await import("/static/chat.js");
+      document.querySelector("#messages").append(messageView({ role: "assistant", content: text }));
+    }""", "```" + "language" * 60 + "\nprint(1)\n```")  # fmt: skip
+    block = page.locator(".code-block").bounding_box()
+    copy = page.locator(".code-block .copy").bounding_box()
+    lang = page.locator(".code-block .code-lang")
+    assert block is not None and copy is not None
+    assert copy["x"] + copy["width"] <= block["x"] + block["width"] + 0.5  # Copy stays in view
+    assert lang.evaluate("(e) => e.scrollWidth > e.clientWidth")  # cut (with an ellipsis)
+    expect(page.locator(".code-block .copy")).to_be_in_viewport()
+
+
+# Feeds a reply view three text chunks at once (as one network read may bring them), waits
+# `seconds`, then ends it with usage as the server sends it.
+TIMED_REPLY = """async (seconds) => {
+  const { MessageView, StreamingReply } = await import("/static/chat.js");
+  const view = new MessageView("assistant");
+  document.querySelector("#messages").append(view.element);
+  const reply = new StreamingReply(view);
+  for (const word of ["One ", "two ", "three"]) {
+    reply.add({ choices: [{ index: 0, delta: { content: word }, finish_reason: null }] });
+  }
+  await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
+  reply.add({ choices: [{ index: 0, delta: {}, finish_reason: "stop" }] });
+  reply.add({ choices: [], usage: { prompt_tokens: 9, completion_tokens: 3 } });
+  reply.finish("done");
+  return view.stats.textContent;
+}"""
+
+
+def test_a_rate_is_shown_only_when_it_can_be_measured(page: Page, server: ServerProcess) -> None:
+    open_app(page, server.url)
+    # tokens that came within a few ms: no rate (it would read hundreds of tokens/s)
+    assert page.evaluate(TIMED_REPLY, 0.03).startswith("3 tokens · first token ")
+    # over half a second: two tokens after the first in 0.5 s (or a little more)
+    stats = page.evaluate(TIMED_REPLY, 0.5)
+    assert re.match(r"^3 tokens · [0-4]\.\d tokens/s · first token \d+ ms$", stats), stats

@@ -17,8 +17,9 @@ from bitserve.api.process import ServerProcess, start_server
 DESKTOP = {"width": 1100, "height": 760}
 PHONE = {"width": 375, "height": 720}
 TIMEOUT_MS = 30_000  # a loaded 2-core CI machine is slow; nothing here waits that long normally
+# a reply's figures; the rate only when it is measurable (2+ tokens over 0.2 s or more)
 STATS = re.compile(
-    r"^(\d+) tokens? · [\d.]+ tokens/s · first token \d+ ms · (\d+) cached prompt tokens"
+    r"^(\d+) tokens?(?: · [\d.]+ tokens/s)? · first token \d+ ms · (\d+) cached prompt tokens"
 )
 
 expect.set_options(timeout=TIMEOUT_MS)

@@ -17,14 +17,20 @@ const api = new Api(() => settings.apiKey);
 const sidebar = new Sidebar(api, $("conversations"), $("more"), {
   select,
   deleted: (id) => {
-    if (state.current && state.current.id === id) newChat();
+    if (state.current && state.current.id === id) {
+      newChat();
+    } else if (document.activeElement === document.body) {
+      $("new-chat").focus(); // the list is empty now: focus stays in the sidebar
+    }
   },
   error: showError,
 });
 const state = {
   current: null, // the open conversation (with its messages), null for a new chat
   opening: 0, // counts openConversation calls: only the latest one's answer is shown
-  reply: null, // the AbortController of the reply streaming in
+  loading: null, // while a conversation opens: a promise of whether it opened
+  reply: null, // the AbortController of the reply streaming in (or of a send waiting)
+  titling: new Set(), // conversations the page titled automatically, or tried to
 };
 
 // --- errors: one line above the messages ---------------------------------------------
@@ -70,16 +76,14 @@ function closeSidebar() {
 
 function select(id) {
   closeSidebar();
-  if (location.hash === `#${id}`) {
-    openConversation(id);
-  } else {
-    location.hash = id; // → hashchange → openConversation
-  }
+  if (location.hash !== `#${id}`) history.pushState(null, "", `#${id}`); // no hashchange
+  openConversation(id); // at once: a message sent from now on waits for it
 }
 
 function newChat() {
   stopReply();
   state.opening += 1; // a conversation still loading is not shown
+  state.loading = null;
   state.current = null;
   if (location.hash) history.pushState(null, "", location.pathname + location.search);
   $("messages").replaceChildren(el("p", "hint", NEW_CHAT_HINT));
@@ -88,33 +92,54 @@ function newChat() {
   $("input").focus();
 }
 
-async function openConversation(id) {
+/** Open conversation `id`; resolves to whether it is now the one shown. */
+function openConversation(id) {
   stopReply();
   clearError();
-  const ticket = ++state.opening;
+  const loading = loadConversation(id, ++state.opening);
+  state.loading = loading;
+  loading.finally(() => {
+    if (state.loading === loading) state.loading = null;
+  });
+  return loading;
+}
+
+async function loadConversation(id, ticket) {
   let conversation;
   try {
     conversation = await api.call("GET", `v1/conversations/${encodeURIComponent(id)}`);
   } catch (err) {
-    if (ticket !== state.opening) return;
+    if (ticket !== state.opening) return false;
     showError(err);
-    if (state.current === null) $("messages").replaceChildren(el("p", "hint", NEW_CHAT_HINT));
-    return;
+    // nothing is open now: a message starts a new conversation, never goes to the one before
+    state.current = null;
+    $("messages").replaceChildren(el("p", "hint", NEW_CHAT_HINT));
+    sidebar.select(null);
+    return false;
   }
-  if (ticket !== state.opening) return; // another conversation was chosen meanwhile
+  if (ticket !== state.opening) return false; // another conversation was chosen meanwhile
   state.current = conversation;
   const views = conversation.messages.map(messageView);
   $("messages").replaceChildren(...(views.length ? views : [el("p", "hint", "No messages yet.")]));
   sidebar.select(conversation.id);
   scrollToEnd(true);
   const first = conversation.messages.find((m) => m.role === "user");
-  if (!(conversation.metadata && conversation.metadata.title) && first) {
-    try {
-      await sidebar.setTitle(conversation, titleFrom(first.content)); // a chat from elsewhere
-    } catch (err) {
-      showError(err);
-    }
-  }
+  if (first) autoTitle(conversation, first.content); // a chat from elsewhere
+  return true;
+}
+
+/**
+ * Title an untitled conversation from a message, once. Best effort, never awaited: a server
+ * that refuses (the conversation's metadata is full, say) leaves it untitled, and the page
+ * goes on without a word (a rename by hand shows the server's answer).
+ */
+function autoTitle(conversation, text) {
+  const titled = conversation.metadata && conversation.metadata.title;
+  if (titled || state.titling.has(conversation.id)) return;
+  state.titling.add(conversation.id);
+  sidebar.setTitle(conversation, titleFrom(text)).catch((err) => {
+    console.warn(`could not title ${conversation.id}:`, err);
+  });
 }
 
 function scrollToEnd(force = false) {
@@ -143,13 +168,17 @@ function stopReply() {
   if (state.reply) state.reply.abort();
 }
 
-async function createConversation(text) {
+/** A new conversation on the server, in the sidebar; `open` shows it (a new chat's first). */
+async function createConversation(text, open) {
   const body = { metadata: { title: titleFrom(text) } };
   if (settings.systemPrompt) body.messages = [{ role: "system", content: settings.systemPrompt }];
   const conversation = await api.call("POST", "v1/conversations", body);
   conversation.messages = body.messages || [];
-  history.replaceState(null, "", `#${conversation.id}`); // no hashchange: it is open already
   sidebar.add(conversation);
+  if (!open()) return null; // another conversation was opened meanwhile: it stays in the list
+  history.replaceState(null, "", `#${conversation.id}`); // no hashchange: it is open already
+  state.current = conversation;
+  sidebar.select(conversation.id);
   if (settings.systemPrompt) {
     const view = new MessageView("system");
     view.show(settings.systemPrompt);
@@ -166,14 +195,20 @@ async function send() {
   const controller = new AbortController();
   state.reply = controller;
   setStreaming(true);
+  const goOn = () => !controller.signal.aborted; // Stop, or another conversation, ends it
   try {
+    // A conversation still opening is the one the message is for: it waits for it. If it
+    // fails to open (the error says why), or another is chosen, the text stays in the box.
+    if (state.loading !== null) {
+      const opened = await state.loading;
+      if (!opened || !goOn()) return;
+    }
     let conversation = state.current;
     if (conversation === null) {
-      conversation = await createConversation(text);
-      state.current = conversation;
-      sidebar.select(conversation.id);
-    } else if (!(conversation.metadata && conversation.metadata.title)) {
-      await sidebar.setTitle(conversation, titleFrom(text));
+      conversation = await createConversation(text, goOn);
+      if (conversation === null) return;
+    } else {
+      autoTitle(conversation, text);
     }
     input.value = "";
     const question = new MessageView("user");
@@ -225,7 +260,13 @@ async function streamReply(conversation, text, reply, controller) {
 // --- start ------------------------------------------------------------------------------
 
 function route() {
-  const id = decodeURIComponent(location.hash.slice(1));
+  let id;
+  try {
+    id = decodeURIComponent(location.hash.slice(1));
+  } catch {
+    id = ""; // a malformed address (a broken %-escape): a new chat instead
+    history.replaceState(null, "", location.pathname + location.search);
+  }
   if (id) {
     openConversation(id);
   } else if (state.current !== null || !$("messages").hasChildNodes()) {
@@ -255,6 +296,7 @@ function wire() {
     document.body.classList.toggle("sidebar-open", open);
     $("toggle-sidebar").setAttribute("aria-expanded", String(open));
     $("scrim").hidden = !open;
+    if (open) $("new-chat").focus(); // closed, nothing in it takes focus (style.css)
   });
   $("scrim").addEventListener("click", closeSidebar);
   $("new-chat").addEventListener("click", newChat);

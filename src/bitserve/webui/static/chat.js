@@ -6,6 +6,10 @@ import { renderMarkdown } from "./markdown.js";
 import { el } from "./dom.js";
 
 const ROLE_LABELS = { user: "You", assistant: "Model", system: "System prompt", tool: "Tool result" };
+// A rate needs tokens that came over some time: several can arrive in one network read,
+// and their rate over a few microseconds would say "25000 tokens/s".
+const MIN_RATE_TOKENS = 2;
+const MIN_RATE_SECONDS = 0.2;
 
 export class MessageView {
   constructor(role) {
@@ -145,7 +149,9 @@ export class StreamingReply {
       const details = this.usage.prompt_tokens_details || {};
       this.view.setStats(statsText({
         tokens,
-        tokensPerSecond: seconds > 0 && tokens > 1 ? (tokens - 1) / seconds : null,
+        tokensPerSecond: tokens >= MIN_RATE_TOKENS && seconds >= MIN_RATE_SECONDS
+          ? (tokens - 1) / seconds
+          : null,
         ttftMs,
         cachedTokens: details.cached_tokens ?? null,
         finishReason: this.finishReason,

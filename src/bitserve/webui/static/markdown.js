@@ -158,39 +158,209 @@ function list(lines, start, parent, depth) {
   return i;
 }
 
-// Inline spans, earliest match first. Each pattern's group 1 is the inner text.
-const INLINE = [
-  { re: /(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)/, make: (m) => el("code", "", m[2]) },
-  { re: /\[([^\]\n]+)\]\(\s*<?([^\s<>()]+)>?\s*\)/, make: link },
-  { re: /\*\*(?=\S)([\s\S]*?\S)\*\*/, tag: "strong" },
-  { re: /__(?=\S)([\s\S]*?\S)__(?!\w)/, tag: "strong" },
-  { re: /~~(?=\S)([\s\S]*?\S)~~/, tag: "del" },
-  { re: /\*(?=[^\s*])([\s\S]*?[^\s*])\*/, tag: "em" },
-  { re: /(?<![\w])_(?=[^\s_])([\s\S]*?[^\s_])_(?![\w])/, tag: "em" },
+// Inline spans: `code`, [links](url), **strong**, __strong__, ~~strike~~, *em*, _em_. The
+// earliest span wins (on a tie, the first kind in INLINE); a span's text is rendered again
+// for the spans inside it. The rules are those of these regular expressions, run on the
+// text after the last span:
+//
+//   code    (`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)
+//   link    \[([^\]\n]+)\]\(\s*<?([^\s<>()]+)>?\s*\)
+//   strong  \*\*(?=\S)([\s\S]*?\S)\*\*        __(?=\S)([\s\S]*?\S)__(?!\w)
+//   del     ~~(?=\S)([\s\S]*?\S)~~
+//   em      \*(?=[^\s*])([\s\S]*?[^\s*])\*    (?<![\w])_(?=[^\s_])([\s\S]*?[^\s_])_(?![\w])
+//
+// but found in one left-to-right pass per kind instead: each kind remembers its next span
+// (or that it has none), and closers are looked up in tables built once per text. Running
+// the expressions themselves after every span made a long reply quadratic or worse (an
+// opener without a closer scans to the end, again for every span before it), and a
+// streaming reply is drawn again every frame.
+
+const SPACE = /\s/;
+const WORD = /\w/;
+const NONE = { start: Infinity }; // a kind with no span left in the text
+
+const isSpace = (c) => c !== "" && SPACE.test(c);
+const isWord = (c) => c !== "" && WORD.test(c);
+const nonSpace = (c) => c !== "" && !SPACE.test(c);
+
+/**
+ * Emphasis-like spans: `open` opens, the first `close` after at least one character of
+ * text closes. `opens(text, i, from)` and `closes(text, e)` check the characters around
+ * (`from` is where the text after the last span starts: a look-behind stops there).
+ */
+const DELIMITED = [
+  {
+    open: "**", tag: "strong",
+    opens: (t, i) => nonSpace(t.charAt(i + 2)),
+    closes: (t, e) => nonSpace(t.charAt(e - 1)),
+  },
+  {
+    open: "__", tag: "strong",
+    opens: (t, i) => nonSpace(t.charAt(i + 2)),
+    closes: (t, e) => nonSpace(t.charAt(e - 1)) && !isWord(t.charAt(e + 2)),
+  },
+  {
+    open: "~~", tag: "del",
+    opens: (t, i) => nonSpace(t.charAt(i + 2)),
+    closes: (t, e) => nonSpace(t.charAt(e - 1)),
+  },
+  {
+    open: "*", tag: "em",
+    opens: (t, i) => nonSpace(t.charAt(i + 1)) && t.charAt(i + 1) !== "*",
+    closes: (t, e) => nonSpace(t.charAt(e - 1)) && t.charAt(e - 1) !== "*",
+  },
+  {
+    open: "_", tag: "em", lookBehind: true,
+    opens: (t, i, from) => (i === from || !isWord(t.charAt(i - 1)))
+      && nonSpace(t.charAt(i + 1)) && t.charAt(i + 1) !== "_",
+    closes: (t, e) => nonSpace(t.charAt(e - 1)) && t.charAt(e - 1) !== "_"
+      && !isWord(t.charAt(e + 1)),
+  },
 ];
 
 function renderInline(text, parent) {
-  while (text) {
-    let best = null;
-    for (const rule of INLINE) {
-      const m = rule.re.exec(text);
-      if (m && (best === null || m.index < best.m.index)) best = { rule, m };
+  const kinds = [codeSpans(text), linkSpans(text), ...DELIMITED.map((d) => delimited(text, d))];
+  let from = 0;
+  for (;;) {
+    let best = NONE;
+    for (const next of kinds) {
+      const span = next(from);
+      if (span.start < best.start) best = span; // strictly earlier: ties keep the first kind
     }
-    if (best === null) {
-      appendText(text, parent);
-      return;
-    }
-    const { rule, m } = best;
-    appendText(text.slice(0, m.index), parent);
-    if (rule.make) {
-      parent.append(rule.make(m));
-    } else {
-      const span = el(rule.tag);
-      renderInline(m[1], span);
-      parent.append(span);
-    }
-    text = text.slice(m.index + m[0].length);
+    if (best === NONE) break;
+    appendText(text.slice(from, best.start), parent);
+    parent.append(best.make());
+    from = best.end;
   }
+  appendText(text.slice(from), parent);
+}
+
+/**
+ * The spans of one kind in `text`, as a function of `from` (which never decreases) giving
+ * the first span starting at `from` or later: `scan(from)` searches from `from`, and its
+ * answer holds until a span of another kind passes it. `atStart(from)`, for a kind with a
+ * look-behind, is a span that opens at `from` only because the text starts anew there.
+ */
+function spans(scan, atStart = null) {
+  let found = null;
+  return (from) => {
+    if (found === null || found.start < from) found = scan(from);
+    if (atStart !== null && found.start > from) return atStart(from) || found;
+    return found;
+  };
+}
+
+function delimited(text, kind) {
+  const { open, opens, closes } = kind;
+  const width = open.length;
+  // closeAt[x]: the first closer at x or after, -1 for none
+  const closeAt = new Int32Array(text.length + 2).fill(-1);
+  for (let e = text.length - width; e >= 0; e -= 1) {
+    closeAt[e] = text.startsWith(open, e) && closes(text, e) ? e : closeAt[e + 1];
+  }
+  const spanAt = (i, from) => {
+    if (!text.startsWith(open, i) || !opens(text, i, from)) return null;
+    const end = closeAt[i + width + 1]; // after at least one character of text
+    if (end < 0) return null;
+    const inner = text.slice(i + width, end);
+    return {
+      start: i,
+      end: end + width,
+      make: () => {
+        const node = el(kind.tag);
+        renderInline(inner, node);
+        return node;
+      },
+    };
+  };
+  const scan = (from) => {
+    for (let i = text.indexOf(open, from); i >= 0; i = text.indexOf(open, i + 1)) {
+      const span = spanAt(i, from);
+      if (span) return span;
+    }
+    return NONE;
+  };
+  return spans(scan, kind.lookBehind ? (from) => spanAt(from, from) : null);
+}
+
+function codeSpans(text) {
+  // runs of backticks: a closer is a whole run as long as the opener
+  const runStarts = new Map(); // length → starts of the runs that long, ascending
+  const runEnd = new Int32Array(text.length + 1);
+  for (let i = text.length - 1; i >= 0; i -= 1) {
+    runEnd[i] = text[i] === "`" ? (text[i + 1] === "`" ? runEnd[i + 1] : i + 1) : i;
+  }
+  for (let i = 0; i < text.length; i = Math.max(runEnd[i], i + 1)) {
+    if (text[i] !== "`") continue;
+    const length = runEnd[i] - i;
+    if (!runStarts.has(length)) runStarts.set(length, []);
+    runStarts.get(length).push(i);
+  }
+  const looked = new Map(); // length → index into its runStarts (searches only move on)
+  const runAfter = (length, after) => {
+    const starts = runStarts.get(length);
+    if (!starts) return -1;
+    let k = looked.get(length) || 0;
+    while (k < starts.length && starts[k] <= after) k += 1;
+    looked.set(length, k);
+    return k < starts.length ? starts[k] : -1;
+  };
+  const scan = (from) => {
+    for (let i = text.indexOf("`", from); i >= 0; i = text.indexOf("`", runEnd[i])) {
+      const end = runEnd[i];
+      // an opener is the rest of a run from where the search starts in it, longest first
+      for (let open = i; open < end; open += 1) {
+        const close = runAfter(end - open, end);
+        if (close >= 0) {
+          const code = text.slice(end, close);
+          return { start: open, end: close + end - open, make: () => el("code", "", code) };
+        }
+      }
+    }
+    return NONE;
+  };
+  return spans(scan);
+}
+
+function linkSpans(text) {
+  // stopAt[x]: the first "]" or newline at x or after (the end of a link's text)
+  const stopAt = new Int32Array(text.length + 1).fill(text.length);
+  for (let x = text.length - 1; x >= 0; x -= 1) {
+    stopAt[x] = text[x] === "]" || text[x] === "\n" ? x : stopAt[x + 1];
+  }
+  const targets = new Map(); // position of "](" → [url, end] or null
+  const target = (at) => {
+    if (!targets.has(at)) targets.set(at, linkTarget(text, at));
+    return targets.get(at);
+  };
+  const scan = (from) => {
+    for (let i = text.indexOf("[", from); i >= 0; i = text.indexOf("[", i + 1)) {
+      const stop = stopAt[i + 1];
+      const found = stop > i + 1 && text[stop] === "]" ? target(stop) : null;
+      if (found) {
+        const [url, end] = found;
+        const m = [text.slice(i, end), text.slice(i + 1, stop), url];
+        return { start: i, end, make: () => link(m) };
+      }
+    }
+    return NONE;
+  };
+  return spans(scan);
+}
+
+// After a link's text, at its "]": `(\s*<?URL>?\s*)`. Returns [URL, end] or null.
+function linkTarget(text, at) {
+  if (text[at + 1] !== "(") return null;
+  let i = at + 2;
+  while (isSpace(text.charAt(i))) i += 1;
+  if (text[i] === "<") i += 1;
+  const urlStart = i;
+  while (i < text.length && !isSpace(text[i]) && !"<>()".includes(text[i])) i += 1;
+  if (i === urlStart) return null;
+  const url = text.slice(urlStart, i);
+  if (text[i] === ">") i += 1;
+  while (isSpace(text.charAt(i))) i += 1;
+  return text[i] === ")" ? [url, i + 1] : null;
 }
 
 // Text with its newlines as line breaks.

@@ -19,10 +19,14 @@ export function titleOf(conversation) {
   return (conversation.metadata && conversation.metadata.title) || "Untitled conversation";
 }
 
-/** A title from a message: its first characters on one line. */
+/**
+ * A title from a message: its first characters on one line. It is cut between code points,
+ * never inside a surrogate pair (an emoji): the server refuses a lone surrogate.
+ */
 export function titleFrom(text) {
   const line = String(text).trim().replace(/\s+/g, " ");
-  return line.length > TITLE_CHARS ? `${line.slice(0, TITLE_CHARS - 1)}…` : line;
+  const chars = Array.from(line);
+  return chars.length > TITLE_CHARS ? `${chars.slice(0, TITLE_CHARS - 1).join("")}…` : line;
 }
 
 function path(conversation) {
@@ -82,6 +86,14 @@ export class Sidebar {
     this.list.replaceChildren(...this.conversations.map((c) => this.item(c)));
   }
 
+  /** Focus the button `selector` of `id`'s item (after a render); false if it is not there. */
+  focus(id, selector) {
+    const item = [...this.list.children].find((node) => node.dataset.id === id);
+    const target = item && item.querySelector(selector);
+    if (target) target.focus();
+    return Boolean(target);
+  }
+
   item(conversation) {
     const item = el("li", "conversation");
     item.dataset.id = conversation.id;
@@ -104,7 +116,9 @@ export class Sidebar {
     input.setAttribute("aria-label", "New title");
     input.maxLength = MAX_TITLE_CHARS;
     let done = false;
-    const finish = async (save) => {
+    // `refocus`: finished from the keyboard, so focus goes back to ✎ (after a click
+    // elsewhere it stays where it went)
+    const finish = async (save, refocus) => {
       if (done) return;
       done = true;
       const title = input.value.trim();
@@ -116,12 +130,13 @@ export class Sidebar {
         }
       }
       this.render();
+      if (refocus) this.focus(conversation.id, ".rename");
     };
     input.addEventListener("keydown", (event) => {
-      if (event.key === "Enter") finish(true);
-      if (event.key === "Escape") finish(false);
+      if (event.key === "Enter") finish(true, true);
+      if (event.key === "Escape") finish(false, true);
     });
-    input.addEventListener("blur", () => finish(true));
+    input.addEventListener("blur", () => finish(true, false));
     item.replaceChildren(input);
     input.focus();
     input.select();
@@ -131,8 +146,15 @@ export class Sidebar {
     const question = el("span", "confirm-text", `Delete “${titleOf(conversation)}”?`);
     const yes = button("confirm-delete", "Delete");
     const no = button("cancel-delete", "Cancel");
+    const cancel = () => {
+      this.render();
+      this.focus(conversation.id, ".delete");
+    };
     yes.addEventListener("click", () => this.delete(conversation));
-    no.addEventListener("click", () => this.render());
+    no.addEventListener("click", cancel);
+    item.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") cancel();
+    });
     item.classList.add("confirming");
     item.replaceChildren(question, yes, no);
     no.focus();
@@ -145,12 +167,16 @@ export class Sidebar {
       if (!(err instanceof ApiError && err.code === "conversation_not_found")) {
         this.on.error(err);
         this.render();
+        this.focus(conversation.id, ".delete");
         return;
       }
       // already gone (deleted elsewhere): drop it here too
     }
+    const index = this.conversations.findIndex((c) => c.id === conversation.id);
     this.conversations = this.conversations.filter((c) => c.id !== conversation.id);
     this.render();
+    const next = this.conversations[Math.min(index, this.conversations.length - 1)];
+    if (next) this.focus(next.id, ".title"); // the item that took its place
     this.on.deleted(conversation.id);
   }
 }
