@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -153,6 +154,87 @@ def test_a_packed_tensor_holding_code_3_is_one_sentence(
     assert capsys.readouterr().err == (
         f"bitserve convert: {name}: packed ternary weights hold code 3, which is not -1, 0 or +1\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (lambda f: (f / "model.safetensors").write_bytes(b"\x10" * 100),
+         "cannot convert {folder}: SafetensorError: "),
+        (lambda f: _config_set(f, "num_key_value_heads", "two"),
+         "cannot convert {folder}: ValueError: "),
+        (lambda f: _config_set(f, "rope_scaling", "linear"), "cannot convert {folder}: "),
+        (lambda f: (f / "tokenizer.json").write_text('{"model": "x"}'),
+         "cannot convert {folder}: "),
+    ],
+)  # fmt: skip
+def test_a_checkpoint_no_converter_could_read_is_one_sentence(
+    tokenizer: HFTokenizer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    damage: Any,
+    says: str,
+) -> None:
+    """A truncated safetensors file, a config value of the wrong type, a malformed
+    tokenizer.json: each was a traceback."""
+    folder = write_checkpoint(tmp_path / "hf", make_model(tokenizer.get_vocab_size()), "packed",
+                              tokenizer)  # fmt: skip
+    damage(folder)
+    assert main(["convert", str(folder), str(tmp_path / "out.gguf")]) == 1
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("bitserve convert: " + says.format(folder=folder)), err
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def _config_set(folder: Path, key: str, value: Any) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+
+
+def test_a_checkpoint_the_loader_would_refuse_is_refused_at_convert(
+    tokenizer: HFTokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each of these converted (exit 0) into a file the loader then refused, or (an
+    infinite weight_scale) one that loaded with a projection silently zeroed."""
+    import dataclasses
+
+    m = make_model(tokenizer.get_vocab_size(), seed=4)
+    cases = [
+        (write_checkpoint(tmp_path / "act", m, "packed", tokenizer), "hidden_act",
+         "config.json: hidden_act 'gelu' is not relu2 or silu"),
+        (write_checkpoint(tmp_path / "head", dataclasses.replace(m, output=m.output[:100]),
+                          "llama-packed", tokenizer), None, "lm_head is (100, "),
+        (write_checkpoint(tmp_path / "inf", m, "autobitlinear", tokenizer,
+                          row_scales={"blk.0.attn_q.weight": np.full(m.ternary[
+                              "blk.0.attn_q.weight"].shape[0], np.inf, np.float32)}), None,
+         "weight_scale must be one positive finite value or one per row"),
+    ]  # fmt: skip
+    for folder, key, says in cases:
+        if key is not None:
+            _config_set(folder, key, "gelu")
+        assert main(["convert", str(folder), str(tmp_path / "out.gguf")]) == 1
+        (err,) = capsys.readouterr().err.strip().splitlines()
+        assert says in err, err
+        assert not (tmp_path / "out.gguf").exists()
+
+
+def test_convert_refuses_to_replace_what_is_not_its_output(
+    tokenizer: HFTokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It replaced /dev/full with a regular file, a symlink with a file, and the
+    checkpoint's own weights."""
+    folder = write_checkpoint(tmp_path / "hf", make_model(tokenizer.get_vocab_size()), "packed",
+                              tokenizer)  # fmt: skip
+    weights = folder / "model.safetensors"
+    before = weights.read_bytes()
+    assert main(["convert", str(folder), str(weights)]) == 2
+    assert "is a file of the checkpoint" in capsys.readouterr().err
+    assert weights.read_bytes() == before
+    link = tmp_path / "link.gguf"
+    link.symlink_to(tmp_path / "target.gguf")
+    assert main(["convert", str(folder), str(link)]) == 2
+    assert "exists and is not a regular file" in capsys.readouterr().err
+    assert link.is_symlink()
 
 
 def test_added_tokens_and_padding_convert_like_llama_cpp(tmp_path: Path) -> None:

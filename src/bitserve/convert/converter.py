@@ -29,6 +29,7 @@ from bitserve.gguf.constants import TQ_BLOCK, GGMLType
 from bitserve.gguf.quants import pack_i2s, pack_tq2_0
 from bitserve.gguf.writer import GGUFWriter
 from bitserve.model.arch import permute_rows, projection_shapes
+from bitserve.model.config import ACTIVATIONS
 
 PROJECTIONS = {
     "self_attn.q_proj": "attn_q",
@@ -48,6 +49,9 @@ LAYER_NORMS = {
 FILE_TYPE_I2_S = 40  # general.file_type of bitnet.cpp's I2_S files
 FILE_TYPE_TQ2_0 = 37  # llama.cpp's LLAMA_FTYPE_MOSTLY_TQ2_0
 _F16_MAX = 65504.0
+
+
+_ACTIVATION = {"relu2": "relu2", "silu": "silu", "swish": "silu"}  # HF name -> the forward's
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +107,8 @@ class HParams:
         n_heads = need("num_attention_heads")
         dim = need("hidden_size")
         act = str(config.get("hidden_act", layout.default_act))
+        if _ACTIVATION.get(act, act) not in ACTIVATIONS:  # the loader would refuse the file
+            raise CheckpointError(f"config.json: hidden_act {act!r} is not relu2 or silu")
         tied = bool(config.get("tie_word_embeddings", layout.tied_by_default)) or not has_lm_head
         return cls(
             n_layers=need("num_hidden_layers"),
@@ -115,7 +121,7 @@ class HParams:
             context_length=int(config.get("max_position_embeddings") or 4096),
             rope_theta=float(config.get("rope_theta") or 10000.0),
             norm_eps=float(config.get("rms_norm_eps") or 1e-5),
-            activation={"relu2": "relu2", "silu": "silu", "swish": "silu"}.get(act, act),
+            activation=_ACTIVATION.get(act, act),
             tied=tied,
         )
 
@@ -271,7 +277,12 @@ class _TensorWriter:
             self.layer(i)
         self.norm("output_norm.weight", "model.norm.weight", hp.dim)
         if not hp.tied:
-            self.float_matrix("output.weight", self.take("lm_head.weight"))
+            head = self.take("lm_head.weight")
+            if head.shape != (hp.vocab_size, hp.dim):
+                raise CheckpointError(
+                    f"lm_head is {head.shape}, config says {(hp.vocab_size, hp.dim)}"
+                )
+            self.float_matrix("output.weight", head)
         elif "lm_head.weight" in self.ckpt:
             self.used.add("lm_head.weight")  # a stored copy of the tied embedding
         return self.used
@@ -314,8 +325,8 @@ class _TensorWriter:
         if scale_name not in self.ckpt:
             raise CheckpointError(f"{name} is quantized but the checkpoint has no {scale_name}")
         stored = self.take(scale_name).astype(np.float64).reshape(-1)
-        if stored.size not in (1, shape[0]) or np.any(stored <= 0):
-            raise CheckpointError(f"{scale_name} must be one positive value or one per row")
+        if stored.size not in (1, shape[0]) or not np.all(np.isfinite(stored) & (stored > 0)):
+            raise CheckpointError(f"{scale_name} must be one positive finite value or one per row")
         scales = stored if self.scheme.scale_multiplies else 1.0 / stored
         return self._shaped(name, ternary, shape), scales.astype(np.float32)
 
