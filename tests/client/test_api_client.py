@@ -123,6 +123,26 @@ def test_an_error_event_mid_stream_raises_after_the_text_so_far(fake_server: Fak
     assert received == ["par"]
 
 
+def test_a_stream_closed_without_done_is_a_cut_reply(fake_server: FakeServer) -> None:
+    """A proxy that ends the stream cleanly mid-reply: the client showed the partial text
+    as a whole reply (exit 0) while the server stored no turn."""
+    fake_server.reply_stream = sse(content_chunk("partial "))[:-1]  # no [DONE]
+    api = api_for(fake_server)
+    conversation_id = api.create_conversation()
+    received: list[str] = []
+    with pytest.raises(ServerFailed, match="in the middle of a reply"):
+        received.extend(api.stream_reply(conversation_id, "hi"))
+    assert received == ["partial "]
+
+
+def test_a_conversation_id_is_one_path_segment(fake_server: FakeServer) -> None:
+    """`--conversation 'ID?x=1'` reached the metadata route: every message failed."""
+    api = api_for(fake_server)
+    with pytest.raises(ConversationNotFound):
+        api.get_messages("conv_1?x=1")
+    assert fake_server.requests[-1].url.raw_path == b"/v1/conversations/conv_1%3Fx%3D1"
+
+
 def test_a_non_streaming_answer_is_still_shown() -> None:
     body = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "whole"}}]}
     assert list(answering(httpx.Response(200, json=body)).stream_reply("conv_1", "hi")) == ["whole"]

@@ -237,3 +237,27 @@ def test_history_shows_tool_calls_and_reasoning(
         "tool: sunny\n"
         "assistant: Sunny.\n"
     )
+
+
+def test_ctrl_c_while_a_command_waits_on_the_server_returns_to_the_prompt(
+    api: ConversationAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C during `history` (a slow GET) quit the client with status 130."""
+
+    def slow_server(conversation_id: str) -> list[object]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "get_messages", slow_server)
+    status, out, _, script = run_session(api, ["history", "hello"], interactive=True)
+    assert status == 0
+    assert script.prompts == [PROMPT, PROMPT, PROMPT]  # back at the prompt, then a reply
+    assert "hello" in out
+
+
+def test_bytes_that_are_not_utf8_in_piped_input_are_replaced() -> None:
+    """Piped stdin reads undecodable bytes as lone surrogates, which no request can carry:
+    the client died with a UnicodeEncodeError traceback."""
+    from bitserve.client.line_input import PipedInput
+
+    stream = io.TextIOWrapper(io.BytesIO(b"caf\xe9\n"), encoding="utf-8", errors="surrogateescape")
+    assert PipedInput(stream).read("") == "caf\ufffd"

@@ -13,6 +13,7 @@ from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -27,6 +28,8 @@ from bitserve.client.errors import (
     ServerUnreachable,
 )
 from bitserve.client.sse import DONE, error_message, iter_sse_data, parse_chunk
+
+CUT_REPLY = "The server closed the connection in the middle of a reply."
 
 __all__ = ["ChatMessage", "ConversationAPI", "ReplyOptions"]
 
@@ -106,7 +109,8 @@ class ConversationAPI:
 
     def get_messages(self, conversation_id: str) -> list[ChatMessage]:
         """The stored messages of a conversation, oldest first."""
-        data = self._json("GET", f"/v1/conversations/{conversation_id}", conv=conversation_id)
+        path = f"/v1/conversations/{_segment(conversation_id)}"
+        data = self._json("GET", path, conv=conversation_id)
         messages = data.get("messages")
         if not isinstance(messages, list):
             raise ServerFailed("The server's conversation record had no message list.")
@@ -130,7 +134,7 @@ class ConversationAPI:
             "stream": True,
             **(options or ReplyOptions()).to_json(),
         }
-        path = f"/v1/conversations/{conversation_id}/chat"
+        path = f"/v1/conversations/{_segment(conversation_id)}/chat"
         with (
             _translated_errors(self.base_url),
             self._http.stream("POST", path, json=body) as response,
@@ -157,6 +161,8 @@ class ConversationAPI:
                 on_reasoning(delta.reasoning)
             if delta.content:
                 yield delta.content
+        # closed without [DONE] (a proxy that ends cleanly): the server stored no turn
+        raise ServerFailed(CUT_REPLY)
 
     def _json(self, method: str, path: str, conv: str | None = None, **kw: Any) -> dict[str, Any]:
         with _translated_errors(self.base_url):
@@ -187,6 +193,12 @@ class ConversationAPI:
         return f"{self.base_url} does not look like a bitserve server ({why}); check --url."
 
 
+def _segment(conversation_id: str) -> str:
+    """A conversation id as one path segment: ``?``, ``#`` or ``/`` in it cannot reach
+    another route."""
+    return quote(conversation_id, safe="")
+
+
 @contextmanager
 def _translated_errors(base_url: str) -> Iterator[None]:
     """Turn httpx's transport exceptions into one-sentence client errors."""
@@ -199,7 +211,7 @@ def _translated_errors(base_url: str) -> Iterator[None]:
     except httpx.TimeoutException:
         raise ServerUnreachable(f"The server at {base_url} did not answer in time.") from None
     except httpx.RemoteProtocolError:
-        raise ServerFailed("The server closed the connection in the middle of a reply.") from None
+        raise ServerFailed(CUT_REPLY) from None
     except httpx.HTTPError as exc:
         raise ServerUnreachable(f"Talking to {base_url} failed: {_reason(exc)}.") from None
 

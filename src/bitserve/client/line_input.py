@@ -86,7 +86,10 @@ class PipedInput:
         line = self.stream.readline()
         if not line:
             return None
-        return line.rstrip("\r\n")
+        # bytes that are not UTF-8 (read as lone surrogates) become U+FFFD: the request
+        # carries text, and a surrogate cannot be encoded into it
+        text = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return text.rstrip("\r\n")
 
     def close(self) -> None:
         return None

@@ -102,6 +102,11 @@ class ChatSession:
                 self.error(str(error))
                 if not (self.lines.interactive and error.recoverable):
                     return 1
+            except KeyboardInterrupt:  # Ctrl-C while a command waits on the server
+                if not self.lines.interactive:
+                    raise
+                self.api.reset()
+                self.out.write("\n")
 
     def handle(self, line: str) -> bool:
         """Run one input line; returns ``False`` when the session should end."""
