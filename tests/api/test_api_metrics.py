@@ -203,6 +203,7 @@ def test_router_gauges_under_our_names_and_vllms(loaded: LoadedModel) -> None:
 
     served.engine._jobs.put(object.__new__(_Generation))  # one still queued: 3, not 2 + 3
     served.engine._jobs.put(object.__new__(_Call))  # the engine's own call: no request
+    assert served.engine.queue_depth == 4  # but --max-queue bounds calls too (echo scoring)
     capacity = kv_cache_capacity_bytes(served)
     cfg = loaded.model.config
     assert capacity == 4 * served.ctx_size * 2 * cfg.n_layers * cfg.kv_dim * 2  # f16 k and v

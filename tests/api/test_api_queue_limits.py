@@ -50,3 +50,33 @@ def test_chats_waiting_for_one_conversation_are_bounded(make_client: AppFactory)
         assert [a.status_code for a in answers] == [200, 200]
         messages = client.get(f"/v1/conversations/{conv}").json()["messages"]
         assert len(messages) == 4  # the two waiting turns, one after the other
+
+
+def test_echo_scoring_is_bounded_by_the_queue_too(make_client: AppFactory) -> None:
+    """Scoring a prompt is an engine call, not a generation: a change that counted only
+    generations let 40 scoring requests queue past --max-queue 2."""
+    with make_client(max_queue=2) as client:
+        engine = client.app.state.served.engine  # type: ignore[attr-defined]
+        gate = threading.Event()
+        blocker = client.portal.start_task_soon(engine.call, lambda _: gate.wait(30))  # type: ignore[union-attr]
+        deadline = time.monotonic() + 10
+        while engine.queue_depth > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the engine is inside the blocking call
+        scoring = {"model": "bitnet", "prompt": "a b c", "max_tokens": 0, "echo": True,
+                   "logprobs": 0}  # fmt: skip
+        answers: list[Any] = []
+
+        def score() -> None:
+            answers.append(client.post("/v1/completions", json=scoring))
+
+        threads = [threading.Thread(target=score) for _ in range(5)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.05)
+        while sum(a.status_code == 503 for a in answers) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.set()
+        for thread in threads:
+            thread.join(30)
+        blocker.result(30)
+        assert sorted(a.status_code for a in answers) == [200, 200, 503, 503, 503]

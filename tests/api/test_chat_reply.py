@@ -23,13 +23,16 @@ HERMES_TWO = f"<tool_call>\n{CALL_A}\n</tool_call>\n<tool_call>\n{CALL_B}\n</too
 FALCON_TWO = f"<tool_call>\n[{CALL_A}, {CALL_B}]\n</tool_call>"
 
 
-def read(text: str, pieces: list[int], **kw: object) -> tuple[dict[str, object], ReplyParser]:
-    """Feed ``text`` cut at ``pieces``; gather what the deltas said."""
+def read(
+    text: str, pieces: list[int], cut: bool = False, **kw: object
+) -> tuple[dict[str, object], ReplyParser]:
+    """Feed ``text`` cut at ``pieces`` (``cut``: it ran out of tokens); gather what the
+    deltas said."""
     parser = ReplyParser(**kw)  # type: ignore[arg-type]
     said: dict[str, object] = {"reasoning": "", "content": "", "calls": {}}
     cuts = [0, *pieces, len(text)]
     deltas = [parser.feed(text[a:b]) for a, b in itertools.pairwise(cuts)]
-    deltas.append(parser.finish())
+    deltas.append(parser.finish(cut=cut))
     calls: dict[int, list[str]] = {}
     for d in deltas:
         said["reasoning"] += d.reasoning  # type: ignore[operator]
@@ -72,8 +75,10 @@ def test_plain_text_with_tools_and_reasoning_enabled() -> None:
     assert said["content"] == "Hi <think> there" and not parser.has_reasoning
     # cut short (max_tokens) inside the call tag: a call with nothing readable, never
     # call syntax shown as content
-    said, parser = read("<tool_c", [3], call_open=HERMES.open)
+    said, parser = read("<tool_c", [3], call_open=HERMES.open, cut=True)
     assert said == {"reasoning": "", "content": "", "calls": []} and parser.content == ""
+    said, _ = read("<tool_c", [3], call_open=HERMES.open)  # it stopped there: text
+    assert said["content"] == "<tool_c"
     said, _ = read("<tool_c", [3])  # no tools: plain text
     assert said["content"] == "<tool_c"
 

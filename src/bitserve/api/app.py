@@ -54,7 +54,10 @@ class _CORS(CORSMiddleware):
             return response
         reason = bytes(response.body).decode()
         error = error_response(InvalidParameterError(f"CORS preflight refused: {reason}"))
-        error.headers.update({k: v for k, v in response.headers.items() if k.startswith("access-")})
+        kept = {
+            k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")
+        }
+        error.headers.update(kept)  # Vary and the CORS headers
         return error
 
 

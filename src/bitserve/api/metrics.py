@@ -133,7 +133,7 @@ class EngineCollector(Collector):
 
     def _router_gauges(self, running: int) -> Iterator[GaugeMetricFamily]:
         stats = self.served.engine.stats
-        waiting = self.served.engine.queue_depth  # the queue and the admitted, not running
+        waiting = self.served.engine.requests_waiting
         capacity = kv_cache_capacity_bytes(self.served)
         held = _stat(stats, "kv_bytes") - _stat(stats, "prefix_cache_bytes")
         usage = min(1.0, max(0.0, held / capacity)) if capacity else 0.0

@@ -11,8 +11,8 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -28,11 +28,15 @@ from bitserve.api.settings import (
     DEFAULT_MAX_BODY_MB,
     DEFAULT_MAX_QUEUE,
     DEFAULT_PORT,
+    DEFAULT_SHUTDOWN_GRACE_S,
     ServerSettings,
     default_cache_dir,
     default_db_path,
     read_keys_file,
 )
+
+if TYPE_CHECKING:
+    from bitserve.engine.loop import EngineLoop
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +163,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "while it sends a body, before it is closed",
     )
     p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=DEFAULT_SHUTDOWN_GRACE_S,
+        help="seconds the replies in flight get to finish at SIGTERM or Ctrl-C; those still "
+        "running then end with the 'server is stopping' error (default: %(default)s)",
+    )
+    p.add_argument(
         "--allowed-host",
         action="append",
         default=[],
@@ -203,6 +214,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_body_mb=args.max_body_mb,
         max_input_chars=args.max_input_chars,
         head_timeout_s=args.head_timeout,
+        shutdown_grace_s=args.shutdown_grace,
         allowed_hosts=default_allowed_hosts(args.host, args.allowed_host),
         cors_origins=tuple(args.cors_origin),
         replica=args.replica_id,
@@ -294,24 +306,33 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
         http=head_timeout_protocol(settings.head_timeout_s),
     )
-    asyncio.run(_serve(_Server(config, served.engine.stop)))  # the lifespan writes the prefix cache
+    server = _Server(config, served.engine, settings.shutdown_grace_s)
+    asyncio.run(_serve(server))  # the lifespan writes the prefix cache
     return 0
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, which at shutdown (Ctrl-C, SIGTERM) first stops the engine:
-    running generations end at once with the "server is stopping" error (an SSE error
-    event, or a 503), so their connections close within the graceful timeout. Left
-    running, a long reply outlived it and uvicorn cancelled its task with a traceback,
-    cutting the stream with no event."""
+    """uvicorn's server, whose shutdown (Ctrl-C, SIGTERM) stops taking connections, gives
+    the replies in flight ``grace`` seconds to finish, then stops the engine: what still
+    runs ends at once with the "server is stopping" error (an SSE error event, or a
+    503), so its connection closes. Left to uvicorn, a reply longer than its graceful
+    timeout was cancelled with a traceback, its stream cut with no event."""
 
-    def __init__(self, config: uvicorn.Config, stop_engine: Callable[[], None]) -> None:
+    def __init__(self, config: uvicorn.Config, engine: EngineLoop[Any], grace: float) -> None:
         super().__init__(config)
-        self._stop_engine = stop_engine
+        self._engine, self._grace = engine, grace
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        await asyncio.to_thread(self._stop_engine)  # it joins the engine thread
+        for server in self.servers:
+            server.close()  # no new connections while the replies finish
+        deadline = time.monotonic() + self._grace
+        while self._busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(self._engine.stop)  # it joins the engine thread
         await super().shutdown(sockets)
+
+    def _busy(self) -> bool:
+        return self._engine.stats.running or self._engine.queue_depth > 0
 
 
 async def _serve(server: uvicorn.Server) -> None:

@@ -16,6 +16,7 @@ DEFAULT_CACHE_RAM_MB = 2048  # prefix (KV) cache budget; 0 turns it off
 DEFAULT_CACHE_DISK_MB = 0  # prefix cache entries spilled to disk; 0 (the default) turns it off
 DEFAULT_ALIASES = ("bitnet",)
 DEFAULT_MAX_BODY_MB = 8  # request bodies; a 128k-token prompt is well under 1 MB of JSON
+DEFAULT_SHUTDOWN_GRACE_S = 5.0  # replies in flight at SIGTERM get this long to finish
 DEFAULT_HEAD_TIMEOUT_S = 10.0  # a connection must send its request head within this
 DB_POOL_SPARE = 4  # PostgreSQL connections beyond one per running turn: reads, short writes
 
@@ -70,6 +71,7 @@ class ServerSettings:
     max_body_mb: int = DEFAULT_MAX_BODY_MB
     max_input_chars: int = 0
     head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S
+    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     allowed_hosts: tuple[str, ...] = ("*",)
     cors_origins: tuple[str, ...] = ()
     replica: str = ""
@@ -94,6 +96,8 @@ class ServerSettings:
             raise ValueError(f"--port must be from 1 to 65535, got {self.port}")
         if not self.head_timeout_s > 0:  # NaN too
             raise ValueError(f"--head-timeout must be more than 0, got {self.head_timeout_s}")
+        if not self.shutdown_grace_s >= 0:
+            raise ValueError(f"--shutdown-grace must be 0 or more, got {self.shutdown_grace_s}")
         for key in self.api_keys:  # "--api-key $KEY" with KEY unset must not let "Bearer" in
             if not key or key != key.strip() or any(c.isspace() for c in key):
                 raise ValueError(

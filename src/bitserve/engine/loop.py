@@ -283,10 +283,17 @@ class EngineLoop(Generic[G]):
 
     @property
     def queue_depth(self) -> int:
-        """Requests waiting (running ones not counted; the engine's own calls neither)."""
+        """Jobs waiting (running ones not counted): generations and calls (echo scoring
+        too), which ``max_queue`` bounds."""
         waiting = len(self.scheduler.waiting) if self.scheduler is not None else 0
-        queued = sum(isinstance(job, _Generation) for job in list(self._jobs.queue))
-        return queued + waiting
+        return self._jobs.qsize() + waiting
+
+    @property
+    def requests_waiting(self) -> int:
+        """Requests waiting to run: queued generations and admitted sequences (what a
+        router balances on; the engine's own calls, such as a spill reap, are none)."""
+        waiting = len(self.scheduler.waiting) if self.scheduler is not None else 0
+        return sum(isinstance(job, _Generation) for job in list(self._jobs.queue)) + waiting
 
     # -- the async side ---------------------------------------------------------------------
 

@@ -48,6 +48,7 @@ class ReplyParser:
         self._call_open = call_open.rstrip("\n") if call_open else None
         self._held = ""
         self._skip_space = False
+        self._cut = False
         self._thought = in_think  # the reply opened (or the prompt left open) <think>
         self.reasoning_tokens = 0  # tokens fed until </think> was read (feed one per token)
         self.reasoning = ""
@@ -81,7 +82,10 @@ class ReplyParser:
             self.reasoning_tokens = 0  # the reply did not open with <think> after all
         return delta
 
-    def finish(self) -> ReplyDelta:
+    def finish(self, cut: bool = False) -> ReplyDelta:
+        """Release what is held; ``cut``: the reply ran out of tokens (``length``), so
+        text that is the call tag's beginning was a call cut short, not content."""
+        self._cut = cut
         return self.feed("", final=True)
 
     # each stage consumes what it can of buf; returns the rest for the next stage, or
@@ -129,8 +133,8 @@ class ReplyParser:
             if opening.startswith(buf) and not final:
                 self._held = buf
                 return None
-            if opening.startswith(buf) and buf:  # cut short inside the call tag: a call,
-                self._stage, self.calls = "calls", ToolCallReader()  # none of it readable
+            if opening.startswith(buf) and buf and self._cut:  # cut inside the call tag: a
+                self._stage, self.calls = "calls", ToolCallReader()  # call, none readable
                 return None
         self._stage = "content"
         return buf

@@ -127,7 +127,7 @@ def read_replies(plan: ChatPlan, results: list[ChoiceResult]) -> list[ChoiceResu
         r.reply = plan.output.parser()
         for event in r.events:
             r.reply.feed(event.text)
-        r.reply.finish()
+        r.reply.finish(cut=wire_finish_reason(r.events) == "length")
     return results
 
 

@@ -219,7 +219,7 @@ def input_chars(
     """The characters of text the chat template will render from wire ``messages`` (their
     content, reasoning and tool calls) and the ``tools`` it lists, counted before any
     tokenizing (``--max-input-chars``)."""
-    chars = len(json.dumps(tools)) if tools else 0
+    chars = len(json.dumps(tools, ensure_ascii=False)) if tools else 0  # as templates do
     for m in messages:
         chars += len(m["content"]) + len(m.get("reasoning_content") or "")
         for call in m.get("tool_calls") or ():

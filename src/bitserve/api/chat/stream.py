@@ -17,7 +17,7 @@ from bitserve.api.chat.response import (
     usage,
 )
 from bitserve.api.served import ServedModel
-from bitserve.api.streaming import check_not_cancelled, merged_events, sse
+from bitserve.api.streaming import check_not_cancelled, merged_events, sse, wire_finish_reason
 from bitserve.engine.loop import RequestHandle
 from bitserve.engine.types import TokenEvent
 
@@ -91,7 +91,7 @@ class ChunkWriter:
 
     def finish(self, index: int, result: ChoiceResult) -> str:
         """What the reply still held, then the finish chunk."""
-        rest = self.replies[index].finish()
+        rest = self.replies[index].finish(cut=wire_finish_reason(result.events) == "length")
         result.reply = self.replies[index]
         events = [] if not rest else [
             {"index": index, "delta": self._delta(rest), "logprobs": None, "finish_reason": None}
