@@ -153,6 +153,14 @@ def test_text_in_tools_reasoning_and_calls_counts_toward_the_input_limit(
             "tools": [{"type": "function", "function": {"name": "f", "description": "word " * 80}}],
         }
         assert client.post("/v1/chat/completions", json={**chat_body(), **small}).status_code == 200
+        cjk = {
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [
+                {"type": "function", "function": {"name": "f", "description": "查询城市天气" * 80}}
+            ],
+        }
+        answer = client.post("/v1/chat/completions", json={**chat_body(), **cjk})
+        assert answer.status_code == 200, answer.text  # 480 characters, not 2880 escapes
 
 
 def test_the_default_input_limit_is_what_the_context_could_hold(client: TestClient) -> None:

@@ -199,6 +199,22 @@ def test_a_projection_is_checked_before_its_rows_are_reordered(tmp_path: Path) -
     assert _rss_mb() - before < 64
 
 
+def test_a_tokenizer_with_tokens_past_the_embedding_loads(good_model: Path, tmp_path: Path) -> None:
+    """bitserve's own converter writes added tokens past config.vocab_size: such a file
+    loads (the model never generates those ids; a prompt holding one is refused)."""
+    metadata = demo_tokenizer_metadata()
+    extra = {"tokenizer.ggml.tokens": ([*metadata["tokenizer.ggml.tokens"], "<extra_0>"],
+                                       GGUFValueType.ARRAY),
+             "tokenizer.ggml.token_type": ([*metadata["tokenizer.ggml.token_type"], 3],
+                                           GGUFValueType.ARRAY)}  # fmt: skip
+    path = with_metadata(good_model, tmp_path / "more.gguf", extra)
+    loaded = load_model(path, kernel="numpy")
+    try:
+        assert loaded.tokenizer.vocab_size == loaded.model.config.vocab_size + 1
+    finally:
+        loaded.close()
+
+
 @pytest.mark.parametrize("command", ["generate", "serve"])
 def test_commands_refuse_a_malformed_model_with_exit_2(
     good_model: Path, tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
