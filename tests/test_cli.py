@@ -119,3 +119,15 @@ def test_a_postgresql_url_without_the_extra_says_how_to_install_it(
         open_store("postgresql://u@127.0.0.1/db")
     assert "pip install 'bitserve[postgres]'" in str(caught.value)
     assert "pip install -e '.[postgres]'" in str(caught.value)
+
+
+def test_ctrl_c_while_a_command_loads_is_status_130(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in the first moments of a command (its module importing numpy and the
+    kernels) printed a KeyboardInterrupt traceback."""
+    import importlib
+
+    def interrupted(name: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    assert cli.main(["models"]) == 130

@@ -76,7 +76,16 @@ def _command_name(argv: list[str]) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:  # Ctrl-C while a command's modules load (numpy, the kernels) is no traceback either
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `bitserve models | head`: the reader left early, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # quiet the final flush
+        return 0
+
+
+def _main(argv: list[str]) -> int:
     command = _command_name(argv)
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
@@ -89,13 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     module = importlib.import_module(COMMANDS[args.command][0])
-    try:
-        return int(module.run(args) or 0)
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # `bitserve models | head`: the reader left early, not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # quiet the final flush
-        return 0
+    return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":
