@@ -96,6 +96,10 @@ def test_a_server_without_the_conversation_api_is_named_as_such() -> None:
         answering(not_found).create_conversation()
     with pytest.raises(NotABitserveServer, match="does not look like a bitserve server"):
         answering(httpx.Response(200, text="<html>hello</html>")).create_conversation()
+    # python -m http.server takes no POST: it said "The server failed (HTTP 501)"
+    unsupported = httpx.Response(501, text="<html>Unsupported method ('POST')</html>")
+    with pytest.raises(NotABitserveServer, match="answered 501"):
+        answering(unsupported).create_conversation()
 
 
 @pytest.mark.parametrize(

@@ -229,7 +229,7 @@ def _status_error(
         return AuthenticationFailed(
             "The server requires an API key; pass --api-key or set BITSERVE_API_KEY."
         )
-    if status in (404, 405):
+    if status in (404, 405, 501):  # 501: a server that does not even take POST
         if conv is not None and isinstance(body, dict) and isinstance(body.get("error"), dict):
             return ConversationNotFound(f"Conversation {conv} was not found on the server.")
         return NotABitserveServer(api._not_bitserve(f"the conversation API answered {status}"))
