@@ -253,3 +253,25 @@ def test_added_tokens_and_padding_convert_like_llama_cpp(tmp_path: Path) -> None
         expected = hf.encode(text, add_special_tokens=False).ids
         assert ours.encode(text) == expected, text
         assert ours.decode(expected) == hf.decode(expected)
+
+
+def test_a_failed_write_leaves_no_folders_it_made(
+    tokenizer: HFTokenizer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full disk left the empty folders of OUT's path behind."""
+    from bitserve.gguf.writer import GGUFWriter
+
+    folder = write_checkpoint(tmp_path / "hf", make_model(tokenizer.get_vocab_size()), "packed",
+                              tokenizer)  # fmt: skip
+
+    def full(self: GGUFWriter, path: Path) -> None:
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(GGUFWriter, "write", full)
+    out = tmp_path / "a" / "b" / "x.gguf"
+    assert main(["convert", str(folder), str(out)]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

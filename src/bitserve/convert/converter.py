@@ -15,6 +15,7 @@ embedding and head are F16 (F32 if a value overflows F16), norms F32.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,8 +195,15 @@ def convert_checkpoint(
             f"the checkpoint has tensors bitserve does not know how to convert: "
             f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
         )
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    writer.write(out)
+    try:
+        writer.write(out)
+    except BaseException:  # a full disk, Ctrl-C: leave no folders this call made behind
+        for folder in made:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return ConvertReport(out, layout.gguf_arch, tensors.n_i2s, tensors.n_tq2_0, tensors.n_tensors)
 
 
