@@ -275,11 +275,20 @@ def test_a_chat_waits_for_the_turn_stored_as_its_client_left(server: Server) -> 
 
 def test_head_is_served_wherever_get_is(server: Server) -> None:
     """Load balancers check health with HEAD: it was a 405 whose Allow named HEAD."""
+
+    def counted(route: str) -> float:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        line = f'bitserve_http_requests_total{{route="{route}",status="200"}} '
+        return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line))
+
+    unmatched, health = counted("unmatched"), counted("/health")
     for path in ("/health", "/v1/models", "/metrics", "/v1/conversations", "/"):
         got = httpx.get(server.url + path, timeout=10)
         head = httpx.head(server.url + path, timeout=10)
         assert head.status_code == got.status_code == 200, path
         assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]
+    assert counted("/health") == health + 2  # a HEAD probe counts under its route
+    assert counted("unmatched") == unmatched
     r = httpx.head(server.url + "/v1/chat/completions", timeout=10)
     assert r.status_code == 405 and r.headers["allow"] == "POST"
 
@@ -330,10 +339,18 @@ def test_stopping_the_server_lets_replies_finish_then_ends_them_with_an_event(
     try:
         url, body = long_stream_request(s.url, no_stop)
         events: list[str] = []
+        plain: list[httpx.Response] = []
+        side = threading.Thread(target=lambda: plain.append(
+            httpx.post(url, json={**body, "stream": False}, timeout=60)))  # fmt: skip
         with httpx.Client(timeout=60) as client, client.stream("POST", url, json=body) as r:
             lines = read_chunks(r, 5)
+            side.start()
+            time.sleep(0.2)
             s.process.send_signal(sig)
             events = [line for line in lines if line.startswith("data: ")]
+        side.join(30)
+        if grace == "0":  # a whole-reply request still running: a 503, quietly
+            assert plain[0].status_code == 503 and plain[0].json()["error"]["code"] == "cancelled"
         assert ending in events[-1].replace(" ", ""), events[-3:]
         if ending == "[DONE]":
             assert len(events) > 100  # the whole reply, not a cut one

@@ -99,9 +99,14 @@ class EdgeGuard:
         elif _content_length(headers) > self.max_body_bytes:
             refusal = BodyTooLargeError(self.max_body_bytes)
         if refusal is None:
-            if scope["method"] == "HEAD":  # answered as GET; the server sends no body
-                scope = {**scope, "method": "GET"}  # (FastAPI's routes serve no HEAD)
-            await _BodyCounter(self.max_body_bytes, scope, receive, send).run(self.app)
+            # HEAD is answered as GET (FastAPI's routes serve no HEAD); uvicorn, whose scope
+            # still says HEAD, sends no body. The route found is copied back for /metrics.
+            inner = {**scope, "method": "GET"} if scope["method"] == "HEAD" else scope
+            try:
+                await _BodyCounter(self.max_body_bytes, inner, receive, send).run(self.app)
+            finally:
+                if inner is not scope and "route" in inner:
+                    scope["route"] = inner["route"]
             return
         await _refuse(refusal, scope, receive, send)
 

@@ -258,7 +258,7 @@ def error_response(exc: BaseException) -> JSONResponse:
     if isinstance(exc, StarletteHTTPException) and exc.headers:
         headers.update(exc.headers)
     # the engine logs a failed generation's traceback itself
-    quiet = QueueFullError | EngineStoppedError | GenerationFailedError
+    quiet = QueueFullError | EngineStoppedError | GenerationFailedError | GenerationCancelledError
     if isinstance(exc, StoreUnavailableError):
         log.warning("%s", exc)  # expected while the database restarts: no traceback
     elif status >= 500 and not isinstance(exc, quiet):
