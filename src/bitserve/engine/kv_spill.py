@@ -287,7 +287,7 @@ class KVSpill:
         ownership: it is released once written (or at once if it cannot be). Entries of
         the scope that are a prefix of it are superseded and deleted; the oldest go until
         the budget holds. False if not saved (empty, or larger than the whole budget)."""
-        self._reap()
+        self.reap()
         ids = np.asarray(tokens, dtype=np.int64)[: cache.length]
         layout = (cache.layout[0], cache.layout[1], cache.layout[2])
         size = SpillHeader(cache.dtype, layout, cache.length, 0).nbytes
@@ -304,7 +304,7 @@ class KVSpill:
             self._jobs.put(entry.write)
         else:
             self._write(entry.write)
-            self._reap()
+            self.reap()
         return True
 
     def discard_prefixes_of(self, tokens: np.ndarray, scope: str = "") -> None:
@@ -319,7 +319,7 @@ class KVSpill:
     ) -> tuple[SpillEntry | None, int]:
         """The entry of ``scope`` sharing the longest prefix with ``tokens`` and that
         length (``(None, 0)`` if none shares a token)."""
-        self._reap()
+        self.reap()
         return longest_prefix(self.entries, np.asarray(tokens, dtype=np.int64), scope)
 
     def load(
@@ -331,7 +331,7 @@ class KVSpill:
         for its own conversation). None (with a warning) if the file proves unreadable."""
         if entry.write is not None:
             entry.write.done.wait()
-            self._reap()
+            self.reap()
         if entry not in self.entries:  # its write failed
             return None
         cache = make_cache()
@@ -352,7 +352,7 @@ class KVSpill:
         """Wait until every pending file is written, and release their caches."""
         if self._thread is not None:
             self._jobs.join()
-        self._reap()
+        self.reap()
 
     def close(self) -> None:
         """Finish the pending writes and stop the writer thread (files stay)."""
@@ -401,9 +401,6 @@ class KVSpill:
     def reap(self) -> None:
         """Release the caches of finished writes (engine thread: the caches' memory
         counter is the engine's); forget entries whose write failed."""
-        self._reap()
-
-    def _reap(self) -> None:
         while self._written:
             job = self._written.popleft()
             job.cache.release()
