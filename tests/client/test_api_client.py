@@ -117,26 +117,25 @@ def test_error_statuses(response: httpx.Response, error: type[Exception], text: 
         list(answering(response).stream_reply("conv_1", "hi"))
 
 
-def test_an_error_event_mid_stream_raises_after_the_text_so_far(fake_server: FakeServer) -> None:
-    fake_server.reply_stream = sse(content_chunk("par"), {"error": {"message": "out of memory"}})
+@pytest.mark.parametrize(
+    ("frames", "says"),
+    [
+        (sse(content_chunk("par"), {"error": {"message": "out of memory"}}), "out of memory"),
+        # a proxy that ends the stream cleanly mid-reply: the client showed the partial
+        # text as a whole reply (exit 0) while the server stored no turn
+        (sse(content_chunk("par"))[:-1], "in the middle of a reply"),  # no [DONE]
+    ],
+)
+def test_a_stream_that_fails_or_is_cut_raises_after_the_text_so_far(
+    fake_server: FakeServer, frames: list[bytes], says: str
+) -> None:
+    fake_server.reply_stream = frames
     api = api_for(fake_server)
     conversation_id = api.create_conversation()
     received: list[str] = []
-    with pytest.raises(ServerFailed, match="out of memory"):
+    with pytest.raises(ServerFailed, match=says):
         received.extend(api.stream_reply(conversation_id, "hi"))
     assert received == ["par"]
-
-
-def test_a_stream_closed_without_done_is_a_cut_reply(fake_server: FakeServer) -> None:
-    """A proxy that ends the stream cleanly mid-reply: the client showed the partial text
-    as a whole reply (exit 0) while the server stored no turn."""
-    fake_server.reply_stream = sse(content_chunk("partial "))[:-1]  # no [DONE]
-    api = api_for(fake_server)
-    conversation_id = api.create_conversation()
-    received: list[str] = []
-    with pytest.raises(ServerFailed, match="in the middle of a reply"):
-        received.extend(api.stream_reply(conversation_id, "hi"))
-    assert received == ["partial "]
 
 
 def test_a_conversation_id_is_one_path_segment(fake_server: FakeServer) -> None:
