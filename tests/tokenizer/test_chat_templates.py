@@ -238,16 +238,27 @@ def test_kwargs_cannot_spell_control_tokens_with_generic_tools(
         "{{ '%0999999999d' % 1 }}",
         "{% for i in range(10**9) %}{% endfor %}",
         "{{ messages[5].content }}",  # a template's own bug, not a server error
+        # CPU time: each value stays small, but these ran for hours
+        "{% for i in range(10**5) %}{% for j in range(10**5) %}{% endfor %}{% endfor %}",
+        "{% for i in range(10**5) %}{% for c in 'x' * 10**6 %}a{% endfor %}{% endfor %}",
+        "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+        "{{ f(60) }}",
     ],
 )
 def test_a_hostile_template_fails_its_request_and_takes_nothing(
-    tmp_path: Path, family_metadata: Callable[[str], dict[str, Any]], template: str
+    tmp_path: Path,
+    family_metadata: Callable[[str], dict[str, Any]],
+    template: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A template is code the model file carries: every way found to take the machine's
-    memory or time with one expression is refused, as a ValueError (a 400) that says the
-    template failed, within a bounded allocation."""
+    memory or time with one expression, or with loops and calls, is refused as a ValueError
+    (a 400) that says the template failed, within a bounded allocation and CPU time."""
     import resource
 
+    from bitserve.tokenizer import chat as chat_module
+
+    monkeypatch.setattr(chat_module, "MAX_TEMPLATE_SECONDS", 0.2)
     metadata = {**family_metadata("llama3"), "tokenizer.chat_template": template}
     chat = formatter_from_file(tmp_path, metadata)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

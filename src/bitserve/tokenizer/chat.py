@@ -46,7 +46,9 @@ import functools
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from jinja2 import TemplateError, nodes
@@ -107,10 +109,12 @@ def _tojson(value: Any, indent: int | None = None) -> str:
 
 # A template is code the model file carries. The sandbox keeps it from files and Python
 # internals; these bounds keep it from taking the machine's memory or time with one
-# expression ('x' * 10**10, a string doubled in a loop, ' '.center(10**10), 9**9**9):
-# no chat prompt comes near them.
+# expression ('x' * 10**10, a string doubled in a loop, ' '.center(10**10), 9**9**9) or
+# with loops and recursion that never end in practice (nested loops over range(10**6), a
+# macro calling itself twice): no chat prompt comes near them.
 MAX_TEMPLATE_VALUE = 1 << 24  # characters (or items) of any value a template makes
 MAX_TEMPLATE_EXPONENT = 1024
+MAX_TEMPLATE_SECONDS = 2.0  # CPU time of one render (a real template takes milliseconds)
 _FORMAT_SPEC = re.compile(r"%[-+ #0-9.]*")  # a printf conversion's flags, width, precision
 
 
@@ -132,7 +136,42 @@ def _checked_result(value: Any) -> Any:
     return value
 
 
+class _RenderClock(threading.local):
+    """The CPU time the render running on this thread may still take. Only loops and
+    calls (macros included) repeat work, so every loop item and every call ticks it. A tick
+    reads the wall clock (cheap), and the thread's CPU time (a system call) once per
+    twentieth of the budget, so a render slowed by other threads holding the GIL is never
+    stopped for their time."""
+
+    cpu_deadline: float | None = None
+    next_look = 0.0
+
+    def run(self, render: Callable[[], str]) -> str:
+        self.cpu_deadline = time.thread_time() + MAX_TEMPLATE_SECONDS
+        self.next_look = time.monotonic() + MAX_TEMPLATE_SECONDS / 20
+        try:
+            return render()
+        finally:
+            self.cpu_deadline = None
+
+    def tick(self) -> None:
+        if self.cpu_deadline is None or time.monotonic() < self.next_look:
+            return
+        if time.thread_time() > self.cpu_deadline:
+            raise SecurityError(f"the chat template ran for more than {MAX_TEMPLATE_SECONDS:g} s")
+        self.next_look = time.monotonic() + MAX_TEMPLATE_SECONDS / 20
+
+
+_CLOCK = _RenderClock()
+
+
 class _BoundedCodeGenerator(CodeGenerator):
+    def visit_For(self, node: nodes.For, frame: Frame) -> None:
+        """Every loop's items through :meth:`_ChatTemplateEnvironment.timed_items`."""
+        timed = nodes.EnvironmentAttribute("timed_items", lineno=node.iter.lineno)
+        node.iter = nodes.Call(timed, [node.iter], [], None, None, lineno=node.iter.lineno)
+        super().visit_For(node, frame)
+
     def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
         """``a ~ b`` through :meth:`_ChatTemplateEnvironment.bounded_join`."""
         self.write("environment.bounded_join((")
@@ -169,11 +208,17 @@ class _ChatTemplateEnvironment(ImmutableSandboxedEnvironment):
         return _checked_result(super().call_binop(context, operator, left, right))
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _CLOCK.tick()
         _check_sizes([*args, *kwargs.values()])
         return _checked_result(super().call(__context, __obj, *args, **kwargs))
 
     def bounded_join(self, parts: Sequence[Any]) -> str:
         return _checked_result("".join(map(str, parts)))  # type: ignore[no-any-return]
+
+    def timed_items(self, items: Iterable[Any]) -> Iterator[Any]:
+        for item in items:
+            _CLOCK.tick()
+            yield item
 
 
 def _bounded(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -282,7 +327,8 @@ class ChatFormatter:
     ) -> str:
         """The prompt text with ``contents[i]`` standing for message i's content;
         ``extra``: more template variables (``tools``, ``chat_template_kwargs``)."""
-        if self._template is None:
+        template = self._template
+        if template is None:
             turns = [
                 f"{m.role.capitalize()}: {c}{self._eot}"
                 for m, c in zip(messages, contents, strict=True)
@@ -297,7 +343,7 @@ class ChatFormatter:
             "add_generation_prompt": add_generation_prompt,
         }
         try:
-            return self._template.render(**variables)
+            return _CLOCK.run(lambda: template.render(**variables))
         except TemplateError as e:
             raise ValueError(f"chat template failed: {e}") from e
         except (ArithmeticError, MemoryError, RecursionError, TypeError, LookupError) as e:
