@@ -2,11 +2,11 @@
 500 that says so; the engine keeps serving, and ``/health`` says when it cannot run.
 
 The failures come from real model files that no load-time check refuses: the bad values
-are in the embedding and head (data too large to scan at every load; norms and scales are
-checked): NaN in one token's embedding row, with an untied head, so that only prompts
-ending in that token go wrong (the next layers' int8 activation quantization turns the NaN
-row into finite keys and values for the others), and NaN throughout the tied embedding
-and head (every step fails)."""
+are in an embedding that is not the head (read a row at a time, never scanned; the head,
+norms and scales are checked at load), with an untied head: NaN in one token's row, so
+that only prompts ending in that token go wrong (the next layers' int8 activation
+quantization turns the NaN row into finite keys and values for the others), and NaN in
+every row (every step fails)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def poison_row(name: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
-def poison_head(name: str, array: np.ndarray) -> np.ndarray:
+def poison_all_rows(name: str, array: np.ndarray) -> np.ndarray:
     if name == "token_embd.weight":
         array[:] = np.nan
     return array
@@ -112,7 +112,7 @@ def test_a_failing_request_gets_a_500_and_the_engine_serves_the_next(
 
 
 def test_health_reports_an_engine_whose_steps_all_fail(loaded: LoadedModel, tmp_path: Path) -> None:
-    path = rewrite_demo(loaded.path, tmp_path / "nan-head.gguf", poison_head, untie=False)
+    path = rewrite_demo(loaded.path, tmp_path / "nan-rows.gguf", poison_all_rows, untie=True)
     with serving(path, tmp_path / "c.db") as client:
         assert client.get("/health").status_code == 200
         for _ in range(FAILED_STEPS_UNHEALTHY):

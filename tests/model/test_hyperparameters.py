@@ -16,7 +16,7 @@ import pytest
 
 from bitserve import cli
 from bitserve.engine.loader import load_model
-from bitserve.gguf.constants import GGUFValueType
+from bitserve.gguf.constants import GGMLType, GGUFValueType
 from bitserve.gguf.reader import GGUFError, read_gguf
 from bitserve.gguf.writer import GGUFWriter
 from bitserve.model import BitNetModel
@@ -160,6 +160,58 @@ def test_non_finite_scales_and_norms_are_refused(
     with pytest.raises(GGUFError, match="corrupt") as e:
         load_model(path, kernel=kernel)
     assert says in str(e.value)
+
+
+# one bad value in row 3 of a head of each type: (bits, where in the row)
+BAD_ROW = 3
+HEAD_POISON = {
+    GGMLType.F16: ("<u2", 1, 0x7E00),  # NaN
+    GGMLType.BF16: ("<u2", 1, 0xFF80),  # -inf
+    GGMLType.F32: ("<u4", 1, 0x7FC00000),
+    GGMLType.Q8_0: ("<u2", 17, 0x7C00),  # block 1's d (34 bytes, d first)
+    GGMLType.Q6_K: ("<u2", 104, 0x7C01),  # block 0's d (210 bytes, d last)
+}
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+@pytest.mark.parametrize("kernel", ["numpy", None])
+@pytest.mark.parametrize("head", list(HEAD_POISON))
+def test_a_head_holding_nan_or_inf_is_refused_naming_its_row(
+    tmp_path: Path, head: GGMLType, kernel: str | None, mmap: bool
+) -> None:
+    """Every token reads the whole head, so one NaN there made every request a 500. The
+    native kernels read a private copy (tiled when its rows are whole lines), --mmap the
+    file's map: checked wherever the head is read."""
+    from bitserve.model.fixtures import write_family_fixture
+
+    good = write_family_fixture(tmp_path / "llama.gguf", "llama", output=head)
+    dtype, at, bits = HEAD_POISON[head]
+    with read_gguf(good) as g:
+        rows = g.tensor_info("output.weight").shape[0]
+
+    def poison(raw: np.ndarray) -> np.ndarray:
+        raw.reshape(rows, -1)[BAD_ROW].view(dtype)[at] = bits
+        return raw
+
+    load_model(good, kernel=kernel, mmap=mmap).close()
+    path = with_tensor(good, tmp_path / "bad.gguf", "output.weight", poison)
+    with pytest.raises(GGUFError, match="corrupt") as e:
+        load_model(path, kernel=kernel, mmap=mmap)
+    assert f"tensor 'output.weight': row {BAD_ROW} holds NaN or infinite values" in str(e.value)
+
+
+def test_a_ternary_head_with_a_nan_scale_is_refused(tmp_path: Path) -> None:
+    from bitserve.model.fixtures import write_family_fixture
+
+    good = write_family_fixture(tmp_path / "qwen3.gguf", "qwen3")  # Q2_0, tied
+    path = with_tensor(good, tmp_path / "bad.gguf", "token_embd.weight", _nan_first_q2_0_scale)
+    with pytest.raises(GGUFError, match=r"tensor 'token_embd\.weight': its scales hold NaN"):
+        load_model(path, kernel="numpy")
+
+
+def _nan_first_q2_0_scale(raw: np.ndarray) -> np.ndarray:  # a block: f16 d, then the codes
+    raw[:2] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)
+    return raw
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from bitserve.model.arch import PROJECTIONS
 from bitserve.model.config import ModelConfig
 from bitserve.model.kv_cache import ContextFullError, KVCache, KVMemory
 from bitserve.model.resident import resident_weights
-from bitserve.model.weights import LayerWeights, ModelWeights
+from bitserve.model.weights import LayerWeights, ModelWeights, check_head_finite
 
 
 def rope_tables(n_positions: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -159,6 +159,7 @@ class BitNetModel:
                 weights = resident_weights(
                     weights, gguf, head, backend.tiles_heads, backend.tiles_ternary
                 )
+            check_head_finite(gguf, weights.head_name, weights.head)
             return cls(gguf, config, weights, backend)
         except BaseException:
             gguf.close()
