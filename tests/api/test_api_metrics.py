@@ -127,6 +127,7 @@ def test_errors_are_counted_by_route_template_and_status(client: TestClient) -> 
     assert client.post("/v1/chat/completions", json=chat_body(max_tokens=0)).status_code == 400
     assert client.get("/v1/conversations/conv_1_1").status_code == 404
     assert client.get("/no/such/route").status_code == 404
+    assert client.get("/v1/models/no/such-model").status_code == 404
     after = scrape(client)
     assert (
         value(after, "bitserve_http_requests_total", route="/v1/chat/completions", status="400")
@@ -134,6 +135,9 @@ def test_errors_are_counted_by_route_template_and_status(client: TestClient) -> 
     )
     conversation = {"route": "/v1/conversations/{conversation_id}", "status": "404"}
     assert value(after, "bitserve_http_requests_total", **conversation) == 1
+    # the template as the OpenAPI document writes it, not the router's {model:path}
+    model = {"route": "/v1/models/{model}", "status": "404"}
+    assert value(after, "bitserve_http_requests_total", **model) == 1
     assert value(after, "bitserve_http_requests_total", route="unmatched", status="404") == 1
     assert value(after, "bitserve_time_to_first_token_seconds_count") == 0
 

@@ -248,8 +248,8 @@ class _Exchange:
         self.last_token = now
 
     def finish(self, scope: Scope) -> None:
-        route = scope.get("route")
-        path = getattr(route, "path", None)
+        route = scope.get("route")  # its template as the OpenAPI document writes it:
+        path = getattr(route, "path_format", None)  # /v1/models/{model}, not {model:path}
         label = path if isinstance(path, str) else UNMATCHED_ROUTE
         self.metrics.requests.labels(route=label, status=str(self.status)).inc()
 
