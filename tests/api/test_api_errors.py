@@ -175,6 +175,9 @@ BAD_SCHEMA = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"ty
         ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "x"}}},
          "tool_choice", "no tool named 'x'"),
         ({"function_call": {"name": "weather"}}, "function_call", "not supported"),
+        ({"modalities": ["text", "audio"]}, "modalities", "only text"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "not supported"),
+        ({"web_search_options": {}}, "web_search_options", "not supported"),
     ],
 )  # fmt: skip
 def test_invalid_structured_output_and_tools_are_400s(
@@ -197,6 +200,8 @@ def test_invalid_structured_output_and_tools_are_400s(
         {"tool_choice": "none"},
         {"tool_choice": "auto"},
         {"function_call": "none"},
+        {"modalities": ["text"]},
+        {"audio": None, "web_search_options": None},
     ],
 )
 def test_what_asks_for_nothing_unsupported_is_answered(

@@ -107,6 +107,13 @@ class ChatCompletionRequest(SamplingFields):
     function_call: str | dict[str, Any] | None = Field(
         None, description='Only "none" or "auto" (use tool_choice).'
     )
+    # OpenAI's asks for what a text model cannot give: refused (check_supported), since
+    # a plain-text reply would look like an answer to them
+    modalities: list[str] | None = Field(None, description='Only `["text"]`.')
+    audio: dict[str, Any] | None = Field(None, description="Audio output: not supported.")
+    web_search_options: dict[str, Any] | None = Field(
+        None, description="Web search: not supported."
+    )
 
     def max_new_tokens(self) -> int:
         if self.max_completion_tokens is not None:

@@ -124,8 +124,8 @@ def encode_chat(
 
 
 def check_supported(body: ChatCompletionRequest) -> None:
-    """400 for the deprecated ``functions``/``function_call`` (use ``tools``): answering
-    with plain text would look like the model's choice."""
+    """400 for the deprecated ``functions``/``function_call`` (use ``tools``), audio output
+    and web search: answering with plain text would look like the model's choice."""
     if body.functions:
         raise InvalidParameterError(
             "functions: deprecated and not supported; use tools", "functions"
@@ -133,6 +133,16 @@ def check_supported(body: ChatCompletionRequest) -> None:
     if body.function_call not in (None, "none", "auto"):
         raise InvalidParameterError(
             "function_call: deprecated and not supported; use tool_choice", "function_call"
+        )
+    if body.modalities is not None and any(m != "text" for m in body.modalities):
+        raise InvalidParameterError(
+            f"modalities: only text is supported, not {body.modalities}", "modalities"
+        )
+    if body.audio is not None:
+        raise InvalidParameterError("audio: audio output is not supported", "audio")
+    if body.web_search_options is not None:
+        raise InvalidParameterError(
+            "web_search_options: web search is not supported", "web_search_options"
         )
 
 
