@@ -314,6 +314,22 @@ def test_llama_completion_parses_special_tokens_in_text(client: TestClient) -> N
     assert legacy["usage"]["prompt_tokens"] > 2
 
 
+@pytest.mark.parametrize(
+    ("field", "on", "off"),
+    [("mirostat", 2, 0), ("typical_p", 0.9, 1.0), ("dynatemp_range", 0.5, 0.0),
+     ("xtc_probability", 0.5, 0.0), ("dry_multiplier", 0.8, 0.0), ("top_n_sigma", 1.0, -1.0)],
+)  # fmt: skip
+def test_llama_samplers_not_implemented_are_refused_unless_off(
+    client: TestClient, field: str, on: float, off: float
+) -> None:
+    """They were dropped as unknown fields: the reply was sampled another way than asked."""
+    body = {"prompt": "Hello", "n_predict": 2}
+    r = client.post("/completion", json={**body, field: on})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    assert "not implemented" in r.json()["error"]["message"]
+    assert client.post("/completion", json={**body, field: off}).status_code == 200
+
+
 def test_llama_completion_reads_fields_as_llama_cpp_does(client: TestClient) -> None:
     """``grammar: ""`` is no grammar, ``[[id, false]]`` bans a token (``true``: no bias),
     and more than OpenAI's 4 stop strings are taken."""

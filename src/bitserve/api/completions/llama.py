@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from bitserve.api.completions.protocol import LlamaCompletionRequest
+from bitserve.api.completions.protocol import LLAMA_SAMPLERS_OFF, LlamaCompletionRequest
 from bitserve.api.completions.serving import engine_request, tokenize_prompt
 from bitserve.api.errors import InvalidParameterError
 from bitserve.api.sampling import MAX_LLAMA_STOP_STRINGS, normalize_stop
@@ -85,6 +85,11 @@ class LlamaCompletion:
             raise InvalidParameterError("n_probs: must be between 0 and 20", "n_probs")
         if body.n_predict < -1:
             raise InvalidParameterError("n_predict: must be -1 or more", "n_predict")
+        for name, is_off in LLAMA_SAMPLERS_OFF.items():
+            if not is_off(getattr(body, name)):
+                raise InvalidParameterError(
+                    f"{name}: this sampler is not implemented; leave it out or off", name
+                )
         prompt = tokenize_prompt(served, body.prompt, special=True)  # llama.cpp parses them
         seed = None if body.seed is None or body.seed < 0 else body.seed
         body_seedless = body.model_copy(update={"seed": seed})

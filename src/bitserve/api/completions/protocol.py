@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import Field, StrictInt
@@ -39,6 +40,28 @@ class LlamaCompletionRequest(SamplingFields):
     grammar: str | None = Field(
         None, description="Constrain the output to this GBNF grammar (llama.cpp's syntax)."
     )
+    # llama.cpp's samplers that bitserve does not implement: only their "off" values
+    # (LLAMA_SAMPLERS_OFF), since ignoring them would sample another way than asked
+    mirostat: int = Field(0, description="0 only: Mirostat is not implemented.")
+    typical_p: float = Field(1.0, description="1 only: locally typical sampling is not "
+                             "implemented.")  # fmt: skip
+    dynatemp_range: float = Field(0.0, description="0 only: dynamic temperature is not "
+                                  "implemented.")  # fmt: skip
+    xtc_probability: float = Field(0.0, description="0 only: XTC is not implemented.")
+    dry_multiplier: float = Field(0.0, description="0 only: DRY is not implemented.")
+    top_n_sigma: float = Field(-1.0, description="0 or less (off) only: top-n-sigma is not "
+                               "implemented.")  # fmt: skip
+
+
+# each unimplemented sampler's test of being off (llama.cpp: top-n-sigma is off at <= 0)
+LLAMA_SAMPLERS_OFF: dict[str, Callable[[float], bool]] = {
+    "mirostat": lambda v: v == 0,
+    "typical_p": lambda v: v >= 1,
+    "dynatemp_range": lambda v: v <= 0,
+    "xtc_probability": lambda v: v <= 0,
+    "dry_multiplier": lambda v: v == 0,
+    "top_n_sigma": lambda v: v <= 0,
+}
 
 
 class CompletionRequest(SamplingFields):
