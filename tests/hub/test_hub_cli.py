@@ -110,6 +110,19 @@ def test_pull_failures_exit_1_with_one_sentence(
     assert run(capsys, "pull")[0] == 2
 
 
+@pytest.mark.parametrize("name", ["owner/..", "owner/.hidden", "owner/name-", "o/" + "x" * 97])
+def test_a_repository_id_the_hub_refuses_is_one_sentence(
+    env: dict[str, str], capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    """huggingface_hub's HFValidationError came out as a traceback."""
+    status, out, err = run(capsys, "pull", name)
+    assert (status, out) == (1, "")
+    assert err == (
+        f"bitserve pull: {name!r} is neither a catalog name nor a repository "
+        "(owner/name[:VARIANT]); `bitserve pull --list` shows the catalog\n"
+    )
+
+
 def test_pull_list_prints_the_catalog(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run(capsys, "pull", "--list")
     lines = out.splitlines()

@@ -18,7 +18,12 @@ from typing import Any
 
 SHA256 = re.compile(r"[0-9a-f]{64}")  # a sha256 as the hub writes it (and names blobs)
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
+# owner/name as the hub accepts it (huggingface_hub refuses anything else with a
+# traceback): word characters, '-' and '.', neither first nor last, no '--' or '..',
+# the name at most 96 characters
+REPO_ID = re.compile(
+    r"(?!.*(?:--|\.\.))(?=[^/]*/[^/]{1,96}$)\w(?:[\w.-]*\w)?/\w(?:[\w.-]*\w)?", re.ASCII
+)
 
 
 class CatalogError(ValueError):
