@@ -14,7 +14,8 @@ Every request is logged (method, path, ``Range``, status, body bytes sent), so t
 can prove what the client did: a resume is a second GET with ``Range: bytes=N-``.
 Faults are set per file: ``drop_after`` cuts the first transfer after that many bytes,
 ``served`` replaces the bytes the CDN sends (a corrupted download), ``listed_size``
-overrides the size the hub advertises (a file too big for the disk).
+overrides the size the hub advertises (a file too big for the disk); a repository's
+``info`` replaces the model-info answer (a hub that is not one, or a broken one).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class HubRepo:
     files: dict[str, HubFile]
     gated: bool = False
     commit: str = ""
+    info: bytes | None = None  # what the model-info endpoint answers instead (a broken hub)
 
     def __post_init__(self) -> None:
         if not self.commit:
@@ -243,6 +245,9 @@ class _HubHandler(BaseHTTPRequestHandler):
             return self._error(401, "RepoNotFound", head)[0]
         if revision not in (None, "main", repo.commit):
             return self._error(404, "RevisionNotFound", head)[0]
+        if repo.info is not None:
+            self._send(200, {"Content-Type": "application/json"}, repo.info, head)
+            return 200
         siblings = []
         for name, f in sorted(repo.files.items()):
             item: dict[str, Any] = {"rfilename": name, "size": f.size, "blobId": f.git_oid}

@@ -4,6 +4,8 @@ once as a real process."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -285,3 +287,93 @@ def test_a_file_pulled_again_is_verified_under_every_name_it_has(
     assert [row.split()[4] for row in rows] == ["yes", "yes"]
     assert run(capsys, "pull", BITNET_REPO)[0] == 0
     assert len(hub.blob_gets()) == downloads  # the verified copy, not a third download
+
+
+def _listing(commit: object, *siblings: dict[str, object]) -> bytes:
+    return json.dumps({"id": "a/b", "sha": commit, "siblings": list(siblings)}).encode()
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.mark.parametrize(
+    ("answer", "problem"),
+    [
+        (b"<html>Welcome to the captive portal</html>", "Expecting value"),
+        (b"[1, 2]", "argument after ** must be a mapping"),
+        (json.dumps({"id": "a/b", "sha": COMMIT, "siblings": "m.gguf"}).encode(), ""),
+        (_listing(None, {"rfilename": "m-i2_s.gguf"}), "commit id None"),
+        (_listing("../../../escape", {"rfilename": "m-i2_s.gguf"}), "commit id '../../../escape'"),
+        (_listing(COMMIT, {"rfilename": 7, "size": 1}), "file name 7"),
+        (
+            _listing(COMMIT, {"rfilename": "m-i2_s.gguf", "size": "12"}),
+            "size '12' of 'm-i2_s.gguf'",
+        ),
+        (
+            _listing(COMMIT, {"rfilename": "m-i2_s.gguf", "lfs": {"sha256": "x", "size": 1}}),
+            "pointerSize",
+        ),
+        (
+            _listing(
+                COMMIT,
+                {"rfilename": "m-i2_s.gguf", "lfs": {"sha256": "zz", "size": 1, "pointerSize": 1}},
+            ),
+            "sha256 'zz' of 'm-i2_s.gguf'",
+        ),
+    ],
+    ids=["html", "list", "siblings", "commit", "traversal", "name", "size", "lfs", "sha256"],
+)
+def test_a_listing_that_is_not_the_hubs_is_one_sentence(
+    hub: FakeHub,
+    env: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+    answer: bytes,
+    problem: str,
+) -> None:
+    """Each came out as a traceback (JSONDecodeError, TypeError, KeyError, AttributeError),
+    or as "a/b has no revision 'main'" for a listing without a commit id."""
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(b"GGUF")}, info=answer)
+    status, out, err = run(capsys, "pull", "a/b")
+    assert (status, out) == (1, "")
+    assert err.startswith(f"bitserve pull: the hub at {hub.url} sent a listing of a/b that ")
+    assert problem in err and err.count("\n") == 1
+    assert not hub.blob_gets()
+
+
+def test_file_names_outside_the_repository_are_never_fetched(
+    hub: FakeHub, env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """huggingface_hub refused them with a ValueError: a traceback; a name with a newline
+    forged a line of bitserve's own output."""
+    content = os.urandom(1000)
+    hostile = [
+        "../../../escaped-i2_s.gguf",
+        str(tmp_path / "absolute-i2_s.gguf"),
+        "x\nbitserve pull: all good-i2_s.gguf",
+        "sub/./dot-i2_s.gguf",
+        "long" + "x" * 300 + "-i2_s.gguf",
+    ]
+    files = {name: HubFile(os.urandom(100)) for name in hostile}
+    hub.repos["a/b"] = HubRepo({**files, "m-tq2_0.gguf": HubFile(content)})
+    before = sorted(p for p in tmp_path.rglob("*"))
+    status, out, err = run(capsys, "pull", "a/b")
+    assert status == 0
+    assert Path(out.strip()).name == "m-tq2_0.gguf"  # the I2_S names were never candidates
+    assert Path(out.strip()).read_bytes() == content
+    lines = err.splitlines()
+    assert lines[0].startswith(
+        "bitserve pull: ignoring 5 file(s) of a/b whose names are not paths inside the "
+        "repository: '../../../escaped-i2_s.gguf', "
+    )
+    assert lines[0].endswith(" and 2 more")
+    assert all(line.startswith("bitserve pull: ") for line in lines)
+    made = sorted(set(tmp_path.rglob("*")) - set(before))
+    assert all(
+        p.is_relative_to(tmp_path / "hf") or p.is_relative_to(tmp_path / "bitserve") for p in made
+    )
+    assert not any("i2_s" in p.name for p in made)
+    assert [r.path for r in hub.blob_gets()] == [f"/blobs/{files_sha(content)}"]
+
+
+def files_sha(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()

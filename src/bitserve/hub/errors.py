@@ -52,6 +52,18 @@ class GatedRepoError(PullError):
         self.repo = repo
 
 
+class MalformedListingError(PullError):
+    """The hub's answer about a repository is not a listing bitserve can trust."""
+
+    def __init__(self, endpoint: str, repo: str, problem: str) -> None:
+        super().__init__(
+            f"the hub at {endpoint} sent a listing of {repo} that bitserve cannot use "
+            f"({problem}); check that HF_ENDPOINT names a Hugging Face hub or mirror, or try "
+            "again later"
+        )
+        self.repo = repo
+
+
 class RevisionNotFoundError(PullError):
     def __init__(self, repo: str, revision: str) -> None:
         super().__init__(f"{repo} has no revision {revision!r}")

@@ -24,10 +24,11 @@ import httpx2
 from huggingface_hub import HfApi, constants, get_token, hf_hub_download, try_to_load_from_cache
 from huggingface_hub import errors as hf_errors
 
-from bitserve.hub.catalog import SHA256
+from bitserve.hub.catalog import COMMIT, SHA256
 from bitserve.hub.errors import (
     DiskFullError,
     GatedRepoError,
+    MalformedListingError,
     NoNetworkError,
     NotCachedError,
     PullError,
@@ -164,20 +165,27 @@ class Puller:
 
     def remote_files(self, spec: ModelSpec) -> list[RemoteFile]:
         """Every file of ``spec``'s repository at its revision, with size and LFS sha256."""
-        api = HfApi(endpoint=self.options.endpoint_url, token=self.options.token)
+        endpoint = self.options.endpoint_url
+        api = HfApi(endpoint=endpoint, token=self.options.token)
         try:
             info = api.model_info(spec.repo, revision=spec.revision, files_metadata=True)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            # HfApi parses the answer itself: not JSON, or JSON of another shape
+            raise MalformedListingError(endpoint, spec.repo, _reason(exc)) from None
         except Exception as exc:
             raise self._translate(exc, spec) from None
-        return [
-            RemoteFile(
-                filename=s.rfilename,
-                commit=str(info.sha),
-                size=s.lfs.size if s.lfs is not None else s.size,
-                sha256=s.lfs.sha256 if s.lfs is not None else None,
+        try:
+            files, unsafe = _listed_files(info)
+        except ValueError as exc:
+            raise MalformedListingError(endpoint, spec.repo, str(exc)) from None
+        if unsafe:
+            shown = ", ".join(_reason(repr(name), 60) for name in unsafe[:3])
+            more = f" and {len(unsafe) - 3} more" if len(unsafe) > 3 else ""
+            self.notify(
+                f"ignoring {len(unsafe)} file(s) of {spec.repo} whose names are not paths "
+                f"inside the repository: {shown}{more}"
             )
-            for s in info.siblings or []
-        ]
+        return files
 
     def _remote_file(self, spec: ModelSpec) -> RemoteFile:
         files = {f.filename: f for f in self.remote_files(spec)}
@@ -330,6 +338,44 @@ class Puller:
         return record
 
 
+def _listed_files(info: Any) -> tuple[list[RemoteFile], list[str]]:
+    """The files of a model info from the hub, and the names left out because they are
+    not paths inside the repository (``../x``, ``/x``, control characters...: written as
+    given, they would land outside the cache, or garble the sentences that name them).
+    Raises ``ValueError`` naming the first field that is not what the hub sends."""
+    commit = info.sha
+    if not isinstance(commit, str) or not COMMIT.fullmatch(commit):
+        raise ValueError(f"commit id {_reason(repr(commit), 60)}")
+    files: list[RemoteFile] = []
+    unsafe: list[str] = []
+    for sibling in info.siblings or []:
+        name = sibling.rfilename
+        if not isinstance(name, str):
+            raise ValueError(f"file name {_reason(repr(name), 60)}")
+        lfs = sibling.lfs
+        size, sha256 = (lfs.size, lfs.sha256) if lfs is not None else (sibling.size, None)
+        if size is not None and (type(size) is not int or size < 0):
+            raise ValueError(f"size {_reason(repr(size), 60)} of {_reason(repr(name), 60)}")
+        if sha256 is not None and not (isinstance(sha256, str) and SHA256.fullmatch(sha256)):
+            raise ValueError(f"sha256 {_reason(repr(sha256), 80)} of {_reason(repr(name), 60)}")
+        if not is_safe_filename(name):
+            unsafe.append(name)
+            continue
+        files.append(RemoteFile(name, commit, size, sha256))
+    return files, unsafe
+
+
+def is_safe_filename(name: str) -> bool:
+    """True for a relative path of plain components, each short enough for a file system:
+    what a file of a repository is, and all that may be written under the cache."""
+    parts = name.split("/")
+    return (
+        not any(part in ("", ".", "..") or len(part.encode()) > 255 for part in parts)
+        and "\\" not in name
+        and not any(ord(c) < 32 or ord(c) == 127 for c in name)
+    )
+
+
 def file_problem(path: str, size: int | None, sha256: str | None) -> str | None:
     """Why ``path`` is not the file of ``size`` bytes and ``sha256``; None if it is."""
     actual = os.path.getsize(path)
@@ -389,6 +435,6 @@ def _architecture(path: str) -> str | None:
         gguf.close()
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
+def _reason(exc: BaseException | str, limit: int = 120) -> str:
+    text = (str(exc).strip() or type(exc).__name__) if isinstance(exc, BaseException) else exc
+    return text if len(text) <= limit else text[: limit - 3] + "..."
