@@ -14,7 +14,8 @@ Every request is logged (method, path, ``Range``, status, body bytes sent), so t
 can prove what the client did: a resume is a second GET with ``Range: bytes=N-``.
 Faults are set per file: ``drop_after`` cuts the first transfer after that many bytes,
 ``served`` replaces the bytes the CDN sends (a corrupted download), ``listed_size``
-overrides the size the hub advertises (a file too big for the disk); a repository's
+overrides the size the hub advertises (a file too big for the disk), ``resolve_headers``
+the headers of the resolve answer (a hub naming paths ``../x``); a repository's
 ``info`` replaces the model-info answer (a hub that is not one, or a broken one).
 """
 
@@ -37,6 +38,7 @@ class HubFile:
     served: bytes | None = None  # what the CDN sends instead of ``content``
     drop_after: int | None = None  # cut the first GET after this many bytes
     listed_size: int | None = None  # the size the hub advertises instead of the real one
+    resolve_headers: dict[str, str] = field(default_factory=dict)  # override the resolve's
 
     @property
     def sha256(self) -> str:
@@ -282,7 +284,7 @@ class _HubHandler(BaseHTTPRequestHandler):
             return self._error(404, "EntryNotFound", head, commit=repo.commit)
         headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{f.git_oid}"'}
         if not f.lfs:
-            return 200, self._send(200, headers, f.content, head)
+            return 200, self._send(200, headers | f.resolve_headers, f.content, head)
         headers.update(
             {
                 "X-Linked-Etag": f'"{f.sha256}"',
@@ -290,7 +292,7 @@ class _HubHandler(BaseHTTPRequestHandler):
                 "Location": f"{self.hub.cdn_url}/blobs/{f.sha256}",
             }
         )
-        return 302, self._send(302, headers, b"", head)
+        return 302, self._send(302, headers | f.resolve_headers, b"", head)
 
     def _blob(self, sha256: str, head: bool) -> tuple[int, int]:
         f = self.hub.find_blob(sha256)

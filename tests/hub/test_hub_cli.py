@@ -377,3 +377,39 @@ def test_file_names_outside_the_repository_are_never_fetched(
 
 def files_sha(content: bytes) -> str:
     return hashlib.sha256(content).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("lfs", "header", "value"),
+    [
+        (True, "X-Linked-Etag", '"../../../planted"'),
+        (True, "X-Repo-Commit", "../../../planted"),
+        (False, "ETag", '"../../../planted"'),
+        (False, "ETag", "W.."),  # huggingface_hub strips the leading W: '..'
+    ],
+)
+def test_a_hub_naming_paths_outside_the_cache_writes_nothing_there(
+    hub: FakeHub,
+    env: dict[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    lfs: bool,
+    header: str,
+    value: str,
+) -> None:
+    """huggingface_hub joins the HEAD answer's X-Linked-Etag (else ETag) and X-Repo-Commit
+    to the cache path as they come: a hostile hub had the file (with the sha256 it also
+    listed, so verified) written to tmp_path/planted, outside the cache."""
+    content = os.urandom(1000)
+    served = HubFile(content, lfs=lfs, resolve_headers={header: value})
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": served})
+    status, out, err = run(capsys, "pull", "a/b")
+    assert not list(tmp_path.glob("planted*"))
+    assert (status, out) == (1, "")
+    last = err.splitlines()[-1]
+    assert last.startswith(f"bitserve pull: the hub answered {header} {value!r} for {hub.url}/")
+    assert last.endswith(
+        "which is not a plain name; nothing was downloaded (is HF_ENDPOINT a Hugging Face hub "
+        "you trust?)"
+    )
+    assert not hub.blob_gets()

@@ -64,6 +64,20 @@ class MalformedListingError(PullError):
         self.repo = repo
 
 
+class UnsafeHeaderError(PullError):
+    """The hub named a commit or file version with something that is not a plain name:
+    ``huggingface_hub`` names cache paths after these headers, so it would write outside
+    the cache (``X-Linked-Etag: "../../.bashrc"``)."""
+
+    def __init__(self, url: str, header: str, value: str) -> None:
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        super().__init__(
+            f"the hub answered {header} {shown!r} for {url}, which is not a plain name; "
+            "nothing was downloaded (is HF_ENDPOINT a Hugging Face hub you trust?)"
+        )
+        self.header = header
+
+
 class RevisionNotFoundError(PullError):
     def __init__(self, repo: str, revision: str) -> None:
         super().__init__(f"{repo} has no revision {revision!r}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
-from huggingface_hub import HfApi, constants, get_token, hf_hub_download, try_to_load_from_cache
+from huggingface_hub import (
+    HfApi,
+    constants,
+    get_session,
+    get_token,
+    hf_hub_download,
+    try_to_load_from_cache,
+)
 from huggingface_hub import errors as hf_errors
 
 from bitserve.hub.catalog import COMMIT, SHA256
@@ -34,6 +42,7 @@ from bitserve.hub.errors import (
     PullError,
     RepoNotFoundError,
     RevisionNotFoundError,
+    UnsafeHeaderError,
     VerificationError,
     format_size,
     is_disk_full,
@@ -42,6 +51,8 @@ from bitserve.hub.registry import ModelRecord, Registry
 from bitserve.hub.spec import ModelSpec
 
 _HASH_CHUNK = 1 << 20
+# an ETag huggingface_hub may name a blob after: a token without '/', '\\' or a leading '.'
+_PLAIN_ETAG = re.compile(r"[\w+=-][\w.+=-]*")
 
 
 def _env_flag(name: str) -> bool:
@@ -228,6 +239,7 @@ class Puller:
         return path
 
     def _download(self, spec: ModelSpec, remote: RemoteFile) -> str:
+        _guard_hub_session()
         try:
             return str(
                 hf_hub_download(
@@ -374,6 +386,34 @@ def is_safe_filename(name: str) -> bool:
         and "\\" not in name
         and not any(ord(c) < 32 or ord(c) == 127 for c in name)
     )
+
+
+def _guard_hub_session() -> None:
+    """Make ``huggingface_hub``'s HTTP session refuse path-naming headers that are not
+    plain names (it may have been made anew since the last call: the check is cheap)."""
+    session = get_session()
+    hooks = session.event_hooks
+    if _refuse_unsafe_names not in hooks["response"]:
+        session.event_hooks = {**hooks, "response": [*hooks["response"], _refuse_unsafe_names]}
+
+
+def _refuse_unsafe_names(response: httpx2.Response) -> None:
+    """An event hook: ``huggingface_hub`` takes a file's snapshot folder from the HEAD
+    answer's ``X-Repo-Commit`` and its blob name from ``X-Linked-Etag`` (else ``ETag``),
+    joined to the cache path as they come; a hostile hub answering ``../../x`` would have
+    a file written anywhere the user may write."""
+    if response.request.method != "HEAD":
+        return
+    commit = response.headers.get(constants.HUGGINGFACE_HEADER_X_REPO_COMMIT)
+    if commit is not None and not COMMIT.fullmatch(commit):
+        raise UnsafeHeaderError(str(response.request.url), "X-Repo-Commit", commit)
+    for header in (constants.HUGGINGFACE_HEADER_X_LINKED_ETAG, "ETag"):
+        etag = response.headers.get(header)
+        if etag is not None:
+            name = etag.lstrip("W/").strip('"')  # as huggingface_hub normalizes it
+            if not _PLAIN_ETAG.fullmatch(name):
+                raise UnsafeHeaderError(str(response.request.url), header, etag)
+            return  # huggingface_hub takes the first of the two
 
 
 def file_problem(path: str, size: int | None, sha256: str | None) -> str | None:
