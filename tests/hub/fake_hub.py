@@ -15,7 +15,8 @@ can prove what the client did: a resume is a second GET with ``Range: bytes=N-``
 Faults are set per file: ``drop_after`` cuts the first transfer after that many bytes,
 ``served`` replaces the bytes the CDN sends (a corrupted download), ``listed_size``
 overrides the size the hub advertises (a file too big for the disk), ``resolve_headers``
-the headers of the resolve answer (a hub naming paths ``../x``); a repository's
+the headers of the resolve answer (a hub naming paths ``../x``), ``cdn_answer`` the
+whole answer of the CDN (status, headers, body: a redirect loop, a broken gzip); a repository's
 ``info`` replaces the model-info answer (a hub that is not one, or a broken one).
 """
 
@@ -39,6 +40,7 @@ class HubFile:
     drop_after: int | None = None  # cut the first GET after this many bytes
     listed_size: int | None = None  # the size the hub advertises instead of the real one
     resolve_headers: dict[str, str] = field(default_factory=dict)  # override the resolve's
+    cdn_answer: tuple[int, dict[str, str], bytes] | None = None  # the CDN's, instead
 
     @property
     def sha256(self) -> str:
@@ -298,6 +300,9 @@ class _HubHandler(BaseHTTPRequestHandler):
         f = self.hub.find_blob(sha256)
         if f is None:
             return self._error(404, "EntryNotFound", head)
+        if f.cdn_answer is not None:
+            status, headers, body = f.cdn_answer
+            return status, self._send(status, headers, body, head)
         data = f.served if f.served is not None else f.content
         start = 0
         status = 200

@@ -335,7 +335,7 @@ def test_a_listing_that_is_not_the_hubs_is_one_sentence(
     hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(b"GGUF")}, info=answer)
     status, out, err = run(capsys, "pull", "a/b")
     assert (status, out) == (1, "")
-    assert err.startswith(f"bitserve pull: the hub at {hub.url} sent a listing of a/b that ")
+    assert err.startswith(f"bitserve pull: the hub at {hub.url} sent an answer about a/b that ")
     assert problem in err and err.count("\n") == 1
     assert not hub.blob_gets()
 
@@ -379,6 +379,9 @@ def files_sha(content: bytes) -> str:
     return hashlib.sha256(content).hexdigest()
 
 
+BODY = b"GGUF" * 25
+
+
 @pytest.mark.parametrize(
     ("lfs", "header", "value"),
     [
@@ -413,3 +416,28 @@ def test_a_hub_naming_paths_outside_the_cache_writes_nothing_there(
         "you trust?)"
     )
     assert not hub.blob_gets()
+
+
+@pytest.mark.parametrize(
+    ("answer", "problem"),
+    [
+        ((302, {"Location": f"/blobs/{files_sha(BODY)}"}, b""), "redirects"),  # itself
+        ((200, {"Content-Encoding": "gzip"}, b"GGUF, not gzip"), "decompressing"),
+    ],
+    ids=["redirect-loop", "broken-gzip"],
+)
+def test_a_download_answer_that_cannot_be_read_is_one_sentence(
+    hub: FakeHub,
+    env: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+    answer: tuple[int, dict[str, str], bytes],
+    problem: str,
+) -> None:
+    """httpx's TooManyRedirects and DecodingError came out as tracebacks."""
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(BODY, cdn_answer=answer)})
+    status, out, err = run(capsys, "pull", "a/b")
+    assert (status, out) == (1, "")
+    last = err.splitlines()[-1]
+    assert last.startswith(f"bitserve pull: the hub at {hub.url} sent an answer about a/b ")
+    assert problem in last
+    assert list(Path(env["HF_HUB_CACHE"]).rglob("*.gguf")) == []

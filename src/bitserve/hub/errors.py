@@ -52,12 +52,13 @@ class GatedRepoError(PullError):
         self.repo = repo
 
 
-class MalformedListingError(PullError):
-    """The hub's answer about a repository is not a listing bitserve can trust."""
+class BadAnswerError(PullError):
+    """The hub's answer about a repository (its listing, a file's headers or body) is not
+    what a Hugging Face hub sends."""
 
     def __init__(self, endpoint: str, repo: str, problem: str) -> None:
         super().__init__(
-            f"the hub at {endpoint} sent a listing of {repo} that bitserve cannot use "
+            f"the hub at {endpoint} sent an answer about {repo} that bitserve cannot use "
             f"({problem}); check that HF_ENDPOINT names a Hugging Face hub or mirror, or try "
             "again later"
         )

@@ -34,9 +34,9 @@ from huggingface_hub import errors as hf_errors
 
 from bitserve.hub.catalog import COMMIT, SHA256
 from bitserve.hub.errors import (
+    BadAnswerError,
     DiskFullError,
     GatedRepoError,
-    MalformedListingError,
     NoNetworkError,
     NotCachedError,
     PullError,
@@ -182,13 +182,13 @@ class Puller:
             info = api.model_info(spec.repo, revision=spec.revision, files_metadata=True)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             # HfApi parses the answer itself: not JSON, or JSON of another shape
-            raise MalformedListingError(endpoint, spec.repo, _reason(exc)) from None
+            raise BadAnswerError(endpoint, spec.repo, _reason(exc)) from None
         except Exception as exc:
             raise self._translate(exc, spec) from None
         try:
             files, unsafe = _listed_files(info)
         except ValueError as exc:
-            raise MalformedListingError(endpoint, spec.repo, str(exc)) from None
+            raise BadAnswerError(endpoint, spec.repo, str(exc)) from None
         if unsafe:
             shown = ", ".join(_reason(repr(name), 60) for name in unsafe[:3])
             more = f" and {len(unsafe) - 3} more" if len(unsafe) > 3 else ""
@@ -278,6 +278,9 @@ class Puller:
         if isinstance(exc, hf_errors.HfHubHTTPError):
             status = exc.response.status_code if exc.response is not None else "an error"
             return PullError(f"the hub answered HTTP {status} for {spec.repo}; try again later")
+        if isinstance(cause, (httpx2.RequestError, hf_errors.FileMetadataError)):
+            # a redirect loop, a body that does not decode, headers a hub always sends missing
+            return BadAnswerError(self.options.endpoint_url, spec.repo, _reason(cause))
         if isinstance(exc, OSError):
             return PullError(f"cannot write to {self.options.cache}: {exc.strerror or exc}")
         raise exc
