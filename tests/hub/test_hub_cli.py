@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from fake_hub import FakeHub, HubFile, HubRepo
-from hub_helpers import BITNET_REPO, bitnet_repo
+from hub_helpers import BITNET_REPO, bitnet_repo, gguf_bytes
 
 from bitserve.cli import main
 
@@ -40,7 +40,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def test_pull_list_models_verify_and_rm(
     hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    content = os.urandom(40_000)
+    content = gguf_bytes(40_000)
     hub.repos[BITNET_REPO] = bitnet_repo(content)
     status, out, err = run(capsys, "pull", "bitnet-2b")
     assert status == 0
@@ -84,7 +84,7 @@ def test_pull_list_models_verify_and_rm(
 def test_rm_keeps_a_file_that_another_name_uses(
     hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    hub.repos[BITNET_REPO] = bitnet_repo(os.urandom(1000))
+    hub.repos[BITNET_REPO] = bitnet_repo(gguf_bytes(1000))
     assert run(capsys, "pull", "bitnet-2b")[0] == 0
     status, out, _ = run(capsys, "pull", BITNET_REPO)  # the same file, by its repository
     path = Path(out.strip())
@@ -135,7 +135,7 @@ def test_pull_list_prints_the_catalog(capsys: pytest.CaptureFixture[str]) -> Non
 def test_the_real_command_reads_hf_endpoint_and_hf_hub_offline(
     hub: FakeHub, env: dict[str, str], tmp_path: Path
 ) -> None:
-    content = os.urandom(20_000)
+    content = gguf_bytes(20_000)
     hub.repos[BITNET_REPO] = bitnet_repo(content)
     command = [sys.executable, "-m", "bitserve.cli", "pull", "bitnet-2b"]
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | env
@@ -179,7 +179,7 @@ def test_hf_token_opens_a_gated_repository(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    content = os.urandom(2000)
+    content = gguf_bytes(2000)
     hub.repos["meta/gated-1.58"] = HubRepo({"m-i2_s.gguf": HubFile(content)}, gated=True)
     monkeypatch.setenv("HF_TOKEN", "hf_not_granted")
     status, _, err = run(capsys, "pull", "meta/gated-1.58")
@@ -193,7 +193,7 @@ def test_hf_token_opens_a_gated_repository(
 def test_models_says_when_a_file_is_gone(
     hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    hub.repos[BITNET_REPO] = bitnet_repo(os.urandom(1000))
+    hub.repos[BITNET_REPO] = bitnet_repo(gguf_bytes(1000))
     status, out, _ = run(capsys, "pull", "bitnet-2b")
     path = Path(out.strip())
     os.unlink(os.path.realpath(path))  # e.g. removed with another tool
@@ -206,7 +206,7 @@ def test_rm_of_a_file_already_gone_says_so(
     hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """It said '(1.00 kB freed)' for a file that was not there."""
-    hub.repos[BITNET_REPO] = bitnet_repo(os.urandom(1000))
+    hub.repos[BITNET_REPO] = bitnet_repo(gguf_bytes(1000))
     _, out, _ = run(capsys, "pull", "bitnet-2b")
     os.unlink(os.path.realpath(Path(out.strip())))
     status, _, err = run(capsys, "rm", "bitnet-2b")
@@ -216,8 +216,8 @@ def test_rm_of_a_file_already_gone_says_so(
 def test_a_file_name_two_models_share_is_ambiguous(
     hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    hub.repos[BITNET_REPO] = bitnet_repo(os.urandom(1000))
-    hub.repos["someone/copy"] = bitnet_repo(os.urandom(1000))
+    hub.repos[BITNET_REPO] = bitnet_repo(gguf_bytes(1000))
+    hub.repos["someone/copy"] = bitnet_repo(gguf_bytes(1000))
     assert run(capsys, "pull", "bitnet-2b")[0] == 0
     assert run(capsys, "pull", "someone/copy")[0] == 0
     filename = {Path(line.split()[-1]).name for line in run(capsys, "models")[1].splitlines()[1:]}
@@ -241,7 +241,7 @@ def test_an_unreadable_model_list_is_said_never_read_as_empty(
 ) -> None:
     """A torn models.json read as 'no models downloaded yet' (exit 0), and the next pull
     would have written over every record."""
-    hub.repos[BITNET_REPO] = bitnet_repo(os.urandom(1000))
+    hub.repos[BITNET_REPO] = bitnet_repo(gguf_bytes(1000))
     registry = Path(env["BITSERVE_CACHE"]) / "models.json"
     registry.parent.mkdir(parents=True)
     registry.write_text(content)
@@ -273,7 +273,7 @@ def test_a_file_pulled_again_is_verified_under_every_name_it_has(
     """One file, two names (the catalog's and the repository's): after it was found
     damaged and pulled again under one name, the other still said 'no', and the next
     `serve -hf` or pull by that name downloaded the same file a third time."""
-    content = os.urandom(20_000)
+    content = gguf_bytes(20_000)
     hub.repos[BITNET_REPO] = bitnet_repo(content)
     path = Path(run(capsys, "pull", "bitnet-2b")[1].strip())
     assert run(capsys, "pull", BITNET_REPO)[0] == 0
@@ -345,7 +345,7 @@ def test_file_names_outside_the_repository_are_never_fetched(
 ) -> None:
     """huggingface_hub refused them with a ValueError: a traceback; a name with a newline
     forged a line of bitserve's own output."""
-    content = os.urandom(1000)
+    content = gguf_bytes(1000)
     hostile = [
         "../../../escaped-i2_s.gguf",
         str(tmp_path / "absolute-i2_s.gguf"),
@@ -403,7 +403,7 @@ def test_a_hub_naming_paths_outside_the_cache_writes_nothing_there(
     """huggingface_hub joins the HEAD answer's X-Linked-Etag (else ETag) and X-Repo-Commit
     to the cache path as they come: a hostile hub had the file (with the sha256 it also
     listed, so verified) written to tmp_path/planted, outside the cache."""
-    content = os.urandom(1000)
+    content = gguf_bytes(1000)
     served = HubFile(content, lfs=lfs, resolve_headers={header: value})
     hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": served})
     status, out, err = run(capsys, "pull", "a/b")
@@ -441,3 +441,34 @@ def test_a_download_answer_that_cannot_be_read_is_one_sentence(
     assert last.startswith(f"bitserve pull: the hub at {hub.url} sent an answer about a/b ")
     assert problem in last
     assert list(Path(env["HF_HUB_CACHE"]).rglob("*.gguf")) == []
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"<html><body>Sign in to continue</body></html>", "not a GGUF file (magic b'<htm'"),
+        (gguf_bytes(2000)[:60], "truncated file"),
+    ],
+    ids=["html", "truncated"],
+)
+@pytest.mark.parametrize("lfs", [True, False], ids=["lfs", "git"])
+def test_a_file_that_is_not_a_model_is_refused_and_not_recorded(
+    hub: FakeHub,
+    env: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+    content: bytes,
+    problem: str,
+    lfs: bool,
+) -> None:
+    """It matched the hub's size and sha256 (or had none to match), so it was recorded
+    ('sha256 verified') and `bitserve models` listed it as ready."""
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(content, lfs=lfs)})
+    status, out, err = run(capsys, "pull", "a/b")
+    assert (status, out) == (1, "")
+    last = err.splitlines()[-1]
+    assert last.startswith("bitserve pull: a/b/m-i2_s.gguf is not a model bitserve can read (")
+    assert problem in last and last.endswith("); the file was deleted and not recorded")
+    assert list(Path(env["HF_HUB_CACHE"]).rglob("*.gguf")) == []
+    assert [p.name for p in Path(env["HF_HUB_CACHE"]).rglob("blobs/*")] == []
+    status, _, err = run(capsys, "models")
+    assert status == 0 and "no models downloaded yet" in err

@@ -128,6 +128,18 @@ class VerificationError(PullError):
         self.filename = filename
 
 
+class UnreadableModelError(PullError):
+    """The file arrived as the hub lists it, but is no GGUF file bitserve can read (a
+    page saved under a .gguf name, a file truncated before it was uploaded); deleted."""
+
+    def __init__(self, filename: str, problem: str) -> None:
+        super().__init__(
+            f"{filename} is not a model bitserve can read ({problem}); the file was deleted "
+            "and not recorded"
+        )
+        self.filename = filename
+
+
 class NotCachedError(PullError):
     def __init__(self, name: str, why: str, command: str | None = None) -> None:
         command = command or f"pull {name}"

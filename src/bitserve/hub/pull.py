@@ -42,6 +42,7 @@ from bitserve.hub.errors import (
     PullError,
     RepoNotFoundError,
     RevisionNotFoundError,
+    UnreadableModelError,
     UnsafeHeaderError,
     VerificationError,
     format_size,
@@ -125,7 +126,7 @@ class Puller:
         """Download (or revalidate) ``spec``'s file and verify it. Offline: the local copy."""
         try:
             return self._pull(spec)
-        except VerificationError:
+        except (VerificationError, UnreadableModelError):
             record = self.registry.get(spec.name)
             if record is not None and not record.exists():  # its file was just deleted
                 self.registry.remove(spec.name)
@@ -337,7 +338,15 @@ class Puller:
 
     def _record(self, spec: ModelSpec, remote: RemoteFile, path: str) -> ModelRecord:
         """Record ``path``, which was just checked against ``remote`` (verified if the hub
-        gave its sha256)."""
+        gave its sha256), once it reads as a GGUF file: one that does not is deleted, never
+        recorded (``serve -hf`` would take it for a model)."""
+        from bitserve.gguf import GGUFError
+
+        try:
+            arch = _architecture(path)
+        except GGUFError as exc:
+            remove_cached_file(path)
+            raise UnreadableModelError(f"{spec.repo}/{remote.filename}", exc.problem) from None
         record = ModelRecord(
             name=spec.name,
             repo=spec.repo,
@@ -346,7 +355,7 @@ class Puller:
             path=os.path.abspath(path),
             size=os.path.getsize(path),
             sha256=remote.sha256,
-            family=spec.family or _architecture(path),
+            family=spec.family or arch,
             verified_at=None,
         ).with_verification(remote.sha256 is not None)
         self.registry.put(record)
@@ -464,13 +473,11 @@ def _same_file(record: ModelRecord, path: str, remote: RemoteFile) -> bool:
 
 
 def _architecture(path: str) -> str | None:
-    """``general.architecture`` of a GGUF file, or None if it cannot be read."""
+    """``general.architecture`` of a GGUF file (None if it names none); ``GGUFError`` if
+    it is not a GGUF file bitserve reads (not one at all, truncated, a type it lacks)."""
     from bitserve.gguf import read_gguf
 
-    try:
-        gguf = read_gguf(path)
-    except (OSError, ValueError):
-        return None
+    gguf = read_gguf(path)
     try:
         arch: Any = gguf.get("general.architecture")
         return str(arch) if arch is not None else None
