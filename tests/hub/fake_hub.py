@@ -13,6 +13,7 @@ calls, served on 127.0.0.1 and reached through ``HF_ENDPOINT`` (or ``endpoint=``
 Every request is logged (method, path, ``Range``, status, body bytes sent), so tests
 can prove what the client did: a resume is a second GET with ``Range: bytes=N-``.
 Faults are set per file: ``drop_after`` cuts the first transfer after that many bytes,
+``stall_after`` stops sending after that many (the connection held open until ``stop``),
 ``served`` replaces the bytes the CDN sends (a corrupted download), ``listed_size``
 overrides the size the hub advertises (a file too big for the disk), ``resolve_headers``
 the headers of the resolve answer (a hub naming paths ``../x``), ``cdn_answer`` the
@@ -38,6 +39,7 @@ class HubFile:
     lfs: bool = True
     served: bytes | None = None  # what the CDN sends instead of ``content``
     drop_after: int | None = None  # cut the first GET after this many bytes
+    stall_after: int | None = None  # send this many bytes, then nothing until the hub stops
     listed_size: int | None = None  # the size the hub advertises instead of the real one
     resolve_headers: dict[str, str] = field(default_factory=dict)  # override the resolve's
     cdn_answer: tuple[int, dict[str, str], bytes] | None = None  # the CDN's, instead
@@ -96,10 +98,12 @@ class FakeHub:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._servers: list[ThreadingHTTPServer] = []
+        self.stopping = threading.Event()  # releases stalled transfers
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> FakeHub:
+        self.stopping.clear()
         for role in ("hub", "cdn"):
             server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self, role))
             server.daemon_threads = True
@@ -108,6 +112,7 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        self.stopping.set()
         for server in self._servers:
             server.shutdown()
             server.server_close()
@@ -313,10 +318,25 @@ class _HubHandler(BaseHTTPRequestHandler):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
             data = data[start:end]
+        elif f.stall_after is not None and not head:
+            return status, self._send_stalled(headers, data, f.stall_after)
         elif f.drop_after is not None and not head:
             cut, f.drop_after = f.drop_after, None  # only the first transfer is cut
             return status, self._send_cut(headers, data, cut)
         return status, self._send(status, headers, data, head)
+
+    def _send_stalled(self, headers: dict[str, str], data: bytes, sent: int) -> int:
+        """Announce all of ``data``, send ``sent`` bytes, then nothing until the hub stops."""
+        self.send_response(200)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[:sent])
+        self.wfile.flush()
+        self.hub.stopping.wait()
+        self.close_connection = True
+        return sent
 
     def _send_cut(self, headers: dict[str, str], data: bytes, cut: int) -> int:
         """Announce all of ``data`` but send ``cut`` bytes, then drop the connection."""

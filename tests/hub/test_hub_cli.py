@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -472,3 +474,27 @@ def test_a_file_that_is_not_a_model_is_refused_and_not_recorded(
     assert [p.name for p in Path(env["HF_HUB_CACHE"]).rglob("blobs/*")] == []
     status, _, err = run(capsys, "models")
     assert status == 0 and "no models downloaded yet" in err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
+def test_a_pull_stopped_by_a_signal_leaves_no_partial_file(
+    hub: FakeHub, env: dict[str, str], signum: int
+) -> None:
+    """huggingface_hub deletes its partial file in a `finally`, which SIGTERM's default
+    action (death on the spot) skipped: each stopped pull (systemd, docker stop, timeout,
+    a closed terminal) left a '<sha>.<random>.incomplete' blob that no later pull
+    resumes (the name is per process) or removes."""
+    content = gguf_bytes(400_000)
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(content, stall_after=100_000)})
+    command = [sys.executable, "-m", "bitserve.cli", "pull", "a/b"]
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | env
+    blobs = Path(env["HF_HUB_CACHE"]) / "models--a--b" / "blobs"
+    with subprocess.Popen(command, env=child_env, stderr=subprocess.PIPE, text=True) as child:
+        deadline = time.monotonic() + 60
+        while not list(blobs.glob("*.incomplete")):  # written in 10 MB chunks: empty yet
+            assert child.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        child.send_signal(signum)
+        _, err = child.communicate(timeout=30)
+    assert child.returncode == 128 + signum, err
+    assert list(blobs.iterdir()) == []

@@ -16,7 +16,9 @@ import hashlib
 import os
 import re
 import shutil
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,8 +244,8 @@ class Puller:
     def _download(self, spec: ModelSpec, remote: RemoteFile) -> str:
         _guard_hub_session()
         try:
-            return str(
-                hf_hub_download(
+            with _stopping_signals_unwind():
+                path = hf_hub_download(
                     spec.repo,
                     remote.filename,
                     revision=remote.commit,
@@ -251,7 +253,7 @@ class Puller:
                     endpoint=self.options.endpoint_url,
                     token=self.options.token,
                 )
-            )
+            return str(path)
         except OSError as exc:
             if str(exc).startswith("Consistency check failed"):  # short read, file discarded
                 raise VerificationError(
@@ -398,6 +400,32 @@ def is_safe_filename(name: str) -> bool:
         and "\\" not in name
         and not any(ord(c) < 32 or ord(c) == 127 for c in name)
     )
+
+
+@contextlib.contextmanager
+def _stopping_signals_unwind() -> Iterator[None]:
+    """SIGTERM or SIGHUP in the block exit through ``SystemExit(128 + signal)`` instead of
+    killing the process on the spot, so that ``huggingface_hub`` deletes its partial file
+    (in a ``finally``): it names that file per process and never resumes it, so a pull
+    stopped by systemd, ``docker stop`` or a closed terminal left it for good. Only the
+    main thread can set handlers, and a handler someone else set is left alone."""
+    stopping = (signal.SIGTERM, signal.SIGHUP)
+    if threading.current_thread() is not threading.main_thread() or any(
+        signal.getsignal(s) is not signal.SIG_DFL for s in stopping
+    ):
+        yield
+        return
+
+    def unwind(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for s in stopping:
+        signal.signal(s, unwind)
+    try:
+        yield
+    finally:
+        for s in stopping:
+            signal.signal(s, signal.SIG_DFL)
 
 
 def _guard_hub_session() -> None:
