@@ -13,8 +13,12 @@ calls, served on 127.0.0.1 and reached through ``HF_ENDPOINT`` (or ``endpoint=``
 Every request is logged (method, path, ``Range``, status, body bytes sent), so tests
 can prove what the client did: a resume is a second GET with ``Range: bytes=N-``.
 Faults are set per file: ``drop_after`` cuts the first transfer after that many bytes,
+``stall_after`` stops sending after that many (the connection held open until ``stop``),
 ``served`` replaces the bytes the CDN sends (a corrupted download), ``listed_size``
-overrides the size the hub advertises (a file too big for the disk).
+overrides the size the hub advertises (a file too big for the disk), ``resolve_headers``
+the headers of the resolve answer (a hub naming paths ``../x``), ``cdn_answer`` the
+whole answer of the CDN (status, headers, body: a redirect loop, a broken gzip); a repository's
+``info`` replaces the model-info answer (a hub that is not one, or a broken one).
 """
 
 from __future__ import annotations
@@ -35,7 +39,10 @@ class HubFile:
     lfs: bool = True
     served: bytes | None = None  # what the CDN sends instead of ``content``
     drop_after: int | None = None  # cut the first GET after this many bytes
+    stall_after: int | None = None  # send this many bytes, then nothing until the hub stops
     listed_size: int | None = None  # the size the hub advertises instead of the real one
+    resolve_headers: dict[str, str] = field(default_factory=dict)  # override the resolve's
+    cdn_answer: tuple[int, dict[str, str], bytes] | None = None  # the CDN's, instead
 
     @property
     def sha256(self) -> str:
@@ -56,6 +63,7 @@ class HubRepo:
     files: dict[str, HubFile]
     gated: bool = False
     commit: str = ""
+    info: bytes | None = None  # what the model-info endpoint answers instead (a broken hub)
 
     def __post_init__(self) -> None:
         if not self.commit:
@@ -90,10 +98,12 @@ class FakeHub:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._servers: list[ThreadingHTTPServer] = []
+        self.stopping = threading.Event()  # releases stalled transfers
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> FakeHub:
+        self.stopping.clear()
         for role in ("hub", "cdn"):
             server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self, role))
             server.daemon_threads = True
@@ -102,6 +112,7 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        self.stopping.set()
         for server in self._servers:
             server.shutdown()
             server.server_close()
@@ -243,6 +254,9 @@ class _HubHandler(BaseHTTPRequestHandler):
             return self._error(401, "RepoNotFound", head)[0]
         if revision not in (None, "main", repo.commit):
             return self._error(404, "RevisionNotFound", head)[0]
+        if repo.info is not None:
+            self._send(200, {"Content-Type": "application/json"}, repo.info, head)
+            return 200
         siblings = []
         for name, f in sorted(repo.files.items()):
             item: dict[str, Any] = {"rfilename": name, "size": f.size, "blobId": f.git_oid}
@@ -277,7 +291,7 @@ class _HubHandler(BaseHTTPRequestHandler):
             return self._error(404, "EntryNotFound", head, commit=repo.commit)
         headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{f.git_oid}"'}
         if not f.lfs:
-            return 200, self._send(200, headers, f.content, head)
+            return 200, self._send(200, headers | f.resolve_headers, f.content, head)
         headers.update(
             {
                 "X-Linked-Etag": f'"{f.sha256}"',
@@ -285,12 +299,15 @@ class _HubHandler(BaseHTTPRequestHandler):
                 "Location": f"{self.hub.cdn_url}/blobs/{f.sha256}",
             }
         )
-        return 302, self._send(302, headers, b"", head)
+        return 302, self._send(302, headers | f.resolve_headers, b"", head)
 
     def _blob(self, sha256: str, head: bool) -> tuple[int, int]:
         f = self.hub.find_blob(sha256)
         if f is None:
             return self._error(404, "EntryNotFound", head)
+        if f.cdn_answer is not None:
+            status, headers, body = f.cdn_answer
+            return status, self._send(status, headers, body, head)
         data = f.served if f.served is not None else f.content
         start = 0
         status = 200
@@ -301,10 +318,25 @@ class _HubHandler(BaseHTTPRequestHandler):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
             data = data[start:end]
+        elif f.stall_after is not None and not head:
+            return status, self._send_stalled(headers, data, f.stall_after)
         elif f.drop_after is not None and not head:
             cut, f.drop_after = f.drop_after, None  # only the first transfer is cut
             return status, self._send_cut(headers, data, cut)
         return status, self._send(status, headers, data, head)
+
+    def _send_stalled(self, headers: dict[str, str], data: bytes, sent: int) -> int:
+        """Announce all of ``data``, send ``sent`` bytes, then nothing until the hub stops."""
+        self.send_response(200)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[:sent])
+        self.wfile.flush()
+        self.hub.stopping.wait()
+        self.close_connection = True
+        return sent
 
     def _send_cut(self, headers: dict[str, str], data: bytes, cut: int) -> int:
         """Announce all of ``data`` but send ``cut`` bytes, then drop the connection."""

@@ -1,8 +1,10 @@
-"""Helpers of the hub tests: a Puller on the fake hub that keeps its messages, and the
-official 2B-4T GGUF repository's layout."""
+"""Helpers of the hub tests: a Puller on the fake hub that keeps its messages, the
+official 2B-4T GGUF repository's layout, and model files (GGUF headers, random bodies)."""
 
 from __future__ import annotations
 
+import os
+import struct
 from dataclasses import dataclass, field
 
 from fake_hub import HubFile, HubRepo
@@ -41,3 +43,20 @@ def bitnet_repo(content: bytes) -> HubRepo:
             ".gitattributes": HubFile(b"*.gguf filter=lfs\n", lfs=False),
         }
     )
+
+
+def gguf_bytes(size: int, arch: str = "bitnet") -> bytes:
+    """A GGUF file of exactly ``size`` bytes (at least 106) that bitserve's reader accepts:
+    no tensors, ``general.architecture``, and a random ``general.padding`` string (so each
+    call is a file of its own sha256)."""
+
+    def text(s: str) -> bytes:
+        return struct.pack("<Q", len(s)) + s.encode()
+
+    string = struct.pack("<I", 8)  # GGUFValueType.STRING
+    head = b"GGUF" + struct.pack("<IQQ", 3, 0, 2) + text("general.architecture") + string
+    head += text(arch) + text("general.padding") + string
+    room = size - len(head) - 8
+    if room < 0:
+        raise ValueError(f"a GGUF file takes at least {len(head) + 8} bytes")
+    return head + text(os.urandom(room // 2 + 1).hex()[:room])

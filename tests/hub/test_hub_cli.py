@@ -4,14 +4,18 @@ once as a real process."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from fake_hub import FakeHub, HubFile, HubRepo
-from hub_helpers import BITNET_REPO, bitnet_repo
+from hub_helpers import BITNET_REPO, bitnet_repo, gguf_bytes
 
 from bitserve.cli import main
 
@@ -38,7 +42,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def test_pull_list_models_verify_and_rm(
     hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    content = os.urandom(40_000)
+    content = gguf_bytes(40_000)
     hub.repos[BITNET_REPO] = bitnet_repo(content)
     status, out, err = run(capsys, "pull", "bitnet-2b")
     assert status == 0
@@ -82,7 +86,7 @@ def test_pull_list_models_verify_and_rm(
 def test_rm_keeps_a_file_that_another_name_uses(
     hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    hub.repos[BITNET_REPO] = bitnet_repo(os.urandom(1000))
+    hub.repos[BITNET_REPO] = bitnet_repo(gguf_bytes(1000))
     assert run(capsys, "pull", "bitnet-2b")[0] == 0
     status, out, _ = run(capsys, "pull", BITNET_REPO)  # the same file, by its repository
     path = Path(out.strip())
@@ -110,6 +114,19 @@ def test_pull_failures_exit_1_with_one_sentence(
     assert run(capsys, "pull")[0] == 2
 
 
+@pytest.mark.parametrize("name", ["owner/..", "owner/.hidden", "owner/name-", "o/" + "x" * 97])
+def test_a_repository_id_the_hub_refuses_is_one_sentence(
+    env: dict[str, str], capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    """huggingface_hub's HFValidationError came out as a traceback."""
+    status, out, err = run(capsys, "pull", name)
+    assert (status, out) == (1, "")
+    assert err == (
+        f"bitserve pull: {name!r} is neither a catalog name nor a repository "
+        "(owner/name[:VARIANT]); `bitserve pull --list` shows the catalog\n"
+    )
+
+
 def test_pull_list_prints_the_catalog(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run(capsys, "pull", "--list")
     lines = out.splitlines()
@@ -120,7 +137,7 @@ def test_pull_list_prints_the_catalog(capsys: pytest.CaptureFixture[str]) -> Non
 def test_the_real_command_reads_hf_endpoint_and_hf_hub_offline(
     hub: FakeHub, env: dict[str, str], tmp_path: Path
 ) -> None:
-    content = os.urandom(20_000)
+    content = gguf_bytes(20_000)
     hub.repos[BITNET_REPO] = bitnet_repo(content)
     command = [sys.executable, "-m", "bitserve.cli", "pull", "bitnet-2b"]
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | env
@@ -164,7 +181,7 @@ def test_hf_token_opens_a_gated_repository(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    content = os.urandom(2000)
+    content = gguf_bytes(2000)
     hub.repos["meta/gated-1.58"] = HubRepo({"m-i2_s.gguf": HubFile(content)}, gated=True)
     monkeypatch.setenv("HF_TOKEN", "hf_not_granted")
     status, _, err = run(capsys, "pull", "meta/gated-1.58")
@@ -178,7 +195,7 @@ def test_hf_token_opens_a_gated_repository(
 def test_models_says_when_a_file_is_gone(
     hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    hub.repos[BITNET_REPO] = bitnet_repo(os.urandom(1000))
+    hub.repos[BITNET_REPO] = bitnet_repo(gguf_bytes(1000))
     status, out, _ = run(capsys, "pull", "bitnet-2b")
     path = Path(out.strip())
     os.unlink(os.path.realpath(path))  # e.g. removed with another tool
@@ -191,7 +208,7 @@ def test_rm_of_a_file_already_gone_says_so(
     hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """It said '(1.00 kB freed)' for a file that was not there."""
-    hub.repos[BITNET_REPO] = bitnet_repo(os.urandom(1000))
+    hub.repos[BITNET_REPO] = bitnet_repo(gguf_bytes(1000))
     _, out, _ = run(capsys, "pull", "bitnet-2b")
     os.unlink(os.path.realpath(Path(out.strip())))
     status, _, err = run(capsys, "rm", "bitnet-2b")
@@ -201,8 +218,8 @@ def test_rm_of_a_file_already_gone_says_so(
 def test_a_file_name_two_models_share_is_ambiguous(
     hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    hub.repos[BITNET_REPO] = bitnet_repo(os.urandom(1000))
-    hub.repos["someone/copy"] = bitnet_repo(os.urandom(1000))
+    hub.repos[BITNET_REPO] = bitnet_repo(gguf_bytes(1000))
+    hub.repos["someone/copy"] = bitnet_repo(gguf_bytes(1000))
     assert run(capsys, "pull", "bitnet-2b")[0] == 0
     assert run(capsys, "pull", "someone/copy")[0] == 0
     filename = {Path(line.split()[-1]).name for line in run(capsys, "models")[1].splitlines()[1:]}
@@ -226,7 +243,7 @@ def test_an_unreadable_model_list_is_said_never_read_as_empty(
 ) -> None:
     """A torn models.json read as 'no models downloaded yet' (exit 0), and the next pull
     would have written over every record."""
-    hub.repos[BITNET_REPO] = bitnet_repo(os.urandom(1000))
+    hub.repos[BITNET_REPO] = bitnet_repo(gguf_bytes(1000))
     registry = Path(env["BITSERVE_CACHE"]) / "models.json"
     registry.parent.mkdir(parents=True)
     registry.write_text(content)
@@ -258,7 +275,7 @@ def test_a_file_pulled_again_is_verified_under_every_name_it_has(
     """One file, two names (the catalog's and the repository's): after it was found
     damaged and pulled again under one name, the other still said 'no', and the next
     `serve -hf` or pull by that name downloaded the same file a third time."""
-    content = os.urandom(20_000)
+    content = gguf_bytes(20_000)
     hub.repos[BITNET_REPO] = bitnet_repo(content)
     path = Path(run(capsys, "pull", "bitnet-2b")[1].strip())
     assert run(capsys, "pull", BITNET_REPO)[0] == 0
@@ -272,3 +289,212 @@ def test_a_file_pulled_again_is_verified_under_every_name_it_has(
     assert [row.split()[4] for row in rows] == ["yes", "yes"]
     assert run(capsys, "pull", BITNET_REPO)[0] == 0
     assert len(hub.blob_gets()) == downloads  # the verified copy, not a third download
+
+
+def _listing(commit: object, *siblings: dict[str, object]) -> bytes:
+    return json.dumps({"id": "a/b", "sha": commit, "siblings": list(siblings)}).encode()
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.mark.parametrize(
+    ("answer", "problem"),
+    [
+        (b"<html>Welcome to the captive portal</html>", "Expecting value"),
+        (b"[1, 2]", "argument after ** must be a mapping"),
+        (json.dumps({"id": "a/b", "sha": COMMIT, "siblings": "m.gguf"}).encode(), ""),
+        (_listing(None, {"rfilename": "m-i2_s.gguf"}), "commit id None"),
+        (_listing("../../../escape", {"rfilename": "m-i2_s.gguf"}), "commit id '../../../escape'"),
+        (_listing(COMMIT, {"rfilename": 7, "size": 1}), "file name 7"),
+        (
+            _listing(COMMIT, {"rfilename": "m-i2_s.gguf", "size": "12"}),
+            "size '12' of 'm-i2_s.gguf'",
+        ),
+        (
+            _listing(COMMIT, {"rfilename": "m-i2_s.gguf", "lfs": {"sha256": "x", "size": 1}}),
+            "pointerSize",
+        ),
+        (
+            _listing(
+                COMMIT,
+                {"rfilename": "m-i2_s.gguf", "lfs": {"sha256": "zz", "size": 1, "pointerSize": 1}},
+            ),
+            "sha256 'zz' of 'm-i2_s.gguf'",
+        ),
+    ],
+    ids=["html", "list", "siblings", "commit", "traversal", "name", "size", "lfs", "sha256"],
+)
+def test_a_listing_that_is_not_the_hubs_is_one_sentence(
+    hub: FakeHub,
+    env: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+    answer: bytes,
+    problem: str,
+) -> None:
+    """Each came out as a traceback (JSONDecodeError, TypeError, KeyError, AttributeError),
+    or as "a/b has no revision 'main'" for a listing without a commit id."""
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(b"GGUF")}, info=answer)
+    status, out, err = run(capsys, "pull", "a/b")
+    assert (status, out) == (1, "")
+    assert err.startswith(f"bitserve pull: the hub at {hub.url} sent an answer about a/b that ")
+    assert problem in err and err.count("\n") == 1
+    assert not hub.blob_gets()
+
+
+def test_file_names_outside_the_repository_are_never_fetched(
+    hub: FakeHub, env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """huggingface_hub refused them with a ValueError: a traceback; a name with a newline
+    forged a line of bitserve's own output."""
+    content = gguf_bytes(1000)
+    hostile = [
+        "../../../escaped-i2_s.gguf",
+        str(tmp_path / "absolute-i2_s.gguf"),
+        "x\nbitserve pull: all good-i2_s.gguf",
+        "sub/./dot-i2_s.gguf",
+        "long" + "x" * 300 + "-i2_s.gguf",
+    ]
+    files = {name: HubFile(os.urandom(100)) for name in hostile}
+    hub.repos["a/b"] = HubRepo({**files, "m-tq2_0.gguf": HubFile(content)})
+    before = sorted(p for p in tmp_path.rglob("*"))
+    status, out, err = run(capsys, "pull", "a/b")
+    assert status == 0
+    assert Path(out.strip()).name == "m-tq2_0.gguf"  # the I2_S names were never candidates
+    assert Path(out.strip()).read_bytes() == content
+    lines = err.splitlines()
+    assert lines[0].startswith(
+        "bitserve pull: ignoring 5 file(s) of a/b whose names are not paths inside the "
+        "repository: '../../../escaped-i2_s.gguf', "
+    )
+    assert lines[0].endswith(" and 2 more")
+    assert all(line.startswith("bitserve pull: ") for line in lines)
+    made = sorted(set(tmp_path.rglob("*")) - set(before))
+    assert all(
+        p.is_relative_to(tmp_path / "hf") or p.is_relative_to(tmp_path / "bitserve") for p in made
+    )
+    assert not any("i2_s" in p.name for p in made)
+    assert [r.path for r in hub.blob_gets()] == [f"/blobs/{files_sha(content)}"]
+
+
+def files_sha(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+BODY = b"GGUF" * 25
+
+
+@pytest.mark.parametrize(
+    ("lfs", "header", "value"),
+    [
+        (True, "X-Linked-Etag", '"../../../planted"'),
+        (True, "X-Repo-Commit", "../../../planted"),
+        (False, "ETag", '"../../../planted"'),
+        (False, "ETag", "W.."),  # huggingface_hub strips the leading W: '..'
+    ],
+)
+def test_a_hub_naming_paths_outside_the_cache_writes_nothing_there(
+    hub: FakeHub,
+    env: dict[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    lfs: bool,
+    header: str,
+    value: str,
+) -> None:
+    """huggingface_hub joins the HEAD answer's X-Linked-Etag (else ETag) and X-Repo-Commit
+    to the cache path as they come: a hostile hub had the file (with the sha256 it also
+    listed, so verified) written to tmp_path/planted, outside the cache."""
+    content = gguf_bytes(1000)
+    served = HubFile(content, lfs=lfs, resolve_headers={header: value})
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": served})
+    status, out, err = run(capsys, "pull", "a/b")
+    assert not list(tmp_path.glob("planted*"))
+    assert (status, out) == (1, "")
+    last = err.splitlines()[-1]
+    assert last.startswith(f"bitserve pull: the hub answered {header} {value!r} for {hub.url}/")
+    assert last.endswith(
+        "which is not a plain name; nothing was downloaded (is HF_ENDPOINT a Hugging Face hub "
+        "you trust?)"
+    )
+    assert not hub.blob_gets()
+
+
+@pytest.mark.parametrize(
+    ("answer", "problem"),
+    [
+        ((302, {"Location": f"/blobs/{files_sha(BODY)}"}, b""), "redirects"),  # itself
+        ((200, {"Content-Encoding": "gzip"}, b"GGUF, not gzip"), "decompressing"),
+    ],
+    ids=["redirect-loop", "broken-gzip"],
+)
+def test_a_download_answer_that_cannot_be_read_is_one_sentence(
+    hub: FakeHub,
+    env: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+    answer: tuple[int, dict[str, str], bytes],
+    problem: str,
+) -> None:
+    """httpx's TooManyRedirects and DecodingError came out as tracebacks."""
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(BODY, cdn_answer=answer)})
+    status, out, err = run(capsys, "pull", "a/b")
+    assert (status, out) == (1, "")
+    last = err.splitlines()[-1]
+    assert last.startswith(f"bitserve pull: the hub at {hub.url} sent an answer about a/b ")
+    assert problem in last
+    assert list(Path(env["HF_HUB_CACHE"]).rglob("*.gguf")) == []
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"<html><body>Sign in to continue</body></html>", "not a GGUF file (magic b'<htm'"),
+        (gguf_bytes(2000)[:60], "truncated file"),
+    ],
+    ids=["html", "truncated"],
+)
+@pytest.mark.parametrize("lfs", [True, False], ids=["lfs", "git"])
+def test_a_file_that_is_not_a_model_is_refused_and_not_recorded(
+    hub: FakeHub,
+    env: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+    content: bytes,
+    problem: str,
+    lfs: bool,
+) -> None:
+    """It matched the hub's size and sha256 (or had none to match), so it was recorded
+    ('sha256 verified') and `bitserve models` listed it as ready."""
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(content, lfs=lfs)})
+    status, out, err = run(capsys, "pull", "a/b")
+    assert (status, out) == (1, "")
+    last = err.splitlines()[-1]
+    assert last.startswith("bitserve pull: a/b/m-i2_s.gguf is not a model bitserve can read (")
+    assert problem in last and last.endswith("); the file was deleted and not recorded")
+    assert list(Path(env["HF_HUB_CACHE"]).rglob("*.gguf")) == []
+    assert [p.name for p in Path(env["HF_HUB_CACHE"]).rglob("blobs/*")] == []
+    status, _, err = run(capsys, "models")
+    assert status == 0 and "no models downloaded yet" in err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
+def test_a_pull_stopped_by_a_signal_leaves_no_partial_file(
+    hub: FakeHub, env: dict[str, str], signum: int
+) -> None:
+    """huggingface_hub deletes its partial file in a `finally`, which SIGTERM's default
+    action (death on the spot) skipped: each stopped pull (systemd, docker stop, timeout,
+    a closed terminal) left a '<sha>.<random>.incomplete' blob that no later pull
+    resumes (the name is per process) or removes."""
+    content = gguf_bytes(400_000)
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(content, stall_after=100_000)})
+    command = [sys.executable, "-m", "bitserve.cli", "pull", "a/b"]
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | env
+    blobs = Path(env["HF_HUB_CACHE"]) / "models--a--b" / "blobs"
+    with subprocess.Popen(command, env=child_env, stderr=subprocess.PIPE, text=True) as child:
+        deadline = time.monotonic() + 60
+        while not list(blobs.glob("*.incomplete")):  # written in 10 MB chunks: empty yet
+            assert child.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        child.send_signal(signum)
+        _, err = child.communicate(timeout=30)
+    assert child.returncode == 128 + signum, err
+    assert list(blobs.iterdir()) == []

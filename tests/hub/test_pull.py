@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from fake_hub import FakeHub, HubFile, HubRepo
-from hub_helpers import BITNET_REPO, HubClient, bitnet_repo
+from hub_helpers import BITNET_REPO, HubClient, bitnet_repo, gguf_bytes
 from huggingface_hub import constants as hf_constants
 
 from bitserve.hub import Catalog, CatalogEntry, Puller, resolve
@@ -34,7 +34,7 @@ def blobs(cache: Path) -> list[Path]:
 def test_pull_by_catalog_name_downloads_verifies_and_records(
     hub: FakeHub, client: HubClient
 ) -> None:
-    content = os.urandom(300_000)
+    content = gguf_bytes(300_000)
     hub.repos[BITNET_REPO] = bitnet_repo(content)
     record = client.pull("bitnet-2b")
     assert Path(record.path).read_bytes() == content
@@ -58,10 +58,10 @@ def test_pull_by_repo_variant_takes_the_file_named_by_the_variant(
     hub: FakeHub, client: HubClient
 ) -> None:
     files = {
-        name: HubFile(os.urandom(2000))
+        name: HubFile(gguf_bytes(2000))
         for name in ("Ternary-Bonsai-8B-Q2_0.gguf", "Ternary-Bonsai-8B-Q2_0_g64.gguf")
     }
-    files["Ternary-Bonsai-8B-F16.gguf"] = HubFile(os.urandom(4000))
+    files["Ternary-Bonsai-8B-F16.gguf"] = HubFile(gguf_bytes(4000))
     hub.repos["prism-ml/Ternary-Bonsai-8B-gguf"] = HubRepo(files)
     record = client.pull("prism-ml/Ternary-Bonsai-8B-gguf:Q2_0_g64")
     assert record.filename == "Ternary-Bonsai-8B-Q2_0_g64.gguf"
@@ -75,7 +75,7 @@ def test_pull_by_repo_variant_takes_the_file_named_by_the_variant(
 def test_interrupted_download_resumes_where_it_stopped(hub: FakeHub, client: HubClient) -> None:
     # huggingface_hub writes whole chunks (10 MiB): cut the transfer inside the second one
     chunk = hf_constants.DOWNLOAD_CHUNK_SIZE
-    content = os.urandom(chunk + chunk // 2)
+    content = gguf_bytes(chunk + chunk // 2)
     repo = bitnet_repo(content)
     repo.files["ggml-model-i2_s.gguf"].drop_after = chunk + chunk // 4
     hub.repos[BITNET_REPO] = repo
@@ -88,7 +88,7 @@ def test_interrupted_download_resumes_where_it_stopped(hub: FakeHub, client: Hub
 
 
 def test_a_corrupted_byte_is_caught_and_the_file_deleted(hub: FakeHub, client: HubClient) -> None:
-    content = os.urandom(100_000)
+    content = gguf_bytes(100_000)
     repo = bitnet_repo(content)
     damaged = bytearray(content)
     damaged[54_321] ^= 0x10
@@ -109,7 +109,7 @@ def test_a_corrupted_byte_is_caught_and_the_file_deleted(hub: FakeHub, client: H
 
 
 def test_a_damaged_copy_on_disk_is_replaced(hub: FakeHub, client: HubClient) -> None:
-    content = os.urandom(50_000)
+    content = gguf_bytes(50_000)
     hub.repos[BITNET_REPO] = bitnet_repo(content)
     record = client.pull("bitnet-2b")
     blob = Path(os.path.realpath(record.path))
@@ -122,7 +122,7 @@ def test_a_damaged_copy_on_disk_is_replaced(hub: FakeHub, client: HubClient) -> 
 
 
 def test_pulling_again_revalidates_without_downloading(hub: FakeHub, client: HubClient) -> None:
-    hub.repos[BITNET_REPO] = bitnet_repo(os.urandom(20_000))
+    hub.repos[BITNET_REPO] = bitnet_repo(gguf_bytes(20_000))
     first = client.pull("bitnet-2b")
     hub.clear_log()
     assert client.pull("bitnet-2b") == first
@@ -130,10 +130,10 @@ def test_pulling_again_revalidates_without_downloading(hub: FakeHub, client: Hub
 
 
 def test_a_new_commit_on_the_hub_is_downloaded(hub: FakeHub, client: HubClient) -> None:
-    repo = bitnet_repo(os.urandom(20_000))
+    repo = bitnet_repo(gguf_bytes(20_000))
     hub.repos[BITNET_REPO] = repo
     first = client.pull("bitnet-2b")
-    newer = os.urandom(21_000)
+    newer = gguf_bytes(21_000)
     repo.files["ggml-model-i2_s.gguf"] = HubFile(newer)
     repo.new_commit()
     second = client.pull("bitnet-2b")
@@ -145,7 +145,7 @@ def test_a_new_commit_on_the_hub_is_downloaded(hub: FakeHub, client: HubClient) 
 def test_offline_uses_the_downloaded_copy_and_never_the_network(
     hub: FakeHub, client: HubClient
 ) -> None:
-    content = os.urandom(10_000)
+    content = gguf_bytes(10_000)
     hub.repos[BITNET_REPO] = bitnet_repo(content)
     record = client.pull("bitnet-2b")
     hub.stop()
@@ -189,7 +189,7 @@ def test_no_network_is_one_sentence(client: HubClient) -> None:
 
 
 def test_no_network_falls_back_to_the_downloaded_copy(hub: FakeHub, client: HubClient) -> None:
-    hub.repos[BITNET_REPO] = bitnet_repo(os.urandom(5000))
+    hub.repos[BITNET_REPO] = bitnet_repo(gguf_bytes(5000))
     record = client.pull("bitnet-2b")
     endpoint = f"http://127.0.0.1:{_closed_port()}"
     assert client.pull("bitnet-2b", endpoint=endpoint) == record
@@ -206,7 +206,7 @@ def test_unknown_repo_is_one_sentence(client: HubClient) -> None:
 
 
 def test_gated_repo_needs_a_token(hub: FakeHub, client: HubClient) -> None:
-    content = os.urandom(3000)
+    content = gguf_bytes(3000)
     hub.repos["meta/gated-1.58"] = HubRepo({"model-i2_s.gguf": HubFile(content)}, gated=True)
     with pytest.raises(GatedRepoError) as caught:
         client.pull("meta/gated-1.58")
@@ -242,7 +242,7 @@ def test_no_matching_file_lists_the_candidates(hub: FakeHub, client: HubClient) 
 
 
 def test_disk_full_is_caught_before_downloading(hub: FakeHub, client: HubClient) -> None:
-    repo = bitnet_repo(os.urandom(1000))
+    repo = bitnet_repo(gguf_bytes(1000))
     repo.files["ggml-model-i2_s.gguf"].listed_size = 10**15  # a petabyte: no disk has it
     hub.repos[BITNET_REPO] = repo
     with pytest.raises(DiskFullError) as caught:
@@ -266,7 +266,7 @@ def test_disk_full_while_writing_is_recognised(client: HubClient) -> None:
 
 
 def test_a_catalog_pin_that_the_hub_contradicts_is_refused(hub: FakeHub, client: HubClient) -> None:
-    repo = bitnet_repo(os.urandom(1000))
+    repo = bitnet_repo(gguf_bytes(1000))
     hub.repos[BITNET_REPO] = repo
     pinned = CatalogEntry(
         name="pinned",
@@ -286,7 +286,7 @@ def test_a_catalog_pin_that_the_hub_contradicts_is_refused(hub: FakeHub, client:
 
 
 def test_ensure_serves_a_verified_copy_without_the_network(hub: FakeHub, client: HubClient) -> None:
-    hub.repos[BITNET_REPO] = bitnet_repo(os.urandom(5000))
+    hub.repos[BITNET_REPO] = bitnet_repo(gguf_bytes(5000))
     spec = resolve("bitnet-2b", Catalog.load())
     first = client.puller().ensure(spec)  # downloads
     hub.stop()
@@ -299,7 +299,7 @@ def test_ensure_serves_a_verified_copy_without_the_network(hub: FakeHub, client:
 def test_offline_never_serves_a_copy_that_failed_verification(
     hub: FakeHub, client: HubClient
 ) -> None:
-    content = os.urandom(20_000)
+    content = gguf_bytes(20_000)
     hub.repos[BITNET_REPO] = bitnet_repo(content)
     record = client.pull("bitnet-2b")
     blob = Path(os.path.realpath(record.path))
@@ -315,7 +315,7 @@ def test_offline_never_serves_a_copy_that_failed_verification(
 def test_a_truncated_download_is_never_kept(hub: FakeHub, client: HubClient) -> None:
     # huggingface_hub#4223: a transfer that ends early but cleanly (a short body with a
     # matching Content-Length) once left a truncated file that loaded as zeros
-    content = os.urandom(60_000)
+    content = gguf_bytes(60_000)
     repo = bitnet_repo(content)
     repo.files["ggml-model-i2_s.gguf"].served = content[:40_000]
     hub.repos[BITNET_REPO] = repo

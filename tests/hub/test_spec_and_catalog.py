@@ -66,7 +66,7 @@ def test_names_resolve_to_catalog_entries_repos_and_variants() -> None:
         None,
     )
     assert resolve("tiiuae/Falcon3-3B-Instruct-1.58bit-GGUF", catalog).variant is None
-    for bad in ("no-such-model", "owner/repo:", "/repo", "a/b/c"):
+    for bad in ("no-such-model", "owner/repo:", "/repo", "a/b/c", "a/..", "a/.x", "a--b/c"):
         with pytest.raises(PullError, match="neither a catalog name nor a repository"):
             resolve(bad, catalog)
 

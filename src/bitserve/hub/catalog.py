@@ -17,8 +17,13 @@ from importlib import resources
 from typing import Any
 
 SHA256 = re.compile(r"[0-9a-f]{64}")  # a sha256 as the hub writes it (and names blobs)
-_COMMIT = re.compile(r"[0-9a-f]{40}")
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
+COMMIT = re.compile(r"[0-9a-f]{40}")  # a git commit id
+# owner/name as the hub accepts it (huggingface_hub refuses anything else with a
+# traceback): word characters, '-' and '.', neither first nor last, no '--' or '..',
+# the name at most 96 characters
+REPO_ID = re.compile(
+    r"(?!.*(?:--|\.\.))(?=[^/]*/[^/]{1,96}$)\w(?:[\w.-]*\w)?/\w(?:[\w.-]*\w)?", re.ASCII
+)
 
 
 class CatalogError(ValueError):
@@ -62,7 +67,7 @@ class CatalogEntry:
             problems.append(f"repo {self.repo!r} is not owner/name")
         if not self.file.endswith(".gguf"):
             problems.append(f"file {self.file!r} is not a .gguf pattern")
-        if self.revision is not None and not _COMMIT.fullmatch(self.revision):
+        if self.revision is not None and not COMMIT.fullmatch(self.revision):
             problems.append(f"revision {self.revision!r} is not a 40-digit commit")
         if self.sha256 is not None and not SHA256.fullmatch(self.sha256):
             problems.append(f"sha256 {self.sha256!r} is not 64 lowercase hex digits")

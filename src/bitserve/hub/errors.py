@@ -52,6 +52,33 @@ class GatedRepoError(PullError):
         self.repo = repo
 
 
+class BadAnswerError(PullError):
+    """The hub's answer about a repository (its listing, a file's headers or body) is not
+    what a Hugging Face hub sends."""
+
+    def __init__(self, endpoint: str, repo: str, problem: str) -> None:
+        super().__init__(
+            f"the hub at {endpoint} sent an answer about {repo} that bitserve cannot use "
+            f"({problem}); check that HF_ENDPOINT names a Hugging Face hub or mirror, or try "
+            "again later"
+        )
+        self.repo = repo
+
+
+class UnsafeHeaderError(PullError):
+    """The hub named a commit or file version with something that is not a plain name:
+    ``huggingface_hub`` names cache paths after these headers, so it would write outside
+    the cache (``X-Linked-Etag: "../../.bashrc"``)."""
+
+    def __init__(self, url: str, header: str, value: str) -> None:
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        super().__init__(
+            f"the hub answered {header} {shown!r} for {url}, which is not a plain name; "
+            "nothing was downloaded (is HF_ENDPOINT a Hugging Face hub you trust?)"
+        )
+        self.header = header
+
+
 class RevisionNotFoundError(PullError):
     def __init__(self, repo: str, revision: str) -> None:
         super().__init__(f"{repo} has no revision {revision!r}")
@@ -97,6 +124,18 @@ class VerificationError(PullError):
         super().__init__(
             f"{filename} failed verification ({problem}); the file was deleted: "
             "run the same command again to download it anew"
+        )
+        self.filename = filename
+
+
+class UnreadableModelError(PullError):
+    """The file arrived as the hub lists it, but is no GGUF file bitserve can read (a
+    page saved under a .gguf name, a file truncated before it was uploaded); deleted."""
+
+    def __init__(self, filename: str, problem: str) -> None:
+        super().__init__(
+            f"{filename} is not a model bitserve can read ({problem}); the file was deleted "
+            "and not recorded"
         )
         self.filename = filename
 

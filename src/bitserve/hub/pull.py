@@ -14,18 +14,29 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx2
-from huggingface_hub import HfApi, constants, get_token, hf_hub_download, try_to_load_from_cache
+from huggingface_hub import (
+    HfApi,
+    constants,
+    get_session,
+    get_token,
+    hf_hub_download,
+    try_to_load_from_cache,
+)
 from huggingface_hub import errors as hf_errors
 
-from bitserve.hub.catalog import SHA256
+from bitserve.hub.catalog import COMMIT, SHA256
 from bitserve.hub.errors import (
+    BadAnswerError,
     DiskFullError,
     GatedRepoError,
     NoNetworkError,
@@ -33,6 +44,8 @@ from bitserve.hub.errors import (
     PullError,
     RepoNotFoundError,
     RevisionNotFoundError,
+    UnreadableModelError,
+    UnsafeHeaderError,
     VerificationError,
     format_size,
     is_disk_full,
@@ -41,6 +54,8 @@ from bitserve.hub.registry import ModelRecord, Registry
 from bitserve.hub.spec import ModelSpec
 
 _HASH_CHUNK = 1 << 20
+# an ETag huggingface_hub may name a blob after: a token without '/', '\\' or a leading '.'
+_PLAIN_ETAG = re.compile(r"[\w+=-][\w.+=-]*")
 
 
 def _env_flag(name: str) -> bool:
@@ -113,7 +128,7 @@ class Puller:
         """Download (or revalidate) ``spec``'s file and verify it. Offline: the local copy."""
         try:
             return self._pull(spec)
-        except VerificationError:
+        except (VerificationError, UnreadableModelError):
             record = self.registry.get(spec.name)
             if record is not None and not record.exists():  # its file was just deleted
                 self.registry.remove(spec.name)
@@ -164,20 +179,27 @@ class Puller:
 
     def remote_files(self, spec: ModelSpec) -> list[RemoteFile]:
         """Every file of ``spec``'s repository at its revision, with size and LFS sha256."""
-        api = HfApi(endpoint=self.options.endpoint_url, token=self.options.token)
+        endpoint = self.options.endpoint_url
+        api = HfApi(endpoint=endpoint, token=self.options.token)
         try:
             info = api.model_info(spec.repo, revision=spec.revision, files_metadata=True)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            # HfApi parses the answer itself: not JSON, or JSON of another shape
+            raise BadAnswerError(endpoint, spec.repo, _reason(exc)) from None
         except Exception as exc:
             raise self._translate(exc, spec) from None
-        return [
-            RemoteFile(
-                filename=s.rfilename,
-                commit=str(info.sha),
-                size=s.lfs.size if s.lfs is not None else s.size,
-                sha256=s.lfs.sha256 if s.lfs is not None else None,
+        try:
+            files, unsafe = _listed_files(info)
+        except ValueError as exc:
+            raise BadAnswerError(endpoint, spec.repo, str(exc)) from None
+        if unsafe:
+            shown = ", ".join(_reason(repr(name), 60) for name in unsafe[:3])
+            more = f" and {len(unsafe) - 3} more" if len(unsafe) > 3 else ""
+            self.notify(
+                f"ignoring {len(unsafe)} file(s) of {spec.repo} whose names are not paths "
+                f"inside the repository: {shown}{more}"
             )
-            for s in info.siblings or []
-        ]
+        return files
 
     def _remote_file(self, spec: ModelSpec) -> RemoteFile:
         files = {f.filename: f for f in self.remote_files(spec)}
@@ -220,9 +242,10 @@ class Puller:
         return path
 
     def _download(self, spec: ModelSpec, remote: RemoteFile) -> str:
+        _guard_hub_session()
         try:
-            return str(
-                hf_hub_download(
+            with _stopping_signals_unwind():
+                path = hf_hub_download(
                     spec.repo,
                     remote.filename,
                     revision=remote.commit,
@@ -230,7 +253,7 @@ class Puller:
                     endpoint=self.options.endpoint_url,
                     token=self.options.token,
                 )
-            )
+            return str(path)
         except OSError as exc:
             if str(exc).startswith("Consistency check failed"):  # short read, file discarded
                 raise VerificationError(
@@ -258,6 +281,9 @@ class Puller:
         if isinstance(exc, hf_errors.HfHubHTTPError):
             status = exc.response.status_code if exc.response is not None else "an error"
             return PullError(f"the hub answered HTTP {status} for {spec.repo}; try again later")
+        if isinstance(cause, (httpx2.RequestError, hf_errors.FileMetadataError)):
+            # a redirect loop, a body that does not decode, headers a hub always sends missing
+            return BadAnswerError(self.options.endpoint_url, spec.repo, _reason(cause))
         if isinstance(exc, OSError):
             return PullError(f"cannot write to {self.options.cache}: {exc.strerror or exc}")
         raise exc
@@ -314,7 +340,15 @@ class Puller:
 
     def _record(self, spec: ModelSpec, remote: RemoteFile, path: str) -> ModelRecord:
         """Record ``path``, which was just checked against ``remote`` (verified if the hub
-        gave its sha256)."""
+        gave its sha256), once it reads as a GGUF file: one that does not is deleted, never
+        recorded (``serve -hf`` would take it for a model)."""
+        from bitserve.gguf import GGUFError
+
+        try:
+            arch = _architecture(path)
+        except GGUFError as exc:
+            remove_cached_file(path)
+            raise UnreadableModelError(f"{spec.repo}/{remote.filename}", exc.problem) from None
         record = ModelRecord(
             name=spec.name,
             repo=spec.repo,
@@ -323,11 +357,103 @@ class Puller:
             path=os.path.abspath(path),
             size=os.path.getsize(path),
             sha256=remote.sha256,
-            family=spec.family or _architecture(path),
+            family=spec.family or arch,
             verified_at=None,
         ).with_verification(remote.sha256 is not None)
         self.registry.put(record)
         return record
+
+
+def _listed_files(info: Any) -> tuple[list[RemoteFile], list[str]]:
+    """The files of a model info from the hub, and the names left out because they are
+    not paths inside the repository (``../x``, ``/x``, control characters...: written as
+    given, they would land outside the cache, or garble the sentences that name them).
+    Raises ``ValueError`` naming the first field that is not what the hub sends."""
+    commit = info.sha
+    if not isinstance(commit, str) or not COMMIT.fullmatch(commit):
+        raise ValueError(f"commit id {_reason(repr(commit), 60)}")
+    files: list[RemoteFile] = []
+    unsafe: list[str] = []
+    for sibling in info.siblings or []:
+        name = sibling.rfilename
+        if not isinstance(name, str):
+            raise ValueError(f"file name {_reason(repr(name), 60)}")
+        lfs = sibling.lfs
+        size, sha256 = (lfs.size, lfs.sha256) if lfs is not None else (sibling.size, None)
+        if size is not None and (type(size) is not int or size < 0):
+            raise ValueError(f"size {_reason(repr(size), 60)} of {_reason(repr(name), 60)}")
+        if sha256 is not None and not (isinstance(sha256, str) and SHA256.fullmatch(sha256)):
+            raise ValueError(f"sha256 {_reason(repr(sha256), 80)} of {_reason(repr(name), 60)}")
+        if not is_safe_filename(name):
+            unsafe.append(name)
+            continue
+        files.append(RemoteFile(name, commit, size, sha256))
+    return files, unsafe
+
+
+def is_safe_filename(name: str) -> bool:
+    """True for a relative path of plain components, each short enough for a file system:
+    what a file of a repository is, and all that may be written under the cache."""
+    parts = name.split("/")
+    return (
+        not any(part in ("", ".", "..") or len(part.encode()) > 255 for part in parts)
+        and "\\" not in name
+        and not any(ord(c) < 32 or ord(c) == 127 for c in name)
+    )
+
+
+@contextlib.contextmanager
+def _stopping_signals_unwind() -> Iterator[None]:
+    """SIGTERM or SIGHUP in the block exit through ``SystemExit(128 + signal)`` instead of
+    killing the process on the spot, so that ``huggingface_hub`` deletes its partial file
+    (in a ``finally``): it names that file per process and never resumes it, so a pull
+    stopped by systemd, ``docker stop`` or a closed terminal left it for good. Only the
+    main thread can set handlers, and a handler someone else set is left alone."""
+    stopping = (signal.SIGTERM, signal.SIGHUP)
+    if threading.current_thread() is not threading.main_thread() or any(
+        signal.getsignal(s) is not signal.SIG_DFL for s in stopping
+    ):
+        yield
+        return
+
+    def unwind(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for s in stopping:
+        signal.signal(s, unwind)
+    try:
+        yield
+    finally:
+        for s in stopping:
+            signal.signal(s, signal.SIG_DFL)
+
+
+def _guard_hub_session() -> None:
+    """Make ``huggingface_hub``'s HTTP session refuse path-naming headers that are not
+    plain names (it may have been made anew since the last call: the check is cheap)."""
+    session = get_session()
+    hooks = session.event_hooks
+    if _refuse_unsafe_names not in hooks["response"]:
+        session.event_hooks = {**hooks, "response": [*hooks["response"], _refuse_unsafe_names]}
+
+
+def _refuse_unsafe_names(response: httpx2.Response) -> None:
+    """An event hook: ``huggingface_hub`` takes a file's snapshot folder from the HEAD
+    answer's ``X-Repo-Commit`` and its blob name from ``X-Linked-Etag`` (else ``ETag``),
+    joined to the cache path as they come; a hostile hub answering ``../../x`` would have
+    a file written anywhere the user may write."""
+    if response.request.method != "HEAD":
+        return
+    commit = response.headers.get(constants.HUGGINGFACE_HEADER_X_REPO_COMMIT)
+    if commit is not None and not COMMIT.fullmatch(commit):
+        raise UnsafeHeaderError(str(response.request.url), "X-Repo-Commit", commit)
+    for header in (constants.HUGGINGFACE_HEADER_X_LINKED_ETAG, "ETag"):
+        etag = response.headers.get(header)
+        if etag is not None:
+            name = etag.lstrip("W/").strip('"')  # as huggingface_hub normalizes it
+            if not _PLAIN_ETAG.fullmatch(name):
+                raise UnsafeHeaderError(str(response.request.url), header, etag)
+            return  # huggingface_hub takes the first of the two
 
 
 def file_problem(path: str, size: int | None, sha256: str | None) -> str | None:
@@ -375,13 +501,11 @@ def _same_file(record: ModelRecord, path: str, remote: RemoteFile) -> bool:
 
 
 def _architecture(path: str) -> str | None:
-    """``general.architecture`` of a GGUF file, or None if it cannot be read."""
+    """``general.architecture`` of a GGUF file (None if it names none); ``GGUFError`` if
+    it is not a GGUF file bitserve reads (not one at all, truncated, a type it lacks)."""
     from bitserve.gguf import read_gguf
 
-    try:
-        gguf = read_gguf(path)
-    except (OSError, ValueError):
-        return None
+    gguf = read_gguf(path)
     try:
         arch: Any = gguf.get("general.architecture")
         return str(arch) if arch is not None else None
@@ -389,6 +513,6 @@ def _architecture(path: str) -> str | None:
         gguf.close()
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
+def _reason(exc: BaseException | str, limit: int = 120) -> str:
+    text = (str(exc).strip() or type(exc).__name__) if isinstance(exc, BaseException) else exc
+    return text if len(text) <= limit else text[: limit - 3] + "..."
