@@ -101,7 +101,9 @@ class LegacyCompletion:
         tokens, top_n = choice.prompt.tokens, self.body.logprobs or 0
         scheduler = self.served.engine.scheduler
         dtype = scheduler.config.kv_dtype if scheduler is not None else "float32"
-        scored = await self.served.engine.call(lambda g: g.prompt_logprobs(tokens, top_n, dtype))
+        scored = await self.served.engine.call_in_steps(
+            lambda g: g.score_prompt(tokens, top_n, dtype)
+        )
         return scored[choice.prompt.added :]
 
     def logprobs_object(self, items: list[LogprobItem], offsets: list[int]) -> dict[str, Any]:
