@@ -1,10 +1,11 @@
 """Work besides generations on the batched engine thread (the real scheduler and a tiny
 model): long work runs in pieces between the running streams' steps, and stops when its
-caller stops waiting."""
+caller stops waiting; the engine's own work takes no place in the bounded queue."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Generator as Pieces
 from collections.abc import Iterator
 from itertools import pairwise
@@ -14,8 +15,10 @@ import pytest
 
 from bitserve.engine import generate
 from bitserve.engine.generate import Generator, PromptLogprob
+from bitserve.engine.kv_spill import KVSpill
 from bitserve.engine.loader import LoadedModel, load_model
 from bitserve.engine.loop import EngineLoop
+from bitserve.engine.prefix_cache import PrefixCache
 from bitserve.engine.scheduler import Scheduler, SchedulerConfig
 from bitserve.engine.types import GenerationRequest, SamplingParams
 
@@ -106,3 +109,39 @@ def test_a_call_in_steps_stops_when_its_caller_stops_waiting(
         _ = [e async for e in events]
 
     asyncio.run(main())
+
+
+def test_the_engines_own_work_takes_no_place_in_the_queue(
+    loaded: LoadedModel, tmp_path: Path
+) -> None:
+    """A spilled cache's release, queued by the spill's writer while a step ran, took a
+    place in the bounded queue: with --max-queue 1 and a stream running, 22 of 60
+    requests sent one after another got 503 "1 requests are already waiting"."""
+    spill = KVSpill(tmp_path, 1 << 20, "model")
+    scheduler = Scheduler(loaded.model, SchedulerConfig(4, 64), PrefixCache(1 << 20, spill))
+    engine = EngineLoop(Generator(loaded.model, loaded.tokenizer), 1, scheduler)
+    engine.start()
+    busy, release = threading.Event(), threading.Event()
+
+    def hold(_: Generator) -> None:  # the engine thread inside a step, as it were
+        busy.set()
+        release.wait(10)
+
+    async def main() -> None:
+        held = asyncio.ensure_future(engine.call(hold))
+        await asyncio.to_thread(busy.wait, 10)
+        assert spill.on_written is not None
+        spill.on_written()  # a file written: the release of its cache is queued
+        engine.prefill_ahead([1, 2, 3, 4], 8)  # a conversation's next turn, ahead
+        handle = engine.submit(stream(2))  # the one place in the queue is free
+        assert engine.queue_depth == 1
+        release.set()
+        await held
+        assert [e async for e in handle][-1].finish_reason == "length"
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+        engine.stop()
+        spill.close()

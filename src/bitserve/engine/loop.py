@@ -217,6 +217,7 @@ class _Call:
     future: concurrent.futures.Future[Any]
     in_steps: bool = False
     pieces: Generator[None, None, Any] | None = None
+    internal: bool = False  # the engine's own work: takes no place in the bounded queue
 
 
 class EngineLoop(Generic[G]):
@@ -249,7 +250,9 @@ class EngineLoop(Generic[G]):
                 spill.reap()
                 self._sync_stats(scheduler)  # the gauges see it even while idle
 
-            spill.on_written = lambda: self._jobs.put(_Call(reap, concurrent.futures.Future()))
+            spill.on_written = lambda: self._jobs.put(
+                _Call(reap, concurrent.futures.Future(), internal=True)
+            )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -296,10 +299,12 @@ class EngineLoop(Generic[G]):
 
     @property
     def queue_depth(self) -> int:
-        """Jobs waiting (running ones not counted): generations and calls (echo scoring
-        too), which ``max_queue`` bounds."""
+        """Jobs waiting (running ones not counted): generations and callers' calls (echo
+        scoring too), which ``max_queue`` bounds; not the engine's own work (a spilled
+        cache's release, a prefill ahead), which must never cost a client its place."""
         waiting = len(self.scheduler.waiting) if self.scheduler is not None else 0
-        return self._jobs.qsize() + waiting
+        jobs = list(self._jobs.queue)
+        return sum(not (isinstance(job, _Call) and job.internal) for job in jobs) + waiting
 
     @property
     def requests_waiting(self) -> int:
@@ -358,7 +363,7 @@ class EngineLoop(Generic[G]):
                 return 0
 
         with contextlib.suppress(QueueFullError, EngineStoppedError):
-            self._enqueue(_Call(extend, concurrent.futures.Future()))
+            self._enqueue(_Call(extend, concurrent.futures.Future(), internal=True))
 
     def _enqueue(self, job: _Generation | _Call) -> None:
         if not self.alive:  # never queue for a thread that will not take it
