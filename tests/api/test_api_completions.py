@@ -116,6 +116,28 @@ def test_echo_logprobs_with_zero_max_tokens_scores_the_prompt(client: TestClient
         assert math.isclose(top[last_token_text], lp["token_logprobs"][-1], abs_tol=1e-3)
 
 
+def test_echo_scores_each_prompt_once_for_its_n_choices(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The n choices of a prompt echo the same prompt: it was scored once per choice (n
+    times the engine work, every stream paused for each)."""
+    generator = client.app.state.served.generator  # type: ignore[attr-defined]
+    scored: list[int] = []
+    score_prompt = generator.score_prompt
+
+    def counting(tokens: list[int], *args: Any) -> Any:
+        scored.append(len(tokens))
+        return score_prompt(tokens, *args)
+
+    monkeypatch.setattr(generator, "score_prompt", counting)
+    body = {"model": "bitnet", "prompt": ["The cat sat", "Bye"], "max_tokens": 2, "n": 3,
+            "echo": True, "logprobs": 1, "seed": 1}  # fmt: skip
+    choices = client.post("/v1/completions", json=body).json()["choices"]
+    assert len(scored) == 2 and len(choices) == 6
+    prompts = [c["logprobs"]["token_logprobs"][: scored[c["index"] // 3]] for c in choices]
+    assert prompts[0] == prompts[1] == prompts[2] != prompts[3] == prompts[4] == prompts[5]
+
+
 def test_legacy_streaming(client: TestClient) -> None:
     body = {"model": "bitnet", "prompt": "Hello", "max_tokens": 4, "stream": True,
             "echo": True, "temperature": 0}  # fmt: skip

@@ -203,11 +203,14 @@ def test_router_gauges_under_our_names_and_vllms(loaded: LoadedModel) -> None:
     scheduler = served.engine.scheduler
     assert scheduler is not None
     scheduler.waiting.extend([object(), object()])  # type: ignore[list-item]  # admitted
+    from concurrent.futures import Future
+
     from bitserve.engine.loop import _Call, _Generation
 
     served.engine._jobs.put(object.__new__(_Generation))  # one still queued: 3, not 2 + 3
-    served.engine._jobs.put(object.__new__(_Call))  # the engine's own call: no request
-    assert served.engine.queue_depth == 4  # but --max-queue bounds calls too (echo scoring)
+    served.engine._jobs.put(_Call(print, Future()))  # a caller's call (echo scoring): no request
+    served.engine._jobs.put(_Call(print, Future(), internal=True))  # the engine's own: none
+    assert served.engine.queue_depth == 4  # but --max-queue bounds callers' calls too
     capacity = kv_cache_capacity_bytes(served)
     cfg = loaded.model.config
     assert capacity == 4 * served.ctx_size * 2 * cfg.n_layers * cfg.kv_dim * 2  # f16 k and v

@@ -8,6 +8,7 @@ import threading
 import time
 from typing import Any
 
+import pytest
 from api_helpers import AppFactory, chat_body
 
 
@@ -80,3 +81,42 @@ def test_echo_scoring_is_bounded_by_the_queue_too(make_client: AppFactory) -> No
             thread.join(30)
         blocker.result(30)
         assert sorted(a.status_code for a in answers) == [200, 200, 503, 503, 503]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/completion", {"prompt": "a b c", "n_predict": 2}),
+        ("/v1/completions", {"model": "bitnet", "prompt": "a b c", "max_tokens": 2}),
+        ("/v1/chat/completions", chat_body()),
+    ],
+)
+def test_a_full_queue_is_a_503_before_a_stream_starts(
+    make_client: AppFactory, path: str, body: dict[str, Any]
+) -> None:
+    """llama.cpp's /completion submitted its generation inside the stream: a full queue
+    was a 200 whose one event said queue_full, with no Retry-After to retry by."""
+    with make_client(max_queue=1) as client:
+        engine = client.app.state.served.engine  # type: ignore[attr-defined]
+        running, gate = threading.Event(), threading.Event()
+
+        def block(_: object) -> None:
+            running.set()
+            gate.wait(30)
+
+        portal = client.portal  # type: ignore[union-attr]
+        blocker = portal.start_task_soon(engine.call, block)
+        assert running.wait(10)  # the engine is inside the blocking call
+        queued = portal.start_task_soon(engine.call, lambda _: None)  # the queue's one place
+        deadline = time.monotonic() + 10
+        while engine.queue_depth < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        try:
+            answer = client.post(path, json={**body, "stream": True})
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["error"]["code"] == "queue_full"
+            assert int(answer.headers["retry-after"]) >= 1
+        finally:
+            gate.set()
+            blocker.result(30)
+            queued.result(30)

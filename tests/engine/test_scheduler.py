@@ -314,6 +314,25 @@ def test_cancelled_sequences_leave_at_once_or_after_one_token(tokenizer: Tokeniz
     assert sched.memory.allocated_bytes == 0
 
 
+def test_cancelled_waiting_sequences_leave_the_line_wherever_they_are(
+    tokenizer: Tokenizer,
+) -> None:
+    """Only those at the head of the line left: behind a live one, requests whose clients
+    had gone kept their places in the bounded queue, and new requests got 503s."""
+    sched = Scheduler(FakeModel(), SchedulerConfig(max_batch=1, max_batch_tokens=8))
+    gone = threading.Event()
+    running, live = make_requests(tokenizer, 2)
+    left = [make_sequence(tokenizer, [1, 2, 3], cancel=gone) for _ in range(3)]
+    for seq in [running, live, *left]:
+        sched.add(seq)
+    sched.step()
+    assert sched.running == [running] and len(sched.waiting) == 4
+    gone.set()
+    out = sched.step()
+    assert list(sched.waiting) == [live] and set(left) <= set(out.finished)
+    assert all(seq.cache is None for seq in left)
+
+
 def test_config_checks() -> None:
     with pytest.raises(ValueError, match="max_batch must"):
         SchedulerConfig(0, 10)

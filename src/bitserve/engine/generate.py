@@ -10,6 +10,7 @@ held back until it cannot be (or generation ends).
 from __future__ import annotations
 
 import threading
+from collections.abc import Generator as Pieces
 from collections.abc import Iterator
 from collections.abc import Sequence as SequenceOf
 from typing import TYPE_CHECKING, NamedTuple
@@ -154,6 +155,20 @@ class Generator:
         keys and values kept as ``kv_dtype`` (the server's batch keeps float16: scoring
         then reads what generation would). The first token has logprob ``None`` and no
         alternatives."""
+        pieces = self.score_prompt(tokens, top_n, kv_dtype)
+        while True:
+            try:
+                next(pieces)
+            except StopIteration as done:
+                result: list[PromptLogprob] = done.value
+                return result
+
+    def score_prompt(
+        self, tokens: SequenceOf[int], top_n: int = 0, kv_dtype: str = "float32"
+    ) -> Pieces[None, None, list[PromptLogprob]]:
+        """:meth:`prompt_logprobs` in pieces: yields after each forward pass of
+        ``PROMPT_LOGPROBS_CHUNK`` tokens and returns the list (the server's engine runs
+        its batch between pieces: ``EngineLoop.call_in_steps``)."""
         validate_top_logprobs(top_n)
         if len(tokens) > self.context_length:
             raise ContextLengthError(len(tokens), self.context_length)
@@ -162,6 +177,8 @@ class Generator:
         out = [PromptLogprob(int(tokens[0]), None, [])]
         cache = self.model.new_cache(len(tokens), np.dtype(kv_dtype))
         for start in range(0, len(tokens), PROMPT_LOGPROBS_CHUNK):
+            if start:
+                yield
             chunk = list(tokens[start : start + PROMPT_LOGPROBS_CHUNK])
             logits = self.model.forward(chunk, cache, all_logits=True)  # [T, vocab]
             for row, target in zip(

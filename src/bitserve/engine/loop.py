@@ -14,6 +14,10 @@ Two ways to run, same contract:
 - without one: ``generator.generate()`` for one request at a time (tests use this with
   stand-in generators).
 
+Other work that needs the model runs on the same thread: ``call(fn)`` between two steps,
+and ``call_in_steps(fn)`` for long work (scoring a whole prompt) one piece between two
+steps, so that no stream waits for more than one piece of it.
+
 The queue is bounded: ``max_queue`` requests waiting (running ones not counted); a full
 queue raises ``QueueFullError`` at once, which the API turns into 503 + ``Retry-After``.
 """
@@ -28,7 +32,8 @@ import math
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -203,8 +208,16 @@ class _Generation:
 
 @dataclass(slots=True)
 class _Call:
+    """``fn(generator)`` on the engine thread. ``in_steps``: ``fn`` returns a generator
+    (``pieces``, once started) that yields between pieces of its work and returns the
+    result; its future stays pending until then, so a caller that stops waiting cancels
+    it between two pieces."""
+
     fn: Callable[[Any], Any]
     future: concurrent.futures.Future[Any]
+    in_steps: bool = False
+    pieces: Generator[None, None, Any] | None = None
+    internal: bool = False  # the engine's own work: takes no place in the bounded queue
 
 
 class EngineLoop(Generic[G]):
@@ -226,6 +239,7 @@ class EngineLoop(Generic[G]):
         self._thread: threading.Thread | None = None
         self._current: RequestHandle | None = None
         self._active: dict[Sequence, RequestHandle] = {}  # batched mode: running handles
+        self._pieces: deque[_Call] = deque()  # batched mode: calls in steps under way
         self._lock = threading.Lock()  # guards _active against stop() from another thread
         prefix = scheduler.prefix_cache if scheduler is not None else None
         spill = prefix.spill if prefix is not None else None
@@ -236,7 +250,9 @@ class EngineLoop(Generic[G]):
                 spill.reap()
                 self._sync_stats(scheduler)  # the gauges see it even while idle
 
-            spill.on_written = lambda: self._jobs.put(_Call(reap, concurrent.futures.Future()))
+            spill.on_written = lambda: self._jobs.put(
+                _Call(reap, concurrent.futures.Future(), internal=True)
+            )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -283,10 +299,12 @@ class EngineLoop(Generic[G]):
 
     @property
     def queue_depth(self) -> int:
-        """Jobs waiting (running ones not counted): generations and calls (echo scoring
-        too), which ``max_queue`` bounds."""
+        """Jobs waiting (running ones not counted): generations and callers' calls (echo
+        scoring too), which ``max_queue`` bounds; not the engine's own work (a spilled
+        cache's release, a prefill ahead), which must never cost a client its place."""
         waiting = len(self.scheduler.waiting) if self.scheduler is not None else 0
-        return self._jobs.qsize() + waiting
+        jobs = list(self._jobs.queue)
+        return sum(not (isinstance(job, _Call) and job.internal) for job in jobs) + waiting
 
     @property
     def requests_waiting(self) -> int:
@@ -308,6 +326,16 @@ class EngineLoop(Generic[G]):
         await its result: for work that needs the model but is not a generation."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._enqueue(_Call(fn, future))
+        return await asyncio.wrap_future(future)
+
+    async def call_in_steps(self, fn: Callable[[G], Generator[None, None, T]]) -> T:
+        """:meth:`call` for long work cut into pieces: ``fn(generator)`` returns a
+        generator that yields between pieces and returns the result. The engine runs one
+        piece between two scheduler steps (batched mode), so the running streams go on
+        getting tokens while, say, a long prompt is scored; a caller that stops awaiting
+        stops it before its next piece."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._enqueue(_Call(fn, future, in_steps=True))
         return await asyncio.wrap_future(future)
 
     def prefill_ahead(self, tokens: list[int], max_new: int, scope: str = "") -> None:
@@ -335,7 +363,7 @@ class EngineLoop(Generic[G]):
                 return 0
 
         with contextlib.suppress(QueueFullError, EngineStoppedError):
-            self._enqueue(_Call(extend, concurrent.futures.Future()))
+            self._enqueue(_Call(extend, concurrent.futures.Future(), internal=True))
 
     def _enqueue(self, job: _Generation | _Call) -> None:
         if not self.alive:  # never queue for a thread that will not take it
@@ -377,12 +405,61 @@ class EngineLoop(Generic[G]):
                 self.stats.busy_seconds += time.perf_counter() - started
 
     def _run_call(self, job: _Call) -> None:
+        if job.in_steps:
+            self._start_pieces(job)
+            if self.scheduler is None:  # one job at a time: all its pieces now
+                while self._pieces and not self._run_piece(self._pieces[0]):
+                    pass
+            return
         if not job.future.set_running_or_notify_cancel():
             return
         try:
             job.future.set_result(job.fn(self.generator))
         except Exception as exc:
             job.future.set_exception(exc)
+
+    def _start_pieces(self, job: _Call) -> None:
+        """A call in steps joins the ones under way (none runs before the loop's turn)."""
+        if job.future.cancelled():
+            return
+        try:
+            job.pieces = job.fn(self.generator)
+        except Exception as exc:
+            job.future.set_exception(exc)
+            return
+        self._pieces.append(job)
+
+    def _run_piece(self, job: _Call) -> bool:
+        """The next piece of ``job`` (the first call in steps under way); True once it is
+        over (its result or error set, or its caller gone) and it has left the line.
+        Calls in steps under way take turns, one piece each time."""
+        assert job.pieces is not None
+        over = True
+        try:
+            if job.future.cancelled():  # nobody waits for it any more
+                job.pieces.close()
+            else:
+                next(job.pieces)
+                over = False
+        except StopIteration as done:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_result(done.value)
+        except Exception as exc:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(exc)
+        self._pieces.popleft()
+        if not over:
+            self._pieces.append(job)
+        return over
+
+    def _stop_pieces(self) -> None:
+        """Shutting down: the calls in steps under way end with ``EngineStoppedError``."""
+        while self._pieces:
+            job = self._pieces.popleft()
+            assert job.pieces is not None
+            job.pieces.close()
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(EngineStoppedError("the server is shutting down"))
 
     def _run_generation(self, handle: RequestHandle) -> None:
         if handle.cancelled:
@@ -415,7 +492,8 @@ class EngineLoop(Generic[G]):
         assert self.scheduler is not None
         sched, stopping = self.scheduler, False
         while not (stopping and not sched.has_work):
-            for job in self._take_jobs(block=not sched.has_work and not stopping):
+            idle = not (sched.has_work or self._pieces or stopping)
+            for job in self._take_jobs(block=idle):
                 if job is None:
                     stopping = True
                 elif isinstance(job, _Call):
@@ -423,9 +501,12 @@ class EngineLoop(Generic[G]):
                 else:
                     self._admit(job.handle)
             if stopping:
+                self._stop_pieces()
                 with self._lock:
                     for handle in self._active.values():
                         handle.cancel()
+            if self._pieces:  # one piece of a long call, then a step for the streams
+                self._run_piece(self._pieces[0])
             if sched.has_work:
                 try:
                     self._step(sched)

@@ -3,8 +3,8 @@
 Two queues: ``waiting`` (FCFS, not started) and ``running`` (at most ``max_batch``, each
 with a KV cache). Every :meth:`Scheduler.step`:
 
-1. drops cancelled sequences that have no token in flight (waiting ones, and running ones
-   still in their prompt), freeing their KV at once (to the prefix cache if it has one);
+1. drops cancelled sequences that have no token in flight (every waiting one, and running
+   ones still in their prompt), freeing their KV at once (to the prefix cache if it has one);
 2. admits waiting sequences in arrival order while there is room, each starting from the
    longest cached prefix of its prompt (``PrefixCache.take``) or an empty cache;
 3. plans a batch within ``max_batch_tokens``: one token for every decoding sequence, then
@@ -206,11 +206,12 @@ class Scheduler:
     def _drop_cancelled(self) -> list[Sequence]:
         """Cancelled running sequences with no token in flight (still in their prompt)
         leave now, freeing their KV; decoding ones stay for this step: their next event
-        carries finish_reason "cancelled". Cancelled waiting ones (no KV yet) leave when
-        their turn to be admitted comes."""
-        dropped = []
-        while self.waiting and self.waiting[0].cancelled:
-            dropped.append(self.waiting.popleft())
+        carries finish_reason "cancelled". Cancelled waiting ones (no KV yet) leave now
+        too, wherever they are in the line: a request whose client left must not hold a
+        place in the bounded queue (``max_queue``) while a live one is refused."""
+        dropped = [seq for seq in self.waiting if seq.cancelled]
+        if dropped:
+            self.waiting = deque(seq for seq in self.waiting if not seq.cancelled)
         for seq in [s for s in self.running if s.cancelled and s.is_prefill]:
             self._leave(seq)
             dropped.append(seq)

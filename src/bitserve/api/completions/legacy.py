@@ -101,7 +101,9 @@ class LegacyCompletion:
         tokens, top_n = choice.prompt.tokens, self.body.logprobs or 0
         scheduler = self.served.engine.scheduler
         dtype = scheduler.config.kv_dtype if scheduler is not None else "float32"
-        scored = await self.served.engine.call(lambda g: g.prompt_logprobs(tokens, top_n, dtype))
+        scored = await self.served.engine.call_in_steps(
+            lambda g: g.score_prompt(tokens, top_n, dtype)
+        )
         return scored[choice.prompt.added :]
 
     def logprobs_object(self, items: list[LogprobItem], offsets: list[int]) -> dict[str, Any]:
@@ -184,12 +186,14 @@ class LegacyCompletion:
         all_events = await asyncio.gather(*(collect(h) if h else no_events() for h in handles))
         out, completion_tokens = [], 0
         cached = max((h.cached_tokens for h in handles if h is not None), default=0)
+        scored: dict[int, list[PromptLogprob]] = {}  # by prompt: its n choices share it
         for choice, events in zip(self.choices, all_events, strict=True):
-            echoed = (
-                await self.echo_logprobs(choice)
-                if self.body.echo and self.body.logprobs is not None
-                else None
-            )
+            echoed = None
+            if self.body.echo and self.body.logprobs is not None:
+                prompt_index = choice.index // self.body.n
+                if prompt_index not in scored:
+                    scored[prompt_index] = await self.echo_logprobs(choice)
+                echoed = scored[prompt_index]
             out.append(self.choice_object(choice, events, echoed))
             completion_tokens += len(events)
         prompt_tokens = sum(len(c.prompt.tokens) for c in self.choices[:: self.body.n])

@@ -78,6 +78,7 @@ class LlamaCompletion:
     started: float = field(default_factory=time.perf_counter)
     first_token: float | None = None  # when the first event came: the prompt was done
     cached_tokens: int = 0  # prompt tokens the prefix cache served
+    handle: RequestHandle | None = None  # set by submit()
 
     @classmethod
     def plan(cls, served: ServedModel, body: LlamaCompletionRequest) -> LlamaCompletion:
@@ -185,8 +186,14 @@ class LlamaCompletion:
             "ignore_eos": self.request.ignore_eos,
         }
 
+    def submit(self, guard: RequestGuard) -> RequestHandle:
+        """The generation, submitted once; a full queue raises (a 503) before any event."""
+        if self.handle is None:
+            self.handle = guard.track(self.served.engine.submit(self.request))
+        return self.handle
+
     async def run(self, guard: RequestGuard) -> dict[str, Any]:
-        handle = guard.track(self.served.engine.submit(self.request))
+        handle = self.submit(guard)
         events: list[TokenEvent] = []
         async for event in handle:
             self.observe(handle, event)
@@ -195,7 +202,7 @@ class LlamaCompletion:
         return self.final(events, "".join(e.text for e in events))
 
     async def stream(self, guard: RequestGuard) -> AsyncIterator[str]:
-        handle = guard.track(self.served.engine.submit(self.request))
+        handle = self.submit(guard)
         events: list[TokenEvent] = []
         async for event in handle:
             self.observe(handle, event)

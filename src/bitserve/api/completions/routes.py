@@ -45,8 +45,7 @@ async def _answer(
     guard: RequestGuard, stream: bool, job: LlamaCompletion | LegacyCompletion
 ) -> Response:
     try:
-        if isinstance(job, LegacyCompletion):
-            job.submit(guard)  # a full queue is a 503 before any event
+        job.submit(guard)  # a full queue is a 503 before any event
         if stream:
             return sse_response(job.stream(guard), guard)
         return JSONResponse(await job.run(guard))
