@@ -387,3 +387,23 @@ def test_a_schema_too_deep_or_with_bad_options_is_a_400(client: TestClient, tool
     ok = {"type": "json_schema", "json_schema": {"name": "x", "schema": nested_schema(20)}}
     data = post(client, response_format=ok, max_tokens=200, **extra)
     assert data["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"response_format": {"type": "json_object"}},
+        {"response_format": json_schema_format(Weather)},
+        {"tools": [SMALL_TOOL], "tool_choice": "required"},
+        {"tools": [SMALL_TOOL]},
+    ],
+)
+def test_stop_strings_with_a_constrained_reply_are_a_400(
+    client: TestClient, fields: dict[str, Any]
+) -> None:
+    """A stop string cut the JSON or a call anywhere (`"` gave content '{', finish "stop";
+    a call with arguments '{', finish "tool_calls"): the pair cannot be honoured."""
+    r = client.post("/v1/chat/completions", json=chat_body(stop=['"'], **fields))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text
+    free = post(client, stop=['"'], tools=[SMALL_TOOL], tool_choice="none")
+    assert free["choices"][0]["finish_reason"] in ("stop", "length")

@@ -179,6 +179,7 @@ def plan_chat(
         prompt = encode_chat(served, messages, param, options)
     max_tokens = min(max_tokens, served.check_fits(len(prompt), param))
     output = plan_reply(served, body, options, prompt)
+    output.check_stop(stop)
     vocab = served.loaded.tokenizer.vocab_size
     requests = []
     for i in range(body.n):
