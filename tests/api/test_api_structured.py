@@ -407,3 +407,25 @@ def test_stop_strings_with_a_constrained_reply_are_a_400(
     assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text
     free = post(client, stop=['"'], tools=[SMALL_TOOL], tool_choice="none")
     assert free["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+NODE = {"type": "object", "properties": {"k": {"$ref": "#/$defs/n"}}, "required": ["k"]}
+RECURSIVE = {"$defs": {"n": NODE}, "$ref": "#/$defs/n"}  # no output ends: found only late
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_grammar_that_breaks_while_generating_is_the_requests_400(
+    client: TestClient, stream: bool
+) -> None:
+    """It was a 500 with the library's state dump, counted as an engine failure: three
+    such requests in a row turned /health into a 503."""
+    tool_ = {"type": "function", "function": {"name": "f", "parameters": RECURSIVE}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "r", "schema": RECURSIVE}}
+    for fields in [{"response_format": fmt}, {"tools": [tool_], "tool_choice": "required"}] * 2:
+        body = chat_body(temperature=0, max_tokens=40, stream=stream, **fields)
+        r = client.post("/v1/chat/completions", json=body)
+        error = sse_events(r.text)[-1]["error"] if stream else r.json()["error"]
+        assert r.status_code == (200 if stream else 400), r.text
+        assert error["code"] == "grammar_failed" and "\n" not in error["message"], error
+        assert "cannot be followed" in error["message"], error
+    assert client.get("/health").status_code == 200

@@ -113,6 +113,8 @@ def test_cache_evicts_least_recently_used(tokenizer: Tokenizer, ids: TokenIds) -
     [
         ({"type": "objekt"}, "objekt"),
         ({"$ref": "#/$defs/missing"}, "missing"),
+        # a $ref cycle no output can begin: it failed in the engine, a 500 (and /health)
+        ({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, "no token can continue"),
     ],
 )
 def test_refused_schemas_say_why(compiler: ConstraintCompiler, schema: dict, reason: str) -> None:

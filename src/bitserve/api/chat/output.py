@@ -131,7 +131,7 @@ def plan_output(
     grammar = start + "".join(rules)
     param = "response_format" if schema is not None and active is None else "tools"
     try:
-        constraint = compiler.lark(grammar, "chat reply grammar")
+        constraint = compiler.lark(grammar, f"{param} grammar")
     except ConstraintError as exc:
         raise InvalidParameterError(f"{param}: {exc.reason}", param) from exc
     return OutputPlan(constraint, tools, reasoning, in_think)
