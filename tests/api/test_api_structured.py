@@ -9,6 +9,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Literal
 
+import jsonschema
 import pydantic
 import pytest
 from api_helpers import chat_body, sse_events
@@ -429,3 +430,29 @@ def test_a_grammar_that_breaks_while_generating_is_the_requests_400(
         assert error["code"] == "grammar_failed" and "\n" not in error["message"], error
         assert "cannot be followed" in error["message"], error
     assert client.get("/health").status_code == 200
+
+
+ANCHORED = {  # "#digit" names a subschema by its $anchor, not by a JSON pointer
+    "$defs": {"d": {"$anchor": "digit", "type": "integer", "minimum": 0, "maximum": 9}},
+    "type": "object", "properties": {"a": {"$ref": "#digit"}}, "required": ["a"],
+}  # fmt: skip
+OWN_ID = {  # refs inside a schema with its own $id resolve against that schema
+    "$id": "urn:bitserve:params",
+    "$defs": {"d": {"enum": [1, 2]}},
+    "type": "object", "properties": {"a": {"$ref": "#/$defs/d"}}, "required": ["a"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("parameters", [ANCHORED, OWN_ID])
+def test_tool_parameters_with_anchors_or_their_own_id(
+    client: TestClient, parameters: dict[str, Any]
+) -> None:
+    """Both worked as a response_format schema, and were a 400 (a pointer into nowhere)
+    as a tool's parameters: its refs were moved under the call schema's $defs."""
+    tool_ = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+    data = post(client, tools=[tool_], tool_choice="required", temperature=1, seed=1, n=3,
+                parallel_tool_calls=False, max_tokens=40)  # fmt: skip
+    for choice in data["choices"]:
+        assert choice["finish_reason"] == "tool_calls", choice
+        (call,) = choice["message"]["tool_calls"]
+        jsonschema.validate(json.loads(call["function"]["arguments"]), parameters)

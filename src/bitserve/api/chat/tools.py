@@ -115,14 +115,19 @@ class ToolPlan:
 
 
 def _rebase_refs(schema: Any, base: str) -> Any:
-    """``schema`` with every local ``$ref`` ("#...") pointing below ``base`` instead."""
+    """``schema`` with every local JSON-pointer ``$ref`` ("#", "#/...") pointing below
+    ``base`` instead. Anchors ("#name") resolve by name wherever the schema sits, and a
+    schema with its own ``$id`` resolves its refs against itself: both are left as they
+    are."""
+    if isinstance(schema, dict) and "$id" in schema:
+        return schema
     if isinstance(schema, list):
         return [_rebase_refs(item, base) for item in schema]
     if not isinstance(schema, dict):
         return schema
     out = {k: _rebase_refs(v, base) for k, v in schema.items()}
     ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#"):
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
         out["$ref"] = base + ref[1:]
     return out
 
