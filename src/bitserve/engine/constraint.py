@@ -103,9 +103,11 @@ def closed_objects(schema: Any) -> Any:
     (vLLM's default) and llama.cpp's converter, only the declared properties are
     generated: the output stays valid against the original schema. Say
     ``"additionalProperties": true`` to allow more; ``{"type": "object"}`` alone stays any
-    object. The branches of an ``allOf`` are left open at their own level (each may list
-    properties the others add: closing them would make the whole unsatisfiable), and so
-    are both sides of a ``$ref`` beside ``properties`` (the same combination)."""
+    object. A name that ``required`` lists but ``properties`` does not is declared, with
+    any value (closed out, it would make the object unsatisfiable). The branches of an
+    ``allOf`` are left open at their own level (each may list properties the others add:
+    closing them would make the whole unsatisfiable), and so are both sides of a ``$ref``
+    beside ``properties`` (the same combination)."""
     return _closed(schema, True, _combined_refs(schema))
 
 
@@ -154,6 +156,11 @@ def _closed(schema: Any, close: bool, combined: set[str], path: str = "#") -> An
         and not any(k in out for k in (*others, "$ref"))
     ):
         out["additionalProperties"] = False
+        listed, required = out["properties"], out.get("required")
+        if isinstance(listed, dict) and isinstance(required, list):
+            # required but not described: any value, or closing would refuse them
+            names = [n for n in required if isinstance(n, str) and n not in listed]
+            out["properties"] = {**listed, **{n: {} for n in names}}
     return out
 
 
