@@ -456,3 +456,22 @@ def test_tool_parameters_with_anchors_or_their_own_id(
         assert choice["finish_reason"] == "tool_calls", choice
         (call,) = choice["message"]["tool_calls"]
         jsonschema.validate(json.loads(call["function"]["arguments"]), parameters)
+
+
+@pytest.mark.parametrize("parameters", [{}, {"properties": {"a": {"enum": [1]}}}])
+def test_call_arguments_are_an_object_whatever_the_parameters_say(
+    client: TestClient, parameters: dict[str, Any]
+) -> None:
+    """`parameters: {}` (a function without arguments) gave arguments such as
+    "-3202112018631", and a schema without a type gave "true": OpenAI's clients read
+    arguments as an object."""
+    tool_ = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+    data = post(client, tools=[tool_], tool_choice="required", temperature=1.5, seed=2, n=4,
+                parallel_tool_calls=False, max_tokens=40)  # fmt: skip
+    for choice in data["choices"]:
+        (call,) = choice["message"]["tool_calls"]
+        assert call["function"]["arguments"].startswith("{"), call
+    string_tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
+    r = client.post("/v1/chat/completions", json=chat_body(tools=[string_tool]))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
+    assert "tools[0].function.parameters" in r.json()["error"]["message"]

@@ -51,7 +51,20 @@ def _function(i: int, tool: Any) -> tuple[str, dict[str, Any]]:
     parameters = function.get("parameters", EMPTY_PARAMETERS)
     if not isinstance(parameters, Mapping):
         raise InvalidParameterError(f"{param}.function.parameters: must be an object", "tools")
-    return name, dict(parameters)
+    return name, _object_schema(parameters, f"{param}.function.parameters")
+
+
+def _object_schema(parameters: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``parameters`` as a schema of objects only: arguments are a JSON object, as OpenAI's
+    clients read them (``{}`` or a schema without ``type`` allowed any value: a number,
+    ``true``). Another type is a 400."""
+    kind = parameters.get("type", "object")
+    if kind == "object" or (isinstance(kind, list) and "object" in kind):
+        return {**parameters, "type": "object"}
+    raise InvalidParameterError(
+        f'{where}: must describe an object ("type": "object"), got "type": {json.dumps(kind)}',
+        "tools",
+    )
 
 
 @dataclass(slots=True)
