@@ -475,3 +475,27 @@ def test_call_arguments_are_an_object_whatever_the_parameters_say(
     r = client.post("/v1/chat/completions", json=chat_body(tools=[string_tool]))
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
     assert "tools[0].function.parameters" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/v1/chat/completions", "json_schema", {"type": "object"}),  # llama-server's
+        ("/v1/chat/completions", "grammar", 'root ::= "a"'),
+        ("/v1/chat/completions", "guided_json", {"type": "object"}),  # vLLM's
+        ("/v1/completions", "response_format", {"type": "json_object"}),
+        ("/v1/completions", "json_schema", {"type": "object"}),
+        ("/v1/completions", "tools", [SMALL_TOOL]),
+        ("/v1/completions", "guided_regex", "a+"),
+    ],
+)
+def test_structured_fields_a_route_does_not_take_are_a_400(
+    client: TestClient, path: str, field: str, value: Any
+) -> None:
+    """Each was ignored: the reply was unconstrained text, as if nothing had been asked."""
+    body = {"model": "bitnet", "max_tokens": 4, field: value}
+    body |= {"prompt": "x"} if path == "/v1/completions" else {"messages": chat_body()["messages"]}
+    r = client.post(path, json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    body[field] = "" if field == "grammar" else None  # llama.cpp's "no grammar"
+    assert client.post(path, json=body).status_code == 200

@@ -124,8 +124,9 @@ def encode_chat(
 
 
 def check_supported(body: ChatCompletionRequest) -> None:
-    """400 for the deprecated ``functions``/``function_call`` (use ``tools``): answering
-    with plain text would look like the model's choice."""
+    """400 for the deprecated ``functions``/``function_call`` (use ``tools``) and for other
+    servers' structured-output fields: answering with plain text would look like the
+    model's choice."""
     if body.functions:
         raise InvalidParameterError(
             "functions: deprecated and not supported; use tools", "functions"
@@ -133,6 +134,13 @@ def check_supported(body: ChatCompletionRequest) -> None:
     if body.function_call not in (None, "none", "auto"):
         raise InvalidParameterError(
             "function_call: deprecated and not supported; use tool_choice", "function_call"
+        )
+    foreign = body.foreign_constraint()
+    if foreign is not None:
+        raise InvalidParameterError(
+            f"{foreign}: not supported on chat routes; use response_format (a JSON schema), "
+            "or /completion for a GBNF grammar",
+            foreign,
         )
 
 
