@@ -9,6 +9,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Literal
 
+import jsonschema
 import pydantic
 import pytest
 from api_helpers import chat_body, sse_events
@@ -387,3 +388,114 @@ def test_a_schema_too_deep_or_with_bad_options_is_a_400(client: TestClient, tool
     ok = {"type": "json_schema", "json_schema": {"name": "x", "schema": nested_schema(20)}}
     data = post(client, response_format=ok, max_tokens=200, **extra)
     assert data["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"response_format": {"type": "json_object"}},
+        {"response_format": json_schema_format(Weather)},
+        {"tools": [SMALL_TOOL], "tool_choice": "required"},
+        {"tools": [SMALL_TOOL]},
+    ],
+)
+def test_stop_strings_with_a_constrained_reply_are_a_400(
+    client: TestClient, fields: dict[str, Any]
+) -> None:
+    """A stop string cut the JSON or a call anywhere (`"` gave content '{', finish "stop";
+    a call with arguments '{', finish "tool_calls"): the pair cannot be honoured."""
+    r = client.post("/v1/chat/completions", json=chat_body(stop=['"'], **fields))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text
+    free = post(client, stop=['"'], tools=[SMALL_TOOL], tool_choice="none")
+    assert free["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+NODE = {"type": "object", "properties": {"k": {"$ref": "#/$defs/n"}}, "required": ["k"]}
+RECURSIVE = {"$defs": {"n": NODE}, "$ref": "#/$defs/n"}  # no output ends: found only late
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_grammar_that_breaks_while_generating_is_the_requests_400(
+    client: TestClient, stream: bool
+) -> None:
+    """It was a 500 with the library's state dump, counted as an engine failure: three
+    such requests in a row turned /health into a 503."""
+    tool_ = {"type": "function", "function": {"name": "f", "parameters": RECURSIVE}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "r", "schema": RECURSIVE}}
+    for fields in [{"response_format": fmt}, {"tools": [tool_], "tool_choice": "required"}] * 2:
+        body = chat_body(temperature=0, max_tokens=40, stream=stream, **fields)
+        r = client.post("/v1/chat/completions", json=body)
+        error = sse_events(r.text)[-1]["error"] if stream else r.json()["error"]
+        assert r.status_code == (200 if stream else 400), r.text
+        assert error["code"] == "grammar_failed" and "\n" not in error["message"], error
+        assert "cannot be followed" in error["message"], error
+    assert client.get("/health").status_code == 200
+
+
+ANCHORED = {  # "#digit" names a subschema by its $anchor, not by a JSON pointer
+    "$defs": {"d": {"$anchor": "digit", "type": "integer", "minimum": 0, "maximum": 9}},
+    "type": "object", "properties": {"a": {"$ref": "#digit"}}, "required": ["a"],
+}  # fmt: skip
+OWN_ID = {  # refs inside a schema with its own $id resolve against that schema
+    "$id": "urn:bitserve:params",
+    "$defs": {"d": {"enum": [1, 2]}},
+    "type": "object", "properties": {"a": {"$ref": "#/$defs/d"}}, "required": ["a"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("parameters", [ANCHORED, OWN_ID])
+def test_tool_parameters_with_anchors_or_their_own_id(
+    client: TestClient, parameters: dict[str, Any]
+) -> None:
+    """Both worked as a response_format schema, and were a 400 (a pointer into nowhere)
+    as a tool's parameters: its refs were moved under the call schema's $defs."""
+    tool_ = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+    data = post(client, tools=[tool_], tool_choice="required", temperature=1, seed=1, n=3,
+                parallel_tool_calls=False, max_tokens=40)  # fmt: skip
+    for choice in data["choices"]:
+        assert choice["finish_reason"] == "tool_calls", choice
+        (call,) = choice["message"]["tool_calls"]
+        jsonschema.validate(json.loads(call["function"]["arguments"]), parameters)
+
+
+@pytest.mark.parametrize("parameters", [{}, {"properties": {"a": {"enum": [1]}}}])
+def test_call_arguments_are_an_object_whatever_the_parameters_say(
+    client: TestClient, parameters: dict[str, Any]
+) -> None:
+    """`parameters: {}` (a function without arguments) gave arguments such as
+    "-3202112018631", and a schema without a type gave "true": OpenAI's clients read
+    arguments as an object."""
+    tool_ = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+    data = post(client, tools=[tool_], tool_choice="required", temperature=1.5, seed=2, n=4,
+                parallel_tool_calls=False, max_tokens=40)  # fmt: skip
+    for choice in data["choices"]:
+        (call,) = choice["message"]["tool_calls"]
+        assert call["function"]["arguments"].startswith("{"), call
+    string_tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
+    r = client.post("/v1/chat/completions", json=chat_body(tools=[string_tool]))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
+    assert "tools[0].function.parameters" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/v1/chat/completions", "json_schema", {"type": "object"}),  # llama-server's
+        ("/v1/chat/completions", "grammar", 'root ::= "a"'),
+        ("/v1/chat/completions", "guided_json", {"type": "object"}),  # vLLM's
+        ("/v1/completions", "response_format", {"type": "json_object"}),
+        ("/v1/completions", "json_schema", {"type": "object"}),
+        ("/v1/completions", "tools", [SMALL_TOOL]),
+        ("/v1/completions", "guided_regex", "a+"),
+    ],
+)
+def test_structured_fields_a_route_does_not_take_are_a_400(
+    client: TestClient, path: str, field: str, value: Any
+) -> None:
+    """Each was ignored: the reply was unconstrained text, as if nothing had been asked."""
+    body = {"model": "bitnet", "max_tokens": 4, field: value}
+    body |= {"prompt": "x"} if path == "/v1/completions" else {"messages": chat_body()["messages"]}
+    r = client.post(path, json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    body[field] = "" if field == "grammar" else None  # llama.cpp's "no grammar"
+    assert client.post(path, json=body).status_code == 200

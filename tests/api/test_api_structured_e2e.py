@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
 
+import httpx
+import jsonschema
 import openai
 import pydantic
 import pytest
@@ -235,3 +237,101 @@ def test_langchain_bind_tools(chat_model: Any) -> None:
 def test_langchain_structured_output(chat_model: Any, method: str) -> None:
     structured = chat_model.with_structured_output(Ticket, method=method)
     assert isinstance(structured.invoke("File a ticket."), Ticket)
+
+
+# ---- every schema feature, checked with jsonschema ------------------------------------------
+
+BOUNDED = [0, 9]  # integer bounds: a random model writes digits forever otherwise
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "nested": {"type": "object", "properties": {"a": {"type": "object", "properties": {
+        "b": {"type": "object", "properties": {"c": {"type": "boolean"}}, "required": ["c"]}},
+        "required": ["b"]}}, "required": ["a"]},
+    "array_bounds": {"type": "array", "items": {"enum": [1, 2]}, "minItems": 2, "maxItems": 4},
+    "enum_mixed": {"enum": ["x", 1, None, True, {"k": [1]}]},
+    "const": {"type": "object", "properties": {"k": {"const": "fixed"}, "n": {"const": 42}},
+              "required": ["k", "n"]},
+    "any_of": {"anyOf": [{"type": "integer", "minimum": 5, "maximum": 7},
+                         {"type": "string", "maxLength": 3}, {"type": "null"}]},
+    "one_of_types": {"oneOf": [{"type": "boolean"}, {"type": "string", "maxLength": 2}]},
+    "all_of": {"allOf": [{"type": "object", "properties": {"a": {"type": "boolean"}},
+                          "required": ["a"]},
+                         {"type": "object", "properties": {"b": {"type": "null"}},
+                          "required": ["b"]}], "maxProperties": 2},  # parts stay open
+    "pattern": {"type": "string", "pattern": "^[a-c]{2,4}-[0-9]{1,3}$"},
+    "formats": {"type": "object", "properties": {"d": {"type": "string", "format": "date"},
+        "u": {"type": "string", "format": "uuid"}, "ip": {"type": "string", "format": "ipv4"}},
+        "required": ["d", "u", "ip"]},
+    "numbers": {"type": "object", "properties": {
+        "i": {"type": "integer", "exclusiveMinimum": 3, "exclusiveMaximum": 9},
+        "m": {"type": "integer", "multipleOf": 5, "minimum": 0, "maximum": 50},
+        "h": {"type": "number", "multipleOf": 0.5, "minimum": -2, "maximum": 2}},
+        "required": ["i", "m", "h"]},
+    "optional": {"type": "object", "properties": {"a": {"type": "boolean"},
+        "b": {"type": "string", "maxLength": 2}, "c": {"type": "null"}}, "required": ["a"]},
+    "pattern_properties": {"type": "object", "patternProperties": {"^x[0-9]$": {"type": "boolean"}},
+                           "additionalProperties": False, "maxProperties": 2},
+    "refs": {"$defs": {"d": {"type": "integer", "minimum": 0, "maximum": 9},
+                       "p": {"type": "object", "properties": {"x": {"$ref": "#/$defs/d"}},
+                             "required": ["x"]}},
+             "type": "object", "properties": {"p": {"$ref": "#/$defs/p"},
+                                              "q": {"items": {"$ref": "#/$defs/d"},
+                                                    "maxItems": 2}}, "required": ["p", "q"]},
+    "anchor": {"$defs": {"d": {"$anchor": "digit", "enum": [7, 8]}},
+               "type": "object", "properties": {"a": {"$ref": "#digit"}}, "required": ["a"]},
+    "unicode": {"type": "object", "properties": {
+        "ключ": {"enum": ["значение", "日本語", "😀", "tab\t\"quote\""]},
+        "名前": {"type": "string", "maxLength": 3}}, "required": ["ключ", "名前"]},
+    "empty_object": {"type": "object", "properties": {}},
+    "prefix_items": {"type": "array", "prefixItems": [{"type": "boolean"},
+                                                      {"type": "string", "maxLength": 2}],
+                     "items": False, "minItems": 2},
+    "required_unlisted": {"type": "object", "properties": {"a": {"type": "boolean"}},
+                          "required": ["a", "b"], "additionalProperties": {"type": "null"}},
+}  # fmt: skip
+
+
+def check(schema: dict[str, Any], text: str) -> None:
+    """``text`` parses and is valid against ``schema`` (formats checked too)."""
+    validator = jsonschema.Draft202012Validator(schema, format_checker=FORMATS)
+    validator.validate(json.loads(text))
+
+
+FORMATS = jsonschema.Draft202012Validator.FORMAT_CHECKER
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_every_schema_feature_validates(server: Server, name: str) -> None:
+    """Greedy, and sampled hot with top-k/top-p (random weights: adversarial token
+    choices); bounded schemas, so every reply ends; streamed deltas join to the reply."""
+    schema = SCHEMAS[name]
+    fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+    url = f"{server.url}/v1/chat/completions"
+    for sampling in ({"temperature": 0}, {"temperature": 2, "top_k": 50, "top_p": 0.95}):
+        body = {"model": "bitnet", "messages": MESSAGES, "response_format": fmt, "n": 4,
+                "seed": 11, "max_tokens": 200, **sampling}  # fmt: skip
+        reply = httpx.post(url, json=body, timeout=120).json()
+        for choice in reply["choices"]:
+            assert choice["finish_reason"] == "stop", choice
+            check(schema, choice["message"]["content"])
+        streamed = [""] * 4
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    for c in json.loads(line[6:])["choices"]:
+                        streamed[c["index"]] += c["delta"].get("content") or ""
+        assert streamed == [c["message"]["content"] for c in reply["choices"]]
+
+
+def test_every_schema_as_tool_parameters(server: Server) -> None:
+    """One tool per object schema, calls required: each call's arguments validate against
+    its own tool's parameters."""
+    objects = {n: s for n, s in SCHEMAS.items() if s.get("type") == "object"}
+    tools = [{"type": "function", "function": {"name": n, "parameters": s}}
+             for n, s in objects.items()]  # fmt: skip
+    body = {"model": "bitnet", "messages": MESSAGES, "tools": tools, "tool_choice": "required",
+            "n": 8, "seed": 5, "temperature": 1.5, "max_tokens": 300}  # fmt: skip
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).json()
+    for choice in reply["choices"]:
+        assert choice["finish_reason"] == "tool_calls", choice
+        for call in choice["message"]["tool_calls"]:
+            check(objects[call["function"]["name"]], call["function"]["arguments"])

@@ -184,7 +184,8 @@ def test_reasoning_before_json(compiler: ConstraintCompiler) -> None:
 
 
 def test_bad_tools_are_400s(compiler: ConstraintCompiler) -> None:
-    bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}]
+    nope = {"type": "object", "properties": {"a": {"type": "nope"}}}
+    bad = [{"type": "function", "function": {"name": "f", "parameters": nope}}]
     with pytest.raises(InvalidParameterError, match=r"tools\[0\] \(f\)") as info:
         plan_output(compiler, None, tool_plan(bad, "auto", True, HERMES), False, False)
     assert info.value.param == "tools"

@@ -113,6 +113,8 @@ def test_cache_evicts_least_recently_used(tokenizer: Tokenizer, ids: TokenIds) -
     [
         ({"type": "objekt"}, "objekt"),
         ({"$ref": "#/$defs/missing"}, "missing"),
+        # a $ref cycle no output can begin: it failed in the engine, a 500 (and /health)
+        ({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, "no token can continue"),
     ],
 )
 def test_refused_schemas_say_why(compiler: ConstraintCompiler, schema: dict, reason: str) -> None:
@@ -216,6 +218,21 @@ def test_objects_with_listed_properties_are_closed() -> None:
     assert props["list"]["items"]["additionalProperties"] is False
     assert closed["$defs"]["D"]["anyOf"][0]["additionalProperties"] is False
     assert "additionalProperties" not in schema  # the input is left as it was
+
+
+def test_required_names_that_properties_do_not_list_stay_possible(
+    compiler: ConstraintCompiler, tokenizer: Tokenizer, ids: TokenIds
+) -> None:
+    """Valid JSON Schema ("b" may be anything); closing the object left "b" nowhere to
+    go, and the schema was refused as unsatisfiable."""
+    schema = {"type": "object", "properties": {"a": {"enum": [1]}}, "required": ["a", "b"]}
+    assert closed_objects(schema)["properties"] == {"a": {"enum": [1]}, "b": {}}
+    gen = Generator(RandomModel(tokenizer.vocab_size), tokenizer)  # type: ignore[arg-type]
+    for seed in range(4):
+        result = gen.complete(request(compiler, ids, schema, seed=seed, max_tokens=60))
+        if result.finish_reason == "stop":  # b's value is unbounded: it may run out first
+            assert set(json.loads(result.text)) == {"a", "b"}
+        assert result.text.startswith('{"a": 1, "b": ')
 
 
 def test_closed_objects_end(compiler: ConstraintCompiler, tokenizer: Tokenizer) -> None:

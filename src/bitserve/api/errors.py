@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
+from bitserve.engine.constraint import GrammarFailedError
 from bitserve.engine.generate import ContextLengthError
 from bitserve.engine.loop import EngineStoppedError, GenerationFailedError, QueueFullError
 from bitserve.engine.sampling import SamplingParamError
@@ -135,7 +136,8 @@ class ErrorResponse(BaseModel):
 
 _STATUS_DOC = {
     400: "A value out of range, an unsupported combination, text that is not Unicode or too "
-    "long, a prompt that does not fit, a Host the server does not answer to.",
+    "long, a prompt that does not fit, a Host the server does not answer to, a schema or "
+    "grammar that broke while generating (`grammar_failed`).",
     401: "Missing or wrong API key.",
     404: "Unknown conversation, model or oracle route.",
     413: "The request body is larger than --max-body-mb.",
@@ -184,6 +186,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     EngineStoppedError: ErrorKind(503, "server_error", "unavailable"),
     GenerationCancelledError: ErrorKind(503, "server_error", "cancelled"),
     GenerationFailedError: ErrorKind(500, "server_error", "generation_failed"),
+    GrammarFailedError: ErrorKind(400, "invalid_request_error", "grammar_failed"),
     StorageFullError: ErrorKind(507, "server_error", "storage_full"),
     StoreUnavailableError: ErrorKind(503, "server_error", "store_unavailable"),
     # the client left (mid-body, or before its turn was stored): nobody reads the answer;

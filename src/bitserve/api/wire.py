@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class RequestModel(BaseModel):
@@ -34,3 +34,22 @@ class RequestModel(BaseModel):
             or fields[key].is_required()
             or fields[key].get_default(call_default_factory=True) is None
         }
+
+
+class ForeignConstraintFields(RequestModel):
+    """Other servers' structured-output fields (llama-server's, vLLM's) on a route that
+    does not take them: declared so that a request carrying one is a 400 naming it
+    (:meth:`foreign_constraint`), never text that silently ignores what it asked."""
+
+    json_schema: Any = Field(None, description="llama-server's: not taken here (a 400).")
+    grammar: Any = Field(None, description="llama-server's GBNF: not taken here (a 400).")
+    guided_json: Any = Field(None, description="vLLM's: not taken here (a 400).")
+    guided_regex: Any = Field(None, description="vLLM's: not taken here (a 400).")
+    guided_choice: Any = Field(None, description="vLLM's: not taken here (a 400).")
+    guided_grammar: Any = Field(None, description="vLLM's: not taken here (a 400).")
+
+    def foreign_constraint(self, *more: str) -> str | None:
+        """The first of these fields (and ``more``) the request set; ``""`` is unset, as
+        llama.cpp reads an empty grammar."""
+        names = (*ForeignConstraintFields.model_fields, *more)
+        return next((n for n in names if getattr(self, n) not in (None, "")), None)

@@ -103,9 +103,11 @@ def closed_objects(schema: Any) -> Any:
     (vLLM's default) and llama.cpp's converter, only the declared properties are
     generated: the output stays valid against the original schema. Say
     ``"additionalProperties": true`` to allow more; ``{"type": "object"}`` alone stays any
-    object. The branches of an ``allOf`` are left open at their own level (each may list
-    properties the others add: closing them would make the whole unsatisfiable), and so
-    are both sides of a ``$ref`` beside ``properties`` (the same combination)."""
+    object. A name that ``required`` lists but ``properties`` does not is declared, with
+    any value (closed out, it would make the object unsatisfiable). The branches of an
+    ``allOf`` are left open at their own level (each may list properties the others add:
+    closing them would make the whole unsatisfiable), and so are both sides of a ``$ref``
+    beside ``properties`` (the same combination)."""
     return _closed(schema, True, _combined_refs(schema))
 
 
@@ -154,6 +156,11 @@ def _closed(schema: Any, close: bool, combined: set[str], path: str = "#") -> An
         and not any(k in out for k in (*others, "$ref"))
     ):
         out["additionalProperties"] = False
+        listed, required = out["properties"], out.get("required")
+        if isinstance(listed, dict) and isinstance(required, list):
+            # required but not described: any value, or closing would refuse them
+            names = [n for n in required if isinstance(n, str) and n not in listed]
+            out["properties"] = {**listed, **{n: {} for n in names}}
     return out
 
 
@@ -175,6 +182,31 @@ class ConstraintError(ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class GrammarFailedError(ConstraintError):
+    """A sequence's grammar broke while generating (no token can continue it: a ``$ref``
+    cycle, a recursion no output ends, a regex past the library's limits). The request's
+    grammar is at fault, not the engine: the request fails, the engine goes on."""
+
+    def __init__(self, description: str, reason: str) -> None:
+        ValueError.__init__(self, f"the {description} cannot be followed: {reason}")
+        self.reason = reason
+
+
+# llguidance's stop reasons that end a matcher in error, in words
+_STOP_REASONS = {
+    "NoExtension": "no token can continue the output",
+    "NoExtensionBias": "no token can continue the output",
+    "ParserTooComplex": "the grammar is too complex",
+    "LexerTooComplex": "a regex of the grammar is too complex",
+}
+
+
+def _matcher_error(matcher: llguidance.LLMatcher) -> str:
+    """The first line of the library's error (the rest is a dump of its state)."""
+    first = matcher.get_error().strip().split("\n", 1)[0]
+    return _STOP_REASONS.get(first, first)
 
 
 class _VocabularyView:
@@ -202,20 +234,23 @@ class CompiledConstraint:
     _initial: llguidance.LLMatcher  # never advanced: each sequence copies it
 
     def start(self) -> TokenConstraint:
-        return TokenConstraint(self._initial.deep_copy(), self.vocab_size)
+        return TokenConstraint(self._initial.deep_copy(), self.vocab_size, self.description)
 
 
 class TokenConstraint:
     """One sequence's position in its grammar (engine thread only)."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
+    def __init__(
+        self, matcher: llguidance.LLMatcher, vocab_size: int, description: str = "grammar"
+    ) -> None:
         self._matcher = matcher
         self.vocab_size = vocab_size
+        self.description = description
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
 
     def allowed(self) -> np.ndarray:
-        """``bool [vocab]``: the tokens that may come next. Raises ``ConstraintError``
-        if the matcher broke (it then allows nothing)."""
+        """``bool [vocab]``: the tokens that may come next. Raises
+        :class:`GrammarFailedError` if the matcher broke (it then allows nothing)."""
         self._matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         self._check()
         bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
@@ -248,7 +283,7 @@ class TokenConstraint:
 
     def _check(self) -> None:
         if self._matcher.is_error():
-            raise ConstraintError(self._matcher.get_error())
+            raise GrammarFailedError(self.description, _matcher_error(self._matcher))
 
 
 class ConstraintCompiler:
@@ -333,5 +368,10 @@ class ConstraintCompiler:
             raise ConstraintError(problem)
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise ConstraintError(matcher.get_error())
-        return CompiledConstraint(description, self.tokenizer.vocab_size, matcher)
+            raise ConstraintError(_matcher_error(matcher))
+        compiled = CompiledConstraint(description, self.tokenizer.vocab_size, matcher)
+        try:  # a grammar no output can even begin (a bare $ref cycle): refused now
+            compiled.start().allowed()
+        except GrammarFailedError as exc:
+            raise ConstraintError(exc.reason) from None
+        return compiled

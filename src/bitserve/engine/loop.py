@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
+from bitserve.engine.constraint import GrammarFailedError
 from bitserve.engine.scheduler import Scheduler
 from bitserve.engine.sequence import Sequence
 from bitserve.engine.types import GenerationRequest, TokenEvent
@@ -557,7 +558,9 @@ class EngineLoop(Generic[G]):
             self.stats.busy_seconds += time.perf_counter() - started
         # counted before any request hears of the step, so a client that got its error
         # and asks /health next sees it
-        self._record_outcome(out.failed[-1][1] if out.failed else None, bool(out.events))
+        # a request whose grammar broke is that request's fault: the engine is fine
+        broken = [exc for _, exc in out.failed if not isinstance(exc, GrammarFailedError)]
+        self._record_outcome(broken[-1] if broken else None, bool(out.events))
         pushes: list[tuple[RequestHandle, object]] = []
         try:
             for seq, event in out.events:
@@ -568,6 +571,9 @@ class EngineLoop(Generic[G]):
             for seq in out.finished:
                 pushes.append(self._end(seq, _END))
             for seq, exc in out.failed:
+                if isinstance(exc, GrammarFailedError):
+                    pushes.append(self._end(seq, exc))
+                    continue
                 log.error("generation failed", exc_info=exc)
                 pushes.append(self._end(seq, GenerationFailedError(exc)))
         finally:  # whatever went wrong, what is ready still reaches its requests

@@ -73,6 +73,17 @@ class OutputPlan:
     reasoning: bool = False  # look for <think>…</think> at the start of the reply
     in_think: bool = False  # the prompt itself opened <think>
 
+    def check_stop(self, stop: list[str]) -> None:
+        """400 for stop strings with a constrained reply: one could cut the JSON or a
+        call anywhere (a ``"`` inside it, a key), leaving text that does not parse behind
+        a ``finish_reason`` that says it ended."""
+        if stop and self.constraint is not None:
+            raise InvalidParameterError(
+                "stop: cannot be combined with response_format json_object/json_schema or "
+                "tools (a stop string could cut the JSON or a call)",
+                "stop",
+            )
+
     def parser(self) -> ReplyParser:
         tools = self.tools
         call_open = tools.syntax.open if tools is not None and tools.active else None
@@ -120,7 +131,7 @@ def plan_output(
     grammar = start + "".join(rules)
     param = "response_format" if schema is not None and active is None else "tools"
     try:
-        constraint = compiler.lark(grammar, "chat reply grammar")
+        constraint = compiler.lark(grammar, f"{param} grammar")
     except ConstraintError as exc:
         raise InvalidParameterError(f"{param}: {exc.reason}", param) from exc
     return OutputPlan(constraint, tools, reasoning, in_think)

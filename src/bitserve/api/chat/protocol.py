@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from bitserve.api.sampling import SamplingFields
-from bitserve.api.wire import RequestModel
+from bitserve.api.wire import ForeignConstraintFields, RequestModel
 
 DEFAULT_MAX_TOKENS = 100
 
@@ -60,7 +60,7 @@ class StreamOptions(RequestModel):
     include_usage: bool = Field(False, description="Send a last chunk with `usage`.")
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, ForeignConstraintFields):
     """Body of ``POST /v1/chat/completions``. Defaults follow the BitNet API guide."""
 
     model: str = Field(description="A name from GET /v1/models (or a configured alias).")

@@ -124,8 +124,9 @@ def encode_chat(
 
 
 def check_supported(body: ChatCompletionRequest) -> None:
-    """400 for the deprecated ``functions``/``function_call`` (use ``tools``), audio output
-    and web search: answering with plain text would look like the model's choice."""
+    """400 for the deprecated ``functions``/``function_call`` (use ``tools``), audio output,
+    web search and other servers' structured-output fields: answering with plain text would
+    look like the model's choice."""
     if body.functions:
         raise InvalidParameterError(
             "functions: deprecated and not supported; use tools", "functions"
@@ -143,6 +144,13 @@ def check_supported(body: ChatCompletionRequest) -> None:
     if body.web_search_options is not None:
         raise InvalidParameterError(
             "web_search_options: web search is not supported", "web_search_options"
+        )
+    foreign = body.foreign_constraint()
+    if foreign is not None:
+        raise InvalidParameterError(
+            f"{foreign}: not supported on chat routes; use response_format (a JSON schema), "
+            "or /completion for a GBNF grammar",
+            foreign,
         )
 
 
@@ -189,6 +197,7 @@ def plan_chat(
         prompt = encode_chat(served, messages, param, options)
     max_tokens = min(max_tokens, served.check_fits(len(prompt), param))
     output = plan_reply(served, body, options, prompt)
+    output.check_stop(stop)
     vocab = served.loaded.tokenizer.vocab_size
     requests = []
     for i in range(body.n):

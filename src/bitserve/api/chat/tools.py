@@ -51,7 +51,20 @@ def _function(i: int, tool: Any) -> tuple[str, dict[str, Any]]:
     parameters = function.get("parameters", EMPTY_PARAMETERS)
     if not isinstance(parameters, Mapping):
         raise InvalidParameterError(f"{param}.function.parameters: must be an object", "tools")
-    return name, dict(parameters)
+    return name, _object_schema(parameters, f"{param}.function.parameters")
+
+
+def _object_schema(parameters: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``parameters`` as a schema of objects only: arguments are a JSON object, as OpenAI's
+    clients read them (``{}`` or a schema without ``type`` allowed any value: a number,
+    ``true``). Another type is a 400."""
+    kind = parameters.get("type", "object")
+    if kind == "object" or (isinstance(kind, list) and "object" in kind):
+        return {**parameters, "type": "object"}
+    raise InvalidParameterError(
+        f'{where}: must describe an object ("type": "object"), got "type": {json.dumps(kind)}',
+        "tools",
+    )
 
 
 @dataclass(slots=True)
@@ -115,14 +128,19 @@ class ToolPlan:
 
 
 def _rebase_refs(schema: Any, base: str) -> Any:
-    """``schema`` with every local ``$ref`` ("#...") pointing below ``base`` instead."""
+    """``schema`` with every local JSON-pointer ``$ref`` ("#", "#/...") pointing below
+    ``base`` instead. Anchors ("#name") resolve by name wherever the schema sits, and a
+    schema with its own ``$id`` resolves its refs against itself: both are left as they
+    are."""
+    if isinstance(schema, dict) and "$id" in schema:
+        return schema
     if isinstance(schema, list):
         return [_rebase_refs(item, base) for item in schema]
     if not isinstance(schema, dict):
         return schema
     out = {k: _rebase_refs(v, base) for k, v in schema.items()}
     ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#"):
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
         out["$ref"] = base + ref[1:]
     return out
 

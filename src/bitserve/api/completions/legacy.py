@@ -70,6 +70,14 @@ class LegacyCompletion:
             raise InvalidParameterError("suffix: not supported", "suffix")
         if body.best_of is not None and body.best_of != body.n:
             raise InvalidParameterError("best_of: only best_of == n is supported", "best_of")
+        foreign = body.foreign_constraint("response_format", "tools")
+        if foreign is not None:
+            raise InvalidParameterError(
+                f"{foreign}: structured output is not supported on /v1/completions; use "
+                "/completion (json_schema, grammar) or /v1/chat/completions "
+                "(response_format, tools)",
+                foreign,
+            )
         if body.logprobs is not None and not 0 <= body.logprobs <= 20:
             raise InvalidParameterError("logprobs: must be between 0 and 20", "logprobs")
         if body.max_tokens < 0:

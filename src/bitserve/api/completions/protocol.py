@@ -10,7 +10,7 @@ from pydantic import Field, StrictInt
 
 from bitserve.api.chat.protocol import DEFAULT_MAX_TOKENS, StreamOptions
 from bitserve.api.sampling import SamplingFields
-from bitserve.api.wire import RequestModel
+from bitserve.api.wire import ForeignConstraintFields, RequestModel
 
 # token ids are integers, never booleans or numeric strings coerced into them
 TokenIds = list[StrictInt]
@@ -64,7 +64,7 @@ LLAMA_SAMPLERS_OFF: dict[str, Callable[[float], bool]] = {
 }
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, ForeignConstraintFields):
     """Body of ``POST /v1/completions`` (OpenAI legacy completions)."""
 
     model: str
@@ -82,6 +82,8 @@ class CompletionRequest(SamplingFields):
     echo: bool = Field(False, description="Prepend the prompt (and its logprobs) to the text.")
     suffix: str | None = Field(None, description="Not supported (must be null).")
     best_of: int | None = Field(None, description="Only null or equal to n is supported.")
+    response_format: Any = Field(None, description="Not taken here (a 400): see /completion.")
+    tools: Any = Field(None, description="Not taken here (a 400): see /v1/chat/completions.")
     user: str | None = None
 
 
