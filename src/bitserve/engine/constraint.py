@@ -203,6 +203,14 @@ _STOP_REASONS = {
 }
 
 
+def _one_line(reason: str) -> str:
+    """The library's reason in one line: its first, and the ``error:`` lines of a regex
+    parser's report; not the listings (of the grammar, which is ours, not the client's,
+    and of the regex with a caret under the fault)."""
+    lines = reason.strip().splitlines()
+    return " ".join([lines[0], *(line for line in lines[1:] if line.startswith("error:"))])
+
+
 def _matcher_error(matcher: llguidance.LLMatcher) -> str:
     """The first line of the library's error (the rest is a dump of its state)."""
     first = matcher.get_error().strip().split("\n", 1)[0]
@@ -327,7 +335,7 @@ class ConstraintCompiler:
             source = json.dumps(schema) if isinstance(schema, bool) else closed_objects(schema)
             grammar = llguidance.LLMatcher.grammar_from_json_schema(source, defaults=JSON_OPTIONS)
         except (ValueError, TypeError) as exc:
-            raise ConstraintError(str(exc)) from exc
+            raise ConstraintError(_one_line(str(exc))) from exc
         return self.grammar(grammar, "JSON schema")
 
     def json_object(self) -> CompiledConstraint:
@@ -365,7 +373,7 @@ class ConstraintCompiler:
         tokenizer = self._llg_tokenizer()
         problem = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
         if problem:
-            raise ConstraintError(problem)
+            raise ConstraintError(_one_line(problem))
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise ConstraintError(_matcher_error(matcher))
