@@ -123,6 +123,15 @@ def test_refused_schemas_say_why(compiler: ConstraintCompiler, schema: dict, rea
     assert info.value.reason
 
 
+def test_one_grammar_compiled_once_whatever_its_callers_call_it(
+    compiler: ConstraintCompiler,
+) -> None:
+    first = compiler.json_schema({"type": "object"}, "response_format")
+    again = compiler.json_schema({"type": "object"}, "json_schema")
+    assert again.description == "json_schema" and compiler.compiled == 1
+    assert compiler.json_schema({"type": "object"}, "response_format") is first
+
+
 def test_gbnf_and_lark(compiler: ConstraintCompiler, tokenizer: Tokenizer) -> None:
     gbnf = compiler.gbnf('root ::= "yes" | "no"')
     state = gbnf.start()

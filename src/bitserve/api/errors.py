@@ -241,7 +241,7 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
         message, param, code = exc.message, exc.param, exc.code or code
     elif isinstance(exc, SamplingParamError):
         message, param = f"{exc.param}: {exc.message}", exc.param
-    elif isinstance(exc, InvalidTextError):
+    elif isinstance(exc, InvalidTextError | GrammarFailedError):
         message, param = str(exc), exc.where
     elif kind is _INTERNAL:
         message = "internal server error (see the server log)"

@@ -28,7 +28,7 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import llguidance
@@ -187,11 +187,13 @@ class ConstraintError(ValueError):
 class GrammarFailedError(ConstraintError):
     """A sequence's grammar broke while generating (no token can continue it: a ``$ref``
     cycle, a recursion no output ends, a regex past the library's limits). The request's
-    grammar is at fault, not the engine: the request fails, the engine goes on."""
+    grammar is at fault, not the engine: the request fails, the engine goes on. ``where``
+    is the grammar's :attr:`CompiledConstraint.description` (the API: its field)."""
 
-    def __init__(self, description: str, reason: str) -> None:
-        ValueError.__init__(self, f"the {description} cannot be followed: {reason}")
+    def __init__(self, where: str, reason: str) -> None:
+        ValueError.__init__(self, f"{where}: cannot be followed while generating: {reason}")
         self.reason = reason
+        self.where = where
 
 
 # llguidance's stop reasons that end a matcher in error, in words
@@ -201,6 +203,14 @@ _STOP_REASONS = {
     "ParserTooComplex": "the grammar is too complex",
     "LexerTooComplex": "a regex of the grammar is too complex",
 }
+
+
+def _one_line(reason: str) -> str:
+    """The library's reason in one line: its first, and the ``error:`` lines of a regex
+    parser's report; not the listings (of the grammar, which is ours, not the client's,
+    and of the regex with a caret under the fault)."""
+    lines = reason.strip().splitlines()
+    return " ".join([lines[0], *(line for line in lines[1:] if line.startswith("error:"))])
 
 
 def _matcher_error(matcher: llguidance.LLMatcher) -> str:
@@ -226,8 +236,9 @@ class _VocabularyView:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class CompiledConstraint:
-    """A grammar compiled for one model's tokenizer. ``description`` names it in logs and
-    errors; :meth:`start` gives each sequence its own position in it."""
+    """A grammar compiled for one model's tokenizer. ``description`` names it in errors
+    (the API: the request field it came from); :meth:`start` gives each sequence its own
+    position in it."""
 
     description: str
     vocab_size: int
@@ -319,7 +330,9 @@ class ConstraintCompiler:
 
     # -- grammar sources --------------------------------------------------------------------
 
-    def json_schema(self, schema: Mapping[str, Any] | bool) -> CompiledConstraint:
+    def json_schema(
+        self, schema: Mapping[str, Any] | bool, description: str = "JSON schema"
+    ) -> CompiledConstraint:
         """Output valid against the JSON Schema ``schema`` (objects closed:
         :func:`closed_objects`)."""
         check_schema(schema)
@@ -327,8 +340,8 @@ class ConstraintCompiler:
             source = json.dumps(schema) if isinstance(schema, bool) else closed_objects(schema)
             grammar = llguidance.LLMatcher.grammar_from_json_schema(source, defaults=JSON_OPTIONS)
         except (ValueError, TypeError) as exc:
-            raise ConstraintError(str(exc)) from exc
-        return self.grammar(grammar, "JSON schema")
+            raise ConstraintError(_one_line(str(exc))) from exc
+        return self.grammar(grammar, description)
 
     def json_object(self) -> CompiledConstraint:
         """Any JSON object (OpenAI's ``{"type": "json_object"}``)."""
@@ -338,21 +351,22 @@ class ConstraintCompiler:
         """A grammar in llguidance's Lark syntax (may embed ``%json {schema}``)."""
         return self.grammar(llguidance.LLMatcher.grammar_from_lark(source), description)
 
-    def gbnf(self, source: str) -> CompiledConstraint:
+    def gbnf(self, source: str, description: str = "GBNF grammar") -> CompiledConstraint:
         """A llama.cpp GBNF grammar (converted to llguidance's Lark syntax)."""
         try:
             lark = gbnf_to_lark(source)
         except Exception as exc:  # GbnfToLarkError, or a plain Exception for undefined rules
             raise ConstraintError(f"invalid GBNF grammar: {exc}") from exc
-        return self.lark(lark, "GBNF grammar")
+        return self.lark(lark, description)
 
     def grammar(self, grammar: str, description: str) -> CompiledConstraint:
-        """Compile llguidance's grammar text (cached by that text)."""
+        """Compile llguidance's grammar text (cached by that text, whatever it is called)."""
         with self._lock:
             hit = self._cache.get(grammar)
             if hit is not None:
                 self._cache.move_to_end(grammar)
-                return hit
+                same = hit.description == description
+                return hit if same else replace(hit, description=description)
         compiled = self._compile(grammar, description)
         with self._lock:
             self._cache[grammar] = compiled
@@ -365,7 +379,7 @@ class ConstraintCompiler:
         tokenizer = self._llg_tokenizer()
         problem = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
         if problem:
-            raise ConstraintError(problem)
+            raise ConstraintError(_one_line(problem))
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise ConstraintError(_matcher_error(matcher))

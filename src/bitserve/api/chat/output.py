@@ -131,7 +131,7 @@ def plan_output(
     grammar = start + "".join(rules)
     param = "response_format" if schema is not None and active is None else "tools"
     try:
-        constraint = compiler.lark(grammar, f"{param} grammar")
+        constraint = compiler.lark(grammar, param)
     except ConstraintError as exc:
         raise InvalidParameterError(f"{param}: {exc.reason}", param) from exc
     return OutputPlan(constraint, tools, reasoning, in_think)
@@ -149,7 +149,7 @@ def _embedded(rules: Callable[[], str], param: str) -> str:
 
 def _compile_schema(compiler: ConstraintCompiler, schema: dict[str, Any]) -> CompiledConstraint:
     try:
-        return compiler.json_schema(schema)
+        return compiler.json_schema(schema, "response_format")
     except ConstraintError as exc:
         raise InvalidParameterError(
             f"response_format: the schema cannot be used: {exc.reason}", "response_format"

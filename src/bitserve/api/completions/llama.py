@@ -31,9 +31,9 @@ def completion_constraint(
         )
     try:
         if body.json_schema is not None:
-            return served.constraints.json_schema(body.json_schema)
+            return served.constraints.json_schema(body.json_schema, "json_schema")
         if grammar is not None:
-            return served.constraints.gbnf(grammar)
+            return served.constraints.gbnf(grammar, "grammar")
     except ConstraintError as exc:
         param = "json_schema" if body.json_schema is not None else "grammar"
         raise InvalidParameterError(f"{param}: {exc.reason}", param) from exc
