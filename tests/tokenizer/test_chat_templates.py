@@ -243,6 +243,9 @@ def test_kwargs_cannot_spell_control_tokens_with_generic_tools(
         "{% for i in range(10**5) %}{% for c in 'x' * 10**6 %}a{% endfor %}{% endfor %}",
         "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
         "{{ f(60) }}",
+        # no loop and no call: a long run of filters, or of operators and joins
+        "{{ ('x' * 10**5)|list|sort|length }}" * 200,
+        "{% set s = 'x' * 10**7 ~ 'y' %}" * 1000,
     ],
 )
 def test_a_hostile_template_fails_its_request_and_takes_nothing(

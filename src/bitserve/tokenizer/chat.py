@@ -137,8 +137,9 @@ def _checked_result(value: Any) -> Any:
 
 
 class _RenderClock(threading.local):
-    """The CPU time the render running on this thread may still take. Only loops and
-    calls (macros included) repeat work, so every loop item and every call ticks it. A tick
+    """The CPU time the render running on this thread may still take. Every loop item,
+    call (macros included), filter, operator that can grow a value and ``~`` ticks it: a
+    template with no loop can still take minutes in a long run of filters or joins. A tick
     reads the wall clock (cheap), and the thread's CPU time (a system call) once per
     twentieth of the budget, so a render slowed by other threads holding the GIL is never
     stopped for their time."""
@@ -195,6 +196,7 @@ class _ChatTemplateEnvironment(ImmutableSandboxedEnvironment):
         self.filters = {name: _bounded(f) for name, f in self.filters.items()}
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        _CLOCK.tick()
         if operator == "**" and isinstance(right, int) and right > MAX_TEMPLATE_EXPONENT:
             raise SecurityError(f"the chat template raised a number to the power {right}")
         if operator == "%" and isinstance(left, str):  # '%0999999999d' % 1: widths first
@@ -213,6 +215,7 @@ class _ChatTemplateEnvironment(ImmutableSandboxedEnvironment):
         return _checked_result(super().call(__context, __obj, *args, **kwargs))
 
     def bounded_join(self, parts: Sequence[Any]) -> str:
+        _CLOCK.tick()
         return _checked_result("".join(map(str, parts)))  # type: ignore[no-any-return]
 
     def timed_items(self, items: Iterable[Any]) -> Iterator[Any]:
@@ -222,10 +225,12 @@ class _ChatTemplateEnvironment(ImmutableSandboxedEnvironment):
 
 
 def _bounded(f: Callable[..., Any]) -> Callable[..., Any]:
-    """A filter with :func:`_check_sizes` on its arguments and a bounded result."""
+    """A filter that ticks the render's clock, with :func:`_check_sizes` on its arguments
+    and a bounded result."""
 
     @functools.wraps(f)  # keeps jinja's pass_context marks
     def bounded(*args: Any, **kwargs: Any) -> Any:
+        _CLOCK.tick()
         _check_sizes([*args[1:], *kwargs.values()])
         return _checked_result(f(*args, **kwargs))
 
