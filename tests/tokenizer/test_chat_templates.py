@@ -246,6 +246,8 @@ def test_kwargs_cannot_spell_control_tokens_with_generic_tools(
         # no loop and no call: a long run of filters, or of operators and joins
         "{{ ('x' * 10**5)|list|sort|length }}" * 200,
         "{% set s = 'x' * 10**7 ~ 'y' %}" * 1000,
+        "{% set a = range(10**5)|list * 100 %}" + "{% if a == a[:] %}{% endif %}" * 200,
+        "{% set a = range(10**5)|list * 100 %}" + "{% if -1 is in a %}{% endif %}" * 200,
     ],
 )
 def test_a_hostile_template_fails_its_request_and_takes_nothing(

@@ -137,9 +137,10 @@ def _checked_result(value: Any) -> Any:
 
 
 class _RenderClock(threading.local):
-    """The CPU time the render running on this thread may still take. Every loop item,
-    call (macros included), filter, operator that can grow a value and ``~`` ticks it: a
-    template with no loop can still take minutes in a long run of filters or joins. A tick
+    """The CPU time the render running on this thread may still take. Every step whose
+    cost can grow with a value ticks it: each loop item, call (macros included), filter,
+    test, comparison, subscript (a slice copies), operator that can grow a value and ``~``.
+    A template with no loop can still take minutes in a long run of them. A tick
     reads the wall clock (cheap), and the thread's CPU time (a system call) once per
     twentieth of the budget, so a render slowed by other threads holding the GIL is never
     stopped for their time."""
@@ -167,6 +168,12 @@ _CLOCK = _RenderClock()
 
 
 class _BoundedCodeGenerator(CodeGenerator):
+    def visit_Compare(self, node: nodes.Compare, frame: Frame) -> None:
+        """A comparison (``==``, ``in``: as long as the values) ticks the clock first."""
+        self.write("(environment.tick() or ")
+        super().visit_Compare(node, frame)
+        self.write(")")
+
     def visit_For(self, node: nodes.For, frame: Frame) -> None:
         """Every loop's items through :meth:`_ChatTemplateEnvironment.timed_items`."""
         timed = nodes.EnvironmentAttribute("timed_items", lineno=node.iter.lineno)
@@ -194,6 +201,14 @@ class _ChatTemplateEnvironment(ImmutableSandboxedEnvironment):
         self.globals["raise_exception"] = _raise_exception
         self.filters["tojson"] = _tojson
         self.filters = {name: _bounded(f) for name, f in self.filters.items()}
+        self.tests = {name: _timed(f) for name, f in self.tests.items()}
+
+    def tick(self) -> None:
+        _CLOCK.tick()
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        _CLOCK.tick()
+        return super().getitem(obj, argument)
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
         _CLOCK.tick()
@@ -235,6 +250,17 @@ def _bounded(f: Callable[..., Any]) -> Callable[..., Any]:
         return _checked_result(f(*args, **kwargs))
 
     return bounded
+
+
+def _timed(f: Any) -> Callable[..., Any]:  # jinja types its tests as `function`
+    """A test that ticks the render's clock (``x is in y`` reads all of ``y``)."""
+
+    @functools.wraps(f)  # keeps jinja's pass_context marks
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        _CLOCK.tick()
+        return f(*args, **kwargs)
+
+    return timed
 
 
 def compile_template(source: str) -> Template:
