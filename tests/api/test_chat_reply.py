@@ -172,6 +172,32 @@ def test_tool_grammars(
     assert accepts(compiler, text, plan.constraint) is ok
 
 
+def _params(values: list[object], scope: str) -> dict[str, object]:
+    """Parameters ``{"a": one of values}``, found through an anchor or under an ``$id``."""
+    if scope == "anchor":
+        defs = {"d": {"$anchor": "v", "enum": values}}
+        return {"$defs": defs, "type": "object", "properties": {"a": {"$ref": "#v"}},
+                "required": ["a"]}  # fmt: skip
+    return {"$id": "urn:p", "$defs": {"d": {"enum": values}}, "type": "object",
+            "properties": {"a": {"$ref": "#/$defs/d"}}, "required": ["a"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("scope", ["anchor", "id"])
+def test_functions_sharing_an_anchor_or_id_keep_their_own_parameters(
+    compiler: ConstraintCompiler, scope: str
+) -> None:
+    """Both names are found in the whole call schema: f's ref read g's enum, so a valid
+    call of f could not be written and an invalid one was forced."""
+    tools = [
+        {"type": "function", "function": {"name": name, "parameters": _params(values, scope)}}
+        for name, values in [("f", [1, 2]), ("g", ["x", "y"])]
+    ]
+    plan = plan_output(compiler, None, tool_plan(tools, "required", False, HERMES), False, False)
+    for name, value, ok in [("f", 1, True), ("f", "x", False), ("g", "x", True), ("g", 1, False)]:
+        call = json.dumps({"name": name, "arguments": {"a": value}})
+        assert accepts(compiler, f"<tool_call>\n{call}\n</tool_call>", plan.constraint) is ok
+
+
 def test_reasoning_before_json(compiler: ConstraintCompiler) -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     plan = plan_output(compiler, schema, None, reasoning=True, in_think=False)

@@ -91,8 +91,8 @@ class ToolPlan:
     def call_schema(self) -> dict[str, Any]:
         """One call: ``{"name": <a function>, "arguments": <its parameters>}`` (name
         first: streaming reads it before the arguments). Each function's parameters live
-        under ``$defs/<name>`` with their ``$ref``s rebased there, so their own
-        ``$defs`` still resolve."""
+        under ``$defs/<name>`` (:func:`_moved`), so their own ``$defs`` and anchors still
+        resolve, each function's in its own."""
         names = list(self.functions) if self.choice in CHOICES else [self.choice]
         options = [
             {
@@ -103,7 +103,8 @@ class ToolPlan:
             }
             for n in names
         ]
-        defs = {n: _rebase_refs(self.functions[n], f"#/$defs/{n}") for n in names}
+        ids = [self.functions[n].get("$id") for n in names]
+        defs = {n: _moved(n, self.functions[n], ids) for n in names}
         call = options[0] if len(options) == 1 else {"anyOf": options}
         return {**call, "$defs": defs}
 
@@ -127,21 +128,40 @@ class ToolPlan:
         return f"TEXT: /(?s:.+)/ & ~/(?s:[ \\t\\n]*{_lark_regex(opening)}.*)/\n"
 
 
-def _rebase_refs(schema: Any, base: str) -> Any:
+def _moved(name: str, parameters: dict[str, Any], ids: list[Any]) -> dict[str, Any]:
+    """``name``'s ``parameters`` as they sit under ``#/$defs/<name>`` in the call schema
+    (``ids``: the ``$id`` of each function there). With an ``$id`` no other function has,
+    they resolve their refs against themselves and stay as they are; otherwise (a shared
+    ``$id`` is dropped: it made one function's refs read another's) their refs are
+    rebased there."""
+    own = parameters.get("$id")
+    if own is not None and ids.count(own) == 1:
+        return parameters
+    unscoped = {k: v for k, v in parameters.items() if k != "$id"}
+    rebased: dict[str, Any] = _rebase_refs(unscoped, f"#/$defs/{name}", f"tool_{name}.")
+    return rebased
+
+
+def _rebase_refs(schema: Any, base: str, prefix: str) -> Any:
     """``schema`` with every local JSON-pointer ``$ref`` ("#", "#/...") pointing below
-    ``base`` instead. Anchors ("#name") resolve by name wherever the schema sits, and a
-    schema with its own ``$id`` resolves its refs against itself: both are left as they
-    are."""
+    ``base`` instead, and ``prefix`` before every ``$anchor`` and anchor ref ("#name"):
+    anchors are found by name in the whole document, so two functions' would meet. A
+    part with its own ``$id`` resolves its refs and anchors against itself: left as it
+    is."""
     if isinstance(schema, dict) and "$id" in schema:
         return schema
     if isinstance(schema, list):
-        return [_rebase_refs(item, base) for item in schema]
+        return [_rebase_refs(item, base, prefix) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: _rebase_refs(v, base) for k, v in schema.items()}
-    ref = schema.get("$ref")
+    out = {k: _rebase_refs(v, base, prefix) for k, v in schema.items()}
+    ref, anchor = schema.get("$ref"), schema.get("$anchor")
     if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
         out["$ref"] = base + ref[1:]
+    elif isinstance(ref, str) and ref.startswith("#"):
+        out["$ref"] = "#" + prefix + ref[1:]
+    if isinstance(anchor, str):
+        out["$anchor"] = prefix + anchor
     return out
 
 
