@@ -198,6 +198,27 @@ def test_functions_sharing_an_anchor_or_id_keep_their_own_parameters(
         assert accepts(compiler, f"<tool_call>\n{call}\n</tool_call>", plan.constraint) is ok
 
 
+OWN_ID_COMBINED = {  # a $ref beside properties, and refs naming the schema's own $id
+    "$id": "urn:p", "$defs": {"b": {"type": "object", "properties": {"a": {"enum": [3]}},
+                                    "required": ["a"]}},
+    "$ref": "#/$defs/b", "properties": {"b": {"$ref": "urn:p#/$defs/b/properties/a"}},
+    "required": ["a", "b"],
+}  # fmt: skip
+
+
+def test_parameters_with_their_own_id_close_objects_as_without(
+    compiler: ConstraintCompiler,
+) -> None:
+    """Objects are closed by reading refs as pointers from the root: under a kept $id
+    they missed what the $ref combines, and this valid schema was a 400 ('required
+    property b is unsatisfiable')."""
+    tool_ = {"type": "function", "function": {"name": "f", "parameters": OWN_ID_COMBINED}}
+    plan = plan_output(compiler, None, tool_plan([tool_], "required", False, HERMES), False, False)
+    for arguments, ok in [({"a": 3, "b": 3}, True), ({"a": 3, "b": 4}, False)]:
+        call = json.dumps({"name": "f", "arguments": arguments})
+        assert accepts(compiler, f"<tool_call>\n{call}\n</tool_call>", plan.constraint) is ok
+
+
 def test_reasoning_before_json(compiler: ConstraintCompiler) -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     plan = plan_output(compiler, schema, None, reasoning=True, in_think=False)

@@ -103,8 +103,7 @@ class ToolPlan:
             }
             for n in names
         ]
-        ids = [self.functions[n].get("$id") for n in names]
-        defs = {n: _moved(n, self.functions[n], ids) for n in names}
+        defs = {n: _moved(n, self.functions[n]) for n in names}
         call = options[0] if len(options) == 1 else {"anyOf": options}
         return {**call, "$defs": defs}
 
@@ -128,34 +127,36 @@ class ToolPlan:
         return f"TEXT: /(?s:.+)/ & ~/(?s:[ \\t\\n]*{_lark_regex(opening)}.*)/\n"
 
 
-def _moved(name: str, parameters: dict[str, Any], ids: list[Any]) -> dict[str, Any]:
-    """``name``'s ``parameters`` as they sit under ``#/$defs/<name>`` in the call schema
-    (``ids``: the ``$id`` of each function there). With an ``$id`` no other function has,
-    they resolve their refs against themselves and stay as they are; otherwise (a shared
-    ``$id`` is dropped: it made one function's refs read another's) their refs are
-    rebased there."""
+def _moved(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    """``name``'s ``parameters`` as they sit under ``#/$defs/<name>`` in the call schema:
+    their refs rebased there (:func:`_rebase_refs`), and their own ``$id`` dropped, refs
+    naming it made local first. Kept, it was shared by every function that had it (one's
+    refs read another's), and the closing of objects (:func:`closed_objects`), which reads
+    refs as pointers from the root, missed what they combine: a 400 for a valid schema."""
     own = parameters.get("$id")
-    if own is not None and ids.count(own) == 1:
-        return parameters
+    own = own.removesuffix("#") if isinstance(own, str) else None  # draft 7 allowed "x#"
     unscoped = {k: v for k, v in parameters.items() if k != "$id"}
-    rebased: dict[str, Any] = _rebase_refs(unscoped, f"#/$defs/{name}", f"tool_{name}.")
+    base, prefix = f"#/$defs/{name}", f"tool_{name}."
+    rebased: dict[str, Any] = _rebase_refs(unscoped, base, prefix, own)
     return rebased
 
 
-def _rebase_refs(schema: Any, base: str, prefix: str) -> Any:
-    """``schema`` with every local JSON-pointer ``$ref`` ("#", "#/...") pointing below
-    ``base`` instead, and ``prefix`` before every ``$anchor`` and anchor ref ("#name"):
-    anchors are found by name in the whole document, so two functions' would meet. A
-    part with its own ``$id`` resolves its refs and anchors against itself: left as it
-    is."""
+def _rebase_refs(schema: Any, base: str, prefix: str, own_id: Any = None) -> Any:
+    """``schema`` with every local JSON-pointer ``$ref`` ("#", "#/...", or ``own_id`` and
+    one) pointing below ``base`` instead, and ``prefix`` before every ``$anchor`` and
+    anchor ref ("#name"): anchors are found by name in the whole document, so two
+    functions' would meet. A part with its own ``$id`` resolves its refs and anchors
+    against itself: left as it is."""
     if isinstance(schema, dict) and "$id" in schema:
         return schema
     if isinstance(schema, list):
-        return [_rebase_refs(item, base, prefix) for item in schema]
+        return [_rebase_refs(item, base, prefix, own_id) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: _rebase_refs(v, base, prefix) for k, v in schema.items()}
+    out = {k: _rebase_refs(v, base, prefix, own_id) for k, v in schema.items()}
     ref, anchor = schema.get("$ref"), schema.get("$anchor")
+    if isinstance(ref, str) and isinstance(own_id, str) and ref.split("#")[0] == own_id:
+        ref = "#" + ref.partition("#")[2]
     if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
         out["$ref"] = base + ref[1:]
     elif isinstance(ref, str) and ref.startswith("#"):
