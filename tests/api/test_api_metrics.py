@@ -128,6 +128,7 @@ def test_errors_are_counted_by_route_template_and_status(client: TestClient) -> 
     assert client.get("/v1/conversations/conv_1_1").status_code == 404
     assert client.get("/no/such/route").status_code == 404
     assert client.get("/v1/models/no/such-model").status_code == 404
+    assert client.get("/static/app.js").status_code == 200  # the web page's: a mount
     after = scrape(client)
     assert (
         value(after, "bitserve_http_requests_total", route="/v1/chat/completions", status="400")
@@ -139,6 +140,7 @@ def test_errors_are_counted_by_route_template_and_status(client: TestClient) -> 
     model = {"route": "/v1/models/{model}", "status": "404"}
     assert value(after, "bitserve_http_requests_total", **model) == 1
     assert value(after, "bitserve_http_requests_total", route="unmatched", status="404") == 1
+    assert value(after, "bitserve_http_requests_total", route="/static/{path}", status="200") == 1
     assert value(after, "bitserve_time_to_first_token_seconds_count") == 0
 
 

@@ -248,10 +248,21 @@ class _Exchange:
         self.last_token = now
 
     def finish(self, scope: Scope) -> None:
-        route = scope.get("route")  # its template as the OpenAPI document writes it:
-        path = getattr(route, "path_format", None)  # /v1/models/{model}, not {model:path}
-        label = path if isinstance(path, str) else UNMATCHED_ROUTE
+        label = route_label(scope)
         self.metrics.requests.labels(route=label, status=str(self.status)).inc()
+
+
+def route_label(scope: Scope) -> str:
+    """The template of the route that answered, as the OpenAPI document writes it
+    (``/v1/models/{model}``, not the router's ``{model:path}``), a mounted app's
+    (the web page's files) as ``/static/{path}``; ``unmatched`` for unknown paths."""
+    route = scope.get("route")
+    if route is None:  # Starlette names no route for a mount: the one holding the endpoint
+        endpoint, routes = scope.get("endpoint"), getattr(scope.get("app"), "routes", ())
+        mounts = (r for r in routes if endpoint is not None and getattr(r, "app", None) is endpoint)
+        route = next(mounts, None)
+    path = getattr(route, "path_format", None)
+    return path if isinstance(path, str) else UNMATCHED_ROUTE
 
 
 class MetricsMiddleware:
