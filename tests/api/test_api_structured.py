@@ -395,19 +395,49 @@ def test_a_schema_too_deep_or_with_bad_options_is_a_400(client: TestClient, tool
     [
         {"response_format": {"type": "json_object"}},
         {"response_format": json_schema_format(Weather)},
-        {"tools": [SMALL_TOOL], "tool_choice": "required"},
-        {"tools": [SMALL_TOOL]},
+        {"response_format": json_schema_format(Weather), "tools": [SMALL_TOOL]},
     ],
 )
-def test_stop_strings_with_a_constrained_reply_are_a_400(
+def test_stop_strings_with_a_json_reply_are_a_400(
     client: TestClient, fields: dict[str, Any]
 ) -> None:
-    """A stop string cut the JSON or a call anywhere (`"` gave content '{', finish "stop";
-    a call with arguments '{', finish "tool_calls"): the pair cannot be honoured."""
+    """A stop string cut the JSON anywhere (`"` gave content '{', finish "stop"): the pair
+    cannot be honoured."""
     r = client.post("/v1/chat/completions", json=chat_body(stop=['"'], **fields))
     assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text
     free = post(client, stop=['"'], tools=[SMALL_TOOL], tool_choice="none")
     assert free["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize("choice", ["required", "auto"])
+def test_stop_strings_never_cut_a_tool_call(client: TestClient, choice: str) -> None:
+    """Stop strings apply to the text before the first call: '"' and the call tag's own
+    beginning cut a call's arguments to '{' (finish "tool_calls"), or left an empty reply
+    for tool_choice "required"; agent frameworks send stop strings with tools."""
+    stop = ['"', "<tool", "\n"]
+    calls_seen = 0
+    for seed in range(8):
+        body = chat_body(stop=stop, tools=[SMALL_TOOL], tool_choice=choice, temperature=1.5,
+                         seed=seed, max_tokens=60)  # fmt: skip
+        whole = client.post("/v1/chat/completions", json=body)
+        assert whole.status_code == 200, whole.text
+        choice_ = whole.json()["choices"][0]
+        message, finish = choice_["message"], choice_["finish_reason"]
+        calls = [c["function"] for c in message.get("tool_calls") or []]
+        streamed, streamed_finish = stream_message(client, body)
+        assert streamed_finish == finish
+        assert [(c["name"], c["arguments"]) for c in streamed["calls"]] == [
+            (c["name"], c["arguments"]) for c in calls
+        ]
+        if choice == "required":
+            assert calls and finish in ("tool_calls", "length"), choice_
+        for call in calls if finish == "tool_calls" else ():
+            arguments = json.loads(call["arguments"])
+            jsonschema.validate(arguments, SMALL_TOOL["function"]["parameters"])
+        if finish == "stop":  # a stop string (or the end) in the text before any call
+            assert not calls and not any(s in (message["content"] or "") for s in stop)
+        calls_seen += len(calls)
+    assert calls_seen or choice == "auto"  # the stop strings let calls through
 
 
 NODE = {"type": "object", "properties": {"k": {"$ref": "#/$defs/n"}}, "required": ["k"]}

@@ -163,6 +163,26 @@ def test_stop_string_matcher_holds_only_possible_beginnings() -> None:
     assert empty.feed("abc") == ("abc", None)  # an empty stop string matches nothing
 
 
+def test_stop_strings_apply_only_before_the_until_mark() -> None:
+    """A tool call's tag: no stop string cuts the call's JSON, however it is fed."""
+    m = StopStringMatcher(['"', "<to"], until="<tool_call>")
+    assert m.feed("ok <to") == ("ok ", None)  # "<to" may be a stop or the tag: held
+    assert m.feed("ol_call>") == ("<tool_call>", None)  # the tag: everything passes now
+    assert m.feed('{"name": "f"}') == ('{"name": "f"}', None)
+    cut = StopStringMatcher(['"', "<to"], until="<tool_call>")
+    assert cut.feed("say <to") == ("say ", None)
+    assert cut.feed("day") == ("", "<to")  # "<today" is no tag: the held "<to" is a stop
+    before = StopStringMatcher(['"'], until="<tool_call>")
+    assert before.feed('a "quote" <tool_call>') == ("a ", '"')  # before the tag: a stop
+    split = StopStringMatcher(["x"], until="<tool_call>")
+    assert split.feed("<tool") == ("", None)
+    assert split.feed("_call>x") == ("<tool_call>x", None)
+    never = StopStringMatcher(["x"], until="<tool_call>")
+    assert never.feed("<tool") == ("", None)
+    assert never.feed("s") == ("<tools", None)  # not the tag after all: released
+    assert never.feed("x") == ("", "x")
+
+
 # ---- limits and cancel ----------------------------------------------------------------------
 
 

@@ -40,12 +40,17 @@ class StopStringMatcher:
     """Cuts generated text at the first stop string, holding back possible beginnings.
 
     Invariant: ``held`` is the longest suffix of the text fed so far that is a proper
-    prefix of some stop string; everything before it has been returned by :meth:`feed`.
-    Hence no stop string can begin inside text already returned.
+    prefix of some stop string (or of ``until``); everything before it has been returned
+    by :meth:`feed`. Hence no stop string can begin inside text already returned.
+
+    ``until``: stop strings apply only to the text before it (a tool call's opening tag:
+    a stop string must not cut a call's JSON); from it on, everything passes.
     """
 
     stops: SequenceOf[str]
+    until: str = ""
     held: str = ""
+    passing: bool = False  # ``until`` has come
     _stops: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -54,13 +59,21 @@ class StopStringMatcher:
     def feed(self, text: str) -> tuple[str, str | None]:
         """``(text safe to emit, the stop string found or None)``; once one is found, the
         rest must be discarded. The earliest in the text wins (ties: the first listed)."""
+        if self.passing:
+            return text, None
         buf = self.held + text
-        hits = [(i, s) for s in self._stops if (i := buf.find(s)) >= 0]
+        mark = buf.find(self.until) if self.until else -1
+        # where ``until`` begins, or may still begin: stop strings count only before it
+        limit = mark if mark >= 0 else len(buf) - _longest_partial(buf, [self.until])
+        hits = [(i, s) for s in self._stops if 0 <= (i := buf.find(s)) < limit]
         if hits:
             self.held = ""
             index, stop = min(hits, key=lambda hit: hit[0])
             return buf[:index], stop
-        keep = self._longest_partial(buf)
+        if mark >= 0:
+            self.held, self.passing = "", True
+            return buf, None
+        keep = max(_longest_partial(buf, self._stops), len(buf) - limit)
         self.held = buf[len(buf) - keep :]
         return buf[: len(buf) - keep], None
 
@@ -69,14 +82,17 @@ class StopStringMatcher:
         text, self.held = self.held, ""
         return text
 
-    def _longest_partial(self, buf: str) -> int:
-        best = 0
-        for stop in self._stops:
-            for k in range(min(len(stop) - 1, len(buf)), best, -1):
-                if buf.endswith(stop[:k]):
-                    best = k
-                    break
-        return best
+
+def _longest_partial(buf: str, strings: SequenceOf[str]) -> int:
+    """The length of the longest suffix of ``buf`` that is a proper prefix of one of
+    ``strings``."""
+    best = 0
+    for string in strings:
+        for k in range(min(len(string) - 1, len(buf)), best, -1):
+            if buf.endswith(string[:k]):
+                best = k
+                break
+    return best
 
 
 @dataclass(slots=True)
@@ -121,7 +137,7 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.tokens = list(self.request.prompt_tokens)
-        stops = StopStringMatcher(self.request.stop)
+        stops = StopStringMatcher(self.request.stop, self.request.stop_until)
         self.text = TextState(IncrementalDetokenizer(self.tokenizer), stops)
 
     @classmethod

@@ -40,6 +40,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: int = 100
     stop: list[str] = field(default_factory=list)  # stop strings (not included in output)
+    stop_until: str = ""  # stop strings apply only before this text (a tool call's tag)
     stop_token_ids: set[int] = field(default_factory=set)  # EOS/EOT etc. (added by the engine)
     ignore_eos: bool = False
     logprobs: bool = False  # report the chosen token's logprob

@@ -72,22 +72,33 @@ class OutputPlan:
     tools: ToolPlan | None = None
     reasoning: bool = False  # look for <think>…</think> at the start of the reply
     in_think: bool = False  # the prompt itself opened <think>
+    json_reply: bool = False  # response_format makes the text answer JSON
 
     def check_stop(self, stop: list[str]) -> None:
-        """400 for stop strings with a constrained reply: one could cut the JSON or a
-        call anywhere (a ``"`` inside it, a key), leaving text that does not parse behind
-        a ``finish_reason`` that says it ended."""
-        if stop and self.constraint is not None:
+        """400 for stop strings with a JSON reply (response_format): one could cut the
+        JSON anywhere (a ``"`` inside it, a key), leaving text that does not parse behind
+        a ``finish_reason`` that says it ended. Tool calls are kept from them instead
+        (:attr:`stop_until`)."""
+        if stop and self.json_reply:
             raise InvalidParameterError(
-                "stop: cannot be combined with response_format json_object/json_schema or "
-                "tools (a stop string could cut the JSON or a call)",
+                "stop: cannot be combined with response_format json_object/json_schema "
+                "(a stop string could cut the JSON)",
                 "stop",
             )
 
-    def parser(self) -> ReplyParser:
+    @property
+    def call_open(self) -> str | None:
+        """The tag that opens the model's tool calls, when the reply may hold some."""
         tools = self.tools
-        call_open = tools.syntax.open if tools is not None and tools.active else None
-        return ReplyParser(self.reasoning, self.in_think, call_open)
+        return tools.syntax.open if tools is not None and tools.active else None
+
+    @property
+    def stop_until(self) -> str:
+        """Stop strings apply to the text before the first call, never inside calls."""
+        return self.call_open or ""
+
+    def parser(self) -> ReplyParser:
+        return ReplyParser(self.reasoning, self.in_think, self.call_open)
 
 
 def plan_output(
@@ -106,7 +117,7 @@ def plan_output(
         return OutputPlan(None, tools, reasoning, in_think)
     if active is None and not reasoning and not in_think:
         assert schema is not None
-        return OutputPlan(_compile_schema(compiler, schema), tools, reasoning, in_think)
+        return OutputPlan(_compile_schema(compiler, schema), tools, json_reply=True)
     rules = []
     if schema is not None:
         rules.append(f"answer: {_embedded(lambda: json_lark(schema), 'response_format')}\n")
@@ -134,7 +145,7 @@ def plan_output(
         constraint = compiler.lark(grammar, param)
     except ConstraintError as exc:
         raise InvalidParameterError(f"{param}: {exc.reason}", param) from exc
-    return OutputPlan(constraint, tools, reasoning, in_think)
+    return OutputPlan(constraint, tools, reasoning, in_think, schema is not None)
 
 
 def _embedded(rules: Callable[[], str], param: str) -> str:

@@ -209,6 +209,7 @@ def plan_chat(
             sampling=sampling,
             max_tokens=max_tokens,
             stop=stop,
+            stop_until=output.stop_until,
             stop_token_ids=served.stop_token_ids,
             logprobs=body.logprobs,
             top_logprobs=top_n,
