@@ -18,7 +18,8 @@ Faults are set per file: ``drop_after`` cuts the first transfer after that many 
 overrides the size the hub advertises (a file too big for the disk), ``resolve_headers``
 the headers of the resolve answer (a hub naming paths ``../x``), ``cdn_answer`` the
 whole answer of the CDN (status, headers, body: a redirect loop, a broken gzip); a repository's
-``info`` replaces the model-info answer (a hub that is not one, or a broken one).
+``info`` replaces the model-info answer (a hub that is not one, or a broken one), and
+``info_stalls`` holds it back until ``stop`` (a hub that accepts and never answers).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class HubRepo:
     gated: bool = False
     commit: str = ""
     info: bytes | None = None  # what the model-info endpoint answers instead (a broken hub)
+    info_stalls: bool = False  # the model-info answer never comes (until the hub stops)
 
     def __post_init__(self) -> None:
         if not self.commit:
@@ -254,6 +256,10 @@ class _HubHandler(BaseHTTPRequestHandler):
             return self._error(401, "RepoNotFound", head)[0]
         if revision not in (None, "main", repo.commit):
             return self._error(404, "RevisionNotFound", head)[0]
+        if repo.info_stalls:
+            self.hub.stopping.wait()
+            self.close_connection = True
+            return 0
         if repo.info is not None:
             self._send(200, {"Content-Type": "application/json"}, repo.info, head)
             return 200

@@ -196,6 +196,19 @@ def test_no_network_falls_back_to_the_downloaded_copy(hub: FakeHub, client: HubC
     assert client.messages[-1] == "the hub is unreachable; using the copy of bitnet-2b on disk"
 
 
+def test_a_hub_that_never_answers_the_listing_times_out(hub: FakeHub, client: HubClient) -> None:
+    """huggingface_hub lists a repository with no timeout: a hub that accepted the
+    connection and never answered held `bitserve pull` (and `serve -hf`) forever."""
+    hub.repos[BITNET_REPO] = bitnet_repo(gguf_bytes(5000))
+    record = client.pull("bitnet-2b")
+    hub.repos[BITNET_REPO].info_stalls = True
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(gguf_bytes(1000))}, info_stalls=True)
+    assert client.pull("bitnet-2b", listing_timeout_s=0.2) == record
+    assert client.messages[-1] == "the hub is unreachable; using the copy of bitnet-2b on disk"
+    with pytest.raises(NoNetworkError, match=r"cannot reach the model hub at .* \(timed out\)"):
+        client.pull("a/b", listing_timeout_s=0.2)
+
+
 def test_unknown_repo_is_one_sentence(client: HubClient) -> None:
     with pytest.raises(RepoNotFoundError) as caught:
         client.pull("nobody/no-such-model")

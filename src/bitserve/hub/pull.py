@@ -71,6 +71,10 @@ class HubOptions:
     cache_dir: Path | None = None
     token: str | bool | None = None  # False: never send one
     offline: bool = False
+    # seconds the hub may stay silent while listing a repository: huggingface_hub sets no
+    # limit there (a hub that accepts and never answers held `bitserve pull` forever);
+    # its file transfers have their own (HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT)
+    listing_timeout_s: float = 60.0
 
     @classmethod
     def from_env(cls, offline: bool = False) -> HubOptions:
@@ -182,7 +186,12 @@ class Puller:
         endpoint = self.options.endpoint_url
         api = HfApi(endpoint=endpoint, token=self.options.token)
         try:
-            info = api.model_info(spec.repo, revision=spec.revision, files_metadata=True)
+            info = api.model_info(
+                spec.repo,
+                revision=spec.revision,
+                files_metadata=True,
+                timeout=self.options.listing_timeout_s,
+            )
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             # HfApi parses the answer itself: not JSON, or JSON of another shape
             raise BadAnswerError(endpoint, spec.repo, _reason(exc)) from None
