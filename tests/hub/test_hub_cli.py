@@ -498,3 +498,26 @@ def test_a_pull_stopped_by_a_signal_leaves_no_partial_file(
         _, err = child.communicate(timeout=30)
     assert child.returncode == 128 + signum, err
     assert list(blobs.iterdir()) == []
+
+
+def test_rm_deletes_nothing_outside_the_hugging_face_cache(
+    hub: FakeHub, env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """rm deleted whatever path models.json named: a hand-edited (or another tool's)
+    record pointing at ~/notes.txt had that file deleted."""
+    hub.repos[BITNET_REPO] = bitnet_repo(gguf_bytes(1000))
+    assert run(capsys, "pull", "bitnet-2b")[0] == 0
+    precious = tmp_path / "notes.txt"
+    precious.write_text("not a model")
+    registry = Path(env["BITSERVE_CACHE"]) / "models.json"
+    body = json.loads(registry.read_text())
+    body["models"][0] |= {"path": str(precious), "size": precious.stat().st_size}
+    registry.write_text(json.dumps(body))
+    status, _, err = run(capsys, "rm", "bitnet-2b")
+    assert status == 1
+    assert err == (
+        f"bitserve rm: {precious} is not a file of a Hugging Face cache "
+        "(models--OWNER--NAME/snapshots/...); bitserve deletes nothing else\n"
+    )
+    assert precious.read_text() == "not a model"
+    assert json.loads(registry.read_text()) == body  # the record stays, for the user to see

@@ -488,9 +488,16 @@ def sha256_file(path: str | Path) -> str:
 
 
 def remove_cached_file(path: str) -> None:
-    """Delete a file of the Hugging Face cache: its blob and every snapshot link to it."""
+    """Delete a file of the Hugging Face cache: its blob and every snapshot link to it.
+    A path laid out otherwise is a :class:`PullError`, nothing deleted: the path may come
+    from models.json, which a hand edit (or another tool) can point at any file."""
     blob = os.path.realpath(path)
-    storage = Path(blob).parent.parent
+    storage = _cache_storage(path)
+    if storage is None:
+        raise PullError(
+            f"{path} is not a file of a Hugging Face cache (models--OWNER--NAME/snapshots/...); "
+            "bitserve deletes nothing else"
+        )
     snapshots = storage / "snapshots"
     if snapshots.is_dir():
         for link in snapshots.rglob("*"):
@@ -499,6 +506,18 @@ def remove_cached_file(path: str) -> None:
     for victim in (path, blob):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(victim)
+
+
+def _cache_storage(path: str) -> Path | None:
+    """The ``models--owner--name`` folder whose snapshot ``path`` is, if it is one and
+    resolves to that folder's blobs (or, where the cache copies, to itself)."""
+    link = Path(os.path.abspath(path))
+    blob = Path(os.path.realpath(path))
+    for storage in link.parents:
+        if storage.name.startswith("models--") and link.is_relative_to(storage / "snapshots"):
+            inside = blob.parent == Path(os.path.realpath(storage / "blobs")) or blob == link
+            return storage if inside else None
+    return None
 
 
 def _same_file(record: ModelRecord, path: str, remote: RemoteFile) -> bool:
