@@ -158,6 +158,20 @@ def test_the_real_command_reads_hf_endpoint_and_hf_hub_offline(
     assert offline.stdout == done.stdout and hub.log == []
 
 
+def test_the_hub_clients_warnings_are_printed_once(hub: FakeHub, env: dict[str, str]) -> None:
+    """huggingface_hub logs through its own handler and the root logger both: each
+    retry warning came out twice, in two formats."""
+    content = gguf_bytes(2000)
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(content, drop_after=500)})
+    command = [sys.executable, "-m", "bitserve.cli", "pull", "a/b"]
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | env
+    done = subprocess.run(command, capture_output=True, text=True, env=child_env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()).read_bytes() == content
+    assert done.stderr.count("peer closed connection") == 1, done.stderr
+    assert "WARNING huggingface_hub.file_download: Error while downloading" in done.stderr
+
+
 def test_a_reader_that_stops_early_is_not_an_error() -> None:
     # `bitserve pull --list | head -1` once head has exited: every write is EPIPE
     read_end, write_end = os.pipe()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -125,6 +126,7 @@ class Puller:
         self.options = options
         self.registry = registry
         self.notify = notify
+        _log_hub_once()
 
     # -- the three ways in -------------------------------------------------------------
 
@@ -409,6 +411,17 @@ def is_safe_filename(name: str) -> bool:
         and "\\" not in name
         and not any(ord(c) < 32 or ord(c) == 127 for c in name)
     )
+
+
+def _log_hub_once() -> None:
+    """``huggingface_hub`` logs through a handler of its own and also passes each record
+    on to the root logger, which bitserve's command line configures: every retry warning
+    was printed twice, in two formats. Its own handler goes; the root's (bitserve's
+    format and ``--log-level``) prints them once."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    for handler in list(hub_logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            hub_logger.removeHandler(handler)
 
 
 @contextlib.contextmanager
