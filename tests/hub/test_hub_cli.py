@@ -246,17 +246,50 @@ def test_a_file_name_two_models_share_is_ambiguous(
     )
 
 
-@pytest.mark.parametrize("content", ["{torn", '{"version": 99, "models": []}'])
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+RECORD = {
+    "name": "kept",
+    "repo": "a/b",
+    "filename": "m-i2_s.gguf",
+    "revision": COMMIT,
+    "path": "/nowhere/m-i2_s.gguf",
+    "size": 1000,
+    "sha256": None,
+    "family": None,
+    "verified_at": None,
+}
+
+
+def _models(*records: object) -> str:
+    return json.dumps({"version": 1, "models": list(records)})
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("{torn", "Expecting property name"),
+        ('{"version": 99, "models": []}', "version 99"),
+        ('{"version": 1, "models": {"kept": 1}}', "its 'models' is not a list"),
+        (_models(RECORD, {"name": "typo"}), "its record #2 lacks repo, filename"),
+        (_models(RECORD, RECORD | {"size": "1000"}), "its record #2 has size '1000'"),
+        (_models(RECORD | {"added_later": 1}), "its record #1 has unknown fields added_later"),
+        (_models(RECORD, [1]), "its record #2 is list, not an object"),
+    ],
+    ids=["torn", "version", "models", "missing", "type", "unknown", "not-object"],
+)
 @pytest.mark.parametrize("command", [["models"], ["rm", "bitnet-2b"], ["pull", "bitnet-2b"]])
 def test_an_unreadable_model_list_is_said_never_read_as_empty(
     hub: FakeHub,
     env: dict[str, str],
     capsys: pytest.CaptureFixture[str],
     content: str,
+    problem: str,
     command: list[str],
 ) -> None:
     """A torn models.json read as 'no models downloaded yet' (exit 0), and the next pull
-    would have written over every record."""
+    would have written over every record; a malformed record was dropped the same way
+    (and with it, at the next pull, every record a newer bitserve wrote with a field
+    this one does not know)."""
     hub.repos[BITNET_REPO] = bitnet_repo(gguf_bytes(1000))
     registry = Path(env["BITSERVE_CACHE"]) / "models.json"
     registry.parent.mkdir(parents=True)
@@ -264,6 +297,7 @@ def test_an_unreadable_model_list_is_said_never_read_as_empty(
     status, _, err = run(capsys, *command)
     assert status == 1
     assert err.startswith(f"bitserve {command[0]}: the list of downloaded models {registry} ")
+    assert problem in err
     assert registry.read_text() == content  # nothing written over
 
 
@@ -307,9 +341,6 @@ def test_a_file_pulled_again_is_verified_under_every_name_it_has(
 
 def _listing(commit: object, *siblings: dict[str, object]) -> bytes:
     return json.dumps({"id": "a/b", "sha": commit, "siblings": list(siblings)}).encode()
-
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.mark.parametrize(
