@@ -325,17 +325,21 @@ def test_offline_never_serves_a_copy_that_failed_verification(
         client.pull("bitnet-2b", offline=True)
 
 
-def test_a_truncated_download_is_never_kept(hub: FakeHub, client: HubClient) -> None:
+@pytest.mark.parametrize("served", [40_000, 90_000], ids=["short", "long"])
+def test_a_download_of_another_size_is_never_kept(
+    hub: FakeHub, client: HubClient, served: int
+) -> None:
     # huggingface_hub#4223: a transfer that ends early but cleanly (a short body with a
-    # matching Content-Length) once left a truncated file that loaded as zeros
+    # matching Content-Length) once left a truncated file that loaded as zeros. A body
+    # longer than listed was said to have 'ended before the size the hub lists'.
     content = gguf_bytes(60_000)
     repo = bitnet_repo(content)
-    repo.files["ggml-model-i2_s.gguf"].served = content[:40_000]
+    repo.files["ggml-model-i2_s.gguf"].served = (content + content)[:served]
     hub.repos[BITNET_REPO] = repo
     with pytest.raises(VerificationError) as caught:
         client.pull("bitnet-2b")
     assert str(caught.value) == (
-        "ggml-model-i2_s.gguf failed verification (the download ended before the size the hub "
-        "lists); the file was deleted: run the same command again to download it anew"
+        f"ggml-model-i2_s.gguf failed verification ({served} bytes arrived, the hub lists "
+        "60000); the file was deleted: run the same command again to download it anew"
     )
     assert blobs(client.options.cache) == [] and client.registry.get("bitnet-2b") is None

@@ -56,6 +56,10 @@ from bitserve.hub.spec import ModelSpec
 
 _HASH_CHUNK = 1 << 20
 # an ETag huggingface_hub may name a blob after: a token without '/', '\\' or a leading '.'
+# huggingface_hub's OSError for a transfer that ended at another size than announced
+_SIZE_MISMATCH = re.compile(
+    r"Consistency check failed: file should be of size (\d+) but has size (\d+)"
+)
 _PLAIN_ETAG = re.compile(r"[\w+=-][\w.+=-]*")
 
 
@@ -266,9 +270,10 @@ class Puller:
                 )
             return str(path)
         except OSError as exc:
-            if str(exc).startswith("Consistency check failed"):  # short read, file discarded
+            if m := _SIZE_MISMATCH.match(str(exc)):  # huggingface_hub discarded the file
+                expected, actual = m.groups()
                 raise VerificationError(
-                    remote.filename, "the download ended before the size the hub lists"
+                    remote.filename, f"{actual} bytes arrived, the hub lists {expected}"
                 ) from None
             raise self._translate(exc, spec) from None
         except Exception as exc:
