@@ -79,6 +79,14 @@ class UnsafeHeaderError(PullError):
         self.header = header
 
 
+class RateLimitedError(PullError):
+    def __init__(self, host: str, wait_s: int) -> None:
+        super().__init__(
+            f"the hub at {host} is limiting this machine's requests and asks it to wait "
+            f"{wait_s} s; try again later (requests with an HF_TOKEN get a higher limit)"
+        )
+
+
 class RevisionNotFoundError(PullError):
     def __init__(self, repo: str, revision: str) -> None:
         super().__init__(f"{repo} has no revision {revision!r}")

@@ -43,6 +43,7 @@ from bitserve.hub.errors import (
     NoNetworkError,
     NotCachedError,
     PullError,
+    RateLimitedError,
     RepoNotFoundError,
     RevisionNotFoundError,
     UnreadableModelError,
@@ -55,7 +56,12 @@ from bitserve.hub.registry import ModelRecord, Registry
 from bitserve.hub.spec import ModelSpec
 
 _HASH_CHUNK = 1 << 20
+# the longest wait a rate-limiting hub may ask for before a retry; past it, the pull stops
+MAX_RATE_LIMIT_WAIT_S = 60
 # an ETag huggingface_hub may name a blob after: a token without '/', '\\' or a leading '.'
+# the IETF RateLimit header, as huggingface_hub reads it: '"api";r=0;t=3600' (r requests
+# left, t seconds until the window resets)
+_RATE_LIMIT = re.compile(r'"\w+"\s*;\s*r\s*=\s*(\d+)\s*;\s*t\s*=\s*(\d+)')
 # huggingface_hub's OSError for a transfer that ended at another size than announced
 _SIZE_MISMATCH = re.compile(
     r"Consistency check failed: file should be of size (\d+) but has size (\d+)"
@@ -191,6 +197,7 @@ class Puller:
         """Every file of ``spec``'s repository at its revision, with size and LFS sha256."""
         endpoint = self.options.endpoint_url
         api = HfApi(endpoint=endpoint, token=self.options.token)
+        _guard_hub_session()
         try:
             info = api.model_info(
                 spec.repo,
@@ -456,21 +463,44 @@ def _stopping_signals_unwind() -> Iterator[None]:
 
 
 def _guard_hub_session() -> None:
-    """Make ``huggingface_hub``'s HTTP session refuse path-naming headers that are not
-    plain names (it may have been made anew since the last call: the check is cheap)."""
+    """Make ``huggingface_hub``'s HTTP session check every answer (:func:`_check_answer`);
+    it may have been made anew since the last call, and the check of that is cheap."""
     session = get_session()
     hooks = session.event_hooks
-    if _refuse_unsafe_names not in hooks["response"]:
-        session.event_hooks = {**hooks, "response": [*hooks["response"], _refuse_unsafe_names]}
+    if _check_answer not in hooks["response"]:
+        session.event_hooks = {**hooks, "response": [*hooks["response"], _check_answer]}
+
+
+def _check_answer(response: httpx2.Response) -> None:
+    """An event hook on ``huggingface_hub``'s session, for what it takes on trust."""
+    if response.status_code == 429:
+        _refuse_long_waits(response)
+    if response.request.method == "HEAD":
+        _refuse_unsafe_names(response)
+
+
+def _refuse_long_waits(response: httpx2.Response) -> None:
+    """``huggingface_hub`` sleeps as long as a 429 answer asks, five times over: a
+    ``Retry-After: 86400`` held the command for days."""
+    wait = _retry_after_s(response.headers)
+    if wait is not None and wait > MAX_RATE_LIMIT_WAIT_S:
+        raise RateLimitedError(response.request.url.host, wait)
+
+
+def _retry_after_s(headers: httpx2.Headers) -> int | None:
+    """The seconds a 429 answer asks to wait, as ``huggingface_hub`` reads them."""
+    limit = _RATE_LIMIT.search(headers.get("RateLimit", ""))
+    if limit is not None and int(limit.group(1)) == 0:
+        return int(limit.group(2))
+    value = headers.get("Retry-After", "").strip()
+    return int(value) if value.isdigit() else None
 
 
 def _refuse_unsafe_names(response: httpx2.Response) -> None:
-    """An event hook: ``huggingface_hub`` takes a file's snapshot folder from the HEAD
-    answer's ``X-Repo-Commit`` and its blob name from ``X-Linked-Etag`` (else ``ETag``),
-    joined to the cache path as they come; a hostile hub answering ``../../x`` would have
-    a file written anywhere the user may write."""
-    if response.request.method != "HEAD":
-        return
+    """``huggingface_hub`` takes a file's snapshot folder from the HEAD answer's
+    ``X-Repo-Commit`` and its blob name from ``X-Linked-Etag`` (else ``ETag``), joined to
+    the cache path as they come; a hostile hub answering ``../../x`` would have a file
+    written anywhere the user may write."""
     commit = response.headers.get(constants.HUGGINGFACE_HEADER_X_REPO_COMMIT)
     if commit is not None and not COMMIT.fullmatch(commit):
         raise UnsafeHeaderError(str(response.request.url), "X-Repo-Commit", commit)
