@@ -4,6 +4,7 @@ once as a real process."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -586,3 +587,31 @@ def test_a_hub_asking_to_wait_for_hours_is_told_not_obeyed(
         f"to wait {86400 if 'Retry-After' in headers else 3600} s; try again later (requests "
         "with an HF_TOKEN get a higher limit)"
     )
+
+
+def test_a_model_list_that_cannot_be_written_is_one_sentence(
+    hub: FakeHub,
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A full disk under BITSERVE_CACHE (the Hugging Face cache elsewhere) made the pull
+    that had just downloaded and verified its file end in an OSError traceback."""
+    hub.repos[BITNET_REPO] = bitnet_repo(gguf_bytes(1000))
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(gguf_bytes(1000))})
+    assert run(capsys, "pull", "bitnet-2b")[0] == 0
+    registry = Path(env["BITSERVE_CACHE"]) / "models.json"
+    before = registry.read_text()
+
+    def full(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("bitserve.hub.registry.tempfile.mkstemp", full)
+    status, out, err = run(capsys, "pull", "a/b")
+    assert (status, out) == (1, "")
+    assert err.splitlines()[-1] == (
+        f"bitserve pull: the list of downloaded models {registry} cannot be written (No space "
+        "left on device) and is unchanged; make room or fix its folder, then run the same "
+        "command again"
+    )
+    assert registry.read_text() == before

@@ -182,6 +182,16 @@ class RegistryError(PullError):
         )
 
 
+class RegistryWriteError(PullError):
+    """The list of pulled models cannot be written; it is left as it was."""
+
+    def __init__(self, path: object, exc: OSError) -> None:
+        super().__init__(
+            f"the list of downloaded models {path} cannot be written ({exc.strerror or exc}) "
+            "and is unchanged; make room or fix its folder, then run the same command again"
+        )
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """True for an ``OSError`` that means the disk or quota is full."""
     return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS

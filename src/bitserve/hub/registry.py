@@ -22,7 +22,12 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from bitserve.hub.errors import AmbiguousModelError, RegistryError, UnknownModelError
+from bitserve.hub.errors import (
+    AmbiguousModelError,
+    RegistryError,
+    RegistryWriteError,
+    UnknownModelError,
+)
 
 REGISTRY_VERSION = 1
 
@@ -168,14 +173,21 @@ class Registry:
         """The records as the file holds them now, to change and write back, under an
         exclusive lock: another process (a pull while ``serve -hf`` pulls) may have
         written since this one read the file, and its records must survive."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(self.path.with_name(self.path.name + ".lock"), "a")  # noqa: SIM115
+        except OSError as exc:
+            raise RegistryWriteError(self.path, exc) from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._records = self._load()
             before = dict(self._records)
             yield self._records
             if self._records != before:
-                self._write()
+                try:
+                    self._write()
+                except OSError as exc:  # a full disk, a read-only folder: the file unchanged
+                    raise RegistryWriteError(self.path, exc) from None
 
     def put(self, record: ModelRecord) -> None:
         """Record ``record``; if it is verified, so is every other name of the same file
