@@ -607,11 +607,12 @@ def test_a_model_list_that_cannot_be_written_is_one_sentence(
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr("bitserve.hub.registry.tempfile.mkstemp", full)
-    status, out, err = run(capsys, "pull", "a/b")
-    assert (status, out) == (1, "")
-    assert err.splitlines()[-1] == (
-        f"bitserve pull: the list of downloaded models {registry} cannot be written (No space "
-        "left on device) and is unchanged; make room or fix its folder, then run the same "
-        "command again"
-    )
-    assert registry.read_text() == before
+    for command in (["pull", "a/b"], ["models", "--verify"]):  # --verify records its result
+        status, out, err = run(capsys, *command)
+        assert (status, out) == (1, "")
+        assert err.splitlines()[-1] == (
+            f"bitserve {command[0]}: the list of downloaded models {registry} cannot be "
+            "written (No space left on device) and is unchanged; make room or fix its folder, "
+            "then run the same command again"
+        )
+        assert registry.read_text() == before
