@@ -13,26 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import os
 import re
 import shutil
-import signal
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx2
-from huggingface_hub import (
-    HfApi,
-    constants,
-    get_session,
-    get_token,
-    hf_hub_download,
-    try_to_load_from_cache,
-)
+from huggingface_hub import HfApi, constants, get_token, hf_hub_download, try_to_load_from_cache
 from huggingface_hub import errors as hf_errors
 
 from bitserve.hub.catalog import COMMIT, SHA256
@@ -43,30 +33,22 @@ from bitserve.hub.errors import (
     NoNetworkError,
     NotCachedError,
     PullError,
-    RateLimitedError,
     RepoNotFoundError,
     RevisionNotFoundError,
     UnreadableModelError,
-    UnsafeHeaderError,
     VerificationError,
     format_size,
     is_disk_full,
 )
 from bitserve.hub.registry import ModelRecord, Registry
+from bitserve.hub.session import guard_session, log_hub_once, stopping_signals_unwind
 from bitserve.hub.spec import ModelSpec
 
 _HASH_CHUNK = 1 << 20
-# the longest wait a rate-limiting hub may ask for before a retry; past it, the pull stops
-MAX_RATE_LIMIT_WAIT_S = 60
-# an ETag huggingface_hub may name a blob after: a token without '/', '\\' or a leading '.'
-# the IETF RateLimit header, as huggingface_hub reads it: '"api";r=0;t=3600' (r requests
-# left, t seconds until the window resets)
-_RATE_LIMIT = re.compile(r'"\w+"\s*;\s*r\s*=\s*(\d+)\s*;\s*t\s*=\s*(\d+)')
 # huggingface_hub's OSError for a transfer that ended at another size than announced
 _SIZE_MISMATCH = re.compile(
     r"Consistency check failed: file should be of size (\d+) but has size (\d+)"
 )
-_PLAIN_ETAG = re.compile(r"[\w+=-][\w.+=-]*")
 
 
 def _env_flag(name: str) -> bool:
@@ -136,7 +118,7 @@ class Puller:
         self.options = options
         self.registry = registry
         self.notify = notify
-        _log_hub_once()
+        log_hub_once()
 
     # -- the three ways in -------------------------------------------------------------
 
@@ -197,7 +179,7 @@ class Puller:
         """Every file of ``spec``'s repository at its revision, with size and LFS sha256."""
         endpoint = self.options.endpoint_url
         api = HfApi(endpoint=endpoint, token=self.options.token)
-        _guard_hub_session()
+        guard_session()
         try:
             info = api.model_info(
                 spec.repo,
@@ -264,9 +246,9 @@ class Puller:
         return path
 
     def _download(self, spec: ModelSpec, remote: RemoteFile) -> str:
-        _guard_hub_session()
+        guard_session()
         try:
-            with _stopping_signals_unwind():
+            with stopping_signals_unwind():
                 path = hf_hub_download(
                     spec.repo,
                     remote.filename,
@@ -423,94 +405,6 @@ def is_safe_filename(name: str) -> bool:
         and "\\" not in name
         and not any(ord(c) < 32 or ord(c) == 127 for c in name)
     )
-
-
-def _log_hub_once() -> None:
-    """``huggingface_hub`` logs through a handler of its own and also passes each record
-    on to the root logger, which bitserve's command line configures: every retry warning
-    was printed twice, in two formats. Its own handler goes; the root's (bitserve's
-    format and ``--log-level``) prints them once."""
-    hub_logger = logging.getLogger("huggingface_hub")
-    for handler in list(hub_logger.handlers):
-        if type(handler) is logging.StreamHandler:
-            hub_logger.removeHandler(handler)
-
-
-@contextlib.contextmanager
-def _stopping_signals_unwind() -> Iterator[None]:
-    """SIGTERM or SIGHUP in the block exit through ``SystemExit(128 + signal)`` instead of
-    killing the process on the spot, so that ``huggingface_hub`` deletes its partial file
-    (in a ``finally``): it names that file per process and never resumes it, so a pull
-    stopped by systemd, ``docker stop`` or a closed terminal left it for good. Only the
-    main thread can set handlers, and a handler someone else set is left alone."""
-    stopping = (signal.SIGTERM, signal.SIGHUP)
-    if threading.current_thread() is not threading.main_thread() or any(
-        signal.getsignal(s) is not signal.SIG_DFL for s in stopping
-    ):
-        yield
-        return
-
-    def unwind(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    for s in stopping:
-        signal.signal(s, unwind)
-    try:
-        yield
-    finally:
-        for s in stopping:
-            signal.signal(s, signal.SIG_DFL)
-
-
-def _guard_hub_session() -> None:
-    """Make ``huggingface_hub``'s HTTP session check every answer (:func:`_check_answer`);
-    it may have been made anew since the last call, and the check of that is cheap."""
-    session = get_session()
-    hooks = session.event_hooks
-    if _check_answer not in hooks["response"]:
-        session.event_hooks = {**hooks, "response": [*hooks["response"], _check_answer]}
-
-
-def _check_answer(response: httpx2.Response) -> None:
-    """An event hook on ``huggingface_hub``'s session, for what it takes on trust."""
-    if response.status_code == 429:
-        _refuse_long_waits(response)
-    if response.request.method == "HEAD":
-        _refuse_unsafe_names(response)
-
-
-def _refuse_long_waits(response: httpx2.Response) -> None:
-    """``huggingface_hub`` sleeps as long as a 429 answer asks, five times over: a
-    ``Retry-After: 86400`` held the command for days."""
-    wait = _retry_after_s(response.headers)
-    if wait is not None and wait > MAX_RATE_LIMIT_WAIT_S:
-        raise RateLimitedError(response.request.url.host, wait)
-
-
-def _retry_after_s(headers: httpx2.Headers) -> int | None:
-    """The seconds a 429 answer asks to wait, as ``huggingface_hub`` reads them."""
-    limit = _RATE_LIMIT.search(headers.get("RateLimit", ""))
-    if limit is not None and int(limit.group(1)) == 0:
-        return int(limit.group(2))
-    value = headers.get("Retry-After", "").strip()
-    return int(value) if value.isdigit() else None
-
-
-def _refuse_unsafe_names(response: httpx2.Response) -> None:
-    """``huggingface_hub`` takes a file's snapshot folder from the HEAD answer's
-    ``X-Repo-Commit`` and its blob name from ``X-Linked-Etag`` (else ``ETag``), joined to
-    the cache path as they come; a hostile hub answering ``../../x`` would have a file
-    written anywhere the user may write."""
-    commit = response.headers.get(constants.HUGGINGFACE_HEADER_X_REPO_COMMIT)
-    if commit is not None and not COMMIT.fullmatch(commit):
-        raise UnsafeHeaderError(str(response.request.url), "X-Repo-Commit", commit)
-    for header in (constants.HUGGINGFACE_HEADER_X_LINKED_ETAG, "ETag"):
-        etag = response.headers.get(header)
-        if etag is not None:
-            name = etag.lstrip("W/").strip('"')  # as huggingface_hub normalizes it
-            if not _PLAIN_ETAG.fullmatch(name):
-                raise UnsafeHeaderError(str(response.request.url), header, etag)
-            return  # huggingface_hub takes the first of the two
 
 
 def file_problem(path: str, size: int | None, sha256: str | None) -> str | None:
