@@ -75,7 +75,7 @@ class HubRepo:
         """A new commit id from the files' contents (call after changing them)."""
         digest = hashlib.sha1()
         for name, f in sorted(self.files.items()):
-            digest.update(name.encode() + f.content)
+            digest.update(name.encode("utf-8", "surrogatepass") + f.content)
         digest.update(self.commit.encode())
         self.commit = digest.hexdigest()
 

@@ -400,6 +400,9 @@ def test_file_names_outside_the_repository_are_never_fetched(
         "x\nbitserve pull: all good-i2_s.gguf",
         "sub/./dot-i2_s.gguf",
         "long" + "x" * 300 + "-i2_s.gguf",
+        "evil\u202efoo-i2_s.gguf",  # a right-to-left override: prints as another name
+        "csi\x9b31m-i2_s.gguf",  # a C1 control, a terminal escape
+        "lone\ud800-i2_s.gguf",  # a surrogate JSON can carry, no file system can store
     ]
     files = {name: HubFile(os.urandom(100)) for name in hostile}
     hub.repos["a/b"] = HubRepo({**files, "m-tq2_0.gguf": HubFile(content)})
@@ -410,10 +413,10 @@ def test_file_names_outside_the_repository_are_never_fetched(
     assert Path(out.strip()).read_bytes() == content
     lines = err.splitlines()
     assert lines[0].startswith(
-        "bitserve pull: ignoring 5 file(s) of a/b whose names are not paths inside the "
+        "bitserve pull: ignoring 8 file(s) of a/b whose names are not paths inside the "
         "repository: '../../../escaped-i2_s.gguf', "
     )
-    assert lines[0].endswith(" and 2 more")
+    assert lines[0].endswith(" and 5 more")
     assert all(line.startswith("bitserve pull: ") for line in lines)
     made = sorted(set(tmp_path.rglob("*")) - set(before))
     assert all(

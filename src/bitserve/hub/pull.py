@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import shutil
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,9 @@ from bitserve.hub.session import guard_session, log_hub_once, stopping_signals_u
 from bitserve.hub.spec import ModelSpec
 
 _HASH_CHUNK = 1 << 20
+# Unicode categories no file name bitserve writes or prints may hold: controls (C0, C1),
+# format characters (bidirectional overrides, zero-width), lone surrogates, line breaks
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 # huggingface_hub's OSError for a transfer that ended at another size than announced
 _SIZE_MISMATCH = re.compile(
     r"Consistency check failed: file should be of size (\d+) but has size (\d+)"
@@ -398,13 +402,11 @@ def _listed_files(info: Any) -> tuple[list[RemoteFile], list[str]]:
 
 def is_safe_filename(name: str) -> bool:
     """True for a relative path of plain components, each short enough for a file system:
-    what a file of a repository is, and all that may be written under the cache."""
-    parts = name.split("/")
-    return (
-        not any(part in ("", ".", "..") or len(part.encode()) > 255 for part in parts)
-        and "\\" not in name
-        and not any(ord(c) < 32 or ord(c) == 127 for c in name)
-    )
+    what a file of a repository is, and all that may be written under the cache (or
+    printed: no control, format or bidirectional characters, no lone surrogates)."""
+    if "\\" in name or any(unicodedata.category(c) in _UNPRINTABLE for c in name):
+        return False
+    return not any(part in ("", ".", "..") or len(part.encode()) > 255 for part in name.split("/"))
 
 
 def file_problem(path: str, size: int | None, sha256: str | None) -> str | None:
