@@ -5,6 +5,7 @@ once as a real process."""
 from __future__ import annotations
 
 import errno
+import gzip
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fake_hub import FakeHub, HubFile, HubRepo
@@ -619,3 +621,27 @@ def test_a_model_list_that_cannot_be_written_is_one_sentence(
             "then run the same command again"
         )
         assert registry.read_text() == before
+
+
+BOMB = (200, {"Content-Encoding": "gzip"}, gzip.compress(bytes(50_000_000)))
+
+
+@pytest.mark.parametrize(
+    "fault", [{"endless": True}, {"cdn_answer": BOMB}], ids=["endless", "gzip-bomb"]
+)
+def test_a_download_without_end_stops_at_the_listed_size(
+    hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str], fault: dict[str, Any]
+) -> None:
+    """huggingface_hub writes whatever a body brings and compares sizes at its end: a
+    CDN sending without end (no Content-Length) filled the disk, and the pull never
+    finished while bytes flowed; 50 kB of gzip became 50 MB on disk."""
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(gguf_bytes(100_000), **fault)})
+    status, out, err = run(capsys, "pull", "a/b")
+    assert (status, out) == (1, "")
+    assert err.splitlines()[-1] == (
+        f"bitserve pull: the download from {hub.cdn_url}/blobs/"
+        f"{hub.repos['a/b'].files['m-i2_s.gguf'].sha256} went on past the 100000 bytes the "
+        "hub lists for the file; stopped and deleted (is HF_ENDPOINT a Hugging Face hub you "
+        "trust?)"
+    )
+    assert list((Path(env["HF_HUB_CACHE"]) / "models--a--b" / "blobs").iterdir()) == []

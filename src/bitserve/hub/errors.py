@@ -79,6 +79,16 @@ class UnsafeHeaderError(PullError):
         self.header = header
 
 
+class OversizeTransferError(PullError):
+    """A download brought more bytes than the hub lists for the file (stopped there)."""
+
+    def __init__(self, url: str, size: int) -> None:
+        super().__init__(
+            f"the download from {url} went on past the {size} bytes the hub lists for the "
+            "file; stopped and deleted (is HF_ENDPOINT a Hugging Face hub you trust?)"
+        )
+
+
 class RateLimitedError(PullError):
     def __init__(self, host: str, wait_s: int) -> None:
         super().__init__(

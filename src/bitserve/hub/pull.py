@@ -33,6 +33,7 @@ from bitserve.hub.errors import (
     GatedRepoError,
     NoNetworkError,
     NotCachedError,
+    OversizeTransferError,
     PullError,
     RepoNotFoundError,
     RevisionNotFoundError,
@@ -42,7 +43,12 @@ from bitserve.hub.errors import (
     is_disk_full,
 )
 from bitserve.hub.registry import ModelRecord, Registry
-from bitserve.hub.session import guard_session, log_hub_once, stopping_signals_unwind
+from bitserve.hub.session import (
+    bounded_transfers,
+    guard_session,
+    log_hub_once,
+    stopping_signals_unwind,
+)
 from bitserve.hub.spec import ModelSpec
 
 _HASH_CHUNK = 1 << 20
@@ -130,7 +136,7 @@ class Puller:
         """Download (or revalidate) ``spec``'s file and verify it. Offline: the local copy."""
         try:
             return self._pull(spec)
-        except (VerificationError, UnreadableModelError):
+        except (VerificationError, UnreadableModelError, OversizeTransferError):
             record = self.registry.get(spec.name)
             if record is not None and not record.exists():  # its file was just deleted
                 self.registry.remove(spec.name)
@@ -252,7 +258,7 @@ class Puller:
     def _download(self, spec: ModelSpec, remote: RemoteFile) -> str:
         guard_session()
         try:
-            with stopping_signals_unwind():
+            with stopping_signals_unwind(), bounded_transfers(remote.size):
                 path = hf_hub_download(
                     spec.repo,
                     remote.filename,

@@ -1,6 +1,7 @@
 """What bitserve does not take on trust in ``huggingface_hub``'s HTTP session and process:
 :func:`guard_session` checks every answer of the hub before ``huggingface_hub`` acts on
-it (cache paths named by headers, rate-limit waits), :func:`stopping_signals_unwind`
+it (cache paths named by headers, rate-limit waits, bodies longer than the file:
+:func:`bounded_transfers`), :func:`stopping_signals_unwind`
 lets SIGTERM and SIGHUP reach its cleanup, :func:`log_hub_once` prints its warnings once.
 """
 
@@ -12,12 +13,13 @@ import re
 import signal
 import threading
 from collections.abc import Iterator
+from contextvars import ContextVar
 
 import httpx2
 from huggingface_hub import constants, get_session
 
 from bitserve.hub.catalog import COMMIT
-from bitserve.hub.errors import RateLimitedError, UnsafeHeaderError
+from bitserve.hub.errors import OversizeTransferError, RateLimitedError, UnsafeHeaderError
 
 # the longest wait a rate-limiting hub may ask for before a retry; past it, the pull stops
 MAX_RATE_LIMIT_WAIT_S = 60
@@ -26,6 +28,8 @@ MAX_RATE_LIMIT_WAIT_S = 60
 _RATE_LIMIT = re.compile(r'"\w+"\s*;\s*r\s*=\s*(\d+)\s*;\s*t\s*=\s*(\d+)')
 # an ETag huggingface_hub may name a blob after: a token without '/', '\\' or a leading '.'
 _PLAIN_ETAG = re.compile(r"[\w+=-][\w.+=-]*")
+# the most bytes one answer to a file download may bring, set by bounded_transfers()
+_TRANSFER_LIMIT: ContextVar[int | None] = ContextVar("bitserve_transfer_limit", default=None)
 
 
 def log_hub_once() -> None:
@@ -74,12 +78,43 @@ def guard_session() -> None:
         session.event_hooks = {**hooks, "response": [*hooks["response"], _check_answer]}
 
 
+@contextlib.contextmanager
+def bounded_transfers(max_bytes: int | None) -> Iterator[None]:
+    """File downloads in the block stop at ``max_bytes`` (the size the hub lists) with
+    :class:`OversizeTransferError`: ``huggingface_hub`` writes whatever a body brings and
+    compares sizes only at its end, so a body without end (no ``Content-Length``, or a
+    gzip bomb) filled the disk. None: no bound."""
+    token = _TRANSFER_LIMIT.set(max_bytes)
+    try:
+        yield
+    finally:
+        _TRANSFER_LIMIT.reset(token)
+
+
 def _check_answer(response: httpx2.Response) -> None:
     """An event hook on ``huggingface_hub``'s session, for what it takes on trust."""
     if response.status_code == 429:
         _refuse_long_waits(response)
     if response.request.method == "HEAD":
         _refuse_unsafe_names(response)
+    limit = _TRANSFER_LIMIT.get()
+    if limit is not None and response.request.method == "GET" and response.is_success:
+        _bound_body(response, limit)
+
+
+def _bound_body(response: httpx2.Response, limit: int) -> None:
+    """Make the body of ``response``, as read (decoded), stop past ``limit`` bytes."""
+    read = response.iter_bytes
+
+    def bounded(chunk_size: int | None = None) -> Iterator[bytes]:
+        seen = 0
+        for chunk in read(chunk_size):
+            seen += len(chunk)
+            if seen > limit:
+                raise OversizeTransferError(str(response.request.url), limit)
+            yield chunk
+
+    response.iter_bytes = bounded  # type: ignore[method-assign]
 
 
 def _refuse_long_waits(response: httpx2.Response) -> None:
