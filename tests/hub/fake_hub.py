@@ -14,11 +14,13 @@ Every request is logged (method, path, ``Range``, status, body bytes sent), so t
 can prove what the client did: a resume is a second GET with ``Range: bytes=N-``.
 Faults are set per file: ``drop_after`` cuts the first transfer after that many bytes,
 ``stall_after`` stops sending after that many (the connection held open until ``stop``),
+``endless`` sends the file and then zeros without end (no ``Content-Length``),
 ``served`` replaces the bytes the CDN sends (a corrupted download), ``listed_size``
 overrides the size the hub advertises (a file too big for the disk), ``resolve_headers``
 the headers of the resolve answer (a hub naming paths ``../x``), ``cdn_answer`` the
 whole answer of the CDN (status, headers, body: a redirect loop, a broken gzip); a repository's
-``info`` replaces the model-info answer (a hub that is not one, or a broken one).
+``info`` replaces the model-info answer (a hub that is not one, or a broken one), and
+``info_stalls`` holds it back until ``stop`` (a hub that accepts and never answers).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class HubFile:
     served: bytes | None = None  # what the CDN sends instead of ``content``
     drop_after: int | None = None  # cut the first GET after this many bytes
     stall_after: int | None = None  # send this many bytes, then nothing until the hub stops
+    endless: bool = False  # no Content-Length; the file, then more bytes until the client goes
     listed_size: int | None = None  # the size the hub advertises instead of the real one
     resolve_headers: dict[str, str] = field(default_factory=dict)  # override the resolve's
     cdn_answer: tuple[int, dict[str, str], bytes] | None = None  # the CDN's, instead
@@ -64,6 +67,7 @@ class HubRepo:
     gated: bool = False
     commit: str = ""
     info: bytes | None = None  # what the model-info endpoint answers instead (a broken hub)
+    info_stalls: bool = False  # the model-info answer never comes (until the hub stops)
 
     def __post_init__(self) -> None:
         if not self.commit:
@@ -73,7 +77,7 @@ class HubRepo:
         """A new commit id from the files' contents (call after changing them)."""
         digest = hashlib.sha1()
         for name, f in sorted(self.files.items()):
-            digest.update(name.encode() + f.content)
+            digest.update(name.encode("utf-8", "surrogatepass") + f.content)
         digest.update(self.commit.encode())
         self.commit = digest.hexdigest()
 
@@ -254,6 +258,10 @@ class _HubHandler(BaseHTTPRequestHandler):
             return self._error(401, "RepoNotFound", head)[0]
         if revision not in (None, "main", repo.commit):
             return self._error(404, "RevisionNotFound", head)[0]
+        if repo.info_stalls:
+            self.hub.stopping.wait()
+            self.close_connection = True
+            return 0
         if repo.info is not None:
             self._send(200, {"Content-Type": "application/json"}, repo.info, head)
             return 200
@@ -318,6 +326,8 @@ class _HubHandler(BaseHTTPRequestHandler):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
             data = data[start:end]
+        elif f.endless and not head:
+            return status, self._send_endless(headers, data)
         elif f.stall_after is not None and not head:
             return status, self._send_stalled(headers, data, f.stall_after)
         elif f.drop_after is not None and not head:
@@ -336,6 +346,26 @@ class _HubHandler(BaseHTTPRequestHandler):
         self.wfile.flush()
         self.hub.stopping.wait()
         self.close_connection = True
+        return sent
+
+    def _send_endless(self, headers: dict[str, str], data: bytes) -> int:
+        """``data``, then zeros until the client leaves or the hub stops; the body's end is
+        the connection's (no ``Content-Length``)."""
+        self.send_response(200)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        sent, filler = 0, bytes(1 << 16)
+        try:
+            self.wfile.write(data)
+            sent = len(data)
+            while not self.hub.stopping.is_set():
+                self.wfile.write(filler)
+                sent += len(filler)
+        except OSError:  # the client hung up
+            pass
         return sent
 
     def _send_cut(self, headers: dict[str, str], data: bytes, cut: int) -> int:

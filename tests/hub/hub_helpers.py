@@ -31,7 +31,8 @@ class HubClient:
 
 
 def _fields(options: HubOptions) -> dict[str, object]:
-    return {k: getattr(options, k) for k in ("endpoint", "cache_dir", "token", "offline")}
+    keys = ("endpoint", "cache_dir", "token", "offline", "listing_timeout_s")
+    return {k: getattr(options, k) for k in keys}
 
 
 def bitnet_repo(content: bytes) -> HubRepo:

@@ -4,6 +4,8 @@ once as a real process."""
 
 from __future__ import annotations
 
+import errno
+import gzip
 import hashlib
 import json
 import os
@@ -12,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fake_hub import FakeHub, HubFile, HubRepo
@@ -158,6 +161,20 @@ def test_the_real_command_reads_hf_endpoint_and_hf_hub_offline(
     assert offline.stdout == done.stdout and hub.log == []
 
 
+def test_the_hub_clients_warnings_are_printed_once(hub: FakeHub, env: dict[str, str]) -> None:
+    """huggingface_hub logs through its own handler and the root logger both: each
+    retry warning came out twice, in two formats."""
+    content = gguf_bytes(2000)
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(content, drop_after=500)})
+    command = [sys.executable, "-m", "bitserve.cli", "pull", "a/b"]
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | env
+    done = subprocess.run(command, capture_output=True, text=True, env=child_env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()).read_bytes() == content
+    assert done.stderr.count("peer closed connection") == 1, done.stderr
+    assert "WARNING huggingface_hub.file_download: Error while downloading" in done.stderr
+
+
 def test_a_reader_that_stops_early_is_not_an_error() -> None:
     # `bitserve pull --list | head -1` once head has exited: every write is EPIPE
     read_end, write_end = os.pipe()
@@ -232,17 +249,50 @@ def test_a_file_name_two_models_share_is_ambiguous(
     )
 
 
-@pytest.mark.parametrize("content", ["{torn", '{"version": 99, "models": []}'])
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+RECORD = {
+    "name": "kept",
+    "repo": "a/b",
+    "filename": "m-i2_s.gguf",
+    "revision": COMMIT,
+    "path": "/nowhere/m-i2_s.gguf",
+    "size": 1000,
+    "sha256": None,
+    "family": None,
+    "verified_at": None,
+}
+
+
+def _models(*records: object) -> str:
+    return json.dumps({"version": 1, "models": list(records)})
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("{torn", "Expecting property name"),
+        ('{"version": 99, "models": []}', "version 99"),
+        ('{"version": 1, "models": {"kept": 1}}', "its 'models' is not a list"),
+        (_models(RECORD, {"name": "typo"}), "its record #2 lacks repo, filename"),
+        (_models(RECORD, RECORD | {"size": "1000"}), "its record #2 has size '1000'"),
+        (_models(RECORD | {"added_later": 1}), "its record #1 has unknown fields added_later"),
+        (_models(RECORD, [1]), "its record #2 is list, not an object"),
+    ],
+    ids=["torn", "version", "models", "missing", "type", "unknown", "not-object"],
+)
 @pytest.mark.parametrize("command", [["models"], ["rm", "bitnet-2b"], ["pull", "bitnet-2b"]])
 def test_an_unreadable_model_list_is_said_never_read_as_empty(
     hub: FakeHub,
     env: dict[str, str],
     capsys: pytest.CaptureFixture[str],
     content: str,
+    problem: str,
     command: list[str],
 ) -> None:
     """A torn models.json read as 'no models downloaded yet' (exit 0), and the next pull
-    would have written over every record."""
+    would have written over every record; a malformed record was dropped the same way
+    (and with it, at the next pull, every record a newer bitserve wrote with a field
+    this one does not know)."""
     hub.repos[BITNET_REPO] = bitnet_repo(gguf_bytes(1000))
     registry = Path(env["BITSERVE_CACHE"]) / "models.json"
     registry.parent.mkdir(parents=True)
@@ -250,6 +300,7 @@ def test_an_unreadable_model_list_is_said_never_read_as_empty(
     status, _, err = run(capsys, *command)
     assert status == 1
     assert err.startswith(f"bitserve {command[0]}: the list of downloaded models {registry} ")
+    assert problem in err
     assert registry.read_text() == content  # nothing written over
 
 
@@ -293,9 +344,6 @@ def test_a_file_pulled_again_is_verified_under_every_name_it_has(
 
 def _listing(commit: object, *siblings: dict[str, object]) -> bytes:
     return json.dumps({"id": "a/b", "sha": commit, "siblings": list(siblings)}).encode()
-
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.mark.parametrize(
@@ -354,6 +402,9 @@ def test_file_names_outside_the_repository_are_never_fetched(
         "x\nbitserve pull: all good-i2_s.gguf",
         "sub/./dot-i2_s.gguf",
         "long" + "x" * 300 + "-i2_s.gguf",
+        "evil\u202efoo-i2_s.gguf",  # a right-to-left override: prints as another name
+        "csi\x9b31m-i2_s.gguf",  # a C1 control, a terminal escape
+        "lone\ud800-i2_s.gguf",  # a surrogate JSON can carry, no file system can store
     ]
     files = {name: HubFile(os.urandom(100)) for name in hostile}
     hub.repos["a/b"] = HubRepo({**files, "m-tq2_0.gguf": HubFile(content)})
@@ -364,17 +415,16 @@ def test_file_names_outside_the_repository_are_never_fetched(
     assert Path(out.strip()).read_bytes() == content
     lines = err.splitlines()
     assert lines[0].startswith(
-        "bitserve pull: ignoring 5 file(s) of a/b whose names are not paths inside the "
+        "bitserve pull: ignoring 8 file(s) of a/b whose names are not paths inside the "
         "repository: '../../../escaped-i2_s.gguf', "
     )
-    assert lines[0].endswith(" and 2 more")
+    assert lines[0].endswith(" and 5 more")
     assert all(line.startswith("bitserve pull: ") for line in lines)
     made = sorted(set(tmp_path.rglob("*")) - set(before))
     assert all(
         p.is_relative_to(tmp_path / "hf") or p.is_relative_to(tmp_path / "bitserve") for p in made
     )
     assert not any("i2_s" in p.name for p in made)
-    assert [r.path for r in hub.blob_gets()] == [f"/blobs/{files_sha(content)}"]
 
 
 def files_sha(content: bytes) -> str:
@@ -498,3 +548,100 @@ def test_a_pull_stopped_by_a_signal_leaves_no_partial_file(
         _, err = child.communicate(timeout=30)
     assert child.returncode == 128 + signum, err
     assert list(blobs.iterdir()) == []
+
+
+def test_rm_deletes_nothing_outside_the_hugging_face_cache(
+    hub: FakeHub, env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """rm deleted whatever path models.json named: a hand-edited (or another tool's)
+    record pointing at ~/notes.txt had that file deleted."""
+    hub.repos[BITNET_REPO] = bitnet_repo(gguf_bytes(1000))
+    assert run(capsys, "pull", "bitnet-2b")[0] == 0
+    precious = tmp_path / "notes.txt"
+    precious.write_text("not a model")
+    registry = Path(env["BITSERVE_CACHE"]) / "models.json"
+    body = json.loads(registry.read_text())
+    body["models"][0] |= {"path": str(precious), "size": precious.stat().st_size}
+    registry.write_text(json.dumps(body))
+    status, _, err = run(capsys, "rm", "bitnet-2b")
+    assert status == 1
+    assert err == (
+        f"bitserve rm: {precious} is not a file of a Hugging Face cache "
+        "(models--OWNER--NAME/snapshots/...); bitserve deletes nothing else\n"
+    )
+    assert precious.read_text() == "not a model"
+    assert json.loads(registry.read_text()) == body  # the record stays, for the user to see
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Retry-After": "86400"}, {"RateLimit": '"api";r=0;t=3600', "RateLimit-Policy": "x"}],
+    ids=["retry-after", "ratelimit"],
+)
+def test_a_hub_asking_to_wait_for_hours_is_told_not_obeyed(
+    hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str], headers: dict[str, str]
+) -> None:
+    """huggingface_hub sleeps as long as a 429 answer asks, five times over: the command
+    sat silent for days."""
+    answer = (429, headers, b"")
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(gguf_bytes(1000), cdn_answer=answer)})
+    status, out, err = run(capsys, "pull", "a/b")
+    assert (status, out) == (1, "")
+    assert err.splitlines()[-1] == (
+        "bitserve pull: the hub at 127.0.0.1 is limiting this machine's requests and asks it "
+        f"to wait {86400 if 'Retry-After' in headers else 3600} s; try again later (requests "
+        "with an HF_TOKEN get a higher limit)"
+    )
+
+
+def test_a_model_list_that_cannot_be_written_is_one_sentence(
+    hub: FakeHub,
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A full disk under BITSERVE_CACHE (the Hugging Face cache elsewhere) made the pull
+    that had just downloaded and verified its file end in an OSError traceback."""
+    hub.repos[BITNET_REPO] = bitnet_repo(gguf_bytes(1000))
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(gguf_bytes(1000))})
+    assert run(capsys, "pull", "bitnet-2b")[0] == 0
+    registry = Path(env["BITSERVE_CACHE"]) / "models.json"
+    before = registry.read_text()
+
+    def full(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("bitserve.hub.registry.tempfile.mkstemp", full)
+    for command in (["pull", "a/b"], ["models", "--verify"]):  # --verify records its result
+        status, out, err = run(capsys, *command)
+        assert (status, out) == (1, "")
+        assert err.splitlines()[-1] == (
+            f"bitserve {command[0]}: the list of downloaded models {registry} cannot be "
+            "written (No space left on device) and is unchanged; make room or fix its folder, "
+            "then run the same command again"
+        )
+        assert registry.read_text() == before
+
+
+BOMB = (200, {"Content-Encoding": "gzip"}, gzip.compress(bytes(50_000_000)))
+
+
+@pytest.mark.parametrize(
+    "fault", [{"endless": True}, {"cdn_answer": BOMB}], ids=["endless", "gzip-bomb"]
+)
+def test_a_download_without_end_stops_at_the_listed_size(
+    hub: FakeHub, env: dict[str, str], capsys: pytest.CaptureFixture[str], fault: dict[str, Any]
+) -> None:
+    """huggingface_hub writes whatever a body brings and compares sizes at its end: a
+    CDN sending without end (no Content-Length) filled the disk, and the pull never
+    finished while bytes flowed; 50 kB of gzip became 50 MB on disk."""
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(gguf_bytes(100_000), **fault)})
+    status, out, err = run(capsys, "pull", "a/b")
+    assert (status, out) == (1, "")
+    assert err.splitlines()[-1] == (
+        f"bitserve pull: the download from {hub.cdn_url}/blobs/"
+        f"{hub.repos['a/b'].files['m-i2_s.gguf'].sha256} went on past the 100000 bytes the "
+        "hub lists for the file; stopped and deleted (is HF_ENDPOINT a Hugging Face hub you "
+        "trust?)"
+    )
+    assert list((Path(env["HF_HUB_CACHE"]) / "models--a--b" / "blobs").iterdir()) == []

@@ -19,6 +19,7 @@ from bitserve.hub.errors import (
     NoMatchingFileError,
     NoNetworkError,
     NotCachedError,
+    OversizeTransferError,
     PullError,
     RepoNotFoundError,
     VerificationError,
@@ -196,6 +197,19 @@ def test_no_network_falls_back_to_the_downloaded_copy(hub: FakeHub, client: HubC
     assert client.messages[-1] == "the hub is unreachable; using the copy of bitnet-2b on disk"
 
 
+def test_a_hub_that_never_answers_the_listing_times_out(hub: FakeHub, client: HubClient) -> None:
+    """huggingface_hub lists a repository with no timeout: a hub that accepted the
+    connection and never answered held `bitserve pull` (and `serve -hf`) forever."""
+    hub.repos[BITNET_REPO] = bitnet_repo(gguf_bytes(5000))
+    record = client.pull("bitnet-2b")
+    hub.repos[BITNET_REPO].info_stalls = True
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(gguf_bytes(1000))}, info_stalls=True)
+    assert client.pull("bitnet-2b", listing_timeout_s=0.2) == record
+    assert client.messages[-1] == "the hub is unreachable; using the copy of bitnet-2b on disk"
+    with pytest.raises(NoNetworkError, match=r"cannot reach the model hub at .* \(timed out\)"):
+        client.pull("a/b", listing_timeout_s=0.2)
+
+
 def test_unknown_repo_is_one_sentence(client: HubClient) -> None:
     with pytest.raises(RepoNotFoundError) as caught:
         client.pull("nobody/no-such-model")
@@ -312,17 +326,24 @@ def test_offline_never_serves_a_copy_that_failed_verification(
         client.pull("bitnet-2b", offline=True)
 
 
-def test_a_truncated_download_is_never_kept(hub: FakeHub, client: HubClient) -> None:
+@pytest.mark.parametrize("served", [40_000, 90_000], ids=["short", "long"])
+def test_a_download_of_another_size_is_never_kept(
+    hub: FakeHub, client: HubClient, served: int
+) -> None:
     # huggingface_hub#4223: a transfer that ends early but cleanly (a short body with a
-    # matching Content-Length) once left a truncated file that loaded as zeros
+    # matching Content-Length) once left a truncated file that loaded as zeros. A longer
+    # body is cut at the listed size.
     content = gguf_bytes(60_000)
     repo = bitnet_repo(content)
-    repo.files["ggml-model-i2_s.gguf"].served = content[:40_000]
+    repo.files["ggml-model-i2_s.gguf"].served = (content + content)[:served]
     hub.repos[BITNET_REPO] = repo
-    with pytest.raises(VerificationError) as caught:
+    with pytest.raises(PullError) as caught:
         client.pull("bitnet-2b")
-    assert str(caught.value) == (
-        "ggml-model-i2_s.gguf failed verification (the download ended before the size the hub "
-        "lists); the file was deleted: run the same command again to download it anew"
-    )
+    if served < len(content):
+        assert str(caught.value) == (
+            f"ggml-model-i2_s.gguf failed verification ({served} bytes arrived, the hub lists "
+            "60000); the file was deleted: run the same command again to download it anew"
+        )
+    else:
+        assert isinstance(caught.value, OversizeTransferError)
     assert blobs(client.options.cache) == [] and client.registry.get("bitnet-2b") is None

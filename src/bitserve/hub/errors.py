@@ -79,6 +79,24 @@ class UnsafeHeaderError(PullError):
         self.header = header
 
 
+class OversizeTransferError(PullError):
+    """A download brought more bytes than the hub lists for the file (stopped there)."""
+
+    def __init__(self, url: str, size: int) -> None:
+        super().__init__(
+            f"the download from {url} went on past the {size} bytes the hub lists for the "
+            "file; stopped and deleted (is HF_ENDPOINT a Hugging Face hub you trust?)"
+        )
+
+
+class RateLimitedError(PullError):
+    def __init__(self, host: str, wait_s: int) -> None:
+        super().__init__(
+            f"the hub at {host} is limiting this machine's requests and asks it to wait "
+            f"{wait_s} s; try again later (requests with an HF_TOKEN get a higher limit)"
+        )
+
+
 class RevisionNotFoundError(PullError):
     def __init__(self, repo: str, revision: str) -> None:
         super().__init__(f"{repo} has no revision {revision!r}")
@@ -171,6 +189,16 @@ class RegistryError(PullError):
         super().__init__(
             f"the list of downloaded models {path} cannot be read ({why}); move it away and "
             "pull again (the model files stay in the Hugging Face cache)"
+        )
+
+
+class RegistryWriteError(PullError):
+    """The list of pulled models cannot be written; it is left as it was."""
+
+    def __init__(self, path: object, exc: OSError) -> None:
+        super().__init__(
+            f"the list of downloaded models {path} cannot be written ({exc.strerror or exc}) "
+            "and is unchanged; make room or fix its folder, then run the same command again"
         )
 
 

@@ -16,22 +16,14 @@ import hashlib
 import os
 import re
 import shutil
-import signal
-import threading
-from collections.abc import Callable, Iterator
+import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx2
-from huggingface_hub import (
-    HfApi,
-    constants,
-    get_session,
-    get_token,
-    hf_hub_download,
-    try_to_load_from_cache,
-)
+from huggingface_hub import HfApi, constants, get_token, hf_hub_download, try_to_load_from_cache
 from huggingface_hub import errors as hf_errors
 
 from bitserve.hub.catalog import COMMIT, SHA256
@@ -41,21 +33,32 @@ from bitserve.hub.errors import (
     GatedRepoError,
     NoNetworkError,
     NotCachedError,
+    OversizeTransferError,
     PullError,
     RepoNotFoundError,
     RevisionNotFoundError,
     UnreadableModelError,
-    UnsafeHeaderError,
     VerificationError,
     format_size,
     is_disk_full,
 )
 from bitserve.hub.registry import ModelRecord, Registry
+from bitserve.hub.session import (
+    bounded_transfers,
+    guard_session,
+    log_hub_once,
+    stopping_signals_unwind,
+)
 from bitserve.hub.spec import ModelSpec
 
 _HASH_CHUNK = 1 << 20
-# an ETag huggingface_hub may name a blob after: a token without '/', '\\' or a leading '.'
-_PLAIN_ETAG = re.compile(r"[\w+=-][\w.+=-]*")
+# Unicode categories no file name bitserve writes or prints may hold: controls (C0, C1),
+# format characters (bidirectional overrides, zero-width), lone surrogates, line breaks
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+# huggingface_hub's OSError for a transfer that ended at another size than announced
+_SIZE_MISMATCH = re.compile(
+    r"Consistency check failed: file should be of size (\d+) but has size (\d+)"
+)
 
 
 def _env_flag(name: str) -> bool:
@@ -71,6 +74,10 @@ class HubOptions:
     cache_dir: Path | None = None
     token: str | bool | None = None  # False: never send one
     offline: bool = False
+    # seconds the hub may stay silent while listing a repository: huggingface_hub sets no
+    # limit there (a hub that accepts and never answers held `bitserve pull` forever);
+    # its file transfers have their own (HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT)
+    listing_timeout_s: float = 60.0
 
     @classmethod
     def from_env(cls, offline: bool = False) -> HubOptions:
@@ -121,6 +128,7 @@ class Puller:
         self.options = options
         self.registry = registry
         self.notify = notify
+        log_hub_once()
 
     # -- the three ways in -------------------------------------------------------------
 
@@ -128,7 +136,7 @@ class Puller:
         """Download (or revalidate) ``spec``'s file and verify it. Offline: the local copy."""
         try:
             return self._pull(spec)
-        except (VerificationError, UnreadableModelError):
+        except (VerificationError, UnreadableModelError, OversizeTransferError):
             record = self.registry.get(spec.name)
             if record is not None and not record.exists():  # its file was just deleted
                 self.registry.remove(spec.name)
@@ -181,8 +189,14 @@ class Puller:
         """Every file of ``spec``'s repository at its revision, with size and LFS sha256."""
         endpoint = self.options.endpoint_url
         api = HfApi(endpoint=endpoint, token=self.options.token)
+        guard_session()
         try:
-            info = api.model_info(spec.repo, revision=spec.revision, files_metadata=True)
+            info = api.model_info(
+                spec.repo,
+                revision=spec.revision,
+                files_metadata=True,
+                timeout=self.options.listing_timeout_s,
+            )
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             # HfApi parses the answer itself: not JSON, or JSON of another shape
             raise BadAnswerError(endpoint, spec.repo, _reason(exc)) from None
@@ -242,9 +256,9 @@ class Puller:
         return path
 
     def _download(self, spec: ModelSpec, remote: RemoteFile) -> str:
-        _guard_hub_session()
+        guard_session()
         try:
-            with _stopping_signals_unwind():
+            with stopping_signals_unwind(), bounded_transfers(remote.size):
                 path = hf_hub_download(
                     spec.repo,
                     remote.filename,
@@ -255,9 +269,10 @@ class Puller:
                 )
             return str(path)
         except OSError as exc:
-            if str(exc).startswith("Consistency check failed"):  # short read, file discarded
+            if m := _SIZE_MISMATCH.match(str(exc)):  # huggingface_hub discarded the file
+                expected, actual = m.groups()
                 raise VerificationError(
-                    remote.filename, "the download ended before the size the hub lists"
+                    remote.filename, f"{actual} bytes arrived, the hub lists {expected}"
                 ) from None
             raise self._translate(exc, spec) from None
         except Exception as exc:
@@ -393,67 +408,11 @@ def _listed_files(info: Any) -> tuple[list[RemoteFile], list[str]]:
 
 def is_safe_filename(name: str) -> bool:
     """True for a relative path of plain components, each short enough for a file system:
-    what a file of a repository is, and all that may be written under the cache."""
-    parts = name.split("/")
-    return (
-        not any(part in ("", ".", "..") or len(part.encode()) > 255 for part in parts)
-        and "\\" not in name
-        and not any(ord(c) < 32 or ord(c) == 127 for c in name)
-    )
-
-
-@contextlib.contextmanager
-def _stopping_signals_unwind() -> Iterator[None]:
-    """SIGTERM or SIGHUP in the block exit through ``SystemExit(128 + signal)`` instead of
-    killing the process on the spot, so that ``huggingface_hub`` deletes its partial file
-    (in a ``finally``): it names that file per process and never resumes it, so a pull
-    stopped by systemd, ``docker stop`` or a closed terminal left it for good. Only the
-    main thread can set handlers, and a handler someone else set is left alone."""
-    stopping = (signal.SIGTERM, signal.SIGHUP)
-    if threading.current_thread() is not threading.main_thread() or any(
-        signal.getsignal(s) is not signal.SIG_DFL for s in stopping
-    ):
-        yield
-        return
-
-    def unwind(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    for s in stopping:
-        signal.signal(s, unwind)
-    try:
-        yield
-    finally:
-        for s in stopping:
-            signal.signal(s, signal.SIG_DFL)
-
-
-def _guard_hub_session() -> None:
-    """Make ``huggingface_hub``'s HTTP session refuse path-naming headers that are not
-    plain names (it may have been made anew since the last call: the check is cheap)."""
-    session = get_session()
-    hooks = session.event_hooks
-    if _refuse_unsafe_names not in hooks["response"]:
-        session.event_hooks = {**hooks, "response": [*hooks["response"], _refuse_unsafe_names]}
-
-
-def _refuse_unsafe_names(response: httpx2.Response) -> None:
-    """An event hook: ``huggingface_hub`` takes a file's snapshot folder from the HEAD
-    answer's ``X-Repo-Commit`` and its blob name from ``X-Linked-Etag`` (else ``ETag``),
-    joined to the cache path as they come; a hostile hub answering ``../../x`` would have
-    a file written anywhere the user may write."""
-    if response.request.method != "HEAD":
-        return
-    commit = response.headers.get(constants.HUGGINGFACE_HEADER_X_REPO_COMMIT)
-    if commit is not None and not COMMIT.fullmatch(commit):
-        raise UnsafeHeaderError(str(response.request.url), "X-Repo-Commit", commit)
-    for header in (constants.HUGGINGFACE_HEADER_X_LINKED_ETAG, "ETag"):
-        etag = response.headers.get(header)
-        if etag is not None:
-            name = etag.lstrip("W/").strip('"')  # as huggingface_hub normalizes it
-            if not _PLAIN_ETAG.fullmatch(name):
-                raise UnsafeHeaderError(str(response.request.url), header, etag)
-            return  # huggingface_hub takes the first of the two
+    what a file of a repository is, and all that may be written under the cache (or
+    printed: no control, format or bidirectional characters, no lone surrogates)."""
+    if "\\" in name or any(unicodedata.category(c) in _UNPRINTABLE for c in name):
+        return False
+    return not any(part in ("", ".", "..") or len(part.encode()) > 255 for part in name.split("/"))
 
 
 def file_problem(path: str, size: int | None, sha256: str | None) -> str | None:
@@ -479,9 +438,16 @@ def sha256_file(path: str | Path) -> str:
 
 
 def remove_cached_file(path: str) -> None:
-    """Delete a file of the Hugging Face cache: its blob and every snapshot link to it."""
+    """Delete a file of the Hugging Face cache: its blob and every snapshot link to it.
+    A path laid out otherwise is a :class:`PullError`, nothing deleted: the path may come
+    from models.json, which a hand edit (or another tool) can point at any file."""
     blob = os.path.realpath(path)
-    storage = Path(blob).parent.parent
+    storage = _cache_storage(path)
+    if storage is None:
+        raise PullError(
+            f"{path} is not a file of a Hugging Face cache (models--OWNER--NAME/snapshots/...); "
+            "bitserve deletes nothing else"
+        )
     snapshots = storage / "snapshots"
     if snapshots.is_dir():
         for link in snapshots.rglob("*"):
@@ -490,6 +456,18 @@ def remove_cached_file(path: str) -> None:
     for victim in (path, blob):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(victim)
+
+
+def _cache_storage(path: str) -> Path | None:
+    """The ``models--owner--name`` folder whose snapshot ``path`` is, if it is one and
+    resolves to that folder's blobs (or, where the cache copies, to itself)."""
+    link = Path(os.path.abspath(path))
+    blob = Path(os.path.realpath(path))
+    for storage in link.parents:
+        if storage.name.startswith("models--") and link.is_relative_to(storage / "snapshots"):
+            inside = blob.parent == Path(os.path.realpath(storage / "blobs")) or blob == link
+            return storage if inside else None
+    return None
 
 
 def _same_file(record: ModelRecord, path: str, remote: RemoteFile) -> bool:

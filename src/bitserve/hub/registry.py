@@ -3,8 +3,10 @@ that records, per model name, the repository, file, commit, path in the Hugging 
 cache, size, sha256 and whether the bytes on disk were checked against it.
 
 The file is rewritten atomically on every change, re-read first under a lock so that
-processes pulling at once keep each other's records; a missing or unreadable file is an
-empty registry (the Hugging Face cache itself is untouched by losing it).
+processes pulling at once keep each other's records; a missing file is an empty
+registry, and one that cannot be read whole (not JSON, another version, a malformed
+record) is a ``RegistryError``: never taken for less than it holds, which the next
+write would make final.
 """
 
 from __future__ import annotations
@@ -16,11 +18,16 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from bitserve.hub.errors import AmbiguousModelError, RegistryError, UnknownModelError
+from bitserve.hub.errors import (
+    AmbiguousModelError,
+    RegistryError,
+    RegistryWriteError,
+    UnknownModelError,
+)
 
 REGISTRY_VERSION = 1
 
@@ -54,6 +61,37 @@ class ModelRecord:
     def with_verification(self, ok: bool) -> ModelRecord:
         return replace(self, verified_at=time.time() if ok else None)
 
+    @classmethod
+    def from_json(cls, raw: object) -> ModelRecord:
+        """The record ``raw`` (an object of models.json) holds; ``ValueError`` saying
+        what is wrong if it is not one."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"is {type(raw).__name__}, not an object")
+        names = [f.name for f in fields(cls)]
+        if missing := [n for n in names if n not in raw]:
+            raise ValueError(f"lacks {', '.join(missing)}")
+        if unknown := sorted(set(raw) - set(names)):
+            raise ValueError(f"has unknown fields {', '.join(map(str, unknown))}")
+        for name, kinds in _FIELD_TYPES.items():
+            value = raw[name]
+            if type(value) not in kinds:
+                raise ValueError(f"has {name} {value!r}")
+        return cls(**raw)
+
+
+# the JSON types of each field (bool is not an int here)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "repo": (str,),
+    "filename": (str,),
+    "revision": (str,),
+    "path": (str,),
+    "size": (int,),
+    "sha256": (str, type(None)),
+    "family": (str, type(None)),
+    "verified_at": (float, int, type(None)),
+}
+
 
 class Registry:
     """Records by name, kept in ``path``."""
@@ -69,11 +107,18 @@ class Registry:
         return cls(cache_dir() / "models.json")
 
     def _load(self) -> dict[str, ModelRecord]:
+        """The records of the file; one that is malformed is a ``RegistryError`` (dropped,
+        it would be gone from the file at the next write)."""
         records: dict[str, ModelRecord] = {}
-        for raw in self._read().get("models", []):
-            with contextlib.suppress(TypeError):
-                record = ModelRecord(**raw)
-                records[record.name] = record
+        listed = self._read().get("models", [])
+        if not isinstance(listed, list):
+            raise RegistryError(self.path, "its 'models' is not a list")
+        for i, raw in enumerate(listed):
+            try:
+                record = ModelRecord.from_json(raw)
+            except ValueError as exc:
+                raise RegistryError(self.path, f"its record #{i + 1} {exc}") from None
+            records[record.name] = record
         return records
 
     def _read(self) -> dict[str, Any]:
@@ -128,14 +173,21 @@ class Registry:
         """The records as the file holds them now, to change and write back, under an
         exclusive lock: another process (a pull while ``serve -hf`` pulls) may have
         written since this one read the file, and its records must survive."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(self.path.with_name(self.path.name + ".lock"), "a")  # noqa: SIM115
+        except OSError as exc:
+            raise RegistryWriteError(self.path, exc) from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._records = self._load()
             before = dict(self._records)
             yield self._records
             if self._records != before:
-                self._write()
+                try:
+                    self._write()
+                except OSError as exc:  # a full disk, a read-only folder: the file unchanged
+                    raise RegistryWriteError(self.path, exc) from None
 
     def put(self, record: ModelRecord) -> None:
         """Record ``record``; if it is verified, so is every other name of the same file

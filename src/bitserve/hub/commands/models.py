@@ -4,8 +4,12 @@ bytes were checked; ``--verify`` hashes every file again."""
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from bitserve.hub.commands import say
+
+if TYPE_CHECKING:
+    from bitserve.hub.registry import Registry
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,15 +22,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bitserve.hub import PullError, Registry
+
+    try:
+        return _list(Registry.default(), args.verify)
+    except PullError as exc:  # the list cannot be read (said, not shown as empty) or written
+        say("models", str(exc))
+        return 1
+
+
+def _list(registry: Registry, verify: bool) -> int:
     from bitserve.hub.commands.pull import print_table
     from bitserve.hub.errors import format_size
     from bitserve.hub.pull import file_problem
 
-    try:
-        registry = Registry.default()
-    except PullError as exc:  # the list cannot be read: said, not shown as empty
-        say("models", str(exc))
-        return 1
     records = list(registry)
     if not records:
         say("models", "no models downloaded yet; `bitserve pull --list` shows the catalog")
@@ -37,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         status = "yes" if record.verified else "no"
         if not record.exists():
             status, failures = "MISSING", failures + 1
-        elif args.verify:
+        elif verify:
             problem = file_problem(record.path, record.size, record.sha256)
             registry.put(record.with_verification(problem is None and record.sha256 is not None))
             if problem is not None:

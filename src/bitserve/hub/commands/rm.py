@@ -22,9 +22,9 @@ def run(args: argparse.Namespace) -> int:
         record = registry.find(args.name)
         others = [r.name for r in registry.users_of(record.path) if r.name != record.name]
         existed = record.exists()
-        registry.remove(record.name)
-        if not others and existed:
+        if not others and existed:  # first: a file bitserve will not delete keeps its record
             remove_cached_file(record.path)
+        registry.remove(record.name)
     except PullError as exc:  # unknown or ambiguous name, an unreadable list
         say("rm", str(exc))
         return 1
