@@ -145,3 +145,27 @@ def test_the_engines_own_work_takes_no_place_in_the_queue(
         release.set()
         engine.stop()
         spill.close()
+
+
+def test_the_engine_is_running_while_a_call_in_steps_is_under_way(
+    engine: EngineLoop[Generator],
+) -> None:
+    """``stats.running`` (``/metrics``' bitserve_busy, and what a shutdown's grace waits
+    for) said idle while a prompt was scored with no generation running: a SIGTERM then
+    stopped the engine at once and the scoring's client got a 503."""
+    seen: list[bool] = []
+
+    def pieces(_: Generator) -> Pieces[None, None, str]:
+        for _ in range(3):
+            yield
+            seen.append(engine.stats.running)
+        return "scored"
+
+    async def main() -> str:
+        scored = await engine.call_in_steps(pieces)
+        await engine.call(lambda _: None)  # the engine thread is past that piece
+        return scored
+
+    assert asyncio.run(main()) == "scored"
+    assert seen == [True, True, True]
+    assert not engine.stats.running and engine.stats.busy_seconds > 0

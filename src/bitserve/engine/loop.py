@@ -112,7 +112,7 @@ class EngineStats:
       ``prefix_cache_bytes``: the prefix cache's share (gauges).
     - ``steps``: batched forward passes; ``busy_seconds``: time spent in steps or jobs.
     - ``running``: True while the engine has a generation under way (batched mode: from
-      the first step until no sequence is waiting or running).
+      the first step until no sequence is waiting or running) or a call in steps.
     - ``failed_steps_in_a_row``: steps since the last one that produced a token in which
       every sequence failed; ``last_error``: the latest failure's message.
     """
@@ -452,6 +452,17 @@ class EngineLoop(Generic[G]):
             self._pieces.append(job)
         return over
 
+    def _run_piece_timed(self, sched: Scheduler) -> None:
+        """One piece (batched mode), counted as engine work: ``running`` stays True while
+        calls in steps are under way, so a shutdown's grace waits for them too."""
+        started = time.perf_counter()
+        self.stats.running = True
+        try:
+            self._run_piece(self._pieces[0])
+        finally:
+            self.stats.busy_seconds += time.perf_counter() - started
+            self.stats.running = sched.has_work or bool(self._pieces)
+
     def _stop_pieces(self) -> None:
         """Shutting down: the calls in steps under way end with ``EngineStoppedError``."""
         while self._pieces:
@@ -506,7 +517,7 @@ class EngineLoop(Generic[G]):
                     for handle in self._active.values():
                         handle.cancel()
             if self._pieces:  # one piece of a long call, then a step for the streams
-                self._run_piece(self._pieces[0])
+                self._run_piece_timed(sched)
             if sched.has_work:
                 try:
                     self._step(sched)
@@ -620,7 +631,7 @@ class EngineLoop(Generic[G]):
 
     def _sync_stats(self, sched: Scheduler) -> None:
         s = self.stats
-        s.running = sched.has_work  # between steps too: not only inside the forward pass
+        s.running = sched.has_work or bool(self._pieces)  # between steps too
         s.running_sequences = len(sched.running)
         s.waiting_sequences = len(sched.waiting)
         s.prompt_tokens = sched.stats.prompt_tokens
