@@ -430,9 +430,10 @@ class EngineLoop(Generic[G]):
         self._pieces.append(job)
 
     def _run_piece(self, job: _Call) -> bool:
-        """The next piece of ``job`` (the first call in steps under way); True once it is
+        """The next piece of ``job`` (the first call in steps in line); True once it is
         over (its result or error set, or its caller gone) and it has left the line.
-        Calls in steps under way take turns, one piece each time."""
+        Calls in steps run one after another, not by turns: each holds memory while under
+        way (a prompt's scoring, a whole context of KV), so only one at a time does."""
         assert job.pieces is not None
         over = True
         try:
@@ -447,9 +448,8 @@ class EngineLoop(Generic[G]):
         except Exception as exc:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(exc)
-        self._pieces.popleft()
-        if not over:
-            self._pieces.append(job)
+        if over:
+            self._pieces.popleft()
         return over
 
     def _run_piece_timed(self, sched: Scheduler) -> None:
