@@ -85,14 +85,33 @@ class _HasTokens(Protocol):
 E = TypeVar("E", bound=_HasTokens)
 
 
+def is_prefix(tokens: np.ndarray, ids: np.ndarray) -> bool:
+    """Whether ``tokens`` are the start of ``ids`` (their last and middle tokens are
+    checked first: a comparison or two for most entries, which are not)."""
+    n = len(tokens)
+    if n == 0:
+        return True
+    if n > len(ids) or tokens[n - 1] != ids[n - 1] or tokens[n // 2] != ids[n // 2]:
+        return False
+    return common_prefix(tokens, ids) == n
+
+
 def longest_prefix(entries: Iterable[E], ids: np.ndarray, scope: str) -> tuple[E | None, int]:
     """The entry of ``scope`` whose ``tokens`` share the longest prefix with ``ids``, and
-    its length (the first such entry on a tie; ``(None, 0)`` if none shares a token)."""
+    its length (the first such entry on a tie; ``(None, 0)`` if none shares a token).
+
+    Only an entry that also holds the token after the best prefix so far can beat it,
+    and one comparison tells: most entries (other conversations past a shared chat
+    header) cost that, not a whole prefix comparison, so a lookup among thousands of
+    entries stays a few milliseconds of the engine thread."""
     best, best_len = None, 0
     for entry in entries:
-        if entry.scope != scope:
+        tokens = entry.tokens
+        if entry.scope != scope or best_len >= min(len(tokens), len(ids)):
             continue
-        n = common_prefix(entry.tokens, ids)
+        if tokens[best_len] != ids[best_len]:
+            continue
+        n = common_prefix(tokens, ids)
         if n > best_len:
             best, best_len = entry, n
     return best, best_len
@@ -196,7 +215,7 @@ class PrefixCache:
             self._spill_or_release(ids, cache, scope)
             return
         for entry in self.entries[:]:
-            if entry.scope == scope and common_prefix(entry.tokens, ids) == len(entry.tokens):
+            if entry.scope == scope and is_prefix(entry.tokens, ids):
                 self._drop(entry)
         if self.spill is not None:
             self.spill.discard_prefixes_of(ids, scope)
