@@ -272,8 +272,9 @@ def test_a_lookup_among_many_entries_compares_few_of_them_whole(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Every lookup and every put compared the prompt with every entry in full (a numpy
-    call, ~6 us each): with 9,000 short requests cached, the demo server's median latency
-    went from 90 to 470 ms, and on. One token now rules out most entries."""
+    call, ~6 us each), and every step summed the entries' bytes: with 9,000 short
+    requests cached, the demo server's median latency went from 90 to 470 ms, and on.
+    One token now rules out most entries, and the total is kept."""
     from bitserve.engine import prefix_cache as module
 
     def cache_of(n: int) -> KVCache:
@@ -295,6 +296,12 @@ def test_a_lookup_among_many_entries_compares_few_of_them_whole(
     compared.clear()
     prefix.put(query, cache_of(24))  # supersedes [header, 3, 7, 63]
     assert len(prefix) == 300 and len(compared) == 1
+    # the total the engine reads every step is kept, not summed over the entries
+    total = sum(e.cache.nbytes for e in prefix.entries)
+    reads: list[int] = []
+    nbytes = KVCache.nbytes
+    monkeypatch.setattr(KVCache, "nbytes", property(lambda c: reads.append(1) or nbytes.fget(c)))
+    assert prefix.nbytes == total and reads == []
 
 
 def test_no_kv_leak_after_thousands_of_random_requests_and_cancellations(

@@ -133,10 +133,11 @@ class PrefixCache:
     entries: list[PrefixEntry] = field(default_factory=list)
     stats: PrefixCacheStats = field(default_factory=PrefixCacheStats)
     _clock: int = 0
+    _nbytes: int = 0  # the entries' total, kept as they come and go (read every step)
 
     @property
     def nbytes(self) -> int:
-        return sum(e.cache.nbytes for e in self.entries)
+        return self._nbytes
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -181,7 +182,7 @@ class PrefixCache:
         elif 2 * best_len < len(best.tokens) or (keep_diverging and best_len < len(best.tokens)):
             cache = best.cache.copy(best_len)  # a shared header: the entry stays for its owner
         else:
-            self.entries.remove(best)
+            self._remove(best)
             best.cache.truncate(best_len)
             cache = best.cache
         stats.hits += 1
@@ -221,14 +222,18 @@ class PrefixCache:
             self.spill.discard_prefixes_of(ids, scope)
         self._clock += 1
         self.entries.append(PrefixEntry(ids, cache, self._clock, scope))
+        self._nbytes += cache.nbytes
         self._evict(self.budget_bytes)
 
+    def _remove(self, entry: PrefixEntry) -> None:
+        """``entry`` leaves the store (its cache unchanged since it came: same bytes)."""
+        self.entries.remove(entry)
+        self._nbytes -= entry.cache.nbytes
+
     def _evict(self, budget: int) -> None:
-        total = self.nbytes
-        while total > budget and self.entries:
+        while self._nbytes > budget and self.entries:
             oldest = min(self.entries, key=lambda e: e.last_used)
-            total -= oldest.cache.nbytes
-            self.entries.remove(oldest)
+            self._remove(oldest)
             self._spill_or_release(oldest.tokens, oldest.cache, oldest.scope)
             self.stats.evictions += 1
 
@@ -240,14 +245,14 @@ class PrefixCache:
             cache.release()
 
     def _drop(self, entry: PrefixEntry) -> None:
-        self.entries.remove(entry)
+        self._remove(entry)
         entry.cache.release()
 
     def spill_all(self) -> None:
         """Move every RAM entry to the spill, oldest first (so that the spill's budget
         keeps the newest), and wait for the files; without a spill, release them."""
         for entry in sorted(self.entries, key=lambda e: e.last_used):
-            self.entries.remove(entry)
+            self._remove(entry)
             self._spill_or_release(entry.tokens, entry.cache, entry.scope)
         if self.spill is not None:
             self.spill.flush()
