@@ -3,6 +3,7 @@ scoring), ``/tokenize`` and ``/detokenize`` in-process."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 from api_helpers import sse_events
 from fastapi.testclient import TestClient
+from starlette.requests import ClientDisconnect
 
 
 def test_llama_completion_text_prompt(client: TestClient) -> None:
@@ -136,6 +138,62 @@ def test_echo_scores_each_prompt_once_for_its_n_choices(
     assert len(scored) == 2 and len(choices) == 6
     prompts = [c["logprobs"]["token_logprobs"][: scored[c["index"] // 3]] for c in choices]
     assert prompts[0] == prompts[1] == prompts[2] != prompts[3] == prompts[4] == prompts[5]
+
+
+def test_a_client_that_leaves_stops_its_prompt_scoring(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scoring a prompt (echo, max_tokens 0) went on to its end for a client that had
+    left: abandoned scorings (an evaluation harness's timeouts and retries) took the
+    engine's time from everyone."""
+    from bitserve.api.completions.legacy import LegacyCompletion
+    from bitserve.api.completions.protocol import CompletionRequest
+    from bitserve.api.streaming import RequestGuard
+    from bitserve.engine import generate
+
+    monkeypatch.setattr(generate, "PROMPT_LOGPROBS_CHUNK", 4)
+    served = client.app.state.served  # type: ignore[attr-defined]
+    pieces: list[int] = []
+    score_prompt = served.generator.score_prompt
+
+    def counted(*args: Any) -> Any:
+        inner = score_prompt(*args)
+        while True:
+            try:
+                next(inner)
+            except StopIteration as done:
+                return done.value
+            pieces.append(1)
+            yield
+
+    monkeypatch.setattr(served.generator, "score_prompt", counted)
+
+    class LeavingClient:
+        def __init__(self) -> None:
+            self.gone = asyncio.Event()
+
+        async def receive(self) -> dict[str, str]:
+            await self.gone.wait()
+            return {"type": "http.disconnect"}
+
+    body = CompletionRequest(model="bitnet", prompt=list(range(1, 400)), max_tokens=0,
+                             echo=True, logprobs=1)  # fmt: skip
+    job = LegacyCompletion.plan(served, body)
+
+    async def main() -> None:
+        leaving = LeavingClient()
+        answer = asyncio.ensure_future(job.run(RequestGuard(leaving)))  # type: ignore[arg-type]
+        while len(pieces) < 3:
+            await asyncio.sleep(0.001)
+        leaving.gone.set()
+        with pytest.raises(ClientDisconnect):
+            await answer
+        at_leaving = len(pieces)
+        for _ in range(3):  # three more rounds of the engine's loop
+            await served.engine.call(lambda _: None)
+        assert len(pieces) <= at_leaving + 1 < 99  # at most the piece under way
+
+    asyncio.run(main())
 
 
 def test_legacy_streaming(client: TestClient) -> None:

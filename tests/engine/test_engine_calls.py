@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable, Iterator
 from collections.abc import Generator as Pieces
-from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
 
@@ -145,3 +145,47 @@ def test_the_engines_own_work_takes_no_place_in_the_queue(
         release.set()
         engine.stop()
         spill.close()
+
+
+def test_the_engine_is_running_while_a_call_in_steps_is_under_way(
+    engine: EngineLoop[Generator],
+) -> None:
+    """``stats.running`` (``/metrics``' bitserve_busy, and what a shutdown's grace waits
+    for) said idle while a prompt was scored with no generation running: a SIGTERM then
+    stopped the engine at once and the scoring's client got a 503."""
+    seen: list[bool] = []
+
+    def pieces(_: Generator) -> Pieces[None, None, str]:
+        for _ in range(3):
+            yield
+            seen.append(engine.stats.running)
+        return "scored"
+
+    async def main() -> str:
+        scored = await engine.call_in_steps(pieces)
+        await engine.call(lambda _: None)  # the engine thread is past that piece
+        return scored
+
+    assert asyncio.run(main()) == "scored"
+    assert seen == [True, True, True]
+    assert not engine.stats.running and engine.stats.busy_seconds > 0
+
+
+def test_calls_in_steps_run_one_after_another(engine: EngineLoop[Generator]) -> None:
+    """Taking turns, every scoring under way held its KV cache (a whole context each, up
+    to --max-queue of them) at once; one after another, one does."""
+    order: list[str] = []
+
+    def pieces(name: str) -> Callable[[Generator], Pieces[None, None, None]]:
+        def run(_: Generator) -> Pieces[None, None, None]:
+            for _ in range(3):
+                order.append(name)
+                yield
+
+        return run
+
+    async def main() -> None:
+        await asyncio.gather(engine.call_in_steps(pieces("a")), engine.call_in_steps(pieces("b")))
+
+    asyncio.run(main())
+    assert order == ["a"] * 3 + ["b"] * 3

@@ -268,6 +268,42 @@ def test_eviction_keeps_the_budget_and_drops_the_least_recently_used() -> None:
     assert memory.allocated_bytes == prefix.nbytes  # evicted and superseded caches released
 
 
+def test_a_lookup_among_many_entries_compares_few_of_them_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every lookup and every put compared the prompt with every entry in full (a numpy
+    call, ~6 us each), and every step summed the entries' bytes: with 9,000 short
+    requests cached, the demo server's median latency went from 90 to 470 ms, and on.
+    One token now rules out most entries, and the total is kept."""
+    from bitserve.engine import prefix_cache as module
+
+    def cache_of(n: int) -> KVCache:
+        cache = KVCache(CONFIG, dtype=np.float32)
+        cache.advance(n)
+        return cache
+
+    header = list(range(10, 30))  # a chat template's start, shared by every prompt
+    prefix = PrefixCache(1 << 30)
+    for i in range(300):
+        prefix.put([*header, i % 30, 7, i], cache_of(23))
+    compared: list[int] = []
+    whole = module.common_prefix
+    monkeypatch.setattr(module, "common_prefix", lambda a, b: compared.append(1) or whole(a, b))
+    query = np.array([*header, 3, 7, 63, 9])
+    assert prefix.cached_length(query) == 23  # [header, 3, 7, 63]
+    assert max(whole(e.tokens, query) for e in prefix.entries) == 23
+    assert len(compared) <= 3  # the first going on with 3, then the one with 63
+    compared.clear()
+    prefix.put(query, cache_of(24))  # supersedes [header, 3, 7, 63]
+    assert len(prefix) == 300 and len(compared) == 1
+    # the total the engine reads every step is kept, not summed over the entries
+    total = sum(e.cache.nbytes for e in prefix.entries)
+    reads: list[int] = []
+    nbytes = KVCache.nbytes
+    monkeypatch.setattr(KVCache, "nbytes", property(lambda c: reads.append(1) or nbytes.fget(c)))
+    assert prefix.nbytes == total and reads == []
+
+
 def test_no_kv_leak_after_thousands_of_random_requests_and_cancellations(
     tokenizer: Tokenizer,
 ) -> None:

@@ -47,7 +47,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from bitserve.engine.prefix_cache import common_prefix, longest_prefix
+from bitserve.engine.prefix_cache import is_prefix, longest_prefix
 from bitserve.model.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -311,7 +311,7 @@ class KVSpill:
         """Delete the entries of ``scope`` whose tokens are a prefix of ``tokens``
         (superseded)."""
         for old in self.entries[:]:
-            if old.scope == scope and common_prefix(old.tokens, tokens) == len(old.tokens):
+            if old.scope == scope and is_prefix(old.tokens, tokens):
                 self._remove(old)
 
     def best(

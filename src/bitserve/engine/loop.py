@@ -113,7 +113,7 @@ class EngineStats:
       ``prefix_cache_bytes``: the prefix cache's share (gauges).
     - ``steps``: batched forward passes; ``busy_seconds``: time spent in steps or jobs.
     - ``running``: True while the engine has a generation under way (batched mode: from
-      the first step until no sequence is waiting or running).
+      the first step until no sequence is waiting or running) or a call in steps.
     - ``failed_steps_in_a_row``: steps since the last one that produced a token in which
       every sequence failed; ``last_error``: the latest failure's message.
     """
@@ -431,9 +431,10 @@ class EngineLoop(Generic[G]):
         self._pieces.append(job)
 
     def _run_piece(self, job: _Call) -> bool:
-        """The next piece of ``job`` (the first call in steps under way); True once it is
+        """The next piece of ``job`` (the first call in steps in line); True once it is
         over (its result or error set, or its caller gone) and it has left the line.
-        Calls in steps under way take turns, one piece each time."""
+        Calls in steps run one after another, not by turns: each holds memory while under
+        way (a prompt's scoring, a whole context of KV), so only one at a time does."""
         assert job.pieces is not None
         over = True
         try:
@@ -448,10 +449,20 @@ class EngineLoop(Generic[G]):
         except Exception as exc:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(exc)
-        self._pieces.popleft()
-        if not over:
-            self._pieces.append(job)
+        if over:
+            self._pieces.popleft()
         return over
+
+    def _run_piece_timed(self, sched: Scheduler) -> None:
+        """One piece (batched mode), counted as engine work: ``running`` stays True while
+        calls in steps are under way, so a shutdown's grace waits for them too."""
+        started = time.perf_counter()
+        self.stats.running = True
+        try:
+            self._run_piece(self._pieces[0])
+        finally:
+            self.stats.busy_seconds += time.perf_counter() - started
+            self.stats.running = sched.has_work or bool(self._pieces)
 
     def _stop_pieces(self) -> None:
         """Shutting down: the calls in steps under way end with ``EngineStoppedError``."""
@@ -507,7 +518,7 @@ class EngineLoop(Generic[G]):
                     for handle in self._active.values():
                         handle.cancel()
             if self._pieces:  # one piece of a long call, then a step for the streams
-                self._run_piece(self._pieces[0])
+                self._run_piece_timed(sched)
             if sched.has_work:
                 try:
                     self._step(sched)
@@ -626,7 +637,7 @@ class EngineLoop(Generic[G]):
 
     def _sync_stats(self, sched: Scheduler) -> None:
         s = self.stats
-        s.running = sched.has_work  # between steps too: not only inside the forward pass
+        s.running = sched.has_work or bool(self._pieces)  # between steps too
         s.running_sequences = len(sched.running)
         s.waiting_sequences = len(sched.waiting)
         s.prompt_tokens = sched.stats.prompt_tokens

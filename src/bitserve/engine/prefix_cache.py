@@ -85,14 +85,33 @@ class _HasTokens(Protocol):
 E = TypeVar("E", bound=_HasTokens)
 
 
+def is_prefix(tokens: np.ndarray, ids: np.ndarray) -> bool:
+    """Whether ``tokens`` are the start of ``ids`` (their last and middle tokens are
+    checked first: a comparison or two for most entries, which are not)."""
+    n = len(tokens)
+    if n == 0:
+        return True
+    if n > len(ids) or tokens[n - 1] != ids[n - 1] or tokens[n // 2] != ids[n // 2]:
+        return False
+    return common_prefix(tokens, ids) == n
+
+
 def longest_prefix(entries: Iterable[E], ids: np.ndarray, scope: str) -> tuple[E | None, int]:
     """The entry of ``scope`` whose ``tokens`` share the longest prefix with ``ids``, and
-    its length (the first such entry on a tie; ``(None, 0)`` if none shares a token)."""
+    its length (the first such entry on a tie; ``(None, 0)`` if none shares a token).
+
+    Only an entry that also holds the token after the best prefix so far can beat it,
+    and one comparison tells: most entries (other conversations past a shared chat
+    header) cost that, not a whole prefix comparison, so a lookup among thousands of
+    entries stays a few milliseconds of the engine thread."""
     best, best_len = None, 0
     for entry in entries:
-        if entry.scope != scope:
+        tokens = entry.tokens
+        if entry.scope != scope or best_len >= min(len(tokens), len(ids)):
             continue
-        n = common_prefix(entry.tokens, ids)
+        if tokens[best_len] != ids[best_len]:
+            continue
+        n = common_prefix(tokens, ids)
         if n > best_len:
             best, best_len = entry, n
     return best, best_len
@@ -114,10 +133,11 @@ class PrefixCache:
     entries: list[PrefixEntry] = field(default_factory=list)
     stats: PrefixCacheStats = field(default_factory=PrefixCacheStats)
     _clock: int = 0
+    _nbytes: int = 0  # the entries' total, kept as they come and go (read every step)
 
     @property
     def nbytes(self) -> int:
-        return sum(e.cache.nbytes for e in self.entries)
+        return self._nbytes
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -162,7 +182,7 @@ class PrefixCache:
         elif 2 * best_len < len(best.tokens) or (keep_diverging and best_len < len(best.tokens)):
             cache = best.cache.copy(best_len)  # a shared header: the entry stays for its owner
         else:
-            self.entries.remove(best)
+            self._remove(best)
             best.cache.truncate(best_len)
             cache = best.cache
         stats.hits += 1
@@ -196,20 +216,24 @@ class PrefixCache:
             self._spill_or_release(ids, cache, scope)
             return
         for entry in self.entries[:]:
-            if entry.scope == scope and common_prefix(entry.tokens, ids) == len(entry.tokens):
+            if entry.scope == scope and is_prefix(entry.tokens, ids):
                 self._drop(entry)
         if self.spill is not None:
             self.spill.discard_prefixes_of(ids, scope)
         self._clock += 1
         self.entries.append(PrefixEntry(ids, cache, self._clock, scope))
+        self._nbytes += cache.nbytes
         self._evict(self.budget_bytes)
 
+    def _remove(self, entry: PrefixEntry) -> None:
+        """``entry`` leaves the store (its cache unchanged since it came: same bytes)."""
+        self.entries.remove(entry)
+        self._nbytes -= entry.cache.nbytes
+
     def _evict(self, budget: int) -> None:
-        total = self.nbytes
-        while total > budget and self.entries:
+        while self._nbytes > budget and self.entries:
             oldest = min(self.entries, key=lambda e: e.last_used)
-            total -= oldest.cache.nbytes
-            self.entries.remove(oldest)
+            self._remove(oldest)
             self._spill_or_release(oldest.tokens, oldest.cache, oldest.scope)
             self.stats.evictions += 1
 
@@ -221,14 +245,14 @@ class PrefixCache:
             cache.release()
 
     def _drop(self, entry: PrefixEntry) -> None:
-        self.entries.remove(entry)
+        self._remove(entry)
         entry.cache.release()
 
     def spill_all(self) -> None:
         """Move every RAM entry to the spill, oldest first (so that the spill's budget
         keeps the newest), and wait for the files; without a spill, release them."""
         for entry in sorted(self.entries, key=lambda e: e.last_used):
-            self.entries.remove(entry)
+            self._remove(entry)
             self._spill_or_release(entry.tokens, entry.cache, entry.scope)
         if self.spill is not None:
             self.spill.flush()

@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.requests import ClientDisconnect
+
 from bitserve.api.chat.response import usage
 from bitserve.api.completions.protocol import CompletionRequest
 from bitserve.api.completions.serving import Prompt, engine_request, no_events, tokenize_prompt
@@ -105,14 +107,27 @@ class LegacyCompletion:
                 choices.append(LegacyChoice(p_index * body.n + i, prompt, text, req))
         return cls(served, body, choices, model)
 
-    async def echo_logprobs(self, choice: LegacyChoice) -> list[PromptLogprob]:
+    async def echo_logprobs(self, choice: LegacyChoice, guard: RequestGuard) -> list[PromptLogprob]:
+        """The prompt's scores, computed a chunk at a time between the engine's steps;
+        a client that leaves stops them before the next chunk (``ClientDisconnect``)."""
         tokens, top_n = choice.prompt.tokens, self.body.logprobs or 0
         scheduler = self.served.engine.scheduler
         dtype = scheduler.config.kv_dtype if scheduler is not None else "float32"
-        scored = await self.served.engine.call_in_steps(
-            lambda g: g.score_prompt(tokens, top_n, dtype)
+        scoring = asyncio.ensure_future(
+            self.served.engine.call_in_steps(lambda g: g.score_prompt(tokens, top_n, dtype))
         )
-        return scored[choice.prompt.added :]
+
+        def client_left() -> None:
+            scoring.cancel()
+
+        guard.add(client_left)
+        try:
+            await asyncio.wait({scoring})
+        finally:
+            scoring.cancel()  # this request cancelled itself (shutdown): so is its scoring
+        if scoring.cancelled():
+            raise ClientDisconnect()
+        return scoring.result()[choice.prompt.added :]
 
     def logprobs_object(self, items: list[LogprobItem], offsets: list[int]) -> dict[str, Any]:
         """OpenAI's legacy ``logprobs`` of ``items``, the i-th token at ``offsets[i]``."""
@@ -200,7 +215,7 @@ class LegacyCompletion:
             if self.body.echo and self.body.logprobs is not None:
                 prompt_index = choice.index // self.body.n
                 if prompt_index not in scored:
-                    scored[prompt_index] = await self.echo_logprobs(choice)
+                    scored[prompt_index] = await self.echo_logprobs(choice, guard)
                 echoed = scored[prompt_index]
             out.append(self.choice_object(choice, events, echoed))
             completion_tokens += len(events)
