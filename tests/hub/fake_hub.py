@@ -329,14 +329,15 @@ class _HubHandler(BaseHTTPRequestHandler):
         elif f.endless and not head:
             return status, self._send_endless(headers, data)
         elif f.stall_after is not None and not head:
-            return status, self._send_stalled(headers, data, f.stall_after)
+            return status, self._send_part(headers, data, f.stall_after, stall=True)
         elif f.drop_after is not None and not head:
             cut, f.drop_after = f.drop_after, None  # only the first transfer is cut
-            return status, self._send_cut(headers, data, cut)
+            return status, self._send_part(headers, data, cut, stall=False)
         return status, self._send(status, headers, data, head)
 
-    def _send_stalled(self, headers: dict[str, str], data: bytes, sent: int) -> int:
-        """Announce all of ``data``, send ``sent`` bytes, then nothing until the hub stops."""
+    def _send_part(self, headers: dict[str, str], data: bytes, sent: int, stall: bool) -> int:
+        """Announce all of ``data`` but send ``sent`` bytes, then nothing until the hub
+        stops (``stall``) or drop the connection (the client sees the body end early)."""
         self.send_response(200)
         for key, value in headers.items():
             self.send_header(key, value)
@@ -344,8 +345,11 @@ class _HubHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data[:sent])
         self.wfile.flush()
-        self.hub.stopping.wait()
         self.close_connection = True
+        if stall:
+            self.hub.stopping.wait()
+        else:
+            self.connection.shutdown(2)  # SHUT_RDWR
         return sent
 
     def _send_endless(self, headers: dict[str, str], data: bytes) -> int:
@@ -367,16 +371,3 @@ class _HubHandler(BaseHTTPRequestHandler):
         except OSError:  # the client hung up
             pass
         return sent
-
-    def _send_cut(self, headers: dict[str, str], data: bytes, cut: int) -> int:
-        """Announce all of ``data`` but send ``cut`` bytes, then drop the connection."""
-        self.send_response(200)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data[:cut])
-        self.wfile.flush()
-        self.close_connection = True
-        self.connection.shutdown(2)  # SHUT_RDWR: the client sees the body end early
-        return cut
