@@ -126,7 +126,26 @@ def test_restart_finds_the_files_and_another_model_does_not(tmp_path: Path) -> N
     assert entry is not None and n == 50
     cache = again.load(entry, 50, lambda: KVCache(CONFIG, dtype=np.float16))
     assert cache is not None and same_bits(cache.v[:, :50], want)
+    again.close()  # a restart: the folder is the next process's
     assert len(KVSpill(tmp_path, 1 << 30, KEY)) == 1  # the loaded file is gone
+
+
+def test_two_servers_on_one_folder_each_keep_their_own_files(tmp_path: Path) -> None:
+    """Two servers sharing --cache-dir for one model deleted each other's files: a start
+    deleted the other's files being written, and each evicted what its index held."""
+    first = KVSpill(tmp_path, file_size(40), KEY, background=False)
+    first.save(np.arange(40), filled_cache(40))
+    (first.directory / f".writing{SUFFIX}.tmp").write_bytes(b"the first one's write")
+    second = KVSpill(tmp_path, file_size(40), KEY, background=False)
+    assert second.directory != first.directory and len(second) == 0
+    assert (first.directory / f".writing{SUFFIX}.tmp").exists()
+    second.save(np.arange(40) + 500, filled_cache(40, seed=1))  # its budget: one file
+    assert len(spill_files(first)) == len(spill_files(second)) == 1
+    first.close()
+    second.close()
+    again = KVSpill(tmp_path, 1 << 30, KEY)  # a restart takes the first folder back
+    assert again.directory == first.directory and len(again) == 1
+    again.close()
 
 
 def test_truncated_and_garbage_files_are_ignored_and_deleted(
@@ -141,10 +160,12 @@ def test_truncated_and_garbage_files_are_ignored_and_deleted(
     second.write_bytes(os.urandom(os.path.getsize(second)))
     (spill.directory / f"junk{SUFFIX}").write_bytes(b"not a spill file")
     (spill.directory / f".half{SUFFIX}.tmp").write_bytes(b"a crash mid-write")
+    spill.close()  # a restart: the folder is the next process's
     with caplog.at_level(logging.WARNING):
         again = KVSpill(tmp_path, 1 << 30, KEY)
     assert [e.path for e in again.entries] == [third]
-    assert spill_files(again) == [third] and list(again.directory.iterdir()) == [third]
+    assert spill_files(again) == [third]
+    assert sorted(p.name for p in again.directory.iterdir()) == [".lock", third.name]
     assert sum("ignoring KV spill file" in r.message for r in caplog.records) == 3
 
 
@@ -233,7 +254,7 @@ def test_a_prefix_back_from_disk_never_changes_outputs(loaded: LoadedModel, tmp_
     assert prefix.stats.disk_hits == 1
     _, cold_tokens = greedy(loaded, Scheduler(model, config), continued)
     assert warm_tokens == cold_tokens
-    spill.flush()
+    spill.close()  # a restart: the folder is the next process's
     restarted = Scheduler(
         model, config, PrefixCache(1, KVSpill(tmp_path, 1 << 30, spill.directory.name))
     )
@@ -241,7 +262,6 @@ def test_a_prefix_back_from_disk_never_changes_outputs(loaded: LoadedModel, tmp_
     restarted.prefix_cache.make_cache = lambda: model.new_cache(None, np.float16, restarted.memory)
     seq, again = greedy(loaded, restarted, continued)
     assert again == cold_tokens and seq.num_cached_tokens == len(continued) - 1
-    spill.close()
 
 
 @pytest.mark.parametrize("where", ["ram", "disk"])

@@ -16,7 +16,9 @@ File layout (little endian), ``n = length``::
              the cache's head-major runs, each written and read without a copy
 
 A file is written to a temporary name, fsync'ed and renamed (``os.replace``), so a crash
-leaves either the whole file or a temporary one (deleted at the next start). A file whose
+leaves either the whole file or a temporary one (deleted at the next start). A folder is
+one process's (:func:`take_folder`): a second server on the same ``--cache-dir`` and model
+takes ``<model_key>-2``, so neither deletes the other's files. A file whose
 size, magic, version, header checksum or payload checksum does not match is logged,
 deleted and never loaded. ``model_key`` (:func:`spill_key`) names the model file and the
 KV layout, so a restart with the same model rebuilds the index from the files and files of
@@ -31,6 +33,7 @@ written waits for that write. The writer never touches a cache's memory counter.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -38,6 +41,7 @@ import queue
 import struct
 import threading
 import uuid
+import weakref
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -58,6 +62,8 @@ HEADER = struct.Struct("<8sIIIIIQII")  # magic, version, dtype, layout x3, n, cr
 DTYPE_CODES: dict[np.dtype, int] = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
 SUFFIX = ".kv"
 TMP_SUFFIX = ".tmp"
+LOCK_NAME = ".lock"
+MAX_FOLDERS = 16  # servers using one --cache-dir for one model at once
 
 
 class SpillFileError(ValueError):
@@ -205,6 +211,27 @@ class PendingWrite:
     failed: bool = False
 
 
+def take_folder(root: Path, model_key: str) -> tuple[Path, int]:
+    """``root/model_key``, or while other processes hold it ``root/model_key-2``, ``-3``...,
+    made if missing, and the descriptor that holds it: an exclusive ``flock`` on its
+    ``.lock``, which ends with the process however it ends, so a restart takes its folder
+    (and files) back. Two servers in one folder deleted each other's files: a start
+    deletes the temporary files it finds, and each evicts the files its index holds."""
+    for i in range(1, MAX_FOLDERS + 1):
+        folder = root / (model_key if i == 1 else f"{model_key}-{i}")
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_NAME, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        if i > 1:
+            log.info("%s is another server's: spilling KV to %s", root / model_key, folder)
+        return folder, fd
+    raise OSError(f"{root / model_key}: {MAX_FOLDERS} servers already spill KV there")
+
+
 class KVSpill:
     """Entries on disk within ``budget_bytes`` (LRU by file), under ``directory/model_key``.
 
@@ -216,7 +243,8 @@ class KVSpill:
     def __init__(
         self, directory: str | Path, budget_bytes: int, model_key: str, background: bool = True
     ) -> None:
-        self.directory = Path(directory) / model_key
+        self.directory, lock = take_folder(Path(directory), model_key)
+        self._let_folder_go = weakref.finalize(self, os.close, lock)  # at close() or GC
         self.budget_bytes = budget_bytes
         self.background = background
         self.entries: list[SpillEntry] = []
@@ -229,7 +257,6 @@ class KVSpill:
         # called (writer thread) after each background write: the engine schedules reap()
         # on its thread, so a written cache is released even if the engine is idle
         self.on_written: Callable[[], None] | None = None
-        self.directory.mkdir(parents=True, exist_ok=True)
         self._scan()
 
     def __len__(self) -> int:
@@ -355,12 +382,14 @@ class KVSpill:
         self.reap()
 
     def close(self) -> None:
-        """Finish the pending writes and stop the writer thread (files stay)."""
+        """Finish the pending writes, stop the writer thread and let the folder go (files
+        stay)."""
         self.flush()
         thread, self._thread = self._thread, None
         if thread is not None:
             self._jobs.put(None)
             thread.join()
+        self._let_folder_go()
 
     # -- the writer ---------------------------------------------------------------------------
 
