@@ -390,6 +390,19 @@ def test_a_schema_too_deep_or_with_bad_options_is_a_400(client: TestClient, tool
     assert data["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+def test_a_number_json_cannot_write_is_a_400_that_says_so(client: TestClient) -> None:
+    """1e400 reads as infinity, which the library was handed as null: 'got null'."""
+    schema = '{"type": "object", "properties": {"n": {"type": "number", "maximum": 1e400}}}'
+    body = ('{"model": "bitnet", "messages": [{"role": "user", "content": "hi"}], '
+            '"response_format": {"type": "json_schema", "json_schema": {"name": "x", '
+            f'"schema": {schema}}}}}}}')  # fmt: skip
+    r = client.post("/v1/chat/completions", content=body,
+                    headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "response_format" and "too large for JSON" in error["message"]
+
+
 @pytest.mark.parametrize(
     "fields",
     [

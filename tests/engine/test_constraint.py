@@ -115,6 +115,9 @@ def test_cache_evicts_least_recently_used(tokenizer: Tokenizer, ids: TokenIds) -
         ({"$ref": "#/$defs/missing"}, "missing"),
         # a $ref cycle no output can begin: it failed in the engine, a 500 (and /health)
         ({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, "no token can continue"),
+        # 1e400 in a request reads as infinity: the library was handed null ("got null")
+        ({"type": "number", "maximum": float("inf")}, "too large for JSON"),
+        ({"enum": [1.5, [float("-inf")]]}, "too large for JSON"),
     ],
 )
 def test_refused_schemas_say_why(compiler: ConstraintCompiler, schema: dict, reason: str) -> None:

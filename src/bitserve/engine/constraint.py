@@ -25,6 +25,7 @@ sequence ends with "stop"; one that runs out of ``max_tokens`` first ends with "
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -75,18 +76,21 @@ _MAP_KEYWORDS = ("properties", "patternProperties", "$defs", "definitions", "dep
 
 def check_schema(schema: Mapping[str, Any] | bool) -> None:
     """Raise :class:`ConstraintError` for a schema no walk may take: nested deeper than
-    :data:`MAX_SCHEMA_DEPTH`, or with library options (``x-guidance``) that are not an
-    object."""
+    :data:`MAX_SCHEMA_DEPTH`, with library options (``x-guidance``) that are not an
+    object, or with a number JSON cannot write (``1e400`` is read as infinity, which the
+    library was handed as ``null``)."""
     if isinstance(schema, Mapping) and not isinstance(schema.get("x-guidance", {}), Mapping):
         raise ConstraintError("x-guidance must be an object")
     level: list[Any] = [schema] if isinstance(schema, Mapping) else []
     for _ in range(MAX_SCHEMA_DEPTH + 1):
-        level = [
+        children = [
             child
             for node in level
             for child in (node.values() if isinstance(node, Mapping) else node)
-            if isinstance(child, (Mapping, list))
         ]
+        if any(isinstance(c, float) and not math.isfinite(c) for c in children):
+            raise ConstraintError("the schema holds a number too large for JSON (e.g. 1e400)")
+        level = [child for child in children if isinstance(child, (Mapping, list))]
         if not level:
             return
     raise ConstraintError(
