@@ -209,10 +209,14 @@ def _norm(gguf: GGUFFile, name: str, width: int) -> np.ndarray:
 
 
 def _matrix(gguf: GGUFFile, name: str, shape: tuple[int, int]) -> EmbeddingMatrix:
-    """An embedding or head ``[vocab, dim]`` of any type the kernels read."""
+    """An embedding or head ``[vocab, dim]`` of any type the kernels read (a ternary one
+    with its scales checked; float values: :func:`check_head_finite`, for the head)."""
     _check(gguf, name, shape, EMBEDDING_TYPES)
     check_not_blank(gguf, name, gguf.raw(name))
-    return EmbeddingMatrix.from_gguf(gguf, name, *shape)
+    matrix = EmbeddingMatrix.from_gguf(gguf, name, *shape)
+    if matrix.ternary is not None:
+        _check_scales(gguf, name, matrix.ternary)
+    return matrix
 
 
 # the float bits of each type, and what its exponent bits read when they are all ones (an
@@ -236,9 +240,7 @@ def check_head_finite(gguf: GGUFFile, name: str, head: EmbeddingMatrix) -> None:
     float bits are tested, piece by piece (2B-4T's 0.66 GB F16 head in its private copy:
     35 ms). An embedding that is not the head is read a row at a time and not scanned (a
     NaN row fails the requests that use its token)."""
-    if head.ternary is not None:
-        w = head.ternary
-        check_finite(gguf, name, w.scales if w.blocked else np.float32(w.scale), "scales")
+    if head.ternary is not None:  # its scales were checked as it was read (_matrix)
         return
     if head.kind == "int8" and head.scales is not None:  # packed: f32 scales per block
         bits, (dtype, sign_off, exponent) = head.scales.view("<u4"), _FLOAT_BITS["f32"]
@@ -283,9 +285,14 @@ def _ternary(
     check_not_blank(gguf, name, raw[: n_out * n_in // 4] if ggml_type == GGMLType.I2_S else raw)
     row_order = unpermute_rows(n_out, permuted_heads) if permuted_heads else None
     weight = TernaryWeight.from_gguf(gguf, name, n_out, n_in, row_order)
+    _check_scales(gguf, name, weight)
+    return weight
+
+
+def _check_scales(gguf: GGUFFile, name: str, weight: TernaryWeight) -> None:
+    """:func:`check_finite` on a ternary weight's block scales, or its one tensor scale."""
     scales = weight.scales if weight.blocked else np.float32(weight.scale)
     check_finite(gguf, name, scales, "scales")
-    return weight
 
 
 def _scaled(weight: TernaryWeight, factor: float) -> TernaryWeight:
