@@ -42,13 +42,14 @@ class LlamaCompletionRequest(SamplingFields):
     )
     # llama.cpp's samplers that bitserve does not implement: only their "off" values
     # (LLAMA_SAMPLERS_OFF), since ignoring them would sample another way than asked
-    mirostat: int = Field(0, description="0 only: Mirostat is not implemented.")
-    typical_p: float = Field(1.0, description="1 only: locally typical sampling is not "
-                             "implemented.")  # fmt: skip
-    dynatemp_range: float = Field(0.0, description="0 only: dynamic temperature is not "
-                                  "implemented.")  # fmt: skip
-    xtc_probability: float = Field(0.0, description="0 only: XTC is not implemented.")
-    dry_multiplier: float = Field(0.0, description="0 only: DRY is not implemented.")
+    mirostat: int = Field(0, description="0 (off) only: Mirostat is not implemented.")
+    typical_p: float = Field(1.0, description="1 or more (off) only: locally typical "
+                             "sampling is not implemented.")  # fmt: skip
+    dynatemp_range: float = Field(0.0, description="0 or less (off) only: dynamic "
+                                  "temperature is not implemented.")  # fmt: skip
+    xtc_probability: float = Field(0.0, description="0 or less (off) only: XTC is not "
+                                   "implemented.")  # fmt: skip
+    dry_multiplier: float = Field(0.0, description="0 (off) only: DRY is not implemented.")
     top_n_sigma: float = Field(-1.0, description="0 or less (off) only: top-n-sigma is not "
                                "implemented.")  # fmt: skip
 
