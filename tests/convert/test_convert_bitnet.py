@@ -162,8 +162,23 @@ def test_a_packed_tensor_holding_code_3_is_one_sentence(
         (lambda f: (f / "model.safetensors").write_bytes(b"\x10" * 100),
          "cannot convert {folder}: SafetensorError: "),
         (lambda f: _config_set(f, "num_key_value_heads", "two"),
-         "cannot convert {folder}: ValueError: "),
-        (lambda f: _config_set(f, "rope_scaling", "linear"), "cannot convert {folder}: "),
+         "config.json: num_key_value_heads must be a positive integer, not 'two'"),
+        (lambda f: _config_set(f, "num_key_value_heads", 3),
+         "config.json: num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+        (lambda f: _config_set(f, "head_dim", 0),
+         "config.json: head_dim must be a positive integer, not 0"),
+        (lambda f: _config_set(f, "max_position_embeddings", 4096.5),
+         "config.json: max_position_embeddings must be a positive integer, not 4096.5"),
+        (lambda f: _config_set(f, "rope_theta", "1e4"),
+         "config.json: rope_theta must be a positive number, not '1e4'"),
+        (lambda f: _config_set(f, "rms_norm_eps", -1e-5),
+         "config.json: rms_norm_eps must be a positive number, not -1e-05"),
+        (lambda f: _config_set(f, "rope_scaling", "linear"),
+         "config.json: rope_scaling must be an object, not 'linear'"),
+        (lambda f: _config_set(f, "rope_scaling", {"factor": "two"}),
+         "config.json: rope_scaling.factor must be a positive number, not 'two'"),
+        (lambda f: _config_set(f, "hidden_act", ["silu"]),
+         "config.json: hidden_act ['silu'] is not relu2 or silu"),
         (lambda f: (f / "tokenizer.json").write_text('{"model": "x"}'),
          "cannot convert {folder}: "),
     ],
@@ -176,7 +191,8 @@ def test_a_checkpoint_no_converter_could_read_is_one_sentence(
     says: str,
 ) -> None:
     """A truncated safetensors file, a config value of the wrong type, a malformed
-    tokenizer.json: each was a traceback."""
+    tokenizer.json: each was a traceback. A config value is named with what it must be
+    (it was the catch-all's "ValueError: invalid literal for int()")."""
     folder = write_checkpoint(tmp_path / "hf", make_model(tokenizer.get_vocab_size()), "packed",
                               tokenizer)  # fmt: skip
     damage(folder)

@@ -16,6 +16,7 @@ embedding and head are F16 (F32 if a value overflows F16), norms F32.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,34 +98,60 @@ class HParams:
 
     @classmethod
     def from_config(cls, config: dict[str, Any], layout: Layout, has_lm_head: bool) -> HParams:
-        def need(key: str) -> int:
-            if not isinstance(config.get(key), int) or config[key] <= 0:
-                raise CheckpointError(f"config.json: {key} must be a positive integer")
-            return int(config[key])
-
         scaling = config.get("rope_scaling")
-        if scaling and float(scaling.get("factor", 1.0)) != 1.0:
+        if scaling is not None and not isinstance(scaling, dict):
+            raise CheckpointError(f"config.json: rope_scaling must be an object, not {scaling!r}")
+        if scaling and _number(scaling, "factor", 1.0, "rope_scaling.factor") != 1.0:
             raise CheckpointError(f"config.json: rope_scaling {scaling} is not supported")
-        n_heads = need("num_attention_heads")
-        dim = need("hidden_size")
-        act = str(config.get("hidden_act", layout.default_act))
-        if _ACTIVATION.get(act, act) not in ACTIVATIONS:  # the loader would refuse the file
+        n_heads = _positive_int(config, "num_attention_heads")
+        dim = _positive_int(config, "hidden_size")
+        n_kv_heads = _positive_int(config, "num_key_value_heads", n_heads)
+        if n_heads % n_kv_heads:
+            raise CheckpointError(
+                f"config.json: num_attention_heads {n_heads} is not a multiple of "
+                f"num_key_value_heads {n_kv_heads}"
+            )
+        act = config.get("hidden_act", layout.default_act)
+        activation = _ACTIVATION.get(act) if isinstance(act, str) else None
+        if activation not in ACTIVATIONS:  # the loader would refuse the file
             raise CheckpointError(f"config.json: hidden_act {act!r} is not relu2 or silu")
         tied = bool(config.get("tie_word_embeddings", layout.tied_by_default)) or not has_lm_head
         return cls(
-            n_layers=need("num_hidden_layers"),
+            n_layers=_positive_int(config, "num_hidden_layers"),
             dim=dim,
-            ffn_dim=need("intermediate_size"),
+            ffn_dim=_positive_int(config, "intermediate_size"),
             n_heads=n_heads,
-            n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
-            head_dim=int(config.get("head_dim") or dim // n_heads),
-            vocab_size=need("vocab_size"),
-            context_length=int(config.get("max_position_embeddings") or 4096),
-            rope_theta=float(config.get("rope_theta") or 10000.0),
-            norm_eps=float(config.get("rms_norm_eps") or 1e-5),
-            activation=_ACTIVATION.get(act, act),
+            n_kv_heads=n_kv_heads,
+            head_dim=_positive_int(config, "head_dim", dim // n_heads),
+            vocab_size=_positive_int(config, "vocab_size"),
+            context_length=_positive_int(config, "max_position_embeddings", 4096),
+            rope_theta=_number(config, "rope_theta", 10000.0),
+            norm_eps=_number(config, "rms_norm_eps", 1e-5),
+            activation=activation,
             tied=tied,
         )
+
+
+def _positive_int(config: dict[str, Any], key: str, default: int | None = None) -> int:
+    """``config[key]``, a positive integer; ``default`` where it is absent or null."""
+    value = config.get(key)
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CheckpointError(f"config.json: {key} must be a positive integer, not {value!r}")
+    return value
+
+
+def _number(config: dict[str, Any], key: str, default: float, name: str = "") -> float:
+    """``config[key]``, a positive finite number; ``default`` where it is absent or null."""
+    value = config.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise CheckpointError(
+            f"config.json: {name or key} must be a positive number, not {value!r}"
+        )
+    return float(value)
 
 
 @dataclass(frozen=True, slots=True)
