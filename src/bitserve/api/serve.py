@@ -82,7 +82,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_runtime_arguments(p)
     p.add_argument(
-        "-c", "--ctx-size", type=int, help="context size in tokens (default: the model's)"
+        "-c",
+        "--ctx-size",
+        type=int,
+        help="context size in tokens, at most the model's (default: the model's)",
     )
     p.add_argument(
         "--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="waiting requests before 503"
