@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Seed-compatible launcher for the chat client: ``python3 chat_client.py [--url ...]``.
 
-Same as ``bitserve chat``; works from a source checkout without installing (it puts
-``src/`` on the path when ``bitserve`` is not importable).
+Same as ``bitserve chat``; works from a source checkout without installing bitserve (it
+puts ``src/`` on the path when ``bitserve`` is not importable), given ``httpx``, the one
+package the client needs.
 """
 
 from __future__ import annotations

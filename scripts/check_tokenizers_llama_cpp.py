@@ -32,6 +32,7 @@ by design:
 
 from __future__ import annotations
 
+import argparse
 import io
 import sys
 import tempfile
@@ -184,6 +185,15 @@ def compare(name: str, metadata: dict[str, Any], directory: Path) -> tuple[int, 
 
 
 def main() -> int:
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args()
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("check_tokenizers_llama_cpp: needs llama-cpp-python (pip install llama-cpp-python)",
+              file=sys.stderr)  # fmt: skip
+        return 2
     vocabularies: dict[str, dict[str, Any]] = {}
     for family in FAMILIES:
         metadata = tokenizer_metadata(family, 2048)

@@ -300,8 +300,8 @@ def available(module: str) -> bool:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=5, help="fixtures per family")
-    p.add_argument("--tokens", type=int, default=32, help="prompt length")
+    p.add_argument("--seeds", type=int, default=5, help="fixtures per family (default: 5)")
+    p.add_argument("--tokens", type=int, default=32, help="prompt length in tokens (default: 32)")
     p.add_argument("--kernel", default=None, help="bitserve kernel (default: the best)")
     p.add_argument("--json", action="store_true", help="one JSON object per comparison")
     args = p.parse_args()

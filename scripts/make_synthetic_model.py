@@ -34,6 +34,16 @@ from bitserve.model.synthetic import (
     write_synthetic_model,
 )
 
+# the flags that change the default (2B-4T) shape, and the ModelShape field each sets
+SHAPE_FLAGS = {
+    "--layers": "n_layers",
+    "--dim": "dim",
+    "--ffn": "ffn_dim",
+    "--heads": "n_heads",
+    "--kv-heads": "n_kv_heads",
+    "--vocab": "vocab_size",
+}
+
 
 def main() -> int:
     p = argparse.ArgumentParser(
@@ -47,20 +57,18 @@ def main() -> int:
         choices=[t.name.lower() for t in TERNARY_PACKERS],
         help="ternary projection type (default: the preset's)",
     )
-    p.add_argument("--layers", type=int, default=SHAPE_2B4T.n_layers)
-    p.add_argument("--dim", type=int, default=SHAPE_2B4T.dim)
-    p.add_argument("--ffn", type=int, default=SHAPE_2B4T.ffn_dim)
-    p.add_argument("--heads", type=int, default=SHAPE_2B4T.n_heads)
-    p.add_argument("--kv-heads", type=int, default=SHAPE_2B4T.n_kv_heads)
-    p.add_argument(
-        "--vocab",
-        type=int,
-        default=SHAPE_2B4T.vocab_size,
-        help="128256 gives a LLaMA-3-shaped token table, the demo tokenizer's own size "
-        "the demo tokenizer; no other size is accepted",
-    )
+    n_demo = len(demo_tokenizer_metadata()["tokenizer.ggml.tokens"])
+    helps = {"--vocab": f"{SHAPE_2B4T.vocab_size} (the default) gives a LLaMA-3-shaped token "
+             f"table, {n_demo} the demo tokenizer itself; no other size is accepted"}  # fmt: skip
+    for flag, field in SHAPE_FLAGS.items():
+        default = helps.get(flag, f"default: {getattr(SHAPE_2B4T, field)}")
+        p.add_argument(flag, type=int, dest=field, metavar="N",
+                       help=f"{default} (not with --preset)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    given = {
+        flag: getattr(args, f) for flag, f in SHAPE_FLAGS.items() if getattr(args, f) is not None
+    }
     if args.list:
         for name, preset in PRESETS.items():
             s, layout = preset.shape, preset.layout
@@ -70,6 +78,8 @@ def main() -> int:
         return 0
     if args.path is None:
         p.error("the output path is required")
+    if args.preset and given:
+        p.error(f"{', '.join(given)}: a preset has its own shape; drop them or --preset")
     ternary = GGMLType[args.type.upper()] if args.type else None
     start = time.perf_counter()
     if args.preset:
@@ -77,21 +87,14 @@ def main() -> int:
         write_preset(args.path, args.preset, ternary, seed=args.seed)
     else:
         shape = dataclasses.replace(
-            SHAPE_2B4T,
-            n_layers=args.layers,
-            dim=args.dim,
-            ffn_dim=args.ffn,
-            n_heads=args.heads,
-            n_kv_heads=args.kv_heads,
-            vocab_size=args.vocab,
+            SHAPE_2B4T, **{SHAPE_FLAGS[flag]: value for flag, value in given.items()}
         )
         if shape.vocab_size == 128256:
             tokenizer = llama3_tokenizer_metadata(shape.vocab_size)
         else:
             tokenizer = demo_tokenizer_metadata()
-            n_tokens = len(tokenizer["tokenizer.ggml.tokens"])
-            if shape.vocab_size != n_tokens:
-                p.error(f"--vocab must be 128256 or the demo tokenizer's {n_tokens}")
+            if shape.vocab_size != n_demo:
+                p.error(f"--vocab must be 128256 or the demo tokenizer's {n_demo}")
         layout = dataclasses.replace(PUBLISHED, ternary=ternary or GGMLType.I2_S)
         print(f"writing {shape} to {args.path} ...", file=sys.stderr)
         write_synthetic_model(args.path, shape, seed=args.seed, tokenizer_metadata=tokenizer,

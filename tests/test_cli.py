@@ -16,6 +16,17 @@ def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) ->
         assert name in out
 
 
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_help_states_defaults_in_words_not_python_lists(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: [" not in out and "default: ()" not in out
+
+
 def test_command_name_skips_option_values() -> None:
     assert cli._command_name(["--log-level", "INFO", "generate", "-p", "x"]) == "generate"
     assert cli._command_name(["--log-level", "INFO"]) is None

@@ -59,6 +59,18 @@ def test_custom_shape_writes_a_model_that_generates(tmp_path: Path) -> None:
         loaded.close()
 
 
+def test_shape_flags_with_a_preset_are_refused(tmp_path: Path) -> None:
+    """A preset has its own shape: --layers (or any shape flag) beside it would be ignored,
+    writing gigabytes of the published shape where a small model was asked for."""
+    path = tmp_path / "b.gguf"
+    proc = run(str(path), "--preset", "bonsai-1.7b", "--layers", "1", "--dim", "256")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1].endswith(
+        "error: --layers, --dim: a preset has its own shape; drop them or --preset"
+    )
+    assert not path.exists()
+
+
 def test_a_preset_is_written_in_its_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """write_preset at a shrunken shape (the real ones are gigabytes): the layout and the
     tokenizer (Qwen's kind, padded to the vocabulary) are what the preset says."""

@@ -82,7 +82,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_runtime_arguments(p)
     p.add_argument(
-        "-c", "--ctx-size", type=int, help="context size in tokens (default: the model's)"
+        "-c",
+        "--ctx-size",
+        type=int,
+        help="context size in tokens, at most the model's (default: the model's)",
     )
     p.add_argument(
         "--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="waiting requests before 503"
@@ -133,13 +136,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="this replica's name in the X-Bitserve-Replica response header and the log "
         "(default: $BITSERVE_REPLICA_ID, else <hostname>:<port>)",
     )
-    p.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable)")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="accepted API key (repeatable; default: none, no key needed)",
+    )
     p.add_argument("--api-keys-file", type=Path, help="file with one API key per line")
     p.add_argument(
         "--alias",
         action="append",
         default=list(DEFAULT_ALIASES),
-        help="extra model name the model answers to (repeatable)",
+        help=f"extra model name the model answers to (repeatable; default: "
+        f"{', '.join(DEFAULT_ALIASES)}, kept when others are given)",
     )
     p.add_argument("--oracle-config", type=Path, help="oracle route config (JSON)")
     p.add_argument(
@@ -174,7 +183,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         help="a Host name the server answers to besides localhost, IP addresses and "
-        "--host (repeatable; '*': any). Others get 400: DNS rebinding protection",
+        "--host (repeatable; '*': any; default: none). Others get 400: DNS rebinding protection",
     )
     p.add_argument(
         "--cors-origin",
