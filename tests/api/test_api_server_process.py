@@ -346,7 +346,10 @@ def test_stopping_the_server_lets_replies_finish_then_ends_them_with_an_event(
         with httpx.Client(timeout=60) as client, client.stream("POST", url, json=body) as r:
             lines = read_chunks(r, 5)
             side.start()
-            time.sleep(0.2)
+            deadline = time.monotonic() + 30  # the side request generating: not 0.2 s of
+            while metric(s.url, "bitserve_requests_running") < 2:  # hope (under load it had
+                assert time.monotonic() < deadline  # not connected when the server stopped)
+                time.sleep(0.05)
             s.process.send_signal(sig)
             events = [line for line in lines if line.startswith("data: ")]
         side.join(30)
