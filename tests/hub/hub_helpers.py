@@ -31,7 +31,7 @@ class HubClient:
 
 
 def _fields(options: HubOptions) -> dict[str, object]:
-    keys = ("endpoint", "cache_dir", "token", "offline", "listing_timeout_s")
+    keys = ("endpoint", "cache_dir", "token", "offline", "answer_timeout_s", "stall_s")
     return {k: getattr(options, k) for k in keys}
 
 

@@ -175,6 +175,32 @@ def test_the_hub_clients_warnings_are_printed_once(hub: FakeHub, env: dict[str, 
     assert "WARNING huggingface_hub.file_download: Error while downloading" in done.stderr
 
 
+def test_a_trickling_download_is_stopped_with_a_sentence(hub: FakeHub, env: dict[str, str]) -> None:
+    """A CDN sending a byte every half second never hit huggingface_hub's read timeout:
+    the pull ran for ever at 2 B/s. BITSERVE_PULL_STALL_S sets the window over which a
+    download must average 1 kB/s."""
+    content = gguf_bytes(5000)
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(content, trickle_s=0.5)})
+    command = [sys.executable, "-m", "bitserve.cli", "pull", "a/b"]
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | env
+    child_env["BITSERVE_PULL_STALL_S"] = "2"
+    done = subprocess.run(command, capture_output=True, text=True, env=child_env, timeout=60)
+    assert (done.returncode, done.stdout) == (1, "")
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("bitserve pull: the download of m-i2_s.gguf brought ")
+    assert last.endswith(
+        "(under 1 kB/s) and was stopped; try again later, or set BITSERVE_PULL_STALL_S to the "
+        "seconds a slow link may take to bring 1 kB/s on average (0: never stop)"
+    )
+    child_env["BITSERVE_PULL_STALL_S"] = "soon"
+    done = subprocess.run(command, capture_output=True, text=True, env=child_env, timeout=60)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (
+        "bitserve pull: BITSERVE_PULL_STALL_S is 'soon'; set it to the seconds over which a "
+        "download must average 1 kB/s (60 if unset, 0: never stop a slow download)\n"
+    )
+
+
 def test_a_reader_that_stops_early_is_not_an_error() -> None:
     # `bitserve pull --list | head -1` once head has exited: every write is EPIPE
     read_end, write_end = os.pipe()

@@ -89,6 +89,31 @@ class OversizeTransferError(PullError):
         )
 
 
+class HubSilentError(PullError):
+    """The hub gave no answer about a file's metadata (the request before its download)
+    within the time allowed, retries included."""
+
+    def __init__(self, host: str, filename: str, timeout_s: float) -> None:
+        super().__init__(
+            f"the hub at {host} has not answered about {filename} for {timeout_s:.0f} s, "
+            "retries included; nothing was downloaded: try again later, or check the network "
+            "or proxy"
+        )
+        self.filename = filename
+
+
+class StalledTransferError(PullError):
+    """A download ran slower than a trickle (under 1 kB/s over the stall window)."""
+
+    def __init__(self, filename: str, arrived: int, elapsed_s: float) -> None:
+        super().__init__(
+            f"the download of {filename} brought {format_size(arrived)} in {elapsed_s:.0f} s "
+            "(under 1 kB/s) and was stopped; try again later, or set BITSERVE_PULL_STALL_S "
+            "to the seconds a slow link may take to bring 1 kB/s on average (0: never stop)"
+        )
+        self.filename = filename
+
+
 class RateLimitedError(PullError):
     def __init__(self, host: str, wait_s: int) -> None:
         super().__init__(

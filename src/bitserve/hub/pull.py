@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -44,6 +45,7 @@ from bitserve.hub.errors import (
 )
 from bitserve.hub.registry import ModelRecord, Registry
 from bitserve.hub.session import (
+    bounded_metadata_wait,
     bounded_transfers,
     guard_session,
     log_hub_once,
@@ -65,6 +67,23 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
+def _stall_s_from_env() -> float | None:
+    """``BITSERVE_PULL_STALL_S``: 60 s unset, None (never stop) at 0."""
+    text = os.environ.get("BITSERVE_PULL_STALL_S", "").strip()
+    if not text:
+        return 60.0
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise PullError(
+            f"BITSERVE_PULL_STALL_S is {text!r}; set it to the seconds over which a download "
+            "must average 1 kB/s (60 if unset, 0: never stop a slow download)"
+        )
+    return seconds or None
+
+
 @dataclass(frozen=True, slots=True)
 class HubOptions:
     """Where and how to reach the hub. ``None`` fields take ``huggingface_hub``'s defaults
@@ -74,21 +93,28 @@ class HubOptions:
     cache_dir: Path | None = None
     token: str | bool | None = None  # False: never send one
     offline: bool = False
-    # seconds the hub may stay silent while listing a repository: huggingface_hub sets no
-    # limit there (a hub that accepts and never answers held `bitserve pull` forever);
-    # its file transfers have their own (HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT)
-    listing_timeout_s: float = 60.0
+    # seconds the hub may take to answer about a repository (its listing) or a file (its
+    # metadata, retries included): huggingface_hub sets no limit on the first and retries
+    # the second six times over, 60 s each (a hub that accepts and never answers held
+    # `bitserve pull` forever, then six minutes)
+    answer_timeout_s: float = 60.0
+    # seconds over which a download must average MIN_TRANSFER_RATE_BPS, else it stops
+    # (BITSERVE_PULL_STALL_S; None: never): huggingface_hub's read timeout ends only a
+    # silent transfer, and one byte every few seconds ran for ever
+    stall_s: float | None = 60.0
 
     @classmethod
     def from_env(cls, offline: bool = False) -> HubOptions:
         """Options from the environment as it is now (``huggingface_hub`` reads it once,
-        at import): ``HF_ENDPOINT``, ``HF_HUB_CACHE``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``."""
+        at import): ``HF_ENDPOINT``, ``HF_HUB_CACHE``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``,
+        and bitserve's ``BITSERVE_PULL_STALL_S`` (a :class:`PullError` if not seconds)."""
         cache = os.environ.get("HF_HUB_CACHE")
         return cls(
             endpoint=os.environ.get("HF_ENDPOINT") or None,
             cache_dir=Path(cache) if cache else None,
             token=os.environ.get("HF_TOKEN") or None,
             offline=offline or _env_flag("HF_HUB_OFFLINE"),
+            stall_s=_stall_s_from_env(),
         )
 
     @property
@@ -195,7 +221,7 @@ class Puller:
                 spec.repo,
                 revision=spec.revision,
                 files_metadata=True,
-                timeout=self.options.listing_timeout_s,
+                timeout=self.options.answer_timeout_s,
             )
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             # HfApi parses the answer itself: not JSON, or JSON of another shape
@@ -258,7 +284,11 @@ class Puller:
     def _download(self, spec: ModelSpec, remote: RemoteFile) -> str:
         guard_session()
         try:
-            with stopping_signals_unwind(), bounded_transfers(remote.size):
+            with (
+                stopping_signals_unwind(),
+                bounded_metadata_wait(remote.filename, self.options.answer_timeout_s),
+                bounded_transfers(remote.filename, remote.size, self.options.stall_s),
+            ):
                 path = hf_hub_download(
                     spec.repo,
                     remote.filename,
