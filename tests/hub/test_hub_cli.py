@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 from fake_hub import FakeHub, HubFile, HubRepo
-from hub_helpers import BITNET_REPO, bitnet_repo, gguf_bytes
+from hub_helpers import BITNET_REPO, bitnet_repo, gguf_bytes, gguf_of_unknown_tensor_type
 
 from bitserve.cli import main
+from bitserve.hub.errors import format_size
 
 
 @pytest.fixture
@@ -550,6 +551,48 @@ def test_a_file_that_is_not_a_model_is_refused_and_not_recorded(
     assert [p.name for p in Path(env["HF_HUB_CACHE"]).rglob("blobs/*")] == []
     status, _, err = run(capsys, "models")
     assert status == 0 and "no models downloaded yet" in err
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (gguf_bytes(2000, arch="mamba"), "architecture 'mamba'; it runs bitnet-b1.58, "),
+        (gguf_of_unknown_tensor_type(), "tensor 'blk.0.attn_q.weight' has unsupported type 99"),
+    ],
+    ids=["architecture", "tensor-type"],
+)
+def test_a_model_this_version_cannot_run_is_said_and_kept(
+    hub: FakeHub,
+    env: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+    content: bytes,
+    problem: str,
+) -> None:
+    """A file of an unknown tensor type was deleted after its download (the user had
+    waited for gigabytes, and a newer bitserve would download it again), and one of an
+    unknown architecture was reported 'sha256 verified' (exit 0) for serve to refuse."""
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(content)})
+    size = format_size(len(content))
+    for _ in range(2):  # the second run finds it on disk: said again, nothing downloaded
+        status, out, err = run(capsys, "pull", "a/b")
+        assert (status, out) == (1, "")
+        last = err.splitlines()[-1]
+        assert last.startswith(
+            "bitserve pull: a/b/m-i2_s.gguf is a GGUF file this version of bitserve cannot run ("
+        )
+        assert problem in last
+        assert last.endswith(
+            f"); its {size} are kept as a/b, so a version that runs it needs no new "
+            "download (`bitserve rm a/b` deletes it)"
+        )
+        assert len(hub.blob_gets()) == 1
+    (kept,) = Path(env["HF_HUB_CACHE"]).rglob("snapshots/*/m-i2_s.gguf")
+    assert kept.read_bytes() == content
+    status, out, _ = run(capsys, "models")
+    assert status == 0 and out.splitlines()[1].split()[-2:] == ["yes", "a/b/m-i2_s.gguf"]
+    status, _, err = run(capsys, "rm", "a/b")
+    assert (status, err) == (0, f"bitserve rm: removed a/b ({size} freed)\n")
+    assert not kept.exists()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])

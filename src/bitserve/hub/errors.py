@@ -183,6 +183,20 @@ class UnreadableModelError(PullError):
         self.filename = filename
 
 
+class UnrunnableModelError(PullError):
+    """The file arrived whole and verified and is a GGUF file, of a kind this bitserve
+    cannot run (an architecture or tensor type it lacks): kept and recorded, not deleted
+    (a user waited for it; a newer bitserve or another tool can use it)."""
+
+    def __init__(self, filename: str, name: str, size: str, problem: str) -> None:
+        super().__init__(
+            f"{filename} is a GGUF file this version of bitserve cannot run ({problem}); its "
+            f"{size} are kept as {name}, so a version that runs it needs no new download "
+            f"(`bitserve rm {name}` deletes it)"
+        )
+        self.filename = filename
+
+
 class NotCachedError(PullError):
     def __init__(self, name: str, why: str, command: str | None = None) -> None:
         command = command or f"pull {name}"

@@ -39,6 +39,7 @@ from bitserve.hub.errors import (
     RepoNotFoundError,
     RevisionNotFoundError,
     UnreadableModelError,
+    UnrunnableModelError,
     VerificationError,
     format_size,
     is_disk_full,
@@ -159,14 +160,23 @@ class Puller:
     # -- the three ways in -------------------------------------------------------------
 
     def pull(self, spec: ModelSpec) -> ModelRecord:
-        """Download (or revalidate) ``spec``'s file and verify it. Offline: the local copy."""
+        """Download (or revalidate) ``spec``'s file and verify it. Offline: the local copy.
+        A file this bitserve cannot run (an architecture or tensor type it lacks) is kept
+        and recorded, then :class:`UnrunnableModelError` raised: it is the hub's file,
+        verified, and a bitserve that runs it (or another tool) needs no new download."""
         try:
-            return self._pull(spec)
+            record = self._pull(spec)
         except (VerificationError, UnreadableModelError, OversizeTransferError):
-            record = self.registry.get(spec.name)
-            if record is not None and not record.exists():  # its file was just deleted
+            record_now = self.registry.get(spec.name)
+            if record_now is not None and not record_now.exists():  # its file was just deleted
                 self.registry.remove(spec.name)
             raise
+        problem = unrunnable_problem(record.path)
+        if problem is not None:
+            raise UnrunnableModelError(
+                f"{record.repo}/{record.filename}", record.name, format_size(record.size), problem
+            )
+        return record
 
     def _pull(self, spec: ModelSpec) -> ModelRecord:
         if self.options.offline:
@@ -386,14 +396,17 @@ class Puller:
     def _record(self, spec: ModelSpec, remote: RemoteFile, path: str) -> ModelRecord:
         """Record ``path``, which was just checked against ``remote`` (verified if the hub
         gave its sha256), once it reads as a GGUF file: one that does not is deleted, never
-        recorded (``serve -hf`` would take it for a model)."""
+        recorded (``serve -hf`` would take it for a model). One of a tensor type bitserve
+        lacks is a GGUF file all the same: recorded (:meth:`pull` says it cannot run)."""
         from bitserve.gguf import GGUFError
 
         try:
             arch = _architecture(path)
         except GGUFError as exc:
-            remove_cached_file(path)
-            raise UnreadableModelError(f"{spec.repo}/{remote.filename}", exc.problem) from None
+            if not exc.unsupported:
+                remove_cached_file(path)
+                raise UnreadableModelError(f"{spec.repo}/{remote.filename}", exc.problem) from None
+            arch = None
         record = ModelRecord(
             name=spec.name,
             repo=spec.repo,
@@ -519,6 +532,21 @@ def _architecture(path: str) -> str | None:
         return str(arch) if arch is not None else None
     finally:
         gguf.close()
+
+
+def unrunnable_problem(path: str) -> str | None:
+    """Why this bitserve cannot run the GGUF file ``path`` (a tensor type or an
+    architecture it lacks), read from its header; None if it is of a kind it runs."""
+    from bitserve.gguf import GGUFError
+    from bitserve.model.arch import SUPPORTED_ARCHITECTURES
+
+    try:
+        arch = _architecture(path)
+    except GGUFError as exc:
+        return exc.problem
+    if arch not in SUPPORTED_ARCHITECTURES:
+        return f"architecture {arch!r}; it runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+    return None
 
 
 def _reason(exc: BaseException | str, limit: int = 120) -> str:
