@@ -619,6 +619,65 @@ def test_a_pull_stopped_by_a_signal_leaves_no_partial_file(
     assert list(blobs.iterdir()) == []
 
 
+def _wait_for(condition: Any, child: subprocess.Popen[str], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert child.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_a_partial_file_of_a_killed_pull_is_deleted_by_the_next(
+    hub: FakeHub, env: dict[str, str]
+) -> None:
+    """huggingface_hub names its partial file per process and deletes it on the way out,
+    which SIGKILL (or the OOM killer, a power cut) skips: every such pull left its
+    '<sha>.<random>.incomplete' (gigabytes) in the cache for good."""
+    content = gguf_bytes(400_000)
+    served = HubFile(content, stall_after=100_000)
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": served})
+    command = [sys.executable, "-m", "bitserve.cli", "pull", "a/b"]
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | env
+    blobs = Path(env["HF_HUB_CACHE"]) / "models--a--b" / "blobs"
+    with subprocess.Popen(command, env=child_env, stderr=subprocess.PIPE, text=True) as child:
+        _wait_for(lambda: list(blobs.glob("*.incomplete")), child)
+        child.kill()
+        child.communicate(timeout=30)
+    assert len(list(blobs.glob("*.incomplete"))) == 1  # the killed pull's, left behind
+    served.stall_after = None
+    done = subprocess.run(command, capture_output=True, text=True, env=child_env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()).read_bytes() == content
+    assert [p.name for p in blobs.iterdir()] == [served.sha256]
+
+
+def test_a_second_pull_of_a_file_being_downloaded_says_it_waits(
+    hub: FakeHub, env: dict[str, str]
+) -> None:
+    """The second of two pulls of one model waited for the first one's download lock
+    in silence, after saying 'downloading', and downloaded nothing."""
+    content = gguf_bytes(400_000)
+    served = HubFile(content, stall_after=100_000)
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": served})
+    command = [sys.executable, "-m", "bitserve.cli", "pull", "a/b"]
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | env
+    blobs = Path(env["HF_HUB_CACHE"]) / "models--a--b" / "blobs"
+    popen = {"env": child_env, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    with subprocess.Popen(command, **popen) as first:  # type: ignore[call-overload]
+        _wait_for(lambda: list(blobs.glob("*.incomplete")), first)
+        with subprocess.Popen(command, **popen) as second:  # type: ignore[call-overload]
+            line = second.stderr.readline()
+            assert line == (
+                "bitserve pull: another process is downloading a/b/m-i2_s.gguf (400.00 kB); "
+                "waiting for it\n"
+            )
+            served.stall_after = None
+            first.terminate()  # its partial file goes; the second downloads the file
+            assert first.wait(timeout=30) == 128 + signal.SIGTERM
+            out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    assert Path(out.strip()).read_bytes() == content
+
+
 def test_rm_deletes_nothing_outside_the_hugging_face_cache(
     hub: FakeHub, env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

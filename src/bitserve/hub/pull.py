@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+from filelock import FileLock, Timeout
 from huggingface_hub import HfApi, constants, get_token, hf_hub_download, try_to_load_from_cache
 from huggingface_hub import errors as hf_errors
+from huggingface_hub.file_download import repo_folder_name
 
 from bitserve.hub.catalog import COMMIT, SHA256
 from bitserve.hub.errors import (
@@ -283,13 +285,46 @@ class Puller:
             self.notify(f"the copy of {remote.filename} on disk was damaged; downloading it again")
         self._check_space(remote.size)
         size = format_size(remote.size) if remote.size is not None else "unknown size"
-        self.notify(f"downloading {spec.repo}/{remote.filename} ({size})")
+        if self._clear_partials(spec.repo, remote):
+            self.notify(f"downloading {spec.repo}/{remote.filename} ({size})")
+        else:
+            self.notify(
+                f"another process is downloading {spec.repo}/{remote.filename} ({size}); "
+                "waiting for it"
+            )
         path = self._download(spec, remote)
         problem = file_problem(path, remote.size, remote.sha256)
         if problem is not None:
             remove_cached_file(path)
             raise VerificationError(remote.filename, problem)
         return path
+
+    def _clear_partials(self, repo: str, remote: RemoteFile) -> bool:
+        """Delete the partial files of ``remote`` that no download is writing, and say
+        whether one is (False: another process holds the file's download lock, and
+        ``huggingface_hub`` will wait for it). ``huggingface_hub`` names a partial file per
+        process and deletes it on the way out, which a process killed outright (SIGKILL,
+        the OOM killer, a power cut) never takes: each such pull left gigabytes for good."""
+        if remote.sha256 is None:  # the blob is named by an ETag known only to the download
+            return True
+        folder = repo_folder_name(repo_id=repo, repo_type="model")
+        lock_path = self.options.cache / ".locks" / folder / f"{remote.sha256}.lock"
+        lock = FileLock(lock_path, mode=0o664)  # as huggingface_hub makes it: shared caches
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        except (OSError, NotImplementedError):  # no lock there: leave the folder alone
+            return True
+        try:
+            for partial in (self.options.cache / folder / "blobs").glob(
+                f"{remote.sha256}*.incomplete"
+            ):
+                with contextlib.suppress(FileNotFoundError):
+                    partial.unlink()
+        finally:
+            lock.release()
+        return True
 
     def _download(self, spec: ModelSpec, remote: RemoteFile) -> str:
         guard_session()
