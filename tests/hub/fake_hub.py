@@ -20,7 +20,8 @@ overrides the size the hub advertises (a file too big for the disk), ``resolve_h
 the headers of the resolve answer (a hub naming paths ``../x``), ``cdn_answer`` the
 whole answer of the CDN (status, headers, body: a redirect loop, a broken gzip); a repository's
 ``info`` replaces the model-info answer (a hub that is not one, or a broken one), and
-``info_stalls`` holds it back until ``stop`` (a hub that accepts and never answers);
+``info_stalls`` holds it back until ``stop`` (a hub that accepts and never answers),
+``info_trickle_s`` sends it a byte every so many seconds;
 a file's ``resolve_stalls`` does the same to its metadata (HEAD) answer, and
 ``trickle_s`` has the CDN send it one byte every so many seconds (resumed ranges too).
 """
@@ -72,6 +73,7 @@ class HubRepo:
     commit: str = ""
     info: bytes | None = None  # what the model-info endpoint answers instead (a broken hub)
     info_stalls: bool = False  # the model-info answer never comes (until the hub stops)
+    info_trickle_s: float | None = None  # its body comes one byte every this many seconds
 
     def __post_init__(self) -> None:
         if not self.commit:
@@ -268,6 +270,11 @@ class _HubHandler(BaseHTTPRequestHandler):
             return 0
         if repo.info is not None:
             self._send(200, {"Content-Type": "application/json"}, repo.info, head)
+            return 200
+        if repo.info_trickle_s is not None and not head:
+            info = json.dumps({"id": repo_id, "sha": repo.commit, "siblings": []}).encode()
+            headers = {"Content-Type": "application/json"}
+            self._send_trickle(200, headers, info, repo.info_trickle_s)
             return 200
         siblings = []
         for name, f in sorted(repo.files.items()):

@@ -212,6 +212,17 @@ def test_a_hub_that_never_answers_the_listing_times_out(hub: FakeHub, client: Hu
         client.pull("a/b", answer_timeout_s=0.2)
 
 
+@pytest.mark.timeout(60)  # before the fix: a byte every 0.2 s, for ever
+def test_a_listing_sent_a_byte_at_a_time_times_out(hub: FakeHub, client: HubClient) -> None:
+    """The listing's read timeout bounds each read: a hub (or proxy) sending a byte every
+    few seconds never reached it, and held `bitserve pull` for ever."""
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(gguf_bytes(1000))}, info_trickle_s=0.2)
+    started = time.monotonic()
+    with pytest.raises(NoNetworkError, match=r"cannot reach the model hub at .* \(timed out\)"):
+        client.pull("a/b", answer_timeout_s=1.0)
+    assert time.monotonic() - started < 15
+
+
 @pytest.mark.timeout(60)  # before the fix: six HEAD requests of 60 s each
 def test_a_hub_that_never_answers_a_files_metadata_times_out(
     hub: FakeHub, client: HubClient

@@ -48,6 +48,7 @@ from bitserve.hub.errors import (
 )
 from bitserve.hub.registry import ModelRecord, Registry
 from bitserve.hub.session import (
+    bounded_listing,
     bounded_metadata_wait,
     bounded_transfers,
     guard_session,
@@ -229,12 +230,13 @@ class Puller:
         api = HfApi(endpoint=endpoint, token=self.options.token)
         guard_session()
         try:
-            info = api.model_info(
-                spec.repo,
-                revision=spec.revision,
-                files_metadata=True,
-                timeout=self.options.answer_timeout_s,
-            )
+            with bounded_listing(self.options.answer_timeout_s):
+                info = api.model_info(
+                    spec.repo,
+                    revision=spec.revision,
+                    files_metadata=True,
+                    timeout=self.options.answer_timeout_s,
+                )
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             # HfApi parses the answer itself: not JSON, or JSON of another shape
             raise BadAnswerError(endpoint, spec.repo, _reason(exc)) from None

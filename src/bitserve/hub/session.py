@@ -1,8 +1,9 @@
 """What bitserve does not take on trust in ``huggingface_hub``'s HTTP session and process:
 :func:`guard_session` checks every answer of the hub before ``huggingface_hub`` acts on
 it (cache paths named by headers, rate-limit waits, bodies longer than the file or
-slower than a trickle: :func:`bounded_transfers`) and bounds the wait for a file's
-metadata (:func:`bounded_metadata_wait`), :func:`stopping_signals_unwind`
+slower than a trickle: :func:`bounded_transfers`) and bounds the wait for a listing
+(:func:`bounded_listing`) or a file's metadata (:func:`bounded_metadata_wait`),
+:func:`stopping_signals_unwind`
 lets SIGTERM and SIGHUP reach its cleanup, :func:`log_hub_once` prints its warnings once.
 """
 
@@ -62,6 +63,8 @@ _TRANSFER_LIMITS: ContextVar[_TransferLimits | None] = ContextVar(
 _METADATA_DEADLINE: ContextVar[_MetadataDeadline | None] = ContextVar(
     "bitserve_metadata_deadline", default=None
 )
+# time.monotonic() past which a listing's body may bring no more, set by bounded_listing()
+_LISTING_DEADLINE: ContextVar[float | None] = ContextVar("bitserve_listing_deadline", default=None)
 
 
 def log_hub_once() -> None:
@@ -147,6 +150,18 @@ def bounded_metadata_wait(filename: str, timeout_s: float) -> Iterator[None]:
         _METADATA_DEADLINE.reset(token)
 
 
+@contextlib.contextmanager
+def bounded_listing(timeout_s: float) -> Iterator[None]:
+    """The listing asked for in the block must have arrived whole within ``timeout_s``
+    seconds, else ``httpx2.ReadTimeout`` (as a silent hub gets): its read timeout bounds
+    each read, and a body sent a byte every few seconds held the command for ever."""
+    token = _LISTING_DEADLINE.set(time.monotonic() + timeout_s)
+    try:
+        yield
+    finally:
+        _LISTING_DEADLINE.reset(token)
+
+
 def _check_request(request: httpx2.Request) -> None:
     """An event hook on ``huggingface_hub``'s session: a metadata request waits no longer
     than the time left of :func:`bounded_metadata_wait`, and none is sent past it."""
@@ -169,6 +184,9 @@ def _check_answer(response: httpx2.Response) -> None:
         _refuse_long_waits(response)
     if response.request.method == "HEAD":
         _refuse_unsafe_names(response)
+    listing_until = _LISTING_DEADLINE.get()
+    if listing_until is not None and response.request.method == "GET":
+        _bound_listing(response, listing_until)
     limits = _TRANSFER_LIMITS.get()
     if limits is not None and response.request.method == "GET" and response.is_success:
         if limits.max_bytes is not None:
@@ -190,6 +208,19 @@ def _bound_body(response: httpx2.Response, limit: int) -> None:
             yield chunk
 
     response.iter_bytes = bounded  # type: ignore[method-assign]
+
+
+def _bound_listing(response: httpx2.Response, until: float) -> None:
+    """Make the body of ``response`` stop with ``httpx2.ReadTimeout`` past ``until``."""
+    read = response.iter_raw
+
+    def bounded(chunk_size: int | None = None) -> Iterator[bytes]:
+        for chunk in read(chunk_size):
+            if time.monotonic() > until:
+                raise httpx2.ReadTimeout("timed out", request=response.request)
+            yield chunk
+
+    response.iter_raw = bounded  # type: ignore[method-assign]
 
 
 def _watch_rate(response: httpx2.Response, filename: str, window_s: float) -> None:
