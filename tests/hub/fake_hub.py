@@ -20,7 +20,10 @@ overrides the size the hub advertises (a file too big for the disk), ``resolve_h
 the headers of the resolve answer (a hub naming paths ``../x``), ``cdn_answer`` the
 whole answer of the CDN (status, headers, body: a redirect loop, a broken gzip); a repository's
 ``info`` replaces the model-info answer (a hub that is not one, or a broken one), and
-``info_stalls`` holds it back until ``stop`` (a hub that accepts and never answers).
+``info_stalls`` holds it back until ``stop`` (a hub that accepts and never answers),
+``info_trickle_s`` sends it a byte every so many seconds;
+a file's ``resolve_stalls`` does the same to its metadata (HEAD) answer, and
+``trickle_s`` has the CDN send it one byte every so many seconds (resumed ranges too).
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class HubFile:
     listed_size: int | None = None  # the size the hub advertises instead of the real one
     resolve_headers: dict[str, str] = field(default_factory=dict)  # override the resolve's
     cdn_answer: tuple[int, dict[str, str], bytes] | None = None  # the CDN's, instead
+    resolve_stalls: bool = False  # the resolve (HEAD) answer never comes (until the hub stops)
+    trickle_s: float | None = None  # the CDN sends one byte every this many seconds
 
     @property
     def sha256(self) -> str:
@@ -68,6 +73,7 @@ class HubRepo:
     commit: str = ""
     info: bytes | None = None  # what the model-info endpoint answers instead (a broken hub)
     info_stalls: bool = False  # the model-info answer never comes (until the hub stops)
+    info_trickle_s: float | None = None  # its body comes one byte every this many seconds
 
     def __post_init__(self) -> None:
         if not self.commit:
@@ -265,6 +271,11 @@ class _HubHandler(BaseHTTPRequestHandler):
         if repo.info is not None:
             self._send(200, {"Content-Type": "application/json"}, repo.info, head)
             return 200
+        if repo.info_trickle_s is not None and not head:
+            info = json.dumps({"id": repo_id, "sha": repo.commit, "siblings": []}).encode()
+            headers = {"Content-Type": "application/json"}
+            self._send_trickle(200, headers, info, repo.info_trickle_s)
+            return 200
         siblings = []
         for name, f in sorted(repo.files.items()):
             item: dict[str, Any] = {"rfilename": name, "size": f.size, "blobId": f.git_oid}
@@ -297,6 +308,10 @@ class _HubHandler(BaseHTTPRequestHandler):
         f = repo.files.get(filename)
         if f is None:
             return self._error(404, "EntryNotFound", head, commit=repo.commit)
+        if f.resolve_stalls:
+            self.hub.stopping.wait()
+            self.close_connection = True
+            return 0, 0
         headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{f.git_oid}"'}
         if not f.lfs:
             return 200, self._send(200, headers | f.resolve_headers, f.content, head)
@@ -326,7 +341,9 @@ class _HubHandler(BaseHTTPRequestHandler):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
             data = data[start:end]
-        elif f.endless and not head:
+        if f.trickle_s is not None and not head:  # resumed transfers too
+            return status, self._send_trickle(status, headers, data, f.trickle_s)
+        if f.endless and not head:
             return status, self._send_endless(headers, data)
         elif f.stall_after is not None and not head:
             return status, self._send_part(headers, data, f.stall_after, stall=True)
@@ -350,6 +367,29 @@ class _HubHandler(BaseHTTPRequestHandler):
             self.hub.stopping.wait()
         else:
             self.connection.shutdown(2)  # SHUT_RDWR
+        return sent
+
+    def _send_trickle(
+        self, status: int, headers: dict[str, str], data: bytes, every_s: float
+    ) -> int:
+        """``data`` one byte every ``every_s`` seconds, until the client leaves or the hub
+        stops (a link at a few bytes a second that no read timeout ends)."""
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.close_connection = True
+        sent = 0
+        try:
+            for byte in data:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                sent += 1
+                if self.hub.stopping.wait(every_s):
+                    break
+        except OSError:  # the client hung up
+            pass
         return sent
 
     def _send_endless(self, headers: dict[str, str], data: bytes) -> int:

@@ -31,7 +31,7 @@ class HubClient:
 
 
 def _fields(options: HubOptions) -> dict[str, object]:
-    keys = ("endpoint", "cache_dir", "token", "offline", "listing_timeout_s")
+    keys = ("endpoint", "cache_dir", "token", "offline", "answer_timeout_s", "stall_s")
     return {k: getattr(options, k) for k in keys}
 
 
@@ -61,3 +61,17 @@ def gguf_bytes(size: int, arch: str = "bitnet") -> bytes:
     if room < 0:
         raise ValueError(f"a GGUF file takes at least {len(head) + 8} bytes")
     return head + text(os.urandom(room // 2 + 1).hex()[:room])
+
+
+def gguf_of_unknown_tensor_type(type_id: int = 99) -> bytes:
+    """A well-formed GGUF file (architecture ``bitnet``) whose one tensor has a type id no
+    bitserve reads, as a file of a newer llama.cpp quantization would."""
+
+    def text(s: str) -> bytes:
+        return struct.pack("<Q", len(s)) + s.encode()
+
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + text("general.architecture")
+    head += struct.pack("<I", 8) + text("bitnet")  # GGUFValueType.STRING
+    head += text("blk.0.attn_q.weight") + struct.pack("<IQIQ", 1, 256, type_id, 0)
+    head += bytes(-len(head) % 32)  # general.alignment's default
+    return head + bytes(256)

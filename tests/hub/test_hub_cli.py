@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 from fake_hub import FakeHub, HubFile, HubRepo
-from hub_helpers import BITNET_REPO, bitnet_repo, gguf_bytes
+from hub_helpers import BITNET_REPO, bitnet_repo, gguf_bytes, gguf_of_unknown_tensor_type
 
 from bitserve.cli import main
+from bitserve.hub.errors import format_size
 
 
 @pytest.fixture
@@ -173,6 +174,32 @@ def test_the_hub_clients_warnings_are_printed_once(hub: FakeHub, env: dict[str, 
     assert Path(done.stdout.strip()).read_bytes() == content
     assert done.stderr.count("peer closed connection") == 1, done.stderr
     assert "WARNING huggingface_hub.file_download: Error while downloading" in done.stderr
+
+
+def test_a_trickling_download_is_stopped_with_a_sentence(hub: FakeHub, env: dict[str, str]) -> None:
+    """A CDN sending a byte every half second never hit huggingface_hub's read timeout:
+    the pull ran for ever at 2 B/s. BITSERVE_PULL_STALL_S sets the window over which a
+    download must average 1 kB/s."""
+    content = gguf_bytes(5000)
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(content, trickle_s=0.5)})
+    command = [sys.executable, "-m", "bitserve.cli", "pull", "a/b"]
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | env
+    child_env["BITSERVE_PULL_STALL_S"] = "2"
+    done = subprocess.run(command, capture_output=True, text=True, env=child_env, timeout=60)
+    assert (done.returncode, done.stdout) == (1, "")
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("bitserve pull: the download of m-i2_s.gguf brought ")
+    assert last.endswith(
+        "(under 1 kB/s) and was stopped; try again later, or set BITSERVE_PULL_STALL_S to the "
+        "seconds a slow link may take to bring 1 kB/s on average (0: never stop)"
+    )
+    child_env["BITSERVE_PULL_STALL_S"] = "soon"
+    done = subprocess.run(command, capture_output=True, text=True, env=child_env, timeout=60)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (
+        "bitserve pull: BITSERVE_PULL_STALL_S is 'soon'; set it to the seconds over which a "
+        "download must average 1 kB/s (60 if unset, 0: never stop a slow download)\n"
+    )
 
 
 def test_a_reader_that_stops_early_is_not_an_error() -> None:
@@ -526,6 +553,48 @@ def test_a_file_that_is_not_a_model_is_refused_and_not_recorded(
     assert status == 0 and "no models downloaded yet" in err
 
 
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (gguf_bytes(2000, arch="mamba"), "architecture 'mamba'; it runs bitnet-b1.58, "),
+        (gguf_of_unknown_tensor_type(), "tensor 'blk.0.attn_q.weight' has unsupported type 99"),
+    ],
+    ids=["architecture", "tensor-type"],
+)
+def test_a_model_this_version_cannot_run_is_said_and_kept(
+    hub: FakeHub,
+    env: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+    content: bytes,
+    problem: str,
+) -> None:
+    """A file of an unknown tensor type was deleted after its download (the user had
+    waited for gigabytes, and a newer bitserve would download it again), and one of an
+    unknown architecture was reported 'sha256 verified' (exit 0) for serve to refuse."""
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(content)})
+    size = format_size(len(content))
+    for _ in range(2):  # the second run finds it on disk: said again, nothing downloaded
+        status, out, err = run(capsys, "pull", "a/b")
+        assert (status, out) == (1, "")
+        last = err.splitlines()[-1]
+        assert last.startswith(
+            "bitserve pull: a/b/m-i2_s.gguf is a GGUF file this version of bitserve cannot run ("
+        )
+        assert problem in last
+        assert last.endswith(
+            f"); its {size} are kept as a/b, so a version that runs it needs no new "
+            "download (`bitserve rm a/b` deletes it)"
+        )
+        assert len(hub.blob_gets()) == 1
+    (kept,) = Path(env["HF_HUB_CACHE"]).rglob("snapshots/*/m-i2_s.gguf")
+    assert kept.read_bytes() == content
+    status, out, _ = run(capsys, "models")
+    assert status == 0 and out.splitlines()[1].split()[-2:] == ["yes", "a/b/m-i2_s.gguf"]
+    status, _, err = run(capsys, "rm", "a/b")
+    assert (status, err) == (0, f"bitserve rm: removed a/b ({size} freed)\n")
+    assert not kept.exists()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
 def test_a_pull_stopped_by_a_signal_leaves_no_partial_file(
     hub: FakeHub, env: dict[str, str], signum: int
@@ -548,6 +617,65 @@ def test_a_pull_stopped_by_a_signal_leaves_no_partial_file(
         _, err = child.communicate(timeout=30)
     assert child.returncode == 128 + signum, err
     assert list(blobs.iterdir()) == []
+
+
+def _wait_for(condition: Any, child: subprocess.Popen[str], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert child.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_a_partial_file_of_a_killed_pull_is_deleted_by_the_next(
+    hub: FakeHub, env: dict[str, str]
+) -> None:
+    """huggingface_hub names its partial file per process and deletes it on the way out,
+    which SIGKILL (or the OOM killer, a power cut) skips: every such pull left its
+    '<sha>.<random>.incomplete' (gigabytes) in the cache for good."""
+    content = gguf_bytes(400_000)
+    served = HubFile(content, stall_after=100_000)
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": served})
+    command = [sys.executable, "-m", "bitserve.cli", "pull", "a/b"]
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | env
+    blobs = Path(env["HF_HUB_CACHE"]) / "models--a--b" / "blobs"
+    with subprocess.Popen(command, env=child_env, stderr=subprocess.PIPE, text=True) as child:
+        _wait_for(lambda: list(blobs.glob("*.incomplete")), child)
+        child.kill()
+        child.communicate(timeout=30)
+    assert len(list(blobs.glob("*.incomplete"))) == 1  # the killed pull's, left behind
+    served.stall_after = None
+    done = subprocess.run(command, capture_output=True, text=True, env=child_env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()).read_bytes() == content
+    assert [p.name for p in blobs.iterdir()] == [served.sha256]
+
+
+def test_a_second_pull_of_a_file_being_downloaded_says_it_waits(
+    hub: FakeHub, env: dict[str, str]
+) -> None:
+    """The second of two pulls of one model waited for the first one's download lock
+    in silence, after saying 'downloading', and downloaded nothing."""
+    content = gguf_bytes(400_000)
+    served = HubFile(content, stall_after=100_000)
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": served})
+    command = [sys.executable, "-m", "bitserve.cli", "pull", "a/b"]
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | env
+    blobs = Path(env["HF_HUB_CACHE"]) / "models--a--b" / "blobs"
+    popen = {"env": child_env, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    with subprocess.Popen(command, **popen) as first:  # type: ignore[call-overload]
+        _wait_for(lambda: list(blobs.glob("*.incomplete")), first)
+        with subprocess.Popen(command, **popen) as second:  # type: ignore[call-overload]
+            line = second.stderr.readline()
+            assert line == (
+                "bitserve pull: another process is downloading a/b/m-i2_s.gguf (400.00 kB); "
+                "waiting for it\n"
+            )
+            served.stall_after = None
+            first.terminate()  # its partial file goes; the second downloads the file
+            assert first.wait(timeout=30) == 128 + signal.SIGTERM
+            out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    assert Path(out.strip()).read_bytes() == content
 
 
 def test_rm_deletes_nothing_outside_the_hugging_face_cache(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from bitserve.hub import Catalog, CatalogEntry, Puller, resolve
 from bitserve.hub.errors import (
     DiskFullError,
     GatedRepoError,
+    HubSilentError,
     NoMatchingFileError,
     NoNetworkError,
     NotCachedError,
@@ -204,10 +206,39 @@ def test_a_hub_that_never_answers_the_listing_times_out(hub: FakeHub, client: Hu
     record = client.pull("bitnet-2b")
     hub.repos[BITNET_REPO].info_stalls = True
     hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(gguf_bytes(1000))}, info_stalls=True)
-    assert client.pull("bitnet-2b", listing_timeout_s=0.2) == record
+    assert client.pull("bitnet-2b", answer_timeout_s=0.2) == record
     assert client.messages[-1] == "the hub is unreachable; using the copy of bitnet-2b on disk"
     with pytest.raises(NoNetworkError, match=r"cannot reach the model hub at .* \(timed out\)"):
-        client.pull("a/b", listing_timeout_s=0.2)
+        client.pull("a/b", answer_timeout_s=0.2)
+
+
+@pytest.mark.timeout(60)  # before the fix: a byte every 0.2 s, for ever
+def test_a_listing_sent_a_byte_at_a_time_times_out(hub: FakeHub, client: HubClient) -> None:
+    """The listing's read timeout bounds each read: a hub (or proxy) sending a byte every
+    few seconds never reached it, and held `bitserve pull` for ever."""
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(gguf_bytes(1000))}, info_trickle_s=0.2)
+    started = time.monotonic()
+    with pytest.raises(NoNetworkError, match=r"cannot reach the model hub at .* \(timed out\)"):
+        client.pull("a/b", answer_timeout_s=1.0)
+    assert time.monotonic() - started < 15
+
+
+@pytest.mark.timeout(60)  # before the fix: six HEAD requests of 60 s each
+def test_a_hub_that_never_answers_a_files_metadata_times_out(
+    hub: FakeHub, client: HubClient
+) -> None:
+    """huggingface_hub asks for a file's metadata (HEAD) once with a 10 s timeout, then six
+    times more with 60 s each: `bitserve pull` sat silent for six minutes."""
+    hub.repos["a/b"] = HubRepo({"m-i2_s.gguf": HubFile(gguf_bytes(1000), resolve_stalls=True)})
+    started = time.monotonic()
+    with pytest.raises(HubSilentError) as caught:
+        client.pull("a/b", answer_timeout_s=1.0)
+    assert time.monotonic() - started < 15  # 1 s, and one of huggingface_hub's backoffs
+    assert str(caught.value) == (
+        "the hub at 127.0.0.1 has not answered about m-i2_s.gguf for 1 s, retries included; "
+        "nothing was downloaded: try again later, or check the network or proxy"
+    )
+    assert hub.blob_gets() == [] and blobs(client.options.cache) == []
 
 
 def test_unknown_repo_is_one_sentence(client: HubClient) -> None:

@@ -5,6 +5,7 @@ the hub gone, serves the verified copy without a single request."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -109,3 +110,32 @@ def test_serve_hf_downloads_once_then_starts_offline(
     second = serve_until_healthy(spawn_serve(server_env, tmp_path, port), port)
     assert "downloading" not in second and "%|" not in second
     assert hub.log == []
+
+
+def test_rm_of_a_model_being_served_says_when_its_space_returns(
+    hub: FakeHub, server_env: dict[str, str], tmp_path: Path, demo_gguf: bytes
+) -> None:
+    """`bitserve rm` said '(… freed)' while `serve -hf` had the file mapped: its blocks
+    stay in use until the server exits, and `df` showed nothing freed."""
+    hub.repos[BITNET_REPO] = bitnet_repo(demo_gguf)
+    port = free_port()
+    child = spawn_serve(server_env, tmp_path, port)
+    try:
+        child.expect(rf"on http://127\.0\.0\.1:{port}")
+        assert wait_for_health(child, port) == 200
+        command = [sys.executable, "-m", "bitserve.cli", "rm", "bitnet-2b"]
+        done = subprocess.run(command, capture_output=True, text=True, env=server_env, timeout=60)
+        assert done.returncode == 0, done.stderr
+        size = f"{len(demo_gguf) / 1e6:.2f} MB"
+        name = Path(sys.executable).name[:15]  # /proc/PID/comm: what the server ran as
+        assert done.stderr == (
+            f"bitserve rm: removed bitnet-2b; its {size} return to the disk only when process "
+            f"{child.pid} ({name}) exits, as the file is still open there\n"
+        )
+        assert list((tmp_path / "hf").rglob("blobs/*")) == []  # the name is gone all the same
+        # the server goes on serving from its mapping
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+    finally:
+        child.terminate(force=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=server_env, timeout=60)
+    assert done.returncode == 1 and "no downloaded model is called 'bitnet-2b'" in done.stderr

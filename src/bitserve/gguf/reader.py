@@ -52,12 +52,15 @@ _ARRAY_DTYPES: dict[GGUFValueType, str] = {
 
 
 class GGUFError(ValueError):
-    """A GGUF file is malformed or uses something bitserve does not support."""
+    """A GGUF file is malformed or uses something bitserve does not support.
+    ``unsupported``: a well-formed file of a kind bitserve lacks (a tensor type), which
+    a pull keeps, rather than a damaged or foreign one."""
 
-    def __init__(self, path: str | Path, problem: str) -> None:
+    def __init__(self, path: str | Path, problem: str, unsupported: bool = False) -> None:
         super().__init__(f"{path}: {problem}")
         self.path = str(path)
         self.problem = problem
+        self.unsupported = unsupported
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,7 +310,9 @@ class GGUFFile:
         except ValueError:
             known = ", ".join(f"{t.name} ({t.value})" for t in GGMLType)
             raise GGUFError(
-                self.path, f"tensor {name!r} has unsupported type {gtype}; supported: {known}"
+                self.path,
+                f"tensor {name!r} has unsupported type {gtype}; supported: {known}",
+                unsupported=True,
             ) from None
         if any(d <= 0 for d in dims):
             raise GGUFError(self.path, f"tensor {name!r} has an empty dimension {dims}")

@@ -89,6 +89,31 @@ class OversizeTransferError(PullError):
         )
 
 
+class HubSilentError(PullError):
+    """The hub gave no answer about a file's metadata (the request before its download)
+    within the time allowed, retries included."""
+
+    def __init__(self, host: str, filename: str, timeout_s: float) -> None:
+        super().__init__(
+            f"the hub at {host} has not answered about {filename} for {timeout_s:.0f} s, "
+            "retries included; nothing was downloaded: try again later, or check the network "
+            "or proxy"
+        )
+        self.filename = filename
+
+
+class StalledTransferError(PullError):
+    """A download ran slower than a trickle (under 1 kB/s over the stall window)."""
+
+    def __init__(self, filename: str, arrived: int, elapsed_s: float) -> None:
+        super().__init__(
+            f"the download of {filename} brought {format_size(arrived)} in {elapsed_s:.0f} s "
+            "(under 1 kB/s) and was stopped; try again later, or set BITSERVE_PULL_STALL_S "
+            "to the seconds a slow link may take to bring 1 kB/s on average (0: never stop)"
+        )
+        self.filename = filename
+
+
 class RateLimitedError(PullError):
     def __init__(self, host: str, wait_s: int) -> None:
         super().__init__(
@@ -154,6 +179,20 @@ class UnreadableModelError(PullError):
         super().__init__(
             f"{filename} is not a model bitserve can read ({problem}); the file was deleted "
             "and not recorded"
+        )
+        self.filename = filename
+
+
+class UnrunnableModelError(PullError):
+    """The file arrived whole and verified and is a GGUF file, of a kind this bitserve
+    cannot run (an architecture or tensor type it lacks): kept and recorded, not deleted
+    (a user waited for it; a newer bitserve or another tool can use it)."""
+
+    def __init__(self, filename: str, name: str, size: str, problem: str) -> None:
+        super().__init__(
+            f"{filename} is a GGUF file this version of bitserve cannot run ({problem}); its "
+            f"{size} are kept as {name}, so a version that runs it needs no new download "
+            f"(`bitserve rm {name}` deletes it)"
         )
         self.filename = filename
 

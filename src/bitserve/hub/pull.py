@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -23,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+from filelock import FileLock, Timeout
 from huggingface_hub import HfApi, constants, get_token, hf_hub_download, try_to_load_from_cache
 from huggingface_hub import errors as hf_errors
+from huggingface_hub.file_download import repo_folder_name
 
 from bitserve.hub.catalog import COMMIT, SHA256
 from bitserve.hub.errors import (
@@ -38,12 +41,15 @@ from bitserve.hub.errors import (
     RepoNotFoundError,
     RevisionNotFoundError,
     UnreadableModelError,
+    UnrunnableModelError,
     VerificationError,
     format_size,
     is_disk_full,
 )
 from bitserve.hub.registry import ModelRecord, Registry
 from bitserve.hub.session import (
+    bounded_listing,
+    bounded_metadata_wait,
     bounded_transfers,
     guard_session,
     log_hub_once,
@@ -65,6 +71,23 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
+def _stall_s_from_env() -> float | None:
+    """``BITSERVE_PULL_STALL_S``: 60 s unset, None (never stop) at 0."""
+    text = os.environ.get("BITSERVE_PULL_STALL_S", "").strip()
+    if not text:
+        return 60.0
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise PullError(
+            f"BITSERVE_PULL_STALL_S is {text!r}; set it to the seconds over which a download "
+            "must average 1 kB/s (60 if unset, 0: never stop a slow download)"
+        )
+    return seconds or None
+
+
 @dataclass(frozen=True, slots=True)
 class HubOptions:
     """Where and how to reach the hub. ``None`` fields take ``huggingface_hub``'s defaults
@@ -74,21 +97,28 @@ class HubOptions:
     cache_dir: Path | None = None
     token: str | bool | None = None  # False: never send one
     offline: bool = False
-    # seconds the hub may stay silent while listing a repository: huggingface_hub sets no
-    # limit there (a hub that accepts and never answers held `bitserve pull` forever);
-    # its file transfers have their own (HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT)
-    listing_timeout_s: float = 60.0
+    # seconds the hub may take to answer about a repository (its listing) or a file (its
+    # metadata, retries included): huggingface_hub sets no limit on the first and retries
+    # the second six times over, 60 s each (a hub that accepts and never answers held
+    # `bitserve pull` forever, then six minutes)
+    answer_timeout_s: float = 60.0
+    # seconds over which a download must average MIN_TRANSFER_RATE_BPS, else it stops
+    # (BITSERVE_PULL_STALL_S; None: never): huggingface_hub's read timeout ends only a
+    # silent transfer, and one byte every few seconds ran for ever
+    stall_s: float | None = 60.0
 
     @classmethod
     def from_env(cls, offline: bool = False) -> HubOptions:
         """Options from the environment as it is now (``huggingface_hub`` reads it once,
-        at import): ``HF_ENDPOINT``, ``HF_HUB_CACHE``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``."""
+        at import): ``HF_ENDPOINT``, ``HF_HUB_CACHE``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``,
+        and bitserve's ``BITSERVE_PULL_STALL_S`` (a :class:`PullError` if not seconds)."""
         cache = os.environ.get("HF_HUB_CACHE")
         return cls(
             endpoint=os.environ.get("HF_ENDPOINT") or None,
             cache_dir=Path(cache) if cache else None,
             token=os.environ.get("HF_TOKEN") or None,
             offline=offline or _env_flag("HF_HUB_OFFLINE"),
+            stall_s=_stall_s_from_env(),
         )
 
     @property
@@ -133,14 +163,23 @@ class Puller:
     # -- the three ways in -------------------------------------------------------------
 
     def pull(self, spec: ModelSpec) -> ModelRecord:
-        """Download (or revalidate) ``spec``'s file and verify it. Offline: the local copy."""
+        """Download (or revalidate) ``spec``'s file and verify it. Offline: the local copy.
+        A file this bitserve cannot run (an architecture or tensor type it lacks) is kept
+        and recorded, then :class:`UnrunnableModelError` raised: it is the hub's file,
+        verified, and a bitserve that runs it (or another tool) needs no new download."""
         try:
-            return self._pull(spec)
+            record = self._pull(spec)
         except (VerificationError, UnreadableModelError, OversizeTransferError):
-            record = self.registry.get(spec.name)
-            if record is not None and not record.exists():  # its file was just deleted
+            record_now = self.registry.get(spec.name)
+            if record_now is not None and not record_now.exists():  # its file was just deleted
                 self.registry.remove(spec.name)
             raise
+        problem = unrunnable_problem(record.path)
+        if problem is not None:
+            raise UnrunnableModelError(
+                f"{record.repo}/{record.filename}", record.name, format_size(record.size), problem
+            )
+        return record
 
     def _pull(self, spec: ModelSpec) -> ModelRecord:
         if self.options.offline:
@@ -191,12 +230,13 @@ class Puller:
         api = HfApi(endpoint=endpoint, token=self.options.token)
         guard_session()
         try:
-            info = api.model_info(
-                spec.repo,
-                revision=spec.revision,
-                files_metadata=True,
-                timeout=self.options.listing_timeout_s,
-            )
+            with bounded_listing(self.options.answer_timeout_s):
+                info = api.model_info(
+                    spec.repo,
+                    revision=spec.revision,
+                    files_metadata=True,
+                    timeout=self.options.answer_timeout_s,
+                )
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             # HfApi parses the answer itself: not JSON, or JSON of another shape
             raise BadAnswerError(endpoint, spec.repo, _reason(exc)) from None
@@ -247,7 +287,13 @@ class Puller:
             self.notify(f"the copy of {remote.filename} on disk was damaged; downloading it again")
         self._check_space(remote.size)
         size = format_size(remote.size) if remote.size is not None else "unknown size"
-        self.notify(f"downloading {spec.repo}/{remote.filename} ({size})")
+        if self._clear_partials(spec.repo, remote):
+            self.notify(f"downloading {spec.repo}/{remote.filename} ({size})")
+        else:
+            self.notify(
+                f"another process is downloading {spec.repo}/{remote.filename} ({size}); "
+                "waiting for it"
+            )
         path = self._download(spec, remote)
         problem = file_problem(path, remote.size, remote.sha256)
         if problem is not None:
@@ -255,10 +301,41 @@ class Puller:
             raise VerificationError(remote.filename, problem)
         return path
 
+    def _clear_partials(self, repo: str, remote: RemoteFile) -> bool:
+        """Delete the partial files of ``remote`` that no download is writing, and say
+        whether one is (False: another process holds the file's download lock, and
+        ``huggingface_hub`` will wait for it). ``huggingface_hub`` names a partial file per
+        process and deletes it on the way out, which a process killed outright (SIGKILL,
+        the OOM killer, a power cut) never takes: each such pull left gigabytes for good."""
+        if remote.sha256 is None:  # the blob is named by an ETag known only to the download
+            return True
+        folder = repo_folder_name(repo_id=repo, repo_type="model")
+        lock_path = self.options.cache / ".locks" / folder / f"{remote.sha256}.lock"
+        lock = FileLock(lock_path, mode=0o664)  # as huggingface_hub makes it: shared caches
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        except (OSError, NotImplementedError):  # no lock there: leave the folder alone
+            return True
+        try:
+            for partial in (self.options.cache / folder / "blobs").glob(
+                f"{remote.sha256}*.incomplete"
+            ):
+                with contextlib.suppress(FileNotFoundError):
+                    partial.unlink()
+        finally:
+            lock.release()
+        return True
+
     def _download(self, spec: ModelSpec, remote: RemoteFile) -> str:
         guard_session()
         try:
-            with stopping_signals_unwind(), bounded_transfers(remote.size):
+            with (
+                stopping_signals_unwind(),
+                bounded_metadata_wait(remote.filename, self.options.answer_timeout_s),
+                bounded_transfers(remote.filename, remote.size, self.options.stall_s),
+            ):
                 path = hf_hub_download(
                     spec.repo,
                     remote.filename,
@@ -356,14 +433,17 @@ class Puller:
     def _record(self, spec: ModelSpec, remote: RemoteFile, path: str) -> ModelRecord:
         """Record ``path``, which was just checked against ``remote`` (verified if the hub
         gave its sha256), once it reads as a GGUF file: one that does not is deleted, never
-        recorded (``serve -hf`` would take it for a model)."""
+        recorded (``serve -hf`` would take it for a model). One of a tensor type bitserve
+        lacks is a GGUF file all the same: recorded (:meth:`pull` says it cannot run)."""
         from bitserve.gguf import GGUFError
 
         try:
             arch = _architecture(path)
         except GGUFError as exc:
-            remove_cached_file(path)
-            raise UnreadableModelError(f"{spec.repo}/{remote.filename}", exc.problem) from None
+            if not exc.unsupported:
+                remove_cached_file(path)
+                raise UnreadableModelError(f"{spec.repo}/{remote.filename}", exc.problem) from None
+            arch = None
         record = ModelRecord(
             name=spec.name,
             repo=spec.repo,
@@ -489,6 +569,21 @@ def _architecture(path: str) -> str | None:
         return str(arch) if arch is not None else None
     finally:
         gguf.close()
+
+
+def unrunnable_problem(path: str) -> str | None:
+    """Why this bitserve cannot run the GGUF file ``path`` (a tensor type or an
+    architecture it lacks), read from its header; None if it is of a kind it runs."""
+    from bitserve.gguf import GGUFError
+    from bitserve.model.arch import SUPPORTED_ARCHITECTURES
+
+    try:
+        arch = _architecture(path)
+    except GGUFError as exc:
+        return exc.problem
+    if arch not in SUPPORTED_ARCHITECTURES:
+        return f"architecture {arch!r}; it runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+    return None
 
 
 def _reason(exc: BaseException | str, limit: int = 120) -> str:

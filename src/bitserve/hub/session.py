@@ -1,7 +1,9 @@
 """What bitserve does not take on trust in ``huggingface_hub``'s HTTP session and process:
 :func:`guard_session` checks every answer of the hub before ``huggingface_hub`` acts on
-it (cache paths named by headers, rate-limit waits, bodies longer than the file:
-:func:`bounded_transfers`), :func:`stopping_signals_unwind`
+it (cache paths named by headers, rate-limit waits, bodies longer than the file or
+slower than a trickle: :func:`bounded_transfers`) and bounds the wait for a listing
+(:func:`bounded_listing`) or a file's metadata (:func:`bounded_metadata_wait`),
+:func:`stopping_signals_unwind`
 lets SIGTERM and SIGHUP reach its cleanup, :func:`log_hub_once` prints its warnings once.
 """
 
@@ -12,14 +14,22 @@ import logging
 import re
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import httpx2
 from huggingface_hub import constants, get_session
 
 from bitserve.hub.catalog import COMMIT
-from bitserve.hub.errors import OversizeTransferError, RateLimitedError, UnsafeHeaderError
+from bitserve.hub.errors import (
+    HubSilentError,
+    OversizeTransferError,
+    RateLimitedError,
+    StalledTransferError,
+    UnsafeHeaderError,
+)
 
 # the longest wait a rate-limiting hub may ask for before a retry; past it, the pull stops
 MAX_RATE_LIMIT_WAIT_S = 60
@@ -28,8 +38,33 @@ MAX_RATE_LIMIT_WAIT_S = 60
 _RATE_LIMIT = re.compile(r'"\w+"\s*;\s*r\s*=\s*(\d+)\s*;\s*t\s*=\s*(\d+)')
 # an ETag huggingface_hub may name a blob after: a token without '/', '\\' or a leading '.'
 _PLAIN_ETAG = re.compile(r"[\w+=-][\w.+=-]*")
-# the most bytes one answer to a file download may bring, set by bounded_transfers()
-_TRANSFER_LIMIT: ContextVar[int | None] = ContextVar("bitserve_transfer_limit", default=None)
+# the slowest a download may run, averaged over a stall window, before it is stopped
+MIN_TRANSFER_RATE_BPS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class _TransferLimits:
+    filename: str
+    max_bytes: int | None  # the most bytes one answer may bring (the size the hub lists)
+    stall_s: float | None  # the window over which it must average MIN_TRANSFER_RATE_BPS
+
+
+@dataclass(frozen=True, slots=True)
+class _MetadataDeadline:
+    filename: str
+    timeout_s: float
+    until: float  # time.monotonic() past which no metadata request is sent
+
+
+# set by bounded_transfers() and bounded_metadata_wait()
+_TRANSFER_LIMITS: ContextVar[_TransferLimits | None] = ContextVar(
+    "bitserve_transfer_limits", default=None
+)
+_METADATA_DEADLINE: ContextVar[_MetadataDeadline | None] = ContextVar(
+    "bitserve_metadata_deadline", default=None
+)
+# time.monotonic() past which a listing's body may bring no more, set by bounded_listing()
+_LISTING_DEADLINE: ContextVar[float | None] = ContextVar("bitserve_listing_deadline", default=None)
 
 
 def log_hub_once() -> None:
@@ -70,25 +105,77 @@ def stopping_signals_unwind() -> Iterator[None]:
 
 
 def guard_session() -> None:
-    """Make ``huggingface_hub``'s HTTP session check every answer (:func:`_check_answer`);
-    it may have been made anew since the last call, and the check of that is cheap."""
+    """Make ``huggingface_hub``'s HTTP session check every request and answer
+    (:func:`_check_request`, :func:`_check_answer`); it may have been made anew since the
+    last call, and the check of that is cheap."""
     session = get_session()
     hooks = session.event_hooks
     if _check_answer not in hooks["response"]:
-        session.event_hooks = {**hooks, "response": [*hooks["response"], _check_answer]}
+        session.event_hooks = {
+            **hooks,
+            "request": [*hooks["request"], _check_request],
+            "response": [*hooks["response"], _check_answer],
+        }
 
 
 @contextlib.contextmanager
-def bounded_transfers(max_bytes: int | None) -> Iterator[None]:
+def bounded_transfers(
+    filename: str, max_bytes: int | None, stall_s: float | None = None
+) -> Iterator[None]:
     """File downloads in the block stop at ``max_bytes`` (the size the hub lists) with
     :class:`OversizeTransferError`: ``huggingface_hub`` writes whatever a body brings and
     compares sizes only at its end, so a body without end (no ``Content-Length``, or a
-    gzip bomb) filled the disk. None: no bound."""
-    token = _TRANSFER_LIMIT.set(max_bytes)
+    gzip bomb) filled the disk. They stop with :class:`StalledTransferError` when a
+    window of ``stall_s`` seconds brings less than ``MIN_TRANSFER_RATE_BPS`` on average:
+    its read timeout ends only a silent body, and one byte every few seconds ran for ever.
+    None: no bound."""
+    token = _TRANSFER_LIMITS.set(_TransferLimits(filename, max_bytes, stall_s))
     try:
         yield
     finally:
-        _TRANSFER_LIMIT.reset(token)
+        _TRANSFER_LIMITS.reset(token)
+
+
+@contextlib.contextmanager
+def bounded_metadata_wait(filename: str, timeout_s: float) -> Iterator[None]:
+    """The hub's answers about a file's metadata (the HEAD requests of a download) in the
+    block must all come within ``timeout_s`` seconds, else :class:`HubSilentError`:
+    ``huggingface_hub`` asks six times over, up to 60 s each, and a hub that accepted
+    and never answered held the command for six minutes."""
+    limit = _MetadataDeadline(filename, timeout_s, time.monotonic() + timeout_s)
+    token = _METADATA_DEADLINE.set(limit)
+    try:
+        yield
+    finally:
+        _METADATA_DEADLINE.reset(token)
+
+
+@contextlib.contextmanager
+def bounded_listing(timeout_s: float) -> Iterator[None]:
+    """The listing asked for in the block must have arrived whole within ``timeout_s``
+    seconds, else ``httpx2.ReadTimeout`` (as a silent hub gets): its read timeout bounds
+    each read, and a body sent a byte every few seconds held the command for ever."""
+    token = _LISTING_DEADLINE.set(time.monotonic() + timeout_s)
+    try:
+        yield
+    finally:
+        _LISTING_DEADLINE.reset(token)
+
+
+def _check_request(request: httpx2.Request) -> None:
+    """An event hook on ``huggingface_hub``'s session: a metadata request waits no longer
+    than the time left of :func:`bounded_metadata_wait`, and none is sent past it."""
+    deadline = _METADATA_DEADLINE.get()
+    if deadline is None or request.method != "HEAD":
+        return
+    left = deadline.until - time.monotonic()
+    if left <= 0:
+        raise HubSilentError(request.url.host, deadline.filename, deadline.timeout_s)
+    timeouts: dict[str, float | None] = dict(request.extensions.get("timeout", {}))
+    for phase in ("connect", "read", "write", "pool"):
+        wait = timeouts.get(phase)
+        timeouts[phase] = left if wait is None else min(wait, left)
+    request.extensions = {**request.extensions, "timeout": timeouts}
 
 
 def _check_answer(response: httpx2.Response) -> None:
@@ -97,9 +184,15 @@ def _check_answer(response: httpx2.Response) -> None:
         _refuse_long_waits(response)
     if response.request.method == "HEAD":
         _refuse_unsafe_names(response)
-    limit = _TRANSFER_LIMIT.get()
-    if limit is not None and response.request.method == "GET" and response.is_success:
-        _bound_body(response, limit)
+    listing_until = _LISTING_DEADLINE.get()
+    if listing_until is not None and response.request.method == "GET":
+        _bound_listing(response, listing_until)
+    limits = _TRANSFER_LIMITS.get()
+    if limits is not None and response.request.method == "GET" and response.is_success:
+        if limits.max_bytes is not None:
+            _bound_body(response, limits.max_bytes)
+        if limits.stall_s is not None:
+            _watch_rate(response, limits.filename, limits.stall_s)
 
 
 def _bound_body(response: httpx2.Response, limit: int) -> None:
@@ -115,6 +208,39 @@ def _bound_body(response: httpx2.Response, limit: int) -> None:
             yield chunk
 
     response.iter_bytes = bounded  # type: ignore[method-assign]
+
+
+def _bound_listing(response: httpx2.Response, until: float) -> None:
+    """Make the body of ``response`` stop with ``httpx2.ReadTimeout`` past ``until``."""
+    read = response.iter_raw
+
+    def bounded(chunk_size: int | None = None) -> Iterator[bytes]:
+        for chunk in read(chunk_size):
+            if time.monotonic() > until:
+                raise httpx2.ReadTimeout("timed out", request=response.request)
+            yield chunk
+
+    response.iter_raw = bounded  # type: ignore[method-assign]
+
+
+def _watch_rate(response: httpx2.Response, filename: str, window_s: float) -> None:
+    """Make the body of ``response``, as it arrives (each network read, not the 10 MB
+    chunks ``huggingface_hub`` writes), stop when a window of ``window_s`` seconds
+    brings less than ``MIN_TRANSFER_RATE_BPS`` on average."""
+    read = response.iter_raw
+
+    def watched(chunk_size: int | None = None) -> Iterator[bytes]:
+        start, arrived = time.monotonic(), 0
+        for chunk in read(chunk_size):
+            arrived += len(chunk)
+            elapsed = time.monotonic() - start
+            if elapsed >= window_s:
+                if arrived < MIN_TRANSFER_RATE_BPS * elapsed:
+                    raise StalledTransferError(filename, arrived, elapsed)
+                start, arrived = time.monotonic(), 0
+            yield chunk
+
+    response.iter_raw = watched  # type: ignore[method-assign]
 
 
 def _refuse_long_waits(response: httpx2.Response) -> None:
