@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import llguidance
 import numpy as np
-from llguidance.gbnf_to_lark import gbnf_to_lark
+
+from bitserve.engine.gbnf import GbnfError, gbnf_to_lark
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
@@ -356,10 +357,10 @@ class ConstraintCompiler:
         return self.grammar(llguidance.LLMatcher.grammar_from_lark(source), description)
 
     def gbnf(self, source: str, description: str = "GBNF grammar") -> CompiledConstraint:
-        """A llama.cpp GBNF grammar (converted to llguidance's Lark syntax)."""
+        """A llama.cpp GBNF grammar (read as llama.cpp reads it: :mod:`.gbnf`)."""
         try:
             lark = gbnf_to_lark(source)
-        except Exception as exc:  # GbnfToLarkError, or a plain Exception for undefined rules
+        except GbnfError as exc:
             raise ConstraintError(f"invalid GBNF grammar: {exc}") from exc
         return self.lark(lark, description)
 
