@@ -11,13 +11,14 @@ refused; ``_`` and non-ASCII letters were taken in names.
 
 So this module parses GBNF itself, with llama.cpp's rules: names of ASCII letters, digits
 and ``-``; escapes ``\\x..``, ``\\u....``, ``\\U........``, ``\\t \\r \\n \\\\ \\"
-\\[ \\] \\-``; ``.`` is any character; ``[]`` is nothing at all; a rule defined twice keeps
-its last definition; ``{m,n}`` with llama.cpp's limits. Rules built of characters only
-(and of such rules) become Lark terminals, as the library's converter makes them: each is
-one lexeme, which keeps masks fast (a lexeme per character is more Earley items than
-llguidance allows a mask on a real vocabulary). llguidance lexes greedily, so where such a
-rule could stop early and the next item could begin, only the longest match is taken
-(``root ::= num num`` with ``num ::= [0-9]+`` admits no output); docs/api.md says so.
+\\[ \\] \\-``; ``.`` is any character; ``[]`` and ``[^]`` match the empty string; a rule
+defined twice keeps its last definition; ``{m,n}`` with llama.cpp's limits. Rules built
+of characters only (and of such rules) become Lark terminals, as the library's converter
+makes them: each is one lexeme, which keeps masks fast (a lexeme per character is more
+Earley items than llguidance allows a mask on a real vocabulary). llguidance lexes
+greedily, so where such a rule could stop early and the next item could begin, only the
+longest match is taken (``root ::= num num`` with ``num ::= [0-9]+`` admits no output);
+docs/api.md says so.
 
 Not taken (a :class:`GbnfError`): token references (``<[id]>``, ``<|tok|>``, ``!<...>``),
 code points that are not Unicode characters (surrogates, above U+10FFFF), ``{m,n}`` with
