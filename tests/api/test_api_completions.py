@@ -13,6 +13,8 @@ from api_helpers import sse_events
 from fastapi.testclient import TestClient
 from starlette.requests import ClientDisconnect
 
+from bitserve.engine.constraint import MAX_GRAMMAR_CHARS
+
 
 def test_llama_completion_text_prompt(client: TestClient) -> None:
     body = {"prompt": "What is artificial intelligence?", "temperature": 0.7, "n_predict": 8}
@@ -260,6 +262,24 @@ def test_llama_completion_bad_constraints(
     r = client.post("/completion", json={"prompt": "x", **patch})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("patch", "param"),
+    [
+        # 5000 optional properties: ~150 KB, seconds of the library's CPU to compile
+        ({"json_schema": {"type": "object", "properties": {
+            f"p{i}": {"type": "integer"} for i in range(5000)}}}, "json_schema"),
+        ({"grammar": "root ::= " + " | ".join(f'"w{i}"' for i in range(20000))}, "grammar"),
+    ],
+)  # fmt: skip
+def test_llama_completion_constraints_past_the_size_limit(
+    client: TestClient, patch: dict[str, Any], param: str
+) -> None:
+    r = client.post("/completion", json={"prompt": "x", **patch})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and f"above the limit of {MAX_GRAMMAR_CHARS}" in error["message"]
 
 
 def test_echo_with_one_token_lists_the_prompt_and_the_token_even_at_end_of_text(

@@ -12,7 +12,12 @@ import numpy as np
 import pydantic
 import pytest
 
-from bitserve.engine.constraint import ConstraintCompiler, ConstraintError, closed_objects
+from bitserve.engine.constraint import (
+    MAX_GRAMMAR_CHARS,
+    ConstraintCompiler,
+    ConstraintError,
+    closed_objects,
+)
 from bitserve.engine.generate import Generator
 from bitserve.engine.sampling import Sampler, SamplingParamError
 from bitserve.engine.types import GenerationRequest, SamplingParams
@@ -317,3 +322,22 @@ def test_a_ref_with_sibling_properties_stays_open(
     # a definition only referenced on its own is still closed
     alone = closed_objects({"$defs": {"Base": base}, "properties": {"x": {"$ref": "#/$defs/Base"}}})
     assert alone["$defs"]["Base"]["additionalProperties"] is False
+
+
+def test_grammars_and_schemas_past_the_size_limit_are_refused_before_any_work(
+    compiler: ConstraintCompiler,
+) -> None:
+    """Compiling costs more than linearly in size (5000 optional properties took seconds
+    of CPU); the limit counts characters, so text the library ignores counts too."""
+    room = MAX_GRAMMAR_CHARS - len('{"type":"string","description":""}')
+    compiler.json_schema({"type": "string", "description": "x" * room})
+    with pytest.raises(ConstraintError, match=f"above the limit of {MAX_GRAMMAR_CHARS}"):
+        compiler.json_schema({"type": "string", "description": "x" * (room + 1)})
+    comment = "#" * (MAX_GRAMMAR_CHARS - len('\nroot ::= "a"'))
+    compiler.gbnf(comment + '\nroot ::= "a"')
+    with pytest.raises(ConstraintError, match="the grammar is 65537 characters long"):
+        compiler.gbnf("#" + comment + '\nroot ::= "a"')
+    lark = '\nstart: "a"'
+    with pytest.raises(ConstraintError, match="the grammar is 65537 characters long"):
+        compiler.lark("/" * (MAX_GRAMMAR_CHARS + 1 - len(lark)) + lark)
+    assert compiler.compiled == 2

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import llguidance
 import numpy as np
-from llguidance.gbnf_to_lark import gbnf_to_lark
+
+from bitserve.engine.gbnf import GbnfError, gbnf_to_lark
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
@@ -46,6 +47,13 @@ CACHE_SIZE = 128  # compiled grammars kept per model (each is a few hundred KB a
 # Objects and arrays a schema may nest: far beyond any real schema, and short of the
 # recursion limits of this module's walks and of the library's own compiler.
 MAX_SCHEMA_DEPTH = 100
+
+# Schemas (as compact JSON) and grammars longer than this are refused before any work:
+# compiling costs more than linearly in their size (5000 optional properties, 150 KB of
+# schema, took the library ~6 s of CPU and 20 s on a busy server, to fail at the first
+# mask), and one request may not buy that. 64 KiB of schema is ~2000 such properties (under
+# a second); the largest real tool and response schemas are a few KB.
+MAX_GRAMMAR_CHARS = 65_536
 
 # JSON as OpenAI's models write it: one space after ':' and ',' and nowhere else. Fixed
 # separators keep the output compact (a small model left free adds whitespace forever)
@@ -96,6 +104,15 @@ def check_schema(schema: Mapping[str, Any] | bool) -> None:
     raise ConstraintError(
         f"the schema nests objects and arrays more than {MAX_SCHEMA_DEPTH} levels deep"
     )
+
+
+def check_size(length: int, what: str) -> None:
+    """Raise :class:`ConstraintError` for ``what`` (a grammar, a schema) of ``length``
+    characters above :data:`MAX_GRAMMAR_CHARS`."""
+    if length > MAX_GRAMMAR_CHARS:
+        raise ConstraintError(
+            f"{what} is {length} characters long, above the limit of {MAX_GRAMMAR_CHARS}"
+        )
 
 
 def closed_objects(schema: Any) -> Any:
@@ -338,7 +355,9 @@ class ConstraintCompiler:
         self, schema: Mapping[str, Any] | bool, description: str = "JSON schema"
     ) -> CompiledConstraint:
         """Output valid against the JSON Schema ``schema`` (objects closed:
-        :func:`closed_objects`)."""
+        :func:`closed_objects`); a schema longer than :data:`MAX_GRAMMAR_CHARS` as compact
+        JSON is refused."""
+        check_size(len(json.dumps(schema, separators=(",", ":"))), "the schema (as compact JSON)")
         check_schema(schema)
         try:
             source = json.dumps(schema) if isinstance(schema, bool) else closed_objects(schema)
@@ -353,13 +372,15 @@ class ConstraintCompiler:
 
     def lark(self, source: str, description: str = "grammar") -> CompiledConstraint:
         """A grammar in llguidance's Lark syntax (may embed ``%json {schema}``)."""
+        check_size(len(source), "the grammar")
         return self.grammar(llguidance.LLMatcher.grammar_from_lark(source), description)
 
     def gbnf(self, source: str, description: str = "GBNF grammar") -> CompiledConstraint:
-        """A llama.cpp GBNF grammar (converted to llguidance's Lark syntax)."""
+        """A llama.cpp GBNF grammar (read as llama.cpp reads it: :mod:`.gbnf`)."""
+        check_size(len(source), "the grammar")
         try:
             lark = gbnf_to_lark(source)
-        except Exception as exc:  # GbnfToLarkError, or a plain Exception for undefined rules
+        except GbnfError as exc:
             raise ConstraintError(f"invalid GBNF grammar: {exc}") from exc
         return self.lark(lark, description)
 
