@@ -131,3 +131,17 @@ def test_dot_is_any_character_newlines_too(http: httpx.Client) -> None:
             "logit_bias": bias}  # fmt: skip
     reply = http.post("/completion", json=body).json()
     assert "\n" in reply["content"] and re.fullmatch(r"<(?s:..)>", reply["content"]), reply
+
+
+def test_a_grammar_whose_lexeme_never_ends_does_not_freeze_the_engine(
+    http: httpx.Client,
+) -> None:
+    """With the library's forcing on, the mask after the first "x" never came: the request
+    hung, and every generation after it (``/health`` still said ok)."""
+    bias = [[t, 50.0] for t in token_ids(http, "x")]
+    body = {"prompt": "Answer:", "grammar": 'root ::= x "x" | "z"\nx ::= "x"+',
+            "n_predict": 12, "temperature": 0, "logit_bias": bias}  # fmt: skip
+    reply = http.post("/completion", json=body, timeout=30).json()
+    assert reply["content"] == "x" * 12 and reply["stop_type"] == "limit", reply
+    plain = http.post("/completion", json={"prompt": "Hi", "n_predict": 4}, timeout=30)
+    assert plain.status_code == 200 and plain.json()["tokens_predicted"] == 4, plain.text

@@ -4,6 +4,10 @@ byte by byte, so what it accepts is what the engine lets a model write."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -131,3 +135,34 @@ def test_rules_of_characters_stay_single_lexemes() -> None:
     assert "g_root: (G_PAIR)+" in lark
     nested = gbnf_to_lark('root ::= list\nlist ::= "[" (list | "x")* "]"')
     assert 'g_list: "[" ((g_list | "x"))* "]"' in nested
+
+
+# A lexeme that only a byte extending it can follow: greedy lexing admits no whole output
+# (as for `num num` above), and with the library's forcing on, computing the mask never
+# returned (at compile for the second, after one "x" for the first).
+ENDLESS_LEXEMES = [
+    'root ::= x "x" | "z"\nx ::= "x"+',
+    'root ::= x "x"\nx ::= "x"+',
+    'root ::= "a" x x\nx ::= [a-z]+',
+]
+
+
+def test_a_lexeme_only_its_own_byte_can_follow_never_hangs_the_mask() -> None:
+    """Run apart, in a process with a deadline: a regression hangs in the library, where
+    no timeout of this process could stop it."""
+    walk = textwrap.dedent(f"""
+        from conftest import TokenIds, _build_tokenizer
+        from bitserve.engine.constraint import ConstraintCompiler
+
+        compiler = ConstraintCompiler(_build_tokenizer(), {{TokenIds().eot}})
+        for grammar in {ENDLESS_LEXEMES!r}:
+            state = compiler.gbnf(grammar).start()
+            for byte in b"axxxxxxxxx" if grammar.count('"a"') else b"xxxxxxxxxx":
+                assert state.allowed()[byte], (grammar, byte)
+                state.advance(byte)
+            assert not state.is_accepting
+        print("walked")
+    """)
+    done = subprocess.run([sys.executable, "-c", walk], cwd=Path(__file__).parent,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0 and done.stdout == "walked\n", done.stderr[-2000:]

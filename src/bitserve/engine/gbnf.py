@@ -32,6 +32,12 @@ import json
 import re
 from dataclasses import dataclass
 
+# The library's forcing off, as llama.cpp has none: its grammars mask tokens, never force
+# the canonical tokens of bytes only one way of going on allows. With forcing, llguidance
+# 1.9 never returned where a lexeme could only go on by a byte that also extends it
+# (`root ::= x "x" | "z"` with `x ::= "x"+`, once an "x" was written): 30 characters of
+# GBNF held the engine thread, and every generation, for good.
+NO_FORCING = '%llguidance {"no_forcing": true}'
 MAX_REPETITION = 2000  # llama.cpp's MAX_REPETITION_THRESHOLD
 
 _ESCAPES = {"t": "\t", "r": "\r", "n": "\n", "\\": "\\", '"': '"', "[": "[", "]": "]", "-": "-"}
@@ -375,6 +381,6 @@ def gbnf_to_lark(text: str) -> str:
     grammar llama.cpp refuses or bitserve cannot follow."""
     rules = _Parser(text).parse()
     names = _lark_names(rules)
-    lines = ["%llguidance {}", f"start: {names['root']}"]
+    lines = [NO_FORCING, f"start: {names['root']}"]
     lines += [f"{names[name]}: {_alternatives(alts, names)}" for name, alts in rules.items()]
     return "\n".join(lines) + "\n"
