@@ -1,6 +1,7 @@
-"""What the native bindings take: a typed array that does not start on a whole item is a
-ValueError (the kernels read items through typed pointers), byte arrays work at every
-offset, and the backend copies what the bindings refuse.
+"""Arrays at any address and sizes at any magnitude through the native bindings: a typed array
+that does not start on a whole item is a ValueError (the kernels read items through typed
+pointers), byte arrays work at every offset, the backend copies what the bindings refuse,
+and a size whose byte count would overflow is a ValueError, never a wrapped-around check.
 
 The byte-offset cases read the same bits either way on x86; what they guard against is the
 undefined behaviour (misaligned loads) that ``scripts/sanitize`` (UBSan) reports."""
@@ -104,3 +105,27 @@ def test_byte_rows_at_any_offset(native: NativeBackend, source: GGMLType, offset
         np.testing.assert_array_equal(into, rows)
         odd = EmbeddingMatrix._from_packed(at_offset(rows, offset), 512, plain.block, source)
     np.testing.assert_array_equal(native.head(x, odd), native.head(x, plain))
+
+
+BIG = 2**62  # rows whose byte counts overflow 64 bits
+
+
+def test_sizes_whose_byte_counts_overflow_are_value_errors(native: NativeBackend) -> None:
+    """Before, rows · bytes per row wrapped around to a small or negative number and passed
+    the size check: repack_tq_i2s wrote far past its output, ternary_scan scanned nothing."""
+    pool, impl = native._pool, native._impl
+    block = np.zeros(66, np.uint8)
+    with pytest.raises(ValueError, match="more bytes than an array can hold"):
+        _native.ternary_scan(block, int(GGMLType.TQ2_0), BIG, 256)
+    with pytest.raises(ValueError, match="more bytes than an array can hold"):
+        _native.repack_tq_i2s(block, int(GGMLType.TQ2_0), BIG, 256, None, np.zeros(0, np.uint8))
+    n_out = 2**60  # · 32 bytes a row: 2**65, which wrapped to 0
+    empty = np.zeros((0, 128), np.float32)
+    with pytest.raises(ValueError, match="more bytes than an array can hold"):
+        pool.bitlinear(
+            empty, np.zeros(32, np.uint8), False, n_out, 1.0, np.empty((0, n_out), np.float32), impl
+        )
+    q = np.zeros((1, 2, 16), np.float32)
+    k = np.zeros((3, 1, 16), np.float32)
+    with pytest.raises(ValueError, match="start_pos 9223372036854775807 is past the cache's 3"):
+        pool.attention(q, k, k, 2**63 - 1, np.empty_like(q), impl)

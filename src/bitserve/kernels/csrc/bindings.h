@@ -96,6 +96,14 @@ static inline int cache_strides(const Py_buffer *b, const char *name, int ndim, 
     return 0;
 }
 
+/* a · b · c for sizes a caller gave (nonnegative), or -1 where the product does not fit a
+ * Py_ssize_t: a size check must not wrap around to a small number and pass */
+static inline Py_ssize_t size_product(Py_ssize_t a, Py_ssize_t b, Py_ssize_t c) {
+    Py_ssize_t ab, abc;
+    if (__builtin_mul_overflow(a, b, &ab) || __builtin_mul_overflow(ab, c, &abc)) return -1;
+    return abc;
+}
+
 static inline int check_dim(const char *name, int axis, Py_ssize_t got, Py_ssize_t want) {
     if (got == want) return 0;
     PyErr_Format(PyExc_ValueError, "%s: axis %d is %zd, expected %zd", name, axis, got, want);
