@@ -1,7 +1,8 @@
 """Arrays at any address and sizes at any magnitude through the native bindings: a typed array
 that does not start on a whole item is a ValueError (the kernels read items through typed
 pointers), byte arrays work at every offset, the backend copies what the bindings refuse,
-and a size whose byte count would overflow is a ValueError, never a wrapped-around check.
+and a size whose byte count would overflow, or that a kernel cannot take, is a ValueError,
+never a wrapped-around check or undefined behaviour.
 
 The byte-offset cases read the same bits either way on x86; what they guard against is the
 undefined behaviour (misaligned loads) that ``scripts/sanitize`` (UBSan) reports."""
@@ -129,3 +130,13 @@ def test_sizes_whose_byte_counts_overflow_are_value_errors(native: NativeBackend
     k = np.zeros((3, 1, 16), np.float32)
     with pytest.raises(ValueError, match="start_pos 9223372036854775807 is past the cache's 3"):
         pool.attention(q, k, k, 2**63 - 1, np.empty_like(q), impl)
+
+
+def test_an_empty_embedding_row_is_a_value_error(native: NativeBackend) -> None:
+    """quantize_f16_rows widens a row into a stack array of its width: 0 was a zero-length
+    VLA (undefined behaviour), now refused like a width past 65536."""
+    pool, impl = native._pool, native._impl
+    for width in (0, 65537):
+        emb = np.zeros((3, width), np.float16)
+        with pytest.raises(ValueError, match=f"embedding width {width} is not 1..65536"):
+            pool.quantize_f16_rows(emb, np.zeros(emb.shape, np.int8), np.zeros(3, np.float32), impl)

@@ -147,9 +147,9 @@ static PyObject *py_quantize_f16_rows(PoolObject *self, PyObject *args) {
         release_views(&v);
         return NULL;
     }
-    if (emb->shape[1] > 65536) {
+    if (emb->shape[1] < 1 || emb->shape[1] > 65536) { /* a row is widened on the stack */
         release_views(&v);
-        return PyErr_Format(PyExc_ValueError, "embedding width %zd is too large", emb->shape[1]);
+        return PyErr_Format(PyExc_ValueError, "embedding width %zd is not 1..65536", emb->shape[1]);
     }
     Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
     quantize_f16_rows(&self->pool, (KernelImpl)impl, emb->buf, (size_t)emb->shape[0], (size_t)emb->shape[1],
