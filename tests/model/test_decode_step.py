@@ -127,3 +127,32 @@ def test_an_inconsistent_shape_is_refused_before_any_c_runs(
     DecodeShape(**shape)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=message):
         DecodeShape(**{**shape, **change})  # type: ignore[arg-type]
+
+
+def test_a_norm_off_its_items_is_copied_for_the_step(tmp_path: Path) -> None:
+    """The table holds addresses the C step reads floats at: a norm that is a view of bytes
+    at an odd offset (a file of a small general.alignment) is taken as an aligned copy."""
+    path = write_family_fixture(tmp_path / "b.gguf", "bitnet-b1.58", GGMLType.I2_S, seed=1)
+    with BitNetModel.load(path, backend=NativeBackend(available_kernels()[0])) as model:
+        plan = model.decode_plan
+        assert plan is not None
+        layers = [decode_layer(layer) for layer in model.weights.layers]
+        norm = model.weights.layers[0].attn_norm
+        buf = np.zeros(norm.nbytes + 1, np.uint8)
+        odd = buf[1:].view(np.float32)
+        odd[...] = norm
+        assert not odd.flags.aligned
+        moved = DecodePlan([dataclasses.replace(layers[0], norms=(odd, *layers[0].norms[1:])),
+                            *layers[1:]], plan.shape)  # fmt: skip
+        assert moved.table[0, 0] % 4 == 0
+        runs = []
+        for p in (plan, moved):
+            x = model.weights.token_embd.rows([7])
+            cache = model.new_cache()
+            cos, sin = (
+                np.ones(model.config.head_dim // 2, np.float32),
+                np.zeros(model.config.head_dim // 2, np.float32),
+            )
+            model.backend.decode_token(p, x, cache.k, cache.v, 0, cos, sin)
+            runs.append(x)
+        np.testing.assert_array_equal(runs[0], runs[1])

@@ -104,6 +104,8 @@ class DecodePlan:
         if a.dtype != dtype or not a.flags.c_contiguous or (shape and a.shape != shape):
             want = f"C-contiguous {np.dtype(dtype)} {shape or ''}"
             raise ValueError(f"a {a.dtype} array {a.shape} where a {want} is needed")
+        if not a.flags.aligned:  # bytes at an odd offset (a file's small alignment): C reads items
+            a = a.copy()
         self._keep.append(a)
         return int(a.ctypes.data)
 

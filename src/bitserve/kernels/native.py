@@ -36,20 +36,28 @@ PACKED_HEADS = {"bf16": 3, "int8": 4}
 HEAD_MODES = ("f16", "int8")
 
 
+def _c(a: np.ndarray | None, dtype: type | None = None) -> np.ndarray:
+    """``a`` as the kernels take an array: C-contiguous, of ``dtype`` (if given) and aligned to
+    its items (a copy only if it is not: numpy views of bytes at an odd offset are not, and
+    the kernels reject them)."""
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a if a.flags.aligned else a.copy()
+
+
 def _kv_inputs(k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """K/V caches as the kernels read them: float16 if they are, else float32. Arrays the
     kernels take as they are (one dtype, one layout, each head's values contiguous, any
-    nonnegative position/head strides: a head-major KVCache view) are never copied."""
+    nonnegative position/head strides: a head-major KVCache view; aligned) are never copied."""
     dtype = np.float16 if k.dtype == np.float16 else np.float32
     as_is = k.dtype == dtype and v.dtype == dtype and k.strides == v.strides and k.ndim == 3
     whole = all(s >= 0 and s % k.itemsize == 0 for s in k.strides)  # in elements, forward
-    if as_is and whole and k.strides[2] == k.itemsize:
+    if as_is and whole and k.strides[2] == k.itemsize and k.flags.aligned and v.flags.aligned:
         return k, v
-    return np.ascontiguousarray(k, dtype=dtype), np.ascontiguousarray(v, dtype=dtype)
+    return _c(k, dtype), _c(v, dtype)
 
 
 def _f32(x: np.ndarray | None) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=np.float32)
+    return _c(x, np.float32)
 
 
 MAX_FUSED = 8  # weights per fused call (POOL_MAX_FUSED in native.h)
@@ -123,13 +131,13 @@ class NativeBackend(Backend):
         return int(self._pool.threads)
 
     def bitlinear(self, x: np.ndarray, w: TernaryWeight) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = _c(x, np.float32)
         out = np.empty((x.shape[0], w.n_out), dtype=np.float32)
         if w.blocked:
             gps = 256 // w.group
             block32 = w.act_quant == ActQuant.BLOCK32
             self._pool.bitlinear_blocked(
-                x, w.raw, w.scales, w.n_out, gps, block32, w.scale, out, self._impl
+                x, w.raw, _c(w.scales), w.n_out, gps, block32, w.scale, out, self._impl
             )
         else:
             self._pool.bitlinear(x, w.raw, w.tiled, w.n_out, w.scale, out, self._impl)
@@ -145,13 +153,16 @@ class NativeBackend(Backend):
             or not all(_fusable(first, w) for w in weights)
         ):
             return super().bitlinear_many(x, weights)
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = _c(x, np.float32)
         outs = tuple(np.empty((x.shape[0], w.n_out), dtype=np.float32) for w in weights)
         n_outs = tuple(w.n_out for w in weights)
         scales = tuple(w.scale for w in weights)
         if first.blocked:
             block32 = first.act_quant == ActQuant.BLOCK32
-            codes, block_scales = tuple(w.raw for w in weights), tuple(w.scales for w in weights)
+            codes, block_scales = (
+                tuple(w.raw for w in weights),
+                tuple(_c(w.scales) for w in weights),
+            )
             self._pool.bitlinear_blocked_many(
                 x,
                 codes,
@@ -173,7 +184,7 @@ class NativeBackend(Backend):
         m = as_matrix(embedding)
         if m.ternary is not None:
             return self.bitlinear(x, m.ternary)
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = _c(x, np.float32)
         out = np.empty((x.shape[0], m.n_rows), dtype=np.float32)
         if m.kind == "int8":
             kind = PACKED_HEADS["int8"] + (m.block == 32)
@@ -189,7 +200,7 @@ class NativeBackend(Backend):
             q, scale = self.prepare_head(m.data)
             self._pool.head(x, q, scale, out, self._impl)
         else:
-            self._pool.head(x, np.ascontiguousarray(m.data), None, out, self._impl, m.tiled)
+            self._pool.head(x, _c(m.data), None, out, self._impl, m.tiled)
         return out
 
     def prepare_head(self, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -197,7 +208,7 @@ class NativeBackend(Backend):
         row scale f32 [vocab])`` with ``row ≈ q / scale``. Computed once per embedding (call
         it at load time to keep the ~1 s it takes for 2B-4T out of the first token)."""
         if self._head_int8 is None or self._head_source is not embedding:
-            emb = np.ascontiguousarray(embedding, dtype=np.float16)
+            emb = _c(embedding, np.float16)
             q = np.empty(emb.shape, dtype=np.int8)
             scale = np.empty(emb.shape[0], dtype=np.float32)
             self._pool.quantize_f16_rows(emb, q, scale, self._impl)
@@ -213,7 +224,7 @@ class NativeBackend(Backend):
         k_new: np.ndarray | None = None,
         v_new: np.ndarray | None = None,
     ) -> np.ndarray:
-        q = np.ascontiguousarray(q, dtype=np.float32)
+        q = _c(q, np.float32)
         out = np.empty_like(q)
         if not storing(k_new, v_new):
             k, v = _kv_inputs(k_cache, v_cache)
@@ -231,7 +242,7 @@ class NativeBackend(Backend):
         v_new: np.ndarray | None = None,
     ) -> np.ndarray:
         """All the sequences in one task (their chunks shared by the threads)."""
-        q = np.ascontiguousarray(q, dtype=np.float32)
+        q = _c(q, np.float32)
         out = np.empty_like(q)
         if not storing(k_new, v_new):
             pairs = [_kv_inputs(k, v) for k, v in caches]
@@ -266,8 +277,8 @@ class NativeBackend(Backend):
         )
 
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        weight = np.ascontiguousarray(weight, dtype=np.float32)
+        x = _c(x, np.float32)
+        weight = _c(weight, np.float32)
         if x.ndim == 2:  # the per-layer decode case: no reshapes (~0.5 µs of 1.6 per call)
             out = np.empty_like(x)
             self._pool.rmsnorm(x, weight, float(eps), out, self._impl)
@@ -284,20 +295,20 @@ class NativeBackend(Backend):
         return self._gate(self._pool.silu_mul, gate, up)
 
     def _gate(self, fn: Any, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        gate = np.ascontiguousarray(gate, dtype=np.float32)
-        up = np.ascontiguousarray(up, dtype=np.float32)
+        gate = _c(gate, np.float32)
+        up = _c(up, np.float32)
         rows = gate.reshape(-1, gate.shape[-1])
         out = np.empty(rows.shape, dtype=np.float32)
         fn(rows, up.reshape(rows.shape), out, self._impl)
         return out.reshape(gate.shape)
 
     def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = _c(x, np.float32)
         out = np.empty_like(x)
         self._pool.rope(
             x,
-            np.ascontiguousarray(cos, dtype=np.float32),
-            np.ascontiguousarray(sin, dtype=np.float32),
+            _c(cos, np.float32),
+            _c(sin, np.float32),
             out,
         )
         return out
@@ -306,7 +317,7 @@ class NativeBackend(Backend):
 
     def quantize(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(q int8 [T, K], scale f32 [T], Σq int32 [T])`` of ``x [T, K]``."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = _c(x, np.float32)
         q = np.empty(x.shape, dtype=np.int8)
         scale = np.empty(x.shape[0], dtype=np.float32)
         total = np.empty(x.shape[0], dtype=np.int32)
@@ -315,7 +326,7 @@ class NativeBackend(Backend):
 
     def ternary_int(self, q: np.ndarray, w: TernaryWeight) -> np.ndarray:
         """Exact int32 ``q [T, K] @ ternaryᵀ`` → ``[T, n_out]`` (the matmul before scaling)."""
-        q = np.ascontiguousarray(q, dtype=np.int8)
+        q = _c(q, np.int8)
         total = q.astype(np.int32).sum(axis=1, dtype=np.int32)
         acc = np.empty((q.shape[0], w.n_out), dtype=np.int32)
         self._pool.ternary_int(q, total, w.raw, w.tiled, w.n_out, acc, self._impl)

@@ -35,7 +35,16 @@ static inline char format_code(const Py_buffer *b) {
     return f[0] && !f[1] ? f[0] : '?';
 }
 
-/* A C-contiguous array with one of `codes` as its dtype and `ndim` dimensions (-1: any). */
+/* -1 with ValueError set unless b's data starts on a whole item: numpy makes arrays that do
+ * not (a view of bytes at an odd offset), and the kernels read items through typed pointers */
+static inline int check_aligned(const Py_buffer *b, const char *name, Py_ssize_t itemsize) {
+    if ((uintptr_t)b->buf % (uintptr_t)itemsize == 0) return 0;
+    PyErr_Format(PyExc_ValueError, "%s: the data is not aligned to its %zd-byte items", name, itemsize);
+    return -1;
+}
+
+/* A C-contiguous array with one of `codes` as its dtype and `ndim` dimensions (-1: any),
+ * aligned to its items. */
 static inline Py_buffer *take(Views *v, PyObject *obj, const char *name, const char *codes, int ndim,
                        int writable) {
     Py_buffer *b = &v->views[v->n];
@@ -52,6 +61,7 @@ static inline Py_buffer *take(Views *v, PyObject *obj, const char *name, const c
         PyErr_Format(PyExc_TypeError, "%s: dtype code '%c' is not one of '%s'", name, code, codes);
         return NULL;
     }
+    if (check_aligned(b, name, want)) return NULL;
     if (ndim >= 0 && b->ndim != ndim) {
         PyErr_Format(PyExc_ValueError, "%s: expected %d dimensions, got %d", name, ndim, b->ndim);
         return NULL;
@@ -59,7 +69,7 @@ static inline Py_buffer *take(Views *v, PyObject *obj, const char *name, const c
     return b;
 }
 
-/* A K or V cache of ndim axes, float32 or float16, the last (a head's D values) contiguous
+/* A K or V cache of ndim axes, float32 or float16, aligned, the last (a head's D values) contiguous
  * and the others at any nonnegative strides (a KVCache is head-major in memory): [S, KVH, D]
  * for attention, [n_layers, S, KVH, D] for the decode step. strides[0..ndim-2] in elements,
  * 0 for an axis 1 long (never stepped along). 0, or -1 with an error. */
@@ -70,6 +80,7 @@ static inline int cache_strides(const Py_buffer *b, const char *name, int ndim, 
         return -1;
     }
     Py_ssize_t elt = b->itemsize;
+    if (check_aligned(b, name, elt)) return -1;
     for (int axis = 0; axis < ndim - 1; axis++) {
         Py_ssize_t step = b->shape[axis] > 1 ? b->strides[axis] : 0; /* unused when 1 long */
         if (step < 0 || step % elt) {
@@ -83,6 +94,14 @@ static inline int cache_strides(const Py_buffer *b, const char *name, int ndim, 
         return -1;
     }
     return 0;
+}
+
+/* a · b · c for sizes a caller gave (nonnegative), or -1 where the product does not fit a
+ * Py_ssize_t: a size check must not wrap around to a small number and pass */
+static inline Py_ssize_t size_product(Py_ssize_t a, Py_ssize_t b, Py_ssize_t c) {
+    Py_ssize_t ab, abc;
+    if (__builtin_mul_overflow(a, b, &ab) || __builtin_mul_overflow(ab, c, &abc)) return -1;
+    return abc;
 }
 
 static inline int check_dim(const char *name, int axis, Py_ssize_t got, Py_ssize_t want) {

@@ -69,17 +69,21 @@ static size_t emb_row_bytes(EmbKind kind, size_t dim) {
     return dim * emb_size(kind) + (block ? dim / block * sizeof(float) : 0);
 }
 
-/* the block scale of value k of an int8-block row (dim values, then dim / block scales) */
+/* the block scale of value k of an int8-block row (dim values, then dim / block scales);
+ * copied out, not read through a float pointer: the rows are bytes, at any address */
 static inline float block_scale_of(const void *row, size_t k, EmbKind kind, size_t dim) {
-    const float *scales = (const float *)((const char *)row + dim);
-    return scales[kind == EMB_I8B16 ? k >> 4 : k >> 5];
+    float scale;
+    memcpy(&scale, (const char *)row + dim + (kind == EMB_I8B16 ? k >> 4 : k >> 5) * sizeof(float), sizeof(float));
+    return scale;
 }
 
 static float emb_value(const void *row, size_t k, EmbKind kind, size_t dim) {
     if (kind == EMB_F16) return half_to_float(((const uint16_t *)row)[k]);
     if (kind == EMB_I8) return (float)((const int8_t *)row)[k];
-    if (kind == EMB_BF16) {
-        uint32_t bits = (uint32_t)((const uint16_t *)row)[k] << 16;
+    if (kind == EMB_BF16) { /* bytes too (head_packed): copied out, as block_scale_of */
+        uint16_t half;
+        memcpy(&half, (const char *)row + 2 * k, 2);
+        uint32_t bits = (uint32_t)half << 16;
         float f;
         memcpy(&f, &bits, 4);
         return f;

@@ -147,9 +147,9 @@ static PyObject *py_quantize_f16_rows(PoolObject *self, PyObject *args) {
         release_views(&v);
         return NULL;
     }
-    if (emb->shape[1] > 65536) {
+    if (emb->shape[1] < 1 || emb->shape[1] > 65536) { /* a row is widened on the stack */
         release_views(&v);
-        return PyErr_Format(PyExc_ValueError, "embedding width %zd is too large", emb->shape[1]);
+        return PyErr_Format(PyExc_ValueError, "embedding width %zd is not 1..65536", emb->shape[1]);
     }
     Py_BEGIN_ALLOW_THREADS pool_lock(&self->pool);
     quantize_f16_rows(&self->pool, (KernelImpl)impl, emb->buf, (size_t)emb->shape[0], (size_t)emb->shape[1],
@@ -168,6 +168,10 @@ static int check_groups(Py_ssize_t n_heads, Py_ssize_t n_kv_heads) {
 
 static int check_attention(const Py_buffer *q, const Py_buffer *k, const Py_buffer *vv, const Py_buffer *out,
                            Py_ssize_t start_pos) {
+    if (start_pos > k->shape[0]) { /* and start_pos + T cannot overflow below */
+        PyErr_Format(PyExc_ValueError, "start_pos %zd is past the cache's %zd positions", start_pos, k->shape[0]);
+        return -1;
+    }
     if (check_dim("k_cache", 0, k->shape[0], start_pos + q->shape[0]) ||
         check_dim("k_cache", 2, k->shape[2], q->shape[2]) || check_dim("v_cache", 0, vv->shape[0], k->shape[0]) ||
         check_dim("v_cache", 1, vv->shape[1], k->shape[1]) || check_dim("v_cache", 2, vv->shape[2], k->shape[2]) ||

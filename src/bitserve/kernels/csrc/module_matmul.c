@@ -40,9 +40,14 @@ static Py_buffer *take_codes(Views *v, PyObject *obj, Py_ssize_t n_out, Py_ssize
         PyErr_Format(PyExc_ValueError, "a tiled I2_S weight needs rows of whole 64-byte lines (n_in a multiple of 256), not %zd", n_in);
         return NULL;
     }
-    if (raw->len < n_out * (n_in / 4)) {
+    Py_ssize_t need = size_product(n_out, n_in / 4, 1);
+    if (need < 0) {
+        PyErr_Format(PyExc_ValueError, "I2_S weight [%zd, %zd]: more bytes than an array can hold", n_out, n_in);
+        return NULL;
+    }
+    if (raw->len < need) {
         PyErr_Format(PyExc_ValueError, "raw: %zd bytes, an I2_S [%zd, %zd] weight needs %zd", raw->len,
-                     n_out, n_in, n_out * (n_in / 4));
+                     n_out, n_in, need);
         return NULL;
     }
     return raw;

@@ -10,6 +10,16 @@ static int repack_type(int type, Py_ssize_t q2_block) {
     return -1;
 }
 
+/* -1 with ValueError set unless src holds rows × (cols / per) blocks of bb bytes */
+static int check_source_size(const Py_buffer *src, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t per, Py_ssize_t bb) {
+    Py_ssize_t need = size_product(rows, cols / per, bb);
+    if (need < 0)
+        PyErr_Format(PyExc_ValueError, "[%zd, %zd]: more bytes than an array can hold", rows, cols);
+    else if (src->len < need)
+        PyErr_Format(PyExc_ValueError, "src: %zd bytes, [%zd, %zd] needs %zd", src->len, rows, cols, need);
+    return need < 0 || src->len < need ? -1 : 0;
+}
+
 /* the source of rows × cols weights of `type`, and the row order (None, or int64 [rows]
  * holding a permutation's entries, each checked to be a row) */
 static Py_buffer *take_source(Views *v, PyObject *osrc, PyObject *oorder, int type, Py_ssize_t q2_block,
@@ -21,10 +31,7 @@ static Py_buffer *take_source(Views *v, PyObject *osrc, PyObject *oorder, int ty
     }
     Py_buffer *src = take(v, osrc, "src", "Bb", -1, 0);
     if (!src) return NULL;
-    if (src->len < rows * (cols / per) * bb) {
-        PyErr_Format(PyExc_ValueError, "src: %zd bytes, [%zd, %zd] needs %zd", src->len, rows, cols, rows * (cols / per) * bb);
-        return NULL;
-    }
+    if (check_source_size(src, rows, cols, per, bb)) return NULL;
     *order = NULL;
     if (oorder == Py_None) return src;
     Py_buffer *ob = take(v, oorder, "row_order", "lq", 1, 0);
@@ -96,7 +103,7 @@ PyObject *py_repack_tq_i2s(PyObject *mod, PyObject *args) {
     const int64_t *order;
     Py_buffer *src = take_source(&v, osrc, oorder, type, 0, rows, cols, &order);
     Py_buffer *out = src ? take(&v, oout, "out", "B", 1, 1) : NULL;
-    if (!out || check_dim("out", 0, out->shape[0], rows * cols / 4)) {
+    if (!out || check_dim("out", 0, out->shape[0], rows * (cols / 4))) { /* fits: src holds 54 or 66 bytes per 64 of it */
         release_views(&v);
         return NULL;
     }
@@ -120,9 +127,9 @@ PyObject *py_repack_int8_rows(PyObject *mod, PyObject *args) {
         release_views(&v);
         return NULL;
     }
-    if (src->len < rows * (cols / per) * bb) {
+    if (check_source_size(src, rows, cols, per, bb)) {
         release_views(&v);
-        return PyErr_Format(PyExc_ValueError, "src: %zd bytes, [%zd, %zd] needs %zd", src->len, rows, cols, rows * (cols / per) * bb);
+        return NULL;
     }
     Py_BEGIN_ALLOW_THREADS repack_int8_rows(type, src->buf, (size_t)rows, (size_t)cols, out->buf);
     Py_END_ALLOW_THREADS release_views(&v);

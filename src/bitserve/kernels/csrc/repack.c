@@ -227,15 +227,18 @@ void repack_tq_i2s(int type, const uint8_t *src, size_t rows, size_t cols, const
 /* f16 bits → f32 (exact) */
 static float f16_value(const uint8_t *p) { return half_to_float((uint16_t)(p[0] | (p[1] << 8))); }
 
+/* scale b of a row's f32 scales at `scales`: copied in, as the rows are bytes at any address */
+static void put_scale(uint8_t *scales, size_t b, float value) { memcpy(scales + b * sizeof(float), &value, sizeof(float)); }
+
 void repack_int8_rows(int type, const uint8_t *src, size_t rows, size_t cols, uint8_t *out) {
     size_t block = type == REPACK_Q6_K ? 16 : 32, row_bytes = cols + cols / block * sizeof(float);
     for (size_t r = 0; r < rows; r++) {
         int8_t *values = (int8_t *)(out + r * row_bytes);
-        float *scales = (float *)(out + r * row_bytes + cols);
+        uint8_t *scales = out + r * row_bytes + cols;
         if (type == REPACK_Q8_0) { /* {f16 d, int8 qs[32]} */
             const uint8_t *row = src + r * (cols / 32) * 34;
             for (size_t b = 0; b < cols / 32; b++) {
-                scales[b] = f16_value(row + 34 * b);
+                put_scale(scales, b, f16_value(row + 34 * b));
                 memcpy(values + 32 * b, row + 34 * b + 2, 32);
             }
             continue;
@@ -247,7 +250,7 @@ void repack_int8_rows(int type, const uint8_t *src, size_t rows, size_t cols, ui
         for (size_t b = 0; b < cols / 256; b++) {
             const uint8_t *blk = row + 210 * b, *sc = blk + 192;
             float d = f16_value(blk + 208);
-            for (int s = 0; s < 16; s++) scales[16 * b + (size_t)s] = d * (float)(int8_t)sc[s];
+            for (int s = 0; s < 16; s++) put_scale(scales, 16 * b + (size_t)s, d * (float)(int8_t)sc[s]);
             for (int h = 0; h < 2; h++) {
                 const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
                 int8_t *v = values + 256 * b + 128 * (size_t)h;
