@@ -1,11 +1,12 @@
 """Connection and body limits of the real server process, over real sockets: the key is
 checked before the body is read, bodies over ``--max-body-mb`` are refused unread (413),
 request heads that never finish and bodies that stop halfway are cut after
-``--head-timeout`` (of silence, for a body), and running out of file descriptors logs
+``--head-timeout`` (of silence, for a body) with a 408, and running out of file descriptors logs
 one line per interval instead of a traceback per accept attempt."""
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 import time
@@ -95,36 +96,70 @@ def test_a_chunked_body_is_counted_as_it_comes(server: Server) -> None:
     assert answer.json()["error"]["code"] == "request_too_large"
 
 
+def requests_counted(server: Server, route: str, status: int) -> float:
+    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    line = f'bitserve_http_requests_total{{route="{route}",status="{status}"}} '
+    return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line))
+
+
+def response_of(sock: socket.socket, timeout: float) -> tuple[str, bytes]:
+    """The head and the body the server sends before it closes the connection."""
+    head = response_head(sock, timeout)
+    data = head.encode("latin-1")
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.decode("latin-1"), body
+
+
 def test_request_heads_that_never_finish_are_cut(server: Server) -> None:
+    """A head begun but never finished is answered 408 and counted so (as nginx logs it):
+    it was closed without a word, and not counted at all. A connection that sent nothing
+    is closed quietly."""
+    late_heads = requests_counted(server, "unmatched", 408)
     silent, partial = connect(server), connect(server)
     try:
         partial.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-        for sock in (silent, partial):
-            start_wait = time.monotonic()
-            assert response_head(sock, timeout=10) == ""  # closed without an answer
-            assert time.monotonic() - start_wait < 8
+        start_wait = time.monotonic()
+        head, body = response_of(partial, timeout=10)
+        assert time.monotonic() - start_wait < 8
+        assert head.startswith("HTTP/1.1 408") and "connection: close" in head.lower(), head
+        assert "x-bitserve-replica:" in head.lower()
+        assert json.loads(body)["error"]["code"] == "request_timeout"
+        assert response_head(silent, timeout=10) == ""  # closed without an answer
     finally:
         silent.close()
         partial.close()
     # a client that sends its head in time is served on the same server meanwhile
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    assert requests_counted(server, "unmatched", 408) == late_heads + 1
 
 
 def test_a_body_that_stops_halfway_is_cut_and_one_with_short_pauses_is_served(
     server: Server,
 ) -> None:
+    """The stopped body is a 408 under its route: it was closed unanswered and counted as
+    499, as if the client had left."""
+    route = "/v1/completions"
+    late, left = requests_counted(server, route, 408), requests_counted(server, route, 499)
     body = b'{"model": "bitnet", "prompt": "Hi", "max_tokens": 1}'
     with connect(server) as sock:
-        sock.sendall(post_head("/v1/completions", len(body), KEY) + body[:10])
+        sock.sendall(post_head(route, len(body), KEY) + body[:10])
         start_wait = time.monotonic()
-        assert response_head(sock, timeout=10) == ""  # closed without an answer
+        head, answer = response_of(sock, timeout=10)
         assert time.monotonic() - start_wait < 8
+    assert head.startswith("HTTP/1.1 408") and "connection: close" in head.lower(), head
+    error = json.loads(answer)["error"]
+    assert error["code"] == "request_timeout" and "--head-timeout" in error["message"]
+    assert requests_counted(server, route, 408) == late + 1
+    assert requests_counted(server, route, 499) == left
     with connect(server) as sock:  # pauses shorter than the 1 s limit, 2 s in all
-        sock.sendall(post_head("/v1/completions", len(body), KEY))
+        sock.sendall(post_head(route, len(body), KEY))
         for i in range(0, len(body), 13):
             time.sleep(0.5)
             sock.sendall(body[i : i + 13])
         assert response_head(sock, timeout=30).startswith("HTTP/1.1 200"), "served"
+    assert "Traceback" not in server.log()
 
 
 def test_out_of_file_descriptors_logs_once_per_interval(tmp_path: Path) -> None:

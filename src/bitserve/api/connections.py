@@ -14,28 +14,50 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from bitserve.api.errors import RequestTimeoutError, error_body
+
 log = logging.getLogger(__name__)
 
 ACCEPT_ERROR_MESSAGE = "socket.accept() out of system resource"  # asyncio's wording
 ACCEPT_ERROR_INTERVAL_S = 10.0
+# the scope extension that marks a request whose body stopped arriving (value: {"seconds"})
+REQUEST_TIMEOUT = "bitserve.request_timeout"
 
 
 class HeadDeadlineProtocol(H11Protocol):
-    """Closes a connection that has not sent a complete request head within
+    """Ends a connection that has not sent a complete request head within
     ``head_timeout_s`` of the server starting to wait for one (a new connection, or the
     next request on a kept-alive one), or that pauses longer than that while sending a
     body (as nginx's ``client_body_timeout``: between two reads, not for the whole body;
-    the body's size is ``--max-body-mb``'s). The response is not limited here."""
+    the body's size is ``--max-body-mb``'s). The response is not limited here.
+
+    What the client is told, and what ``/metrics`` counts (nginx's 408 Request Timeout):
+
+    - a body that stopped: the app answers 408 ``request_timeout`` under the request's
+      route (the protocol marks the request with :data:`REQUEST_TIMEOUT` and wakes the
+      app's ``receive``; :class:`~bitserve.api.edge.EdgeGuard` answers), then the
+      connection closes. If nobody has answered one more timeout later, it is closed.
+    - a head begun but not finished: a 408 written here (the app never saw a request),
+      counted by ``late_head`` (``unmatched`` in ``/metrics``), then closed.
+    - nothing sent at all (an idle connection, or an idle kept-alive one): closed, with
+      neither an answer nor a count, as nginx does."""
 
     head_timeout_s: float = 10.0
+    late_head_headers: tuple[tuple[bytes, bytes], ...] = ()
     _head_timer: asyncio.TimerHandle | None = None
+
+    @staticmethod
+    def late_head() -> None:
+        """Counts a head that never finished (``head_timeout_protocol`` sets it)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -62,9 +84,12 @@ class HeadDeadlineProtocol(H11Protocol):
             self._stop_head_timer()
         if state is h11.IDLE or state is h11.SEND_BODY:
             if self._head_timer is None and not self.transport.is_closing():
-                self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_late)
+                self._arm()
         else:
             self._stop_head_timer()
+
+    def _arm(self) -> None:
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_late)
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -76,15 +101,61 @@ class HeadDeadlineProtocol(H11Protocol):
         state = self.conn.their_state
         if self.transport.is_closing() or state not in (h11.IDLE, h11.SEND_BODY):
             return
-        if state is h11.SEND_BODY and self.flow.read_paused:  # the app is behind, not them
-            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_late)
+        if state is h11.SEND_BODY:
+            self._body_late()
+        elif self.conn.trailing_data[0]:  # part of a head came
+            self._answer_late_head()
+        else:
+            self.transport.close()
+
+    def _body_late(self) -> None:
+        """Have the app answer 408 (it is waiting in ``receive``), unless it was already
+        asked, or already answering: then close."""
+        if self.flow.read_paused:  # the app is behind, not them
+            self._arm()
             return
+        cycle = self.cycle
+        if (
+            cycle is None
+            or cycle.response_started
+            or REQUEST_TIMEOUT in cycle.scope.get("extensions", {})
+        ):
+            self.transport.close()
+            return
+        extensions = cycle.scope.setdefault("extensions", {})
+        extensions[REQUEST_TIMEOUT] = {"seconds": self.head_timeout_s}
+        cycle.keep_alive = False
+        cycle.message_event.set()
+        self._arm()  # the app's time to answer; then the connection is closed anyway
+
+    def _answer_late_head(self) -> None:
+        status, body = error_body(RequestTimeoutError(self.head_timeout_s, "head"))
+        content = json.dumps(body, separators=(",", ":")).encode()  # as the app writes it
+        head = [
+            b"HTTP/1.1 %d Request Timeout" % status,
+            b"content-type: application/json",
+            b"content-length: %d" % len(content),
+            b"connection: close",
+            *(name + b": " + value for name, value in self.late_head_headers),
+        ]
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + content)
+        self.late_head()
         self.transport.close()
 
 
-def head_timeout_protocol(seconds: float) -> type[HeadDeadlineProtocol]:
-    """The protocol class for ``uvicorn.Config(http=...)`` with a ``seconds`` deadline."""
-    return type("HeadDeadlineProtocol", (HeadDeadlineProtocol,), {"head_timeout_s": seconds})
+def head_timeout_protocol(
+    seconds: float,
+    late_head: Callable[[], None] = lambda: None,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> type[HeadDeadlineProtocol]:
+    """The protocol class for ``uvicorn.Config(http=...)`` with a ``seconds`` deadline;
+    ``late_head`` counts a head that never finished, whose 408 carries ``headers``."""
+    attrs = {
+        "head_timeout_s": seconds,
+        "late_head": staticmethod(late_head),
+        "late_head_headers": tuple(headers),
+    }
+    return type("HeadDeadlineProtocol", (HeadDeadlineProtocol,), attrs)
 
 
 class AcceptErrorThrottle:

@@ -5,7 +5,8 @@ that will be refused never makes the server read (and hold) its body.
 - :class:`EdgeGuard` (pure ASGI): a ``Host`` the server does not answer to is a 400 (DNS
   rebinding: a web page on another name must not reach a keyless server's conversations
   through the browser); a ``Content-Length`` over the limit is a 413 at once, and a body
-  without one (chunked) is counted as the app reads it and cut with a 413 there. A
+  without one (chunked) is counted as the app reads it and cut with a 413 there; a body
+  the connection stopped waiting for (``--head-timeout``) is a 408 there too. A
   ``HEAD`` request runs its path's ``GET`` (uvicorn sends the head, not the body), so
   health checks that use ``HEAD`` work.
 - :class:`GuardedRoute`: the route class of the routers that need a key; it checks the
@@ -33,10 +34,12 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bitserve.api.auth import require_configured_key, require_key
+from bitserve.api.connections import REQUEST_TIMEOUT
 from bitserve.api.errors import (
     BodyTooLargeError,
     InvalidHostError,
     InvalidParameterError,
+    RequestTimeoutError,
     error_response,
 )
 from bitserve.store.base import is_valid_text
@@ -103,7 +106,8 @@ class EdgeGuard:
             # still says HEAD, sends no body. The route found is copied back for /metrics.
             inner = {**scope, "method": "GET"} if scope["method"] == "HEAD" else scope
             try:
-                await _BodyCounter(self.max_body_bytes, inner, receive, send).run(self.app)
+                counter = _BodyCounter(self.max_body_bytes, inner, receive, send, scope)
+                await counter.run(self.app)
             finally:
                 if inner is not scope and "route" in inner:
                     scope["route"] = inner["route"]
@@ -120,10 +124,15 @@ async def _refuse(exc: Exception, scope: Scope, receive: Receive, send: Send) ->
 class _BodyCounter:
     """Runs the app with a ``receive`` that counts body bytes: past the limit it answers
     413 itself, tells the app the client is gone (``http.disconnect``), and drops what
-    the app sends after that."""
+    the app sends after that. A body the server stopped waiting for (the connection
+    marks ``outer``, the server's own scope, with ``REQUEST_TIMEOUT``: see
+    :class:`~bitserve.api.connections.HeadDeadlineProtocol`) is a 408 the same way."""
 
-    def __init__(self, limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(
+        self, limit: int, scope: Scope, receive: Receive, send: Send, outer: Scope
+    ) -> None:
         self.limit, self.scope, self._receive, self._send = limit, scope, receive, send
+        self.outer = outer
         self.received = 0
         self.refused = False
 
@@ -136,11 +145,17 @@ class _BodyCounter:
         message = await self._receive()
         if message["type"] == "http.request":
             self.received += len(message.get("body", b""))
+            timeout = self.outer.get("extensions", {}).get(REQUEST_TIMEOUT)
+            if timeout is not None:
+                return await self._refuse(RequestTimeoutError(timeout["seconds"]))
             if self.received > self.limit:
-                self.refused = True
-                await _refuse(BodyTooLargeError(self.limit), self.scope, self._receive, self._send)
-                return {"type": "http.disconnect"}
+                return await self._refuse(BodyTooLargeError(self.limit))
         return message
+
+    async def _refuse(self, exc: Exception) -> Message:
+        self.refused = True
+        await _refuse(exc, self.scope, self._receive, self._send)
+        return {"type": "http.disconnect"}
 
     async def send(self, message: Message) -> None:
         if not self.refused:

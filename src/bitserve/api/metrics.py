@@ -188,6 +188,11 @@ class HttpMetrics:
             registry=self.registry,
         )
 
+    def count_late_head(self) -> None:
+        """A request head that never finished: no route saw it; the connection answered
+        408 itself (``connections.HeadDeadlineProtocol``)."""
+        self.requests.labels(route=UNMATCHED_ROUTE, status="408").inc()
+
 
 def _event_has_text(data: Any) -> bool:
     """Whether one SSE payload carries generated text: OpenAI chat (``delta.content``, or
