@@ -162,6 +162,26 @@ def test_a_body_that_stops_halfway_is_cut_and_one_with_short_pauses_is_served(
     assert "Traceback" not in server.log()
 
 
+def test_transfer_encoding_with_content_length_is_refused_and_closes(server: Server) -> None:
+    """Both headers: h11 follows Transfer-Encoding, a proxy in front may follow
+    Content-Length, and the rest of the body becomes a request of its own (smuggling).
+    It was served, and the connection kept for the request behind it; RFC 9112 6.3 says
+    close after answering."""
+    body = b'{"content": "Hi"}'
+    smuggled = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with connect(server) as sock:
+        sock.sendall(
+            b"POST /tokenize HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer %s\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n"
+            b"\r\n%x\r\n%s\r\n0\r\n\r\n%s" % (KEY.encode(), len(body), body, smuggled)
+        )
+        head, answer = response_of(sock, timeout=10)
+    assert head.startswith("HTTP/1.1 400") and "connection: close" in head.lower(), head
+    assert b"HTTP/1.1" not in answer  # the request behind it was not answered
+    error = json.loads(answer)["error"]
+    assert error["code"] == "malformed_request" and "Transfer-Encoding" in error["message"]
+
+
 def test_out_of_file_descriptors_logs_once_per_interval(tmp_path: Path) -> None:
     # the server process gets 64 file descriptors (the model file, the store, the engine
     # and the listening socket take about 20 of them)

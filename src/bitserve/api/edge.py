@@ -4,11 +4,13 @@ that will be refused never makes the server read (and hold) its body.
 
 - :class:`EdgeGuard` (pure ASGI): a ``Host`` the server does not answer to is a 400 (DNS
   rebinding: a web page on another name must not reach a keyless server's conversations
-  through the browser); a ``Content-Length`` over the limit is a 413 at once, and a body
-  without one (chunked) is counted as the app reads it and cut with a 413 there; a body
-  the connection stopped waiting for (``--head-timeout``) is a 408 there too. A
-  ``HEAD`` request runs its path's ``GET`` (uvicorn sends the head, not the body), so
-  health checks that use ``HEAD`` work.
+  through the browser), and so is a request with both ``Transfer-Encoding`` and
+  ``Content-Length`` (RFC 9112 6.3: a proxy in front may end the body elsewhere than
+  h11, which follows ``Transfer-Encoding``: request smuggling); a ``Content-Length``
+  over the limit is a 413 at once, and a body without one (chunked) is counted as the
+  app reads it and cut with a 413 there; a body the connection stopped waiting for
+  (``--head-timeout``) is a 408 there too. A ``HEAD`` request runs its path's ``GET``
+  (uvicorn sends the head, not the body), so health checks that use ``HEAD`` work.
 - :class:`GuardedRoute`: the route class of the routers that need a key; it checks the
   ``Authorization`` header before FastAPI reads the body (FastAPI itself reads the body
   first and solves dependencies after), then refuses a JSON body holding text that is
@@ -39,6 +41,7 @@ from bitserve.api.errors import (
     BodyTooLargeError,
     InvalidHostError,
     InvalidParameterError,
+    MalformedRequestError,
     RequestTimeoutError,
     error_response,
 )
@@ -72,8 +75,9 @@ def default_allowed_hosts(bound: str, extra: Iterable[str] = ()) -> tuple[str, .
 
 
 class EdgeGuard:
-    """Refuses, before the app runs, a request whose ``Host`` is not allowed (400) or
-    whose ``Content-Length`` exceeds ``max_body_bytes`` (413).
+    """Refuses, before the app runs, a request whose ``Host`` is not allowed (400), that
+    has both ``Transfer-Encoding`` and ``Content-Length`` (400), or whose
+    ``Content-Length`` exceeds ``max_body_bytes`` (413); the connection closes after.
 
     ``allowed_hosts`` holds names (``"*"``: any). A ``Host`` that is an IP literal is
     always allowed: DNS rebinding needs a name the attacker's DNS answers for, and a
@@ -99,6 +103,11 @@ class EdgeGuard:
         refusal: Exception | None = None
         if not self.host_allowed(headers.get("host")):
             refusal = InvalidHostError(headers.get("host", ""))
+        elif "transfer-encoding" in headers and "content-length" in headers:
+            refusal = MalformedRequestError(
+                "the request has both Transfer-Encoding and Content-Length: send one "
+                "(RFC 9112 section 6.3)"
+            )
         elif _content_length(headers) > self.max_body_bytes:
             refusal = BodyTooLargeError(self.max_body_bytes)
         if refusal is None:

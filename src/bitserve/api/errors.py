@@ -100,6 +100,15 @@ class RequestTimeoutError(APIError):
         )
 
 
+class MalformedRequestError(APIError):
+    """A request that is not valid HTTP/1.1, or whose body's end is ambiguous (both
+    ``Transfer-Encoding`` and ``Content-Length``: request smuggling through a proxy that
+    reads the other one); the connection is closed after the answer."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="malformed_request")
+
+
 class InvalidHostError(APIError):
     """A ``Host`` header naming a host this server does not answer to."""
 
@@ -188,6 +197,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     ContextLengthError: ErrorKind(400, "invalid_request_error", "context_length_exceeded"),
     InputTooLongError: ErrorKind(400, "invalid_request_error", "input_too_long"),
     InvalidHostError: ErrorKind(400, "invalid_request_error", "invalid_host"),
+    MalformedRequestError: ErrorKind(400, "invalid_request_error", "malformed_request"),
     AuthenticationError: ErrorKind(401, "invalid_request_error", "invalid_api_key"),
     ModelNotFoundError: ErrorKind(404, "invalid_request_error", "model_not_found"),
     RouteNotFoundError: ErrorKind(404, "invalid_request_error", "route_not_found"),
