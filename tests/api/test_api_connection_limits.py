@@ -182,6 +182,59 @@ def test_transfer_encoding_with_content_length_is_refused_and_closes(server: Ser
     assert error["code"] == "malformed_request" and "Transfer-Encoding" in error["message"]
 
 
+CHUNKED_HEAD = (
+    b"POST /tokenize HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    b"Authorization: Bearer " + KEY.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "says"),
+    [
+        (b"GARBAGE\r\n\r\n", 400, "illegal request line"),
+        (b"POST /tokenize HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",
+         400, "conflicting Content-Length"),
+        (post_head("/tokenize", 2).replace(b": 2", b": -2"), 400, "bad Content-Length"),
+        (b"POST /tokenize HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501,
+         "Only Transfer-Encoding: chunked is supported"),
+        (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 2**20 + b"\r\n\r\n",
+         431, "its head is over 16 KB"),
+    ],
+)  # fmt: skip
+def test_a_request_h11_refuses_is_answered_in_the_api_shape_and_counted(
+    server: Server, request_bytes: bytes, status: int, says: str
+) -> None:
+    """uvicorn answered these in plain text ('Invalid HTTP request received.'), without
+    the replica header, and /metrics never saw them."""
+    before = requests_counted(server, "unmatched", status)
+    with connect(server) as sock:
+        sock.sendall(request_bytes)  # all of it: the server reads what it does not use
+        head, answer = response_of(sock, timeout=10)
+    assert head.startswith(f"HTTP/1.1 {status} ") and "connection: close" in head.lower(), head
+    assert "x-bitserve-replica:" in head.lower()
+    error = json.loads(answer)["error"]
+    assert error["code"] == "malformed_request" and says in error["message"], error
+    assert requests_counted(server, "unmatched", status) == before + 1
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("chunk", [b"zz\r\n", b"-5\r\n"])
+def test_a_bad_chunk_mid_body_is_a_400_under_its_route(server: Server, chunk: bytes) -> None:
+    """The body had started: the route answers (it was counted as a 499, client gone)."""
+    before = requests_counted(server, "/tokenize", 400)
+    left = requests_counted(server, "/tokenize", 499)
+    with connect(server) as sock:
+        sock.sendall(CHUNKED_HEAD + b"2\r\n{}\r\n")
+        time.sleep(0.2)  # the route is reading the body
+        sock.sendall(chunk)
+        head, answer = response_of(sock, timeout=10)
+    assert head.startswith("HTTP/1.1 400") and "connection: close" in head.lower(), head
+    assert "illegal chunk header" in json.loads(answer)["error"]["message"]
+    assert requests_counted(server, "/tokenize", 400) == before + 1
+    assert requests_counted(server, "/tokenize", 499) == left
+    assert "Traceback" not in server.log()
+
+
 def test_out_of_file_descriptors_logs_once_per_interval(tmp_path: Path) -> None:
     # the server process gets 64 file descriptors (the model file, the store, the engine
     # and the listening socket take about 20 of them)

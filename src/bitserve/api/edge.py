@@ -36,13 +36,12 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bitserve.api.auth import require_configured_key, require_key
-from bitserve.api.connections import REQUEST_TIMEOUT
+from bitserve.api.connections import REFUSAL
 from bitserve.api.errors import (
     BodyTooLargeError,
     InvalidHostError,
     InvalidParameterError,
     MalformedRequestError,
-    RequestTimeoutError,
     error_response,
 )
 from bitserve.store.base import is_valid_text
@@ -133,9 +132,9 @@ async def _refuse(exc: Exception, scope: Scope, receive: Receive, send: Send) ->
 class _BodyCounter:
     """Runs the app with a ``receive`` that counts body bytes: past the limit it answers
     413 itself, tells the app the client is gone (``http.disconnect``), and drops what
-    the app sends after that. A body the server stopped waiting for (the connection
-    marks ``outer``, the server's own scope, with ``REQUEST_TIMEOUT``: see
-    :class:`~bitserve.api.connections.HeadDeadlineProtocol`) is a 408 the same way."""
+    the app sends after that. A body the connection refused (it stopped coming: 408; a bad
+    chunk: 400) is answered the same way: the connection marks ``outer``, the server's
+    own scope, with ``REFUSAL`` (see :class:`~bitserve.api.connections.HeadDeadlineProtocol`)."""
 
     def __init__(
         self, limit: int, scope: Scope, receive: Receive, send: Send, outer: Scope
@@ -154,9 +153,9 @@ class _BodyCounter:
         message = await self._receive()
         if message["type"] == "http.request":
             self.received += len(message.get("body", b""))
-            timeout = self.outer.get("extensions", {}).get(REQUEST_TIMEOUT)
-            if timeout is not None:
-                return await self._refuse(RequestTimeoutError(timeout["seconds"]))
+            refusal = self.outer.get("extensions", {}).get(REFUSAL)
+            if refusal is not None:
+                return await self._refuse(refusal["error"])
             if self.received > self.limit:
                 return await self._refuse(BodyTooLargeError(self.limit))
         return message

@@ -307,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
         http=head_timeout_protocol(
             settings.head_timeout_s,
-            app.state.http_metrics.count_late_head,
+            app.state.http_metrics.count_unrouted,
             [(REPLICA_HEADER.lower().encode(), settings.replica_name.encode())],
         ),
     )
