@@ -192,6 +192,8 @@ CHUNKED_HEAD = (
     ("request_bytes", "status", "says"),
     [
         (b"GARBAGE\r\n\r\n", 400, "illegal request line"),
+        (b"GET /health HTTP/1.1\r\nHost: a\r\nAuthorization : Bearer " + KEY.encode() + b"\r\n\r\n",
+         400, "illegal header line"),
         (b"POST /tokenize HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",
          400, "conflicting Content-Length"),
         (post_head("/tokenize", 2).replace(b": 2", b": -2"), 400, "bad Content-Length"),
@@ -214,6 +216,7 @@ def test_a_request_h11_refuses_is_answered_in_the_api_shape_and_counted(
     assert "x-bitserve-replica:" in head.lower()
     error = json.loads(answer)["error"]
     assert error["code"] == "malformed_request" and says in error["message"], error
+    assert KEY not in error["message"]  # h11 quotes the line: never echoed, never logged
     assert requests_counted(server, "unmatched", status) == before + 1
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
 
