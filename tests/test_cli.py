@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from bitserve import cli
+from bitserve.api.settings import ServerSettings, read_keys_file
 
 
 def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
@@ -71,10 +72,29 @@ def test_serve_names_a_flag_out_of_its_range_and_exits_2(
 def test_serve_refuses_a_key_no_client_could_send(
     key: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``--api-key ""`` (``$KEY`` unset) turned keys on and let 'Bearer' with no key in."""
+    """``--api-key ""`` (``$KEY`` unset) turned keys on and let 'Bearer' with no key in.
+    The refusal named the key itself: a real key pasted with a space went to the log."""
     assert cli.main(["serve", "--api-key", "good", "--api-key", key]) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
-    assert err.startswith(f"bitserve serve: --api-key / --api-keys-file: {key!r} cannot be")
+    assert err.startswith("bitserve serve: --api-key / --api-keys-file: key 2 of 2 cannot be")
+    if key.strip():
+        assert key.strip() not in err
+
+
+@pytest.mark.parametrize("key", ["sk-clé", "sk-\x7f", "sk-tab\t", "sk-\u00a0nbsp"])
+def test_a_key_only_some_clients_could_send_is_refused(key: str) -> None:
+    """A key with 'é' was served, then matched no UTF-8 client (curl: the server reads a
+    header as Latin-1) and could not be sent by the openai SDK (ASCII headers only)."""
+    with pytest.raises(ValueError, match=r"key 1 of 1 cannot be a key: .* printable ASCII"):
+        ServerSettings(api_keys=(key,)).check()
+
+
+def test_a_keys_file_with_a_byte_order_mark_keeps_its_first_key(tmp_path: Path) -> None:
+    """Notepad's UTF-8 starts the file with U+FEFF: it was read as part of the first key,
+    which then matched no client."""
+    keys = tmp_path / "keys"
+    keys.write_text("sk-first\r\nsk-second\r\n", encoding="utf-8-sig")
+    assert read_keys_file(keys) == ["sk-first", "sk-second"]
 
 
 def test_serve_refuses_a_keys_file_without_keys(

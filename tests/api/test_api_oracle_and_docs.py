@@ -44,6 +44,33 @@ def test_oracle_routes_refuse_a_wrong_key(oracle: TestClient) -> None:
     assert r.status_code == 401
 
 
+@pytest.mark.parametrize(
+    ("authorization", "status"),
+    [
+        (f"bearer {ORACLE_KEY}", 200),  # the scheme in any case (RFC 7235)
+        (f"BEARER  {ORACLE_KEY}", 200),
+        (f"Basic {ORACLE_KEY}", 401),
+        (ORACLE_KEY, 401),
+        ("Bearer", 401),
+        (f"Bearer {ORACLE_KEY[:-1]}", 401),  # a prefix of the key
+        (f"Bearer {ORACLE_KEY}x", 401),
+        (f"Bearer {ORACLE_KEY} {ORACLE_KEY}", 401),
+        (f"Bearer\t{ORACLE_KEY}", 401),
+        (f"Bearer {ORACLE_KEY}é".encode(), 401),  # raw UTF-8 bytes, as curl sends them
+        (b"Bearer \xff\xfe", 401),
+    ],
+)
+def test_oracle_authorization_headers(
+    oracle: TestClient, authorization: str | bytes, status: int
+) -> None:
+    body = chat_body(model="llama-3", stream=False, max_tokens=1)
+    r = oracle.post("/oracle/v1/1/chat", json=body, headers={"Authorization": authorization})
+    assert r.status_code == status, r.text
+    if status == 401:
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+        assert ORACLE_KEY not in r.text  # nothing sent is echoed back
+
+
 def test_oracle_route_1_streams_by_default(oracle: TestClient) -> None:
     body = {"model": "llama-3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     r = oracle.post("/oracle/v1/1/chat", json=body)

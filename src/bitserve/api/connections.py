@@ -14,34 +14,71 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
+import sys
 import time
+from collections.abc import Callable, Sequence
+from http import HTTPStatus
 from typing import Any
 
 import h11
+from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE as H11_MAX_HEAD_BYTES
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from bitserve.api.errors import MalformedRequestError, RequestTimeoutError, error_body
 
 log = logging.getLogger(__name__)
 
 ACCEPT_ERROR_MESSAGE = "socket.accept() out of system resource"  # asyncio's wording
 ACCEPT_ERROR_INTERVAL_S = 10.0
+# the scope extension asking the app to answer with an error instead of reading more of the
+# request's body (value: {"error": the APIError}); EdgeGuard answers it
+REFUSAL = "bitserve.refusal"
 
 
 class HeadDeadlineProtocol(H11Protocol):
-    """Closes a connection that has not sent a complete request head within
+    """Ends a connection that has not sent a complete request head within
     ``head_timeout_s`` of the server starting to wait for one (a new connection, or the
     next request on a kept-alive one), or that pauses longer than that while sending a
     body (as nginx's ``client_body_timeout``: between two reads, not for the whole body;
-    the body's size is ``--max-body-mb``'s). The response is not limited here."""
+    the body's size is ``--max-body-mb``'s). The response is not limited here.
+
+    What the client is told, and what ``/metrics`` counts (nginx's 408 Request Timeout):
+
+    - a body that stopped: the app answers 408 ``request_timeout`` under the request's
+      route (the protocol marks the request with :data:`REFUSAL` and wakes the
+      app's ``receive``; :class:`~bitserve.api.edge.EdgeGuard` answers), then the
+      connection closes. If nobody has answered one more timeout later, it is closed.
+    - a head begun but not finished: a 408 written here (the app never saw a request),
+      counted by ``unrouted`` (``unmatched`` in ``/metrics``), then closed.
+    - nothing sent at all (an idle connection, or an idle kept-alive one): closed, with
+      neither an answer nor a count, as nginx does.
+
+    A request h11 cannot parse (a bad chunk size, two ``Content-Length``, a head over
+    h11's 16 KB) is answered here too, in the API's error shape with the replica's
+    headers (uvicorn's own answer is plain text), under h11's status (400, 431 for a head
+    too large, 501 for a ``Transfer-Encoding`` other than chunked), and counted; in the
+    middle of a body (a bad chunk) the app answers it, 400 under its route, as a 408."""
 
     head_timeout_s: float = 10.0
+    answer_headers: tuple[tuple[bytes, bytes], ...] = ()
     _head_timer: asyncio.TimerHandle | None = None
+    _lingering = False
+
+    @staticmethod
+    def unrouted(status: int) -> None:
+        """Counts an answer written here, which no route saw (``head_timeout_protocol``
+        sets it)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._watch_head()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:  # answered and closing: what still comes is dropped
+            return
         super().data_received(data)
         self._watch_head()
 
@@ -62,9 +99,12 @@ class HeadDeadlineProtocol(H11Protocol):
             self._stop_head_timer()
         if state is h11.IDLE or state is h11.SEND_BODY:
             if self._head_timer is None and not self.transport.is_closing():
-                self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_late)
+                self._arm()
         else:
             self._stop_head_timer()
+
+    def _arm(self) -> None:
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_late)
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -74,17 +114,98 @@ class HeadDeadlineProtocol(H11Protocol):
     def _head_late(self) -> None:
         self._head_timer = None
         state = self.conn.their_state
-        if self.transport.is_closing() or state not in (h11.IDLE, h11.SEND_BODY):
+        if self.transport.is_closing():
             return
-        if state is h11.SEND_BODY and self.flow.read_paused:  # the app is behind, not them
-            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_late)
+        if self._app_refusing():  # the app was asked to answer and has not: close
+            self.transport.close()
+        elif state is h11.SEND_BODY:
+            self._body_late()
+        elif state is h11.IDLE and self.conn.trailing_data[0]:  # part of a head came
+            self._answer(RequestTimeoutError(self.head_timeout_s, "head"))
+        elif state is h11.IDLE:
+            self.transport.close()
+
+    def _body_late(self) -> None:
+        if self.flow.read_paused:  # the app is behind, not them
+            self._arm()
+        elif not self._refuse_in_app(RequestTimeoutError(self.head_timeout_s)):
+            self.transport.close()
+
+    def _app_refusing(self) -> bool:
+        return self.cycle is not None and REFUSAL in self.cycle.scope.get("extensions", {})
+
+    def _refuse_in_app(self, exc: Exception) -> bool:
+        """Have the app answer ``exc`` under its route, if it is still reading the body
+        (waiting in ``receive``, where ``EdgeGuard`` answers) and has not answered yet;
+        the connection closes after it, or one more timeout later if nobody answers."""
+        cycle = self.cycle
+        if cycle is None or cycle.response_started or not cycle.more_body:
+            return False
+        if self._app_refusing():
+            return False
+        cycle.scope.setdefault("extensions", {})[REFUSAL] = {"error": exc}
+        cycle.keep_alive = False
+        cycle.message_event.set()
+        self._stop_head_timer()
+        self._arm()
+        return True
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to what h11 refused (called while handling its error)."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, h11.RemoteProtocolError):
+            super().send_400_response(msg)
             return
-        self.transport.close()
+        if error.error_status_hint == 431:
+            reason = f"its head is over {H11_MAX_HEAD_BYTES // 1024} KB"
+        else:  # h11's reason, without the bytes it quotes (they may hold a secret)
+            reason = re.split(r": (?:bytearray\(|b['\"])", str(error), maxsplit=1)[0]
+        exc = MalformedRequestError(f"the request is not valid HTTP/1.1: {reason}")
+        if not self._refuse_in_app(exc):  # mid-body (a bad chunk): the app answers
+            self._answer(exc, error.error_status_hint)
+
+    def _answer(self, exc: Exception, status: int | None = None) -> None:
+        """Write ``exc``'s error answer (status: ``status`` or its own) and close: the
+        request was never whole, so h11 cannot send it."""
+        own, body = error_body(exc)
+        status = status or own
+        content = json.dumps(body, separators=(",", ":")).encode()  # as the app writes it
+        head = [
+            b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode()),
+            b"content-type: application/json",
+            b"content-length: %d" % len(content),
+            b"connection: close",
+            *(name + b": " + value for name, value in self.answer_headers),
+        ]
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + content)
+        self.unrouted(status)
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close once the client has stopped sending (its EOF), within ``head_timeout_s``:
+        closed with its bytes unread, the connection would be reset, and the client could
+        lose the answer before reading it (nginx's ``lingering_close``)."""
+        self._lingering = True
+        self._stop_head_timer()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self.transport.close)
 
 
-def head_timeout_protocol(seconds: float) -> type[HeadDeadlineProtocol]:
-    """The protocol class for ``uvicorn.Config(http=...)`` with a ``seconds`` deadline."""
-    return type("HeadDeadlineProtocol", (HeadDeadlineProtocol,), {"head_timeout_s": seconds})
+def head_timeout_protocol(
+    seconds: float,
+    unrouted: Callable[[int], None] = lambda status: None,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> type[HeadDeadlineProtocol]:
+    """The protocol class for ``uvicorn.Config(http=...)`` with a ``seconds`` deadline;
+    ``unrouted(status)`` counts the answers it writes itself (a head that never finished,
+    a request h11 refused), which carry ``headers``."""
+    attrs = {
+        "head_timeout_s": seconds,
+        "unrouted": staticmethod(unrouted),
+        "answer_headers": tuple(headers),
+    }
+    return type("HeadDeadlineProtocol", (HeadDeadlineProtocol,), attrs)
 
 
 class AcceptErrorThrottle:

@@ -4,10 +4,13 @@ that will be refused never makes the server read (and hold) its body.
 
 - :class:`EdgeGuard` (pure ASGI): a ``Host`` the server does not answer to is a 400 (DNS
   rebinding: a web page on another name must not reach a keyless server's conversations
-  through the browser); a ``Content-Length`` over the limit is a 413 at once, and a body
-  without one (chunked) is counted as the app reads it and cut with a 413 there. A
-  ``HEAD`` request runs its path's ``GET`` (uvicorn sends the head, not the body), so
-  health checks that use ``HEAD`` work.
+  through the browser), and so is a request with both ``Transfer-Encoding`` and
+  ``Content-Length`` (RFC 9112 6.3: a proxy in front may end the body elsewhere than
+  h11, which follows ``Transfer-Encoding``: request smuggling); a ``Content-Length``
+  over the limit is a 413 at once, and a body without one (chunked) is counted as the
+  app reads it and cut with a 413 there; a body the connection stopped waiting for
+  (``--head-timeout``) is a 408 there too. A ``HEAD`` request runs its path's ``GET``
+  (uvicorn sends the head, not the body), so health checks that use ``HEAD`` work.
 - :class:`GuardedRoute`: the route class of the routers that need a key; it checks the
   ``Authorization`` header before FastAPI reads the body (FastAPI itself reads the body
   first and solves dependencies after), then refuses a JSON body holding text that is
@@ -33,10 +36,12 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bitserve.api.auth import require_configured_key, require_key
+from bitserve.api.connections import REFUSAL
 from bitserve.api.errors import (
     BodyTooLargeError,
     InvalidHostError,
     InvalidParameterError,
+    MalformedRequestError,
     error_response,
 )
 from bitserve.store.base import is_valid_text
@@ -69,8 +74,9 @@ def default_allowed_hosts(bound: str, extra: Iterable[str] = ()) -> tuple[str, .
 
 
 class EdgeGuard:
-    """Refuses, before the app runs, a request whose ``Host`` is not allowed (400) or
-    whose ``Content-Length`` exceeds ``max_body_bytes`` (413).
+    """Refuses, before the app runs, a request whose ``Host`` is not allowed (400), that
+    has both ``Transfer-Encoding`` and ``Content-Length`` (400), or whose
+    ``Content-Length`` exceeds ``max_body_bytes`` (413); the connection closes after.
 
     ``allowed_hosts`` holds names (``"*"``: any). A ``Host`` that is an IP literal is
     always allowed: DNS rebinding needs a name the attacker's DNS answers for, and a
@@ -96,6 +102,11 @@ class EdgeGuard:
         refusal: Exception | None = None
         if not self.host_allowed(headers.get("host")):
             refusal = InvalidHostError(headers.get("host", ""))
+        elif "transfer-encoding" in headers and "content-length" in headers:
+            refusal = MalformedRequestError(
+                "the request has both Transfer-Encoding and Content-Length: send one "
+                "(RFC 9112 section 6.3)"
+            )
         elif _content_length(headers) > self.max_body_bytes:
             refusal = BodyTooLargeError(self.max_body_bytes)
         if refusal is None:
@@ -103,7 +114,8 @@ class EdgeGuard:
             # still says HEAD, sends no body. The route found is copied back for /metrics.
             inner = {**scope, "method": "GET"} if scope["method"] == "HEAD" else scope
             try:
-                await _BodyCounter(self.max_body_bytes, inner, receive, send).run(self.app)
+                counter = _BodyCounter(self.max_body_bytes, inner, receive, send, scope)
+                await counter.run(self.app)
             finally:
                 if inner is not scope and "route" in inner:
                     scope["route"] = inner["route"]
@@ -120,10 +132,15 @@ async def _refuse(exc: Exception, scope: Scope, receive: Receive, send: Send) ->
 class _BodyCounter:
     """Runs the app with a ``receive`` that counts body bytes: past the limit it answers
     413 itself, tells the app the client is gone (``http.disconnect``), and drops what
-    the app sends after that."""
+    the app sends after that. A body the connection refused (it stopped coming: 408; a bad
+    chunk: 400) is answered the same way: the connection marks ``outer``, the server's
+    own scope, with ``REFUSAL`` (see :class:`~bitserve.api.connections.HeadDeadlineProtocol`)."""
 
-    def __init__(self, limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(
+        self, limit: int, scope: Scope, receive: Receive, send: Send, outer: Scope
+    ) -> None:
         self.limit, self.scope, self._receive, self._send = limit, scope, receive, send
+        self.outer = outer
         self.received = 0
         self.refused = False
 
@@ -136,11 +153,17 @@ class _BodyCounter:
         message = await self._receive()
         if message["type"] == "http.request":
             self.received += len(message.get("body", b""))
+            refusal = self.outer.get("extensions", {}).get(REFUSAL)
+            if refusal is not None:
+                return await self._refuse(refusal["error"])
             if self.received > self.limit:
-                self.refused = True
-                await _refuse(BodyTooLargeError(self.limit), self.scope, self._receive, self._send)
-                return {"type": "http.disconnect"}
+                return await self._refuse(BodyTooLargeError(self.limit))
         return message
+
+    async def _refuse(self, exc: Exception) -> Message:
+        self.refused = True
+        await _refuse(exc, self.scope, self._receive, self._send)
+        return {"type": "http.disconnect"}
 
     async def send(self, message: Message) -> None:
         if not self.refused:

@@ -88,6 +88,27 @@ class BodyTooLargeError(APIError):
         )
 
 
+class RequestTimeoutError(APIError):
+    """A request body that stopped arriving: nothing came for ``--head-timeout`` seconds
+    (or a request head that never finished)."""
+
+    def __init__(self, timeout_s: float, what: str = "body") -> None:
+        super().__init__(
+            f"the request {what} stopped arriving: nothing came for {timeout_s:g} s "
+            "(--head-timeout)",
+            code="request_timeout",
+        )
+
+
+class MalformedRequestError(APIError):
+    """A request that is not valid HTTP/1.1, or whose body's end is ambiguous (both
+    ``Transfer-Encoding`` and ``Content-Length``: request smuggling through a proxy that
+    reads the other one); the connection is closed after the answer."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="malformed_request")
+
+
 class InvalidHostError(APIError):
     """A ``Host`` header naming a host this server does not answer to."""
 
@@ -139,6 +160,7 @@ _STATUS_DOC = {
     "long, a prompt that does not fit, a Host the server does not answer to, a schema or "
     "grammar that broke while generating (`grammar_failed`).",
     401: "Missing or wrong API key.",
+    408: "The request body stopped arriving for --head-timeout seconds.",
     404: "Unknown conversation, model or oracle route.",
     413: "The request body is larger than --max-body-mb.",
     422: "Malformed JSON, or a missing or ill-typed field.",
@@ -154,7 +176,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 # what the routes of each kind can answer besides 200
-EDGE_ERRORS = (400, 413, 422)  # Host, Unicode, body size, validation: every route
+EDGE_ERRORS = (400, 408, 413, 422)  # Host, Unicode, body time and size, validation: every route
 KEYED_ERRORS = (*EDGE_ERRORS, 401)
 GENERATING_ERRORS = (*KEYED_ERRORS, 404, 500, 503)
 
@@ -175,12 +197,14 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     ContextLengthError: ErrorKind(400, "invalid_request_error", "context_length_exceeded"),
     InputTooLongError: ErrorKind(400, "invalid_request_error", "input_too_long"),
     InvalidHostError: ErrorKind(400, "invalid_request_error", "invalid_host"),
+    MalformedRequestError: ErrorKind(400, "invalid_request_error", "malformed_request"),
     AuthenticationError: ErrorKind(401, "invalid_request_error", "invalid_api_key"),
     ModelNotFoundError: ErrorKind(404, "invalid_request_error", "model_not_found"),
     RouteNotFoundError: ErrorKind(404, "invalid_request_error", "route_not_found"),
     ConversationNotFoundError: ErrorKind(404, "invalid_request_error", "conversation_not_found"),
     InvalidTextError: ErrorKind(400, "invalid_request_error", "invalid_value"),
     BodyTooLargeError: ErrorKind(413, "invalid_request_error", "request_too_large"),
+    RequestTimeoutError: ErrorKind(408, "invalid_request_error", "request_timeout"),
     RequestValidationError: ErrorKind(422, "invalid_request_error", "invalid_value"),
     QueueFullError: ErrorKind(503, "server_error", "queue_full"),
     EngineStoppedError: ErrorKind(503, "server_error", "unavailable"),

@@ -188,6 +188,12 @@ class HttpMetrics:
             registry=self.registry,
         )
 
+    def count_unrouted(self, status: int) -> None:
+        """An answer no route saw, written by the connection itself: a request head that
+        never finished (408), or one h11 could not parse (400, 431, 501); see
+        ``connections.HeadDeadlineProtocol``."""
+        self.requests.labels(route=UNMATCHED_ROUTE, status=str(status)).inc()
+
 
 def _event_has_text(data: Any) -> bool:
     """Whether one SSE payload carries generated text: OpenAI chat (``delta.content``, or

@@ -234,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
 
     from bitserve.api.app import create_app
     from bitserve.api.served import ServedModel
+    from bitserve.api.system import REPLICA_HEADER
     from bitserve.engine.loader import load_model
     from bitserve.store import StoreError, open_store
 
@@ -313,7 +314,11 @@ def run(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=level,
         timeout_graceful_shutdown=5,
-        http=head_timeout_protocol(settings.head_timeout_s),
+        http=head_timeout_protocol(
+            settings.head_timeout_s,
+            app.state.http_metrics.count_unrouted,
+            [(REPLICA_HEADER.lower().encode(), settings.replica_name.encode())],
+        ),
     )
     server = _Server(config, served.engine, settings.shutdown_grace_s)
     asyncio.run(_serve(server))  # the lifespan writes the prefix cache

@@ -98,11 +98,12 @@ class ServerSettings:
             raise ValueError(f"--head-timeout must be more than 0, got {self.head_timeout_s}")
         if not self.shutdown_grace_s >= 0:
             raise ValueError(f"--shutdown-grace must be 0 or more, got {self.shutdown_grace_s}")
-        for key in self.api_keys:  # "--api-key $KEY" with KEY unset must not let "Bearer" in
-            if not key or key != key.strip() or any(c.isspace() for c in key):
+        for n, key in enumerate(self.api_keys, 1):
+            if not is_sendable_key(key):  # the key itself is never shown: it may be real
                 raise ValueError(
-                    f"--api-key / --api-keys-file: {key!r} cannot be a key: keys must be "
-                    "non-empty, with no spaces (a client sends 'Authorization: Bearer <key>')"
+                    f"--api-key / --api-keys-file: key {n} of {len(self.api_keys)} cannot be "
+                    "a key: keys must be non-empty printable ASCII with no spaces (a client "
+                    "sends 'Authorization: Bearer <key>')"
                 )
 
     @property
@@ -122,10 +123,20 @@ class ServerSettings:
         return self.replica or f"{socket.gethostname()}:{self.port}"
 
 
+def is_sendable_key(key: str) -> bool:
+    """Whether every client can send ``key`` as ``Bearer <key>``: non-empty printable
+    ASCII with no spaces. ``--api-key "$KEY"`` with ``KEY`` unset must not let a bare
+    ``Bearer`` in, and a header is not UTF-8 (the server reads it as Latin-1, the
+    ``openai`` SDK cannot send anything but ASCII), so a key with ``é`` in it would match
+    only some clients' bytes."""
+    return bool(key) and key.isascii() and key.isprintable() and " " not in key
+
+
 def read_keys_file(path: str | Path) -> list[str]:
-    """One key per line; blank lines and ``#`` comments ignored."""
+    """One key per line; blank lines and ``#`` comments ignored (and a byte order mark,
+    which would otherwise start the first key)."""
     keys = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_text(encoding="utf-8-sig").splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             keys.append(line)
