@@ -262,8 +262,8 @@ def error_response(exc: BaseException) -> JSONResponse:
         headers.update(exc.headers)
     # the engine logs a failed generation's traceback itself
     quiet = QueueFullError | EngineStoppedError | GenerationFailedError | GenerationCancelledError
-    if isinstance(exc, StoreUnavailableError):
-        log.warning("%s", exc)  # expected while the database restarts: no traceback
+    if isinstance(exc, StoreUnavailableError | StorageFullError):
+        log.warning("%s", exc)  # storage trouble the sentence says all of: no traceback
     elif status >= 500 and not isinstance(exc, quiet):
         log.error("request failed", exc_info=exc)
     return JSONResponse(body, status_code=status, headers=headers)
