@@ -16,6 +16,7 @@ import pytest
 
 from bitserve.cluster.postgres import PostgresServer
 from bitserve.store import (
+    INTERRUPTED,
     ConversationNotFoundError,
     ConversationStore,
     InvalidTextError,
@@ -169,6 +170,45 @@ def test_a_failing_turn_writes_nothing(store: ConversationStore) -> None:
     with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
         store.append_turn("", conv.id, [NewMessage("user", "kept?"), bad])
     assert store.messages("", conv.id) == []
+
+
+def test_a_started_turn_is_stored_at_once_and_its_commit_replaces_it(open_store: Opener) -> None:
+    """What a chat turn stores as its reply begins (the user's message and the reply's
+    stand-in) is committed at once, readable by another store on the database (a restart
+    after a crash) while the turn still holds the conversation; the commit replaces it."""
+    store, other = open_store(), open_store()
+    conv = store.create("k")
+    turn = store.begin_turn("k", conv.id)
+    started = threading.Thread(
+        target=turn.start,
+        args=([NewMessage("user", "question"), NewMessage("assistant", "", 0, 5, 0, INTERRUPTED)],),
+        daemon=True,
+    )
+    started.start()
+    started.join(20)
+    assert not started.is_alive(), "start waited on the turn's own lock"
+    seen = [(m.role, m.content, m.finish_reason) for m in other.messages("k", conv.id)]
+    assert seen == [("user", "question", None), ("assistant", "", INTERRUPTED)]
+    turn.commit(
+        [NewMessage("user", "question"), NewMessage("assistant", "answer", 1, 5, 1, "stop")]
+    )
+    seen = [(m.index, m.content, m.finish_reason) for m in other.messages("k", conv.id)]
+    assert seen == [(0, "question", None), (1, "answer", "stop")]
+
+
+def test_an_abandoned_started_turn_keeps_its_message_and_the_next_turn_follows(
+    store: ConversationStore,
+) -> None:
+    conv = store.create("k")
+    turn = store.begin_turn("k", conv.id)
+    turn.start(
+        [NewMessage("user", "lost reply"), NewMessage("assistant", "", 0, 5, 0, INTERRUPTED)]
+    )
+    turn.abandon()
+    nxt = store.begin_turn("k", conv.id)
+    assert [m.content for m in nxt.messages] == ["lost reply", ""]
+    nxt.commit([NewMessage("user", "again"), NewMessage("assistant", "yes")])
+    assert [m.content for m in store.messages("k", conv.id)] == ["lost reply", "", "again", "yes"]
 
 
 def test_persists_across_reopen_with_the_schema_version(open_store: Opener) -> None:

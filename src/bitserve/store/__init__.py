@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from bitserve.store.base import (
+    INTERRUPTED,
     Conversation,
     ConversationNotFoundError,
     ConversationPage,
@@ -39,6 +40,7 @@ def open_store(db: str | Path, max_connections: int | None = None) -> Conversati
 
 
 __all__ = [
+    "INTERRUPTED",
     "Conversation",
     "ConversationNotFoundError",
     "ConversationPage",

@@ -208,3 +208,18 @@ class SQLStore(ConversationStore):
         with self._writing() as conn:
             conv = self._locked_row(conn, owner, conversation_id)
             return self._insert_messages(conn, conv.seq, conv.num_messages, messages)
+
+    def replace_turn(
+        self, owner: str, conversation_id: str, first: int, messages: Sequence[NewMessage]
+    ) -> list[StoredMessage]:
+        check_texts(None, messages)
+        with self._writing() as conn:
+            conv = self._locked_row(conn, owner, conversation_id)
+            return self._replace_messages(conn, conv.seq, first, messages)
+
+    def _replace_messages(
+        self, conn: Connection, seq: int, first: int, messages: Sequence[NewMessage]
+    ) -> list[StoredMessage]:
+        delete = "DELETE FROM messages WHERE conversation_seq = ? AND idx >= ?"
+        conn.execute(self._sql(delete), (seq, first))
+        return self._insert_messages(conn, seq, first, messages)
