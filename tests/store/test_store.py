@@ -17,6 +17,7 @@ import pytest
 from bitserve.cluster.postgres import PostgresServer
 from bitserve.store import (
     INTERRUPTED,
+    ConversationChangedError,
     ConversationNotFoundError,
     ConversationStore,
     InvalidTextError,
@@ -209,6 +210,25 @@ def test_an_abandoned_started_turn_keeps_its_message_and_the_next_turn_follows(
     assert [m.content for m in nxt.messages] == ["lost reply", ""]
     nxt.commit([NewMessage("user", "again"), NewMessage("assistant", "yes")])
     assert [m.content for m in store.messages("k", conv.id)] == ["lost reply", "", "again", "yes"]
+
+
+def test_two_processes_on_one_sqlite_file_never_interleave_or_lose_a_turn(tmp_path: Path) -> None:
+    """Two servers on one SQLite file (two stores here), each turn reading the same
+    history: the second to start is refused, and the first one's commit replaces only its
+    own messages. A started turn's commit replaced every message after its start, the
+    other server's turn included, and a turn appended after a history it never read."""
+    a, b = SQLiteStore(tmp_path / "shared.db"), SQLiteStore(tmp_path / "shared.db")
+    conv = a.create("")
+    first, second = a.begin_turn("", conv.id), b.begin_turn("", conv.id)
+    stand_in = NewMessage("assistant", "", 0, 5, 0, INTERRUPTED)
+    first.start([NewMessage("user", "from a"), stand_in])
+    with pytest.raises(ConversationChangedError, match="another server process"):
+        second.start([NewMessage("user", "from b"), stand_in])
+    first.commit([NewMessage("user", "from a"), NewMessage("assistant", "reply a")])
+    b.append_turn("", conv.id, [NewMessage("user", "b again"), NewMessage("assistant", "b")])
+    assert [m.content for m in b.messages("", conv.id)] == ["from a", "reply a", "b again", "b"]
+    a.close()
+    b.close()
 
 
 def test_persists_across_reopen_with_the_schema_version(open_store: Opener) -> None:

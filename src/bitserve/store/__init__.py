@@ -5,6 +5,7 @@ from pathlib import Path
 from bitserve.store.base import (
     INTERRUPTED,
     Conversation,
+    ConversationChangedError,
     ConversationNotFoundError,
     ConversationPage,
     ConversationStore,
@@ -42,6 +43,7 @@ def open_store(db: str | Path, max_connections: int | None = None) -> Conversati
 __all__ = [
     "INTERRUPTED",
     "Conversation",
+    "ConversationChangedError",
     "ConversationNotFoundError",
     "ConversationPage",
     "ConversationStore",

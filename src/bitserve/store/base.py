@@ -65,6 +65,19 @@ class ConversationNotFoundError(StoreError, LookupError):
         self.conversation_id = conversation_id
 
 
+class ConversationChangedError(StoreError):
+    """A turn's conversation got messages its history does not hold, from another process
+    writing the same SQLite file (one process's turns into a conversation run one after
+    another; PostgreSQL's run so across replicas): nothing was written."""
+
+    def __init__(self, conversation_id: str) -> None:
+        super().__init__(
+            f"conversation {conversation_id!r} changed while this turn was prepared (another "
+            "server process wrote to it): nothing was stored, send the message again"
+        )
+        self.conversation_id = conversation_id
+
+
 class StoreUnavailableError(StoreError):
     """The database cannot be reached (connection lost, server down or restarting, every
     pooled connection busy). Nothing was written; retry after ``retry_after`` seconds."""
@@ -236,7 +249,8 @@ class _AppendTurn(Turn):
         self._lock = threading.Lock()
 
     def start(self, messages: Sequence[NewMessage]) -> None:
-        self.store.append_turn(self.owner, self.conversation.id, messages)
+        first = self.conversation.num_messages
+        self.store.append_turn(self.owner, self.conversation.id, messages, at=first)
         self._started = True
 
     def commit(self, messages: Sequence[NewMessage]) -> list[StoredMessage]:
@@ -306,16 +320,22 @@ class ConversationStore(ABC):
 
     @abstractmethod
     def append_turn(
-        self, owner: str, conversation_id: str, messages: Sequence[NewMessage]
+        self,
+        owner: str,
+        conversation_id: str,
+        messages: Sequence[NewMessage],
+        at: int | None = None,
     ) -> list[StoredMessage]:
-        """Append ``messages`` (one turn) in a single transaction; all or nothing."""
+        """Append ``messages`` (one turn) in a single transaction; all or nothing. With
+        ``at`` (the number of messages the caller read), a conversation that holds another
+        number by then is a ``ConversationChangedError``."""
 
     @abstractmethod
     def replace_turn(
         self, owner: str, conversation_id: str, first: int, messages: Sequence[NewMessage]
     ) -> list[StoredMessage]:
-        """Replace the messages from index ``first`` on with ``messages``, in a single
-        transaction (a started turn's commit)."""
+        """Replace as many messages as ``messages`` holds, from index ``first`` on, with
+        them, in a single transaction (a started turn's commit)."""
 
     def begin_turn(self, owner: str, conversation_id: str) -> Turn:
         """Open a chat turn (see :class:`Turn`). Stores that several processes share must

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol
 
 from bitserve.store.base import (
     Conversation,
+    ConversationChangedError,
     ConversationNotFoundError,
     ConversationPage,
     ConversationStore,
@@ -202,11 +203,17 @@ class SQLStore(ConversationStore):
             conn.execute(self._sql("DELETE FROM conversations WHERE seq = ?"), (conv.seq,))
 
     def append_turn(
-        self, owner: str, conversation_id: str, messages: Sequence[NewMessage]
+        self,
+        owner: str,
+        conversation_id: str,
+        messages: Sequence[NewMessage],
+        at: int | None = None,
     ) -> list[StoredMessage]:
         check_texts(None, messages)
         with self._writing() as conn:
             conv = self._locked_row(conn, owner, conversation_id)
+            if at is not None and conv.num_messages != at:
+                raise ConversationChangedError(conversation_id)
             return self._insert_messages(conn, conv.seq, conv.num_messages, messages)
 
     def replace_turn(
@@ -220,6 +227,6 @@ class SQLStore(ConversationStore):
     def _replace_messages(
         self, conn: Connection, seq: int, first: int, messages: Sequence[NewMessage]
     ) -> list[StoredMessage]:
-        delete = "DELETE FROM messages WHERE conversation_seq = ? AND idx >= ?"
-        conn.execute(self._sql(delete), (seq, first))
+        delete = "DELETE FROM messages WHERE conversation_seq = ? AND idx >= ? AND idx < ?"
+        conn.execute(self._sql(delete), (seq, first, first + len(messages)))
         return self._insert_messages(conn, seq, first, messages)
