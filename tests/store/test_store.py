@@ -231,6 +231,29 @@ def test_two_processes_on_one_sqlite_file_never_interleave_or_lose_a_turn(tmp_pa
     b.close()
 
 
+@pytest.mark.parametrize(
+    "odd_id", ["a\x00b", "../../etc/passwd", "x' OR '1'='1", "conv_1_0; DROP TABLE messages",
+               "\u2603\U0001f600", "\ufffd", "a" * 5000],
+)  # fmt: skip
+def test_ids_that_are_not_ids_are_not_found(store: ConversationStore, odd_id: str) -> None:
+    """PostgreSQL cannot compare TEXT with a NUL character: such an id was a DataError
+    (a 500 with a traceback) on every route that takes an id, not a 404."""
+    conv = store.create("", messages=[NewMessage("user", "kept")])
+    calls = [
+        lambda: store.get("", odd_id),
+        lambda: store.read("", odd_id),
+        lambda: store.update_metadata("", odd_id, {}),
+        lambda: store.delete("", odd_id),
+        lambda: store.append_turn("", odd_id, [NewMessage("user", "x")]),
+        lambda: store.begin_turn("", odd_id),
+        lambda: store.list_conversations("", after=odd_id),
+    ]
+    for call in calls:
+        with pytest.raises(ConversationNotFoundError):
+            call()
+    assert [m.content for m in store.messages("", conv.id)] == ["kept"]
+
+
 def test_persists_across_reopen_with_the_schema_version(open_store: Opener) -> None:
     s = open_store()
     conv = s.create("", {"title": "keep"}, [NewMessage("user", "remember me")])

@@ -56,6 +56,13 @@ INSERT_CONVERSATION = (
 INSERT_VERSION = "INSERT INTO schema_version (version) VALUES (?)"
 
 
+def _check_id(conversation_id: str) -> None:
+    """An id no conversation can have (a NUL character, which PostgreSQL's TEXT cannot
+    even be asked about) is not found, as any other unknown id."""
+    if "\x00" in conversation_id:
+        raise ConversationNotFoundError(conversation_id)
+
+
 class Cursor(Protocol):
     def fetchone(self) -> Any: ...
     def fetchall(self) -> list[Any]: ...
@@ -94,6 +101,7 @@ class SQLStore(ConversationStore):
     # -- statements, on a connection in a transaction --------------------------------------
 
     def _row(self, conn: Connection, owner: str, conversation_id: str) -> Conversation:
+        _check_id(conversation_id)
         found = conn.execute(self._sql(SELECT_CONVERSATION), (conversation_id, owner)).fetchone()
         if found is None:
             raise ConversationNotFoundError(conversation_id)
@@ -101,6 +109,7 @@ class SQLStore(ConversationStore):
 
     def _locked_row(self, conn: Connection, owner: str, conversation_id: str) -> Conversation:
         """The row, read once its lock is held (so it holds every turn committed before)."""
+        _check_id(conversation_id)
         self._lock_row(conn, owner, conversation_id)
         return self._row(conn, owner, conversation_id)
 
