@@ -42,6 +42,9 @@ class FlakyStore(SQLiteStore):
         class FlakyTurn(Turn):
             conversation, messages = turn.conversation, turn.messages
 
+            def start(self, messages: Sequence[NewMessage]) -> None:
+                turn.start(messages)
+
             def commit(self, messages: Sequence[NewMessage]) -> list[StoredMessage]:
                 store._check(committing=True)
                 return turn.commit(messages)
@@ -89,9 +92,10 @@ def test_a_store_that_is_down_is_a_503_with_retry_after(
         assert len(client.get(f"/v1/conversations/{cid}").json()["messages"]) == 2
 
 
-def test_a_store_lost_while_streaming_ends_the_stream_with_the_error_and_stores_nothing(
+def test_a_store_lost_while_streaming_ends_the_stream_with_the_error(
     loaded: LoadedModel, tmp_path: Path
 ) -> None:
+    """The user's message was stored as the reply began; the reply reads as interrupted."""
     store = FlakyStore(tmp_path / "d.db")
     with app_client(loaded, store) as client:
         cid = client.post("/v1/conversations").json()["id"]
@@ -101,7 +105,11 @@ def test_a_store_lost_while_streaming_ends_the_stream_with_the_error_and_stores_
         store.down_at_commit = False
         assert r.status_code == 200 and events[0]["choices"][0]["delta"]["role"] == "assistant"
         assert events[-1]["error"]["code"] == "store_unavailable"
-        assert client.get(f"/v1/conversations/{cid}").json()["messages"] == []
+        stored = client.get(f"/v1/conversations/{cid}").json()["messages"]
+        assert [(m["role"], m["content"], m["finish_reason"]) for m in stored] == [
+            ("user", chat_body()["messages"][0]["content"], None),
+            ("assistant", "", "interrupted"),
+        ]
 
 
 def test_a_full_database_pool_is_a_503_that_says_so(loaded: LoadedModel, postgres_url: str) -> None:

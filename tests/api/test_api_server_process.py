@@ -24,6 +24,7 @@ import requests
 from api_server import REPO, Server, metric, start
 from openai.types.chat import ChatCompletion
 
+from bitserve.api.process import start_server
 from bitserve.engine.loader import LoadedModel
 from bitserve.model.demo import DEMO_NOTICE
 
@@ -422,13 +423,58 @@ def test_restart_and_kill_9_keep_every_stored_turn(
     third = start(tmp_path / "c", db=db)
     try:
         after = httpx.get(f"{third.url}/v1/conversations/{conv}", timeout=10).json()
-        assert after["messages"] == before["messages"]  # the reply in progress is all we lost
+        # the user's message is kept (it was lost with the reply); the reply reads as
+        # interrupted, never as a complete answer
+        assert after["messages"][:4] == before["messages"]
+        kept = [(m["role"], m["content"], m["finish_reason"]) for m in after["messages"][4:]]
+        assert kept == [("user", "Talk forever.", None), ("assistant", "", "interrupted")]
         body = {"messages": [{"role": "user", "content": "third turn"}], "max_tokens": 4}
         r2 = httpx.post(f"{third.url}/v1/conversations/{conv}/chat", json=body, timeout=60)
         assert r2.status_code == 200
-        assert (
-            len(httpx.get(f"{third.url}/v1/conversations/{conv}", timeout=10).json()["messages"])
-            == 6
-        )
+        messages = httpx.get(f"{third.url}/v1/conversations/{conv}", timeout=10).json()["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant"] * 4
+        assert messages[-1]["finish_reason"] in ("stop", "length")
     finally:
         third.stop()
+
+
+def test_kill_9_mid_reply_on_postgresql_keeps_the_message_and_replicas_take_turns(
+    tmp_path: Path, no_stop: dict[str, float], postgres_url: str
+) -> None:
+    """Two replicas on one PostgreSQL database: one is killed mid-reply (its row lock goes
+    with its connection), and the other serves the conversation at once, with the user's
+    message kept and the reply marked interrupted; chats sent to both at the same time
+    then take turns."""
+    a = start_server(["--db", postgres_url], tmp_path / "a")
+    b = start_server(["--db", postgres_url], tmp_path / "b")
+    try:
+        conv = httpx.post(f"{a.url}/v1/conversations", timeout=10).json()["id"]
+        url, body = long_stream_request(a.url, no_stop, conv)
+        with httpx.Client(timeout=60) as client, client.stream("POST", url, json=body) as r:
+            kept = read_chunks(r, 5)
+            a.kill9()
+            kept.close()
+        stored = httpx.get(f"{b.url}/v1/conversations/{conv}", timeout=10).json()["messages"]
+        said = [(m["role"], m["content"], m["finish_reason"]) for m in stored]
+        assert said == [("user", "Talk forever.", None), ("assistant", "", "interrupted")]
+        statuses: list[int] = []
+
+        def chat(i: int) -> None:
+            chat_body = {"messages": [{"role": "user", "content": f"m{i}"}], "max_tokens": 3}
+            r = httpx.post(f"{b.url}/v1/conversations/{conv}/chat", json=chat_body, timeout=120)
+            statuses.append(r.status_code)
+
+        threads = [threading.Thread(target=chat, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert statuses == [200] * 3
+        messages = httpx.get(f"{b.url}/v1/conversations/{conv}", timeout=10).json()["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant"] * 4
+        assert {m["content"] for m in messages[2::2]} == {"m0", "m1", "m2"}
+        prompts = [m["prompt_tokens"] for m in messages[1::2]]
+        assert prompts == sorted(prompts) and len(set(prompts)) == 4
+    finally:
+        a.stop()
+        b.stop()

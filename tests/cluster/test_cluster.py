@@ -239,9 +239,11 @@ def test_kill_9_mid_reply_moves_the_conversation_with_its_whole_history(
     after = chat(url, cid, "Are you still there?")
     assert after.status_code == 200, after.text
     assert after.headers["x-bitserve-replica"] != holder
-    # its prompt held the whole stored history: the first turn, not the cut reply
+    # the killed turn kept its user message, its reply marked interrupted (never half of
+    # it); the next prompt held the whole stored history
     history = stored(url, cid)
     assert history[:2] == before
-    assert [m["content"] for m in history[::2]] == [GUIDE[0], "Are you still there?"]
-    assert_whole_turns(history)
+    assert [m["content"] for m in history[::2]] == [GUIDE[0], GUIDE[1], "Are you still there?"]
+    assert (history[3]["content"], history[3]["finish_reason"]) == ("", "interrupted")
+    assert_whole_turns(history[:2] + history[4:])
     assert after.json()["usage"]["prompt_tokens"] > first.json()["usage"]["prompt_tokens"]

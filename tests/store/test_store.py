@@ -16,6 +16,8 @@ import pytest
 
 from bitserve.cluster.postgres import PostgresServer
 from bitserve.store import (
+    INTERRUPTED,
+    ConversationChangedError,
     ConversationNotFoundError,
     ConversationStore,
     InvalidTextError,
@@ -169,6 +171,87 @@ def test_a_failing_turn_writes_nothing(store: ConversationStore) -> None:
     with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
         store.append_turn("", conv.id, [NewMessage("user", "kept?"), bad])
     assert store.messages("", conv.id) == []
+
+
+def test_a_started_turn_is_stored_at_once_and_its_commit_replaces_it(open_store: Opener) -> None:
+    """What a chat turn stores as its reply begins (the user's message and the reply's
+    stand-in) is committed at once, readable by another store on the database (a restart
+    after a crash) while the turn still holds the conversation; the commit replaces it."""
+    store, other = open_store(), open_store()
+    conv = store.create("k")
+    turn = store.begin_turn("k", conv.id)
+    started = threading.Thread(
+        target=turn.start,
+        args=([NewMessage("user", "question"), NewMessage("assistant", "", 0, 5, 0, INTERRUPTED)],),
+        daemon=True,
+    )
+    started.start()
+    started.join(20)
+    assert not started.is_alive(), "start waited on the turn's own lock"
+    seen = [(m.role, m.content, m.finish_reason) for m in other.messages("k", conv.id)]
+    assert seen == [("user", "question", None), ("assistant", "", INTERRUPTED)]
+    turn.commit(
+        [NewMessage("user", "question"), NewMessage("assistant", "answer", 1, 5, 1, "stop")]
+    )
+    seen = [(m.index, m.content, m.finish_reason) for m in other.messages("k", conv.id)]
+    assert seen == [(0, "question", None), (1, "answer", "stop")]
+
+
+def test_an_abandoned_started_turn_keeps_its_message_and_the_next_turn_follows(
+    store: ConversationStore,
+) -> None:
+    conv = store.create("k")
+    turn = store.begin_turn("k", conv.id)
+    turn.start(
+        [NewMessage("user", "lost reply"), NewMessage("assistant", "", 0, 5, 0, INTERRUPTED)]
+    )
+    turn.abandon()
+    nxt = store.begin_turn("k", conv.id)
+    assert [m.content for m in nxt.messages] == ["lost reply", ""]
+    nxt.commit([NewMessage("user", "again"), NewMessage("assistant", "yes")])
+    assert [m.content for m in store.messages("k", conv.id)] == ["lost reply", "", "again", "yes"]
+
+
+def test_two_processes_on_one_sqlite_file_never_interleave_or_lose_a_turn(tmp_path: Path) -> None:
+    """Two servers on one SQLite file (two stores here), each turn reading the same
+    history: the second to start is refused, and the first one's commit replaces only its
+    own messages. A started turn's commit replaced every message after its start, the
+    other server's turn included, and a turn appended after a history it never read."""
+    a, b = SQLiteStore(tmp_path / "shared.db"), SQLiteStore(tmp_path / "shared.db")
+    conv = a.create("")
+    first, second = a.begin_turn("", conv.id), b.begin_turn("", conv.id)
+    stand_in = NewMessage("assistant", "", 0, 5, 0, INTERRUPTED)
+    first.start([NewMessage("user", "from a"), stand_in])
+    with pytest.raises(ConversationChangedError, match="another server process"):
+        second.start([NewMessage("user", "from b"), stand_in])
+    first.commit([NewMessage("user", "from a"), NewMessage("assistant", "reply a")])
+    b.append_turn("", conv.id, [NewMessage("user", "b again"), NewMessage("assistant", "b")])
+    assert [m.content for m in b.messages("", conv.id)] == ["from a", "reply a", "b again", "b"]
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize(
+    "odd_id", ["a\x00b", "../../etc/passwd", "x' OR '1'='1", "conv_1_0; DROP TABLE messages",
+               "\u2603\U0001f600", "\ufffd", "a" * 5000],
+)  # fmt: skip
+def test_ids_that_are_not_ids_are_not_found(store: ConversationStore, odd_id: str) -> None:
+    """PostgreSQL cannot compare TEXT with a NUL character: such an id was a DataError
+    (a 500 with a traceback) on every route that takes an id, not a 404."""
+    conv = store.create("", messages=[NewMessage("user", "kept")])
+    calls = [
+        lambda: store.get("", odd_id),
+        lambda: store.read("", odd_id),
+        lambda: store.update_metadata("", odd_id, {}),
+        lambda: store.delete("", odd_id),
+        lambda: store.append_turn("", odd_id, [NewMessage("user", "x")]),
+        lambda: store.begin_turn("", odd_id),
+        lambda: store.list_conversations("", after=odd_id),
+    ]
+    for call in calls:
+        with pytest.raises(ConversationNotFoundError):
+            call()
+    assert [m.content for m in store.messages("", conv.id)] == ["kept"]
 
 
 def test_persists_across_reopen_with_the_schema_version(open_store: Opener) -> None:

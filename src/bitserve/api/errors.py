@@ -28,6 +28,7 @@ from bitserve.engine.generate import ContextLengthError
 from bitserve.engine.loop import EngineStoppedError, GenerationFailedError, QueueFullError
 from bitserve.engine.sampling import SamplingParamError
 from bitserve.store import (
+    ConversationChangedError,
     ConversationNotFoundError,
     InvalidTextError,
     StorageFullError,
@@ -162,6 +163,8 @@ _STATUS_DOC = {
     401: "Missing or wrong API key.",
     408: "The request body stopped arriving for --head-timeout seconds.",
     404: "Unknown conversation, model or oracle route.",
+    409: "The conversation changed while the turn was prepared (another server process "
+    "on the same SQLite file wrote to it): nothing was stored.",
     413: "The request body is larger than --max-body-mb.",
     422: "Malformed JSON, or a missing or ill-typed field.",
     500: "The generation failed (`generation_failed`): the engine goes on.",
@@ -202,6 +205,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     ModelNotFoundError: ErrorKind(404, "invalid_request_error", "model_not_found"),
     RouteNotFoundError: ErrorKind(404, "invalid_request_error", "route_not_found"),
     ConversationNotFoundError: ErrorKind(404, "invalid_request_error", "conversation_not_found"),
+    ConversationChangedError: ErrorKind(409, "invalid_request_error", "conversation_changed"),
     InvalidTextError: ErrorKind(400, "invalid_request_error", "invalid_value"),
     BodyTooLargeError: ErrorKind(413, "invalid_request_error", "request_too_large"),
     RequestTimeoutError: ErrorKind(408, "invalid_request_error", "request_timeout"),
@@ -286,8 +290,8 @@ def error_response(exc: BaseException) -> JSONResponse:
         headers.update(exc.headers)
     # the engine logs a failed generation's traceback itself
     quiet = QueueFullError | EngineStoppedError | GenerationFailedError | GenerationCancelledError
-    if isinstance(exc, StoreUnavailableError):
-        log.warning("%s", exc)  # expected while the database restarts: no traceback
+    if isinstance(exc, StoreUnavailableError | StorageFullError):
+        log.warning("%s", exc)  # storage trouble the sentence says all of: no traceback
     elif status >= 500 and not isinstance(exc, quiet):
         log.error("request failed", exc_info=exc)
     return JSONResponse(body, status_code=status, headers=headers)

@@ -3,7 +3,9 @@
 from pathlib import Path
 
 from bitserve.store.base import (
+    INTERRUPTED,
     Conversation,
+    ConversationChangedError,
     ConversationNotFoundError,
     ConversationPage,
     ConversationStore,
@@ -39,7 +41,9 @@ def open_store(db: str | Path, max_connections: int | None = None) -> Conversati
 
 
 __all__ = [
+    "INTERRUPTED",
     "Conversation",
+    "ConversationChangedError",
     "ConversationNotFoundError",
     "ConversationPage",
     "ConversationStore",

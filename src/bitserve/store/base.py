@@ -1,14 +1,17 @@
 """The conversation store interface: what the API needs from a database, nothing more.
 
 A conversation is an id, an owner, a creation time, string metadata and an ordered list of
-messages. Messages are only ever appended, a whole turn at a time (the user message(s) and
-the assistant reply in one transaction), so a crash can lose the reply being generated but
-never half a turn. ``SQLiteStore`` is the default; ``PostgresStore`` fills the same ABC
-for several replicas sharing one database.
+messages. Messages are appended a whole turn at a time (the user message(s) and the
+assistant reply in one transaction). ``SQLiteStore`` is the default; ``PostgresStore``
+fills the same ABC for several replicas sharing one database.
 
 A chat turn reads the history, generates the reply and appends both: :meth:`begin_turn`
 holds the conversation for that whole time (a :class:`Turn`), so two turns into one
-conversation run one after the other even from two replicas.
+conversation run one after the other even from two replicas. Once the reply is under way
+the turn is stored with a stand-in for the reply (:meth:`Turn.start`, an empty assistant
+message whose ``finish_reason`` is :data:`INTERRUPTED`), which the reply replaces when it
+is complete: a server killed mid-reply, a client that left or a reply that failed keeps
+the user's message, and the reply reads as interrupted, never as a complete answer.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
+# The finish_reason of a reply that never completed (the server stopped or was killed, the
+# client left, the generation failed): its stand-in, stored when the reply began.
+INTERRUPTED = "interrupted"
 
 # Metadata follows OpenAI's Conversations API: at most 16 string pairs.
 MAX_METADATA_PAIRS = 16
@@ -55,6 +62,19 @@ class ConversationNotFoundError(StoreError, LookupError):
 
     def __init__(self, conversation_id: str) -> None:
         super().__init__(f"conversation {conversation_id!r} not found")
+        self.conversation_id = conversation_id
+
+
+class ConversationChangedError(StoreError):
+    """A turn's conversation got messages its history does not hold, from another process
+    writing the same SQLite file (one process's turns into a conversation run one after
+    another; PostgreSQL's run so across replicas): nothing was written."""
+
+    def __init__(self, conversation_id: str) -> None:
+        super().__init__(
+            f"conversation {conversation_id!r} changed while this turn was prepared (another "
+            "server process wrote to it): nothing was stored, send the message again"
+        )
         self.conversation_id = conversation_id
 
 
@@ -183,18 +203,25 @@ def now() -> float:
 
 class Turn(ABC):
     """One chat turn into a conversation, open from reading its history to storing the
-    reply: ``conversation`` and ``messages`` as they were when it began, then exactly one
-    of :meth:`commit` or :meth:`abandon`: whichever comes first ends the turn (abandon
-    after commit does nothing; commit after abandon raises ``TurnEndedError`` and stores
-    nothing, so a turn whose client left never lands after the next turn has read the
-    history)."""
+    reply: ``conversation`` and ``messages`` as they were when it began, then at most one
+    :meth:`start`, then exactly one of :meth:`commit` or :meth:`abandon`: whichever comes
+    first ends the turn (abandon after commit does nothing; commit after abandon raises
+    ``TurnEndedError`` and stores nothing, so a turn whose client left never lands after
+    the next turn has read the history). What :meth:`start` stored stays if the turn is
+    abandoned, or if the process dies before it ends."""
 
     conversation: Conversation
     messages: list[StoredMessage]
 
     @abstractmethod
+    def start(self, messages: Sequence[NewMessage]) -> None:
+        """Append ``messages`` now, committed, while the turn goes on holding the
+        conversation (the new message(s) and the reply's stand-in, as the reply begins)."""
+
+    @abstractmethod
     def commit(self, messages: Sequence[NewMessage]) -> list[StoredMessage]:
-        """Append ``messages`` (the new message(s) and the reply) in one transaction."""
+        """Append ``messages`` (the new message(s) and the reply) in one transaction; after
+        :meth:`start`, they replace what it stored, in the same transaction."""
 
     @abstractmethod
     def abandon(self) -> None:
@@ -218,13 +245,22 @@ class _AppendTurn(Turn):
         self.owner = owner
         self.conversation, self.messages = store.read(owner, conversation_id)
         self._open = True
+        self._started = False
         self._lock = threading.Lock()
+
+    def start(self, messages: Sequence[NewMessage]) -> None:
+        first = self.conversation.num_messages
+        self.store.append_turn(self.owner, self.conversation.id, messages, at=first)
+        self._started = True
 
     def commit(self, messages: Sequence[NewMessage]) -> list[StoredMessage]:
         with self._lock:  # claimed here, so abandon (on the event loop) never waits on it
             if not self._open:
                 raise TurnEndedError()
             self._open = False
+        if self._started:
+            first = self.conversation.num_messages
+            return self.store.replace_turn(self.owner, self.conversation.id, first, messages)
         return self.store.append_turn(self.owner, self.conversation.id, messages)
 
     def abandon(self) -> None:
@@ -284,9 +320,22 @@ class ConversationStore(ABC):
 
     @abstractmethod
     def append_turn(
-        self, owner: str, conversation_id: str, messages: Sequence[NewMessage]
+        self,
+        owner: str,
+        conversation_id: str,
+        messages: Sequence[NewMessage],
+        at: int | None = None,
     ) -> list[StoredMessage]:
-        """Append ``messages`` (one turn) in a single transaction; all or nothing."""
+        """Append ``messages`` (one turn) in a single transaction; all or nothing. With
+        ``at`` (the number of messages the caller read), a conversation that holds another
+        number by then is a ``ConversationChangedError``."""
+
+    @abstractmethod
+    def replace_turn(
+        self, owner: str, conversation_id: str, first: int, messages: Sequence[NewMessage]
+    ) -> list[StoredMessage]:
+        """Replace as many messages as ``messages`` holds, from index ``first`` on, with
+        them, in a single transaction (a started turn's commit)."""
 
     def begin_turn(self, owner: str, conversation_id: str) -> Turn:
         """Open a chat turn (see :class:`Turn`). Stores that several processes share must

@@ -9,7 +9,7 @@ failing requests.
 
 Transactions: every method is one transaction. A chat turn is one too, from reading the
 history to committing the reply (:meth:`PostgresStore.begin_turn`): it starts with
-``SELECT … FOR UPDATE`` on the conversation's row, so a second turn into the same
+``SELECT … FOR NO KEY UPDATE`` on the conversation's row, so a second turn into the same
 conversation, from any replica, waits until the first one is stored (or abandoned) and
 then reads a history that holds it. Turns never interleave and none is lost. Reads never
 wait: they see the last committed turn.
@@ -109,17 +109,31 @@ class PostgresTurn(Turn):
                 self._close(conn)
                 raise
         self._conn: psycopg.Connection[Any] | None = conn
+        self._started = False
+
+    def start(self, messages: Sequence[NewMessage]) -> None:
+        """Append ``messages`` on another connection, committed at once, while this one
+        keeps the row lock (its ``FOR NO KEY UPDATE`` lets their foreign key check in)."""
+        check_texts(None, messages)
+        first = self.conversation.num_messages
+        with self._store._writing() as other:
+            self._store._insert_messages(other, self.conversation.seq, first, messages)
+        self._started = True
 
     def commit(self, messages: Sequence[NewMessage]) -> list[StoredMessage]:
-        """Append and commit; any failure ends the turn (nothing stored)."""
+        """Append (or replace what :meth:`start` stored) and commit; any failure ends the
+        turn (nothing more stored)."""
         conn = self._take()
         if conn is None:
             raise TurnEndedError()
         try:
             check_texts(None, messages)
             with _available():
-                first = self.conversation.num_messages
-                stored = self._store._insert_messages(conn, self.conversation.seq, first, messages)
+                first, seq = self.conversation.num_messages, self.conversation.seq
+                if self._started:
+                    stored = self._store._replace_messages(conn, seq, first, messages)
+                else:
+                    stored = self._store._insert_messages(conn, seq, first, messages)
                 conn.commit()
         except BaseException:
             self._close(conn)
@@ -256,11 +270,12 @@ class PostgresStore(SQLStore):
         return int(row.fetchone()[0])
 
     def _lock_row(self, conn: Connection, owner: str, conversation_id: str) -> None:
-        """``SELECT … FOR UPDATE`` in a statement of its own: under READ COMMITTED the
-        read that follows then sees whatever the previous holder committed, its messages
-        included."""
+        """``SELECT … FOR NO KEY UPDATE`` in a statement of its own: under READ COMMITTED
+        the read that follows then sees whatever the previous holder committed, its
+        messages included. (Not ``FOR UPDATE``: that would also keep out the foreign key
+        check of a message a started turn stores on another connection.)"""
         locked = conn.execute(
-            "SELECT 1 FROM conversations WHERE id = %s AND owner = %s FOR UPDATE",
+            "SELECT 1 FROM conversations WHERE id = %s AND owner = %s FOR NO KEY UPDATE",
             (conversation_id, owner),
         )
         if locked.fetchone() is None:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol
 
 from bitserve.store.base import (
     Conversation,
+    ConversationChangedError,
     ConversationNotFoundError,
     ConversationPage,
     ConversationStore,
@@ -53,6 +54,13 @@ INSERT_CONVERSATION = (
     "INSERT INTO conversations (seq, id, owner, created_at, metadata) VALUES (?, ?, ?, ?, ?)"
 )
 INSERT_VERSION = "INSERT INTO schema_version (version) VALUES (?)"
+
+
+def _check_id(conversation_id: str) -> None:
+    """An id no conversation can have (a NUL character, which PostgreSQL's TEXT cannot
+    even be asked about) is not found, as any other unknown id."""
+    if "\x00" in conversation_id:
+        raise ConversationNotFoundError(conversation_id)
 
 
 class Cursor(Protocol):
@@ -93,6 +101,7 @@ class SQLStore(ConversationStore):
     # -- statements, on a connection in a transaction --------------------------------------
 
     def _row(self, conn: Connection, owner: str, conversation_id: str) -> Conversation:
+        _check_id(conversation_id)
         found = conn.execute(self._sql(SELECT_CONVERSATION), (conversation_id, owner)).fetchone()
         if found is None:
             raise ConversationNotFoundError(conversation_id)
@@ -100,6 +109,7 @@ class SQLStore(ConversationStore):
 
     def _locked_row(self, conn: Connection, owner: str, conversation_id: str) -> Conversation:
         """The row, read once its lock is held (so it holds every turn committed before)."""
+        _check_id(conversation_id)
         self._lock_row(conn, owner, conversation_id)
         return self._row(conn, owner, conversation_id)
 
@@ -202,9 +212,30 @@ class SQLStore(ConversationStore):
             conn.execute(self._sql("DELETE FROM conversations WHERE seq = ?"), (conv.seq,))
 
     def append_turn(
-        self, owner: str, conversation_id: str, messages: Sequence[NewMessage]
+        self,
+        owner: str,
+        conversation_id: str,
+        messages: Sequence[NewMessage],
+        at: int | None = None,
     ) -> list[StoredMessage]:
         check_texts(None, messages)
         with self._writing() as conn:
             conv = self._locked_row(conn, owner, conversation_id)
+            if at is not None and conv.num_messages != at:
+                raise ConversationChangedError(conversation_id)
             return self._insert_messages(conn, conv.seq, conv.num_messages, messages)
+
+    def replace_turn(
+        self, owner: str, conversation_id: str, first: int, messages: Sequence[NewMessage]
+    ) -> list[StoredMessage]:
+        check_texts(None, messages)
+        with self._writing() as conn:
+            conv = self._locked_row(conn, owner, conversation_id)
+            return self._replace_messages(conn, conv.seq, first, messages)
+
+    def _replace_messages(
+        self, conn: Connection, seq: int, first: int, messages: Sequence[NewMessage]
+    ) -> list[StoredMessage]:
+        delete = "DELETE FROM messages WHERE conversation_seq = ? AND idx >= ? AND idx < ?"
+        conn.execute(self._sql(delete), (seq, first, first + len(messages)))
+        return self._insert_messages(conn, seq, first, messages)

@@ -292,11 +292,16 @@ async def respond_chat(
     guard: RequestGuard,
     stream: bool,
     on_complete: Callable[[list[ChoiceResult]], Awaitable[None]] | None = None,
+    on_submitted: Callable[[], Awaitable[None]] | None = None,
 ) -> Response:
     """Answer a planned chat: SSE when ``stream``, else one JSON ``chat.completion``.
-    The guard is closed when the answer is done (or abandoned)."""
+    ``on_submitted`` runs once the engine took the requests (a full queue raises before);
+    if it raises, they are cancelled. The guard is closed when the answer is done (or
+    abandoned)."""
     try:
         handles = submit_all(served, plan, guard)
+        if on_submitted is not None:
+            await on_submitted()
         if stream:
             return sse_response(stream_chat(served, plan, handles, on_complete), guard)
         results = await run_chat(plan, handles)

@@ -36,7 +36,7 @@ router = APIRouter(
     tags=["conversations"],
     dependencies=[Depends(require_key)],
     route_class=GuardedRoute,
-    responses=error_responses(*GENERATING_ERRORS, 507),
+    responses=error_responses(*GENERATING_ERRORS, 409, 507),
 )
 
 SSE_DOC: dict[int | str, dict[str, Any]] = {

@@ -4,9 +4,11 @@ A chat turn holds the conversation's lock from reading the history until the rep
 stored (or abandoned), so concurrent chats to one conversation run one after another and
 never interleave: an ``asyncio`` lock within this process, and the store's
 :meth:`~bitserve.store.ConversationStore.begin_turn` across processes (PostgreSQL holds
-the conversation's row lock for the turn). The user message(s) and the reply are appended
-in one store transaction after the reply is complete; a reply that is cancelled or fails
-stores nothing.
+the conversation's row lock for the turn). Once the engine has taken the request, the
+user message(s) are stored with a stand-in for the reply (an empty assistant message,
+``finish_reason: "interrupted"``); the complete reply replaces it, in one transaction with
+them. A reply that is cancelled or fails, or a server killed mid-reply, leaves the stand-in:
+the user's message is never lost, and the reply never reads as complete.
 
 Each reply is stored with the token ids the model generated (:func:`reply_token_ids`), and
 the history hands them to the chat formatter, which uses them verbatim: the next turn's
@@ -55,7 +57,14 @@ from bitserve.api.served import ServedModel
 from bitserve.api.streaming import RequestGuard
 from bitserve.engine.loop import QueueFullError
 from bitserve.engine.types import TokenEvent
-from bitserve.store import Conversation, ConversationStore, NewMessage, StoredMessage, ToolCall
+from bitserve.store import (
+    INTERRUPTED,
+    Conversation,
+    ConversationStore,
+    NewMessage,
+    StoredMessage,
+    ToolCall,
+)
 from bitserve.store import Turn as StoreTurn
 from bitserve.store.base import (
     MAX_METADATA_KEY_CHARS,
@@ -332,11 +341,11 @@ class ConversationService:
         storing: list[asyncio.Task[NewMessage]] = []
 
         def release_when_stored() -> None:
-            """The next chat in once this turn's commit (if it began) has ended: a client
-            that leaves while its turn is stored must not let the next turn read the
-            history without it."""
-            if storing and not storing[0].done():
-                storing[0].add_done_callback(lambda _: release())
+            """The next chat in once this turn's start or commit (if one began) has ended:
+            a client that leaves while its turn is stored must not let the next turn read
+            the history without it."""
+            if storing and not storing[-1].done():
+                storing[-1].add_done_callback(lambda _: release())
             else:
                 release()
 
@@ -349,14 +358,23 @@ class ConversationService:
             for req in turn.plan.requests:  # its KV is reused by this key's requests only
                 req.cache_scope = owner
 
-            async def store_turn(results: list[ChoiceResult]) -> None:
-                task = asyncio.ensure_future(run_in_threadpool(self.store_turn, turn, results[0]))
+            async def stored(call: Callable[[], Any]) -> Any:
+                """``call`` on a worker thread, finished even if the client leaves."""
+                task = asyncio.ensure_future(run_in_threadpool(call))
                 task.add_done_callback(_retrieved)
                 storing.append(task)
-                reply = await asyncio.shield(task)
+                return await asyncio.shield(task)
+
+            async def start_turn() -> None:
+                await stored(lambda: self.start_turn(turn))
+
+            async def store_turn(results: list[ChoiceResult]) -> None:
+                reply = await stored(lambda: self.store_turn(turn, results[0]))
                 self.prefill_ahead_later(turn, reply, owner)
 
-            return await respond_chat(self.served, turn.plan, guard, body.stream, store_turn)
+            return await respond_chat(
+                self.served, turn.plan, guard, body.stream, store_turn, start_turn
+            )
         except BaseException:
             guard.close()
             raise
@@ -390,9 +408,18 @@ class ConversationService:
         plan.extra = {"conversation_id": conversation_id, "truncated_messages": fitted.dropped}
         return Turn(plan, fitted.messages, new_stored, held, history, body.max_new_tokens())
 
+    def start_turn(self, turn: Turn) -> None:
+        """(worker thread) Store the new messages and a stand-in for the reply (empty,
+        ``finish_reason`` :data:`~bitserve.store.INTERRUPTED`) as the reply begins, so
+        a server killed or a client gone before it is stored keeps the user's message,
+        and the reply reads as interrupted."""
+        stand_in = NewMessage("assistant", "", 0, turn.plan.prompt_tokens, 0, INTERRUPTED)
+        turn.held.start([*turn.new, stand_in])
+
     def store_turn(self, turn: Turn, result: ChoiceResult) -> NewMessage:
-        """(worker thread) Append the new messages and the reply in one transaction (the
-        held turn's commit); returns the reply as stored."""
+        """(worker thread) Store the new messages and the reply in one transaction (the
+        held turn's commit, in place of what :meth:`start_turn` stored); returns the
+        reply as stored."""
         reply = self.reply_message(turn.plan.prompt_tokens, result)
         turn.held.commit([*turn.new, reply])
         return reply

@@ -91,6 +91,7 @@ export function statsText({ tokens, tokensPerSecond, ttftMs, cachedTokens, finis
   if (ttftMs != null) parts.push(`first token ${Math.round(ttftMs)} ms`);
   if (cachedTokens != null) parts.push(`${cachedTokens} cached prompt tokens`);
   if (finishReason === "length") parts.push("cut at max tokens");
+  if (finishReason === "interrupted") parts.push("interrupted: the reply never completed");
   return parts.join(" · ");
 }
 
@@ -160,10 +161,10 @@ export class StreamingReply {
       this.view.setStats(`~${this.chunks} tokens`); // a server that sent no usage
     } else if (outcome === "stopped") {
       this.view.element.classList.add("stopped");
-      this.view.setStats(`Stopped after ~${this.chunks} tokens: the server keeps nothing of this turn.`);
+      this.view.setStats(`Stopped after ~${this.chunks} tokens: the server keeps your message, the reply marked interrupted.`);
     } else if (outcome === "failed") {
       this.view.element.classList.add("failed");
-      this.view.setStats("No reply: the server keeps nothing of this turn.");
+      this.view.setStats("No reply.");
     }
   }
 }
