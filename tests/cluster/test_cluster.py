@@ -44,10 +44,14 @@ def stored(url: str, cid: str) -> list[dict[str, Any]]:
     return messages
 
 
-def assert_whole_turns(messages: list[dict[str, Any]]) -> None:
-    """Every user message is followed by its finished reply, and nothing else is there."""
+def assert_whole_turns(messages: list[dict[str, Any]], interrupted: bool = False) -> None:
+    """Every user message is followed by its finished reply, and nothing else is there;
+    with ``interrupted``, a reply may also be the empty stand-in of one the store lost
+    (its turn began, then the database went away before the reply was stored)."""
     assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
-    assert all(m["finish_reason"] in ("stop", "length") for m in messages[1::2])
+    for m in messages[1::2]:
+        lost = interrupted and m["finish_reason"] == "interrupted" and m["content"] == ""
+        assert m["finish_reason"] in ("stop", "length") or lost, m
 
 
 def test_the_guide_through_nginx_stays_on_one_replica_with_a_warm_cache(
@@ -207,8 +211,9 @@ def test_postgres_restart_under_load_is_503_then_back(cluster: LocalCluster) -> 
     assert back is not None and back - up_at < 5, "service not back within seconds"
     for cid in conversations:  # every answered turn stored whole, nothing else
         messages = stored(url, cid)
-        assert_whole_turns(messages)
-        assert len(messages) == 2 * ok[cid]
+        assert_whole_turns(messages, interrupted=True)  # a 503 mid-turn: the stand-in
+        finished = [m for m in messages[1::2] if m["finish_reason"] != "interrupted"]
+        assert len(finished) == ok[cid]
 
 
 def test_kill_9_mid_reply_moves_the_conversation_with_its_whole_history(
