@@ -128,6 +128,10 @@ def test_ctrl_c_during_a_reply_stops_it_and_keeps_the_client(
     child.sendintr()
     child.expect_exact("[reply stopped]")
     child.expect_exact(PROMPT)
+    child.sendline("history")  # the turn is kept, its reply shown as stopped, not as ""
+    child.expect_exact("you: Tell me a very long story.")
+    child.expect(r"assistant: \[reply stopped\]\r?\n")
+    child.expect_exact(PROMPT)
     child.sendline("help")  # still running, still reading commands
     child.expect_exact("history")
     child.expect_exact(PROMPT)

@@ -40,12 +40,14 @@ READ_TIMEOUT_S = 600.0  # a queued request may wait long for its first token
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
     """One stored message as the server returns it: an assistant's may carry its
-    reasoning and its tool calls (each as ``name(arguments)``)."""
+    reasoning and its tool calls (each as ``name(arguments)``), and is ``interrupted``
+    where its reply never completed (stopped, or the server stopped)."""
 
     role: str
     content: str
     reasoning: str = ""
     tool_calls: tuple[str, ...] = ()
+    interrupted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,7 +269,8 @@ def _message(m: dict[str, Any]) -> ChatMessage:
         f"{f.get('name', '?')}({f.get('arguments', '')})" for f in functions if isinstance(f, dict)
     )
     role, reasoning = str(m.get("role", "?")), _text(m.get("reasoning_content"))
-    return ChatMessage(role, _text(m.get("content")), reasoning, shown)
+    interrupted = m.get("finish_reason") == "interrupted"
+    return ChatMessage(role, _text(m.get("content")), reasoning, shown, interrupted)
 
 
 def _completion_text(data: dict[str, Any]) -> str:

@@ -147,7 +147,9 @@ class ChatSession:
             label = ROLE_LABELS.get(message.role, message.role)
             if message.reasoning:
                 self.out.write(f"{label} (thinking): {message.reasoning}\n")
-            if message.content or not message.tool_calls:
+            if message.interrupted:  # the server keeps a stopped reply's turn, empty
+                self.out.write(f"{label}: {message.content}[reply stopped]\n")
+            elif message.content or not message.tool_calls:
                 self.out.write(f"{label}: {message.content}\n")
             for call in message.tool_calls:
                 self.out.write(f"{label}: → {call}\n")
