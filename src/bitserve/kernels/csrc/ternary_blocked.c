@@ -215,7 +215,9 @@ static void row_scalar(const BlockedTask *m, size_t r, size_t t) {
 }
 
 #if BITSERVE_X86
-/* ---- AVX2: one row × up to AVX2_TOKENS tokens, each super-block as two 128-weight halves
+/* ---- AVX2: one row × up to AVX2_TOKENS tokens (or, decoding, two rows × one token, sharing
+ * the token's loads: a 4608x3072 TQ2_0-grouped weight 7% faster on Zen 1, Q2_0's g64 the
+ * same), each super-block as two 128-weight halves
  * (lanes 0-7, 8-15) with their own float accumulators, folded first at the end as tree16
  * does. Each half's code planes are unpacked once for all the tokens: 4 tokens a pass
  * instead of 2 prefilled Bonsai-8B-shaped Q2_0 8% faster on Zen 1 (2 threads, 3 alternating
@@ -242,45 +244,63 @@ TARGET_AVX2 static inline float tree8_avx2(__m256 lo, __m256 hi) {
     return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
 }
 
-TARGET_AVX2 static inline __attribute__((always_inline)) void row_avx2(const BlockedTask *m, size_t r, size_t t0, const int tt) {
+/* Rows r..r+nr-1 (nr <= 2) × tokens t0..t0+tt-1 (tt <= AVX2_TOKENS; nr·tt <= AVX2_TOKENS).
+ * GPS and B32 (groups per super-block, BLOCK32) are compile-time constants at each call. */
+TARGET_AVX2 static inline __attribute__((always_inline)) void rows_avx2(const BlockedTask *m, size_t r, size_t t0,
+                                                                         const int tt, const int nr, const int gps,
+                                                                         const int b32) {
     const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-    const uint8_t *codes = m->codes + r * m->n_super * SB_BYTES;
-    const uint16_t *scales = m->scales + r * m->n_super * (size_t)m->gps;
     size_t kp = m->n_super * SB;
+    const uint8_t *codes[2];
+    const uint16_t *scales[2];
+    for (int i = 0; i < nr; i++) {
+        codes[i] = m->codes + (r + (size_t)i) * m->n_super * SB_BYTES;
+        scales[i] = m->scales + (r + (size_t)i) * m->n_super * (size_t)gps;
+    }
     const uint8_t *rec[AVX2_TOKENS];
-    __m256 acc[AVX2_TOKENS][2];
+    __m256 acc[2][AVX2_TOKENS][2];
     for (int t = 0; t < tt; t++) {
         rec[t] = rec_of(m, t0 + (size_t)t);
-        acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+        for (int i = 0; i < nr; i++) acc[i][t][0] = acc[i][t][1] = _mm256_setzero_ps();
     }
     for (size_t u = 0; u < m->n_super; u++) {
-        _mm_prefetch((const char *)(codes + u * SB_BYTES + 1024), _MM_HINT_T0);
+        for (int i = 0; i < nr; i++) _mm_prefetch((const char *)(codes[i] + u * SB_BYTES + 1024), _MM_HINT_T0);
         for (int h = 0; h < 2; h++) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(codes + u * SB_BYTES + 32 * (size_t)h));
-            __m256 d = half_scales(scales, u, m->gps, h);
+            __m256i raw[2];
+            __m256 d[2];
+            for (int i = 0; i < nr; i++) {
+                raw[i] = _mm256_loadu_si256((const __m256i *)(codes[i] + u * SB_BYTES + 32 * (size_t)h));
+                d[i] = half_scales(scales[i], u, gps, h);
+            }
             for (int t = 0; t < tt; t++) {
                 const int8_t *qp = (const int8_t *)rec[t] + u * SB + 32 * (size_t)h;
-                __m256i s16 = _mm256_setzero_si256();
-                for (int j = 0; j < 4; j++) {
-                    __m256i c = _mm256_and_si256(_mm256_srli_epi16(raw, 2 * j), mask);
-                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(c, _mm256_loadu_si256((const __m256i *)(qp + 64 * j))));
-                }
                 const int32_t *init = (const int32_t *)(rec[t] + kp) + u * SB_LANES + 8 * (size_t)h;
-                __m256i p = _mm256_add_epi32(_mm256_madd_epi16(s16, ones), _mm256_loadu_si256((const __m256i *)init));
-                __m256 f = _mm256_cvtepi32_ps(p);
-                if (m->block32) {
-                    const float *alane = (const float *)(rec[t] + kp + m->n_super * SB_LANES * 4);
-                    f = _mm256_mul_ps(f, _mm256_loadu_ps(alane + u * SB_LANES + 8 * (size_t)h));
+                __m256i s16[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+                for (int j = 0; j < 4; j++) {
+                    __m256i x = _mm256_loadu_si256((const __m256i *)(qp + 64 * j));
+                    for (int i = 0; i < nr; i++) {
+                        __m256i c = _mm256_and_si256(_mm256_srli_epi16(raw[i], 2 * j), mask);
+                        s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(c, x));
+                    }
                 }
-                acc[t][h] = _mm256_add_ps(acc[t][h], _mm256_mul_ps(d, f));
+                __m256i in = _mm256_loadu_si256((const __m256i *)init);
+                for (int i = 0; i < nr; i++) {
+                    __m256 f = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(s16[i], ones), in));
+                    if (b32) {
+                        const float *alane = (const float *)(rec[t] + kp + m->n_super * SB_LANES * 4);
+                        f = _mm256_mul_ps(f, _mm256_loadu_ps(alane + u * SB_LANES + 8 * (size_t)h));
+                    }
+                    acc[i][t][h] = _mm256_add_ps(acc[i][t][h], _mm256_mul_ps(d[i], f));
+                }
             }
         }
     }
-    for (int t = 0; t < tt; t++) {
-        float y = tree8_avx2(acc[t][0], acc[t][1]);
-        size_t tok = t0 + (size_t)t;
-        m->y[tok * m->n_out + r] = (m->block32 ? y : y / m->tok_scale[tok]) * m->out_scale;
-    }
+    for (int i = 0; i < nr; i++)
+        for (int t = 0; t < tt; t++) {
+            float y = tree8_avx2(acc[i][t][0], acc[i][t][1]);
+            size_t tok = t0 + (size_t)t;
+            m->y[tok * m->n_out + r + (size_t)i] = (b32 ? y : y / m->tok_scale[tok]) * m->out_scale;
+        }
 }
 
 /* ---- AVX-512: a tile of 4 rows × up to 2 tokens, one zmm per (row, token) ---- */
@@ -434,14 +454,34 @@ TARGET_AVX512_GFNI static void tile_any_avx512(const BlockedTask *m, size_t r, s
 #undef TILE_MODE
 #undef TILE_CASE
 
-TARGET_AVX2 static void row_any_avx2(const BlockedTask *m, size_t r, size_t t0, int tt) {
-    switch (tt) { /* one specialization per token count, so the accumulators stay in registers */
-    case 4: row_avx2(m, r, t0, 4); break;
-    case 3: row_avx2(m, r, t0, 3); break;
-    case 2: row_avx2(m, r, t0, 2); break;
-    default: row_avx2(m, r, t0, 1); break;
+#define ROWS_CASE(TT, NR, GPS)                      \
+    if (m->block32)                                 \
+        rows_avx2(m, r, t0, TT, NR, GPS, 1);        \
+    else                                            \
+        rows_avx2(m, r, t0, TT, NR, GPS, 0);
+#define ROWS_GPS(TT, NR)                            \
+    switch (m->gps) {                               \
+    case 1: ROWS_CASE(TT, NR, 1) break;             \
+    case 2: ROWS_CASE(TT, NR, 2) break;             \
+    default: ROWS_CASE(TT, NR, 4) break;            \
+    }
+/* rows r..r+nr-1 × tokens t0..t0+tt-1: one specialization per (tokens, rows, groups per
+ * super-block, activation mode), so the accumulators stay in registers and no branch is
+ * left in the loop */
+TARGET_AVX2 static void rows_any_avx2(const BlockedTask *m, size_t r, int nr, size_t t0, int tt) {
+    if (nr == 2) {
+        ROWS_GPS(1, 2)
+        return;
+    }
+    switch (tt) {
+    case 4: ROWS_GPS(4, 1) break;
+    case 3: ROWS_GPS(3, 1) break;
+    case 2: ROWS_GPS(2, 1) break;
+    default: ROWS_GPS(1, 1) break;
     }
 }
+#undef ROWS_GPS
+#undef ROWS_CASE
 #endif
 
 /* Rows of one chunk, in blocks of rows_per_block (whose codes stay in L2 while every token
@@ -463,8 +503,10 @@ static void blocked_chunk(void *ctx, int chunk, int thread) {
                     tile_any_avx512(m, r, b1 - r < TILE_ROWS ? b1 - r : TILE_ROWS, t0, tt);
                 continue;
             }
-            if (m->impl == IMPL_AVX2) {
-                for (size_t r = b0; r < b1; r++) row_any_avx2(m, r, t0, tt);
+            if (m->impl == IMPL_AVX2) { /* decode: rows in pairs, sharing the token's loads */
+                size_t r = b0;
+                for (; tt == 1 && r + 2 <= b1; r += 2) rows_any_avx2(m, r, 2, t0, 1);
+                for (; r < b1; r++) rows_any_avx2(m, r, 1, t0, tt);
                 continue;
             }
 #endif
