@@ -215,9 +215,9 @@ static void row_scalar(const BlockedTask *m, size_t r, size_t t) {
 }
 
 #if BITSERVE_X86
-/* ---- AVX2: one row × up to AVX2_TOKENS tokens (or, decoding, two rows × one token, sharing
- * the token's loads: a 4608x3072 TQ2_0-grouped weight 7% faster on Zen 1, Q2_0's g64 the
- * same), each super-block as two 128-weight halves
+/* ---- AVX2: one row × up to AVX2_TOKENS tokens (or, decoding one or two groups per
+ * super-block, two rows × one token, sharing the token's loads: a 4608x3072 TQ2_0-grouped
+ * weight 7% faster on Zen 1), each super-block as two 128-weight halves
  * (lanes 0-7, 8-15) with their own float accumulators, folded first at the end as tree16
  * does. Each half's code planes are unpacked once for all the tokens: 4 tokens a pass
  * instead of 2 prefilled Bonsai-8B-shaped Q2_0 8% faster on Zen 1 (2 threads, 3 alternating
@@ -469,8 +469,12 @@ TARGET_AVX512_GFNI static void tile_any_avx512(const BlockedTask *m, size_t r, s
  * super-block, activation mode), so the accumulators stay in registers and no branch is
  * left in the loop */
 TARGET_AVX2 static void rows_any_avx2(const BlockedTask *m, size_t r, int nr, size_t t0, int tt) {
-    if (nr == 2) {
-        ROWS_GPS(1, 2)
+    if (nr == 2) { /* one or two groups per super-block only (blocked_chunk) */
+        if (m->gps == 1) {
+            ROWS_CASE(1, 2, 1)
+        } else {
+            ROWS_CASE(1, 2, 2)
+        }
         return;
     }
     switch (tt) {
@@ -503,9 +507,11 @@ static void blocked_chunk(void *ctx, int chunk, int thread) {
                     tile_any_avx512(m, r, b1 - r < TILE_ROWS ? b1 - r : TILE_ROWS, t0, tt);
                 continue;
             }
-            if (m->impl == IMPL_AVX2) { /* decode: rows in pairs, sharing the token's loads */
+            if (m->impl == IMPL_AVX2) {
+                /* decode: rows in pairs, sharing the token's loads, where a super-block has one
+                 * or two groups; with four (Q2_0 g64) pairs decoded Bonsai-8B 10% slower */
                 size_t r = b0;
-                for (; tt == 1 && r + 2 <= b1; r += 2) rows_any_avx2(m, r, 2, t0, 1);
+                for (; tt == 1 && m->gps <= 2 && r + 2 <= b1; r += 2) rows_any_avx2(m, r, 2, t0, 1);
                 for (; r < b1; r++) rows_any_avx2(m, r, 1, t0, tt);
                 continue;
             }
