@@ -32,7 +32,7 @@
 #define SB 256
 #define SB_BYTES 64
 #define SB_LANES 16
-#define AVX2_TOKENS 4 /* tokens per pass over a row on AVX2 (row_avx2) */
+#define AVX2_TOKENS 4 /* tokens per pass over a row on AVX2 (rows_avx2) */
 /* TILE_ROWS (native.h): rows of an AVX-512 tile, and the unit of a row block */
 #define MIN_ROWS_PER_CHUNK 32
 #define CHUNKS_PER_THREAD 4
@@ -215,14 +215,16 @@ static void row_scalar(const BlockedTask *m, size_t r, size_t t) {
 }
 
 #if BITSERVE_X86
-/* ---- AVX2: one row × up to AVX2_TOKENS tokens (or, decoding one or two groups per
- * super-block, two rows × one token, sharing the token's loads: a 4608x3072 TQ2_0-grouped
- * weight 7% faster on Zen 1), each super-block as two 128-weight halves
- * (lanes 0-7, 8-15) with their own float accumulators, folded first at the end as tree16
- * does. Each half's code planes are unpacked once for all the tokens: 4 tokens a pass
- * instead of 2 prefilled Bonsai-8B-shaped Q2_0 8% faster on Zen 1 (2 threads, 3 alternating
- * bench pairs, 4.61 -> 4.99 tok/s), where AVX2 runs as 128-bit halves and maddubs has one
- * pipe, so the unpacking competes with the products ---- */
+/* ---- AVX2: one row × up to AVX2_TOKENS tokens, or two rows × one token, each super-block
+ * as two 128-weight halves (lanes 0-7, 8-15) with their own float accumulators, folded first
+ * at the end as tree16 does. Measured on Zen 1 (AVX2 runs as 128-bit halves, maddubs has one
+ * pipe, so unpacking the codes competes with the products), 2 threads:
+ *   - each half's code planes are unpacked once for all the tokens: 4 tokens a pass instead
+ *     of 2 prefilled Bonsai-8B-shaped Q2_0 8% faster (3 alternating bench pairs, 4.61 ->
+ *     4.99 tok/s);
+ *   - decoding one or two groups per super-block, rows go in pairs that share the token's
+ *     loads: a 4608x3072 TQ2_0-grouped weight 7% faster (with Q2_0's four groups pairs were
+ *     slower, see blocked_chunk). ---- */
 
 /* the 8 f32 lane scales of half h of super-block u, converted by F16C (exact, as
  * half_to_float; the software conversion made T = 1 with one or two groups per super-block
