@@ -169,91 +169,75 @@ static int32_t row_dot_scalar(const uint8_t *codes, size_t ls, const int8_t *q, 
 }
 
 #if BITSERVE_X86
-/* One row against TT tokens: each block is unpacked once and used TT times. maddubs sums
- * pairs of u8×i8 products into int16 (|pair| <= 512); sums of up to INT16_BLOCKS blocks
- * stay in int16 and are widened with madd(·, 1) into int32. always_inline + a constant
- * TT lets the compiler keep the accumulator arrays in registers. */
-TARGET_AVX2 static inline __attribute__((always_inline)) void row_dots_avx2(
-    const uint8_t *codes, size_t ls, const int8_t *q, size_t q_stride, size_t n_blocks, const int tt,
-    int32_t *dots) {
+/* Rows in one call: 2 in decode (ROW_PAIR), else 1 */
+#define ROW_PAIR 2
+
+/* NR rows against TT tokens: each block of each row is unpacked once and used TT times, and
+ * the NR rows share one loop, their chains interleaving. maddubs sums pairs of u8×i8
+ * products into int16 (|pair| <= 512); sums of up to INT16_BLOCKS blocks stay in int16 and
+ * are widened with madd(·, 1) into int32. always_inline + constant NR and TT let the
+ * compiler keep the accumulators in registers. Every sum is the same exact integer whatever
+ * NR and TT are. Decode (TT = 1) takes rows in pairs: on a Zen 1, 2 threads, 2B-4T shapes,
+ * the ternary projections of a decode step went 52.4 -> 49.1 ms (best of 8, three
+ * alternating runs each). Prefill tiles take one row: two rows' int16 and int32
+ * accumulators for TOKEN_TILE tokens alone fill AVX2's 16 ymm registers. dots is [NR][TT]. */
+TARGET_AVX2 static inline __attribute__((always_inline)) void rows_dots_avx2(
+    const uint8_t *const *rows, size_t ls, const int8_t *q, size_t q_stride, size_t n_blocks,
+    const int nr, const int tt, int32_t *dots) {
     const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-    __m256i acc32[TOKEN_TILE], acc16[TOKEN_TILE];
-    for (int t = 0; t < tt; t++) acc32[t] = _mm256_setzero_si256();
+    __m256i acc32[ROW_PAIR][TOKEN_TILE], acc16[ROW_PAIR][TOKEN_TILE];
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < tt; t++) acc32[r][t] = _mm256_setzero_si256();
     for (size_t b0 = 0; b0 < n_blocks; b0 += INT16_BLOCKS) {
         size_t b1 = b0 + INT16_BLOCKS < n_blocks ? b0 + INT16_BLOCKS : n_blocks;
-        for (int t = 0; t < tt; t++) acc16[t] = _mm256_setzero_si256();
+        for (int r = 0; r < nr; r++)
+            for (int t = 0; t < tt; t++) acc16[r][t] = _mm256_setzero_si256();
         for (size_t b = b0; b < b1; b++) {
-            const uint8_t *block = block_at(codes, ls, b);
-            _mm_prefetch((const char *)(block + PREFETCH_BYTES), _MM_HINT_T0);
-            __m256i raw = _mm256_loadu_si256((const __m256i *)block);
-            __m256i c0 = _mm256_and_si256(_mm256_srli_epi16(raw, 6), mask);
-            __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
-            __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(raw, 2), mask);
-            __m256i c3 = _mm256_and_si256(raw, mask);
-            for (int t = 0; t < tt; t++) {
-                const __m256i *qb = (const __m256i *)(q + (size_t)t * q_stride + b * BLOCK);
-                __m256i p0 = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(qb));
-                __m256i p1 = _mm256_maddubs_epi16(c1, _mm256_loadu_si256(qb + 1));
-                __m256i p2 = _mm256_maddubs_epi16(c2, _mm256_loadu_si256(qb + 2));
-                __m256i p3 = _mm256_maddubs_epi16(c3, _mm256_loadu_si256(qb + 3));
-                acc16[t] = _mm256_add_epi16(
-                    acc16[t], _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3)));
+            __m256i raws[ROW_PAIR]; /* every row's block loaded first: its loads issue early */
+            for (int r = 0; r < nr; r++) {
+                const uint8_t *block = block_at(rows[r], ls, b);
+                _mm_prefetch((const char *)(block + PREFETCH_BYTES), _MM_HINT_T0);
+                raws[r] = _mm256_loadu_si256((const __m256i *)block);
+            }
+            for (int r = 0; r < nr; r++) {
+                __m256i raw = raws[r];
+                __m256i c0 = _mm256_and_si256(_mm256_srli_epi16(raw, 6), mask);
+                __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(raw, 2), mask);
+                __m256i c3 = _mm256_and_si256(raw, mask);
+                for (int t = 0; t < tt; t++) {
+                    const __m256i *qb = (const __m256i *)(q + (size_t)t * q_stride + b * BLOCK);
+                    __m256i p0 = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(qb));
+                    __m256i p1 = _mm256_maddubs_epi16(c1, _mm256_loadu_si256(qb + 1));
+                    __m256i p2 = _mm256_maddubs_epi16(c2, _mm256_loadu_si256(qb + 2));
+                    __m256i p3 = _mm256_maddubs_epi16(c3, _mm256_loadu_si256(qb + 3));
+                    acc16[r][t] = _mm256_add_epi16(
+                        acc16[r][t], _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3)));
+                }
             }
         }
-        for (int t = 0; t < tt; t++)
-            acc32[t] = _mm256_add_epi32(acc32[t], _mm256_madd_epi16(acc16[t], ones));
+        for (int r = 0; r < nr; r++)
+            for (int t = 0; t < tt; t++)
+                acc32[r][t] = _mm256_add_epi32(acc32[r][t], _mm256_madd_epi16(acc16[r][t], ones));
     }
-    for (int t = 0; t < tt; t++) dots[t] = hsum_epi32(acc32[t]);
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < tt; t++) dots[r * tt + t] = hsum_epi32(acc32[r][t]);
 }
 
-/* Two rows against one token (decode): the token's activations are loaded once for both
- * rows, and the two rows' chains interleave. Each row's sum is row_dots_avx2's (exact
- * integers either way). Zen 1, 2 threads, 2B-4T shapes: the ternary projections of a decode
- * step 52.4 -> 49.1 ms (best of 8, three alternating runs each), whole decode 10.0 -> 10.5
- * tok/s (`bitserve bench`, mean of 4 alternating pairs: inside the shared VM's noise). */
-TARGET_AVX2 static void row_pair_dots_avx2(const uint8_t *ca, const uint8_t *cb, size_t ls,
-                                           const int8_t *q, size_t n_blocks, int32_t dots[2]) {
-    const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-    __m256i acc32a = _mm256_setzero_si256(), acc32b = acc32a;
-    for (size_t b0 = 0; b0 < n_blocks; b0 += INT16_BLOCKS) {
-        size_t b1 = b0 + INT16_BLOCKS < n_blocks ? b0 + INT16_BLOCKS : n_blocks;
-        __m256i acc16a = _mm256_setzero_si256(), acc16b = acc16a;
-        for (size_t b = b0; b < b1; b++) {
-            const uint8_t *ba = block_at(ca, ls, b), *bb = block_at(cb, ls, b);
-            _mm_prefetch((const char *)(ba + PREFETCH_BYTES), _MM_HINT_T0);
-            _mm_prefetch((const char *)(bb + PREFETCH_BYTES), _MM_HINT_T0);
-            const __m256i *qb = (const __m256i *)(q + b * BLOCK);
-            __m256i q0 = _mm256_loadu_si256(qb), q1 = _mm256_loadu_si256(qb + 1);
-            __m256i q2 = _mm256_loadu_si256(qb + 2), q3 = _mm256_loadu_si256(qb + 3);
-            __m256i ra = _mm256_loadu_si256((const __m256i *)ba), rb = _mm256_loadu_si256((const __m256i *)bb);
-            __m256i pa = _mm256_add_epi16(
-                _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(ra, 6), mask), q0),
-                                 _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(ra, 4), mask), q1)),
-                _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(ra, 2), mask), q2),
-                                 _mm256_maddubs_epi16(_mm256_and_si256(ra, mask), q3)));
-            __m256i pb = _mm256_add_epi16(
-                _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(rb, 6), mask), q0),
-                                 _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(rb, 4), mask), q1)),
-                _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(rb, 2), mask), q2),
-                                 _mm256_maddubs_epi16(_mm256_and_si256(rb, mask), q3)));
-            acc16a = _mm256_add_epi16(acc16a, pa);
-            acc16b = _mm256_add_epi16(acc16b, pb);
-        }
-        acc32a = _mm256_add_epi32(acc32a, _mm256_madd_epi16(acc16a, ones));
-        acc32b = _mm256_add_epi32(acc32b, _mm256_madd_epi16(acc16b, ones));
+/* One specialization per (rows, tokens) the matmul uses: a pair against one token, or one
+ * row against a token tile. */
+TARGET_AVX2 static void rows_dots_avx2_any(const uint8_t *const *rows, int nr, size_t ls,
+                                           const int8_t *q, size_t q_stride, size_t n_blocks,
+                                           int tt, int32_t *dots) {
+    if (nr == ROW_PAIR) {
+        rows_dots_avx2(rows, ls, q, q_stride, n_blocks, ROW_PAIR, 1, dots);
+        return;
     }
-    dots[0] = hsum_epi32(acc32a);
-    dots[1] = hsum_epi32(acc32b);
-}
-
-TARGET_AVX2 static void row_dots_avx2_any(const uint8_t *codes, size_t ls, const int8_t *q,
-                                          size_t q_stride, size_t n_blocks, int tt,
-                                          int32_t *dots) {
-    switch (tt) { /* one specialization per tile width, so accumulators stay in registers */
-    case 4: row_dots_avx2(codes, ls, q, q_stride, n_blocks, 4, dots); break;
-    case 3: row_dots_avx2(codes, ls, q, q_stride, n_blocks, 3, dots); break;
-    case 2: row_dots_avx2(codes, ls, q, q_stride, n_blocks, 2, dots); break;
-    default: row_dots_avx2(codes, ls, q, q_stride, n_blocks, 1, dots); break;
+    switch (tt) {
+    case 4: rows_dots_avx2(rows, ls, q, q_stride, n_blocks, 1, 4, dots); break;
+    case 3: rows_dots_avx2(rows, ls, q, q_stride, n_blocks, 1, 3, dots); break;
+    case 2: rows_dots_avx2(rows, ls, q, q_stride, n_blocks, 1, 2, dots); break;
+    default: rows_dots_avx2(rows, ls, q, q_stride, n_blocks, 1, 1, dots); break;
     }
 }
 #endif
@@ -322,32 +306,34 @@ static void rows_avx512(const MatmulTask *m, size_t r0, size_t r1, size_t t0, in
 }
 #endif
 
-/* Rows [r0, r1) against tokens [t0, t0+tt), one row at a time (scalar and AVX2). */
-static void rows_one_by_one(const MatmulTask *m, size_t r0, size_t r1, size_t t0, int tt) {
+/* Rows [r0, r1) against tokens [t0, t0+tt): AVX2 in pairs of rows when decoding (tt = 1),
+ * else one row at a time; the scalar path one row at a time. */
+static void rows_avx2_or_scalar(const MatmulTask *m, size_t r0, size_t r1, size_t t0, int tt) {
     size_t n_blocks = m->n_in / BLOCK, ls;
     const int8_t *q = m->q + t0 * m->n_in;
     int32_t dots[TOKEN_TILE];
     size_t r = r0;
 #if BITSERVE_X86
-    if (m->impl == IMPL_AVX2 && tt == 1) /* decode: rows in pairs (row_pair_dots_avx2) */
-        for (; r + 2 <= r1; r += 2) {
+    if (m->impl == IMPL_AVX2) {
+        _Static_assert(ROW_PAIR <= TOKEN_TILE, "a pair's dots fit in dots[]");
+        while (r < r1) {
+            const uint8_t *rows[ROW_PAIR];
             size_t lb;
-            const uint8_t *ca = row_codes(m, r, &ls), *cb = row_codes(m, r + 1, &lb);
-            if (lb != ls) break; /* the pair straddles the tiled and plain rows */
-            row_pair_dots_avx2(ca, cb, ls, q, n_blocks, dots);
-            store_dots(m, r, t0, 1, dots);
-            store_dots(m, r + 1, t0, 1, dots + 1);
+            rows[0] = row_codes(m, r, &ls);
+            int nr = 1;
+            if (tt == 1 && r + 1 < r1) {
+                rows[1] = row_codes(m, r + 1, &lb);
+                nr = lb == ls ? ROW_PAIR : 1; /* not when the pair straddles tiled and plain rows */
+            }
+            rows_dots_avx2_any(rows, nr, ls, q, m->n_in, n_blocks, tt, dots);
+            for (int i = 0; i < nr; i++) store_dots(m, r + (size_t)i, t0, tt, dots + i * tt);
+            r += (size_t)nr;
         }
+        return;
+    }
 #endif
     for (; r < r1; r++) {
         const uint8_t *codes = row_codes(m, r, &ls);
-#if BITSERVE_X86
-        if (m->impl == IMPL_AVX2) {
-            row_dots_avx2_any(codes, ls, q, m->n_in, n_blocks, tt, dots);
-            store_dots(m, r, t0, tt, dots);
-            continue;
-        }
-#endif
         for (int t = 0; t < tt; t++) dots[t] = row_dot_scalar(codes, ls, q + (size_t)t * m->n_in, n_blocks);
         store_dots(m, r, t0, tt, dots);
     }
@@ -369,7 +355,7 @@ static void matmul_chunk(void *ctx, int chunk, int thread) {
             continue;
         }
 #endif
-        rows_one_by_one(m, r0, r1, t0, tt);
+        rows_avx2_or_scalar(m, r0, r1, t0, tt);
     }
 }
 
