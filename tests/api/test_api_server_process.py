@@ -216,20 +216,27 @@ def test_client_disconnect_cancels_a_non_streamed_generation(
         time.sleep(0.05)
 
 
-def test_concurrent_chats_to_one_conversation_never_interleave(server: Server) -> None:
-    conv = httpx.post(f"{server.url}/v1/conversations", timeout=10).json()["id"]
+def chat_at_once(base_url: str, conv: str, contents: list[str], max_tokens: int) -> list[int]:
+    """Each content a user message to one conversation, all sent at the same time, each
+    from its own thread; the status codes, in the order the replies came."""
     statuses: list[int] = []
 
-    def chat(i: int) -> None:
-        body = {"messages": [{"role": "user", "content": f"message {i}"}], "max_tokens": 4}
-        r = httpx.post(f"{server.url}/v1/conversations/{conv}/chat", json=body, timeout=120)
+    def chat(content: str) -> None:
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
+        r = httpx.post(f"{base_url}/v1/conversations/{conv}/chat", json=body, timeout=120)
         statuses.append(r.status_code)
 
-    threads = [threading.Thread(target=chat, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=chat, args=(content,)) for content in contents]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return statuses
+
+
+def test_concurrent_chats_to_one_conversation_never_interleave(server: Server) -> None:
+    conv = httpx.post(f"{server.url}/v1/conversations", timeout=10).json()["id"]
+    statuses = chat_at_once(server.url, conv, [f"message {i}" for i in range(4)], max_tokens=4)
     assert statuses == [200] * 4
     messages = httpx.get(f"{server.url}/v1/conversations/{conv}", timeout=10).json()["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant"] * 4
@@ -443,8 +450,8 @@ def test_kill_9_mid_reply_on_postgresql_keeps_the_message_and_replicas_take_turn
 ) -> None:
     """Two replicas on one PostgreSQL database: one is killed mid-reply (its row lock goes
     with its connection), and the other serves the conversation at once, with the user's
-    message kept and the reply marked interrupted; chats sent to both at the same time
-    then take turns."""
+    message kept and the reply marked interrupted; chats then sent to the survivor at the
+    same time take turns."""
     a = start_server(["--db", postgres_url], tmp_path / "a")
     b = start_server(["--db", postgres_url], tmp_path / "b")
     try:
@@ -457,18 +464,7 @@ def test_kill_9_mid_reply_on_postgresql_keeps_the_message_and_replicas_take_turn
         stored = httpx.get(f"{b.url}/v1/conversations/{conv}", timeout=10).json()["messages"]
         said = [(m["role"], m["content"], m["finish_reason"]) for m in stored]
         assert said == [("user", "Talk forever.", None), ("assistant", "", "interrupted")]
-        statuses: list[int] = []
-
-        def chat(i: int) -> None:
-            chat_body = {"messages": [{"role": "user", "content": f"m{i}"}], "max_tokens": 3}
-            r = httpx.post(f"{b.url}/v1/conversations/{conv}/chat", json=chat_body, timeout=120)
-            statuses.append(r.status_code)
-
-        threads = [threading.Thread(target=chat, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        statuses = chat_at_once(b.url, conv, ["m0", "m1", "m2"], max_tokens=3)
         assert statuses == [200] * 3
         messages = httpx.get(f"{b.url}/v1/conversations/{conv}", timeout=10).json()["messages"]
         assert [m["role"] for m in messages] == ["user", "assistant"] * 4
