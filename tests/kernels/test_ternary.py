@@ -11,7 +11,8 @@ from bitserve.kernels.native import NativeBackend
 
 # (T, K, N): K multiples of 128, most an odd number of blocks (the AVX-512 path pairs
 # blocks), N not a multiple of the 32-row chunk, of the 4-row tile or of the thread split, T
-# around and across the 4-token and 8-token tiles
+# around and across the 4-token and 8-token tiles; one token with rows longer than 64 blocks
+# (AVX2 decode takes those in K segments, 32 rows at a time)
 SHAPES = [
     (2, 256, 6),
     (4, 2560, 45),
@@ -25,6 +26,8 @@ SHAPES = [
     (9, 896, 65),
     (17, 1920, 31),
     (30, 3456, 97),
+    (1, 8320, 70),
+    (1, 12416, 97),
 ]
 
 
