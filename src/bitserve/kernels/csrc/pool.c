@@ -137,17 +137,24 @@ int pool_init(Pool *pool, int n_threads) {
     atomic_init(&pool->cursor, 0);
     atomic_init(&pool->done, 0);
     atomic_init(&pool->stop, 0);
+    /* on any failure n_threads counts the threads started, which pool_free joins */
     pool->workers = calloc((size_t)pool->n_threads, sizeof(pthread_t));
-    if (!pool->workers) return ENOMEM;
+    if (!pool->workers) {
+        pool->n_threads = 1;
+        return ENOMEM;
+    }
     for (int t = 1; t < pool->n_threads; t++) {
         WorkerArg *wa = malloc(sizeof(*wa));
-        if (!wa) return ENOMEM;
+        if (!wa) {
+            pool->n_threads = t;
+            return ENOMEM;
+        }
         wa->pool = pool;
         wa->thread = t;
         int err = pthread_create(&pool->workers[t], NULL, worker_main, wa);
         if (err) {
             free(wa);
-            pool->n_threads = t; /* pool_free joins the ones that started */
+            pool->n_threads = t;
             return err;
         }
     }
