@@ -248,9 +248,10 @@ TARGET_AVX2 static void pair_dots_avx2(const uint8_t *const rows[ROW_PAIR], size
     rows_dots_avx2(rows, ls, q, 0, n_blocks, ROW_PAIR, 1, PREFETCH_BYTES, dots);
 }
 
-TARGET_AVX2 static void pair_segments_avx2(const uint8_t *const rows[ROW_PAIR], const int8_t *q,
-                                           size_t n_blocks, size_t pf, int32_t dots[ROW_PAIR]) {
-    rows_dots_avx2(rows, 64, q, 0, n_blocks, ROW_PAIR, 1, pf, dots);
+TARGET_AVX2 static void pair_segments_avx2(const uint8_t *const rows[ROW_PAIR], size_t ls,
+                                           const int8_t *q, size_t n_blocks, size_t pf,
+                                           int32_t dots[ROW_PAIR]) {
+    rows_dots_avx2(rows, ls, q, 0, n_blocks, ROW_PAIR, 1, pf, dots);
 }
 #endif
 
@@ -329,7 +330,7 @@ static void rows_avx512(const MatmulTask *m, size_t r0, size_t r1, size_t t0, in
 static size_t pairs_avx2(const MatmulTask *m, size_t r, size_t r1, size_t t0, const int8_t *q) {
     size_t n_blocks = m->n_in / BLOCK, row_bytes = m->n_in / 4, ls, lb;
     int32_t dots[ROW_PAIR];
-    if (n_blocks > K_CHUNK_BLOCKS && !m->tiled) {
+    if (n_blocks > K_CHUNK_BLOCKS && !m->tiled) { /* plain rows: a pair is 2 rows apart */
         size_t n_segments = (n_blocks + K_CHUNK_BLOCKS - 1) / K_CHUNK_BLOCKS;
         size_t seg = (n_blocks + n_segments - 1) / n_segments; /* even segments */
         for (; r + K_GROUP_ROWS <= r1; r += K_GROUP_ROWS) {
@@ -338,9 +339,11 @@ static size_t pairs_avx2(const MatmulTask *m, size_t r, size_t r1, size_t t0, co
                 size_t nb = n_blocks - kb < seg ? n_blocks - kb : seg;
                 for (size_t i = 0; i < K_GROUP_ROWS; i += ROW_PAIR) {
                     const uint8_t *rows[ROW_PAIR];
-                    rows[0] = m->codes + (r + i) * row_bytes + kb * BLOCK_BYTES;
-                    rows[1] = rows[0] + row_bytes;
-                    pair_segments_avx2(rows, q + kb * BLOCK, nb, ROW_PAIR * row_bytes, dots);
+                    for (size_t j = 0; j < ROW_PAIR; j++) {
+                        const uint8_t *row = row_codes(m, r + i + j, &ls);
+                        rows[j] = block_at(row, ls, kb);
+                    }
+                    pair_segments_avx2(rows, ls, q + kb * BLOCK, nb, ROW_PAIR * row_bytes, dots);
                     total[i] += dots[0];
                     total[i + 1] += dots[1];
                 }
